@@ -1,0 +1,56 @@
+"""The ``hybridcls`` command line.
+
+Thin by design: each subcommand module parses its flags, calls the public
+API and prints. Exit codes: 0 success, 1 some inputs failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hybridcls.cli import demo as _demo
+from hybridcls.cli import predict as _predict
+from hybridcls.errors import HybridclsError
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+# Subcommand modules, each with ``add_parser(subparsers)`` and ``run(args) -> int``.
+_COMMANDS = [_predict, _demo]
+
+
+class UsageError(HybridclsError):
+    """A problem with the command line or its input files; exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hybridcls import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="hybridcls",
+        description="Open-set image classification: supervised + CLIP zero-shot + a calibrated gate.",
+    )
+    parser.add_argument("--version", action="version", version=f"hybridcls {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for module in _COMMANDS:
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except HybridclsError as exc:
+        print(f"hybridcls {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""``hybridcls predict``: classify images with the zero-shot branch (the hybrid later).
+
+Every input becomes one output row, in input order; exit status 0 when all
+were predicted, 1 when some failed (a summary goes to stderr), 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from hybridcls.outputs import FORMATS, PredictionRow, PredictionWriter, open_writer
+
+__all__ = ["add_parser", "run", "add_clip_arguments", "add_runtime_arguments", "rows_from_batch", "write_predictions"]
+
+
+def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
+    """The zero-shot branch's flags, shared by every subcommand that runs CLIP."""
+    g = parser.add_argument_group("zero-shot branch (open_clip)")
+    g.add_argument("--prompts", required=True, metavar="FILE",
+                   help="class prompts file: one class per line, 'name: description | synonym'")
+    g.add_argument("--templates", metavar="FILE",
+                   help="prompt templates with a {} placeholder (default: OpenAI ImageNet templates)")
+    g.add_argument("--clip-model", default="ViT-B-32", metavar="ID",
+                   help="open_clip model: a built-in name, hf-hub:ORG/REPO or local-dir:DIR "
+                        "(default: %(default)s)")
+    g.add_argument("--clip-pretrained", default="laion2b_s34b_b79k", metavar="TAG|FILE",
+                   help="pretrained tag or local weights file for a built-in name "
+                        "(default: %(default)s; ignored for hf-hub: and local-dir:)")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="cache for downloaded weights and text classifiers "
+                        "(default: $HYBRIDCLS_CACHE_DIR or ~/.cache/hybridcls)")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="image-decoding worker processes (default: %(default)s)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "predict",
+        help="classify images (zero-shot over every class in --prompts)",
+        description="Classify images. Inputs may be files, folders (recursive), globs, "
+                    "or .txt/.csv files listing paths.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder, glob or list file")
+    add_clip_arguments(parser)
+    add_runtime_arguments(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("--topk", type=int, default=5, metavar="K", help="top-k labels per row (default: %(default)s)")
+    out.add_argument("-o", "--output", default="-", metavar="PATH",
+                     help="output file ('-' for standard output, the default)")
+    out.add_argument("--format", choices=FORMATS, default=None,
+                     help="csv, jsonl or kaggle (image_id,class); default: from the extension, else csv")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def rows_from_batch(
+    paths: list[str],
+    indices: list[int],
+    probs: np.ndarray,
+    ok: list[int],
+    errors: dict[int, str],
+    classes: np.ndarray,
+    topk: int,
+    branch: str,
+) -> list[PredictionRow]:
+    """Turn one batch of class probabilities into rows, one per index, in order."""
+    prob_of = {idx: probs[j] for j, idx in enumerate(ok)}
+    rows = []
+    for idx in indices:
+        if idx in errors or idx not in prob_of:
+            rows.append(PredictionRow.failed(paths[idx], errors.get(idx, "not predicted")))
+            continue
+        p = prob_of[idx]
+        order = np.argsort(-p, kind="stable")[: max(topk, 1)]
+        best = int(order[0])
+        rows.append(PredictionRow(
+            path=paths[idx], label=str(classes[best]), score=float(p[best]), branch=branch,
+            topk=[(str(classes[k]), float(p[k])) for k in order[:topk]],
+        ))
+    return rows
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from hybridcls.cli import UsageError
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    if args.topk < 1:
+        raise UsageError(f"--topk must be at least 1, got {args.topk}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _validate(args)
+    from hybridcls.data import expand_inputs
+    from hybridcls.zeroshot import ZeroShotClassifier
+
+    sources = expand_inputs(args.inputs)
+    if not sources:
+        from hybridcls.cli import UsageError
+
+        raise UsageError("no input images found in " + " ".join(args.inputs))
+    clf = ZeroShotClassifier(
+        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
+        prompts=args.prompts, templates=args.templates, device=args.device,
+        batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
+    ).fit()
+    with open_writer(args.output, args.format, topk=args.topk) as writer:
+        write_predictions(clf, sources, writer, progress=not args.quiet)
+    return _finish(writer.n_ok, writer.n_error, args.output)
+
+
+def write_predictions(clf, sources, writer: PredictionWriter, *, progress: bool = True) -> None:
+    """Stream a fitted classifier's predictions over ``sources`` into ``writer``, batch by batch."""
+    paths = [s.path for s in sources]
+    for batch in clf.iter_predictions(sources, progress=progress):
+        writer.write_many(rows_from_batch(
+            paths, batch.indices, batch.probs, batch.ok, batch.errors,
+            clf.classes_, writer.topk, branch="zeroshot",
+        ))
+
+
+def _finish(n_ok: int, n_error: int, output: str) -> int:
+    where = "" if output == "-" else f" -> {output}"
+    if n_error:
+        print(f"hybridcls predict: {n_error} of {n_ok + n_error} inputs failed "
+              f"(rows with status=error){where}", file=sys.stderr)
+        return 1
+    print(f"hybridcls predict: {n_ok} images predicted{where}", file=sys.stderr)
+    return 0

@@ -1,0 +1,89 @@
+"""Accuracy figures for an open-set test set.
+
+Overall accuracy is the challenge's metric (each image counts once). S, U and
+H follow the generalised zero-shot protocol of Xian et al. (2018): S is the
+mean per-class accuracy over the seen classes' images, U the same over the
+unseen classes' images (both judged against *all* classes), and H their
+harmonic mean. scikit-learn has no per-class-mean over a class subset, so it
+is computed here from its confusion-free definition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = ["OpenSetScores", "open_set_scores", "per_class_accuracy", "harmonic_mean"]
+
+
+@dataclass(frozen=True)
+class OpenSetScores:
+    """Accuracy figures, all in [0, 1] (NaN where a group has no image)."""
+
+    accuracy: float
+    seen: float
+    unseen: float
+    harmonic: float
+    n_images: int
+    n_seen_images: int
+    n_unseen_images: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line, percentages: ``acc 81.2  S 90.1  U 70.3  H 79.0  (n=1000)``."""
+        return (
+            f"acc {100 * self.accuracy:5.1f}  S {100 * self.seen:5.1f}  "
+            f"U {100 * self.unseen:5.1f}  H {100 * self.harmonic:5.1f}  (n={self.n_images})"
+        )
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    if np.isnan(a) or np.isnan(b):
+        return float("nan")
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def per_class_accuracy(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, float]:
+    """Accuracy of the images of each true class, keyed by class."""
+    t = np.asarray(y_true, dtype=object)
+    p = np.asarray(y_pred, dtype=object)
+    return {c: float(np.mean(p[t == c] == c)) for c in dict.fromkeys(t.tolist())}
+
+
+def _mean_over(per_class: dict[str, float], classes: Iterable[str]) -> float:
+    vals = [per_class[c] for c in classes if c in per_class]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def open_set_scores(
+    y_true: Sequence[str], y_pred: Sequence[str], seen_classes: Iterable[str]
+) -> OpenSetScores:
+    """Overall accuracy and GZSL S / U / H.
+
+    Args:
+        y_true: True class of each image.
+        y_pred: Predicted class of each image (any string; ``"unknown"`` counts as wrong).
+        seen_classes: The classes that had training images; every other true class is unseen.
+
+    Example:
+        >>> s = open_set_scores(["a", "a", "z"], ["a", "b", "z"], seen_classes=["a", "b"])
+        >>> round(s.seen, 2), s.unseen, round(s.harmonic, 3)
+        (0.5, 1.0, 0.667)
+    """
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_true)} labels but {len(y_pred)} predictions")
+    seen = set(seen_classes)
+    per_class = per_class_accuracy(y_true, y_pred)
+    s = _mean_over(per_class, [c for c in per_class if c in seen])
+    u = _mean_over(per_class, [c for c in per_class if c not in seen])
+    t = np.asarray(y_true, dtype=object)
+    acc = float(np.mean(t == np.asarray(y_pred, dtype=object))) if len(t) else float("nan")
+    n_seen = int(sum(1 for c in y_true if c in seen))
+    return OpenSetScores(
+        accuracy=acc, seen=s, unseen=u, harmonic=harmonic_mean(s, u),
+        n_images=len(t), n_seen_images=n_seen, n_unseen_images=len(t) - n_seen,
+    )

@@ -1,0 +1,201 @@
+"""Prediction rows and the writers that stream them to CSV, JSON Lines or a Kaggle CSV.
+
+Every input becomes exactly one row, either a prediction (``status="ok"``)
+or an error (``status="error"`` with the reason), in input order. Writers
+flush after every batch so that a long run can be watched, and resumed
+by a later issue's ``--resume``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "FORMATS",
+    "PredictionRow",
+    "PredictionWriter",
+    "open_writer",
+    "read_predictions",
+    "infer_format",
+]
+
+FORMATS = ("csv", "jsonl", "kaggle")
+
+
+@dataclass
+class PredictionRow:
+    """One output row.
+
+    Attributes:
+        path: The input as enumerated (file path, or the listed entry).
+        status: ``"ok"`` or ``"error"``.
+        label: Predicted class in the prompts file's spelling (``""`` on error).
+        score: Probability of ``label`` (NaN on error).
+        branch: Which branch decided: ``"zeroshot"``, ``"supervised"``, ...
+        error: The reason when ``status == "error"``.
+        topk: ``(label, probability)`` pairs, best first.
+        extra: Further named columns (gate score, per-branch top-k, ...).
+    """
+
+    path: str
+    status: str = "ok"
+    label: str = ""
+    score: float = math.nan
+    branch: str = ""
+    error: str = ""
+    topk: list[tuple[str, float]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, path: str, reason: str) -> PredictionRow:
+        return cls(path=path, status="error", error=reason)
+
+
+def infer_format(output: str | os.PathLike | None, fmt: str | None) -> str:
+    """The output format: ``fmt`` when given, else from the file extension (CSV by default)."""
+    if fmt:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        return fmt
+    if output and str(output).lower().endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    return "csv"
+
+
+def _fmt_score(value: float) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6f}"
+
+
+class PredictionWriter:
+    """Writes rows in one format to an open text stream; use :func:`open_writer`."""
+
+    def __init__(
+        self,
+        stream: IO[str],
+        fmt: str,
+        *,
+        topk: int,
+        extra_columns: Sequence[str] = (),
+        close: bool = False,
+    ) -> None:
+        self.stream = stream
+        self.format = fmt
+        self.topk = topk
+        self.extra_columns = list(extra_columns)
+        self._close = close
+        self.n_ok = 0
+        self.n_error = 0
+        self._csv = None
+        if fmt in ("csv", "kaggle"):
+            # newline="" semantics: the csv module quotes embedded newlines itself.
+            self._csv = csv.writer(stream, lineterminator="\n")
+            self._csv.writerow(self.columns)
+
+    @property
+    def columns(self) -> list[str]:
+        if self.format == "kaggle":
+            return ["image_id", "class"]
+        cols = ["path", "label", "score", "branch", "status", "error"]
+        for i in range(1, self.topk + 1):
+            cols += [f"top{i}", f"top{i}_score"]
+        return cols + self.extra_columns
+
+    def write(self, row: PredictionRow) -> None:
+        if row.status == "ok":
+            self.n_ok += 1
+        else:
+            self.n_error += 1
+        if self.format == "kaggle":
+            self._csv.writerow([Path(row.path).name, row.label])
+        elif self.format == "csv":
+            values: list[Any] = [
+                row.path, row.label, _fmt_score(row.score), row.branch, row.status, row.error,
+            ]
+            for i in range(self.topk):
+                if i < len(row.topk):
+                    values += [row.topk[i][0], _fmt_score(row.topk[i][1])]
+                else:
+                    values += ["", ""]
+            values += [_csv_value(row.extra.get(c)) for c in self.extra_columns]
+            self._csv.writerow(values)
+        else:
+            record: dict[str, Any] = {
+                "path": row.path,
+                "label": row.label if row.status == "ok" else None,
+                "score": None if math.isnan(row.score) else round(float(row.score), 6),
+                "branch": row.branch or None,
+                "status": row.status,
+                "error": row.error or None,
+                "topk": [{"label": lab, "score": round(float(s), 6)} for lab, s in row.topk],
+            }
+            record.update({c: row.extra.get(c) for c in self.extra_columns})
+            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def write_many(self, rows: Iterable[PredictionRow]) -> None:
+        for row in rows:
+            self.write(row)
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.flush()
+        if self._close:
+            self.stream.close()
+
+    def __enter__(self) -> PredictionWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return _fmt_score(value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return "" if value is None else value
+
+
+def open_writer(
+    output: str | os.PathLike | None,
+    fmt: str | None = None,
+    *,
+    topk: int = 5,
+    extra_columns: Sequence[str] = (),
+) -> PredictionWriter:
+    """Open a writer on a file path, or on standard output for ``None`` / ``"-"``.
+
+    Example:
+        >>> import io
+        >>> w = PredictionWriter(io.StringIO(), "csv", topk=1)
+        >>> w.write(PredictionRow("a.jpg", label="fox", score=0.9, branch="zeroshot",
+        ...                       topk=[("fox", 0.9)]))
+        >>> w.stream.getvalue().splitlines()[1]
+        'a.jpg,fox,0.900000,zeroshot,ok,,fox,0.900000'
+    """
+    fmt = infer_format(output, fmt)
+    if output is None or str(output) == "-":
+        return PredictionWriter(sys.stdout, fmt, topk=topk, extra_columns=extra_columns)
+    path = Path(output)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    stream = open(path, "w", encoding="utf-8", newline="")
+    return PredictionWriter(stream, fmt, topk=topk, extra_columns=extra_columns, close=True)
+
+
+def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a CSV or JSON Lines predictions file back into a list of dicts (one per row)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return list(csv.DictReader(io.StringIO(text, newline="")))
