@@ -188,7 +188,8 @@ def open_writer(
     path = Path(output)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-    stream = open(path, "w", encoding="utf-8", newline="")
+    # Undecodable file names arrive surrogate-escaped; keep them visible rather than crash.
+    stream = open(path, "w", encoding="utf-8", newline="", errors="backslashreplace")
     return PredictionWriter(stream, fmt, topk=topk, extra_columns=extra_columns, close=True)
 
 

@@ -1,0 +1,50 @@
+"""Image input: enumerate sources, decode robustly, batch, index training folders.
+
+Nothing in this package imports a model; it stops at tensors.
+
+Example:
+    >>> from hybridcls.data import expand_inputs, make_loader
+    >>> sources = expand_inputs(["photos/", "more/*.png"])  # doctest: +SKIP
+    >>> for batch in make_loader(sources, transform, batch_size=32, workers=2):  # doctest: +SKIP
+    ...     print(batch.ok, batch.errors)
+"""
+
+from __future__ import annotations
+
+from hybridcls.data.datasets import Batch, ImageDataset, Sample, collate, make_loader
+from hybridcls.data.folders import ImageFolderIndex, scan_image_folder, stratified_split
+from hybridcls.data.images import (
+    DEFAULT_MAX_PIXELS,
+    SUPPORTED_FORMATS,
+    decode_image_bytes,
+    load_image,
+)
+from hybridcls.data.sources import (
+    CSV_PATH_COLUMNS,
+    IMAGE_EXTENSIONS,
+    LIST_EXTENSIONS,
+    Source,
+    expand_inputs,
+    walk_images,
+)
+
+__all__ = [
+    "CSV_PATH_COLUMNS",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "LIST_EXTENSIONS",
+    "SUPPORTED_FORMATS",
+    "Batch",
+    "ImageDataset",
+    "ImageFolderIndex",
+    "Sample",
+    "Source",
+    "collate",
+    "decode_image_bytes",
+    "expand_inputs",
+    "load_image",
+    "make_loader",
+    "scan_image_folder",
+    "stratified_split",
+    "walk_images",
+]
