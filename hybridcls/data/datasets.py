@@ -54,12 +54,14 @@ class Batch:
     """
 
     indices: list[int]
-    images: torch.Tensor
+    images: torch.Tensor | tuple[torch.Tensor, ...]
     ok: list[int] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)
 
     def pin_memory(self) -> Batch:
         """Pinned copy, called by ``DataLoader(pin_memory=True)`` for custom batch types."""
+        if isinstance(self.images, tuple):
+            return Batch(self.indices, tuple(v.pin_memory() for v in self.images), self.ok, self.errors)
         return Batch(self.indices, self.images.pin_memory(), self.ok, self.errors)
 
 
@@ -125,7 +127,13 @@ def collate(samples: Sequence[Sample]) -> Batch:
         ([0, 1], [0], {1: 'empty file (0 bytes)'}, (1, 3, 2, 2))
     """
     good = [s for s in samples if s.image is not None]
-    images = torch.stack([s.image for s in good]) if good else torch.empty(0)
+    if not good:
+        images = torch.empty(0)
+    elif isinstance(good[0].image, tuple):
+        # Several views of one decode (see hybridcls.engine): stack each view.
+        images = tuple(torch.stack(parts) for parts in zip(*(s.image for s in good)))
+    else:
+        images = torch.stack([s.image for s in good])
     return Batch(
         indices=[s.index for s in samples],
         images=images,

@@ -1,0 +1,84 @@
+"""The gate: scores that say "not a seen class", their calibration, and fusion.
+
+Works on arrays only (logits, features, embeddings); it never loads a model
+or an image. Every score is higher = less like the seen classes.
+
+Example:
+    >>> import numpy as np
+    >>> from hybridcls.gate import GateCalibration, compute_scores, finalize, fuse
+    >>> sup = np.array([[4.0, 0.0], [0.2, 0.1]])
+    >>> clip = np.array([[3.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    >>> s = compute_scores(["clip_margin"], clip_logits=clip, n_seen=2)["clip_margin"]
+    >>> cal = finalize(GateCalibration(score="clip_margin", tpr=1.0), s[:1])
+    >>> fuse("hard", sup_logits=sup, clip_logits=clip, gate_score=s, calibration=cal).pred.tolist()
+    [0, 2]
+"""
+
+from __future__ import annotations
+
+from hybridcls.gate.calibration import (
+    apply_transductive,
+    finalize,
+    leave_classes_out,
+    threshold_at_tpr,
+    transductive_threshold,
+)
+from hybridcls.gate.config import GATE_FILENAME, MODES, GateCalibration
+from hybridcls.gate.fusion import FusionResult, fuse, route, topk
+from hybridcls.gate.knn import EmbeddingKNN
+from hybridcls.gate.metrics import (
+    GateDetection,
+    RoutingMatrix,
+    StackingCurve,
+    ausuc,
+    gate_detection,
+    routing_matrix,
+    seen_unseen_accuracy,
+)
+from hybridcls.gate.scores import (
+    INPUTS,
+    SCORES,
+    CombinedScore,
+    clip_margin_score,
+    compute_scores,
+    energy_score,
+    entropy_score,
+    knn_distance_score,
+    max_logit_score,
+    mcm_score,
+    msp_score,
+)
+
+__all__ = [
+    "GATE_FILENAME",
+    "INPUTS",
+    "MODES",
+    "SCORES",
+    "CombinedScore",
+    "EmbeddingKNN",
+    "FusionResult",
+    "GateCalibration",
+    "GateDetection",
+    "RoutingMatrix",
+    "StackingCurve",
+    "apply_transductive",
+    "ausuc",
+    "clip_margin_score",
+    "compute_scores",
+    "energy_score",
+    "entropy_score",
+    "finalize",
+    "fuse",
+    "gate_detection",
+    "knn_distance_score",
+    "leave_classes_out",
+    "max_logit_score",
+    "mcm_score",
+    "msp_score",
+    "route",
+    "routing_matrix",
+    "seen_unseen_accuracy",
+    "threshold_at_tpr",
+    "topk",
+    "transductive_threshold",
+]

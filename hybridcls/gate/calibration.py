@@ -1,0 +1,515 @@
+"""Calibrating the gate without a single image of an unseen class.
+
+Three ways, from the simplest:
+
+(a) :func:`threshold_at_tpr`: keep a target fraction (95%) of held-out seen
+    images in the supervised branch; the threshold is that quantile of their
+    scores.
+(b) :func:`leave_classes_out`: make stand-in open-set problems out of the seen
+    classes. Each round hides ~20% of them, fits a light head (a linear model
+    on the frozen backbone features) on the rest, and treats the hidden
+    classes' held-out images as unseen (their prompts play the unseen
+    columns of the zero-shot logits). Every candidate score, decision mode
+    and parameter is scored by H on these problems; the best by mean H
+    wins. Parameters are kept in a form that transfers to the real model:
+    the threshold as a TPR level on seen images (the light head's score
+    scale differs from the real head's; the share of seen images it keeps
+    does not), the soft scale in standard deviations of the seen scores.
+    :func:`finalize` then turns them into the real model's units.
+(c) :func:`transductive_threshold`: fit a two-component Gaussian mixture to
+    the unlabelled test set's own scores and cut where the posteriors cross.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import brentq
+from scipy.special import expit
+from scipy.stats import norm
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.mixture import GaussianMixture
+from sklearn.preprocessing import StandardScaler
+
+from hybridcls.errors import InputError
+from hybridcls.gate.config import MODES, GateCalibration
+from hybridcls.gate.fusion import hard_probs, soft_probs, stacking_probs
+from hybridcls.gate.knn import EmbeddingKNN
+from hybridcls.gate.metrics import seen_unseen_accuracy
+from hybridcls.gate.scores import (
+    DEFAULT_KNN_K,
+    SCORES,
+    CombinedScore,
+    as_array,
+    compute_scores,
+    needs_of,
+)
+
+__all__ = [
+    "SOFT_SCALE_GRID",
+    "TEMPERATURE_GRID",
+    "TPR_GRID",
+    "GateCalibration",
+    "apply_transductive",
+    "finalize",
+    "leave_classes_out",
+    "threshold_at_tpr",
+    "transductive_threshold",
+]
+
+#: Shares of held-out seen images kept in the supervised branch, tried by leave-classes-out.
+TPR_GRID = (0.80, 0.85, 0.90, 0.925, 0.95, 0.975, 0.99)
+#: Temperatures tried for the scores that take one (``msp``, ``energy``).
+TEMPERATURE_GRID = (1.0, 2.0, 5.0)
+#: ``soft`` mode's sigmoid scale, in standard deviations of the seen images' scores.
+SOFT_SCALE_GRID = (0.1, 0.25, 0.5, 1.0)
+
+
+def threshold_at_tpr(seen_scores: Any, tpr: float = 0.95) -> float:
+    """The score at or below which a fraction ``tpr`` of seen images fall.
+
+    Those images stay in the supervised branch; a score strictly above the
+    threshold counts as unseen. The threshold is one of the given scores (the
+    inverted-CDF quantile), so at least ``tpr`` of them are kept.
+
+    Args:
+        seen_scores: ``[N]`` gate scores of held-out images of seen classes.
+        tpr: Target true-positive rate, in ``(0, 1]``.
+
+    Returns:
+        The threshold.
+
+    Example:
+        >>> threshold_at_tpr(np.arange(1, 101), tpr=0.95)
+        95.0
+    """
+    s = as_array(seen_scores, "seen_scores", ndim=1)
+    if not 0.0 < tpr <= 1.0:
+        raise InputError(f"tpr must be in (0, 1], got {tpr}")
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        raise InputError("no finite seen-image score to set a threshold from")
+    return float(np.quantile(s, tpr, method="inverted_cdf"))
+
+
+def finalize(calibration: GateCalibration, real_seen_val_scores: Any) -> GateCalibration:
+    """Put a calibration on the real model's scale, from its held-out seen images' scores.
+
+    Sets the threshold to the calibrated TPR quantile, the soft scale to
+    ``soft_scale_std`` standard deviations, the stacking penalty to
+    ``-threshold``, and re-anchors a combined score's standardisation.
+
+    Args:
+        calibration: From :func:`leave_classes_out`, or built by hand (method (a)).
+        real_seen_val_scores: The chosen score on the real model's held-out seen
+            images: an ``[N]`` array, or ``{name: [N]}`` as from
+            :func:`hybridcls.gate.scores.compute_scores` (required for ``combined``:
+            every one of ``calibration.base_scores``).
+
+    Returns:
+        A new, final :class:`GateCalibration`.
+
+    Example:
+        >>> cal = finalize(GateCalibration(score="energy", tpr=0.9), np.arange(10.0))
+        >>> cal.threshold
+        8.0
+    """
+    changes: dict[str, Any] = {}
+    if calibration.score == "combined":
+        if not isinstance(real_seen_val_scores, Mapping):
+            raise InputError(
+                f"the combined score needs each base score: {', '.join(calibration.base_scores)}"
+            )
+        model = calibration.combined_score()
+        assert model is not None
+        model = model.anchored(model.matrix_from(real_seen_val_scores))
+        changes["combined"] = model.to_dict()
+        scores = model.score(model.matrix_from(real_seen_val_scores))
+    elif isinstance(real_seen_val_scores, Mapping):
+        if calibration.score not in real_seen_val_scores:
+            raise InputError(
+                f"no {calibration.score!r} scores among {', '.join(real_seen_val_scores)}"
+            )
+        scores = as_array(real_seen_val_scores[calibration.score], calibration.score, ndim=1)
+    else:
+        scores = as_array(real_seen_val_scores, "real_seen_val_scores", ndim=1)
+    threshold = threshold_at_tpr(scores, calibration.tpr)
+    changes["threshold"] = threshold
+    changes["soft_scale"] = calibration.soft_scale_std * _spread(scores)
+    changes["stacking_penalty"] = -threshold if calibration.mode == "stacking" else None
+    return calibration.replace(**changes)
+
+
+def _spread(scores: np.ndarray) -> float:
+    sd = float(np.std(scores[np.isfinite(scores)]))
+    # a constant score (e.g. one seen image) would make the sigmoid a step; 1 keeps it defined
+    return sd if sd > 0 else 1.0
+
+
+def transductive_threshold(test_scores: Any, seed: int = 0) -> float:
+    """Threshold from the unlabelled test set's own scores (two-component Gaussian mixture).
+
+    The cut is where the two components' weighted densities (hence their
+    posteriors) are equal, searched between the two means. Should one
+    component dominate everywhere between them (no crossing), the midpoint of
+    the means is returned.
+
+    Args:
+        test_scores: ``[N]`` gate scores of the test images (seen and unseen mixed).
+        seed: Seed of the mixture's initialisation.
+
+    Returns:
+        The threshold.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> s = np.concatenate([rng.normal(0, 1, 500), rng.normal(6, 1, 500)])
+        >>> 2.0 < transductive_threshold(s) < 4.0
+        True
+    """
+    s = as_array(test_scores, "test_scores", ndim=1)
+    s = s[np.isfinite(s)]
+    if s.size < 4 or np.ptp(s) == 0:
+        raise InputError("the transductive threshold needs at least 4 distinct test scores")
+    gm = GaussianMixture(n_components=2, random_state=seed).fit(s[:, None])
+    means = gm.means_[:, 0]
+    sds = np.sqrt(gm.covariances_.reshape(2))
+    lo, hi = np.argsort(means)
+
+    def log_ratio(x: float) -> float:
+        return float(
+            np.log(gm.weights_[hi])
+            + norm.logpdf(x, means[hi], sds[hi])
+            - np.log(gm.weights_[lo])
+            - norm.logpdf(x, means[lo], sds[lo])
+        )
+
+    a, b = float(means[lo]), float(means[hi])
+    if log_ratio(a) < 0 < log_ratio(b):
+        return float(brentq(log_ratio, a, b))
+    return (a + b) / 2
+
+
+def apply_transductive(
+    calibration: GateCalibration, test_scores: Any, seed: int = 0
+) -> GateCalibration:
+    """Replace a calibration's threshold with the transductive one.
+
+    Apply it after :func:`finalize` when the score is ``combined`` (whose
+    standardisation must be anchored first) or the mode ``soft`` (whose scale
+    is set there).
+
+    Args:
+        calibration: The gate's settings.
+        test_scores: ``[N]`` gate scores of the unlabelled test images.
+        seed: Seed of the mixture.
+
+    Returns:
+        A new :class:`GateCalibration` with ``method="transductive"``.
+    """
+    if (calibration.score == "combined" or calibration.mode == "soft") and not calibration.is_final:
+        raise InputError(
+            "finalize the calibration on held-out seen images before the transductive step"
+        )
+    t = transductive_threshold(test_scores, seed)
+    return calibration.replace(
+        threshold=t,
+        method="transductive",
+        stacking_penalty=-t if calibration.mode == "stacking" else None,
+    )
+
+
+@dataclass
+class _Round:
+    """One stand-in open-set problem, in its own class order (kept classes, then hidden)."""
+
+    y: np.ndarray  # [Nval] stand-in class index
+    n_seen: int
+    is_unseen: np.ndarray  # [Nval]
+    sup_logits: np.ndarray  # [Nval, n_seen] the light head's
+    clip_logits: np.ndarray  # [Nval, S] columns reordered: kept, then hidden
+    scores: dict[tuple[str, float], np.ndarray]  # (score name, temperature) -> [Nval]
+
+
+def _labels(y: Any, n_classes: int, name: str) -> np.ndarray:
+    arr = np.asarray(y)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{name} must be a 1-D array of integer class indices")
+    if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
+        raise InputError(f"{name} has class indices outside [0, {n_classes})")
+    return arr.astype(np.int64)
+
+
+def _light_head_logits(
+    feat_train: np.ndarray, y_train: np.ndarray, feat_val: np.ndarray, C: float, max_iter: int
+) -> np.ndarray:
+    scaler = StandardScaler().fit(feat_train)
+    head = LogisticRegression(C=C, max_iter=max_iter)
+    with warnings.catch_warnings():
+        # a light head only has to be roughly as good as the real one; a few
+        # lbfgs steps short of convergence change nothing the gate can see
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        head.fit(scaler.transform(feat_train), y_train)
+    return head.decision_function(scaler.transform(feat_val))
+
+
+def _standardised_by_seen(matrix: np.ndarray, is_unseen: np.ndarray) -> np.ndarray:
+    return StandardScaler().fit(matrix[~is_unseen]).transform(matrix)
+
+
+def leave_classes_out(
+    *,
+    sup_feat_train: Any,
+    y_train: Any,
+    sup_feat_val: Any,
+    y_val: Any,
+    clip_logits_val_seen: Any,
+    clip_emb_train: Any = None,
+    clip_emb_val: Any = None,
+    rounds: int = 5,
+    hide_fraction: float = 0.2,
+    seed: int = 0,
+    scores: Sequence[str] | None = None,
+    modes: Sequence[str] = MODES,
+    combined: bool = True,
+    tpr_grid: Sequence[float] = TPR_GRID,
+    temperature_grid: Sequence[float] = TEMPERATURE_GRID,
+    soft_scale_grid: Sequence[float] = SOFT_SCALE_GRID,
+    knn_k: int = DEFAULT_KNN_K,
+    head_C: float = 1.0,
+    head_max_iter: int = 100,
+) -> GateCalibration:
+    """Choose the gate's score, mode and parameters on stand-in open-set problems.
+
+    Args:
+        sup_feat_train: ``[Ntr, F]`` supervised backbone features of the training images.
+        y_train: ``[Ntr]`` their seen-class indices (training order).
+        sup_feat_val: ``[Nval, F]`` features of held-out seen images.
+        y_val: ``[Nval]`` their seen-class indices.
+        clip_logits_val_seen: ``[Nval, S]`` zero-shot logits of the held-out images over
+            the seen classes' prompts (at CLIP's logit scale).
+        clip_emb_train: ``[Ntr, D]`` normalised CLIP embeddings (enables the ``knn`` score).
+        clip_emb_val: ``[Nval, D]`` the same for the held-out images.
+        rounds: Stand-in problems; the combined score is fitted on the other rounds
+            than the one it is scored on, so it needs at least 2.
+        hide_fraction: Share of seen classes hidden per round.
+        seed: Seed of the class draws.
+        scores: Candidate scores (default: every registered score whose inputs are given).
+        modes: Candidate modes among ``hard``, ``soft``, ``stacking``.
+        combined: Also try a :class:`CombinedScore` over all candidate scores.
+        tpr_grid: TPR levels tried for the threshold.
+        temperature_grid: Temperatures tried for ``msp`` and ``energy`` (1.0 always is).
+        soft_scale_grid: ``soft`` scales tried, in standard deviations of seen scores.
+        knn_k: The neighbour the ``knn`` score measures.
+        head_C: Inverse regularisation of the light heads.
+        head_max_iter: lbfgs iterations of the light heads.
+
+    Returns:
+        The best :class:`GateCalibration` by mean H over the rounds (``method=
+        "leave-classes-out"``, ``candidates`` = every candidate's figures, best
+        first). Its threshold is unset: call :func:`finalize` with the real
+        model's scores on the held-out seen images.
+
+    Example:
+        >>> cal = leave_classes_out(sup_feat_train=ftr, y_train=ytr, sup_feat_val=fva,
+        ...                         y_val=yva, clip_logits_val_seen=cva)  # doctest: +SKIP
+        >>> cal = finalize(cal, compute_scores(cal.base_scores, ...))  # doctest: +SKIP
+    """
+    clip_val = as_array(clip_logits_val_seen, "clip_logits_val_seen")
+    n_classes = clip_val.shape[1]
+    feat_tr = as_array(sup_feat_train, "sup_feat_train")
+    feat_va = as_array(sup_feat_val, "sup_feat_val")
+    ytr = _labels(y_train, n_classes, "y_train")
+    yva = _labels(y_val, n_classes, "y_val")
+    if (
+        ytr.size != feat_tr.shape[0]
+        or yva.size != feat_va.shape[0]
+        or yva.size != clip_val.shape[0]
+    ):
+        raise InputError("features, labels and zero-shot logits must have one row per image")
+    missing = np.setdiff1d(np.arange(n_classes), ytr)
+    if missing.size:
+        raise InputError(f"seen class {int(missing[0])} has no training image")
+    n_hide = max(1, round(hide_fraction * n_classes))
+    # only a class with held-out images can stand in for an unseen one
+    hideable = np.unique(yva)
+    if n_classes - n_hide < 2 or hideable.size < n_hide + 1:
+        raise InputError(
+            f"{n_classes} seen classes ({hideable.size} with held-out images) are too few "
+            f"to hide {n_hide} and keep some to compare with"
+        )
+    use_knn = clip_emb_train is not None and clip_emb_val is not None
+    emb_tr = as_array(clip_emb_train, "clip_emb_train") if use_knn else None
+    emb_va = as_array(clip_emb_val, "clip_emb_val") if use_knn else None
+    if scores is None:
+        scores = [n for n in SCORES if use_knn or n != "knn"]
+    needs_of(scores)  # an unknown name fails here, with the list of known ones
+    if "knn" in scores and not use_knn:
+        raise InputError("the knn score needs clip_emb_train and clip_emb_val")
+    bad_modes = [m for m in modes if m not in MODES]
+    if bad_modes:
+        raise InputError(f"gate mode {bad_modes[0]!r}: choose from {', '.join(MODES)}")
+    if rounds < 1:
+        raise InputError(f"rounds must be at least 1, got {rounds}")
+    # 1.0 is always among the temperatures: the combined score is built on it
+    temperatures = sorted({1.0, *temperature_grid})
+    score_keys = [
+        (name, t)
+        for name in scores
+        for t in (temperatures if SCORES[name].uses_temperature else [1.0])
+    ]
+
+    rng = np.random.default_rng(seed)
+    problems: list[_Round] = []
+    for _ in range(rounds):
+        hidden = np.sort(rng.choice(hideable, size=n_hide, replace=False))
+        kept = np.setdiff1d(np.arange(n_classes), hidden)
+        order = np.concatenate([kept, hidden])
+        new_index = np.empty(n_classes, dtype=np.int64)
+        new_index[order] = np.arange(n_classes)
+        train_rows = np.isin(ytr, kept)
+        sup = _light_head_logits(
+            feat_tr[train_rows], new_index[ytr[train_rows]], feat_va, head_C, head_max_iter
+        )
+        clip = clip_val[:, order]
+        knn = EmbeddingKNN().add(emb_tr[train_rows]) if use_knn else None
+        round_scores: dict[tuple[str, float], np.ndarray] = {}
+        for t in sorted({t for _, t in score_keys}):
+            names = [n for n, tt in score_keys if tt == t]
+            computed = compute_scores(
+                names,
+                sup_logits=sup,
+                clip_logits=clip,
+                n_seen=kept.size,
+                clip_emb=emb_va,
+                knn_index=knn,
+                temperature=t,
+                knn_k=knn_k,
+            )
+            round_scores.update({(n, t): v for n, v in computed.items()})
+        problems.append(
+            _Round(
+                y=new_index[yva],
+                n_seen=kept.size,
+                is_unseen=np.isin(yva, hidden),
+                sup_logits=sup,
+                clip_logits=clip,
+                scores=round_scores,
+            )
+        )
+
+    base_names = list(scores)
+    combined_key = ("combined", 1.0)
+    use_combined = combined and rounds >= 2 and len(base_names) >= 2
+    if use_combined:
+        matrices = [
+            _standardised_by_seen(
+                np.column_stack([p.scores[(n, 1.0)] for n in base_names]), p.is_unseen
+            )
+            for p in problems
+        ]
+        for r, p in enumerate(problems):
+            # fitted on the other rounds, so that its H here is not scored on its own training data
+            others = [i for i in range(rounds) if i != r]
+            model = CombinedScore(base_names).fit(
+                np.concatenate([matrices[i] for i in others]),
+                np.concatenate([problems[i].is_unseen for i in others]),
+            )
+            p.scores[combined_key] = model.score(matrices[r])
+        score_keys.append(combined_key)
+
+    table = _grid_search(problems, score_keys, modes, tpr_grid, soft_scale_grid)
+    best = table[0]
+    combined_dict = None
+    if best["score"] == "combined":
+        combined_dict = (
+            CombinedScore(base_names)
+            .fit(np.concatenate(matrices), np.concatenate([p.is_unseen for p in problems]))
+            .to_dict()
+        )
+    mode_params: dict[str, Any] = {}
+    if best["soft_scale_std"] is not None:
+        mode_params["soft_scale_std"] = best["soft_scale_std"]
+    if best["unseen_only"] is not None:
+        mode_params["unseen_only"] = best["unseen_only"]
+    return GateCalibration(
+        score=best["score"],
+        mode=best["mode"],
+        tpr=best["tpr"],
+        temperature=best["temperature"],
+        combined=combined_dict,
+        knn_k=knn_k,
+        method="leave-classes-out",
+        candidates=table,
+        **mode_params,
+    )
+
+
+def _grid_search(
+    problems: list[_Round],
+    score_keys: list[tuple[str, float]],
+    modes: Sequence[str],
+    tpr_grid: Sequence[float],
+    soft_scale_grid: Sequence[float],
+) -> list[dict[str, Any]]:
+    """H of every (score, mode, parameters) on every stand-in problem; best mean H first."""
+    settings: list[tuple[str, float, str, float, bool | None, float | None]] = []
+    for name, t in score_keys:
+        for tpr in tpr_grid:
+            if "hard" in modes:
+                settings += [
+                    (name, t, "hard", tpr, True, None),
+                    (name, t, "hard", tpr, False, None),
+                ]
+            if "soft" in modes:
+                settings += [(name, t, "soft", tpr, None, k) for k in soft_scale_grid]
+            if "stacking" in modes and name == "clip_margin":
+                # stacking thresholds the clip margin itself: its penalty is -threshold
+                settings.append((name, t, "stacking", tpr, None, None))
+
+    figures = np.zeros((len(settings), len(problems), 3))
+    for j, p in enumerate(problems):
+        for i, (name, t, mode, tpr, unseen_only, scale_std) in enumerate(settings):
+            s = p.scores[(name, t)]
+            threshold = threshold_at_tpr(s[~p.is_unseen], tpr)
+            if mode == "hard":
+                to_zs = s > threshold
+                probs = hard_probs(
+                    p.sup_logits,
+                    p.clip_logits[to_zs],
+                    to_zs,
+                    temperature=t,
+                    unseen_only=bool(unseen_only),
+                )
+            elif mode == "soft":
+                assert scale_std is not None
+                g = expit((s - threshold) / (scale_std * _spread(s[~p.is_unseen])))
+                probs = soft_probs(p.sup_logits, p.clip_logits, g, temperature=t)
+            else:
+                probs = stacking_probs(p.clip_logits, -threshold, p.n_seen)
+            figures[i, j] = seen_unseen_accuracy(p.y, probs.argmax(axis=1), p.n_seen)
+
+    mean, sd = figures.mean(axis=1), figures.std(axis=1)
+    table = [
+        {
+            "score": name,
+            "mode": mode,
+            "tpr": tpr,
+            "temperature": t,
+            "unseen_only": unseen_only,
+            "soft_scale_std": scale_std,
+            "mean_h": round(float(mean[i, 2]), 4),
+            "std_h": round(float(sd[i, 2]), 4),
+            "mean_seen": round(float(mean[i, 0]), 4),
+            "mean_unseen": round(float(mean[i, 1]), 4),
+        }
+        for i, (name, t, mode, tpr, unseen_only, scale_std) in enumerate(settings)
+    ]
+    # stable: among equal H the earlier setting (registry order, lower TPR) stays first
+    order = np.argsort(-mean[:, 2], kind="stable")
+    return [table[i] for i in order]

@@ -1,0 +1,215 @@
+"""The calibrated gate's settings, and their JSON file in the run directory.
+
+:class:`GateCalibration` is what calibration produces and fusion reads: which
+score, which decision mode, and that mode's parameters. It is stored as plain
+JSON (``gate.json`` by convention), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hybridcls.errors import CheckpointError, InputError
+from hybridcls.gate.scores import DEFAULT_KNN_K, SCORES, CombinedScore, compute_scores, needs_of
+
+__all__ = ["GATE_FILENAME", "METHODS", "MODES", "GateCalibration"]
+
+MODES = ("hard", "soft", "stacking")
+METHODS = ("tpr", "leave-classes-out", "transductive", "manual")
+#: The file name the lead's run directory uses for the gate.
+GATE_FILENAME = "gate.json"
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class GateCalibration:
+    """A gate's settings.
+
+    Attributes:
+        score: The gate score: a key of :data:`hybridcls.gate.scores.SCORES` or ``"combined"``.
+        mode: ``"hard"`` (route), ``"soft"`` (mix) or ``"stacking"`` (penalise seen classes).
+        threshold: The score above which an image counts as unseen, on the real
+            model's scale; ``None`` until :func:`hybridcls.gate.calibration.finalize`.
+        tpr: Fraction of held-out seen images the threshold keeps at or below it.
+        temperature: Temperature of the score (``msp``, ``energy``) and of the
+            supervised softmax in fusion.
+        soft_scale: ``soft`` mode's sigmoid scale, in score units (set with the threshold).
+        soft_scale_std: The same scale in standard deviations of the seen images'
+            scores: the form that transfers from calibration to the real model.
+        stacking_penalty: Subtracted from the seen classes' zero-shot logits in
+            ``stacking`` mode; ``-threshold`` of the ``clip_margin`` score.
+        unseen_only: ``hard`` mode: routed images are classified over the unseen
+            classes only (``True``) or over all classes.
+        combined: :meth:`CombinedScore.to_dict` when ``score == "combined"``.
+        unknown_threshold: Answer "unknown" when no branch's top probability reaches
+            it; ``None`` = never.
+        knn_k: The neighbour the ``knn`` score measures.
+        method: How the threshold was set: ``tpr``, ``leave-classes-out``,
+            ``transductive`` or ``manual``.
+        candidates: Leave-classes-out figures, one dict per candidate setting
+            (score, mode, parameters, mean and spread of H over the rounds), best first.
+    """
+
+    score: str = "energy"
+    mode: str = "hard"
+    threshold: float | None = None
+    tpr: float = 0.95
+    temperature: float = 1.0
+    soft_scale: float | None = None
+    soft_scale_std: float = 0.5
+    stacking_penalty: float | None = None
+    unseen_only: bool = True
+    combined: dict[str, Any] | None = None
+    unknown_threshold: float | None = None
+    knn_k: int = DEFAULT_KNN_K
+    method: str = "tpr"
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"gate mode {self.mode!r}: choose from {', '.join(MODES)}")
+        if self.method not in METHODS:
+            raise InputError(
+                f"calibration method {self.method!r}: choose from {', '.join(METHODS)}"
+            )
+        if self.score != "combined" and self.score not in SCORES:
+            raise InputError(
+                f"unknown gate score {self.score!r}; choose from {', '.join(SCORES)}, combined"
+            )
+        if self.score == "combined" and self.combined is None:
+            raise InputError("gate score 'combined' needs its fitted model (combined=...)")
+        if self.mode == "stacking" and self.score != "clip_margin":
+            # stacking thresholds exactly this score: seen wins iff max_seen - penalty >= max_unseen
+            raise InputError("stacking mode works on the 'clip_margin' score")
+        if not 0.0 < self.tpr <= 1.0:
+            raise InputError(f"tpr must be in (0, 1], got {self.tpr}")
+        if self.temperature <= 0:
+            raise InputError(f"temperature must be positive, got {self.temperature}")
+
+    @property
+    def base_scores(self) -> list[str]:
+        """The registered scores the gate score is computed from."""
+        if self.score == "combined":
+            assert self.combined is not None
+            return list(self.combined["names"])
+        return [self.score]
+
+    @property
+    def needs(self) -> set[str]:
+        """Inputs the gate score reads (see :data:`hybridcls.gate.scores.INPUTS`).
+
+        A ``hard`` gate that needs no ``clip_*`` input lets the zero-shot branch
+        run only on the images it routes there.
+        """
+        return needs_of(self.base_scores)
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the threshold is set on the real model's scale."""
+        return self.threshold is not None and math.isfinite(self.threshold)
+
+    def combined_score(self) -> CombinedScore | None:
+        """The fitted :class:`CombinedScore`, or ``None`` for a single score."""
+        return None if self.combined is None else CombinedScore.from_dict(self.combined)
+
+    def compute_base_scores(self, **inputs: Any) -> dict[str, np.ndarray]:
+        """The base scores at this gate's temperature and ``knn_k``.
+
+        Args:
+            **inputs: Keyword arguments of :func:`hybridcls.gate.scores.compute_scores`
+                (``sup_logits``, ``clip_logits``, ``n_seen``, ``clip_emb``, ``knn_index``).
+
+        Returns:
+            ``{name: [N] scores}`` for :attr:`base_scores`: what :func:`finalize` takes.
+        """
+        return compute_scores(
+            self.base_scores, temperature=self.temperature, knn_k=self.knn_k, **inputs
+        )
+
+    def compute_score(self, **inputs: Any) -> np.ndarray:
+        """The gate score of each image (a combined score's logit, or the single score).
+
+        Args:
+            **inputs: As for :meth:`compute_base_scores`.
+
+        Returns:
+            ``[N]`` float64 scores, higher = less like the seen classes.
+
+        Example:
+            >>> cal = GateCalibration(score="energy", temperature=2.0)
+            >>> cal.compute_score(sup_logits=[[0.0, 0.0]]).round(4).tolist()
+            [-1.3863]
+        """
+        scores = self.compute_base_scores(**inputs)
+        model = self.combined_score()
+        return scores[self.score] if model is None else model.score(model.matrix_from(scores))
+
+    def replace(self, **changes: Any) -> GateCalibration:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able fields, plus a format version."""
+        return {"format_version": _FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GateCalibration:
+        """Rebuild from :meth:`to_dict`'s output; unknown keys are an error."""
+        d = dict(d)
+        version = d.pop("format_version", _FORMAT_VERSION)
+        if version != _FORMAT_VERSION:
+            raise CheckpointError(
+                f"gate calibration format {version}, this version reads {_FORMAT_VERSION}"
+            )
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(d) - known)
+        if extra:
+            raise CheckpointError(f"gate calibration has unknown field(s): {', '.join(extra)}")
+        return cls(**d)
+
+    def to_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write to ``path`` (a file, or a run directory to put ``gate.json`` in), atomically.
+
+        Returns:
+            The file written.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / GATE_FILENAME
+        tmp = path.with_name(path.name + ".tmp")
+        # allow_nan=False: a NaN would be written as a token other JSON readers reject
+        tmp.write_text(
+            json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8"
+        )
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> GateCalibration:
+        """Read a file written by :meth:`to_json` (or the ``gate.json`` of a run directory).
+
+        Raises:
+            CheckpointError: When the file is missing, not JSON, or not a gate calibration.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / GATE_FILENAME
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{path}: gate calibration not found") from e
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path}: not a gate calibration")
+        try:
+            return cls.from_dict(d)
+        except (InputError, TypeError) as e:
+            raise CheckpointError(f"{path}: {e}") from e

@@ -1,0 +1,339 @@
+"""Fusion: turn both branches' logits and a gate score into one distribution per image.
+
+Three decision modes, all producing ``probs [N, C]`` over every class in the
+``classes_`` order (the S seen classes first, then the unseen ones):
+
+- ``hard``: an image whose gate score is above the threshold goes to the
+  zero-shot branch (softmax over the unseen columns, or over all columns);
+  every other image gets the supervised softmax on the seen columns. The
+  zero-shot logits of images kept in the supervised branch are never read,
+  so the zero-shot model may run on the routed images only.
+- ``soft``: a gate weight ``g = sigmoid((score - threshold) / scale)`` mixes
+  ``(1 - g) * [p_sup, 0] + g * [0, p_clip_unseen]``.
+- ``stacking``: calibrated stacking (Chao et al. 2016): the zero-shot softmax
+  over all classes after subtracting a penalty from the seen classes' logits.
+
+Optionally an image for which no branch's top probability reaches
+``unknown_threshold`` is marked ``"unknown"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.special import expit, softmax
+
+from hybridcls.errors import InputError
+from hybridcls.gate.config import MODES, GateCalibration
+from hybridcls.gate.scores import as_array, clip_margin_score
+
+__all__ = [
+    "BRANCHES",
+    "FusionResult",
+    "fuse",
+    "hard_probs",
+    "route",
+    "soft_probs",
+    "stacking_probs",
+    "topk",
+]
+
+BRANCHES = ("supervised", "zeroshot", "mixed", "unknown")
+
+
+@dataclass
+class FusionResult:
+    """Fused predictions for N images.
+
+    Attributes:
+        probs: ``[N, C]`` probabilities over all classes (seen columns first); rows sum to 1.
+        branch: ``[N]`` strings from :data:`BRANCHES`: who decided each image.
+        gate_weight: ``[N]`` weight of the zero-shot branch in the row (0 or 1 when
+            hard, ``g`` when soft, 1 for stacking).
+        gate_score: ``[N]`` the gate score used (for stacking: the ``clip_margin``).
+        sup_probs: ``[N, S]`` supervised softmax over the seen classes, or ``None``.
+        clip_probs: ``[N, C]`` zero-shot softmax over all classes; NaN rows where the
+            zero-shot branch did not run; ``None`` when it ran on no image.
+    """
+
+    probs: np.ndarray
+    branch: np.ndarray
+    gate_weight: np.ndarray
+    gate_score: np.ndarray
+    sup_probs: np.ndarray | None
+    clip_probs: np.ndarray | None
+
+    @property
+    def pred(self) -> np.ndarray:
+        """``[N]`` column index of the predicted class; -1 where the branch is ``unknown``."""
+        return np.where(self.branch == "unknown", -1, self.probs.argmax(axis=1))
+
+
+def topk(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest probabilities per row, best first, NaN rows giving NaN values.
+
+    Args:
+        probs: ``[N, C]`` probabilities (a branch's, or the fused ones).
+        k: How many (clipped to C).
+
+    Returns:
+        ``(indices [N, k], values [N, k])``; indices of NaN rows are -1.
+
+    Example:
+        >>> topk(np.array([[0.1, 0.7, 0.2]]), 2)[0].tolist()
+        [[1, 2]]
+    """
+    k = min(k, probs.shape[1])
+    nan_rows = np.isnan(probs).any(axis=1)
+    safe = np.where(nan_rows[:, None], 0.0, probs)
+    idx = np.argsort(-safe, axis=1, kind="stable")[:, :k]
+    vals = np.take_along_axis(safe, idx, axis=1)
+    idx[nan_rows] = -1
+    vals[nan_rows] = np.nan
+    return idx, vals
+
+
+def route(gate_score: Any, calibration: GateCalibration) -> np.ndarray:
+    """Which images a hard gate sends to the zero-shot branch.
+
+    Args:
+        gate_score: ``[N]`` gate scores (higher = less like the seen classes).
+        calibration: A finalised calibration (its ``threshold`` is set).
+
+    Returns:
+        ``[N]`` boolean ``to_zeroshot``: score strictly above the threshold. A NaN
+        score stays in the supervised branch.
+
+    Example:
+        >>> cal = GateCalibration(score="energy", threshold=0.0)
+        >>> route(np.array([-1.0, 0.0, 2.0]), cal).tolist()
+        [False, False, True]
+    """
+    return as_array(gate_score, "gate_score", ndim=1) > _threshold(calibration)
+
+
+def hard_probs(
+    sup_logits: np.ndarray,
+    clip_routed: np.ndarray,
+    to_zeroshot: np.ndarray,
+    *,
+    temperature: float = 1.0,
+    unseen_only: bool = True,
+) -> np.ndarray:
+    """Hard routing's distribution.
+
+    Args:
+        sup_logits: ``[N, S]`` supervised logits.
+        clip_routed: ``[n_routed, C]`` zero-shot logits of the routed images only, in order.
+        to_zeroshot: ``[N]`` boolean routing mask.
+        temperature: Supervised softmax temperature.
+        unseen_only: Routed images are classified over the unseen columns only.
+
+    Returns:
+        ``[N, C]`` probabilities.
+    """
+    n, s = sup_logits.shape
+    c = clip_routed.shape[1]
+    probs = np.zeros((n, c))
+    keep = ~to_zeroshot
+    probs[keep, :s] = softmax(sup_logits[keep] / temperature, axis=1)
+    if unseen_only:
+        probs[to_zeroshot, s:] = softmax(clip_routed[:, s:], axis=1)
+    else:
+        probs[to_zeroshot] = softmax(clip_routed, axis=1)
+    return probs
+
+
+def soft_probs(
+    sup_logits: np.ndarray,
+    clip_logits: np.ndarray,
+    gate_weight: np.ndarray,
+    *,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """Soft mixture ``(1 - g) * [p_sup, 0] + g * [0, p_clip_unseen]``.
+
+    Args:
+        sup_logits: ``[N, S]`` supervised logits.
+        clip_logits: ``[N, C]`` zero-shot logits, seen columns first.
+        gate_weight: ``[N]`` weight ``g`` of the zero-shot branch.
+        temperature: Supervised softmax temperature.
+
+    Returns:
+        ``[N, C]`` probabilities.
+    """
+    s = sup_logits.shape[1]
+    g = gate_weight[:, None]
+    return np.concatenate(
+        [
+            (1.0 - g) * softmax(sup_logits / temperature, axis=1),
+            g * softmax(clip_logits[:, s:], axis=1),
+        ],
+        axis=1,
+    )
+
+
+def stacking_probs(clip_logits: np.ndarray, penalty: float, n_seen: int) -> np.ndarray:
+    """Calibrated stacking (Chao et al. 2016): softmax after ``seen logits - penalty``.
+
+    Args:
+        clip_logits: ``[N, C]`` zero-shot logits, seen columns first.
+        penalty: Subtracted from the first ``n_seen`` columns.
+        n_seen: Number of seen classes.
+
+    Returns:
+        ``[N, C]`` probabilities.
+    """
+    adjusted = clip_logits.copy()
+    adjusted[:, :n_seen] -= penalty
+    return softmax(adjusted, axis=1)
+
+
+def fuse(
+    mode: str | None,
+    *,
+    sup_logits: Any = None,
+    clip_logits: Any = None,
+    gate_score: Any = None,
+    calibration: GateCalibration,
+    n_seen: int | None = None,
+) -> FusionResult:
+    """Combine both branches into one distribution per image.
+
+    Args:
+        mode: ``"hard"``, ``"soft"``, ``"stacking"``, or ``None`` for ``calibration.mode``.
+        sup_logits: ``[N, S]`` supervised logits (needed by hard and soft; optional for stacking).
+        clip_logits: Zero-shot logits over all C classes. Hard mode reads only the
+            routed rows: pass ``[N, C]`` (other rows may be NaN) or just the routed
+            rows ``[n_routed, C]`` in order (``[0, C]`` when none is routed).
+        gate_score: ``[N]`` calibrated gate scores (hard, soft); stacking uses the
+            ``clip_margin`` and computes it when this is ``None``.
+        calibration: A finalised :class:`GateCalibration`.
+        n_seen: Number of seen classes; defaults to ``sup_logits``' width.
+
+    Returns:
+        A :class:`FusionResult`.
+
+    Raises:
+        InputError: On missing inputs, mismatched shapes or an unfinalised calibration.
+
+    Example:
+        >>> cal = GateCalibration(score="energy", threshold=0.0)
+        >>> r = fuse("hard", sup_logits=np.array([[3.0, 0.0], [3.0, 0.0]]),
+        ...          clip_logits=np.array([[np.nan] * 3, [0.0, 0.0, 5.0]]),
+        ...          gate_score=np.array([-1.0, 1.0]), calibration=cal)
+        >>> r.branch.tolist(), r.pred.tolist()
+        (['supervised', 'zeroshot'], [0, 2])
+    """
+    mode = calibration.mode if mode is None else mode
+    if mode not in MODES:
+        raise InputError(f"gate mode {mode!r}: choose from {', '.join(MODES)}")
+    sup = None if sup_logits is None else as_array(sup_logits, "sup_logits")
+    clip = None if clip_logits is None else as_array(clip_logits, "clip_logits")
+    if n_seen is None:
+        if sup is None:
+            raise InputError("n_seen is needed when sup_logits is not given")
+        n_seen = sup.shape[1]
+    if clip is None:
+        raise InputError(f"{mode} fusion needs clip_logits ([0, C] when no image is routed)")
+    if not 0 < n_seen < clip.shape[1]:
+        raise InputError(
+            f"n_seen={n_seen} but clip_logits has {clip.shape[1]} classes: no unseen class"
+        )
+    if sup is not None and sup.shape[1] != n_seen:
+        raise InputError(f"sup_logits has {sup.shape[1]} columns for {n_seen} seen classes")
+    t = calibration.temperature
+
+    if mode == "stacking":
+        penalty = calibration.stacking_penalty
+        if penalty is None:
+            penalty = -_threshold(calibration)
+        probs = stacking_probs(clip, penalty, n_seen)
+        score = (
+            clip_margin_score(clip, n_seen)
+            if gate_score is None
+            else as_array(gate_score, "gate_score", 1)
+        )
+        n = probs.shape[0]
+        branch = np.full(n, "zeroshot", dtype=object)
+        weight = np.ones(n)
+        clip_probs = softmax(clip, axis=1)
+        clip_conf = probs.max(axis=1)  # the stacked distribution is the zero-shot branch's answer
+    else:
+        if sup is None or gate_score is None:
+            raise InputError(f"{mode} fusion needs sup_logits and gate_score")
+        score = as_array(gate_score, "gate_score", ndim=1)
+        n = sup.shape[0]
+        if score.shape[0] != n:
+            raise InputError(f"{score.shape[0]} gate scores for {n} images")
+        if mode == "hard":
+            to_zs = route(score, calibration)
+            clip_routed = _routed_rows(clip, to_zs)
+            probs = hard_probs(
+                sup, clip_routed, to_zs, temperature=t, unseen_only=calibration.unseen_only
+            )
+            branch = np.where(to_zs, "zeroshot", "supervised").astype(object)
+            weight = to_zs.astype(np.float64)
+            clip_probs = np.full((n, clip.shape[1]), np.nan)
+            clip_probs[to_zs] = softmax(clip_routed, axis=1)
+            cols = slice(n_seen, None) if calibration.unseen_only else slice(None)
+            clip_conf = np.full(n, np.nan)
+            clip_conf[to_zs] = softmax(clip_routed[:, cols], axis=1).max(axis=1)
+        else:  # soft
+            if clip.shape[0] != n:
+                raise InputError(f"soft fusion needs clip_logits for all {n} images")
+            if calibration.soft_scale is None or calibration.soft_scale <= 0:
+                raise InputError(
+                    "soft fusion needs a positive soft_scale: finalize the calibration"
+                )
+            weight = expit((score - _threshold(calibration)) / calibration.soft_scale)
+            probs = soft_probs(sup, clip, weight, temperature=t)
+            branch = np.full(n, "mixed", dtype=object)
+            clip_probs = softmax(clip, axis=1)
+            clip_conf = softmax(clip[:, n_seen:], axis=1).max(axis=1)
+
+    sup_probs = None if sup is None else softmax(sup / t, axis=1)
+    if calibration.unknown_threshold is not None:
+        # "unknown" only when no branch that ran is confident; a branch that did not
+        # run on a row (NaN) counts as not confident; stacking's answer is the zero-shot one alone
+        sup_conf = np.full(n, np.nan)
+        if sup_probs is not None and mode != "stacking":
+            sup_conf = sup_probs.max(axis=1)
+        best = np.fmax(sup_conf, clip_conf)
+        branch[~(best >= calibration.unknown_threshold)] = "unknown"
+    return FusionResult(
+        probs=probs,
+        branch=branch,
+        gate_weight=weight,
+        gate_score=score,
+        sup_probs=sup_probs,
+        clip_probs=clip_probs,
+    )
+
+
+def _threshold(calibration: GateCalibration) -> float:
+    if not calibration.is_final:
+        raise InputError(
+            "the gate has no threshold yet: finalize the calibration on held-out seen images"
+        )
+    assert calibration.threshold is not None
+    return calibration.threshold
+
+
+def _routed_rows(clip: np.ndarray, to_zeroshot: np.ndarray) -> np.ndarray:
+    """The zero-shot logits of the routed images, from full rows or routed rows only."""
+    n, n_routed = to_zeroshot.shape[0], int(to_zeroshot.sum())
+    if clip.shape[0] == n:
+        rows = clip[to_zeroshot]
+    elif clip.shape[0] == n_routed:
+        rows = clip
+    else:
+        raise InputError(
+            f"clip_logits has {clip.shape[0]} rows: "
+            f"expected {n} (all images) or {n_routed} (routed ones)"
+        )
+    if not np.isfinite(rows).all():
+        raise InputError("clip_logits of a routed image is not finite")
+    return rows

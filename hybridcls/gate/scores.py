@@ -1,0 +1,452 @@
+"""Gate scores: how little an image looks like the seen classes.
+
+Every score follows one convention, the one of pytorch-ood: **higher = less
+like the seen classes** (more likely an unseen class). Each function is the
+published formula, on arrays:
+
+================  ==========================================  ===========================
+name              formula (per row)                            reference
+================  ==========================================  ===========================
+``msp``           ``-max_j softmax(z / T)_j``                  Hendrycks & Gimpel 2017
+``max_logit``     ``-max_j z_j``                               Hendrycks et al. 2022
+``energy``        ``-T * logsumexp(z / T)``                    Liu et al. 2020
+``entropy``       ``-sum_j p_j log p_j``, ``p = softmax(z)``   (pytorch-ood ``Entropy``)
+``mcm``           ``-max_j softmax(c_seen)_j``                 Ming et al. 2022
+``clip_margin``   ``max_u c_u - max_s c_s``                    (best unseen minus best seen)
+``knn``           k-th nearest-neighbour distance              Sun et al. 2022
+================  ==========================================  ===========================
+
+``z`` are the supervised head's logits over the seen classes, ``c`` the
+zero-shot logits (cosine similarities times CLIP's own logit scale) whose
+first ``n_seen`` columns are the seen classes. :class:`CombinedScore` mixes
+several of them with a small logistic model.
+
+Functions accept numpy arrays or torch tensors and return numpy float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+from scipy.special import logsumexp, softmax
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from hybridcls.errors import InputError
+from hybridcls.gate.knn import EmbeddingKNN
+
+__all__ = [
+    "DEFAULT_KNN_K",
+    "INPUTS",
+    "SCORES",
+    "CombinedScore",
+    "ScoreInputs",
+    "ScoreSpec",
+    "as_array",
+    "clip_margin_score",
+    "compute_scores",
+    "energy_score",
+    "entropy_score",
+    "knn_distance_score",
+    "max_logit_score",
+    "mcm_score",
+    "msp_score",
+    "needs_of",
+]
+
+#: The arrays a score can need; the names are the keyword arguments of :func:`compute_scores`.
+INPUTS = ("sup_logits", "clip_logits", "clip_emb")
+
+#: Neighbours used by the kNN score when none is given. Sun et al. use k=50 for
+#: 50,000 training images; a seen class here has tens of images, so a smaller k
+#: keeps the k-th neighbour inside the image's own class.
+DEFAULT_KNN_K = 10
+
+
+def as_array(x: Any, name: str = "array", ndim: int = 2) -> np.ndarray:
+    """Return ``x`` (numpy array, torch tensor or nested list) as float64 numpy.
+
+    Args:
+        x: The values; torch tensors are detached and moved to the CPU.
+        name: What to call it in an error message.
+        ndim: The number of dimensions it must have.
+
+    Raises:
+        InputError: When it has the wrong number of dimensions.
+    """
+    if hasattr(x, "detach"):  # a torch tensor; duck-typed so that gate/ never imports torch
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != ndim:
+        raise InputError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
+    return arr
+
+
+def msp_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """Negative maximum softmax probability (pytorch-ood ``MaxSoftmax``).
+
+    Args:
+        logits: ``[N, S]`` logits over the seen classes.
+        temperature: Softmax temperature ``T`` (1 = the plain baseline).
+
+    Returns:
+        ``[N]`` scores in ``[-1, -1/S]``; higher = less like the seen classes.
+
+    Example:
+        >>> msp_score([[10.0, 0.0], [0.0, 0.0]]).round(3).tolist()
+        [-1.0, -0.5]
+    """
+    z = as_array(logits, "logits")
+    return -softmax(z / temperature, axis=1).max(axis=1)
+
+
+def max_logit_score(logits: Any) -> np.ndarray:
+    """Negative maximum logit (pytorch-ood ``MaxLogit``).
+
+    Args:
+        logits: ``[N, S]`` logits over the seen classes.
+
+    Returns:
+        ``[N]`` scores; higher = less like the seen classes.
+    """
+    return -as_array(logits, "logits").max(axis=1)
+
+
+def energy_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """Free energy ``-T * logsumexp(z / T)`` (pytorch-ood ``EnergyBased``, Liu et al. 2020).
+
+    Args:
+        logits: ``[N, S]`` logits over the seen classes.
+        temperature: ``T``; higher values smooth towards the mean logit.
+
+    Returns:
+        ``[N]`` energies; higher = less like the seen classes.
+    """
+    z = as_array(logits, "logits")
+    return -temperature * logsumexp(z / temperature, axis=1)
+
+
+def entropy_score(logits: Any) -> np.ndarray:
+    """Entropy of the softmax, ``-sum p log p`` in nats (pytorch-ood ``Entropy``).
+
+    Args:
+        logits: ``[N, S]`` logits over the seen classes.
+
+    Returns:
+        ``[N]`` entropies in ``[0, log S]``; higher = less like the seen classes.
+    """
+    z = as_array(logits, "logits")
+    p = softmax(z, axis=1)
+    # log-softmax directly: a probability that underflows to 0 then gives 0 * finite, not 0 * -inf
+    log_p = z - logsumexp(z, axis=1, keepdims=True)
+    return -(p * log_p).sum(axis=1)
+
+
+def mcm_score(clip_logits_seen: Any) -> np.ndarray:
+    """Negative maximum concept matching (Ming et al. 2022), at CLIP's own logit scale.
+
+    MCM is the maximum softmax over the seen classes' prompts of the scaled
+    cosine similarities; the scale is whatever the logits already carry.
+
+    Args:
+        clip_logits_seen: ``[N, S]`` zero-shot logits over the seen classes only.
+
+    Returns:
+        ``[N]`` scores in ``[-1, -1/S]``; higher = less like the seen classes.
+    """
+    c = as_array(clip_logits_seen, "clip_logits_seen")
+    return -softmax(c, axis=1).max(axis=1)
+
+
+def clip_margin_score(clip_logits: Any, n_seen: int) -> np.ndarray:
+    """Best unseen class's zero-shot logit minus the best seen class's.
+
+    Unlike MCM it knows the unseen classes' names: an image of an unseen class
+    usually matches its own prompt better than any seen prompt.
+
+    Args:
+        clip_logits: ``[N, C]`` zero-shot logits, seen classes in the first ``n_seen`` columns.
+        n_seen: Number of seen classes (``0 < n_seen < C``).
+
+    Returns:
+        ``[N]`` margins in logit units; positive = an unseen prompt wins.
+
+    Example:
+        >>> clip_margin_score([[5.0, 1.0, 2.0], [1.0, 0.0, 4.0]], n_seen=2).tolist()
+        [-3.0, 3.0]
+    """
+    c = as_array(clip_logits, "clip_logits")
+    if not 0 < n_seen < c.shape[1]:
+        raise InputError(
+            f"clip_margin needs seen and unseen columns: n_seen={n_seen} of {c.shape[1]} classes"
+        )
+    return c[:, n_seen:].max(axis=1) - c[:, :n_seen].max(axis=1)
+
+
+def knn_distance_score(
+    clip_emb: Any, knn_index: EmbeddingKNN, k: int = DEFAULT_KNN_K
+) -> np.ndarray:
+    """Distance on the unit sphere to the k-th nearest training embedding (Sun et al. 2022).
+
+    Args:
+        clip_emb: ``[N, D]`` L2-normalised CLIP image embeddings.
+        knn_index: The training images' embeddings.
+        k: Which neighbour.
+
+    Returns:
+        ``[N]`` distances in ``[0, 2]``; higher = farther from every seen image.
+    """
+    return knn_index.kth_distance(as_array(clip_emb, "clip_emb"), k)
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """The arrays and settings a score may be computed from (see :func:`compute_scores`)."""
+
+    sup_logits: np.ndarray | None = None
+    clip_logits: np.ndarray | None = None
+    n_seen: int | None = None
+    clip_emb: np.ndarray | None = None
+    knn_index: EmbeddingKNN | None = None
+    temperature: float = 1.0
+    knn_k: int = DEFAULT_KNN_K
+
+
+class ScoreSpec(NamedTuple):
+    """A registered score.
+
+    Attributes:
+        function: The public formula (e.g. :func:`energy_score`).
+        needs: Which of :data:`INPUTS` it reads; a gate whose scores need no
+            ``clip_*`` input lets the zero-shot branch run only on routed images.
+        uses_temperature: Whether ``temperature`` changes it (a calibration grid axis).
+        call: Computes it from a :class:`ScoreInputs` (the adapter behind :func:`compute_scores`).
+    """
+
+    function: Callable[..., np.ndarray]
+    needs: tuple[str, ...]
+    uses_temperature: bool
+    call: Callable[[ScoreInputs], np.ndarray]
+
+
+SCORES: dict[str, ScoreSpec] = {
+    "msp": ScoreSpec(
+        msp_score, ("sup_logits",), True, lambda i: msp_score(i.sup_logits, i.temperature)
+    ),
+    "max_logit": ScoreSpec(
+        max_logit_score, ("sup_logits",), False, lambda i: max_logit_score(i.sup_logits)
+    ),
+    "energy": ScoreSpec(
+        energy_score, ("sup_logits",), True, lambda i: energy_score(i.sup_logits, i.temperature)
+    ),
+    "entropy": ScoreSpec(
+        entropy_score, ("sup_logits",), False, lambda i: entropy_score(i.sup_logits)
+    ),
+    "mcm": ScoreSpec(
+        mcm_score, ("clip_logits",), False, lambda i: mcm_score(i.clip_logits[:, : i.n_seen])
+    ),
+    "clip_margin": ScoreSpec(
+        clip_margin_score,
+        ("clip_logits",),
+        False,
+        lambda i: clip_margin_score(i.clip_logits, i.n_seen),
+    ),
+    "knn": ScoreSpec(
+        knn_distance_score,
+        ("clip_emb",),
+        False,
+        lambda i: knn_distance_score(i.clip_emb, i.knn_index, i.knn_k),
+    ),
+}
+
+
+def needs_of(names: Sequence[str]) -> set[str]:
+    """The inputs (of :data:`INPUTS`) that the named scores read together.
+
+    Raises:
+        InputError: For a name not in :data:`SCORES`.
+    """
+    _check_names(names)
+    return {need for name in names for need in SCORES[name].needs}
+
+
+def _check_names(names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in SCORES]
+    if unknown:
+        raise InputError(f"unknown gate score {unknown[0]!r}; choose from {', '.join(SCORES)}")
+
+
+def compute_scores(
+    names: Sequence[str],
+    *,
+    sup_logits: Any = None,
+    clip_logits: Any = None,
+    n_seen: int | None = None,
+    clip_emb: Any = None,
+    knn_index: EmbeddingKNN | None = None,
+    temperature: float = 1.0,
+    knn_k: int = DEFAULT_KNN_K,
+) -> dict[str, np.ndarray]:
+    """Compute several registered scores from one set of arrays.
+
+    Args:
+        names: Keys of :data:`SCORES`.
+        sup_logits: ``[N, S]`` supervised logits (``msp``, ``max_logit``, ``energy``, ``entropy``).
+        clip_logits: ``[N, C]`` zero-shot logits, seen columns first (``mcm``, ``clip_margin``).
+        n_seen: Number of seen columns in ``clip_logits``; defaults to ``sup_logits``' width.
+        clip_emb: ``[N, D]`` normalised CLIP embeddings (``knn``).
+        knn_index: The training embeddings (``knn``).
+        temperature: For the scores that take one (``msp``, ``energy``).
+        knn_k: The neighbour the ``knn`` score measures.
+
+    Returns:
+        ``{name: [N] float64 scores}`` in the order of ``names``.
+
+    Raises:
+        InputError: For an unknown name or when an input a score needs is missing.
+
+    Example:
+        >>> s = compute_scores(["energy", "clip_margin"], sup_logits=[[2.0, 0.0]],
+        ...                    clip_logits=[[3.0, 1.0, 0.5]])
+        >>> sorted(s), s["clip_margin"].tolist()
+        (['clip_margin', 'energy'], [-2.5])
+    """
+    _check_names(names)
+    given = {"sup_logits": sup_logits, "clip_logits": clip_logits, "clip_emb": clip_emb}
+    for name in names:
+        for need in SCORES[name].needs:
+            if given[need] is None:
+                raise InputError(f"gate score {name!r} needs {need}, which was not given")
+    if "knn" in names and knn_index is None:
+        raise InputError("gate score 'knn' needs knn_index (the training images' embeddings)")
+    sup = None if sup_logits is None else as_array(sup_logits, "sup_logits")
+    clip = None if clip_logits is None else as_array(clip_logits, "clip_logits")
+    if clip is not None and n_seen is None:
+        if sup is None:
+            raise InputError("n_seen is needed with clip_logits when sup_logits is not given")
+        n_seen = sup.shape[1]
+    inputs = ScoreInputs(
+        sup_logits=sup,
+        clip_logits=clip,
+        n_seen=n_seen,
+        clip_emb=None if clip_emb is None else as_array(clip_emb, "clip_emb"),
+        knn_index=knn_index,
+        temperature=temperature,
+        knn_k=knn_k,
+    )
+    return {name: SCORES[name].call(inputs) for name in names}
+
+
+class CombinedScore:
+    """A logistic model over several standardised scores; its logit is the score.
+
+    The scores are standardised with the mean and spread of the **seen**
+    images only. That anchor exists on both sides of calibration (the light
+    heads' held-out seen images, then the real model's), so :meth:`anchored`
+    can move the weights learned on stand-in problems onto the real model's
+    score scales.
+
+    Args:
+        names: The base scores (keys of :data:`SCORES`), in column order.
+        C: Inverse regularisation strength of the logistic model.
+
+    Example:
+        >>> X = np.array([[0.0, 1.0], [0.2, 0.9], [3.0, 0.1], [2.8, 0.0]])
+        >>> m = CombinedScore(["energy", "mcm"]).fit(X, np.array([False, False, True, True]))
+        >>> bool(m.score(X)[2] > m.score(X)[0])
+        True
+    """
+
+    def __init__(self, names: Sequence[str], C: float = 1.0) -> None:
+        _check_names(names)
+        self.names = list(names)
+        self.C = C
+        self.mean_: np.ndarray | None = None
+        self.scale_: np.ndarray | None = None
+        self.coef_: np.ndarray | None = None
+        self.intercept_: float = 0.0
+
+    def fit(self, score_matrix: Any, is_unseen: Any) -> CombinedScore:
+        """Fit on ``[N, len(names)]`` scores and a boolean "unseen" label per row."""
+        X = self._matrix(score_matrix)
+        y = np.asarray(is_unseen, dtype=bool)
+        if y.shape != (X.shape[0],) or y.all() or not y.any():
+            raise InputError(
+                "CombinedScore.fit needs one label per row, with both seen and unseen rows"
+            )
+        self._set_anchor(X[~y])
+        # balanced, because a stand-in problem hides only ~20% of the classes
+        lr = LogisticRegression(C=self.C, class_weight="balanced", max_iter=200)
+        lr.fit(self._standardise(X), y)
+        self.coef_ = lr.coef_[0].astype(np.float64)
+        self.intercept_ = float(lr.intercept_[0])
+        return self
+
+    def score(self, score_matrix: Any) -> np.ndarray:
+        """The logistic model's logit per row: higher = less like the seen classes."""
+        if self.coef_ is None:
+            raise InputError("CombinedScore is not fitted: call fit() or from_dict() first")
+        return self._standardise(self._matrix(score_matrix)) @ self.coef_ + self.intercept_
+
+    def anchored(self, seen_score_matrix: Any) -> CombinedScore:
+        """A copy with the same weights, standardised on other seen images' scores."""
+        new = CombinedScore.from_dict(self.to_dict())
+        new._set_anchor(self._matrix(seen_score_matrix))
+        return new
+
+    def matrix_from(self, scores: Mapping[str, Any]) -> np.ndarray:
+        """Stack ``{name: [N] scores}`` (as from :func:`compute_scores`) into ``[N, names]``."""
+        missing = [n for n in self.names if n not in scores]
+        if missing:
+            raise InputError(f"the combined score needs score {missing[0]!r}, which was not given")
+        return np.column_stack([as_array(scores[n], n, ndim=1) for n in self.names])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able parameters (no pickle)."""
+        if self.coef_ is None or self.mean_ is None or self.scale_ is None:
+            raise InputError("CombinedScore is not fitted: nothing to save")
+        return {
+            "names": list(self.names),
+            "C": self.C,
+            "mean": self.mean_.tolist(),
+            "scale": self.scale_.tolist(),
+            "coef": self.coef_.tolist(),
+            "intercept": self.intercept_,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CombinedScore:
+        """Rebuild from :meth:`to_dict`'s output."""
+        try:
+            new = cls(d["names"], C=float(d.get("C", 1.0)))
+            new.mean_ = np.asarray(d["mean"], dtype=np.float64)
+            new.scale_ = np.asarray(d["scale"], dtype=np.float64)
+            new.coef_ = np.asarray(d["coef"], dtype=np.float64)
+            new.intercept_ = float(d["intercept"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"not a saved CombinedScore: {e}") from e
+        if not (len(new.names) == new.mean_.size == new.scale_.size == new.coef_.size):
+            raise InputError(
+                "not a saved CombinedScore: names, mean, scale and coef differ in length"
+            )
+        return new
+
+    def _matrix(self, score_matrix: Any) -> np.ndarray:
+        X = as_array(score_matrix, "score_matrix")
+        if X.shape[1] != len(self.names):
+            raise InputError(f"score_matrix has {X.shape[1]} columns for {len(self.names)} scores")
+        return X
+
+    def _set_anchor(self, seen_rows: np.ndarray) -> None:
+        if seen_rows.shape[0] < 2:
+            raise InputError("standardising the combined score needs at least 2 seen images")
+        scaler = StandardScaler().fit(seen_rows)
+        self.mean_ = scaler.mean_.astype(np.float64)
+        self.scale_ = scaler.scale_.astype(np.float64)
+
+    def _standardise(self, X: np.ndarray) -> np.ndarray:
+        assert self.mean_ is not None and self.scale_ is not None
+        return (X - self.mean_) / self.scale_

@@ -1,0 +1,233 @@
+"""Gate scores against their published formulas; kNN index, combined score, detection metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hybridcls.errors import CheckpointError, InputError
+from hybridcls.gate import (
+    SCORES,
+    CombinedScore,
+    EmbeddingKNN,
+    clip_margin_score,
+    compute_scores,
+    energy_score,
+    entropy_score,
+    gate_detection,
+    knn_distance_score,
+    max_logit_score,
+    mcm_score,
+    msp_score,
+)
+from hybridcls.gate.scores import needs_of
+
+# rows: confident, flat, very confident with large magnitudes
+LOGITS = [[2.0, 1.0, 0.1], [0.5, 0.5, 0.5], [30.0, -10.0, 0.0]]
+
+
+def _softmax(row: list[float], t: float = 1.0) -> list[float]:
+    m = max(row)
+    e = [math.exp((x - m) / t) for x in row]
+    return [v / sum(e) for v in e]
+
+
+def _logsumexp(row: list[float]) -> float:
+    m = max(row)
+    return m + math.log(sum(math.exp(x - m) for x in row))
+
+
+def test_msp_is_negative_max_softmax() -> None:
+    expected = [-max(_softmax(r)) for r in LOGITS]
+    np.testing.assert_allclose(msp_score(LOGITS), expected, rtol=1e-12)
+    assert msp_score(LOGITS)[1] == pytest.approx(-1 / 3)
+    expected_t2 = [-max(_softmax(r, 2.0)) for r in LOGITS]
+    np.testing.assert_allclose(msp_score(LOGITS, temperature=2.0), expected_t2, rtol=1e-12)
+
+
+def test_max_logit_is_negative_max() -> None:
+    assert max_logit_score(LOGITS).tolist() == [-2.0, -0.5, -30.0]
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0, 0.5])
+def test_energy_is_minus_t_logsumexp(t: float) -> None:
+    expected = [-t * _logsumexp([x / t for x in r]) for r in LOGITS]
+    np.testing.assert_allclose(energy_score(LOGITS, temperature=t), expected, rtol=1e-12)
+
+
+def test_energy_matches_pytorch_ood_formula_and_stays_finite() -> None:
+    x = torch.tensor([[1000.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    expected = (-2.0 * torch.logsumexp(x / 2.0, dim=1)).numpy()
+    got = energy_score(x, temperature=2.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert got[0] == pytest.approx(-1000.0)
+
+
+def test_entropy_is_minus_sum_p_log_p() -> None:
+    expected = [-sum(p * math.log(p) for p in _softmax(r)) for r in LOGITS]
+    np.testing.assert_allclose(entropy_score(LOGITS), expected, rtol=1e-9, atol=1e-14)
+    assert entropy_score(LOGITS)[1] == pytest.approx(math.log(3))
+    # a probability that underflows to 0 contributes 0, not NaN
+    assert entropy_score([[1000.0, 0.0]])[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mcm_is_negative_max_softmax_at_the_given_scale() -> None:
+    cos = np.array([[0.30, 0.25, 0.10], [0.20, 0.21, 0.19]])
+    scaled = (100 * cos).tolist()  # CLIP's logit scale already applied by the caller
+    expected = [-max(_softmax(r)) for r in scaled]
+    np.testing.assert_allclose(mcm_score(scaled), expected, rtol=1e-12)
+    # Ming et al.'s temperature tau: the same score on cos / tau
+    assert mcm_score(cos / 0.01)[0] == pytest.approx(expected[0])
+
+
+def test_clip_margin_is_best_unseen_minus_best_seen() -> None:
+    c = [[5.0, 1.0, 2.0, 4.0], [1.0, 0.0, 7.0, 3.0]]
+    assert clip_margin_score(c, n_seen=2).tolist() == [-1.0, 6.0]
+    with pytest.raises(InputError, match="n_seen=4 of 4 classes"):
+        clip_margin_score(c, n_seen=4)
+
+
+def test_sign_convention_unseen_looking_row_scores_higher() -> None:
+    confident, flat = [8.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    for name in ("msp", "max_logit", "energy", "entropy"):
+        s = compute_scores([name], sup_logits=[confident, flat])[name]
+        assert s[1] > s[0], name
+    # CLIP side: first row matches a seen prompt, second an unseen one
+    clip = [[9.0, 1.0, 0.0, 0.0], [1.0, 1.0, 9.0, 0.0]]
+    s = compute_scores(["mcm", "clip_margin"], clip_logits=clip, n_seen=2)
+    assert s["clip_margin"][1] > s["clip_margin"][0]
+    assert s["mcm"][1] > s["mcm"][0]
+
+
+def test_torch_inputs_give_float64_numpy() -> None:
+    out = msp_score(torch.tensor(LOGITS, dtype=torch.float32))
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64
+    np.testing.assert_allclose(out, msp_score(LOGITS), rtol=1e-6)
+
+
+def test_registry_says_what_each_score_needs() -> None:
+    assert set(SCORES) == {"msp", "max_logit", "energy", "entropy", "mcm", "clip_margin", "knn"}
+    assert SCORES["energy"].needs == ("sup_logits",)
+    assert SCORES["clip_margin"].needs == ("clip_logits",)
+    assert SCORES["knn"].needs == ("clip_emb",)
+    assert SCORES["energy"].function is energy_score
+    # a gate on supervised scores only needs no zero-shot input: lazy zero-shot possible
+    assert needs_of(["energy", "msp"]) == {"sup_logits"}
+    assert needs_of(["energy", "knn"]) == {"sup_logits", "clip_emb"}
+
+
+def test_compute_scores_matches_the_functions_and_reports_missing_inputs() -> None:
+    sup = np.array(LOGITS)
+    clip = np.array([[5.0, 1.0, 2.0, 4.0], [1.0, 0.0, 7.0, 3.0], [0.0, 0.0, 0.0, 1.0]])
+    s = compute_scores(
+        ["energy", "mcm", "clip_margin"],
+        sup_logits=sup,
+        clip_logits=clip,
+        n_seen=3,
+        temperature=2.0,
+    )
+    assert list(s) == ["energy", "mcm", "clip_margin"]
+    np.testing.assert_array_equal(s["energy"], energy_score(sup, 2.0))
+    np.testing.assert_array_equal(s["mcm"], mcm_score(clip[:, :3]))
+    np.testing.assert_array_equal(s["clip_margin"], clip_margin_score(clip, 3))
+    # n_seen defaults to the supervised head's width
+    s2 = compute_scores(["clip_margin"], sup_logits=sup, clip_logits=clip)
+    np.testing.assert_array_equal(s2["clip_margin"], s["clip_margin"])
+    with pytest.raises(InputError, match="gate score 'energy' needs sup_logits"):
+        compute_scores(["energy"], clip_logits=clip, n_seen=3)
+    with pytest.raises(InputError, match="unknown gate score 'odin'"):
+        compute_scores(["odin"], sup_logits=sup)
+    with pytest.raises(InputError, match="needs knn_index"):
+        compute_scores(["knn"], clip_emb=np.eye(3))
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.normal(size=(n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_knn_distances_match_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    train, query = _unit(rng, 50, 8), _unit(rng, 7, 8)
+    knn = EmbeddingKNN().add(train[:20]).add(train[20:])
+    assert knn.ntotal == 50 and knn.dim == 8
+    dist = np.linalg.norm(query[:, None, :] - train[None, :, :], axis=2)  # brute force, Euclidean
+    expected_k3 = np.sort(dist, axis=1)[:, 2]
+    np.testing.assert_allclose(knn.kth_distance(query, 3), expected_k3, atol=1e-5)
+    sims, ids = knn.search(query, 2)
+    np.testing.assert_array_equal(ids, np.argsort(dist, axis=1, kind="stable")[:, :2])
+    np.testing.assert_allclose(sims, (query @ train.T)[np.arange(7)[:, None], ids], atol=1e-6)
+    np.testing.assert_allclose(knn_distance_score(query, knn, k=3), expected_k3, atol=1e-5)
+    # an image in the index is at distance 0 from its nearest neighbour
+    assert knn.kth_distance(train[:1], 1)[0] == pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(InputError, match="k=51 neighbours asked of an index holding 50"):
+        knn.kth_distance(query, 51)
+    with pytest.raises(InputError, match="dimension 4, the index has 8"):
+        knn.add(np.ones((2, 4)))
+
+
+def test_knn_save_load_round_trip(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    train, query = _unit(rng, 30, 6), _unit(rng, 4, 6)
+    knn = EmbeddingKNN().add(train)
+    path = tmp_path / "knn.faiss"
+    knn.save(path)
+    assert not (tmp_path / "knn.faiss.tmp").exists()
+    loaded = EmbeddingKNN.load(path)
+    assert loaded.ntotal == 30
+    np.testing.assert_array_equal(loaded.kth_distance(query, 5), knn.kth_distance(query, 5))
+    with pytest.raises(CheckpointError, match="kNN index file not found"):
+        EmbeddingKNN.load(tmp_path / "missing.faiss")
+
+
+def _separable(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    seen = rng.normal([0.0, 0.0], 1.0, size=(60, 2))
+    unseen = rng.normal([3.0, 3.0], 1.0, size=(20, 2))
+    return np.vstack([seen, unseen]), np.r_[np.zeros(60, bool), np.ones(20, bool)]
+
+
+def test_combined_score_is_the_logistic_logit_over_seen_standardised_scores() -> None:
+    X, y = _separable(np.random.default_rng(0))
+    m = CombinedScore(["energy", "clip_margin"]).fit(X, y)
+    np.testing.assert_allclose(m.mean_, X[~y].mean(axis=0))
+    np.testing.assert_allclose(m.scale_, X[~y].std(axis=0))
+    expected = ((X - m.mean_) / m.scale_) @ m.coef_ + m.intercept_
+    np.testing.assert_allclose(m.score(X), expected)
+    assert (m.coef_ > 0).all()  # both scores point towards unseen, so both weights are positive
+    assert m.score(X)[y].mean() > m.score(X)[~y].mean()
+
+
+def test_combined_score_json_round_trip_and_anchor() -> None:
+    X, y = _separable(np.random.default_rng(0))
+    m = CombinedScore(["energy", "clip_margin"]).fit(X, y)
+    back = CombinedScore.from_dict(json.loads(json.dumps(m.to_dict())))
+    np.testing.assert_array_equal(back.score(X), m.score(X))
+    # re-anchoring on seen scores of another scale keeps the weights
+    shifted = m.anchored(10 * X[~y] + 5)
+    np.testing.assert_array_equal(shifted.coef_, m.coef_)
+    np.testing.assert_allclose(shifted.score(10 * X + 5), m.score(X))
+    with pytest.raises(InputError, match="2 columns for 3 scores"):
+        CombinedScore(["energy", "msp", "mcm"]).fit(X, y)
+    with pytest.raises(InputError, match="both seen and unseen rows"):
+        CombinedScore(["energy", "mcm"]).fit(X, np.zeros(80, bool))
+
+
+def test_gate_detection_on_known_arrays() -> None:
+    # ascending scores: 0.1 seen, 0.3 unseen, 0.4 seen, 0.9 unseen
+    d = gate_detection([0.1, 0.4, 0.3, 0.9], [False, False, True, True])
+    assert d.auroc == pytest.approx(3 / 4)  # seen below unseen in 3 of 4 pairs
+    assert d.aupr_in == pytest.approx((1 + 2 / 3) / 2)
+    assert d.aupr_out == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_fpr_at_95_tpr_counts_unseen_images_kept() -> None:
+    seen, unseen = np.arange(20.0), np.arange(10.0, 30.0)
+    d = gate_detection(np.r_[seen, unseen], np.r_[np.zeros(20, bool), np.ones(20, bool)])
+    # 95% of seen scores are <= 18; unseen scores 10..18 (9 of 20) are kept with them
+    assert d.fpr_at_tpr == pytest.approx(9 / 20)
+    pairs = [(s < u) + 0.5 * (s == u) for s in seen for u in unseen]
+    assert d.auroc == pytest.approx(np.mean(pairs))
