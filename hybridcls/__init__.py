@@ -15,5 +15,6 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from hybridcls.errors import HybridclsError
+from hybridcls.zeroshot import ZeroShotClassifier
 
-__all__ = ["__version__", "HybridclsError"]
+__all__ = ["__version__", "HybridclsError", "ZeroShotClassifier"]

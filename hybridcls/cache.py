@@ -1,0 +1,171 @@
+"""Where hybridcls keeps what it can rebuild, and how files get there safely.
+
+Three small, generic tools shared by everything that writes to disk:
+
+* :func:`default_cache_dir` resolves the cache root (``HYBRIDCLS_CACHE_DIR``,
+  else ``$XDG_CACHE_HOME/hybridcls``, else ``~/.cache/hybridcls``);
+* :func:`atomic_write_bytes` / :func:`atomic_path` write through a temporary
+  file in the destination folder and ``os.replace`` it into place, so a
+  reader (or a second process) never sees half a file;
+* :func:`file_fingerprint` and :func:`stable_hash` give content hashes used
+  as cache keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "default_cache_dir",
+    "file_fingerprint",
+    "resolve_cache_dir",
+    "stable_hash",
+]
+
+CACHE_DIR_ENV = "HYBRIDCLS_CACHE_DIR"
+
+_HASH_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """The folder hybridcls caches into when no ``--cache-dir`` is given.
+
+    Returns:
+        ``$HYBRIDCLS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/hybridcls``,
+        else ``~/.cache/hybridcls``. The folder is not created here.
+
+    Example:
+        >>> default_cache_dir()  # doctest: +SKIP
+        PosixPath('/home/me/.cache/hybridcls')
+    """
+    explicit = os.environ.get(CACHE_DIR_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "hybridcls"
+    return Path.home() / ".cache" / "hybridcls"
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """``cache_dir`` as a :class:`Path`, or :func:`default_cache_dir` when it is None."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path to write; move it onto ``path`` only if the block succeeds.
+
+    The temporary file lives in the destination folder (created if needed) so
+    the final ``os.replace`` is a rename on one file system, which is atomic:
+    readers see the old file or the new one, never a torn write. On an
+    exception the temporary file is removed and ``path`` is left untouched.
+
+    Args:
+        path: Final destination.
+
+    Yields:
+        A path in the same folder that the caller writes (e.g. with
+        ``safetensors.torch.save_file``).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> dest = pathlib.Path(tempfile.mkdtemp()) / "out.txt"
+        >>> with atomic_path(dest) as tmp:
+        ...     _ = tmp.write_text("hello")
+        >>> dest.read_text()
+        'hello'
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        # Without fsync a crash right after the rename can leave an empty file
+        # under the final name on some file systems.
+        os.fsync(fh.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` as UTF-8 to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# (realpath, size, mtime_ns) -> sha256 hex. Weights files run to hundreds of MB and
+# every model load needs their fingerprint for cache keys; hashing once per process
+# keeps repeated loads (tests, notebooks, several classifiers) cheap, and keying on
+# size + mtime means a file rewritten in place is hashed again.
+_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+_FINGERPRINT_LOCK = threading.Lock()
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's content, as hex; memoised per process.
+
+    Content (not path or mtime) is what identifies weights: the same file
+    copied elsewhere keeps its fingerprint, so caches keyed on it survive a
+    move, while any change to the bytes changes it.
+
+    Args:
+        path: File to hash.
+
+    Returns:
+        64 hex characters.
+
+    Raises:
+        OSError: The file cannot be read.
+    """
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    memo_key = (real, st.st_size, st.st_mtime_ns)
+    with _FINGERPRINT_LOCK:
+        cached = _FINGERPRINTS.get(memo_key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    with open(real, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with _FINGERPRINT_LOCK:
+        _FINGERPRINTS[memo_key] = value
+    return value
+
+
+def stable_hash(obj: Any) -> str:
+    """SHA-256 hex of ``obj`` serialised as canonical JSON (sorted keys, no spaces).
+
+    Used for cache keys: equal content gives equal keys across processes and
+    Python versions, unlike ``hash()``.
+
+    Example:
+        >>> stable_hash({"b": 1, "a": [1, 2]}) == stable_hash({"a": [1, 2], "b": 1})
+        True
+    """
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

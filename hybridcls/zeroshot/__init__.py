@@ -1,0 +1,97 @@
+"""The zero-shot branch: open_clip loading, prompt files, the class-text matrix.
+
+* :mod:`~hybridcls.zeroshot.prompts`: prompts and templates files;
+* :mod:`~hybridcls.zeroshot.loading`: :func:`load_clip`, offline-first;
+* :mod:`~hybridcls.zeroshot.text_classifier`: :func:`build_text_classifier`
+  with its on-disk cache;
+* :mod:`~hybridcls.zeroshot.classifier`: :class:`ZeroShotClassifier`.
+
+Importing this package loads only the prompts parser; torch and open_clip
+load on first use of the other names, so reading a prompts file stays cheap.
+
+Example:
+    >>> from hybridcls.zeroshot import ZeroShotClassifier
+    >>> clf = ZeroShotClassifier("local-dir:tiny_clip", prompts=["cat", "dog"]).fit()  # doctest: +SKIP
+    >>> clf.classes_  # doctest: +SKIP
+    array(['cat', 'dog'], dtype='<U3')
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from hybridcls.zeroshot.prompts import (
+    ClassPrompt,
+    PromptSet,
+    as_prompt_set,
+    check_templates,
+    normalize_label,
+    parse_prompts,
+    parse_templates,
+    read_prompts,
+    read_templates,
+)
+
+if TYPE_CHECKING:
+    from hybridcls.zeroshot.classifier import (
+        CLASSIFIER_PRECISIONS,
+        ZeroShotBatch,
+        ZeroShotClassifier,
+    )
+    from hybridcls.zeroshot.loading import (
+        DEFAULT_CLIP_MODEL,
+        DEFAULT_CLIP_PRETRAINED,
+        ClipBundle,
+        load_clip,
+        resolve_device,
+    )
+    from hybridcls.zeroshot.text_classifier import (
+        build_text_classifier,
+        class_phrases,
+        text_cache_key,
+    )
+
+__all__ = [
+    "CLASSIFIER_PRECISIONS",
+    "DEFAULT_CLIP_MODEL",
+    "DEFAULT_CLIP_PRETRAINED",
+    "ClassPrompt",
+    "ClipBundle",
+    "PromptSet",
+    "ZeroShotBatch",
+    "ZeroShotClassifier",
+    "as_prompt_set",
+    "build_text_classifier",
+    "check_templates",
+    "class_phrases",
+    "load_clip",
+    "normalize_label",
+    "parse_prompts",
+    "parse_templates",
+    "read_prompts",
+    "read_templates",
+    "resolve_device",
+    "text_cache_key",
+]
+
+# Names whose modules import torch and open_clip, resolved on first access (PEP 562).
+_LAZY = {
+    "CLASSIFIER_PRECISIONS": "hybridcls.zeroshot.classifier",
+    "ZeroShotBatch": "hybridcls.zeroshot.classifier",
+    "ZeroShotClassifier": "hybridcls.zeroshot.classifier",
+    "DEFAULT_CLIP_MODEL": "hybridcls.zeroshot.loading",
+    "DEFAULT_CLIP_PRETRAINED": "hybridcls.zeroshot.loading",
+    "ClipBundle": "hybridcls.zeroshot.loading",
+    "load_clip": "hybridcls.zeroshot.loading",
+    "resolve_device": "hybridcls.zeroshot.loading",
+    "build_text_classifier": "hybridcls.zeroshot.text_classifier",
+    "class_phrases": "hybridcls.zeroshot.text_classifier",
+    "text_cache_key": "hybridcls.zeroshot.text_classifier",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

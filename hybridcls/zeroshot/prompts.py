@@ -1,0 +1,377 @@
+"""Prompts files (the classes and what to say about them) and templates files.
+
+A prompts file names one class per line::
+
+    # comment
+    grizzly bear
+    moose: a large deer with broad flat antlers | elk
+    bat: a flying mammal | fruit bat | flying fox
+
+``NAME[: DESCRIPTION][ | SYNONYM ...]``. A ``#`` at the start of a line or
+after a space starts a comment; blank lines are ignored. A templates file has
+one template per line, each with a ``{}`` where the class text goes.
+
+Class names are compared after :func:`normalize_label` (case, ``_``, ``+``,
+``-``, repeated spaces), so ``grizzly+bear``, ``Grizzly_Bear`` and
+``grizzly bear`` are the same class; that is also how a training folder is
+matched to its prompts line (:meth:`PromptSet.match`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TypeVar
+
+from hybridcls.errors import PromptFileError
+
+__all__ = [
+    "DEFAULT_TEMPLATES_NAME",
+    "ClassPrompt",
+    "PromptSet",
+    "as_prompt_set",
+    "check_templates",
+    "normalize_label",
+    "parse_prompts",
+    "parse_templates",
+    "read_prompts",
+    "read_templates",
+]
+
+DEFAULT_TEMPLATES_NAME = "templates.txt"
+
+T = TypeVar("T")
+
+_SEPARATORS = re.compile(r"[\s_+\-]+")
+# A '#' at the start or after whitespace opens a comment; '#' inside a word
+# ("c#", "no.#3") is kept, since class names and descriptions may contain it.
+_COMMENT = re.compile(r"(^|\s)#.*$")
+
+
+def normalize_label(s: str) -> str:
+    """The form under which two class names are considered the same.
+
+    Case-folds and turns ``_``, ``+``, ``-`` and runs of whitespace into one
+    space, so dataset spellings match readable names.
+
+    Example:
+        >>> normalize_label("grizzly+bear")
+        'grizzly bear'
+        >>> normalize_label("  German_Shepherd ")
+        'german shepherd'
+    """
+    return _SEPARATORS.sub(" ", s.casefold()).strip()
+
+
+@dataclass(frozen=True)
+class ClassPrompt:
+    """One class of a prompts file.
+
+    Attributes:
+        name: The class name as written (what predictions print).
+        description: Text after ``:``, or None.
+        synonyms: Other names after ``|``, in file order.
+        line: 1-based line number in the source (item number for a list).
+    """
+
+    name: str
+    description: str | None = None
+    synonyms: tuple[str, ...] = ()
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The ordered classes of a prompts source.
+
+    Attributes:
+        classes: One :class:`ClassPrompt` per class, in source order.
+        source: The file the classes came from (``"<string>"``/``"<list>"`` otherwise);
+            used in error messages.
+    """
+
+    classes: tuple[ClassPrompt, ...]
+    source: str = "<string>"
+
+    @property
+    def names(self) -> list[str]:
+        """Class names in order."""
+        return [c.name for c in self.classes]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def __iter__(self) -> Iterator[ClassPrompt]:
+        return iter(self.classes)
+
+    def __getitem__(self, i: int) -> ClassPrompt:
+        return self.classes[i]
+
+    def index(self, name: str) -> int:
+        """Position of the class whose name normalises like ``name`` (synonyms not used).
+
+        Raises:
+            KeyError: No class has that name.
+        """
+        key = normalize_label(name)
+        for i, c in enumerate(self.classes):
+            if normalize_label(c.name) == key:
+                return i
+        raise KeyError(f"{self.source}: no class named {name!r}")
+
+    def match(self, name: str) -> int | None:
+        """Position of the line ``name`` refers to, by name or synonym; None if none.
+
+        A class name wins over nothing else, because parsing already refuses a
+        synonym equal to another class's name; two synonyms on different lines
+        can still both match, and that is an error.
+
+        Raises:
+            PromptFileError: ``name`` matches more than one line (names both).
+
+        Example:
+            >>> ps = parse_prompts("moose: a large deer | elk\\ngrizzly bear")
+            >>> ps.match("Grizzly+Bear"), ps.match("ELK"), ps.match("wolf")
+            (1, 0, None)
+        """
+        key = normalize_label(name)
+        hits = [
+            i
+            for i, c in enumerate(self.classes)
+            if key in {normalize_label(x) for x in (c.name, *c.synonyms)}
+        ]
+        if not hits:
+            return None
+        if len(hits) > 1:
+            a, b = self.classes[hits[0]], self.classes[hits[1]]
+            raise PromptFileError(
+                self.source,
+                b.line,
+                f"class {name!r} matches both this line ({b.name!r}) and line {a.line} "
+                f"({a.name!r}); make the synonyms distinct",
+            )
+        return hits[0]
+
+
+def _strip_comment(line: str) -> str:
+    return _COMMENT.sub("", line).strip()
+
+
+def _parse_class_line(text: str, source: str, lineno: int) -> ClassPrompt:
+    head, *syn_parts = text.split("|")
+    name, colon, description = head.partition(":")
+    name = " ".join(name.split())
+    if not normalize_label(name):  # "" or only separators such as "+_-"
+        raise PromptFileError(source, lineno, "empty class name")
+    desc: str | None = None
+    if colon:
+        desc = " ".join(description.split())
+        if not desc:
+            raise PromptFileError(source, lineno, f"empty description after ':' for {name!r}")
+    synonyms: list[str] = []
+    for part in syn_parts:
+        syn = " ".join(part.split())
+        if not syn:
+            raise PromptFileError(source, lineno, f"empty synonym after '|' for {name!r}")
+        if normalize_label(syn) in {normalize_label(x) for x in (name, *synonyms)}:
+            raise PromptFileError(source, lineno, f"synonym {syn!r} repeats a name on this line")
+        synonyms.append(syn)
+    return ClassPrompt(name=name, description=desc, synonyms=tuple(synonyms), line=lineno)
+
+
+def _collect(
+    lines: Iterable[tuple[int, str]],
+    source: str,
+    parse: Callable[[str, int], T],
+    label: Callable[[T], str],
+    same: Callable[[str], str],
+    what: tuple[str, str],
+) -> list[T]:
+    """Parse non-comment lines; refuse two items whose ``same(label(item))`` are equal.
+
+    ``what`` is the item word, singular and plural, for messages.
+    """
+    items: list[T] = []
+    first_line: dict[str, int] = {}
+    for lineno, raw in lines:
+        text = _strip_comment(raw)
+        if not text:
+            continue
+        item = parse(text, lineno)
+        name = label(item)
+        key = same(name)
+        if key in first_line:
+            raise PromptFileError(
+                source, lineno, f"duplicate {what[0]} {name!r} (already on line {first_line[key]})"
+            )
+        first_line[key] = lineno
+        items.append(item)
+    if not items:
+        raise PromptFileError(source, None, f"no {what[1]} found (only blank lines or comments)")
+    return items
+
+
+def _build_set(lines: Iterable[tuple[int, str]], source: str) -> PromptSet:
+    classes = _collect(
+        lines,
+        source,
+        lambda text, lineno: _parse_class_line(text, source, lineno),
+        lambda cp: cp.name,
+        normalize_label,
+        ("class", "classes"),
+    )
+    by_name = {normalize_label(cp.name): cp for cp in classes}
+    # Synonyms are checked after all names are known so the order of lines does not matter.
+    for cp in classes:
+        for syn in cp.synonyms:
+            other = by_name.get(normalize_label(syn))
+            if other is not None and other is not cp:
+                raise PromptFileError(
+                    source,
+                    cp.line,
+                    f"synonym {syn!r} of {cp.name!r} is the name of the class on line {other.line}",
+                )
+    return PromptSet(classes=tuple(classes), source=source)
+
+
+def parse_prompts(text: str, source: str = "<string>") -> PromptSet:
+    """Parse the text of a prompts file.
+
+    Args:
+        text: The file content.
+        source: Name used in error messages.
+
+    Returns:
+        The classes in order.
+
+    Raises:
+        PromptFileError: Empty name/description/synonym, duplicate class (after
+            normalisation; names the earlier line), a synonym equal to another
+            class's name, or no classes at all.
+
+    Example:
+        >>> ps = parse_prompts("# animals\\nmoose: a large deer with broad flat antlers | elk\\nbat")
+        >>> ps.names
+        ['moose', 'bat']
+        >>> ps[0].description, ps[0].synonyms
+        ('a large deer with broad flat antlers', ('elk',))
+    """
+    return _build_set(enumerate(text.splitlines(), start=1), source)
+
+
+def _read_text(path: str | os.PathLike[str]) -> str:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise PromptFileError(str(p), None, f"cannot read file: {exc.strerror or exc}") from exc
+    try:
+        # utf-8-sig: files saved by Windows editors start with a BOM that is not part of line 1.
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise PromptFileError(
+            str(p), line, f"not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+        ) from exc
+
+
+def read_prompts(path: str | os.PathLike[str]) -> PromptSet:
+    """Read and parse a prompts file (UTF-8).
+
+    Example:
+        >>> read_prompts("prompts/animals.txt").names[:3]  # doctest: +SKIP
+        ['antelope', 'grizzly bear', 'killer whale']
+    """
+    return parse_prompts(_read_text(path), source=str(path))
+
+
+def as_prompt_set(prompts: PromptSet | str | os.PathLike[str] | Sequence[str]) -> PromptSet:
+    """Accept any prompts source: a :class:`PromptSet`, a file path, or a list of lines.
+
+    Items of a list are parsed like the lines of a file (so ``"moose | elk"``
+    works); errors name the item number as the line, with source ``<list>``.
+    """
+    if isinstance(prompts, PromptSet):
+        return prompts
+    if isinstance(prompts, (str, os.PathLike)):
+        return read_prompts(prompts)
+    items = list(prompts)
+    for i, item in enumerate(items, start=1):
+        if not isinstance(item, str) or "\n" in item:
+            raise PromptFileError("<list>", i, f"expected one class per item, got {item!r}")
+    return _build_set(enumerate(items, start=1), "<list>")
+
+
+def _template_problem(template: str) -> str | None:
+    try:
+        a, b = template.format("\x00a"), template.format("\x00b")
+    except (IndexError, KeyError, ValueError):
+        return (
+            "template must contain exactly one '{}' and no other braces "
+            "(write '{{' or '}}' for a literal brace)"
+        )
+    if a == b:
+        return "template has no '{}' placeholder for the class name"
+    return None
+
+
+def _parse_template(text: str, source: str, lineno: int) -> str:
+    problem = _template_problem(text)
+    if problem:
+        raise PromptFileError(source, lineno, f"{problem}: {text!r}")
+    return text
+
+
+def _build_templates(lines: Iterable[tuple[int, str]], source: str) -> list[str]:
+    return _collect(
+        lines,
+        source,
+        lambda text, lineno: _parse_template(text, source, lineno),
+        str,
+        str,
+        ("template", "templates"),
+    )
+
+
+def parse_templates(text: str, source: str = "<string>") -> list[str]:
+    """Parse the text of a templates file: one ``str.format`` template per line.
+
+    Raises:
+        PromptFileError: A template without ``{}`` or with other braces, a
+            duplicate template, or no templates.
+
+    Example:
+        >>> parse_templates("a photo of a {}.\\n# comment\\na drawing of the {}.")
+        ['a photo of a {}.', 'a drawing of the {}.']
+    """
+    return _build_templates(enumerate(text.splitlines(), start=1), source)
+
+
+def check_templates(templates: Sequence[str], source: str = "<list>") -> list[str]:
+    """Validate templates given as a Python list (same rules as a file; item number as line)."""
+    for i, t in enumerate(templates, start=1):
+        if not isinstance(t, str) or "\n" in t:
+            raise PromptFileError(source, i, f"expected one template string per item, got {t!r}")
+    return _build_templates(enumerate(templates, start=1), source)
+
+
+def read_templates(path: str | os.PathLike[str] | None = None) -> list[str]:
+    """Read a templates file; ``None`` reads the bundled default.
+
+    The bundled default is open_clip's 80 ``OPENAI_IMAGENET_TEMPLATES``
+    written out with ``{}`` placeholders.
+
+    Example:
+        >>> len(read_templates())
+        80
+    """
+    if path is None:
+        ref = resources.files("hybridcls.zeroshot").joinpath(DEFAULT_TEMPLATES_NAME)
+        return parse_templates(
+            ref.read_text(encoding="utf-8"), source=f"<bundled {DEFAULT_TEMPLATES_NAME}>"
+        )
+    return parse_templates(_read_text(path), source=str(path))

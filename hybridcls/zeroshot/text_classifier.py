@@ -1,0 +1,220 @@
+"""The class-text matrix of the zero-shot branch, and its on-disk cache.
+
+Each class becomes one L2-normalised column built with open_clip's
+``build_zero_shot_classifier`` (template ensembling). A class with synonyms
+or a description contributes several *phrases* (see :func:`class_phrases`);
+each phrase is ensembled over the templates like a plain class name, and the
+class column is the re-normalised mean of its phrases. A class with only a
+name gets exactly the column open_clip would give it.
+
+The matrix is cached in ``<cache_dir>/text/<key>.safetensors``; the key
+hashes everything the matrix depends on (see :func:`text_cache_key`), so a
+second run with the same model, weights, prompts and templates does not run
+the text encoder at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from open_clip import build_zero_shot_classifier
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from hybridcls.cache import atomic_path, resolve_cache_dir, stable_hash
+from hybridcls.zeroshot.loading import ClipBundle
+from hybridcls.zeroshot.prompts import ClassPrompt, PromptSet, as_prompt_set, check_templates
+
+__all__ = [
+    "TEXT_CACHE_VERSION",
+    "build_text_classifier",
+    "class_phrases",
+    "text_cache_key",
+    "text_cache_path",
+]
+
+# Bump when the way columns are computed changes, so old cache files are ignored.
+TEXT_CACHE_VERSION = 1
+_TENSOR_NAME = "text_features"
+# Phrases encoded per text-encoder call; x number of templates = sequences per batch.
+_PHRASES_PER_BATCH = 10
+
+_log = logging.getLogger(__name__)
+
+
+def class_phrases(prompt: ClassPrompt) -> list[str]:
+    """The phrases whose embeddings are averaged into one class column.
+
+    The name, each synonym, and (with a description) ``"NAME, DESCRIPTION"``:
+    the description is attached to the name rather than embedded alone, so a
+    template reads ``"a photo of a moose, a large deer with broad flat antlers."``
+    and a vague description ("a small rodent") still points at its class.
+    Every phrase weighs the same.
+
+    Example:
+        >>> class_phrases(ClassPrompt("moose", "a large deer", ("elk",)))
+        ['moose', 'elk', 'moose, a large deer']
+    """
+    phrases = [prompt.name, *prompt.synonyms]
+    if prompt.description:
+        phrases.append(f"{prompt.name}, {prompt.description}")
+    return phrases
+
+
+def _model_identity(bundle: ClipBundle) -> str:
+    # A local-dir folder is fully described by its config hash and weights
+    # fingerprint; leaving its path out lets a moved or copied folder keep its cache.
+    return "local-dir" if bundle.model_id.startswith("local-dir:") else bundle.model_id
+
+
+def text_cache_key(bundle: ClipBundle, prompts: PromptSet, templates: Sequence[str]) -> str:
+    """SHA-256 over everything the class-text matrix depends on.
+
+    Cache format version, model identity, pretrained tag, weights fingerprint,
+    model config hash, weight precision, every class (name, description,
+    synonyms, in order) and every template (in order).
+    """
+    return stable_hash(
+        {
+            "version": TEXT_CACHE_VERSION,
+            "model": _model_identity(bundle),
+            # A tag also sets QuickGELU, which changes the text encoder; a weights
+            # file is already covered by its fingerprint, wherever it lies.
+            "pretrained": "<file>"
+            if bundle.pretrained == bundle.weights_path
+            else bundle.pretrained,
+            "fingerprint": bundle.fingerprint,
+            "config": bundle.config_hash,
+            "precision": bundle.precision,
+            "classes": [[c.name, c.description, list(c.synonyms)] for c in prompts],
+            "templates": list(templates),
+        }
+    )
+
+
+def text_cache_path(cache_dir: str | os.PathLike[str] | None, key: str) -> Path:
+    """Where the matrix for ``key`` lives under a cache root (None = default root)."""
+    return resolve_cache_dir(cache_dir) / "text" / f"{key}.safetensors"
+
+
+def _load_cached(path: Path, key: str, shape: tuple[int, int]) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensor = fh.get_tensor(_TENSOR_NAME)
+    # A torn or foreign file is rebuilt, never fatal.
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        _log.warning("ignoring unreadable text cache %s: %s", path, exc)
+        return None
+    if (
+        meta.get("key") != key
+        or tuple(tensor.shape) != shape
+        or tensor.dtype != torch.float32
+        or not bool(torch.isfinite(tensor).all())
+    ):
+        _log.warning("ignoring text cache %s: it does not match the current inputs", path)
+        return None
+    return tensor
+
+
+def _save_cached(
+    path: Path,
+    key: str,
+    matrix: torch.Tensor,
+    bundle: ClipBundle,
+    prompts: PromptSet,
+    n_templates: int,
+) -> None:
+    meta = {
+        "key": key,
+        "hybridcls_cache_version": str(TEXT_CACHE_VERSION),
+        "model_id": bundle.model_id,
+        "pretrained": bundle.pretrained or "",
+        "fingerprint": bundle.fingerprint,
+        "classes": json.dumps(prompts.names, ensure_ascii=False),
+        "n_templates": str(n_templates),
+    }
+    try:
+        with atomic_path(path) as tmp:
+            save_file({_TENSOR_NAME: matrix.detach().cpu().contiguous()}, str(tmp), metadata=meta)
+    except OSError as exc:
+        # A read-only or full cache disk costs a rebuild next time, not this prediction.
+        warnings.warn(f"could not write the text cache {path}: {exc}", RuntimeWarning, stacklevel=3)
+
+
+def _encode(
+    bundle: ClipBundle, prompts: PromptSet, templates: list[str], progress: bool
+) -> torch.Tensor:
+    phrases: list[str] = []
+    owners: list[int] = []
+    for i, cp in enumerate(prompts):
+        for phrase in class_phrases(cp):
+            phrases.append(phrase)
+            owners.append(i)
+    per_phrase = build_zero_shot_classifier(
+        bundle.model,
+        bundle.tokenizer,
+        phrases,
+        templates,
+        num_classes_per_batch=_PHRASES_PER_BATCH,
+        device=bundle.device,
+        use_tqdm=progress,
+    ).float()
+    if len(phrases) == len(prompts):
+        return per_phrase  # names only: exactly open_clip's matrix
+    owner = torch.tensor(owners, device=per_phrase.device)
+    summed = torch.zeros(per_phrase.shape[0], len(prompts), device=per_phrase.device)
+    summed.index_add_(1, owner, per_phrase)
+    return summed / summed.norm(dim=0, keepdim=True)
+
+
+def build_text_classifier(
+    bundle: ClipBundle,
+    prompts: PromptSet | str | os.PathLike[str] | Sequence[str],
+    templates: Sequence[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The ``[embed_dim, n_classes]`` matrix of L2-normalised class text embeddings.
+
+    Args:
+        bundle: The loaded CLIP (:func:`~hybridcls.zeroshot.loading.load_clip`).
+        prompts: A :class:`PromptSet`, a prompts file, or a list of class lines.
+        templates: ``str.format`` templates with one ``{}``.
+        cache_dir: Cache root (None = :func:`~hybridcls.cache.default_cache_dir`).
+        use_cache: Read and write ``<cache_dir>/text/<key>.safetensors``. Randomly
+            initialised models are never cached: their weights differ every run.
+        progress: Show a progress bar while encoding.
+
+    Returns:
+        A float32 tensor on ``bundle.device``, columns in prompts order.
+
+    Example:
+        >>> bundle = load_clip("local-dir:tiny_clip")  # doctest: +SKIP
+        >>> w = build_text_classifier(bundle, ["cat", "dog"], read_templates())  # doctest: +SKIP
+        >>> w.shape  # doctest: +SKIP
+        torch.Size([32, 2])
+    """
+    prompt_set = as_prompt_set(prompts)
+    template_list = check_templates(list(templates))
+    cacheable = use_cache and not bundle.random_init
+    if cacheable:
+        key = text_cache_key(bundle, prompt_set, template_list)
+        path = text_cache_path(cache_dir, key)
+        cached = _load_cached(path, key, (bundle.embed_dim, len(prompt_set)))
+        if cached is not None:
+            return cached.to(bundle.device)
+    matrix = _encode(bundle, prompt_set, template_list, progress)
+    if cacheable:
+        _save_cached(path, key, matrix, bundle, prompt_set, len(template_list))
+    return matrix

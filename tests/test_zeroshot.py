@@ -1,0 +1,440 @@
+"""The zero-shot branch on a tiny random CLIP: loading, text matrix + cache, classifier."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from tinyclip_factory import make_tiny_clip, tiny_model_cfg, tiny_state_dict
+
+from hybridcls.errors import CheckpointError, ImageDecodeError, InputError, WeightsUnavailableError
+from hybridcls.zeroshot import (
+    ZeroShotClassifier,
+    build_text_classifier,
+    load_clip,
+    parse_prompts,
+)
+from hybridcls.zeroshot.text_classifier import text_cache_key, text_cache_path
+
+TEMPLATES = ["a photo of a {}.", "a drawing of the {}.", "itap of my {}."]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_dir):
+    return load_clip(f"local-dir:{tiny_dir}")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if anything tries to open a network connection."""
+    attempts: list[object] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access attempted in a test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
+
+
+def count_text_calls(monkeypatch, bundle) -> list[int]:
+    calls: list[int] = []
+    original = bundle.model.encode_text
+
+    def counting(text, normalize=False):
+        calls.append(len(text))
+        return original(text, normalize=normalize)
+
+    monkeypatch.setattr(bundle.model, "encode_text", counting)
+    return calls
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i in range(n):
+        im = Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8))
+        im.save(folder / f"img{i}.png")
+        images.append(im)
+    return images
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_local_dir_loads_with_fingerprint_and_preprocess(bundle, tiny_dir):
+    weights = tiny_dir / "open_clip_model.safetensors"
+    assert bundle.fingerprint == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert bundle.weights_path == str(weights) and not bundle.random_init
+    assert (bundle.embed_dim, bundle.image_size, bundle.pretrained) == (32, (32, 32), None)
+    assert not bundle.model.training
+    x = bundle.preprocess(Image.new("RGB", (50, 40), "red"))
+    assert tuple(x.shape) == (3, 32, 32)
+    # The weights on disk are the weights in the model.
+    expected = tiny_state_dict(seed=0)
+    got = bundle.model.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert bundle.tokenizer(["a cat"]).shape == (1, 16)
+
+
+def test_local_dir_missing_folder_config_or_weights(tmp_path, tiny_dir):
+    with pytest.raises(InputError, match="folder .* not found"):
+        load_clip(f"local-dir:{tmp_path / 'nope'}")
+    with pytest.raises(InputError, match="open_clip_config.json is missing"):
+        load_clip(f"local-dir:{tmp_path}")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "open_clip_config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(InputError, match="cannot read"):
+        load_clip(f"local-dir:{bad}")
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    shutil.copy(tiny_dir / "open_clip_config.json", noweights)
+    with pytest.raises(WeightsUnavailableError, match="no weights file"):
+        load_clip(f"local-dir:{noweights}")
+
+
+@pytest.fixture(scope="module")
+def tiny_builtin_name(tmp_path_factory) -> str:
+    """A tiny config registered with open_clip like its built-in ones."""
+    name = "hybridcls-test-tiny"
+    cfg_file = tmp_path_factory.mktemp("cfg") / f"{name}.json"
+    cfg_file.write_text(json.dumps(tiny_model_cfg()), encoding="utf-8")
+    open_clip.add_model_config(cfg_file)
+    return name
+
+
+def test_builtin_name_with_local_weights_file(tmp_path, tiny_builtin_name, tiny_dir):
+    sd = tiny_state_dict(seed=3)
+    st_file = tmp_path / "w.safetensors"
+    save_file(sd, str(st_file))
+    b = load_clip(tiny_builtin_name, pretrained=str(st_file))
+    assert b.pretrained == str(st_file) and b.weights_path == str(st_file)
+    assert b.fingerprint == hashlib.sha256(st_file.read_bytes()).hexdigest()
+    assert torch.equal(b.model.state_dict()["text_projection"], sd["text_projection"])
+
+    pt_file = tmp_path / "w.pt"
+    torch.save(sd, pt_file)
+    b_pt = load_clip(tiny_builtin_name, pretrained=str(pt_file))
+    assert torch.equal(b_pt.model.state_dict()["text_projection"], sd["text_projection"])
+
+
+def test_builtin_name_random_init_has_a_config_fingerprint(tiny_builtin_name):
+    b = load_clip(tiny_builtin_name, pretrained=None)
+    assert b.random_init and b.fingerprint.startswith("random:")
+    assert b.fingerprint == load_clip(tiny_builtin_name, pretrained="").fingerprint
+
+
+class _Payload:
+    """Unpickling this would write a marker file (arbitrary code execution)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path, tiny_builtin_name):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": _Payload(str(marker))}, evil)
+    with pytest.raises(CheckpointError) as err:
+        load_clip(tiny_builtin_name, pretrained=str(evil))
+    assert str(evil) in str(err.value) and "refused" in str(err.value)
+    assert not marker.exists()
+
+
+def test_weights_that_do_not_fit_are_a_checkpoint_error(tmp_path, tiny_builtin_name):
+    f = tmp_path / "other.safetensors"
+    save_file({"something": torch.zeros(2)}, str(f))
+    with pytest.raises(CheckpointError, match="cannot load these weights"):
+        load_clip(tiny_builtin_name, pretrained=str(f))
+
+
+def test_unknown_model_tag_or_file_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="did you mean ViT-B-32"):
+        load_clip("ViT-B-33", pretrained=None)
+    with pytest.raises(
+        InputError, match="neither a pretrained tag of ViT-B-32 .*laion2b_s34b_b79k"
+    ):
+        load_clip("ViT-B-32", pretrained="no_such_tag")
+    with pytest.raises(InputError, match="file not found"):
+        load_clip("ViT-B-32", pretrained=str(tmp_path / "missing.safetensors"))
+
+
+def test_offline_default_model_names_the_local_copy_flags(monkeypatch, tmp_path, no_network):
+    from huggingface_hub import constants
+
+    # As if HF_HUB_OFFLINE were set after huggingface_hub was imported.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError) as err:
+        load_clip("ViT-B-32", "laion2b_s34b_b79k", cache_dir=tmp_path / "empty-cache")
+    msg = str(err.value)
+    assert "\n" not in msg  # one paragraph
+    for needle in (
+        "ViT-B-32",
+        "laion2b_s34b_b79k",
+        "HF_HUB_OFFLINE",
+        "--clip-model local-dir:DIR",
+        "--clip-pretrained FILE",
+        "--cache-dir DIR",
+    ):
+        assert needle in msg
+    assert no_network == []
+
+
+def test_offline_hf_hub_missing_is_unavailable(monkeypatch, tmp_path, no_network):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError, match="hf-hub:someone/tiny-clip"):
+        load_clip("hf-hub:someone/tiny-clip", cache_dir=tmp_path)
+    assert no_network == []
+
+
+def test_offline_hf_hub_loads_from_a_cache_dir(monkeypatch, tmp_path, tiny_dir, no_network):
+    # The Hugging Face cache layout: models--ORG--REPO/{refs/main, snapshots/REV/...}.
+    repo = tmp_path / "cache" / "models--someone--tiny-clip"
+    rev = "0" * 40
+    snap = repo / "snapshots" / rev
+    shutil.copytree(tiny_dir, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    b = load_clip("hf-hub:someone/tiny-clip", cache_dir=tmp_path / "cache")
+    expected = hashlib.sha256((tiny_dir / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    assert b.fingerprint == expected and b.embed_dim == 32
+    assert no_network == []
+
+
+# ---------------------------------------------------------------- text classifier
+
+
+def test_plain_names_give_exactly_open_clips_matrix(bundle, tmp_path):
+    names = ["cat", "dog", "grizzly bear"]
+    w = build_text_classifier(bundle, names, TEMPLATES, cache_dir=tmp_path, use_cache=False)
+    ref = open_clip.build_zero_shot_classifier(bundle.model, bundle.tokenizer, names, TEMPLATES)
+    assert w.shape == (32, 3) and torch.equal(w, ref)
+    assert torch.allclose(w.norm(dim=0), torch.ones(3))
+
+
+def test_synonyms_and_description_are_averaged_into_the_class(bundle, tmp_path):
+    ps = parse_prompts("moose: a large deer | elk\nwolf")
+    w = build_text_classifier(bundle, ps, TEMPLATES, cache_dir=tmp_path, use_cache=False)
+    phrases = ["moose", "elk", "moose, a large deer", "wolf"]
+    ref = open_clip.build_zero_shot_classifier(bundle.model, bundle.tokenizer, phrases, TEMPLATES)
+    moose = ref[:, :3].mean(dim=1)
+    assert torch.allclose(w[:, 0], moose / moose.norm(), atol=1e-6)
+    assert torch.allclose(w[:, 1], ref[:, 3], atol=1e-6)
+    assert torch.allclose(w.norm(dim=0), torch.ones(2), atol=1e-6)
+
+
+def test_second_build_reads_the_cache_without_the_text_encoder(monkeypatch, tmp_path, tiny_dir):
+    prompts = parse_prompts("moose: a large deer | elk\nwolf\nbat")
+    first = load_clip(f"local-dir:{tiny_dir}")
+    calls = count_text_calls(monkeypatch, first)
+    w1 = build_text_classifier(first, prompts, TEMPLATES, cache_dir=tmp_path)
+    assert calls, "the first build must encode text"
+
+    path = text_cache_path(tmp_path, text_cache_key(first, prompts, TEMPLATES))
+    assert path.parent == tmp_path / "text" and path.is_file()
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    assert json.loads(meta["classes"]) == ["moose", "wolf", "bat"]
+    assert meta["fingerprint"] == first.fingerprint and meta["n_templates"] == "3"
+
+    second = load_clip(f"local-dir:{tiny_dir}")  # a fresh model, as in a second run
+    calls2 = count_text_calls(monkeypatch, second)
+    w2 = build_text_classifier(second, prompts, TEMPLATES, cache_dir=tmp_path)
+    assert calls2 == [] and torch.equal(w1, w2)
+
+
+@pytest.mark.parametrize("change", ["template", "description", "order", "weights"])
+def test_changed_inputs_invalidate_the_cache(monkeypatch, tmp_path, bundle, change):
+    prompts = parse_prompts("moose: a large deer | elk\nwolf")
+    build_text_classifier(bundle, prompts, TEMPLATES, cache_dir=tmp_path)
+    templates, target = list(TEMPLATES), bundle
+    if change == "template":
+        templates[0] = "a good photo of a {}."
+    elif change == "description":
+        prompts = parse_prompts("moose: a very large deer | elk\nwolf")
+    elif change == "order":
+        prompts = parse_prompts("wolf\nmoose: a large deer | elk")
+    else:
+        target = load_clip(f"local-dir:{make_tiny_clip(tmp_path / 'other', seed=1)}")
+    calls = count_text_calls(monkeypatch, target)
+    build_text_classifier(target, prompts, templates, cache_dir=tmp_path)
+    assert calls, f"changing the {change} must re-encode"
+
+
+def test_moved_local_dir_keeps_its_cache(monkeypatch, tmp_path, tiny_dir, bundle):
+    build_text_classifier(bundle, ["cat", "dog"], TEMPLATES, cache_dir=tmp_path / "cache")
+    moved = load_clip(f"local-dir:{shutil.copytree(tiny_dir, tmp_path / 'moved')}")
+    calls = count_text_calls(monkeypatch, moved)
+    build_text_classifier(moved, ["cat", "dog"], TEMPLATES, cache_dir=tmp_path / "cache")
+    assert calls == []
+
+
+def test_corrupt_or_mismatched_cache_file_is_rebuilt(monkeypatch, tmp_path, bundle):
+    names = ["cat", "dog"]
+    w = build_text_classifier(bundle, names, TEMPLATES, cache_dir=tmp_path)
+    path = text_cache_path(tmp_path, text_cache_key(bundle, parse_prompts("cat\ndog"), TEMPLATES))
+    calls = count_text_calls(monkeypatch, bundle)
+    path.write_bytes(b"garbage")
+    assert torch.equal(build_text_classifier(bundle, names, TEMPLATES, cache_dir=tmp_path), w)
+    assert len(calls) > 0
+    # A well-formed file stored under the key but holding another key's matrix.
+    save_file({"text_features": torch.zeros(32, 2)}, str(path), metadata={"key": "something-else"})
+    n = len(calls)
+    assert torch.equal(build_text_classifier(bundle, names, TEMPLATES, cache_dir=tmp_path), w)
+    assert len(calls) > n
+
+
+def test_random_init_and_use_cache_false_write_nothing(tmp_path, bundle, tiny_builtin_name):
+    build_text_classifier(bundle, ["cat"], TEMPLATES, cache_dir=tmp_path, use_cache=False)
+    build_text_classifier(
+        load_clip(tiny_builtin_name, None), ["cat"], TEMPLATES, cache_dir=tmp_path
+    )
+    assert not (tmp_path / "text").exists()
+
+
+# ---------------------------------------------------------------- classifier
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_dir, tmp_path_factory):
+    return ZeroShotClassifier(
+        f"local-dir:{tiny_dir}",
+        prompts=["cat", "moose: a large deer | elk", "grizzly bear", "wolf"],
+        templates=TEMPLATES,
+        device="cpu",
+        batch_size=2,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+    ).fit()
+
+
+def test_not_fitted_error_before_fit(tiny_dir):
+    c = ZeroShotClassifier(f"local-dir:{tiny_dir}", prompts=["cat"])
+    with pytest.raises(NotFittedError):
+        c.predict(torch.zeros(1, 3, 32, 32))
+    assert clone(c).get_params()["clip_model"] == f"local-dir:{tiny_dir}"
+    with pytest.raises(InputError, match="no prompts"):
+        ZeroShotClassifier(f"local-dir:{tiny_dir}").fit()
+
+
+def test_fit_sets_classes_text_and_scale(clf, bundle):
+    assert list(clf.classes_) == ["cat", "moose", "grizzly bear", "wolf"]
+    assert clf.text_features_.shape == (32, 4)
+    assert clf.logit_scale_ == pytest.approx(float(bundle.model.logit_scale.detach().exp()))
+
+
+def test_predict_proba_rows_sum_to_one_with_columns_in_prompts_order(clf, tiny_dir, tmp_path):
+    images = [Image.new("RGB", (40, 30), c) for c in ("red", "green", "blue")]
+    p = clf.predict_proba(images)
+    assert p.shape == (3, 4) and np.allclose(p.sum(axis=1), 1.0)
+    # Same classes listed in another order: the columns follow that order.
+    shuffled = ZeroShotClassifier(
+        f"local-dir:{tiny_dir}",
+        prompts=["wolf", "cat", "grizzly bear", "moose: a large deer | elk"],
+        templates=TEMPLATES,
+        device="cpu",
+        cache_dir=tmp_path,
+    ).fit()
+    q = shuffled.predict_proba(images)
+    assert np.allclose(q, p[:, [3, 0, 2, 1]], atol=1e-6)
+    assert list(clf.predict(images)) == list(clf.classes_[p.argmax(axis=1)])
+
+
+def test_logits_are_scaled_cosine_similarities(clf):
+    x = torch.randn(5, 3, 32, 32)
+    emb = clf.encode_images(x)
+    assert emb.shape == (5, 32) and torch.allclose(emb.norm(dim=1), torch.ones(5), atol=1e-5)
+    ref = clf.bundle_.model.encode_image(x, normalize=True).detach()
+    assert torch.allclose(emb, ref, atol=1e-5)
+    logits = clf.decision_function(x)
+    assert np.allclose(logits, (clf.logit_scale_ * ref @ clf.text_features_).numpy(), atol=1e-4)
+    assert np.allclose(
+        clf.predict_proba(x), torch.softmax(torch.from_numpy(logits).double(), 1), atol=1e-6
+    )
+
+
+def test_paths_folders_and_images_agree(clf, tmp_path):
+    images = write_images(tmp_path / "photos", 3)
+    by_folder = clf.predict_proba(tmp_path / "photos")
+    by_images = clf.predict_proba(
+        [Image.open(tmp_path / "photos" / f"img{i}.png") for i in range(3)]
+    )
+    assert by_folder.shape == (3, 4) and np.allclose(by_folder, by_images, atol=1e-6)
+    assert len(images) == 3
+    assert clf.predict([]).shape == (0,)
+
+
+def test_bad_images_raise_listing_every_failed_file(clf, tmp_path):
+    write_images(tmp_path / "photos", 2)
+    (tmp_path / "photos" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "photos" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageDecodeError) as err:
+        clf.predict(tmp_path / "photos")
+    msg = str(err.value)
+    assert "broken.png" in msg and "empty.jpg" in msg and "1 more could not be read" in msg
+
+
+def test_iter_predictions_streams_errors_as_rows(clf, tmp_path):
+    write_images(tmp_path / "photos", 3)
+    (tmp_path / "photos" / "img1b.png").write_bytes(b"junk")
+    batches = list(clf.iter_predictions([tmp_path / "photos"]))
+    indices = [i for b in batches for i in b.indices]
+    assert indices == list(range(4)) and len(batches) == 2  # batch_size=2
+    ok = [i for b in batches for i in b.ok]
+    errors = {i: r for b in batches for i, r in b.errors.items()}
+    # Code-point order: img0, img1, img1b (junk), img2.
+    assert ok == [0, 1, 3] and list(errors) == [2]
+    for b in batches:
+        assert b.probs.shape == (len(b.ok), 4) and np.allclose(b.probs.sum(axis=1), 1.0)
+        assert b.embeddings.shape == (len(b.ok), 32)
+
+
+def test_mixed_inputs_are_an_input_error(clf, tmp_path):
+    with pytest.raises(InputError, match="all of one kind; got Image, str"):
+        clf.predict([Image.new("RGB", (8, 8)), str(tmp_path)])
+
+
+def test_bad_options_name_the_flag(tiny_dir):
+    with pytest.raises(InputError, match="--precision"):
+        ZeroShotClassifier(f"local-dir:{tiny_dir}", prompts=["cat"], precision="fp8").fit()
+    with pytest.raises(InputError, match="--batch-size"):
+        ZeroShotClassifier(f"local-dir:{tiny_dir}", prompts=["cat"], batch_size=0).fit()
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="--device cuda"):
+            ZeroShotClassifier(f"local-dir:{tiny_dir}", prompts=["cat"], device="cuda").fit()
+
+
+@pytest.mark.skipif(
+    os.environ.get("HYBRIDCLS_CACHE_DIR") is not None, reason="cache dir pinned by env"
+)
+def test_default_text_cache_goes_to_hybridcls_cache_dir(monkeypatch, tmp_path, tiny_dir):
+    monkeypatch.setenv("HYBRIDCLS_CACHE_DIR", str(tmp_path / "hc"))
+    ZeroShotClassifier(
+        f"local-dir:{tiny_dir}", prompts=["cat"], templates=TEMPLATES, device="cpu"
+    ).fit()
+    assert len(list((tmp_path / "hc" / "text").glob("*.safetensors"))) == 1
