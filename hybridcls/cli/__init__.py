@@ -10,14 +10,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from hybridcls.cli import calibrate as _calibrate
 from hybridcls.cli import demo as _demo
+from hybridcls.cli import evaluate as _evaluate
 from hybridcls.cli import predict as _predict
+from hybridcls.cli import train as _train
 from hybridcls.errors import HybridclsError
 
 __all__ = ["main", "build_parser", "UsageError"]
 
 # Subcommand modules, each with ``add_parser(subparsers)`` and ``run(args) -> int``.
-_COMMANDS = [_predict, _demo]
+_COMMANDS = [_train, _calibrate, _predict, _evaluate, _demo]
 
 
 class UsageError(HybridclsError):

@@ -1,4 +1,4 @@
-"""``hybridcls predict``: classify images with the zero-shot branch (the hybrid later).
+"""``hybridcls predict``: classify images, zero-shot only or with the hybrid (``--checkpoint``).
 
 Every input becomes one output row, in input order; exit status 0 when all
 were predicted, 1 when some failed (a summary goes to stderr), 2 on usage errors.
@@ -13,7 +13,10 @@ import numpy as np
 
 from hybridcls.outputs import FORMATS, PredictionRow, PredictionWriter, open_writer
 
-__all__ = ["add_parser", "run", "add_clip_arguments", "add_runtime_arguments", "rows_from_batch", "write_predictions"]
+__all__ = [
+    "add_parser", "run", "add_clip_arguments", "add_runtime_arguments", "rows_from_batch",
+    "write_predictions", "hybrid_from_args",
+]
 
 
 def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +56,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder, glob or list file")
     add_clip_arguments(parser)
     add_runtime_arguments(parser)
+    hy = parser.add_argument_group("hybrid (with a trained and calibrated supervised branch)")
+    hy.add_argument("--checkpoint", metavar="RUN_DIR",
+                    help="run directory from `hybridcls train` + `hybridcls calibrate`; "
+                         "without it, predictions are zero-shot only")
+    hy.add_argument("--mode", choices=["hard", "soft", "stacking"], default=None,
+                    help="override the calibrated decision mode")
+    hy.add_argument("--unknown-threshold", type=float, default=None, metavar="P",
+                    help="answer 'unknown' when neither branch's top probability reaches P")
     out = parser.add_argument_group("output")
     out.add_argument("--topk", type=int, default=5, metavar="K", help="top-k labels per row (default: %(default)s)")
     out.add_argument("-o", "--output", default="-", metavar="PATH",
@@ -111,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         from hybridcls.cli import UsageError
 
         raise UsageError("no input images found in " + " ".join(args.inputs))
+    if args.checkpoint:
+        return _run_hybrid(args, sources)
     clf = ZeroShotClassifier(
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
         prompts=args.prompts, templates=args.templates, device=args.device,
@@ -118,6 +131,28 @@ def run(args: argparse.Namespace) -> int:
     ).fit()
     with open_writer(args.output, args.format, topk=args.topk) as writer:
         write_predictions(clf, sources, writer, progress=not args.quiet)
+    return _finish(writer.n_ok, writer.n_error, args.output)
+
+
+def hybrid_from_args(args: argparse.Namespace):
+    """A :class:`~hybridcls.hybrid.HybridClassifier` loaded from ``--checkpoint`` and the CLIP flags."""
+    from hybridcls.hybrid import HybridClassifier
+
+    return HybridClassifier(
+        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
+        templates=args.templates, mode=getattr(args, "mode", None),
+        unknown_threshold=getattr(args, "unknown_threshold", None), device=args.device,
+        batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
+        progress=not args.quiet,
+    ).load_run(args.checkpoint, args.prompts)
+
+
+def _run_hybrid(args: argparse.Namespace, sources) -> int:
+    clf = hybrid_from_args(args)
+    with open_writer(args.output, args.format, topk=args.topk,
+                     extra_columns=clf.EXTRA_COLUMNS) as writer:
+        for rows in clf.rows(sources, topk=args.topk):
+            writer.write_many(rows)
     return _finish(writer.n_ok, writer.n_error, args.output)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from hybridcls.gate.calibration import (
     apply_transductive,
     finalize,
+    from_candidate,
     leave_classes_out,
     threshold_at_tpr,
     transductive_threshold,
@@ -50,6 +51,7 @@ from hybridcls.gate.scores import (
 )
 
 __all__ = [
+    "from_candidate",
     "GATE_FILENAME",
     "INPUTS",
     "MODES",

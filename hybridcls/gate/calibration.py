@@ -51,6 +51,7 @@ from hybridcls.gate.scores import (
 )
 
 __all__ = [
+    "from_candidate",
     "SOFT_SCALE_GRID",
     "TEMPERATURE_GRID",
     "TPR_GRID",
@@ -424,28 +425,44 @@ def leave_classes_out(
         score_keys.append(combined_key)
 
     table = _grid_search(problems, score_keys, modes, tpr_grid, soft_scale_grid)
-    best = table[0]
     combined_dict = None
-    if best["score"] == "combined":
+    if use_combined:
+        # Kept even when another score wins, so that every candidate can be rebuilt (benchmarks).
         combined_dict = (
             CombinedScore(base_names)
             .fit(np.concatenate(matrices), np.concatenate([p.is_unseen for p in problems]))
             .to_dict()
         )
+    return from_candidate(table[0], candidates=table, combined=combined_dict, knn_k=knn_k)
+
+
+def from_candidate(
+    row: dict[str, Any],
+    *,
+    candidates: list[dict[str, Any]] | None = None,
+    combined: dict[str, Any] | None = None,
+    knn_k: int = 10,
+) -> GateCalibration:
+    """The (unfinalised) calibration of one row of a leave-classes-out ``candidates`` table.
+
+    Example:
+        >>> rows = [r for r in cal.candidates if r["score"] == "energy"]  # doctest: +SKIP
+        >>> energy = finalize(from_candidate(rows[0], combined=cal.combined), seen_scores)  # doctest: +SKIP
+    """
     mode_params: dict[str, Any] = {}
-    if best["soft_scale_std"] is not None:
-        mode_params["soft_scale_std"] = best["soft_scale_std"]
-    if best["unseen_only"] is not None:
-        mode_params["unseen_only"] = best["unseen_only"]
+    if row["soft_scale_std"] is not None:
+        mode_params["soft_scale_std"] = row["soft_scale_std"]
+    if row["unseen_only"] is not None:
+        mode_params["unseen_only"] = row["unseen_only"]
     return GateCalibration(
-        score=best["score"],
-        mode=best["mode"],
-        tpr=best["tpr"],
-        temperature=best["temperature"],
-        combined=combined_dict,
+        score=row["score"],
+        mode=row["mode"],
+        tpr=row["tpr"],
+        temperature=row["temperature"],
+        combined=combined,
         knn_k=knn_k,
         method="leave-classes-out",
-        candidates=table,
+        candidates=list(candidates or []),
         **mode_params,
     )
 

@@ -1,0 +1,57 @@
+"""``hybridcls calibrate RUN_DIR --prompts FILE``: fit the gate without any unseen images.
+
+Runs both towers over the run's training and held-out seen images, searches
+gate scores, decision modes and their parameters on stand-in unseen classes
+(leave-classes-out), sets the threshold on the real held-out scores, and
+saves ``gate.json`` (and the CLIP kNN index) in the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from hybridcls.cli.predict import add_clip_arguments, add_runtime_arguments
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="fit the gate between the branches (no unseen images needed)",
+        description="Fit the gate on the run's seen-class images and save gate.json in RUN_DIR.",
+    )
+    parser.add_argument("checkpoint", metavar="RUN_DIR", help="run directory from `hybridcls train`")
+    parser.add_argument("--data", metavar="DIR",
+                        help="the training folder (default: the one recorded in the run)")
+    parser.add_argument("--method", choices=["leave-classes-out", "tpr"], default="leave-classes-out",
+                        help="leave-classes-out searches scores and modes (default); "
+                             "tpr thresholds --score at --tpr")
+    parser.add_argument("--score", default="clip_margin", help="gate score for --method tpr")
+    parser.add_argument("--tpr", type=float, default=0.95,
+                        help="share of held-out seen images kept in the supervised branch (--method tpr)")
+    parser.add_argument("--rounds", type=int, default=5, help="leave-classes-out repetitions")
+    parser.add_argument("--transductive", metavar="TEST_INPUT", nargs="+",
+                        help="unlabelled test images: refit the threshold on their score distribution")
+    parser.add_argument("--seed", type=int, default=0)
+    add_clip_arguments(parser)
+    add_runtime_arguments(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from hybridcls.cli import UsageError
+    from hybridcls.cli.predict import hybrid_from_args
+
+    if not 0 < args.tpr <= 1:
+        raise UsageError(f"--tpr must be in (0, 1], got {args.tpr}")
+    if args.rounds < 2 and args.method == "leave-classes-out":
+        raise UsageError(f"--rounds must be at least 2, got {args.rounds}")
+    clf = hybrid_from_args(args)
+    clf.calibrate(args.data, method=args.method, tpr=args.tpr, score=args.score, rounds=args.rounds,
+                  test_inputs=args.transductive, seed=args.seed)
+    g = clf.gate_
+    print(f"gate: score={g.score} mode={g.mode} threshold={g.threshold:.4f} "
+          f"(kept {100 * g.tpr:.0f}% of held-out seen images) -> {clf.run_dir_ / 'gate.json'}")
+    return 0

@@ -1,0 +1,540 @@
+"""``HybridClassifier``: the supervised branch, the zero-shot branch and the gate, together.
+
+scikit-learn shaped: ``__init__`` stores parameters; :meth:`fit` trains the
+supervised branch (through :func:`hybridcls.train.train`) and loads both
+branches; :meth:`calibrate` fits the gate on seen-class images only;
+:meth:`predict`, :meth:`predict_proba` and :meth:`decision_function` run both
+towers through one :class:`~hybridcls.engine.InferenceEngine`;
+:meth:`predict_features` re-runs only the gate and the fusion on cached
+branch outputs.
+
+Class order (``classes_``): the seen classes in training order, spelled as
+in the prompts file, then the unseen classes in prompts-file order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from hybridcls.data import Source, expand_inputs
+from hybridcls.engine import EngineBatch, InferenceEngine
+from hybridcls.errors import CheckpointError, ImageDecodeError, InputError, PromptFileError
+from hybridcls.gate import (
+    GATE_FILENAME,
+    EmbeddingKNN,
+    FusionResult,
+    GateCalibration,
+    apply_transductive,
+    finalize,
+    fuse,
+    leave_classes_out,
+    route,
+)
+from hybridcls.outputs import PredictionRow
+from hybridcls.supervised import build_eval_transform, load_checkpoint, read_checkpoint_config
+from hybridcls.zeroshot import ZeroShotClassifier
+from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, resolve_device
+from hybridcls.zeroshot.prompts import PromptSet, as_prompt_set
+
+__all__ = [
+    "HybridClassifier",
+    "HybridFeatures",
+    "align_classes",
+    "GATE_FILE",
+    "KNN_FILE",
+    "HYBRID_FILE",
+]
+
+GATE_FILE = GATE_FILENAME
+KNN_FILE = "clip_knn.faiss"
+HYBRID_FILE = "hybrid.json"
+_PROMPTS_FILE = "prompts.txt"
+_TEMPLATES_FILE = "templates.txt"
+_TEXT_FILE = "text_classifier.safetensors"
+
+
+def align_classes(seen: Sequence[str], prompts: PromptSet) -> PromptSet:
+    """Reorder a prompt set: the seen classes first (in ``seen`` order), then the rest.
+
+    A training folder name matches its prompts line after normalisation
+    (case, ``_``, ``+``, ``-``, repeated spaces) or through a synonym.
+
+    Raises:
+        PromptFileError: A seen class matches no line, or two seen classes
+            match the same line (names both sides).
+
+    Example:
+        >>> from hybridcls.zeroshot.prompts import parse_prompts
+        >>> ps = parse_prompts("fox\\ngrizzly bear\\nmoose | elk", source="p.txt")
+        >>> align_classes(["Grizzly+Bear", "elk"], ps).names
+        ['grizzly bear', 'moose', 'fox']
+    """
+    taken: dict[int, str] = {}
+    order: list[int] = []
+    missing: list[str] = []
+    for name in seen:
+        i = prompts.match(name)
+        if i is None:
+            missing.append(name)
+            continue
+        if i in taken:
+            raise PromptFileError(
+                prompts.source, prompts[i].line,
+                f"training classes {taken[i]!r} and {name!r} both match the line {prompts[i].name!r}",
+            )
+        taken[i] = name
+        order.append(i)
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise PromptFileError(
+            prompts.source, None,
+            f"{len(missing)} training class(es) match no line of the prompts file: {shown}; add "
+            "them (or a synonym after '|') to the prompts file",
+        )
+    rest = [i for i in range(len(prompts)) if i not in taken]
+    return PromptSet(tuple(prompts[i] for i in order + rest), prompts.source)
+
+
+@dataclass
+class HybridFeatures:
+    """Both branches' outputs for a set of images; the input of :meth:`HybridClassifier.predict_features`.
+
+    Rows of ``clip_logits`` / ``clip_embeddings`` are NaN where the CLIP tower did not run.
+    """
+
+    sup_logits: np.ndarray
+    sup_features: np.ndarray
+    clip_logits: np.ndarray
+    clip_embeddings: np.ndarray
+
+    @classmethod
+    def concat(cls, batches: Sequence[EngineBatch]) -> HybridFeatures:
+        """Stack the decoded images' rows of several engine batches (both towers must have run)."""
+        full = [b for b in batches if b.ok]
+
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(b, name) for b in full]).astype(np.float32)
+
+        if not full:
+            raise InputError("no image could be decoded")
+        return cls(cat("sup_logits"), cat("sup_features"), cat("clip_logits"), cat("clip_embeddings"))
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_numpy({k: np.ascontiguousarray(v) for k, v in vars(self).items()}, str(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HybridFeatures:
+        return cls(**load_numpy(str(path)))
+
+
+class HybridClassifier(ClassifierMixin, BaseEstimator):
+    """Open-set classifier: supervised for the seen classes, CLIP for the rest, a gate between.
+
+    Args:
+        model: timm architecture of the supervised branch (used by :meth:`fit`).
+        clip_model: open_clip model id (built-in name, ``hf-hub:``, ``local-dir:``).
+        clip_pretrained: Pretrained tag or weights file for a built-in name.
+        prompts: Prompts file (or lines) naming every class, seen and unseen.
+        templates: Templates file or list; None = the bundled default.
+        mode: ``"hard"``, ``"soft"``, ``"stacking"`` or None to use the calibrated mode.
+        unseen_only: Hard routing: zero-shot over the unseen classes only (None = calibrated).
+        unknown_threshold: Answer ``unknown`` when neither branch's top
+            probability reaches it (None = calibrated, off by default).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        batch_size: Images per batch.
+        workers: Decoding processes.
+        cache_dir: Weights and text-classifier cache.
+        train_options: Options for :func:`hybridcls.train.train` (``epochs``...).
+        progress: Show progress bars.
+
+    Attributes:
+        classes_: Seen classes (training order), then unseen ones (prompts order).
+        n_seen_: Number of seen classes.
+        run_dir_: The supervised run directory.
+        gate_: The :class:`~hybridcls.gate.GateCalibration` (after :meth:`calibrate`).
+
+    Example:
+        >>> from hybridcls import HybridClassifier
+        >>> clf = HybridClassifier(prompts="prompts/animals.txt")  # doctest: +SKIP
+        >>> clf.fit("data/train", output="runs/seen40").calibrate()  # doctest: +SKIP
+        >>> clf.predict(["data/test/"])  # doctest: +SKIP
+        array(['zebra', 'moose', ...], dtype=object)
+    """
+
+    def __init__(
+        self,
+        model: str = "convnext_tiny",
+        clip_model: str = DEFAULT_CLIP_MODEL,
+        clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
+        prompts: Any = None,
+        templates: Any = None,
+        *,
+        mode: str | None = None,
+        unseen_only: bool | None = None,
+        unknown_threshold: float | None = None,
+        device: str = "auto",
+        batch_size: int = 64,
+        workers: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+        train_options: dict[str, Any] | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.model = model
+        self.clip_model = clip_model
+        self.clip_pretrained = clip_pretrained
+        self.prompts = prompts
+        self.templates = templates
+        self.mode = mode
+        self.unseen_only = unseen_only
+        self.unknown_threshold = unknown_threshold
+        self.device = device
+        self.batch_size = batch_size
+        self.workers = workers
+        self.cache_dir = cache_dir
+        self.train_options = train_options
+        self.progress = progress
+
+    # ------------------------------------------------------------------ building
+
+    def fit(self, train_dir: str | os.PathLike, prompts: Any = None, *, output: str | os.PathLike,
+            **train_overrides: Any) -> HybridClassifier:
+        """Train the supervised branch on ``train_dir`` and load both branches.
+
+        Args:
+            train_dir: ImageFolder-style folder of the seen classes.
+            prompts: Overrides the ``prompts`` given at construction.
+            output: The run directory to create.
+            **train_overrides: Options for :func:`hybridcls.train.train` (``epochs=3``...).
+
+        Returns:
+            ``self`` (uncalibrated: call :meth:`calibrate` next).
+        """
+        from hybridcls.train import train
+
+        options = {"model": self.model, "device": self.device, "workers": self.workers,
+                   "progress": self.progress, **(self.train_options or {}), **train_overrides}
+        result = train(train_dir, output, **options)
+        return self.load_run(result.run_dir, prompts)
+
+    def load_run(self, run_dir: str | os.PathLike, prompts: Any = None) -> HybridClassifier:
+        """Load a trained run directory (and its gate, when calibrated) as the supervised branch."""
+        run_dir = Path(run_dir)
+        source = prompts if prompts is not None else self.prompts
+        if source is None:
+            raise InputError("no prompts: pass prompts=FILE naming every class, seen and unseen")
+        device = resolve_device(self.device)
+        model, config = load_checkpoint(run_dir, device)
+        seen = list(config["classes"])
+        prompt_set = align_classes(seen, as_prompt_set(source))
+        zs = ZeroShotClassifier(
+            clip_model=self.clip_model, clip_pretrained=self.clip_pretrained, prompts=prompt_set,
+            templates=self.templates, device=str(device), batch_size=self.batch_size,
+            workers=self.workers, cache_dir=self.cache_dir,
+        ).fit()
+        self._set_branches(run_dir, model, config, zs, device)
+        return self
+
+    def _set_branches(self, run_dir: Path, model, config, zs: ZeroShotClassifier, device) -> None:
+        self.run_dir_ = run_dir
+        self.supervised_ = model
+        self.checkpoint_config_ = config
+        self.zeroshot_ = zs
+        self.device_ = device
+        self.n_seen_ = len(config["classes"])
+        self.seen_folders_ = list(config["classes"])
+        self.classes_ = np.array(zs.classes_, dtype=object)
+        self.engine_ = InferenceEngine(
+            supervised=model, sup_transform=build_eval_transform(config), clip=zs, device=device,
+            batch_size=self.batch_size, workers=self.workers,
+        )
+        gate_path = run_dir / GATE_FILE
+        self.gate_ = GateCalibration.from_json(gate_path) if gate_path.is_file() else None
+        knn_path = run_dir / KNN_FILE
+        self.knn_ = EmbeddingKNN.load(knn_path) if knn_path.is_file() else None
+
+    # ------------------------------------------------------------------ calibration
+
+    def _features(self, sources: Sequence[Source], desc: str, clip: Any = "all") -> tuple[HybridFeatures, dict[int, str]]:
+        batches = list(self.engine_.iter_batches(sources, clip=clip, progress=self.progress, desc=desc))
+        errors = {i: r for b in batches for i, r in b.errors.items()}
+        return HybridFeatures.concat(batches), errors
+
+    def calibrate(
+        self,
+        data_dir: str | os.PathLike | None = None,
+        *,
+        method: str = "leave-classes-out",
+        tpr: float = 0.95,
+        score: str = "clip_margin",
+        rounds: int = 5,
+        test_inputs: Any = None,
+        seed: int = 0,
+        save: bool = True,
+    ) -> HybridClassifier:
+        """Fit the gate with no unseen images, and save it in the run directory.
+
+        Args:
+            data_dir: The training folder (default: the one the run was trained on).
+            method: ``"leave-classes-out"`` (search scores, modes and
+                parameters on stand-in unseen classes) or ``"tpr"`` (``score``
+                in hard mode, threshold at ``tpr`` on held-out seen images).
+            tpr: Target true-positive rate for ``method="tpr"``.
+            score: The gate score for ``method="tpr"``.
+            rounds: Leave-classes-out repetitions.
+            test_inputs: Unlabelled test images: refit the threshold on their
+                own score distribution (transductive, a two-component mixture).
+            seed: Seeds the hidden-class draws.
+            save: Write ``gate.json`` (and the kNN index) into the run directory.
+
+        Returns:
+            ``self`` with ``gate_`` set.
+        """
+        check_is_fitted(self, "engine_")
+        from hybridcls.train import TrainConfig
+        from hybridcls.train.data import resolve_training_data
+
+        train_cfg = TrainConfig.from_dict(self.checkpoint_config_.get("train", {}))
+        data_dir = data_dir or self.checkpoint_config_.get("data_dir")
+        if data_dir is None:
+            raise CheckpointError(f"{self.run_dir_}: the run does not record its training folder; pass data_dir")
+        data = resolve_training_data(data_dir, train_cfg)
+        if [str(c) for c in data.classes] != self.seen_folders_:
+            raise CheckpointError(
+                f"{data_dir}: its classes differ from the run's ({self.run_dir_}); calibrate on the "
+                "folder the run was trained on")
+        S = self.n_seen_
+        tr_src = [Source(p) for p, _ in data.train]
+        va_src = [Source(p) for p, _ in data.val]
+        f_tr, e_tr = self._features(tr_src, "calibrate: train")
+        f_va, e_va = self._features(va_src, "calibrate: held-out")
+        y_tr = np.array([y for i, (_, y) in enumerate(data.train) if i not in e_tr])
+        y_va = np.array([y for i, (_, y) in enumerate(data.val) if i not in e_va])
+        knn = EmbeddingKNN()
+        knn.add(f_tr.clip_embeddings)
+        if method == "leave-classes-out":
+            cal = leave_classes_out(
+                sup_feat_train=f_tr.sup_features, y_train=y_tr, sup_feat_val=f_va.sup_features,
+                y_val=y_va, clip_logits_val_seen=f_va.clip_logits[:, :S],
+                clip_emb_train=f_tr.clip_embeddings, clip_emb_val=f_va.clip_embeddings,
+                rounds=rounds, seed=seed,
+            )
+        elif method == "tpr":
+            cal = GateCalibration(score=score, mode="hard", tpr=tpr, method="tpr")
+        else:
+            raise InputError(f"--method {method!r}: expected 'leave-classes-out' or 'tpr'")
+        inputs = dict(sup_logits=f_va.sup_logits, clip_logits=f_va.clip_logits, n_seen=S,
+                      clip_emb=f_va.clip_embeddings, knn_index=knn)
+        cal = finalize(cal, cal.compute_base_scores(**inputs))
+        if test_inputs is not None:
+            f_te, _ = self._features(expand_inputs(_as_list(test_inputs)), "calibrate: test")
+            test_scores = cal.compute_score(sup_logits=f_te.sup_logits, clip_logits=f_te.clip_logits,
+                                            n_seen=S, clip_emb=f_te.clip_embeddings, knn_index=knn)
+            cal = apply_transductive(cal, test_scores, seed=seed)
+        self.gate_ = cal
+        self.knn_ = knn
+        if save:
+            cal.to_json(self.run_dir_ / GATE_FILE)
+            knn.save(self.run_dir_ / KNN_FILE)
+        return self
+
+    # ------------------------------------------------------------------ inference
+
+    def _gate(self) -> GateCalibration:
+        check_is_fitted(self, "engine_")
+        if self.gate_ is None:
+            raise CheckpointError(
+                f"{self.run_dir_}: the run has no {GATE_FILE}; run `hybridcls calibrate "
+                f"{self.run_dir_} --prompts FILE` (or HybridClassifier.calibrate()) first")
+        overrides = {k: v for k, v in (("mode", self.mode), ("unseen_only", self.unseen_only),
+                                        ("unknown_threshold", self.unknown_threshold)) if v is not None}
+        return self.gate_.replace(**overrides) if overrides else self.gate_
+
+    def _clip_policy(self, gate: GateCalibration):
+        """Lazy zero-shot: a hard gate on supervised scores runs CLIP only on routed images."""
+        if gate.mode == "hard" and not any(n.startswith("clip") for n in gate.needs):
+            def policy(sup_logits: np.ndarray, _features: np.ndarray) -> np.ndarray:
+                return route(gate.compute_score(sup_logits=sup_logits, n_seen=self.n_seen_), gate)
+            return policy
+        return "all"
+
+    def predict_features(self, features: HybridFeatures) -> FusionResult:
+        """Gate and fuse cached branch outputs, without running either model.
+
+        Example:
+            >>> feats = clf.extract_features(["test/"])  # doctest: +SKIP
+            >>> clf.set_params(mode="soft").predict_features(feats).probs.shape  # doctest: +SKIP
+        """
+        gate = self._gate()
+        score = gate.compute_score(
+            sup_logits=features.sup_logits, clip_logits=features.clip_logits, n_seen=self.n_seen_,
+            clip_emb=features.clip_embeddings, knn_index=self.knn_,
+        )
+        return fuse(None, sup_logits=features.sup_logits, clip_logits=features.clip_logits,
+                    gate_score=score, calibration=gate, n_seen=self.n_seen_)
+
+    def extract_features(self, inputs: Any, *, clip: Any = "all") -> HybridFeatures:
+        """Run both towers over path inputs and keep their raw outputs (see :meth:`predict_features`)."""
+        sources = self._sources(inputs)
+        feats, errors = self._features(sources, "features", clip=clip)
+        _raise_failures(sources, errors)
+        return feats
+
+    def iter_predictions(self, sources: Sequence[Source], *, progress: bool | None = None
+                         ) -> Iterator[tuple[EngineBatch, FusionResult | None]]:
+        """Stream ``(engine batch, fusion result)`` per batch, in input order; bad images are errors."""
+        gate = self._gate()
+        show = self.progress if progress is None else progress
+        for batch in self.engine_.iter_batches(sources, clip=self._clip_policy(gate), progress=show):
+            if not batch.ok:
+                yield batch, None
+                continue
+            feats = HybridFeatures(batch.sup_logits, batch.sup_features, batch.clip_logits,
+                                   batch.clip_embeddings)
+            yield batch, self.predict_features(feats)
+
+    def rows(self, sources: Sequence[Source], *, topk: int = 5, progress: bool | None = None
+             ) -> Iterator[list[PredictionRow]]:
+        """Output rows per batch: label, branch, gate score and both branches' top-k."""
+        classes = self.classes_
+        for batch, res in self.iter_predictions(sources, progress=progress):
+            pos = {idx: j for j, idx in enumerate(batch.ok)}
+            out = []
+            for idx in batch.indices:
+                path = sources[idx].path
+                if idx not in pos:
+                    out.append(PredictionRow.failed(path, batch.errors.get(idx, "not predicted")))
+                    continue
+                j = pos[idx]
+                p = res.probs[j]
+                order = np.argsort(-p, kind="stable")[:topk]
+                unknown = res.branch[j] == "unknown"
+                label = "unknown" if unknown else str(classes[order[0]])
+                out.append(PredictionRow(
+                    path=path, label=label, score=float(p[order[0]]), branch=str(res.branch[j]),
+                    topk=[(str(classes[k]), float(p[k])) for k in order],
+                    extra={
+                        "gate_score": float(res.gate_score[j]),
+                        "gate_weight": float(res.gate_weight[j]),
+                        "supervised_topk": _topk_pairs(res.sup_probs[j], classes[: self.n_seen_], topk),
+                        "zeroshot_topk": _topk_pairs(res.clip_probs[j], classes, topk),
+                    },
+                ))
+            yield out
+
+    EXTRA_COLUMNS = ("gate_score", "gate_weight", "supervised_topk", "zeroshot_topk")
+
+    def _sources(self, inputs: Any) -> list[Source]:
+        check_is_fitted(self, "engine_")
+        return expand_inputs(_as_list(inputs))
+
+    def predict_proba(self, inputs: Any) -> np.ndarray:
+        """Probabilities over ``classes_`` (seen first, then unseen), one row per expanded input.
+
+        Raises:
+            ImageDecodeError: An input that cannot be decoded (names it).
+        """
+        return self._fused(inputs).probs
+
+    def decision_function(self, inputs: Any) -> np.ndarray:
+        """The gate score of each input: higher = less like the seen classes."""
+        return self._fused(inputs).gate_score
+
+    def predict(self, inputs: Any) -> np.ndarray:
+        """Class names (``"unknown"`` where the unknown option answers), one per expanded input."""
+        res = self._fused(inputs)
+        labels = self.classes_[res.probs.argmax(axis=1)].astype(object)
+        labels[res.branch == "unknown"] = "unknown"
+        return labels
+
+    def _fused(self, inputs: Any) -> FusionResult:
+        sources = self._sources(inputs)
+        gate = self._gate()
+        feats, errors = self._features(sources, "predict", clip=self._clip_policy(gate))
+        _raise_failures(sources, errors)
+        return self.predict_features(feats)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write a self-contained folder: checkpoint, gate, kNN index, prompts, templates, text classifier.
+
+        ``from_pretrained`` on it needs no prompts file and no text encoder run.
+        """
+        check_is_fitted(self, "engine_")
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "model.safetensors", GATE_FILE, KNN_FILE):
+            src = self.run_dir_ / name
+            if src.is_file() and src.resolve() != (out / name).resolve():
+                shutil.copy2(src, out / name)
+        prompts = self.zeroshot_.prompts_
+        (out / _PROMPTS_FILE).write_text("\n".join(_prompt_line(c) for c in prompts) + "\n", encoding="utf-8")
+        (out / _TEMPLATES_FILE).write_text("\n".join(self.zeroshot_.templates_) + "\n", encoding="utf-8")
+        save_numpy({"text_features": self.zeroshot_.text_features_.cpu().numpy()}, str(out / _TEXT_FILE))
+        meta = {"format": "hybridcls-hybrid", "format_version": 1, "clip_model": self.clip_model,
+                "clip_pretrained": self.clip_pretrained,
+                "clip_fingerprint": self.zeroshot_.bundle_.fingerprint,
+                "classes": [str(c) for c in self.classes_], "n_seen": self.n_seen_}
+        (out / HYBRID_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **params: Any) -> HybridClassifier:
+        """Load a folder written by :meth:`save_pretrained` (``params`` override, e.g. ``device``)."""
+        directory = Path(directory)
+        meta_path = directory / HYBRID_FILE
+        if not meta_path.is_file():
+            raise CheckpointError(f"{directory}: not a saved HybridClassifier (no {HYBRID_FILE})")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        clf = cls(clip_model=meta["clip_model"], clip_pretrained=meta["clip_pretrained"],
+                  prompts=str(directory / _PROMPTS_FILE), templates=str(directory / _TEMPLATES_FILE),
+                  **params)
+        read_checkpoint_config(directory)
+        clf.load_run(directory)
+        stored = load_numpy(str(directory / _TEXT_FILE))["text_features"]
+        if list(clf.classes_) != meta["classes"]:
+            raise CheckpointError(f"{directory}: classes in {HYBRID_FILE} differ from its prompts")
+        clf.zeroshot_.text_features_ = torch.from_numpy(stored).to(clf.device_)
+        return clf
+
+
+def _as_list(inputs: Any) -> list[Any]:
+    if isinstance(inputs, (str, os.PathLike, Source)):
+        return [inputs]
+    return list(inputs)
+
+
+def _raise_failures(sources: Sequence[Source], errors: dict[int, str]) -> None:
+    if errors:
+        i = min(errors)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ImageDecodeError(sources[i].path, errors[i] + more)
+
+
+def _topk_pairs(p: np.ndarray, names: np.ndarray, k: int) -> list[list[Any]]:
+    if p is None or np.isnan(p).any():
+        return []
+    order = np.argsort(-p, kind="stable")[:k]
+    return [[str(names[i]), round(float(p[i]), 6)] for i in order]
+
+
+def _prompt_line(c) -> str:
+    line = c.name
+    if c.description:
+        line += f": {c.description}"
+    if c.synonyms:
+        line += " | " + " | ".join(c.synonyms)
+    return line
+
