@@ -28,7 +28,7 @@ from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from hybridcls.data import Source, expand_inputs
+from hybridcls.data import Source, as_sources
 from hybridcls.engine import EngineBatch, InferenceEngine
 from hybridcls.errors import CheckpointError, ImageDecodeError, InputError, PromptFileError
 from hybridcls.gate import (
@@ -338,12 +338,14 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
                       clip_emb=f_va.clip_embeddings, knn_index=knn)
         cal = finalize(cal, cal.compute_base_scores(**inputs))
         if test_inputs is not None:
-            f_te, _ = self._features(expand_inputs(_as_list(test_inputs)), "calibrate: test")
+            f_te, _ = self._features(as_sources(test_inputs), "calibrate: test")
             test_scores = cal.compute_score(sup_logits=f_te.sup_logits, clip_logits=f_te.clip_logits,
                                             n_seen=S, clip_emb=f_te.clip_embeddings, knn_index=knn)
             cal = apply_transductive(cal, test_scores, seed=seed)
         self.gate_ = cal
         self.knn_ = knn
+        # Kept so that benchmarks can refit other gates on the same held-out outputs.
+        self.calibration_data_ = {"train": f_tr, "y_train": y_tr, "val": f_va, "y_val": y_va}
         if save:
             cal.to_json(self.run_dir_ / GATE_FILE)
             knn.save(self.run_dir_ / KNN_FILE)
@@ -437,7 +439,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
 
     def _sources(self, inputs: Any) -> list[Source]:
         check_is_fitted(self, "engine_")
-        return expand_inputs(_as_list(inputs))
+        return as_sources(inputs)
 
     def predict_proba(self, inputs: Any) -> np.ndarray:
         """Probabilities over ``classes_`` (seen first, then unseen), one row per expanded input.
@@ -508,12 +510,6 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             raise CheckpointError(f"{directory}: classes in {HYBRID_FILE} differ from its prompts")
         clf.zeroshot_.text_features_ = torch.from_numpy(stored).to(clf.device_)
         return clf
-
-
-def _as_list(inputs: Any) -> list[Any]:
-    if isinstance(inputs, (str, os.PathLike, Source)):
-        return [inputs]
-    return list(inputs)
 
 
 def _raise_failures(sources: Sequence[Source], errors: dict[int, str]) -> None:

@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from hybridcls.cli import bench as _bench
 from hybridcls.cli import calibrate as _calibrate
 from hybridcls.cli import demo as _demo
 from hybridcls.cli import evaluate as _evaluate
@@ -20,7 +21,7 @@ from hybridcls.errors import HybridclsError
 __all__ = ["main", "build_parser", "UsageError"]
 
 # Subcommand modules, each with ``add_parser(subparsers)`` and ``run(args) -> int``.
-_COMMANDS = [_train, _calibrate, _predict, _evaluate, _demo]
+_COMMANDS = [_train, _calibrate, _predict, _evaluate, _bench, _demo]
 
 
 class UsageError(HybridclsError):

@@ -24,6 +24,7 @@ from hybridcls.data.sources import (
     IMAGE_EXTENSIONS,
     LIST_EXTENSIONS,
     Source,
+    as_sources,
     expand_inputs,
     walk_images,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "ImageFolderIndex",
     "Sample",
     "Source",
+    "as_sources",
     "collate",
     "decode_image_bytes",
     "expand_inputs",

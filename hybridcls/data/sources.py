@@ -24,6 +24,8 @@ file decodes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import csv
 import errno
 import glob
@@ -40,6 +42,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LIST_EXTENSIONS",
     "Source",
+    "as_sources",
     "expand_inputs",
     "walk_images",
 ]
@@ -76,6 +79,24 @@ class Source:
     def ok(self) -> bool:
         """Whether the source is not already known to be bad."""
         return self.error is None
+
+
+def as_sources(inputs: Any) -> list[Source]:
+    """Sources from anything the API accepts: one input, a list of inputs, or ready Sources.
+
+    A list made only of :class:`Source` items is kept as it is (already
+    expanded); anything else goes through :func:`expand_inputs`.
+
+    Example:
+        >>> as_sources([Source("a.jpg"), Source("b.jpg")])[1].path
+        'b.jpg'
+    """
+    if isinstance(inputs, (str, os.PathLike, Source)):
+        inputs = [inputs]
+    items = list(inputs)
+    if items and all(isinstance(s, Source) for s in items):
+        return items
+    return expand_inputs([s.path if isinstance(s, Source) else s for s in items])
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Source]:

@@ -116,8 +116,14 @@ class GateCalibration:
         return self.threshold is not None and math.isfinite(self.threshold)
 
     def combined_score(self) -> CombinedScore | None:
-        """The fitted :class:`CombinedScore`, or ``None`` for a single score."""
-        return None if self.combined is None else CombinedScore.from_dict(self.combined)
+        """The fitted :class:`CombinedScore`, or ``None`` for a single score.
+
+        ``combined`` may be kept beside another winning score (leave-classes-out
+        stores it for every candidate); only ``score == "combined"`` uses it.
+        """
+        if self.score != "combined" or self.combined is None:
+            return None
+        return CombinedScore.from_dict(self.combined)
 
     def compute_base_scores(self, **inputs: Any) -> dict[str, np.ndarray]:
         """The base scores at this gate's temperature and ``knn_k``.

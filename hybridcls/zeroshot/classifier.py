@@ -24,7 +24,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from hybridcls.data import Source, expand_inputs, make_loader
+from hybridcls.data import Source, as_sources, make_loader
 from hybridcls.errors import ImageDecodeError, InputError
 from hybridcls.zeroshot.loading import (
     DEFAULT_CLIP_MODEL,
@@ -92,13 +92,6 @@ def _precision_plan(precision: str, device: torch.device) -> tuple[str, torch.dt
 
 def _is_path_like(x: Any) -> bool:
     return isinstance(x, (str, os.PathLike, Source))
-
-
-def _as_sources(items: Sequence[Any]) -> list[Source]:
-    """Sources as given when they all are, else every item expanded as an input."""
-    if all(isinstance(s, Source) for s in items):
-        return list(items)
-    return expand_inputs([s.path if isinstance(s, Source) else s for s in items])
 
 
 class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
@@ -314,7 +307,7 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
             ...         print(sources[i].path, clf.classes_[row.argmax()])
         """
         check_is_fitted(self, "text_features_")
-        srcs = _as_sources([sources] if _is_path_like(sources) else list(sources))
+        srcs = as_sources(sources)
         loader = make_loader(
             srcs,
             self.bundle_.preprocess,
@@ -341,7 +334,7 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
             )
 
     def _paths_logits(self, items: list[Any]) -> torch.Tensor:
-        sources = _as_sources(items)
+        sources = as_sources(items)
         rows: dict[int, torch.Tensor] = {}
         errors: dict[int, str] = {}
         for b in self.iter_predictions(sources):

@@ -1,0 +1,194 @@
+"""``hybridcls bench quality``: every branch, gate and mode on the same synthetic world.
+
+In one run, on the same data: the supervised branch alone, the zero-shot
+branch alone, every gate score with every decision mode (each calibrated by
+leave-classes-out without unseen images, thresholded on the real held-out
+seen images), the calibrated default, and the oracle router that knows which
+test images are unseen. Both towers run once over the test set; every row
+is then a :meth:`~hybridcls.hybrid.HybridClassifier.predict_features` away.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hybridcls.data import expand_inputs
+from hybridcls.errors import InputError
+from hybridcls.eval import read_labels
+from hybridcls.gate import (
+    SCORES,
+    finalize,
+    from_candidate,
+    fuse,
+    gate_detection,
+)
+from hybridcls.gate.metrics import ausuc, seen_unseen_accuracy
+from hybridcls.hybrid import HybridClassifier, HybridFeatures
+from hybridcls.zeroshot.prompts import normalize_label
+
+__all__ = ["QualityRow", "QualityReport", "reference_rows", "run_quality", "prepare_world_run", "labelled_test_set",
+           "load_or_make_world"]
+
+
+@dataclass
+class QualityRow:
+    """One method's figures on the test set (fractions in [0, 1])."""
+
+    method: str
+    seen: float
+    unseen: float
+    harmonic: float
+    accuracy: float
+    gate_auroc: float | None = None
+    note: str = ""
+
+
+@dataclass
+class QualityReport:
+    rows: list[QualityRow]
+    seconds: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, method: str) -> QualityRow:
+        return next(r for r in self.rows if r.method == method)
+
+    def markdown(self) -> str:
+        lines = ["| method | S | U | H | accuracy | gate AUROC |", "|---|---:|---:|---:|---:|---:|"]
+        for r in self.rows:
+            auroc = "" if r.gate_auroc is None else f"{r.gate_auroc:.3f}"
+            lines.append(f"| {r.method} | {100 * r.seen:.1f} | {100 * r.unseen:.1f} | "
+                         f"{100 * r.harmonic:.1f} | {100 * r.accuracy:.1f} | {auroc} |")
+        return "\n".join(lines)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({
+            "rows": [vars(r) for r in self.rows], "seconds": self.seconds, "info": self.info,
+        }, indent=2), encoding="utf-8")
+
+
+def _figures(method: str, y: np.ndarray, pred: np.ndarray, n_seen: int, note: str = "",
+             auroc: float | None = None) -> QualityRow:
+    s, u, h = seen_unseen_accuracy(y, pred, n_seen)
+    return QualityRow(method, s, u, h, float(np.mean(pred == y)), auroc, note)
+
+
+def reference_rows(feats: HybridFeatures, y: np.ndarray, n_seen: int) -> list[QualityRow]:
+    """Supervised only, zero-shot only, and the oracle router that knows which images are unseen."""
+    sup = feats.sup_logits.argmax(axis=1)
+    zs = feats.clip_logits.argmax(axis=1)
+    zs_unseen = n_seen + feats.clip_logits[:, n_seen:].argmax(axis=1)
+    oracle = np.where(y >= n_seen, zs_unseen, sup)
+    return [
+        _figures("supervised only", y, sup, n_seen, "never predicts an unseen class"),
+        _figures("zero-shot only", y, zs, n_seen, "CLIP over all classes"),
+        _figures("oracle router", y, oracle, n_seen, "knows which images are unseen"),
+    ]
+
+
+def load_or_make_world(root: Path, *, seed: int = 0) -> Any:
+    """The world in ``root`` when one with this seed is already there, else a new one."""
+    from hybridcls.synth import World, make_world
+
+    if (root / "world.json").is_file():
+        world = World.load(root)
+        if world.seed == seed:
+            return world
+        raise InputError(f"{root} holds a world of another seed; choose another --out")
+    return make_world(root, seed=seed)
+
+
+def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 8, model: str = "test_convnext",
+                      image_size: int = 64, workers: int = 0, progress: bool = False,
+                      ) -> tuple[Any, HybridClassifier, dict[str, float]]:
+    """Make the world, train the supervised branch on it, load and calibrate the hybrid."""
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+    from hybridcls.train import train
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    world = load_or_make_world(out / "world", seed=seed)
+    seconds["world"] = time.perf_counter() - t
+    t = time.perf_counter()
+    run_dir = out / "run"
+    if not (run_dir / "model.safetensors").is_file():
+        train(world.train_dir, run_dir, model=model, pretrained=False, image_size=image_size,
+              epochs=epochs, seed=seed, device="cpu", workers=workers, progress=progress)
+    seconds["train"] = time.perf_counter() - t
+    clf = HybridClassifier(
+        clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None, templates=world.templates_file,
+        device="cpu", workers=workers, cache_dir=out / "cache", progress=progress,
+    ).load_run(run_dir, world.prompts_file)
+    t = time.perf_counter()
+    clf.calibrate(world.train_dir, seed=seed)
+    seconds["calibrate"] = time.perf_counter() - t
+    return world, clf, seconds
+
+
+def labelled_test_set(world: Any, clf: HybridClassifier) -> tuple[list, np.ndarray]:
+    """The world's test sources and their true class indices in ``clf.classes_`` order."""
+    sources = expand_inputs([world.test_dir])
+    labels = read_labels(world.labels_csv)
+    index = {normalize_label(c): i for i, c in enumerate(clf.classes_)}
+    y = np.array([index[normalize_label(labels[Path(s.path).name])] for s in sources])
+    return sources, y
+
+
+def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: str = "test_convnext",
+                image_size: int = 64, workers: int = 0, progress: bool = False) -> QualityReport:
+    """The full comparison on the synthetic world (see the module docstring).
+
+    Example:
+        >>> report = run_quality("bench-out")  # doctest: +SKIP
+        >>> print(report.markdown())  # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    world, clf, seconds = prepare_world_run(out, seed=seed, epochs=epochs, model=model,
+                                            image_size=image_size, workers=workers, progress=progress)
+    sources, y = labelled_test_set(world, clf)
+    t = time.perf_counter()
+    feats = clf.extract_features(sources)
+    seconds["test features"] = time.perf_counter() - t
+    S = clf.n_seen_
+    is_unseen = y >= S
+    rows = reference_rows(feats, y, S)
+
+    default = clf.predict_features(feats)
+    g = clf.gate_
+    rows.append(_figures(
+        "hybrid, calibrated default", y, default.pred, S,
+        f"{g.score} / {g.mode} (tpr {g.tpr:.2f})", gate_detection(default.gate_score, is_unseen).auroc))
+
+    cal_val = clf.calibration_data_["val"]
+    val_inputs = dict(sup_logits=cal_val.sup_logits, clip_logits=cal_val.clip_logits, n_seen=S,
+                      clip_emb=cal_val.clip_embeddings, knn_index=clf.knn_)
+    test_inputs = dict(sup_logits=feats.sup_logits, clip_logits=feats.clip_logits, n_seen=S,
+                       clip_emb=feats.clip_embeddings, knn_index=clf.knn_)
+    seen_pairs = set()
+    for cand in g.candidates:
+        key = (cand["score"], cand["mode"])
+        if key in seen_pairs:
+            continue
+        seen_pairs.add(key)
+        cal = from_candidate(cand, combined=g.combined, knn_k=g.knn_k)
+        cal = finalize(cal, cal.compute_base_scores(**val_inputs))
+        score = cal.compute_score(**test_inputs)
+        res = fuse(None, sup_logits=feats.sup_logits, clip_logits=feats.clip_logits, gate_score=score,
+                   calibration=cal, n_seen=S)
+        rows.append(_figures(f"{cand['score']} / {cand['mode']}", y, res.pred, S,
+                             f"leave-classes-out H {100 * cand['mean_h']:.1f}, tpr {cand['tpr']:.2f}",
+                             gate_detection(score, is_unseen).auroc))
+    curve = ausuc(feats.clip_logits, y, S)
+    info = {"world_seed": seed, "epochs": epochs, "model": model, "image_size": image_size,
+            "n_test": int(len(y)), "n_unseen_test": int(is_unseen.sum()), "n_seen_classes": S,
+            "n_classes": len(clf.classes_), "ausuc_stacking": curve.area,
+            "scores": list(SCORES), "calibrated": {k: v for k, v in vars(g).items() if k != "candidates"}}
+    report = QualityReport(rows, seconds, info)
+    report.to_json(out / "quality.json")
+    (out / "quality.md").write_text(report.markdown() + "\n", encoding="utf-8")
+    return report
