@@ -409,31 +409,35 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
     def rows(self, sources: Sequence[Source], *, topk: int = 5, progress: bool | None = None
              ) -> Iterator[list[PredictionRow]]:
         """Output rows per batch: label, branch, gate score and both branches' top-k."""
-        classes = self.classes_
         for batch, res in self.iter_predictions(sources, progress=progress):
-            pos = {idx: j for j, idx in enumerate(batch.ok)}
-            out = []
-            for idx in batch.indices:
-                path = sources[idx].path
-                if idx not in pos:
-                    out.append(PredictionRow.failed(path, batch.errors.get(idx, "not predicted")))
-                    continue
-                j = pos[idx]
-                p = res.probs[j]
-                order = np.argsort(-p, kind="stable")[:topk]
-                unknown = res.branch[j] == "unknown"
-                label = "unknown" if unknown else str(classes[order[0]])
-                out.append(PredictionRow(
-                    path=path, label=label, score=float(p[order[0]]), branch=str(res.branch[j]),
-                    topk=[(str(classes[k]), float(p[k])) for k in order],
-                    extra={
-                        "gate_score": float(res.gate_score[j]),
-                        "gate_weight": float(res.gate_weight[j]),
-                        "supervised_topk": _topk_pairs(res.sup_probs[j], classes[: self.n_seen_], topk),
-                        "zeroshot_topk": _topk_pairs(res.clip_probs[j], classes, topk),
-                    },
-                ))
-            yield out
+            yield self.batch_rows(sources, batch, res, topk=topk)
+
+    def batch_rows(self, sources: Sequence[Source], batch: EngineBatch, res: FusionResult | None,
+                   *, topk: int = 5) -> list[PredictionRow]:
+        """One engine batch and its fusion result as output rows, one per index, in order."""
+        classes = self.classes_
+        pos = {idx: j for j, idx in enumerate(batch.ok)}
+        out = []
+        for idx in batch.indices:
+            path = sources[idx].path
+            if idx not in pos or res is None:
+                out.append(PredictionRow.failed(path, batch.errors.get(idx, "not predicted")))
+                continue
+            j = pos[idx]
+            p = res.probs[j]
+            order = np.argsort(-p, kind="stable")[:topk]
+            label = "unknown" if res.branch[j] == "unknown" else str(classes[order[0]])
+            out.append(PredictionRow(
+                path=path, label=label, score=float(p[order[0]]), branch=str(res.branch[j]),
+                topk=[(str(classes[k]), float(p[k])) for k in order],
+                extra={
+                    "gate_score": float(res.gate_score[j]),
+                    "gate_weight": float(res.gate_weight[j]),
+                    "supervised_topk": _topk_pairs(res.sup_probs[j], classes[: self.n_seen_], topk),
+                    "zeroshot_topk": _topk_pairs(res.clip_probs[j], classes, topk),
+                },
+            ))
+        return out
 
     EXTRA_COLUMNS = ("gate_score", "gate_weight", "supervised_topk", "zeroshot_topk")
 

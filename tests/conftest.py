@@ -36,3 +36,16 @@ def synth_world(tmp_path_factory: pytest.TempPathFactory):
     from hybridcls.synth import make_world
 
     return make_world(tmp_path_factory.mktemp("world") / "world", seed=0)
+
+
+@pytest.fixture(scope="session")
+def world_run(tmp_path_factory: pytest.TempPathFactory):
+    """The synthetic world with a trained, calibrated hybrid (shipped tiny CLIP), built once.
+
+    Returns ``(world, classifier)``; the classifier is calibrated by leave-classes-out.
+    """
+    from hybridcls.bench.quality import prepare_world_run
+
+    out = tmp_path_factory.mktemp("world_run")
+    world, clf, _ = prepare_world_run(out, seed=0)
+    return world, clf
