@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 from hybridcls.data import Source, make_loader
 
 __all__ = [
-    "View",
-    "split_transform",
-    "ViewsTransform",
+    "ClipPolicy",
     "EngineBatch",
     "InferenceEngine",
-    "ClipPolicy",
+    "View",
+    "ViewsTransform",
+    "split_transform",
 ]
 
 # What decides, per batch, which images the CLIP tower sees.

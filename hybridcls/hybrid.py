@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
@@ -49,12 +50,12 @@ from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAIN
 from hybridcls.zeroshot.prompts import PromptSet, as_prompt_set
 
 __all__ = [
+    "GATE_FILE",
+    "HYBRID_FILE",
+    "KNN_FILE",
     "HybridClassifier",
     "HybridFeatures",
     "align_classes",
-    "GATE_FILE",
-    "KNN_FILE",
-    "HYBRID_FILE",
 ]
 
 GATE_FILE = GATE_FILENAME

@@ -23,9 +23,9 @@ __all__ = [
     "FORMATS",
     "PredictionRow",
     "PredictionWriter",
+    "infer_format",
     "open_writer",
     "read_predictions",
-    "infer_format",
 ]
 
 FORMATS = ("csv", "jsonl", "kaggle")

@@ -15,11 +15,11 @@ PHOTOS_DIR = Path(os.environ.get("HYBRIDCLS_PHOTOS", REPO_ROOT.parent / "shared"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Under pytest-xdist every worker would otherwise start one torch thread per core.
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        import torch
+    # One torch thread per test process: with tiny models, thread start-up and contention
+    # (pytest-xdist runs one process per core) cost far more than they give.
+    import torch
 
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -32,8 +32,15 @@ from hybridcls.gate.metrics import ausuc, seen_unseen_accuracy
 from hybridcls.hybrid import HybridClassifier, HybridFeatures
 from hybridcls.zeroshot.prompts import normalize_label
 
-__all__ = ["QualityRow", "QualityReport", "reference_rows", "run_quality", "prepare_world_run", "labelled_test_set",
-           "load_or_make_world"]
+__all__ = [
+    "QualityReport",
+    "QualityRow",
+    "labelled_test_set",
+    "load_or_make_world",
+    "prepare_world_run",
+    "reference_rows",
+    "run_quality",
+]
 
 
 @dataclass
@@ -117,7 +124,7 @@ def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 8, model: str =
     t = time.perf_counter()
     run_dir = out / "run"
     if not (run_dir / "model.safetensors").is_file():
-        train(world.train_dir, run_dir, model=model, pretrained=False, image_size=image_size,
+        train(world.train_dir, run_dir, model=model, pretrained=False, freeze=None, image_size=image_size,
               epochs=epochs, seed=seed, device="cpu", workers=workers, progress=progress)
     seconds["train"] = time.perf_counter() - t
     clf = HybridClassifier(
@@ -185,7 +192,7 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: s
                              gate_detection(score, is_unseen).auroc))
     curve = ausuc(feats.clip_logits, y, S)
     info = {"world_seed": seed, "epochs": epochs, "model": model, "image_size": image_size,
-            "n_test": int(len(y)), "n_unseen_test": int(is_unseen.sum()), "n_seen_classes": S,
+            "n_test": len(y), "n_unseen_test": int(is_unseen.sum()), "n_seen_classes": S,
             "n_classes": len(clf.classes_), "ausuc_stacking": curve.area,
             "scores": list(SCORES), "calibrated": {k: v for k, v in vars(g).items() if k != "candidates"}}
     report = QualityReport(rows, seconds, info)

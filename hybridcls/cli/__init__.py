@@ -18,7 +18,7 @@ from hybridcls.cli import predict as _predict
 from hybridcls.cli import train as _train
 from hybridcls.errors import HybridclsError
 
-__all__ = ["main", "build_parser", "UsageError"]
+__all__ = ["UsageError", "build_parser", "main"]
 
 # Subcommand modules, each with ``add_parser(subparsers)`` and ``run(args) -> int``.
 _COMMANDS = [_train, _calibrate, _predict, _evaluate, _bench, _demo]

@@ -14,8 +14,13 @@ import numpy as np
 from hybridcls.outputs import FORMATS, PredictionRow, PredictionWriter, open_writer
 
 __all__ = [
-    "add_parser", "run", "add_clip_arguments", "add_runtime_arguments", "rows_from_batch",
-    "write_predictions", "hybrid_from_args",
+    "add_clip_arguments",
+    "add_parser",
+    "add_runtime_arguments",
+    "hybrid_from_args",
+    "rows_from_batch",
+    "run",
+    "write_predictions",
 ]
 
 

@@ -14,14 +14,6 @@ from typing import Any
 
 __all__ = ["add_parser", "run"]
 
-# Flag destinations that are TrainConfig fields under the same name.
-_DIRECT = (
-    "model", "pretrained_tag", "weights", "head", "dropout", "image_size", "epochs", "batch_size",
-    "lr", "weight_decay", "warmup_epochs", "label_smoothing", "val_split", "val_dir", "balance",
-    "randaugment", "random_erasing", "mixup", "cutmix", "amp", "clip_grad", "ema_decay",
-    "device", "workers", "seed", "cache_dir",
-)
-
 
 def _int_or_none(text: str) -> int | str:
     if text.lower() == "none":
@@ -46,68 +38,124 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     p.add_argument("data_dir", metavar="DATA_DIR", help="training folder, one subfolder per class")
-    p.add_argument("--output", "-o", metavar="RUN_DIR", help="run directory to create (required unless --resume)")
+    p.add_argument(
+        "--output",
+        "-o",
+        metavar="RUN_DIR",
+        help="run directory to create (required unless --resume)",
+    )
     model = p.add_argument_group("model")
-    model.add_argument("--model", help=f"timm model name, optionally NAME.TAG (default: {d['model']})")
+    model.add_argument(
+        "--model", help=f"timm model name, optionally NAME.TAG (default: {d['model']})"
+    )
     weights = model.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", dest="pretrained_tag", metavar="TAG",
-                         help="timm pretrained tag (default: fb_in22k_ft_in1k for convnext_tiny, "
-                              "else timm's default tag)")
-    weights.add_argument("--weights", metavar="FILE",
-                         help="local weights in timm's key layout (.safetensors or a .pth state dict)")
+    weights.add_argument(
+        "--pretrained",
+        dest="pretrained_tag",
+        metavar="TAG",
+        help="timm pretrained tag (default: fb_in22k_ft_in1k for convnext_tiny, "
+        "else timm's default tag)",
+    )
+    weights.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="local weights in timm's key layout (.safetensors or a .pth state dict)",
+    )
     weights.add_argument("--no-pretrained", action="store_true", help="random initialisation")
-    model.add_argument("--head", choices=("mlp", "linear"), help=f"classification head (default: {d['head']})")
-    model.add_argument("--dropout", type=float, metavar="P", help=f"head dropout (default: {d['dropout']})")
-    model.add_argument("--freeze", type=_int_or_none, metavar="N|none",
-                       help=f"train only the head and the last N stages; 'none' trains everything "
-                            f"(default: {d['freeze']})")
-    model.add_argument("--image-size", type=int, metavar="PX",
-                       help="input size instead of the pretrained config's (default: the model's)")
+    model.add_argument(
+        "--head", choices=("mlp", "linear"), help=f"classification head (default: {d['head']})"
+    )
+    model.add_argument(
+        "--dropout", type=float, metavar="P", help=f"head dropout (default: {d['dropout']})"
+    )
+    model.add_argument(
+        "--freeze",
+        type=_int_or_none,
+        metavar="N|none",
+        help=f"train only the head and the last N stages; 'none' trains everything "
+        f"(default: {d['freeze']})",
+    )
+    model.add_argument(
+        "--image-size",
+        type=int,
+        metavar="PX",
+        help="input size instead of the pretrained config's (default: the model's)",
+    )
     model.add_argument("--cache-dir", metavar="DIR", help="where timm looks for downloaded weights")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, help=f"maximum epochs (default: {d['epochs']})")
     opt.add_argument("--batch-size", type=int, help=f"(default: {d['batch_size']})")
     opt.add_argument("--lr", type=float, help=f"AdamW peak learning rate (default: {d['lr']})")
     opt.add_argument("--weight-decay", type=float, help=f"(default: {d['weight_decay']})")
-    opt.add_argument("--warmup-epochs", type=float, help=f"linear warmup (default: {d['warmup_epochs']})")
+    opt.add_argument(
+        "--warmup-epochs", type=float, help=f"linear warmup (default: {d['warmup_epochs']})"
+    )
     opt.add_argument("--label-smoothing", type=float, help=f"(default: {d['label_smoothing']})")
-    opt.add_argument("--amp", choices=AMP_MODES, help=f"mixed precision on CUDA (default: {d['amp']})")
-    opt.add_argument("--clip-grad", type=float, metavar="NORM", help="gradient-norm clipping (default: off)")
-    opt.add_argument("--ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3)")
+    opt.add_argument(
+        "--amp", choices=AMP_MODES, help=f"mixed precision on CUDA (default: {d['amp']})"
+    )
+    opt.add_argument(
+        "--clip-grad", type=float, metavar="NORM", help="gradient-norm clipping (default: off)"
+    )
+    opt.add_argument(
+        "--ema",
+        action="store_true",
+        default=None,  # None, not False: an unset flag must not count as an override on --resume
+        help="keep an EMA of the weights (timm ModelEmaV3)",
+    )
     opt.add_argument("--ema-decay", type=float, help=f"(default: {d['ema_decay']})")
-    opt.add_argument("--patience", type=_int_or_none, metavar="N|none",
-                     help=f"early stopping on validation loss (default: {d['patience']})")
+    opt.add_argument(
+        "--patience",
+        type=_int_or_none,
+        metavar="N|none",
+        help=f"early stopping on validation loss (default: {d['patience']})",
+    )
     data = p.add_argument_group("data")
     val = data.add_mutually_exclusive_group()
-    val.add_argument("--val-split", type=float, metavar="FRACTION",
-                     help=f"stratified, seeded validation share (default: {d['val_split']})")
+    val.add_argument(
+        "--val-split",
+        type=float,
+        metavar="FRACTION",
+        help=f"stratified, seeded validation share (default: {d['val_split']})",
+    )
     val.add_argument("--val", dest="val_dir", metavar="DIR", help="explicit validation folder")
-    data.add_argument("--balance", choices=BALANCE_MODES, help=f"class balancing (default: {d['balance']})")
-    data.add_argument("--randaugment", metavar="SPEC", help="timm RandAugment, e.g. rand-m9-mstd0.5-inc1")
-    data.add_argument("--random-erasing", type=float, metavar="P", help="random erasing probability")
+    data.add_argument(
+        "--balance", choices=BALANCE_MODES, help=f"class balancing (default: {d['balance']})"
+    )
+    data.add_argument(
+        "--randaugment", metavar="SPEC", help="timm RandAugment, e.g. rand-m9-mstd0.5-inc1"
+    )
+    data.add_argument(
+        "--random-erasing", type=float, metavar="P", help="random erasing probability"
+    )
     data.add_argument("--mixup", type=float, metavar="ALPHA", help="MixUp alpha (default: off)")
     data.add_argument("--cutmix", type=float, metavar="ALPHA", help="CutMix alpha (default: off)")
     run_g = p.add_argument_group("run")
     run_g.add_argument("--device", help=f"auto, cpu, cuda, cuda:N (default: {d['device']})")
-    run_g.add_argument("--workers", type=int, help=f"data-loading processes (default: {d['workers']})")
+    run_g.add_argument(
+        "--workers", type=int, help=f"data-loading processes (default: {d['workers']})"
+    )
     run_g.add_argument("--seed", type=int, help=f"(default: {d['seed']})")
     run_g.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    run_g.add_argument("--folds", type=int, metavar="K", help="train K stratified folds; report mean and spread")
+    run_g.add_argument(
+        "--folds", type=int, metavar="K", help="train K stratified folds; report mean and spread"
+    )
     run_g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
     return p
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out = {name: getattr(args, name) for name in _DIRECT if getattr(args, name) is not None}
+    """The TrainConfig options given on the command line (flags left out stay None)."""
+    from hybridcls.train.config import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    out = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    for name in ("freeze", "patience"):
+        if out.get(name) == "none":
+            out[name] = None
     if args.no_pretrained:
         out["pretrained"] = False
-    if args.ema:
-        out["ema"] = True
-    for name in ("freeze", "patience"):
-        value = getattr(args, name)
-        if value is not None:
-            out[name] = None if value == "none" else value
     if args.quiet:
         out["progress"] = False
     return out
@@ -125,8 +173,12 @@ def run(args: argparse.Namespace) -> int:
         if args.output is None:
             raise InputError("--output RUN_DIR is required")
         folds = train_folds(
-            args.data_dir, args.output, args.folds,
-            on_epoch_end=lambda r: print(f"fold {r['fold']}/{args.folds}  {format_epoch(r)}", flush=True),
+            args.data_dir,
+            args.output,
+            args.folds,
+            on_epoch_end=lambda r: print(
+                f"fold {r['fold']}/{args.folds}  {format_epoch(r)}", flush=True
+            ),
             **overrides,
         )
         print(folds.summary())
@@ -134,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is None and args.output is None:
         raise InputError("--output RUN_DIR is required (or --resume RUN_DIR to continue a run)")
     result = train(
-        args.data_dir, args.output, resume=args.resume,
+        args.data_dir,
+        args.output,
+        resume=args.resume,
         on_epoch_end=lambda r: print(format_epoch(r), flush=True),
         **overrides,
     )

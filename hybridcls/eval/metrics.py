@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["OpenSetScores", "open_set_scores", "per_class_accuracy", "harmonic_mean"]
+__all__ = ["OpenSetScores", "harmonic_mean", "open_set_scores", "per_class_accuracy"]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,253 @@
+"""The checkpoint format: a run directory with ``config.json`` and ``model.safetensors``.
+
+``config.json`` holds everything needed to rebuild the model, its
+preprocessing and its class names without the training data::
+
+    {"format": "hybridcls-supervised", "format_version": 1, "hybridcls_version": "0.1.0",
+     "model": {"name": "convnext_tiny.fb_in22k_ft_in1k", "num_classes": 40, "head": "mlp",
+               "dropout": 0.6, "hidden_dim": 512, "num_features": 768},
+     "classes": ["antelope", ...],             # label i is classes[i] (sorted folder names)
+     "data_config": {"input_size": [3, 224, 224], "interpolation": "bicubic",
+                     "mean": [...], "std": [...], "crop_pct": 0.875, "crop_mode": "center"},
+     "weights": {"source": "timm", "tag": "fb_in22k_ft_in1k", "file": null},
+     "train": {...},                            # the TrainConfig of the run
+     "data_dir": "data/train",                  # the training folder, as given
+     "split": {"method": "val_split", "fraction": 0.15, "seed": 0}}  # how validation was held out
+
+``model.safetensors`` holds the model's state dict (backbone + head). Both
+files are written atomically (temporary file, then rename), and loading only
+parses JSON and safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import save as save_safetensors_bytes
+
+from hybridcls.cache import atomic_write_bytes
+from hybridcls.errors import CheckpointError
+from hybridcls.supervised.model import SupervisedModel
+from hybridcls.supervised.weights import read_state_dict
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_FORMAT_VERSION",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "build_eval_transform",
+    "load_checkpoint",
+    "make_checkpoint_config",
+    "model_from_config",
+    "read_checkpoint_config",
+    "save_checkpoint",
+    "timm_data_config",
+    "write_json",
+]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CHECKPOINT_FORMAT = "hybridcls-supervised"
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+def make_checkpoint_config(
+    model: SupervisedModel,
+    *,
+    model_name: str,
+    classes: list[str],
+    data_config: Mapping[str, Any],
+    head: str,
+    dropout: float,
+    hidden_dim: int,
+    weights: Mapping[str, Any],
+    train: Mapping[str, Any] | None = None,
+    data_dir: str | None = None,
+    split: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``config.json`` content for a trained :class:`SupervisedModel`.
+
+    Args:
+        model: The model (its sizes are recorded).
+        model_name: The timm name it was created from (``arch.tag``).
+        classes: Class names, index = label.
+        data_config: Preprocessing, as returned by ``build_model``.
+        head: Head type.
+        dropout: Head dropout.
+        hidden_dim: Hidden width of the mlp head.
+        weights: Where the initial weights came from (``source``, ``tag``, ``file``).
+        train: The training options (a ``TrainConfig`` as a dict).
+        data_dir: The training folder.
+        split: How the validation images were chosen (see ``TrainingData.split``).
+
+    Returns:
+        A JSON-ready dict.
+    """
+    from hybridcls import __version__
+
+    if len(classes) != model.num_classes:
+        raise CheckpointError(
+            f"{len(classes)} class names for a model with {model.num_classes} outputs"
+        )
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "hybridcls_version": __version__,
+        "model": {
+            "name": model_name,
+            "num_classes": model.num_classes,
+            "head": head,
+            "dropout": float(dropout),
+            "hidden_dim": int(hidden_dim),
+            "num_features": model.num_features,
+        },
+        "classes": list(classes),
+        "data_config": dict(data_config),
+        "weights": dict(weights),
+        "train": dict(train or {}),
+        "data_dir": data_dir,
+        "split": dict(split or {}),
+    }
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented UTF-8 JSON, atomically."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, config: Mapping[str, Any]) -> None:
+    """Write ``config.json`` and ``model.safetensors`` into ``run_dir``, each atomically.
+
+    The weights go first: a reader that finds a ``config.json`` then finds
+    weights that it describes, or the previous best ones of the same model.
+
+    Args:
+        run_dir: The run directory (created if needed).
+        model: The model whose ``state_dict`` is saved.
+        config: The checkpoint config (see :func:`make_checkpoint_config`).
+    """
+    run_dir = Path(run_dir)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    blob = save_safetensors_bytes(tensors, metadata={"format": CHECKPOINT_FORMAT})
+    atomic_write_bytes(run_dir / WEIGHTS_FILE, blob)
+    write_json(run_dir / CONFIG_FILE, config)
+
+
+def read_checkpoint_config(run_dir: str | Path) -> dict[str, Any]:
+    """Read and check a run directory's ``config.json``.
+
+    Raises:
+        CheckpointError: the folder or file is missing, not JSON, not a
+            hybridcls supervised checkpoint, or from a newer format version.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: run directory not found")
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: no {CONFIG_FILE}; not a hybridcls training run")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a hybridcls supervised checkpoint")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {version!r} is newer than this hybridcls reads "
+            f"({CHECKPOINT_FORMAT_VERSION}); upgrade hybridcls"
+        )
+    for key in ("model", "classes", "data_config"):
+        if key not in config:
+            raise CheckpointError(f"{path}: missing {key!r}")
+    return config
+
+
+def model_from_config(config: Mapping[str, Any]) -> SupervisedModel:
+    """Rebuild the architecture a checkpoint config describes, with random weights.
+
+    Raises:
+        CheckpointError: the architecture is unknown to the installed timm.
+    """
+    spec = config["model"]
+    name = str(spec["name"])
+    if not timm.is_model(name.partition(".")[0]):
+        raise CheckpointError(
+            f"model {name!r} is not known to the installed timm {timm.__version__}"
+        )
+    backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    return SupervisedModel(
+        backbone,
+        int(spec["num_classes"]),
+        head=str(spec["head"]),
+        dropout=float(spec["dropout"]),
+        hidden_dim=int(spec["hidden_dim"]),
+    )
+
+
+def load_checkpoint(
+    run_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[SupervisedModel, dict[str, Any]]:
+    """Load a trained supervised model from its run directory.
+
+    Args:
+        run_dir: A folder with ``config.json`` and ``model.safetensors``.
+        device: Where to put the model.
+
+    Returns:
+        ``(model, config)``: the model in eval mode, and the parsed
+        ``config.json`` (class names under ``"classes"``, preprocessing
+        under ``"data_config"``).
+
+    Raises:
+        CheckpointError: missing or corrupt files, or weights that do not
+            fit the described model.
+
+    Example:
+        >>> model, config = load_checkpoint("runs/seen40")  # doctest: +SKIP
+        >>> transform = build_eval_transform(config)  # doctest: +SKIP
+        >>> config["classes"][model(transform(img)[None]).argmax()]  # doctest: +SKIP
+        'zebra'
+    """
+    config = read_checkpoint_config(run_dir)
+    path = Path(run_dir) / WEIGHTS_FILE
+    state = read_state_dict(path)
+    model = model_from_config(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path}: weights do not fit the model described in {CONFIG_FILE}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    return model.to(device).eval(), config
+
+
+def build_eval_transform(config: Mapping[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """The inference transform (PIL RGB image -> tensor) stored in a checkpoint config.
+
+    Uses ``timm.data.create_transform(**data_config, is_training=False)``, so
+    resize, centre crop and normalisation are the model's own.
+
+    Args:
+        config: A checkpoint config (or any mapping with ``"data_config"``).
+
+    Returns:
+        A torchvision transform.
+    """
+    return timm.data.create_transform(**timm_data_config(config["data_config"]), is_training=False)
+
+
+def timm_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored (JSON) data config in the types ``timm.data.create_transform`` expects."""
+    out = dict(data_config)
+    for key in ("input_size", "mean", "std"):
+        out[key] = tuple(out[key])
+    return out

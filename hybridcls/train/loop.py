@@ -1,0 +1,601 @@
+"""The training loop: one run of the recipe, from a folder to a run directory.
+
+A run directory ends up holding::
+
+    config.json, model.safetensors    the best checkpoint (lowest validation loss)
+    train_state.json/.safetensors     the last completed epoch, for --resume
+    metrics.csv, metrics.json         one record per epoch
+    report.json                       the final summary, with the skipped images
+    curves.png                        loss / accuracy curves (with matplotlib)
+
+Everything is checked (folders, options, weights, a resumed run's model and
+classes) before the first epoch starts.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from tqdm.auto import tqdm
+
+from hybridcls.data import Batch
+from hybridcls.errors import CheckpointError, DatasetError, InputError
+from hybridcls.supervised import (
+    CONFIG_FILE,
+    build_eval_transform,
+    build_model,
+    make_checkpoint_config,
+    resolve_model_name,
+    save_checkpoint,
+    write_json,
+)
+from hybridcls.train.config import RESUME_FREE_FIELDS, TrainConfig
+from hybridcls.train.data import (
+    BalancedSampler,
+    TrainingData,
+    build_train_transform,
+    derive_seed,
+    make_loader,
+    resolve_training_data,
+    seed_everything,
+)
+from hybridcls.train.metrics import per_class_accuracy, plot_curves, write_metrics
+from hybridcls.train.state import (
+    STATE_JSON_FILE,
+    TrainState,
+    flatten_optimizer_state,
+    load_train_state,
+    save_train_state,
+    unflatten_optimizer_state,
+)
+
+__all__ = ["REPORT_FILE", "TrainResult", "Trainer", "resolve_device", "train"]
+
+REPORT_FILE = "report.json"
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports.
+
+    Attributes:
+        run_dir: The run directory (best checkpoint in ``config.json`` + ``model.safetensors``).
+        classes: Class names, index = label.
+        best_epoch: 1-based epoch of the lowest validation loss.
+        best_val_loss: That loss.
+        val_accuracy: Validation accuracy at the best epoch.
+        epochs_run: Epochs completed.
+        stopped_early: Whether early stopping ended the run.
+        history: The per-epoch records (see :mod:`hybridcls.train.metrics`).
+        skipped_images: ``{"path", "reason"}`` of every image that failed to decode.
+    """
+
+    run_dir: Path
+    classes: list[str]
+    best_epoch: int
+    best_val_loss: float
+    val_accuracy: float
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped_images: list[dict[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: best epoch, its validation accuracy and loss, skipped images."""
+        line = (
+            f"best epoch {self.best_epoch}/{self.epochs_run}: "
+            f"val acc {100 * self.val_accuracy:.1f}% val loss {self.best_val_loss:.4f}"
+            + ("  (stopped early)" if self.stopped_early else "")
+        )
+        if self.skipped_images:
+            line += f"; {len(self.skipped_images)} image(s) skipped, see {REPORT_FILE}"
+        return f"{line}; checkpoint in {self.run_dir}"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; any other name is checked.
+
+    Raises:
+        InputError: the device does not exist here (names ``--device``).
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(f"--device {name!r}: not a device name ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    # Mixed precision only where it pays and is well supported: CUDA.
+    if device.type != "cuda" or amp == "none":
+        return None
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+class Trainer:
+    """One training run, set up completely before :meth:`fit` trains.
+
+    Args:
+        run_dir: The run directory.
+        config: The options.
+        data: Classes and training / validation samples.
+        resume_state: The state of an interrupted run to continue.
+        on_epoch_end: Called with each epoch's record (plus ``"epochs"``, the
+            run's maximum), after the epoch is saved.
+
+    Example:
+        >>> data = resolve_training_data("data/train", TrainConfig())  # doctest: +SKIP
+        >>> result = Trainer("runs/a", TrainConfig(), data).fit()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config: TrainConfig,
+        data: TrainingData,
+        *,
+        resume_state: TrainState | None = None,
+        on_epoch_end: EpochCallback | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = cfg = config
+        self.data = data
+        self.on_epoch_end = on_epoch_end
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = _amp_dtype(cfg.amp, self.device)
+        num_classes = len(data.classes)
+
+        # The initial weights (head, or everything without pretraining) come from the seed.
+        seed_everything(derive_seed(cfg.seed, -1, "init"))
+        model_name = resolve_model_name(cfg.model, cfg.pretrained_tag)
+        self.model, data_config = build_model(
+            model_name,
+            num_classes,
+            head=cfg.head,
+            dropout=cfg.dropout,
+            hidden_dim=cfg.head_hidden,
+            # A resumed run takes its weights from the resume state, not from the source.
+            weights_source="none" if resume_state is not None else cfg.weights_source,
+            weights_file=cfg.weights,
+            image_size=cfg.image_size,
+            cache_dir=cfg.cache_dir,
+        )
+        self.model.freeze(cfg.freeze)
+        self.model.to(self.device)
+        tag = model_name.partition(".")[2] or None
+        self.checkpoint_config = make_checkpoint_config(
+            self.model,
+            model_name=model_name,
+            classes=data.classes,
+            data_config=data_config,
+            head=cfg.head,
+            dropout=cfg.dropout,
+            hidden_dim=cfg.head_hidden,
+            weights={"source": cfg.weights_source, "tag": tag, "file": cfg.weights},
+            train=cfg.to_dict(),
+            data_dir=data.root,
+            split=data.split,
+        )
+        self.train_transform = build_train_transform(data_config, cfg)
+        self.eval_transform = build_eval_transform(self.checkpoint_config)
+        self.train_labels = torch.tensor([label for _, label in data.train], dtype=torch.long)
+        self.val_labels = torch.tensor([label for _, label in data.val], dtype=torch.long)
+        self.sampler = BalancedSampler(self.train_labels.tolist(), cfg.balance, cfg.seed)
+
+        self.optimizer = create_optimizer_v2(
+            self.model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        steps_per_epoch = max(1, math.ceil(len(self.sampler) / cfg.batch_size))
+        warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+        # Per-update cosine over the whole run: short runs still get a smooth decay.
+        self.scheduler = CosineLRScheduler(
+            self.optimizer,
+            t_initial=max(1, cfg.epochs * steps_per_epoch - warmup_steps),
+            lr_min=cfg.min_lr,
+            warmup_t=warmup_steps,
+            warmup_lr_init=cfg.lr / 100,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype is torch.float16
+        )
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+        self.mixup = (
+            Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=num_classes,
+            )
+            if cfg.mixup > 0 or cfg.cutmix > 0
+            else None
+        )
+        self.train_loss_fn: torch.nn.Module = (
+            SoftTargetCrossEntropy()
+            if self.mixup
+            else torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        )
+
+        self.epoch = 0  # epochs completed
+        self.num_updates = 0
+        self.best_val_loss = math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.stopped_early = False
+        self.history: list[dict[str, Any]] = []
+        self.skipped: dict[str, str] = {}
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    # ----------------------------------------------------------------- state
+
+    def _eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.module.state_dict().items()})
+        opt_tensors, opt_rest = flatten_optimizer_state(self.optimizer.state_dict())
+        tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
+        finished = self.stopped_early or self.epoch >= self.config.epochs
+        info = {
+            "epoch": self.epoch,
+            "finished": finished,
+            "num_updates": self.num_updates,
+            "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "stopped_early": self.stopped_early,
+            "config": self.config.to_dict(),
+            "classes": list(self.data.classes),
+            "optimizer": opt_rest,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "history": self.history,
+            "skipped_images": self.skipped,
+        }
+        return tensors, info
+
+    def _restore(self, state: TrainState) -> None:
+        info = state.info
+        try:
+            self.model.load_state_dict(state.prefixed("model"), strict=True)
+            if self.ema is not None:
+                self.ema.module.load_state_dict(state.prefixed("ema"), strict=True)
+            self.optimizer.load_state_dict(
+                unflatten_optimizer_state(state.prefixed("optimizer"), info["optimizer"])
+            )
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(
+                f"--resume {self.run_dir}: the saved state does not fit this model "
+                f"({str(exc).splitlines()[0]})"
+            ) from exc
+        self.scheduler.load_state_dict(info["scheduler"])
+        if info.get("scaler"):
+            self.scaler.load_state_dict(info["scaler"])
+        self.epoch = int(info["epoch"])
+        self.num_updates = int(info["num_updates"])
+        best = info.get("best_val_loss")
+        self.best_val_loss = math.inf if best is None else float(best)
+        self.best_epoch = int(info["best_epoch"])
+        self.bad_epochs = int(info["bad_epochs"])
+        self.stopped_early = bool(info["stopped_early"])
+        self.history = list(info["history"])
+        self.skipped = dict(info["skipped_images"])
+
+    # ----------------------------------------------------------------- epochs
+
+    def _note_errors(self, batch: Batch, samples: list[tuple[str, int]]) -> None:
+        for index, reason in batch.errors.items():
+            self.skipped.setdefault(samples[index][0], reason)
+
+    def _bar(self, loader: Any, desc: str) -> Any:
+        return tqdm(
+            loader,
+            desc=desc,
+            total=len(loader),
+            leave=False,
+            file=sys.stderr,
+            disable=not self.config.progress,
+            dynamic_ncols=True,
+        )
+
+    def _train_epoch(self) -> dict[str, float]:
+        cfg, epoch = self.config, self.epoch
+        # Every random stream of the epoch follows from (seed, epoch): a resumed run
+        # replays exactly the epochs an uninterrupted one would have run.
+        seed_everything(derive_seed(cfg.seed, epoch, "global"))
+        self.sampler.set_epoch(epoch)
+        loader = make_loader(
+            self.data.train,
+            self.train_transform,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            sampler=self.sampler,
+            seed=derive_seed(cfg.seed, epoch, "workers"),
+            pin_memory=self.device.type == "cuda",
+        )
+        self.model.train()
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss_sum, correct, seen = 0.0, 0, 0
+        start = time.perf_counter()
+        for batch in self._bar(loader, f"epoch {epoch + 1}/{cfg.epochs} train"):
+            self._note_errors(batch, self.data.train)
+            # BatchNorm in the head cannot train on a single image.
+            if len(batch.ok) < 2:
+                continue
+            images = batch.images.to(self.device, non_blocking=True)
+            labels = self.train_labels[batch.ok].to(self.device, non_blocking=True)
+            targets: torch.Tensor = labels
+            if self.mixup is not None:
+                if len(images) % 2 == 0:
+                    images, targets = self.mixup(images, labels)
+                else:  # timm's Mixup pairs images, so an odd batch goes unmixed
+                    targets = mixup_target(labels, len(self.data.classes), 1.0, cfg.label_smoothing)
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+            ):
+                logits = self.model(images)
+                loss = self.train_loss_fn(logits, targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.clip_grad is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], cfg.clip_grad
+                )
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.num_updates += 1
+            self.scheduler.step_update(self.num_updates)
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.num_updates)
+            n = len(labels)
+            loss_sum += float(loss.detach()) * n
+            # With MixUp/CutMix this is agreement with the dominant (unmixed) label.
+            correct += int((logits.detach().argmax(1) == labels).sum())
+            seen += n
+        elapsed = time.perf_counter() - start
+        if seen == 0:
+            raise DatasetError(
+                "no training image could be decoded in a whole epoch; see the skipped images"
+            )
+        return {
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "lr": lr,
+            "images_per_sec": seen / max(elapsed, 1e-9),
+            "train_time_s": elapsed,
+        }
+
+    @torch.no_grad()
+    def _validate(self) -> dict[str, Any]:
+        cfg = self.config
+        model = self._eval_model()
+        model.eval()
+        loader = make_loader(
+            self.data.val,
+            self.eval_transform,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        loss_sum, preds, targets = 0.0, [], []
+        for batch in self._bar(loader, f"epoch {self.epoch + 1}/{cfg.epochs} val"):
+            self._note_errors(batch, self.data.val)
+            if not batch.ok:
+                continue
+            images = batch.images.to(self.device, non_blocking=True)
+            labels = self.val_labels[batch.ok].to(self.device)
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+            ):
+                logits = model(images)
+            # Plain cross-entropy (no smoothing): the quantity early stopping watches.
+            loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+            preds.extend(logits.argmax(1).tolist())
+            targets.extend(labels.tolist())
+        if not targets:
+            raise DatasetError("no validation image could be decoded; see the skipped images")
+        return {
+            "val_loss": loss_sum / len(targets),
+            "val_acc": sum(p == t for p, t in zip(preds, targets)) / len(targets),
+            "val_acc_per_class": per_class_accuracy(targets, preds, self.data.classes),
+        }
+
+    def fit(self) -> TrainResult:
+        """Train until the last epoch or early stopping, saving after every epoch.
+
+        Returns:
+            The run's :class:`TrainResult`.
+        """
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        while self.epoch < cfg.epochs and not self.stopped_early:
+            start = time.perf_counter()
+            record: dict[str, Any] = {"epoch": self.epoch + 1}
+            record.update(self._train_epoch())
+            record.update(self._validate())
+            record["time_s"] = time.perf_counter() - start
+            if not (math.isfinite(record["train_loss"]) and math.isfinite(record["val_loss"])):
+                raise InputError(
+                    f"training diverged in epoch {record['epoch']} (train loss "
+                    f"{record['train_loss']}, val loss {record['val_loss']}); start again "
+                    f"with a lower --lr or with --clip-grad"
+                )
+            improved = record["val_loss"] < self.best_val_loss
+            record["best"] = improved
+            self.epoch += 1
+            if improved:
+                self.best_val_loss, self.best_epoch, self.bad_epochs = (
+                    record["val_loss"],
+                    self.epoch,
+                    0,
+                )
+                save_checkpoint(self.run_dir, self._eval_model(), self.checkpoint_config)
+            else:
+                self.bad_epochs += 1
+            self.stopped_early = cfg.patience is not None and self.bad_epochs >= cfg.patience
+            self.history.append(record)
+            write_metrics(self.run_dir, self.history, self.data.classes)
+            save_train_state(self.run_dir, *self._state())
+            if self.on_epoch_end is not None:
+                self.on_epoch_end({**record, "epochs": cfg.epochs})
+        return self._finish()
+
+    def _finish(self) -> TrainResult:
+        best = next(r for r in self.history if r["epoch"] == self.best_epoch)
+        result = TrainResult(
+            run_dir=self.run_dir,
+            classes=list(self.data.classes),
+            best_epoch=self.best_epoch,
+            best_val_loss=self.best_val_loss,
+            val_accuracy=float(best["val_acc"]),
+            epochs_run=self.epoch,
+            stopped_early=self.stopped_early,
+            history=self.history,
+            skipped_images=[{"path": p, "reason": r} for p, r in self.skipped.items()],
+        )
+        write_json(
+            self.run_dir / REPORT_FILE,
+            {
+                "best_epoch": result.best_epoch,
+                "best_val_loss": result.best_val_loss,
+                "val_accuracy": result.val_accuracy,
+                "val_acc_per_class": best["val_acc_per_class"],
+                "epochs_run": result.epochs_run,
+                "stopped_early": result.stopped_early,
+                "num_classes": len(result.classes),
+                "num_train_images": len(self.data.train),
+                "num_val_images": len(self.data.val),
+                "total_time_s": sum(r["time_s"] for r in self.history),
+                "skipped_images": result.skipped_images,
+            },
+        )
+        plot_curves(self.run_dir, self.history)
+        return result
+
+
+def _resume_config(
+    run_dir: Path, state: TrainState, config: TrainConfig | None, overrides: dict[str, Any]
+) -> TrainConfig:
+    """The stored options, with only the ones that do not change results replaced."""
+    stored = TrainConfig.from_dict(state.info["config"])
+    requested = dict(overrides)
+    if config is not None:
+        requested = {**config.to_dict(), **requested}
+    current = stored.to_dict()
+    for name, value in requested.items():
+        if name in RESUME_FREE_FIELDS or name not in current:
+            continue
+        wanted = list(value) if isinstance(value, tuple) else value
+        if wanted != current[name]:
+            flag = "--" + name.replace("_", "-")
+            raise CheckpointError(
+                f"--resume {run_dir}: that run was trained with {name}={current[name]!r}, not "
+                f"{value!r} ({flag}); resume without changing it, or start a new run in another "
+                f"--output folder"
+            )
+    free = {k: v for k, v in requested.items() if k in RESUME_FREE_FIELDS}
+    return stored.replace(**free)
+
+
+def train(
+    data_dir: str | Path,
+    output: str | Path | None = None,
+    config: TrainConfig | None = None,
+    *,
+    resume: str | Path | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Fine-tune the supervised branch on an ImageFolder-style folder.
+
+    Args:
+        data_dir: One subfolder per class.
+        output: The run directory to create; must not already hold a run.
+            With ``resume``, omit it (or give the same folder).
+        config: The options (default: :class:`TrainConfig`'s recipe).
+        resume: A run directory to continue from its last completed epoch;
+            its stored options apply, and only ``device``, ``workers``,
+            ``progress`` and ``cache_dir`` may change.
+        on_epoch_end: Called with each epoch's record.
+        **overrides: Options replacing ``config``'s (``epochs=3``, ``model="resnet18"``...).
+
+    Returns:
+        The :class:`TrainResult`.
+
+    Raises:
+        DatasetError: a bad training or validation folder.
+        InputError: a bad option, or ``output`` already holds a run.
+        CheckpointError: a ``resume`` folder that is not a run, or is one from
+            a different model, class list or options.
+        WeightsUnavailableError: pretrained weights that cannot be had offline.
+
+    Example:
+        >>> from hybridcls.train import train
+        >>> result = train("data/train", "runs/seen40", epochs=20)  # doctest: +SKIP
+        >>> result.val_accuracy  # doctest: +SKIP
+        0.96
+    """
+    state: TrainState | None = None
+    if resume is not None:
+        resume = Path(resume)
+        if output is not None and Path(output).resolve() != resume.resolve():
+            raise InputError(
+                f"--output {output}: a resumed run continues in its own folder ({resume})"
+            )
+        state = load_train_state(resume)
+        config = _resume_config(resume, state, config, overrides)
+        run_dir = resume
+    else:
+        if output is None:
+            raise InputError("--output: a run directory is required")
+        config = (config or TrainConfig()).replace(**overrides)
+        run_dir = Path(output)
+        if (run_dir / CONFIG_FILE).exists() or (run_dir / STATE_JSON_FILE).exists():
+            raise InputError(
+                f"--output {run_dir}: already holds a training run; continue it with "
+                f"--resume {run_dir}, or choose another folder"
+            )
+    data = resolve_training_data(data_dir, config)
+    if state is not None and list(state.info["classes"]) != data.classes:
+        stored = list(state.info["classes"])
+        diff = sorted(set(stored) ^ set(data.classes))
+        raise CheckpointError(
+            f"--resume {resume}: that run was trained on {len(stored)} classes, the folder "
+            f"{data_dir} has {len(data.classes)}"
+            + (
+                f"; differing class(es): {', '.join(diff[:5])}"
+                if diff
+                else "; in a different order"
+            )
+        )
+    trainer = Trainer(run_dir, config, data, resume_state=state, on_epoch_end=on_epoch_end)
+    return trainer.fit()

@@ -1,0 +1,153 @@
+"""A run's resume state: ``train_state.safetensors`` (tensors) + ``train_state.json`` (the rest).
+
+Written atomically at the end of every epoch, never pickled. The tensors are
+the last weights (``model.*``), the EMA weights (``ema.*``) and the
+optimizer's per-parameter state (``optimizer.<param index>.<name>``); the
+JSON holds the optimizer's parameter groups and non-tensor state, the
+scheduler's and gradient scaler's state dicts, the training options, the
+class names and the progress (epochs done, updates, best loss, early-stopping
+counter, metrics history, skipped images). The RNG streams need no storing:
+each epoch reseeds them from ``(seed, epoch)`` (see :mod:`hybridcls.train.data`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors_bytes
+
+from hybridcls.cache import atomic_write_bytes
+from hybridcls.errors import CheckpointError
+from hybridcls.supervised import write_json
+
+__all__ = [
+    "STATE_FORMAT_VERSION",
+    "STATE_JSON_FILE",
+    "STATE_TENSORS_FILE",
+    "TrainState",
+    "flatten_optimizer_state",
+    "load_train_state",
+    "save_train_state",
+    "unflatten_optimizer_state",
+]
+
+STATE_TENSORS_FILE = "train_state.safetensors"
+STATE_JSON_FILE = "train_state.json"
+STATE_FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """A run's resume state as read from disk.
+
+    Attributes:
+        tensors: Name -> tensor (``model.*``, ``ema.*``, ``optimizer.*``).
+        info: The JSON part (``epoch``, ``config``, ``classes``, ``scheduler``,
+            ``scaler``, ``optimizer`` groups, ``progress``...).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    info: dict[str, Any]
+
+    def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors under ``prefix.``, with the prefix removed."""
+        cut = len(prefix) + 1
+        return {k[cut:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
+
+
+def flatten_optimizer_state(
+    state_dict: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors and JSON-ready values.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.AdamW([p]); p.grad = torch.ones(2); opt.step()
+        >>> tensors, rest = flatten_optimizer_state(opt.state_dict())
+        >>> sorted(tensors)
+        ['0.exp_avg', '0.exp_avg_sq', '0.step']
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, values in state_dict["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(
+    tensors: dict[str, torch.Tensor], rest: dict[str, Any]
+) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state`, ready for ``optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        pid, _, key = name.partition(".")
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in rest.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(values)
+    groups = []
+    for group in rest["param_groups"]:
+        # JSON turns tuples into lists; torch's optimizers unpack betas either way,
+        # but keep the saved types equal to a fresh optimizer's.
+        groups.append({k: tuple(v) if k == "betas" else v for k, v in group.items()})
+    return {"state": state, "param_groups": groups}
+
+
+def save_train_state(
+    run_dir: str | Path, tensors: dict[str, torch.Tensor], info: dict[str, Any]
+) -> None:
+    """Write the resume state, tensors first, each file atomically.
+
+    The epoch number goes into both files, so a reader can tell a torn pair
+    (a crash between the two renames) from a consistent one.
+    """
+    run_dir = Path(run_dir)
+    epoch = str(info["epoch"])
+    blob = save_safetensors_bytes(
+        {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+        metadata={"epoch": epoch, "format_version": str(STATE_FORMAT_VERSION)},
+    )
+    atomic_write_bytes(run_dir / STATE_TENSORS_FILE, blob)
+    write_json(run_dir / STATE_JSON_FILE, {"format_version": STATE_FORMAT_VERSION, **info})
+
+
+def load_train_state(run_dir: str | Path) -> TrainState:
+    """Read a run's resume state.
+
+    Raises:
+        CheckpointError: missing, unreadable or inconsistent files, naming the folder.
+    """
+    run_dir = Path(run_dir)
+    json_path = run_dir / STATE_JSON_FILE
+    tensor_path = run_dir / STATE_TENSORS_FILE
+    if not run_dir.is_dir():
+        raise CheckpointError(f"--resume {run_dir}: folder not found")
+    if not json_path.is_file() or not tensor_path.is_file():
+        raise CheckpointError(
+            f"--resume {run_dir}: no {STATE_JSON_FILE} / {STATE_TENSORS_FILE}; not a run "
+            f"that finished at least one epoch"
+        )
+    try:
+        info = json.loads(json_path.read_text(encoding="utf-8"))
+        with safe_open(str(tensor_path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, ValueError) as exc:
+        raise CheckpointError(f"--resume {run_dir}: unreadable resume state ({exc})") from exc
+    if not isinstance(info, dict) or info.get("format_version") != STATE_FORMAT_VERSION:
+        raise CheckpointError(f"--resume {run_dir}: {STATE_JSON_FILE} has an unknown format")
+    if metadata.get("epoch") != str(info.get("epoch")):
+        raise CheckpointError(
+            f"--resume {run_dir}: {STATE_TENSORS_FILE} (epoch {metadata.get('epoch')}) and "
+            f"{STATE_JSON_FILE} (epoch {info.get('epoch')}) disagree; the run was interrupted "
+            f"while saving"
+        )
+    return TrainState(tensors=tensors, info=info)

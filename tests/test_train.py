@@ -1,0 +1,368 @@
+"""Training on small synthetic worlds with test_convnext: accuracy, balancing, early stopping,
+resume, corrupt images, metrics, the checkpoint it leaves; bad input; the command; folds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hybridcls.cli import main
+from hybridcls.data import load_image
+from hybridcls.errors import CheckpointError, DatasetError, InputError
+from hybridcls.supervised import build_eval_transform, load_checkpoint
+from hybridcls.synth import make_world
+from hybridcls.train import (
+    FOLDS_FILE,
+    METRICS_CSV,
+    METRICS_JSON,
+    REPORT_FILE,
+    BalancedSampler,
+    TrainConfig,
+    Trainer,
+    make_folds,
+    resolve_training_data,
+    train,
+)
+
+# Small, fast and still learnable: test_convnext from scratch on 32 px images.
+FAST = {
+    "model": "test_convnext",
+    "pretrained": False,
+    "image_size": 32,
+    "workers": 0,
+    "progress": False,
+}
+
+
+def _world(factory, seed: int, classes: int, per_class: tuple[int, int]):
+    return make_world(
+        factory.mktemp("w") / "world",
+        seed=seed,
+        n_classes=classes + 1,
+        n_unseen=1,
+        train_per_class=per_class,
+        test_per_class=1,
+        image_size=32,
+    )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """8 seen classes, 20 to 30 training images each, 32 px."""
+    return _world(tmp_path_factory, 0, 8, (20, 30))
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """4 seen classes, 8 to 10 training images each, 32 px."""
+    return _world(tmp_path_factory, 1, 4, (8, 10))
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    # From scratch, so every stage trains (freezing random layers only slows learning).
+    return train(
+        world.train_dir, run_dir, epochs=8, batch_size=16, lr=3e-3, dropout=0.2, freeze=None, **FAST
+    )
+
+
+def test_short_run_is_clearly_above_chance(trained):
+    chance = 1 / len(trained.classes)  # 8 classes: 12.5%
+    assert len(trained.classes) == 8
+    assert trained.val_accuracy >= 0.4 > 3 * chance  # 63% when written
+    assert trained.epochs_run == 8
+
+
+def test_run_reports_every_epoch(trained):
+    run = trained.run_dir
+    records = json.loads((run / METRICS_JSON).read_text())["epochs"]
+    assert [r["epoch"] for r in records] == list(range(1, 9))
+    for r in records:
+        assert {"train_loss", "train_acc", "val_loss", "lr", "images_per_sec", "time_s"} <= set(r)
+        assert set(r["val_acc_per_class"]) == set(trained.classes)
+    # The cosine schedule decays the learning rate over the run.
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == pytest.approx(3e-3) and lrs == sorted(lrs, reverse=True)
+    with open(run / METRICS_CSV, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and f"val_acc/{trained.classes[0]}" in rows[0]
+    assert float(rows[-1]["val_acc"]) == pytest.approx(records[-1]["val_acc"])
+    report = json.loads((run / REPORT_FILE).read_text())
+    assert report["best_epoch"] == trained.best_epoch and report["skipped_images"] == []
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_reproduces_the_reported_validation_accuracy(trained, world):
+    model, config = load_checkpoint(trained.run_dir)
+    assert config["classes"] == trained.classes == sorted(p.name for p in world.train_dir.iterdir())
+    assert config["train"]["epochs"] == 8 and config["weights"]["source"] == "none"
+    assert config["data_dir"] == str(world.train_dir)
+    assert config["split"] == {"method": "val_split", "fraction": 0.15, "seed": 0}
+    val = resolve_training_data(world.train_dir, TrainConfig(**FAST)).val
+    transform = build_eval_transform(config)
+    images = torch.stack([transform(load_image(path)) for path, _ in val])
+    with torch.no_grad():
+        preds = model(images).argmax(1).tolist()
+    accuracy = sum(p == label for p, (_, label) in zip(preds, val)) / len(val)
+    best = next(r for r in trained.history if r["epoch"] == trained.best_epoch)
+    assert accuracy == pytest.approx(best["val_acc"]) == pytest.approx(trained.val_accuracy)
+
+
+def test_balanced_sampler_draws_classes_evenly():
+    labels = [0] * 300 + [1] * 60 + [2] * 15  # 20:4:1 imbalance
+    sampler = BalancedSampler(labels, "sampler", seed=0)
+    sampler.set_epoch(0)
+    counts = Counter(labels[i] for i in sampler)
+    assert sum(counts.values()) == len(labels)
+    assert all(abs(counts[c] - 125) <= 25 for c in range(3)), counts  # 125 each, within 20%
+
+    over = BalancedSampler(labels, "oversample", seed=0)
+    over.set_epoch(0)
+    drawn = list(over)
+    assert Counter(labels[i] for i in drawn) == {0: 300, 1: 300, 2: 300}
+    assert len({i for i in drawn if labels[i] == 2}) == 15  # every image of the small class used
+
+    plain = BalancedSampler(labels, "none", seed=0)
+    plain.set_epoch(0)
+    assert sorted(plain) == list(range(len(labels)))
+
+    # The order depends on the epoch (and only on seed + epoch).
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.set_epoch(0)
+    again = BalancedSampler(labels, "sampler", seed=0)
+    again.set_epoch(1)
+    assert first == list(again) != list(sampler)
+
+
+def test_early_stopping_stops_and_keeps_the_best_epoch(tiny_world, tmp_path, monkeypatch):
+    losses = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.4, 0.3])
+    best_weights = {}
+    original = Trainer._validate
+
+    def scripted(self):
+        out = original(self)
+        out["val_loss"] = next(losses)
+        if self.epoch + 1 == 2:
+            best_weights.update({k: v.clone() for k, v in self.model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(Trainer, "_validate", scripted)
+    result = train(tiny_world.train_dir, tmp_path / "run", epochs=7, batch_size=8, **FAST)
+    assert result.stopped_early and result.epochs_run == 5  # patience 3 after the best epoch 2
+    assert result.best_epoch == 2 and result.best_val_loss == 0.5
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(saved[k], best_weights[k]) for k in best_weights)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_world, tmp_path):
+    # MixUp (NumPy RNG), RandAugment (Python RNG), random erasing and dropout (torch RNG),
+    # EMA, warmup and the cosine schedule all have to resume exactly.
+    options = dict(
+        epochs=3,
+        batch_size=8,
+        mixup=0.4,
+        ema=True,
+        ema_decay=0.9,
+        warmup_epochs=1,
+        randaugment="rand-m9-mstd0.5",
+        random_erasing=0.25,
+        **FAST,
+    )
+    straight = train(tiny_world.train_dir, tmp_path / "straight", **options)
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(tiny_world.train_dir, tmp_path / "resumed", on_epoch_end=stop_after_first, **options)
+    assert json.loads((tmp_path / "resumed" / "train_state.json").read_text())["epoch"] == 1
+    resumed = train(tiny_world.train_dir, resume=tmp_path / "resumed", workers=0)
+
+    assert resumed.epochs_run == straight.epochs_run == 3
+    for name in ("model.safetensors", "train_state.safetensors"):
+        a = load_file(tmp_path / "straight" / name)
+        b = load_file(tmp_path / "resumed" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key}"
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in straight.history]
+
+
+def test_corrupt_images_are_reported_and_skipped(tiny_world, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world.train_dir, data)
+    first, second = sorted(p for p in data.iterdir())[:2]
+    good = next(first.glob("*.png"))
+    (first / "truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (second / "not_an_image.png").write_text("hello")
+    (second / "empty.png").write_bytes(b"")
+    # balance="none": every training image is drawn exactly once per epoch.
+    result = train(
+        data, tmp_path / "run", epochs=1, batch_size=8, val_split=0.3, balance="none", **FAST
+    )
+    skipped = {Path(s["path"]).name: s["reason"] for s in result.skipped_images}
+    assert set(skipped) == {"truncated.png", "not_an_image.png", "empty.png"}
+    assert "not an image" in skipped["not_an_image.png"] and "empty" in skipped["empty.png"]
+    report = json.loads((tmp_path / "run" / REPORT_FILE).read_text())
+    assert {Path(s["path"]).name for s in report["skipped_images"]} == set(skipped)
+    assert result.epochs_run == 1 and (tmp_path / "run" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- bad input, command, folds
+
+FAST_FLAGS = ["--model=test_convnext", "--no-pretrained", "--image-size=32", "--workers=0", "-q"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_world, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    train(tiny_world.train_dir, run_dir, epochs=1, **FAST)
+    return run_dir
+
+
+@pytest.fixture
+def data(tiny_world, tmp_path):
+    """A private copy of the world's training folder, to break."""
+    return Path(shutil.copytree(tiny_world.train_dir, tmp_path / "data"))
+
+
+def _no_run(path: Path) -> bool:
+    return not (path / "metrics.json").exists() and not (path / "train_state.json").exists()
+
+
+def test_empty_class_folder(data, tmp_path):
+    (data / "zebra").mkdir()
+    with pytest.raises(DatasetError, match="empty class folder: .*zebra"):
+        train(data, tmp_path / "out", **FAST)
+    assert _no_run(tmp_path / "out")
+
+
+def test_one_class(data, tmp_path):
+    for folder in sorted(data.iterdir())[1:]:
+        shutil.rmtree(folder)
+    with pytest.raises(DatasetError, match="at least 2 classes, found 1 in .*data"):
+        train(data, tmp_path / "out", **FAST)
+    assert _no_run(tmp_path / "out")
+
+
+def test_class_name_that_is_not_a_valid_label(data, tmp_path):
+    first = min(data.iterdir())
+    first.rename(data / "cat ")
+    with pytest.raises(DatasetError, match="'.*cat ' is not a valid label"):
+        train(data, tmp_path / "out", **FAST)
+    assert _no_run(tmp_path / "out")
+
+
+def test_validation_split_that_leaves_a_class_without_images(data, tmp_path):
+    source = next(data.rglob("*.png"))
+    lonely = data / "lonely"
+    lonely.mkdir()
+    shutil.copy(source, lonely / "only.png")
+    with pytest.raises(DatasetError, match="class 'lonely' .*--val-split"):
+        train(data, tmp_path / "out", **FAST)
+    assert _no_run(tmp_path / "out")
+
+
+def test_validation_folder_with_a_class_training_lacks(data, tmp_path):
+    val = tmp_path / "val"
+    source = next(data.rglob("*.png"))
+    for name in ("a_new_class", source.parent.name):
+        (val / name).mkdir(parents=True)
+        shutil.copy(source, val / name / "x.png")
+    with pytest.raises(
+        DatasetError, match=r"--val .*'a_new_class' is not a class of the training folder"
+    ):
+        train(data, tmp_path / "out", val_dir=str(val), **FAST)
+    assert _no_run(tmp_path / "out")
+
+
+def test_option_errors_name_the_flag(data, tmp_path):
+    with pytest.raises(InputError, match="--weights and --no-pretrained"):
+        TrainConfig(weights="w.safetensors", pretrained=False)
+    with pytest.raises(InputError, match="--balance"):
+        train(data, tmp_path / "out", balance="smote", **FAST)
+    with pytest.raises(InputError, match="--freeze 9"):
+        train(data, tmp_path / "out", freeze=9, **FAST)
+    with pytest.raises(InputError, match="unknown training option"):
+        train(data, tmp_path / "out", epochz=3, **FAST)
+    assert _no_run(tmp_path / "out")
+
+
+def test_output_that_already_holds_a_run(tiny_world, finished_run):
+    with pytest.raises(InputError, match="--output .*already holds a training run.*--resume"):
+        train(tiny_world.train_dir, finished_run, **FAST)
+
+
+def test_resume_from_a_different_model_or_class_list(tiny_world, data, finished_run):
+    state = (finished_run / "train_state.json").read_bytes()
+    with pytest.raises(
+        CheckpointError, match=r"--resume .*model='test_convnext', not 'test_resnet' \(--model\)"
+    ):
+        train(tiny_world.train_dir, resume=finished_run, model="test_resnet")
+    shutil.rmtree(min(data.iterdir()))
+    with pytest.raises(CheckpointError, match=r"--resume .*4 classes, the folder .*data has 3"):
+        train(data, resume=finished_run)
+    with pytest.raises(CheckpointError, match="--resume .*no train_state.json"):
+        train(tiny_world.train_dir, resume=data)
+    assert (finished_run / "train_state.json").read_bytes() == state
+
+
+def _cli(*args: object) -> int:
+    return main(["train", *map(str, args)])
+
+
+def test_cli_trains_resumes_and_reports_errors(tiny_world, tmp_path, capsys):
+    data, run_dir = tiny_world.train_dir, tmp_path / "run"
+    assert _cli(data, "--output", run_dir, "--epochs", 1, *FAST_FLAGS) == 0
+    out = capsys.readouterr().out
+    assert "epoch  1/1  train loss" in out and "best epoch 1/1" in out
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"]["name"] == "test_convnext.r160_in1k"
+
+    assert _cli(tmp_path / "missing", "--output", tmp_path / "o2", *FAST_FLAGS) == 2
+    assert "training folder not found" in capsys.readouterr().err
+    assert _cli(data, "--resume", run_dir, "--lr", 0.1, "-q") == 2
+    assert "(--lr)" in capsys.readouterr().err
+    assert _cli(data, *FAST_FLAGS) == 2
+    assert "--output RUN_DIR is required" in capsys.readouterr().err
+
+
+def test_folds_report_mean_and_spread(tiny_world, tmp_path, capsys):
+    out = tmp_path / "cv"
+    assert (
+        _cli(tiny_world.train_dir, "--output", out, "--folds", 2, "--epochs", 1, *FAST_FLAGS) == 0
+    )
+    summary = json.loads((out / FOLDS_FILE).read_text())
+    accuracies = [f["val_accuracy"] for f in summary["folds"]]
+    assert summary["k"] == 2 and len(accuracies) == 2
+    assert summary["mean_val_accuracy"] == pytest.approx(np.mean(accuracies))
+    assert summary["std_val_accuracy"] == pytest.approx(np.std(accuracies))
+    assert (out / "fold_1" / "model.safetensors").exists()
+    assert (out / "fold_2" / "model.safetensors").exists()
+    assert "2 folds: val acc" in capsys.readouterr().out
+
+
+def test_folds_are_stratified_and_partition_the_images(tiny_world):
+    folds = make_folds(tiny_world.train_dir, 3, seed=0)
+    all_val = [path for fold in folds for path, _ in fold.val]
+    assert len(all_val) == len(set(all_val)) == len(folds[0].train) + len(folds[0].val)
+    for fold in folds:
+        assert {label for _, label in fold.val} == set(range(len(fold.classes)))
+        assert not {p for p, _ in fold.val} & {p for p, _ in fold.train}
+    with pytest.raises(DatasetError, match="fewer than --folds 20"):
+        make_folds(tiny_world.train_dir, 20, seed=0)
