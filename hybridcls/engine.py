@@ -12,10 +12,22 @@ The CLIP image tower can be spent only where it is needed: ``clip="all"``
 runs it on every image, ``clip="none"`` on none, and a callable receives the
 supervised outputs of a batch and returns the mask of images to encode
 (lazy zero-shot, the cascade).
+
+On CUDA the engine can also decode JPEG files on the GPU (``decode="device"``):
+the workers only read the bytes and the header, ``torchvision.io.decode_jpeg``
+decodes the batch on the device, and the same geometry runs on the decoded
+tensors (antialiased tensor resize, so pixels differ slightly from PIL's).
+Any file the device decoder refuses falls back to the CPU decoder; a file
+that fails both becomes an error row like everywhere else. ``compile=True``
+wraps both towers in ``torch.compile`` with fixed batch shapes (short
+batches are padded). A batch the device cannot hold is run in halves, with
+a warning naming ``--batch-size``; one image that does not fit is an error.
 """
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,23 +36,41 @@ from typing import Any, Union
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import Compose, Normalize
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
-from hybridcls.data import Source, make_loader
+from hybridcls.data import (
+    DEFAULT_MAX_PIXELS,
+    ImageDataset,
+    Sample,
+    Source,
+    decode_image_bytes,
+    load_image,
+    make_loader,
+)
+from hybridcls.errors import ImageDecodeError, InputError
 
 __all__ = [
+    "DECODERS",
     "ClipPolicy",
+    "EncodedBatch",
+    "EncodedDataset",
     "EngineBatch",
     "InferenceEngine",
     "View",
     "ViewsTransform",
+    "collate_encoded",
     "split_transform",
 ]
 
 # What decides, per batch, which images the CLIP tower sees.
 ClipPolicy = Union[str, Callable[[np.ndarray, np.ndarray], np.ndarray]]
+
+#: Where images are decoded: ``"cpu"`` (PIL in the workers) or ``"device"`` (JPEG on the engine's device).
+DECODERS = ("cpu", "device")
 
 _TO_TENSOR_NAMES = ("ToTensor", "MaybeToTensor", "PILToTensor", "ToImage")
 _MODE_NAMES = ("MaybeConvertMode", "_convert_to_rgb", "function")
@@ -92,6 +122,78 @@ class ViewsTransform:
         return tuple(pil_to_tensor(g(image)) for g in self.geometries)
 
 
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@dataclass
+class EncodedBatch:
+    """A batch for device decoding: per decoded row, either its JPEG bytes or its CPU views.
+
+    Attributes:
+        indices: Every dataset index of the batch, in order.
+        ok: Indices of the readable inputs, in order.
+        errors: Index -> reason for each input that could not be read.
+        items: Aligned with ``ok``: a 1-D ``uint8`` tensor of JPEG bytes (to decode on the
+            device) or a tuple of ``uint8`` view tensors (already decoded on the CPU).
+    """
+
+    indices: list[int]
+    ok: list[int]
+    errors: dict[int, str]
+    items: list[Any]
+
+
+class EncodedDataset(ImageDataset):
+    """Read JPEG files as bytes for device decoding; decode anything else with PIL here.
+
+    The header is read (cheap) so that the pixel limit still applies before
+    decoding, and so that only what the device decoder handles is sent to it:
+    baseline/progressive JPEG in RGB or greyscale. CMYK, other formats and
+    unreadable headers take the CPU path, whose errors become rows.
+    """
+
+    def __getitem__(self, index: int) -> Sample:
+        source = self.sources[index]
+        if source.error is not None:
+            return Sample(index, None, source.error)
+        data = b""
+        try:
+            with open(source.path, "rb") as f:
+                data = f.read()
+            if data[:3] == _JPEG_MAGIC:
+                with Image.open(io.BytesIO(data)) as im:
+                    w, h = im.size
+                    if im.format == "JPEG" and im.mode in ("RGB", "L") and (
+                            self.max_pixels is None or w * h <= self.max_pixels):
+                        return Sample(index, torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        except OSError:
+            pass  # the CPU decoder below gives the precise reason
+        try:
+            image = (decode_image_bytes(data, source.path, max_pixels=self.max_pixels) if data
+                     else load_image(source.path, max_pixels=self.max_pixels))
+        except ImageDecodeError as err:
+            return Sample(index, None, err.reason)
+        return Sample(index, self.transform(image))
+
+
+def collate_encoded(samples: Sequence[Sample]) -> EncodedBatch:
+    """Gather :class:`EncodedDataset` samples (mixed bytes and views) into an :class:`EncodedBatch`."""
+    good = [s for s in samples if s.image is not None]
+    return EncodedBatch(
+        indices=[s.index for s in samples],
+        ok=[s.index for s in good],
+        errors={s.index: s.error or "unknown error" for s in samples if s.image is None},
+        items=[s.image for s in good],
+    )
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 @dataclass
 class EngineBatch:
     """Both branches' raw outputs for one batch; arrays have one row per ``ok`` index.
@@ -121,10 +223,15 @@ class InferenceEngine:
         batch_size: Images per batch.
         workers: Decoding processes.
         amp: Autocast dtype on CUDA (``"bf16"``, ``"fp16"``) or ``"off"``.
+        compile: Wrap both towers in ``torch.compile`` (fixed shapes: short
+            batches are padded to ``batch_size``).
+        decode: ``"cpu"`` (PIL in the workers) or ``"device"`` (JPEG decoded on
+            ``device`` by ``torchvision.io.decode_jpeg``, CPU fallback per file).
 
     Attributes:
         clip_images_encoded: How many images the CLIP image tower has encoded
             (lazy routing and the cascade are checked against it).
+        device_decoded: How many images the device decoder has decoded.
 
     Example:
         >>> engine = InferenceEngine(supervised=model, sup_transform=tf, clip=zs)  # doctest: +SKIP
@@ -142,16 +249,27 @@ class InferenceEngine:
         batch_size: int = 64,
         workers: int = 0,
         amp: str = "bf16",
+        compile: bool = False,
+        decode: str = "cpu",
     ) -> None:
         if supervised is None and clip is None:
             raise ValueError("InferenceEngine needs at least one of supervised= or clip=")
+        if decode not in DECODERS:
+            raise InputError(f"--decode {decode!r}: expected one of {', '.join(DECODERS)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"--batch-size {batch_size!r}: expected a positive integer")
         self.device = torch.device(device)
         self.supervised = supervised
         self.clip = clip
         self.batch_size = batch_size
         self.workers = workers
         self.amp = amp
+        self.compile = compile
+        self.decode = decode
         self.clip_images_encoded = 0
+        self.device_decoded = 0
+        # Rows per forward pass; lowered (and said so) when the device runs out of memory.
+        self._rows = batch_size
         views: list[View] = []
         if supervised is not None:
             views.append(split_transform(sup_transform))
@@ -167,8 +285,20 @@ class InferenceEngine:
              torch.tensor(v.std, device=self.device).view(1, 3, 1, 1) * 255)
             for v in views
         ]
+        self._sup_forward = supervised.forward_with_features if supervised is not None else None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+            if supervised is not None:
+                supervised.to(memory_format=torch.channels_last)
+        if compile:
+            # dynamic=False: one graph per batch shape, and every batch is padded to one shape.
+            if supervised is not None:
+                self._sup_forward = torch.compile(supervised.forward_with_features, dynamic=False)
+            if clip is not None:
+                model = clip.bundle_.model
+                # An instance attribute shadows the method, so the classifier's own
+                # encode_images (used below) runs the compiled graph too.
+                model.encode_image = torch.compile(model.encode_image, dynamic=False)
 
     # Index of each tower in ``self._views``.
     @property
@@ -193,16 +323,106 @@ class InferenceEngine:
         dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(device_type="cuda", dtype=dtype)
 
-    def _run_supervised(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _sup_fn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode(), self._autocast():
-            logits, feats = self.supervised.forward_with_features(x)
-        return logits.float().cpu().numpy(), feats.float().cpu().numpy()
+            logits, feats = self._sup_forward(x)
+        return logits.float(), feats.float()
+
+    def _clip_fn(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.clip.encode_images(x),)
+
+    def _call(self, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor
+              ) -> tuple[torch.Tensor, ...]:
+        """``fn`` over ``x`` in chunks of ``self._rows``, padded when compiled, halved on out-of-memory."""
+        while True:
+            try:
+                parts = [self._padded(fn, chunk) for chunk in x.split(self._rows)]
+                return tuple(torch.cat(p) for p in zip(*parts))
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not _is_oom(err):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self._rows == 1:
+                    raise InputError(
+                        f"out of memory on {self.device} with one image per forward pass (--batch-size "
+                        f"{self.batch_size}): the models do not fit this device; try --device cpu") from None
+                self._rows = max(1, min(self._rows, len(x)) // 2)
+                warnings.warn(
+                    f"out of memory on {self.device} at --batch-size {self.batch_size}: running the "
+                    f"models on {self._rows} images at a time; pass a smaller --batch-size to skip "
+                    "this retry", RuntimeWarning, stacklevel=2)
+
+    def _padded(self, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        n = len(x)
+        if not self.compile or n == self._rows:
+            return tuple(o.cpu() for o in fn(x))
+        # Fixed shapes: a compiled graph would otherwise recompile for every short batch.
+        pad = x.new_zeros((self._rows - n, *x.shape[1:]))
+        return tuple(o[:n].cpu() for o in fn(torch.cat([x, pad])))
+
+    def _run_supervised(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        logits, feats = self._call(self._sup_fn, x)
+        return logits.numpy(), feats.numpy()
 
     def _run_clip(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         self.clip_images_encoded += len(x)
-        emb = self.clip.encode_images(x)
+        (emb,) = self._call(self._clip_fn, x)
         logits = self.clip.logits_from_embeddings(emb)
-        return emb.cpu().numpy(), logits.cpu().numpy()
+        return emb.numpy(), logits.cpu().numpy()
+
+    def _loader(self, sources: Sequence[Source]) -> DataLoader:
+        if self.decode == "cpu":
+            return make_loader(sources, self._transform, batch_size=self.batch_size,
+                               workers=self.workers, pin_memory=self.device.type == "cuda")
+        return DataLoader(EncodedDataset(sources, self._transform, max_pixels=DEFAULT_MAX_PIXELS),
+                          batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
+                          collate_fn=collate_encoded)
+
+    def _decode_on_device(self, batch: EncodedBatch, sources: Sequence[Source]
+                          ) -> tuple[list[int], dict[int, str], tuple[torch.Tensor, ...]]:
+        """Decode a batch's JPEG bytes on the device; refused files go to the CPU decoder.
+
+        Returns:
+            ``(ok, errors, views)``: the rows decoded, new error rows, one stacked
+            ``uint8`` tensor per geometry on the device, aligned with ``ok``.
+        """
+        pos = [j for j, it in enumerate(batch.items) if not isinstance(it, tuple)]
+        decoded: dict[int, torch.Tensor] = {}
+        if pos:
+            datas = [batch.items[j] for j in pos]
+            try:
+                # One batched call: nvjpeg decodes the whole batch at once on CUDA.
+                images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device,
+                                     apply_exif_orientation=True)
+                decoded = dict(zip(pos, images))
+            except RuntimeError:
+                for j, d in zip(pos, datas):  # find the culprit(s); the rest stay on the device
+                    try:
+                        decoded[j] = decode_jpeg(d, mode=ImageReadMode.RGB, device=self.device,
+                                                 apply_exif_orientation=True)
+                    except RuntimeError:
+                        pass
+        ok: list[int] = []
+        errors: dict[int, str] = {}
+        rows: list[tuple[torch.Tensor, ...]] = []
+        for j, (idx, item) in enumerate(zip(batch.ok, batch.items)):
+            if isinstance(item, tuple):
+                rows.append(tuple(v.to(self.device, non_blocking=True) for v in item))
+            elif j in decoded:
+                self.device_decoded += 1
+                rows.append(tuple(g(decoded[j]) for g in self._transform.geometries))
+            else:
+                try:  # the CPU decoder takes what the device decoder refused
+                    image = decode_image_bytes(item.numpy().tobytes(), sources[idx].path)
+                except ImageDecodeError as err:
+                    errors[idx] = err.reason
+                    continue
+                rows.append(tuple(v.to(self.device) for v in self._transform(image)))
+            ok.append(idx)
+        views = tuple(torch.stack(parts) for parts in zip(*rows)) if rows else ()
+        return ok, errors, views
 
     def iter_batches(
         self,
@@ -214,6 +434,9 @@ class InferenceEngine:
     ) -> Iterator[EngineBatch]:
         """Stream both branches' outputs, one :class:`EngineBatch` per batch, in input order.
 
+        Memory stays flat: each batch is yielded (and may be written out) before
+        the next is decoded.
+
         Args:
             sources: Inputs from :func:`~hybridcls.data.expand_inputs`.
             clip: ``"all"``, ``"none"``, or ``f(sup_logits, sup_features) -> bool mask``
@@ -221,18 +444,19 @@ class InferenceEngine:
             progress: Show a progress bar on stderr.
             desc: The bar's label.
         """
-        loader = make_loader(
-            sources, self._transform, batch_size=self.batch_size, workers=self.workers,
-            pin_memory=self.device.type == "cuda",
-        )
         if self.supervised is not None:
             self.supervised.eval()
         bar = tqdm(total=len(sources), unit="img", desc=desc, disable=not progress)
-        for batch in loader:
-            out = EngineBatch(indices=list(batch.indices), ok=list(batch.ok), errors=dict(batch.errors))
-            n = len(batch.ok)
-            if n:
+        for batch in self._loader(sources):
+            if isinstance(batch, EncodedBatch):
+                ok, late, images = self._decode_on_device(batch, sources)
+                errors = {**batch.errors, **late}
+            else:
+                ok, errors = list(batch.ok), dict(batch.errors)
                 images = batch.images if isinstance(batch.images, tuple) else (batch.images,)
+            out = EngineBatch(indices=list(batch.indices), ok=ok, errors=errors)
+            n = len(ok)
+            if n:
                 if self.supervised is not None:
                     out.sup_logits, out.sup_features = self._run_supervised(
                         self._on_device(images, self._sup_view))
@@ -247,7 +471,7 @@ class InferenceEngine:
                     out.clip_logits = np.full((n, c), np.nan, dtype=np.float32)
                     if mask.any():
                         sel = torch.from_numpy(np.flatnonzero(mask))
-                        x = self._on_device(tuple(im[sel] for im in images), self._clip_view)
+                        x = self._on_device(tuple(im[sel.to(im.device)] for im in images), self._clip_view)
                         emb, logits = self._run_clip(x)
                         out.clip_embeddings[mask] = emb
                         out.clip_logits[mask] = logits

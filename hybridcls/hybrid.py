@@ -38,7 +38,9 @@ from hybridcls.gate import (
     FusionResult,
     GateCalibration,
     apply_transductive,
+    cascade_keep,
     finalize,
+    fit_cascade,
     fuse,
     leave_classes_out,
     route,
@@ -153,6 +155,11 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         unseen_only: Hard routing: zero-shot over the unseen classes only (None = calibrated).
         unknown_threshold: Answer ``unknown`` when neither branch's top
             probability reaches it (None = calibrated, off by default).
+        cascade: For gates that read CLIP's outputs: run CLIP only on images whose
+            supervised confidence is at or below the calibrated ``cascade_msp``;
+            the others are decided by the supervised branch alone.
+        compile: ``torch.compile`` both towers (fixed batch shapes).
+        decode: ``"cpu"`` or ``"device"`` (JPEG decoded on the GPU, CPU fallback).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         batch_size: Images per batch.
         workers: Decoding processes.
@@ -185,6 +192,9 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         mode: str | None = None,
         unseen_only: bool | None = None,
         unknown_threshold: float | None = None,
+        cascade: bool = False,
+        compile: bool = False,
+        decode: str = "cpu",
         device: str = "auto",
         batch_size: int = 64,
         workers: int = 0,
@@ -200,6 +210,9 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         self.mode = mode
         self.unseen_only = unseen_only
         self.unknown_threshold = unknown_threshold
+        self.cascade = cascade
+        self.compile = compile
+        self.decode = decode
         self.device = device
         self.batch_size = batch_size
         self.workers = workers
@@ -258,7 +271,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = np.array(zs.classes_, dtype=object)
         self.engine_ = InferenceEngine(
             supervised=model, sup_transform=build_eval_transform(config), clip=zs, device=device,
-            batch_size=self.batch_size, workers=self.workers,
+            batch_size=self.batch_size, workers=self.workers, compile=self.compile, decode=self.decode,
         )
         gate_path = run_dir / GATE_FILE
         self.gate_ = GateCalibration.from_json(gate_path) if gate_path.is_file() else None
@@ -335,14 +348,17 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             cal = GateCalibration(score=score, mode="hard", tpr=tpr, method="tpr")
         else:
             raise InputError(f"--method {method!r}: expected 'leave-classes-out' or 'tpr'")
-        inputs = dict(sup_logits=f_va.sup_logits, clip_logits=f_va.clip_logits, n_seen=S,
-                      clip_emb=f_va.clip_embeddings, knn_index=knn)
+        inputs = {"sup_logits": f_va.sup_logits, "clip_logits": f_va.clip_logits, "n_seen": S,
+                      "clip_emb": f_va.clip_embeddings, "knn_index": knn}
         cal = finalize(cal, cal.compute_base_scores(**inputs))
         if test_inputs is not None:
             f_te, _ = self._features(as_sources(test_inputs), "calibrate: test")
             test_scores = cal.compute_score(sup_logits=f_te.sup_logits, clip_logits=f_te.clip_logits,
                                             n_seen=S, clip_emb=f_te.clip_embeddings, knn_index=knn)
             cal = apply_transductive(cal, test_scores, seed=seed)
+        full = fuse(None, sup_logits=f_va.sup_logits, clip_logits=f_va.clip_logits,
+                    gate_score=cal.compute_score(**inputs), calibration=cal, n_seen=S)
+        cal = cal.replace(cascade_msp=fit_cascade(f_va.sup_logits, full.pred))
         self.gate_ = cal
         self.knn_ = knn
         # Kept so that benchmarks can refit other gates on the same held-out outputs.
@@ -365,11 +381,26 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         return self.gate_.replace(**overrides) if overrides else self.gate_
 
     def _clip_policy(self, gate: GateCalibration):
-        """Lazy zero-shot: a hard gate on supervised scores runs CLIP only on routed images."""
+        """Which images CLIP encodes: lazy zero-shot, the cascade, or all.
+
+        Lazy: a hard gate on supervised scores runs CLIP only on routed images.
+        Cascade (``cascade=True``, a gate that reads CLIP): CLIP runs only where
+        the supervised confidence is at or below ``gate.cascade_msp``.
+        """
         if gate.mode == "hard" and not any(n.startswith("clip") for n in gate.needs):
             def policy(sup_logits: np.ndarray, _features: np.ndarray) -> np.ndarray:
                 return route(gate.compute_score(sup_logits=sup_logits, n_seen=self.n_seen_), gate)
             return policy
+        if self.cascade:
+            if gate.cascade_msp is None:
+                raise CheckpointError(
+                    f"{self.run_dir_}: its {GATE_FILE} has no cascade threshold; run `hybridcls "
+                    "calibrate` again to use --cascade")
+            threshold = gate.cascade_msp
+
+            def cascade(sup_logits: np.ndarray, _features: np.ndarray) -> np.ndarray:
+                return ~cascade_keep(sup_logits, threshold)
+            return cascade
         return "all"
 
     def predict_features(self, features: HybridFeatures) -> FusionResult:
@@ -384,6 +415,17 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             sup_logits=features.sup_logits, clip_logits=features.clip_logits, n_seen=self.n_seen_,
             clip_emb=features.clip_embeddings, knn_index=self.knn_,
         )
+        skipped = np.isnan(features.clip_logits).all(axis=1)
+        if gate.mode != "hard" and skipped.any():
+            # Cascade rows (CLIP skipped): their NaN gate score keeps them in the supervised
+            # branch in hard mode; soft and stacking take those rows from a hard fusion.
+            kept = fuse("hard", sup_logits=features.sup_logits, clip_logits=features.clip_logits,
+                        gate_score=score, calibration=gate, n_seen=self.n_seen_)
+            res = fuse(None, sup_logits=features.sup_logits, clip_logits=features.clip_logits,
+                       gate_score=score, calibration=gate, n_seen=self.n_seen_)
+            for name in ("probs", "branch", "gate_weight", "gate_score"):
+                getattr(res, name)[skipped] = getattr(kept, name)[skipped]
+            return res
         return fuse(None, sup_logits=features.sup_logits, clip_logits=features.clip_logits,
                     gate_score=score, calibration=gate, n_seen=self.n_seen_)
 

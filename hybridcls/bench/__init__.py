@@ -1,4 +1,4 @@
-"""Benchmarks that print figures: ``hybridcls bench quality`` (and ``speed``, later)."""
+"""Benchmarks that print figures: ``hybridcls bench quality`` and ``hybridcls bench speed``."""
 
 from __future__ import annotations
 

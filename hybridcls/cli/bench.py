@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "run_quality", "run_speed"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,6 +26,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     q.add_argument("--workers", type=int, default=0, metavar="N")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(run=run_quality)
+    sp = sub.add_parser("speed", help="images per second: end-to-end, model-only, naive baseline, "
+                                      "GMACs, time to first prediction (random weights, offline)")
+    sp.add_argument("--out", default="hybridcls-bench-speed", metavar="DIR",
+                    help="working folder; speed.json goes here (default: %(default)s)")
+    sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: %(default)s")
+    sp.add_argument("--batch-size", type=int, default=32, metavar="N", help="default: %(default)s")
+    sp.add_argument("--images", type=int, default=64, metavar="N", help="JPEG files to write and read "
+                    "(default: %(default)s)")
+    sp.add_argument("--models", nargs=2, default=None, metavar=("TIMM", "CLIP"),
+                    help="supervised timm model and open_clip model (default: convnext_tiny ViT-B-32; "
+                         "'tiny' = the synthetic world's CLIP)")
+    sp.add_argument("--image-size", type=int, default=224, help="supervised input size (default: %(default)s)")
+    sp.add_argument("--workers", type=int, default=2, metavar="N", help="default: %(default)s")
+    sp.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
+    sp.add_argument("--compile", action="store_true", help="torch.compile both towers")
+    sp.add_argument("--gpu-decode", action="store_true", help="decode JPEG files on the GPU")
+    sp.add_argument("--cascade-share", type=float, default=0.3, metavar="P",
+                    help="share of images the cascade sends to CLIP (default: %(default)s)")
+    sp.add_argument("--quick", action="store_true",
+                    help="CI-sized: test_convnext + tiny CLIP, 16 small images, 64 px, 4 templates")
+    sp.set_defaults(run=run_speed)
     return parser
 
 
@@ -36,6 +58,29 @@ def run_quality(args: argparse.Namespace) -> int:
     print(report.markdown())
     print("\ntimes (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
     print(f"wrote {Path(args.out) / 'quality.md'} and quality.json")
+    return 0
+
+
+def run_speed(args: argparse.Namespace) -> int:
+    from hybridcls.bench.speed import DEFAULT_MODELS, QUICK_MODELS
+    from hybridcls.bench.speed import run_speed as bench
+    from hybridcls.cli import UsageError
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.gpu_decode and args.device != "cuda":
+        raise UsageError("--gpu-decode needs --device cuda")
+    quick = {"images": 16, "size": (160, 120), "image_size": 64,
+                 "templates": ["a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}."]
+                 } if args.quick else {}
+    options = {"images": args.images, "image_size": args.image_size, **quick}
+    models = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
+    report = bench(Path(args.out), device=args.device, batch_size=args.batch_size, models=models,
+                   workers=args.workers, compile=args.compile, gpu_decode=args.gpu_decode,
+                   cascade_share=args.cascade_share, threads=args.threads, **options)
+    print(report.markdown())
+    print(json.dumps(report.info))
+    print(f"wrote {Path(args.out) / 'speed.json'}")
     return 0
 
 

@@ -48,6 +48,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=2, metavar="N",
                    help="image-decoding worker processes (default: %(default)s)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile both towers (fixed batch shapes; pays off on long runs)")
+    g.add_argument("--gpu-decode", action="store_true",
+                   help="decode JPEG files on the GPU (CUDA only; other files use the CPU decoder)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -67,6 +71,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          "without it, predictions are zero-shot only")
     hy.add_argument("--mode", choices=["hard", "soft", "stacking"], default=None,
                     help="override the calibrated decision mode")
+    hy.add_argument("--cascade", action="store_true",
+                    help="run CLIP only where the supervised branch is not already sure "
+                         "(threshold fitted by `hybridcls calibrate`)")
     hy.add_argument("--unknown-threshold", type=float, default=None, metavar="P",
                     help="answer 'unknown' when neither branch's top probability reaches P")
     out = parser.add_argument_group("output")
@@ -115,6 +122,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     if args.topk < 1:
         raise UsageError(f"--topk must be at least 1, got {args.topk}")
+    if getattr(args, "gpu_decode", False) and args.device != "cuda":
+        raise UsageError("--gpu-decode needs --device cuda")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,7 +155,9 @@ def hybrid_from_args(args: argparse.Namespace):
     return HybridClassifier(
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
         templates=args.templates, mode=getattr(args, "mode", None),
-        unknown_threshold=getattr(args, "unknown_threshold", None), device=args.device,
+        unknown_threshold=getattr(args, "unknown_threshold", None),
+        cascade=getattr(args, "cascade", False), compile=getattr(args, "compile", False),
+        decode="device" if getattr(args, "gpu_decode", False) else "cpu", device=args.device,
         batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
         progress=not args.quiet,
     ).load_run(args.checkpoint, args.prompts)

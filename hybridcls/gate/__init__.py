@@ -24,6 +24,7 @@ from hybridcls.gate.calibration import (
     threshold_at_tpr,
     transductive_threshold,
 )
+from hybridcls.gate.cascade import DEFAULT_AGREEMENT, cascade_keep, fit_cascade, max_softmax
 from hybridcls.gate.config import GATE_FILENAME, MODES, GateCalibration
 from hybridcls.gate.fusion import FusionResult, fuse, route, topk
 from hybridcls.gate.knn import EmbeddingKNN
@@ -51,6 +52,10 @@ from hybridcls.gate.scores import (
 )
 
 __all__ = [
+    "DEFAULT_AGREEMENT",
+    "cascade_keep",
+    "fit_cascade",
+    "max_softmax",
     "from_candidate",
     "GATE_FILENAME",
     "INPUTS",

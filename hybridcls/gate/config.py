@@ -55,6 +55,10 @@ class GateCalibration:
             ``transductive`` or ``manual``.
         candidates: Leave-classes-out figures, one dict per candidate setting
             (score, mode, parameters, mean and spread of H over the rounds), best first.
+        cascade_msp: The cascade's threshold on the supervised branch's maximum
+            softmax probability: above it the image is decided by the supervised
+            branch without running CLIP (see :func:`hybridcls.gate.fit_cascade`);
+            ``None`` = not fitted (files written before the cascade read as this).
     """
 
     score: str = "energy"
@@ -71,6 +75,7 @@ class GateCalibration:
     knn_k: int = DEFAULT_KNN_K
     method: str = "tpr"
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    cascade_msp: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -1,0 +1,187 @@
+"""The inference engine keeps its promises: same outputs as each branch alone, every input once
+and in order, CLIP skipped where lazy routing or the cascade keep an image, clear out-of-memory
+errors naming --batch-size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hybridcls.bench.speed import write_jpegs
+from hybridcls.data import expand_inputs, load_image
+from hybridcls.engine import InferenceEngine
+from hybridcls.errors import InputError
+from hybridcls.gate import GateCalibration, fit_cascade, max_softmax
+from hybridcls.hybrid import HybridClassifier
+from hybridcls.supervised import build_eval_transform, build_model
+from hybridcls.supervised.checkpoint import make_checkpoint_config, save_checkpoint
+from tests.imagefactory import make_corrupt_png, make_plain, make_truncated_jpeg, make_zero_byte
+from tests.tinyclip_factory import make_tiny_clip
+
+CLASSES = ["red circle", "green square", "blue star", "yellow moon", "violet ring"]
+SEEN = ["red_circle", "green_square", "blue_star"]
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory) -> HybridClassifier:
+    """A random ``test_convnext`` run (3 seen classes) and a random tiny CLIP (5 classes)."""
+    root = tmp_path_factory.mktemp("engine")
+    torch.manual_seed(0)
+    model, data_cfg = build_model("test_convnext", len(SEEN), weights_source="none", image_size=48,
+                                  head="mlp", dropout=0.0, hidden_dim=32)
+    config = make_checkpoint_config(model, model_name="test_convnext", classes=SEEN, data_config=data_cfg,
+                                    head="mlp", dropout=0.0, hidden_dim=32, weights={"source": "none"})
+    save_checkpoint(root / "run", model, config)
+    clip_dir = make_tiny_clip(root / "clip")
+    return HybridClassifier(clip_model=f"local-dir:{clip_dir}", clip_pretrained=None, prompts=CLASSES,
+                            templates=["a photo of a {}."], device="cpu", batch_size=4,
+                            cache_dir=root / "cache").load_run(root / "run")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list:
+    folder = tmp_path_factory.mktemp("images")
+    write_jpegs(folder, 9, size=(120, 90), seed=1)
+    make_plain(folder, "PNG", "zz_plain")
+    return expand_inputs([folder])
+
+
+def _engine(clf: HybridClassifier, **kw) -> InferenceEngine:
+    return InferenceEngine(supervised=clf.supervised_, sup_transform=build_eval_transform(clf.checkpoint_config_),
+                           clip=clf.zeroshot_, device="cpu", batch_size=4, **kw)
+
+
+def _all(engine: InferenceEngine, sources, **kw):
+    batches = list(engine.iter_batches(sources, **kw))
+    cat = lambda name: np.concatenate([getattr(b, name) for b in batches if b.ok])
+    return batches, cat
+
+
+def test_engine_matches_each_branch_alone(hybrid, images):
+    _batches, cat = _all(_engine(hybrid), images)
+    tf = build_eval_transform(hybrid.checkpoint_config_)
+    with torch.inference_mode():
+        x = torch.stack([tf(load_image(s.path)) for s in images])
+        sup_logits, _ = hybrid.supervised_.eval().forward_with_features(x)
+    np.testing.assert_allclose(cat("sup_logits"), sup_logits.numpy(), rtol=1e-4, atol=1e-4)
+    clip_logits = hybrid.zeroshot_.decision_function(images)
+    np.testing.assert_allclose(cat("clip_logits"), clip_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_input_once_in_order(hybrid, images, tmp_path, workers):
+    bad = [make_truncated_jpeg(tmp_path), make_zero_byte(tmp_path), make_corrupt_png(tmp_path)]
+    sources = list(images[:5]) + expand_inputs([str(p) for p in bad]) + list(images[5:])
+    engine = _engine(hybrid, workers=workers)
+    batches = list(engine.iter_batches(sources))
+    assert [i for b in batches for i in b.indices] == list(range(len(sources)))
+    errors = {i for b in batches for i in b.errors}
+    assert errors == {5, 6, 7}
+    assert [i for b in batches for i in b.ok] == [i for i in range(len(sources)) if i not in errors]
+
+
+def test_device_decode_falls_back_to_cpu_and_keeps_errors(hybrid, images, tmp_path):
+    # On the CPU, decode="device" runs the same code as on CUDA, with torchvision's CPU JPEG decoder.
+    bad = [make_zero_byte(tmp_path), make_corrupt_png(tmp_path)]
+    sources = list(images) + expand_inputs([str(p) for p in bad])
+    engine = _engine(hybrid, decode="device")
+    batches, cat = _all(engine, sources)
+    assert [i for b in batches for i in b.indices] == list(range(len(sources)))
+    assert {i for b in batches for i in b.errors} == {len(images), len(images) + 1}
+    assert engine.device_decoded == 9  # the JPEGs; the PNG took the CPU path
+    _, ref = _all(_engine(hybrid), images)
+    # Tensor resize (antialiased) vs PIL resize: close, not identical.
+    np.testing.assert_allclose(cat("sup_logits"), ref("sup_logits"), atol=0.15)
+
+
+def test_compiled_shapes_are_fixed(hybrid, images, monkeypatch):
+    engine = _engine(hybrid)
+    engine.compile = True  # exercise the padding without paying for a real compile on the CPU
+    seen_rows = []
+    forward = engine._sup_forward
+
+    def spy(x):
+        seen_rows.append(len(x))
+        return forward(x)
+
+    engine._sup_forward = spy
+    _, cat = _all(engine, images)  # 10 images at batch 4: the last batch (2) is padded
+    assert set(seen_rows) == {4}
+    _, ref = _all(_engine(hybrid), images)
+    np.testing.assert_allclose(cat("sup_logits"), ref("sup_logits"), rtol=1e-4, atol=1e-4)
+
+
+def test_out_of_memory_halves_then_names_batch_size(hybrid, images):
+    engine = _engine(hybrid)
+    forward = engine._sup_forward
+
+    def small_device(x):
+        if len(x) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(x)
+
+    engine._sup_forward = small_device
+    with pytest.warns(RuntimeWarning, match="--batch-size 4"):
+        _, cat = _all(engine, images)
+    _, ref = _all(_engine(hybrid), images)
+    np.testing.assert_allclose(cat("sup_logits"), ref("sup_logits"), rtol=1e-4, atol=1e-4)
+
+    def no_device(x):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    engine._sup_forward = no_device
+    with pytest.warns(RuntimeWarning), pytest.raises(InputError, match="--batch-size"):
+        list(engine.iter_batches(images))
+
+
+def test_lazy_and_cascade_skip_clip(hybrid, images):
+    feats = hybrid.extract_features(images)
+    msp = max_softmax(feats.sup_logits)
+    median = float(np.median(msp))
+    original = hybrid.gate_
+    try:
+        # Lazy: a hard gate on a supervised score encodes only the routed images.
+        hybrid.gate_ = GateCalibration(score="msp", mode="hard", threshold=-median, method="manual")
+        before = hybrid.engine_.clip_images_encoded
+        lazy = hybrid.predict_proba(images)
+        assert hybrid.engine_.clip_images_encoded - before == int((msp < median).sum()) < len(images)
+        assert np.allclose(lazy.sum(axis=1), 1.0)
+
+        # Cascade: a CLIP-side soft gate; CLIP runs only at or below the cascade threshold.
+        gate = GateCalibration(score="clip_margin", mode="soft", threshold=0.0, soft_scale=1.0,
+                               method="manual")
+        hybrid.gate_ = gate
+        full = hybrid.predict_proba(images)
+        hybrid.gate_ = gate.replace(cascade_msp=median)
+        hybrid.set_params(cascade=True)
+        before = hybrid.engine_.clip_images_encoded
+        casc = hybrid.predict_proba(images)
+        ran = msp <= median
+        assert hybrid.engine_.clip_images_encoded - before == int(ran.sum()) < len(images)
+        np.testing.assert_allclose(casc[ran], full[ran], rtol=1e-5, atol=1e-6)
+        S = hybrid.n_seen_
+        assert (casc[~ran, S:] == 0).all() and np.allclose(casc[~ran, :S].sum(axis=1), 1.0)
+    finally:
+        hybrid.gate_ = original
+        hybrid.set_params(cascade=False)
+
+
+def test_cascade_threshold_fits_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(400, 3)) * 3
+    full = logits.argmax(axis=1).copy()
+    unsure = max_softmax(logits) < 0.6
+    full[unsure] = 4  # the hybrid sent the unsure ones to an unseen class
+    t = fit_cascade(logits, full)
+    kept = max_softmax(logits) > t
+    assert kept.any() and np.mean(full[kept] == logits.argmax(axis=1)[kept]) >= 0.99
+    gate = GateCalibration(score="clip_margin", threshold=0.0, cascade_msp=t)
+    path = gate.to_json(tmp_path / "gate.json")
+    assert GateCalibration.from_json(path).cascade_msp == t
+    old = json.loads(path.read_text())
+    del old["cascade_msp"]  # a gate.json written before the cascade existed
+    path.write_text(json.dumps(old))
+    assert GateCalibration.from_json(path).cascade_msp is None
