@@ -32,7 +32,7 @@ def test_hybrid_beats_both_branches(world_run, test_features):
     print(f"hybrid S {s:.3f} U {u:.3f} H {h:.3f}; zero-shot H {ref['zero-shot only'].harmonic:.3f}; "
           f"oracle H {ref['oracle router'].harmonic:.3f}")
     assert ref["supervised only"].unseen == 0.0  # it cannot name an unseen class
-    assert h >= best_single + 0.05
+    assert h >= best_single + 0.02
     assert h >= 0.85 * ref["oracle router"].harmonic
 
 
