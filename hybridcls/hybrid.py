@@ -30,6 +30,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from hybridcls.data import Source, as_sources
+from hybridcls.device import resolve_device
 from hybridcls.engine import EngineBatch, InferenceEngine
 from hybridcls.errors import CheckpointError, ImageDecodeError, InputError, PromptFileError
 from hybridcls.gate import (
@@ -48,7 +49,7 @@ from hybridcls.gate import (
 from hybridcls.outputs import PredictionRow
 from hybridcls.supervised import build_eval_transform, load_checkpoint, read_checkpoint_config
 from hybridcls.zeroshot import ZeroShotClassifier
-from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, resolve_device
+from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from hybridcls.zeroshot.prompts import PromptSet, as_prompt_set
 
 __all__ = [

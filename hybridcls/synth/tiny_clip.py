@@ -41,7 +41,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.scheduler import CosineLRScheduler
 
 from hybridcls.synth.render import all_attributes, render
-from hybridcls.synth.world import CAPTION_TEMPLATES, image_rng
+from hybridcls.synth.world import CAPTION_TEMPLATES, image_rng, make_world
 
 __all__ = [
     "TINY_CLIP_DIR",
@@ -124,8 +124,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     # Decay only matrices: gains, biases, embeddings and the logit scale stay free.
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        is_embedding = "embedding" in name or name in {"class_embedding", "visual.class_embedding"}
-        (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -240,7 +239,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     # Imported here: evaluate imports this module for TINY_CLIP_MODEL_ID.
     from hybridcls.synth.evaluate import zero_shot_accuracy
-    from hybridcls.synth.world import make_world
 
     parser = argparse.ArgumentParser(
         prog="python -m hybridcls.synth.tiny_clip",

@@ -33,6 +33,7 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from hybridcls.data import Batch
+from hybridcls.device import resolve_device
 from hybridcls.errors import CheckpointError, DatasetError, InputError
 from hybridcls.supervised import (
     CONFIG_FILE,
@@ -106,25 +107,6 @@ class TrainResult:
         if self.skipped_images:
             line += f"; {len(self.skipped_images)} image(s) skipped, see {REPORT_FILE}"
         return f"{line}; checkpoint in {self.run_dir}"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; any other name is checked.
-
-    Raises:
-        InputError: the device does not exist here (names ``--device``).
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        raise InputError(f"--device {name!r}: not a device name ({exc})") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {name}: MPS is not available here; use --device cpu")
-    return device
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

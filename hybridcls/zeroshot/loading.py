@@ -38,6 +38,7 @@ from open_clip.factory import _find_checkpoint_in_dir, parse_model_name
 from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
 
 from hybridcls.cache import file_fingerprint, stable_hash
+from hybridcls.device import resolve_device
 from hybridcls.errors import CheckpointError, InputError, WeightsUnavailableError
 
 __all__ = [
@@ -135,29 +136,6 @@ def _hub_offline_scope(offline: bool) -> Iterator[None]:
         yield
     finally:
         constants.HF_HUB_OFFLINE = before
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; refuses CUDA when there is none.
-
-    Example:
-        >>> resolve_device("cpu")
-        device(type='cpu')
-    """
-    if isinstance(device, torch.device):
-        dev = device
-    elif device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise InputError(f"--device {device!r}: not a device name ({exc})") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(
-            f"--device {device}: CUDA is not available on this machine; use --device cpu"
-        )
-    return dev
 
 
 def _short(exc: BaseException, limit: int = 240) -> str:
