@@ -14,7 +14,19 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from hybridcls.errors import HybridclsError
-from hybridcls.zeroshot import ZeroShotClassifier
+from typing import TYPE_CHECKING
 
-__all__ = ["__version__", "HybridclsError", "ZeroShotClassifier"]
+from hybridcls._lazy import lazy_getattr
+from hybridcls.errors import HybridclsError
+
+if TYPE_CHECKING:
+    from hybridcls.hybrid import HybridClassifier
+    from hybridcls.zeroshot import ZeroShotClassifier
+
+__all__ = ["__version__", "HybridClassifier", "HybridclsError", "ZeroShotClassifier"]
+
+# The classifiers import torch and open_clip: resolved on first use (PEP 562).
+__getattr__ = lazy_getattr(__name__, {
+    "HybridClassifier": "hybridcls.hybrid",
+    "ZeroShotClassifier": "hybridcls.zeroshot",
+})
