@@ -28,6 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--seed", type=int, default=0, help="world seed (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=5, help="training epochs (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0, metavar="N", help="decoding workers (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="torch CPU threads (default: %(default)s; the demo's models are tiny, "
+                             "and on a busy machine more threads wait on each other)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
     return parser
@@ -39,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from hybridcls.hybrid import HybridFeatures
     from hybridcls.outputs import open_writer
 
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
     t0 = time.perf_counter()
     world, clf, seconds = prepare_world_run(out, seed=args.seed, epochs=args.epochs,
