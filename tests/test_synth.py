@@ -35,7 +35,10 @@ TRAIN_RANGE = (2, 6)
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     # Full 50-class shape, few images: the structure is what matters here.
     return make_world(
-        tmp_path_factory.mktemp("synth") / "world", seed=0, train_per_class=TRAIN_RANGE, test_per_class=10
+        tmp_path_factory.mktemp("synth") / "world",
+        seed=0,
+        train_per_class=TRAIN_RANGE,
+        test_per_class=10,
     )
 
 
@@ -48,7 +51,9 @@ def _digests(root: Path) -> dict[str, str]:
 
 
 def _small(path: Path, seed: int) -> World:
-    return make_world(path, seed=seed, n_classes=12, n_unseen=3, train_per_class=(2, 4), test_per_class=2)
+    return make_world(
+        path, seed=seed, n_classes=12, n_unseen=3, train_per_class=(2, 4), test_per_class=2
+    )
 
 
 def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
@@ -124,7 +129,9 @@ def test_prompts_and_templates_files(world: World) -> None:
     lines = world.prompts_file.read_text().splitlines()
     names = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
     assert names == list(world.classes)
-    templates = [ln for ln in world.templates_file.read_text().splitlines() if not ln.startswith("#")]
+    templates = [
+        ln for ln in world.templates_file.read_text().splitlines() if not ln.startswith("#")
+    ]
     assert templates and all(t.count("{}") == 1 for t in templates)
 
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from hybridcls.synth.evaluate import zero_shot_accuracy
     from hybridcls.synth.tiny_clip import TINY_CLIP_DIR, TINY_CLIP_MODEL_ID
 
-__all__ = ["make_world", "World", "TINY_CLIP_DIR", "TINY_CLIP_MODEL_ID", "zero_shot_accuracy"]
+__all__ = ["TINY_CLIP_DIR", "TINY_CLIP_MODEL_ID", "World", "make_world", "zero_shot_accuracy"]
 
 # Names whose modules import torch and open_clip: resolved on first access
 # (PEP 562) so that generating a world stays a numpy + PIL affair.

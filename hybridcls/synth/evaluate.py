@@ -58,7 +58,12 @@ def zero_shot_accuracy(
     tokenizer = open_clip.get_tokenizer(model_id)
     model.eval()
     classifier = open_clip.build_zero_shot_classifier(
-        model, tokenizer, list(world.classes), list(templates), num_classes_per_batch=None, device=device
+        model,
+        tokenizer,
+        list(world.classes),
+        list(templates),
+        num_classes_per_batch=None,
+        device=device,
     )
     labels = world.read_labels()
     image_ids = sorted(labels)

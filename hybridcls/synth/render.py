@@ -28,8 +28,8 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "COLOURS",
-    "TEXTURES",
     "SHAPES",
+    "TEXTURES",
     "Attributes",
     "all_attributes",
     "render",
@@ -93,8 +93,20 @@ def _outline(shape: str) -> np.ndarray:
     if shape == "cross":
         w, h = 0.34, 0.95
         return np.array(
-            [[-w, -h], [w, -h], [w, -w], [h, -w], [h, w], [w, w],
-             [w, h], [-w, h], [-w, w], [-h, w], [-h, -w], [-w, -w]],
+            [
+                [-w, -h],
+                [w, -h],
+                [w, -w],
+                [h, -w],
+                [h, w],
+                [w, w],
+                [w, h],
+                [-w, h],
+                [-w, w],
+                [-h, w],
+                [-h, -w],
+                [-w, -w],
+            ],
             dtype=float,
         )
     if shape == "heart":

@@ -44,17 +44,17 @@ from hybridcls.synth.render import all_attributes, render
 from hybridcls.synth.world import CAPTION_TEMPLATES, image_rng, make_world
 
 __all__ = [
+    "DEFAULT_STEPS",
+    "STREAM_CLIP",
+    "TINY_CLIP_CFG",
     "TINY_CLIP_DIR",
     "TINY_CLIP_MODEL_ID",
-    "TINY_CLIP_CFG",
     "TINY_CLIP_PREPROCESS",
-    "STREAM_CLIP",
-    "DEFAULT_STEPS",
     "caption_tokens",
-    "pretraining_batch",
-    "train_tiny_clip",
-    "save_tiny_clip",
     "main",
+    "pretraining_batch",
+    "save_tiny_clip",
+    "train_tiny_clip",
 ]
 
 TINY_CLIP_DIR: Path = Path(__file__).resolve().parent / "assets" / "tiny_clip"
@@ -97,7 +97,9 @@ def caption_tokens(tokenizer: open_clip.SimpleTokenizer) -> torch.Tensor:
     names = [a.name for a in all_attributes()]
     longest = max(len(tokenizer.encode(t.format(n))) for n in names for t in CAPTION_TEMPLATES)
     if longest + 2 > tokenizer.context_length:  # + start and end tokens
-        raise ValueError(f"captions need {longest + 2} tokens; context length is {tokenizer.context_length}")
+        raise ValueError(
+            f"captions need {longest + 2} tokens; context length is {tokenizer.context_length}"
+        )
     flat = tokenizer([t.format(n) for n in names for t in CAPTION_TEMPLATES])
     return flat.view(len(names), len(CAPTION_TEMPLATES), -1)
 
@@ -115,7 +117,9 @@ def pretraining_batch(
     compositions = all_attributes()
     idx = rng.integers(len(compositions), size=batch_size)
     tmpl = rng.integers(tokens.shape[1], size=batch_size)
-    images = torch.stack([preprocess(render(compositions[i], rng, _RENDER_SIZE)) for i in idx.tolist()])
+    images = torch.stack(
+        [preprocess(render(compositions[i], rng, _RENDER_SIZE)) for i in idx.tolist()]
+    )
     ids = torch.from_numpy(idx)
     return images, tokens[ids, torch.from_numpy(tmpl)], ids
 
@@ -125,7 +129,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def train_tiny_clip(
@@ -162,10 +169,14 @@ def train_tiny_clip(
     torch.manual_seed(seed)
     model = open_clip.CLIP(**copy.deepcopy(TINY_CLIP_CFG))
     preprocess = image_transform_v2(PreprocessCfg(**TINY_CLIP_PREPROCESS), is_train=False)
-    tokenizer = open_clip.SimpleTokenizer(context_length=TINY_CLIP_CFG["text_cfg"]["context_length"])
+    tokenizer = open_clip.SimpleTokenizer(
+        context_length=TINY_CLIP_CFG["text_cfg"]["context_length"]
+    )
     tokens = caption_tokens(tokenizer)
 
-    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6
+    )
     scheduler = CosineLRScheduler(
         optimizer, t_initial=steps, lr_min=lr * 0.02, warmup_t=warmup, warmup_lr_init=lr * 0.01
     )
@@ -228,7 +239,9 @@ def save_tiny_clip(
 
 def _write_config(out: Path, info: dict[str, Any]) -> None:
     config = {"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": TINY_CLIP_PREPROCESS, "hybridcls": info}
-    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (out / "open_clip_config.json").write_text(
+        json.dumps(config, indent=2) + "\n", encoding="utf-8"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -247,12 +260,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, type=Path, help="directory to write the model into")
     parser.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default: {DEFAULT_STEPS})"
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"training steps (default: {DEFAULT_STEPS})",
     )
     parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     parser.add_argument("--batch-size", type=int, default=128, help="pairs per step (default: 128)")
     parser.add_argument(
-        "--eval-seed", type=int, default=_EVAL_SEED, help=f"seed of the evaluation world (default: {_EVAL_SEED})"
+        "--eval-seed",
+        type=int,
+        default=_EVAL_SEED,
+        help=f"seed of the evaluation world (default: {_EVAL_SEED})",
     )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 2:

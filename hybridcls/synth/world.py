@@ -34,7 +34,7 @@ import numpy as np
 from hybridcls.errors import DatasetError, InputError
 from hybridcls.synth.render import Attributes, all_attributes, render
 
-__all__ = ["CAPTION_TEMPLATES", "World", "make_world", "select_classes", "image_rng"]
+__all__ = ["CAPTION_TEMPLATES", "World", "image_rng", "make_world", "select_classes"]
 
 # The tiny CLIP is trained on captions made from these templates, so they are
 # also the templates that suit it for zero-shot scoring. "the" rather than
@@ -109,7 +109,9 @@ class World:
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise DatasetError(f"{meta_path}: not found; is {root} a world made by make_world?") from None
+            raise DatasetError(
+                f"{meta_path}: not found; is {root} a world made by make_world?"
+            ) from None
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{meta_path}: not valid JSON ({exc})") from None
         if meta.get("format") != _WORLD_FORMAT or meta.get("version") != _WORLD_VERSION:
@@ -161,7 +163,9 @@ def select_classes(
     if not 2 <= n_classes <= len(pool):
         raise InputError(f"n_classes must be between 2 and {len(pool)}, got {n_classes}")
     if not 1 <= n_unseen < n_classes:
-        raise InputError(f"n_unseen must be between 1 and n_classes - 1 = {n_classes - 1}, got {n_unseen}")
+        raise InputError(
+            f"n_unseen must be between 1 and n_classes - 1 = {n_classes - 1}, got {n_unseen}"
+        )
     rng = image_rng(seed, STREAM_SPLIT)
     # A random draw almost always qualifies; redraw (deterministically) when not.
     for _ in range(1000):
@@ -179,7 +183,9 @@ def select_classes(
 
 def _train_counts(rng: np.random.Generator, n: int, lo: int, hi: int) -> list[int]:
     """Long-tailed counts from ``hi`` down to ``lo``, geometrically spaced, shuffled over classes."""
-    counts = np.rint(lo * (hi / lo) ** np.linspace(0.0, 1.0, n)).astype(int) if n > 1 else np.array([hi])
+    counts = (
+        np.rint(lo * (hi / lo) ** np.linspace(0.0, 1.0, n)).astype(int) if n > 1 else np.array([hi])
+    )
     return rng.permutation(counts).tolist()
 
 
@@ -221,7 +227,9 @@ def make_world(
     """
     lo, hi = train_per_class
     if not 1 <= lo <= hi:
-        raise InputError(f"train_per_class must be (lo, hi) with 1 <= lo <= hi, got {train_per_class}")
+        raise InputError(
+            f"train_per_class must be (lo, hi) with 1 <= lo <= hi, got {train_per_class}"
+        )
     if test_per_class < 1:
         raise InputError(f"test_per_class must be at least 1, got {test_per_class}")
     if image_size < 16:
@@ -229,7 +237,9 @@ def make_world(
     root = Path(out_dir)
     for existing in ("train", "test", "world.json"):
         if (root / existing).exists():
-            raise InputError(f"{root / existing} already exists; give make_world an empty directory")
+            raise InputError(
+                f"{root / existing} already exists; give make_world an empty directory"
+            )
 
     seen, unseen = select_classes(seed, n_classes, n_unseen)
     classes = sorted(seen + unseen, key=lambda a: a.name)
@@ -240,7 +250,9 @@ def make_world(
         folder = train_dir / attrs.folder
         folder.mkdir(parents=True)
         for i in range(count):
-            render(attrs, image_rng(seed, STREAM_TRAIN, ci, i), image_size).save(folder / f"{i:04d}.png")
+            render(attrs, image_rng(seed, STREAM_TRAIN, ci, i), image_size).save(
+                folder / f"{i:04d}.png"
+            )
 
     # Shuffle before naming so that neither names nor order reveal the class.
     test_items = [(a, i) for a in classes for i in range(test_per_class)]
@@ -288,8 +300,13 @@ def make_world(
         seed=seed,
         image_size=image_size,
     )
-    _write_meta(world, n_unseen=n_unseen, train_counts=dict(zip((a.name for a in seen), counts)),
-                train_per_class=(lo, hi), test_per_class=test_per_class)
+    _write_meta(
+        world,
+        n_unseen=n_unseen,
+        train_counts=dict(zip((a.name for a in seen), counts)),
+        train_per_class=(lo, hi),
+        test_per_class=test_per_class,
+    )
     return world
 
 
@@ -311,4 +328,3 @@ def _write_meta(world: World, **extra: object) -> None:
         **extra,
     }
     (world.root / "world.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-
