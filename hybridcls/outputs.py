@@ -137,7 +137,8 @@ class PredictionWriter:
                 "error": row.error or None,
                 "topk": [{"label": lab, "score": round(float(s), 6)} for lab, s in row.topk],
             }
-            record.update({c: row.extra.get(c) for c in self.extra_columns})
+            # JSON has no NaN: a value that was not computed (a gate score the cascade skipped) is null.
+            record.update({c: _json_value(row.extra.get(c)) for c in self.extra_columns})
             self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def write_many(self, rows: Iterable[PredictionRow]) -> None:
@@ -155,6 +156,10 @@ class PredictionWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _json_value(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _csv_value(value: Any) -> Any:

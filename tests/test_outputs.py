@@ -73,6 +73,14 @@ def test_extra_columns(tmp_path):
     assert float(read_predictions(out)[0]["gate_score"]) == 1.25
 
 
+def test_jsonl_extra_nan_is_null(tmp_path):
+    out = tmp_path / "p.jsonl"
+    with open_writer(out, topk=1, extra_columns=["gate_score"]) as w:
+        w.write(PredictionRow("a.jpg", label="fox", score=0.5, topk=[("fox", 0.5)],
+                              extra={"gate_score": float("nan")}))
+    assert json.loads(out.read_text(encoding="utf-8"))["gate_score"] is None
+
+
 def test_infer_format():
     assert infer_format("x.jsonl", None) == "jsonl"
     assert infer_format("x.csv", None) == "csv"
