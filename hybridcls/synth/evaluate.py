@@ -8,7 +8,7 @@ Example:
     >>> from hybridcls.synth import make_world, zero_shot_accuracy
     >>> world = make_world("synthetic-world")  # doctest: +SKIP
     >>> zero_shot_accuracy(world)  # doctest: +SKIP
-    {'overall': 0.8, 'seen': 0.8, 'unseen': 0.8}
+    {'overall': 0.831, 'seen': 0.828, 'unseen': 0.845}
 """
 
 from __future__ import annotations

@@ -223,7 +223,7 @@ def make_world(
     Example:
         >>> world = make_world("synthetic-world", seed=0)  # doctest: +SKIP
         >>> world.unseen_classes[0]  # doctest: +SKIP
-        'blue checkered heart'
+        'blue checkered circle'
     """
     lo, hi = train_per_class
     if not 1 <= lo <= hi:
