@@ -47,7 +47,7 @@ from hybridcls.gate import (
     route,
 )
 from hybridcls.outputs import PredictionRow
-from hybridcls.supervised import build_eval_transform, load_checkpoint, read_checkpoint_config
+from hybridcls.supervised import build_eval_transform, load_checkpoint
 from hybridcls.zeroshot import ZeroShotClassifier
 from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from hybridcls.zeroshot.prompts import PromptSet, as_prompt_set
@@ -520,7 +520,8 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write a self-contained folder: checkpoint, gate, kNN index, prompts, templates, text classifier.
 
-        ``from_pretrained`` on it needs no prompts file and no text encoder run.
+        ``from_pretrained`` on it needs no prompts file; the saved text classifier replaces
+        the one built at load (a warm text cache makes that build free).
         """
         check_is_fitted(self, "engine_")
         out = Path(directory)
@@ -551,7 +552,6 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         clf = cls(clip_model=meta["clip_model"], clip_pretrained=meta["clip_pretrained"],
                   prompts=str(directory / _PROMPTS_FILE), templates=str(directory / _TEMPLATES_FILE),
                   **params)
-        read_checkpoint_config(directory)
         clf.load_run(directory)
         stored = load_numpy(str(directory / _TEXT_FILE))["text_features"]
         if list(clf.classes_) != meta["classes"]:
