@@ -42,9 +42,12 @@ from hybridcls.gate import (
     cascade_keep,
     finalize,
     fit_cascade,
+    fit_temperature,
     fuse,
     leave_classes_out,
+    max_softmax,
     route,
+    threshold_from_seen_share,
 )
 from hybridcls.outputs import PredictionRow
 from hybridcls.supervised import build_eval_transform, load_checkpoint
@@ -349,6 +352,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             cal = GateCalibration(score=score, mode="hard", tpr=tpr, method="tpr")
         else:
             raise InputError(f"--method {method!r}: expected 'leave-classes-out' or 'tpr'")
+        cal = cal.replace(sup_temperature=round(fit_temperature(f_va.sup_logits, y_va), 4))
         inputs = {"sup_logits": f_va.sup_logits, "clip_logits": f_va.clip_logits, "n_seen": S,
                       "clip_emb": f_va.clip_embeddings, "knn_index": knn}
         cal = finalize(cal, cal.compute_base_scores(**inputs))
@@ -359,7 +363,13 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             cal = apply_transductive(cal, test_scores, seed=seed)
         full = fuse(None, sup_logits=f_va.sup_logits, clip_logits=f_va.clip_logits,
                     gate_score=cal.compute_score(**inputs), calibration=cal, n_seen=S)
-        cal = cal.replace(cascade_msp=fit_cascade(f_va.sup_logits, full.pred))
+        # The cascade threshold must keep the full hybrid's decisions on seen images
+        # and, through the stand-ins' share, let unseen images reach CLIP.
+        cascade_msp = fit_cascade(f_va.sup_logits, full.pred)
+        if cal.cascade_seen_share is not None:
+            cascade_msp = max(cascade_msp, threshold_from_seen_share(
+                max_softmax(f_va.sup_logits), cal.cascade_seen_share))
+        cal = cal.replace(cascade_msp=cascade_msp)
         self.gate_ = cal
         self.knn_ = knn
         # Kept so that benchmarks can refit other gates on the same held-out outputs.

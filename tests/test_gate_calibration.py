@@ -13,11 +13,12 @@ from hybridcls.gate import (
     GateCalibration,
     apply_transductive,
     finalize,
+    fuse,
     leave_classes_out,
     threshold_at_tpr,
     transductive_threshold,
 )
-from hybridcls.gate.calibration import TPR_GRID
+from hybridcls.gate.calibration import MIN_TAIL_IMAGES, TPR_GRID, fit_temperature, usable_tpr_levels
 
 
 def test_threshold_keeps_exactly_the_target_share_of_seen_images() -> None:
@@ -180,7 +181,11 @@ def test_leave_classes_out_picks_a_clip_side_score_and_a_tpr_in_range(toy_calibr
         "combined",
     }
     assert {r["mode"] for r in table} == {"hard", "soft", "stacking"}
-    assert {r["tpr"] for r in table} == set(TPR_GRID)
+    # every TPR level whose quantile has enough held-out images above it
+    n_val = len(_toy_world()["y_val"])
+    assert {r["tpr"] for r in table} == set(usable_tpr_levels(TPR_GRID, n_val))
+    assert all((1 - r["tpr"]) * n_val >= MIN_TAIL_IMAGES - 1e-9 for r in table)
+    assert 0.0 <= cal.cascade_seen_share <= 1.0
     assert {r["temperature"] for r in table if r["score"] == "energy"} == {1.0, 2.0, 5.0}
 
 
@@ -212,3 +217,32 @@ def test_leave_classes_out_refuses_what_it_cannot_use() -> None:
         leave_classes_out(**short, rounds=1)
     with pytest.raises(InputError, match="the knn score needs clip_emb_train"):
         leave_classes_out(**{**world, "clip_emb_val": None}, scores=["knn"], rounds=1)
+
+
+def test_usable_tpr_levels_need_enough_images_above_the_quantile() -> None:
+    assert usable_tpr_levels(TPR_GRID, 1000) == list(TPR_GRID)  # 0.99 leaves 10 above
+    assert usable_tpr_levels(TPR_GRID, 100) == [0.8, 0.85, 0.9, 0.925, 0.95]
+    assert usable_tpr_levels(TPR_GRID, 10) == [0.8]  # too few for any: the lowest level
+
+
+def test_fit_temperature_recovers_the_temperature_that_generated_the_labels() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(4000, 5))
+    true_t = 2.5
+    p = np.exp(logits / true_t)
+    p /= p.sum(axis=1, keepdims=True)
+    y = np.array([rng.choice(5, p=row) for row in p])
+    assert fit_temperature(logits, y) == pytest.approx(true_t, rel=0.1)
+    with pytest.raises(InputError, match="labels for"):
+        fit_temperature(logits, y[:10])
+
+
+def test_fusion_uses_the_fitted_supervised_temperature() -> None:
+    cal = GateCalibration(score="energy", mode="soft", threshold=0.0, soft_scale=1.0, sup_temperature=4.0)
+    sup = np.array([[4.0, 0.0]])
+    clip = np.array([[0.0, 0.0, 1.0, 0.0]])
+    res = fuse(None, sup_logits=sup, clip_logits=clip, gate_score=np.array([0.0]), calibration=cal)
+    expected = 0.5 * np.exp(1.0) / (np.exp(1.0) + 1.0)  # (1 - g) * softmax([4, 0] / 4)[0], g = 0.5
+    assert res.probs[0, 0] == pytest.approx(expected)
+    assert res.sup_probs[0, 0] == pytest.approx(np.exp(1.0) / (np.exp(1.0) + 1.0))
+    assert GateCalibration.from_dict(cal.to_dict()).fusion_temperature == 4.0

@@ -23,6 +23,7 @@ from hybridcls.errors import InputError
 from hybridcls.eval import read_labels
 from hybridcls.gate import (
     SCORES,
+    cascade_keep,
     finalize,
     from_candidate,
     fuse,
@@ -115,19 +116,23 @@ def default_world_backbone(cache_dir: Path | None = None) -> dict[str, Any]:
     """Training options for the world's supervised branch, offline.
 
     Real ImageNet weights when the ``[dev]`` extra's EfficientNet-Lite0 package
-    is installed (a realistic fine-tuned branch: above 90% on the seen classes
-    in a few epochs); otherwise ``test_convnext`` from scratch, which is far
+    is installed (a realistic fine-tuned branch: about 99% on the seen classes
+    in 8 epochs); otherwise ``test_convnext`` from scratch, which is far
     weaker and makes the comparison less telling.
     """
     from hybridcls.supervised.packaged import LITE0_MODEL, packaged_lite0_weights
 
     weights = packaged_lite0_weights(cache_dir)
     if weights is not None:
-        return {"model": LITE0_MODEL, "weights": str(weights), "freeze": 2}
+        # Every stage trains: flat coloured shapes are far from ImageNet, and with
+        # the first two stages frozen the branch confused complementary colours
+        # (green/purple, yellow/blue): seen accuracy 91.9% after 5 epochs against
+        # 98.8% fully fine-tuned for 8 (docs/gate.md).
+        return {"model": LITE0_MODEL, "weights": str(weights), "freeze": None}
     return {"model": "test_convnext", "pretrained": False, "freeze": None}
 
 
-def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 5, model: str | None = None,
+def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 6, model: str | None = None,
                       image_size: int = 64, workers: int = 0, progress: bool = False,
                       ) -> tuple[Any, HybridClassifier, dict[str, float]]:
     """Make the world, train the supervised branch on it, load and calibrate the hybrid.
@@ -175,7 +180,7 @@ def labelled_test_set(world: Any, clf: HybridClassifier) -> tuple[list, np.ndarr
     return sources, y
 
 
-def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 5, model: str | None = None,
+def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: str | None = None,
                 image_size: int = 64, workers: int = 0, progress: bool = False) -> QualityReport:
     """The full comparison on the synthetic world (see the module docstring).
 
@@ -200,6 +205,17 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 5, model: s
         "hybrid, calibrated default", y, default.pred, S,
         f"{g.score} / {g.mode} (tpr {g.tpr:.2f})", gate_detection(default.gate_score, is_unseen).auroc))
 
+    if g.cascade_msp is not None:
+        # The cascade's own code path, with CLIP's outputs blanked where it would not run.
+        keep = cascade_keep(feats.sup_logits, g.cascade_msp)
+        blank = keep[:, None]
+        cascade = clf.predict_features(HybridFeatures(
+            feats.sup_logits, feats.sup_features, np.where(blank, np.nan, feats.clip_logits),
+            np.where(blank, np.nan, feats.clip_embeddings)))
+        rows.append(_figures(
+            "hybrid, calibrated default, cascade", y, cascade.pred, S,
+            f"CLIP on {100 * (1 - keep.mean()):.0f}% of images (supervised MSP <= {g.cascade_msp:.3f})"))
+
     cal_val = clf.calibration_data_["val"]
     val_inputs = dict(sup_logits=cal_val.sup_logits, clip_logits=cal_val.clip_logits, n_seen=S,
                       clip_emb=cal_val.clip_embeddings, knn_index=clf.knn_)
@@ -211,7 +227,8 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 5, model: s
         if key in seen_pairs:
             continue
         seen_pairs.add(key)
-        cal = from_candidate(cand, combined=g.combined, knn_k=g.knn_k)
+        cal = from_candidate(cand, combined=g.combined, knn_k=g.knn_k).replace(
+            sup_temperature=g.sup_temperature)
         cal = finalize(cal, cal.compute_base_scores(**val_inputs))
         score = cal.compute_score(**test_inputs)
         res = fuse(None, sup_logits=feats.sup_logits, clip_logits=feats.clip_logits, gate_score=score,

@@ -18,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     q.add_argument("--out", default="hybridcls-bench-quality", metavar="DIR",
                    help="working folder; quality.md and quality.json go here (default: %(default)s)")
     q.add_argument("--seed", type=int, default=0, help="world seed (default: %(default)s)")
-    q.add_argument("--epochs", type=int, default=5, help="supervised training epochs (default: %(default)s)")
+    q.add_argument("--epochs", type=int, default=8, help="supervised training epochs (default: %(default)s)")
     q.add_argument("--model", default=None,
                    help="a timm model trained from scratch (default: EfficientNet-Lite0 from the "
                         "[dev] extra's ImageNet weights, else test_convnext from scratch)")

@@ -19,12 +19,20 @@ from __future__ import annotations
 from hybridcls.gate.calibration import (
     apply_transductive,
     finalize,
+    fit_temperature,
     from_candidate,
     leave_classes_out,
     threshold_at_tpr,
     transductive_threshold,
 )
-from hybridcls.gate.cascade import DEFAULT_AGREEMENT, cascade_keep, fit_cascade, max_softmax
+from hybridcls.gate.cascade import (
+    DEFAULT_AGREEMENT,
+    cascade_keep,
+    cascade_seen_share,
+    fit_cascade,
+    max_softmax,
+    threshold_from_seen_share,
+)
 from hybridcls.gate.config import GATE_FILENAME, MODES, GateCalibration
 from hybridcls.gate.fusion import FusionResult, fuse, route, topk
 from hybridcls.gate.knn import EmbeddingKNN
@@ -54,7 +62,9 @@ from hybridcls.gate.scores import (
 __all__ = [
     "DEFAULT_AGREEMENT",
     "cascade_keep",
+    "cascade_seen_share",
     "fit_cascade",
+    "threshold_from_seen_share",
     "max_softmax",
     "from_candidate",
     "GATE_FILENAME",
@@ -75,6 +85,7 @@ __all__ = [
     "energy_score",
     "entropy_score",
     "finalize",
+    "fit_temperature",
     "fuse",
     "gate_detection",
     "knn_distance_score",

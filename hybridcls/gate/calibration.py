@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.optimize import brentq
-from scipy.special import expit
+from scipy.optimize import brentq, minimize_scalar
+from scipy.special import expit, log_softmax
 from scipy.stats import norm
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -37,6 +37,7 @@ from sklearn.mixture import GaussianMixture
 from sklearn.preprocessing import StandardScaler
 
 from hybridcls.errors import InputError
+from hybridcls.gate.cascade import DEFAULT_MISS, cascade_seen_share, max_softmax
 from hybridcls.gate.config import MODES, GateCalibration
 from hybridcls.gate.fusion import hard_probs, soft_probs, stacking_probs
 from hybridcls.gate.knn import EmbeddingKNN
@@ -56,7 +57,10 @@ __all__ = [
     "TEMPERATURE_GRID",
     "TPR_GRID",
     "GateCalibration",
+    "MIN_TAIL_IMAGES",
     "apply_transductive",
+    "fit_temperature",
+    "usable_tpr_levels",
     "finalize",
     "leave_classes_out",
     "threshold_at_tpr",
@@ -67,6 +71,10 @@ __all__ = [
 TPR_GRID = (0.80, 0.85, 0.90, 0.925, 0.95, 0.975, 0.99)
 #: Temperatures tried for the scores that take one (``msp``, ``energy``).
 TEMPERATURE_GRID = (1.0, 2.0, 5.0)
+#: A TPR level is tried only when at least this many held-out seen images lie
+#: above its quantile: a threshold set by the last few images of a small sample
+#: is the sample's extreme, and does not transfer to new images.
+MIN_TAIL_IMAGES = 5
 #: ``soft`` mode's sigmoid scale, in standard deviations of the seen images' scores.
 SOFT_SCALE_GRID = (0.1, 0.25, 0.5, 1.0)
 
@@ -144,6 +152,47 @@ def finalize(calibration: GateCalibration, real_seen_val_scores: Any) -> GateCal
     changes["soft_scale"] = calibration.soft_scale_std * _spread(scores)
     changes["stacking_penalty"] = -threshold if calibration.mode == "stacking" else None
     return calibration.replace(**changes)
+
+
+def fit_temperature(logits: Any, y: Any) -> float:
+    """Temperature scaling (Guo et al. 2017): the ``T`` minimising the NLL of ``softmax(logits / T)``.
+
+    Searched over ``log T`` in ``[log 0.05, log 20]``.
+
+    Args:
+        logits: ``[N, C]`` held-out logits.
+        y: ``[N]`` their true class indices.
+
+    Example:
+        >>> z = np.array([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [0.0, 4.0]])
+        >>> round(fit_temperature(z, np.array([0, 1, 1, 0])), 1)  # half wrong: flatten
+        20.0
+    """
+    z = as_array(logits, "logits", ndim=2)
+    labels = _labels(y, z.shape[1], "y")
+    if labels.size != z.shape[0]:
+        raise InputError(f"{labels.size} labels for {z.shape[0]} rows of logits")
+    rows = np.arange(labels.size)
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(z / np.exp(log_t), axis=1)[rows, labels].mean())
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded",
+                          options={"xatol": 1e-3})
+    return float(np.exp(res.x))
+
+
+def usable_tpr_levels(tpr_grid: Sequence[float], n_seen_images: int) -> list[float]:
+    """The TPR levels whose threshold has at least :data:`MIN_TAIL_IMAGES` images above it.
+
+    Falls back to the lowest level when the held-out set is too small for any.
+
+    Example:
+        >>> usable_tpr_levels([0.9, 0.95, 0.975, 0.99], 150)
+        [0.9, 0.95]
+    """
+    usable = [t for t in tpr_grid if (1.0 - t) * n_seen_images >= MIN_TAIL_IMAGES - 1e-9]
+    return usable or [min(tpr_grid)]
 
 
 def _spread(scores: np.ndarray) -> float:
@@ -233,6 +282,7 @@ class _Round:
     n_seen: int
     is_unseen: np.ndarray  # [Nval]
     sup_logits: np.ndarray  # [Nval, n_seen] the light head's
+    sup_temperature: float  # its temperature-scaling fit on the kept classes' images
     clip_logits: np.ndarray  # [Nval, S] columns reordered: kept, then hidden
     scores: dict[tuple[str, float], np.ndarray]  # (score name, temperature) -> [Nval]
 
@@ -303,7 +353,8 @@ def leave_classes_out(
         scores: Candidate scores (default: every registered score whose inputs are given).
         modes: Candidate modes among ``hard``, ``soft``, ``stacking``.
         combined: Also try a :class:`CombinedScore` over all candidate scores.
-        tpr_grid: TPR levels tried for the threshold.
+        tpr_grid: TPR levels tried for the threshold (those :func:`usable_tpr_levels`
+            allows for the held-out set's size).
         temperature_grid: Temperatures tried for ``msp`` and ``energy`` (1.0 always is).
         soft_scale_grid: ``soft`` scales tried, in standard deviations of seen scores.
         knn_k: The neighbour the ``knn`` score measures.
@@ -313,7 +364,8 @@ def leave_classes_out(
     Returns:
         The best :class:`GateCalibration` by mean H over the rounds (``method=
         "leave-classes-out"``, ``candidates`` = every candidate's figures, best
-        first). Its threshold is unset: call :func:`finalize` with the real
+        first, ``cascade_seen_share`` = the mean over rounds of
+        :func:`~hybridcls.gate.cascade_seen_share` on the light heads). Its threshold is unset: call :func:`finalize` with the real
         model's scores on the held-out seen images.
 
     Example:
@@ -365,8 +417,10 @@ def leave_classes_out(
         for t in (temperatures if SCORES[name].uses_temperature else [1.0])
     ]
 
+    tpr_grid = usable_tpr_levels(tpr_grid, yva.size)
     rng = np.random.default_rng(seed)
     problems: list[_Round] = []
+    seen_shares: list[float] = []
     for _ in range(rounds):
         hidden = np.sort(rng.choice(hideable, size=n_hide, replace=False))
         kept = np.setdiff1d(np.arange(n_classes), hidden)
@@ -378,6 +432,11 @@ def leave_classes_out(
             feat_tr[train_rows], new_index[ytr[train_rows]], feat_va, head_C, head_max_iter
         )
         clip = clip_val[:, order]
+        hidden_rows = np.isin(yva, hidden)
+        # fusion mixes temperature-scaled probabilities, as on the real model
+        t_head = fit_temperature(sup[~hidden_rows], new_index[yva[~hidden_rows]])
+        msp = max_softmax(sup)
+        seen_shares.append(cascade_seen_share(msp[~hidden_rows], msp[hidden_rows], miss=DEFAULT_MISS))
         knn = EmbeddingKNN().add(emb_tr[train_rows]) if use_knn else None
         round_scores: dict[tuple[str, float], np.ndarray] = {}
         for t in sorted({t for _, t in score_keys}):
@@ -397,8 +456,9 @@ def leave_classes_out(
             _Round(
                 y=new_index[yva],
                 n_seen=kept.size,
-                is_unseen=np.isin(yva, hidden),
+                is_unseen=hidden_rows,
                 sup_logits=sup,
+                sup_temperature=t_head,
                 clip_logits=clip,
                 scores=round_scores,
             )
@@ -433,7 +493,8 @@ def leave_classes_out(
             .fit(np.concatenate(matrices), np.concatenate([p.is_unseen for p in problems]))
             .to_dict()
         )
-    return from_candidate(table[0], candidates=table, combined=combined_dict, knn_k=knn_k)
+    best = from_candidate(table[0], candidates=table, combined=combined_dict, knn_k=knn_k)
+    return best.replace(cascade_seen_share=round(float(np.mean(seen_shares)), 4))
 
 
 def from_candidate(
@@ -500,13 +561,13 @@ def _grid_search(
                     p.sup_logits,
                     p.clip_logits[to_zs],
                     to_zs,
-                    temperature=t,
+                    temperature=p.sup_temperature,
                     unseen_only=bool(unseen_only),
                 )
             elif mode == "soft":
                 assert scale_std is not None
                 g = expit((s - threshold) / (scale_std * _spread(s[~p.is_unseen])))
-                probs = soft_probs(p.sup_logits, p.clip_logits, g, temperature=t)
+                probs = soft_probs(p.sup_logits, p.clip_logits, g, temperature=p.sup_temperature)
             else:
                 probs = stacking_probs(p.clip_logits, -threshold, p.n_seen)
             figures[i, j] = seen_unseen_accuracy(p.y, probs.argmax(axis=1), p.n_seen)

@@ -38,8 +38,13 @@ class GateCalibration:
         threshold: The score above which an image counts as unseen, on the real
             model's scale; ``None`` until :func:`hybridcls.gate.calibration.finalize`.
         tpr: Fraction of held-out seen images the threshold keeps at or below it.
-        temperature: Temperature of the score (``msp``, ``energy``) and of the
-            supervised softmax in fusion.
+        temperature: Temperature of the score (``msp``, ``energy``), and of the
+            supervised softmax in fusion when ``sup_temperature`` is unset.
+        sup_temperature: The supervised softmax's temperature in fusion, fitted on
+            the held-out seen images by temperature scaling (Guo et al. 2017), so
+            that ``soft`` mixes a calibrated distribution whatever the head's
+            training (label smoothing leaves it underconfident). ``None`` = use
+            ``temperature`` (files written before it read as this).
         soft_scale: ``soft`` mode's sigmoid scale, in score units (set with the threshold).
         soft_scale_std: The same scale in standard deviations of the seen images'
             scores: the form that transfers from calibration to the real model.
@@ -59,6 +64,10 @@ class GateCalibration:
             softmax probability: above it the image is decided by the supervised
             branch without running CLIP (see :func:`hybridcls.gate.fit_cascade`);
             ``None`` = not fitted (files written before the cascade read as this).
+        cascade_seen_share: From leave-classes-out: the share of held-out seen
+            images whose MSP must stay at or below the cascade threshold so that
+            stand-in unseen images reach CLIP (see
+            :func:`hybridcls.gate.cascade_seen_share`); ``None`` = not measured.
     """
 
     score: str = "energy"
@@ -76,6 +85,8 @@ class GateCalibration:
     method: str = "tpr"
     candidates: list[dict[str, Any]] = field(default_factory=list)
     cascade_msp: float | None = None
+    cascade_seen_share: float | None = None
+    sup_temperature: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -97,6 +108,8 @@ class GateCalibration:
             raise InputError(f"tpr must be in (0, 1], got {self.tpr}")
         if self.temperature <= 0:
             raise InputError(f"temperature must be positive, got {self.temperature}")
+        if self.sup_temperature is not None and self.sup_temperature <= 0:
+            raise InputError(f"sup_temperature must be positive, got {self.sup_temperature}")
 
     @property
     def base_scores(self) -> list[str]:
@@ -105,6 +118,11 @@ class GateCalibration:
             assert self.combined is not None
             return list(self.combined["names"])
         return [self.score]
+
+    @property
+    def fusion_temperature(self) -> float:
+        """The supervised softmax temperature fusion uses."""
+        return self.temperature if self.sup_temperature is None else self.sup_temperature
 
     @property
     def needs(self) -> set[str]:

@@ -244,7 +244,7 @@ def fuse(
         )
     if sup is not None and sup.shape[1] != n_seen:
         raise InputError(f"sup_logits has {sup.shape[1]} columns for {n_seen} seen classes")
-    t = calibration.temperature
+    t = calibration.fusion_temperature
 
     if mode == "stacking":
         penalty = calibration.stacking_penalty
