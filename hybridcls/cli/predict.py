@@ -15,6 +15,7 @@ from hybridcls.outputs import FORMATS, PredictionRow, PredictionWriter, open_wri
 
 __all__ = [
     "add_clip_arguments",
+    "add_clip_model_arguments",
     "add_parser",
     "add_runtime_arguments",
     "hybrid_from_args",
@@ -31,6 +32,11 @@ def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
                    help="class prompts file: one class per line, 'name: description | synonym'")
     g.add_argument("--templates", metavar="FILE",
                    help="prompt templates with a {} placeholder (default: OpenAI ImageNet templates)")
+    add_clip_model_arguments(g)
+
+
+def add_clip_model_arguments(g: argparse._ActionsContainer) -> None:
+    """The open_clip model flags (--clip-model, --clip-pretrained, --cache-dir), for any CLIP user."""
     g.add_argument("--clip-model", default="ViT-B-32", metavar="ID",
                    help="open_clip model: a built-in name, hf-hub:ORG/REPO or local-dir:DIR "
                         "(default: %(default)s)")
@@ -42,17 +48,19 @@ def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: $HYBRIDCLS_CACHE_DIR or ~/.cache/hybridcls)")
 
 
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, engine_options: bool = True) -> None:
+    """--batch-size, --workers, --device, -q; with ``engine_options`` also --compile and --gpu-decode."""
     g = parser.add_argument_group("runtime")
     g.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (default: %(default)s)")
     g.add_argument("--workers", type=int, default=2, metavar="N",
                    help="image-decoding worker processes (default: %(default)s)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile both towers (fixed batch shapes; pays off on long runs)")
-    g.add_argument("--gpu-decode", action="store_true",
-                   help="decode JPEG files on the GPU (CUDA only; other files use the CPU decoder)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    if engine_options:
+        g.add_argument("--compile", action="store_true",
+                       help="torch.compile both towers (fixed batch shapes; pays off on long runs)")
+        g.add_argument("--gpu-decode", action="store_true",
+                       help="decode JPEG files on the GPU (CUDA only; other files use the CPU decoder)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
