@@ -38,22 +38,15 @@ def main(out: Path) -> None:
         clip_threshold=None,
     )
     print(report.summary())
-    pairs = {frozenset((r.path, r.match)) for r in report.duplicates}
-    planted = {frozenset(p) for p in truth.duplicates}
-    groups: dict[int, set[str]] = {}
-    for r in report.duplicates:
-        groups.setdefault(r.group, set()).add(r.path)
-    grouped = {frozenset(p) for p in truth.duplicates
-               if any(set(p) <= g for g in groups.values())}
-    found_pairs = {frozenset(g) for g in groups.values()}
-    print("duplicates:", score(found_pairs, grouped | (found_pairs - planted)) if False else
-          f"planted pairs grouped {len(grouped)}/{len(planted)}; groups {len(groups)}, "
-          f"groups that are a planted pair {len(found_pairs & planted)}")
-    print("leakage:   ", score({r.path for r in report.leaks}, set(truth.leaks)))
-    print("mislabels: ", score({r.path for r in report.mislabels}, set(truth.mislabels)))
-    print("unreadable:", score({im.path for im in report.unreadable}, set(truth.unreadable)))
-    del pairs
-
+    planted = {p for pair in truth.duplicates for p in pair}
+    found = {
+        "near-duplicates (images in groups)": ({r.path for r in report.duplicates}, planted),
+        "leakage": ({r.path for r in report.leaks}, set(truth.leaks)),
+        "likely mislabels": ({r.path for r in report.mislabels}, set(truth.mislabels)),
+        "unreadable files": ({im.path for im in report.unreadable}, set(truth.unreadable)),
+    }
+    for name, (got, want) in found.items():
+        print(f"{name:36s} {score(got, want)}")
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="audit-")))
