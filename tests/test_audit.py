@@ -21,7 +21,8 @@ from hybridcls.synth import TINY_CLIP_MODEL_ID, make_world
 
 # The tiny CLIP puts different images of one class up to 0.99 apart (docs/audit.md), so the
 # CLIP-only duplicate test is off on the synthetic world and the pixel test decides.
-TINY = dict(clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None, device="cpu", clip_threshold=None)
+TINY = {"clip_model": TINY_CLIP_MODEL_ID, "clip_pretrained": None, "device": "cpu",
+        "clip_threshold": None}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_unreadable_files_listed_and_every_input_appears_once(audited):
 
 
 def test_class_counts_csv(audited):
-    world, _, report, out = audited
+    _, _, report, out = audited
     rows = _read(out / "class_counts.csv")
     images = _read(out / "images.csv")
     for r in rows:

@@ -35,7 +35,12 @@ from hybridcls.audit.find import (
     find_matches,
     label_votes,
 )
-from hybridcls.audit.pixels import ThumbnailTransform, crop_signatures, pixel_similarity, search_signatures
+from hybridcls.audit.pixels import (
+    ThumbnailTransform,
+    crop_signatures,
+    pixel_similarity,
+    search_signatures,
+)
 from hybridcls.cache import atomic_write_text
 from hybridcls.data import Source, expand_inputs, make_loader, scan_image_folder
 from hybridcls.errors import DatasetError, InputError
@@ -213,8 +218,8 @@ class AuditReport:
             + "".join(f", {sum(im.split == s for im in self.images)} {s}"
                       for s in SPLITS[1:] if any(im.split == s for im in self.images)),
             f"near-duplicates: {self.n_groups} groups ({extra} extra copies)",
-            f"leakage: {sum(r.split == 'val' for r in self.leaks)} val and "
-            f"{sum(r.split == 'test' for r in self.leaks)} test images are copies of DATA_DIR images",
+            (f"leakage: {sum(r.split == 'val' for r in self.leaks)} val and "
+             f"{sum(r.split == 'test' for r in self.leaks)} test images are copies of DATA_DIR images"),
             f"likely mislabels: {len(self.mislabels)}",
             f"classes: imbalance {self.imbalance_ratio:.1f}x (largest / smallest)"
             + (f", {len(self.small_classes)} below {self.settings.get('min_class_images')} images"
@@ -413,7 +418,7 @@ def audit_dataset(
     rows = {s: np.flatnonzero(split == s) for s in SPLITS}
     d = rows["data"]
     labels = np.array([index.classes.index(images[i].label) for i in ok[d]], dtype=np.int64)
-    kw = dict(k=neighbours, clip_threshold=clip_threshold, pixel_threshold=pixel_threshold)
+    kw = {"k": neighbours, "clip_threshold": clip_threshold, "pixel_threshold": pixel_threshold}
 
     report = AuditReport(data_dir=os.fspath(data_dir), images=images, classes=list(index.classes))
     matches = find_matches(clip[d], coarse[d], clip[d], coarse[d],
@@ -422,7 +427,7 @@ def audit_dataset(
     for s in SPLITS[1:]:
         q = rows[s]
         found = find_matches(clip[q], coarse[q], clip[d], coarse[d],
-                             lambda a, b: pixel_similarity(sig(q[a]), sig(d[b])), **kw)
+                             lambda a, b, q=q: pixel_similarity(sig(q[a]), sig(d[b])), **kw)
         best: dict[int, Match] = {}
         for m in found:
             if m.query not in best or _strength(m) > _strength(best[m.query]):

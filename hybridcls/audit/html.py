@@ -91,14 +91,10 @@ def write_page(report: AuditReport, out: Path) -> Path:
     ]
 
     parts.append(f"<h2>Near-duplicate groups ({report.n_groups})</h2>")
-    shown = 0
     groups: dict[int, list] = {}
     for r in report.duplicates:
         groups.setdefault(r.group, []).append(r)
-    for g, rows in groups.items():
-        if shown >= MAX_ROWS:
-            break
-        shown += 1
+    for g, rows in list(groups.items())[:MAX_ROWS]:
         warn = ' <span class="warn">(filed under different classes)</span>' if ";" in rows[0].group_labels else ""
         parts.append(f"<div><p>group {g}: {len(rows)} images{warn}</p>")
         parts += [_figure(thumbs, r.path, f"{r.label}: {Path(r.path).name} "

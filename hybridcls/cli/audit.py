@@ -16,7 +16,11 @@ from hybridcls.audit import (
     NEIGHBOURS,
     PIXEL_THRESHOLD,
 )
-from hybridcls.cli.predict import add_clip_model_arguments, add_runtime_arguments
+from hybridcls.cli.predict import (
+    add_clip_model_arguments,
+    add_runtime_arguments,
+    validate_runtime_arguments,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -57,10 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from hybridcls.audit import audit_dataset
     from hybridcls.cli import UsageError
 
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    validate_runtime_arguments(args)
     if args.neighbours < 1:
         raise UsageError(f"--neighbours must be at least 1, got {args.neighbours}")
     for flag, value in (("--pixel-threshold", args.pixel_threshold),

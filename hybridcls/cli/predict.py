@@ -21,6 +21,7 @@ __all__ = [
     "hybrid_from_args",
     "rows_from_batch",
     "run",
+    "validate_runtime_arguments",
     "write_predictions",
 ]
 
@@ -121,17 +122,24 @@ def rows_from_batch(
     return rows
 
 
-def _validate(args: argparse.Namespace) -> None:
+def validate_runtime_arguments(args: argparse.Namespace) -> None:
+    """Check the flags of :func:`add_runtime_arguments`; raises ``UsageError`` naming the flag."""
     from hybridcls.cli import UsageError
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
-    if args.topk < 1:
-        raise UsageError(f"--topk must be at least 1, got {args.topk}")
     if getattr(args, "gpu_decode", False) and args.device != "cuda":
         raise UsageError("--gpu-decode needs --device cuda")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from hybridcls.cli import UsageError
+
+    validate_runtime_arguments(args)
+    if args.topk < 1:
+        raise UsageError(f"--topk must be at least 1, got {args.topk}")
 
 
 def run(args: argparse.Namespace) -> int:
