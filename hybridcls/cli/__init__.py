@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from hybridcls.cli import audit as _audit
 from hybridcls.cli import bench as _bench
 from hybridcls.cli import calibrate as _calibrate
 from hybridcls.cli import demo as _demo
@@ -21,7 +22,7 @@ from hybridcls.errors import HybridclsError
 __all__ = ["UsageError", "build_parser", "main"]
 
 # Subcommand modules, each with ``add_parser(subparsers)`` and ``run(args) -> int``.
-_COMMANDS = [_train, _calibrate, _predict, _evaluate, _bench, _demo]
+_COMMANDS = [_train, _calibrate, _predict, _evaluate, _bench, _demo, _audit]
 
 
 class UsageError(HybridclsError):

@@ -15,11 +15,13 @@ from hybridcls.outputs import FORMATS, PredictionRow, PredictionWriter, open_wri
 
 __all__ = [
     "add_clip_arguments",
+    "add_clip_model_arguments",
     "add_parser",
     "add_runtime_arguments",
     "hybrid_from_args",
     "rows_from_batch",
     "run",
+    "validate_runtime_arguments",
     "write_predictions",
 ]
 
@@ -31,6 +33,11 @@ def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
                    help="class prompts file: one class per line, 'name: description | synonym'")
     g.add_argument("--templates", metavar="FILE",
                    help="prompt templates with a {} placeholder (default: OpenAI ImageNet templates)")
+    add_clip_model_arguments(g)
+
+
+def add_clip_model_arguments(g: argparse._ActionsContainer) -> None:
+    """The open_clip model flags (--clip-model, --clip-pretrained, --cache-dir), for any CLIP user."""
     g.add_argument("--clip-model", default="ViT-B-32", metavar="ID",
                    help="open_clip model: a built-in name, hf-hub:ORG/REPO or local-dir:DIR "
                         "(default: %(default)s)")
@@ -42,17 +49,19 @@ def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: $HYBRIDCLS_CACHE_DIR or ~/.cache/hybridcls)")
 
 
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, engine_options: bool = True) -> None:
+    """--batch-size, --workers, --device, -q; with ``engine_options`` also --compile and --gpu-decode."""
     g = parser.add_argument_group("runtime")
     g.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (default: %(default)s)")
     g.add_argument("--workers", type=int, default=2, metavar="N",
                    help="image-decoding worker processes (default: %(default)s)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile both towers (fixed batch shapes; pays off on long runs)")
-    g.add_argument("--gpu-decode", action="store_true",
-                   help="decode JPEG files on the GPU (CUDA only; other files use the CPU decoder)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    if engine_options:
+        g.add_argument("--compile", action="store_true",
+                       help="torch.compile both towers (fixed batch shapes; pays off on long runs)")
+        g.add_argument("--gpu-decode", action="store_true",
+                       help="decode JPEG files on the GPU (CUDA only; other files use the CPU decoder)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -113,17 +122,24 @@ def rows_from_batch(
     return rows
 
 
-def _validate(args: argparse.Namespace) -> None:
+def validate_runtime_arguments(args: argparse.Namespace) -> None:
+    """Check the flags of :func:`add_runtime_arguments`; raises ``UsageError`` naming the flag."""
     from hybridcls.cli import UsageError
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
-    if args.topk < 1:
-        raise UsageError(f"--topk must be at least 1, got {args.topk}")
     if getattr(args, "gpu_decode", False) and args.device != "cuda":
         raise UsageError("--gpu-decode needs --device cuda")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from hybridcls.cli import UsageError
+
+    validate_runtime_arguments(args)
+    if args.topk < 1:
+        raise UsageError(f"--topk must be at least 1, got {args.topk}")
 
 
 def run(args: argparse.Namespace) -> int:

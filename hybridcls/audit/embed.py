@@ -1,0 +1,98 @@
+"""CLIP image embeddings of many files, through the project's engine.
+
+The audit needs only the image tower. It is loaded the way ``hybridcls
+predict`` loads it (:class:`~hybridcls.zeroshot.ZeroShotClassifier`, offline
+first) and run by :class:`~hybridcls.engine.InferenceEngine` (batching, worker
+decoding, AMP on CUDA, error rows for files that do not decode). The
+classifier is fitted on one placeholder class with one template, so the text
+tower runs once on one word and nothing is cached on disk for it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hybridcls.data import Source
+from hybridcls.engine import InferenceEngine
+from hybridcls.zeroshot import ClassPrompt, PromptSet, ZeroShotClassifier
+
+__all__ = ["Embeddings", "clip_image_encoder", "embed_sources"]
+
+# The text side is unused; one class and one template keep its cost to one forward pass.
+_PLACEHOLDER = PromptSet((ClassPrompt("image"),), source="<audit>")
+_TEMPLATES = ["{}"]
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """L2-normalised CLIP image embeddings of a list of sources.
+
+    Attributes:
+        vectors: ``[n_ok, D]`` float32, one row per readable source.
+        ok: Source positions of the rows of ``vectors``, increasing.
+        errors: Source position -> why that file could not be read.
+    """
+
+    vectors: np.ndarray
+    ok: np.ndarray
+    errors: dict[int, str]
+
+
+def clip_image_encoder(
+    clip_model: str,
+    clip_pretrained: str | None,
+    *,
+    device: str = "auto",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> ZeroShotClassifier:
+    """A fitted :class:`~hybridcls.zeroshot.ZeroShotClassifier` used for its image tower only.
+
+    Raises:
+        WeightsUnavailableError: The model's weights cannot be had offline.
+    """
+    return ZeroShotClassifier(
+        clip_model, clip_pretrained, prompts=_PLACEHOLDER, templates=_TEMPLATES,
+        device=device, cache_dir=cache_dir, use_cache=False,
+    ).fit()
+
+
+def embed_sources(
+    encoder: ZeroShotClassifier,
+    sources: Sequence[Source],
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: bool = False,
+    desc: str = "embed",
+) -> Embeddings:
+    """Embed every readable source with ``encoder``'s image tower.
+
+    Args:
+        encoder: From :func:`clip_image_encoder`.
+        sources: The files, in order.
+        batch_size: Images per batch.
+        workers: Decoding processes.
+        progress: Show a progress bar.
+        desc: The bar's label.
+
+    Returns:
+        The embeddings of the files that decoded and the reasons of those that did not;
+        every source is in exactly one of the two.
+    """
+    engine = InferenceEngine(clip=encoder, device=encoder.device_, batch_size=batch_size,
+                             workers=workers)
+    rows: list[np.ndarray] = []
+    ok: list[int] = []
+    errors: dict[int, str] = {}
+    for batch in engine.iter_batches(sources, progress=progress, desc=desc):
+        errors.update(batch.errors)
+        if batch.ok:
+            ok.extend(batch.ok)
+            rows.append(batch.clip_embeddings)
+    dim = encoder.bundle_.embed_dim
+    vectors = np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
+    return Embeddings(vectors=vectors, ok=np.asarray(ok, dtype=np.int64), errors=errors)
