@@ -302,10 +302,12 @@ class EmbeddingIndex:
         finite = np.isfinite(q).all(axis=1)
         sims = np.full((len(q), k), np.nan)
         ids = np.full((len(q), k), -1, dtype=np.int64)
-        if isinstance(self._index, faiss.IndexHNSW) and self._index.hnsw.efSearch < k:
-            self._index.hnsw.efSearch = k  # HNSW returns at most efSearch results
+        params = None
+        if isinstance(self._index, faiss.IndexHNSW):
+            # HNSW returns at most efSearch results: widen this search only, not the index's setting
+            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
         if finite.any():
-            s, i = self._index.search(np.ascontiguousarray(q[finite]), k)
+            s, i = self._index.search(np.ascontiguousarray(q[finite]), k, params=params)
             s = s.astype(np.float64)
             s[i < 0] = -np.inf
             sims[finite], ids[finite] = s, i.astype(np.int64)
