@@ -6,6 +6,7 @@ with ``cache_branch="auto"`` (the default), then prints:
 * the fitted alpha / beta and the held-out accuracy with and without the cache;
 * the seen-class accuracy S of the supervised branch on the test images,
   with and without the cache branch;
+* the gate AUROC of the supervised scores from the plain and the fused logits;
 * S / U / H of the calibrated hybrid with the cache and, recalibrated, without it;
 * the nearest training images of a few test images, read from the run's saved index.
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from hybridcls.bench.quality import labelled_test_set, prepare_world_run
+from hybridcls.gate import compute_scores, gate_detection
 from hybridcls.gate.metrics import seen_unseen_accuracy
 from hybridcls.index import load_run_index
 
@@ -44,6 +46,12 @@ def main(out: Path) -> None:
     plain = np.mean(feats.sup_logits[seen].argmax(axis=1) == y[seen])
     fused = np.mean(clf.seen_logits(feats)[seen].argmax(axis=1) == y[seen])
     print(f"test S, supervised branch alone: {100 * plain:.1f}; with the cache branch: {100 * fused:.1f}")
+
+    names = ["energy", "max_logit", "entropy", "msp"]
+    for label, logits in (("plain", feats.sup_logits), ("fused", clf.seen_logits(feats))):
+        scores = compute_scores(names, sup_logits=logits)
+        print(f"gate AUROC, {label} logits: " + ", ".join(
+            f"{n} {gate_detection(scores[n], ~seen).auroc:.3f}" for n in names))
 
     with_cache = seen_unseen_accuracy(y, clf.predict_features(feats).pred, S)
     gate = clf.gate_
