@@ -34,13 +34,15 @@ from hybridcls.device import resolve_device
 from hybridcls.engine import EngineBatch, InferenceEngine
 from hybridcls.errors import CheckpointError, ImageDecodeError, InputError, PromptFileError
 from hybridcls.gate import (
+    CACHE_MODES,
     GATE_FILENAME,
-    EmbeddingKNN,
+    CacheBranch,
     FusionResult,
     GateCalibration,
     apply_transductive,
     cascade_keep,
     finalize,
+    fit_cache_branch,
     fit_cascade,
     fit_temperature,
     fuse,
@@ -49,6 +51,7 @@ from hybridcls.gate import (
     route,
     threshold_from_seen_share,
 )
+from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, index_meta, load_run_index
 from hybridcls.outputs import PredictionRow
 from hybridcls.supervised import build_eval_transform, load_checkpoint
 from hybridcls.zeroshot import ZeroShotClassifier
@@ -58,14 +61,17 @@ from hybridcls.zeroshot.prompts import PromptSet, as_prompt_set
 __all__ = [
     "GATE_FILE",
     "HYBRID_FILE",
-    "KNN_FILE",
+    "INDEX_DIR",
     "HybridClassifier",
     "HybridFeatures",
     "align_classes",
 ]
 
 GATE_FILE = GATE_FILENAME
-KNN_FILE = "clip_knn.faiss"
+#: The run's embedding indexes (``index/clip.faiss`` + ``index/clip.json``, see
+#: :mod:`hybridcls.index`). Runs calibrated before it kept an unlabelled ``clip_knn.faiss``,
+#: which is ignored: they have no kNN index until ``calibrate`` runs again.
+INDEX_DIR = RUN_INDEX_DIR
 HYBRID_FILE = "hybrid.json"
 _PROMPTS_FILE = "prompts.txt"
 _TEMPLATES_FILE = "templates.txt"
@@ -162,6 +168,15 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         cascade: For gates that read CLIP's outputs: run CLIP only on images whose
             supervised confidence is at or below the calibrated ``cascade_msp``;
             the others are decided by the supervised branch alone.
+        cache_branch: The nearest-neighbour cache branch (Tip-Adapter style, see
+            :mod:`hybridcls.gate.cache_branch`) added to the supervised logits, decided
+            at :meth:`calibrate`: ``"auto"`` fits it and enables it only when it raises
+            held-out seen-class accuracy, ``"on"`` fits and enables it, ``"off"`` does
+            not fit it. The decision is stored in ``gate.json`` and predictions follow
+            it (the gate's threshold was set on those logits), whatever this parameter
+            says later. An enabled cache needs every image's CLIP embedding, so it
+            turns lazy zero-shot off (the cascade still skips CLIP, and the cache, on
+            the images it keeps).
         compile: ``torch.compile`` both towers (fixed batch shapes).
         decode: ``"cpu"`` or ``"device"`` (JPEG decoded on the GPU, CPU fallback).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
@@ -197,6 +212,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         unseen_only: bool | None = None,
         unknown_threshold: float | None = None,
         cascade: bool = False,
+        cache_branch: str = "auto",
         compile: bool = False,
         decode: str = "cpu",
         device: str = "auto",
@@ -215,6 +231,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         self.unseen_only = unseen_only
         self.unknown_threshold = unknown_threshold
         self.cascade = cascade
+        self.cache_branch = cache_branch
         self.compile = compile
         self.decode = decode
         self.device = device
@@ -279,8 +296,23 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         )
         gate_path = run_dir / GATE_FILE
         self.gate_ = GateCalibration.from_json(gate_path) if gate_path.is_file() else None
-        knn_path = run_dir / KNN_FILE
-        self.knn_ = EmbeddingKNN.load(knn_path) if knn_path.is_file() else None
+        # A stale index (another CLIP model or class list) must not stop `calibrate` from
+        # loading the run to rebuild it: the refusal is raised where the index is used.
+        self.index_error_: CheckpointError | None = None
+        try:
+            self.knn_ = load_run_index(run_dir, "clip", expect=self._index_meta("clip"))
+        except CheckpointError as e:
+            self.knn_, self.index_error_ = None, e
+
+    def _index_meta(self, embedding: str) -> dict[str, Any]:
+        """The provenance this run's ``embedding`` index must carry (see :func:`hybridcls.index.index_meta`)."""
+        if embedding == "clip":
+            bundle = self.zeroshot_.bundle_
+            return index_meta("clip", bundle.model_id, bundle.fingerprint, self.seen_folders_)
+        from hybridcls.cache import file_fingerprint
+
+        return index_meta("backbone", self.checkpoint_config_["model"]["name"],
+                          file_fingerprint(self.run_dir_ / "model.safetensors"), self.seen_folders_)
 
     # ------------------------------------------------------------------ calibration
 
@@ -300,6 +332,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         test_inputs: Any = None,
         seed: int = 0,
         save: bool = True,
+        index_backbone: bool = False,
     ) -> HybridClassifier:
         """Fit the gate with no unseen images, and save it in the run directory.
 
@@ -314,7 +347,10 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             test_inputs: Unlabelled test images: refit the threshold on their
                 own score distribution (transductive, a two-component mixture).
             seed: Seeds the hidden-class draws.
-            save: Write ``gate.json`` (and the kNN index) into the run directory.
+            save: Write ``gate.json`` and ``index/clip.*`` (the training images' CLIP
+                embeddings, labels and paths) into the run directory.
+            index_backbone: Also save ``index/backbone.*``, the supervised backbone's
+                pooled features of the training images (computed anyway; costs disk only).
 
         Returns:
             ``self`` with ``gate_`` set.
@@ -339,8 +375,12 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         f_va, e_va = self._features(va_src, "calibrate: held-out")
         y_tr = np.array([y for i, (_, y) in enumerate(data.train) if i not in e_tr])
         y_va = np.array([y for i, (_, y) in enumerate(data.val) if i not in e_va])
-        knn = EmbeddingKNN()
-        knn.add(f_tr.clip_embeddings)
+        tr_paths = [str(p) for i, (p, _) in enumerate(data.train) if i not in e_tr]
+        knn = EmbeddingIndex(meta=self._index_meta("clip"))
+        knn.add(f_tr.clip_embeddings, labels=y_tr, paths=tr_paths)
+        # The cache holds the training split only: the held-out images it is fitted on
+        # would otherwise find themselves at affinity 1.
+        branch = self._fit_cache(f_va, y_va, knn)
         if method == "leave-classes-out":
             cal = leave_classes_out(
                 sup_feat_train=f_tr.sup_features, y_train=y_tr, sup_feat_val=f_va.sup_features,
@@ -352,16 +392,22 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             cal = GateCalibration(score=score, mode="hard", tpr=tpr, method="tpr")
         else:
             raise InputError(f"--method {method!r}: expected 'leave-classes-out' or 'tpr'")
-        cal = cal.replace(sup_temperature=round(fit_temperature(f_va.sup_logits, y_va), 4))
-        inputs = {"sup_logits": f_va.sup_logits, "clip_logits": f_va.clip_logits, "n_seen": S,
-                      "clip_emb": f_va.clip_embeddings, "knn_index": knn}
+        cal = cal.replace(cache_branch=None if branch is None else branch.to_dict())
+        # The gate is thresholded on the seen-class logits predictions will read: with the cache.
+        in_use = _cache_in_use(cal)
+        seen_va = _with_cache(in_use, f_va, knn)
+        # temperature scaling of the logits fusion will read (with the cache when it is on)
+        cal = cal.replace(sup_temperature=round(fit_temperature(seen_va, y_va), 4))
+        inputs = {"sup_logits": seen_va, "clip_logits": f_va.clip_logits, "n_seen": S,
+                  "clip_emb": f_va.clip_embeddings, "knn_index": knn}
         cal = finalize(cal, cal.compute_base_scores(**inputs))
         if test_inputs is not None:
             f_te, _ = self._features(as_sources(test_inputs), "calibrate: test")
-            test_scores = cal.compute_score(sup_logits=f_te.sup_logits, clip_logits=f_te.clip_logits,
+            test_scores = cal.compute_score(sup_logits=_with_cache(in_use, f_te, knn),
+                                            clip_logits=f_te.clip_logits,
                                             n_seen=S, clip_emb=f_te.clip_embeddings, knn_index=knn)
             cal = apply_transductive(cal, test_scores, seed=seed)
-        full = fuse(None, sup_logits=f_va.sup_logits, clip_logits=f_va.clip_logits,
+        full = fuse(None, sup_logits=seen_va, clip_logits=f_va.clip_logits,
                     gate_score=cal.compute_score(**inputs), calibration=cal, n_seen=S)
         # The cascade threshold must keep the full hybrid's decisions on seen images
         # and, through the stand-ins' share, let unseen images reach CLIP.
@@ -376,7 +422,11 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         self.calibration_data_ = {"train": f_tr, "y_train": y_tr, "val": f_va, "y_val": y_va}
         if save:
             cal.to_json(self.run_dir_ / GATE_FILE)
-            knn.save(self.run_dir_ / KNN_FILE)
+            knn.save(self.run_dir_ / INDEX_DIR)
+            if index_backbone:
+                EmbeddingIndex(meta=self._index_meta("backbone")).add(
+                    f_tr.sup_features, labels=y_tr, paths=tr_paths).save(self.run_dir_ / INDEX_DIR)
+        self.index_error_ = None
         return self
 
     # ------------------------------------------------------------------ inference
@@ -389,7 +439,28 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
                 f"{self.run_dir_} --prompts FILE` (or HybridClassifier.calibrate()) first")
         overrides = {k: v for k, v in (("mode", self.mode), ("unseen_only", self.unseen_only),
                                         ("unknown_threshold", self.unknown_threshold)) if v is not None}
-        return self.gate_.replace(**overrides) if overrides else self.gate_
+        gate = self.gate_.replace(**overrides) if overrides else self.gate_
+        if self.knn_ is None and ("knn" in gate.base_scores or _cache_in_use(gate)):
+            raise self.index_error_ or CheckpointError(
+                f"{self.run_dir_}: its gate reads the kNN score or the cache branch but the run has "
+                f"no {INDEX_DIR}/clip.faiss; run `hybridcls calibrate {self.run_dir_}` again")
+        return gate
+
+    def _fit_cache(self, f_va: HybridFeatures, y_va: np.ndarray, knn: EmbeddingIndex) -> CacheBranch | None:
+        if self.cache_branch not in CACHE_MODES:
+            raise InputError(f"cache_branch={self.cache_branch!r}: choose from {', '.join(CACHE_MODES)}")
+        if self.cache_branch == "off":
+            return None
+        return fit_cache_branch(f_va.sup_logits, y_va, f_va.clip_embeddings, knn, mode=self.cache_branch)
+
+    def seen_logits(self, features: HybridFeatures) -> np.ndarray:
+        """The seen-class logits the gate and the fusion read: supervised, plus the cache branch when on.
+
+        Example:
+            >>> feats = clf.extract_features(["val/"])  # doctest: +SKIP
+            >>> clf.seen_logits(feats).argmax(axis=1)  # doctest: +SKIP
+        """
+        return _with_cache(_cache_in_use(self._gate()), features, self.knn_)
 
     def _clip_policy(self, gate: GateCalibration):
         """Which images CLIP encodes: lazy zero-shot, the cascade, or all.
@@ -398,7 +469,8 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         Cascade (``cascade=True``, a gate that reads CLIP): CLIP runs only where
         the supervised confidence is at or below ``gate.cascade_msp``.
         """
-        if gate.mode == "hard" and not any(n.startswith("clip") for n in gate.needs):
+        if (gate.mode == "hard" and not any(n.startswith("clip") for n in gate.needs)
+                and _cache_in_use(gate) is None):
             def policy(sup_logits: np.ndarray, _features: np.ndarray) -> np.ndarray:
                 return route(gate.compute_score(sup_logits=sup_logits, n_seen=self.n_seen_), gate)
             return policy
@@ -422,22 +494,23 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             >>> clf.set_params(mode="soft").predict_features(feats).probs.shape  # doctest: +SKIP
         """
         gate = self._gate()
+        sup = _with_cache(_cache_in_use(gate), features, self.knn_)
         score = gate.compute_score(
-            sup_logits=features.sup_logits, clip_logits=features.clip_logits, n_seen=self.n_seen_,
+            sup_logits=sup, clip_logits=features.clip_logits, n_seen=self.n_seen_,
             clip_emb=features.clip_embeddings, knn_index=self.knn_,
         )
         skipped = np.isnan(features.clip_logits).all(axis=1)
         if gate.mode != "hard" and skipped.any():
             # Cascade rows (CLIP skipped): their NaN gate score keeps them in the supervised
             # branch in hard mode; soft and stacking take those rows from a hard fusion.
-            kept = fuse("hard", sup_logits=features.sup_logits, clip_logits=features.clip_logits,
+            kept = fuse("hard", sup_logits=sup, clip_logits=features.clip_logits,
                         gate_score=score, calibration=gate, n_seen=self.n_seen_)
-            res = fuse(None, sup_logits=features.sup_logits, clip_logits=features.clip_logits,
+            res = fuse(None, sup_logits=sup, clip_logits=features.clip_logits,
                        gate_score=score, calibration=gate, n_seen=self.n_seen_)
             for name in ("probs", "branch", "gate_weight", "gate_score"):
                 getattr(res, name)[skipped] = getattr(kept, name)[skipped]
             return res
-        return fuse(None, sup_logits=features.sup_logits, clip_logits=features.clip_logits,
+        return fuse(None, sup_logits=sup, clip_logits=features.clip_logits,
                     gate_score=score, calibration=gate, n_seen=self.n_seen_)
 
     def extract_features(self, inputs: Any, *, clip: Any = "all") -> HybridFeatures:
@@ -528,7 +601,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------ persistence
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write a self-contained folder: checkpoint, gate, kNN index, prompts, templates, text classifier.
+        """Write a self-contained folder: checkpoint, gate, embedding indexes, prompts, templates, text classifier.
 
         ``from_pretrained`` on it needs no prompts file; the saved text classifier replaces
         the one built at load (a warm text cache makes that build free).
@@ -536,10 +609,13 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "engine_")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "model.safetensors", GATE_FILE, KNN_FILE):
+        for name in ("config.json", "model.safetensors", GATE_FILE):
             src = self.run_dir_ / name
             if src.is_file() and src.resolve() != (out / name).resolve():
                 shutil.copy2(src, out / name)
+        src = self.run_dir_ / INDEX_DIR
+        if src.is_dir() and src.resolve() != (out / INDEX_DIR).resolve():
+            shutil.copytree(src, out / INDEX_DIR, dirs_exist_ok=True)
         prompts = self.zeroshot_.prompts_
         (out / _PROMPTS_FILE).write_text("\n".join(_prompt_line(c) for c in prompts) + "\n", encoding="utf-8")
         (out / _TEMPLATES_FILE).write_text("\n".join(self.zeroshot_.templates_) + "\n", encoding="utf-8")
@@ -568,6 +644,22 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             raise CheckpointError(f"{directory}: classes in {HYBRID_FILE} differ from its prompts")
         clf.zeroshot_.text_features_ = torch.from_numpy(stored).to(clf.device_)
         return clf
+
+
+def _cache_in_use(gate: GateCalibration) -> CacheBranch | None:
+    """The gate's cache branch when it is enabled: the gate's threshold was set on its logits."""
+    if gate.cache_branch is None:
+        return None
+    branch = CacheBranch.from_dict(gate.cache_branch)
+    return branch if branch.enabled else None
+
+
+def _with_cache(branch: CacheBranch | None, features: HybridFeatures,
+                index: EmbeddingIndex | None) -> np.ndarray:
+    if branch is None:
+        return features.sup_logits
+    assert index is not None  # HybridClassifier._gate refuses a cache without its index
+    return branch.apply(features.sup_logits, features.clip_embeddings, index)
 
 
 def _raise_failures(sources: Sequence[Source], errors: dict[int, str]) -> None:

@@ -1,7 +1,7 @@
 """The audit's analyses, on arrays: near-duplicate pairs and groups, label votes, class counts.
 
 Nothing here decodes an image or runs a model. Nearest neighbours come from
-:class:`~hybridcls.gate.knn.EmbeddingKNN` (FAISS exact inner product on unit
+:class:`~hybridcls.index.EmbeddingIndex` (FAISS exact inner product on unit
 vectors, i.e. cosine); connected components from
 ``scipy.sparse.csgraph.connected_components``; the rest is numpy.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from hybridcls.gate.knn import EmbeddingKNN
+from hybridcls.index import EmbeddingIndex
 
 __all__ = [
     "ClassCount",
@@ -50,7 +50,7 @@ def _neighbours(query: np.ndarray, ref: np.ndarray, k: int) -> tuple[np.ndarray,
     k = min(k, len(ref))
     if k == 0 or len(query) == 0:
         return np.zeros((len(query), 0)), np.zeros((len(query), 0), dtype=np.int64)
-    return EmbeddingKNN().add(ref).search(query, k)
+    return EmbeddingIndex("flat").add(ref).search(query, k)
 
 
 def find_matches(

@@ -87,12 +87,18 @@ def _figures(method: str, y: np.ndarray, pred: np.ndarray, n_seen: int, note: st
     return QualityRow(method, s, u, h, float(np.mean(pred == y)), auroc, note)
 
 
-def reference_rows(feats: HybridFeatures, y: np.ndarray, n_seen: int) -> list[QualityRow]:
-    """Supervised only, zero-shot only, and the oracle router that knows which images are unseen."""
+def reference_rows(feats: HybridFeatures, y: np.ndarray, n_seen: int,
+                   seen_logits: np.ndarray | None = None) -> list[QualityRow]:
+    """Supervised only, zero-shot only, and the oracle router that knows which images are unseen.
+
+    ``seen_logits`` (default: the plain supervised logits) are what the oracle's
+    supervised side reads, e.g. with the cache branch applied.
+    """
     sup = feats.sup_logits.argmax(axis=1)
+    sup_oracle = sup if seen_logits is None else seen_logits.argmax(axis=1)
     zs = feats.clip_logits.argmax(axis=1)
     zs_unseen = n_seen + feats.clip_logits[:, n_seen:].argmax(axis=1)
-    oracle = np.where(y >= n_seen, zs_unseen, sup)
+    oracle = np.where(y >= n_seen, zs_unseen, sup_oracle)
     return [
         _figures("supervised only", y, sup, n_seen, "never predicts an unseen class"),
         _figures("zero-shot only", y, zs, n_seen, "CLIP over all classes"),
@@ -197,7 +203,16 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: s
     seconds["test features"] = time.perf_counter() - t
     S = clf.n_seen_
     is_unseen = y >= S
-    rows = reference_rows(feats, y, S)
+    # every gate below reads the seen-class logits predictions read: with the cache branch when on
+    seen_test = clf.seen_logits(feats)
+    rows = reference_rows(feats, y, S, seen_logits=seen_test)
+    cache = clf.gate_.cache_branch
+    if cache is not None:
+        rows.insert(1, _figures(
+            "supervised + cache branch", y, seen_test.argmax(axis=1), S,
+            f"alpha {cache['alpha']:.3g} ({cache['alpha_rel']:g} sd), beta {cache['beta']:g}, "
+            f"{'on' if cache['enabled'] else 'off'}: held-out {100 * cache['val_accuracy_plain']:.1f} -> "
+            f"{100 * cache['val_accuracy']:.1f}"))
 
     default = clf.predict_features(feats)
     g = clf.gate_
@@ -217,9 +232,9 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: s
             f"CLIP on {100 * (1 - keep.mean()):.0f}% of images (supervised MSP <= {g.cascade_msp:.3f})"))
 
     cal_val = clf.calibration_data_["val"]
-    val_inputs = dict(sup_logits=cal_val.sup_logits, clip_logits=cal_val.clip_logits, n_seen=S,
+    val_inputs = dict(sup_logits=clf.seen_logits(cal_val), clip_logits=cal_val.clip_logits, n_seen=S,
                       clip_emb=cal_val.clip_embeddings, knn_index=clf.knn_)
-    test_inputs = dict(sup_logits=feats.sup_logits, clip_logits=feats.clip_logits, n_seen=S,
+    test_inputs = dict(sup_logits=seen_test, clip_logits=feats.clip_logits, n_seen=S,
                        clip_emb=feats.clip_embeddings, knn_index=clf.knn_)
     seen_pairs = set()
     for cand in g.candidates:
@@ -231,7 +246,7 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: s
             sup_temperature=g.sup_temperature)
         cal = finalize(cal, cal.compute_base_scores(**val_inputs))
         score = cal.compute_score(**test_inputs)
-        res = fuse(None, sup_logits=feats.sup_logits, clip_logits=feats.clip_logits, gate_score=score,
+        res = fuse(None, sup_logits=seen_test, clip_logits=feats.clip_logits, gate_score=score,
                    calibration=cal, n_seen=S)
         rows.append(_figures(f"{cand['score']} / {cand['mode']}", y, res.pred, S,
                              f"leave-classes-out H {100 * cand['mean_h']:.1f}, tpr {cand['tpr']:.2f}",

@@ -16,6 +16,15 @@ Example:
 
 from __future__ import annotations
 
+from hybridcls.gate.cache_branch import (
+    ALPHA_GRID,
+    BETA_GRID,
+    CACHE_MODES,
+    DEFAULT_CACHE_K,
+    CacheBranch,
+    cache_logits,
+    fit_cache_branch,
+)
 from hybridcls.gate.calibration import (
     apply_transductive,
     finalize,
@@ -35,7 +44,6 @@ from hybridcls.gate.cascade import (
 )
 from hybridcls.gate.config import GATE_FILENAME, MODES, GateCalibration
 from hybridcls.gate.fusion import FusionResult, fuse, route, topk
-from hybridcls.gate.knn import EmbeddingKNN
 from hybridcls.gate.metrics import (
     GateDetection,
     RoutingMatrix,
@@ -60,6 +68,13 @@ from hybridcls.gate.scores import (
 )
 
 __all__ = [
+    "ALPHA_GRID",
+    "BETA_GRID",
+    "CACHE_MODES",
+    "DEFAULT_CACHE_K",
+    "CacheBranch",
+    "cache_logits",
+    "fit_cache_branch",
     "DEFAULT_AGREEMENT",
     "cascade_keep",
     "cascade_seen_share",
@@ -72,7 +87,6 @@ __all__ = [
     "MODES",
     "SCORES",
     "CombinedScore",
-    "EmbeddingKNN",
     "FusionResult",
     "GateCalibration",
     "GateDetection",

@@ -40,7 +40,6 @@ from hybridcls.errors import InputError
 from hybridcls.gate.cascade import DEFAULT_MISS, cascade_seen_share, max_softmax
 from hybridcls.gate.config import MODES, GateCalibration
 from hybridcls.gate.fusion import hard_probs, soft_probs, stacking_probs
-from hybridcls.gate.knn import EmbeddingKNN
 from hybridcls.gate.metrics import seen_unseen_accuracy
 from hybridcls.gate.scores import (
     DEFAULT_KNN_K,
@@ -50,6 +49,7 @@ from hybridcls.gate.scores import (
     compute_scores,
     needs_of,
 )
+from hybridcls.index import EmbeddingIndex
 
 __all__ = [
     "from_candidate",
@@ -437,7 +437,7 @@ def leave_classes_out(
         t_head = fit_temperature(sup[~hidden_rows], new_index[yva[~hidden_rows]])
         msp = max_softmax(sup)
         seen_shares.append(cascade_seen_share(msp[~hidden_rows], msp[hidden_rows], miss=DEFAULT_MISS))
-        knn = EmbeddingKNN().add(emb_tr[train_rows]) if use_knn else None
+        knn = EmbeddingIndex("flat").add(emb_tr[train_rows]) if use_knn else None
         round_scores: dict[tuple[str, float], np.ndarray] = {}
         for t in sorted({t for _, t in score_keys}):
             names = [n for n, tt in score_keys if tt == t]

@@ -68,6 +68,9 @@ class GateCalibration:
             images whose MSP must stay at or below the cascade threshold so that
             stand-in unseen images reach CLIP (see
             :func:`hybridcls.gate.cascade_seen_share`); ``None`` = not measured.
+        cache_branch: :meth:`hybridcls.gate.CacheBranch.to_dict` of the nearest-neighbour
+            cache branch fitted at calibration (applied only when its ``enabled`` is true);
+            ``None`` = not fitted.
     """
 
     score: str = "energy"
@@ -87,6 +90,7 @@ class GateCalibration:
     cascade_msp: float | None = None
     cascade_seen_share: float | None = None
     sup_temperature: float | None = None
+    cache_branch: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
