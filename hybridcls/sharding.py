@@ -642,10 +642,12 @@ def predict_to_output(
         return part(Path(output), manifest(start, stop, label))
     rank, size, local = world
     with _process_group(local) as dist:
-        done = _finished(output, manifest(start, stop, label), key_at) if resume else None
-        if done is not None:  # an earlier run got as far as the merge
-            dist.barrier()
-            return PredictSummary(done.n_ok, done.n_error, done.done, rank)
+        whole = manifest(start, stop, label)
+        if resume and Path(output).exists():
+            done = resume_point(output, whole, key_at)  # refuses other settings, like one process
+            if done.end is not None and done.done == stop - start:  # an earlier run merged it all
+                dist.barrier()
+                return PredictSummary(done.n_ok, done.n_error, done.done, rank)
         paths = part_paths(output, size)
         a, b = ShardSpec(rank, size).range(start, stop)
         mine = part(paths[rank], manifest(a, b, f"{label + ', ' if label else ''}rank {rank}/{size}"))
@@ -681,15 +683,3 @@ def _predict_part(predict_rows: RowsFn, sources: Sequence[Source], output: Path,
             for rows in predict_rows(todo):
                 writer.write_many(rows)
     return PredictSummary(point.n_ok + writer.n_ok, point.n_error + writer.n_error, point.done)
-
-
-def _finished(output: str | os.PathLike[str], m: Manifest,
-              key_at: Callable[[int], str]) -> ResumePoint | None:
-    """The counts of ``output`` when it already holds every row ``m`` asks for, else None."""
-    if not Path(output).exists():
-        return None
-    try:
-        point = resume_point(output, m, key_at)
-    except InputError:
-        return None
-    return point if point.end is not None and point.done == m.stop - m.start else None

@@ -122,7 +122,7 @@ def test_a_run_without_resume_starts_again(tmp_path):
 
 
 def test_shard_ranges_cover_every_index_once():
-    for total in range(0, 23):
+    for total in range(23):
         for n in range(1, 8):
             got = []
             for i in range(n):

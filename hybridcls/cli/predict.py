@@ -10,7 +10,6 @@ each rank predicts its share and rank 0 merges (see docs/scale.md).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,8 @@ __all__ = [
     "add_parser",
     "add_runtime_arguments",
     "hybrid_from_args",
-    "rows_from_batch",
     "prediction_settings",
+    "rows_from_batch",
     "run",
     "write_predictions",
     "zeroshot_rows",
@@ -148,7 +147,9 @@ def _validate(args: argparse.Namespace) -> None:
     to_stdout = args.output in (None, "-")
     if to_stdout and (args.resume or args.shard is not None):
         raise UsageError(f"{'--resume' if args.resume else '--shard'} needs --output FILE")
-    if to_stdout and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    from hybridcls.sharding import torchrun_world
+
+    if to_stdout and torchrun_world() is not None:
         raise UsageError("under torchrun, predict needs --output FILE (rank 0 merges the ranks' parts)")
 
 
