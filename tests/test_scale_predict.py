@@ -195,3 +195,28 @@ def test_hostile_names_each_become_one_well_formed_row(setup, tmp_path):
     assert errors["fake.jpg"].startswith("is a directory (listed in")
     assert errors["loop.png"].startswith("symbolic link loop (listed in")
     assert errors['gone, with "quotes".png'].endswith("list.csv line 5)")  # the quoted newline: line 3-4
+
+
+def test_hybrid_cut_file_resumes_and_shards_merge_to_one_run(world_run, tmp_path, capsys):
+    """The hybrid (supervised + CLIP + gate, extra columns) through the same resume / merge path."""
+    world, clf = world_run
+    common = [str(world.test_dir), "--prompts", str(world.prompts_file), "--clip-model",
+              TINY_CLIP_MODEL_ID, "--templates", str(world.templates_file), "--checkpoint",
+              str(clf.run_dir_), "--cache-dir", str(tmp_path / "cache"), "--workers", "0",
+              "--batch-size", "16", "-q"]
+    ref = tmp_path / "ref.jsonl"
+    assert main(["predict", *common, "-o", str(ref)]) == 0
+    lines = ref.read_bytes().split(b"\n")
+    assert json.loads(lines[0])["gate_score"] is not None
+    cut = tmp_path / "cut.jsonl"
+    # 37 complete rows and a third of the 38th, as a kill mid-write leaves it.
+    cut.write_bytes(b"\n".join(lines[:37]) + b"\n" + lines[37][: len(lines[37]) // 3])
+    (tmp_path / "cut.jsonl.manifest.json").write_bytes((tmp_path / "ref.jsonl.manifest.json").read_bytes())
+    assert main(["predict", *common, "-o", str(cut), "--resume"]) == 0
+    assert "resumed after 37 rows" in capsys.readouterr().err
+    _same_predictions(_rows(cut), _rows(ref))
+    parts = [tmp_path / f"p{i}.jsonl" for i in range(2)]
+    for i, part in enumerate(parts):
+        assert main(["predict", *common, "--shard", f"{i}/2", "-o", str(part)]) == 0
+    assert main(["merge", *map(str, parts), "-o", str(tmp_path / "m.jsonl")]) == 0
+    _same_predictions(_rows(tmp_path / "m.jsonl"), _rows(ref))
