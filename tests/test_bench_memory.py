@@ -13,7 +13,7 @@ from hybridcls.cli import main
 def test_bench_memory_reports_every_run(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "memory", "--out", str(out), "--sizes", "3", "7", "--image-size", "24",
-                 "--batch-size", "4"]) == 0
+                 "--batch-size", "4", "--no-warmup"]) == 0
     report = json.loads((out / "memory.json").read_text(encoding="utf-8"))
     assert [r["images"] for r in report["runs"]] == [3, 7]
     assert [r["rows"] for r in report["runs"]] == [3, 7]  # every image predicted once

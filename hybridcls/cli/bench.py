@@ -62,6 +62,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     me.add_argument("--checkpoint", default=None, metavar="RUN_DIR",
                     help="a calibrated run: measure the full hybrid (needs --prompts)")
     me.add_argument("--prompts", default=None, metavar="FILE", help="prompts file (default: 10 names)")
+    me.add_argument("--no-warmup", action="store_true",
+                    help="skip the one-image run that fills the text cache (the first run then builds it)")
     me.set_defaults(run=run_memory)
     return parser
 
@@ -110,7 +112,7 @@ def run_memory(args: argparse.Namespace) -> int:
         raise UsageError("--checkpoint needs --prompts naming the run's classes")
     report = bench(Path(args.out), args.sizes, image_size=args.image_size, batch_size=args.batch_size,
                    workers=args.workers, clip_model=args.clip_model, checkpoint=args.checkpoint,
-                   prompts=args.prompts)
+                   prompts=args.prompts, warmup=not args.no_warmup)
     print(report.markdown())
     print(json.dumps(report.info))
     print(f"wrote {Path(args.out) / 'memory.json'}")
