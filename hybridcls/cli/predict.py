@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +283,7 @@ def _run_hybrid(args: argparse.Namespace, sources) -> int:
     return _finish(writer.n_ok, writer.n_error, args.output)
 
 
-def zeroshot_rows(clf, sources, topk: int, *, progress: bool = True):
+def zeroshot_rows(clf, sources, topk: int, *, progress: bool = True) -> Iterator[list[PredictionRow]]:
     """A fitted zero-shot classifier's output rows over ``sources``, one list per batch, in order."""
     paths = [s.path for s in sources]
     for batch in clf.iter_predictions(sources, progress=progress):
