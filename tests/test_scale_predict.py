@@ -92,7 +92,7 @@ def test_sigkill_then_resume_gives_every_input_once_and_the_same_predictions(set
     # A kill during a write leaves half a record: cut the file inside its last row as well.
     data = out.read_bytes()
     out.write_bytes(data[:-9])
-    done = len(_rows(out)) - 1  # csv reads the cut record as a row; resume must drop it
+    done = out.read_bytes().count(b"\n") - 1  # complete one-line rows (plain names), less the header
     assert 39 <= done < N_IMAGES
 
     assert main([*argv, "--resume"]) == 0
