@@ -157,7 +157,8 @@ def run_memory(
     info = {
         "command": "hybridcls bench memory " + " ".join(
             ["--sizes", *map(str, sizes), "--image-size", str(image_size), "--batch-size", str(batch_size),
-             "--workers", str(workers)]),
+             "--workers", str(workers)]
+            + (["--checkpoint", str(checkpoint), "--prompts", str(prompts)] if checkpoint else [])),
         "model": "hybrid" if checkpoint else "zero-shot",
         "clip_model": clip_model or "tiny (shipped)",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
