@@ -87,7 +87,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     out = parser.add_argument_group("output")
     out.add_argument("--topk", type=int, default=5, metavar="K", help="top-k labels per row (default: %(default)s)")
     out.add_argument("-o", "--output", default="-", metavar="PATH",
-                     help="output file ('-' for standard output, the default)")
+                     help="output file ('-' for standard output, the default); a file gets "
+                          "PATH.manifest.json beside it, for --resume and `hybridcls merge`")
     out.add_argument("--format", choices=FORMATS, default=None,
                      help="csv, jsonl or kaggle (image_id,class); default: from the extension, else csv")
     sc = parser.add_argument_group("scale (docs/scale.md)")
