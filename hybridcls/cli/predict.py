@@ -168,9 +168,7 @@ def run(args: argparse.Namespace) -> int:
         if args.checkpoint:
             return _run_hybrid(args, sources)
         with open_writer(args.output, args.format, topk=args.topk) as writer:
-            for rows in zeroshot_rows(_zeroshot_from_args(args), sources, args.topk,
-                                      progress=not args.quiet):
-                writer.write_many(rows)
+            write_predictions(_zeroshot_from_args(args), sources, writer, progress=not args.quiet)
         return _finish(writer.n_ok, writer.n_error, args.output)
     return _run_to_file(args, sources)
 
