@@ -2,8 +2,9 @@
 
 Every input becomes exactly one row, either a prediction (``status="ok"``)
 or an error (``status="error"`` with the reason), in input order. Writers
-flush after every batch so that a long run can be watched, and resumed
-by a later issue's ``--resume``.
+to a file flush and ``fsync`` after every batch, so a crash loses at most the
+batch being written; :mod:`hybridcls.sharding` resumes such a file
+(``open_writer(..., append=True)`` continues it without a second header).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ __all__ = [
     "PredictionWriter",
     "infer_format",
     "open_writer",
+    "output_columns",
+    "output_key",
     "read_predictions",
 ]
 
@@ -71,6 +74,34 @@ def infer_format(output: str | os.PathLike | None, fmt: str | None) -> str:
     return "csv"
 
 
+def output_columns(fmt: str, topk: int, extra_columns: Sequence[str] = ()) -> list[str]:
+    """The CSV header of a format (JSON Lines records carry the same fields, ``topk`` as a list)."""
+    if fmt == "kaggle":
+        return ["image_id", "class"]
+    cols = ["path", "label", "score", "branch", "status", "error"]
+    for i in range(1, topk + 1):
+        cols += [f"top{i}", f"top{i}_score"]
+    return cols + list(extra_columns)
+
+
+def output_key(path: str, fmt: str) -> str:
+    """How an input's path reads back from a file of format ``fmt`` (its first field).
+
+    Kaggle files keep only the file name; CSV files hold the undecodable bytes
+    of a file name (surrogate escapes) as backslash escapes, while JSON Lines
+    escapes them the JSON way, so they read back unchanged.
+
+    Example:
+        >>> output_key("photos/cat 1.jpg", "kaggle")
+        'cat 1.jpg'
+    """
+    if fmt == "kaggle":
+        path = Path(path).name
+    if fmt == "jsonl":
+        return path
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _fmt_score(value: float) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6f}"
 
@@ -86,6 +117,7 @@ class PredictionWriter:
         topk: int,
         extra_columns: Sequence[str] = (),
         close: bool = False,
+        header: bool = True,
     ) -> None:
         self.stream = stream
         self.format = fmt
@@ -98,16 +130,13 @@ class PredictionWriter:
         if fmt in ("csv", "kaggle"):
             # newline="" semantics: the csv module quotes embedded newlines itself.
             self._csv = csv.writer(stream, lineterminator="\n")
-            self._csv.writerow(self.columns)
+            if header:
+                self._csv.writerow(self.columns)
+                self._sync()
 
     @property
     def columns(self) -> list[str]:
-        if self.format == "kaggle":
-            return ["image_id", "class"]
-        cols = ["path", "label", "score", "branch", "status", "error"]
-        for i in range(1, self.topk + 1):
-            cols += [f"top{i}", f"top{i}_score"]
-        return cols + self.extra_columns
+        return output_columns(self.format, self.topk, self.extra_columns)
 
     def write(self, row: PredictionRow) -> None:
         if row.status == "ok":
@@ -142,9 +171,17 @@ class PredictionWriter:
             self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def write_many(self, rows: Iterable[PredictionRow]) -> None:
+        """Write rows and make them durable: a crash afterwards keeps them (see ``--resume``)."""
         for row in rows:
             self.write(row)
+        self._sync()
+
+    def _sync(self) -> None:
         self.stream.flush()
+        if self._close:
+            # A flush reaches the OS only; fsync also survives a machine crash. One call per
+            # batch costs far less than the batch itself.
+            os.fsync(self.stream.fileno())
 
     def close(self) -> None:
         self.stream.flush()
@@ -176,8 +213,12 @@ def open_writer(
     *,
     topk: int = 5,
     extra_columns: Sequence[str] = (),
+    append: bool = False,
 ) -> PredictionWriter:
     """Open a writer on a file path, or on standard output for ``None`` / ``"-"``.
+
+    ``append=True`` continues an existing file of the same format and columns
+    (no second header); :mod:`hybridcls.sharding` checks that it is one.
 
     Example:
         >>> import io
@@ -194,8 +235,10 @@ def open_writer(
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
     # Undecodable file names arrive surrogate-escaped; keep them visible rather than crash.
-    stream = open(path, "w", encoding="utf-8", newline="", errors="backslashreplace")
-    return PredictionWriter(stream, fmt, topk=topk, extra_columns=extra_columns, close=True)
+    stream = open(path, "a" if append else "w", encoding="utf-8", newline="",
+                  errors="backslashreplace")
+    return PredictionWriter(stream, fmt, topk=topk, extra_columns=extra_columns, close=True,
+                            header=not append)
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:

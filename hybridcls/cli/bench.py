@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["add_parser", "run", "run_quality", "run_speed"]
+__all__ = ["add_parser", "run", "run_memory", "run_quality", "run_speed"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -47,6 +47,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sp.add_argument("--quick", action="store_true",
                     help="CI-sized: test_convnext + tiny CLIP, 16 small images, 64 px, 4 templates")
     sp.set_defaults(run=run_speed)
+    me = sub.add_parser("memory", help="peak resident memory of `predict` on N vs 10N small images "
+                                       "(fresh process per run, offline)")
+    me.add_argument("--out", default="hybridcls-bench-memory", metavar="DIR",
+                    help="working folder; memory.json goes here (default: %(default)s)")
+    me.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000], metavar="N",
+                    help="numbers of images, smallest first (default: %(default)s)")
+    me.add_argument("--image-size", type=int, default=64, metavar="PX",
+                    help="side of the generated JPEG files (default: %(default)s)")
+    me.add_argument("--batch-size", type=int, default=64, metavar="N", help="default: %(default)s")
+    me.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="decoding workers (default: %(default)s, so the measured process decodes)")
+    me.add_argument("--clip-model", default=None, metavar="ID", help="default: the shipped tiny CLIP")
+    me.add_argument("--checkpoint", default=None, metavar="RUN_DIR",
+                    help="a calibrated run: measure the full hybrid (needs --prompts)")
+    me.add_argument("--prompts", default=None, metavar="FILE", help="prompts file (default: 10 names)")
+    me.add_argument("--no-warmup", action="store_true",
+                    help="skip the one-image run that fills the text cache (the first run then builds it)")
+    me.set_defaults(run=run_memory)
     return parser
 
 
@@ -81,6 +99,23 @@ def run_speed(args: argparse.Namespace) -> int:
     print(report.markdown())
     print(json.dumps(report.info))
     print(f"wrote {Path(args.out) / 'speed.json'}")
+    return 0
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    from hybridcls.bench.memory import run_memory as bench
+    from hybridcls.cli import UsageError
+
+    if len(args.sizes) < 2 or min(args.sizes) < 1:
+        raise UsageError(f"--sizes needs two or more positive numbers, got {args.sizes}")
+    if args.checkpoint and not args.prompts:
+        raise UsageError("--checkpoint needs --prompts naming the run's classes")
+    report = bench(Path(args.out), args.sizes, image_size=args.image_size, batch_size=args.batch_size,
+                   workers=args.workers, clip_model=args.clip_model, checkpoint=args.checkpoint,
+                   prompts=args.prompts, warmup=not args.no_warmup)
+    print(report.markdown())
+    print(json.dumps(report.info))
+    print(f"wrote {Path(args.out) / 'memory.json'}")
     return 0
 
 

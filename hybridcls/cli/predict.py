@@ -2,16 +2,22 @@
 
 Every input becomes one output row, in input order; exit status 0 when all
 were predicted, 1 when some failed (a summary goes to stderr), 2 on usage errors.
+A file output is flushed per batch and can be continued with ``--resume``;
+``--shard I/N`` predicts one share for ``hybridcls merge``; under torchrun
+each rank predicts its share and rank 0 merges (see docs/scale.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from hybridcls.outputs import FORMATS, PredictionRow, PredictionWriter, open_writer
+from hybridcls.outputs import FORMATS, PredictionRow, PredictionWriter, infer_format, open_writer
 
 __all__ = [
     "add_clip_arguments",
@@ -19,10 +25,12 @@ __all__ = [
     "add_parser",
     "add_runtime_arguments",
     "hybrid_from_args",
+    "prediction_settings",
     "rows_from_batch",
     "run",
     "validate_runtime_arguments",
     "write_predictions",
+    "zeroshot_rows",
 ]
 
 
@@ -88,9 +96,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     out = parser.add_argument_group("output")
     out.add_argument("--topk", type=int, default=5, metavar="K", help="top-k labels per row (default: %(default)s)")
     out.add_argument("-o", "--output", default="-", metavar="PATH",
-                     help="output file ('-' for standard output, the default)")
+                     help="output file ('-' for standard output, the default); a file gets "
+                          "PATH.manifest.json beside it, for --resume and `hybridcls merge`")
     out.add_argument("--format", choices=FORMATS, default=None,
                      help="csv, jsonl or kaggle (image_id,class); default: from the extension, else csv")
+    sc = parser.add_argument_group("scale (docs/scale.md)")
+    sc.add_argument("--resume", action="store_true",
+                    help="keep the rows an interrupted run of the same command wrote to --output and "
+                         "predict the rest (starts afresh when the file does not exist)")
+    sc.add_argument("--shard", metavar="I/N", default=None,
+                    help="predict only shard I of N (counting from 0) of the inputs, e.g. an array "
+                         "job's task; join the parts with `hybridcls merge`")
     parser.set_defaults(run=run)
     return parser
 
@@ -132,6 +148,19 @@ def validate_runtime_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     if getattr(args, "gpu_decode", False) and args.device != "cuda":
         raise UsageError("--gpu-decode needs --device cuda")
+    args.resume = getattr(args, "resume", False)
+    args.shard = getattr(args, "shard", None)
+    if isinstance(args.shard, str):
+        from hybridcls.sharding import ShardSpec
+
+        args.shard = ShardSpec.parse(args.shard)
+    to_stdout = args.output in (None, "-")
+    if to_stdout and (args.resume or args.shard is not None):
+        raise UsageError(f"{'--resume' if args.resume else '--shard'} needs --output FILE")
+    from hybridcls.sharding import torchrun_world
+
+    if to_stdout and torchrun_world() is not None:
+        raise UsageError("under torchrun, predict needs --output FILE (rank 0 merges the ranks' parts)")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -145,23 +174,104 @@ def _validate(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _validate(args)
     from hybridcls.data import expand_inputs
-    from hybridcls.zeroshot import ZeroShotClassifier
 
     sources = expand_inputs(args.inputs)
     if not sources:
         from hybridcls.cli import UsageError
 
         raise UsageError("no input images found in " + " ".join(args.inputs))
-    if args.checkpoint:
-        return _run_hybrid(args, sources)
-    clf = ZeroShotClassifier(
+    if args.output in (None, "-"):
+        if args.checkpoint:
+            return _run_hybrid(args, sources)
+        with open_writer(args.output, args.format, topk=args.topk) as writer:
+            write_predictions(_zeroshot_from_args(args), sources, writer, progress=not args.quiet)
+        return _finish(writer.n_ok, writer.n_error, args.output)
+    return _run_to_file(args, sources)
+
+
+def _zeroshot_from_args(args: argparse.Namespace):
+    from hybridcls.zeroshot import ZeroShotClassifier
+
+    return ZeroShotClassifier(
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
         prompts=args.prompts, templates=args.templates, device=args.device,
         batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
     ).fit()
-    with open_writer(args.output, args.format, topk=args.topk) as writer:
-        write_predictions(clf, sources, writer, progress=not args.quiet)
-    return _finish(writer.n_ok, writer.n_error, args.output)
+
+
+def _run_to_file(args: argparse.Namespace, sources) -> int:
+    """File output: resumable, shardable, and merged across torchrun ranks."""
+    from hybridcls.sharding import predict_to_output, torchrun_world
+
+    fmt = infer_format(args.output, args.format)
+    world = torchrun_world()
+    rank = world[0] if world else 0
+    progress = not args.quiet and rank == 0
+    extra: tuple[str, ...] = ()
+    if args.checkpoint:
+        from hybridcls.hybrid import HybridClassifier
+
+        extra = tuple(HybridClassifier.EXTRA_COLUMNS)
+
+    def predict_rows(todo):
+        # Loaded only when something is left to predict (a finished --resume loads nothing).
+        if args.checkpoint:
+            args.quiet = not progress
+            yield from hybrid_from_args(args).rows(todo, topk=args.topk)
+        else:
+            yield from zeroshot_rows(_zeroshot_from_args(args), todo, args.topk, progress=progress)
+
+    summary = predict_to_output(
+        predict_rows, sources, args.output, fmt=fmt, topk=args.topk, extra_columns=extra,
+        settings=prediction_settings(args), shard=args.shard, resume=args.resume,
+    )
+    if rank != 0:
+        return 0  # rank 0 reports for the merged file
+    if summary.resumed:
+        print(f"hybridcls predict: resumed after {summary.resumed} rows already in {args.output}",
+              file=sys.stderr)
+    return _finish(summary.n_ok, summary.n_error, args.output)
+
+
+def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What changes the rows of ``predict``: a resumed file or merged parts must agree on it.
+
+    Files are identified by content (SHA-256), so the parts of an array job
+    merge even when each machine keeps the model under another path.
+    Batch size, workers and device are left out: they do not change a row.
+    """
+    from hybridcls.cache import file_fingerprint
+    from hybridcls.hybrid import GATE_FILE, KNN_FILE
+    from hybridcls.supervised.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+    def fingerprint(path: str | None) -> Any:
+        if not path:
+            return None
+        p = Path(path)
+        if p.is_dir():
+            return {f.name: file_fingerprint(f) for f in sorted(p.iterdir()) if f.is_file()}
+        return file_fingerprint(p) if p.is_file() else path
+
+    clip = args.clip_model
+    settings: dict[str, Any] = {
+        "clip_model": fingerprint(clip[len("local-dir:"):]) if clip.startswith("local-dir:") else clip,
+        "clip_pretrained": None if clip.startswith(("local-dir:", "hf-hub:"))
+        else fingerprint(args.clip_pretrained),
+        "prompts": fingerprint(args.prompts),
+        "templates": fingerprint(args.templates),
+        "topk": args.topk,
+        "checkpoint": None,
+    }
+    if args.checkpoint:
+        run_dir = Path(args.checkpoint)
+        # The files load_run reads: weights and config, gate, kNN index (when present).
+        settings["checkpoint"] = {
+            name: file_fingerprint(run_dir / name)
+            for name in (CONFIG_FILE, WEIGHTS_FILE, GATE_FILE, KNN_FILE)
+            if (run_dir / name).is_file()
+        }
+        settings.update(mode=args.mode, cascade=args.cascade, unknown_threshold=args.unknown_threshold)
+    return settings
 
 
 def hybrid_from_args(args: argparse.Namespace):
@@ -188,14 +298,18 @@ def _run_hybrid(args: argparse.Namespace, sources) -> int:
     return _finish(writer.n_ok, writer.n_error, args.output)
 
 
-def write_predictions(clf, sources, writer: PredictionWriter, *, progress: bool = True) -> None:
-    """Stream a fitted classifier's predictions over ``sources`` into ``writer``, batch by batch."""
+def zeroshot_rows(clf, sources, topk: int, *, progress: bool = True) -> Iterator[list[PredictionRow]]:
+    """A fitted zero-shot classifier's output rows over ``sources``, one list per batch, in order."""
     paths = [s.path for s in sources]
     for batch in clf.iter_predictions(sources, progress=progress):
-        writer.write_many(rows_from_batch(
-            paths, batch.indices, batch.probs, batch.ok, batch.errors,
-            clf.classes_, writer.topk, branch="zeroshot",
-        ))
+        yield rows_from_batch(paths, batch.indices, batch.probs, batch.ok, batch.errors,
+                              clf.classes_, topk, branch="zeroshot")
+
+
+def write_predictions(clf, sources, writer: PredictionWriter, *, progress: bool = True) -> None:
+    """Stream a fitted classifier's predictions over ``sources`` into ``writer``, batch by batch."""
+    for rows in zeroshot_rows(clf, sources, writer.topk, progress=progress):
+        writer.write_many(rows)
 
 
 def _finish(n_ok: int, n_error: int, output: str) -> int:

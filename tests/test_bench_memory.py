@@ -1,0 +1,32 @@
+"""`hybridcls bench memory` plumbing at CI size: the runs happen and the report adds up.
+
+The memory figures themselves are recorded in docs/benchmarks.md, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+
+from hybridcls.cli import main
+
+
+def test_bench_memory_reports_every_run(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "memory", "--out", str(out), "--sizes", "3", "7", "--image-size", "24",
+                 "--batch-size", "4", "--no-warmup"]) == 0
+    report = json.loads((out / "memory.json").read_text(encoding="utf-8"))
+    assert [r["images"] for r in report["runs"]] == [3, 7]
+    assert [r["rows"] for r in report["runs"]] == [3, 7]  # every image predicted once
+    assert all(r["exit_status"] == 0 and r["peak_rss_mib"] > 0 for r in report["runs"])
+    peaks = [r["peak_rss_mib"] for r in report["runs"]]
+    assert abs(report["ratio"] - peaks[1] / peaks[0]) < 1e-3
+    assert {"command", "machine", "date", "model"} <= set(report["info"])
+    assert len(list((out / "images").glob("*.jpg"))) == 7
+    assert "peak ratio, 7 vs 3 images" in capsys.readouterr().out
+
+
+def test_bench_memory_usage_errors(tmp_path, capsys):
+    assert main(["bench", "memory", "--out", str(tmp_path), "--sizes", "5"]) == 2
+    assert "--sizes needs two or more" in capsys.readouterr().err
+    assert main(["bench", "memory", "--out", str(tmp_path), "--checkpoint", "run"]) == 2
+    assert "--checkpoint needs --prompts" in capsys.readouterr().err

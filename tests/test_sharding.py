@@ -1,0 +1,197 @@
+"""Resume, shards and merge on prediction files, with a stand-in for the model (no torch model runs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from hybridcls.data import Source
+from hybridcls.errors import InputError
+from hybridcls.outputs import PredictionRow, output_columns
+from hybridcls.sharding import (
+    Manifest,
+    OutputScan,
+    ShardSpec,
+    manifest_path,
+    merge_parts,
+    predict_to_output,
+)
+
+ODD = ["plain.jpg", "with space.jpg", 'quote"d.jpg', "comma,name.jpg", "new\nline.jpg",
+       "élan_猫.jpg", "a/b/deep.png", "undecodable_\udcff.jpg"]
+SOURCES = [Source(f"in/{n}") for n in ODD] + [Source("in/missing.jpg", error="no such file")]
+SETTINGS = {"model": "stand-in", "topk": 2}
+
+
+class FakeModel:
+    """Rows in batches of 3; records which inputs it was asked for."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, todo):
+        self.seen += [s.path for s in todo]
+        for i in range(0, len(todo), 3):
+            yield [
+                PredictionRow(s.path, label="fox", score=0.25 + len(s.path) / 100, branch="zeroshot",
+                              topk=[("fox", 0.75), ("wolf", 0.25)], extra={"gate_score": 1.5})
+                if s.ok else PredictionRow.failed(s.path, s.error)
+                for s in todo[i:i + 3]
+            ]
+
+
+def _predict(out, model=None, *, fmt="csv", sources=SOURCES, settings=SETTINGS, **kw):
+    return predict_to_output(model or FakeModel(), sources, out, fmt=fmt, topk=2,
+                             extra_columns=["gate_score"] if fmt != "kaggle" else (),
+                             settings=settings, **kw)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "kaggle"])
+def test_a_file_cut_at_any_byte_resumes_to_the_uninterrupted_file(tmp_path, fmt, monkeypatch):
+    # Thousands of resumes: fsync (durability, not what is tested here) would dominate.
+    monkeypatch.setattr("os.fsync", lambda fd: None)
+    ref = tmp_path / "ref.out"
+    summary = _predict(ref, fmt=fmt)
+    assert (summary.n_ok, summary.n_error, summary.resumed) == (len(SOURCES) - 1, 1, 0)
+    full = ref.read_bytes()
+    columns = output_columns(fmt, 2, ["gate_score"] if fmt != "kaggle" else ())
+    ends = [r.end for r in OutputScan(ref, fmt, columns).records()]
+    assert len(ends) == len(SOURCES)
+    cut_file = tmp_path / "cut.out"
+    # Every third byte, and every byte next to a record boundary (a cut inside the quoted
+    # "new\nline" name or inside a multi-byte character falls in the first set).
+    cuts = set(range(0, len(full), 3)) | {e + d for e in ends for d in (-2, -1, 0, 1)}
+    if b"new\n" in full:  # CSV: just after the newline inside the quoted name
+        cuts.add(full.index(b"new\n") + 4)
+    cuts = sorted(cuts)
+    for cut in [c for c in cuts if 0 <= c < len(full)]:
+        cut_file.write_bytes(full[:cut])
+        shutil.copy(manifest_path(ref), manifest_path(cut_file))
+        model = FakeModel()
+        summary = _predict(cut_file, model, fmt=fmt, resume=True)
+        kept = sum(end <= cut for end in ends)  # records complete before the cut
+        assert cut_file.read_bytes() == full, cut
+        assert summary.resumed == kept
+        assert model.seen == [s.path for s in SOURCES[kept:]]  # each input predicted once overall
+        assert (summary.n_ok, summary.n_error) == (len(SOURCES) - 1, 1)
+
+
+def test_resume_of_a_finished_file_predicts_nothing(tmp_path):
+    out = tmp_path / "p.csv"
+    _predict(out)
+    model = FakeModel()
+    assert _predict(out, model, resume=True).resumed == len(SOURCES)
+    assert model.seen == []
+
+
+def test_resume_without_a_file_starts_it(tmp_path):
+    out = tmp_path / "new.csv"
+    assert _predict(out, resume=True).resumed == 0
+    assert out.read_bytes() == (_predict(tmp_path / "ref.csv") and (tmp_path / "ref.csv").read_bytes())
+
+
+def test_resume_refuses_other_settings_inputs_or_edited_rows(tmp_path):
+    out = tmp_path / "p.csv"
+    _predict(out)
+    with pytest.raises(InputError, match=r"cannot --resume .*p\.csv.*model \"stand-in\" vs \"other\""):
+        _predict(out, settings={**SETTINGS, "model": "other"}, resume=True)
+    with pytest.raises(InputError, match=r"inputs: 9 vs 8"):
+        _predict(out, sources=SOURCES[:-1], resume=True)
+    with pytest.raises(InputError, match=r"other paths or order"):
+        _predict(out, sources=SOURCES[::-1], resume=True)
+    with pytest.raises(InputError, match=r"range #0-#8 vs #0-#3"):
+        _predict(out, shard=ShardSpec(0, 2), resume=True)
+    text = out.read_text(encoding="utf-8")
+    out.write_text(text.replace("in/plain.jpg", "in/other.jpg"), encoding="utf-8")
+    with pytest.raises(InputError, match=r"p\.csv line 2: a row for 'in/other\.jpg' where input #0 is "
+                                         r"'in/plain\.jpg'"):
+        _predict(out, resume=True)
+    manifest_path(out).unlink()
+    with pytest.raises(InputError, match=r"no manifest p\.csv\.manifest\.json"):
+        _predict(out, resume=True)
+
+
+def test_a_run_without_resume_starts_again(tmp_path):
+    out = tmp_path / "p.csv"
+    _predict(out, settings={"model": "old"})
+    _predict(out)
+    assert Manifest.read(out).settings == SETTINGS
+    assert len(list(OutputScan(out, "csv", Manifest.read(out).columns).records())) == len(SOURCES)
+
+
+def test_shard_ranges_cover_every_index_once():
+    for total in range(23):
+        for n in range(1, 8):
+            got = []
+            for i in range(n):
+                a, b = ShardSpec(i, n).range(0, total)
+                got += range(a, b)
+                assert (b - a) in (total // n, total // n + 1)
+            assert got == list(range(total))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("3/3", "I must be between 0 and 2"), ("1/0", "N must be at least 1"), ("a", "expected I/N"),
+    ("-1/2", "expected I/N"), ("1/2/3", "expected I/N"),
+])
+def test_shard_spec_errors_name_the_flag(text, message):
+    with pytest.raises(InputError, match=rf"--shard '{text}': .*{message}"):
+        ShardSpec.parse(text)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "kaggle"])
+def test_merged_shards_equal_one_run(tmp_path, fmt):
+    _predict(tmp_path / "ref.out", fmt=fmt)
+    parts = [tmp_path / f"part{i}.out" for i in range(4)]
+    for i, p in enumerate(parts):
+        _predict(p, fmt=fmt, shard=ShardSpec(i, 4))
+    result = merge_parts(parts[::-1], tmp_path / "merged.out")
+    assert (tmp_path / "merged.out").read_bytes() == (tmp_path / "ref.out").read_bytes()
+    assert (result.rows, result.n_ok, result.n_error, result.parts) == (len(SOURCES), len(SOURCES) - 1, 1, 4)
+    # The merged file carries the whole run's manifest: it can be merged or resumed again.
+    assert Manifest.read(tmp_path / "merged.out") == Manifest.read(tmp_path / "ref.out")
+
+
+def test_more_shards_than_inputs_give_empty_parts_that_merge(tmp_path):
+    parts = [tmp_path / f"p{i}.jsonl" for i in range(12)]
+    for i, p in enumerate(parts):
+        _predict(p, fmt="jsonl", shard=ShardSpec(i, 12))
+    merge_parts(parts, tmp_path / "m.jsonl")
+    records = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["path"] for r in records] == [s.path for s in SOURCES]
+
+
+def test_merge_errors_list_missing_duplicate_and_incomplete_inputs(tmp_path):
+    parts = [tmp_path / f"part{i}.csv" for i in range(3)]
+    for i, p in enumerate(parts):
+        _predict(p, shard=ShardSpec(i, 3))
+    out = tmp_path / "m.csv"
+    with pytest.raises(InputError, match=r"inputs #3-#5 \(3\) missing: no part has them"):
+        merge_parts([parts[0], parts[2]], out)
+    with pytest.raises(InputError, match=r"inputs #6-#8 \(3\) twice: in .*part2\.csv and .*part2\.csv"):
+        merge_parts(parts + [parts[2]], out)
+    # A part cut short by a crash: its missing inputs are named, and how to finish it.
+    text = parts[1].read_bytes()
+    parts[1].write_bytes(text[: text.rindex(b"\n", 0, len(text) - 1) + 5])
+    with pytest.raises(InputError, match=r"input #5 missing: .*part1\.csv \(shard 1/3\) stops after 2 of 3 "
+                                         r"rows \(rerun it with --resume\)"):
+        merge_parts(parts, out)
+    _predict(parts[1], shard=ShardSpec(1, 3), resume=True)
+    # Other settings cannot be merged with these parts.
+    other = tmp_path / "other.csv"
+    _predict(other, settings={**SETTINGS, "topk": 3}, shard=ShardSpec(1, 3))
+    with pytest.raises(InputError, match=r"come from different runs: topk 2 vs 3"):
+        merge_parts([parts[0], other, parts[2]], out)
+    # Rows that are not the part's inputs (edited after the run).
+    parts[1].write_text(parts[1].read_text(encoding="utf-8").replace("comma,name", "comma;name"),
+                        encoding="utf-8")
+    with pytest.raises(InputError, match=r"part1\.csv \(shard 1/3\): its rows are not the paths"):
+        merge_parts(parts, out)
+    assert not out.exists()
+    with pytest.raises(InputError, match=r"the output cannot be one of the parts"):
+        merge_parts(parts, parts[0])
+    (tmp_path / "foreign.csv").write_text("path,label\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"foreign\.csv: no manifest"):
+        merge_parts([tmp_path / "foreign.csv"], out)
