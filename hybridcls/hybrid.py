@@ -35,7 +35,6 @@ from hybridcls.engine import EngineBatch, InferenceEngine
 from hybridcls.errors import CheckpointError, ImageDecodeError, InputError, PromptFileError
 from hybridcls.gate import (
     GATE_FILENAME,
-    EmbeddingKNN,
     FusionResult,
     GateCalibration,
     apply_transductive,
@@ -46,6 +45,7 @@ from hybridcls.gate import (
     leave_classes_out,
     route,
 )
+from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, index_meta, load_run_index
 from hybridcls.outputs import PredictionRow
 from hybridcls.supervised import build_eval_transform, load_checkpoint
 from hybridcls.zeroshot import ZeroShotClassifier
@@ -55,14 +55,17 @@ from hybridcls.zeroshot.prompts import PromptSet, as_prompt_set
 __all__ = [
     "GATE_FILE",
     "HYBRID_FILE",
-    "KNN_FILE",
+    "INDEX_DIR",
     "HybridClassifier",
     "HybridFeatures",
     "align_classes",
 ]
 
 GATE_FILE = GATE_FILENAME
-KNN_FILE = "clip_knn.faiss"
+#: The run's embedding indexes (``index/clip.faiss`` + ``index/clip.json``, see
+#: :mod:`hybridcls.index`). Runs calibrated before it kept an unlabelled ``clip_knn.faiss``,
+#: which is ignored: they have no kNN index until ``calibrate`` runs again.
+INDEX_DIR = RUN_INDEX_DIR
 HYBRID_FILE = "hybrid.json"
 _PROMPTS_FILE = "prompts.txt"
 _TEMPLATES_FILE = "templates.txt"
@@ -276,8 +279,23 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         )
         gate_path = run_dir / GATE_FILE
         self.gate_ = GateCalibration.from_json(gate_path) if gate_path.is_file() else None
-        knn_path = run_dir / KNN_FILE
-        self.knn_ = EmbeddingKNN.load(knn_path) if knn_path.is_file() else None
+        # A stale index (another CLIP model or class list) must not stop `calibrate` from
+        # loading the run to rebuild it: the refusal is raised where the index is used.
+        self.index_error_: CheckpointError | None = None
+        try:
+            self.knn_ = load_run_index(run_dir, "clip", expect=self._index_meta("clip"))
+        except CheckpointError as e:
+            self.knn_, self.index_error_ = None, e
+
+    def _index_meta(self, embedding: str) -> dict[str, Any]:
+        """The provenance this run's ``embedding`` index must carry (see :func:`hybridcls.index.index_meta`)."""
+        if embedding == "clip":
+            bundle = self.zeroshot_.bundle_
+            return index_meta("clip", bundle.model_id, bundle.fingerprint, self.seen_folders_)
+        from hybridcls.cache import file_fingerprint
+
+        return index_meta("backbone", self.checkpoint_config_["model"]["name"],
+                          file_fingerprint(self.run_dir_ / "model.safetensors"), self.seen_folders_)
 
     # ------------------------------------------------------------------ calibration
 
@@ -297,6 +315,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         test_inputs: Any = None,
         seed: int = 0,
         save: bool = True,
+        index_backbone: bool = False,
     ) -> HybridClassifier:
         """Fit the gate with no unseen images, and save it in the run directory.
 
@@ -311,7 +330,10 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             test_inputs: Unlabelled test images: refit the threshold on their
                 own score distribution (transductive, a two-component mixture).
             seed: Seeds the hidden-class draws.
-            save: Write ``gate.json`` (and the kNN index) into the run directory.
+            save: Write ``gate.json`` and ``index/clip.*`` (the training images' CLIP
+                embeddings, labels and paths) into the run directory.
+            index_backbone: Also save ``index/backbone.*``, the supervised backbone's
+                pooled features of the training images (computed anyway; costs disk only).
 
         Returns:
             ``self`` with ``gate_`` set.
@@ -336,8 +358,9 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         f_va, e_va = self._features(va_src, "calibrate: held-out")
         y_tr = np.array([y for i, (_, y) in enumerate(data.train) if i not in e_tr])
         y_va = np.array([y for i, (_, y) in enumerate(data.val) if i not in e_va])
-        knn = EmbeddingKNN()
-        knn.add(f_tr.clip_embeddings)
+        tr_paths = [str(p) for i, (p, _) in enumerate(data.train) if i not in e_tr]
+        knn = EmbeddingIndex(meta=self._index_meta("clip"))
+        knn.add(f_tr.clip_embeddings, labels=y_tr, paths=tr_paths)
         if method == "leave-classes-out":
             cal = leave_classes_out(
                 sup_feat_train=f_tr.sup_features, y_train=y_tr, sup_feat_val=f_va.sup_features,
@@ -366,7 +389,11 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         self.calibration_data_ = {"train": f_tr, "y_train": y_tr, "val": f_va, "y_val": y_va}
         if save:
             cal.to_json(self.run_dir_ / GATE_FILE)
-            knn.save(self.run_dir_ / KNN_FILE)
+            knn.save(self.run_dir_ / INDEX_DIR)
+            if index_backbone:
+                EmbeddingIndex(meta=self._index_meta("backbone")).add(
+                    f_tr.sup_features, labels=y_tr, paths=tr_paths).save(self.run_dir_ / INDEX_DIR)
+        self.index_error_ = None
         return self
 
     # ------------------------------------------------------------------ inference
@@ -379,7 +406,12 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
                 f"{self.run_dir_} --prompts FILE` (or HybridClassifier.calibrate()) first")
         overrides = {k: v for k, v in (("mode", self.mode), ("unseen_only", self.unseen_only),
                                         ("unknown_threshold", self.unknown_threshold)) if v is not None}
-        return self.gate_.replace(**overrides) if overrides else self.gate_
+        gate = self.gate_.replace(**overrides) if overrides else self.gate_
+        if self.knn_ is None and "knn" in gate.base_scores:
+            raise self.index_error_ or CheckpointError(
+                f"{self.run_dir_}: its gate reads the kNN score but the run has no "
+                f"{INDEX_DIR}/clip.faiss; run `hybridcls calibrate {self.run_dir_}` again")
+        return gate
 
     def _clip_policy(self, gate: GateCalibration):
         """Which images CLIP encodes: lazy zero-shot, the cascade, or all.
@@ -529,7 +561,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------ persistence
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write a self-contained folder: checkpoint, gate, kNN index, prompts, templates, text classifier.
+        """Write a self-contained folder: checkpoint, gate, embedding indexes, prompts, templates, text classifier.
 
         ``from_pretrained`` on it needs no prompts file; the saved text classifier replaces
         the one built at load (a warm text cache makes that build free).
@@ -537,10 +569,13 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "engine_")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "model.safetensors", GATE_FILE, KNN_FILE):
+        for name in ("config.json", "model.safetensors", GATE_FILE):
             src = self.run_dir_ / name
             if src.is_file() and src.resolve() != (out / name).resolve():
                 shutil.copy2(src, out / name)
+        src = self.run_dir_ / INDEX_DIR
+        if src.is_dir() and src.resolve() != (out / INDEX_DIR).resolve():
+            shutil.copytree(src, out / INDEX_DIR, dirs_exist_ok=True)
         prompts = self.zeroshot_.prompts_
         (out / _PROMPTS_FILE).write_text("\n".join(_prompt_line(c) for c in prompts) + "\n", encoding="utf-8")
         (out / _TEMPLATES_FILE).write_text("\n".join(self.zeroshot_.templates_) + "\n", encoding="utf-8")

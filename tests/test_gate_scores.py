@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from hybridcls.errors import CheckpointError, InputError
+from hybridcls.errors import InputError
 from hybridcls.gate import (
     SCORES,
     CombinedScore,
-    EmbeddingKNN,
     clip_margin_score,
     compute_scores,
     energy_score,
@@ -25,6 +24,7 @@ from hybridcls.gate import (
     msp_score,
 )
 from hybridcls.gate.scores import needs_of
+from hybridcls.index import EmbeddingIndex
 
 # rows: confident, flat, very confident with large magnitudes
 LOGITS = [[2.0, 1.0, 0.1], [0.5, 0.5, 0.5], [30.0, -10.0, 0.0]]
@@ -153,7 +153,7 @@ def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 def test_knn_distances_match_brute_force() -> None:
     rng = np.random.default_rng(0)
     train, query = _unit(rng, 50, 8), _unit(rng, 7, 8)
-    knn = EmbeddingKNN().add(train[:20]).add(train[20:])
+    knn = EmbeddingIndex("flat").add(train[:20]).add(train[20:])
     assert knn.ntotal == 50 and knn.dim == 8
     dist = np.linalg.norm(query[:, None, :] - train[None, :, :], axis=2)  # brute force, Euclidean
     expected_k3 = np.sort(dist, axis=1)[:, 2]
@@ -168,20 +168,6 @@ def test_knn_distances_match_brute_force() -> None:
         knn.kth_distance(query, 51)
     with pytest.raises(InputError, match="dimension 4, the index has 8"):
         knn.add(np.ones((2, 4)))
-
-
-def test_knn_save_load_round_trip(tmp_path) -> None:
-    rng = np.random.default_rng(1)
-    train, query = _unit(rng, 30, 6), _unit(rng, 4, 6)
-    knn = EmbeddingKNN().add(train)
-    path = tmp_path / "knn.faiss"
-    knn.save(path)
-    assert not (tmp_path / "knn.faiss.tmp").exists()
-    loaded = EmbeddingKNN.load(path)
-    assert loaded.ntotal == 30
-    np.testing.assert_array_equal(loaded.kth_distance(query, 5), knn.kth_distance(query, 5))
-    with pytest.raises(CheckpointError, match="kNN index file not found"):
-        EmbeddingKNN.load(tmp_path / "missing.faiss")
 
 
 def _separable(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,15 @@ Example:
 
 from __future__ import annotations
 
+from hybridcls.gate.cache_branch import (
+    ALPHA_GRID,
+    BETA_GRID,
+    CACHE_MODES,
+    DEFAULT_CACHE_K,
+    CacheBranch,
+    cache_logits,
+    fit_cache_branch,
+)
 from hybridcls.gate.calibration import (
     apply_transductive,
     finalize,
@@ -27,7 +36,6 @@ from hybridcls.gate.calibration import (
 from hybridcls.gate.cascade import DEFAULT_AGREEMENT, cascade_keep, fit_cascade, max_softmax
 from hybridcls.gate.config import GATE_FILENAME, MODES, GateCalibration
 from hybridcls.gate.fusion import FusionResult, fuse, route, topk
-from hybridcls.gate.knn import EmbeddingKNN
 from hybridcls.gate.metrics import (
     GateDetection,
     RoutingMatrix,
@@ -52,6 +60,13 @@ from hybridcls.gate.scores import (
 )
 
 __all__ = [
+    "ALPHA_GRID",
+    "BETA_GRID",
+    "CACHE_MODES",
+    "DEFAULT_CACHE_K",
+    "CacheBranch",
+    "cache_logits",
+    "fit_cache_branch",
     "DEFAULT_AGREEMENT",
     "cascade_keep",
     "fit_cascade",
@@ -62,7 +77,6 @@ __all__ = [
     "MODES",
     "SCORES",
     "CombinedScore",
-    "EmbeddingKNN",
     "FusionResult",
     "GateCalibration",
     "GateDetection",

@@ -39,7 +39,6 @@ from sklearn.preprocessing import StandardScaler
 from hybridcls.errors import InputError
 from hybridcls.gate.config import MODES, GateCalibration
 from hybridcls.gate.fusion import hard_probs, soft_probs, stacking_probs
-from hybridcls.gate.knn import EmbeddingKNN
 from hybridcls.gate.metrics import seen_unseen_accuracy
 from hybridcls.gate.scores import (
     DEFAULT_KNN_K,
@@ -49,6 +48,7 @@ from hybridcls.gate.scores import (
     compute_scores,
     needs_of,
 )
+from hybridcls.index import EmbeddingIndex
 
 __all__ = [
     "from_candidate",
@@ -378,7 +378,7 @@ def leave_classes_out(
             feat_tr[train_rows], new_index[ytr[train_rows]], feat_va, head_C, head_max_iter
         )
         clip = clip_val[:, order]
-        knn = EmbeddingKNN().add(emb_tr[train_rows]) if use_knn else None
+        knn = EmbeddingIndex("flat").add(emb_tr[train_rows]) if use_knn else None
         round_scores: dict[tuple[str, float], np.ndarray] = {}
         for t in sorted({t for _, t in score_keys}):
             names = [n for n, tt in score_keys if tt == t]

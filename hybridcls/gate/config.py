@@ -59,6 +59,9 @@ class GateCalibration:
             softmax probability: above it the image is decided by the supervised
             branch without running CLIP (see :func:`hybridcls.gate.fit_cascade`);
             ``None`` = not fitted (files written before the cascade read as this).
+        cache_branch: :meth:`hybridcls.gate.CacheBranch.to_dict` of the nearest-neighbour
+            cache branch fitted at calibration (applied only when its ``enabled`` is true);
+            ``None`` = not fitted.
     """
 
     score: str = "energy"
@@ -76,6 +79,7 @@ class GateCalibration:
     method: str = "tpr"
     candidates: list[dict[str, Any]] = field(default_factory=list)
     cascade_msp: float | None = None
+    cache_branch: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

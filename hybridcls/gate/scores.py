@@ -36,7 +36,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from hybridcls.errors import InputError
-from hybridcls.gate.knn import EmbeddingKNN
+from hybridcls.index import EmbeddingIndex
 
 __all__ = [
     "DEFAULT_KNN_K",
@@ -187,7 +187,7 @@ def clip_margin_score(clip_logits: Any, n_seen: int) -> np.ndarray:
 
 
 def knn_distance_score(
-    clip_emb: Any, knn_index: EmbeddingKNN, k: int = DEFAULT_KNN_K
+    clip_emb: Any, knn_index: EmbeddingIndex, k: int = DEFAULT_KNN_K
 ) -> np.ndarray:
     """Distance on the unit sphere to the k-th nearest training embedding (Sun et al. 2022).
 
@@ -210,7 +210,7 @@ class ScoreInputs:
     clip_logits: np.ndarray | None = None
     n_seen: int | None = None
     clip_emb: np.ndarray | None = None
-    knn_index: EmbeddingKNN | None = None
+    knn_index: EmbeddingIndex | None = None
     temperature: float = 1.0
     knn_k: int = DEFAULT_KNN_K
 
@@ -286,7 +286,7 @@ def compute_scores(
     clip_logits: Any = None,
     n_seen: int | None = None,
     clip_emb: Any = None,
-    knn_index: EmbeddingKNN | None = None,
+    knn_index: EmbeddingIndex | None = None,
     temperature: float = 1.0,
     knn_k: int = DEFAULT_KNN_K,
 ) -> dict[str, np.ndarray]:

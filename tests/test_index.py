@@ -1,0 +1,163 @@
+"""The embedding index (kinds, incremental building, files, provenance check) and the cache branch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hybridcls.errors import CheckpointError, InputError
+from hybridcls.index import EmbeddingIndex, index_meta, load_run_index, run_index_path
+
+#: Approximate kinds must find the exact nearest neighbour of at least this share of
+#: queries on 4,000 random 64-d unit vectors (HNSW measures ~0.99 at M=32, efSearch=64;
+#: random vectors have no cluster structure, the hardest case for IVF, which measures
+#: ~0.66 at nlist=102, nprobe=16).
+HNSW_RECALL_AT_1 = 0.95
+IVF_RECALL_AT_1 = 0.5
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.normal(size=(n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _meta(**changes):
+    return {**index_meta("clip", "tiny-clip", "f" * 64, ["cat", "dog", "fox"]), **changes}
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    rng = np.random.default_rng(0)
+    return _unit(rng, 4000, 64), _unit(rng, 200, 64)
+
+
+def test_flat_search_matches_brute_force_and_keeps_labels_and_paths() -> None:
+    rng = np.random.default_rng(1)
+    train, query = _unit(rng, 50, 8), _unit(rng, 5, 8)
+    idx = EmbeddingIndex("flat", meta=_meta())
+    idx.add(train[:20], labels=np.arange(20) % 3, paths=[f"t{i}.png" for i in range(20)])
+    idx.add(train[20:], labels=np.arange(20, 50) % 3, paths=[f"t{i}.png" for i in range(20, 50)])
+    sims, ids = idx.search(query, 4)
+    cos = query @ train.T
+    np.testing.assert_array_equal(ids, np.argsort(-cos, axis=1, kind="stable")[:, :4])
+    np.testing.assert_allclose(sims, np.take_along_axis(cos, ids, axis=1), atol=1e-6)
+    assert sims.dtype == np.float64 and ids.dtype == np.int64
+    assert idx.ntotal == 50 and idx.dim == 8 and idx.exact
+    assert [idx.paths[i] for i in ids[0]] == [f"t{i}.png" for i in ids[0]]
+    np.testing.assert_array_equal(idx.labels[ids], ids % 3)
+
+
+def test_incremental_add_equals_single_add_for_flat(vectors) -> None:
+    train, query = vectors
+    train = train[:1000]
+    one = EmbeddingIndex("flat").add(train)
+    many = EmbeddingIndex("flat")
+    for start in range(0, len(train), 137):
+        many.add(train[start:start + 137])
+    assert many.ntotal == one.ntotal == 1000
+    s1, i1 = one.search(query, 10)
+    s2, i2 = many.search(query, 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)
+
+
+@pytest.mark.parametrize("kind, bound", [("hnsw", HNSW_RECALL_AT_1), ("ivf", IVF_RECALL_AT_1)])
+def test_approximate_round_trip_and_recall(tmp_path, vectors, kind, bound) -> None:
+    train, query = vectors
+    exact = EmbeddingIndex("flat").add(train)
+    approx = EmbeddingIndex(kind, meta=_meta(), ivf_train_size=2000)
+    for start in range(0, len(train), 500):  # built in batches; IVF trains on the first 2,000
+        approx.add(train[start:start + 500], labels=np.arange(start, start + 500) % 3)
+    assert approx.index_kind == kind and not approx.exact and approx.ntotal == len(train)
+    _, ids_exact = exact.search(query, 1)
+    sims, ids = approx.search(query, 10)
+    recall = float(np.mean(ids[:, 0] == ids_exact[:, 0]))
+    print(f"{kind} recall@1 vs exact: {recall:.3f}")
+    assert recall >= bound
+    approx.save(tmp_path)
+    loaded = EmbeddingIndex.load(tmp_path / "clip.faiss", expect=_meta())
+    assert loaded.index_kind == kind and loaded.meta == _meta()
+    s2, i2 = loaded.search(query, 10)
+    np.testing.assert_array_equal(i2, ids)
+    np.testing.assert_array_equal(s2, sims)
+    np.testing.assert_array_equal(loaded.labels, np.arange(len(train)) % 3)
+
+
+def test_flat_round_trip_through_the_run_folder(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    train, query = _unit(rng, 30, 6), _unit(rng, 4, 6)
+    idx = EmbeddingIndex(meta=_meta()).add(train, labels=np.arange(30) % 3,
+                                           paths=[f"img{i}.jpg" for i in range(30)])
+    assert load_run_index(tmp_path) is None  # a run without an index has none
+    written = idx.save(run_index_path(tmp_path, "clip").parent)
+    assert written == tmp_path / "index" / "clip.faiss"
+    assert sorted(p.name for p in written.parent.iterdir()) == ["clip.faiss", "clip.json"]
+    loaded = load_run_index(tmp_path, expect={"model_id": "tiny-clip"})
+    assert loaded is not None
+    assert loaded.paths == idx.paths and loaded.ntotal == 30 and loaded.meta == _meta()
+    np.testing.assert_array_equal(loaded.search(query, 5)[1], idx.search(query, 5)[1])
+    np.testing.assert_array_equal(loaded.kth_distance(query, 5), idx.kth_distance(query, 5))
+    # adding to a loaded index goes on from where it stopped
+    loaded.add(train[:2], labels=[0, 1])
+    assert loaded.ntotal == 32 and loaded.labels[-2:].tolist() == [0, 1]
+
+
+def test_auto_switches_to_hnsw_above_its_size_threshold(vectors) -> None:
+    train, _ = vectors
+    idx = EmbeddingIndex("auto", exact_max=1500)
+    idx.add(train[:1000])
+    assert idx.index_kind == "flat"
+    idx.add(train[1000:2000], labels=np.ones(1000))
+    assert idx.index_kind == "hnsw" and idx.ntotal == 2000
+    assert idx.labels.tolist() == [-1] * 1000 + [1] * 1000
+    # the rows kept their numbers through the move
+    _, ids = idx.search(train[[5, 1500]], 1)
+    assert ids[:, 0].tolist() == [5, 1500]
+
+
+@pytest.mark.parametrize("field, value, shown", [
+    ("model_id", "ViT-B-32", "model_id is 'tiny-clip', expected 'ViT-B-32'"),
+    ("fingerprint", "0" * 64, "another fingerprint"),
+    ("classes", ["cat", "dog", "wolf"], "classes differs at position 2: 'fox', expected 'wolf'"),
+    ("classes", ["cat", "dog"], "classes has 3 entries, expected 2"),
+])
+def test_load_refuses_an_index_built_otherwise(tmp_path, field, value, shown) -> None:
+    EmbeddingIndex(meta=_meta()).add(np.eye(4), labels=[0, 1, 2, 0]).save(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        EmbeddingIndex.load(tmp_path, expect={**_meta(), field: value})
+    message = str(err.value)
+    assert "clip.json" in message and shown in message and "rebuild" in message
+
+
+def test_load_errors_name_the_file(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="clip.json: embedding index file not found"):
+        EmbeddingIndex.load(tmp_path / "clip.faiss")
+    idx = EmbeddingIndex(meta=_meta()).add(np.eye(4), labels=[0, 1, 2, 0])
+    idx.save(tmp_path)
+    side = tmp_path / "clip.json"
+    d = json.loads(side.read_text())
+    side.write_text(json.dumps({**d, "labels": [0, 1]}))
+    with pytest.raises(CheckpointError, match="holds 4 rows of dimension 4, its sidecar clip.json says 4"):
+        EmbeddingIndex.load(tmp_path)
+    with pytest.raises(CheckpointError, match="records no weights"):
+        side.write_text(json.dumps(d))
+        EmbeddingIndex.load(tmp_path, expect={"weights": "x"})
+
+
+def test_bad_inputs() -> None:
+    idx = EmbeddingIndex("flat").add(np.eye(3))
+    with pytest.raises(InputError, match="k=4 neighbours asked of an index holding 3"):
+        idx.search(np.eye(3), 4)
+    with pytest.raises(InputError, match="dimension 2, the index has 3"):
+        idx.add(np.ones((1, 2)))
+    with pytest.raises(InputError, match="2 labels for 1 embeddings"):
+        idx.add(np.ones((1, 3)), labels=[0, 1])
+    with pytest.raises(InputError, match="index kind 'lsh'"):
+        EmbeddingIndex("lsh")
+    with pytest.raises(InputError, match="nothing to save"):
+        EmbeddingIndex().save(".")
+    # a query CLIP did not encode (NaN row) finds nothing rather than garbage
+    sims, ids = idx.search(np.array([[np.nan] * 3, [1.0, 0.0, 0.0]]), 1)
+    assert np.isnan(sims[0, 0]) and ids[:, 0].tolist() == [-1, 0]
