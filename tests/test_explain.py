@@ -212,3 +212,27 @@ def test_gradcam_on_the_last_stage(name: str, stage: str) -> None:
     # A backbone frozen in training (no parameter needs a gradient) gives the same maps.
     model.requires_grad_(False)
     np.testing.assert_allclose(gradcam_maps(model, x, [0, 2]), maps, atol=1e-5)
+
+
+def test_without_an_index_the_page_says_so(tiny_run, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridcls.explain import write_explain_page
+
+    _, clf, _, inputs = tiny_run
+    monkeypatch.setattr(clf, "knn_", None)  # a run calibrated before indexes existed
+    res = explain_images(clf, [str(inputs)], tmp_path / "out")
+    assert all(not ex.neighbours for ex in res.explanations)
+    assert "no embedding index" in res.index_note
+    page = write_explain_page(res)
+    assert "no embedding index" in page.read_text(encoding="utf-8")
+    assert not (tmp_path / "out" / "neighbours").exists()
+
+
+def test_a_save_pretrained_folder_needs_no_prompts(tiny_run, tmp_path: Path) -> None:
+    _, clf, d, inputs = tiny_run
+    folder = clf.save_pretrained(tmp_path / "model")
+    good = sorted(p for p in inputs.iterdir() if "broken" not in p.name)[:1]
+    rc = main(["explain", str(good[0]), "--checkpoint", str(folder), "--cache-dir", str(d / "cache"),
+               "--neighbours", "1", "-q", "-o", str(tmp_path / "out")])
+    assert rc == 0
+    assert len(list((tmp_path / "out" / "images").glob("*_clip.png"))) == 1

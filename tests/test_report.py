@@ -11,13 +11,13 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
+from pagecheck import browser_image_check, browser_screenshot, find_browser, page_references
 from PIL import Image
 
 from hybridcls.cli import main
 from hybridcls.eval.metrics import reliability
 from hybridcls.eval.report import evaluate_predictions
 from hybridcls.outputs import PredictionRow, open_writer
-from pagecheck import browser_image_check, browser_screenshot, find_browser, page_references
 
 SEEN = ["fox", "wolf", "bear"]
 # A class name with markup in it: the page must show it as text.

@@ -8,6 +8,8 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from hybridcls.cli.evaluate import add_evaluation_arguments
+
     parser = subparsers.add_parser(
         "report",
         help="an HTML page of a predictions file's figures (confusion, per-class, gate, reliability)",
@@ -17,12 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "diagram, plus metrics.json and per_class.csv. Needs matplotlib "
                     "(pip install 'hybridcls[plots]').",
     )
-    parser.add_argument("predictions", metavar="PREDICTIONS", help="CSV or JSONL from hybridcls predict")
-    parser.add_argument("--labels", required=True, metavar="LABELS.csv", help="image_id,label CSV")
-    parser.add_argument("--seen-classes", metavar="FILE|RUN_DIR",
-                        help="classes with training images: a text file (one per line) or a run "
-                             "directory; without it every class counts as seen (no U, H)")
-    parser.add_argument("--prompts", metavar="FILE", help="all classes; labels outside it are an error")
+    add_evaluation_arguments(parser, seen_required=False)
     parser.add_argument("--title", default="hybridcls report", help="page title (default: %(default)s)")
     parser.add_argument("-o", "--output", default="report", metavar="DIR",
                         help="folder to write (default: %(default)s)")

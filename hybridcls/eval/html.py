@@ -26,11 +26,11 @@ REPORT_PAGE = "index.html"
 _FIGURES = (
     ("confusion_matrix.png", "Confusion matrix: rows are the true classes, columns the predictions."),
     ("per_class_accuracy.png", "Accuracy of each true class, worst first."),
-    ("gate_histogram.png", "Gate scores of seen-class and unseen-class images "
-                           "(higher = less like the seen classes); the less they overlap, the "
-                           "better the gate separates them."),
-    ("reliability.png", "Reliability diagram: accuracy against the confidence of the predicted "
-                        "label, in 15 equal-width bins; bars on the diagonal are calibrated."),
+    ("gate_histogram.png", ("Gate scores of seen-class and unseen-class images "
+                            "(higher = less like the seen classes); the less they overlap, the "
+                            "better the gate separates them.")),
+    ("reliability.png", ("Reliability diagram: accuracy against the confidence of the predicted "
+                         "label, in 15 equal-width bins; bars on the diagonal are calibrated.")),
 )
 
 

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 from hybridcls.explain.clip_maps import clip_patch_embeddings, clip_similarity_map
-from hybridcls.explain.explainer import Explanation, ExplainResult, Neighbour, explain_images
+from hybridcls.explain.explainer import ExplainResult, Explanation, Neighbour, explain_images
 from hybridcls.explain.gradcam import gradcam_maps, last_stage, require_grad_cam
 from hybridcls.explain.page import write_explain_page
 

@@ -21,7 +21,6 @@ the result into one HTML page.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from hybridcls.explain.overlay import overlay, save_png, thumbnail
 from hybridcls.outputs import PredictionRow
 from hybridcls.supervised import build_eval_transform
 
-__all__ = ["Explanation", "ExplainResult", "Neighbour", "explain_images"]
+__all__ = ["ExplainResult", "Explanation", "Neighbour", "explain_images"]
 
 IMAGES_DIR = "images"
 NEIGHBOURS_DIR = "neighbours"

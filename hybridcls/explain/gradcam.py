@@ -33,7 +33,7 @@ def require_grad_cam() -> Any:
     """
     try:
         import pytorch_grad_cam
-        import pytorch_grad_cam.utils.model_targets  # noqa: F401
+        import pytorch_grad_cam.utils.model_targets
     except ImportError:
         raise MissingExtraError("Grad-CAM (hybridcls explain)", "grad-cam", "explain") from None
     return pytorch_grad_cam

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hybridcls.explain.explainer import Explanation, ExplainResult
+from hybridcls.explain.explainer import ExplainResult, Explanation
 from hybridcls.htmlpage import esc, figure, img, rel_link, table, write_page
 
 __all__ = ["EXPLAIN_PAGE", "write_explain_page"]
