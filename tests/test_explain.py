@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import html
 import re
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ from hybridcls.supervised import SupervisedModel
 from hybridcls.synth import TINY_CLIP_MODEL_ID
 
 N_GOOD = 4
+# A file that is not an image, with markup in its name: the page must show it as text.
+BROKEN = "0001b_<b>broken & co.png"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     inputs.mkdir()
     for src in sorted(Path(world.test_dir).iterdir())[:N_GOOD]:
         (inputs / src.name).write_bytes(src.read_bytes())
-    (inputs / "0001b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (inputs / BROKEN).write_bytes(b"\x89PNG\r\n\x1a\n not really")
     return world, clf, d, inputs
 
 
@@ -72,9 +75,10 @@ def test_every_input_once_in_order_with_the_decode_error(cli_out, tiny_run) -> N
     assert rc == 1  # one input failed, the others were explained
     text = (out / "index.html").read_text(encoding="utf-8")
     headings = re.findall(r"<h2>\d+\. ([^<]*)</h2>", text)
-    assert headings == [s.path for s in expand_inputs([str(inputs)])]
+    assert headings == [html.escape(s.path) for s in expand_inputs([str(inputs)])]
     assert len(headings) == N_GOOD + 1
-    card = text.split("0001b_broken.png</h2>", 1)[1].split("</div>", 1)[0]
+    assert "<b>broken" not in text
+    card = text.split(html.escape(BROKEN) + "</h2>", 1)[1].split("</div>", 1)[0]
     assert 'class="error"' in card and "could not be explained" in card
 
 
@@ -231,7 +235,7 @@ def test_without_an_index_the_page_says_so(tiny_run, tmp_path: Path,
 def test_a_save_pretrained_folder_needs_no_prompts(tiny_run, tmp_path: Path) -> None:
     _, clf, d, inputs = tiny_run
     folder = clf.save_pretrained(tmp_path / "model")
-    good = sorted(p for p in inputs.iterdir() if "broken" not in p.name)[:1]
+    good = sorted(p for p in inputs.iterdir() if p.name != BROKEN)[:1]
     rc = main(["explain", str(good[0]), "--checkpoint", str(folder), "--cache-dir", str(d / "cache"),
                "--neighbours", "1", "-q", "-o", str(tmp_path / "out")])
     assert rc == 0

@@ -9,6 +9,7 @@ holds). Labels and predictions are compared after label normalisation (case,
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from hybridcls.cache import atomic_write_text
 from hybridcls.errors import InputError, MissingExtraError
 from hybridcls.eval.labels import read_labels
 from hybridcls.eval.metrics import (
@@ -103,11 +105,13 @@ class Evaluation:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "metrics.json", out / "per_class.csv"]
-        written[0].write_text(json.dumps(self.as_dict(), indent=2), encoding="utf-8")
-        with open(written[1], "w", encoding="utf-8", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["class", "group", "n_images", "accuracy"])
-            w.writeheader()
-            w.writerows(self.per_class)
+        atomic_write_text(written[0], json.dumps(self.as_dict(), indent=2))
+        table = io.StringIO(newline="")
+        w = csv.DictWriter(table, fieldnames=["class", "group", "n_images", "accuracy"],
+                           lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.per_class)
+        atomic_write_text(written[1], table.getvalue())
         written += _plots(self, out)
         return written
 

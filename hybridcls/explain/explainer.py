@@ -21,7 +21,7 @@ the result into one HTML page.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,7 @@ def _neighbours(index: Any, emb: np.ndarray, k: int, classes: np.ndarray, out: P
             except ImageDecodeError as err:
                 nb.error = err.reason
             cache[i] = nb
-        found.append(Neighbour(**{**vars(cache[i]), "similarity": float(sim)}))
+        found.append(replace(cache[i], similarity=float(sim)))
     return found
 
 
