@@ -108,9 +108,10 @@ def plot_reliability(rel: Any, path: str | os.PathLike[str]) -> Path:
     filled = rel.counts > 0
     ax.bar(rel.edges[:-1][filled], rel.accuracy[filled], width=width[filled], align="edge",
            edgecolor="black", label="accuracy")
+    # Hatched, unfilled: the gap reads the same above (over-confident) or inside (under-) a bar.
     ax.bar(rel.edges[:-1][filled], (rel.confidence - rel.accuracy)[filled],
-           bottom=rel.accuracy[filled], width=width[filled], align="edge", color="tab:red",
-           alpha=0.3, label="gap to confidence")
+           bottom=rel.accuracy[filled], width=width[filled], align="edge", fill=False,
+           edgecolor="tab:red", hatch="//", linewidth=0.8, label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)

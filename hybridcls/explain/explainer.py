@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from hybridcls.explain.gradcam import gradcam_maps, require_grad_cam
 from hybridcls.explain.overlay import overlay, save_png, thumbnail
 from hybridcls.outputs import PredictionRow
 from hybridcls.supervised import build_eval_transform
+
+if TYPE_CHECKING:
+    from hybridcls.hybrid import HybridClassifier
 
 __all__ = ["ExplainResult", "Explanation", "Neighbour", "explain_images"]
 
@@ -117,7 +120,7 @@ def _class_index(classes: np.ndarray, name: str) -> int:
 class _Views:
     """Each tower's input tensor and the crop it sees, from one decoded image."""
 
-    def __init__(self, clf: Any) -> None:
+    def __init__(self, clf: HybridClassifier) -> None:
         self.sup = build_eval_transform(clf.checkpoint_config_)
         self.clip = clf.zeroshot_.bundle_.preprocess
         self.sup_crop = split_transform(self.sup).geometry
@@ -149,7 +152,7 @@ def _neighbours(index: Any, emb: np.ndarray, k: int, classes: np.ndarray, out: P
     return found
 
 
-def explain_images(clf: Any, inputs: Any, output: str | os.PathLike[str], *, topk: int = 5,
+def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike[str], *, topk: int = 5,
                    neighbours: int = 5, progress: bool = False) -> ExplainResult:
     """Explain a calibrated :class:`~hybridcls.hybrid.HybridClassifier`'s predictions.
 
