@@ -34,12 +34,15 @@ from hybridcls.device import resolve_device
 from hybridcls.engine import EngineBatch, InferenceEngine
 from hybridcls.errors import CheckpointError, ImageDecodeError, InputError, PromptFileError
 from hybridcls.gate import (
+    CACHE_MODES,
     GATE_FILENAME,
+    CacheBranch,
     FusionResult,
     GateCalibration,
     apply_transductive,
     cascade_keep,
     finalize,
+    fit_cache_branch,
     fit_cascade,
     fuse,
     leave_classes_out,
@@ -162,6 +165,15 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         cascade: For gates that read CLIP's outputs: run CLIP only on images whose
             supervised confidence is at or below the calibrated ``cascade_msp``;
             the others are decided by the supervised branch alone.
+        cache_branch: The nearest-neighbour cache branch (Tip-Adapter style, see
+            :mod:`hybridcls.gate.cache_branch`) added to the supervised logits, decided
+            at :meth:`calibrate`: ``"auto"`` fits it and enables it only when it raises
+            held-out seen-class accuracy, ``"on"`` fits and enables it, ``"off"`` does
+            not fit it. The decision is stored in ``gate.json`` and predictions follow
+            it (the gate's threshold was set on those logits), whatever this parameter
+            says later. An enabled cache needs every image's CLIP embedding, so it
+            turns lazy zero-shot off (the cascade still skips CLIP, and the cache, on
+            the images it keeps).
         compile: ``torch.compile`` both towers (fixed batch shapes).
         decode: ``"cpu"`` or ``"device"`` (JPEG decoded on the GPU, CPU fallback).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
@@ -197,6 +209,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         unseen_only: bool | None = None,
         unknown_threshold: float | None = None,
         cascade: bool = False,
+        cache_branch: str = "auto",
         compile: bool = False,
         decode: str = "cpu",
         device: str = "auto",
@@ -215,6 +228,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         self.unseen_only = unseen_only
         self.unknown_threshold = unknown_threshold
         self.cascade = cascade
+        self.cache_branch = cache_branch
         self.compile = compile
         self.decode = decode
         self.device = device
@@ -361,6 +375,9 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         tr_paths = [str(p) for i, (p, _) in enumerate(data.train) if i not in e_tr]
         knn = EmbeddingIndex(meta=self._index_meta("clip"))
         knn.add(f_tr.clip_embeddings, labels=y_tr, paths=tr_paths)
+        # The cache holds the training split only: the held-out images it is fitted on
+        # would otherwise find themselves at affinity 1.
+        branch = self._fit_cache(f_va, y_va, knn)
         if method == "leave-classes-out":
             cal = leave_classes_out(
                 sup_feat_train=f_tr.sup_features, y_train=y_tr, sup_feat_val=f_va.sup_features,
@@ -372,16 +389,22 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             cal = GateCalibration(score=score, mode="hard", tpr=tpr, method="tpr")
         else:
             raise InputError(f"--method {method!r}: expected 'leave-classes-out' or 'tpr'")
-        inputs = {"sup_logits": f_va.sup_logits, "clip_logits": f_va.clip_logits, "n_seen": S,
+        cal = cal.replace(cache_branch=None if branch is None else branch.to_dict())
+        # The gate is thresholded on the seen-class logits predictions will read: with the cache.
+        in_use = _cache_in_use(cal)
+        seen_va = _with_cache(in_use, f_va, knn)
+        inputs = {"sup_logits": seen_va, "clip_logits": f_va.clip_logits, "n_seen": S,
                       "clip_emb": f_va.clip_embeddings, "knn_index": knn}
         cal = finalize(cal, cal.compute_base_scores(**inputs))
         if test_inputs is not None:
             f_te, _ = self._features(as_sources(test_inputs), "calibrate: test")
-            test_scores = cal.compute_score(sup_logits=f_te.sup_logits, clip_logits=f_te.clip_logits,
+            test_scores = cal.compute_score(sup_logits=_with_cache(in_use, f_te, knn),
+                                            clip_logits=f_te.clip_logits,
                                             n_seen=S, clip_emb=f_te.clip_embeddings, knn_index=knn)
             cal = apply_transductive(cal, test_scores, seed=seed)
-        full = fuse(None, sup_logits=f_va.sup_logits, clip_logits=f_va.clip_logits,
+        full = fuse(None, sup_logits=seen_va, clip_logits=f_va.clip_logits,
                     gate_score=cal.compute_score(**inputs), calibration=cal, n_seen=S)
+        # plain logits: the cascade decides before CLIP (and so the cache) has run
         cal = cal.replace(cascade_msp=fit_cascade(f_va.sup_logits, full.pred))
         self.gate_ = cal
         self.knn_ = knn
@@ -407,11 +430,27 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         overrides = {k: v for k, v in (("mode", self.mode), ("unseen_only", self.unseen_only),
                                         ("unknown_threshold", self.unknown_threshold)) if v is not None}
         gate = self.gate_.replace(**overrides) if overrides else self.gate_
-        if self.knn_ is None and "knn" in gate.base_scores:
+        if self.knn_ is None and ("knn" in gate.base_scores or _cache_in_use(gate)):
             raise self.index_error_ or CheckpointError(
-                f"{self.run_dir_}: its gate reads the kNN score but the run has no "
-                f"{INDEX_DIR}/clip.faiss; run `hybridcls calibrate {self.run_dir_}` again")
+                f"{self.run_dir_}: its gate reads the kNN score or the cache branch but the run has "
+                f"no {INDEX_DIR}/clip.faiss; run `hybridcls calibrate {self.run_dir_}` again")
         return gate
+
+    def _fit_cache(self, f_va: HybridFeatures, y_va: np.ndarray, knn: EmbeddingIndex) -> CacheBranch | None:
+        if self.cache_branch not in CACHE_MODES:
+            raise InputError(f"cache_branch={self.cache_branch!r}: choose from {', '.join(CACHE_MODES)}")
+        if self.cache_branch == "off":
+            return None
+        return fit_cache_branch(f_va.sup_logits, y_va, f_va.clip_embeddings, knn, mode=self.cache_branch)
+
+    def seen_logits(self, features: HybridFeatures) -> np.ndarray:
+        """The seen-class logits the gate and the fusion read: supervised, plus the cache branch when on.
+
+        Example:
+            >>> feats = clf.extract_features(["val/"])  # doctest: +SKIP
+            >>> clf.seen_logits(feats).argmax(axis=1)  # doctest: +SKIP
+        """
+        return _with_cache(_cache_in_use(self._gate()), features, self.knn_)
 
     def _clip_policy(self, gate: GateCalibration):
         """Which images CLIP encodes: lazy zero-shot, the cascade, or all.
@@ -420,7 +459,8 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         Cascade (``cascade=True``, a gate that reads CLIP): CLIP runs only where
         the supervised confidence is at or below ``gate.cascade_msp``.
         """
-        if gate.mode == "hard" and not any(n.startswith("clip") for n in gate.needs):
+        if (gate.mode == "hard" and not any(n.startswith("clip") for n in gate.needs)
+                and _cache_in_use(gate) is None):
             def policy(sup_logits: np.ndarray, _features: np.ndarray) -> np.ndarray:
                 return route(gate.compute_score(sup_logits=sup_logits, n_seen=self.n_seen_), gate)
             return policy
@@ -444,22 +484,23 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             >>> clf.set_params(mode="soft").predict_features(feats).probs.shape  # doctest: +SKIP
         """
         gate = self._gate()
+        sup = _with_cache(_cache_in_use(gate), features, self.knn_)
         score = gate.compute_score(
-            sup_logits=features.sup_logits, clip_logits=features.clip_logits, n_seen=self.n_seen_,
+            sup_logits=sup, clip_logits=features.clip_logits, n_seen=self.n_seen_,
             clip_emb=features.clip_embeddings, knn_index=self.knn_,
         )
         skipped = np.isnan(features.clip_logits).all(axis=1)
         if gate.mode != "hard" and skipped.any():
             # Cascade rows (CLIP skipped): their NaN gate score keeps them in the supervised
             # branch in hard mode; soft and stacking take those rows from a hard fusion.
-            kept = fuse("hard", sup_logits=features.sup_logits, clip_logits=features.clip_logits,
+            kept = fuse("hard", sup_logits=sup, clip_logits=features.clip_logits,
                         gate_score=score, calibration=gate, n_seen=self.n_seen_)
-            res = fuse(None, sup_logits=features.sup_logits, clip_logits=features.clip_logits,
+            res = fuse(None, sup_logits=sup, clip_logits=features.clip_logits,
                        gate_score=score, calibration=gate, n_seen=self.n_seen_)
             for name in ("probs", "branch", "gate_weight", "gate_score"):
                 getattr(res, name)[skipped] = getattr(kept, name)[skipped]
             return res
-        return fuse(None, sup_logits=features.sup_logits, clip_logits=features.clip_logits,
+        return fuse(None, sup_logits=sup, clip_logits=features.clip_logits,
                     gate_score=score, calibration=gate, n_seen=self.n_seen_)
 
     def extract_features(self, inputs: Any, *, clip: Any = "all") -> HybridFeatures:
@@ -604,6 +645,22 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             raise CheckpointError(f"{directory}: classes in {HYBRID_FILE} differ from its prompts")
         clf.zeroshot_.text_features_ = torch.from_numpy(stored).to(clf.device_)
         return clf
+
+
+def _cache_in_use(gate: GateCalibration) -> CacheBranch | None:
+    """The gate's cache branch when it is enabled: the gate's threshold was set on its logits."""
+    if gate.cache_branch is None:
+        return None
+    branch = CacheBranch.from_dict(gate.cache_branch)
+    return branch if branch.enabled else None
+
+
+def _with_cache(branch: CacheBranch | None, features: HybridFeatures,
+                index: EmbeddingIndex | None) -> np.ndarray:
+    if branch is None:
+        return features.sup_logits
+    assert index is not None  # HybridClassifier._gate refuses a cache without its index
+    return branch.apply(features.sup_logits, features.clip_embeddings, index)
 
 
 def _raise_failures(sources: Sequence[Source], errors: dict[int, str]) -> None:

@@ -1,4 +1,8 @@
-"""The embedding index (kinds, incremental building, files, provenance check) and the cache branch."""
+"""The embedding index (kinds, incremental building, files, provenance check) and the cache branch.
+
+Everything here works on small arrays, except the last test, which reads the
+session's calibrated synthetic-world run (the ``world_run`` fixture the hybrid tests share).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import numpy as np
 import pytest
 
 from hybridcls.errors import CheckpointError, InputError
+from hybridcls.gate import CacheBranch, GateCalibration, cache_logits, fit_cache_branch
 from hybridcls.index import EmbeddingIndex, index_meta, load_run_index, run_index_path
 
 #: Approximate kinds must find the exact nearest neighbour of at least this share of
@@ -161,3 +166,118 @@ def test_bad_inputs() -> None:
     # a query CLIP did not encode (NaN row) finds nothing rather than garbage
     sims, ids = idx.search(np.array([[np.nan] * 3, [1.0, 0.0, 0.0]]), 1)
     assert np.isnan(sims[0, 0]) and ids[:, 0].tolist() == [-1, 0]
+
+
+# ---------------------------------------------------------------------- the cache branch
+
+def _clustered_problem(seed: int = 0, n_query: int = 800):
+    """5 classes of clustered unit vectors, an imbalanced cache, queries and noisy logits."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(5, 16))
+
+    def emb(labels):
+        x = centers[labels] + rng.normal(size=(len(labels), 16))
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    y_cache = np.repeat(np.arange(5), [60, 30, 40, 50, 20])
+    index = EmbeddingIndex("flat").add(emb(y_cache), labels=y_cache)
+    y_query = rng.integers(0, 5, n_query)
+    return index, emb(y_query), rng.normal(size=(n_query, 5)), rng
+
+
+def test_cache_formula_matches_a_direct_computation() -> None:
+    rng = np.random.default_rng(3)
+    keys, queries = _unit(rng, 12, 4), _unit(rng, 3, 4)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 0, 1, 2, 2, 2])
+    index = EmbeddingIndex("flat").add(keys, labels=labels)
+    sup = rng.normal(size=(3, 3))
+    branch = CacheBranch(alpha=1.7, beta=5.5)
+    # Tip-Adapter's A @ L over the whole cache, each class divided by its number of images
+    A = np.exp(-5.5 * (1.0 - queries @ keys.T))
+    L = np.eye(3)[labels]
+    expected = sup + 1.7 * (A @ L) / L.sum(axis=0)
+    np.testing.assert_allclose(branch.apply(sup, queries, index), expected, rtol=1e-6)
+    # from an index search directly, and with fewer neighbours: only those count
+    sims, ids = index.search(queries, 4)
+    near = np.zeros_like(A)
+    np.put_along_axis(near, ids, np.take_along_axis(A, ids, axis=1), axis=1)
+    np.testing.assert_allclose(cache_logits(sims, ids, labels, 3, 5.5), (near @ L) / L.sum(axis=0),
+                               rtol=1e-6)
+    # a row CLIP did not encode keeps its supervised logits
+    with_nan = np.vstack([queries[:1], np.full((1, 4), np.nan)])
+    np.testing.assert_array_equal(branch.apply(sup[:2], with_nan, index)[1], sup[1])
+    with pytest.raises(InputError, match="rows without a label"):
+        CacheBranch(alpha=1.0, beta=1.0).apply(sup, queries, EmbeddingIndex("flat").add(keys))
+
+
+@pytest.mark.parametrize("alpha_rel, beta", [(4.0, 5.5), (1.0, 2.0), (8.0, 10.0)])
+def test_fit_recovers_alpha_and_beta_where_the_cache_helps(alpha_rel, beta) -> None:
+    index, queries, sup, _ = _clustered_problem()
+    # the truth: labels decided by the fused logits at (alpha_rel, beta)
+    sims, ids = index.search(queries, index.ntotal)
+    y = np.argmax(sup + alpha_rel * sup.std() * cache_logits(sims, ids, index.labels, 5, beta), axis=1)
+    branch = fit_cache_branch(sup, y, queries, index)
+    assert (branch.alpha_rel, branch.beta) == (alpha_rel, beta)
+    assert branch.alpha == pytest.approx(alpha_rel * sup.std())
+    assert branch.val_accuracy == 1.0 > branch.val_accuracy_plain
+    assert branch.enabled and branch.n_val == len(y)
+    # stored with the gate, it comes back the same
+    gate = GateCalibration(cache_branch=branch.to_dict())
+    again = GateCalibration.from_dict(json.loads(json.dumps(gate.to_dict())))
+    assert CacheBranch.from_dict(again.cache_branch) == branch
+
+
+def test_auto_leaves_the_cache_off_where_it_does_not_help() -> None:
+    index, queries, sup, rng = _clustered_problem(seed=1)
+    # labels follow the supervised logits, with 20% noise the embeddings know nothing of
+    y = sup.argmax(axis=1)
+    flip = rng.random(len(y)) < 0.2
+    y[flip] = rng.integers(0, 5, flip.sum())
+    auto = fit_cache_branch(sup, y, queries, index, mode="auto")
+    assert auto.val_accuracy <= auto.val_accuracy_plain and not auto.enabled
+    forced = fit_cache_branch(sup, y, queries, index, mode="on")
+    assert forced.enabled and (forced.alpha, forced.beta) == (auto.alpha, auto.beta)
+    with pytest.raises(InputError, match="cannot be fitted"):
+        fit_cache_branch(sup, y, queries, index, mode="off")
+
+
+def test_world_run_saves_its_index_and_its_cache_branch(world_run, tmp_path) -> None:
+    import shutil
+
+    from hybridcls.bench.quality import labelled_test_set
+    from hybridcls.hybrid import HybridClassifier
+
+    world, clf = world_run
+    n_train = len(clf.calibration_data_["y_train"])
+    index = load_run_index(clf.run_dir_, expect=clf._index_meta("clip"))
+    assert index is not None and index.ntotal == n_train and index.exact
+    np.testing.assert_array_equal(index.labels, clf.calibration_data_["y_train"])
+    assert all(p and "/train/" in p.replace("\\", "/") for p in index.paths)
+    assert index.meta["classes"] == clf.seen_folders_
+    # no held-out image is in the cache it was fitted against
+    held_out = clf.calibration_data_["val"].clip_embeddings
+    assert index.search(held_out, 1)[0].max() < 0.9999
+    cache = clf.gate_.cache_branch
+    assert cache is not None and cache["n_val"] == len(clf.calibration_data_["y_val"])
+    assert cache["enabled"] == (cache["val_accuracy"] > cache["val_accuracy_plain"])
+    # its effect on the test images of the seen classes
+    sources, y = labelled_test_set(world, clf)
+    feats = clf.extract_features(sources)
+    seen = y < clf.n_seen_
+    plain = float(np.mean(feats.sup_logits[seen].argmax(axis=1) == y[seen]))
+    fused = float(np.mean(clf.seen_logits(feats)[seen].argmax(axis=1) == y[seen]))
+    print(f"world S: supervised {plain:.4f}, with the cache branch {fused:.4f}; {cache}")
+    if cache["enabled"]:
+        assert fused >= plain
+    # a copy of the run whose index was built for another class list is refused where it is used
+    run = tmp_path / "run"
+    shutil.copytree(clf.run_dir_, run)
+    side = run / "index" / "clip.json"
+    d = json.loads(side.read_text())
+    d["meta"]["classes"] = [*d["meta"]["classes"][:-1], "zebra"]
+    side.write_text(json.dumps(d))
+    other = HybridClassifier(**clf.get_params()).load_run(run, world.prompts_file)
+    assert other.knn_ is None
+    if cache["enabled"] or "knn" in clf.gate_.base_scores:
+        with pytest.raises(CheckpointError, match="clip.json: built with another classes: classes differs"):
+            other.predict_features(feats)

@@ -193,6 +193,15 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 5, model: s
     S = clf.n_seen_
     is_unseen = y >= S
     rows = reference_rows(feats, y, S)
+    # every gate below reads the seen-class logits predictions read: with the cache branch when on
+    seen_test = clf.seen_logits(feats)
+    cache = clf.gate_.cache_branch
+    if cache is not None:
+        rows.insert(1, _figures(
+            "supervised + cache branch", y, seen_test.argmax(axis=1), S,
+            f"alpha {cache['alpha']:.3g} ({cache['alpha_rel']:g} sd), beta {cache['beta']:g}, "
+            f"{'on' if cache['enabled'] else 'off'}: held-out {100 * cache['val_accuracy_plain']:.1f} -> "
+            f"{100 * cache['val_accuracy']:.1f}"))
 
     default = clf.predict_features(feats)
     g = clf.gate_
@@ -201,9 +210,9 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 5, model: s
         f"{g.score} / {g.mode} (tpr {g.tpr:.2f})", gate_detection(default.gate_score, is_unseen).auroc))
 
     cal_val = clf.calibration_data_["val"]
-    val_inputs = dict(sup_logits=cal_val.sup_logits, clip_logits=cal_val.clip_logits, n_seen=S,
+    val_inputs = dict(sup_logits=clf.seen_logits(cal_val), clip_logits=cal_val.clip_logits, n_seen=S,
                       clip_emb=cal_val.clip_embeddings, knn_index=clf.knn_)
-    test_inputs = dict(sup_logits=feats.sup_logits, clip_logits=feats.clip_logits, n_seen=S,
+    test_inputs = dict(sup_logits=seen_test, clip_logits=feats.clip_logits, n_seen=S,
                        clip_emb=feats.clip_embeddings, knn_index=clf.knn_)
     seen_pairs = set()
     for cand in g.candidates:
@@ -214,7 +223,7 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 5, model: s
         cal = from_candidate(cand, combined=g.combined, knn_k=g.knn_k)
         cal = finalize(cal, cal.compute_base_scores(**val_inputs))
         score = cal.compute_score(**test_inputs)
-        res = fuse(None, sup_logits=feats.sup_logits, clip_logits=feats.clip_logits, gate_score=score,
+        res = fuse(None, sup_logits=seen_test, clip_logits=feats.clip_logits, gate_score=score,
                    calibration=cal, n_seen=S)
         rows.append(_figures(f"{cand['score']} / {cand['mode']}", y, res.pred, S,
                              f"leave-classes-out H {100 * cand['mean_h']:.1f}, tpr {cand['tpr']:.2f}",

@@ -3,7 +3,10 @@
 Runs both towers over the run's training and held-out seen images, searches
 gate scores, decision modes and their parameters on stand-in unseen classes
 (leave-classes-out), sets the threshold on the real held-out scores, and
-saves ``gate.json`` (and the CLIP kNN index) in the run directory.
+saves ``gate.json`` and ``index/clip.*`` (the training images' CLIP
+embeddings, labels and paths) in the run directory. ``--cache-branch`` fits
+the nearest-neighbour cache branch on the held-out images (``auto``: kept only
+when it raises their accuracy).
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--rounds", type=int, default=5, help="leave-classes-out repetitions")
     parser.add_argument("--transductive", metavar="TEST_INPUT", nargs="+",
                         help="unlabelled test images: refit the threshold on their score distribution")
+    parser.add_argument("--cache-branch", choices=["auto", "on", "off"], default="auto",
+                        help="nearest-neighbour cache branch added to the supervised logits: auto "
+                             "(default) keeps it only when it raises held-out seen-class accuracy")
+    parser.add_argument("--index-backbone", action="store_true",
+                        help="also save index/backbone.* (the backbone's pooled training features)")
     parser.add_argument("--seed", type=int, default=0)
     add_clip_arguments(parser)
     add_runtime_arguments(parser)
@@ -48,10 +56,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--tpr must be in (0, 1], got {args.tpr}")
     if args.rounds < 2 and args.method == "leave-classes-out":
         raise UsageError(f"--rounds must be at least 2, got {args.rounds}")
-    clf = hybrid_from_args(args)
+    clf = hybrid_from_args(args).set_params(cache_branch=args.cache_branch)
     clf.calibrate(args.data, method=args.method, tpr=args.tpr, score=args.score, rounds=args.rounds,
-                  test_inputs=args.transductive, seed=args.seed)
+                  test_inputs=args.transductive, seed=args.seed, index_backbone=args.index_backbone)
     g = clf.gate_
     print(f"gate: score={g.score} mode={g.mode} threshold={g.threshold:.4f} "
           f"(kept {100 * g.tpr:.0f}% of held-out seen images) -> {clf.run_dir_ / 'gate.json'}")
+    if g.cache_branch is not None:
+        c = g.cache_branch
+        print(f"cache branch: {'on' if c['enabled'] else 'off'} (alpha {c['alpha']:.3g}, beta {c['beta']:g}; "
+              f"held-out seen accuracy {100 * c['val_accuracy_plain']:.1f}% -> {100 * c['val_accuracy']:.1f}%)")
     return 0
