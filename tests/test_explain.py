@@ -223,7 +223,9 @@ def test_without_an_index_the_page_says_so(tiny_run, tmp_path: Path,
     from hybridcls.explain import write_explain_page
 
     _, clf, _, inputs = tiny_run
-    monkeypatch.setattr(clf, "knn_", None)  # a run calibrated before indexes existed
+    # A run calibrated before indexes existed: no index, and no gate part that needs one.
+    monkeypatch.setattr(clf, "knn_", None)
+    monkeypatch.setattr(clf, "gate_", clf.gate_.replace(cache_branch=None))
     res = explain_images(clf, [str(inputs)], tmp_path / "out")
     assert all(not ex.neighbours for ex in res.explanations)
     assert "no embedding index" in res.index_note
