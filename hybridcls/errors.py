@@ -15,6 +15,7 @@ __all__ = [
     "DatasetError",
     "WeightsUnavailableError",
     "CheckpointError",
+    "MissingExtraError",
 ]
 
 
@@ -56,3 +57,16 @@ class WeightsUnavailableError(HybridclsError, RuntimeError):
 
 class CheckpointError(HybridclsError, ValueError):
     """A run directory or checkpoint that is missing, corrupt or incompatible."""
+
+
+class MissingExtraError(HybridclsError, ImportError):
+    """An optional dependency is not installed; names the feature and the extra that brings it."""
+
+    def __init__(self, feature: str, module: str, extra: str) -> None:
+        self.feature = feature
+        self.module = module
+        self.extra = extra
+        super().__init__(
+            f"{feature} needs the optional dependency {module!r}, which is not installed: "
+            f"pip install 'hybridcls[{extra}]'"
+        )

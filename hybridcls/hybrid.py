@@ -520,12 +520,23 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         _raise_failures(sources, errors)
         return feats
 
-    def iter_predictions(self, sources: Sequence[Source], *, progress: bool | None = None
-                         ) -> Iterator[tuple[EngineBatch, FusionResult | None]]:
-        """Stream ``(engine batch, fusion result)`` per batch, in input order; bad images are errors."""
+    def iter_predictions(self, sources: Sequence[Source], *, progress: bool | None = None,
+                         clip: Any = None) -> Iterator[tuple[EngineBatch, FusionResult | None]]:
+        """Stream ``(engine batch, fusion result)`` per batch, in input order; bad images are errors.
+
+        Args:
+            sources: The inputs, expanded.
+            progress: Show a progress bar (default: the ``progress`` parameter).
+            clip: Which images the CLIP tower encodes: None = the gate's own
+                policy (lazy zero-shot, the cascade), ``"all"`` = every image,
+                so that both branches' outputs exist for every row. Lazy
+                zero-shot decisions do not change (its gate reads no CLIP
+                output); with ``cascade=True`` every row is fused as without it.
+        """
         gate = self._gate()
         show = self.progress if progress is None else progress
-        for batch in self.engine_.iter_batches(sources, clip=self._clip_policy(gate), progress=show):
+        policy = self._clip_policy(gate) if clip is None else clip
+        for batch in self.engine_.iter_batches(sources, clip=policy, progress=show):
             if not batch.ok:
                 yield batch, None
                 continue

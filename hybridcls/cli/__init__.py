@@ -15,15 +15,17 @@ from hybridcls.cli import bench as _bench
 from hybridcls.cli import calibrate as _calibrate
 from hybridcls.cli import demo as _demo
 from hybridcls.cli import evaluate as _evaluate
+from hybridcls.cli import explain as _explain
 from hybridcls.cli import merge as _merge
 from hybridcls.cli import predict as _predict
+from hybridcls.cli import report as _report
 from hybridcls.cli import train as _train
 from hybridcls.errors import HybridclsError
 
 __all__ = ["UsageError", "build_parser", "main"]
 
 # Subcommand modules, each with ``add_parser(subparsers)`` and ``run(args) -> int``.
-_COMMANDS = [_train, _calibrate, _predict, _merge, _evaluate, _bench, _demo, _audit]
+_COMMANDS = [_train, _calibrate, _predict, _merge, _evaluate, _report, _explain, _bench, _demo, _audit]
 
 
 class UsageError(HybridclsError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_evaluation_arguments", "add_parser", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -14,15 +14,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Join predictions to labels by file name and report the challenge's accuracy, "
                     "the generalised zero-shot S, U and H, and the gate's AUROC / FPR@95.",
     )
-    parser.add_argument("predictions", metavar="PREDICTIONS", help="CSV or JSONL from hybridcls predict")
-    parser.add_argument("--labels", required=True, metavar="LABELS.csv", help="image_id,label CSV")
-    parser.add_argument("--seen-classes", required=True, metavar="FILE|RUN_DIR",
-                        help="classes with training images: a text file (one per line) or a run directory")
-    parser.add_argument("--prompts", metavar="FILE", help="all classes; labels outside it are an error")
+    add_evaluation_arguments(parser, seen_required=True)
     parser.add_argument("-o", "--output", metavar="DIR",
                         help="write metrics.json, per_class.csv and PNG plots here")
     parser.set_defaults(run=run)
     return parser
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser, *, seen_required: bool) -> None:
+    """PREDICTIONS, ``--labels``, ``--seen-classes`` and ``--prompts``: what every scoring command reads."""
+    parser.add_argument("predictions", metavar="PREDICTIONS", help="CSV or JSONL from hybridcls predict")
+    parser.add_argument("--labels", required=True, metavar="LABELS.csv", help="image_id,label CSV")
+    parser.add_argument("--seen-classes", required=seen_required, metavar="FILE|RUN_DIR",
+                        help="classes with training images: a text file (one per line) or a run directory"
+                             + ("" if seen_required else "; without it every class counts as seen (no U, H)"))
+    parser.add_argument("--prompts", metavar="FILE", help="all classes; labels outside it are an error")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
-"""Metrics on predictions: overall accuracy and the generalised zero-shot S / U / H."""
+"""Metrics on predictions: overall accuracy, the generalised zero-shot S / U / H, calibration (ECE)."""
 
 from __future__ import annotations
 
 from hybridcls.eval.labels import read_labels
-from hybridcls.eval.metrics import OpenSetScores, open_set_scores
+from hybridcls.eval.metrics import OpenSetScores, Reliability, open_set_scores, reliability
 
-__all__ = ["OpenSetScores", "open_set_scores", "read_labels"]
+__all__ = ["OpenSetScores", "Reliability", "open_set_scores", "read_labels", "reliability"]

@@ -6,6 +6,13 @@ mean per-class accuracy over the seen classes' images, U the same over the
 unseen classes' images (both judged against *all* classes), and H their
 harmonic mean. scikit-learn has no per-class-mean over a class subset, so it
 is computed here from its confusion-free definition.
+
+The reliability diagram and the expected calibration error (ECE) follow Guo
+et al., "On Calibration of Modern Neural Networks" (ICML 2017): the top-1
+confidences are put into equal-width bins of (0, 1], and ECE is the
+image-weighted mean gap between each bin's accuracy and its mean confidence.
+scikit-learn's ``calibration_curve`` drops empty bins and returns no counts,
+which ECE needs, so the binning is done here.
 """
 
 from __future__ import annotations
@@ -15,7 +22,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["OpenSetScores", "harmonic_mean", "open_set_scores", "per_class_accuracy"]
+__all__ = [
+    "OpenSetScores",
+    "Reliability",
+    "harmonic_mean",
+    "open_set_scores",
+    "per_class_accuracy",
+    "reliability",
+]
 
 
 @dataclass(frozen=True)
@@ -87,3 +101,58 @@ def open_set_scores(
         accuracy=acc, seen=s, unseen=u, harmonic=harmonic_mean(s, u),
         n_images=len(t), n_seen_images=n_seen, n_unseen_images=len(t) - n_seen,
     )
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Top-1 confidence against accuracy, per equal-width confidence bin.
+
+    Attributes:
+        edges: ``[n_bins + 1]`` bin edges from 0 to 1; bin ``b`` holds
+            confidences in ``(edges[b], edges[b + 1]]`` (a confidence of 0 goes to the first).
+        counts: ``[n_bins]`` images per bin.
+        accuracy: ``[n_bins]`` fraction correct per bin (NaN where empty).
+        confidence: ``[n_bins]`` mean confidence per bin (NaN where empty).
+        ece: Expected calibration error, in [0, 1] (NaN without images).
+        n_images: Images counted (those with a confidence).
+    """
+
+    edges: np.ndarray
+    counts: np.ndarray
+    accuracy: np.ndarray
+    confidence: np.ndarray
+    ece: float
+    n_images: int
+
+
+def reliability(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = 15
+                ) -> Reliability:
+    """Bin top-1 confidences and compare each bin's accuracy with its mean confidence.
+
+    Args:
+        confidence: ``[N]`` probability of each predicted label; NaN entries
+            (images that were not predicted) are left out.
+        correct: ``[N]`` whether each prediction is right.
+        n_bins: Equal-width bins over (0, 1] (15, as in Guo et al. 2017).
+
+    Example:
+        >>> r = reliability([0.9, 0.9, 0.6, 0.6], [True, False, True, True], n_bins=10)
+        >>> round(r.ece, 3), int(r.counts[5]), int(r.counts[8])
+        (0.4, 2, 2)
+    """
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=bool)
+    if conf.shape != ok.shape:
+        raise ValueError(f"{conf.size} confidences but {ok.size} correctness flags")
+    keep = ~np.isnan(conf)
+    conf, ok = np.clip(conf[keep], 0.0, 1.0), ok[keep]
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.bincount(bins, weights=ok.astype(float), minlength=n_bins) / counts
+        mean_conf = np.bincount(bins, weights=conf, minlength=n_bins) / counts
+    filled = counts > 0
+    ece = (float(np.sum(counts[filled] * np.abs(acc[filled] - mean_conf[filled])) / conf.size)
+           if conf.size else float("nan"))
+    return Reliability(edges, counts, acc, mean_conf, ece, int(conf.size))

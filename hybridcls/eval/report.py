@@ -9,6 +9,7 @@ holds). Labels and predictions are compared after label normalisation (case,
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -18,9 +19,23 @@ from typing import Any
 
 import numpy as np
 
-from hybridcls.errors import InputError
+from hybridcls.cache import atomic_write_text
+from hybridcls.errors import InputError, MissingExtraError
 from hybridcls.eval.labels import read_labels
-from hybridcls.eval.metrics import OpenSetScores, open_set_scores, per_class_accuracy
+from hybridcls.eval.metrics import (
+    OpenSetScores,
+    Reliability,
+    open_set_scores,
+    per_class_accuracy,
+    reliability,
+)
+from hybridcls.eval.plots import (
+    plot_confusion,
+    plot_gate_histogram,
+    plot_per_class,
+    plot_reliability,
+    require_pyplot,
+)
 from hybridcls.gate.metrics import gate_detection, routing_matrix
 from hybridcls.outputs import read_predictions
 from hybridcls.zeroshot.prompts import normalize_label
@@ -41,10 +56,34 @@ class Evaluation:
     y_pred: list[str] = field(default_factory=list)
     gate_scores: np.ndarray | None = None
     is_unseen: np.ndarray | None = None
+    confidence: np.ndarray | None = None
+
+    @property
+    def reliability(self) -> Reliability | None:
+        """Top-1 confidence against accuracy (rows with a score), or None without scores."""
+        if self.confidence is None or np.isnan(self.confidence).all():
+            return None
+        return reliability(self.confidence, np.asarray(self.y_true) == np.asarray(self.y_pred))
+
+    def figures(self) -> dict[str, Any]:
+        """PNG file name -> a function drawing it to a path, for the figures this evaluation has."""
+        figs: dict[str, Any] = {
+            "confusion_matrix.png": lambda p: plot_confusion(self.y_true, self.y_pred, p),
+            "per_class_accuracy.png": lambda p: plot_per_class(self.per_class, p),
+        }
+        if self.gate_scores is not None:
+            figs["gate_histogram.png"] = lambda p: plot_gate_histogram(self.gate_scores,
+                                                                        self.is_unseen, p)
+        rel = self.reliability
+        if rel is not None:
+            figs["reliability.png"] = lambda p: plot_reliability(rel, p)
+        return figs
 
     def as_dict(self) -> dict[str, Any]:
+        rel = self.reliability
         return {"scores": self.scores.as_dict(), "gate": self.gate, "routing": self.routing,
-                "n_errors": self.n_errors, "per_class": self.per_class}
+                "n_errors": self.n_errors, "ece": None if rel is None else rel.ece,
+                "per_class": self.per_class}
 
     def summary(self) -> str:
         s = self.scores
@@ -66,11 +105,13 @@ class Evaluation:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "metrics.json", out / "per_class.csv"]
-        written[0].write_text(json.dumps(self.as_dict(), indent=2), encoding="utf-8")
-        with open(written[1], "w", encoding="utf-8", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["class", "group", "n_images", "accuracy"])
-            w.writeheader()
-            w.writerows(self.per_class)
+        atomic_write_text(written[0], json.dumps(self.as_dict(), indent=2))
+        table = io.StringIO(newline="")
+        w = csv.DictWriter(table, fieldnames=["class", "group", "n_images", "accuracy"],
+                           lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.per_class)
+        atomic_write_text(written[1], table.getvalue())
         written += _plots(self, out)
         return written
 
@@ -140,9 +181,10 @@ def evaluate_predictions(
         counts[t] = counts.get(t, 0) + 1
     per_class = [{"class": c, "group": "seen" if c in seen else "unseen", "n_images": counts[c],
                   "accuracy": round(acc[c], 6)} for c in sorted(acc)]
-    ev = Evaluation(scores, per_class, n_errors=sum(r.get("status") != "ok" for r in rows),
-                    y_true=y_true, y_pred=y_pred)
     ok = np.array([r.get("status") == "ok" for r in rows])
+    confidence = np.array([_number(r.get("score")) if k else np.nan for r, k in zip(rows, ok)])
+    ev = Evaluation(scores, per_class, n_errors=int((~ok).sum()), y_true=y_true, y_pred=y_pred,
+                    confidence=confidence)
     is_unseen = np.array([t not in seen for t in y_true])
     gate_col = [r.get("gate_score") for r in rows]
     if ok.any() and all(g not in (None, "") for g, k in zip(gate_col, ok) if k):
@@ -157,36 +199,15 @@ def evaluate_predictions(
     return ev
 
 
-def _plots(ev: Evaluation, out: Path) -> list[Path]:
-    try:
-        import matplotlib
+def _number(value: Any) -> float:
+    """A score cell as a float; empty (CSV) or null (JSON Lines) is NaN."""
+    return float("nan") if value in (None, "") else float(value)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from sklearn.metrics import ConfusionMatrixDisplay
-    except ImportError:
+
+def _plots(ev: Evaluation, out: Path) -> list[Path]:
+    """Every figure :attr:`Evaluation.figures` lists, or none without matplotlib."""
+    try:
+        require_pyplot("plots")
+    except MissingExtraError:
         return []
-    written = []
-    labels = sorted(set(ev.y_true) | {p for p in ev.y_pred if p})
-    fig, ax = plt.subplots(figsize=(max(6, len(labels) * 0.22), max(5, len(labels) * 0.2)))
-    ConfusionMatrixDisplay.from_predictions(ev.y_true, ev.y_pred, labels=labels, ax=ax,
-                                            include_values=len(labels) <= 15, colorbar=False,
-                                            xticks_rotation="vertical")
-    ax.set_title("confusion matrix (rows: true class)")
-    fig.tight_layout()
-    written.append(out / "confusion_matrix.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-    if ev.gate_scores is not None:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        bins = np.histogram_bin_edges(ev.gate_scores, bins=40)
-        ax.hist(ev.gate_scores[~ev.is_unseen], bins=bins, alpha=0.6, label="seen-class images")
-        ax.hist(ev.gate_scores[ev.is_unseen], bins=bins, alpha=0.6, label="unseen-class images")
-        ax.set_xlabel("gate score (higher = less like the seen classes)")
-        ax.set_ylabel("images")
-        ax.legend()
-        fig.tight_layout()
-        written.append(out / "gate_histogram.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
-    return written
+    return [draw(out / name) for name, draw in ev.figures().items()]

@@ -1,0 +1,80 @@
+"""``hybridcls explain INPUTS --checkpoint RUN_DIR``: maps, decision and nearest training images, as HTML."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from hybridcls.cli.predict import add_clip_arguments
+
+    parser = subparsers.add_parser(
+        "explain",
+        help="explain a hybrid's predictions: Grad-CAM, CLIP maps, decision, nearest training images",
+        description="For every input: Grad-CAM of the supervised branch, the CLIP similarity map of "
+                    "the predicted class, the decision (branch, gate score, both branches' top-k) "
+                    "and the nearest training images from the run's embedding index; PNG overlays "
+                    "and one index.html in --output. Needs grad-cam (pip install "
+                    "'hybridcls[explain]'). A file that cannot be decoded gets its error on the page.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder, glob or list file")
+    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                        help="calibrated run directory, or a folder from save_pretrained")
+    add_clip_arguments(parser)
+    # A save_pretrained folder carries its prompts; a bare run directory needs them.
+    next(a for a in parser._actions if a.dest == "prompts").required = False
+    parser.add_argument("--mode", choices=["hard", "soft", "stacking"], default=None,
+                        help="override the calibrated decision mode")
+    parser.add_argument("--topk", type=int, default=5, metavar="K",
+                        help="classes listed per branch (default: %(default)s)")
+    parser.add_argument("--neighbours", type=int, default=5, metavar="K",
+                        help="nearest training images per input, 0 for none (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+                        help="images per batch (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
+    parser.add_argument("-o", "--output", default="explain", metavar="DIR",
+                        help="folder to write (default: %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _classifier(args: argparse.Namespace):
+    from hybridcls.cli import UsageError
+    from hybridcls.hybrid import HYBRID_FILE, HybridClassifier
+
+    params = {"mode": args.mode, "device": args.device, "batch_size": args.batch_size,
+              "workers": 0, "cache_dir": args.cache_dir, "progress": not args.quiet}
+    if (Path(args.checkpoint) / HYBRID_FILE).is_file() and not args.prompts:
+        return HybridClassifier.from_pretrained(args.checkpoint, **params)
+    if not args.prompts:
+        raise UsageError(f"--prompts is needed: {args.checkpoint} is a run directory, not a "
+                         f"save_pretrained folder (no {HYBRID_FILE})")
+    return HybridClassifier(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
+                            templates=args.templates, **params).load_run(args.checkpoint, args.prompts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hybridcls.cli import UsageError
+    from hybridcls.data import expand_inputs
+    from hybridcls.explain import explain_images, require_grad_cam, write_explain_page
+
+    for flag, value, least in (("--topk", args.topk, 1), ("--neighbours", args.neighbours, 0),
+                               ("--batch-size", args.batch_size, 1)):
+        if value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
+    require_grad_cam()  # before loading models: fail fast on a missing extra
+    sources = expand_inputs(args.inputs)
+    if not sources:
+        raise UsageError("no input images found in " + " ".join(args.inputs))
+    clf = _classifier(args)
+    result = explain_images(clf, sources, args.output, topk=args.topk, neighbours=args.neighbours,
+                            progress=not args.quiet)
+    page = write_explain_page(result)
+    n, bad = len(result.explanations), result.n_errors
+    print(f"hybridcls explain: {n - bad} of {n} inputs explained -> {page}", file=sys.stderr)
+    return 1 if bad else 0

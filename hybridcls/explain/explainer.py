@@ -1,0 +1,249 @@
+"""Explain a hybrid's predictions image by image: maps, decision, nearest training images.
+
+For every input, in input order (a file that cannot be decoded keeps its
+place, with its error):
+
+1. the decision: the row :meth:`HybridClassifier.batch_rows` makes (label,
+   branch, gate score and weight, both branches' top-k), with CLIP run on
+   every image so that both branches' top-k exist;
+2. Grad-CAM of the supervised branch for its own top-1 class
+   (:mod:`hybridcls.explain.gradcam`), over the crop that branch sees;
+3. the CLIP similarity map for the predicted class (the zero-shot top-1
+   when the answer is ``unknown``; :mod:`hybridcls.explain.clip_maps`),
+   over the crop the CLIP tower sees;
+4. its nearest training images in the run's CLIP embedding index
+   (``index/clip.*``, :mod:`hybridcls.index`), when the run has one.
+
+Each map is written as a PNG overlay; :mod:`hybridcls.explain.page` turns
+the result into one HTML page.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy.special import softmax
+
+from hybridcls.data import Source, as_sources, load_image
+from hybridcls.engine import split_transform
+from hybridcls.errors import ImageDecodeError
+from hybridcls.explain.clip_maps import clip_similarity_map
+from hybridcls.explain.gradcam import gradcam_maps, require_grad_cam
+from hybridcls.explain.overlay import overlay, save_png, thumbnail
+from hybridcls.outputs import PredictionRow
+from hybridcls.supervised import build_eval_transform
+
+if TYPE_CHECKING:
+    from hybridcls.hybrid import HybridClassifier
+
+__all__ = ["ExplainResult", "Explanation", "Neighbour", "explain_images"]
+
+IMAGES_DIR = "images"
+NEIGHBOURS_DIR = "neighbours"
+
+
+@dataclass
+class Neighbour:
+    """One nearest training image: its path, class, cosine similarity and thumbnail (None if unreadable)."""
+
+    path: str
+    label: str
+    similarity: float
+    thumbnail: Path | None = None
+    error: str = ""
+
+
+@dataclass
+class Explanation:
+    """Everything shown for one input.
+
+    Attributes:
+        row: The prediction (or error) row, as ``hybridcls predict`` writes it.
+        gradcam: ``[H, W]`` Grad-CAM in [0, 1] over the supervised crop (None on error).
+        gradcam_class: The seen class Grad-CAM explains (the supervised top-1).
+        clip_map: ``[H, W]`` similarity map in [0, 1] over the CLIP crop (None on error).
+        clip_class: The class whose text embedding the map compares to.
+        clip_cosine: ``(min, max)`` raw cosine similarity on the feature grid.
+        files: ``"input"``, ``"gradcam"``, ``"clip"`` -> the PNG written.
+        neighbours: Nearest training images, most similar first.
+        zeroshot_consulted: False when the gate did not use the zero-shot branch
+            (hard routing to the supervised branch); its top-k is shown all the same.
+    """
+
+    row: PredictionRow
+    gradcam: np.ndarray | None = None
+    gradcam_class: str = ""
+    clip_map: np.ndarray | None = None
+    clip_class: str = ""
+    clip_cosine: tuple[float, float] = (float("nan"), float("nan"))
+    files: dict[str, Path] = field(default_factory=dict)
+    neighbours: list[Neighbour] = field(default_factory=list)
+    zeroshot_consulted: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.row.status == "ok"
+
+
+@dataclass
+class ExplainResult:
+    """The explanations, in input order, and what the page says about the run."""
+
+    explanations: list[Explanation]
+    output: Path
+    run_dir: str
+    gate: dict[str, Any]
+    index_note: str
+
+    @property
+    def n_errors(self) -> int:
+        return sum(not e.ok for e in self.explanations)
+
+
+def _topk(logits: np.ndarray, classes: np.ndarray, k: int) -> list[list[Any]]:
+    """``[[class, probability], ...]`` of the zero-shot softmax, as the rows write them."""
+    p = softmax(logits.astype(np.float64))
+    order = np.argsort(-p, kind="stable")[:k]
+    return [[str(classes[i]), round(float(p[i]), 6)] for i in order]
+
+
+def _class_index(classes: np.ndarray, name: str) -> int:
+    return int(np.flatnonzero(classes == name)[0])
+
+
+class _Views:
+    """Each tower's input tensor and the crop it sees, from one decoded image."""
+
+    def __init__(self, clf: HybridClassifier) -> None:
+        self.sup = build_eval_transform(clf.checkpoint_config_)
+        self.clip = clf.zeroshot_.bundle_.preprocess
+        self.sup_crop = split_transform(self.sup).geometry
+        self.clip_crop = split_transform(self.clip).geometry
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, Image.Image, torch.Tensor, Image.Image]:
+        return self.sup(image), self.sup_crop(image), self.clip(image), self.clip_crop(image)
+
+
+def _neighbours(index: Any, emb: np.ndarray, k: int, classes: np.ndarray, out: Path,
+                cache: dict[int, Neighbour]) -> list[Neighbour]:
+    sims, ids = index.search(emb[None], min(k, index.ntotal))
+    found = []
+    for sim, i in zip(sims[0], ids[0]):
+        if i < 0 or not np.isfinite(sim):
+            continue
+        i = int(i)
+        if i not in cache:
+            label = int(index.labels[i])
+            nb = Neighbour(path=index.paths[i], similarity=float(sim),
+                           label=str(classes[label]) if 0 <= label < len(classes) else "")
+            try:
+                nb.thumbnail = save_png(thumbnail(load_image(nb.path), side=96),
+                                        out / NEIGHBOURS_DIR / f"{i:07d}.png")
+            except ImageDecodeError as err:
+                nb.error = err.reason
+            cache[i] = nb
+        found.append(replace(cache[i], similarity=float(sim)))
+    return found
+
+
+def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike[str], *, topk: int = 5,
+                   neighbours: int = 5, progress: bool = False) -> ExplainResult:
+    """Explain a calibrated :class:`~hybridcls.hybrid.HybridClassifier`'s predictions.
+
+    Args:
+        clf: A loaded, calibrated hybrid (``load_run`` or ``from_pretrained``).
+        inputs: Files, folders, globs, list files or :class:`~hybridcls.data.Source` items.
+        output: Folder for the PNGs (``images/``, ``neighbours/``); the page goes there too.
+        topk: Classes listed per branch.
+        neighbours: Nearest training images per input (0: none).
+        progress: Show a progress bar.
+
+    Returns:
+        An :class:`ExplainResult`: one :class:`Explanation` per input, in order.
+
+    Raises:
+        MissingExtraError: grad-cam (the ``[explain]`` extra) is not installed.
+        CheckpointError: The run has no gate (not calibrated).
+
+    Example:
+        >>> clf = HybridClassifier(prompts="prompts.txt").load_run("runs/seen40")  # doctest: +SKIP
+        >>> res = explain_images(clf, ["photos/"], "explain-out")  # doctest: +SKIP
+        >>> write_explain_page(res)  # doctest: +SKIP
+    """
+    require_grad_cam()
+    out = Path(output)
+    sources: list[Source] = as_sources(inputs)
+    views = _Views(clf)
+    classes = np.asarray(clf.classes_, dtype=object)
+    seen = classes[: clf.n_seen_]
+    class_names = set(classes.tolist())
+    index = clf.knn_ if neighbours > 0 else None
+    if neighbours <= 0:
+        note = "nearest training images not asked for (--neighbours 0)"
+    elif index is None:
+        note = (f"no nearest training images: {clf.index_error_}" if clf.index_error_ is not None
+                else "no nearest training images: the run has no embedding index "
+                     "(run `hybridcls calibrate` to build index/clip.*)")
+    else:
+        note = f"nearest training images: cosine similarity of CLIP embeddings, {index.ntotal} indexed"
+    thumbs: dict[int, Neighbour] = {}
+    explanations: list[Explanation] = []
+    text = clf.zeroshot_.text_features_
+    visual = clf.zeroshot_.bundle_.model.visual
+    for batch, res in clf.iter_predictions(sources, progress=progress, clip="all"):
+        rows = clf.batch_rows(sources, batch, res, topk=topk)
+        pos = {idx: j for j, idx in enumerate(batch.ok)}
+        todo: list[tuple[Explanation, int, int, Image.Image, Image.Image]] = []
+        sup_x, clip_x, sup_t, clip_t = [], [], [], []
+        for idx, row in zip(batch.indices, rows):
+            ex = Explanation(row=row)
+            explanations.append(ex)
+            if not ex.ok:
+                continue
+            try:
+                s_x, s_crop, c_x, c_crop = views(load_image(sources[idx].path))
+            except ImageDecodeError as err:  # changed on disk since the engine read it
+                ex.row = PredictionRow.failed(row.path, err.reason)
+                continue
+            sup_top = row.extra["supervised_topk"][0][0]
+            ex.gradcam_class = str(sup_top)
+            if not row.extra["zeroshot_topk"]:
+                # A hard gate keeps the supervised answer and leaves the zero-shot one out of the
+                # row; CLIP ran on every image here, so show what it would have said.
+                row.extra["zeroshot_topk"] = _topk(batch.clip_logits[pos[idx]], classes, topk)
+                ex.zeroshot_consulted = False
+            zs_top = row.extra["zeroshot_topk"][0][0]
+            ex.clip_class = row.label if row.label in class_names else str(zs_top)
+            sup_x.append(s_x)
+            clip_x.append(c_x)
+            sup_t.append(_class_index(seen, sup_top))
+            clip_t.append(_class_index(classes, ex.clip_class))
+            todo.append((ex, idx, pos[idx], s_crop, c_crop))
+        if not todo:
+            continue
+        cams = gradcam_maps(clf.supervised_, torch.stack(sup_x), sup_t)
+        maps, cosine = clip_similarity_map(visual, torch.stack(clip_x).to(text.device),
+                                           text[:, clip_t].T)
+        maps, cosine = maps.cpu().numpy(), cosine.cpu().numpy()
+        for n, (ex, idx, j, s_crop, c_crop) in enumerate(todo):
+            stem = f"{idx:05d}"  # the input's position: unique, and sorts in input order
+            ex.gradcam, ex.clip_map = cams[n], maps[n]
+            ex.clip_cosine = (float(cosine[n].min()), float(cosine[n].max()))
+            ex.files = {
+                "input": save_png(thumbnail(s_crop), out / IMAGES_DIR / f"{stem}_input.png"),
+                "gradcam": save_png(overlay(s_crop, cams[n]), out / IMAGES_DIR / f"{stem}_gradcam.png"),
+                "clip": save_png(overlay(c_crop, maps[n]), out / IMAGES_DIR / f"{stem}_clip.png"),
+            }
+            if index is not None:
+                ex.neighbours = _neighbours(index, batch.clip_embeddings[j], neighbours, seen,
+                                            out, thumbs)
+    gate = clf.gate_
+    return ExplainResult(explanations, out, str(clf.run_dir_),
+                         {"mode": clf.mode or gate.mode, "score": gate.score,
+                          "method": gate.method}, note)

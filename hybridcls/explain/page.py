@@ -1,0 +1,84 @@
+"""The explanation page: one card per input, in input order, in one self-contained folder."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from hybridcls.explain.explainer import ExplainResult, Explanation
+from hybridcls.htmlpage import esc, figure, img, rel_link, table, write_page
+
+__all__ = ["EXPLAIN_PAGE", "write_explain_page"]
+
+EXPLAIN_PAGE = "index.html"
+
+_METHODS = (
+    '<p class="note"><b>Grad-CAM</b> (Selvaraju et al., ICCV 2017, computed by pytorch-grad-cam): '
+    "where the supervised backbone's last stage holds evidence for the supervised branch's top "
+    "class (gradient-weighted activations, positive part). <b>CLIP map</b>: cosine similarity of "
+    "each location's image embedding to the class's text embedding (projected output tokens for "
+    "a ViT; MaskCLIP's value path for a ResNet tower, Zhou et al., ECCV 2022). Both maps are "
+    "scaled to [0, 1] per image: red = the image's most, blue = its least; they say where, not "
+    "how much. Each is drawn over the crop its branch sees.</p>"
+)
+
+
+def _pairs(pairs: Any) -> list[tuple[str, str]]:
+    return [(str(label), f"{100 * float(p):.1f}%") for label, p in pairs or []]
+
+
+def _number(value: Any, fmt: str) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def _card(ex: Explanation, n: int, out: Path) -> str:
+    row = ex.row
+    head = f"<h2>{n + 1}. {esc(row.path)}</h2>"
+    if not ex.ok:
+        return f'<div class="card">{head}<p class="error">could not be explained: {esc(row.error)}</p></div>'
+    decision = table(["decision", ""], [
+        ("prediction", row.label), ("probability", _number(row.score, ".4f")),
+        ("decided by", row.branch),
+        ("gate score (higher = less like the seen classes)", _number(row.extra.get("gate_score"), ".4f")),
+        ("weight of the zero-shot branch", _number(row.extra.get("gate_weight"), ".3f")),
+    ])
+    figs = [
+        figure(rel_link(ex.files["input"], out), "input (supervised crop)"),
+        figure(rel_link(ex.files["gradcam"], out), f"Grad-CAM, supervised branch: {ex.gradcam_class}"),
+        figure(rel_link(ex.files["clip"], out),
+               f"CLIP map: {ex.clip_class} (cosine {ex.clip_cosine[0]:.3f} to {ex.clip_cosine[1]:.3f})"),
+    ]
+    tops = "".join(
+        f'<div style="display:inline-block;margin-right:1em"><b>{esc(title)}</b>'
+        f"{table(['class', 'probability'], _pairs(pairs), numeric=[1])}</div>"
+        for title, pairs in (("final", row.topk), ("supervised branch", row.extra.get("supervised_topk")),
+                             ("zero-shot branch" if ex.zeroshot_consulted
+                              else "zero-shot branch (not used by the gate)",
+                              row.extra.get("zeroshot_topk"))))
+    parts = [head, decision, "<div>" + "".join(figs) + "</div>", tops]
+    if ex.neighbours:
+        cells = []
+        for nb in ex.neighbours:
+            pic = (img(rel_link(nb.thumbnail, out), nb.path, width=96) if nb.thumbnail is not None
+                   else f'<span class="error">{esc(nb.error)}</span>')
+            cells.append(f"<figure>{pic}<figcaption>{esc(nb.label)}<br>cos {nb.similarity:.3f}"
+                         f"<br>{esc(Path(nb.path).name)}</figcaption></figure>")
+        parts.append("<div><b>nearest training images</b><br>" + "".join(cells) + "</div>")
+    return '<div class="card">' + "".join(parts) + "</div>"
+
+
+def write_explain_page(result: ExplainResult, *, title: str = "hybridcls explain") -> Path:
+    """Write ``index.html`` into the result's output folder, linking only files inside it.
+
+    Example:
+        >>> write_explain_page(explain_images(clf, ["photos/"], "explain-out"))  # doctest: +SKIP
+        PosixPath('explain-out/index.html')
+    """
+    out = result.output
+    n = len(result.explanations)
+    gate = ", ".join(f"{k} {v}" for k, v in result.gate.items())
+    intro = (f"<p>{n} input(s), {result.n_errors} could not be explained. Run: {esc(result.run_dir)}; "
+             f"gate: {esc(gate)}. {esc(result.index_note)}.</p>" + _METHODS)
+    cards = [_card(ex, i, out) for i, ex in enumerate(result.explanations)]
+    return write_page(out / EXPLAIN_PAGE, title, intro + "\n".join(cards))
