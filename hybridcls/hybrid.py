@@ -300,7 +300,11 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         # loading the run to rebuild it: the refusal is raised where the index is used.
         self.index_error_: CheckpointError | None = None
         try:
-            self.knn_ = load_run_index(run_dir, "clip", expect=self._index_meta("clip"))
+            expect = self._index_meta("clip")
+            if expect.get("fingerprint"):
+                # the weights' hash identifies the model; its id may spell a moved local-dir: path
+                expect.pop("model_id")
+            self.knn_ = load_run_index(run_dir, "clip", expect=expect)
         except CheckpointError as e:
             self.knn_, self.index_error_ = None, e
 
