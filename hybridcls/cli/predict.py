@@ -241,7 +241,7 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
     Batch size, workers and device are left out: they do not change a row.
     """
     from hybridcls.cache import file_fingerprint
-    from hybridcls.hybrid import GATE_FILE, KNN_FILE
+    from hybridcls.hybrid import GATE_FILE, INDEX_DIR
     from hybridcls.supervised.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
     def fingerprint(path: str | None) -> Any:
@@ -264,12 +264,13 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.checkpoint:
         run_dir = Path(args.checkpoint)
-        # The files load_run reads: weights and config, gate, kNN index (when present).
+        # The files load_run reads: weights and config, gate, embedding index (when present).
         settings["checkpoint"] = {
             name: file_fingerprint(run_dir / name)
-            for name in (CONFIG_FILE, WEIGHTS_FILE, GATE_FILE, KNN_FILE)
+            for name in (CONFIG_FILE, WEIGHTS_FILE, GATE_FILE)
             if (run_dir / name).is_file()
         }
+        settings["checkpoint"][INDEX_DIR] = fingerprint(run_dir / INDEX_DIR)
         settings.update(mode=args.mode, cascade=args.cascade, unknown_threshold=args.unknown_threshold)
     return settings
 
