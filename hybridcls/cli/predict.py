@@ -270,7 +270,8 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
             for name in (CONFIG_FILE, WEIGHTS_FILE, GATE_FILE)
             if (run_dir / name).is_file()
         }
-        settings["checkpoint"][INDEX_DIR] = fingerprint(run_dir / INDEX_DIR)
+        if (run_dir / INDEX_DIR).is_dir():
+            settings["checkpoint"][INDEX_DIR] = fingerprint(run_dir / INDEX_DIR)
         settings.update(mode=args.mode, cascade=args.cascade, unknown_threshold=args.unknown_threshold)
     return settings
 
