@@ -31,7 +31,11 @@ from hybridcls.index import load_run_index
 
 
 def main(out: Path) -> None:
-    world, clf, _ = prepare_world_run(out, seed=0)  # calibrates with cache_branch="auto"
+    # The recipe's default freezing (first two stages frozen), 5 epochs: a branch that
+    # is good but not perfect on the held-out images, where the cache has room to help.
+    # Fully fine-tuned (the world's default), held-out accuracy reaches 100% and
+    # "auto" leaves the cache off.
+    world, clf, _ = prepare_world_run(out, seed=0, epochs=5, freeze=2)  # cache_branch="auto"
     sources, y = labelled_test_set(world, clf)
     feats = clf.extract_features(sources)
     S = clf.n_seen_

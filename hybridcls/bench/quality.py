@@ -140,6 +140,7 @@ def default_world_backbone(cache_dir: Path | None = None) -> dict[str, Any]:
 
 def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 6, model: str | None = None,
                       image_size: int = 64, workers: int = 0, progress: bool = False,
+                      freeze: int | None | str = "default",
                       ) -> tuple[Any, HybridClassifier, dict[str, float]]:
     """Make the world, train the supervised branch on it, load and calibrate the hybrid.
 
@@ -151,6 +152,7 @@ def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 6, model: str |
         image_size: Supervised input size (the world's images are 64 px).
         workers: Decoding processes.
         progress: Progress bars.
+        freeze: Stages kept frozen (``"default"``: :func:`default_world_backbone`'s choice).
     """
     from hybridcls.synth import TINY_CLIP_MODEL_ID
     from hybridcls.train import train
@@ -164,6 +166,8 @@ def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 6, model: str |
     if not (run_dir / "model.safetensors").is_file():
         backbone = (default_world_backbone(out / "cache") if model is None
                     else {"model": model, "pretrained": False, "freeze": None})
+        if freeze != "default":
+            backbone["freeze"] = freeze
         train(world.train_dir, run_dir, **backbone, image_size=image_size, epochs=epochs,
               seed=seed, device="cpu", workers=workers, progress=progress)
     seconds["train"] = time.perf_counter() - t
