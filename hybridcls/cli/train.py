@@ -124,6 +124,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--balance", choices=BALANCE_MODES, help=f"class balancing (default: {d['balance']})"
     )
     data.add_argument(
+        "--hflip",
+        type=float,
+        metavar="P",
+        help=f"horizontal flip probability (default: {d['hflip']})",
+    )
+    data.add_argument(
+        "--rotation", type=float, metavar="DEG", help=f"maximum rotation (default: {d['rotation']})"
+    )
+    data.add_argument(
+        "--color-jitter",
+        type=float,
+        metavar="S",
+        help=f"brightness/contrast/saturation jitter (default: {d['color_jitter']})",
+    )
+    data.add_argument(
         "--randaugment", metavar="SPEC", help="timm RandAugment, e.g. rand-m9-mstd0.5-inc1"
     )
     data.add_argument(

@@ -126,7 +126,9 @@ def process_group(device: str | torch.device = "auto") -> Iterator[DistContext]:
     if world_size <= 1 or (dist.is_available() and dist.is_initialized()):
         yield current(device)
         return
-    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    missing = [
+        v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ
+    ]
     if missing:
         raise InputError(
             f"WORLD_SIZE={world_size} but {', '.join(missing)} not set; start distributed "

@@ -209,7 +209,9 @@ class Trainer:
         self.val_samples = data.val[rank::world]
         self.val_labels = torch.tensor([label for _, label in self.val_samples], dtype=torch.long)
         self.sampler: BalancedSampler = (
-            DistributedBalancedSampler(self.train_labels.tolist(), cfg.balance, cfg.seed, rank, world)
+            DistributedBalancedSampler(
+                self.train_labels.tolist(), cfg.balance, cfg.seed, rank, world
+            )
             if self.dist.distributed
             else BalancedSampler(self.train_labels.tolist(), cfg.balance, cfg.seed)
         )
