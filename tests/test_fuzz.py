@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -57,6 +57,7 @@ def _check_prompt_set(ps) -> None:
 
 @FUZZ
 @given(text=_PROMPT_TEXT)
+@example(text="a|+")  # found by a long run: a synonym of separators only was accepted
 def test_prompts_text_parses_or_raises_prompt_file_error(text):
     try:
         ps = parse_prompts(text, source="fuzz.txt")
