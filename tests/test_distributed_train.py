@@ -194,6 +194,23 @@ def test_a_run_interrupted_in_one_process_resumes_on_two(world, single, tmp_path
     assert _max_weight_difference(run_dir, single.run_dir) < 1e-3
 
 
+def test_a_batch_that_does_not_split_over_the_workers_is_refused(world, tmp_path):
+    cmd = ["-m", "hybridcls", "train", str(world.train_dir), "-o", str(tmp_path / "run")]
+    proc = subprocess.run(
+        [sys.executable, *cmd, *FLAGS, "--batch-size=3", "--nproc=2"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 2
+    assert "--batch-size 3 (images per step, all processes together) must be a multiple" in (
+        proc.stderr
+    )
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("mode", ["sampler", "oversample", "none"])
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_share_out_the_single_process_draw(mode, world_size):

@@ -291,3 +291,30 @@ def test_a_tampered_text_cache_is_rebuilt_not_used(tmp_path):
         build_text_classifier(bundle, ["cat", "dog"], templates, cache_dir=tmp_path / "c"), fresh
     )
     assert calls == []
+
+
+def test_our_files_load_without_any_unpickling(straight, tmp_path, monkeypatch):
+    import pickle
+
+    import numpy as np
+
+    from hybridcls.gate.knn import EmbeddingKNN
+
+    knn = EmbeddingKNN()
+    knn.add(np.eye(4, dtype=np.float32))
+    knn.save(tmp_path / "index.faiss")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    for target, name in [
+        (pickle, "load"),
+        (pickle, "loads"),
+        (pickle, "Unpickler"),
+        (torch, "load"),
+    ]:
+        monkeypatch.setattr(target, name, refuse)
+    _model, config = load_checkpoint(straight.run_dir)
+    assert config["classes"] == straight.classes
+    assert load_train_state(straight.run_dir).info["epoch"] == 3
+    assert EmbeddingKNN.load(tmp_path / "index.faiss") is not None

@@ -281,7 +281,8 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
         argv: The subcommand and its arguments, without ``--nproc``.
 
     Returns:
-        0 when every worker succeeded, else 1 (each worker printed its own error).
+        0 when every worker succeeded, else the exit status of the first worker
+        that failed (2 for an error in the input; each worker printed its own).
 
     Raises:
         InputError: ``nproc`` below 1, or already inside a torchrun worker.
@@ -298,6 +299,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     )
     try:
         run(args)
-    except ChildFailedError:
-        return 1
+    except ChildFailedError as exc:
+        codes = [f.exitcode for _, f in sorted(exc.failures.items())]
+        return next((c for c in codes if c > 0), 1)
     return 0
