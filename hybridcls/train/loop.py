@@ -130,13 +130,23 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 class Trainer:
     """One training run, set up completely before :meth:`fit` trains.
 
+    Inside a live process group of more than one process (torchrun; see
+    :func:`hybridcls.train.distributed.process_group`) the run is data-parallel:
+    the model trains wrapped in ``DistributedDataParallel``, each rank draws its
+    share of the balanced sampler and of the validation images, the metrics are
+    reduced across ranks, and rank 0 alone writes files and calls
+    ``on_epoch_end``. Without one, nothing of that runs.
+
     Args:
         run_dir: The run directory.
-        config: The options.
+        config: The options (``batch_size`` is per step, all ranks together).
         data: Classes and training / validation samples.
         resume_state: The state of an interrupted run to continue.
         on_epoch_end: Called with each epoch's record (plus ``"epochs"``, the
-            run's maximum), after the epoch is saved.
+            run's maximum), after the epoch is saved; on rank 0 only.
+
+    Raises:
+        InputError: a batch size that does not split into at least 2 images per rank.
 
     Example:
         >>> data = resolve_training_data("data/train", TrainConfig())  # doctest: +SKIP
@@ -578,6 +588,10 @@ def train(
     **overrides: Any,
 ) -> TrainResult:
     """Fine-tune the supervised branch on an ImageFolder-style folder.
+
+    Started by torchrun (``WORLD_SIZE`` > 1), every worker calls this with the
+    same arguments; the run then trains data-parallel over the workers (see
+    :class:`Trainer` and docs/scale_training.md) and returns the same result on each.
 
     Args:
         data_dir: One subfolder per class.
