@@ -9,15 +9,14 @@ batch one process takes, and the two runs differ only by float rounding.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from train_support import small_world, worker_env
 
-from hybridcls.synth import make_world
 from hybridcls.train import (
     METRICS_JSON,
     REPORT_FILE,
@@ -27,8 +26,6 @@ from hybridcls.train import (
     train,
 )
 from hybridcls.train.distributed import DistributedBalancedSampler, strip_nproc
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Deterministic apart from rounding: no augmentation, no dropout, no BatchNorm.
 OPTIONS = {
@@ -75,19 +72,13 @@ RUN_FILES = {
 }
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, *args],
         check=False,
         capture_output=True,
         text=True,
-        env=_env(),
+        env=worker_env(),
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -97,15 +88,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """5 seen classes, 20 to 30 training images each, 32 px (84 training, 15 validation)."""
-    return make_world(
-        tmp_path_factory.mktemp("w") / "world",
-        seed=2,
-        n_classes=6,
-        n_unseen=1,
-        train_per_class=(20, 30),
-        test_per_class=1,
-        image_size=32,
-    )
+    return small_world(tmp_path_factory.mktemp("w"), seed=2, n_seen=5)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +184,7 @@ def test_a_batch_that_does_not_split_over_the_workers_is_refused(world, tmp_path
         check=False,
         capture_output=True,
         text=True,
-        env=_env(),
+        env=worker_env(),
         timeout=600,
     )
     assert proc.returncode == 2

@@ -16,15 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_support import REPO_ROOT, small_world, worker_env
 
 from hybridcls.cli import main
 from hybridcls.errors import CheckpointError
 from hybridcls.supervised import load_checkpoint
-from hybridcls.synth import make_world
 from hybridcls.train import METRICS_JSON, train
 from hybridcls.train.state import STATE_JSON_FILE, STATE_TENSORS_FILE, load_train_state
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # MixUp, EMA, dropout and augmentation all draw random numbers: a resumed run has to
 # replay every stream exactly to end on equal weights.
@@ -53,24 +51,10 @@ FLAGS = [
 ]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """6 seen classes, 20 to 30 training images each: about 20 steps an epoch."""
-    return make_world(
-        tmp_path_factory.mktemp("w") / "world",
-        seed=3,
-        n_classes=7,
-        n_unseen=1,
-        train_per_class=(20, 30),
-        test_per_class=1,
-        image_size=32,
-    )
+    return small_world(tmp_path_factory.mktemp("w"), seed=3, n_seen=6)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +66,7 @@ def straight(world, tmp_path_factory):
 def _kill_inside_epoch_2(cmd: list[str]) -> None:
     """Start ``cmd``, SIGKILL it as soon as its progress bar shows epoch 2 started."""
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=REPO_ROOT
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=worker_env(), cwd=REPO_ROOT
     )
     seen = b""
     deadline = time.monotonic() + 600
@@ -255,7 +239,10 @@ def test_a_crafted_pickle_as_weights_is_refused_and_never_runs(world, tmp_path, 
     # The payload is live: plain unpickling, in a throwaway process, does run it.
     script = "import sys, torch; torch.load(sys.argv[1], weights_only=False)"
     subprocess.run(
-        [sys.executable, "-c", script, str(evil)], env=_env(), check=False, capture_output=True
+        [sys.executable, "-c", script, str(evil)],
+        env=worker_env(),
+        check=False,
+        capture_output=True,
     )
     assert marker.exists()
 
