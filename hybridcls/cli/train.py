@@ -9,6 +9,7 @@ runs. Progress bars go to stderr, one line per epoch and the summary to stdout.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import fields
 from typing import Any
 
@@ -123,6 +124,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--balance", choices=BALANCE_MODES, help=f"class balancing (default: {d['balance']})"
     )
     data.add_argument(
+        "--hflip",
+        type=float,
+        metavar="P",
+        help=f"horizontal flip probability (default: {d['hflip']})",
+    )
+    data.add_argument(
+        "--rotation", type=float, metavar="DEG", help=f"maximum rotation (default: {d['rotation']})"
+    )
+    data.add_argument(
+        "--color-jitter",
+        type=float,
+        metavar="S",
+        help=f"brightness/contrast/saturation jitter (default: {d['color_jitter']})",
+    )
+    data.add_argument(
         "--randaugment", metavar="SPEC", help="timm RandAugment, e.g. rand-m9-mstd0.5-inc1"
     )
     data.add_argument(
@@ -139,6 +155,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     run_g.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     run_g.add_argument(
         "--folds", type=int, metavar="K", help="train K stratified folds; report mean and spread"
+    )
+    run_g.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N processes of this machine (one per GPU, or CPU processes) through "
+        "torchrun, with DistributedDataParallel; --batch-size stays the total per step. "
+        "Multi-node: run torchrun ... -m hybridcls train yourself (docs/scale_training.md)",
     )
     run_g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
@@ -161,11 +185,21 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _is_main_process() -> bool:
+    # Under torchrun every worker runs the command; rank 0 alone reports.
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run(args: argparse.Namespace) -> int:
     from hybridcls.errors import InputError
     from hybridcls.train import train, train_folds
     from hybridcls.train.metrics import format_epoch
 
+    if args.nproc is not None:
+        from hybridcls.train.distributed import launch, strip_nproc
+
+        # Every worker runs this very command line, minus --nproc, under torchrun.
+        return launch(args.nproc, strip_nproc(args.argv))
     overrides = _overrides(args)
     if args.folds is not None:
         if args.resume:
@@ -181,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
             ),
             **overrides,
         )
-        print(folds.summary())
+        if _is_main_process():
+            print(folds.summary())
         return 0
     if args.resume is None and args.output is None:
         raise InputError("--output RUN_DIR is required (or --resume RUN_DIR to continue a run)")
@@ -192,5 +227,6 @@ def run(args: argparse.Namespace) -> int:
         on_epoch_end=lambda r: print(format_epoch(r), flush=True),
         **overrides,
     )
-    print(result.summary())
+    if _is_main_process():
+        print(result.summary())
     return 0

@@ -16,11 +16,15 @@ preprocessing and its class names without the training data::
 
 ``model.safetensors`` holds the model's state dict (backbone + head). Both
 files are written atomically (temporary file, then rename), and loading only
-parses JSON and safetensors: nothing is unpickled.
+parses JSON and safetensors: nothing is unpickled. ``config.json`` also
+records the SHA-256 of ``model.safetensors`` (``"weights_sha256"``), checked
+before the weights are loaded, so a truncated or bit-flipped file is refused
+with an error naming it instead of loading wrong weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,6 +32,8 @@ from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from hybridcls.cache import atomic_write_bytes
@@ -40,11 +46,13 @@ __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
     "CONFIG_FILE",
     "WEIGHTS_FILE",
+    "WEIGHTS_HASH_KEY",
     "build_eval_transform",
     "load_checkpoint",
     "make_checkpoint_config",
     "model_from_config",
     "read_checkpoint_config",
+    "read_verified_safetensors",
     "save_checkpoint",
     "timm_data_config",
     "write_json",
@@ -54,6 +62,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FORMAT = "hybridcls-supervised"
 CHECKPOINT_FORMAT_VERSION = 1
+#: The ``config.json`` key holding the SHA-256 (hex) of ``model.safetensors``.
+WEIGHTS_HASH_KEY = "weights_sha256"
 
 
 def make_checkpoint_config(
@@ -136,7 +146,51 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, config: Mapping
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     blob = save_safetensors_bytes(tensors, metadata={"format": CHECKPOINT_FORMAT})
     atomic_write_bytes(run_dir / WEIGHTS_FILE, blob)
-    write_json(run_dir / CONFIG_FILE, config)
+    write_json(
+        run_dir / CONFIG_FILE, {**config, WEIGHTS_HASH_KEY: hashlib.sha256(blob).hexdigest()}
+    )
+
+
+def read_verified_safetensors(
+    path: str | Path, sha256: str | None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file we wrote, after checking its content hash.
+
+    The bytes are read once, then parsed and hashed from memory, so what is
+    checked is what is loaded.
+
+    Args:
+        path: The file.
+        sha256: Its expected SHA-256 (hex), from the JSON written beside it;
+            ``None`` skips the check (files from before hashes were recorded).
+
+    Returns:
+        ``(tensors on the CPU, the file's metadata)``.
+
+    Raises:
+        CheckpointError: missing, unreadable, not safetensors, or a content
+            hash that differs (truncated or corrupted), naming the file.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        tensors = load_safetensors_bytes(data)
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    # Parsing is pure data (no code runs); a file that parses can still hold flipped bits.
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(
+            f"{path}: corrupt: its SHA-256 differs from the one recorded when it was written "
+            f"({len(data)} bytes); the file was truncated or changed, and is not loaded"
+        )
+    return dict(tensors), dict(metadata)
 
 
 def read_checkpoint_config(run_dir: str | Path) -> dict[str, Any]:
@@ -218,7 +272,11 @@ def load_checkpoint(
     """
     config = read_checkpoint_config(run_dir)
     path = Path(run_dir) / WEIGHTS_FILE
-    state = read_state_dict(path)
+    expected = config.get(WEIGHTS_HASH_KEY)
+    if expected is None:  # a checkpoint from before hashes were recorded
+        state = read_state_dict(path)
+    else:
+        state, _ = read_verified_safetensors(path, str(expected))
     model = model_from_config(config)
     try:
         model.load_state_dict(state, strict=True)

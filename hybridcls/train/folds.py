@@ -20,6 +20,7 @@ from hybridcls.errors import DatasetError, InputError
 from hybridcls.supervised import write_json
 from hybridcls.train.config import TrainConfig
 from hybridcls.train.data import TrainingData
+from hybridcls.train.distributed import process_group
 from hybridcls.train.loop import EpochCallback, Trainer, TrainResult
 
 __all__ = ["FOLDS_FILE", "FoldsResult", "make_folds", "train_folds"]
@@ -124,16 +125,19 @@ def train_folds(
         raise InputError(f"--output {output}: already holds fold runs; choose another folder")
     folds = make_folds(data_dir, k, config.seed)
     results = []
-    for i, data in enumerate(folds, start=1):
+    with process_group(config.device) as ctx:
+        for i, data in enumerate(folds, start=1):
 
-        def tagged(record: dict[str, Any], fold: int = i) -> None:
-            if on_epoch_end is not None:
-                on_epoch_end({**record, "fold": fold})
+            def tagged(record: dict[str, Any], fold: int = i) -> None:
+                if on_epoch_end is not None:
+                    on_epoch_end({**record, "fold": fold})
 
-        trainer = Trainer(output / f"fold_{i}", config, data, on_epoch_end=tagged)
-        results.append(trainer.fit())
+            trainer = Trainer(output / f"fold_{i}", config, data, on_epoch_end=tagged)
+            results.append(trainer.fit())
     accuracies = np.array([r.val_accuracy for r in results])
     summary = FoldsResult(output, results, float(accuracies.mean()), float(accuracies.std()))
+    if not ctx.is_main:
+        return summary
     write_json(
         output / FOLDS_FILE,
         {

@@ -14,10 +14,12 @@ classes) before the first epoch starts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,16 @@ from hybridcls.train.data import (
     resolve_training_data,
     seed_everything,
 )
-from hybridcls.train.metrics import per_class_accuracy, plot_curves, write_metrics
+from hybridcls.train.distributed import (
+    DistributedBalancedSampler,
+    broadcast_object,
+    current,
+    gather_dicts,
+    process_group,
+    reduce_min,
+    reduce_sums,
+)
+from hybridcls.train.metrics import per_class_from_counts, plot_curves, write_metrics
 from hybridcls.train.state import (
     STATE_JSON_FILE,
     TrainState,
@@ -121,13 +132,23 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 class Trainer:
     """One training run, set up completely before :meth:`fit` trains.
 
+    Inside a live process group of more than one process (torchrun; see
+    :func:`hybridcls.train.distributed.process_group`) the run is data-parallel:
+    the model trains wrapped in ``DistributedDataParallel``, each rank draws its
+    share of the balanced sampler and of the validation images, the metrics are
+    reduced across ranks, and rank 0 alone writes files and calls
+    ``on_epoch_end``. Without one, nothing of that runs.
+
     Args:
         run_dir: The run directory.
-        config: The options.
+        config: The options (``batch_size`` is per step, all ranks together).
         data: Classes and training / validation samples.
         resume_state: The state of an interrupted run to continue.
         on_epoch_end: Called with each epoch's record (plus ``"epochs"``, the
-            run's maximum), after the epoch is saved.
+            run's maximum), after the epoch is saved; on rank 0 only.
+
+    Raises:
+        InputError: a batch size that does not split into at least 2 images per rank.
 
     Example:
         >>> data = resolve_training_data("data/train", TrainConfig())  # doctest: +SKIP
@@ -147,7 +168,17 @@ class Trainer:
         self.config = cfg = config
         self.data = data
         self.on_epoch_end = on_epoch_end
-        self.device = resolve_device(cfg.device)
+        # Under torchrun: this rank's place and device (cuda:LOCAL_RANK); else one process.
+        self.dist = current(cfg.device)
+        self.device = self.dist.device
+        world, rank = self.dist.world_size, self.dist.rank
+        if cfg.batch_size % world or cfg.batch_size // world < 2:
+            raise InputError(
+                f"--batch-size {cfg.batch_size} (images per step, all processes together) must "
+                f"be a multiple of the {world} processes with at least 2 images each"
+            )
+        # The global batch is split: N ranks together take the steps one process would.
+        self.rank_batch_size = cfg.batch_size // world
         self.amp_dtype = _amp_dtype(cfg.amp, self.device)
         num_classes = len(data.classes)
 
@@ -185,13 +216,22 @@ class Trainer:
         self.train_transform = build_train_transform(data_config, cfg)
         self.eval_transform = build_eval_transform(self.checkpoint_config)
         self.train_labels = torch.tensor([label for _, label in data.train], dtype=torch.long)
-        self.val_labels = torch.tensor([label for _, label in data.val], dtype=torch.long)
-        self.sampler = BalancedSampler(self.train_labels.tolist(), cfg.balance, cfg.seed)
+        # Validation is sharded (every N-th image from this rank's position) and the
+        # sums are reduced, so each image is scored once and the metrics are exact.
+        self.val_samples = data.val[rank::world]
+        self.val_labels = torch.tensor([label for _, label in self.val_samples], dtype=torch.long)
+        self.sampler: BalancedSampler = (
+            DistributedBalancedSampler(
+                self.train_labels.tolist(), cfg.balance, cfg.seed, rank, world
+            )
+            if self.dist.distributed
+            else BalancedSampler(self.train_labels.tolist(), cfg.balance, cfg.seed)
+        )
 
         self.optimizer = create_optimizer_v2(
             self.model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay
         )
-        steps_per_epoch = max(1, math.ceil(len(self.sampler) / cfg.batch_size))
+        steps_per_epoch = max(1, math.ceil(len(self.sampler) / self.rank_batch_size))
         warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
         # Per-update cosine over the whole run: short runs still get a smooth decay.
         self.scheduler = CosineLRScheduler(
@@ -233,6 +273,13 @@ class Trainer:
         self.skipped: dict[str, str] = {}
         if resume_state is not None:
             self._restore(resume_state)
+        # DDP wraps the module that trains; self.model stays the plain module that is saved,
+        # evaluated and averaged by the EMA. DDP broadcasts rank 0's weights on creation.
+        self.train_model: torch.nn.Module = self.model
+        if self.dist.distributed:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
 
     # ----------------------------------------------------------------- state
 
@@ -304,23 +351,37 @@ class Trainer:
             total=len(loader),
             leave=False,
             file=sys.stderr,
-            disable=not self.config.progress,
+            disable=not self.config.progress or not self.dist.is_main,
             dynamic_ncols=True,
         )
+
+    @contextlib.contextmanager
+    def _quiet_reducer(self) -> Iterator[None]:
+        if not self.dist.distributed:
+            yield
+            return
+        # DDP warns (once) when a gradient's strides differ from its bucket's, which
+        # depthwise convolutions' [C, 1, k, k] weights always do (ConvNeXt): a note
+        # about one small copy, not a fault.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+            yield
 
     def _train_epoch(self) -> dict[str, float]:
         cfg, epoch = self.config, self.epoch
         # Every random stream of the epoch follows from (seed, epoch): a resumed run
-        # replays exactly the epochs an uninterrupted one would have run.
-        seed_everything(derive_seed(cfg.seed, epoch, "global"))
+        # replays exactly the epochs an uninterrupted one would have run. Ranks other
+        # than 0 get streams of their own (augmentations, dropout, MixUp differ per rank).
+        stream = "" if self.dist.rank == 0 else f"/rank{self.dist.rank}"
+        seed_everything(derive_seed(cfg.seed, epoch, "global" + stream))
         self.sampler.set_epoch(epoch)
         loader = make_loader(
             self.data.train,
             self.train_transform,
-            batch_size=cfg.batch_size,
+            batch_size=self.rank_batch_size,
             workers=cfg.workers,
             sampler=self.sampler,
-            seed=derive_seed(cfg.seed, epoch, "workers"),
+            seed=derive_seed(cfg.seed, epoch, "workers" + stream),
             pin_memory=self.device.type == "cuda",
         )
         self.model.train()
@@ -329,8 +390,9 @@ class Trainer:
         start = time.perf_counter()
         for batch in self._bar(loader, f"epoch {epoch + 1}/{cfg.epochs} train"):
             self._note_errors(batch, self.data.train)
-            # BatchNorm in the head cannot train on a single image.
-            if len(batch.ok) < 2:
+            # BatchNorm in the head cannot train on a single image; under DDP every rank
+            # must take or skip the step together, so the smallest batch decides.
+            if reduce_min(len(batch.ok), self.device) < 2:
                 continue
             images = batch.images.to(self.device, non_blocking=True)
             labels = self.train_labels[batch.ok].to(self.device, non_blocking=True)
@@ -343,10 +405,11 @@ class Trainer:
             with torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
             ):
-                logits = self.model(images)
+                logits = self.train_model(images)
                 loss = self.train_loss_fn(logits, targets)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            with self._quiet_reducer():
+                self.scaler.scale(loss).backward()
             if cfg.clip_grad is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(
@@ -364,6 +427,7 @@ class Trainer:
             correct += int((logits.detach().argmax(1) == labels).sum())
             seen += n
         elapsed = time.perf_counter() - start
+        loss_sum, correct, seen = reduce_sums([loss_sum, correct, seen], self.device)
         if seen == 0:
             raise DatasetError(
                 "no training image could be decoded in a whole epoch; see the skipped images"
@@ -382,15 +446,18 @@ class Trainer:
         model = self._eval_model()
         model.eval()
         loader = make_loader(
-            self.data.val,
+            self.val_samples,
             self.eval_transform,
             batch_size=cfg.batch_size,
             workers=cfg.workers,
             pin_memory=self.device.type == "cuda",
         )
-        loss_sum, preds, targets = 0.0, [], []
+        num_classes = len(self.data.classes)
+        loss_sum = 0.0
+        total = torch.zeros(num_classes, dtype=torch.long)  # images per class
+        hits = torch.zeros(num_classes, dtype=torch.long)  # correctly classified, per class
         for batch in self._bar(loader, f"epoch {self.epoch + 1}/{cfg.epochs} val"):
-            self._note_errors(batch, self.data.val)
+            self._note_errors(batch, self.val_samples)
             if not batch.ok:
                 continue
             images = batch.images.to(self.device, non_blocking=True)
@@ -401,14 +468,22 @@ class Trainer:
                 logits = model(images)
             # Plain cross-entropy (no smoothing): the quantity early stopping watches.
             loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-            preds.extend(logits.argmax(1).tolist())
-            targets.extend(labels.tolist())
-        if not targets:
+            labels = labels.cpu()
+            right = logits.argmax(1).cpu() == labels
+            total += torch.bincount(labels, minlength=num_classes)
+            hits += torch.bincount(labels[right], minlength=num_classes)
+        # One reduction of [loss, per-class totals, per-class hits] over the ranks' shards.
+        sums = reduce_sums([loss_sum, *total.tolist(), *hits.tolist()], self.device)
+        loss_sum = sums[0]
+        total_counts = [round(v) for v in sums[1 : 1 + num_classes]]
+        hit_counts = [round(v) for v in sums[1 + num_classes :]]
+        n = sum(total_counts)
+        if n == 0:
             raise DatasetError("no validation image could be decoded; see the skipped images")
         return {
-            "val_loss": loss_sum / len(targets),
-            "val_acc": sum(p == t for p, t in zip(preds, targets)) / len(targets),
-            "val_acc_per_class": per_class_accuracy(targets, preds, self.data.classes),
+            "val_loss": loss_sum / n,
+            "val_acc": sum(hit_counts) / n,
+            "val_acc_per_class": per_class_from_counts(hit_counts, total_counts, self.data.classes),
         }
 
     def fit(self) -> TrainResult:
@@ -418,13 +493,19 @@ class Trainer:
             The run's :class:`TrainResult`.
         """
         cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         while self.epoch < cfg.epochs and not self.stopped_early:
             start = time.perf_counter()
             record: dict[str, Any] = {"epoch": self.epoch + 1}
             record.update(self._train_epoch())
             record.update(self._validate())
             record["time_s"] = time.perf_counter() - start
+            # Rank 0's record decides on every rank (best epoch, early stopping), and
+            # every rank learns of the images the others could not decode.
+            record = broadcast_object(record)
+            self.skipped = gather_dicts(self.skipped)
             if not (math.isfinite(record["train_loss"]) and math.isfinite(record["val_loss"])):
                 raise InputError(
                     f"training diverged in epoch {record['epoch']} (train loss "
@@ -440,15 +521,17 @@ class Trainer:
                     self.epoch,
                     0,
                 )
-                save_checkpoint(self.run_dir, self._eval_model(), self.checkpoint_config)
+                if main:
+                    save_checkpoint(self.run_dir, self._eval_model(), self.checkpoint_config)
             else:
                 self.bad_epochs += 1
             self.stopped_early = cfg.patience is not None and self.bad_epochs >= cfg.patience
             self.history.append(record)
-            write_metrics(self.run_dir, self.history, self.data.classes)
-            save_train_state(self.run_dir, *self._state())
-            if self.on_epoch_end is not None:
-                self.on_epoch_end({**record, "epochs": cfg.epochs})
+            if main:
+                write_metrics(self.run_dir, self.history, self.data.classes)
+                save_train_state(self.run_dir, *self._state())
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end({**record, "epochs": cfg.epochs})
         return self._finish()
 
     def _finish(self) -> TrainResult:
@@ -464,6 +547,8 @@ class Trainer:
             history=self.history,
             skipped_images=[{"path": p, "reason": r} for p, r in self.skipped.items()],
         )
+        if not self.dist.is_main:
+            return result
         write_json(
             self.run_dir / REPORT_FILE,
             {
@@ -518,6 +603,10 @@ def train(
     **overrides: Any,
 ) -> TrainResult:
     """Fine-tune the supervised branch on an ImageFolder-style folder.
+
+    Started by torchrun (``WORLD_SIZE`` > 1), every worker calls this with the
+    same arguments; the run then trains data-parallel over the workers (see
+    :class:`Trainer` and docs/scale_training.md) and returns the same result on each.
 
     Args:
         data_dir: One subfolder per class.
@@ -579,5 +668,7 @@ def train(
                 else "; in a different order"
             )
         )
-    trainer = Trainer(run_dir, config, data, resume_state=state, on_epoch_end=on_epoch_end)
-    return trainer.fit()
+    # Under torchrun the process group lives for this run only (see train.distributed).
+    with process_group(config.device):
+        trainer = Trainer(run_dir, config, data, resume_state=state, on_epoch_end=on_epoch_end)
+        return trainer.fit()

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-from sklearn.metrics import recall_score
 
 from hybridcls.cache import atomic_write_bytes
 from hybridcls.supervised import write_json
@@ -29,7 +25,7 @@ __all__ = [
     "METRICS_CSV",
     "METRICS_JSON",
     "format_epoch",
-    "per_class_accuracy",
+    "per_class_from_counts",
     "plot_curves",
     "write_metrics",
 ]
@@ -51,25 +47,18 @@ _SCALAR_COLUMNS = (
 )
 
 
-def per_class_accuracy(
-    y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]
+def per_class_from_counts(
+    hits: Sequence[int], totals: Sequence[int], classes: Sequence[str]
 ) -> dict[str, float | None]:
     """Validation accuracy of each class (its recall); ``None`` where it has no image.
 
+    Counts, not predictions, because counts add up across the ranks of a distributed run.
+
     Example:
-        >>> per_class_accuracy([0, 0, 1], [0, 1, 1], ["a", "b", "c"])
+        >>> per_class_from_counts([1, 1, 0], [2, 1, 0], ["a", "b", "c"])
         {'a': 0.5, 'b': 1.0, 'c': None}
     """
-    if len(y_true) == 0:
-        return {name: None for name in classes}
-    recalls = recall_score(
-        np.asarray(y_true),
-        np.asarray(y_pred),
-        labels=list(range(len(classes))),
-        average=None,
-        zero_division=np.nan,
-    )
-    return {name: None if math.isnan(r) else float(r) for name, r in zip(classes, recalls)}
+    return {name: (h / t if t else None) for name, h, t in zip(classes, hits, totals)}
 
 
 def format_epoch(record: dict[str, Any]) -> str:

@@ -8,22 +8,27 @@ scheduler's and gradient scaler's state dicts, the training options, the
 class names and the progress (epochs done, updates, best loss, early-stopping
 counter, metrics history, skipped images). The RNG streams need no storing:
 each epoch reseeds them from ``(seed, epoch)`` (see :mod:`hybridcls.train.data`).
+
+Corruption is detected, not loaded: the JSON records the SHA-256 of the
+tensors file (``tensors_sha256``) and of its own content (``json_sha256``, over
+the canonical JSON of everything else), and both are checked before anything
+is restored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors_bytes
 
-from hybridcls.cache import atomic_write_bytes
+from hybridcls.cache import atomic_write_bytes, stable_hash
 from hybridcls.errors import CheckpointError
-from hybridcls.supervised import write_json
+from hybridcls.supervised import read_verified_safetensors, write_json
 
 __all__ = [
     "STATE_FORMAT_VERSION",
@@ -38,7 +43,8 @@ __all__ = [
 
 STATE_TENSORS_FILE = "train_state.safetensors"
 STATE_JSON_FILE = "train_state.json"
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2  # 2: content hashes
+_JSON_HASH_KEY = "json_sha256"
 
 
 @dataclass
@@ -116,7 +122,12 @@ def save_train_state(
         metadata={"epoch": epoch, "format_version": str(STATE_FORMAT_VERSION)},
     )
     atomic_write_bytes(run_dir / STATE_TENSORS_FILE, blob)
-    write_json(run_dir / STATE_JSON_FILE, {"format_version": STATE_FORMAT_VERSION, **info})
+    record = {
+        "format_version": STATE_FORMAT_VERSION,
+        **info,
+        "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    write_json(run_dir / STATE_JSON_FILE, {**record, _JSON_HASH_KEY: stable_hash(record)})
 
 
 def load_train_state(run_dir: str | Path) -> TrainState:
@@ -137,13 +148,21 @@ def load_train_state(run_dir: str | Path) -> TrainState:
         )
     try:
         info = json.loads(json_path.read_text(encoding="utf-8"))
-        with safe_open(str(tensor_path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, ValueError) as exc:
-        raise CheckpointError(f"--resume {run_dir}: unreadable resume state ({exc})") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"--resume {json_path}: not readable JSON ({exc})") from exc
     if not isinstance(info, dict) or info.get("format_version") != STATE_FORMAT_VERSION:
-        raise CheckpointError(f"--resume {run_dir}: {STATE_JSON_FILE} has an unknown format")
+        raise CheckpointError(f"--resume {json_path}: unknown format (not a resume state)")
+    recorded = info.pop(_JSON_HASH_KEY, None)
+    if recorded != stable_hash(info):
+        raise CheckpointError(
+            f"--resume {json_path}: corrupt: its content differs from the SHA-256 recorded in it "
+            f"when it was written; it is not loaded"
+        )
+    tensors_sha = info.pop("tensors_sha256")
+    try:
+        tensors, metadata = read_verified_safetensors(tensor_path, tensors_sha)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume {exc}") from exc
     if metadata.get("epoch") != str(info.get("epoch")):
         raise CheckpointError(
             f"--resume {run_dir}: {STATE_TENSORS_FILE} (epoch {metadata.get('epoch')}) and "

@@ -177,6 +177,8 @@ def _parse_class_line(text: str, source: str, lineno: int) -> ClassPrompt:
         syn = " ".join(part.split())
         if not syn:
             raise PromptFileError(source, lineno, f"empty synonym after '|' for {name!r}")
+        if not normalize_label(syn):  # like a name, a synonym needs more than "+_-"
+            raise PromptFileError(source, lineno, f"synonym {syn!r} of {name!r} is only separators")
         if normalize_label(syn) in {normalize_label(x) for x in (name, *synonyms)}:
             raise PromptFileError(source, lineno, f"synonym {syn!r} repeats a name on this line")
         synonyms.append(syn)

@@ -10,11 +10,14 @@ name gets exactly the column open_clip would give it.
 The matrix is cached in ``<cache_dir>/text/<key>.safetensors``; the key
 hashes everything the matrix depends on (see :func:`text_cache_key`), so a
 second run with the same model, weights, prompts and templates does not run
-the text encoder at all.
+the text encoder at all. The file also carries the SHA-256 of the matrix's
+bytes (metadata ``sha256``): a cache file that was tampered with, truncated
+or corrupted does not match and is rebuilt, never used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -119,10 +122,15 @@ def _load_cached(path: Path, key: str, shape: tuple[int, int]) -> torch.Tensor |
         or tuple(tensor.shape) != shape
         or tensor.dtype != torch.float32
         or not bool(torch.isfinite(tensor).all())
+        or meta.get("sha256") != _content_hash(tensor)
     ):
         _log.warning("ignoring text cache %s: it does not match the current inputs", path)
         return None
     return tensor
+
+
+def _content_hash(matrix: torch.Tensor) -> str:
+    return hashlib.sha256(matrix.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _save_cached(
@@ -141,6 +149,7 @@ def _save_cached(
         "fingerprint": bundle.fingerprint,
         "classes": json.dumps(prompts.names, ensure_ascii=False),
         "n_templates": str(n_templates),
+        "sha256": _content_hash(matrix),
     }
     try:
         with atomic_path(path) as tmp:
