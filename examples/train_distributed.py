@@ -10,7 +10,7 @@ starts two gloo workers with DistributedDataParallel)::
     hybridcls train WORLD/train -o runs/ddp-demo/run --nproc 2 --device cpu ...
 
 On a GPU machine drop ``--device cpu`` and set ``--nproc`` to the number of
-GPUs; see docs/scale_training.md for several machines.
+GPUs; see docs/scale.md for several machines.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="N",
         help="train on N processes of this machine (one per GPU, or CPU processes) through "
         "torchrun, with DistributedDataParallel; --batch-size stays the total per step. "
-        "Multi-node: run torchrun ... -m hybridcls train yourself (docs/scale_training.md)",
+        "Multi-node: run torchrun ... -m hybridcls train yourself (docs/scale.md)",
     )
     run_g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)

@@ -606,7 +606,7 @@ def train(
 
     Started by torchrun (``WORLD_SIZE`` > 1), every worker calls this with the
     same arguments; the run then trains data-parallel over the workers (see
-    :class:`Trainer` and docs/scale_training.md) and returns the same result on each.
+    :class:`Trainer` and docs/scale.md) and returns the same result on each.
 
     Args:
         data_dir: One subfolder per class.
