@@ -285,11 +285,10 @@ def test_our_files_load_without_any_unpickling(straight, tmp_path, monkeypatch):
 
     import numpy as np
 
-    from hybridcls.gate.knn import EmbeddingKNN
+    from hybridcls.index import EmbeddingIndex
 
-    knn = EmbeddingKNN()
-    knn.add(np.eye(4, dtype=np.float32))
-    knn.save(tmp_path / "index.faiss")
+    EmbeddingIndex("flat", meta={"model_id": "m"}).add(
+        np.eye(4, dtype=np.float32), labels=[0, 1, 2, 3], paths=list("abcd")).save(tmp_path / "index")
 
     def refuse(*args, **kwargs):
         raise AssertionError("something was unpickled")
@@ -304,4 +303,5 @@ def test_our_files_load_without_any_unpickling(straight, tmp_path, monkeypatch):
     _model, config = load_checkpoint(straight.run_dir)
     assert config["classes"] == straight.classes
     assert load_train_state(straight.run_dir).info["epoch"] == 3
-    assert EmbeddingKNN.load(tmp_path / "index.faiss") is not None
+    index = EmbeddingIndex.load(tmp_path / "index", expect={"model_id": "m"})
+    assert index.ntotal == 4 and index.paths == list("abcd")
