@@ -32,6 +32,7 @@ from sklearn.utils.validation import check_is_fitted
 from hybridcls.data import Source, as_sources
 from hybridcls.device import resolve_device
 from hybridcls.engine import EngineBatch, InferenceEngine
+from hybridcls.cache import atomic_write_text
 from hybridcls.errors import CheckpointError, ImageDecodeError, InputError, PromptFileError
 from hybridcls.gate import (
     CACHE_MODES,
@@ -632,14 +633,14 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         if src.is_dir() and src.resolve() != (out / INDEX_DIR).resolve():
             shutil.copytree(src, out / INDEX_DIR, dirs_exist_ok=True)
         prompts = self.zeroshot_.prompts_
-        (out / _PROMPTS_FILE).write_text("\n".join(_prompt_line(c) for c in prompts) + "\n", encoding="utf-8")
-        (out / _TEMPLATES_FILE).write_text("\n".join(self.zeroshot_.templates_) + "\n", encoding="utf-8")
+        atomic_write_text(out / _PROMPTS_FILE, "\n".join(_prompt_line(c) for c in prompts) + "\n")
+        atomic_write_text(out / _TEMPLATES_FILE, "\n".join(self.zeroshot_.templates_) + "\n")
         save_numpy({"text_features": self.zeroshot_.text_features_.cpu().numpy()}, str(out / _TEXT_FILE))
         meta = {"format": "hybridcls-hybrid", "format_version": 1, "clip_model": self.clip_model,
                 "clip_pretrained": self.clip_pretrained,
                 "clip_fingerprint": self.zeroshot_.bundle_.fingerprint,
                 "classes": [str(c) for c in self.classes_], "n_seen": self.n_seen_}
-        (out / HYBRID_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        atomic_write_text(out / HYBRID_FILE, json.dumps(meta, indent=2))
         return out
 
     @classmethod
