@@ -505,18 +505,22 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             clip_emb=features.clip_embeddings, knn_index=self.knn_,
         )
         skipped = np.isnan(features.clip_logits).all(axis=1)
-        if gate.mode != "hard" and skipped.any():
-            # Cascade rows (CLIP skipped): their NaN gate score keeps them in the supervised
-            # branch in hard mode; soft and stacking take those rows from a hard fusion.
-            kept = fuse("hard", sup_logits=sup, clip_logits=features.clip_logits,
+        if not skipped.any():
+            return fuse(None, sup_logits=sup, clip_logits=features.clip_logits,
                         gate_score=score, calibration=gate, n_seen=self.n_seen_)
-            res = fuse(None, sup_logits=sup, clip_logits=features.clip_logits,
-                       gate_score=score, calibration=gate, n_seen=self.n_seen_)
-            for name in ("probs", "branch", "gate_weight", "gate_score"):
-                getattr(res, name)[skipped] = getattr(kept, name)[skipped]
-            return res
-        return fuse(None, sup_logits=sup, clip_logits=features.clip_logits,
-                    gate_score=score, calibration=gate, n_seen=self.n_seen_)
+        # Rows CLIP did not run on (lazy zero-shot, the cascade) are decided by the
+        # supervised branch: a NaN routing score keeps them there in a hard fusion,
+        # whatever a supervised-only score says; soft and stacking take them from it.
+        routing = np.where(skipped, np.nan, score)
+        kept = fuse("hard", sup_logits=sup, clip_logits=features.clip_logits,
+                    gate_score=routing, calibration=gate, n_seen=self.n_seen_)
+        res = kept if gate.mode == "hard" else fuse(
+            None, sup_logits=sup, clip_logits=features.clip_logits,
+            gate_score=routing, calibration=gate, n_seen=self.n_seen_)
+        for name in ("probs", "branch", "gate_weight"):
+            getattr(res, name)[skipped] = getattr(kept, name)[skipped]
+        res.gate_score[:] = score  # the rows report the score itself
+        return res
 
     def extract_features(self, inputs: Any, *, clip: Any = "all") -> HybridFeatures:
         """Run both towers over path inputs and keep their raw outputs (see :meth:`predict_features`)."""

@@ -169,6 +169,29 @@ def test_lazy_and_cascade_skip_clip(hybrid, images):
         hybrid.set_params(cascade=False)
 
 
+def test_cascade_with_a_supervised_score_gate_keeps_skipped_images_supervised(hybrid, images):
+    """A soft gate on a supervised-only score must not route an image CLIP skipped."""
+    feats = hybrid.extract_features(images)
+    msp = max_softmax(feats.sup_logits)
+    median = float(np.median(msp))
+    original = hybrid.gate_
+    try:
+        # threshold below every score: without the fix, every skipped image would be routed
+        hybrid.gate_ = GateCalibration(score="energy", mode="soft", threshold=-1e9, soft_scale=1.0,
+                                       cascade_msp=median, method="manual")
+        hybrid.set_params(cascade=True)
+        probs = hybrid.predict_proba(images)
+        kept = msp > median
+        S = hybrid.n_seen_
+        assert kept.any() and np.isfinite(probs).all()
+        assert (probs[kept, S:] == 0).all()
+        assert (probs[kept, :S].argmax(axis=1) == feats.sup_logits[kept].argmax(axis=1)).all()
+        assert (probs[~kept, S:].sum(axis=1) > 0.99).all()  # the others follow the gate: zero-shot
+    finally:
+        hybrid.gate_ = original
+        hybrid.set_params(cascade=False)
+
+
 def test_cascade_threshold_fits_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(400, 3)) * 3
