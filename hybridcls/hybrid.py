@@ -34,6 +34,7 @@ from hybridcls.device import resolve_device
 from hybridcls.engine import EngineBatch, InferenceEngine
 from hybridcls.cache import atomic_write_text
 from hybridcls.errors import CheckpointError, ImageDecodeError, InputError, PromptFileError
+from hybridcls.gate.cascade import MIN_SEEN_SHARE
 from hybridcls.gate import (
     CACHE_MODES,
     GATE_FILENAME,
@@ -416,10 +417,8 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
                     gate_score=cal.compute_score(**inputs), calibration=cal, n_seen=S)
         # The cascade threshold must keep the full hybrid's decisions on seen images
         # and, through the stand-ins' share, let unseen images reach CLIP.
-        cascade_msp = fit_cascade(f_va.sup_logits, full.pred)
-        if cal.cascade_seen_share is not None:
-            cascade_msp = max(cascade_msp, threshold_from_seen_share(
-                max_softmax(f_va.sup_logits), cal.cascade_seen_share))
+        cascade_msp = max(fit_cascade(f_va.sup_logits, full.pred), threshold_from_seen_share(
+            max_softmax(f_va.sup_logits), max(cal.cascade_seen_share or 0.0, MIN_SEEN_SHARE)))
         cal = cal.replace(cascade_msp=cascade_msp)
         self.gate_ = cal
         self.knn_ = knn

@@ -36,6 +36,7 @@ from hybridcls.gate.scores import as_array
 __all__ = [
     "DEFAULT_AGREEMENT",
     "DEFAULT_MISS",
+    "MIN_SEEN_SHARE",
     "cascade_keep",
     "cascade_seen_share",
     "fit_cascade",
@@ -45,6 +46,11 @@ __all__ = [
 
 #: Share of the images the cascade keeps whose decision must equal the full hybrid's.
 DEFAULT_AGREEMENT = 0.99
+#: The least share of held-out seen images whose MSP the cascade threshold must
+#: reach, so that at least as many images reach CLIP: stand-ins can look so easy
+#: (a head that never saw a class is unsure of all its images) that they ask for
+#: no CLIP at all, while real unseen images are often confidently misclassified.
+MIN_SEEN_SHARE = 0.5
 #: Share of (stand-in) unseen images the cascade may keep away from CLIP: none,
 #: because stand-ins are less confident than real unseen images (the backbone
 #: was trained on the hidden classes), so any slack there is exceeded on real data.
