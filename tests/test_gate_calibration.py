@@ -246,3 +246,17 @@ def test_fusion_uses_the_fitted_supervised_temperature() -> None:
     assert res.probs[0, 0] == pytest.approx(expected)
     assert res.sup_probs[0, 0] == pytest.approx(np.exp(1.0) / (np.exp(1.0) + 1.0))
     assert GateCalibration.from_dict(cal.to_dict()).fusion_temperature == 4.0
+
+
+def test_the_combined_score_is_preferred_only_within_one_standard_error() -> None:
+    from hybridcls.gate.calibration import _prefer_combined
+
+    def row(score, h, sd=0.03):
+        return {"score": score, "mode": "soft", "tpr": 0.95, "mean_h": h, "std_h": sd}
+
+    close = [row("energy", 0.966), row("msp", 0.965), row("combined", 0.963)]
+    assert [r["score"] for r in _prefer_combined(close, rounds=5)] == ["combined", "energy", "msp"]
+    # 0.03 / sqrt(5) = 0.0134: a combined score 0.02 behind is outside the noise
+    far = [row("energy", 0.966), row("combined", 0.946)]
+    assert _prefer_combined(far, rounds=5) == far
+    assert _prefer_combined([row("msp", 0.9)], rounds=5) == [row("msp", 0.9)]
