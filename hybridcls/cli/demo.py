@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--out", default="hybridcls-demo", metavar="DIR",
                         help="where the world, the run and the predictions go (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="world seed (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0, metavar="N", help="decoding workers (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch CPU threads (default: %(default)s; the demo's models are tiny, "
