@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from hybridcls.hybrid import HybridClassifier
     from hybridcls.zeroshot import ZeroShotClassifier
 
-__all__ = ["__version__", "HybridClassifier", "HybridclsError", "ZeroShotClassifier"]
+__all__ = ["HybridClassifier", "HybridclsError", "ZeroShotClassifier", "__version__"]
 
 # The classifiers import torch and open_clip: resolved on first use (PEP 562).
 __getattr__ = lazy_getattr(__name__, {

@@ -8,14 +8,14 @@ and exits with status 2. Messages name the file, line or flag involved.
 from __future__ import annotations
 
 __all__ = [
-    "HybridclsError",
-    "InputError",
-    "PromptFileError",
-    "ImageDecodeError",
-    "DatasetError",
-    "WeightsUnavailableError",
     "CheckpointError",
+    "DatasetError",
+    "HybridclsError",
+    "ImageDecodeError",
+    "InputError",
     "MissingExtraError",
+    "PromptFileError",
+    "WeightsUnavailableError",
 ]
 
 

@@ -29,12 +29,11 @@ from safetensors.numpy import save_file as save_numpy
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
+from hybridcls.cache import atomic_write_text
 from hybridcls.data import Source, as_sources
 from hybridcls.device import resolve_device
 from hybridcls.engine import EngineBatch, InferenceEngine
-from hybridcls.cache import atomic_write_text
 from hybridcls.errors import CheckpointError, ImageDecodeError, InputError, PromptFileError
-from hybridcls.gate.cascade import MIN_SEEN_SHARE
 from hybridcls.gate import (
     CACHE_MODES,
     GATE_FILENAME,
@@ -53,6 +52,7 @@ from hybridcls.gate import (
     route,
     threshold_from_seen_share,
 )
+from hybridcls.gate.cascade import MIN_SEEN_SHARE
 from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, index_meta, load_run_index
 from hybridcls.outputs import PredictionRow
 from hybridcls.supervised import build_eval_transform, load_checkpoint

@@ -22,7 +22,7 @@ def test_features(world_run):
 
 
 def test_hybrid_beats_both_branches(world_run, test_features):
-    world, clf = world_run
+    _world, clf = world_run
     _, y, feats = test_features
     S = clf.n_seen_
     ref = {r.method: r for r in reference_rows(feats, y, S)}
@@ -62,7 +62,7 @@ def test_save_load_round_trip(world_run, test_features, tmp_path):
 
 def test_lazy_zero_shot_skips_clip_for_kept_images(world_run, test_features):
     _, clf = world_run
-    sources, y, _ = test_features
+    sources, _y, _ = test_features
     # the cache branch needs every image's CLIP embedding: a lazy gate goes without it
     lazy = clf.gate_.replace(score="energy", mode="hard", combined=None, cache_branch=None)
     from hybridcls.gate import finalize

@@ -27,7 +27,6 @@ from hybridcls.supervised import (
 )
 
 
-
 def _tiny(num_classes: int = 4, **kwargs):
     torch.manual_seed(0)
     return build_model("test_convnext", num_classes, weights_source="none", image_size=32, **kwargs)

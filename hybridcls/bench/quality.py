@@ -36,9 +36,9 @@ from hybridcls.zeroshot.prompts import normalize_label
 __all__ = [
     "QualityReport",
     "QualityRow",
+    "default_world_backbone",
     "labelled_test_set",
     "load_or_make_world",
-    "default_world_backbone",
     "prepare_world_run",
     "reference_rows",
     "run_quality",

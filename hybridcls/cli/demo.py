@@ -37,12 +37,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from hybridcls.bench.quality import labelled_test_set, prepare_world_run, reference_rows
     from hybridcls.gate.metrics import seen_unseen_accuracy
     from hybridcls.hybrid import HybridFeatures
     from hybridcls.outputs import open_writer
-
-    import torch
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)

@@ -24,8 +24,6 @@ file decodes.
 
 from __future__ import annotations
 
-from typing import Any
-
 import csv
 import errno
 import glob
@@ -34,6 +32,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hybridcls.errors import InputError
 

@@ -52,19 +52,19 @@ from hybridcls.gate.scores import (
 from hybridcls.index import EmbeddingIndex
 
 __all__ = [
-    "from_candidate",
+    "MIN_TAIL_IMAGES",
     "SOFT_SCALE_GRID",
     "TEMPERATURE_GRID",
     "TPR_GRID",
     "GateCalibration",
-    "MIN_TAIL_IMAGES",
     "apply_transductive",
-    "fit_temperature",
-    "usable_tpr_levels",
     "finalize",
+    "fit_temperature",
+    "from_candidate",
     "leave_classes_out",
     "threshold_at_tpr",
     "transductive_threshold",
+    "usable_tpr_levels",
 ]
 
 #: Shares of held-out seen images kept in the supervised branch, tried by leave-classes-out.

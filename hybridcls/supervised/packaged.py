@@ -20,7 +20,7 @@ from hybridcls.cache import atomic_path, resolve_cache_dir
 from hybridcls.errors import CheckpointError
 from hybridcls.supervised.weights import read_state_dict
 
-__all__ = ["LITE0_MODEL", "lite0_package_file", "convert_lite0_weights", "packaged_lite0_weights"]
+__all__ = ["LITE0_MODEL", "convert_lite0_weights", "lite0_package_file", "packaged_lite0_weights"]
 
 LITE0_MODEL = "tf_efficientnet_lite0"
 
