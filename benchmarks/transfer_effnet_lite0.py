@@ -19,7 +19,7 @@ the world's held-out test images of the seen classes, and writes
 
 Usage (from the repository root, with the dev extra installed):
     python -m benchmarks.transfer_effnet_lite0 --out runs/bench-lite0
-    python -m benchmarks.transfer_effnet_lite0 --out /tmp/quick --epochs 2
+    python -m benchmarks.transfer_effnet_lite0 --out runs/quick --epochs 2
 """
 
 from __future__ import annotations
