@@ -32,10 +32,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy.special import log_softmax
 
 from hybridcls.errors import CheckpointError, InputError
-from hybridcls.gate.scores import as_array
+from hybridcls.gate.scores import as_array, mean_nll
 
 if TYPE_CHECKING:
     from hybridcls.index import EmbeddingIndex
@@ -155,8 +154,7 @@ class CacheBranch:
 
 def _accuracy_and_loss(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     acc = float(np.mean(logits.argmax(axis=1) == y))
-    loss = float(-np.mean(log_softmax(logits, axis=1)[np.arange(len(y)), y]))
-    return acc, loss
+    return acc, mean_nll(logits, y)
 
 
 def fit_cache_branch(

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
-from scipy.special import expit, log_softmax
+from scipy.special import expit
 from scipy.stats import norm
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -47,6 +47,7 @@ from hybridcls.gate.scores import (
     CombinedScore,
     as_array,
     compute_scores,
+    mean_nll,
     needs_of,
 )
 from hybridcls.index import EmbeddingIndex
@@ -172,13 +173,8 @@ def fit_temperature(logits: Any, y: Any) -> float:
     labels = _labels(y, z.shape[1], "y")
     if labels.size != z.shape[0]:
         raise InputError(f"{labels.size} labels for {z.shape[0]} rows of logits")
-    rows = np.arange(labels.size)
-
-    def nll(log_t: float) -> float:
-        return float(-log_softmax(z / np.exp(log_t), axis=1)[rows, labels].mean())
-
-    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded",
-                          options={"xatol": 1e-3})
+    res = minimize_scalar(lambda log_t: mean_nll(z / np.exp(log_t), labels),
+                          bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-3})
     return float(np.exp(res.x))
 
 

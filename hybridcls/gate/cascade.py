@@ -28,10 +28,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.special import softmax
 
 from hybridcls.errors import InputError
-from hybridcls.gate.scores import as_array
+from hybridcls.gate.scores import as_array, msp_score
 
 __all__ = [
     "DEFAULT_AGREEMENT",
@@ -59,8 +58,7 @@ DEFAULT_MISS = 0.0
 
 def max_softmax(sup_logits: Any, temperature: float = 1.0) -> np.ndarray:
     """``[N]`` maximum softmax probability of the supervised logits."""
-    logits = as_array(sup_logits, "sup_logits", ndim=2)
-    return softmax(logits / temperature, axis=1).max(axis=1)
+    return -msp_score(as_array(sup_logits, "sup_logits", ndim=2), temperature)
 
 
 def fit_cascade(sup_logits: Any, full_pred: Any, *, agreement: float = DEFAULT_AGREEMENT,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy.special import logsumexp, softmax
+from scipy.special import log_softmax, logsumexp, softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -53,6 +53,7 @@ __all__ = [
     "knn_distance_score",
     "max_logit_score",
     "mcm_score",
+    "mean_nll",
     "msp_score",
     "needs_of",
 ]
@@ -83,6 +84,16 @@ def as_array(x: Any, name: str = "array", ndim: int = 2) -> np.ndarray:
     if arr.ndim != ndim:
         raise InputError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
     return arr
+
+
+def mean_nll(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes ``y`` under ``softmax(logits)``.
+
+    Example:
+        >>> round(mean_nll(np.array([[0.0, 0.0]]), np.array([1])), 4)  # log 2
+        0.6931
+    """
+    return float(-np.mean(log_softmax(logits, axis=1)[np.arange(len(y)), y]))
 
 
 def msp_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
