@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hybridcls.data.images import DEFAULT_MAX_PIXELS, load_image
 from hybridcls.data.sources import Source
@@ -150,6 +150,8 @@ def make_loader(
     workers: int,
     pin_memory: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    sampler: Sampler[int] | None = None,
+    seed: int | None = None,
 ) -> DataLoader:
     """A DataLoader over ``sources`` that yields :class:`Batch` objects in input order.
 
@@ -160,9 +162,12 @@ def make_loader(
         workers: Decoding processes; 0 decodes in the calling process.
         pin_memory: Pin the image tensors for faster copies to a GPU.
         max_pixels: Passed to :func:`load_image`.
+        sampler: Index order (training); ``None`` keeps ``sources`` order.
+        seed: Seeds the workers' RNGs through the loader's generator.
 
     Returns:
-        A loader that never shuffles, so batches come in ``sources`` order.
+        A loader that never shuffles, so batches come in ``sources`` order
+        (or the sampler's).
 
     Example:
         >>> loader = make_loader(sources, transform, batch_size=32, workers=2)  # doctest: +SKIP
@@ -174,6 +179,8 @@ def make_loader(
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
+        sampler=sampler,
         collate_fn=collate,
         pin_memory=pin_memory,
+        generator=None if seed is None else torch.Generator().manual_seed(seed),
     )

@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms
 
-from hybridcls.data import ImageDataset, Source, collate, scan_image_folder, stratified_split
+from hybridcls.data import Source, scan_image_folder, stratified_split
+from hybridcls.data import make_loader as make_image_loader
 from hybridcls.errors import DatasetError
 from hybridcls.supervised import timm_data_config
 from hybridcls.train.config import TrainConfig
@@ -241,14 +242,5 @@ def make_loader(
         seed: Seeds the workers' RNGs (through the loader's generator).
         pin_memory: Pin batches for faster copies to a GPU.
     """
-    dataset = ImageDataset([Source(path) for path, _ in samples], transform)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    return make_image_loader([Source(path) for path, _ in samples], transform, batch_size=batch_size,
+                             workers=workers, pin_memory=pin_memory, sampler=sampler, seed=seed)
