@@ -54,7 +54,7 @@ from hybridcls.gate import (
 )
 from hybridcls.gate.cascade import MIN_SEEN_SHARE
 from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, index_meta, load_run_index
-from hybridcls.outputs import PredictionRow
+from hybridcls.outputs import PredictionRow, topk_pairs
 from hybridcls.supervised import build_eval_transform, load_checkpoint
 from hybridcls.zeroshot import ZeroShotClassifier
 from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
@@ -406,7 +406,8 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         cal = cal.replace(sup_temperature=round(fit_temperature(seen_va, y_va), 4))
         inputs = {"sup_logits": seen_va, "clip_logits": f_va.clip_logits, "n_seen": S,
                   "clip_emb": f_va.clip_embeddings, "knn_index": knn}
-        cal = finalize(cal, cal.compute_base_scores(**inputs))
+        base_va = cal.compute_base_scores(**inputs)
+        cal = finalize(cal, base_va)
         if test_inputs is not None:
             f_te, _ = self._features(as_sources(test_inputs), "calibrate: test")
             test_scores = cal.compute_score(sup_logits=_with_cache(in_use, f_te, knn),
@@ -414,7 +415,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
                                             n_seen=S, clip_emb=f_te.clip_embeddings, knn_index=knn)
             cal = apply_transductive(cal, test_scores, seed=seed)
         full = fuse(None, sup_logits=seen_va, clip_logits=f_va.clip_logits,
-                    gate_score=cal.compute_score(**inputs), calibration=cal, n_seen=S)
+                    gate_score=cal.score_from(base_va), calibration=cal, n_seen=S)
         # The cascade threshold must keep the full hybrid's decisions on seen images
         # and, through the stand-ins' share, let unseen images reach CLIP.
         cascade_msp = max(fit_cascade(f_va.sup_logits, full.pred), threshold_from_seen_share(
@@ -579,8 +580,8 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
                 extra={
                     "gate_score": float(res.gate_score[j]),
                     "gate_weight": float(res.gate_weight[j]),
-                    "supervised_topk": _topk_pairs(res.sup_probs[j], classes[: self.n_seen_], topk),
-                    "zeroshot_topk": _topk_pairs(res.clip_probs[j], classes, topk),
+                    "supervised_topk": topk_pairs(res.sup_probs[j], classes[: self.n_seen_], topk),
+                    "zeroshot_topk": topk_pairs(res.clip_probs[j], classes, topk),
                 },
             ))
         return out
@@ -686,13 +687,6 @@ def _raise_failures(sources: Sequence[Source], errors: dict[int, str]) -> None:
         i = min(errors)
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ImageDecodeError(sources[i].path, errors[i] + more)
-
-
-def _topk_pairs(p: np.ndarray, names: np.ndarray, k: int) -> list[list[Any]]:
-    if p is None or np.isnan(p).any():
-        return []
-    order = np.argsort(-p, kind="stable")[:k]
-    return [[str(names[i]), round(float(p[i]), 6)] for i in order]
 
 
 def _prompt_line(c) -> str:

@@ -29,6 +29,7 @@ __all__ = [
     "output_columns",
     "output_key",
     "read_predictions",
+    "topk_pairs",
 ]
 
 FORMATS = ("csv", "jsonl", "kaggle")
@@ -248,3 +249,23 @@ def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
+def topk_pairs(probs: Any, names: Sequence[str], k: int) -> list[list[Any]]:
+    """``[[class, probability], ...]``: the ``k`` most probable classes, as the rows write them.
+
+    A branch that did not run (``None`` or NaN probabilities) gives ``[]``.
+
+    Example:
+        >>> topk_pairs([0.1, 0.7, 0.2], ["a", "b", "c"], 2)
+        [['b', 0.7], ['c', 0.2]]
+    """
+    import numpy as np
+
+    if probs is None:
+        return []
+    p = np.asarray(probs, dtype=np.float64)
+    if np.isnan(p).any():
+        return []
+    order = np.argsort(-p, kind="stable")[:k]
+    return [[str(names[i]), round(float(p[i]), 6)] for i in order]

@@ -36,7 +36,7 @@ from hybridcls.errors import ImageDecodeError
 from hybridcls.explain.clip_maps import clip_similarity_map
 from hybridcls.explain.gradcam import gradcam_maps, require_grad_cam
 from hybridcls.explain.overlay import overlay, save_png, thumbnail
-from hybridcls.outputs import PredictionRow
+from hybridcls.outputs import PredictionRow, topk_pairs
 from hybridcls.supervised import build_eval_transform
 
 if TYPE_CHECKING:
@@ -108,9 +108,7 @@ class ExplainResult:
 
 def _topk(logits: np.ndarray, classes: np.ndarray, k: int) -> list[list[Any]]:
     """``[[class, probability], ...]`` of the zero-shot softmax, as the rows write them."""
-    p = softmax(logits.astype(np.float64))
-    order = np.argsort(-p, kind="stable")[:k]
-    return [[str(classes[i]), round(float(p[i]), 6)] for i in order]
+    return topk_pairs(softmax(logits.astype(np.float64)), classes, k)
 
 
 def _class_index(classes: np.ndarray, name: str) -> int:

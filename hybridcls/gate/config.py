@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -180,9 +181,12 @@ class GateCalibration:
             >>> cal.compute_score(sup_logits=[[0.0, 0.0]]).round(4).tolist()
             [-1.3863]
         """
-        scores = self.compute_base_scores(**inputs)
+        return self.score_from(self.compute_base_scores(**inputs))
+
+    def score_from(self, base_scores: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The gate score from base scores already computed (:meth:`compute_base_scores`)."""
         model = self.combined_score()
-        return scores[self.score] if model is None else model.score(model.matrix_from(scores))
+        return base_scores[self.score] if model is None else model.score(model.matrix_from(base_scores))
 
     def replace(self, **changes: Any) -> GateCalibration:
         """A copy with some fields changed (validated again)."""
