@@ -37,6 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from hybridcls.bench.quality import labelled_test_set, prepare_world_run, reference_rows
@@ -57,19 +58,20 @@ def run(args: argparse.Namespace) -> int:
 
     sources, y = labelled_test_set(world, clf)
     predictions = out / "predictions.csv"
-    batches = []
+    batches, preds = [], []
     with open_writer(predictions, "csv", topk=3, extra_columns=clf.EXTRA_COLUMNS) as writer:
         # Both towers on every image, so that the comparison rows below come from this one pass.
-        for batch in clf.engine_.iter_batches(sources, clip="all", progress=not args.quiet):
-            res = clf.predict_features(HybridFeatures.concat([batch])) if batch.ok else None
+        for batch, res in clf.iter_predictions(sources, clip="all", progress=not args.quiet):
             writer.write_many(clf.batch_rows(sources, batch, res, topk=3))
             batches.append(batch)
+            if res is not None:
+                preds.append(res.pred)
     feats = HybridFeatures.concat(batches)
     y = y[[i for b in batches for i in b.ok]]  # figures over the decoded images
     print(f"predictions: {writer.n_ok} images ({writer.n_error} errors) -> {predictions}")
 
     S = clf.n_seen_
-    pred = clf.predict_features(feats).pred
+    pred = np.concatenate(preds)
     s, u, h = seen_unseen_accuracy(y, pred, S)
     ref = {r.method: r for r in reference_rows(feats, y, S)}
     hybrid_acc = float((pred == y).mean())
