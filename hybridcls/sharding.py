@@ -642,9 +642,8 @@ def predict_to_output(
         return part(Path(output), manifest(start, stop, label))
     rank, size, local = world
     with _process_group(local) as dist:
-        whole = manifest(start, stop, label)
         if resume and Path(output).exists():
-            done = resume_point(output, whole, key_at)  # refuses other settings, like one process
+            done = resume_point(output, manifest(start, stop, label), key_at)  # refuses other settings, like one process
             if done.end is not None and done.done == stop - start:  # an earlier run merged it all
                 dist.barrier()
                 return PredictSummary(done.n_ok, done.n_error, done.done, rank)

@@ -254,7 +254,8 @@ def run_speed(out_dir: str | Path, *, device: str = "cpu", batch_size: int = 32,
     rows["end-to-end, full hybrid (img/s)"] = n / _timed(lambda: end_to_end(clf, "full.csv"))
     rows["pipeline efficiency (end-to-end / model-only)"] = rows["end-to-end, full hybrid (img/s)"] / rows[
         "model-only (img/s)"]
-    msp = max_softmax(clf.extract_features(sources).sup_logits)
+    # the cascade threshold reads the supervised tower only: no need to run CLIP for it
+    msp = max_softmax(np.concatenate([b.sup_logits for b in engine.iter_batches(sources, clip="none") if b.ok]))
     clf.gate_ = clf.gate_.replace(cascade_msp=float(np.quantile(msp, cascade_share)))
     clf.set_params(cascade=True)
     before = engine.clip_images_encoded

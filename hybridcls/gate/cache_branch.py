@@ -89,9 +89,10 @@ def cache_logits(sims: Any, ids: Any, labels: Any, n_classes: int, beta: float) 
     counts = np.bincount(lab, minlength=n_classes).astype(np.float64)
     valid = (i >= 0) & np.isfinite(s)
     aff = np.where(valid, np.exp(-beta * (1.0 - np.where(valid, s, 1.0))), 0.0)
-    out = np.zeros((s.shape[0], n_classes))
     rows = np.broadcast_to(np.arange(s.shape[0])[:, None], s.shape)
-    np.add.at(out, (rows[valid], lab[i[valid]]), aff[valid])
+    # bincount sums the affinities per (row, class) cell, in one pass (np.add.at is far slower)
+    out = np.bincount(rows[valid] * n_classes + lab[i[valid]], weights=aff[valid],
+                      minlength=s.shape[0] * n_classes).reshape(s.shape[0], n_classes)
     # a class with no cached image gets no evidence rather than a division by zero
     return out / np.maximum(counts, 1.0)
 
