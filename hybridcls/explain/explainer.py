@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy.special import softmax
 
 from hybridcls.data import Source, as_sources, load_image
-from hybridcls.engine import split_transform
+from hybridcls.engine import View, split_transform
 from hybridcls.errors import ImageDecodeError
 from hybridcls.explain.clip_maps import clip_similarity_map
 from hybridcls.explain.gradcam import gradcam_maps, require_grad_cam
@@ -119,20 +120,24 @@ class _Views:
     """Each tower's input tensor and the crop it sees, from one decoded image."""
 
     def __init__(self, clf: HybridClassifier) -> None:
-        self.sup = build_eval_transform(clf.checkpoint_config_)
-        self.clip = clf.zeroshot_.bundle_.preprocess
-        self.sup_crop = split_transform(self.sup).geometry
-        self.clip_crop = split_transform(self.clip).geometry
+        self.sup = split_transform(build_eval_transform(clf.checkpoint_config_))
+        self.clip = split_transform(clf.zeroshot_.bundle_.preprocess)
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, Image.Image, torch.Tensor, Image.Image]:
-        return self.sup(image), self.sup_crop(image), self.clip(image), self.clip_crop(image)
+        # each tower's geometry runs once; its tensor is that crop normalised (as in the engine)
+        sup_crop, clip_crop = self.sup.geometry(image), self.clip.geometry(image)
+        return _normalised(sup_crop, self.sup), sup_crop, _normalised(clip_crop, self.clip), clip_crop
 
 
-def _neighbours(index: Any, emb: np.ndarray, k: int, classes: np.ndarray, out: Path,
+def _normalised(crop: Image.Image, view: View) -> torch.Tensor:
+    return TF.normalize(TF.to_tensor(crop), view.mean, view.std)
+
+
+def _neighbours(index: Any, sims: np.ndarray, ids: np.ndarray, classes: np.ndarray, out: Path,
                 cache: dict[int, Neighbour]) -> list[Neighbour]:
-    sims, ids = index.search(emb[None], min(k, index.ntotal))
+    """One image's nearest training images, from its row of a batched index search."""
     found = []
-    for sim, i in zip(sims[0], ids[0]):
+    for sim, i in zip(sims, ids):
         if i < 0 or not np.isfinite(sim):
             continue
         i = int(i)
@@ -229,6 +234,9 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
         maps, cosine = clip_similarity_map(visual, torch.stack(clip_x).to(text.device),
                                            text[:, clip_t].T)
         maps, cosine = maps.cpu().numpy(), cosine.cpu().numpy()
+        if index is not None:  # one search for the batch
+            nb_sims, nb_ids = index.search(batch.clip_embeddings[[j for _, _, j, _, _ in todo]],
+                                           min(neighbours, index.ntotal))
         for n, (ex, idx, j, s_crop, c_crop) in enumerate(todo):
             stem = f"{idx:05d}"  # the input's position: unique, and sorts in input order
             ex.gradcam, ex.clip_map = cams[n], maps[n]
@@ -239,8 +247,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
                 "clip": save_png(overlay(c_crop, maps[n]), out / IMAGES_DIR / f"{stem}_clip.png"),
             }
             if index is not None:
-                ex.neighbours = _neighbours(index, batch.clip_embeddings[j], neighbours, seen,
-                                            out, thumbs)
+                ex.neighbours = _neighbours(index, nb_sims[n], nb_ids[n], seen, out, thumbs)
     gate = clf.gate_
     return ExplainResult(explanations, out, str(clf.run_dir_),
                          {"mode": clf.mode or gate.mode, "score": gate.score,
