@@ -216,8 +216,7 @@ def _run_to_file(args: argparse.Namespace, sources) -> int:
     def predict_rows(todo):
         # Loaded only when something is left to predict (a finished --resume loads nothing).
         if args.checkpoint:
-            args.quiet = not progress
-            yield from hybrid_from_args(args).rows(todo, topk=args.topk)
+            yield from hybrid_from_args(args).rows(todo, topk=args.topk, progress=progress)
         else:
             yield from zeroshot_rows(_zeroshot_from_args(args), todo, args.topk, progress=progress)
 
