@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from hybridcls.cache import atomic_write_bytes
+from hybridcls.cache import atomic_write_bytes, atomic_write_text
 from hybridcls.errors import CheckpointError
 from hybridcls.supervised.model import SupervisedModel
 from hybridcls.supervised.weights import read_state_dict
@@ -52,6 +52,7 @@ __all__ = [
     "make_checkpoint_config",
     "model_from_config",
     "read_checkpoint_config",
+    "read_json",
     "read_verified_safetensors",
     "save_checkpoint",
     "timm_data_config",
@@ -127,8 +128,19 @@ def make_checkpoint_config(
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented UTF-8 JSON, atomically."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file we wrote.
+
+    Raises:
+        CheckpointError: The file is unreadable or not JSON (names the file).
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({exc})") from exc
 
 
 def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, config: Mapping[str, Any]) -> None:
@@ -206,10 +218,7 @@ def read_checkpoint_config(run_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{run_dir}: run directory not found")
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no {CONFIG_FILE}; not a hybridcls training run")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not readable JSON ({exc})") from exc
+    config = read_json(path)
     if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a hybridcls supervised checkpoint")
     version = config.get("format_version")

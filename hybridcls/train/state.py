@@ -18,7 +18,6 @@ is restored.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from hybridcls.cache import atomic_write_bytes, stable_hash
 from hybridcls.errors import CheckpointError
-from hybridcls.supervised import read_verified_safetensors, write_json
+from hybridcls.supervised import read_json, read_verified_safetensors, write_json
 
 __all__ = [
     "STATE_FORMAT_VERSION",
@@ -147,9 +146,9 @@ def load_train_state(run_dir: str | Path) -> TrainState:
             f"that finished at least one epoch"
         )
     try:
-        info = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"--resume {json_path}: not readable JSON ({exc})") from exc
+        info = read_json(json_path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume {exc}") from exc
     if not isinstance(info, dict) or info.get("format_version") != STATE_FORMAT_VERSION:
         raise CheckpointError(f"--resume {json_path}: unknown format (not a resume state)")
     recorded = info.pop(_JSON_HASH_KEY, None)
