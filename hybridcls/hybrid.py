@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +50,10 @@ from hybridcls.gate import (
     leave_classes_out,
     max_softmax,
     route,
+    threshold_at_tpr,
     threshold_from_seen_share,
 )
-from hybridcls.gate.cascade import MIN_SEEN_SHARE
+from hybridcls.gate.cascade import DEFAULT_DISTANCE_TPR, MIN_SEEN_SHARE
 from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, index_meta, load_run_index
 from hybridcls.outputs import PredictionRow, topk_pairs
 from hybridcls.supervised import build_eval_transform, load_checkpoint
@@ -168,8 +169,10 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         unknown_threshold: Answer ``unknown`` when neither branch's top
             probability reaches it (None = calibrated, off by default).
         cascade: For gates that read CLIP's outputs: run CLIP only on images whose
-            supervised confidence is at or below the calibrated ``cascade_msp``;
-            the others are decided by the supervised branch alone.
+            supervised confidence is at or below the calibrated ``cascade_msp``,
+            or whose backbone features lie farther than ``cascade_distance`` from
+            the training images' (the run's ``index/backbone.*``); the others are
+            decided by the supervised branch alone.
         cache_branch: The nearest-neighbour cache branch (Tip-Adapter style, see
             :mod:`hybridcls.gate.cache_branch`) added to the supervised logits, decided
             at :meth:`calibrate`: ``"auto"`` fits it and enables it only when it raises
@@ -301,6 +304,8 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         # A stale index (another CLIP model or class list) must not stop `calibrate` from
         # loading the run to rebuild it: the refusal is raised where the index is used.
         self.index_error_: CheckpointError | None = None
+        # loaded on the cascade's first use: hashing the weights costs time a plain predict need not spend
+        self.backbone_index_: EmbeddingIndex | None = None
         try:
             expect = self._index_meta("clip")
             if expect.get("fingerprint"):
@@ -338,7 +343,6 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         test_inputs: Any = None,
         seed: int = 0,
         save: bool = True,
-        index_backbone: bool = False,
     ) -> HybridClassifier:
         """Fit the gate with no unseen images, and save it in the run directory.
 
@@ -353,10 +357,9 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             test_inputs: Unlabelled test images: refit the threshold on their
                 own score distribution (transductive, a two-component mixture).
             seed: Seeds the hidden-class draws.
-            save: Write ``gate.json`` and ``index/clip.*`` (the training images' CLIP
-                embeddings, labels and paths) into the run directory.
-            index_backbone: Also save ``index/backbone.*``, the supervised backbone's
-                pooled features of the training images (computed anyway; costs disk only).
+            save: Write ``gate.json``, ``index/clip.*`` (the training images' CLIP
+                embeddings, labels and paths) and ``index/backbone.*`` (their
+                supervised backbone features, which the cascade searches) into the run directory.
 
         Returns:
             ``self`` with ``gate_`` set.
@@ -420,17 +423,22 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         # and, through the stand-ins' share, let unseen images reach CLIP.
         cascade_msp = max(fit_cascade(f_va.sup_logits, full.pred), threshold_from_seen_share(
             max_softmax(f_va.sup_logits), max(cal.cascade_seen_share or 0.0, MIN_SEEN_SHARE)))
-        cal = cal.replace(cascade_msp=cascade_msp)
+        # ... and send to CLIP what lies away from every training image in feature space,
+        # however confident the head: the held-out seen images are not in the index.
+        backbone = EmbeddingIndex(meta=self._index_meta("backbone")).add(
+            f_tr.sup_features, labels=y_tr, paths=tr_paths)
+        cascade_distance = threshold_at_tpr(
+            backbone.kth_distance(f_va.sup_features, cal.cascade_k), DEFAULT_DISTANCE_TPR)
+        cal = cal.replace(cascade_msp=cascade_msp, cascade_distance=cascade_distance)
         self.gate_ = cal
         self.knn_ = knn
+        self.backbone_index_ = backbone
         # Kept so that benchmarks can refit other gates on the same held-out outputs.
         self.calibration_data_ = {"train": f_tr, "y_train": y_tr, "val": f_va, "y_val": y_va}
         if save:
             cal.to_json(self.run_dir_ / GATE_FILE)
             knn.save(self.run_dir_ / INDEX_DIR)
-            if index_backbone:
-                EmbeddingIndex(meta=self._index_meta("backbone")).add(
-                    f_tr.sup_features, labels=y_tr, paths=tr_paths).save(self.run_dir_ / INDEX_DIR)
+            backbone.save(self.run_dir_ / INDEX_DIR)
         self.index_error_ = None
         return self
 
@@ -467,12 +475,49 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         """
         return _with_cache(_cache_in_use(self._gate()), features, self.knn_)
 
+    def _cascade_rule(self, gate: GateCalibration) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """``(sup_logits, sup_features) -> [N] bool``: where the cascade skips CLIP (see :mod:`hybridcls.gate.cascade`).
+
+        Checks the run's files now, so that a missing threshold or index fails
+        before the first batch rather than in the middle of the output.
+        """
+        if gate.cascade_msp is None:
+            raise CheckpointError(
+                f"{self.run_dir_}: its {GATE_FILE} has no cascade threshold; run `hybridcls "
+                "calibrate` again to use --cascade")
+        if gate.cascade_distance is None:  # calibrated before the distance condition
+            return lambda sup_logits, _features: cascade_keep(sup_logits, gate.cascade_msp)
+        if self.backbone_index_ is None:
+            index = load_run_index(self.run_dir_, "backbone", expect=self._index_meta("backbone"))
+            if index is None:
+                raise CheckpointError(
+                    f"{self.run_dir_}: its {GATE_FILE} has a cascade distance but the run has no "
+                    f"{INDEX_DIR}/backbone.faiss; run `hybridcls calibrate` again to use --cascade")
+            self.backbone_index_ = index
+        index = self.backbone_index_
+
+        def keep(sup_logits: np.ndarray, sup_features: np.ndarray) -> np.ndarray:
+            return cascade_keep(
+                sup_logits, gate.cascade_msp, distance_threshold=gate.cascade_distance,
+                distance=lambda rows: index.kth_distance(sup_features[rows], gate.cascade_k))
+        return keep
+
+    def cascade_skips_clip(self, features: HybridFeatures) -> np.ndarray:
+        """``[N]`` True where the cascade (``cascade=True``) decides without running CLIP.
+
+        Example:
+            >>> feats = clf.extract_features(["test/"])  # doctest: +SKIP
+            >>> f"CLIP on {100 * (1 - clf.cascade_skips_clip(feats).mean()):.0f}% of images"  # doctest: +SKIP
+        """
+        return self._cascade_rule(self._gate())(features.sup_logits, features.sup_features)
+
     def _clip_policy(self, gate: GateCalibration):
         """Which images CLIP encodes: lazy zero-shot, the cascade, or all.
 
         Lazy: a hard gate on supervised scores runs CLIP only on routed images.
         Cascade (``cascade=True``, a gate that reads CLIP): CLIP runs only where
-        the supervised confidence is at or below ``gate.cascade_msp``.
+        the supervised confidence is at or below ``gate.cascade_msp`` or the
+        backbone features lie beyond ``gate.cascade_distance`` of the training images'.
         """
         if (gate.mode == "hard" and not any(n.startswith("clip") for n in gate.needs)
                 and _cache_in_use(gate) is None):
@@ -480,14 +525,10 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
                 return route(gate.compute_score(sup_logits=sup_logits, n_seen=self.n_seen_), gate)
             return policy
         if self.cascade:
-            if gate.cascade_msp is None:
-                raise CheckpointError(
-                    f"{self.run_dir_}: its {GATE_FILE} has no cascade threshold; run `hybridcls "
-                    "calibrate` again to use --cascade")
-            threshold = gate.cascade_msp
+            keep = self._cascade_rule(gate)
 
-            def cascade(sup_logits: np.ndarray, _features: np.ndarray) -> np.ndarray:
-                return ~cascade_keep(sup_logits, threshold)
+            def cascade(sup_logits: np.ndarray, sup_features: np.ndarray) -> np.ndarray:
+                return ~keep(sup_logits, sup_features)
             return cascade
         return "all"
 
@@ -498,7 +539,9 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             >>> feats = clf.extract_features(["test/"])  # doctest: +SKIP
             >>> clf.set_params(mode="soft").predict_features(feats).probs.shape  # doctest: +SKIP
         """
-        gate = self._gate()
+        return self._fuse_features(features, self._gate())
+
+    def _fuse_features(self, features: HybridFeatures, gate: GateCalibration) -> FusionResult:
         sup = _with_cache(_cache_in_use(gate), features, self.knn_)
         score = gate.compute_score(
             sup_logits=sup, clip_logits=features.clip_logits, n_seen=self.n_seen_,
@@ -551,7 +594,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
                 continue
             feats = HybridFeatures(batch.sup_logits, batch.sup_features, batch.clip_logits,
                                    batch.clip_embeddings)
-            yield batch, self.predict_features(feats)
+            yield batch, self._fuse_features(feats, gate)
 
     def rows(self, sources: Sequence[Source], *, topk: int = 5, progress: bool | None = None
              ) -> Iterator[list[PredictionRow]]:
@@ -616,7 +659,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         gate = self._gate()
         feats, errors = self._features(sources, "predict", clip=self._clip_policy(gate))
         _raise_failures(sources, errors)
-        return self.predict_features(feats)
+        return self._fuse_features(feats, gate)
 
     # ------------------------------------------------------------------ persistence
 

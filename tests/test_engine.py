@@ -192,6 +192,47 @@ def test_cascade_with_a_supervised_score_gate_keeps_skipped_images_supervised(hy
         hybrid.set_params(cascade=False)
 
 
+def test_cascade_sends_images_far_from_the_training_features_to_clip(hybrid, images):
+    """A confident image whose backbone features lie away from every training image reaches CLIP."""
+    import shutil
+
+    from hybridcls.errors import CheckpointError
+    from hybridcls.index import EmbeddingIndex
+
+    feats = hybrid.extract_features(images)
+    indexed = np.arange(len(images)) % 2 == 0  # half the images play the training set
+    index_dir = hybrid.run_dir_ / "index"
+    original = hybrid.gate_
+    try:
+        EmbeddingIndex(meta=hybrid._index_meta("backbone")).add(feats.sup_features[indexed]).save(index_dir)
+        # every MSP passes; k=1: an indexed image is at distance 0, the others farther
+        gate = GateCalibration(score="clip_margin", mode="soft", threshold=0.0, soft_scale=1.0, method="manual",
+                               cascade_msp=-1.0, cascade_distance=1e-3, cascade_k=1)
+        hybrid.gate_, hybrid.backbone_index_ = gate, None
+        hybrid.set_params(cascade=True)
+        assert (hybrid.cascade_skips_clip(feats) == indexed).all()
+        before = hybrid.engine_.clip_images_encoded
+        probs = hybrid.predict_proba(images)
+        assert hybrid.engine_.clip_images_encoded - before == int((~indexed).sum())
+        S = hybrid.n_seen_
+        assert (probs[indexed, S:] == 0).all()
+        assert (probs[~indexed, S:].sum(axis=1) > 0).all()  # the soft gate mixed CLIP in
+
+        # an index built for other weights is refused, and the error names the field
+        EmbeddingIndex(meta={**hybrid._index_meta("backbone"), "fingerprint": "0" * 64}).add(
+            feats.sup_features).save(index_dir)
+        hybrid.backbone_index_ = None
+        with pytest.raises(CheckpointError, match="fingerprint"):
+            hybrid.predict_proba(images)
+        shutil.rmtree(index_dir)
+        with pytest.raises(CheckpointError, match="backbone.faiss.*calibrate"):
+            hybrid.predict_proba(images)
+    finally:
+        shutil.rmtree(index_dir, ignore_errors=True)
+        hybrid.gate_, hybrid.backbone_index_ = original, None
+        hybrid.set_params(cascade=False)
+
+
 def test_cascade_threshold_fits_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(400, 3)) * 3
@@ -205,6 +246,7 @@ def test_cascade_threshold_fits_and_round_trips(tmp_path):
     path = gate.to_json(tmp_path / "gate.json")
     assert GateCalibration.from_json(path).cascade_msp == t
     old = json.loads(path.read_text())
-    del old["cascade_msp"]  # a gate.json written before the cascade existed
+    del old["cascade_msp"], old["cascade_distance"], old["cascade_k"]  # written before the cascade existed
     path.write_text(json.dumps(old))
     assert GateCalibration.from_json(path).cascade_msp is None
+    assert GateCalibration.from_json(path).cascade_distance is None

@@ -118,3 +118,25 @@ def test_prompts_missing_a_checkpoint_class(world_run, tmp_path):
     with pytest.raises(PromptFileError, match=f"short.txt: 1 training class.*{clf.seen_folders_[0]}"):
         HybridClassifier(clip_model=clf.clip_model, clip_pretrained=None, device="cpu",
                          templates=world.templates_file).load_run(clf.run_dir_, short)
+
+
+def test_calibrated_cascade_skips_clip_and_keeps_the_harmonic_mean(world_run, test_features, tmp_path):
+    """Calibration fits both cascade thresholds; the cascade then spares CLIP on many images for
+    (almost) the full hybrid's H, also once saved with save_pretrained and loaded again."""
+    _, clf = world_run
+    sources, y, feats = test_features
+    g = clf.gate_
+    assert g.cascade_msp is not None and g.cascade_distance is not None
+    assert (clf.run_dir_ / "index" / "backbone.faiss").is_file()
+    S = clf.n_seen_
+    full = seen_unseen_accuracy(y, clf.predict_features(feats).pred, S)[2]
+    again = HybridClassifier.from_pretrained(clf.save_pretrained(tmp_path / "hybrid"), device="cpu", cascade=True)
+    before = again.engine_.clip_images_encoded
+    pred = again.predict(sources)
+    ran = (again.engine_.clip_images_encoded - before) / len(sources)
+    index = {c: i for i, c in enumerate(again.classes_)}
+    h = seen_unseen_accuracy(y, np.array([index[c] for c in pred]), S)[2]
+    print(f"cascade H {h:.3f} vs full {full:.3f}, CLIP on {100 * ran:.0f}% of images")
+    assert ran == pytest.approx(1 - again.cascade_skips_clip(feats).mean(), abs=1e-9)
+    assert ran < 0.8
+    assert h >= full - 0.01

@@ -23,7 +23,6 @@ from hybridcls.errors import InputError
 from hybridcls.eval import read_labels
 from hybridcls.gate import (
     SCORES,
-    cascade_keep,
     finalize,
     from_candidate,
     fuse,
@@ -226,14 +225,15 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: s
 
     if g.cascade_msp is not None:
         # The cascade's own code path, with CLIP's outputs blanked where it would not run.
-        keep = cascade_keep(feats.sup_logits, g.cascade_msp)
+        keep = clf.cascade_skips_clip(feats)
         blank = keep[:, None]
         cascade = clf.predict_features(HybridFeatures(
             feats.sup_logits, feats.sup_features, np.where(blank, np.nan, feats.clip_logits),
             np.where(blank, np.nan, feats.clip_embeddings)))
         rows.append(_figures(
             "hybrid, calibrated default, cascade", y, cascade.pred, S,
-            f"CLIP on {100 * (1 - keep.mean()):.0f}% of images (supervised MSP <= {g.cascade_msp:.3f})"))
+            f"CLIP on {100 * (1 - keep.mean()):.0f}% of images (supervised MSP <= {g.cascade_msp:.3f}"
+            + ("" if g.cascade_distance is None else f" or feature distance > {g.cascade_distance:.3f}") + ")"))
 
     cal_val = clf.calibration_data_["val"]
     val_inputs = dict(sup_logits=clf.seen_logits(cal_val), clip_logits=cal_val.clip_logits, n_seen=S,

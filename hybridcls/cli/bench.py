@@ -42,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sp.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
     sp.add_argument("--compile", action="store_true", help="torch.compile both towers")
     sp.add_argument("--gpu-decode", action="store_true", help="decode JPEG files on the GPU")
-    sp.add_argument("--cascade-share", type=float, default=0.3, metavar="P",
+    sp.add_argument("--cascade-share", type=float, default=0.6, metavar="P",
                     help="share of images the cascade sends to CLIP (default: %(default)s)")
     sp.add_argument("--quick", action="store_true",
                     help="CI-sized: test_convnext + tiny CLIP, 16 small images, 64 px, 4 templates")

@@ -39,8 +39,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--cache-branch", choices=["auto", "on", "off"], default="auto",
                         help="nearest-neighbour cache branch added to the supervised logits: auto "
                              "(default) keeps it only when it raises held-out seen-class accuracy")
-    parser.add_argument("--index-backbone", action="store_true",
-                        help="also save index/backbone.* (the backbone's pooled training features)")
     parser.add_argument("--seed", type=int, default=0)
     add_clip_arguments(parser)
     add_runtime_arguments(parser)
@@ -58,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--rounds must be at least 2, got {args.rounds}")
     clf = hybrid_from_args(args).set_params(cache_branch=args.cache_branch)
     clf.calibrate(args.data, method=args.method, tpr=args.tpr, score=args.score, rounds=args.rounds,
-                  test_inputs=args.transductive, seed=args.seed, index_backbone=args.index_backbone)
+                  test_inputs=args.transductive, seed=args.seed)
     g = clf.gate_
     print(f"gate: score={g.score} mode={g.mode} threshold={g.threshold:.4f} "
           f"(kept {100 * g.tpr:.0f}% of held-out seen images) -> {clf.run_dir_ / 'gate.json'}")
+    if g.cascade_msp is not None:
+        far = "" if g.cascade_distance is None else f" or backbone distance > {g.cascade_distance:.3f}"
+        print(f"cascade (--cascade): CLIP runs where supervised MSP <= {g.cascade_msp:.3f}{far}")
     if g.cache_branch is not None:
         c = g.cache_branch
         print(f"cache branch: {'on' if c['enabled'] else 'off'} (alpha {c['alpha']:.3g}, beta {c['beta']:g}; "

@@ -35,7 +35,9 @@ from hybridcls.gate.calibration import (
     transductive_threshold,
 )
 from hybridcls.gate.cascade import (
+    CASCADE_KNN_K,
     DEFAULT_AGREEMENT,
+    DEFAULT_DISTANCE_TPR,
     cascade_keep,
     cascade_seen_share,
     fit_cascade,
@@ -71,8 +73,10 @@ __all__ = [
     "ALPHA_GRID",
     "BETA_GRID",
     "CACHE_MODES",
+    "CASCADE_KNN_K",
     "DEFAULT_AGREEMENT",
     "DEFAULT_CACHE_K",
+    "DEFAULT_DISTANCE_TPR",
     "GATE_FILENAME",
     "INPUTS",
     "MODES",

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from hybridcls.errors import CheckpointError, InputError
+from hybridcls.gate.cascade import CASCADE_KNN_K
 from hybridcls.gate.scores import DEFAULT_KNN_K, SCORES, CombinedScore, compute_scores, needs_of
 
 __all__ = ["GATE_FILENAME", "METHODS", "MODES", "GateCalibration"]
@@ -65,6 +66,12 @@ class GateCalibration:
             softmax probability: above it the image is decided by the supervised
             branch without running CLIP (see :func:`hybridcls.gate.fit_cascade`);
             ``None`` = not fitted (files written before the cascade read as this).
+        cascade_distance: The cascade's threshold on the distance from an image's
+            backbone features to its ``cascade_k``-th nearest training image
+            (the run's ``index/backbone.*``): above it the image goes to CLIP
+            whatever its MSP. ``None`` = not fitted (the MSP alone decides;
+            files written before it read as this).
+        cascade_k: The neighbour ``cascade_distance`` measures.
         cascade_seen_share: From leave-classes-out: the share of held-out seen
             images whose MSP must stay at or below the cascade threshold so that
             stand-in unseen images reach CLIP (see
@@ -90,6 +97,8 @@ class GateCalibration:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     cascade_msp: float | None = None
     cascade_seen_share: float | None = None
+    cascade_distance: float | None = None
+    cascade_k: int = CASCADE_KNN_K
     sup_temperature: float | None = None
     cache_branch: dict[str, Any] | None = None
 
