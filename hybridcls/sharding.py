@@ -517,11 +517,28 @@ def _span(a: int, b: int) -> str:
 # ---------------------------------------------------------------------------- torchrun
 
 
-def torchrun_world() -> tuple[int, int, int] | None:
+def torchrun_world(
+    *, require: Sequence[str] = (), hint: str = "start with torchrun"
+) -> tuple[int, int, int] | None:
     """``(rank, world size, local rank)`` when started by torchrun with more than one process.
 
+    The one reader of torchrun's variables, for prediction (here) and for
+    training (:func:`hybridcls.train.distributed.process_group`). It lives in
+    this torch-free module, which training may import but which must not import
+    training (``hybridcls merge`` imports this module and must not pay for torch).
+
+    Args:
+        require: Further variables that must be set when ``WORLD_SIZE`` > 1
+            (``RANK`` always must). Without ``LOCAL_RANK`` among them, a missing
+            ``LOCAL_RANK`` is taken to be ``RANK`` (one machine).
+        hint: How to start the run properly; ends the error messages.
+
+    Returns:
+        ``None`` without ``WORLD_SIZE`` or with ``WORLD_SIZE`` <= 1: one process.
+
     Raises:
-        InputError: ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` set but not integers.
+        InputError: ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` set but not integers,
+            ``RANK`` or a required variable missing, or ``RANK`` outside the world.
     """
     values = {}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
@@ -533,9 +550,13 @@ def torchrun_world() -> tuple[int, int, int] | None:
     world = values["WORLD_SIZE"]
     if world is None or world <= 1:
         return None
+    missing = [name for name in dict.fromkeys(("RANK", *require)) if name not in os.environ]
+    if missing:
+        raise InputError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; {hint}")
     rank = values["RANK"]
-    if rank is None or not 0 <= rank < world:
-        raise InputError(f"WORLD_SIZE={world} but RANK={os.environ.get('RANK')!r}; start with torchrun")
+    assert rank is not None  # RANK is set (checked above), and parsed
+    if not 0 <= rank < world:
+        raise InputError(f"WORLD_SIZE={world} but RANK={os.environ.get('RANK')!r}; {hint}")
     local = values["LOCAL_RANK"] if values["LOCAL_RANK"] is not None else rank
     return rank, world, local
 

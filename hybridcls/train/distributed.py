@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from hybridcls.device import resolve_device
 from hybridcls.errors import InputError
+from hybridcls.sharding import torchrun_world
 from hybridcls.train.data import BalancedSampler
 
 __all__ = [
@@ -122,19 +123,19 @@ def process_group(device: str | torch.device = "auto") -> Iterator[DistContext]:
         ...     ctx.world_size, ctx.is_main
         (1, True)
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1 or (dist.is_available() and dist.is_initialized()):
+    # A group that exists already is the caller's: its environment is not ours to check.
+    if dist.is_available() and dist.is_initialized():
         yield current(device)
         return
-    missing = [
-        v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ
-    ]
-    if missing:
-        raise InputError(
-            f"WORLD_SIZE={world_size} but {', '.join(missing)} not set; start distributed "
-            f"training with torchrun (or hybridcls train --nproc N)"
-        )
-    local_rank = int(os.environ["LOCAL_RANK"])
+    # init_process_group reads the rendezvous (MASTER_*) from the environment too.
+    world = torchrun_world(
+        require=("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"),
+        hint="start distributed training with torchrun (or hybridcls train --nproc N)",
+    )
+    if world is None:
+        yield current(device)
+        return
+    local_rank = world[2]
     dev = _rank_device(device, local_rank)
     if dev.type == "cuda":
         if dev.index is not None and dev.index >= torch.cuda.device_count():

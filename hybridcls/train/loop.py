@@ -386,55 +386,70 @@ class Trainer:
         )
         self.model.train()
         lr = self.optimizer.param_groups[0]["lr"]
-        loss_sum, correct, seen = 0.0, 0, 0
+        # The running sums stay on the device and are read once, after the loop: reading
+        # them every step (float(), int()) would make the host wait for the GPU each step.
+        # float64, as the Python floats it replaces, so the sums are the same to the bit;
+        # MPS has no float64, so there the loss sum stays on the CPU (a copy per step).
+        sum_device = self.device if self.device.type != "mps" else torch.device("cpu")
+        loss_sum = torch.zeros((), dtype=torch.float64, device=sum_device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
         start = time.perf_counter()
-        for batch in self._bar(loader, f"epoch {epoch + 1}/{cfg.epochs} train"):
-            self._note_errors(batch, self.data.train)
-            # BatchNorm in the head cannot train on a single image; under DDP every rank
-            # must take or skip the step together, so the smallest batch decides.
-            if reduce_min(len(batch.ok), self.device) < 2:
-                continue
-            images = batch.images.to(self.device, non_blocking=True)
-            labels = self.train_labels[batch.ok].to(self.device, non_blocking=True)
-            targets: torch.Tensor = labels
-            if self.mixup is not None:
-                if len(images) % 2 == 0:
-                    images, targets = self.mixup(images, labels)
-                else:  # timm's Mixup pairs images, so an odd batch goes unmixed
-                    targets = mixup_target(labels, len(self.data.classes), 1.0, cfg.label_smoothing)
-            with torch.autocast(
-                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
-            ):
-                logits = self.train_model(images)
-                loss = self.train_loss_fn(logits, targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            with self._quiet_reducer():
+        # Entered once for the epoch, not around each backward(): every entry mutates the
+        # warning filters, which also resets Python's record of "once" warnings shown.
+        with self._quiet_reducer():
+            for batch in self._bar(loader, f"epoch {epoch + 1}/{cfg.epochs} train"):
+                self._note_errors(batch, self.data.train)
+                # BatchNorm in the head cannot train on a single image; under DDP every rank
+                # must take or skip the step together, so the smallest batch decides.
+                if reduce_min(len(batch.ok), self.device) < 2:
+                    continue
+                images = batch.images.to(self.device, non_blocking=True)
+                labels = self.train_labels[batch.ok].to(self.device, non_blocking=True)
+                targets: torch.Tensor = labels
+                if self.mixup is not None:
+                    if len(images) % 2 == 0:
+                        images, targets = self.mixup(images, labels)
+                    else:  # timm's Mixup pairs images, so an odd batch goes unmixed
+                        targets = mixup_target(
+                            labels, len(self.data.classes), 1.0, cfg.label_smoothing
+                        )
+                with torch.autocast(
+                    self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+                ):
+                    logits = self.train_model(images)
+                    loss = self.train_loss_fn(logits, targets)
+                self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
-            if cfg.clip_grad is not None:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.requires_grad], cfg.clip_grad
-                )
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.num_updates += 1
-            self.scheduler.step_update(self.num_updates)
-            if self.ema is not None:
-                self.ema.update(self.model, step=self.num_updates)
-            n = len(labels)
-            loss_sum += float(loss.detach()) * n
-            # With MixUp/CutMix this is agreement with the dominant (unmixed) label.
-            correct += int((logits.detach().argmax(1) == labels).sum())
-            seen += n
+                if cfg.clip_grad is not None:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in self.model.parameters() if p.requires_grad], cfg.clip_grad
+                    )
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.num_updates += 1
+                self.scheduler.step_update(self.num_updates)
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.num_updates)
+                n = len(labels)
+                # Cast, then scale by n: the two roundings float(loss) * n made, in that order.
+                loss_sum += loss.detach().to(sum_device, torch.float64) * n
+                # With MixUp/CutMix this is agreement with the dominant (unmixed) label.
+                correct += (logits.detach().argmax(1) == labels).sum()
+                seen += n
+        # The epoch's one read of the sums; it waits for the last step, so it comes before
+        # the clock stops (the time then covers the device's work, not just its queueing).
+        local_sums = [loss_sum.item(), int(correct.item()), seen]
         elapsed = time.perf_counter() - start
-        loss_sum, correct, seen = reduce_sums([loss_sum, correct, seen], self.device)
+        loss_total, n_correct, seen = reduce_sums(local_sums, self.device)
         if seen == 0:
             raise DatasetError(
                 "no training image could be decoded in a whole epoch; see the skipped images"
             )
         return {
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
+            "train_loss": loss_total / seen,
+            "train_acc": n_correct / seen,
             "lr": lr,
             "images_per_sec": seen / max(elapsed, 1e-9),
             "train_time_s": elapsed,
