@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from hybridcls.audit import PIXEL_THRESHOLD, audit_dataset, plant_problems
-from hybridcls.audit.find import Match, class_counts, duplicate_groups, label_votes
+from hybridcls.audit.find import (
+    Match,
+    class_counts,
+    duplicate_groups,
+    find_matches,
+    label_votes,
+    self_neighbours,
+)
 from hybridcls.audit.pixels import crop_signatures, pixel_similarity, thumbnail_of_image
 from hybridcls.audit.plant import PERTURBATIONS, perturb
 from hybridcls.cli import main
@@ -167,6 +174,15 @@ def test_groups_votes_and_counts_on_arrays():
     suggested, agreement, own, nb = label_votes(emb.astype(np.float32), labels, k=5)
     assert suggested[4] == 0 and agreement[4] == 1.0 and own[4] == 0.0
     assert nb.shape == (30, 5) and 4 not in nb[4]
+    # one self-search shared by the label votes and the duplicate candidates gives what each finds alone
+    nearest = self_neighbours(emb.astype(np.float32), 5)
+    shared = label_votes(emb.astype(np.float32), labels, k=5, nearest=nearest)
+    assert all(np.array_equal(a, b) for a, b in zip(shared, (suggested, agreement, own, nb)))
+    unit = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    kw = {"k": 3, "clip_threshold": 0.99, "pixel_threshold": None, "same_set": True}
+    alone = find_matches(unit, unit, unit, unit, lambda i, j: 0.0, **kw)
+    assert alone and find_matches(unit, unit, unit, unit, lambda i, j: 0.0,
+                                  clip_nearest=self_neighbours(unit, 8), **kw) == alone
     counts, ratio = class_counts(["a", "b"], np.array([0, 0, 1, 1]), np.array([1, 1, 1, 0], bool), 2)
     assert [(c.images, c.unreadable, c.below_minimum) for c in counts] == [(2, 0, False), (1, 1, True)]
     assert ratio == 2.0

@@ -35,6 +35,7 @@ from hybridcls.audit.find import (
     duplicate_groups,
     find_matches,
     label_votes,
+    self_neighbours,
 )
 from hybridcls.audit.pixels import (
     ThumbnailTransform,
@@ -423,8 +424,11 @@ def audit_dataset(
     kw = {"k": neighbours, "clip_threshold": clip_threshold, "pixel_threshold": pixel_threshold}
 
     report = AuditReport(data_dir=os.fspath(data_dir), images=images, classes=list(index.classes))
+    # DATA_DIR against itself by CLIP, searched once: duplicate candidates and label votes share it.
+    nearest = self_neighbours(clip[d], neighbours)
     matches = find_matches(clip[d], coarse[d], clip[d], coarse[d],
-                           lambda a, b: pixel_similarity(sig(d[a]), sig(d[b])), same_set=True, **kw)
+                           lambda a, b: pixel_similarity(sig(d[a]), sig(d[b])), same_set=True,
+                           clip_nearest=nearest, **kw)
     report.duplicates = _duplicate_rows(matches, [images[i] for i in ok[d]])
     for s in SPLITS[1:]:
         q = rows[s]
@@ -440,7 +444,7 @@ def audit_dataset(
             report.leaks.append(LeakRow(s, images[ok[q[qi]]].path, ref.path, ref.label,
                                         m.clip_cosine, m.pixel_similarity, m.rule))
 
-    suggested, agreement, own, nb = label_votes(clip[d], labels, neighbours)
+    suggested, agreement, own, nb = label_votes(clip[d], labels, neighbours, nearest=nearest)
     flagged = np.flatnonzero((suggested != labels) & (agreement >= mislabel_agreement))
     for r in sorted(flagged, key=lambda r: (-agreement[r], r)):
         report.mislabels.append(MislabelRow(
