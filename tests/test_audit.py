@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -128,12 +129,17 @@ def test_html_references_only_existing_files(audited):
     assert page.count("<figure") >= len(report.leaks) * 2
 
 
-def test_cli_small_folder_escapes_names_and_exits_1_for_unreadable(synth_world, tmp_path, capsys):
-    data = tmp_path / "data"
-    for cls in synth_world.seen_classes[:3]:
+def _small_folder(world, data: Path, n_classes: int, per_class: int) -> Path:
+    """``data/<class>/`` with the first ``per_class`` training images of ``n_classes`` seen classes."""
+    for cls in world.seen_classes[:n_classes]:
         folder = cls.replace(" ", "_")
-        shutil.copytree(Path(synth_world.train_dir) / folder, data / folder,
-                        ignore=lambda d, names: sorted(names)[12:])
+        shutil.copytree(Path(world.train_dir) / folder, data / folder,
+                        ignore=lambda d, names: sorted(names)[per_class:])
+    return data
+
+
+def test_cli_small_folder_escapes_names_and_exits_1_for_unreadable(synth_world, tmp_path, capsys):
+    data = _small_folder(synth_world, tmp_path / "data", 3, 12)
     odd = data / synth_world.seen_classes[0].replace(" ", "_") / "<b>&\"x'.png"
     shutil.copyfile(next((data / synth_world.seen_classes[1].replace(" ", "_")).iterdir()), odd)
     (data / synth_world.seen_classes[2].replace(" ", "_") / "bad.jpg").write_bytes(b"not an image")
@@ -147,6 +153,22 @@ def test_cli_small_folder_escapes_names_and_exits_1_for_unreadable(synth_world, 
     # the copy filed under another class is a duplicate with conflicting labels
     dup = _read(out / "duplicates.csv")
     assert any(r["path"] == str(odd) and ";" in r["group_labels"] for r in dup)
+
+
+def test_each_file_is_decoded_once(synth_world, tmp_path, monkeypatch):
+    from hybridcls.data import datasets
+
+    data = _small_folder(synth_world, tmp_path / "data", 2, 4)
+    decoded: Counter[str] = Counter()
+    real = datasets.load_image
+
+    def counting(path, *args, **kwargs):
+        decoded[str(path)] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_image", counting)
+    report = audit_dataset(data, save=False, **TINY)  # workers=0: the decodes happen here
+    assert sorted(decoded) == sorted(im.path for im in report.images) and set(decoded.values()) == {1}
 
 
 def test_missing_folders_are_clear_errors(tmp_path, capsys):

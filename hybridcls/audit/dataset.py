@@ -1,9 +1,9 @@
 """``audit_dataset``: look for problems in an ImageFolder training set before training on it.
 
-One pass of the CLIP image tower (:mod:`hybridcls.audit.embed`) and one pass
-of small thumbnails (:mod:`hybridcls.audit.pixels`) over every file of
-DATA_DIR and of the optional validation and test folders, then the analyses
-of :mod:`hybridcls.audit.find`:
+One decoding pass over every file of DATA_DIR and of the optional validation
+and test folders, which feeds the CLIP image tower (:mod:`hybridcls.audit.embed`)
+and makes the small thumbnails of the pixel check (:mod:`hybridcls.audit.pixels`),
+then the analyses of :mod:`hybridcls.audit.find`:
 
 * near-duplicate groups inside DATA_DIR;
 * leakage: validation / test images that are near-duplicates of a DATA_DIR image;
@@ -37,14 +37,9 @@ from hybridcls.audit.find import (
     label_votes,
     self_neighbours,
 )
-from hybridcls.audit.pixels import (
-    ThumbnailTransform,
-    crop_signatures,
-    pixel_similarity,
-    search_signatures,
-)
+from hybridcls.audit.pixels import crop_signatures, pixel_similarity, search_signatures
 from hybridcls.cache import atomic_write_text
-from hybridcls.data import Source, expand_inputs, make_loader, scan_image_folder
+from hybridcls.data import Source, expand_inputs, scan_image_folder
 from hybridcls.errors import DatasetError, InputError
 from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 
@@ -400,16 +395,14 @@ def audit_dataset(
 
     encoder = clip_image_encoder(clip_model, clip_pretrained, device=device, cache_dir=cache_dir)
     emb = embed_sources(encoder, sources, batch_size=batch_size, workers=workers,
-                        progress=progress, desc="audit: CLIP")
-    thumbs, thumb_errors = _thumbnails(sources, batch_size, workers)
-    errors = {**thumb_errors, **emb.errors}
-    images = [AuditImage(im.split, im.path, im.label, errors.get(i, im.error))
+                        progress=progress, desc="audit: CLIP", thumbnails=True)
+    images = [AuditImage(im.split, im.path, im.label, emb.errors.get(i, im.error))
               for i, im in enumerate(images)]
 
-    ok = np.array([i for i in range(len(images)) if images[i].error is None], dtype=np.int64)
-    row_of = {int(i): r for r, i in enumerate(emb.ok)}
-    clip = emb.vectors[[row_of[int(i)] for i in ok]] if len(ok) else emb.vectors[:0]
-    thumbs = thumbs[ok] if len(ok) else thumbs[:0]
+    # Every source is either a row of the embeddings (and thumbnails) or an error: the rows
+    # are the readable images, in input order.
+    ok = emb.ok
+    clip, thumbs = emb.vectors, emb.thumbnails
     coarse = search_signatures(thumbs)
 
     # 61 KB per image: bounded, so that a large set does not hold every image's crops at once.
@@ -468,20 +461,6 @@ def audit_dataset(
 
 def _strength(m: Match) -> tuple[float, float]:
     return (m.pixel_similarity, m.clip_cosine)
-
-
-def _thumbnails(sources: Sequence[Source], batch_size: int, workers: int
-                ) -> tuple[np.ndarray, dict[int, str]]:
-    """``[N, THUMB, THUMB, 3]`` thumbnails (zeros where unreadable) and the read errors."""
-    from hybridcls.audit.pixels import THUMB
-
-    out = np.zeros((len(sources), THUMB, THUMB, 3), dtype=np.uint8)
-    errors: dict[int, str] = {}
-    for batch in make_loader(sources, ThumbnailTransform(), batch_size=batch_size, workers=workers):
-        errors.update(batch.errors)
-        if batch.ok:
-            out[batch.ok] = batch.images.numpy()
-    return out, errors
 
 
 def _duplicate_rows(matches: Sequence[Match], images: Sequence[AuditImage]) -> list[DuplicateRow]:
