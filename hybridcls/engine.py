@@ -13,6 +13,11 @@ runs it on every image, ``clip="none"`` on none, and a callable receives the
 supervised outputs of a batch and returns the mask of images to encode
 (lazy zero-shot, the cascade).
 
+A caller that needs something else of every image (the audit's small
+thumbnails) passes ``extra_views``: PIL -> tensor functions run in the same
+workers on the same decoded image, whose stacked outputs come back beside
+the towers' outputs, so no file is decoded a second time for them.
+
 On CUDA the engine can also decode JPEG files on the GPU (``decode="device"``):
 the workers only read the bytes and the header, ``torchvision.io.decode_jpeg``
 decodes the batch on the device, and the same geometry runs on the decoded
@@ -113,13 +118,23 @@ def split_transform(transform: Any) -> View:
 
 
 class ViewsTransform:
-    """PIL RGB image -> one ``uint8`` tensor per distinct geometry (picklable for workers)."""
+    """PIL RGB image -> one ``uint8`` tensor per distinct geometry, then one per extra view.
 
-    def __init__(self, geometries: Sequence[Compose]) -> None:
+    Picklable for workers when the extra views are.
+
+    Args:
+        geometries: The towers' geometric parts (see :func:`split_transform`).
+        extras: Further ``PIL image -> tensor`` functions of the same decoded image.
+    """
+
+    def __init__(self, geometries: Sequence[Compose],
+                 extras: Sequence[Callable[[Image.Image], torch.Tensor]] = ()) -> None:
         self.geometries = list(geometries)
+        self.extras = list(extras)
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, ...]:
-        return tuple(pil_to_tensor(g(image)) for g in self.geometries)
+        return (tuple(pil_to_tensor(g(image)) for g in self.geometries)
+                + tuple(f(image) for f in self.extras))
 
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -199,7 +214,8 @@ class EngineBatch:
     """Both branches' raw outputs for one batch; arrays have one row per ``ok`` index.
 
     Rows of the CLIP arrays are NaN where the CLIP tower did not run
-    (``clip_ran`` is False).
+    (``clip_ran`` is False). ``extra_views`` holds one stacked array per
+    ``extra_views`` function given to the engine (empty when none decoded).
     """
 
     indices: list[int]
@@ -210,6 +226,7 @@ class EngineBatch:
     clip_embeddings: np.ndarray | None = None
     clip_logits: np.ndarray | None = None
     clip_ran: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    extra_views: tuple[np.ndarray, ...] = ()
 
 
 class InferenceEngine:
@@ -227,6 +244,9 @@ class InferenceEngine:
             batches are padded to ``batch_size``).
         decode: ``"cpu"`` (PIL in the workers) or ``"device"`` (JPEG decoded on
             ``device`` by ``torchvision.io.decode_jpeg``, CPU fallback per file).
+        extra_views: ``PIL RGB image -> tensor`` functions (one shape each, picklable
+            for workers) run on each decoded image beside the towers' geometry;
+            their outputs come back in :attr:`EngineBatch.extra_views`. CPU decoding only.
 
     Attributes:
         clip_images_encoded: How many images the CLIP image tower has encoded
@@ -251,11 +271,16 @@ class InferenceEngine:
         amp: str = "bf16",
         compile: bool = False,
         decode: str = "cpu",
+        extra_views: Sequence[Callable[[Image.Image], torch.Tensor]] = (),
     ) -> None:
         if supervised is None and clip is None:
             raise ValueError("InferenceEngine needs at least one of supervised= or clip=")
         if decode not in DECODERS:
             raise InputError(f"--decode {decode!r}: expected one of {', '.join(DECODERS)}")
+        if extra_views and decode != "cpu":
+            # The device decoder hands the geometry tensors, not PIL images, and its pixels differ
+            # slightly from PIL's: extra views computed there would not be the ones asked for.
+            raise ValueError("extra_views need decode='cpu'")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"--batch-size {batch_size!r}: expected a positive integer")
         self.device = torch.device(device)
@@ -279,7 +304,8 @@ class InferenceEngine:
         keys = list(dict.fromkeys(v.key for v in views))
         self._geometry_of = [keys.index(v.key) for v in views]
         self._views = views
-        self._transform = ViewsTransform([next(v.geometry for v in views if v.key == k) for k in keys])
+        self._transform = ViewsTransform([next(v.geometry for v in views if v.key == k) for k in keys],
+                                         extra_views)
         self._norm = [
             (torch.tensor(v.mean, device=self.device).view(1, 3, 1, 1) * 255,
              torch.tensor(v.std, device=self.device).view(1, 3, 1, 1) * 255)
@@ -457,6 +483,10 @@ class InferenceEngine:
             out = EngineBatch(indices=list(batch.indices), ok=ok, errors=errors)
             n = len(ok)
             if n:
+                # The extra views come after the geometries; they stay on the CPU.
+                n_geometries = len(self._transform.geometries)
+                out.extra_views = tuple(v.numpy() for v in images[n_geometries:])
+                images = images[:n_geometries]
                 if self.supervised is not None:
                     out.sup_logits, out.sup_features = self._run_supervised(
                         self._on_device(images, self._sup_view))

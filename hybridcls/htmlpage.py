@@ -1,10 +1,10 @@
 """Self-contained HTML pages: escaped text, relative links, one stylesheet, atomic writes.
 
-The pages that ``hybridcls report`` and ``hybridcls explain`` write live in a
-folder with their PNGs beside them, so the folder can be moved, zipped or
-served as it is. Every piece of text that comes from a file name, a class
-name or an error message goes through :func:`esc`; every link is relative to
-the page (:func:`rel_link` refuses anything else).
+The pages that ``hybridcls report``, ``hybridcls explain`` and ``hybridcls
+audit`` write live in a folder with their images beside them, so the folder
+can be moved, zipped or served as it is. Every piece of text that comes from
+a file name, a class name or an error message goes through :func:`esc`;
+every link is relative to the page (:func:`rel_link` refuses anything else).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from hybridcls.cache import atomic_write_text
 
-__all__ = ["esc", "figure", "img", "page", "rel_link", "table", "write_page"]
+__all__ = ["bar", "esc", "figure", "img", "page", "rel_link", "table", "thumb_figure", "write_page"]
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -32,6 +32,11 @@ figcaption { font-size: 0.85em; color: #555; max-width: 40em; }
 .error { color: #b00020; font-weight: bold; }
 .note { color: #555; font-size: 0.9em; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 0.5em 1em; margin: 1em 0; }
+figure.thumb { width: 110px; margin: 0.2em; font-size: 0.75em; word-break: break-all; }
+figure.thumb img { max-width: 96px; max-height: 96px; display: block; }
+.missing { width: 96px; height: 64px; background: #eee; display: flex; align-items: center;
+  justify-content: center; }
+.bar { background: #69c; height: 0.8em; }
 """
 
 
@@ -53,15 +58,49 @@ def rel_link(target: str | os.PathLike[str], base: str | os.PathLike[str]) -> st
     return quote(PurePosixPath(*rel.parts).as_posix())
 
 
-def img(src: str, alt: str, *, width: int | None = None) -> str:
-    """An ``<img>`` tag; ``src`` must already be a relative link (see :func:`rel_link`)."""
+def img(src: str, alt: str, *, width: int | None = None, lazy: bool = False) -> str:
+    """An ``<img>`` tag; ``src`` must already be a relative link (see :func:`rel_link`).
+
+    ``lazy`` lets the browser fetch it only when scrolled near (pages with hundreds of images).
+    """
     size = f' width="{int(width)}"' if width else ""
-    return f'<img src="{esc(src)}" alt="{esc(alt)}"{size}>'
+    load = ' loading="lazy"' if lazy else ""
+    return f'<img src="{esc(src)}" alt="{esc(alt)}"{size}{load}>'
 
 
 def figure(src: str, caption: str, *, width: int | None = None) -> str:
     """An image with a caption (the caption is escaped)."""
     return f"<figure>{img(src, caption, width=width)}<figcaption>{esc(caption)}</figcaption></figure>"
+
+
+def thumb_figure(src: str | None, caption: str, *, title: str = "", missing: str = "unreadable"
+                 ) -> str:
+    """A small captioned picture for pages that show many (at most 96 px, loaded lazily).
+
+    Args:
+        src: A relative link to the picture (see :func:`rel_link`); ``None``
+            shows a grey box saying ``missing`` in its place.
+        caption: Shown under it (escaped).
+        title: Shown on hover, e.g. the full path the caption shortens (escaped).
+        missing: The box's text when there is no picture.
+
+    Example:
+        >>> thumb_figure(None, "a<b")
+        '<figure class="thumb"><div class="missing">unreadable</div><figcaption>a&lt;b</figcaption></figure>'
+    """
+    pic = img(src, title or caption, lazy=True) if src is not None else f'<div class="missing">{esc(missing)}</div>'
+    hover = f' title="{esc(title)}"' if title else ""
+    return f'<figure class="thumb"{hover}>{pic}<figcaption>{esc(caption)}</figcaption></figure>'
+
+
+def bar(fraction: float, *, width: int = 200) -> str:
+    """A horizontal bar ``fraction`` (0 to 1) of ``width`` pixels long, for a bar chart in a table.
+
+    Example:
+        >>> bar(0.5)
+        '<div class="bar" style="width:100px"></div>'
+    """
+    return f'<div class="bar" style="width:{width * max(0.0, min(1.0, fraction)):.0f}px"></div>'
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, numeric: Sequence[int] = ()

@@ -5,13 +5,21 @@ from __future__ import annotations
 import csv
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hybridcls.audit import PIXEL_THRESHOLD, audit_dataset, plant_problems
-from hybridcls.audit.find import Match, class_counts, duplicate_groups, label_votes
+from hybridcls.audit.find import (
+    Match,
+    class_counts,
+    duplicate_groups,
+    find_matches,
+    label_votes,
+    self_neighbours,
+)
 from hybridcls.audit.pixels import crop_signatures, pixel_similarity, thumbnail_of_image
 from hybridcls.audit.plant import PERTURBATIONS, perturb
 from hybridcls.cli import main
@@ -121,12 +129,17 @@ def test_html_references_only_existing_files(audited):
     assert page.count("<figure") >= len(report.leaks) * 2
 
 
-def test_cli_small_folder_escapes_names_and_exits_1_for_unreadable(synth_world, tmp_path, capsys):
-    data = tmp_path / "data"
-    for cls in synth_world.seen_classes[:3]:
+def _small_folder(world, data: Path, n_classes: int, per_class: int) -> Path:
+    """``data/<class>/`` with the first ``per_class`` training images of ``n_classes`` seen classes."""
+    for cls in world.seen_classes[:n_classes]:
         folder = cls.replace(" ", "_")
-        shutil.copytree(Path(synth_world.train_dir) / folder, data / folder,
-                        ignore=lambda d, names: sorted(names)[12:])
+        shutil.copytree(Path(world.train_dir) / folder, data / folder,
+                        ignore=lambda d, names: sorted(names)[per_class:])
+    return data
+
+
+def test_cli_small_folder_escapes_names_and_exits_1_for_unreadable(synth_world, tmp_path, capsys):
+    data = _small_folder(synth_world, tmp_path / "data", 3, 12)
     odd = data / synth_world.seen_classes[0].replace(" ", "_") / "<b>&\"x'.png"
     shutil.copyfile(next((data / synth_world.seen_classes[1].replace(" ", "_")).iterdir()), odd)
     (data / synth_world.seen_classes[2].replace(" ", "_") / "bad.jpg").write_bytes(b"not an image")
@@ -140,6 +153,22 @@ def test_cli_small_folder_escapes_names_and_exits_1_for_unreadable(synth_world, 
     # the copy filed under another class is a duplicate with conflicting labels
     dup = _read(out / "duplicates.csv")
     assert any(r["path"] == str(odd) and ";" in r["group_labels"] for r in dup)
+
+
+def test_each_file_is_decoded_once(synth_world, tmp_path, monkeypatch):
+    from hybridcls.data import datasets
+
+    data = _small_folder(synth_world, tmp_path / "data", 2, 4)
+    decoded: Counter[str] = Counter()
+    real = datasets.load_image
+
+    def counting(path, *args, **kwargs):
+        decoded[str(path)] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_image", counting)
+    report = audit_dataset(data, save=False, **TINY)  # workers=0: the decodes happen here
+    assert sorted(decoded) == sorted(im.path for im in report.images) and set(decoded.values()) == {1}
 
 
 def test_missing_folders_are_clear_errors(tmp_path, capsys):
@@ -167,6 +196,15 @@ def test_groups_votes_and_counts_on_arrays():
     suggested, agreement, own, nb = label_votes(emb.astype(np.float32), labels, k=5)
     assert suggested[4] == 0 and agreement[4] == 1.0 and own[4] == 0.0
     assert nb.shape == (30, 5) and 4 not in nb[4]
+    # one self-search shared by the label votes and the duplicate candidates gives what each finds alone
+    nearest = self_neighbours(emb.astype(np.float32), 5)
+    shared = label_votes(emb.astype(np.float32), labels, k=5, nearest=nearest)
+    assert all(np.array_equal(a, b) for a, b in zip(shared, (suggested, agreement, own, nb)))
+    unit = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    kw = {"k": 3, "clip_threshold": 0.99, "pixel_threshold": None, "same_set": True}
+    alone = find_matches(unit, unit, unit, unit, lambda i, j: 0.0, **kw)
+    assert alone and find_matches(unit, unit, unit, unit, lambda i, j: 0.0,
+                                  clip_nearest=self_neighbours(unit, 8), **kw) == alone
     counts, ratio = class_counts(["a", "b"], np.array([0, 0, 1, 1]), np.array([1, 1, 1, 0], bool), 2)
     assert [(c.images, c.unreadable, c.below_minimum) for c in counts] == [(2, 0, False), (1, 1, True)]
     assert ratio == 2.0

@@ -97,6 +97,22 @@ def test_device_decode_falls_back_to_cpu_and_keeps_errors(hybrid, images, tmp_pa
     np.testing.assert_allclose(cat("sup_logits"), ref("sup_logits"), atol=0.15)
 
 
+def test_extra_views_come_from_the_same_decode(hybrid, images, tmp_path):
+    from hybridcls.audit.pixels import ThumbnailTransform, thumbnail_of_image
+
+    sources = list(images[:4]) + expand_inputs([str(make_zero_byte(tmp_path))]) + list(images[4:])
+    batches, cat = _all(_engine(hybrid, extra_views=[ThumbnailTransform()]), sources)
+    thumbs = np.concatenate([b.extra_views[0] for b in batches if b.ok])
+    # what a separate decode of each readable file gives, and the towers' outputs are unchanged
+    np.testing.assert_array_equal(thumbs, np.stack([thumbnail_of_image(load_image(s.path)) for s in images]))
+    _, ref = _all(_engine(hybrid), images)
+    # (not bit-equal: the unreadable file shifts which images share a batch)
+    np.testing.assert_allclose(cat("clip_embeddings"), ref("clip_embeddings"), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cat("sup_logits"), ref("sup_logits"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="decode='cpu'"):
+        _engine(hybrid, decode="device", extra_views=[ThumbnailTransform()])
+
+
 def test_compiled_shapes_are_fixed(hybrid, images, monkeypatch):
     engine = _engine(hybrid)
     engine.compile = True  # exercise the padding without paying for a real compile on the CPU

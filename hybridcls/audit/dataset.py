@@ -1,9 +1,9 @@
 """``audit_dataset``: look for problems in an ImageFolder training set before training on it.
 
-One pass of the CLIP image tower (:mod:`hybridcls.audit.embed`) and one pass
-of small thumbnails (:mod:`hybridcls.audit.pixels`) over every file of
-DATA_DIR and of the optional validation and test folders, then the analyses
-of :mod:`hybridcls.audit.find`:
+One decoding pass over every file of DATA_DIR and of the optional validation
+and test folders, which feeds the CLIP image tower (:mod:`hybridcls.audit.embed`)
+and makes the small thumbnails of the pixel check (:mod:`hybridcls.audit.pixels`),
+then the analyses of :mod:`hybridcls.audit.find`:
 
 * near-duplicate groups inside DATA_DIR;
 * leakage: validation / test images that are near-duplicates of a DATA_DIR image;
@@ -35,15 +35,11 @@ from hybridcls.audit.find import (
     duplicate_groups,
     find_matches,
     label_votes,
+    self_neighbours,
 )
-from hybridcls.audit.pixels import (
-    ThumbnailTransform,
-    crop_signatures,
-    pixel_similarity,
-    search_signatures,
-)
+from hybridcls.audit.pixels import crop_signatures, pixel_similarity, search_signatures
 from hybridcls.cache import atomic_write_text
-from hybridcls.data import Source, expand_inputs, make_loader, scan_image_folder
+from hybridcls.data import Source, expand_inputs, scan_image_folder
 from hybridcls.errors import DatasetError, InputError
 from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 
@@ -399,16 +395,14 @@ def audit_dataset(
 
     encoder = clip_image_encoder(clip_model, clip_pretrained, device=device, cache_dir=cache_dir)
     emb = embed_sources(encoder, sources, batch_size=batch_size, workers=workers,
-                        progress=progress, desc="audit: CLIP")
-    thumbs, thumb_errors = _thumbnails(sources, batch_size, workers)
-    errors = {**thumb_errors, **emb.errors}
-    images = [AuditImage(im.split, im.path, im.label, errors.get(i, im.error))
+                        progress=progress, desc="audit: CLIP", thumbnails=True)
+    images = [AuditImage(im.split, im.path, im.label, emb.errors.get(i, im.error))
               for i, im in enumerate(images)]
 
-    ok = np.array([i for i in range(len(images)) if images[i].error is None], dtype=np.int64)
-    row_of = {int(i): r for r, i in enumerate(emb.ok)}
-    clip = emb.vectors[[row_of[int(i)] for i in ok]] if len(ok) else emb.vectors[:0]
-    thumbs = thumbs[ok] if len(ok) else thumbs[:0]
+    # Every source is either a row of the embeddings (and thumbnails) or an error: the rows
+    # are the readable images, in input order.
+    ok = emb.ok
+    clip, thumbs = emb.vectors, emb.thumbnails
     coarse = search_signatures(thumbs)
 
     # 61 KB per image: bounded, so that a large set does not hold every image's crops at once.
@@ -423,8 +417,11 @@ def audit_dataset(
     kw = {"k": neighbours, "clip_threshold": clip_threshold, "pixel_threshold": pixel_threshold}
 
     report = AuditReport(data_dir=os.fspath(data_dir), images=images, classes=list(index.classes))
+    # DATA_DIR against itself by CLIP, searched once: duplicate candidates and label votes share it.
+    nearest = self_neighbours(clip[d], neighbours)
     matches = find_matches(clip[d], coarse[d], clip[d], coarse[d],
-                           lambda a, b: pixel_similarity(sig(d[a]), sig(d[b])), same_set=True, **kw)
+                           lambda a, b: pixel_similarity(sig(d[a]), sig(d[b])), same_set=True,
+                           clip_nearest=nearest, **kw)
     report.duplicates = _duplicate_rows(matches, [images[i] for i in ok[d]])
     for s in SPLITS[1:]:
         q = rows[s]
@@ -440,7 +437,7 @@ def audit_dataset(
             report.leaks.append(LeakRow(s, images[ok[q[qi]]].path, ref.path, ref.label,
                                         m.clip_cosine, m.pixel_similarity, m.rule))
 
-    suggested, agreement, own, nb = label_votes(clip[d], labels, neighbours)
+    suggested, agreement, own, nb = label_votes(clip[d], labels, neighbours, nearest=nearest)
     flagged = np.flatnonzero((suggested != labels) & (agreement >= mislabel_agreement))
     for r in sorted(flagged, key=lambda r: (-agreement[r], r)):
         report.mislabels.append(MislabelRow(
@@ -464,20 +461,6 @@ def audit_dataset(
 
 def _strength(m: Match) -> tuple[float, float]:
     return (m.pixel_similarity, m.clip_cosine)
-
-
-def _thumbnails(sources: Sequence[Source], batch_size: int, workers: int
-                ) -> tuple[np.ndarray, dict[int, str]]:
-    """``[N, THUMB, THUMB, 3]`` thumbnails (zeros where unreadable) and the read errors."""
-    from hybridcls.audit.pixels import THUMB
-
-    out = np.zeros((len(sources), THUMB, THUMB, 3), dtype=np.uint8)
-    errors: dict[int, str] = {}
-    for batch in make_loader(sources, ThumbnailTransform(), batch_size=batch_size, workers=workers):
-        errors.update(batch.errors)
-        if batch.ok:
-            out[batch.ok] = batch.images.numpy()
-    return out, errors
 
 
 def _duplicate_rows(matches: Sequence[Match], images: Sequence[AuditImage]) -> list[DuplicateRow]:

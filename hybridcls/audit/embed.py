@@ -6,6 +6,10 @@ first) and run by :class:`~hybridcls.engine.InferenceEngine` (batching, worker
 decoding, AMP on CUDA, error rows for files that do not decode). The
 classifier is fitted on one placeholder class with one template, so the text
 tower runs once on one word and nothing is cached on disk for it.
+
+The pixel check's thumbnails (:mod:`hybridcls.audit.pixels`) are made in the
+same pass, from the same decoded image (the engine's ``extra_views``), so
+every file is decoded once.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hybridcls.audit.pixels import THUMB, ThumbnailTransform
 from hybridcls.data import Source
 from hybridcls.engine import InferenceEngine
 from hybridcls.zeroshot import ClassPrompt, PromptSet, ZeroShotClassifier
@@ -35,11 +40,15 @@ class Embeddings:
         vectors: ``[n_ok, D]`` float32, one row per readable source.
         ok: Source positions of the rows of ``vectors``, increasing.
         errors: Source position -> why that file could not be read.
+        thumbnails: ``[n_ok, THUMB, THUMB, 3]`` uint8 thumbnails
+            (:func:`~hybridcls.audit.pixels.thumbnail_of_image`) aligned with
+            ``vectors``, when asked for; else ``None``.
     """
 
     vectors: np.ndarray
     ok: np.ndarray
     errors: dict[int, str]
+    thumbnails: np.ndarray | None = None
 
 
 def clip_image_encoder(
@@ -68,6 +77,7 @@ def embed_sources(
     workers: int = 0,
     progress: bool = False,
     desc: str = "embed",
+    thumbnails: bool = False,
 ) -> Embeddings:
     """Embed every readable source with ``encoder``'s image tower.
 
@@ -78,21 +88,29 @@ def embed_sources(
         workers: Decoding processes.
         progress: Show a progress bar.
         desc: The bar's label.
+        thumbnails: Also make each readable image's pixel-check thumbnail, from
+            the decode that feeds the CLIP tower.
 
     Returns:
         The embeddings of the files that decoded and the reasons of those that did not;
         every source is in exactly one of the two.
     """
     engine = InferenceEngine(clip=encoder, device=encoder.device_, batch_size=batch_size,
-                             workers=workers)
+                             workers=workers, extra_views=[ThumbnailTransform()] if thumbnails else ())
     rows: list[np.ndarray] = []
     ok: list[int] = []
     errors: dict[int, str] = {}
+    # Filled in place, one row per readable image, so the thumbnails are never held twice
+    # (a list of batches joined at the end would be).
+    thumbs = np.empty((len(sources) if thumbnails else 0, THUMB, THUMB, 3), dtype=np.uint8)
     for batch in engine.iter_batches(sources, progress=progress, desc=desc):
         errors.update(batch.errors)
         if batch.ok:
+            if thumbnails:
+                thumbs[len(ok):len(ok) + len(batch.ok)] = batch.extra_views[0]
             ok.extend(batch.ok)
             rows.append(batch.clip_embeddings)
     dim = encoder.bundle_.embed_dim
     vectors = np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
-    return Embeddings(vectors=vectors, ok=np.asarray(ok, dtype=np.int64), errors=errors)
+    return Embeddings(vectors=vectors, ok=np.asarray(ok, dtype=np.int64), errors=errors,
+                      thumbnails=thumbs[:len(ok)] if thumbnails else None)

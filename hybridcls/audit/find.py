@@ -24,6 +24,7 @@ __all__ = [
     "duplicate_groups",
     "find_matches",
     "label_votes",
+    "self_neighbours",
 ]
 
 
@@ -53,6 +54,27 @@ def _neighbours(query: np.ndarray, ref: np.ndarray, k: int) -> tuple[np.ndarray,
     return EmbeddingIndex("flat").add(ref).search(query, k)
 
 
+def self_neighbours(embeddings: np.ndarray, k: int) -> np.ndarray:
+    """Each row's nearest rows of the same set, itself included: room for ``k`` others.
+
+    One exact search of a set against itself, to be shared by every analysis
+    that needs it (:func:`find_matches` with ``same_set=True`` and
+    :func:`label_votes` both take it), so the set is searched once.
+
+    Args:
+        embeddings: ``[N, D]`` unit vectors.
+        k: Neighbours wanted besides the row itself.
+
+    Returns:
+        ``[N, min(k + 1, N)]`` row numbers, nearest first.
+
+    Example:
+        >>> self_neighbours(np.eye(3, dtype=np.float32), 5).shape
+        (3, 3)
+    """
+    return _neighbours(embeddings, embeddings, k + 1)[1]
+
+
 def find_matches(
     query_clip: np.ndarray,
     query_pixels: np.ndarray,
@@ -64,6 +86,7 @@ def find_matches(
     clip_threshold: float | None,
     pixel_threshold: float | None,
     same_set: bool = False,
+    clip_nearest: np.ndarray | None = None,
 ) -> list[Match]:
     """Pairs (query, reference) that are the same picture, by either of two tests.
 
@@ -83,6 +106,10 @@ def find_matches(
         pixel_threshold: Pixel similarity at or above which a pair matches.
         same_set: Queries and references are the same images: self-pairs are
             skipped and each pair is returned once, with ``query < ref``.
+        clip_nearest: Each query's nearest references by CLIP, if already
+            searched (with ``same_set``: :func:`self_neighbours` of ``ref_clip``);
+            its first ``k`` (``k + 1`` with ``same_set``) columns are used.
+            ``None`` searches here.
 
     Returns:
         Matches sorted by ``(query, ref)``.
@@ -95,8 +122,10 @@ def find_matches(
     """
     extra = 1 if same_set else 0
     candidates: set[tuple[int, int]] = set()
-    for q, r in ((query_clip, ref_clip), (query_pixels, ref_pixels)):
-        _, ids = _neighbours(q, r, k + extra)
+    searches = [(query_clip, ref_clip, clip_nearest), (query_pixels, ref_pixels, None)]
+    for q, r, ids in searches:
+        # A shared search may hold more columns than this one needs; the nearest come first.
+        ids = _neighbours(q, r, k + extra)[1] if ids is None else ids[:, :k + extra]
         for i, row in enumerate(ids):
             for j in row:
                 j = int(j)
@@ -141,7 +170,7 @@ def duplicate_groups(n: int, matches: Sequence[Match]) -> np.ndarray:
 
 
 def label_votes(
-    embeddings: np.ndarray, labels: np.ndarray, k: int
+    embeddings: np.ndarray, labels: np.ndarray, k: int, *, nearest: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """What each image's ``k`` nearest other images (by CLIP cosine) say its label is.
 
@@ -149,6 +178,8 @@ def label_votes(
         embeddings: ``[N, D]`` unit CLIP embeddings.
         labels: ``[N]`` integer labels.
         k: Neighbours that vote (fewer when there are fewer other images).
+        nearest: :func:`self_neighbours` of ``embeddings`` with at least
+            this ``k``, if already searched; ``None`` searches here.
 
     Returns:
         ``(suggested, agreement, own, neighbours)``: the most common label
@@ -168,7 +199,7 @@ def label_votes(
     k = min(k, n - 1)
     if k < 1:
         return labels.copy(), np.ones(n), np.ones(n), np.zeros((n, 0), dtype=np.int64)
-    _, ids = _neighbours(embeddings, embeddings, k + 1)
+    ids = self_neighbours(embeddings, k) if nearest is None else nearest
     # Drop the image itself (normally the first hit; with exact copies it may not be).
     nb = np.array([[j for j in row if j != i][:k] for i, row in enumerate(ids)], dtype=np.int64)
     nl = labels[nb]

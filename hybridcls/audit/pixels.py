@@ -50,7 +50,7 @@ def thumbnail_of_image(image: Image.Image) -> np.ndarray:
 
 
 class ThumbnailTransform:
-    """PIL image -> ``[THUMB, THUMB, 3]`` uint8 tensor, for :func:`~hybridcls.data.make_loader` workers."""
+    """PIL image -> ``[THUMB, THUMB, 3]`` uint8 tensor, for the engine's workers (its ``extra_views``)."""
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return torch.from_numpy(thumbnail_of_image(image).copy())
