@@ -250,3 +250,18 @@ def test_efficientnet_lite0_package_weights_map_onto_timm_by_position(tmp_path):
     for (name, tensor), original in zip(backbone.items(), package.values()):
         assert torch.equal(tensor, original), name
     assert data_cfg["input_size"] == [3, 224, 224] and data_cfg["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_safetensors_bytes_are_the_same_whatever_the_metadata_order():
+    """safetensors writes metadata in a per-map random order; ours is sorted, so equal states hash equal."""
+    from safetensors.torch import load
+
+    from hybridcls.supervised.checkpoint import safetensors_bytes
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.float16)}
+    blobs = {safetensors_bytes(tensors, {k: str(i) for i, k in enumerate("abcde")}) for _ in range(20)}
+    assert len(blobs) == 1
+    blob = blobs.pop()
+    assert int.from_bytes(blob[:8], "little") % 8 == 0  # the data starts 8-byte aligned
+    loaded = load(blob)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())

@@ -44,6 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sp.add_argument("--gpu-decode", action="store_true", help="decode JPEG files on the GPU")
     sp.add_argument("--cascade-share", type=float, default=0.6, metavar="P",
                     help="share of images the cascade sends to CLIP (default: %(default)s)")
+    sp.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="timed runs of each throughput figure, taken in turns; the fastest counts "
+                         "(default: %(default)s, after one warm-up run each)")
     sp.add_argument("--quick", action="store_true",
                     help="CI-sized: test_convnext + tiny CLIP, 16 small images, 64 px, 4 templates")
     sp.set_defaults(run=run_speed)
@@ -86,6 +89,8 @@ def run_speed(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.repeat < 1:
+        raise UsageError(f"--repeat must be at least 1, got {args.repeat}")
     if args.gpu_decode and args.device != "cuda":
         raise UsageError("--gpu-decode needs --device cuda")
     quick = {"images": 16, "size": (160, 120), "image_size": 64,
@@ -95,7 +100,7 @@ def run_speed(args: argparse.Namespace) -> int:
     models = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
     report = bench(Path(args.out), device=args.device, batch_size=args.batch_size, models=models,
                    workers=args.workers, compile=args.compile, gpu_decode=args.gpu_decode,
-                   cascade_share=args.cascade_share, threads=args.threads, **options)
+                   cascade_share=args.cascade_share, threads=args.threads, repeat=args.repeat, **options)
     print(report.markdown())
     print(json.dumps(report.info))
     print(f"wrote {Path(args.out) / 'speed.json'}")

@@ -143,6 +143,29 @@ def read_json(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: not readable JSON ({exc})") from exc
 
 
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """Serialise tensors and metadata to safetensors bytes that are the same on every run.
+
+    ``safetensors`` writes the metadata in a hash map's order, which changes from
+    process to process; the header is rewritten with sorted metadata so that two
+    identical states give identical bytes (and the same SHA-256 in the JSON beside them).
+
+    Example:
+        >>> a = safetensors_bytes({"w": torch.zeros(2)}, {"epoch": "1", "format": "x"})
+        >>> a == safetensors_bytes({"w": torch.zeros(2)}, {"format": "x", "epoch": "1"})
+        True
+    """
+    blob = save_safetensors_bytes(dict(tensors), metadata=dict(metadata))
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    # the tensors' entries keep safetensors' own (deterministic) order; the header is
+    # space-padded to a multiple of 8 bytes, as safetensors aligns the data that follows
+    text = json.dumps({"__metadata__": header.pop("__metadata__"), **header}, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + n :]
+
+
 def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, config: Mapping[str, Any]) -> None:
     """Write ``config.json`` and ``model.safetensors`` into ``run_dir``, each atomically.
 
@@ -156,7 +179,7 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, config: Mapping
     """
     run_dir = Path(run_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    blob = save_safetensors_bytes(tensors, metadata={"format": CHECKPOINT_FORMAT})
+    blob = safetensors_bytes(tensors, {"format": CHECKPOINT_FORMAT})
     atomic_write_bytes(run_dir / WEIGHTS_FILE, blob)
     write_json(
         run_dir / CONFIG_FILE, {**config, WEIGHTS_HASH_KEY: hashlib.sha256(blob).hexdigest()}

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as save_safetensors_bytes
 
 from hybridcls.cache import atomic_write_bytes, stable_hash
 from hybridcls.errors import CheckpointError
-from hybridcls.supervised import read_json, read_verified_safetensors, write_json
+from hybridcls.supervised.checkpoint import read_json, read_verified_safetensors, safetensors_bytes, write_json
 
 __all__ = [
     "STATE_FORMAT_VERSION",
@@ -116,9 +115,9 @@ def save_train_state(
     """
     run_dir = Path(run_dir)
     epoch = str(info["epoch"])
-    blob = save_safetensors_bytes(
+    blob = safetensors_bytes(
         {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-        metadata={"epoch": epoch, "format_version": str(STATE_FORMAT_VERSION)},
+        {"epoch": epoch, "format_version": str(STATE_FORMAT_VERSION)},
     )
     atomic_write_bytes(run_dir / STATE_TENSORS_FILE, blob)
     record = {
