@@ -67,3 +67,31 @@ def test_demo_prints_seen_and_unseen(world_run, capsys):
     rows = read_predictions(out_dir / "predictions.csv")
     assert len(rows) == len(read_labels(world.labels_csv))
     assert {"gate_score", "supervised_topk", "zeroshot_topk"} <= set(rows[0])
+
+
+def test_predict_cascade_writes_every_image_once_and_skips_clip_where_it_says(world_run, tmp_path):
+    """`predict --cascade`: every input once, in order; rows the cascade kept carry no zero-shot top-k."""
+    import numpy as np
+
+    from hybridcls.data import expand_inputs
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+
+    world, clf = world_run
+    sources = expand_inputs([world.test_dir])[:120]
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("".join(f"{s.path}\n" for s in sources), encoding="utf-8")
+    out = tmp_path / "pred.jsonl"
+    code = main(["predict", str(listing), "--checkpoint", str(clf.run_dir_), "--prompts",
+                 str(world.prompts_file), "--templates", str(world.templates_file), "--clip-model",
+                 TINY_CLIP_MODEL_ID, "--cache-dir", str(tmp_path / "cache"), "--cascade", "-o", str(out),
+                 "-q", "--workers", "0"])
+    assert code == 0
+    rows = read_predictions(out)
+    assert [r["path"] for r in rows] == [s.path for s in sources]
+    feats = clf.extract_features(sources)
+    kept = clf.cascade_skips_clip(feats)
+    assert 0 < kept.sum() < len(sources)
+    assert [not r["zeroshot_topk"] for r in rows] == kept.tolist()
+    assert all(r["branch"] == "supervised" for r, k in zip(rows, kept) if k)
+    labels = [r["label"] for r in rows]
+    assert np.mean([lab in clf.classes_ for lab in labels]) == 1.0
