@@ -69,7 +69,7 @@ def test_demo_prints_seen_and_unseen(world_run, capsys):
     assert {"gate_score", "supervised_topk", "zeroshot_topk"} <= set(rows[0])
 
 
-def test_predict_cascade_writes_every_image_once_and_skips_clip_where_it_says(world_run, tmp_path):
+def test_predict_cascade_writes_every_image_once_and_skips_clip_where_it_says(world_run, tmp_path, capsys):
     """`predict --cascade`: every input once, in order; rows the cascade kept carry no zero-shot top-k."""
     import numpy as np
 
@@ -93,5 +93,6 @@ def test_predict_cascade_writes_every_image_once_and_skips_clip_where_it_says(wo
     assert 0 < kept.sum() < len(sources)
     assert [not r["zeroshot_topk"] for r in rows] == kept.tolist()
     assert all(r["branch"] == "supervised" for r, k in zip(rows, kept) if k)
+    assert f"CLIP image tower ran on {int((~kept).sum())} of {len(sources)} inputs" in capsys.readouterr().err
     labels = [r["label"] for r in rows]
     assert np.mean([lab in clf.classes_ for lab in labels]) == 1.0

@@ -213,10 +213,13 @@ def _run_to_file(args: argparse.Namespace, sources) -> int:
 
         extra = tuple(HybridClassifier.EXTRA_COLUMNS)
 
+    loaded = []  # the hybrid, once loaded: its engine counts the images the CLIP tower encoded
+
     def predict_rows(todo):
         # Loaded only when something is left to predict (a finished --resume loads nothing).
         if args.checkpoint:
-            yield from hybrid_from_args(args).rows(todo, topk=args.topk, progress=progress)
+            loaded.append((hybrid_from_args(args), len(todo)))
+            yield from loaded[-1][0].rows(todo, topk=args.topk, progress=progress)
         else:
             yield from zeroshot_rows(_zeroshot_from_args(args), todo, args.topk, progress=progress)
 
@@ -229,6 +232,11 @@ def _run_to_file(args: argparse.Namespace, sources) -> int:
     if summary.resumed:
         print(f"hybridcls predict: resumed after {summary.resumed} rows already in {args.output}",
               file=sys.stderr)
+    if loaded and not world:
+        # what lazy zero-shot or --cascade saved (under torchrun each rank counts only its part)
+        clf, n = loaded[-1]
+        print(f"hybridcls predict: the CLIP image tower ran on {clf.engine_.clip_images_encoded} of "
+              f"{n} inputs", file=sys.stderr)
     return _finish(summary.n_ok, summary.n_error, args.output)
 
 
