@@ -41,6 +41,21 @@ def hybrid(tmp_path_factory) -> HybridClassifier:
                             cache_dir=root / "cache").load_run(root / "run")
 
 
+@pytest.fixture
+def restores_hybrid(hybrid):
+    """Put back what a test changes on the shared hybrid: gate, backbone index, cascade, run's index/."""
+    import shutil
+
+    saved = hybrid.gate_, hybrid.backbone_index_, hybrid.cascade
+    index_dir = hybrid.run_dir_ / "index"
+    had_index = index_dir.exists()
+    yield
+    hybrid.gate_, hybrid.backbone_index_ = saved[:2]
+    hybrid.set_params(cascade=saved[2])
+    if not had_index:
+        shutil.rmtree(index_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list:
     folder = tmp_path_factory.mktemp("images")
@@ -153,62 +168,52 @@ def test_out_of_memory_halves_then_names_batch_size(hybrid, images):
         list(engine.iter_batches(images))
 
 
-def test_lazy_and_cascade_skip_clip(hybrid, images):
+def test_lazy_and_cascade_skip_clip(hybrid, images, restores_hybrid):
     feats = hybrid.extract_features(images)
     msp = max_softmax(feats.sup_logits)
     median = float(np.median(msp))
-    original = hybrid.gate_
-    try:
-        # Lazy: a hard gate on a supervised score encodes only the routed images.
-        hybrid.gate_ = GateCalibration(score="msp", mode="hard", threshold=-median, method="manual")
-        before = hybrid.engine_.clip_images_encoded
-        lazy = hybrid.predict_proba(images)
-        assert hybrid.engine_.clip_images_encoded - before == int((msp < median).sum()) < len(images)
-        assert np.allclose(lazy.sum(axis=1), 1.0)
+    # Lazy: a hard gate on a supervised score encodes only the routed images.
+    hybrid.gate_ = GateCalibration(score="msp", mode="hard", threshold=-median, method="manual")
+    before = hybrid.engine_.clip_images_encoded
+    lazy = hybrid.predict_proba(images)
+    assert hybrid.engine_.clip_images_encoded - before == int((msp < median).sum()) < len(images)
+    assert np.allclose(lazy.sum(axis=1), 1.0)
 
-        # Cascade: a CLIP-side soft gate; CLIP runs only at or below the cascade threshold.
-        gate = GateCalibration(score="clip_margin", mode="soft", threshold=0.0, soft_scale=1.0,
-                               method="manual")
-        hybrid.gate_ = gate
-        full = hybrid.predict_proba(images)
-        hybrid.gate_ = gate.replace(cascade_msp=median)
-        hybrid.set_params(cascade=True)
-        before = hybrid.engine_.clip_images_encoded
-        casc = hybrid.predict_proba(images)
-        ran = msp <= median
-        assert hybrid.engine_.clip_images_encoded - before == int(ran.sum()) < len(images)
-        np.testing.assert_allclose(casc[ran], full[ran], rtol=1e-5, atol=1e-6)
-        S = hybrid.n_seen_
-        assert (casc[~ran, S:] == 0).all() and np.allclose(casc[~ran, :S].sum(axis=1), 1.0)
-    finally:
-        hybrid.gate_ = original
-        hybrid.set_params(cascade=False)
+    # Cascade: a CLIP-side soft gate; CLIP runs only at or below the cascade threshold.
+    gate = GateCalibration(score="clip_margin", mode="soft", threshold=0.0, soft_scale=1.0,
+                           method="manual")
+    hybrid.gate_ = gate
+    full = hybrid.predict_proba(images)
+    hybrid.gate_ = gate.replace(cascade_msp=median)
+    hybrid.set_params(cascade=True)
+    before = hybrid.engine_.clip_images_encoded
+    casc = hybrid.predict_proba(images)
+    ran = msp <= median
+    assert hybrid.engine_.clip_images_encoded - before == int(ran.sum()) < len(images)
+    np.testing.assert_allclose(casc[ran], full[ran], rtol=1e-5, atol=1e-6)
+    S = hybrid.n_seen_
+    assert (casc[~ran, S:] == 0).all() and np.allclose(casc[~ran, :S].sum(axis=1), 1.0)
 
 
-def test_cascade_with_a_supervised_score_gate_keeps_skipped_images_supervised(hybrid, images):
+def test_cascade_with_a_supervised_score_gate_keeps_skipped_images_supervised(hybrid, images, restores_hybrid):
     """A soft gate on a supervised-only score must not route an image CLIP skipped."""
     feats = hybrid.extract_features(images)
     msp = max_softmax(feats.sup_logits)
     median = float(np.median(msp))
-    original = hybrid.gate_
-    try:
-        # threshold below every score: without the fix, every skipped image would be routed
-        hybrid.gate_ = GateCalibration(score="energy", mode="soft", threshold=-1e9, soft_scale=1.0,
-                                       cascade_msp=median, method="manual")
-        hybrid.set_params(cascade=True)
-        probs = hybrid.predict_proba(images)
-        kept = msp > median
-        S = hybrid.n_seen_
-        assert kept.any() and np.isfinite(probs).all()
-        assert (probs[kept, S:] == 0).all()
-        assert (probs[kept, :S].argmax(axis=1) == feats.sup_logits[kept].argmax(axis=1)).all()
-        assert (probs[~kept, S:].sum(axis=1) > 0.99).all()  # the others follow the gate: zero-shot
-    finally:
-        hybrid.gate_ = original
-        hybrid.set_params(cascade=False)
+    # threshold below every score: without the fix, every skipped image would be routed
+    hybrid.gate_ = GateCalibration(score="energy", mode="soft", threshold=-1e9, soft_scale=1.0,
+                                   cascade_msp=median, method="manual")
+    hybrid.set_params(cascade=True)
+    probs = hybrid.predict_proba(images)
+    kept = msp > median
+    S = hybrid.n_seen_
+    assert kept.any() and np.isfinite(probs).all()
+    assert (probs[kept, S:] == 0).all()
+    assert (probs[kept, :S].argmax(axis=1) == feats.sup_logits[kept].argmax(axis=1)).all()
+    assert (probs[~kept, S:].sum(axis=1) > 0.99).all()  # the others follow the gate: zero-shot
 
 
-def test_cascade_sends_images_far_from_the_training_features_to_clip(hybrid, images):
+def test_cascade_sends_images_far_from_the_training_features_to_clip(hybrid, images, restores_hybrid):
     """A confident image whose backbone features lie away from every training image reaches CLIP."""
     import shutil
 
@@ -218,35 +223,29 @@ def test_cascade_sends_images_far_from_the_training_features_to_clip(hybrid, ima
     feats = hybrid.extract_features(images)
     indexed = np.arange(len(images)) % 2 == 0  # half the images play the training set
     index_dir = hybrid.run_dir_ / "index"
-    original = hybrid.gate_
-    try:
-        EmbeddingIndex(meta=hybrid._index_meta("backbone")).add(feats.sup_features[indexed]).save(index_dir)
-        # every MSP passes; k=1: an indexed image is at distance 0, the others farther
-        gate = GateCalibration(score="clip_margin", mode="soft", threshold=0.0, soft_scale=1.0, method="manual",
-                               cascade_msp=-1.0, cascade_distance=1e-3, cascade_k=1)
-        hybrid.gate_, hybrid.backbone_index_ = gate, None
-        hybrid.set_params(cascade=True)
-        assert (hybrid.cascade_skips_clip(feats) == indexed).all()
-        before = hybrid.engine_.clip_images_encoded
-        probs = hybrid.predict_proba(images)
-        assert hybrid.engine_.clip_images_encoded - before == int((~indexed).sum())
-        S = hybrid.n_seen_
-        assert (probs[indexed, S:] == 0).all()
-        assert (probs[~indexed, S:].sum(axis=1) > 0).all()  # the soft gate mixed CLIP in
+    EmbeddingIndex(meta=hybrid._index_meta("backbone")).add(feats.sup_features[indexed]).save(index_dir)
+    # every MSP passes; k=1: an indexed image is at distance 0, the others farther
+    gate = GateCalibration(score="clip_margin", mode="soft", threshold=0.0, soft_scale=1.0, method="manual",
+                           cascade_msp=-1.0, cascade_distance=1e-3, cascade_k=1)
+    hybrid.gate_, hybrid.backbone_index_ = gate, None
+    hybrid.set_params(cascade=True)
+    assert (hybrid.cascade_skips_clip(feats) == indexed).all()
+    before = hybrid.engine_.clip_images_encoded
+    probs = hybrid.predict_proba(images)
+    assert hybrid.engine_.clip_images_encoded - before == int((~indexed).sum())
+    S = hybrid.n_seen_
+    assert (probs[indexed, S:] == 0).all()
+    assert (probs[~indexed, S:].sum(axis=1) > 0).all()  # the soft gate mixed CLIP in
 
-        # an index built for other weights is refused, and the error names the field
-        EmbeddingIndex(meta={**hybrid._index_meta("backbone"), "fingerprint": "0" * 64}).add(
-            feats.sup_features).save(index_dir)
-        hybrid.backbone_index_ = None
-        with pytest.raises(CheckpointError, match="fingerprint"):
-            hybrid.predict_proba(images)
-        shutil.rmtree(index_dir)
-        with pytest.raises(CheckpointError, match="backbone.faiss.*calibrate"):
-            hybrid.predict_proba(images)
-    finally:
-        shutil.rmtree(index_dir, ignore_errors=True)
-        hybrid.gate_, hybrid.backbone_index_ = original, None
-        hybrid.set_params(cascade=False)
+    # an index built for other weights is refused, and the error names the field
+    EmbeddingIndex(meta={**hybrid._index_meta("backbone"), "fingerprint": "0" * 64}).add(
+        feats.sup_features).save(index_dir)
+    hybrid.backbone_index_ = None
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        hybrid.predict_proba(images)
+    shutil.rmtree(index_dir)
+    with pytest.raises(CheckpointError, match="backbone.faiss.*calibrate"):
+        hybrid.predict_proba(images)
 
 
 def test_cascade_threshold_fits_and_round_trips(tmp_path):
