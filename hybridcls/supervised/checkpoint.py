@@ -143,6 +143,12 @@ def read_json(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: not readable JSON ({exc})") from exc
 
 
+def _safetensors_header(data: bytes) -> tuple[int, dict[str, Any]]:
+    """``(length, parsed JSON)`` of a safetensors file's header: 8 little-endian bytes, then JSON."""
+    n = int.from_bytes(data[:8], "little")
+    return n, json.loads(data[8 : 8 + n])
+
+
 def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
     """Serialise tensors and metadata to safetensors bytes that are the same on every run.
 
@@ -156,8 +162,7 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
         True
     """
     blob = save_safetensors_bytes(dict(tensors), metadata=dict(metadata))
-    n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8 : 8 + n])
+    n, header = _safetensors_header(blob)
     header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
     # the tensors' entries keep safetensors' own (deterministic) order; the header is
     # space-padded to a multiple of 8 bytes, as safetensors aligns the data that follows
@@ -215,8 +220,7 @@ def read_verified_safetensors(
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     try:
         tensors = load_safetensors_bytes(data)
-        header_len = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        metadata = _safetensors_header(data)[1].get("__metadata__") or {}
     except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     # Parsing is pure data (no code runs); a file that parses can still hold flipped bits.
