@@ -2,13 +2,17 @@
 
 Every error the library raises on bad user input derives from
 :class:`HybridclsError`; the command line prints its message (no traceback)
-and exits with status 2. Messages name the file, line or flag involved.
+and exits with the error's :attr:`~HybridclsError.exit_code`: 2 for usage
+errors (a bad option, file or folder), 1 for :class:`DataTooSmallError` (the
+command was used correctly but the data cannot support what it asks).
+Messages name the file, line or parameter involved.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "DataTooSmallError",
     "DatasetError",
     "HybridclsError",
     "ImageDecodeError",
@@ -20,7 +24,13 @@ __all__ = [
 
 
 class HybridclsError(Exception):
-    """Base class for errors caused by the user's input or environment."""
+    """Base class for errors caused by the user's input or environment.
+
+    Attributes:
+        exit_code: The command line's exit status for this error (2: usage error).
+    """
+
+    exit_code: int = 2
 
 
 class InputError(HybridclsError, ValueError):
@@ -49,6 +59,15 @@ class ImageDecodeError(HybridclsError, ValueError):
 
 class DatasetError(HybridclsError, ValueError):
     """A training or validation folder that cannot be used as it is."""
+
+
+class DataTooSmallError(DatasetError):
+    """Data too small for what was asked (too few classes or images); says what to do instead.
+
+    Not a usage error: the command line exits with status 1.
+    """
+
+    exit_code = 1
 
 
 class WeightsUnavailableError(HybridclsError, RuntimeError):

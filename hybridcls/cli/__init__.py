@@ -1,7 +1,8 @@
 """The ``hybridcls`` command line.
 
 Thin by design: each subcommand module parses its flags, calls the public
-API and prints. Exit codes: 0 success, 1 some inputs failed, 2 usage error.
+API and prints. Exit codes: 0 success, 1 some inputs failed or the data is too
+small for the command (:class:`~hybridcls.errors.DataTooSmallError`), 2 usage error.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except HybridclsError as exc:
         print(f"hybridcls {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
