@@ -53,7 +53,9 @@ from hybridcls.gate import (
     threshold_at_tpr,
     threshold_from_seen_share,
 )
-from hybridcls.gate.cascade import DEFAULT_DISTANCE_TPR, MIN_SEEN_SHARE
+from hybridcls.gate.calibration import bounded_neighbour_k
+from hybridcls.gate.cascade import CASCADE_KNN_K, DEFAULT_DISTANCE_TPR, MIN_SEEN_SHARE
+from hybridcls.gate.scores import DEFAULT_KNN_K
 from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, index_meta, load_run_index
 from hybridcls.outputs import PredictionRow, topk_pairs
 from hybridcls.supervised import build_eval_transform, load_checkpoint
@@ -355,14 +357,21 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             score: The gate score for ``method="tpr"``.
             rounds: Leave-classes-out repetitions.
             test_inputs: Unlabelled test images: refit the threshold on their
-                own score distribution (transductive, a two-component mixture).
+                own score distribution (transductive, a two-component mixture;
+                at least 4 images).
             seed: Seeds the hidden-class draws.
             save: Write ``gate.json``, ``index/clip.*`` (the training images' CLIP
                 embeddings, labels and paths) and ``index/backbone.*`` (their
                 supervised backbone features, which the cascade searches) into the run directory.
 
         Returns:
-            ``self`` with ``gate_`` set.
+            ``self`` with ``gate_`` set. Settings that depend on the data's size adapt
+            to it and say so in ``gate_.adapted`` (docs/gate.md, "Small data").
+
+        Raises:
+            DataTooSmallError: The data cannot support the method (e.g. fewer than 4
+                ``test_inputs``, held-out images of fewer than 2 seen classes for
+                leave-classes-out); the message says what to do.
         """
         check_is_fitted(self, "engine_")
         from hybridcls.train import TrainConfig
@@ -390,18 +399,24 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         # The cache holds the training split only: the held-out images it is fitted on
         # would otherwise find themselves at affinity 1.
         branch = self._fit_cache(f_va, y_va, knn)
+        # neighbour counts bounded by the smallest class (hybridcls.index.class_bounded_k)
+        knn_k, knn_note = bounded_neighbour_k("knn_k", DEFAULT_KNN_K, y_tr, self.seen_folders_)
+        cascade_k, cascade_note = bounded_neighbour_k(
+            "cascade_k", CASCADE_KNN_K, y_tr, self.seen_folders_)
         if method == "leave-classes-out":
             cal = leave_classes_out(
                 sup_feat_train=f_tr.sup_features, y_train=y_tr, sup_feat_val=f_va.sup_features,
                 y_val=y_va, clip_logits_val_seen=f_va.clip_logits[:, :S],
                 clip_emb_train=f_tr.clip_embeddings, clip_emb_val=f_va.clip_embeddings,
-                rounds=rounds, seed=seed,
+                rounds=rounds, seed=seed, knn_k=knn_k, class_names=self.seen_folders_,
             )
         elif method == "tpr":
-            cal = GateCalibration(score=score, mode="hard", tpr=tpr, method="tpr")
+            cal = GateCalibration(score=score, mode="hard", tpr=tpr, method="tpr", knn_k=knn_k)
         else:
-            raise InputError(f"--method {method!r}: expected 'leave-classes-out' or 'tpr'")
-        cal = cal.replace(cache_branch=None if branch is None else branch.to_dict())
+            raise InputError(f"method={method!r}: expected 'leave-classes-out' or 'tpr'")
+        notes = (knn_note if "knn" in cal.base_scores or method == "leave-classes-out" else [])
+        cal = cal.replace(cache_branch=None if branch is None else branch.to_dict(),
+                          cascade_k=cascade_k, adapted=[*notes, *cal.adapted, *cascade_note])
         # The gate is thresholded on the seen-class logits predictions will read: with the cache.
         in_use = _cache_in_use(cal)
         seen_va = _with_cache(in_use, f_va, knn)

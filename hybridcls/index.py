@@ -40,13 +40,14 @@ import faiss
 import numpy as np
 
 from hybridcls.cache import atomic_path, atomic_write_text
-from hybridcls.errors import CheckpointError, InputError
+from hybridcls.errors import CheckpointError, DataTooSmallError, InputError
 
 __all__ = [
     "AUTO_EXACT_MAX",
     "KINDS",
     "RUN_INDEX_DIR",
     "EmbeddingIndex",
+    "class_bounded_k",
     "index_meta",
     "load_run_index",
     "run_index_path",
@@ -88,6 +89,44 @@ def index_meta(embedding: str, model_id: str, fingerprint: str,
     """
     return {"embedding": embedding, "model_id": model_id, "fingerprint": fingerprint,
             "classes": [str(c) for c in classes]}
+
+
+def class_bounded_k(k: int, labels: Any) -> int:
+    """``k`` lowered, where needed, to the number of rows of the smallest class.
+
+    The neighbour searches whose k-th distance says "near the training
+    images" (the ``knn`` gate score, the cascade's feature distance) mean
+    "near images of some class": a seen image should find its k-th neighbour
+    in its own class, which needs every class to hold at least ``k`` rows.
+    An index of any subset of whole classes (a leave-classes-out stand-in)
+    then also holds at least ``k`` rows, so every search of it can be asked
+    for the k-th neighbour.
+
+    Args:
+        k: The neighbour asked for (a default such as ``DEFAULT_KNN_K``).
+        labels: ``[N]`` class index of each training row; -1 (unlabelled) rows are not counted.
+
+    Returns:
+        ``min(k, smallest class's row count)``.
+
+    Raises:
+        InputError: ``k`` below 1.
+        DataTooSmallError: No labelled row.
+
+    Example:
+        >>> class_bounded_k(10, [0, 0, 0, 1, 1, 1, 1])
+        3
+    """
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}")
+    lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+    counts = np.bincount(lab[lab >= 0])
+    counts = counts[counts > 0]
+    if counts.size == 0:
+        raise DataTooSmallError(
+            f"no labelled training image to search for neighbours of (k={k}); the nearest-neighbour "
+            "search needs at least 1 per class: add training images")
+    return int(min(k, counts.min()))
 
 
 def _normalised_float32(emb: Any, dim: int | None) -> np.ndarray:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from hybridcls.errors import CheckpointError, InputError
+from hybridcls.errors import CheckpointError, DataTooSmallError, InputError
 from hybridcls.gate import (
     CombinedScore,
     GateCalibration,
@@ -39,8 +39,11 @@ def test_transductive_threshold_separates_two_known_gaussians() -> None:
     # weights 0.8 / 0.2, equal spreads: the posteriors cross at 4 + ln(0.8 / 0.2) / 8
     unequal = np.r_[rng.normal(0.0, 1.0, 4000), rng.normal(8.0, 1.0, 1000)]
     assert transductive_threshold(unequal) == pytest.approx(4.0 + np.log(4.0) / 8.0, abs=0.2)
-    with pytest.raises(InputError, match="at least 4 distinct test scores"):
+    with pytest.raises(InputError, match="needs distinct test scores: all 5 equal 1"):
         transductive_threshold([1.0, 1.0, 1.0, 1.0, 1.0])
+    # too few images is the data's size, not a usage error (exit status 1 in the CLI)
+    with pytest.raises(DataTooSmallError, match="at least 4 test images, got 3; pass more test images"):
+        transductive_threshold([1.0, 2.0, np.nan, 3.0])
 
 
 def test_apply_transductive_sets_threshold_and_method() -> None:
@@ -181,10 +184,13 @@ def test_leave_classes_out_picks_a_clip_side_score_and_a_tpr_in_range(toy_calibr
         "combined",
     }
     assert {r["mode"] for r in table} == {"hard", "soft", "stacking"}
-    # every TPR level whose quantile has enough held-out images above it
-    n_val = len(_toy_world()["y_val"])
-    assert {r["tpr"] for r in table} == set(usable_tpr_levels(TPR_GRID, n_val))
-    assert all((1 - r["tpr"]) * n_val >= MIN_TAIL_IMAGES - 1e-9 for r in table)
+    # every TPR level whose quantile has enough held-out images above it, in every round:
+    # each keeps 16 of the 20 classes' 10 held-out images
+    n_kept = 16 * 10
+    assert {r["tpr"] for r in table} == set(usable_tpr_levels(TPR_GRID, n_kept)) == {
+        0.8, 0.85, 0.9, 0.925, 0.95}
+    assert all((1 - r["tpr"]) * n_kept >= MIN_TAIL_IMAGES - 1e-9 for r in table)
+    assert (cal.rounds, cal.hidden_classes, cal.adapted) == (3, 4, [])
     assert 0.0 <= cal.cascade_seen_share <= 1.0
     assert {r["temperature"] for r in table if r["score"] == "energy"} == {1.0, 2.0, 5.0}
 
@@ -213,7 +219,10 @@ def test_leave_classes_out_result_round_trips_and_is_reproducible(
 def test_leave_classes_out_refuses_what_it_cannot_use() -> None:
     world = _toy_world()
     short = {**world, "y_train": world["y_train"] % 19}  # class 19 has no training image
-    with pytest.raises(InputError, match="seen class 19 has no training image"):
+    names = [f"class{i:02d}" for i in range(20)]
+    with pytest.raises(DataTooSmallError, match="seen class 'class19' has no training image"):
+        leave_classes_out(**short, rounds=1, class_names=names)
+    with pytest.raises(DataTooSmallError, match="seen class at index 19 of y_train has no"):
         leave_classes_out(**short, rounds=1)
     with pytest.raises(InputError, match="the knn score needs clip_emb_train"):
         leave_classes_out(**{**world, "clip_emb_val": None}, scores=["knn"], rounds=1)
@@ -260,3 +269,155 @@ def test_the_combined_score_is_preferred_only_within_one_standard_error() -> Non
     far = [row("energy", 0.966), row("combined", 0.946)]
     assert _prefer_combined(far, rounds=5) == far
     assert _prefer_combined([row("msp", 0.9)], rounds=5) == [row("msp", 0.9)]
+
+
+@pytest.mark.parametrize("tpr", [0.05, 0.1, 0.25, 1 / 3, 0.5, 0.7, 0.8, 0.9, 0.925, 0.95, 0.99, 1.0])
+def test_threshold_is_the_smallest_score_that_keeps_the_share(tpr: float) -> None:
+    rng = np.random.default_rng(0)
+    for n in range(1, 21):
+        for scores in (rng.permutation(n).astype(float), rng.integers(0, 4, n).astype(float)):
+            t = threshold_at_tpr(scores, tpr)
+            share = {u: np.mean(scores <= u) for u in scores}  # the share kept at each score
+            assert t in scores and share[t] >= tpr, (n, scores, t)
+            # one order statistic lower would keep less than the asked share
+            assert all(share[u] < tpr for u in scores if u < t), (n, scores, t)
+
+
+def test_threshold_needs_a_held_out_image() -> None:
+    with pytest.raises(DataTooSmallError, match="seen_scores is empty: .* at least 1 held-out"):
+        threshold_at_tpr(np.zeros(0), 0.95)
+    with pytest.raises(InputError, match="none of the 2 seen-image scores is finite"):
+        threshold_at_tpr([np.nan, np.inf], 0.95)
+
+
+def test_grid_search_scores_the_gate_that_fuse_runs_ties_included() -> None:
+    from hybridcls.gate.calibration import _grid_search, _Round
+    from hybridcls.gate.config import MODES
+    from hybridcls.gate.fusion import hard_probs
+    from hybridcls.gate.metrics import seen_unseen_accuracy
+    from hybridcls.gate.scores import clip_margin_score
+
+    # kept classes 0, 1 (5 held-out images), hidden classes 2, 3 (3 images)
+    y = np.array([0, 1, 0, 1, 0, 2, 3, 2])
+    is_unseen = y >= 2
+    sup = np.array([[2, 0], [0, 2], [1, 0], [0, 1], [0, 1], [1, 0], [0, 1], [1, 1]], float)
+    # seen margins -2, 0, 0, 0, 1 and unseen 0, 0, 2: at TPR 0.8 the threshold is 0, tied by 5 rows
+    clip = np.array([[3, 0, 1, 0], [0, 2, 2, 1], [2, 1, 0, 2], [1, 3, 3, 0], [1, 0, 2, 0],
+                     [2, 0, 2, 1], [0, 1, 0, 1], [1, 0, 3, 0]], float)
+    # energy-like score: threshold 1 at TPR 0.8, tied by 3 seen and 2 unseen images
+    energy = np.array([0.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 3.0])
+    scores = {("energy", 1.0): energy, ("clip_margin", 1.0): clip_margin_score(clip, 2)}
+    problem = _Round(y=y, n_seen=2, is_unseen=is_unseen, sup_logits=sup, sup_temperature=1.5,
+                     clip_logits=clip, scores=scores)
+    table = _grid_search([problem], list(scores), MODES, [0.8], [0.5, 1.0])
+    assert {(r["score"], r["mode"]) for r in table} == {
+        ("energy", "hard"), ("energy", "soft"), ("clip_margin", "hard"), ("clip_margin", "soft"),
+        ("clip_margin", "stacking")}
+    for row in table:
+        s = scores[(row["score"], 1.0)]
+        t = threshold_at_tpr(s[~is_unseen], 0.8)
+        assert t == {"energy": 1.0, "clip_margin": 0.0}[row["score"]]
+        params = {"hard": {"unseen_only": row["unseen_only"]},
+                  "soft": {"soft_scale": (row["soft_scale_std"] or 0) * np.std(s[~is_unseen])},
+                  "stacking": {"stacking_penalty": -t}}[row["mode"]]
+        cal = GateCalibration(score=row["score"], mode=row["mode"], threshold=t, tpr=0.8,
+                              sup_temperature=1.5, **params)
+        res = fuse(None, sup_logits=sup, clip_logits=clip, gate_score=s, calibration=cal)
+        assert row["mean_h"] == round(seen_unseen_accuracy(y, res.pred, 2)[2], 4), row
+    # the ties decide: routing them the other way would change H
+    hard = next(r for r in table if (r["score"], r["mode"], r["unseen_only"]) == ("energy", "hard", True))
+    to_zs = energy >= 1.0
+    flipped = hard_probs(sup, clip[to_zs], to_zs, temperature=1.5).argmax(axis=1)
+    assert round(seen_unseen_accuracy(y, flipped, 2)[2], 4) != hard["mean_h"]
+
+
+def test_a_two_class_light_head_gives_two_logits_with_the_model_s_probabilities() -> None:
+    from scipy.special import softmax
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from hybridcls.gate.calibration import _light_head_logits
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 5)), np.repeat([0, 1], 6)
+    x[y == 1] += 1.0
+    logits = _light_head_logits(x, y, x[:4], C=1.0, max_iter=100)
+    assert logits.shape == (4, 2)
+    np.testing.assert_allclose(logits.sum(axis=1), 0.0, atol=1e-12)  # [-d/2, d/2]
+    scaler = StandardScaler().fit(x)
+    proba = LogisticRegression(C=1.0, max_iter=100).fit(scaler.transform(x), y).predict_proba(
+        scaler.transform(x[:4]))
+    np.testing.assert_allclose(softmax(logits, axis=1), proba, rtol=1e-6)
+    # one class: one constant logit
+    assert _light_head_logits(x, np.zeros(12, int), x[:3], C=1.0, max_iter=100).tolist() == [[0.0]] * 3
+
+
+def _small_world(n_classes: int, per_train: int, per_val: int) -> dict:
+    return _toy_world(n_classes=n_classes, per_train=per_train, per_val=per_val)
+
+
+SUPERVISED_SIDE = ["msp", "max_logit", "energy", "entropy"]
+
+
+def test_three_seen_classes_hide_one_and_keep_a_two_class_light_head() -> None:
+    names = ["cat", "dog", "fox"]
+    cal = leave_classes_out(**_small_world(3, 3, 1), class_names=names)
+    # each problem hides 1 of 3; 3 distinct problems exist, so 3 of the 5 rounds run
+    assert (cal.rounds, cal.hidden_classes) == (3, 1)
+    assert {r["score"] for r in cal.candidates} == {*SUPERVISED_SIDE, "mcm", "clip_margin", "knn", "combined"}
+    assert {r["mode"] for r in cal.candidates} == {"hard", "soft", "stacking"}
+    assert cal.knn_k == 3  # every class has 3 training images
+    assert cal.adapted == [
+        "knn_k 10 -> 3: the smallest seen class ('cat') has 3 training images",
+        "rounds 5 -> 3: only 3 distinct sets of 1 hidden class among the 3 with held-out images",
+    ]
+    # 2 kept held-out images per problem: only the lowest TPR level
+    assert {r["tpr"] for r in cal.candidates} == {0.8}
+
+
+def test_two_seen_classes_calibrate_on_the_clip_side_scores_and_say_why() -> None:
+    world = _small_world(2, 2, 2)
+    cal = leave_classes_out(**world, class_names=["cat", "dog"])
+    assert (cal.rounds, cal.hidden_classes, cal.knn_k) == (2, 1, 2)
+    # a one-class light head and a single seen prompt: the supervised scores and mcm are constant
+    assert {r["score"] for r in cal.candidates} == {"clip_margin", "knn", "combined"}
+    assert cal.combined["names"] == ["clip_margin", "knn"]
+    assert (
+        "not candidates, constant on every stand-in problem (each keeps 1 seen class: one "
+        "light-head logit, one seen prompt): msp (T=1), msp (T=2), msp (T=5), max_logit, "
+        "energy (T=1), energy (T=2), energy (T=5), entropy, mcm"
+    ) in cal.adapted
+    # 1 held-out image per class: the combined score would be standardised on 1 seen image
+    one = leave_classes_out(**_small_world(2, 2, 1))
+    assert {r["score"] for r in one.candidates} == {"clip_margin", "knn"} and one.combined is None
+    assert "no combined score: standardising it needs 2 seen images, the held-out images give 1" in one.adapted
+    with pytest.raises(DataTooSmallError, match="every candidate score \\(msp, energy\\) is constant"):
+        leave_classes_out(**world, scores=["msp", "energy"])
+
+
+def test_leave_classes_out_needs_held_out_images_of_two_classes() -> None:
+    world = _small_world(3, 3, 2)
+    only_dog = {**world, "y_val": np.ones_like(world["y_val"])}
+    with pytest.raises(DataTooSmallError, match=(
+            "held-out images of at least 2 seen classes .* 1 of the 3 seen classes have some "
+            "\\('dog'\\): hold out images of more classes, or calibrate by the TPR threshold")):
+        leave_classes_out(**only_dog, class_names=["cat", "dog", "fox"])
+    # a hide fraction that would hide every class with held-out images keeps one
+    cal = leave_classes_out(**world, hide_fraction=0.9)
+    assert cal.hidden_classes == 2
+    assert "hidden classes 3 -> 2: 3 seen classes have held-out images, and one must be kept" in cal.adapted
+
+
+def test_hidden_sets_are_distinct_and_all_of_them_when_few() -> None:
+    from hybridcls.gate.calibration import _hidden_sets
+
+    rng = np.random.default_rng(0)
+    assert [h.tolist() for h in _hidden_sets(rng, np.arange(3), 1, 5)] == [[0], [1], [2]]
+    drawn = _hidden_sets(rng, np.arange(6), 2, 14)  # 15 possible
+    assert len({tuple(h) for h in drawn}) == 14
+
+
+def test_fit_temperature_on_one_column_or_no_image() -> None:
+    assert fit_temperature(np.array([[3.0], [-1.0]]), np.array([0, 0])) == 1.0
+    with pytest.raises(DataTooSmallError, match="at least 1 held-out image, got none"):
+        fit_temperature(np.zeros((0, 3)), np.zeros(0, int))

@@ -201,3 +201,72 @@ def test_ausuc_curve_matches_stacking_predictions() -> None:
         # just below the break point, where rounding in "seen - penalty" cannot flip the tie
         pred = stacking_probs(logits, penalty - 1e-9, 4).argmax(axis=1)
         assert seen_unseen_accuracy(y, pred, 4)[:2] == pytest.approx((s, u))
+
+
+def test_route_mask_and_soft_weight_at_the_threshold() -> None:
+    from hybridcls.gate.fusion import route_mask, soft_weight
+
+    s = np.array([0.5, np.nextafter(0.5, 1.0), np.nextafter(0.5, 0.0), np.nan, np.inf, -np.inf])
+    # a score equal to the threshold stays in the supervised branch
+    assert route_mask(s, 0.5).tolist() == [False, True, False, False, True, False]
+    assert route(s, _cal(threshold=0.5)).tolist() == route_mask(s, 0.5).tolist()
+    np.testing.assert_allclose(soft_weight(s, 0.5, 1.0), [0.5, 0.5, 0.5, 0.0, 1.0, 0.0])
+
+
+def test_unknown_at_exactly_the_unknown_threshold() -> None:
+    # supervised [0, 0] -> top probability exactly 0.5; the row stays in the supervised branch
+    sup, clip, score = np.array([[0.0, 0.0]]), np.array([[0.0, 0.0, 0.0, 0.0]]), np.array([-1.0])
+    for mode, branch in (("hard", "supervised"), ("soft", "mixed")):
+        at = fuse(mode, sup_logits=sup, clip_logits=clip, gate_score=score,
+                  calibration=_cal(soft_scale=1.0, unknown_threshold=0.5))
+        above = fuse(mode, sup_logits=sup, clip_logits=clip, gate_score=score,
+                     calibration=_cal(soft_scale=1.0, unknown_threshold=np.nextafter(0.5, 1.0)))
+        assert (at.branch[0], above.branch[0]) == (branch, "unknown"), mode
+    # stacking: the stacked distribution's top probability, 0.25 here
+    stack = {"score": "clip_margin", "mode": "stacking", "threshold": 0.0}
+    assert fuse(None, clip_logits=clip, n_seen=2,
+                calibration=GateCalibration(**stack, unknown_threshold=0.25)).branch[0] == "zeroshot"
+    assert fuse(None, clip_logits=clip, n_seen=2, calibration=GateCalibration(
+        **stack, unknown_threshold=np.nextafter(0.25, 1.0))).branch[0] == "unknown"
+
+
+INF = np.inf
+
+
+def test_hard_fusion_on_infinite_logits() -> None:
+    # kept: a certain class, every class masked; routed: a masked unseen class, all masked
+    sup = np.array([[INF, 0.0], [-INF, -INF], [0.0, 0.0], [0.0, 0.0]])
+    clip = np.array([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, -INF, 5.0], [-INF] * 4])
+    r = fuse("hard", sup_logits=sup, clip_logits=clip, gate_score=np.array([-1.0, -1, 1, 1]),
+             calibration=_cal(unknown_threshold=0.5))
+    np.testing.assert_array_equal(r.probs, [[1, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0, 1], [0, 0, 0.5, 0.5]])
+    assert r.branch.tolist() == ["supervised", "supervised", "zeroshot", "zeroshot"]
+    everywhere = fuse("hard", sup_logits=sup, clip_logits=clip, gate_score=np.ones(4),
+                      calibration=_cal(unseen_only=False))
+    np.testing.assert_array_equal(everywhere.probs[3], [0.25] * 4)  # all masked: uniform
+    lazy = clip.copy()
+    lazy[2] = np.nan
+    with pytest.raises(InputError, match="clip_logits of a routed image is NaN"):
+        fuse("hard", sup_logits=sup, clip_logits=lazy, gate_score=np.array([-1.0, -1, 1, 1]),
+             calibration=_cal())
+
+
+def test_soft_fusion_on_infinite_logits_and_scores() -> None:
+    sup = np.array([[INF, 0.0], [0.0, -INF], [0.0, 0.0]])
+    clip = np.array([[0, 0, INF, 0], [0, 0, -INF, -INF], [np.nan] * 4])
+    # score +inf -> weight 1; -inf -> 0; NaN (nothing measured) -> 0, even without zero-shot logits
+    r = fuse("soft", sup_logits=sup, clip_logits=clip, gate_score=np.array([INF, -INF, np.nan]),
+             calibration=_cal(soft_scale=1.0))
+    np.testing.assert_array_equal(r.gate_weight, [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(r.probs, [[0, 0, 1, 0], [1, 0, 0, 0], [0.5, 0.5, 0, 0]])
+
+
+def test_stacking_on_infinite_logits() -> None:
+    clip = np.array([[INF, 0, 0, 0], [-INF] * 4, [0, -INF, 3, -INF], [INF, 0, INF, 0]])
+    cal = GateCalibration(score="clip_margin", mode="stacking", threshold=-3.0, stacking_penalty=3.0)
+    r = fuse(None, clip_logits=clip, calibration=cal, n_seen=2)
+    # [0 - 3, -inf, 3, -inf] -> softmax([-3, 3]) over columns 0 and 2
+    np.testing.assert_allclose(r.probs, [[1, 0, 0, 0], [0.25] * 4,
+                                         [*softmax([-3.0, 3.0])[:1], 0, softmax([-3.0, 3.0])[1], 0],
+                                         [0.5, 0, 0.5, 0]], rtol=1e-12)
+    assert r.gate_score.tolist() == [-INF, 0.0, 3.0, 0.0]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybridcls.errors import InputError
+from hybridcls.errors import DataTooSmallError, InputError
 from hybridcls.gate import (
     SCORES,
     CombinedScore,
@@ -217,3 +217,87 @@ def test_fpr_at_95_tpr_counts_unseen_images_kept() -> None:
     assert d.fpr_at_tpr == pytest.approx(9 / 20)
     pairs = [(s < u) + 0.5 * (s == u) for s in seen for u in unseen]
     assert d.auroc == pytest.approx(np.mean(pairs))
+
+
+INF = np.inf
+# a masked class, one certain class, two certain classes, every class masked, one class left
+INF_ROWS = [[2.0, 1.0, -INF], [INF, 1.0, 0.0], [INF, INF, 0.0], [-INF, -INF, -INF], [-INF, 3.0, -INF]]
+
+
+def _entropy(p: list[float]) -> float:
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def test_entropy_of_a_row_with_a_masked_class_is_that_of_the_other_classes() -> None:
+    # softmax([2, 1]) = [e, 1] / (e + 1): H = log(e + 1) - e / (e + 1) (in nats) = 0.5822
+    e = math.e
+    assert _entropy(_softmax([2.0, 1.0])) == pytest.approx(math.log(e + 1) - e / (e + 1), rel=1e-12)
+    assert entropy_score([[2.0, 1.0, -INF]])[0] == pytest.approx(0.5822031, abs=1e-7)
+    assert entropy_score([[2.0, 1.0, -INF]])[0] == pytest.approx(_entropy(_softmax([2.0, 1.0])), rel=1e-12)
+
+
+# every registered logit score on INF_ROWS, from the definitions: a -inf class drops out,
+# +inf classes share the probability, a row of -inf only is uniform
+_M = -max(_softmax([2.0, 1.0]))
+EXPECTED_ON_INF_ROWS = {
+    "msp": [_M, -1.0, -0.5, -1 / 3, -1.0],
+    "max_logit": [-2.0, -INF, -INF, INF, -3.0],
+    "energy": [-_logsumexp([2.0, 1.0]), -INF, -INF, INF, -3.0],
+    "entropy": [_entropy(_softmax([2.0, 1.0])), 0.0, math.log(2), math.log(3), 0.0],
+    "mcm": [_M, -1.0, -0.5, -1 / 3, -1.0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ON_INF_ROWS))
+def test_logit_scores_are_defined_on_infinite_logits(name: str) -> None:
+    got = compute_scores([name], sup_logits=INF_ROWS, clip_logits=np.hstack([INF_ROWS, np.zeros((5, 1))]),
+                         n_seen=3)[name]
+    np.testing.assert_allclose(got, EXPECTED_ON_INF_ROWS[name], rtol=1e-12)
+    assert not np.isnan(got).any()
+
+
+def test_temperature_scores_on_infinite_logits() -> None:
+    # T = 2: [2, 1, -inf] / 2 = [1, 0.5, -inf]
+    assert msp_score(INF_ROWS, 2.0)[0] == pytest.approx(-max(_softmax([1.0, 0.5])), rel=1e-12)
+    assert energy_score(INF_ROWS, 2.0)[0] == pytest.approx(-2 * _logsumexp([1.0, 0.5]), rel=1e-12)
+    assert energy_score(INF_ROWS, 2.0)[1:].tolist() == [-INF, -INF, INF, -1.5 * 2]
+
+
+def test_clip_margin_on_infinite_logits() -> None:
+    rows = [[INF, 0, 1, 2], [0, 1, INF, 2], [INF, 0, INF, 0], [-INF] * 4, [-INF, -INF, 1, 0], [3, -INF, -INF, 1]]
+    # seen certain; unseen certain; both certain (a tie); all masked (a tie); seen masked; one each
+    assert clip_margin_score(rows, n_seen=2).tolist() == [-INF, INF, 0.0, 0.0, INF, -2.0]
+
+
+def test_knn_score_of_a_non_finite_embedding_is_nan_and_others_stay() -> None:
+    knn = EmbeddingIndex("flat").add(np.eye(3))
+    got = knn_distance_score(np.array([[INF, 0, 0], [-INF, 1, 0], [1.0, 0, 0]]), knn, k=1)
+    assert np.isnan(got[:2]).all() and got[2] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_combined_score_on_infinite_base_scores() -> None:
+    m = CombinedScore.from_dict({"names": ["energy", "mcm"], "mean": [1.0, 0.0], "scale": [2.0, 1.0],
+                                 "coef": [2.0, -1.0], "intercept": 0.5})
+    rows = [[3.0, 1.0], [INF, 0.0], [-INF, 0.0], [0.0, -INF], [INF, INF], [INF, -INF], [np.nan, 0.0]]
+    # (3 - 1) / 2 * 2 - 1 + 0.5 = 1.5; +inf and -inf terms cancel, leaving the intercept
+    assert m.score(rows)[:6].tolist() == [1.5, INF, -INF, INF, 0.5, INF]
+    assert np.isnan(m.score(rows)[6])
+    # a zero weight ignores its score, infinite or not
+    zero = CombinedScore.from_dict({**m.to_dict(), "coef": [0.0, 1.0]})
+    assert zero.score([[INF, 2.0]]).tolist() == [2.5]
+    # fitting and anchoring leave rows with an infinite score out
+    X, y = _separable(np.random.default_rng(0))
+    fitted = CombinedScore(["energy", "mcm"]).fit(np.vstack([X, [[INF, 0.0]]]), np.r_[y, False])
+    np.testing.assert_array_equal(fitted.coef_, CombinedScore(["energy", "mcm"]).fit(X, y).coef_)
+    with pytest.raises(DataTooSmallError, match="at least 2 held-out seen images, got 1"):
+        fitted.anchored([[1.0, 2.0], [INF, 0.0]])
+
+
+def test_softmax_rows_on_the_extended_reals() -> None:
+    from hybridcls.gate.scores import softmax_rows
+
+    got = softmax_rows(np.array([[2.0, 1.0, -INF], [INF, 1.0, INF], [-INF] * 3, [np.nan, 1.0, INF]]))
+    np.testing.assert_allclose(got[0], [*_softmax([2.0, 1.0]), 0.0], rtol=1e-12)
+    assert got[1].tolist() == [0.5, 0.0, 0.5]
+    np.testing.assert_allclose(got[2], [1 / 3] * 3)
+    assert np.isnan(got[3]).all()

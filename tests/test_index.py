@@ -281,3 +281,16 @@ def test_world_run_saves_its_index_and_its_cache_branch(world_run, tmp_path) -> 
     if cache["enabled"] or "knn" in clf.gate_.base_scores:
         with pytest.raises(CheckpointError, match="clip.json: built with another classes: classes differs"):
             other.predict_features(feats)
+
+
+def test_class_bounded_k_is_at_most_the_smallest_class() -> None:
+    from hybridcls.errors import DataTooSmallError
+    from hybridcls.index import class_bounded_k
+
+    assert class_bounded_k(10, [0, 0, 0, 1, 1, 1, 1]) == 3
+    assert class_bounded_k(2, [0, 0, 0, 1, 1, 1, 1]) == 2
+    assert class_bounded_k(10, [1, 1, -1, 2]) == 1  # unlabelled rows and absent classes not counted
+    with pytest.raises(InputError, match="k must be at least 1, got 0"):
+        class_bounded_k(0, [0, 1])
+    with pytest.raises(DataTooSmallError, match="no labelled training image"):
+        class_bounded_k(5, [-1, -1])

@@ -6,7 +6,9 @@ gate scores, decision modes and their parameters on stand-in unseen classes
 saves ``gate.json`` and ``index/clip.*`` (the training images' CLIP
 embeddings, labels and paths) in the run directory. ``--cache-branch`` fits
 the nearest-neighbour cache branch on the held-out images (``auto``: kept only
-when it raises their accuracy).
+when it raises their accuracy). Settings that depend on the data's size (neighbour
+counts, leave-classes-out's rounds and hidden classes) adapt to it, and each
+change is printed; data too small for the method exits with status 1.
 """
 
 from __future__ import annotations
@@ -59,10 +61,12 @@ def run(args: argparse.Namespace) -> int:
                   test_inputs=args.transductive, seed=args.seed)
     g = clf.gate_
     print(f"gate: score={g.score} mode={g.mode} threshold={g.threshold:.4f} "
-          f"(kept {100 * g.tpr:.0f}% of held-out seen images) -> {clf.run_dir_ / 'gate.json'}")
+          f"(keeps at least {100 * g.tpr:.0f}% of held-out seen images) -> {clf.run_dir_ / 'gate.json'}")
     if g.cascade_msp is not None:
         far = "" if g.cascade_distance is None else f" or backbone distance > {g.cascade_distance:.3f}"
         print(f"cascade (--cascade): CLIP runs where supervised MSP <= {g.cascade_msp:.3f}{far}")
+    for sentence in g.adapted:
+        print(f"adapted to the data's size: {sentence}")
     if g.cache_branch is not None:
         c = g.cache_branch
         print(f"cache branch: {'on' if c['enabled'] else 'off'} (alpha {c['alpha']:.3g}, beta {c['beta']:g}; "

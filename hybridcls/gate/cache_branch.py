@@ -55,7 +55,8 @@ ALPHA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 BETA_GRID = (1.0, 2.0, 3.5, 5.5, 7.5, 10.0, 15.0, 20.0)
 #: Neighbours read per query. Up to this many cached images the branch is exactly
 #: Tip-Adapter's dense ``A @ L``; beyond it the farthest images, whose affinity
-#: ``exp(-beta (1 - cos))`` is smallest, are left out.
+#: ``exp(-beta (1 - cos))`` is smallest, are left out. A smaller cache is read whole
+#: (the fitted branch records ``min(k, cache size)``).
 DEFAULT_CACHE_K = 4096
 #: ``HybridClassifier(cache_branch=...)``: fit and keep when it helps, always keep, never fit.
 CACHE_MODES = ("auto", "on", "off")
@@ -180,11 +181,12 @@ def fit_cache_branch(
         mode: ``"auto"`` (enabled only when held-out accuracy rises) or ``"on"``.
         alpha_grid: ``alpha`` candidates in standard deviations of ``sup_logits``.
         beta_grid: ``beta`` candidates.
-        k: Neighbours read per query.
+        k: Neighbours read per query, at most the cache's size.
 
     Returns:
         The best setting by accuracy (ties: lower cross-entropy), with the
-        accuracies with and without it.
+        accuracies with and without it; its ``k`` is the one used,
+        ``min(k, index.ntotal)``, so that the file says what predictions read.
 
     Example:
         >>> branch = fit_cache_branch(val_logits, y_val, val_emb, train_index)  # doctest: +SKIP
@@ -200,7 +202,8 @@ def fit_cache_branch(
     if not alpha_grid or not beta_grid:
         raise InputError("alpha_grid and beta_grid need at least one value each")
     n_classes = sup.shape[1]
-    sims, ids = index.search(clip_emb, min(k, index.ntotal))
+    k = min(k, index.ntotal)
+    sims, ids = index.search(clip_emb, k)
     scale = float(sup.std()) or 1.0
     plain_acc, _ = _accuracy_and_loss(sup, yy)
     best: tuple[float, float, float, float] | None = None  # (acc, -loss, alpha_rel, beta)

@@ -22,6 +22,8 @@ Three ways, from the simplest:
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,20 +31,20 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
-from scipy.special import expit
 from scipy.stats import norm
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.mixture import GaussianMixture
 from sklearn.preprocessing import StandardScaler
 
-from hybridcls.errors import InputError
+from hybridcls.errors import DataTooSmallError, InputError
 from hybridcls.gate.cascade import DEFAULT_MISS, cascade_seen_share, max_softmax
 from hybridcls.gate.config import MODES, GateCalibration
-from hybridcls.gate.fusion import hard_probs, soft_probs, stacking_probs
+from hybridcls.gate.fusion import hard_probs, route_mask, soft_probs, soft_weight, stacking_probs
 from hybridcls.gate.metrics import seen_unseen_accuracy
 from hybridcls.gate.scores import (
     DEFAULT_KNN_K,
+    MIN_COMBINED_SEEN,
     SCORES,
     CombinedScore,
     as_array,
@@ -50,15 +52,17 @@ from hybridcls.gate.scores import (
     mean_nll,
     needs_of,
 )
-from hybridcls.index import EmbeddingIndex
+from hybridcls.index import EmbeddingIndex, class_bounded_k
 
 __all__ = [
     "MIN_TAIL_IMAGES",
+    "MIN_TRANSDUCTIVE_IMAGES",
     "SOFT_SCALE_GRID",
     "TEMPERATURE_GRID",
     "TPR_GRID",
     "GateCalibration",
     "apply_transductive",
+    "bounded_neighbour_k",
     "finalize",
     "fit_temperature",
     "from_candidate",
@@ -78,14 +82,20 @@ TEMPERATURE_GRID = (1.0, 2.0, 5.0)
 MIN_TAIL_IMAGES = 5
 #: ``soft`` mode's sigmoid scale, in standard deviations of the seen images' scores.
 SOFT_SCALE_GRID = (0.1, 0.25, 0.5, 1.0)
+#: Test images the transductive threshold needs at least: a two-component mixture
+#: has 5 parameters, and fewer scores than this leave it nothing to separate.
+MIN_TRANSDUCTIVE_IMAGES = 4
 
 
 def threshold_at_tpr(seen_scores: Any, tpr: float = 0.95) -> float:
     """The score at or below which a fraction ``tpr`` of seen images fall.
 
     Those images stay in the supervised branch; a score strictly above the
-    threshold counts as unseen. The threshold is one of the given scores (the
-    inverted-CDF quantile), so at least ``tpr`` of them are kept.
+    threshold counts as unseen (:func:`hybridcls.gate.fusion.route_mask`). The
+    threshold is the smallest of the given scores at or below which at least a
+    share ``tpr`` of them lie (the inverted-CDF quantile): the ``k``-th smallest
+    score, ``k`` the least count with ``k / N >= tpr``. Non-finite scores are
+    left out.
 
     Args:
         seen_scores: ``[N]`` gate scores of held-out images of seen classes.
@@ -94,6 +104,10 @@ def threshold_at_tpr(seen_scores: Any, tpr: float = 0.95) -> float:
     Returns:
         The threshold.
 
+    Raises:
+        DataTooSmallError: ``seen_scores`` is empty (no held-out seen image).
+        InputError: ``tpr`` out of range, or no score is finite.
+
     Example:
         >>> threshold_at_tpr(np.arange(1, 101), tpr=0.95)
         95.0
@@ -101,10 +115,16 @@ def threshold_at_tpr(seen_scores: Any, tpr: float = 0.95) -> float:
     s = as_array(seen_scores, "seen_scores", ndim=1)
     if not 0.0 < tpr <= 1.0:
         raise InputError(f"tpr must be in (0, 1], got {tpr}")
-    s = s[np.isfinite(s)]
     if s.size == 0:
-        raise InputError("no finite seen-image score to set a threshold from")
-    return float(np.quantile(s, tpr, method="inverted_cdf"))
+        raise DataTooSmallError(
+            "seen_scores is empty: setting a threshold needs at least 1 held-out image of a seen "
+            "class; hold out images (a validation split or folder)")
+    s = np.sort(s[np.isfinite(s)])
+    if s.size == 0:
+        raise InputError(f"none of the {len(seen_scores)} seen-image scores is finite")
+    # the share as a user checks it, count / N in floating point: k / N >= tpr
+    kept_share = np.arange(1, s.size + 1) / s.size
+    return float(s[int(np.argmax(kept_share >= tpr))])
 
 
 def finalize(calibration: GateCalibration, real_seen_val_scores: Any) -> GateCalibration:
@@ -158,11 +178,17 @@ def finalize(calibration: GateCalibration, real_seen_val_scores: Any) -> GateCal
 def fit_temperature(logits: Any, y: Any) -> float:
     """Temperature scaling (Guo et al. 2017): the ``T`` minimising the NLL of ``softmax(logits / T)``.
 
-    Searched over ``log T`` in ``[log 0.05, log 20]``.
+    Searched over ``log T`` in ``[log 0.05, log 20]``. When the held-out images are
+    all classified correctly the NLL keeps falling as ``T`` shrinks and the fit
+    stops at 0.05, which is what a small held-out set often gives. With one
+    column (one class) every ``T`` gives the same distribution: 1.0.
 
     Args:
         logits: ``[N, C]`` held-out logits.
         y: ``[N]`` their true class indices.
+
+    Raises:
+        DataTooSmallError: No held-out image.
 
     Example:
         >>> z = np.array([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [0.0, 4.0]])
@@ -173,6 +199,11 @@ def fit_temperature(logits: Any, y: Any) -> float:
     labels = _labels(y, z.shape[1], "y")
     if labels.size != z.shape[0]:
         raise InputError(f"{labels.size} labels for {z.shape[0]} rows of logits")
+    if labels.size == 0:
+        raise DataTooSmallError(
+            "fitting a temperature needs at least 1 held-out image, got none: hold out images")
+    if z.shape[1] == 1:
+        return 1.0
     res = minimize_scalar(lambda log_t: mean_nll(z / np.exp(log_t), labels),
                           bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-3})
     return float(np.exp(res.x))
@@ -181,7 +212,9 @@ def fit_temperature(logits: Any, y: Any) -> float:
 def usable_tpr_levels(tpr_grid: Sequence[float], n_seen_images: int) -> list[float]:
     """The TPR levels whose threshold has at least :data:`MIN_TAIL_IMAGES` images above it.
 
-    Falls back to the lowest level when the held-out set is too small for any.
+    Falls back to the lowest level when the held-out set is too small for any
+    (below 25 images for the default grid; with 4 or fewer, the lowest level's
+    threshold is the largest seen score).
 
     Example:
         >>> usable_tpr_levels([0.9, 0.95, 0.975, 0.99], 150)
@@ -212,6 +245,10 @@ def transductive_threshold(test_scores: Any, seed: int = 0) -> float:
     Returns:
         The threshold.
 
+    Raises:
+        DataTooSmallError: Fewer than :data:`MIN_TRANSDUCTIVE_IMAGES` finite scores.
+        InputError: All the scores are equal.
+
     Example:
         >>> rng = np.random.default_rng(0)
         >>> s = np.concatenate([rng.normal(0, 1, 500), rng.normal(6, 1, 500)])
@@ -220,8 +257,14 @@ def transductive_threshold(test_scores: Any, seed: int = 0) -> float:
     """
     s = as_array(test_scores, "test_scores", ndim=1)
     s = s[np.isfinite(s)]
-    if s.size < 4 or np.ptp(s) == 0:
-        raise InputError("the transductive threshold needs at least 4 distinct test scores")
+    if s.size < MIN_TRANSDUCTIVE_IMAGES:
+        raise DataTooSmallError(
+            f"too few test images for the transductive threshold: it needs the finite gate "
+            f"scores of at least {MIN_TRANSDUCTIVE_IMAGES} test images, got {s.size}; pass "
+            "more test images, or calibrate without the transductive step")
+    if np.ptp(s) == 0:
+        raise InputError(
+            f"the transductive threshold needs distinct test scores: all {s.size} equal {s[0]:g}")
     gm = GaussianMixture(n_components=2, random_state=seed).fit(s[:, None])
     means = gm.means_[:, 0]
     sds = np.sqrt(gm.covariances_.reshape(2))
@@ -295,6 +338,11 @@ def _labels(y: Any, n_classes: int, name: str) -> np.ndarray:
 def _light_head_logits(
     feat_train: np.ndarray, y_train: np.ndarray, feat_val: np.ndarray, C: float, max_iter: int
 ) -> np.ndarray:
+    """``[Nval, K]`` logits of a logistic regression on the ``K`` classes ``0..K-1`` of ``y_train``."""
+    n_classes = int(y_train.max()) + 1
+    if n_classes == 1:
+        # a one-class head calls every image its class: one constant logit
+        return np.zeros((feat_val.shape[0], 1))
     scaler = StandardScaler().fit(feat_train)
     head = LogisticRegression(C=C, max_iter=max_iter)
     with warnings.catch_warnings():
@@ -302,11 +350,76 @@ def _light_head_logits(
         # lbfgs steps short of convergence change nothing the gate can see
         warnings.simplefilter("ignore", ConvergenceWarning)
         head.fit(scaler.transform(feat_train), y_train)
-    return head.decision_function(scaler.transform(feat_val))
+    logits = head.decision_function(scaler.transform(feat_val))
+    if logits.ndim == 1:
+        # scikit-learn's two-class model gives the log-odds d of class 1; as two logits,
+        # [-d/2, d/2]: the same softmax, and the sum-to-zero form of a multinomial model
+        logits = np.column_stack([-logits / 2, logits / 2])
+    return logits
 
 
 def _standardised_by_seen(matrix: np.ndarray, is_unseen: np.ndarray) -> np.ndarray:
     return StandardScaler().fit(matrix[~is_unseen]).transform(matrix)
+
+
+def _class_name(class_names: Sequence[str] | None, index: int) -> str:
+    # without names, the position in the caller's arrays is all there is to say
+    return repr(str(class_names[index])) if class_names is not None else f"at index {index} of y_train"
+
+
+def bounded_neighbour_k(
+    setting: str, k: int, y_train: Any, class_names: Sequence[str] | None = None
+) -> tuple[int, list[str]]:
+    """A neighbour count lowered to the smallest seen class's training images, and why.
+
+    The rule is :func:`hybridcls.index.class_bounded_k`; this adds the sentence
+    that :attr:`GateCalibration.adapted` records when it changes ``k``.
+
+    Args:
+        setting: The field it sets (``"knn_k"``, ``"cascade_k"``), for the sentence.
+        k: The neighbour asked for.
+        y_train: ``[Ntr]`` seen-class index of each training image.
+        class_names: Seen class names by index, to name the smallest class.
+
+    Returns:
+        ``(k to use, [the sentence])``, or ``(k, [])`` when nothing changed.
+
+    Example:
+        >>> bounded_neighbour_k("knn_k", 10, [0, 0, 0, 1, 1, 1, 1], ["cat", "dog"])
+        (3, ["knn_k 10 -> 3: the smallest seen class ('cat') has 3 training images"])
+    """
+    used = class_bounded_k(k, y_train)
+    if used == k:
+        return k, []
+    y = np.asarray(y_train, dtype=np.int64)
+    counts = np.bincount(y[y >= 0])
+    smallest = int(np.flatnonzero(counts == used)[0])
+    return used, [
+        (f"{setting} {k} -> {used}: the smallest seen class ({_class_name(class_names, smallest)}) "
+        f"has {used} training image{'s' if used != 1 else ''}")
+    ]
+
+
+def _hidden_sets(
+    rng: np.random.Generator, hideable: np.ndarray, n_hide: int, rounds: int
+) -> list[np.ndarray]:
+    """``rounds`` distinct sets of ``n_hide`` classes to hide, or every set when there are fewer.
+
+    Distinct, because the combined score of one round is fitted on the others:
+    a repeated round would score it on its own training data.
+    """
+    if math.comb(hideable.size, n_hide) <= rounds:
+        return [np.array(c) for c in itertools.combinations(hideable, n_hide)]
+    drawn: list[np.ndarray] = []
+    while len(drawn) < rounds:
+        hidden = np.sort(rng.choice(hideable, size=n_hide, replace=False))
+        if not any(np.array_equal(hidden, d) for d in drawn):
+            drawn.append(hidden)
+    return drawn
+
+
+def _key_label(name: str, t: float) -> str:
+    return f"{name} (T={t:g})" if SCORES[name].uses_temperature else name
 
 
 def leave_classes_out(
@@ -330,8 +443,21 @@ def leave_classes_out(
     knn_k: int = DEFAULT_KNN_K,
     head_C: float = 1.0,
     head_max_iter: int = 100,
+    class_names: Sequence[str] | None = None,
 ) -> GateCalibration:
     """Choose the gate's score, mode and parameters on stand-in open-set problems.
+
+    Small data adapts the search rather than failing (each change is a sentence in
+    the result's ``adapted``): the hidden-class count to leave a kept class with
+    held-out images; ``rounds`` to the number of distinct hidden sets; ``knn_k``
+    to the smallest seen class's training images; the TPR levels to the fewest
+    kept held-out images of a round (:func:`usable_tpr_levels`). A score that is
+    constant on every stand-in problem cannot be ranked there and is no candidate:
+    with 2 seen classes each problem keeps 1, whose one-class light head makes the
+    supervised scores constant (as a single seen prompt does ``mcm``), so the
+    candidates are the CLIP-side ``clip_margin`` and ``knn``. The combined score
+    needs 2 distinct problems and :data:`~hybridcls.gate.scores.MIN_COMBINED_SEEN`
+    seen images to standardise on, in the other rounds and among the held-out images.
 
     Args:
         sup_feat_train: ``[Ntr, F]`` supervised backbone features of the training images.
@@ -344,7 +470,7 @@ def leave_classes_out(
         clip_emb_val: ``[Nval, D]`` the same for the held-out images.
         rounds: Stand-in problems; the combined score is fitted on the other rounds
             than the one it is scored on, so it needs at least 2.
-        hide_fraction: Share of seen classes hidden per round.
+        hide_fraction: Share of seen classes hidden per round (at least 1 class).
         seed: Seed of the class draws.
         scores: Candidate scores (default: every registered score whose inputs are given).
         modes: Candidate modes among ``hard``, ``soft``, ``stacking``.
@@ -353,18 +479,25 @@ def leave_classes_out(
             allows for the held-out set's size).
         temperature_grid: Temperatures tried for ``msp`` and ``energy`` (1.0 always is).
         soft_scale_grid: ``soft`` scales tried, in standard deviations of seen scores.
-        knn_k: The neighbour the ``knn`` score measures.
+        knn_k: The neighbour the ``knn`` score measures (lowered as said above).
         head_C: Inverse regularisation of the light heads.
         head_max_iter: lbfgs iterations of the light heads.
+        class_names: Seen class names by index, to name classes in messages.
 
     Returns:
         The best :class:`GateCalibration` by mean H over the rounds, the combined
         score preferred within one standard error (``method="leave-classes-out"``;
         ``candidates`` = every candidate's figures, the chosen one first, then by
         mean H; ``cascade_seen_share`` = the largest over rounds of
-        :func:`~hybridcls.gate.cascade_seen_share` on the light heads). Its
+        :func:`~hybridcls.gate.cascade_seen_share` on the light heads; ``rounds``
+        and ``hidden_classes`` as run; ``adapted`` = what small data changed). Its
         threshold is unset: call :func:`finalize` with the real model's scores on
         the held-out seen images.
+
+    Raises:
+        DataTooSmallError: A seen class without training images, held-out images of
+            fewer than 2 seen classes, or (2 seen classes) no CLIP-side candidate score.
+        InputError: Mismatched arrays or an unknown score or mode.
 
     Example:
         >>> cal = leave_classes_out(sup_feat_train=ftr, y_train=ytr, sup_feat_val=fva,
@@ -383,17 +516,32 @@ def leave_classes_out(
         or yva.size != clip_val.shape[0]
     ):
         raise InputError("features, labels and zero-shot logits must have one row per image")
+    if class_names is not None and len(class_names) != n_classes:
+        raise InputError(f"{len(class_names)} class_names for {n_classes} seen classes")
     missing = np.setdiff1d(np.arange(n_classes), ytr)
     if missing.size:
-        raise InputError(f"seen class {int(missing[0])} has no training image")
-    n_hide = max(1, round(hide_fraction * n_classes))
-    # only a class with held-out images can stand in for an unseen one
+        raise DataTooSmallError(
+            f"seen class {_class_name(class_names, int(missing[0]))} has no training image"
+            + (f" ({missing.size} such classes)" if missing.size > 1 else "")
+            + ": leave-classes-out needs at least 1 per seen class; add training images")
+    # only a class with held-out images can stand in for an unseen one, and a kept
+    # class needs some for the seen side
     hideable = np.unique(yva)
-    if n_classes - n_hide < 2 or hideable.size < n_hide + 1:
-        raise InputError(
-            f"{n_classes} seen classes ({hideable.size} with held-out images) are too few "
-            f"to hide {n_hide} and keep some to compare with"
-        )
+    if hideable.size < 2:
+        which = f" ({_class_name(class_names, int(hideable[0]))})" if hideable.size else ""
+        raise DataTooSmallError(
+            f"leave-classes-out needs held-out images of at least 2 seen classes (one to hide, "
+            f"one to keep); {hideable.size} of the {n_classes} seen classes have some{which}: "
+            "hold out images of more classes, or calibrate by the TPR threshold (method 'tpr')")
+    if rounds < 1:
+        raise InputError(f"rounds must be at least 1, got {rounds}")
+    adapted: list[str] = []
+    n_hide_asked = max(1, round(hide_fraction * n_classes))
+    n_hide = min(n_hide_asked, hideable.size - 1)
+    if n_hide < n_hide_asked:
+        adapted.append(
+            f"hidden classes {n_hide_asked} -> {n_hide}: {hideable.size} seen classes have "
+            "held-out images, and one must be kept")
     use_knn = clip_emb_train is not None and clip_emb_val is not None
     emb_tr = as_array(clip_emb_train, "clip_emb_train") if use_knn else None
     emb_va = as_array(clip_emb_val, "clip_emb_val") if use_knn else None
@@ -405,8 +553,9 @@ def leave_classes_out(
     bad_modes = [m for m in modes if m not in MODES]
     if bad_modes:
         raise InputError(f"gate mode {bad_modes[0]!r}: choose from {', '.join(MODES)}")
-    if rounds < 1:
-        raise InputError(f"rounds must be at least 1, got {rounds}")
+    knn_k, notes = bounded_neighbour_k("knn_k", knn_k, ytr, class_names)
+    if "knn" in scores:
+        adapted += notes
     # 1.0 is always among the temperatures: the combined score is built on it
     temperatures = sorted({1.0, *temperature_grid})
     score_keys = [
@@ -415,12 +564,18 @@ def leave_classes_out(
         for t in (temperatures if SCORES[name].uses_temperature else [1.0])
     ]
 
-    tpr_grid = usable_tpr_levels(tpr_grid, yva.size)
     rng = np.random.default_rng(seed)
+    hidden_sets = _hidden_sets(rng, hideable, n_hide, rounds)
+    if len(hidden_sets) < rounds:
+        adapted.append(
+            f"rounds {rounds} -> {len(hidden_sets)}: only {len(hidden_sets)} distinct sets of "
+            f"{n_hide} hidden class{'es' if n_hide > 1 else ''} among the {hideable.size} with "
+            "held-out images")
+    n_kept_val = min(int(np.sum(~np.isin(yva, hidden))) for hidden in hidden_sets)
+    tpr_grid = usable_tpr_levels(tpr_grid, n_kept_val)
     problems: list[_Round] = []
     seen_shares: list[float] = []
-    for _ in range(rounds):
-        hidden = np.sort(rng.choice(hideable, size=n_hide, replace=False))
+    for hidden in hidden_sets:
         kept = np.setdiff1d(np.arange(n_classes), hidden)
         order = np.concatenate([kept, hidden])
         new_index = np.empty(n_classes, dtype=np.int64)
@@ -462,9 +617,35 @@ def leave_classes_out(
             )
         )
 
-    base_names = list(scores)
+    # a score with one value on every image of every problem cannot be ranked there
+    constant = [k for k in score_keys if all(np.ptp(p.scores[k]) == 0 for p in problems)]
+    if constant:
+        kept_one = n_classes - n_hide == 1
+        why = " (each keeps 1 seen class: one light-head logit, one seen prompt)" if kept_one else ""
+        score_keys = [k for k in score_keys if k not in constant]
+        if not score_keys:
+            error = DataTooSmallError if kept_one else InputError
+            raise error(
+                f"every candidate score ({', '.join(scores)}) is constant on the stand-in "
+                f"problems{why}: add clip_margin or knn to scores, or calibrate by the TPR "
+                "threshold (method 'tpr')")
+        adapted.append(
+            f"not candidates, constant on every stand-in problem{why}: "
+            + ", ".join(_key_label(n, t) for n, t in constant))
+
+    base_names = [n for n, t in score_keys if t == 1.0]
     combined_key = ("combined", 1.0)
-    use_combined = combined and rounds >= 2 and len(base_names) >= 2
+    # the fewest seen images a combined score is standardised on: the other rounds', the real ones
+    fewest_seen = min(
+        [int(sum(np.sum(~q.is_unseen) for q in problems if q is not p)) for p in problems]
+        + [yva.size]
+    )
+    use_combined = combined and len(problems) >= 2 and len(base_names) >= 2
+    if use_combined and fewest_seen < MIN_COMBINED_SEEN:
+        use_combined = False
+        adapted.append(
+            f"no combined score: standardising it needs {MIN_COMBINED_SEEN} seen images, "
+            f"the held-out images give {fewest_seen}")
     if use_combined:
         matrices = [
             _standardised_by_seen(
@@ -474,7 +655,7 @@ def leave_classes_out(
         ]
         for r, p in enumerate(problems):
             # fitted on the other rounds, so that its H here is not scored on its own training data
-            others = [i for i in range(rounds) if i != r]
+            others = [i for i in range(len(problems)) if i != r]
             model = CombinedScore(base_names).fit(
                 np.concatenate([matrices[i] for i in others]),
                 np.concatenate([problems[i].is_unseen for i in others]),
@@ -482,7 +663,9 @@ def leave_classes_out(
             p.scores[combined_key] = model.score(matrices[r])
         score_keys.append(combined_key)
 
-    table = _prefer_combined(_grid_search(problems, score_keys, modes, tpr_grid, soft_scale_grid), rounds)
+    table = _prefer_combined(
+        _grid_search(problems, score_keys, modes, tpr_grid, soft_scale_grid), len(problems)
+    )
     combined_dict = None
     if use_combined:
         # Kept even when another score wins, so that every candidate can be rebuilt (benchmarks).
@@ -493,7 +676,12 @@ def leave_classes_out(
         )
     best = from_candidate(table[0], candidates=table, combined=combined_dict, knn_k=knn_k)
     # the largest share over the rounds: the cascade errs towards running CLIP
-    return best.replace(cascade_seen_share=round(float(np.max(seen_shares)), 4))
+    return best.replace(
+        cascade_seen_share=round(float(np.max(seen_shares)), 4),
+        rounds=len(problems),
+        hidden_classes=n_hide,
+        adapted=adapted,
+    )
 
 
 def from_candidate(
@@ -501,7 +689,7 @@ def from_candidate(
     *,
     candidates: list[dict[str, Any]] | None = None,
     combined: dict[str, Any] | None = None,
-    knn_k: int = 10,
+    knn_k: int = DEFAULT_KNN_K,
 ) -> GateCalibration:
     """The (unfinalised) calibration of one row of a leave-classes-out ``candidates`` table.
 
@@ -578,8 +766,9 @@ def _grid_search(
         for i, (name, t, mode, tpr, unseen_only, scale_std) in enumerate(settings):
             s = p.scores[(name, t)]
             threshold = threshold_at_tpr(s[~p.is_unseen], tpr)
+            # the deployed gate's own rules (fusion.route_mask, soft_weight): ties route alike
             if mode == "hard":
-                to_zs = s > threshold
+                to_zs = route_mask(s, threshold)
                 probs = hard_probs(
                     p.sup_logits,
                     p.clip_logits[to_zs],
@@ -589,7 +778,7 @@ def _grid_search(
                 )
             elif mode == "soft":
                 assert scale_std is not None
-                g = expit((s - threshold) / (scale_std * _spread(s[~p.is_unseen])))
+                g = soft_weight(s, threshold, scale_std * _spread(s[~p.is_unseen]))
                 probs = soft_probs(p.sup_logits, p.clip_logits, g, temperature=p.sup_temperature)
             else:
                 probs = stacking_probs(p.clip_logits, -threshold, p.n_seen)

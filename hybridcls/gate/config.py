@@ -56,7 +56,7 @@ class GateCalibration:
             classes only (``True``) or over all classes.
         combined: :meth:`CombinedScore.to_dict` when ``score == "combined"``.
         unknown_threshold: Answer "unknown" when no branch's top probability reaches
-            it; ``None`` = never.
+            it (every one strictly below it; one equal to it is not unknown); ``None`` = never.
         knn_k: The neighbour the ``knn`` score measures.
         method: How the threshold was set: ``tpr``, ``leave-classes-out``,
             ``transductive`` or ``manual``.
@@ -79,6 +79,13 @@ class GateCalibration:
         cache_branch: :meth:`hybridcls.gate.CacheBranch.to_dict` of the nearest-neighbour
             cache branch fitted at calibration (applied only when its ``enabled`` is true);
             ``None`` = not fitted.
+        rounds: Leave-classes-out: the stand-in problems it ran (fewer than asked when
+            the seen classes allow fewer distinct ones); ``None`` for other methods.
+        hidden_classes: Leave-classes-out: the seen classes each problem hid.
+        adapted: What calibration changed because the data was small, one sentence
+            each (the setting, asked -> used, and why), e.g. ``"knn_k 10 -> 3: the
+            smallest seen class ('cat') has 3 training images"``. The values used are
+            in their own fields (``knn_k``, ``cascade_k``...), which prediction reads.
     """
 
     score: str = "energy"
@@ -101,6 +108,9 @@ class GateCalibration:
     cascade_k: int = CASCADE_KNN_K
     sup_temperature: float | None = None
     cache_branch: dict[str, Any] | None = None
+    rounds: int | None = None
+    hidden_classes: int | None = None
+    adapted: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -124,6 +134,9 @@ class GateCalibration:
             raise InputError(f"temperature must be positive, got {self.temperature}")
         if self.sup_temperature is not None and self.sup_temperature <= 0:
             raise InputError(f"sup_temperature must be positive, got {self.sup_temperature}")
+        for name in ("knn_k", "cascade_k"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @property
     def base_scores(self) -> list[str]:

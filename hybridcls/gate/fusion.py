@@ -14,7 +14,15 @@ Three decision modes, all producing ``probs [N, C]`` over every class in the
   over all classes after subtracting a penalty from the seen classes' logits.
 
 Optionally an image for which no branch's top probability reaches
-``unknown_threshold`` is marked ``"unknown"``.
+``unknown_threshold`` is marked ``"unknown"`` (a top probability equal to it
+is not unknown).
+
+The gate's rules are written once, in :func:`route_mask` (hard) and
+:func:`soft_weight` (soft), and calibration's search scores its candidates
+with the same functions, so the gate calibration scores is the gate that runs.
+A NaN gate score (nothing measured) stays in the supervised branch in every
+mode. Logits may hold ``-inf`` (a masked class) and ``+inf``: probabilities
+come from :func:`hybridcls.gate.scores.softmax_rows`, never NaN for them.
 """
 
 from __future__ import annotations
@@ -23,11 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.special import expit, softmax
+from scipy.special import expit
 
 from hybridcls.errors import InputError
 from hybridcls.gate.config import MODES, GateCalibration
-from hybridcls.gate.scores import as_array, clip_margin_score
+from hybridcls.gate.scores import as_array, clip_margin_score, softmax_rows
 
 __all__ = [
     "BRANCHES",
@@ -35,7 +43,9 @@ __all__ = [
     "fuse",
     "hard_probs",
     "route",
+    "route_mask",
     "soft_probs",
+    "soft_weight",
     "stacking_probs",
     "topk",
 ]
@@ -95,6 +105,36 @@ def topk(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, vals
 
 
+def route_mask(gate_score: np.ndarray, threshold: float) -> np.ndarray:
+    """The hard gate's rule: ``[N]`` True (to the zero-shot branch) where ``score > threshold``.
+
+    A score equal to the threshold stays in the supervised branch, as does a NaN
+    score: the threshold is the largest score kept (:func:`hybridcls.gate.threshold_at_tpr`).
+    Calibration's search and :func:`route` both decide through it.
+
+    Example:
+        >>> route_mask(np.array([-1.0, 0.0, np.nan, np.inf]), 0.0).tolist()
+        [False, False, False, True]
+    """
+    with np.errstate(invalid="ignore"):  # NaN compares False: kept
+        return np.asarray(gate_score) > threshold
+
+
+def soft_weight(gate_score: np.ndarray, threshold: float, scale: float) -> np.ndarray:
+    """The soft gate's weight of the zero-shot branch, ``sigmoid((score - threshold) / scale)``.
+
+    0.5 at the threshold, 1 at ``+inf``, 0 at ``-inf`` and for a NaN score (kept in
+    the supervised branch, as in hard routing). Calibration's search and
+    :func:`fuse` both weigh through it.
+
+    Example:
+        >>> soft_weight(np.array([0.0, np.inf, np.nan]), 0.0, 1.0).tolist()
+        [0.5, 1.0, 0.0]
+    """
+    s = np.asarray(gate_score, dtype=np.float64)
+    return np.where(np.isnan(s), 0.0, expit((s - threshold) / scale))
+
+
 def route(gate_score: Any, calibration: GateCalibration) -> np.ndarray:
     """Which images a hard gate sends to the zero-shot branch.
 
@@ -103,15 +143,15 @@ def route(gate_score: Any, calibration: GateCalibration) -> np.ndarray:
         calibration: A finalised calibration (its ``threshold`` is set).
 
     Returns:
-        ``[N]`` boolean ``to_zeroshot``: score strictly above the threshold. A NaN
-        score stays in the supervised branch.
+        ``[N]`` boolean ``to_zeroshot``: score strictly above the threshold
+        (:func:`route_mask`). A score equal to it, or NaN, stays in the supervised branch.
 
     Example:
         >>> cal = GateCalibration(score="energy", threshold=0.0)
         >>> route(np.array([-1.0, 0.0, 2.0]), cal).tolist()
         [False, False, True]
     """
-    return as_array(gate_score, "gate_score", ndim=1) > _threshold(calibration)
+    return route_mask(as_array(gate_score, "gate_score", ndim=1), _threshold(calibration))
 
 
 def hard_probs(
@@ -138,11 +178,11 @@ def hard_probs(
     c = clip_routed.shape[1]
     probs = np.zeros((n, c))
     keep = ~to_zeroshot
-    probs[keep, :s] = softmax(sup_logits[keep] / temperature, axis=1)
+    probs[keep, :s] = softmax_rows(sup_logits[keep] / temperature)
     if unseen_only:
-        probs[to_zeroshot, s:] = softmax(clip_routed[:, s:], axis=1)
+        probs[to_zeroshot, s:] = softmax_rows(clip_routed[:, s:])
     else:
-        probs[to_zeroshot] = softmax(clip_routed, axis=1)
+        probs[to_zeroshot] = softmax_rows(clip_routed)
     return probs
 
 
@@ -166,13 +206,9 @@ def soft_probs(
     """
     s = sup_logits.shape[1]
     g = gate_weight[:, None]
-    return np.concatenate(
-        [
-            (1.0 - g) * softmax(sup_logits / temperature, axis=1),
-            g * softmax(clip_logits[:, s:], axis=1),
-        ],
-        axis=1,
-    )
+    # a row of weight 0 takes nothing from the zero-shot branch, even a NaN row (not run there)
+    zeroshot = np.where(g > 0, g * softmax_rows(clip_logits[:, s:]), 0.0)
+    return np.concatenate([(1.0 - g) * softmax_rows(sup_logits / temperature), zeroshot], axis=1)
 
 
 def stacking_probs(clip_logits: np.ndarray, penalty: float, n_seen: int) -> np.ndarray:
@@ -188,7 +224,7 @@ def stacking_probs(clip_logits: np.ndarray, penalty: float, n_seen: int) -> np.n
     """
     adjusted = clip_logits.copy()
     adjusted[:, :n_seen] -= penalty
-    return softmax(adjusted, axis=1)
+    return softmax_rows(adjusted)
 
 
 def fuse(
@@ -259,7 +295,7 @@ def fuse(
         n = probs.shape[0]
         branch = np.full(n, "zeroshot", dtype=object)
         weight = np.ones(n)
-        clip_probs = softmax(clip, axis=1)
+        clip_probs = softmax_rows(clip)
         clip_conf = probs.max(axis=1)  # the stacked distribution is the zero-shot branch's answer
     else:
         if sup is None or gate_score is None:
@@ -277,10 +313,10 @@ def fuse(
             branch = np.where(to_zs, "zeroshot", "supervised").astype(object)
             weight = to_zs.astype(np.float64)
             clip_probs = np.full((n, clip.shape[1]), np.nan)
-            clip_probs[to_zs] = softmax(clip_routed, axis=1)
+            clip_probs[to_zs] = softmax_rows(clip_routed)
             cols = slice(n_seen, None) if calibration.unseen_only else slice(None)
             clip_conf = np.full(n, np.nan)
-            clip_conf[to_zs] = softmax(clip_routed[:, cols], axis=1).max(axis=1)
+            clip_conf[to_zs] = softmax_rows(clip_routed[:, cols]).max(axis=1)
         else:  # soft
             if clip.shape[0] != n:
                 raise InputError(f"soft fusion needs clip_logits for all {n} images")
@@ -288,16 +324,17 @@ def fuse(
                 raise InputError(
                     "soft fusion needs a positive soft_scale: finalize the calibration"
                 )
-            weight = expit((score - _threshold(calibration)) / calibration.soft_scale)
+            weight = soft_weight(score, _threshold(calibration), calibration.soft_scale)
             probs = soft_probs(sup, clip, weight, temperature=t)
             branch = np.full(n, "mixed", dtype=object)
-            clip_probs = softmax(clip, axis=1)
-            clip_conf = softmax(clip[:, n_seen:], axis=1).max(axis=1)
+            clip_probs = softmax_rows(clip)
+            clip_conf = softmax_rows(clip[:, n_seen:]).max(axis=1)
 
-    sup_probs = None if sup is None else softmax(sup / t, axis=1)
+    sup_probs = None if sup is None else softmax_rows(sup / t)
     if calibration.unknown_threshold is not None:
-        # "unknown" only when no branch that ran is confident; a branch that did not
-        # run on a row (NaN) counts as not confident; stacking's answer is the zero-shot one alone
+        # "unknown" only when no branch that ran is confident: every top probability strictly
+        # below the threshold (one equal to it is confident enough); a branch that did not run
+        # on a row (NaN) counts as not confident; stacking's answer is the zero-shot one alone
         sup_conf = np.full(n, np.nan)
         if sup_probs is not None and mode != "stacking":
             sup_conf = sup_probs.max(axis=1)
@@ -334,6 +371,7 @@ def _routed_rows(clip: np.ndarray, to_zeroshot: np.ndarray) -> np.ndarray:
             f"clip_logits has {clip.shape[0]} rows: "
             f"expected {n} (all images) or {n_routed} (routed ones)"
         )
-    if not np.isfinite(rows).all():
-        raise InputError("clip_logits of a routed image is not finite")
+    if np.isnan(rows).any():
+        # NaN = the zero-shot branch did not run there; +-inf logits are values (softmax_rows)
+        raise InputError("clip_logits of a routed image is NaN (the zero-shot branch did not run on it)")
     return rows

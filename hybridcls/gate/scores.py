@@ -22,6 +22,16 @@ first ``n_seen`` columns are the seen classes. :class:`CombinedScore` mixes
 several of them with a small logistic model.
 
 Functions accept numpy arrays or torch tensors and return numpy float64.
+
+Infinite logits have defined scores (a ``-inf`` logit is a masked class; a
+``+inf`` one a certain class), through :func:`softmax_rows`, the softmax on the
+extended reals: ``-inf`` entries get probability 0, the ``+inf`` entries of a
+row share it equally, and a row of ``-inf`` only (every class masked) is
+uniform, the limit of equal logits. So for ``[2, 1, -inf]`` every score is
+that of ``[2, 1]``; one ``+inf`` logit gives ``msp = -1``, ``entropy = 0``,
+``max_logit = energy = -inf``; an all ``-inf`` row gives ``msp = -1/S``,
+``entropy = log S``, ``max_logit = energy = +inf`` (nothing looks seen). A NaN
+entry makes its row's score NaN (not computed).
 """
 
 from __future__ import annotations
@@ -31,16 +41,17 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy.special import log_softmax, logsumexp, softmax
+from scipy.special import entr, log_softmax, logsumexp, softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from hybridcls.errors import InputError
+from hybridcls.errors import DataTooSmallError, InputError
 from hybridcls.index import EmbeddingIndex
 
 __all__ = [
     "DEFAULT_KNN_K",
     "INPUTS",
+    "MIN_COMBINED_SEEN",
     "SCORES",
     "CombinedScore",
     "ScoreInputs",
@@ -56,6 +67,7 @@ __all__ = [
     "mean_nll",
     "msp_score",
     "needs_of",
+    "softmax_rows",
 ]
 
 #: The arrays a score can need; the names are the keyword arguments of :func:`compute_scores`.
@@ -65,6 +77,11 @@ INPUTS = ("sup_logits", "clip_logits", "clip_emb")
 #: 50,000 training images; a seen class here has tens of images, so a smaller k
 #: keeps the k-th neighbour inside the image's own class.
 DEFAULT_KNN_K = 10
+
+
+#: Seen images (with finite scores) that :class:`CombinedScore` standardises on, at least:
+#: one image has no spread to standardise by.
+MIN_COMBINED_SEEN = 2
 
 
 def as_array(x: Any, name: str = "array", ndim: int = 2) -> np.ndarray:
@@ -96,6 +113,36 @@ def mean_nll(logits: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(log_softmax(logits, axis=1)[np.arange(len(y)), y]))
 
 
+def softmax_rows(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of ``[N, K]`` logits on the extended reals.
+
+    ``-inf`` entries get 0; when a row has ``+inf`` entries they share the
+    probability equally (the limit as they grow together) and the finite
+    entries get 0; a row of ``-inf`` only is uniform (the limit of equal
+    logits); a row with a NaN is NaN. Every score and fusion mode reads
+    probabilities through it, so that a masked class (``-inf``) never turns
+    a row into NaN.
+
+    Example:
+        >>> inf = np.inf
+        >>> softmax_rows(np.array([[0.0, 0.0, -inf], [inf, 1.0, inf], [-inf, -inf, -inf]])).round(3)
+        array([[0.5  , 0.5  , 0.   ],
+               [0.5  , 0.   , 0.5  ],
+               [0.333, 0.333, 0.333]])
+    """
+    z = np.asarray(z, dtype=np.float64)
+    top = np.isposinf(z)
+    has_top = top.any(axis=1)
+    masked = np.isneginf(z).all(axis=1)
+    regular = ~has_top & ~masked
+    out = np.empty_like(z)
+    out[regular] = softmax(z[regular], axis=1)
+    out[has_top] = top[has_top] / top[has_top].sum(axis=1, keepdims=True)
+    out[masked] = 1.0 / z.shape[1]
+    out[np.isnan(z).any(axis=1)] = np.nan
+    return out
+
+
 def msp_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
     """Negative maximum softmax probability (pytorch-ood ``MaxSoftmax``).
 
@@ -111,7 +158,7 @@ def msp_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
         [-1.0, -0.5]
     """
     z = as_array(logits, "logits")
-    return -softmax(z / temperature, axis=1).max(axis=1)
+    return -softmax_rows(z / temperature).max(axis=1)
 
 
 def max_logit_score(logits: Any) -> np.ndarray:
@@ -134,10 +181,12 @@ def energy_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
         temperature: ``T``; higher values smooth towards the mean logit.
 
     Returns:
-        ``[N]`` energies; higher = less like the seen classes.
+        ``[N]`` energies; higher = less like the seen classes. ``-inf`` for a row with
+        a ``+inf`` logit, ``+inf`` for a row of ``-inf`` only.
     """
     z = as_array(logits, "logits")
-    return -temperature * logsumexp(z / temperature, axis=1)
+    with np.errstate(divide="ignore"):  # log(0) of an all -inf row: +inf energy, as defined
+        return -temperature * logsumexp(z / temperature, axis=1)
 
 
 def entropy_score(logits: Any) -> np.ndarray:
@@ -150,10 +199,8 @@ def entropy_score(logits: Any) -> np.ndarray:
         ``[N]`` entropies in ``[0, log S]``; higher = less like the seen classes.
     """
     z = as_array(logits, "logits")
-    p = softmax(z, axis=1)
-    # log-softmax directly: a probability that underflows to 0 then gives 0 * finite, not 0 * -inf
-    log_p = z - logsumexp(z, axis=1, keepdims=True)
-    return -(p * log_p).sum(axis=1)
+    # entr(p) = -p log p with entr(0) = 0: a masked class (p = 0) adds nothing, not 0 * -inf
+    return entr(softmax_rows(z)).sum(axis=1)
 
 
 def mcm_score(clip_logits_seen: Any) -> np.ndarray:
@@ -169,7 +216,7 @@ def mcm_score(clip_logits_seen: Any) -> np.ndarray:
         ``[N]`` scores in ``[-1, -1/S]``; higher = less like the seen classes.
     """
     c = as_array(clip_logits_seen, "clip_logits_seen")
-    return -softmax(c, axis=1).max(axis=1)
+    return -softmax_rows(c).max(axis=1)
 
 
 def clip_margin_score(clip_logits: Any, n_seen: int) -> np.ndarray:
@@ -183,7 +230,8 @@ def clip_margin_score(clip_logits: Any, n_seen: int) -> np.ndarray:
         n_seen: Number of seen classes (``0 < n_seen < C``).
 
     Returns:
-        ``[N]`` margins in logit units; positive = an unseen prompt wins.
+        ``[N]`` margins in logit units; positive = an unseen prompt wins. Both maxima
+        equal (infinite ones included) is a tie: 0.
 
     Example:
         >>> clip_margin_score([[5.0, 1.0, 2.0], [1.0, 0.0, 4.0]], n_seen=2).tolist()
@@ -194,7 +242,9 @@ def clip_margin_score(clip_logits: Any, n_seen: int) -> np.ndarray:
         raise InputError(
             f"clip_margin needs seen and unseen columns: n_seen={n_seen} of {c.shape[1]} classes"
         )
-    return c[:, n_seen:].max(axis=1) - c[:, :n_seen].max(axis=1)
+    best_unseen, best_seen = c[:, n_seen:].max(axis=1), c[:, :n_seen].max(axis=1)
+    with np.errstate(invalid="ignore"):  # inf - inf, replaced by the tie's 0
+        return np.where(best_unseen == best_seen, 0.0, best_unseen - best_seen)
 
 
 def knn_distance_score(
@@ -208,7 +258,9 @@ def knn_distance_score(
         k: Which neighbour.
 
     Returns:
-        ``[N]`` distances in ``[0, 2]``; higher = farther from every seen image.
+        ``[N]`` distances in ``[0, 2]``; higher = farther from every seen image. NaN
+        for a row that is not finite (no embedding: nothing to measure), which every
+        fusion mode keeps in the supervised branch.
     """
     return knn_index.kth_distance(as_array(clip_emb, "clip_emb"), k)
 
@@ -355,8 +407,9 @@ class CombinedScore:
     """A logistic model over several standardised scores; its logit is the score.
 
     The scores are standardised with the mean and spread of the **seen**
-    images only. That anchor exists on both sides of calibration (the light
-    heads' held-out seen images, then the real model's), so :meth:`anchored`
+    images only (those whose scores are all finite, as is the fit). That
+    anchor exists on both sides of calibration (the light heads' held-out
+    seen images, then the real model's), so :meth:`anchored`
     can move the weights learned on stand-in problems onto the real model's
     score scales.
 
@@ -381,10 +434,17 @@ class CombinedScore:
         self.intercept_: float = 0.0
 
     def fit(self, score_matrix: Any, is_unseen: Any) -> CombinedScore:
-        """Fit on ``[N, len(names)]`` scores and a boolean "unseen" label per row."""
+        """Fit on ``[N, len(names)]`` scores and a boolean "unseen" label per row.
+
+        Rows with a non-finite score are left out (no logistic model takes them).
+        """
         X = self._matrix(score_matrix)
         y = np.asarray(is_unseen, dtype=bool)
-        if y.shape != (X.shape[0],) or y.all() or not y.any():
+        if y.shape != (X.shape[0],):
+            raise InputError(f"CombinedScore.fit: {y.size} labels for {X.shape[0]} rows")
+        finite = np.isfinite(X).all(axis=1)
+        X, y = X[finite], y[finite]
+        if y.all() or not y.any():
             raise InputError(
                 "CombinedScore.fit needs one label per row, with both seen and unseen rows"
             )
@@ -397,10 +457,29 @@ class CombinedScore:
         return self
 
     def score(self, score_matrix: Any) -> np.ndarray:
-        """The logistic model's logit per row: higher = less like the seen classes."""
+        """The logistic model's logit per row: higher = less like the seen classes.
+
+        An infinite base score with a non-zero weight makes the logit infinite, with
+        the sign of its term; infinite terms of both signs cancel, leaving the finite
+        terms to decide; a NaN base score makes the row NaN.
+
+        Example:
+            >>> m = CombinedScore.from_dict({"names": ["energy", "mcm"], "mean": [0, 0],
+            ...                              "scale": [1, 1], "coef": [2.0, -1.0], "intercept": 0.5})
+            >>> m.score([[1.0, 1.0], [np.inf, 0.0], [np.inf, np.inf], [np.inf, -np.inf]]).tolist()
+            [1.5, inf, 0.5, inf]
+        """
         if self.coef_ is None:
             raise InputError("CombinedScore is not fitted: call fit() or from_dict() first")
-        return self._standardise(self._matrix(score_matrix)) @ self.coef_ + self.intercept_
+        X = self._matrix(score_matrix)
+        with np.errstate(invalid="ignore"):  # inf * 0: a zero weight ignores its score
+            terms = np.where(self.coef_ == 0, 0.0, self._standardise(X) * self.coef_)
+        up, down = np.isposinf(terms).any(axis=1), np.isneginf(terms).any(axis=1)
+        out = np.where(np.isfinite(terms), terms, 0.0).sum(axis=1) + self.intercept_
+        out[up & ~down] = np.inf
+        out[down & ~up] = -np.inf
+        out[np.isnan(X).any(axis=1)] = np.nan
+        return out
 
     def anchored(self, seen_score_matrix: Any) -> CombinedScore:
         """A copy with the same weights, standardised on other seen images' scores."""
@@ -452,8 +531,12 @@ class CombinedScore:
         return X
 
     def _set_anchor(self, seen_rows: np.ndarray) -> None:
-        if seen_rows.shape[0] < 2:
-            raise InputError("standardising the combined score needs at least 2 seen images")
+        seen_rows = seen_rows[np.isfinite(seen_rows).all(axis=1)]
+        if seen_rows.shape[0] < MIN_COMBINED_SEEN:
+            raise DataTooSmallError(
+                f"standardising the combined score needs the scores of at least {MIN_COMBINED_SEEN} "
+                f"held-out seen images, got {seen_rows.shape[0]}: add held-out images or choose "
+                "a single score")
         scaler = StandardScaler().fit(seen_rows)
         self.mean_ = scaler.mean_.astype(np.float64)
         self.scale_ = scaler.scale_.astype(np.float64)
