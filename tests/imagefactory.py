@@ -42,6 +42,7 @@ __all__ = [
     "make_text_as_jpg",
     "make_truncated_jpeg",
     "make_two_frame_gif",
+    "make_unreadable_class",
     "make_zero_byte",
     "noise_jpeg_bytes",
 ]
@@ -219,6 +220,26 @@ def make_dir_named_like_image(folder: Path) -> Path:
     path.mkdir()
     make_plain(path, "PNG", "inside.png")
     return path
+
+
+def make_unreadable_class(folder: Path) -> dict[str, str]:
+    """Fill ``folder`` as in the reported case: two 0-byte files, three saved HTML pages named .png.
+
+    Returns:
+        ``path -> reason`` that decoding each file gives (the reasons
+        hybridcls.data.images documents), in name order.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    planted = {}
+    for i in range(5):
+        path = folder / f"00{i}.png"
+        if i < 2:
+            path.write_bytes(b"")
+            planted[str(path)] = "empty file (0 bytes)"
+        else:
+            path.write_text("<html>404 not found</html>\n", encoding="utf-8")
+            planted[str(path)] = "not an image (unrecognised format)"
+    return planted
 
 
 def make_all(folder: Path) -> dict[str, Made]:

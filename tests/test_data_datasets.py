@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from imagefactory import Made, make_all, make_plain
+from imagefactory import Made, make_all, make_plain, make_unreadable_class
 from torchvision.transforms import v2
 
 from hybridcls.data import (
@@ -16,12 +16,14 @@ from hybridcls.data import (
     Sample,
     Source,
     collate,
+    drop_unreadable,
     expand_inputs,
+    find_unreadable,
     make_loader,
     scan_image_folder,
     stratified_split,
 )
-from hybridcls.errors import DatasetError
+from hybridcls.errors import DatasetError, DataTooSmallError
 
 # Module level, so worker processes can pickle it under any start method.
 TRANSFORM = v2.Compose([v2.PILToTensor(), v2.Resize((8, 8), antialias=True)])
@@ -182,23 +184,24 @@ def test_non_ascii_and_punctuated_labels_are_fine(tmp_path: Path) -> None:
 
 def test_stratified_split_keeps_class_mix_and_is_seeded() -> None:
     samples = [(f"a{i}", 0) for i in range(10)] + [(f"b{i}", 1) for i in range(20)]
-    train, val = stratified_split(samples, 0.2, seed=3)
+    classes = ["a", "b"]
+    train, val = stratified_split(samples, 0.2, seed=3, classes=classes)
     assert sorted(train + val) == sorted(samples) and not set(train) & set(val)
     assert sum(1 for _, y in val if y == 0) == 2 and sum(1 for _, y in val if y == 1) == 4
     assert train == sorted(train, key=samples.index) and val == sorted(val, key=samples.index)
-    assert stratified_split(samples, 0.2, seed=3) == (train, val)
-    assert stratified_split(samples, 0.2, seed=4) != (train, val)
+    assert stratified_split(samples, 0.2, seed=3, classes=classes) == (train, val)
+    assert stratified_split(samples, 0.2, seed=4, classes=classes) != (train, val)
 
 
 def test_stratified_split_errors_name_class_and_flag() -> None:
     samples = [(f"a{i}", 0) for i in range(10)] + [("b0", 1)]
-    with pytest.raises(DatasetError, match=r"class 'bat' has only 1 image.*--val-split 0\.2"):
+    with pytest.raises(DataTooSmallError, match=r"class 'bat' has 1 image, .*--val-split 0\.2"):
         stratified_split(samples, 0.2, seed=0, classes=["ant", "bat"])
     with pytest.raises(DatasetError, match=r"--val-split must be between 0 and 1"):
-        stratified_split(samples, 1.0, seed=0)
+        stratified_split(samples, 1.0, seed=0, classes=["ant", "bat"])
     # 3 classes, 2 images each: a 10% split cannot give every class a validation image.
     few = [(f"{c}{i}", y) for y, c in enumerate("abc") for i in range(2)]
-    with pytest.raises(DatasetError, match=r"--val-split 0\.1"):
+    with pytest.raises(DataTooSmallError, match=r"--val-split 0\.1: .*; change --val-split"):
         stratified_split(few, 0.1, seed=0, classes=["a", "b", "c"])
     # With 2 images per class and 80% held out, training would lose a class.
     with pytest.raises(DatasetError, match=r"--val-split 0\.8"):
@@ -213,3 +216,104 @@ def test_scan_then_dataset_reports_undecodable_training_files(tmp_path: Path) ->
     index = scan_image_folder(tmp_path)
     ds = ImageDataset([Source(p) for p, _ in index.samples], TRANSFORM)
     assert [ds[i].error for i in range(len(ds))] == ["empty file (0 bytes)", None] * 2
+
+
+def test_find_unreadable_gives_the_reasons_of_a_full_decode(
+    made: dict[str, Made], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = [str(m.path) for m in made.values()] + [str(tmp_path / "missing.jpg")]
+    found = find_unreadable(paths, progress=True)
+    # The reasons the prediction path (ImageDataset: a full decode) gives, file by file.
+    ds = ImageDataset([Source(p) for p in paths], TRANSFORM)
+    expected = {p: ds[i].error for i, p in enumerate(paths) if ds[i].error is not None}
+    assert found == expected
+    assert list(found) == [p for p in paths if p in expected]  # in input order
+    bad = {str(m.path): m.reason for m in made.values() if m.reason is not None}
+    assert set(found) == set(bad) | {str(tmp_path / "missing.jpg")}
+    for path, start in bad.items():
+        assert found[path].startswith(start), (path, found[path])
+    assert "checking images" in capsys.readouterr().err
+    # Two worker processes find the same, and progress=False prints nothing.
+    assert find_unreadable(paths, workers=2) == expected
+    assert capsys.readouterr().err == ""
+
+
+def test_a_class_folder_with_no_readable_image_is_refused_listing_its_files(
+    tmp_path: Path,
+) -> None:
+    for name in ("blue_square", "red_circle"):
+        (tmp_path / name).mkdir()
+        make_plain(tmp_path / name, "PNG", "good.png")
+    planted = make_unreadable_class(tmp_path / "green_triangle")
+    index = scan_image_folder(tmp_path)
+    with pytest.raises(DatasetError) as info:
+        drop_unreadable(index, find_unreadable([p for p, _ in index.samples]))
+    assert info.value.exit_code == 2 and not isinstance(info.value, DataTooSmallError)
+    lines = str(info.value).splitlines()
+    assert lines[0] == (
+        f"class folder {tmp_path / 'green_triangle'} has no readable image: "
+        "none of its 5 files decodes:"
+    )
+    assert lines[1:6] == [f"  {path}: {reason}" for path, reason in planted.items()]
+    assert lines[6] == "replace or remove the unreadable files, or remove the class folder"
+
+
+def test_drop_unreadable_keeps_the_readable_files_and_records_the_others(tmp_path: Path) -> None:
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        make_plain(tmp_path / name, "PNG", "good.png")
+    (tmp_path / "dog" / "bad.jpg").write_bytes(b"")
+    index = drop_unreadable(scan_image_folder(tmp_path), {str(tmp_path / "dog" / "bad.jpg"): "r"})
+    assert index.samples == [(str(tmp_path / "cat" / "good.png"), 0),
+                             (str(tmp_path / "dog" / "good.png"), 1)]
+    assert index.unreadable == [(str(tmp_path / "dog" / "bad.jpg"), 1, "r")]
+
+
+def test_split_errors_count_and_list_a_class_unreadable_files() -> None:
+    samples = [(f"a{i}", 0) for i in range(10)] + [("b0", 1)]
+    unreadable = [("b1", 1, "empty file (0 bytes)"), ("b2", 1, "not an image (unrecognised format)")]
+    with pytest.raises(DataTooSmallError) as info:
+        stratified_split(samples, 0.2, seed=0, classes=["ant", "bat"], unreadable=unreadable)
+    assert info.value.exit_code == 1
+    assert str(info.value).splitlines() == [
+        (
+            "class 'bat' has 1 readable image and 2 unreadable files, so it cannot have both a "
+            "training and a validation image (--val-split 0.2); add images, or replace its "
+            "unreadable files:"
+        ),
+        "  b1: empty file (0 bytes)",
+        "  b2: not an image (unrecognised format)",
+    ]
+    # 20, 20 and 2 readable images: a 10% split holds out 5, shared 2.4 / 2.4 / 0.2 by class
+    # and rounded, so none of class 'c'.
+    skewed = [(f"{c}{i}", y) for y, (c, n) in enumerate([("a", 20), ("b", 20), ("c", 2)])
+              for i in range(n)]
+    with pytest.raises(DataTooSmallError) as info:
+        stratified_split(skewed, 0.1, seed=0, classes=["a", "b", "c"],
+                         unreadable=[("c9", 2, "empty file (0 bytes)")])
+    assert str(info.value).splitlines()[0] == (
+        "class 'c' has 2 readable images and 1 unreadable file, so it would have no validation "
+        "image with --val-split 0.1; raise --val-split or add images, or replace its unreadable "
+        "file:"
+    )
+
+
+def test_a_long_list_of_unreadable_files_is_cut_and_the_rest_counted_by_reason(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "cat").mkdir()
+    make_plain(tmp_path / "cat", "PNG", "good.png")
+    (tmp_path / "dog").mkdir()
+    for i in range(24):
+        (tmp_path / "dog" / f"{i:02d}.jpg").write_bytes(b"" if i % 3 else b"<html>")
+    index = scan_image_folder(tmp_path)
+    with pytest.raises(DatasetError) as info:
+        drop_unreadable(index, find_unreadable([p for p, _ in index.samples]))
+    lines = str(info.value).splitlines()
+    assert lines[0].endswith("none of its 24 files decodes:")
+    assert lines[1] == f"  {tmp_path / 'dog' / '00.jpg'}: not an image (unrecognised format)"
+    assert lines[20] == f"  {tmp_path / 'dog' / '19.jpg'}: empty file (0 bytes)"
+    # 20..23: 21 (a multiple of 3) is not an image, the others are empty.
+    assert lines[21] == (
+        "  ... and 4 more: 3 x empty file (0 bytes), 1 x not an image (unrecognised format)"
+    )

@@ -210,3 +210,20 @@ def test_real_photo_variants_match_the_plain_one() -> None:
     # The orientation check can fail: the photo turned any other way is far off.
     rotated = load_image(PHOTOS / "african_elephants_with_exif_orientation.jpg").rotate(180)
     assert np.abs(_small(rotated) - reference).mean() > 30
+
+
+def test_draft_decoding_fails_exactly_when_a_full_decode_does(photos_dir: Path) -> None:
+    def outcome(path: Path, draft: bool) -> tuple[str, str]:
+        try:
+            return ("ok", load_image(path, draft=draft).mode)
+        except ImageDecodeError as err:
+            return ("error", err.reason)
+
+    photos = sorted(photos_dir.glob("*.jpg"))
+    assert any("truncated" in p.name for p in photos)
+    for path in photos:
+        assert outcome(path, draft=True) == outcome(path, draft=False), path.name
+    # A JPEG decodes at 1/8 of each side, upright (EXIF) and in RGB as at full size.
+    for name in ("african_elephants.jpg", "african_elephants_with_exif_orientation.jpg"):
+        full, small = load_image(photos_dir / name), load_image(photos_dir / name, draft=True)
+        assert small.size == (full.width // 8, full.height // 8), name

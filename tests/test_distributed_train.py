@@ -9,11 +9,13 @@ batch one process takes, and the two runs differ only by float rounding.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from imagefactory import make_unreadable_class
 from safetensors.torch import load_file
 from train_support import small_world, worker_env
 
@@ -72,7 +74,7 @@ RUN_FILES = {
 }
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], returncode: int = 0) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, *args],
         check=False,
@@ -81,7 +83,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
         env=worker_env(),
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stderr[-3000:]
     return proc
 
 
@@ -192,6 +194,41 @@ def test_a_batch_that_does_not_split_over_the_workers_is_refused(world, tmp_path
         proc.stderr
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_two_workers_share_the_image_check_and_refuse_alike(world, tmp_path):
+    data = Path(shutil.copytree(world.train_dir, tmp_path / "data"))
+    target = sorted(data.iterdir())[1]
+    shutil.rmtree(target)
+    planted = make_unreadable_class(target)
+    run_dir = tmp_path / "run"
+    cmd = ["-m", "hybridcls", "train", str(data), "-o", str(run_dir), *FLAGS, "--nproc=2"]
+    proc = _run(cmd, returncode=2)
+    # Each worker decoded every other file, so each found some of the five unreadable; both
+    # learnt of all five from the other and refused alike, before writing anything.
+    header = f"class folder {target} has no readable image: none of its 5 files decodes:"
+    assert proc.stderr.count(header) == 2
+    for path, reason in planted.items():
+        assert proc.stderr.count(f"  {path}: {reason}\n") == 2
+    assert not run_dir.exists()
+
+
+def test_two_workers_report_every_unreadable_file(world, tmp_path):
+    data = Path(shutil.copytree(world.train_dir, tmp_path / "data"))
+    first, third = sorted(data.iterdir())[0:3:2]
+    planted = {}
+    for i in range(4):
+        (first / f"empty_{i}.png").write_bytes(b"")
+        planted[str(first / f"empty_{i}.png")] = "empty file (0 bytes)"
+    (third / "page.png").write_text("<html>404 not found</html>")
+    planted[str(third / "page.png")] = "not an image (unrecognised format)"
+    run_dir = tmp_path / "run"
+    _run(["-m", "hybridcls", "train", str(data), "-o", str(run_dir), *FLAGS, "--epochs=1",
+          "--nproc=2"])
+    report = json.loads((run_dir / REPORT_FILE).read_text())
+    assert {s["path"]: s["reason"] for s in report["skipped_images"]} == planted
+    n_files = len(list(data.rglob("*.png")))
+    assert report["num_train_images"] + report["num_val_images"] == n_files - len(planted)
 
 
 @pytest.mark.parametrize("mode", ["sampler", "oversample", "none"])

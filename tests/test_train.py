@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from imagefactory import make_unreadable_class
 from safetensors.torch import load_file
 
+import hybridcls.train.data
 from hybridcls.cli import main
 from hybridcls.data import load_image
-from hybridcls.errors import CheckpointError, DatasetError, InputError
+from hybridcls.errors import CheckpointError, DatasetError, DataTooSmallError, InputError
 from hybridcls.supervised import build_eval_transform, load_checkpoint
 from hybridcls.synth import make_world
 from hybridcls.train import (
@@ -203,24 +205,34 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_world, tmp_path):
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in straight.history]
 
 
-def test_corrupt_images_are_reported_and_skipped(tiny_world, tmp_path):
+def test_every_unreadable_file_is_reported_and_none_is_trained_on(tiny_world, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_world.train_dir, data)
-    first, second = sorted(p for p in data.iterdir())[:2]
-    good = next(first.glob("*.png"))
-    (first / "truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    first, second, third = sorted(p for p in data.iterdir())[:3]
+    good = next(first.glob("*.png")).read_bytes()
+    (first / "truncated.png").write_bytes(good[: len(good) // 2])
     (second / "not_an_image.png").write_text("hello")
     (second / "empty.png").write_bytes(b"")
-    # balance="none": every training image is drawn exactly once per epoch.
-    result = train(
-        data, tmp_path / "run", epochs=1, batch_size=8, val_split=0.3, balance="none", **FAST
-    )
-    skipped = {Path(s["path"]).name: s["reason"] for s in result.skipped_images}
-    assert set(skipped) == {"truncated.png", "not_an_image.png", "empty.png"}
-    assert "not an image" in skipped["not_an_image.png"] and "empty" in skipped["empty.png"]
+    for i in range(6):
+        (third / f"empty_{i}.png").write_bytes(b"")
+    planted = {
+        str(first / "truncated.png"): "truncated or corrupt image:",
+        str(second / "not_an_image.png"): "not an image (unrecognised format)",
+        str(second / "empty.png"): "empty file (0 bytes)",
+        **{str(third / f"empty_{i}.png"): "empty file (0 bytes)" for i in range(6)},
+    }
+    # The default balancing draws with replacement, so an epoch leaves some files undrawn:
+    # only the check before training can list every unreadable one.
+    result = train(data, tmp_path / "run", epochs=1, batch_size=8, val_split=0.3, **FAST)
+    skipped = {s["path"]: s["reason"] for s in result.skipped_images}
+    assert set(skipped) == set(planted)
+    for path, start in planted.items():
+        assert skipped[path].startswith(start), (path, skipped[path])
     report = json.loads((tmp_path / "run" / REPORT_FILE).read_text())
-    assert {Path(s["path"]).name for s in report["skipped_images"]} == set(skipped)
-    assert result.epochs_run == 1 and (tmp_path / "run" / "model.safetensors").exists()
+    assert {s["path"]: s["reason"] for s in report["skipped_images"]} == skipped
+    n_files = len(list(data.rglob("*.png")))
+    assert report["num_train_images"] + report["num_val_images"] == n_files - len(planted)
+    assert "9 image(s) skipped" in result.summary()
 
 
 # ---------------------------------------------------------------- bad input, command, folds
@@ -276,6 +288,104 @@ def test_validation_split_that_leaves_a_class_without_images(data, tmp_path):
     with pytest.raises(DatasetError, match="class 'lonely' .*--val-split"):
         train(data, tmp_path / "out", **FAST)
     assert _no_run(tmp_path / "out")
+
+
+def test_a_class_folder_with_no_readable_image_is_refused_before_anything_is_written(
+    data, tmp_path, capsys
+):
+    target = sorted(data.iterdir())[1]
+    shutil.rmtree(target)
+    planted = make_unreadable_class(target)
+    out = tmp_path / "out"
+    assert _cli(data, "--output", out, "--epochs", 1, *FAST_FLAGS) == 2
+    err = capsys.readouterr().err
+    assert f"class folder {target} has no readable image: none of its 5 files decodes:\n" in err
+    for path, reason in planted.items():
+        assert f"\n  {path}: {reason}\n" in err
+    assert not out.exists()
+    with pytest.raises(DatasetError, match=f"class folder {target} has no readable image"):
+        make_folds(data, 2, seed=0)
+    with pytest.raises(DatasetError, match=f"class folder {target} has no readable image"):
+        train(data, out, val_dir=str(data), **FAST)
+    assert not out.exists()
+
+
+def test_a_validation_class_folder_with_no_readable_image_is_refused(tiny_world, tmp_path):
+    val = tmp_path / "val"
+    first, second = sorted(tiny_world.train_dir.iterdir())[:2]
+    (val / first.name).mkdir(parents=True)
+    shutil.copy(next(first.glob("*.png")), val / first.name / "ok.png")
+    planted = make_unreadable_class(val / second.name)
+    with pytest.raises(DatasetError) as info:
+        train(tiny_world.train_dir, tmp_path / "out", val_dir=str(val), **FAST)
+    lines = str(info.value).splitlines()
+    assert lines[0] == (
+        f"class folder {val / second.name} has no readable image: none of its 5 files decodes:"
+    )
+    assert lines[1:6] == [f"  {path}: {reason}" for path, reason in planted.items()]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_class_with_too_few_readable_images_for_the_split_is_refused_with_its_counts(
+    data, tmp_path
+):
+    target = min(data.iterdir())
+    files = sorted(target.glob("*.png"))
+    for path in files[1:]:
+        path.write_bytes(b"")
+    with pytest.raises(DataTooSmallError) as info:
+        train(data, tmp_path / "out", **FAST)
+    assert info.value.exit_code == 1
+    lines = str(info.value).splitlines()
+    assert lines[0] == (
+        f"class {target.name!r} has 1 readable image and {len(files) - 1} unreadable files, so "
+        "it cannot have both a training and a validation image (--val-split 0.15); add images, "
+        "or replace its unreadable files:"
+    )
+    assert lines[1:] == [f"  {path}: empty file (0 bytes)" for path in files[1:]]
+    with pytest.raises(DataTooSmallError, match=r"has 1 readable image .* fewer than --folds 2"):
+        make_folds(data, 2, seed=0)
+    assert not (tmp_path / "out").exists()
+    # Two readable images: 15% of them rounds to none held out, which is refused with the counts;
+    # the split is made of readable images only, so with 50% one lands on each side.
+    files[1].write_bytes(files[0].read_bytes())
+    with pytest.raises(
+        DataTooSmallError,
+        match=rf"class {target.name!r} has 2 readable images and {len(files) - 2} unreadable "
+        r"files, so it would have no validation image with --val-split 0\.15",
+    ):
+        resolve_training_data(data, TrainConfig(**FAST))
+    split = resolve_training_data(data, TrainConfig(val_split=0.5, **FAST))
+    label = split.classes.index(target.name)
+    train_side = [p for p, y in split.train if y == label]
+    val_side = [p for p, y in split.val if y == label]
+    assert len(train_side) == len(val_side) == 1
+    assert sorted(train_side + val_side) == [str(files[0]), str(files[1])]
+    assert list(split.image_check.unreadable) == [str(p) for p in files[2:]]
+
+
+def test_resume_reuses_the_image_check_while_the_files_are_unchanged(data, tmp_path, monkeypatch):
+    bad = min(data.iterdir()) / "bad.png"
+    bad.write_bytes(b"")
+    run_dir = tmp_path / "run"
+    train(data, run_dir, epochs=1, **FAST)
+    checked: list[int] = []
+    decode_check = hybridcls.train.data.find_unreadable
+
+    def counting(paths, **kwargs):
+        checked.append(len(paths))
+        return decode_check(paths, **kwargs)
+
+    monkeypatch.setattr(hybridcls.train.data, "find_unreadable", counting)
+    result = train(data, resume=run_dir)
+    assert checked == []
+    assert result.skipped_images == [{"path": str(bad), "reason": "empty file (0 bytes)"}]
+    bad.write_text("<html></html>")  # changed since the check: checked again
+    result = train(data, resume=run_dir)
+    assert checked == [len(list(data.rglob("*.png")))]
+    assert result.skipped_images[0] == {
+        "path": str(bad), "reason": "not an image (unrecognised format)"
+    }
 
 
 def test_validation_folder_with_a_class_training_lacks(data, tmp_path):

@@ -12,7 +12,14 @@ Example:
 from __future__ import annotations
 
 from hybridcls.data.datasets import Batch, ImageDataset, Sample, collate, make_loader
-from hybridcls.data.folders import ImageFolderIndex, scan_image_folder, stratified_split
+from hybridcls.data.folders import (
+    ImageFolderIndex,
+    class_size_error,
+    drop_unreadable,
+    find_unreadable,
+    scan_image_folder,
+    stratified_split,
+)
 from hybridcls.data.images import (
     DEFAULT_MAX_PIXELS,
     SUPPORTED_FORMATS,
@@ -41,9 +48,12 @@ __all__ = [
     "Sample",
     "Source",
     "as_sources",
+    "class_size_error",
     "collate",
     "decode_image_bytes",
+    "drop_unreadable",
     "expand_inputs",
+    "find_unreadable",
     "load_image",
     "make_loader",
     "scan_image_folder",

@@ -7,25 +7,49 @@ such as ``.ipynb_checkpoints`` as classes and reports problems as bare
 ``FileNotFoundError``; here the files of a class are found by the same walk as
 prediction inputs (:func:`~hybridcls.data.sources.walk_images`) and every
 problem is a :class:`~hybridcls.errors.DatasetError` naming the folder.
-Nothing is decoded: a bad image is the training loop's to skip.
+
+The scan decodes nothing. :func:`find_unreadable` decodes every file once
+(in DataLoader workers, at reduced scale) and :func:`drop_unreadable` takes the
+files that failed out of the index, refusing a class folder left with no
+readable image as an empty one is refused: no image shows that class, and
+training would otherwise "succeed" with it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
+from hybridcls.data.images import DEFAULT_MAX_PIXELS, load_image
 from hybridcls.data.sources import walk_images
-from hybridcls.errors import DatasetError
+from hybridcls.errors import DatasetError, DataTooSmallError, ImageDecodeError
 
-__all__ = ["ImageFolderIndex", "scan_image_folder", "stratified_split"]
+__all__ = [
+    "ImageFolderIndex",
+    "class_size_error",
+    "drop_unreadable",
+    "find_unreadable",
+    "scan_image_folder",
+    "stratified_split",
+]
 
 Samples = list[tuple[str, int]]
+#: ``(path, label, reason)`` of each file that failed to decode.
+Unreadable = Sequence[tuple[str, int, str]]
+
+#: Files per batch of the decode check: enough that handing results back from the
+#: worker processes costs little next to decoding them.
+_CHECK_BATCH = 32
+#: Unreadable files listed per class in an error; the rest are counted.
+_MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -37,11 +61,15 @@ class ImageFolderIndex:
         classes: Class names, the subfolder names in code-point order; a
             sample's label is its class's position here.
         samples: ``(path, label)`` pairs, by class, then in walk order.
+        unreadable: ``(path, label, reason)`` of the files
+            :func:`drop_unreadable` took out of ``samples`` because they failed
+            to decode; empty for an index fresh from :func:`scan_image_folder`.
     """
 
     root: str
     classes: list[str]
     samples: list[tuple[str, int]]
+    unreadable: list[tuple[str, int, str]] = field(default_factory=list)
 
 
 def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolderIndex:
@@ -106,50 +134,200 @@ def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolderIndex:
     return ImageFolderIndex(root=root_str, classes=entries, samples=samples)
 
 
+class _DecodeCheck(Dataset):
+    """Index -> ``(index, reason or None)``: decodes a file and keeps nothing.
+
+    Module level, so that DataLoader workers can pickle it under any start method.
+    """
+
+    def __init__(self, paths: Sequence[str], max_pixels: int | None) -> None:
+        self.paths = list(paths)
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, str | None]:
+        try:
+            load_image(self.paths[index], max_pixels=self.max_pixels, draft=True)
+        except ImageDecodeError as err:
+            return index, err.reason
+        return index, None
+
+
+def find_unreadable(
+    paths: Sequence[str],
+    *,
+    workers: int = 0,
+    progress: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    desc: str = "checking images",
+) -> dict[str, str]:
+    """Decode every file once and say which ones fail, and why.
+
+    Each file goes through :func:`~hybridcls.data.images.load_image` (so a
+    reason is the one an error row of ``predict`` gives for the same file) in
+    its ``draft`` mode: JPEGs decode at 1/8 scale, which reads and checks every
+    byte at about a third of the cost of a full decode.
+
+    Args:
+        paths: The files, e.g. the paths of ``ImageFolderIndex.samples``.
+        workers: DataLoader worker processes decoding in parallel (0: in this process).
+        progress: Show a progress bar on stderr.
+        max_pixels: Passed to :func:`load_image`; training decodes with its default.
+        desc: The progress bar's label.
+
+    Returns:
+        ``path -> reason`` for each file that failed, in the order of ``paths``.
+
+    Example:
+        >>> find_unreadable(["a.jpg", "empty.png"])  # doctest: +SKIP
+        {'empty.png': 'empty file (0 bytes)'}
+    """
+    loader = DataLoader(
+        _DecodeCheck(paths, max_pixels),
+        batch_size=_CHECK_BATCH,
+        num_workers=workers,
+        collate_fn=list,
+    )
+    failed: dict[str, str] = {}
+    with tqdm(
+        total=len(paths),
+        desc=desc,
+        unit="img",
+        leave=False,
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
+        for batch in loader:
+            failed.update((paths[i], reason) for i, reason in batch if reason is not None)
+            bar.update(len(batch))
+    return failed
+
+
+def drop_unreadable(index: ImageFolderIndex, unreadable: Mapping[str, str]) -> ImageFolderIndex:
+    """Take the files that failed to decode out of an index, refusing a class left with none.
+
+    Args:
+        index: A scanned folder.
+        unreadable: ``path -> reason``, e.g. from :func:`find_unreadable`; paths
+            of other folders are ignored.
+
+    Returns:
+        The index whose ``samples`` are the readable files and whose
+        ``unreadable`` lists the others with their class and reason.
+
+    Raises:
+        DatasetError: a class folder none of whose files decodes; the message
+            names every such folder and lists its files, each with its reason.
+
+    Example:
+        >>> index = scan_image_folder("data/train")  # doctest: +SKIP
+        >>> failed = find_unreadable([p for p, _ in index.samples])  # doctest: +SKIP
+        >>> index = drop_unreadable(index, failed)  # doctest: +SKIP
+    """
+    samples = [(path, label) for path, label in index.samples if path not in unreadable]
+    bad = [(path, label, unreadable[path]) for path, label in index.samples if path in unreadable]
+    readable = Counter(label for _, label in samples)
+    dead = [label for label in range(len(index.classes)) if not readable[label]]
+    if dead:
+        blocks = []
+        for label in dead:
+            files = _files_of(bad, label)
+            folder = os.path.join(index.root, index.classes[label])
+            blocks.append(
+                f"class folder {folder} has no readable image: none of its "
+                f"{_plural(len(files), 'file')} decodes:{_listing(files)}"
+            )
+        advice = "replace or remove the unreadable files, or remove the class folder"
+        raise DatasetError("\n".join([*blocks, advice]))
+    return ImageFolderIndex(index.root, index.classes, samples, [*index.unreadable, *bad])
+
+
+def class_size_error(
+    classes: Sequence[str], label: int, count: int, unreadable: Unreadable, problem: str
+) -> DataTooSmallError:
+    """The error for a class with too few (readable) images for what was asked.
+
+    Args:
+        classes: Class names by label.
+        label: The class.
+        count: Its (readable) images.
+        unreadable: ``ImageFolderIndex.unreadable``: the class's files in it are
+            counted and listed, each with its reason.
+        problem: What the count cannot do and what to do instead, e.g.
+            ``"fewer than --folds 5; lower --folds or add images"``.
+
+    Returns:
+        The error, for the caller to raise.
+
+    Example:
+        >>> print(class_size_error(["ant", "bat"], 1, 1, [("b/x.png", 1, "empty file (0 bytes)")],
+        ...                        "too few; add images"))
+        class 'bat' has 1 readable image and 1 unreadable file, too few; add images, or replace its unreadable file:
+          b/x.png: empty file (0 bytes)
+    """
+    files = _files_of(unreadable, label)
+    if not files:
+        return DataTooSmallError(
+            f"class {classes[label]!r} has {_plural(count, 'image')}, {problem}"
+        )
+    return DataTooSmallError(
+        f"class {classes[label]!r} has {_plural(count, 'readable image')} and "
+        f"{_plural(len(files), 'unreadable file')}, {problem}, or replace its unreadable "
+        f"{'file' if len(files) == 1 else 'files'}:{_listing(files)}"
+    )
+
+
 def stratified_split(
     samples: Sequence[tuple[str, int]],
     val_fraction: float,
     seed: int,
     *,
-    classes: Sequence[str] | None = None,
+    classes: Sequence[str],
+    unreadable: Unreadable = (),
 ) -> tuple[Samples, Samples]:
     """Split samples into training and validation sets with the same class mix.
 
     Uses scikit-learn's ``train_test_split(stratify=...)``; each part keeps
-    the input order, so the split depends only on ``seed``.
+    the input order, so the split depends only on ``seed`` (and the samples).
 
     Args:
-        samples: ``(path, label)`` pairs, e.g. ``ImageFolderIndex.samples``.
+        samples: ``(path, label)`` pairs, e.g. ``ImageFolderIndex.samples``;
+            after :func:`drop_unreadable`, only readable files, so that every
+            class gets readable images on both sides.
         val_fraction: Share of each class held out, strictly between 0 and 1
             (the ``--val-split`` flag).
         seed: Random seed of the split.
         classes: Class names by label, to name a class in errors.
+        unreadable: ``ImageFolderIndex.unreadable``, to count and list a
+            class's unreadable files in errors.
 
     Returns:
         ``(train, val)`` lists of ``(path, label)``.
 
     Raises:
-        DatasetError: ``val_fraction`` is out of range, or some class would
-            end up with no training or no validation image.
+        DatasetError: ``val_fraction`` is out of range.
+        DataTooSmallError: some class would end up with no training or no
+            validation image (the message names it and its counts), or either
+            side would have fewer images than there are classes.
 
     Example:
         >>> train, val = stratified_split(index.samples, 0.2, seed=0,  # doctest: +SKIP
-        ...                               classes=index.classes)
+        ...                               classes=index.classes, unreadable=index.unreadable)
     """
     if not 0 < val_fraction < 1:
         raise DatasetError(f"--val-split must be between 0 and 1 (exclusive), got {val_fraction}")
     labels = [label for _, label in samples]
-
-    def name(label: int) -> str:
-        return repr(classes[label]) if classes is not None else f"with label {label}"
-
     counts = Counter(labels)
     single = sorted(label for label, n in counts.items() if n < 2)
     if single:
-        raise DatasetError(
-            f"class {name(single[0])} has only 1 image, so it cannot have both a training "
-            f"and a validation image (--val-split {val_fraction}); add images"
-            + (f" ({len(single)} such classes)" if len(single) > 1 else "")
+        others = f" ({len(single)} such classes)" if len(single) > 1 else ""
+        raise class_size_error(
+            classes, single[0], 1, unreadable,
+            f"so it cannot have both a training and a validation image "
+            f"(--val-split {val_fraction}){others}; add images",
         )
     try:
         train_idx, val_idx = train_test_split(
@@ -159,7 +337,10 @@ def stratified_split(
             stratify=labels,
         )
     except ValueError as err:
-        raise DatasetError(f"cannot split with --val-split {val_fraction}: {err}") from err
+        # scikit-learn's reason: fewer held-out (or training) images than classes.
+        raise DataTooSmallError(
+            f"cannot split with --val-split {val_fraction}: {err}; change --val-split or add images"
+        ) from err
     for part, indices, other in (
         ("validation", val_idx, "raise"),
         ("training", train_idx, "lower"),
@@ -167,11 +348,31 @@ def stratified_split(
         present = Counter(labels[i] for i in indices)
         missing = sorted(label for label in counts if label not in present)
         if missing:
-            raise DatasetError(
-                f"class {name(missing[0])} would have no {part} image with "
-                f"--val-split {val_fraction}; {other} --val-split or add images"
+            raise class_size_error(
+                classes, missing[0], counts[missing[0]], unreadable,
+                f"so it would have no {part} image with --val-split {val_fraction}; "
+                f"{other} --val-split or add images",
             )
     return [samples[i] for i in sorted(train_idx)], [samples[i] for i in sorted(val_idx)]
+
+
+def _files_of(unreadable: Unreadable, label: int) -> list[tuple[str, str]]:
+    return [(path, reason) for path, y, reason in unreadable if y == label]
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _listing(files: Sequence[tuple[str, str]]) -> str:
+    """One indented ``path: reason`` line per file for the first :data:`_MAX_LISTED`; the
+    rest counted by reason."""
+    lines = [f"\n  {path}: {reason}" for path, reason in files[:_MAX_LISTED]]
+    rest = Counter(reason for _, reason in files[_MAX_LISTED:])
+    if rest:
+        tally = ", ".join(f"{n} x {reason}" for reason, n in rest.most_common())
+        lines.append(f"\n  ... and {sum(rest.values())} more: {tally}")
+    return "".join(lines)
 
 
 def _label_problem(name: str) -> str | None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 from hybridcls.train.config import AMP_MODES, BALANCE_MODES, RESUME_FREE_FIELDS, TrainConfig
 from hybridcls.train.data import (
     BalancedSampler,
+    ImageCheck,
     TrainingData,
     build_train_transform,
+    check_images,
     resolve_training_data,
 )
 from hybridcls.train.folds import FOLDS_FILE, FoldsResult, make_folds, train_folds
@@ -31,11 +33,13 @@ __all__ = [
     "RESUME_FREE_FIELDS",
     "BalancedSampler",
     "FoldsResult",
+    "ImageCheck",
     "TrainConfig",
     "TrainResult",
     "Trainer",
     "TrainingData",
     "build_train_transform",
+    "check_images",
     "make_folds",
     "resolve_device",
     "resolve_training_data",

@@ -1,4 +1,9 @@
-"""What training reads: the split, the augmentations, the balancing sampler, the loaders.
+"""What training reads: the checked images, the split, the augmentations, the sampler, the loaders.
+
+Every file of the training (and validation) folder is decoded once before
+anything trains (:func:`check_images`): the files that fail are left out of
+the split and listed in the run's report, and a class with no readable image
+is refused by name. The split is then made of readable images only.
 
 Everything random here is a function of ``(seed, epoch)`` only, which is what
 makes an interrupted-and-resumed run equal to an uninterrupted one: the
@@ -10,19 +15,30 @@ all reseeded at the start of each epoch.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 import timm
 import torch
 from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms
 
-from hybridcls.data import Source, scan_image_folder, stratified_split
+from hybridcls import __version__
+from hybridcls.cache import stable_hash
+from hybridcls.data import (
+    DEFAULT_MAX_PIXELS,
+    Source,
+    drop_unreadable,
+    find_unreadable,
+    scan_image_folder,
+    stratified_split,
+)
 from hybridcls.data import make_loader as make_image_loader
 from hybridcls.errors import DatasetError
 from hybridcls.supervised import timm_data_config
@@ -30,8 +46,10 @@ from hybridcls.train.config import TrainConfig
 
 __all__ = [
     "BalancedSampler",
+    "ImageCheck",
     "TrainingData",
     "build_train_transform",
+    "check_images",
     "derive_seed",
     "make_loader",
     "resolve_training_data",
@@ -42,17 +60,46 @@ Samples = list[tuple[str, int]]
 
 
 @dataclass(frozen=True)
+class ImageCheck:
+    """Which files of a run's folders failed to decode, and the state of the files when checked.
+
+    Attributes:
+        fingerprint: :func:`~hybridcls.cache.stable_hash` of every checked
+            file's path, size and modification time and of the decoder
+            (hybridcls' and Pillow's versions, the pixel limit). While it is
+            unchanged the check need not run again (``--resume``).
+        unreadable: ``path -> reason`` of each file that failed, in scan order.
+    """
+
+    fingerprint: str
+    unreadable: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for the resume state."""
+        return {"fingerprint": self.fingerprint, "unreadable": dict(self.unreadable)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> ImageCheck | None:
+        """The check recorded by :meth:`to_dict`; ``None`` for a state that has none."""
+        if not values:
+            return None
+        return cls(str(values["fingerprint"]), dict(values["unreadable"]))
+
+
+@dataclass(frozen=True)
 class TrainingData:
     """The classes and the two sample lists of a run.
 
     Attributes:
         classes: Class names; label ``i`` is ``classes[i]`` (sorted folder names).
-        train: ``(path, label)`` pairs to train on.
-        val: ``(path, label)`` pairs to validate on.
+        train: ``(path, label)`` pairs to train on (files that decode).
+        val: ``(path, label)`` pairs to validate on (files that decode).
         root: The training folder, as given.
         split: How ``val`` was chosen: ``{"method": "val_split", "fraction", "seed"}``,
             ``{"method": "val_dir", "val_dir"}`` or ``{"method": "fold", "fold", "k", "seed"}``;
             recorded in the checkpoint so the held-out images can be found again.
+        image_check: The decode check of the training and validation folders:
+            its ``unreadable`` files are in neither ``train`` nor ``val``.
     """
 
     classes: list[str]
@@ -60,42 +107,124 @@ class TrainingData:
     val: Samples
     root: str = ""
     split: dict[str, Any] = field(default_factory=dict)
+    image_check: ImageCheck | None = None
 
 
-def resolve_training_data(data_dir: str | Path, config: TrainConfig) -> TrainingData:
-    """Scan the training folder and split it, or read the ``--val`` folder.
+def _files_fingerprint(paths: Sequence[str]) -> str:
+    """What the check's result depends on: each file's size and mtime, and the decoder."""
+
+    def state(path: str) -> list[Any]:
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            return [path, None, err.errno]
+        return [path, st.st_size, st.st_mtime_ns]
+
+    decoder = {
+        "hybridcls": __version__,
+        "pillow": PIL.__version__,
+        "max_pixels": DEFAULT_MAX_PIXELS,
+    }
+    return stable_hash({"decoder": decoder, "files": [state(p) for p in paths]})
+
+
+def check_images(
+    paths: Sequence[str],
+    *,
+    workers: int = 0,
+    progress: bool = False,
+    previous: ImageCheck | None = None,
+) -> ImageCheck:
+    """Decode every file once (:func:`~hybridcls.data.find_unreadable`) and record the failures.
+
+    Inside a live process group (torchrun) each rank decodes its share of the
+    files (every N-th from its rank on) and the shares are gathered, so every
+    rank returns the same check, and refuses or trains alike.
+
+    Args:
+        paths: The files, in scan order.
+        workers: DataLoader worker processes (per rank).
+        progress: Show a progress bar (rank 0 only).
+        previous: A check recorded earlier (``--resume``): returned as it is
+            when no file's path, size or modification time changed since.
+
+    Returns:
+        The :class:`ImageCheck`.
+    """
+    # distributed.py imports this module (BalancedSampler), so it is imported here.
+    from hybridcls.train.distributed import broadcast_object, current, gather_dicts
+
+    fingerprint = _files_fingerprint(paths)
+    # Rank 0 decides for all: a rank that skipped the gather below would leave the others waiting.
+    unchanged = previous is not None and previous.fingerprint == fingerprint
+    if broadcast_object(unchanged) and previous is not None:
+        return previous
+    ctx = current()
+    failed = find_unreadable(
+        list(paths[ctx.rank :: ctx.world_size]),
+        workers=workers,
+        progress=progress and ctx.is_main,
+    )
+    failed = gather_dicts(failed)
+    return ImageCheck(fingerprint, {p: failed[p] for p in paths if p in failed})
+
+
+def resolve_training_data(
+    data_dir: str | Path, config: TrainConfig, *, previous_check: ImageCheck | None = None
+) -> TrainingData:
+    """Scan the training folder (and the ``--val`` folder), check every image, split.
+
+    Cheap checks come first (folders, labels, ``--val`` classes); then every
+    file is decoded once (:func:`check_images`, with ``config.workers``
+    processes), the unreadable ones are left out, and the readable images are
+    split (or the ``--val`` folder's readable images validate).
 
     Args:
         data_dir: ImageFolder-style folder, one subfolder per class.
-        config: Uses ``val_dir``, ``val_split`` and ``seed``.
+        config: Uses ``val_dir``, ``val_split``, ``seed``, ``workers`` and ``progress``.
+        previous_check: The check a resumed run recorded, reused if the files are unchanged.
 
     Returns:
-        The classes and the training / validation samples.
+        The classes, the training / validation samples and the check.
 
     Raises:
         DatasetError: a bad folder (missing, empty class, one class, invalid
-            label), a split that leaves a class without images on a side, or
-            a ``--val`` class that is not a training class.
+            label), a class folder (training or ``--val``) none of whose files
+            decodes, or a ``--val`` class that is not a training class.
+        DataTooSmallError: a class with too few readable images to have one
+            on each side of the split.
     """
     index = scan_image_folder(data_dir)
-    if config.val_dir is None:
+    val_index = None
+    if config.val_dir is not None:
+        val_index = scan_image_folder(config.val_dir)
+        strangers = [name for name in val_index.classes if name not in index.classes]
+        if strangers:
+            raise DatasetError(
+                f"--val {config.val_dir}: class folder {strangers[0]!r} is not a class of the "
+                f"training folder {data_dir}"
+                + (f" ({len(strangers)} such folders)" if len(strangers) > 1 else "")
+            )
+    paths = [path for ix in (index, val_index) if ix is not None for path, _ in ix.samples]
+    check = check_images(
+        paths, workers=config.workers, progress=config.progress, previous=previous_check
+    )
+    index = drop_unreadable(index, check.unreadable)
+    if val_index is None:
         train, val = stratified_split(
-            index.samples, config.val_split, config.seed, classes=index.classes
+            index.samples,
+            config.val_split,
+            config.seed,
+            classes=index.classes,
+            unreadable=index.unreadable,
         )
         split = {"method": "val_split", "fraction": config.val_split, "seed": config.seed}
-        return TrainingData(index.classes, train, val, index.root, split)
-    val_index = scan_image_folder(config.val_dir)
+        return TrainingData(index.classes, train, val, index.root, split, check)
+    val_index = drop_unreadable(val_index, check.unreadable)
     position = {name: i for i, name in enumerate(index.classes)}
-    strangers = [name for name in val_index.classes if name not in position]
-    if strangers:
-        raise DatasetError(
-            f"--val {config.val_dir}: class folder {strangers[0]!r} is not a class of the "
-            f"training folder {data_dir}"
-            + (f" ({len(strangers)} such folders)" if len(strangers) > 1 else "")
-        )
     val = [(path, position[val_index.classes[label]]) for path, label in val_index.samples]
     split = {"method": "val_dir", "val_dir": str(config.val_dir)}
-    return TrainingData(index.classes, list(index.samples), val, index.root, split)
+    return TrainingData(index.classes, list(index.samples), val, index.root, split, check)
 
 
 def build_train_transform(

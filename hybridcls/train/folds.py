@@ -1,8 +1,10 @@
 """K-fold cross-validation: K runs on stratified folds, the mean and spread of accuracy.
 
 Folds come from scikit-learn's ``StratifiedKFold(shuffle=True,
-random_state=seed)``; fold ``i`` validates on its held-out part and trains on
-the rest, into ``OUTPUT/fold_<i>``. ``OUTPUT/folds.json`` holds the summary.
+random_state=seed)`` over the readable images (every file is decoded once
+first, as for a single run); fold ``i`` validates on its held-out part and
+trains on the rest, into ``OUTPUT/fold_<i>``. ``OUTPUT/folds.json`` holds the
+summary.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from hybridcls.data import scan_image_folder
-from hybridcls.errors import DatasetError, InputError
+from hybridcls.data import class_size_error, drop_unreadable, scan_image_folder
+from hybridcls.errors import InputError
 from hybridcls.supervised import write_json
 from hybridcls.train.config import TrainConfig
-from hybridcls.train.data import TrainingData
+from hybridcls.train.data import TrainingData, check_images
 from hybridcls.train.distributed import process_group
 from hybridcls.train.loop import EpochCallback, Trainer, TrainResult
 
@@ -52,23 +54,38 @@ class FoldsResult:
         )
 
 
-def make_folds(data_dir: str | Path, k: int, seed: int) -> list[TrainingData]:
-    """Scan a training folder and cut it into ``k`` stratified folds.
+def make_folds(
+    data_dir: str | Path, k: int, seed: int, *, workers: int = 0, progress: bool = False
+) -> list[TrainingData]:
+    """Scan a training folder, check every image, and cut the readable ones into ``k`` folds.
+
+    Args:
+        data_dir: One subfolder per class.
+        k: Number of folds.
+        seed: Seed of the folds.
+        workers: DataLoader worker processes for the decode check.
+        progress: Show the check's progress bar.
+
+    Returns:
+        One :class:`~hybridcls.train.data.TrainingData` per fold, all sharing the check.
 
     Raises:
         InputError: ``k`` below 2.
-        DatasetError: a bad folder, or a class with fewer than ``k`` images
-            (it could not appear in every fold's validation part).
+        DatasetError: a bad folder, or a class folder none of whose files decodes.
+        DataTooSmallError: a class with fewer than ``k`` readable images (it
+            could not appear in every fold's validation part).
     """
     if k < 2:
         raise InputError(f"--folds must be at least 2, got {k}")
     index = scan_image_folder(data_dir)
+    check = check_images([p for p, _ in index.samples], workers=workers, progress=progress)
+    index = drop_unreadable(index, check.unreadable)
     counts = Counter(label for _, label in index.samples)
-    small = [index.classes[label] for label, n in sorted(counts.items()) if n < k]
+    small = [label for label, n in sorted(counts.items()) if n < k]
     if small:
-        raise DatasetError(
-            f"class {small[0]!r} in {data_dir} has {counts[index.classes.index(small[0])]} "
-            f"image(s), fewer than --folds {k}; lower --folds or add images"
+        raise class_size_error(
+            index.classes, small[0], counts[small[0]], index.unreadable,
+            f"fewer than --folds {k}; lower --folds or add images",
         )
     labels = np.array([label for _, label in index.samples])
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
@@ -83,6 +100,7 @@ def make_folds(data_dir: str | Path, k: int, seed: int) -> list[TrainingData]:
                 val=[index.samples[i] for i in val_idx],
                 root=index.root,
                 split={"method": "fold", "fold": fold, "k": k, "seed": seed},
+                image_check=check,
             )
         )
     return folds
@@ -123,9 +141,12 @@ def train_folds(
     output = Path(output)
     if (output / FOLDS_FILE).exists() or (output / "fold_1").exists():
         raise InputError(f"--output {output}: already holds fold runs; choose another folder")
-    folds = make_folds(data_dir, k, config.seed)
     results = []
+    # Joined before the folds are made, so that the ranks share out the image check.
     with process_group(config.device) as ctx:
+        folds = make_folds(
+            data_dir, k, config.seed, workers=config.workers, progress=config.progress
+        )
         for i, data in enumerate(folds, start=1):
 
             def tagged(record: dict[str, Any], fold: int = i) -> None:

@@ -5,11 +5,12 @@ A run directory ends up holding::
     config.json, model.safetensors    the best checkpoint (lowest validation loss)
     train_state.json/.safetensors     the last completed epoch, for --resume
     metrics.csv, metrics.json         one record per epoch
-    report.json                       the final summary, with the skipped images
+    report.json                       the final summary, with the unreadable images
     curves.png                        loss / accuracy curves (with matplotlib)
 
-Everything is checked (folders, options, weights, a resumed run's model and
-classes) before the first epoch starts.
+Everything is checked (folders, every image's decoding, options, weights, a
+resumed run's model and classes) before the first epoch starts, and before
+anything is written.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
-from hybridcls.data import Batch
+from hybridcls.data import Batch, scan_image_folder
 from hybridcls.device import resolve_device
 from hybridcls.errors import CheckpointError, DatasetError, InputError
 from hybridcls.supervised import (
@@ -49,6 +50,7 @@ from hybridcls.supervised import (
 from hybridcls.train.config import RESUME_FREE_FIELDS, TrainConfig
 from hybridcls.train.data import (
     BalancedSampler,
+    ImageCheck,
     TrainingData,
     build_train_transform,
     derive_seed,
@@ -95,7 +97,9 @@ class TrainResult:
         epochs_run: Epochs completed.
         stopped_early: Whether early stopping ended the run.
         history: The per-epoch records (see :mod:`hybridcls.train.metrics`).
-        skipped_images: ``{"path", "reason"}`` of every image that failed to decode.
+        skipped_images: ``{"path", "reason"}`` of every image that failed to decode:
+            those the check before training found in the training and validation
+            folders (never trained on), then any that failed later, during the run.
     """
 
     run_dir: Path
@@ -270,7 +274,8 @@ class Trainer:
         self.bad_epochs = 0
         self.stopped_early = False
         self.history: list[dict[str, Any]] = []
-        self.skipped: dict[str, str] = {}
+        check = data.image_check
+        self.skipped: dict[str, str] = dict(check.unreadable) if check is not None else {}
         if resume_state is not None:
             self._restore(resume_state)
         # DDP wraps the module that trains; self.model stays the plain module that is saved,
@@ -292,6 +297,7 @@ class Trainer:
             tensors.update({f"ema.{k}": v for k, v in self.ema.module.state_dict().items()})
         opt_tensors, opt_rest = flatten_optimizer_state(self.optimizer.state_dict())
         tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
+        check = self.data.image_check
         finished = self.stopped_early or self.epoch >= self.config.epochs
         info = {
             "epoch": self.epoch,
@@ -308,6 +314,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "history": self.history,
             "skipped_images": self.skipped,
+            "image_check": None if check is None else check.to_dict(),
         }
         return tensors, info
 
@@ -336,7 +343,9 @@ class Trainer:
         self.bad_epochs = int(info["bad_epochs"])
         self.stopped_early = bool(info["stopped_early"])
         self.history = list(info["history"])
-        self.skipped = dict(info["skipped_images"])
+        # Today's check first; then what the earlier epochs met (files since replaced included).
+        for path, reason in info["skipped_images"].items():
+            self.skipped.setdefault(path, reason)
 
     # ----------------------------------------------------------------- epochs
 
@@ -608,6 +617,19 @@ def _resume_config(
     return stored.replace(**free)
 
 
+def _check_resumed_classes(run_dir: Path, state: TrainState, data_dir: str | Path) -> None:
+    """Refuse a folder whose classes are not the resumed run's (a scan: before the image check)."""
+    stored = list(state.info["classes"])
+    classes = scan_image_folder(data_dir).classes
+    if classes != stored:
+        diff = sorted(set(stored) ^ set(classes))
+        raise CheckpointError(
+            f"--resume {run_dir}: that run was trained on {len(stored)} classes, the folder "
+            f"{data_dir} has {len(classes)}"
+            + (f"; differing class(es): {', '.join(diff[:5])}" if diff else "; in a different order")
+        )
+
+
 def train(
     data_dir: str | Path,
     output: str | Path | None = None,
@@ -670,20 +692,13 @@ def train(
                 f"--output {run_dir}: already holds a training run; continue it with "
                 f"--resume {run_dir}, or choose another folder"
             )
-    data = resolve_training_data(data_dir, config)
-    if state is not None and list(state.info["classes"]) != data.classes:
-        stored = list(state.info["classes"])
-        diff = sorted(set(stored) ^ set(data.classes))
-        raise CheckpointError(
-            f"--resume {resume}: that run was trained on {len(stored)} classes, the folder "
-            f"{data_dir} has {len(data.classes)}"
-            + (
-                f"; differing class(es): {', '.join(diff[:5])}"
-                if diff
-                else "; in a different order"
-            )
-        )
-    # Under torchrun the process group lives for this run only (see train.distributed).
+    # Under torchrun the process group lives for this run only (see train.distributed);
+    # it is joined first so that the ranks share out the image check.
     with process_group(config.device):
+        previous = None
+        if state is not None:
+            _check_resumed_classes(run_dir, state, data_dir)
+            previous = ImageCheck.from_dict(state.info.get("image_check"))
+        data = resolve_training_data(data_dir, config, previous_check=previous)
         trainer = Trainer(run_dir, config, data, resume_state=state, on_epoch_end=on_epoch_end)
         return trainer.fit()
