@@ -1,12 +1,15 @@
 """Where hybridcls keeps what it can rebuild, and how files get there safely.
 
-Three small, generic tools shared by everything that writes to disk:
+Small, generic tools shared by everything that writes to disk:
 
 * :func:`default_cache_dir` resolves the cache root (``HYBRIDCLS_CACHE_DIR``,
   else ``$XDG_CACHE_HOME/hybridcls``, else ``~/.cache/hybridcls``);
 * :func:`atomic_write_bytes` / :func:`atomic_path` write through a temporary
   file in the destination folder and ``os.replace`` it into place, so a
   reader (or a second process) never sees half a file;
+* :func:`json_text` / :func:`atomic_write_json`: the one rule for the JSON
+  hybridcls writes: strict JSON, a value that is not a finite number (NaN,
+  infinity) written as ``null``;
 * :func:`file_fingerprint` and :func:`stable_hash` give content hashes used
   as cache keys.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -27,9 +31,11 @@ __all__ = [
     "CACHE_DIR_ENV",
     "atomic_path",
     "atomic_write_bytes",
+    "atomic_write_json",
     "atomic_write_text",
     "default_cache_dir",
     "file_fingerprint",
+    "json_text",
     "resolve_cache_dir",
     "stable_hash",
 ]
@@ -114,6 +120,55 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` as UTF-8 to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every float that is not finite replaced by None (containers copied)."""
+    if isinstance(obj, float):  # numpy's float64 included: it subclasses float
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """``obj`` as strict JSON text: NaN and infinities become ``null``.
+
+    Python's ``json`` writes NaN as a bare ``NaN`` token, which strict JSON
+    parsers (JavaScript's ``JSON.parse``, ``jq``, most other languages)
+    reject; a figure that is not defined (U without unseen images, a gate
+    score the cascade skipped) is written as ``null`` instead. Every JSON
+    file and line hybridcls writes goes through here.
+
+    Args:
+        obj: Dicts, lists, tuples, strings, numbers, booleans and None.
+        **kwargs: Passed to :func:`json.dumps` (``indent``, ``ensure_ascii``, ...).
+
+    Raises:
+        TypeError: A value JSON cannot represent.
+
+    Example:
+        >>> json_text({"U": float("nan"), "S": 0.5})
+        '{"U": null, "S": 0.5}'
+    """
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
+    """Write ``obj`` to ``path`` as strict JSON (:func:`json_text`), UTF-8, atomically.
+
+    Text is written as itself (a class name ``élan`` stays readable) unless it
+    holds a lone surrogate (the undecodable bytes of a file name), which UTF-8
+    cannot encode: then every non-ASCII character is written as a ``\\u``
+    escape, which reads back unchanged.
+    """
+    try:
+        data = (json_text(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        data = (json_text(obj, indent=indent) + "\n").encode("ascii")
+    atomic_write_bytes(path, data)
 
 
 # (realpath, size, mtime_ns) -> sha256 hex. Weights files run to hundreds of MB and

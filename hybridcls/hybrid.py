@@ -29,7 +29,7 @@ from safetensors.numpy import save_file as save_numpy
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from hybridcls.cache import atomic_write_text
+from hybridcls.cache import atomic_write_json, atomic_write_text
 from hybridcls.data import Source, as_sources
 from hybridcls.device import resolve_device
 from hybridcls.engine import EngineBatch, InferenceEngine
@@ -702,7 +702,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
                 "clip_pretrained": self.clip_pretrained,
                 "clip_fingerprint": self.zeroshot_.bundle_.fingerprint,
                 "classes": [str(c) for c in self.classes_], "n_seen": self.n_seen_}
-        atomic_write_text(out / HYBRID_FILE, json.dumps(meta, indent=2))
+        atomic_write_json(out / HYBRID_FILE, meta)
         return out
 
     @classmethod

@@ -39,7 +39,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from hybridcls.cache import atomic_path, atomic_write_text
+from hybridcls.cache import atomic_path, atomic_write_json
 from hybridcls.errors import CheckpointError, DataTooSmallError, InputError
 
 __all__ = [
@@ -402,7 +402,7 @@ class EmbeddingIndex:
         target = directory / f"{self.name}.faiss"
         with atomic_path(target) as tmp:
             faiss.write_index(self._index, str(tmp))
-        atomic_write_text(directory / f"{self.name}.json", json.dumps(self._sidecar()) + "\n")
+        atomic_write_json(directory / f"{self.name}.json", self._sidecar(), indent=None)
         return target
 
     @classmethod

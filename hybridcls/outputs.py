@@ -20,10 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from hybridcls.cache import json_text
+from hybridcls.errors import InputError
+
 __all__ = [
     "FORMATS",
     "PredictionRow",
     "PredictionWriter",
+    "check_unique_keys",
     "infer_format",
     "open_writer",
     "output_columns",
@@ -103,6 +107,45 @@ def output_key(path: str, fmt: str) -> str:
     return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def check_unique_keys(paths: Iterable[str], fmt: str) -> None:
+    """Refuse inputs that a file of format ``fmt`` could not tell apart.
+
+    A Kaggle file keeps only the file name (:func:`output_key`), so
+    ``site1/IMG_0001.png`` and ``site2/IMG_0001.png`` would both become the
+    ``image_id`` ``IMG_0001.png``: a submission scored against the wrong
+    image. Call this on every input before anything is written; the same
+    path listed twice is one input, not a collision.
+
+    Args:
+        paths: Every input path, in order.
+        fmt: The output format.
+
+    Raises:
+        InputError: Two inputs with one key; names the key and both paths.
+
+    Example:
+        >>> check_unique_keys(["a/x.png", "b/x.png"], "csv")
+        >>> check_unique_keys(["a/x.png", "b/x.png"], "kaggle")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        hybridcls.errors.InputError: ... 'x.png' would stand for both 'a/x.png' and 'b/x.png'; ...
+    """
+    first: dict[str, str] = {}
+    for path in paths:
+        key = output_key(path, fmt)
+        other = first.setdefault(key, path)
+        if other != path:
+            raise InputError(_duplicate_key_message(fmt, key, other, path))
+
+
+def _duplicate_key_message(fmt: str, key: str, a: str, b: str) -> str:
+    # Neutral wording (no parameter, no flag): the library and the command line both raise it.
+    if fmt == "kaggle":
+        return (f"a Kaggle image_id is the file name: {key!r} would stand for both {a!r} and {b!r}; "
+                "rename one of them, or write CSV or JSON Lines, which keep the whole path")
+    return f"{a!r} and {b!r} would both read back as {key!r} from a {fmt} file; rename one of them"
+
+
 def _fmt_score(value: float) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6f}"
 
@@ -127,6 +170,7 @@ class PredictionWriter:
         self._close = close
         self.n_ok = 0
         self.n_error = 0
+        self._ids: dict[str, str] = {}  # Kaggle image_id -> the path it was written for
         self._csv = None
         if fmt in ("csv", "kaggle"):
             # newline="" semantics: the csv module quotes embedded newlines itself.
@@ -140,12 +184,24 @@ class PredictionWriter:
         return output_columns(self.format, self.topk, self.extra_columns)
 
     def write(self, row: PredictionRow) -> None:
+        """Write one row.
+
+        Raises:
+            InputError: (Kaggle) a second input with an ``image_id`` already
+                written; nothing of the row is written. Check the inputs up
+                front with :func:`check_unique_keys` to leave no partial file.
+        """
+        if self.format == "kaggle":
+            image_id = output_key(row.path, "kaggle")
+            other = self._ids.setdefault(image_id, row.path)
+            if other != row.path:
+                raise InputError(_duplicate_key_message("kaggle", image_id, other, row.path))
         if row.status == "ok":
             self.n_ok += 1
         else:
             self.n_error += 1
         if self.format == "kaggle":
-            self._csv.writerow([Path(row.path).name, row.label])
+            self._csv.writerow([image_id, row.label])
         elif self.format == "csv":
             values: list[Any] = [
                 row.path, row.label, _fmt_score(row.score), row.branch, row.status, row.error,
@@ -168,8 +224,8 @@ class PredictionWriter:
                 "topk": [{"label": lab, "score": round(float(s), 6)} for lab, s in row.topk],
             }
             # JSON has no NaN: a value that was not computed (a gate score the cascade skipped) is null.
-            record.update({c: _json_value(row.extra.get(c)) for c in self.extra_columns})
-            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            record.update({c: row.extra.get(c) for c in self.extra_columns})
+            self.stream.write(json_text(record, ensure_ascii=False) + "\n")
 
     def write_many(self, rows: Iterable[PredictionRow]) -> None:
         """Write rows and make them durable: a crash afterwards keeps them (see ``--resume``)."""
@@ -196,15 +252,11 @@ class PredictionWriter:
         self.close()
 
 
-def _json_value(value: Any) -> Any:
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def _csv_value(value: Any) -> Any:
     if isinstance(value, float):
         return _fmt_score(value)
     if isinstance(value, (list, dict)):
-        return json.dumps(value, ensure_ascii=False)
+        return json_text(value, ensure_ascii=False)
     return "" if value is None else value
 
 
@@ -243,12 +295,35 @@ def open_writer(
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a CSV or JSON Lines predictions file back into a list of dicts (one per row)."""
+    """Read a CSV or JSON Lines predictions file back into a list of dicts (one per row).
+
+    Raises:
+        InputError: The file cannot be read, is not UTF-8, or (JSON Lines) has
+            a line that is not a JSON object (names the line).
+    """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return list(csv.DictReader(io.StringIO(text, newline="")))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read predictions ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: predictions file is not UTF-8 text") from exc
+    if path.suffix.lower() not in (".jsonl", ".ndjson"):
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    records = []
+    # split on "\n" only: str.splitlines also splits on U+2028 and U+0085, which a file name
+    # may hold and JSON writes unescaped
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise InputError(f"{path}:{line_no}: not JSON ({exc})") from exc
+        if not isinstance(record, dict):
+            raise InputError(f"{path}:{line_no}: a JSON value that is not a record")
+        records.append(record)
+    return records
 
 
 def topk_pairs(probs: Any, names: Sequence[str], k: int) -> list[list[Any]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -38,9 +39,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hybridcls.cache import atomic_path, atomic_write_text
+from hybridcls.cache import atomic_path, atomic_write_json
 from hybridcls.errors import InputError
-from hybridcls.outputs import PredictionRow, open_writer, output_columns, output_key
+from hybridcls.outputs import (
+    PredictionRow,
+    check_unique_keys,
+    open_writer,
+    output_columns,
+    output_key,
+)
 
 if TYPE_CHECKING:  # typing only: `hybridcls merge` must not pay for importing torch
     from hybridcls.data.sources import Source
@@ -175,7 +182,7 @@ class Manifest:
     version: int = field(default=_MANIFEST_VERSION)
 
     def write(self, output: str | os.PathLike[str]) -> None:
-        atomic_write_text(manifest_path(output), json.dumps(asdict(self), indent=1, ensure_ascii=False))
+        atomic_write_json(manifest_path(output), asdict(self), indent=1)
 
     @classmethod
     def read(cls, output: str | os.PathLike[str]) -> Manifest:
@@ -458,11 +465,18 @@ def merge_parts(parts: Sequence[str | os.PathLike[str]], output: str | os.PathLi
     scans: list[OutputScan] = []
     n_ok = n_error = 0
     merged_keys = _KeyHasher()
+    # A Kaggle id is a file name: parts written before predict refused duplicates may hold one twice.
+    kaggle_ids: dict[str, str] | None = {} if ref.format == "kaggle" else None
     for p, m in infos:
         scan = OutputScan(p, m.format, m.columns)
         part_keys = _KeyHasher()
         rows = 0
         for rec in scan.records():
+            if kaggle_ids is not None:
+                where = f"{p} line {rec.line}"
+                first = kaggle_ids.setdefault(rec.key, where)
+                if first is not where:
+                    problems.append(f"image_id {rec.key!r} twice: {first} and {where}")
             part_keys.add(rec.key)
             merged_keys.add(rec.key)
             rows += 1
@@ -634,13 +648,20 @@ def predict_to_output(
     Returns:
         Counts of prediction and error rows; ``resumed`` rows were already there.
 
+    Nothing is written until ``predict_rows`` has produced its first batch:
+    a model or prompts file that fails to load leaves no file behind (and an
+    existing file, resumed or not, as it was).
+
     Raises:
-        InputError: ``--resume`` on a file of other settings, inputs or content.
+        InputError: ``--resume`` on a file of other settings, inputs or
+            content; inputs that ``fmt`` cannot tell apart (Kaggle: two files
+            of one name, :func:`~hybridcls.outputs.check_unique_keys`).
 
     Example:
         >>> predict_to_output(rows_fn, expand_inputs(["photos/"]), "pred.csv", fmt="csv",  # doctest: +SKIP
         ...                   topk=5, settings={"model": "..."}, shard=ShardSpec(0, 8), resume=True)
     """
+    check_unique_keys((s.path for s in sources), fmt)  # before anything is read or written
     columns = output_columns(fmt, topk, extra_columns)
     inputs_sha = keys_digest(s.path for s in sources)
 
@@ -689,6 +710,12 @@ def _predict_part(predict_rows: RowsFn, sources: Sequence[Source], output: Path,
         point = resume_point(output, m, key_at)
     if point.end is None:
         point = ResumePoint(0, 0, 0, None)
+    todo = sources[m.start + point.done: m.stop]
+    # The first batch before the first byte: predict_rows loads its model on the way to it, so
+    # a usage error (bad prompts file, bad checkpoint) leaves the output as it found it.
+    batches = iter(predict_rows(todo) if todo else ())
+    first = list(itertools.islice(batches, 1))
+    if point.end is None:
         # The old rows go before the new manifest: a crash in between leaves no file that
         # the new manifest would wrongly vouch for.
         output.unlink(missing_ok=True)
@@ -698,8 +725,6 @@ def _predict_part(predict_rows: RowsFn, sources: Sequence[Source], output: Path,
     writer = open_writer(output, m.format, topk=topk, extra_columns=extra_columns,
                          append=point.end is not None)
     with writer:
-        todo = sources[m.start + point.done: m.stop]
-        if todo:
-            for rows in predict_rows(todo):
-                writer.write_many(rows)
+        for rows in itertools.chain(first, batches):
+            writer.write_many(rows)
     return PredictSummary(point.n_ok + writer.n_ok, point.n_error + writer.n_error, point.done)

@@ -15,6 +15,7 @@ from imagefactory import (
 from tinyclip_factory import make_tiny_clip
 
 from hybridcls.cli import main
+from hybridcls.errors import WeightsUnavailableError
 from hybridcls.outputs import read_predictions
 
 
@@ -147,3 +148,51 @@ def test_directory_named_like_image_and_missing_file(tmp_path, prompts, tiny_cli
     assert code == 1
     assert [r["status"] for r in rows] == ["ok", "error"]
     assert rows[1]["error"] == "no such file or directory"
+
+
+def test_usage_errors_leave_no_output(tmp_path, prompts, tiny_clip, capsys, monkeypatch):
+    d = tmp_path / "ok"
+    d.mkdir()
+    make_plain(d, "PNG", "x.png")
+    bad = tmp_path / "bad_prompts.txt"
+    bad.write_text("fox\nwolf\nfox\n", encoding="utf-8")
+    out = tmp_path / "out.csv"
+    common = [str(d), "--clip-model", tiny_clip, "--cache-dir", str(tmp_path / "cache"), "-q"]
+    assert main(["predict", *common, "--prompts", str(bad), "-o", str(out)]) == 2
+    assert "bad_prompts.txt:3" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "out.csv.manifest.json").exists()
+    # standard output: not even a header before the error
+    assert main(["predict", *common, "--prompts", str(bad)]) == 2
+    assert capsys.readouterr().out == ""
+    # A file an earlier run left cut short, and a model that now fails to load (weights gone):
+    # neither --resume (which would cut the tail) nor a fresh run (which would replace the file)
+    # touches it.
+    assert main(["predict", *common, "--prompts", str(prompts), "-o", str(out)]) == 0
+    out.write_bytes(out.read_bytes()[:-3])
+    before = out.read_bytes()
+    manifest = (tmp_path / "out.csv.manifest.json").read_bytes()
+
+    def weights_gone(args):
+        raise WeightsUnavailableError("weights not in the cache and HF_HUB_OFFLINE=1")
+
+    monkeypatch.setattr("hybridcls.cli.predict._zeroshot_from_args", weights_gone)
+    for extra in (["--resume"], []):
+        assert main(["predict", *common, "--prompts", str(prompts), "-o", str(out), *extra]) == 2
+        assert "HF_HUB_OFFLINE=1" in capsys.readouterr().err
+        assert out.read_bytes() == before
+        assert (tmp_path / "out.csv.manifest.json").read_bytes() == manifest
+
+
+def test_kaggle_refuses_two_files_of_one_name(tmp_path, prompts, tiny_clip, capsys):
+    for site in ("site1", "site2"):
+        (tmp_path / site).mkdir()
+        make_plain(tmp_path / site, "PNG", "IMG_0001.png")
+    out = tmp_path / "sub.csv"
+    argv = ["predict", str(tmp_path / "site1"), str(tmp_path / "site2"), "--prompts", str(prompts),
+            "--clip-model", tiny_clip, "--cache-dir", str(tmp_path / "cache"), "-q", "--format", "kaggle"]
+    assert main([*argv, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (f"'IMG_0001.png' would stand for both '{tmp_path / 'site1' / 'IMG_0001.png'}' and "
+            f"'{tmp_path / 'site2' / 'IMG_0001.png'}'") in err
+    assert not out.exists() and not (tmp_path / "sub.csv.manifest.json").exists()
+    assert main(argv) == 2 and capsys.readouterr().out == ""  # to standard output: nothing either

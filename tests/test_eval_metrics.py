@@ -8,7 +8,7 @@ import pytest
 
 from hybridcls.errors import InputError
 from hybridcls.eval import open_set_scores, read_labels
-from hybridcls.eval.metrics import harmonic_mean
+from hybridcls.eval.metrics import harmonic_mean, per_class_accuracy, reliability
 
 
 def test_per_class_means_not_per_image():
@@ -31,14 +31,30 @@ def test_unknown_counts_as_wrong_and_missing_groups_are_nan():
 
 
 def test_length_mismatch():
-    with pytest.raises(ValueError, match="2 labels but 1 predictions"):
+    with pytest.raises(InputError, match="y_true has 2 labels but y_pred 1 predictions"):
         open_set_scores(["a", "b"], ["a"], seen_classes=["a"])
+    with pytest.raises(InputError, match="y_true has 1 labels but y_pred 2 predictions"):
+        per_class_accuracy(["a"], ["a", "b"])
+
+
+def test_reliability_input_errors_name_the_parameter():
+    with pytest.raises(InputError, match=r"n_bins=0: expected a whole number, at least 1"):
+        reliability([0.5], [True], n_bins=0)
+    with pytest.raises(InputError, match=r"confidence contains 2 values outside \[0, 1\]"):
+        reliability([0.5, 1.5, -0.2, float("nan")], [True] * 4)
+    with pytest.raises(InputError, match=r"confidence contains 1 value outside"):
+        reliability([float("inf")], [True])
+    with pytest.raises(InputError, match=r"confidence has shape \(2,\), correct \(1,\)"):
+        reliability([0.5, 0.5], [True])
+    # a float32 softmax a hair above 1 is a probability of 1
+    assert reliability([1 + 1e-7], [True], n_bins=2).counts.tolist() == [0, 1]
 
 
 def test_read_labels(tmp_path):
     f = tmp_path / "labels.csv"
-    f.write_text("image_id,label\nimg1.png,fox\nsub/img2.png,red circle\n", encoding="utf-8")
-    assert read_labels(f) == {"img1.png": "fox", "img2.png": "red circle"}
+    f.write_text("image_id,label\nimg1.png,fox\n./sub//img2.png,red circle\n", encoding="utf-8")
+    # ids as written (normalised), not cut to file names: two folders may hold one name
+    assert read_labels(f) == {"img1.png": "fox", "sub/img2.png": "red circle"}
 
 
 def test_read_labels_errors(tmp_path):
@@ -47,7 +63,13 @@ def test_read_labels_errors(tmp_path):
     with pytest.raises(InputError, match="labels.csv: labels file needs an id column"):
         read_labels(f)
     f.write_text("image_id,label\na.png,x\na.png,y\n", encoding="utf-8")
-    with pytest.raises(InputError, match=r"labels.csv:3: image 'a.png' is listed twice"):
+    with pytest.raises(InputError, match=r"labels.csv:3: image 'a.png' is listed twice \(first on line 2\)"):
+        read_labels(f)
+    f.write_text("image_id,label\nd/a.png,x\n./d/a.png,y\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"labels.csv:3: image 'd/a.png' is listed twice"):
+        read_labels(f)
+    f.write_text("image_id,label\na.png,x\nb.png\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"labels.csv:3: empty label"):
         read_labels(f)
     with pytest.raises(InputError, match="cannot read labels file"):
         read_labels(tmp_path / "missing.csv")

@@ -23,6 +23,7 @@ from hybridcls.gate import (
     mcm_score,
     msp_score,
 )
+from hybridcls.gate.metrics import ausuc, routing_matrix, seen_unseen_accuracy
 from hybridcls.gate.scores import needs_of
 from hybridcls.index import EmbeddingIndex
 
@@ -206,17 +207,64 @@ def test_gate_detection_on_known_arrays() -> None:
     # ascending scores: 0.1 seen, 0.3 unseen, 0.4 seen, 0.9 unseen
     d = gate_detection([0.1, 0.4, 0.3, 0.9], [False, False, True, True])
     assert d.auroc == pytest.approx(3 / 4)  # seen below unseen in 3 of 4 pairs
-    assert d.aupr_in == pytest.approx((1 + 2 / 3) / 2)
-    assert d.aupr_out == pytest.approx((1 + 2 / 3) / 2)
+    # Seen positive, most seen-like first (0.1 S, 0.3 U, 0.4 S, 0.9 U): the PR curve runs through
+    # (recall, precision) = (0, 1), (1/2, 1), (1/2, 1/2), (1, 2/3), (1, 1/2).
+    # Average precision sums precision at each recall step: (1 + 2/3) / 2 = 5/6.
+    assert d.aupr_in_average_precision == pytest.approx((1 + 2 / 3) / 2)
+    # The trapezoid rule (OpenOOD, pytorch-ood) joins the points with straight lines:
+    # 1/2 * 1 + 1/2 * (1/2 + 2/3) / 2 = 19/24.
+    assert d.aupr_in_trapezoid == pytest.approx(19 / 24)
+    # unseen positive, most unseen-like first (0.9 U, 0.4 S, 0.3 U, 0.1 S): the same points
+    assert d.aupr_out_average_precision == pytest.approx(5 / 6)
+    assert d.aupr_out_trapezoid == pytest.approx(19 / 24)
 
 
-def test_fpr_at_95_tpr_counts_unseen_images_kept() -> None:
-    seen, unseen = np.arange(20.0), np.arange(10.0, 30.0)
+def test_fpr_at_95_tpr_unseen_positive_and_seen_positive() -> None:
+    # seen scores 0..19; unseen 5, 6 and 20..37 (20 images)
+    seen, unseen = np.arange(20.0), np.r_[5.0, 6.0, np.arange(20.0, 38.0)]
     d = gate_detection(np.r_[seen, unseen], np.r_[np.zeros(20, bool), np.ones(20, bool)])
-    # 95% of seen scores are <= 18; unseen scores 10..18 (9 of 20) are kept with them
-    assert d.fpr_at_tpr == pytest.approx(9 / 20)
+    # The field's convention (unseen = OOD positive): flagging 95% of unseen images (19 of 20)
+    # needs the threshold at 6; the seen images at or above it, 6..19, are 14 of 20 flagged.
+    assert d.fpr_at_tpr_unseen_positive == pytest.approx(14 / 20)
+    # Seen positive: keeping 95% of seen images (0..18) also keeps the unseen 5 and 6: 2 of 20.
+    assert d.fpr_at_tpr_seen_positive == pytest.approx(2 / 20)
+    assert d.tpr == 0.95
     pairs = [(s < u) + 0.5 * (s == u) for s in seen for u in unseen]
     assert d.auroc == pytest.approx(np.mean(pairs))
+    # at TPR 1 every unseen image is flagged: threshold 5 flags the seen 5..19, 15 of 20
+    assert gate_detection(np.r_[seen, unseen], np.r_[np.zeros(20, bool), np.ones(20, bool)],
+                          tpr=1.0).fpr_at_tpr_unseen_positive == pytest.approx(15 / 20)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"tpr": 95}, r"tpr=95: expected a rate in \(0, 1\]"),
+    ({"tpr": 0.0}, r"tpr=0\.0: expected a rate in \(0, 1\]"),
+    ({"tpr": float("nan")}, r"tpr=nan: expected a rate"),
+    ({"scores": [0.1, np.nan, np.nan, np.nan]}, r"scores contains 3 NaN values"),
+    ({"scores": [0.1, np.inf, 0.2, 0.3]}, r"scores contains 1 infinite value$"),
+    ({"is_unseen": [False, True]}, r"is_unseen has shape \(2,\) for scores of shape \(4,\)"),
+    ({"is_unseen": [True] * 4}, r"is_unseen: all 4 images are unseen; detection needs both"),
+])
+def test_gate_detection_input_errors_name_the_parameter(kwargs, message) -> None:
+    args = {"scores": [0.1, 0.2, 0.3, 0.4], "is_unseen": [False, True, False, True], **kwargs}
+    with pytest.raises(InputError, match=message):
+        gate_detection(**args)
+
+
+def test_gate_metric_helpers_refuse_bad_input_with_input_error() -> None:
+    with pytest.raises(InputError, match=r"y_true contains 1 negative class indices"):
+        seen_unseen_accuracy([0, -1], [0, 1], n_seen=1)
+    with pytest.raises(InputError, match=r"y_true has shape \(2,\), y_pred \(1,\)"):
+        seen_unseen_accuracy([0, 1], [0], n_seen=1)
+    with pytest.raises(InputError, match=r"y_pred contains 1 values below -1"):
+        seen_unseen_accuracy([0, 1], [0, -2], n_seen=1)
+    assert seen_unseen_accuracy([0, 1], [0, -1], n_seen=1)[:2] == (1.0, 0.0)  # -1 = unknown: wrong
+    with pytest.raises(InputError, match=r"clip_logits contains 1 NaN value$"):
+        ausuc([[1.0, np.nan, 0.0]], [0], n_seen=1)
+    with pytest.raises(InputError, match=r"y_true contains 1 class indices outside 0\.\.2"):
+        ausuc([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [0, 3], n_seen=1)
+    with pytest.raises(InputError, match=r"to_zeroshot has shape \(2,\), is_unseen \(3,\)"):
+        routing_matrix([True, False], [True, False, True])
 
 
 INF = np.inf

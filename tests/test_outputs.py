@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from hybridcls.outputs import PredictionRow, infer_format, open_writer, read_predictions
+from hybridcls.cache import atomic_write_json, json_text
+from hybridcls.data import Source
+from hybridcls.errors import InputError
+from hybridcls.outputs import (
+    PredictionRow,
+    check_unique_keys,
+    infer_format,
+    open_writer,
+    read_predictions,
+    topk_pairs,
+)
 
 ODD_NAMES = ["plain.jpg", "with space.jpg", 'quote"d.jpg', "comma,name.jpg", "new\nline.jpg", "élan_猫.jpg"]
 
@@ -89,3 +102,144 @@ def test_infer_format():
     with pytest.raises(ValueError, match="unknown format 'xml'"):
         infer_format("x", "xml")
     assert math.isnan(PredictionRow("p").score)
+
+
+def test_topk_pairs_are_the_most_probable_first():
+    # Sorted by hand, most probable first: b 0.5, c 0.3, a 0.15 (d 0.05 is 4th). Least probable
+    # first would give d, a, c: the order is what a reader of the top-k columns relies on.
+    names = ["a", "b", "c", "d"]
+    assert topk_pairs([0.15, 0.5, 0.3, 0.05], names, 3) == [["b", 0.5], ["c", 0.3], ["a", 0.15]]
+    assert topk_pairs([0.15, 0.5, 0.3, 0.05], names, 1) == [["b", 0.5]]
+    assert topk_pairs(None, names, 3) == [] and topk_pairs([0.5, float("nan"), 0, 0], names, 2) == []
+
+
+def test_hybrid_rows_write_each_branch_top_k_best_first(tmp_path):
+    """The supervised_topk / zeroshot_topk columns of HybridClassifier.batch_rows, read back."""
+    from hybridcls.engine import EngineBatch
+    from hybridcls.gate.fusion import FusionResult
+    from hybridcls.hybrid import HybridClassifier
+
+    hy = HybridClassifier()
+    hy.classes_ = np.array(["fox", "wolf", "moose", "elk"], dtype=object)
+    hy.n_seen_ = 2
+    sup = np.array([[0.2, 0.8]])  # seen classes only: wolf first
+    clip = np.array([[0.1, 0.2, 0.3, 0.4]])  # elk, moose, wolf: the reverse of column order
+    res = FusionResult(probs=clip, branch=np.array(["zeroshot"]), gate_weight=np.array([1.0]),
+                       gate_score=np.array([2.5]), sup_probs=sup, clip_probs=clip)
+    rows = hy.batch_rows([Source("x.png")], EngineBatch(indices=[0], ok=[0], errors={}), res, topk=3)
+    out = tmp_path / "p.jsonl"
+    with open_writer(out, topk=3, extra_columns=hy.EXTRA_COLUMNS) as w:
+        w.write_many(rows)
+    back = read_predictions(out)[0]
+    assert back["supervised_topk"] == [["wolf", 0.8], ["fox", 0.2]]
+    assert back["zeroshot_topk"] == [["elk", 0.4], ["moose", 0.3], ["wolf", 0.2]]
+    assert [t["label"] for t in back["topk"]] == ["elk", "moose", "wolf"] and back["label"] == "elk"
+
+
+def test_kaggle_refuses_two_files_of_one_name(tmp_path):
+    paths = ["site1/IMG_0001.png", "site2/IMG_0001.png", "site2/IMG_0002.png"]
+    with pytest.raises(InputError, match=r"image_id is the file name: 'IMG_0001.png' would stand for "
+                                         r"both 'site1/IMG_0001.png' and 'site2/IMG_0001.png'"):
+        check_unique_keys(paths, "kaggle")
+    check_unique_keys(paths, "csv")  # full paths: three keys
+    check_unique_keys(paths, "jsonl")
+    check_unique_keys(["a/x.png", "a/x.png"], "kaggle")  # one input listed twice is no collision
+    # The writer refuses the second row too, writing nothing of it.
+    out = tmp_path / "sub.csv"
+    with open_writer(out, "kaggle", topk=1) as w:
+        w.write(PredictionRow(paths[0], label="red circle"))
+        with pytest.raises(InputError, match=r"'IMG_0001.png' would stand for both"):
+            w.write(PredictionRow(paths[1], label="blue square"))
+        w.write(PredictionRow(paths[2], label="blue square"))
+    assert out.read_text(encoding="utf-8").splitlines() == [
+        "image_id,class", "IMG_0001.png,red circle", "IMG_0002.png,blue square"]
+
+
+def _strict_loads(text):
+    def refuse(token):
+        raise ValueError(f"bare {token} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_value_is_strict(tmp_path):
+    # NaN and infinities anywhere in a record (extra columns, nested lists) become null.
+    out = tmp_path / "p.jsonl"
+    inf = float("inf")
+    with open_writer(out, topk=1, extra_columns=["gate_score", "gate_weight", "zeroshot_topk"]) as w:
+        w.write(PredictionRow("a.jpg", label="fox", score=inf, topk=[("fox", 0.5)],
+                              extra={"gate_score": -inf, "gate_weight": float("nan"),
+                                     "zeroshot_topk": [["fox", float("nan")]]}))
+    record = _strict_loads(out.read_text(encoding="utf-8"))
+    assert (record["score"], record["gate_score"], record["gate_weight"]) == (None, None, None)
+    assert record["zeroshot_topk"] == [["fox", None]]
+    # A CSV cell holding a list is JSON too.
+    csv_out = tmp_path / "p.csv"
+    with open_writer(csv_out, topk=1, extra_columns=["zeroshot_topk"]) as w:
+        w.write(PredictionRow("a.jpg", label="fox", score=0.5, topk=[("fox", 0.5)],
+                              extra={"zeroshot_topk": [["fox", float("nan")]]}))
+    assert _strict_loads(read_predictions(csv_out)[0]["zeroshot_topk"]) == [["fox", None]]
+
+
+def test_json_text_and_atomic_write_json_write_null_for_nan(tmp_path):
+    obj = {"U": float("nan"), "curve": (1.0, float("-inf")), "n": 3, "name": "élan"}
+    assert json_text(obj) == '{"U": null, "curve": [1.0, null], "n": 3, "name": "\\u00e9lan"}'
+    f = tmp_path / "m.json"
+    atomic_write_json(f, obj)
+    assert _strict_loads(f.read_text(encoding="utf-8")) == {"U": None, "curve": [1.0, None], "n": 3,
+                                                             "name": "élan"}
+    assert "élan" in f.read_text(encoding="utf-8")  # readable when it can be
+    # An undecodable file name (a lone surrogate) is not UTF-8: escaped, and it reads back unchanged.
+    atomic_write_json(f, {"path": "x_\udcff.jpg"})
+    assert json.loads(f.read_bytes().decode("ascii")) == {"path": "x_\udcff.jpg"}
+
+
+def test_read_predictions_errors_name_the_line(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"path": "a.jpg"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"p\.jsonl:2: not JSON"):
+        read_predictions(f)
+    # U+2028 and U+0085 in a file name are not line breaks of a JSON Lines file.
+    with open_writer(f, topk=1) as w:
+        w.write(PredictionRow("a\u2028b\x85.png", label="fox", score=0.5, topk=[("fox", 0.5)]))
+    assert [r["path"] for r in read_predictions(f)] == ["a\u2028b\x85.png"]
+    with pytest.raises(InputError, match=r"missing\.csv: cannot read predictions"):
+        read_predictions(tmp_path / "missing.csv")
+
+
+# json.dumps calls that write no JSON file: the one home of the rule, a message, and the JSON
+# header / metadata strings that the safetensors format itself defines (names and numbers only).
+_JSON_DUMPS_ALLOWED = {
+    ("hybridcls/cache.py", "json_text"), ("hybridcls/cache.py", "stable_hash"),
+    ("hybridcls/sharding.py", "_short"),
+    ("hybridcls/supervised/checkpoint.py", "safetensors_bytes"),
+    ("hybridcls/zeroshot/text_classifier.py", "_save_cached"),
+}
+
+
+def test_json_is_written_only_through_the_strict_helper():
+    root = Path(__file__).resolve().parents[1]
+    calls = set()
+    for path in (root / "hybridcls").rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for func in ast.walk(tree):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(func):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr in ("dump", "dumps")
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "json"):
+                    calls.add((str(path.relative_to(root)), func.name))
+    assert calls - _JSON_DUMPS_ALLOWED == set()
+
+
+def test_manifest_and_run_json_files_are_strict(tmp_path):
+    from hybridcls.sharding import Manifest, manifest_path
+    from hybridcls.supervised import read_json, write_json
+
+    m = Manifest("csv", ["path"], {"unknown_threshold": float("nan")}, 1, "x", 0, 1, "y")
+    m.write(tmp_path / "p.csv")
+    assert _strict_loads(manifest_path(tmp_path / "p.csv").read_text(encoding="utf-8"))[
+        "settings"] == {"unknown_threshold": None}
+    write_json(tmp_path / "metrics.json", {"epochs": [{"val_loss": float("nan"), "acc": 0.5}]})
+    assert read_json(tmp_path / "metrics.json") == {"epochs": [{"val_loss": None, "acc": 0.5}]}
+    _strict_loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))

@@ -97,7 +97,8 @@ def test_page_figures_equal_evaluate_predictions(report_dir: Path,
     ev = evaluate_predictions(predictions["pred"], predictions["labels"], SEEN)
     expected = {"accuracy": ev.scores.accuracy, "seen": ev.scores.seen, "unseen": ev.scores.unseen,
                 "harmonic": ev.scores.harmonic, "gate_auroc": ev.gate["auroc"],
-                "gate_fpr_at_tpr": ev.gate["fpr_at_tpr"], "ece": ev.reliability.ece}
+                "gate_fpr_at_tpr_unseen_positive": ev.gate["fpr_at_tpr_unseen_positive"],
+                "ece": ev.reliability.ece}
     assert parser.values.keys() == expected.keys()
     for key, value in expected.items():
         assert parser.values[key] == pytest.approx(value, abs=1e-12), key

@@ -195,3 +195,53 @@ def test_merge_errors_list_missing_duplicate_and_incomplete_inputs(tmp_path):
     (tmp_path / "foreign.csv").write_text("path,label\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"foreign\.csv: no manifest"):
         merge_parts([tmp_path / "foreign.csv"], out)
+
+
+class BrokenModel:
+    """A model that fails to load: raises before its first batch, as a bad prompts file does."""
+
+    def __call__(self, todo):
+        raise InputError("prompts.txt:3: 'fox' is listed twice")
+        yield  # a generator, like the real predict_rows: it runs on the first next()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_model_that_fails_to_load_writes_nothing(tmp_path, resume):
+    out = tmp_path / "p.csv"
+    with pytest.raises(InputError, match="listed twice"):
+        _predict(out, BrokenModel(), resume=resume)
+    assert not out.exists() and not manifest_path(out).exists()
+    # An existing file, cut by a crash, is left byte for byte as it was: not truncated, not replaced.
+    _predict(out)
+    out.write_bytes(out.read_bytes()[:-7])
+    before, manifest = out.read_bytes(), manifest_path(out).read_bytes()
+    with pytest.raises(InputError, match="listed twice"):
+        _predict(out, BrokenModel(), resume=resume)
+    assert out.read_bytes() == before and manifest_path(out).read_bytes() == manifest
+
+
+def test_kaggle_duplicate_ids_are_refused_before_anything_is_written(tmp_path):
+    sources = [Source("site1/IMG_0001.png"), Source("site2/IMG_0001.png")]
+    out = tmp_path / "sub.csv"
+    model = FakeModel()
+    with pytest.raises(InputError, match=r"'IMG_0001\.png' would stand for both 'site1/IMG_0001\.png' "
+                                         r"and 'site2/IMG_0001\.png'"):
+        _predict(out, model, fmt="kaggle", sources=sources)
+    assert model.seen == [] and not out.exists() and not manifest_path(out).exists()
+    # each shard alone has one IMG_0001.png; the run as a whole has two: every shard refuses
+    with pytest.raises(InputError, match=r"'IMG_0001\.png' would stand for both"):
+        _predict(out, model, fmt="kaggle", sources=sources, shard=ShardSpec(1, 2))
+    _predict(tmp_path / "p.csv", fmt="csv", sources=sources)  # full paths tell them apart
+
+
+def test_merge_refuses_kaggle_parts_with_one_image_id_twice(tmp_path, monkeypatch):
+    # Parts written before predict refused duplicate ids: the merge must not join them silently.
+    monkeypatch.setattr("hybridcls.sharding.check_unique_keys", lambda paths, fmt: None)
+    sources = [Source("site1/IMG_0001.png"), Source("site2/IMG_0001.png")]
+    parts = [tmp_path / f"part{i}.csv" for i in range(2)]
+    for i, p in enumerate(parts):
+        _predict(p, fmt="kaggle", sources=sources, shard=ShardSpec(i, 2))
+    with pytest.raises(InputError, match=r"image_id 'IMG_0001\.png' twice: .*part0\.csv line 2 and "
+                                         r".*part1\.csv line 2"):
+        merge_parts(parts, tmp_path / "sub.csv")
+    assert not (tmp_path / "sub.csv").exists()

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridcls.bench.speed import write_jpegs
+from hybridcls.cache import json_text
 
 __all__ = ["MemoryReport", "MemoryRun", "measure_predict", "run_memory"]
 
@@ -65,7 +65,7 @@ class MemoryReport:
         return "\n".join(lines)
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
+        Path(path).write_text(json_text(asdict(self), indent=2), encoding="utf-8")
 
 
 def measure_predict(argv: Sequence[str], *, cwd: str | os.PathLike[str] | None = None

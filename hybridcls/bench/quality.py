@@ -10,7 +10,6 @@ is then a :meth:`~hybridcls.hybrid.HybridClassifier.predict_features` away.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from hybridcls.cache import json_text
 from hybridcls.data import expand_inputs
 from hybridcls.errors import InputError
-from hybridcls.eval import read_labels
+from hybridcls.eval import join_labels
 from hybridcls.gate import (
     SCORES,
     finalize,
@@ -75,7 +75,7 @@ class QualityReport:
         return "\n".join(lines)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({
+        Path(path).write_text(json_text({
             "rows": [vars(r) for r in self.rows], "seconds": self.seconds, "info": self.info,
         }, indent=2), encoding="utf-8")
 
@@ -183,9 +183,9 @@ def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 4, model: str |
 def labelled_test_set(world: Any, clf: HybridClassifier) -> tuple[list, np.ndarray]:
     """The world's test sources and their true class indices in ``clf.classes_`` order."""
     sources = expand_inputs([world.test_dir])
-    labels = read_labels(world.labels_csv)
+    labels = join_labels([s.path for s in sources], world.labels_csv).labels
     index = {normalize_label(c): i for i, c in enumerate(clf.classes_)}
-    y = np.array([index[normalize_label(labels[Path(s.path).name])] for s in sources])
+    y = np.array([index[normalize_label(label)] for label in labels])
     return sources, y
 
 

@@ -18,7 +18,6 @@ Timings are figures to report, never to assert.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from hybridcls.cache import json_text
 from hybridcls.data import expand_inputs, load_image
 from hybridcls.gate import GateCalibration, max_softmax
 from hybridcls.hybrid import HybridClassifier
@@ -91,7 +91,7 @@ class SpeedReport:
         return "\n".join(lines)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
+        Path(path).write_text(json_text(asdict(self), indent=2), encoding="utf-8")
 
 
 def _save_random_clip(name: str, folder: Path) -> str:
@@ -112,7 +112,7 @@ def _save_random_clip(name: str, folder: Path) -> str:
             model = open_clip.create_model(name, pretrained=None)
             preprocess = open_clip.get_model_preprocess_cfg(model)
         cfg = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
-        (folder / "open_clip_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+        (folder / "open_clip_config.json").write_text(json_text(cfg), encoding="utf-8")
         save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
                   str(folder / "open_clip_model.safetensors"))
     return f"local-dir:{folder}"

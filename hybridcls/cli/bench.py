@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from hybridcls.cache import json_text
 
 __all__ = ["add_parser", "run", "run_memory", "run_quality", "run_speed"]
 
@@ -102,7 +103,7 @@ def run_speed(args: argparse.Namespace) -> int:
                    workers=args.workers, compile=args.compile, gpu_decode=args.gpu_decode,
                    cascade_share=args.cascade_share, threads=args.threads, repeat=args.repeat, **options)
     print(report.markdown())
-    print(json.dumps(report.info))
+    print(json_text(report.info))
     print(f"wrote {Path(args.out) / 'speed.json'}")
     return 0
 
@@ -119,7 +120,7 @@ def run_memory(args: argparse.Namespace) -> int:
                    workers=args.workers, clip_model=args.clip_model, checkpoint=args.checkpoint,
                    prompts=args.prompts, warmup=not args.no_warmup)
     print(report.markdown())
-    print(json.dumps(report.info))
+    print(json_text(report.info))
     print(f"wrote {Path(args.out) / 'memory.json'}")
     return 0
 

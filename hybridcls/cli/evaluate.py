@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["add_evaluation_arguments", "add_parser", "run"]
+if TYPE_CHECKING:  # typing only: the CLI imports the evaluation when a command runs
+    from hybridcls.eval.report import Evaluation
+
+__all__ = ["add_evaluation_arguments", "add_parser", "evaluate_from_args", "run"]
+
+_JOIN_HELP = ("image_id,label CSV; an image_id is a file name, or a relative or absolute path, "
+              "matched to the end of the predicted paths (a file name only when it is unique)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "evaluate",
         help="score a predictions file against labels (accuracy, S/U/H, gate AUROC)",
-        description="Join predictions to labels by file name and report the challenge's accuracy, "
-                    "the generalised zero-shot S, U and H, and the gate's AUROC / FPR@95.",
+        description="Join predictions to labels by path and report the challenge's accuracy, "
+                    "the generalised zero-shot S, U and H, and the gate's AUROC, AUPR and FPR at "
+                    "95% TPR (unseen images as positives). metrics.json is strict JSON "
+                    "(an undefined figure is null).",
     )
     add_evaluation_arguments(parser, seen_required=True)
     parser.add_argument("-o", "--output", metavar="DIR",
@@ -22,22 +32,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser, *, seen_required: bool) -> None:
-    """PREDICTIONS, ``--labels``, ``--seen-classes`` and ``--prompts``: what every scoring command reads."""
-    parser.add_argument("predictions", metavar="PREDICTIONS", help="CSV or JSONL from hybridcls predict")
-    parser.add_argument("--labels", required=True, metavar="LABELS.csv", help="image_id,label CSV")
+    """PREDICTIONS, ``--labels``, ``--seen-classes``, ``--prompts`` and ``--allow-missing``."""
+    parser.add_argument("predictions", metavar="PREDICTIONS",
+                        help="CSV, JSONL or Kaggle CSV from hybridcls predict")
+    parser.add_argument("--labels", required=True, metavar="LABELS.csv", help=_JOIN_HELP)
     parser.add_argument("--seen-classes", required=seen_required, metavar="FILE|RUN_DIR",
                         help="classes with training images: a text file (one per line) or a run directory"
                              + ("" if seen_required else "; without it every class counts as seen (no U, H)"))
     parser.add_argument("--prompts", metavar="FILE", help="all classes; labels outside it are an error")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="score the predicted images when some labelled images have no prediction "
+                             "(they are counted, in the summary and metrics.json); by default an error")
 
 
-def run(args: argparse.Namespace) -> int:
-    from hybridcls.eval.report import evaluate_predictions, read_class_list
+def evaluate_from_args(args: argparse.Namespace, seen: Sequence[str]) -> Evaluation:
+    """:func:`~hybridcls.eval.report.evaluate_predictions` with the flags of :func:`add_evaluation_arguments`."""
+    from hybridcls.eval.report import MissingPredictionsError, evaluate_predictions
     from hybridcls.zeroshot.prompts import read_prompts
 
     classes = read_prompts(args.prompts).names if args.prompts else None
-    ev = evaluate_predictions(args.predictions, args.labels, read_class_list(args.seen_classes),
-                              classes=classes)
+    try:
+        return evaluate_predictions(args.predictions, args.labels, seen, classes=classes,
+                                    allow_missing=args.allow_missing)
+    except MissingPredictionsError as err:
+        raise err.allowed_by("--allow-missing") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from hybridcls.eval.report import read_class_list
+
+    ev = evaluate_from_args(args, read_class_list(args.seen_classes))
     print(ev.summary())
     if args.output:
         for path in ev.save(args.output):

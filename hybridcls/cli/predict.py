@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from hybridcls.outputs import FORMATS, PredictionRow, PredictionWriter, infer_format, open_writer
+from hybridcls.outputs import (
+    FORMATS,
+    PredictionRow,
+    PredictionWriter,
+    check_unique_keys,
+    infer_format,
+    open_writer,
+)
 
 __all__ = [
     "add_clip_arguments",
@@ -180,11 +187,15 @@ def run(args: argparse.Namespace) -> int:
         from hybridcls.cli import UsageError
 
         raise UsageError("no input images found in " + " ".join(args.inputs))
+    # Every usage error before the first byte of output: Kaggle ids first (no model needed),
+    # then the model (loaded before the writer opens; for a file, in predict_to_output).
+    check_unique_keys((s.path for s in sources), infer_format(args.output, args.format))
     if args.output in (None, "-"):
         if args.checkpoint:
             return _run_hybrid(args, sources)
+        clf = _zeroshot_from_args(args)
         with open_writer(args.output, args.format, topk=args.topk) as writer:
-            write_predictions(_zeroshot_from_args(args), sources, writer, progress=not args.quiet)
+            write_predictions(clf, sources, writer, progress=not args.quiet)
         return _finish(writer.n_ok, writer.n_error, args.output)
     return _run_to_file(args, sources)
 
@@ -216,7 +227,8 @@ def _run_to_file(args: argparse.Namespace, sources) -> int:
     loaded = []  # the hybrid, once loaded: its engine counts the images the CLIP tower encoded
 
     def predict_rows(todo):
-        # Loaded only when something is left to predict (a finished --resume loads nothing).
+        # Loaded only when something is left to predict (a finished --resume loads nothing), and
+        # before the output is touched: predict_to_output waits for the first batch.
         if args.checkpoint:
             loaded.append((hybrid_from_args(args), len(todo)))
             yield from loaded[-1][0].rows(todo, topk=args.topk, progress=progress)

@@ -13,7 +13,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "report",
         help="an HTML page of a predictions file's figures (confusion, per-class, gate, reliability)",
-        description="Join predictions to labels by file name and write one self-contained folder: "
+        description="Join predictions to labels by path and write one self-contained folder: "
                     "index.html with the headline figures (accuracy, S/U/H, gate AUROC, ECE), the "
                     "confusion matrix, per-class accuracy, gate-score histograms and a reliability "
                     "diagram, plus metrics.json and per_class.csv. Needs matplotlib "
@@ -28,17 +28,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from hybridcls.cli.evaluate import evaluate_from_args
     from hybridcls.eval.html import write_report
     from hybridcls.eval.labels import read_labels
     from hybridcls.eval.plots import require_pyplot
-    from hybridcls.eval.report import evaluate_predictions, read_class_list
-    from hybridcls.zeroshot.prompts import read_prompts
+    from hybridcls.eval.report import read_class_list
 
     require_pyplot("hybridcls report")  # before reading anything: fail fast on a missing extra
-    classes = read_prompts(args.prompts).names if args.prompts else None
     seen = (read_class_list(args.seen_classes) if args.seen_classes
             else sorted(set(read_labels(args.labels).values())))
-    ev = evaluate_predictions(args.predictions, args.labels, seen, classes=classes)
+    ev = evaluate_from_args(args, seen)
     print(ev.summary())
     sources = {"predictions": args.predictions, "labels": args.labels}
     if args.seen_classes:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hybridcls.eval.labels import read_labels
+from hybridcls.eval.labels import join_labels, read_labels
 from hybridcls.eval.metrics import OpenSetScores, Reliability, open_set_scores, reliability
 
-__all__ = ["OpenSetScores", "Reliability", "open_set_scores", "read_labels", "reliability"]
+__all__ = ["OpenSetScores", "Reliability", "join_labels", "open_set_scores", "read_labels",
+           "reliability"]

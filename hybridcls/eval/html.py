@@ -45,7 +45,9 @@ def headline_figures(ev: Evaluation) -> list[tuple[str, str, float]]:
         ("unseen", "U: mean per-class accuracy, unseen classes", s.unseen),
         ("harmonic", "H: harmonic mean of S and U", s.harmonic),
         ("gate_auroc", "gate AUROC (unseen vs seen images)", ev.gate["auroc"] if ev.gate else nan),
-        ("gate_fpr_at_tpr", "gate FPR at 95% TPR", ev.gate["fpr_at_tpr"] if ev.gate else nan),
+        ("gate_fpr_at_tpr_unseen_positive",
+         ("gate FPR at 95% TPR, unseen images positive (seen images flagged unseen when 95% of "
+          "unseen images are)"), ev.gate["fpr_at_tpr_unseen_positive"] if ev.gate else nan),
         ("ece", "expected calibration error (ECE)", rel.ece if rel is not None else nan),
     ]
 

@@ -1,26 +1,49 @@
-"""Reading a labels CSV (``image_id,label``) and joining it to predictions."""
+"""Reading a labels CSV (``image_id,label``) and joining it to predicted paths.
+
+The join never collapses two images into one. A label's id is a path as
+written in the labels file: a bare file name (``IMG_0001.png``), a path
+relative to any folder (``site1/IMG_0001.png``) or an absolute path. It
+names the predicted image whose path ends with the same whole components
+(relative predicted paths are taken from the current folder), so
+``site1/IMG_0001.png`` names ``photos/site1/IMG_0001.png`` but not
+``photos/site2/IMG_0001.png`` nor ``photos/xsite1/IMG_0001.png``. A bare
+file name therefore only joins when no other predicted image has that name.
+An id that names two predicted images, or a predicted image named by two
+ids, is an error naming both: nothing is guessed.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 
 from hybridcls.errors import InputError
 
-__all__ = ["read_labels"]
+__all__ = ["LabelJoin", "join_labels", "read_labels"]
 
 _ID_COLUMNS = ("image_id", "path", "file", "filename", "image")
 _LABEL_COLUMNS = ("label", "class", "class_name")
+#: How many examples an error message lists.
+_SHOW = 5
 
 
-def read_labels(path: str | os.PathLike) -> dict[str, str]:
-    """Map image id (the file name) to its true class.
+@dataclass(frozen=True)
+class _Entry:
+    """One labels-file row: the id as written (normalised), its class, its line."""
 
-    Accepts a header with one of ``image_id/path/file/filename/image`` and one
-    of ``label/class/class_name``. Ids are reduced to the file name so that a
-    predictions file with full paths joins on them.
-    """
+    image_id: str
+    label: str
+    line: int
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return PurePath(self.image_id).parts
+
+
+def _read_entries(path: str | os.PathLike[str]) -> list[_Entry]:
     path = Path(path)
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -33,14 +56,121 @@ def read_labels(path: str | os.PathLike) -> dict[str, str]:
                     f"{path}: labels file needs an id column ({'/'.join(_ID_COLUMNS)}) and a label "
                     f"column ({'/'.join(_LABEL_COLUMNS)}); found {header}"
                 )
-            labels: dict[str, str] = {}
-            for line_no, row in enumerate(reader, start=2):
-                key = Path(row[id_col]).name
-                if key in labels:
-                    raise InputError(f"{path}:{line_no}: image {key!r} is listed twice")
-                labels[key] = row[label_col].strip()
+            entries: list[_Entry] = []
+            first_line: dict[str, int] = {}
+            for row in reader:
+                line_no = reader.line_num  # where the record ends: a quoted id may span lines
+                raw_id = (row.get(id_col) or "").strip()
+                label = (row.get(label_col) or "").strip()
+                if not raw_id or not label:
+                    raise InputError(f"{path}:{line_no}: empty {id_col if not raw_id else label_col}")
+                # "./a/x.png" and "a//x.png" are "a/x.png": one image, however it is spelled
+                image_id = os.path.normpath(raw_id)
+                if image_id in first_line:
+                    raise InputError(f"{path}:{line_no}: image {image_id!r} is listed twice "
+                                     f"(first on line {first_line[image_id]})")
+                first_line[image_id] = line_no
+                entries.append(_Entry(image_id, label, line_no))
     except OSError as exc:
         raise InputError(f"{path}: cannot read labels file ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: labels file is not UTF-8 text") from exc
-    return labels
+    return entries
+
+
+def read_labels(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Map each image id, as the labels file writes it, to its true class.
+
+    Accepts a header with one of ``image_id/path/file/filename/image`` and one
+    of ``label/class/class_name``. Ids are kept as written (a file name, a
+    relative or an absolute path), only normalised (``./a//x.png`` is
+    ``a/x.png``); :func:`join_labels` matches them to predicted paths.
+
+    Raises:
+        InputError: No such columns, an empty id or label, or one id listed
+            twice (names the file and both lines).
+
+    Example:
+        >>> read_labels("labels.csv")  # doctest: +SKIP
+        {'site1/IMG_0001.png': 'red circle', 'site2/IMG_0001.png': 'blue square'}
+    """
+    return {e.image_id: e.label for e in _read_entries(path)}
+
+
+@dataclass(frozen=True)
+class LabelJoin:
+    """Labels joined to predicted paths.
+
+    Attributes:
+        labels: The true class of each predicted path, in the paths' order.
+        missing: Ids of the labels file that no predicted path matches
+            (labelled images without a prediction), in file order.
+    """
+
+    labels: list[str]
+    missing: list[str]
+
+
+def join_labels(paths: Sequence[str], labels: str | os.PathLike[str]) -> LabelJoin:
+    """The true class of each predicted path, from a labels file (see the module docstring).
+
+    Args:
+        paths: Predicted image paths, as the predictions file writes them.
+        labels: The labels CSV (:func:`read_labels`).
+
+    Returns:
+        A :class:`LabelJoin`: one class per path, and the labelled ids left
+        without a prediction.
+
+    Raises:
+        InputError: An id that names two predicted images, a predicted image
+            named by two ids (both name the files and lines), or predicted
+            images without a label (counts them, names the first few).
+
+    Example:
+        >>> join_labels(["site1/IMG_0001.png", "site2/IMG_0001.png"],
+        ...             "labels.csv").labels  # doctest: +SKIP
+        ['red circle', 'blue square']
+    """
+    entries = _read_entries(labels)
+    # Only suffixes as long as the longest id can match: index those, not every suffix.
+    depth = max((len(e.parts) for e in entries), default=0)
+    suffixes: dict[tuple[str, ...], list[int]] = {}
+    for i, p in enumerate(paths):
+        parts = PurePath(os.path.abspath(p)).parts
+        for k in range(1, min(depth, len(parts)) + 1):
+            suffixes.setdefault(parts[-k:], []).append(i)
+
+    owner: dict[int, _Entry] = {}
+    missing: list[str] = []
+    for e in entries:
+        rows = suffixes.get(e.parts, [])
+        # the same path predicted twice is one image; two paths are two images
+        images = list(dict.fromkeys(paths[i] for i in rows))
+        if len(images) > 1:
+            a, b = images[:2]
+            raise InputError(
+                f"{labels}:{e.line}: {e.image_id!r} matches {len(images)} predicted images, "
+                f"{a!r} and {b!r}; key the labels file by a longer path (e.g. "
+                f"{_telling_suffix(a, b)!r}) so that each id names one image")
+        if not rows:
+            missing.append(e.image_id)
+        for i in rows:
+            other = owner.setdefault(i, e)
+            if other is not e:
+                raise InputError(
+                    f"{labels}: line {other.line} ({other.image_id!r}) and line {e.line} "
+                    f"({e.image_id!r}) both name the predicted image {paths[i]!r}; keep one")
+    unlabelled = [p for i, p in enumerate(paths) if i not in owner]
+    if unlabelled:
+        raise InputError(
+            f"{labels}: {len(unlabelled)} predicted image(s) have no label, e.g. "
+            + ", ".join(repr(p) for p in unlabelled[:_SHOW]))
+    return LabelJoin([owner[i].label for i in range(len(paths))], missing)
+
+
+def _telling_suffix(a: str, b: str) -> str:
+    """The shortest end of path ``a`` that is not also the end of path ``b``."""
+    pa, pb = PurePath(os.path.abspath(a)).parts, PurePath(os.path.abspath(b)).parts
+    k = next((k for k in range(1, len(pa) + 1) if pa[-k:] != pb[-k:]), len(pa))
+    return str(PurePath(*pa[-k:]))

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from hybridcls.errors import InputError
+
 __all__ = [
     "OpenSetScores",
     "Reliability",
@@ -62,10 +64,20 @@ def harmonic_mean(a: float, b: float) -> float:
 
 
 def per_class_accuracy(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, float]:
-    """Accuracy of the images of each true class, keyed by class."""
+    """Accuracy of the images of each true class, keyed by class.
+
+    Raises:
+        InputError: ``y_true`` and ``y_pred`` of different lengths.
+    """
+    _same_length(y_true, y_pred)
     t = np.asarray(y_true, dtype=object)
     p = np.asarray(y_pred, dtype=object)
     return {c: float(np.mean(p[t == c] == c)) for c in dict.fromkeys(t.tolist())}
+
+
+def _same_length(y_true: Sequence[str], y_pred: Sequence[str]) -> None:
+    if len(y_true) != len(y_pred):
+        raise InputError(f"y_true has {len(y_true)} labels but y_pred {len(y_pred)} predictions")
 
 
 def _mean_over(per_class: dict[str, float], classes: Iterable[str]) -> float:
@@ -83,13 +95,15 @@ def open_set_scores(
         y_pred: Predicted class of each image (any string; ``"unknown"`` counts as wrong).
         seen_classes: The classes that had training images; every other true class is unseen.
 
+    Raises:
+        InputError: ``y_true`` and ``y_pred`` of different lengths.
+
     Example:
         >>> s = open_set_scores(["a", "a", "z"], ["a", "b", "z"], seen_classes=["a", "b"])
         >>> round(s.seen, 2), s.unseen, round(s.harmonic, 3)
         (0.5, 1.0, 0.667)
     """
-    if len(y_true) != len(y_pred):
-        raise ValueError(f"{len(y_true)} labels but {len(y_pred)} predictions")
+    _same_length(y_true, y_pred)
     seen = set(seen_classes)
     per_class = per_class_accuracy(y_true, y_pred)
     s = _mean_over(per_class, [c for c in per_class if c in seen])
@@ -101,6 +115,10 @@ def open_set_scores(
         accuracy=acc, seen=s, unseen=u, harmonic=harmonic_mean(s, u),
         n_images=len(t), n_seen_images=n_seen, n_unseen_images=len(t) - n_seen,
     )
+
+
+#: How far outside [0, 1] a confidence may stray by rounding before it is refused.
+_PROB_TOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,10 @@ def reliability(confidence: Sequence[float], correct: Sequence[bool], n_bins: in
         correct: ``[N]`` whether each prediction is right.
         n_bins: Equal-width bins over (0, 1] (15, as in Guo et al. 2017).
 
+    Raises:
+        InputError: ``confidence`` and ``correct`` of different shapes, a
+            confidence outside [0, 1] (or infinite), or ``n_bins`` below 1.
+
     Example:
         >>> r = reliability([0.9, 0.9, 0.6, 0.6], [True, False, True, True], n_bins=10)
         >>> round(r.ece, 3), int(r.counts[5]), int(r.counts[8])
@@ -143,8 +165,15 @@ def reliability(confidence: Sequence[float], correct: Sequence[bool], n_bins: in
     conf = np.asarray(confidence, dtype=np.float64)
     ok = np.asarray(correct, dtype=bool)
     if conf.shape != ok.shape:
-        raise ValueError(f"{conf.size} confidences but {ok.size} correctness flags")
+        raise InputError(f"confidence has shape {conf.shape}, correct {ok.shape}: one flag per confidence")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise InputError(f"n_bins={n_bins!r}: expected a whole number, at least 1")
     keep = ~np.isnan(conf)
+    # a float32 softmax can end a hair above 1; anything farther out is not a probability
+    outside = int((keep & ((conf < -_PROB_TOL) | (conf > 1 + _PROB_TOL))).sum())
+    if outside:
+        raise InputError(f"confidence contains {outside} value{'s' if outside > 1 else ''} "
+                         "outside [0, 1] (probabilities expected; NaN marks an image not predicted)")
     conf, ok = np.clip(conf[keep], 0.0, 1.0), ok[keep]
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)

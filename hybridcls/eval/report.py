@@ -1,9 +1,13 @@
 """Evaluate a predictions file against a labels file: accuracy, S / U / H, the gate, plots.
 
-The join is on the image's file name (what the labels CSV's ``image_id``
-holds). Labels and predictions are compared after label normalisation (case,
-``_``, ``+``, ``-``), so ``grizzly+bear`` in a dataset's labels matches
-``grizzly bear`` in predictions. Error rows count as wrong predictions.
+Labels join predictions on the path as the labels CSV's ``image_id`` writes
+it (a file name, a relative or an absolute path), matched to the end of each
+predicted path on whole components; a file name only joins when it is
+unique (:func:`hybridcls.eval.labels.join_labels`). Labels and predictions
+are compared after label normalisation (case, ``_``, ``+``, ``-``), so
+``grizzly+bear`` in a dataset's labels matches ``grizzly bear`` in
+predictions. Error rows count as wrong predictions; labelled images with no
+row at all are refused unless ``allow_missing`` (then counted, not scored).
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from hybridcls.cache import atomic_write_text
+from hybridcls.cache import atomic_write_json, atomic_write_text
 from hybridcls.errors import InputError, MissingExtraError
-from hybridcls.eval.labels import read_labels
+from hybridcls.eval.labels import join_labels
 from hybridcls.eval.metrics import (
     OpenSetScores,
     Reliability,
@@ -40,7 +44,32 @@ from hybridcls.gate.metrics import gate_detection, routing_matrix
 from hybridcls.outputs import read_predictions
 from hybridcls.zeroshot.prompts import normalize_label
 
-__all__ = ["Evaluation", "evaluate_predictions", "read_class_list"]
+__all__ = ["Evaluation", "MissingPredictionsError", "evaluate_predictions", "read_class_list"]
+
+#: How many examples an error message lists.
+_SHOW = 5
+
+
+class MissingPredictionsError(InputError):
+    """Labelled images that the predictions file has no row for.
+
+    Attributes:
+        predictions: The predictions file.
+        missing: The labels file's ids of those images, in its order.
+        n_labelled: How many images the labels file lists.
+    """
+
+    def __init__(self, predictions: str | os.PathLike, missing: Sequence[str], n_labelled: int,
+                 allow: str = "allow_missing=True") -> None:
+        self.predictions, self.missing, self.n_labelled = predictions, list(missing), n_labelled
+        super().__init__(
+            f"{predictions}: {len(missing)} of {n_labelled} labelled images have no prediction, "
+            f"e.g. {', '.join(repr(m) for m in missing[:_SHOW])}; {allow} scores the predicted "
+            "ones only (and counts the others)")
+
+    def allowed_by(self, allow: str) -> MissingPredictionsError:
+        """The same error, naming another way to allow it (a command-line flag)."""
+        return MissingPredictionsError(self.predictions, self.missing, self.n_labelled, allow)
 
 
 @dataclass
@@ -52,6 +81,7 @@ class Evaluation:
     gate: dict[str, float] | None = None
     routing: dict[str, int] | None = None
     n_errors: int = 0
+    n_missing: int = 0
     y_true: list[str] = field(default_factory=list)
     y_pred: list[str] = field(default_factory=list)
     gate_scores: np.ndarray | None = None
@@ -82,18 +112,23 @@ class Evaluation:
     def as_dict(self) -> dict[str, Any]:
         rel = self.reliability
         return {"scores": self.scores.as_dict(), "gate": self.gate, "routing": self.routing,
-                "n_errors": self.n_errors, "ece": None if rel is None else rel.ece,
-                "per_class": self.per_class}
+                "n_errors": self.n_errors, "n_missing_predictions": self.n_missing,
+                "ece": None if rel is None else rel.ece, "per_class": self.per_class}
 
     def summary(self) -> str:
         s = self.scores
+        missing = (f", {self.n_missing} labelled images without a prediction (not scored)"
+                   if self.n_missing else "")
         lines = [
-            f"accuracy {100 * s.accuracy:.2f}%  ({s.n_images} images, {self.n_errors} errors)",
+            f"accuracy {100 * s.accuracy:.2f}%  ({s.n_images} images, {self.n_errors} errors{missing})",
             f"seen S {100 * s.seen:.2f}   unseen U {100 * s.unseen:.2f}   harmonic H {100 * s.harmonic:.2f}",
         ]
         if self.gate:
-            lines.append(f"gate AUROC {self.gate['auroc']:.4f}  AUPR-in {self.gate['aupr_in']:.4f}  "
-                         f"FPR@95%TPR {self.gate['fpr_at_tpr']:.4f}")
+            g = self.gate
+            lines.append(f"gate AUROC {g['auroc']:.4f}  AUPR-In {g['aupr_in_trapezoid']:.4f}  "
+                         f"AUPR-Out {g['aupr_out_trapezoid']:.4f} (trapezoid)  "
+                         f"FPR@{100 * g['tpr']:g}%TPR {g['fpr_at_tpr_unseen_positive']:.4f} "
+                         "(unseen images positive)")
         if self.routing:
             r = self.routing
             lines.append(f"routing: seen->zero-shot {r['seen_to_zeroshot']}  "
@@ -105,7 +140,7 @@ class Evaluation:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "metrics.json", out / "per_class.csv"]
-        atomic_write_text(written[0], json.dumps(self.as_dict(), indent=2))
+        atomic_write_json(written[0], self.as_dict())
         table = io.StringIO(newline="")
         w = csv.DictWriter(table, fieldnames=["class", "group", "n_images", "accuracy"],
                            lineterminator="\n")
@@ -137,42 +172,46 @@ def evaluate_predictions(
     seen_classes: Iterable[str],
     *,
     classes: Sequence[str] | None = None,
+    allow_missing: bool = False,
 ) -> Evaluation:
     """Join a predictions file to a labels file and compute every figure.
 
     Args:
-        predictions: CSV or JSON Lines from ``hybridcls predict``.
-        labels: CSV with ``image_id`` (file name) and ``label`` columns.
+        predictions: CSV, JSON Lines or Kaggle CSV from ``hybridcls predict``.
+        labels: CSV with ``image_id`` (a file name, or a relative or absolute
+            path: see :func:`~hybridcls.eval.labels.join_labels`) and ``label`` columns.
         seen_classes: Classes that had training images (any spelling).
         classes: All known classes (e.g. the prompts file's); labels outside
             it are an error. Default: the seen classes plus every predicted label.
+        allow_missing: Score the predicted images when some labelled images
+            have no row in ``predictions`` (counted in
+            :attr:`Evaluation.n_missing`); by default that is an error.
 
     Raises:
-        InputError: Images without a label, or labels of unknown classes
-            (names the file and the classes).
+        InputError: Images without a label, an ambiguous join (an id naming
+            two images, or an image named twice), or labels of unknown
+            classes (names the files, lines and classes).
+        MissingPredictionsError: Labelled images without a prediction, and
+            not ``allow_missing``.
 
     Example:
         >>> ev = evaluate_predictions("pred.csv", "labels.csv", ["fox", "wolf"])  # doctest: +SKIP
         >>> print(ev.summary())  # doctest: +SKIP
     """
-    rows = read_predictions(predictions)
-    truth = read_labels(labels)
-    names = [Path(r["path"]).name for r in rows]
-    missing = [n for n in names if n not in truth]
-    if missing:
-        raise InputError(
-            f"{labels}: {len(missing)} predicted image(s) have no label, e.g. "
-            + ", ".join(repr(m) for m in missing[:5]))
+    rows = _prediction_rows(predictions)
+    join = join_labels([r["path"] for r in rows], labels)
+    if join.missing and not allow_missing:
+        raise MissingPredictionsError(predictions, join.missing, len(rows) + len(join.missing))
     seen = {normalize_label(c) for c in seen_classes}
     known = {normalize_label(c) for c in classes} if classes is not None else None
     if known is None:
         known = seen | {normalize_label(r["label"]) for r in rows if r.get("label")}
-    unknown_classes = sorted({truth[n] for n in names if normalize_label(truth[n]) not in known})
+    unknown_classes = sorted({t for t in join.labels if normalize_label(t) not in known})
     if unknown_classes:
         raise InputError(
             f"{labels}: label(s) of classes that are neither seen nor predictable: "
             + ", ".join(repr(c) for c in unknown_classes[:10]))
-    y_true = [normalize_label(truth[n]) for n in names]
+    y_true = [normalize_label(t) for t in join.labels]
     y_pred = [normalize_label(r.get("label") or "") if r.get("status") == "ok" else "" for r in rows]
     scores = open_set_scores(y_true, y_pred, seen)
     acc = per_class_accuracy(y_true, y_pred)
@@ -183,8 +222,8 @@ def evaluate_predictions(
                   "accuracy": round(acc[c], 6)} for c in sorted(acc)]
     ok = np.array([r.get("status") == "ok" for r in rows])
     confidence = np.array([_number(r.get("score")) if k else np.nan for r, k in zip(rows, ok)])
-    ev = Evaluation(scores, per_class, n_errors=int((~ok).sum()), y_true=y_true, y_pred=y_pred,
-                    confidence=confidence)
+    ev = Evaluation(scores, per_class, n_errors=int((~ok).sum()), n_missing=len(join.missing),
+                    y_true=y_true, y_pred=y_pred, confidence=confidence)
     is_unseen = np.array([t not in seen for t in y_true])
     gate_col = [r.get("gate_score") for r in rows]
     if ok.any() and all(g not in (None, "") for g, k in zip(gate_col, ok) if k):
@@ -197,6 +236,25 @@ def evaluate_predictions(
             and (branches[ok] == "supervised").any():
         ev.routing = routing_matrix(branches[ok] != "supervised", is_unseen[ok]).as_dict()
     return ev
+
+
+def _prediction_rows(predictions: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a predictions file; a Kaggle file's ``image_id,class`` read as ``path,label``.
+
+    Raises:
+        InputError: No rows, or not a file ``hybridcls predict`` writes (names its columns).
+    """
+    rows = read_predictions(predictions)
+    if not rows:
+        raise InputError(f"{predictions}: no predictions in it")
+    columns = set(rows[0])
+    if {"path", "label", "status"} <= columns:
+        return rows
+    if {"image_id", "class"} <= columns:
+        return [{"path": r["image_id"], "label": r["class"], "status": "ok" if r["class"] else "error"}
+                for r in rows]
+    raise InputError(f"{predictions}: columns {', '.join(sorted(columns))}; expected a file of "
+                     "hybridcls predict (path, label, status, ... or Kaggle's image_id, class)")
 
 
 def _number(value: Any) -> float:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from hybridcls.cache import atomic_write_json
 from hybridcls.errors import CheckpointError, InputError
 from hybridcls.gate.cascade import CASCADE_KNN_K
 from hybridcls.gate.scores import DEFAULT_KNN_K, SCORES, CombinedScore, compute_scores, needs_of
@@ -242,12 +243,7 @@ class GateCalibration:
         path = Path(path)
         if path.is_dir():
             path = path / GATE_FILENAME
-        tmp = path.with_name(path.name + ".tmp")
-        # allow_nan=False: a NaN would be written as a token other JSON readers reject
-        tmp.write_text(
-            json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8"
-        )
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_dict())  # strict JSON: a threshold not set is null
         return path
 
     @classmethod

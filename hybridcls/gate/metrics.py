@@ -1,11 +1,16 @@
 """How well a gate separates seen from unseen images, and the stacking trade-off curve.
 
-- Detection figures with the **seen images as positives** (the OpenOOD
-  convention): AUROC, AUPR-In (seen positive), AUPR-Out (unseen positive)
-  and the false-positive rate at 95% true-positive rate (the fraction of
-  unseen images kept in the supervised branch when 95% of seen images are).
-  Gate scores are higher = unseen, so the confidence handed to
-  scikit-learn is their negation.
+- Detection figures (:func:`gate_detection`), each named by its convention.
+  The field's (OpenOOD's ``openood/evaluators/metrics.py`` since v1.5,
+  pytorch-ood's ``OODMetrics``) counts the **unseen (OOD) images as
+  positives**: FPR at 95% TPR is the share of seen images flagged unseen
+  when 95% of the unseen images are; AUPR-In (seen positive) and AUPR-Out
+  (unseen positive) integrate the precision-recall curve with the
+  trapezoid rule (``sklearn.metrics.auc(recall, precision)``). The
+  seen-positive FPR (the share of unseen images kept with the seen ones when
+  95% of those are) and scikit-learn's average precision (a step-wise sum,
+  which differs from the trapezoid when scores tie) are reported beside
+  them under their own names. AUROC is the same whichever side is positive.
 - The routing matrix of a hard gate.
 - AUSUC (Chao et al. 2016): the area under the seen-accuracy vs
   unseen-accuracy curve traced by calibrated stacking's penalty.
@@ -18,7 +23,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    auc,
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 from hybridcls.errors import InputError
 from hybridcls.eval.metrics import harmonic_mean
@@ -37,12 +48,29 @@ __all__ = [
 
 @dataclass(frozen=True)
 class GateDetection:
-    """Seen-vs-unseen detection figures of a gate score (seen = positive)."""
+    """Seen-vs-unseen detection figures of a gate score; each name says its convention.
+
+    Attributes:
+        auroc: Area under the ROC curve (the same with either side positive).
+        aupr_in_trapezoid: Area under the precision-recall curve with the
+            seen images positive, trapezoid rule (the field's AUPR-In).
+        aupr_out_trapezoid: The same with the unseen images positive (AUPR-Out).
+        aupr_in_average_precision: scikit-learn's average precision, seen positive.
+        aupr_out_average_precision: The same, unseen positive.
+        fpr_at_tpr_unseen_positive: The field's FPR at ``tpr`` TPR: the share of
+            seen images flagged unseen when ``tpr`` of the unseen images are.
+        fpr_at_tpr_seen_positive: The share of unseen images kept with the seen
+            ones when ``tpr`` of the seen images are kept.
+        tpr: The true-positive rate the two FPRs are read at.
+    """
 
     auroc: float
-    aupr_in: float
-    aupr_out: float
-    fpr_at_tpr: float
+    aupr_in_trapezoid: float
+    aupr_out_trapezoid: float
+    aupr_in_average_precision: float
+    aupr_out_average_precision: float
+    fpr_at_tpr_unseen_positive: float
+    fpr_at_tpr_seen_positive: float
     tpr: float
 
     def as_dict(self) -> dict[str, float]:
@@ -50,38 +78,85 @@ class GateDetection:
 
 
 def gate_detection(scores: Any, is_unseen: Any, tpr: float = 0.95) -> GateDetection:
-    """AUROC, AUPR-In/Out and FPR at a TPR for a gate score.
+    """AUROC, AUPR-In/Out and FPR at a TPR of a gate score (see the module docstring).
+
+    Formulas as in OpenOOD (``auc_and_fpr_recall``) and pytorch-ood
+    (``OODMetrics``, ``fpr_at_tpr``): the FPR is read at the first operating
+    point (the ROC curve of every threshold) whose TPR reaches ``tpr``.
 
     Args:
-        scores: ``[N]`` gate scores, higher = less like the seen classes.
-        is_unseen: ``[N]`` booleans, True for images of unseen classes.
-        tpr: The true-positive rate (seen images kept) at which to read the FPR.
+        scores: ``[N]`` gate scores, higher = less like the seen classes; finite.
+        is_unseen: ``[N]`` booleans, True for images of unseen classes; both kinds present.
+        tpr: The true-positive rate at which to read the FPRs, in (0, 1] (0.95, not 95).
 
     Returns:
         A :class:`GateDetection`.
 
+    Raises:
+        InputError: NaN or infinite scores, labels not one per score or all
+            of one kind, or ``tpr`` outside (0, 1] (names the parameter).
+
     Example:
         >>> d = gate_detection([0.1, 0.2, 0.9, 0.8], [False, False, True, True])
-        >>> d.auroc, d.fpr_at_tpr
+        >>> d.auroc, d.fpr_at_tpr_unseen_positive
         (1.0, 0.0)
     """
-    s = as_array(scores, "scores", ndim=1)
+    tpr = _rate(tpr, "tpr")
+    s = _finite(scores, "scores")
     unseen = np.asarray(is_unseen, dtype=bool)
-    if unseen.shape != s.shape or unseen.all() or not unseen.any():
-        raise InputError(
-            "gate_detection needs one label per score, with both seen and unseen images"
-        )
-    seen, confidence = ~unseen, -s
-    fpr, tpr_curve, _ = roc_curve(seen, confidence, drop_intermediate=False)
-    # the first operating point that keeps at least `tpr` of the seen images
-    at = int(np.searchsorted(tpr_curve, tpr, side="left"))
+    if unseen.shape != s.shape:
+        raise InputError(f"is_unseen has shape {unseen.shape} for scores of shape {s.shape}: "
+                         "one label per score")
+    if unseen.all() or not unseen.any():
+        raise InputError(f"is_unseen: all {unseen.size} images are {'un' if unseen.any() else ''}seen; "
+                         "detection needs both seen and unseen images")
+    seen = ~unseen
     return GateDetection(
-        auroc=float(roc_auc_score(seen, confidence)),
-        aupr_in=float(average_precision_score(seen, confidence)),
-        aupr_out=float(average_precision_score(unseen, s)),
-        fpr_at_tpr=float(fpr[at]),
+        auroc=float(roc_auc_score(unseen, s)),
+        aupr_in_trapezoid=_aupr_trapezoid(seen, -s),
+        aupr_out_trapezoid=_aupr_trapezoid(unseen, s),
+        aupr_in_average_precision=float(average_precision_score(seen, -s)),
+        aupr_out_average_precision=float(average_precision_score(unseen, s)),
+        fpr_at_tpr_unseen_positive=_fpr_at_tpr(unseen, s, tpr),
+        fpr_at_tpr_seen_positive=_fpr_at_tpr(seen, -s, tpr),
         tpr=tpr,
     )
+
+
+def _aupr_trapezoid(positive: np.ndarray, score: np.ndarray) -> float:
+    """Area under the precision-recall curve by the trapezoid rule (OpenOOD, pytorch-ood)."""
+    precision, recall, _ = precision_recall_curve(positive, score)
+    return float(auc(recall, precision))
+
+
+def _fpr_at_tpr(positive: np.ndarray, score: np.ndarray, tpr: float) -> float:
+    """FPR at the first ROC operating point whose TPR reaches ``tpr`` (``score`` higher = positive)."""
+    fpr, tpr_curve, _ = roc_curve(positive, score, drop_intermediate=False)
+    # tpr_curve rises to 1.0 and tpr <= 1, so the index is on the curve
+    return float(fpr[int(np.searchsorted(tpr_curve, tpr, side="left"))])
+
+
+def _rate(value: Any, name: str) -> float:
+    """``value`` as a float in (0, 1]; an InputError naming ``name`` otherwise (95 for 0.95...)."""
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = float("nan")
+    if not 0.0 < rate <= 1.0:  # NaN fails too
+        raise InputError(f"{name}={value!r}: expected a rate in (0, 1]")
+    return rate
+
+
+def _finite(values: Any, name: str, ndim: int = 1) -> np.ndarray:
+    """``values`` as float64 of ``ndim`` dimensions; an InputError counting NaN / infinite entries."""
+    arr = as_array(values, name, ndim=ndim)
+    n_nan = int(np.isnan(arr).sum())
+    if n_nan:
+        raise InputError(f"{name} contains {n_nan} NaN value{'s' if n_nan > 1 else ''}")
+    n_inf = int(np.isinf(arr).sum())
+    if n_inf:
+        raise InputError(f"{name} contains {n_inf} infinite value{'s' if n_inf > 1 else ''}")
+    return arr
 
 
 @dataclass(frozen=True)
@@ -111,7 +186,7 @@ def routing_matrix(to_zeroshot: Any, is_unseen: Any) -> RoutingMatrix:
     z = np.asarray(to_zeroshot, dtype=bool)
     u = np.asarray(is_unseen, dtype=bool)
     if z.shape != u.shape:
-        raise InputError(f"{z.size} routing decisions for {u.size} labels")
+        raise InputError(f"to_zeroshot has shape {z.shape}, is_unseen {u.shape}: one label per decision")
     return RoutingMatrix(
         seen_to_supervised=int(np.sum(~u & ~z)),
         seen_to_zeroshot=int(np.sum(~u & z)),
@@ -145,9 +220,21 @@ def seen_unseen_accuracy(y_true: Any, y_pred: Any, n_seen: int) -> tuple[float, 
 
     Returns:
         ``(S, U, H)``; NaN for a group with no image.
+
+    Raises:
+        InputError: ``y_true`` and ``y_pred`` not two 1-D arrays of one length,
+            a negative true class, a prediction below -1, or a negative ``n_seen``.
     """
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(y_pred, dtype=np.int64)
+    if y.ndim != 1 or p.shape != y.shape:
+        raise InputError(f"y_true has shape {y.shape}, y_pred {p.shape}: one prediction per label")
+    if n_seen < 0:
+        raise InputError(f"n_seen={n_seen}: expected 0 or more")
+    if y.size and y.min() < 0:
+        raise InputError(f"y_true contains {int((y < 0).sum())} negative class indices")
+    if p.size and p.min() < -1:
+        raise InputError(f"y_pred contains {int((p < -1).sum())} values below -1 (-1 = unknown)")
     correct = (y == p).astype(np.float64)
     n_classes = int(max(y.max(initial=-1), p.max(initial=-1))) + 1
     hits = np.bincount(y, weights=correct, minlength=n_classes)
@@ -193,17 +280,24 @@ def ausuc(clip_logits: Any, y_true: Any, n_seen: int) -> StackingCurve:
     Returns:
         A :class:`StackingCurve`.
 
+    Raises:
+        InputError: NaN or infinite logits, labels not one per row or outside
+            the columns, or ``n_seen`` leaving no seen or no unseen class.
+
     Example:
         >>> c = np.array([[2.0, 0.0, 1.0], [0.0, 1.0, 3.0]])
         >>> ausuc(c, [0, 2], n_seen=2).area
         1.0
     """
-    c = as_array(clip_logits, "clip_logits")
+    c = _finite(clip_logits, "clip_logits", ndim=2)
     y = np.asarray(y_true, dtype=np.int64)
     if y.shape != (c.shape[0],):
         raise InputError(f"{y.size} labels for {c.shape[0]} rows of clip_logits")
     if not 0 < n_seen < c.shape[1]:
         raise InputError(f"n_seen={n_seen} of {c.shape[1]} classes: no seen or no unseen class")
+    outside = int(((y < 0) | (y >= c.shape[1])).sum())
+    if outside:
+        raise InputError(f"y_true contains {outside} class indices outside 0..{c.shape[1] - 1}")
     seen_img = y < n_seen
     flip = c[:, :n_seen].max(axis=1) - c[:, n_seen:].max(
         axis=1
@@ -222,7 +316,7 @@ def ausuc(clip_logits: Any, y_true: Any, n_seen: int) -> StackingCurve:
     cum_unseen = np.concatenate([[0.0], np.cumsum(w_unseen[order])])
     seen_acc = cum_seen[-1] - cum_seen[n_unseen_pred]
     unseen_acc = cum_unseen[n_unseen_pred]
-    area = float(np.trapezoid(seen_acc, unseen_acc))
+    area = float(auc(unseen_acc, seen_acc))  # unseen accuracy rises with the penalty
     return StackingCurve(
         area=area, penalties=penalties, seen_accuracy=seen_acc, unseen_accuracy=unseen_acc
     )

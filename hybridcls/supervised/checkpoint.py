@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from hybridcls.cache import atomic_write_bytes, atomic_write_text
+from hybridcls.cache import atomic_write_bytes, atomic_write_json
 from hybridcls.errors import CheckpointError
 from hybridcls.supervised.model import SupervisedModel
 from hybridcls.supervised.weights import read_state_dict
@@ -127,8 +127,8 @@ def make_checkpoint_config(
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented UTF-8 JSON, atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    """Write ``obj`` as indented UTF-8 JSON, atomically (NaN as null: :func:`~hybridcls.cache.json_text`)."""
+    atomic_write_json(path, obj)
 
 
 def read_json(path: str | Path) -> Any:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -40,6 +39,7 @@ from safetensors.torch import save_file
 from timm.loss import SoftTargetCrossEntropy
 from timm.scheduler import CosineLRScheduler
 
+from hybridcls.cache import json_text
 from hybridcls.synth.render import all_attributes, render
 from hybridcls.synth.world import CAPTION_TEMPLATES, image_rng, make_world
 
@@ -240,7 +240,7 @@ def save_tiny_clip(
 def _write_config(out: Path, info: dict[str, Any]) -> None:
     config = {"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": TINY_CLIP_PREPROCESS, "hybridcls": info}
     (out / "open_clip_config.json").write_text(
-        json.dumps(config, indent=2) + "\n", encoding="utf-8"
+        json_text(config, indent=2) + "\n", encoding="utf-8"
     )
 
 

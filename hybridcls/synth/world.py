@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hybridcls.cache import json_text
 from hybridcls.errors import DatasetError, InputError
 from hybridcls.synth.render import Attributes, all_attributes, render
 
@@ -327,4 +328,4 @@ def _write_meta(world: World, **extra: object) -> None:
         "unseen_classes": list(world.unseen_classes),
         **extra,
     }
-    (world.root / "world.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (world.root / "world.json").write_text(json_text(meta, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,131 @@
+"""`evaluate`: labels join predictions on paths, never collapsing two images; strict metrics.json."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from hybridcls.cli import main
+from hybridcls.errors import InputError
+from hybridcls.eval.labels import join_labels
+from hybridcls.eval.report import MissingPredictionsError, evaluate_predictions
+from hybridcls.outputs import PredictionRow, open_writer
+
+# Two camera folders both hold IMG_0001.png (the layout of the user's report).
+CASE = {"site1/IMG_0001.png": "red circle", "site2/IMG_0001.png": "blue square",
+        "site2/IMG_0002.png": "blue square"}
+
+
+def _predictions(path, truth=CASE, fmt=None, wrong=()):
+    """A predictions file with every prediction right, except for the paths in ``wrong``."""
+    with open_writer(path, fmt, topk=1) as w:
+        for p, label in truth.items():
+            pred = "green triangle" if p in wrong else label
+            w.write(PredictionRow(p, label=pred, score=0.9, branch="zeroshot", topk=[(pred, 0.9)]))
+    return path
+
+
+def _labels(path, rows):
+    path.write_text("image_id,label\n" + "".join(f"{i},{lab}\n" for i, lab in rows), encoding="utf-8")
+    return path
+
+
+def _strict_json(path):
+    def refuse(token):
+        raise ValueError(f"bare {token}")
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def test_labels_keyed_by_relative_path_join_each_image(tmp_path):
+    pred = _predictions(tmp_path / "pred.csv")
+    labels = _labels(tmp_path / "labels.csv", CASE.items())
+    ev = evaluate_predictions(pred, labels, ["red circle", "blue square", "green triangle"])
+    # every prediction is right, so the accuracy is exactly 1, over 3 images, not 2 or 4
+    assert ev.scores.accuracy == 1.0 and ev.scores.n_images == 3
+    assert {r["class"]: r["n_images"] for r in ev.per_class} == {"blue square": 2, "red circle": 1}
+    # one wrong prediction, in site1 only: 2 of 3 right, and it is red circle that drops
+    ev = evaluate_predictions(_predictions(tmp_path / "p2.csv", wrong={"site1/IMG_0001.png"}), labels,
+                              ["red circle", "blue square"])
+    assert ev.scores.accuracy == pytest.approx(2 / 3)
+    assert {r["class"]: r["accuracy"] for r in ev.per_class} == {"blue square": 1.0, "red circle": 0.0}
+
+
+def test_file_names_join_only_when_unique(tmp_path):
+    pred = _predictions(tmp_path / "pred.csv")
+    by_name = _labels(tmp_path / "labels.csv", [("IMG_0001.png", "red circle"),
+                                                ("IMG_0002.png", "blue square")])
+    with pytest.raises(InputError, match=r"labels\.csv:2: 'IMG_0001\.png' matches 2 predicted images, "
+                                         r"'site1/IMG_0001\.png' and 'site2/IMG_0001\.png'; key the labels "
+                                         r"file by a longer path \(e\.g\. 'site1/IMG_0001\.png'\)"):
+        evaluate_predictions(pred, by_name, ["red circle", "blue square"])
+    # a unique name joins beside paths: IMG_0002.png names one image only
+    mixed = _labels(tmp_path / "mixed.csv", [("site1/IMG_0001.png", "red circle"),
+                                             ("site2/IMG_0001.png", "blue square"),
+                                             ("IMG_0002.png", "blue square")])
+    assert join_labels(list(CASE), mixed).labels == list(CASE.values())
+
+
+def test_ids_match_whole_path_components_and_absolute_paths(tmp_path):
+    paths = [str(tmp_path / "photos" / "xsite1" / "a.png"), "photos/site1/a.png"]
+    labels = _labels(tmp_path / "l.csv", [(paths[0], "fox"), ("site1/a.png", "wolf")])
+    # 'site1/a.png' is not the end of '.../xsite1/a.png': each id names exactly one image
+    assert join_labels(paths, labels).labels == ["fox", "wolf"]
+    partial = _labels(tmp_path / "p.csv", [("ite1/a.png", "wolf"), (paths[0], "fox")])
+    with pytest.raises(InputError, match=r"1 predicted image\(s\) have no label, e\.g\. 'photos/site1/a\.png'"):
+        join_labels(paths, partial)
+
+
+def test_an_image_named_by_two_ids_is_an_error(tmp_path):
+    labels = _labels(tmp_path / "l.csv", [("IMG_0002.png", "blue square"),
+                                          ("site2/IMG_0002.png", "red circle")])
+    with pytest.raises(InputError, match=r"l\.csv: line 2 \('IMG_0002\.png'\) and line 3 "
+                                         r"\('site2/IMG_0002\.png'\) both name the predicted image "
+                                         r"'site2/IMG_0002\.png'; keep one"):
+        join_labels(["site2/IMG_0002.png"], labels)
+
+
+def test_kaggle_submission_is_scored_by_file_name(tmp_path):
+    truth = {"a/cat1.png": "red circle", "b/dog2.png": "blue square"}
+    sub = _predictions(tmp_path / "sub.csv", truth, fmt="kaggle", wrong={"b/dog2.png"})
+    labels = _labels(tmp_path / "l.csv", [("cat1.png", "red circle"), ("dog2.png", "blue square")])
+    ev = evaluate_predictions(sub, labels, ["red circle", "blue square", "green triangle"])
+    assert ev.scores.accuracy == 0.5 and ev.y_pred == ["red circle", "green triangle"]
+
+
+def test_labelled_images_without_prediction_are_refused_or_counted(tmp_path, capsys):
+    part = dict(list(CASE.items())[:2])  # site2/IMG_0002.png was not predicted
+    pred = _predictions(tmp_path / "pred.jsonl", part)
+    labels = _labels(tmp_path / "labels.csv", CASE.items())
+    seen = ["red circle", "blue square"]
+    with pytest.raises(MissingPredictionsError, match=r"pred\.jsonl: 1 of 3 labelled images have no "
+                                                      r"prediction, e\.g\. 'site2/IMG_0002\.png'; "
+                                                      r"allow_missing=True scores"):
+        evaluate_predictions(pred, labels, seen)
+    ev = evaluate_predictions(pred, labels, seen, allow_missing=True)
+    assert (ev.n_missing, ev.scores.n_images, ev.scores.accuracy) == (1, 2, 1.0)
+    assert "1 labelled images without a prediction (not scored)" in ev.summary()
+    # the command line: refused (exit 2, naming its flag), then counted in metrics.json
+    seen_file = tmp_path / "seen.txt"
+    seen_file.write_text("red circle\nblue square\n", encoding="utf-8")
+    argv = ["evaluate", str(pred), "--labels", str(labels), "--seen-classes", str(seen_file),
+            "-o", str(tmp_path / "m")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "1 of 3 labelled images have no prediction" in err and "--allow-missing scores" in err
+    assert "allow_missing=True" not in err and not (tmp_path / "m").exists()
+    assert main(argv + ["--allow-missing"]) == 0
+    metrics = _strict_json(tmp_path / "m" / "metrics.json")
+    assert metrics["n_missing_predictions"] == 1 and metrics["scores"]["n_images"] == 2
+
+
+def test_metrics_json_is_strict_with_null_for_undefined_figures(tmp_path):
+    pred = _predictions(tmp_path / "pred.csv")
+    labels = _labels(tmp_path / "labels.csv", CASE.items())
+    ev = evaluate_predictions(pred, labels, ["red circle", "blue square"])  # no unseen image
+    assert math.isnan(ev.scores.unseen) and math.isnan(ev.scores.harmonic)
+    ev.save(tmp_path / "m")
+    metrics = _strict_json(tmp_path / "m" / "metrics.json")  # a bare NaN would raise here
+    assert metrics["scores"]["unseen"] is None and metrics["scores"]["harmonic"] is None
+    assert metrics["scores"]["accuracy"] == 1.0
