@@ -7,6 +7,9 @@ normalisation (mean/std, run on the device per tower). When the two towers'
 geometry is the same, the resize is done once and shared. Because torchvision
 and timm resize the PIL image (``uint8`` in, ``uint8`` out) before
 ``ToTensor``, the result is identical to running each tower's own transform.
+Each geometry starts with :func:`~hybridcls.data.bound_aspect`'s step for images
+longer than 16:1 (a centre cut, or a box reduction before a squash), so that the
+work per image is bounded by the towers' input size whatever its aspect ratio.
 
 The CLIP image tower can be spent only where it is needed: ``clip="all"``
 runs it on every image, ``clip="none"`` on none, and a callable receives the
@@ -52,6 +55,7 @@ from hybridcls.data import (
     ImageDataset,
     Sample,
     Source,
+    bound_aspect,
     decode_image_bytes,
     load_image,
     make_loader,
@@ -100,12 +104,14 @@ def split_transform(transform: Any) -> View:
 
     Both timm's ``create_transform(is_training=False)`` and open_clip's
     preprocess are ``Compose([Resize, CenterCrop, (mode), ToTensor, Normalize])``.
+    The geometry is bounded by :func:`~hybridcls.data.bound_aspect` (a no-op for a
+    transform that already is), on PIL images and on the device decoder's tensors alike.
 
     Raises:
         ValueError: For a transform of another shape (the caller may then
             fall back to running it whole).
     """
-    steps = list(getattr(transform, "transforms", []))
+    steps = list(getattr(bound_aspect(transform), "transforms", []))
     names = [type(t).__name__ for t in steps]
     cut = next((i for i, n in enumerate(names) if n in _TO_TENSOR_NAMES), None)
     if cut is None or cut + 1 >= len(steps) or not isinstance(steps[-1], Normalize):

@@ -224,3 +224,17 @@ def test_pixel_check_separates_copies_from_other_photos(photos_dir):
     for variant in ("african_elephants_cmyk.jpg", "african_elephants_with_exif_orientation.jpg"):
         v = crop_signatures(thumbnail_of_image(load_image(photos_dir / variant)))
         assert pixel_similarity(sigs[-1], v) >= PIXEL_THRESHOLD
+
+
+def test_thumbnail_of_a_thin_strip_is_box_reduced_first() -> None:
+    # Issue 12: a one-step box resize of a 1 x 50,000,000 strip precomputes 0.4 GB of weights; a
+    # strip longer than 16:1 is box-reduced along its long side first (to at least 16 x 64 px).
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    noise = lambda w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    photo = noise(640, 480)  # ordinary images: exactly the one-step box resize
+    assert np.array_equal(thumbnail_of_image(photo), np.asarray(photo.resize((64, 64), Image.Resampling.BOX)))
+    for strip in (noise(3, 40_000), noise(40_000, 3)):
+        direct = np.asarray(strip.resize((64, 64), Image.Resampling.BOX)).astype(int)
+        assert np.abs(thumbnail_of_image(strip).astype(int) - direct).max() <= 3  # of 255

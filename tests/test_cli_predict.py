@@ -12,6 +12,7 @@ from imagefactory import (
     make_truncated_jpeg,
     make_zero_byte,
 )
+from PIL import Image
 from tinyclip_factory import make_tiny_clip
 
 from hybridcls.cli import main
@@ -196,3 +197,23 @@ def test_kaggle_refuses_two_files_of_one_name(tmp_path, prompts, tiny_clip, caps
             f"'{tmp_path / 'site2' / 'IMG_0001.png'}'") in err
     assert not out.exists() and not (tmp_path / "sub.csv.manifest.json").exists()
     assert main(argv) == 2 and capsys.readouterr().out == ""  # to standard output: nothing either
+
+
+def test_thin_strips_are_ok_rows_like_a_square_of_their_colour(tmp_path, prompts, tiny_clip):
+    # Issue 12: a 1 x 16000 PNG would be resized to 32 x 512,000 for a 32 x 32 crop; it is cut to
+    # 16:1 first. A uniform strip's centre crop is uniform too, so it scores as the square does.
+    d = tmp_path / "strips"
+    d.mkdir()
+    for name, size in (("a_square.png", (64, 64)), ("b_tall.png", (1, 16000)), ("c_wide.png", (16000, 1))):
+        Image.new("RGB", size, (200, 30, 30)).save(d / name)
+    out = tmp_path / "p.jsonl"
+    code = main(["predict", str(d), "--prompts", str(prompts), "--clip-model", tiny_clip, "--device", "cpu",
+                 "--workers", "0", "--cache-dir", str(tmp_path / "c"), "-o", str(out), "--topk", "3", "-q"])
+    rows = read_predictions(out)
+    assert code == 0 and [r["status"] for r in rows] == ["ok"] * 3
+    square, *strips = rows
+    for row in strips:
+        assert row["label"] == square["label"]
+        assert [t["label"] for t in row["topk"]] == [t["label"] for t in square["topk"]]
+        assert [t["score"] for t in row["topk"]] == pytest.approx([t["score"] for t in square["topk"]],
+                                                                  abs=1e-6)

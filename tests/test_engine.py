@@ -128,6 +128,25 @@ def test_extra_views_come_from_the_same_decode(hybrid, images, tmp_path):
         _engine(hybrid, decode="device", extra_views=[ThumbnailTransform()])
 
 
+@pytest.mark.parametrize("size", [(1, 16000), (16000, 1)], ids=["tall", "wide"])
+def test_a_thin_strip_is_an_ok_row_on_both_decoders(hybrid, tmp_path, size):
+    # Issue 12: both geometries cut a strip to 16:1 around its centre before resizing its shorter
+    # side, on PIL images and on the device decoder's tensors. What the towers see of a uniform
+    # strip is then the uniform crop a square of its colour gives.
+    from PIL import Image
+
+    for name, shape in (("strip.jpg", size), ("square.jpg", (64, 64))):
+        Image.new("RGB", shape, (200, 30, 30)).save(tmp_path / name, quality=100, subsampling=0)
+    sources = expand_inputs([str(tmp_path / "strip.jpg"), str(tmp_path / "square.jpg")])
+    for decode in ("cpu", "device"):
+        engine = _engine(hybrid, decode=decode)
+        batches, cat = _all(engine, sources)
+        assert [i for b in batches for i in b.ok] == [0, 1]
+        for name in ("sup_logits", "clip_logits"):  # row 0 the strip, row 1 the square
+            np.testing.assert_allclose(cat(name)[0], cat(name)[1], atol=1e-4)
+    assert engine.device_decoded == 2
+
+
 def test_compiled_shapes_are_fixed(hybrid, images, monkeypatch):
     engine = _engine(hybrid)
     engine.compile = True  # exercise the padding without paying for a real compile on the CPU

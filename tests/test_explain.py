@@ -149,6 +149,33 @@ def test_maps_in_range_and_decision_is_the_classifiers(tiny_run, tmp_path: Path)
     assert res.n_errors == 1
 
 
+def test_a_thin_strip_is_explained_on_its_centre(tiny_run, tmp_path: Path) -> None:
+    # Issue 12: the towers' views cut a strip to 16:1 before resizing its shorter side.
+    _, clf, _, _ = tiny_run
+    paths = []
+    for name, size in (("tall.png", (1, 16000)), ("wide.png", (16000, 1))):
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    res = explain_images(clf, paths, tmp_path / "out", neighbours=0)
+    assert [e.ok for e in res.explanations] == [True, True]
+    for ex in res.explanations:
+        assert ex.gradcam.shape == (32, 32) and ex.clip_map.shape == (32, 32)
+        with Image.open(ex.files["input"]) as im:
+            # the supervised 32 x 32 crop, all of the strip's colour, at the display size
+            assert im.size == (192, 192) and im.getextrema() == ((200, 200), (30, 30), (30, 30))
+
+
+def test_thumbnail_of_a_thin_strip_is_at_most_16_to_1() -> None:
+    from hybridcls.explain.overlay import thumbnail
+
+    # shorter side to 96; unbounded, the long side would be 96 x 16000
+    assert thumbnail(Image.new("RGB", (1, 16000)), side=96).size == (96, 16 * 96)
+    assert thumbnail(Image.new("RGB", (16000, 1)), side=96).size == (16 * 96, 96)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(thumbnail(photo, side=96)),
+                          np.asarray(photo.resize((128, 96), Image.Resampling.BICUBIC)))
+
+
 def test_clip_map_is_highest_on_the_shape(tiny_run) -> None:
     """The shipped tiny CLIP's map of the true class lies on the drawn shape, not the background."""
     from hybridcls.eval.labels import read_labels

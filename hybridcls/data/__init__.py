@@ -1,4 +1,4 @@
-"""Image input: enumerate sources, decode robustly, batch, index training folders.
+"""Image input: enumerate sources, decode robustly, bound the resize, batch, index training folders.
 
 Nothing in this package imports a model; it stops at tensors.
 
@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+from hybridcls.data.aspect import MAX_ASPECT_RATIO, CentreCropAspect, ReduceLongSide, bound_aspect
 from hybridcls.data.datasets import Batch, ImageDataset, Sample, collate, make_loader
 from hybridcls.data.folders import (
     ImageFolderIndex,
@@ -41,13 +42,17 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "LIST_EXTENSIONS",
+    "MAX_ASPECT_RATIO",
     "SUPPORTED_FORMATS",
     "Batch",
+    "CentreCropAspect",
     "ImageDataset",
     "ImageFolderIndex",
+    "ReduceLongSide",
     "Sample",
     "Source",
     "as_sources",
+    "bound_aspect",
     "class_size_error",
     "collate",
     "decode_image_bytes",

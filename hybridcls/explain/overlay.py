@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from hybridcls.cache import atomic_path
+from hybridcls.data import MAX_ASPECT_RATIO, CentreCropAspect
 from hybridcls.explain.gradcam import require_grad_cam
 
 __all__ = ["DISPLAY_SIZE", "overlay", "save_png", "thumbnail"]
@@ -33,6 +34,7 @@ def overlay(image: Image.Image, heat: np.ndarray, *, side: int = DISPLAY_SIZE) -
 
     Both are resized to the display size (at least ``side`` pixels on the
     shorter side); the map bilinearly, so a coarse grid shows as a smooth blob.
+    ``image`` is the crop a tower saw, so that size is bounded by the tower's input.
     """
     require_grad_cam()
     from pytorch_grad_cam.utils.image import show_cam_on_image
@@ -46,7 +48,13 @@ def overlay(image: Image.Image, heat: np.ndarray, *, side: int = DISPLAY_SIZE) -
 
 
 def thumbnail(image: Image.Image, *, side: int = DISPLAY_SIZE) -> Image.Image:
-    """``image`` at the display size (enlarged or reduced so its shorter side is ``side``)."""
+    """``image`` at the display size (enlarged or reduced so its shorter side is ``side``).
+
+    An image longer than :data:`~hybridcls.data.MAX_ASPECT_RATIO` times its short
+    side is cut to its central part first, so the thumbnail of a thin strip is at most
+    ``side x 16 * side`` pixels rather than millions long.
+    """
+    image = CentreCropAspect(MAX_ASPECT_RATIO)(image)
     w, h = image.size
     scale = side / min(w, h)
     return image.convert("RGB").resize((max(1, round(w * scale)), max(1, round(h * scale))),

@@ -37,6 +37,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from hybridcls.cache import atomic_write_bytes, atomic_write_json
+from hybridcls.data import bound_aspect
 from hybridcls.errors import CheckpointError
 from hybridcls.supervised.model import SupervisedModel
 from hybridcls.supervised.weights import read_state_dict
@@ -328,7 +329,10 @@ def build_eval_transform(config: Mapping[str, Any]) -> Callable[[Any], torch.Ten
     """The inference transform (PIL RGB image -> tensor) stored in a checkpoint config.
 
     Uses ``timm.data.create_transform(**data_config, is_training=False)``, so
-    resize, centre crop and normalisation are the model's own.
+    resize, centre crop and normalisation are the model's own; an image longer
+    than 16:1 is first cut around its centre, or box-reduced along its length
+    before a squash (:func:`~hybridcls.data.bound_aspect`), so that the resize's
+    work stays bounded.
 
     Args:
         config: A checkpoint config (or any mapping with ``"data_config"``).
@@ -336,7 +340,8 @@ def build_eval_transform(config: Mapping[str, Any]) -> Callable[[Any], torch.Ten
     Returns:
         A torchvision transform.
     """
-    return timm.data.create_transform(**timm_data_config(config["data_config"]), is_training=False)
+    return bound_aspect(
+        timm.data.create_transform(**timm_data_config(config["data_config"]), is_training=False))
 
 
 def timm_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from open_clip.factory import _find_checkpoint_in_dir, parse_model_name
 from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
 
 from hybridcls.cache import file_fingerprint, stable_hash
+from hybridcls.data import bound_aspect
 from hybridcls.device import resolve_device
 from hybridcls.errors import CheckpointError, InputError, WeightsUnavailableError
 
@@ -69,7 +70,8 @@ class ClipBundle:
 
     Attributes:
         model: The model, in eval mode, on ``device``.
-        preprocess: open_clip's eval transform (PIL image -> tensor).
+        preprocess: open_clip's eval transform (PIL image -> tensor), its resize
+            bounded by :func:`~hybridcls.data.bound_aspect`.
         tokenizer: open_clip's tokenizer for this model.
         model_id: The model as asked for (``ViT-B-32``, ``hf-hub:...``, ``local-dir:...``).
         pretrained: The tag or weights file used with a built-in name; None for
@@ -368,7 +370,7 @@ def load_clip(
         _log.info("open_clip model %s initialised with random weights", model)
     return ClipBundle(
         model=clip,
-        preprocess=preprocess,
+        preprocess=bound_aspect(preprocess),
         tokenizer=tokenizer,
         model_id=model,
         pretrained=res.oc_pretrained,
