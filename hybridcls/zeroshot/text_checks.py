@@ -22,8 +22,9 @@ templates line:
 :func:`warn_similar_classes` runs on the finished matrix: two columns whose
 cosine similarity reaches :data:`NEAR_IDENTICAL_COSINE` get a
 :class:`~hybridcls.errors.ClassTextWarning`. Randomly initialised models are
-skipped: their text columns are all alike (cosine 0.95-0.996 between distinct
-class names for ViT-B-32), which says nothing about the prompts.
+skipped: their text columns are all alike (a random ViT-B-32 with one template
+puts the 50 AwA2 class names at cosine 0.88-0.99 of each other, ``class 0`` ...
+``class 49`` up to 0.996), which says nothing about the prompts.
 """
 
 from __future__ import annotations
