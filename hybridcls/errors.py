@@ -6,12 +6,17 @@ and exits with the error's :attr:`~HybridclsError.exit_code`: 2 for usage
 errors (a bad option, file or folder), 1 for :class:`DataTooSmallError` (the
 command was used correctly but the data cannot support what it asks).
 Messages name the file, line or parameter involved.
+
+:class:`ClassTextWarning` is the one warning category of its kind: input that
+works but that the user should hear about (class text cut to the model's
+context on request, classes the model can hardly tell apart).
 """
 
 from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "ClassTextWarning",
     "DataTooSmallError",
     "DatasetError",
     "HybridclsError",
@@ -89,3 +94,7 @@ class MissingExtraError(HybridclsError, ImportError):
             f"{feature} needs the optional dependency {module!r}, which is not installed: "
             f"pip install 'hybridcls[{extra}]'"
         )
+
+
+class ClassTextWarning(UserWarning):
+    """Class text the model does not fully see, or classes it can hardly tell apart; names lines."""

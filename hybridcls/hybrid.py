@@ -184,6 +184,9 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
             says later. An enabled cache needs every image's CLIP embedding, so it
             turns lazy zero-shot off (the cascade still skips CLIP, and the cache, on
             the images it keeps).
+        truncate_prompts: Accept class texts longer than the CLIP's context, cut by
+            its tokenizer with one warning, instead of refusing them (see
+            :class:`~hybridcls.zeroshot.ZeroShotClassifier`).
         compile: ``torch.compile`` both towers (fixed batch shapes).
         decode: ``"cpu"`` or ``"device"`` (JPEG decoded on the GPU, CPU fallback).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
@@ -220,6 +223,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         unknown_threshold: float | None = None,
         cascade: bool = False,
         cache_branch: str = "auto",
+        truncate_prompts: bool = False,
         compile: bool = False,
         decode: str = "cpu",
         device: str = "auto",
@@ -239,6 +243,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         self.unknown_threshold = unknown_threshold
         self.cascade = cascade
         self.cache_branch = cache_branch
+        self.truncate_prompts = truncate_prompts
         self.compile = compile
         self.decode = decode
         self.device = device
@@ -283,7 +288,7 @@ class HybridClassifier(ClassifierMixin, BaseEstimator):
         zs = ZeroShotClassifier(
             clip_model=self.clip_model, clip_pretrained=self.clip_pretrained, prompts=prompt_set,
             templates=self.templates, device=str(device), batch_size=self.batch_size,
-            workers=self.workers, cache_dir=self.cache_dir,
+            workers=self.workers, cache_dir=self.cache_dir, truncate_prompts=self.truncate_prompts,
         ).fit()
         self._set_branches(run_dir, model, config, zs, device)
         return self

@@ -21,6 +21,7 @@ from PIL import Image
 from hybridcls.cli import main
 from hybridcls.outputs import read_predictions
 from hybridcls.synth import TINY_CLIP_MODEL_ID
+from hybridcls.synth.world import CAPTION_TEMPLATES
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 240
@@ -38,8 +39,12 @@ def setup(tmp_path_factory):
         Image.fromarray(pixels).resize((32, 32)).save(images / f"img_{i:04d}.png")
     prompts = root / "prompts.txt"
     prompts.write_text("red square\nblue circle\ngreen cross\nyellow star\n", encoding="utf-8")
-    common = ["--prompts", str(prompts), "--clip-model", TINY_CLIP_MODEL_ID, "--cache-dir",
-              str(root / "cache"), "--workers", "0", "--batch-size", "2", "-q"]
+    # The tiny CLIP's own templates: some of the default 80 do not fit its 12-token context.
+    templates = root / "templates.txt"
+    templates.write_text("".join(f"{t}\n" for t in CAPTION_TEMPLATES), encoding="utf-8")
+    common = ["--prompts", str(prompts), "--templates", str(templates), "--clip-model",
+              TINY_CLIP_MODEL_ID, "--cache-dir", str(root / "cache"), "--workers", "0",
+              "--batch-size", "2", "-q"]
     ref = root / "ref.csv"
     assert main(["predict", str(images), *common, "-o", str(ref)]) == 0
     return {"root": root, "images": images, "common": common, "ref": ref}

@@ -9,7 +9,8 @@ reads the child's peak resident set size from the kernel
 (``os.wait4`` -> ``ru_maxrss``, so nothing has to sample it). A warm-up run
 on one image fills the text-classifier cache first, so every measured run
 does the same work apart from the number of images. Offline: the shipped
-tiny CLIP by default, or a calibrated run (``checkpoint``).
+tiny CLIP by default (with its own caption templates: the default 80 do not
+all fit its 12-token context), or a calibrated run (``checkpoint``).
 
 Example:
     >>> report = run_memory("bench-memory", sizes=(2000, 20000))  # doctest: +SKIP
@@ -113,7 +114,8 @@ def run_memory(
         image_size: Side of the generated JPEG files, in pixels.
         batch_size: ``--batch-size`` of the runs.
         workers: ``--workers`` of the runs (0: decoding happens in the measured process).
-        clip_model: ``--clip-model`` (default: the shipped tiny CLIP, offline).
+        clip_model: ``--clip-model`` (default: the shipped tiny CLIP, offline, with the
+            synthetic world's caption templates; another model gets the default templates).
         checkpoint: A calibrated run directory, to measure the full hybrid.
         prompts: Prompts file (default: 10 generated class names; needed
             with ``checkpoint``: it must name the run's classes).
@@ -123,6 +125,7 @@ def run_memory(
         The report (also written to ``out/memory.json``).
     """
     from hybridcls.synth import TINY_CLIP_MODEL_ID
+    from hybridcls.synth.world import CAPTION_TEMPLATES
 
     out = Path(out)
     sizes = sorted(int(n) for n in sizes)
@@ -137,6 +140,10 @@ def run_memory(
     common = ["--prompts", str(prompts), "--clip-model", clip_model or TINY_CLIP_MODEL_ID,
               "--cache-dir", str(out / "cache"), "--batch-size", str(batch_size),
               "--workers", str(workers), "--device", "cpu", "-q"]
+    if clip_model is None:
+        templates = out / "templates.txt"
+        templates.write_text("".join(f"{t}\n" for t in CAPTION_TEMPLATES), encoding="utf-8")
+        common += ["--templates", str(templates)]
     if checkpoint is not None:
         common += ["--checkpoint", str(checkpoint)]
 

@@ -48,7 +48,8 @@ def _classifier(args: argparse.Namespace):
     from hybridcls.hybrid import HYBRID_FILE, HybridClassifier
 
     params = {"mode": args.mode, "device": args.device, "batch_size": args.batch_size,
-              "workers": 0, "cache_dir": args.cache_dir, "progress": not args.quiet}
+              "workers": 0, "cache_dir": args.cache_dir, "truncate_prompts": args.truncate_prompts,
+              "progress": not args.quiet}
     if (Path(args.checkpoint) / HYBRID_FILE).is_file() and not args.prompts:
         return HybridClassifier.from_pretrained(args.checkpoint, **params)
     if not args.prompts:

@@ -48,6 +48,9 @@ def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
                    help="class prompts file: one class per line, 'name: description | synonym'")
     g.add_argument("--templates", metavar="FILE",
                    help="prompt templates with a {} placeholder (default: OpenAI ImageNet templates)")
+    g.add_argument("--truncate-prompts", action="store_true",
+                   help="let the tokenizer cut class texts longer than the CLIP's context (a warning "
+                        "counts them) instead of refusing them (docs/prompts.md)")
     add_clip_model_arguments(g)
 
 
@@ -205,8 +208,8 @@ def _zeroshot_from_args(args: argparse.Namespace):
 
     return ZeroShotClassifier(
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
-        prompts=args.prompts, templates=args.templates, device=args.device,
-        batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
+        prompts=args.prompts, templates=args.templates, truncate_prompts=args.truncate_prompts,
+        device=args.device, batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
     ).fit()
 
 
@@ -301,7 +304,8 @@ def hybrid_from_args(args: argparse.Namespace):
 
     return HybridClassifier(
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
-        templates=args.templates, mode=getattr(args, "mode", None),
+        templates=args.templates, truncate_prompts=args.truncate_prompts,
+        mode=getattr(args, "mode", None),
         unknown_threshold=getattr(args, "unknown_threshold", None),
         cascade=getattr(args, "cascade", False), compile=getattr(args, "compile", False),
         decode="device" if getattr(args, "gpu_decode", False) else "cpu", device=args.device,

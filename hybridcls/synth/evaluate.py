@@ -2,7 +2,8 @@
 
 Written against open_clip directly (``create_model_and_transforms``,
 ``get_tokenizer``, ``build_zero_shot_classifier``) so that it measures the
-model, not the library's own zero-shot branch.
+model, not the library's own zero-shot branch; only the check that every
+class text fits the model's context is shared with it.
 
 Example:
     >>> from hybridcls.synth import make_world, zero_shot_accuracy
@@ -22,6 +23,8 @@ from PIL import Image
 
 from hybridcls.synth.tiny_clip import TINY_CLIP_MODEL_ID
 from hybridcls.synth.world import CAPTION_TEMPLATES, World
+from hybridcls.zeroshot.prompts import as_prompt_set, as_template_set
+from hybridcls.zeroshot.text_checks import check_class_text
 
 __all__ = ["zero_shot_accuracy"]
 
@@ -49,6 +52,10 @@ def zero_shot_accuracy(
     Returns:
         ``{"overall": ..., "seen": ..., "unseen": ...}``, fractions in [0, 1].
 
+    Raises:
+        PromptFileError: A class name in a template is longer than the model's
+            context (the tokenizer would cut it); names the template.
+
     Example:
         >>> acc = zero_shot_accuracy(world)  # doctest: +SKIP
         >>> acc["unseen"] >= 0.7  # doctest: +SKIP
@@ -56,6 +63,12 @@ def zero_shot_accuracy(
     """
     model, _, preprocess = open_clip.create_model_and_transforms(model_id, device=device)
     tokenizer = open_clip.get_tokenizer(model_id)
+    check_class_text(
+        tokenizer,
+        as_prompt_set(list(world.classes)),
+        as_template_set(list(templates)),
+        model=model_id,
+    )
     model.eval()
     classifier = open_clip.build_zero_shot_classifier(
         model,

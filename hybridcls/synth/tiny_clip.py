@@ -42,6 +42,7 @@ from timm.scheduler import CosineLRScheduler
 from hybridcls.cache import json_text
 from hybridcls.synth.render import all_attributes, render
 from hybridcls.synth.world import CAPTION_TEMPLATES, image_rng, make_world
+from hybridcls.zeroshot.text_checks import context_length, token_counts
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -95,12 +96,11 @@ def caption_tokens(tokenizer: open_clip.SimpleTokenizer) -> torch.Tensor:
             would silently cut off the shape word.
     """
     names = [a.name for a in all_attributes()]
-    longest = max(len(tokenizer.encode(t.format(n))) for n in names for t in CAPTION_TEMPLATES)
-    if longest + 2 > tokenizer.context_length:  # + start and end tokens
-        raise ValueError(
-            f"captions need {longest + 2} tokens; context length is {tokenizer.context_length}"
-        )
-    flat = tokenizer([t.format(n) for n in names for t in CAPTION_TEMPLATES])
+    captions = [t.format(n) for n in names for t in CAPTION_TEMPLATES]
+    longest, limit = max(token_counts(tokenizer, captions)), context_length(tokenizer)
+    if longest > limit:
+        raise ValueError(f"captions need {longest} tokens; context length is {limit}")
+    flat = tokenizer(captions)
     return flat.view(len(names), len(CAPTION_TEMPLATES), -1)
 
 

@@ -2,6 +2,8 @@
 
 * :mod:`~hybridcls.zeroshot.prompts`: prompts and templates files;
 * :mod:`~hybridcls.zeroshot.loading`: :func:`load_clip`, offline-first;
+* :mod:`~hybridcls.zeroshot.text_checks`: class text against the model's
+  context length, and classes the model cannot tell apart;
 * :mod:`~hybridcls.zeroshot.text_classifier`: :func:`build_text_classifier`
   with its on-disk cache;
 * :mod:`~hybridcls.zeroshot.classifier`: :class:`ZeroShotClassifier`.
@@ -24,8 +26,11 @@ from hybridcls._lazy import lazy_getattr
 from hybridcls.zeroshot.prompts import (
     ClassPrompt,
     PromptSet,
+    TemplateSet,
     as_prompt_set,
+    as_template_set,
     check_templates,
+    class_phrases,
     normalize_label,
     parse_prompts,
     parse_templates,
@@ -46,9 +51,13 @@ if TYPE_CHECKING:
         load_clip,
         resolve_device,
     )
+    from hybridcls.zeroshot.text_checks import (
+        NEAR_IDENTICAL_COSINE,
+        check_class_text,
+        token_counts,
+    )
     from hybridcls.zeroshot.text_classifier import (
         build_text_classifier,
-        class_phrases,
         text_cache_key,
     )
 
@@ -56,13 +65,17 @@ __all__ = [
     "CLASSIFIER_PRECISIONS",
     "DEFAULT_CLIP_MODEL",
     "DEFAULT_CLIP_PRETRAINED",
+    "NEAR_IDENTICAL_COSINE",
     "ClassPrompt",
     "ClipBundle",
     "PromptSet",
+    "TemplateSet",
     "ZeroShotBatch",
     "ZeroShotClassifier",
     "as_prompt_set",
+    "as_template_set",
     "build_text_classifier",
+    "check_class_text",
     "check_templates",
     "class_phrases",
     "load_clip",
@@ -73,6 +86,7 @@ __all__ = [
     "read_templates",
     "resolve_device",
     "text_cache_key",
+    "token_counts",
 ]
 
 # Names whose modules import torch and open_clip, resolved on first access (PEP 562).
@@ -85,8 +99,10 @@ _LAZY = {
     "ClipBundle": "hybridcls.zeroshot.loading",
     "load_clip": "hybridcls.zeroshot.loading",
     "resolve_device": "hybridcls.zeroshot.loading",
+    "NEAR_IDENTICAL_COSINE": "hybridcls.zeroshot.text_checks",
+    "check_class_text": "hybridcls.zeroshot.text_checks",
+    "token_counts": "hybridcls.zeroshot.text_checks",
     "build_text_classifier": "hybridcls.zeroshot.text_classifier",
-    "class_phrases": "hybridcls.zeroshot.text_classifier",
     "text_cache_key": "hybridcls.zeroshot.text_classifier",
 }
 

@@ -32,7 +32,7 @@ from hybridcls.zeroshot.loading import (
     load_clip,
     resolve_device,
 )
-from hybridcls.zeroshot.prompts import PromptSet, as_prompt_set, check_templates, read_templates
+from hybridcls.zeroshot.prompts import PromptSet, as_prompt_set, as_template_set
 from hybridcls.zeroshot.text_classifier import build_text_classifier
 
 __all__ = ["CLASSIFIER_PRECISIONS", "Inputs", "ZeroShotBatch", "ZeroShotClassifier"]
@@ -114,6 +114,10 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
         precision: One of :data:`CLASSIFIER_PRECISIONS`.
         use_cache: Read/write the on-disk text-matrix cache.
         progress: Show progress bars.
+        truncate_prompts: Accept class texts longer than the model's context,
+            cut by the tokenizer (one warning with the count), instead of
+            refusing them with a :class:`~hybridcls.errors.PromptFileError`
+            (see :mod:`hybridcls.zeroshot.text_checks`).
 
     Attributes:
         classes_: Class names, in prompts order (the columns of every output).
@@ -148,6 +152,7 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
         precision: str = "auto",
         use_cache: bool = True,
         progress: bool = False,
+        truncate_prompts: bool = False,
     ) -> None:
         self.clip_model = clip_model
         self.clip_pretrained = clip_pretrained
@@ -160,6 +165,7 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
         self.precision = precision
         self.use_cache = use_cache
         self.progress = progress
+        self.truncate_prompts = truncate_prompts
 
     # ------------------------------------------------------------------ fitting
 
@@ -179,7 +185,8 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
 
         Raises:
             InputError: No prompts, or a bad option value.
-            PromptFileError: A bad prompts or templates file.
+            PromptFileError: A bad prompts or templates file, class text longer than
+                the model's context, or two classes the model cannot tell apart.
             WeightsUnavailableError: The model's weights cannot be had offline.
         """
         source = prompts if prompts is not None else self.prompts
@@ -192,10 +199,7 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
         if not isinstance(self.workers, int) or self.workers < 0:
             raise InputError(f"--workers {self.workers!r}: expected an integer >= 0")
         prompt_set = as_prompt_set(source)
-        if self.templates is None or isinstance(self.templates, (str, os.PathLike)):
-            templates = read_templates(self.templates)
-        else:
-            templates = check_templates(list(self.templates))
+        templates = as_template_set(self.templates)
         device = resolve_device(self.device)
         weight_precision, autocast_dtype = _precision_plan(self.precision, device)
 
@@ -213,6 +217,7 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
             cache_dir=self.cache_dir,
             use_cache=self.use_cache,
             progress=self.progress,
+            truncate_prompts=self.truncate_prompts,
         )
         model = bundle.model
         bias = getattr(model, "logit_bias", None)
@@ -220,7 +225,7 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
         self.bundle_ = bundle
         self.device_ = device
         self.prompts_ = prompt_set
-        self.templates_ = templates
+        self.templates_ = list(templates)
         self.classes_ = np.array(prompt_set.names, dtype=str)
         self.text_features_ = text.float()
         self.logit_scale_ = float(model.logit_scale.detach().float().exp().reshape(-1)[0])

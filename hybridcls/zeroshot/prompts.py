@@ -15,6 +15,10 @@ Class names are compared after :func:`normalize_label` (case, ``_``, ``+``,
 ``-``, repeated spaces), so ``grizzly+bear``, ``Grizzly_Bear`` and
 ``grizzly bear`` are the same class; that is also how a training folder is
 matched to its prompts line (:meth:`PromptSet.match`).
+
+Each class reaches the text encoder as *phrases* (:func:`class_phrases`), each
+put into every template; :mod:`hybridcls.zeroshot.text_checks` checks those
+texts against the loaded model's context length.
 """
 
 from __future__ import annotations
@@ -33,8 +37,12 @@ __all__ = [
     "DEFAULT_TEMPLATES_NAME",
     "ClassPrompt",
     "PromptSet",
+    "TemplateSet",
     "as_prompt_set",
+    "as_template_set",
     "check_templates",
+    "class_phrases",
+    "labelled_phrases",
     "normalize_label",
     "parse_prompts",
     "parse_templates",
@@ -157,6 +165,60 @@ class PromptSet:
         return hits[0]
 
 
+def labelled_phrases(prompt: ClassPrompt) -> list[tuple[str, str]]:
+    """:func:`class_phrases` with what each phrase is, for messages.
+
+    Example:
+        >>> labelled_phrases(ClassPrompt("moose", "a large deer", ("elk",)))
+        [('name', 'moose'), ("synonym 'elk'", 'elk'), ('description', 'moose, a large deer')]
+    """
+    phrases = [("name", prompt.name), *((f"synonym {s!r}", s) for s in prompt.synonyms)]
+    if prompt.description:
+        phrases.append(("description", f"{prompt.name}, {prompt.description}"))
+    return phrases
+
+
+def class_phrases(prompt: ClassPrompt) -> list[str]:
+    """The phrases whose embeddings are averaged into one class column.
+
+    The name, each synonym, and (with a description) ``"NAME, DESCRIPTION"``:
+    the description is attached to the name rather than embedded alone, so a
+    template reads ``"a photo of a moose, a large deer with broad flat antlers."``
+    and a vague description ("a small rodent") still points at its class.
+    Every phrase weighs the same.
+
+    Example:
+        >>> class_phrases(ClassPrompt("moose", "a large deer", ("elk",)))
+        ['moose', 'elk', 'moose, a large deer']
+    """
+    return [text for _, text in labelled_phrases(prompt)]
+
+
+@dataclass(frozen=True)
+class TemplateSet:
+    """The ordered templates of a templates source, with the line of each.
+
+    Attributes:
+        templates: ``str.format`` templates with one ``{}``, in source order.
+        lines: 1-based line of each template in :attr:`source` (item number for a list).
+        source: The file the templates came from (``"<list>"`` for a Python list,
+            ``"<bundled templates.txt>"`` for the default); used in error messages.
+    """
+
+    templates: tuple[str, ...]
+    lines: tuple[int, ...]
+    source: str = "<list>"
+
+    def __len__(self) -> int:
+        return len(self.templates)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.templates)
+
+    def __getitem__(self, i: int) -> str:
+        return self.templates[i]
+
+
 def _strip_comment(line: str) -> str:
     return _COMMENT.sub("", line).strip()
 
@@ -192,12 +254,12 @@ def _collect(
     label: Callable[[T], str],
     same: Callable[[str], str],
     what: tuple[str, str],
-) -> list[T]:
-    """Parse non-comment lines; refuse two items whose ``same(label(item))`` are equal.
+) -> list[tuple[int, T]]:
+    """Parse non-comment lines into ``(line, item)``; refuse two items whose ``same(label(item))`` are equal.
 
     ``what`` is the item word, singular and plural, for messages.
     """
-    items: list[T] = []
+    items: list[tuple[int, T]] = []
     first_line: dict[str, int] = {}
     for lineno, raw in lines:
         text = _strip_comment(raw)
@@ -211,21 +273,24 @@ def _collect(
                 source, lineno, f"duplicate {what[0]} {name!r} (already on line {first_line[key]})"
             )
         first_line[key] = lineno
-        items.append(item)
+        items.append((lineno, item))
     if not items:
         raise PromptFileError(source, None, f"no {what[1]} found (only blank lines or comments)")
     return items
 
 
 def _build_set(lines: Iterable[tuple[int, str]], source: str) -> PromptSet:
-    classes = _collect(
-        lines,
-        source,
-        lambda text, lineno: _parse_class_line(text, source, lineno),
-        lambda cp: cp.name,
-        normalize_label,
-        ("class", "classes"),
-    )
+    classes = [
+        cp
+        for _, cp in _collect(
+            lines,
+            source,
+            lambda text, lineno: _parse_class_line(text, source, lineno),
+            lambda cp: cp.name,
+            normalize_label,
+            ("class", "classes"),
+        )
+    ]
     by_name = {normalize_label(cp.name): cp for cp in classes}
     # Synonyms are checked after all names are known so the order of lines does not matter.
     for cp in classes:
@@ -328,14 +393,17 @@ def _parse_template(text: str, source: str, lineno: int) -> str:
     return text
 
 
-def _build_templates(lines: Iterable[tuple[int, str]], source: str) -> list[str]:
-    return _collect(
+def _build_templates(lines: Iterable[tuple[int, str]], source: str) -> TemplateSet:
+    parsed = _collect(
         lines,
         source,
         lambda text, lineno: _parse_template(text, source, lineno),
         str,
         str,
         ("template", "templates"),
+    )
+    return TemplateSet(
+        templates=tuple(t for _, t in parsed), lines=tuple(n for n, _ in parsed), source=source
     )
 
 
@@ -350,15 +418,28 @@ def parse_templates(text: str, source: str = "<string>") -> list[str]:
         >>> parse_templates("a photo of a {}.\\n# comment\\na drawing of the {}.")
         ['a photo of a {}.', 'a drawing of the {}.']
     """
-    return _build_templates(enumerate(text.splitlines(), start=1), source)
+    return list(_build_templates(enumerate(text.splitlines(), start=1), source))
 
 
-def check_templates(templates: Sequence[str], source: str = "<list>") -> list[str]:
-    """Validate templates given as a Python list (same rules as a file; item number as line)."""
+def _check_template_list(templates: Sequence[str], source: str) -> TemplateSet:
     for i, t in enumerate(templates, start=1):
         if not isinstance(t, str) or "\n" in t:
             raise PromptFileError(source, i, f"expected one template string per item, got {t!r}")
     return _build_templates(enumerate(templates, start=1), source)
+
+
+def check_templates(templates: Sequence[str], source: str = "<list>") -> list[str]:
+    """Validate templates given as a Python list (same rules as a file; item number as line)."""
+    return list(_check_template_list(templates, source))
+
+
+def _read_template_set(path: str | os.PathLike[str] | None) -> TemplateSet:
+    if path is None:
+        ref = resources.files("hybridcls.zeroshot").joinpath(DEFAULT_TEMPLATES_NAME)
+        text, source = ref.read_text(encoding="utf-8"), f"<bundled {DEFAULT_TEMPLATES_NAME}>"
+    else:
+        text, source = _read_text(path), str(path)
+    return _build_templates(enumerate(text.splitlines(), start=1), source)
 
 
 def read_templates(path: str | os.PathLike[str] | None = None) -> list[str]:
@@ -371,9 +452,25 @@ def read_templates(path: str | os.PathLike[str] | None = None) -> list[str]:
         >>> len(read_templates())
         80
     """
-    if path is None:
-        ref = resources.files("hybridcls.zeroshot").joinpath(DEFAULT_TEMPLATES_NAME)
-        return parse_templates(
-            ref.read_text(encoding="utf-8"), source=f"<bundled {DEFAULT_TEMPLATES_NAME}>"
-        )
-    return parse_templates(_read_text(path), source=str(path))
+    return list(_read_template_set(path))
+
+
+def as_template_set(
+    templates: TemplateSet | str | os.PathLike[str] | Sequence[str] | None = None,
+) -> TemplateSet:
+    """Accept any templates source: a :class:`TemplateSet`, a file, a list, or None (the default).
+
+    Keeps each template's line, so that messages about a template (one too
+    long for the model, say) name ``FILE:LINE``; items of a list are numbered
+    from 1, with source ``<list>``.
+
+    Example:
+        >>> ts = as_template_set(["a photo of a {}.", "itap of my {}."])
+        >>> ts.source, ts.lines, len(as_template_set())
+        ('<list>', (1, 2), 80)
+    """
+    if isinstance(templates, TemplateSet):
+        return templates
+    if templates is None or isinstance(templates, (str, os.PathLike)):
+        return _read_template_set(templates)
+    return _check_template_list(list(templates), "<list>")

@@ -13,6 +13,14 @@ second run with the same model, weights, prompts and templates does not run
 the text encoder at all. The file also carries the SHA-256 of the matrix's
 bytes (metadata ``sha256``): a cache file that was tampered with, truncated
 or corrupted does not match and is rebuilt, never used.
+
+Before the cache is read or the encoder run, every class text is checked
+against the model's context length, and classes whose text reaches the
+encoder as the same tokens are refused
+(:func:`~hybridcls.zeroshot.text_checks.check_class_text`), so a matrix cached
+by an older version for text the model cannot see is never used; once the
+matrix is there, near-identical columns of a model with weights are warned
+about.
 """
 
 from __future__ import annotations
@@ -32,7 +40,14 @@ from safetensors.torch import save_file
 
 from hybridcls.cache import atomic_path, resolve_cache_dir, stable_hash
 from hybridcls.zeroshot.loading import ClipBundle
-from hybridcls.zeroshot.prompts import ClassPrompt, PromptSet, as_prompt_set, check_templates
+from hybridcls.zeroshot.prompts import (
+    PromptSet,
+    TemplateSet,
+    as_prompt_set,
+    as_template_set,
+    class_phrases,
+)
+from hybridcls.zeroshot.text_checks import check_class_text, warn_similar_classes
 
 __all__ = [
     "TEXT_CACHE_VERSION",
@@ -51,32 +66,15 @@ _PHRASES_PER_BATCH = 10
 _log = logging.getLogger(__name__)
 
 
-def class_phrases(prompt: ClassPrompt) -> list[str]:
-    """The phrases whose embeddings are averaged into one class column.
-
-    The name, each synonym, and (with a description) ``"NAME, DESCRIPTION"``:
-    the description is attached to the name rather than embedded alone, so a
-    template reads ``"a photo of a moose, a large deer with broad flat antlers."``
-    and a vague description ("a small rodent") still points at its class.
-    Every phrase weighs the same.
-
-    Example:
-        >>> class_phrases(ClassPrompt("moose", "a large deer", ("elk",)))
-        ['moose', 'elk', 'moose, a large deer']
-    """
-    phrases = [prompt.name, *prompt.synonyms]
-    if prompt.description:
-        phrases.append(f"{prompt.name}, {prompt.description}")
-    return phrases
-
-
 def _model_identity(bundle: ClipBundle) -> str:
     # A local-dir folder is fully described by its config hash and weights
     # fingerprint; leaving its path out lets a moved or copied folder keep its cache.
     return "local-dir" if bundle.model_id.startswith("local-dir:") else bundle.model_id
 
 
-def text_cache_key(bundle: ClipBundle, prompts: PromptSet, templates: Sequence[str]) -> str:
+def text_cache_key(
+    bundle: ClipBundle, prompts: PromptSet, templates: TemplateSet | Sequence[str]
+) -> str:
     """SHA-256 over everything the class-text matrix depends on.
 
     Cache format version, model identity, pretrained tag, weights fingerprint,
@@ -188,25 +186,40 @@ def _encode(
 def build_text_classifier(
     bundle: ClipBundle,
     prompts: PromptSet | str | os.PathLike[str] | Sequence[str],
-    templates: Sequence[str],
+    templates: TemplateSet | str | os.PathLike[str] | Sequence[str] | None,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     progress: bool = False,
+    truncate_prompts: bool = False,
 ) -> torch.Tensor:
     """The ``[embed_dim, n_classes]`` matrix of L2-normalised class text embeddings.
 
     Args:
         bundle: The loaded CLIP (:func:`~hybridcls.zeroshot.loading.load_clip`).
         prompts: A :class:`PromptSet`, a prompts file, or a list of class lines.
-        templates: ``str.format`` templates with one ``{}``.
+        templates: ``str.format`` templates with one ``{}``: a :class:`TemplateSet`,
+            a templates file, a list, or None for the bundled default.
         cache_dir: Cache root (None = :func:`~hybridcls.cache.default_cache_dir`).
         use_cache: Read and write ``<cache_dir>/text/<key>.safetensors``. Randomly
             initialised models are never cached: their weights differ every run.
         progress: Show a progress bar while encoding.
+        truncate_prompts: Let the tokenizer cut class texts longer than the
+            model's context (with one warning that counts them) instead of refusing them.
 
     Returns:
         A float32 tensor on ``bundle.device``, columns in prompts order.
+
+    Raises:
+        PromptFileError: A class or template text longer than the model's context
+            (without ``truncate_prompts``), or two classes whose texts reach the
+            encoder as the same tokens; see
+            :func:`~hybridcls.zeroshot.text_checks.check_class_text`.
+
+    Warns:
+        ClassTextWarning: Texts cut (``truncate_prompts=True``); two columns of a
+            trained model with cosine similarity at least
+            :data:`~hybridcls.zeroshot.text_checks.NEAR_IDENTICAL_COSINE`.
 
     Example:
         >>> bundle = load_clip("local-dir:tiny_clip")  # doctest: +SKIP
@@ -215,15 +228,26 @@ def build_text_classifier(
         torch.Size([32, 2])
     """
     prompt_set = as_prompt_set(prompts)
-    template_list = check_templates(list(templates))
+    template_set = as_template_set(templates)
+    template_list = list(template_set)
+    # Before the cache: a matrix cached for text the model cannot see must not slip through.
+    check_class_text(
+        bundle.tokenizer,
+        prompt_set,
+        template_set,
+        model=bundle.model_id,
+        truncate_prompts=truncate_prompts,
+    )
     cacheable = use_cache and not bundle.random_init
+    matrix = None
     if cacheable:
         key = text_cache_key(bundle, prompt_set, template_list)
         path = text_cache_path(cache_dir, key)
-        cached = _load_cached(path, key, (bundle.embed_dim, len(prompt_set)))
-        if cached is not None:
-            return cached.to(bundle.device)
-    matrix = _encode(bundle, prompt_set, template_list, progress)
-    if cacheable:
-        _save_cached(path, key, matrix, bundle, prompt_set, len(template_list))
-    return matrix
+        matrix = _load_cached(path, key, (bundle.embed_dim, len(prompt_set)))
+    if matrix is None:
+        matrix = _encode(bundle, prompt_set, template_list, progress)
+        if cacheable:
+            _save_cached(path, key, matrix, bundle, prompt_set, len(template_list))
+    if not bundle.random_init:
+        warn_similar_classes(matrix, prompt_set)
+    return matrix.to(bundle.device)
