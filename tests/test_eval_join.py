@@ -129,3 +129,11 @@ def test_metrics_json_is_strict_with_null_for_undefined_figures(tmp_path):
     metrics = _strict_json(tmp_path / "m" / "metrics.json")  # a bare NaN would raise here
     assert metrics["scores"]["unseen"] is None and metrics["scores"]["harmonic"] is None
     assert metrics["scores"]["accuracy"] == 1.0
+
+
+def test_summary_says_n_a_for_a_group_without_images(tmp_path):
+    # every labelled class is seen: U and H have no image behind them and read "n/a", not "nan"
+    ev = evaluate_predictions(_predictions(tmp_path / "pred.csv"), _labels(tmp_path / "l.csv", CASE.items()),
+                              ["red circle", "blue square"])
+    assert math.isnan(ev.scores.unseen)
+    assert "seen S 100.00   unseen U n/a   harmonic H n/a" in ev.summary()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -121,7 +122,8 @@ class Evaluation:
                    if self.n_missing else "")
         lines = [
             f"accuracy {100 * s.accuracy:.2f}%  ({s.n_images} images, {self.n_errors} errors{missing})",
-            f"seen S {100 * s.seen:.2f}   unseen U {100 * s.unseen:.2f}   harmonic H {100 * s.harmonic:.2f}",
+            f"seen S {_percent(s.seen)}   unseen U {_percent(s.unseen)}   "
+            f"harmonic H {_percent(s.harmonic)}",
         ]
         if self.gate:
             g = self.gate
@@ -255,6 +257,11 @@ def _prediction_rows(predictions: str | os.PathLike) -> list[dict[str, Any]]:
                 for r in rows]
     raise InputError(f"{predictions}: columns {', '.join(sorted(columns))}; expected a file of "
                      "hybridcls predict (path, label, status, ... or Kaggle's image_id, class)")
+
+
+def _percent(value: float) -> str:
+    """A fraction as a percentage; ``n/a`` for a figure with no image behind it (NaN)."""
+    return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
 
 
 def _number(value: Any) -> float:
