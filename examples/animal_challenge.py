@@ -74,7 +74,8 @@ def main() -> None:
     else:
         clf.fit(train_dir, output=run_dir, **options)
     clf.calibrate(train_dir)
-    print(f"gate: {clf.gate_.score} / {clf.gate_.mode}")
+    g = clf.gate_.calibration_
+    print(f"gate: {g.score} / {g.mode}")
 
     spelling = dataset_spelling(args.classes_txt) if args.classes_txt else {}
     sources = expand_inputs([test_dir])

@@ -41,7 +41,7 @@ def main(out: Path) -> None:
     S = clf.n_seen_
     seen = y < S
 
-    c = clf.gate_.cache_branch
+    c = clf.gate_.calibration_.cache_branch
     print(f"cache branch {'on' if c['enabled'] else 'off'}: alpha {c['alpha']:.3f} "
           f"({c['alpha_rel']:g} x sd {c['scale']:.3f} of the held-out supervised logits), "
           f"beta {c['beta']:g}, k {c['k']}")
@@ -58,12 +58,13 @@ def main(out: Path) -> None:
             f"{n} {gate_detection(scores[n], ~seen).auroc:.3f}" for n in names))
 
     with_cache = seen_unseen_accuracy(y, clf.predict_features(feats).pred, S)
-    gate = clf.gate_
+    gate = clf.gate_.calibration_
     print(f"hybrid ({gate.score} / {gate.mode}) with the cache: S / U / H = "
           + " / ".join(f"{100 * v:.1f}" for v in with_cache))
-    clf.set_params(cache_branch="off").calibrate(world.train_dir, seed=0, save=False)
+    clf.set_params(cache_branch="off", seed=0).calibrate(world.train_dir, save=False)
     without = seen_unseen_accuracy(y, clf.predict_features(feats).pred, S)
-    print(f"hybrid ({clf.gate_.score} / {clf.gate_.mode}) recalibrated without it: S / U / H = "
+    g = clf.gate_.calibration_
+    print(f"hybrid ({g.score} / {g.mode}) recalibrated without it: S / U / H = "
           + " / ".join(f"{100 * v:.1f}" for v in without))
 
     index = load_run_index(clf.run_dir_)  # what `hybridcls calibrate` saved: index/clip.*

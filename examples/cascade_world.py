@@ -47,7 +47,7 @@ def main(out: Path) -> None:
     sources, y = labelled_test_set(world, clf)
     S = clf.n_seen_
     index = {c: i for i, c in enumerate(clf.classes_)}
-    g = clf.gate_
+    g = clf.gate_.calibration_
     print(f"cascade thresholds: CLIP where MSP <= {g.cascade_msp:.3f} "
           f"or distance to the {g.cascade_k}th nearest training image > {g.cascade_distance:.3f}")
 

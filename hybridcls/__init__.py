@@ -12,12 +12,11 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from typing import TYPE_CHECKING
 
 from hybridcls._lazy import lazy_getattr
 from hybridcls.errors import HybridclsError
+from hybridcls.version import __version__
 
 if TYPE_CHECKING:
     from hybridcls.hybrid import HybridClassifier

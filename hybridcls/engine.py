@@ -1,52 +1,56 @@
-"""Batched inference over both branches: decode once, two views, normalise on the device.
+"""Batched inference over both towers: decode once, two views, normalise on the device.
 
-Each image is read and decoded once (by :mod:`hybridcls.data`). The two
-towers' preprocessing is split into a geometric part (resize + centre crop,
-run on the PIL image in the loader workers, giving ``uint8`` tensors) and a
-normalisation (mean/std, run on the device per tower). When the two towers'
-geometry is the same, the resize is done once and shared. Because torchvision
-and timm resize the PIL image (``uint8`` in, ``uint8`` out) before
-``ToTensor``, the result is identical to running each tower's own transform.
-Each geometry starts with :func:`~hybridcls.data.bound_aspect`'s step for images
-longer than 16:1 (a centre cut, or a box reduction before a squash), so that the
-work per image is bounded by the towers' input size whatever its aspect ratio.
+The one inference path of the package: the hybrid runs both towers through it,
+zero-shot-only prediction runs it with no supervised tower, calibration,
+``explain``, ``audit`` and the benchmarks run it too. Each image is read and
+decoded once (by :mod:`hybridcls.data`); each tower's preprocessing is split
+into a geometry (resize + crop to ``uint8`` pixels, in the loader workers) and
+a normalisation (mean / std, on the device). The geometries are timm's own
+eval transforms built with ``use_prefetcher=True`` (:func:`timm_view`), for
+open_clip towers from the model's ``preprocess_cfg`` (:func:`open_clip_view`),
+so the pixels are those of each library's preprocessing; when both towers'
+geometries are equal the resize is done once and shared. Each geometry starts
+with :func:`~hybridcls.data.bound_aspect`'s step, so that the work per image is
+bounded by the towers' input size whatever its aspect ratio.
 
 The CLIP image tower can be spent only where it is needed: ``clip="all"``
 runs it on every image, ``clip="none"`` on none, and a callable receives the
-supervised outputs of a batch and returns the mask of images to encode
-(lazy zero-shot, the cascade).
+supervised outputs of a batch (a :class:`~hybridcls.gate.BranchOutputs`) and
+returns the mask of images to encode (lazy zero-shot, the cascade; see
+:meth:`hybridcls.gate.Gate.clip_policy`).
 
 A caller that needs something else of every image (the audit's small
 thumbnails) passes ``extra_views``: PIL -> tensor functions run in the same
 workers on the same decoded image, whose stacked outputs come back beside
 the towers' outputs, so no file is decoded a second time for them.
 
-On CUDA the engine can also decode JPEG files on the GPU (``decode="device"``):
-the workers only read the bytes and the header, ``torchvision.io.decode_jpeg``
-decodes the batch on the device, and the same geometry runs on the decoded
-tensors (antialiased tensor resize, so pixels differ slightly from PIL's).
-Any file the device decoder refuses falls back to the CPU decoder; a file
-that fails both becomes an error row like everywhere else. ``compile=True``
-wraps both towers in ``torch.compile`` with fixed batch shapes (short
-batches are padded). A batch the device cannot hold is run in halves, with
-a warning naming ``--batch-size``; one image that does not fit is an error.
+How it runs comes from one :class:`~hybridcls.runtime.RuntimeSettings`:
+the device (any torch device), autocast in the asked ``precision`` for both
+towers, ``channels_last`` for the CNN on CUDA, ``compile`` (``torch.compile``
+with fixed batch shapes: short batches are padded), and ``decode="device"``
+(JPEG files decoded on the engine's device by ``torchvision.io.decode_jpeg``:
+nvjpeg on CUDA, libjpeg-turbo on the CPU; the same geometry run on the decoded tensors with antialiased tensor resizing, so
+pixels differ slightly from Pillow's; a file the device decoder refuses falls
+back to the CPU decoder; a file that fails both becomes an error row). A batch
+the device cannot hold is run in halves, with a warning naming
+``batch_size``; one image that does not fit is an error.
+:attr:`InferenceEngine.applied` says what was applied, for the run's record.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
+import timm
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import Compose, Normalize
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
@@ -57,13 +61,16 @@ from hybridcls.data import (
     Source,
     bound_aspect,
     decode_image_bytes,
+    image_from_memory,
     load_image,
     make_loader,
 )
-from hybridcls.errors import ImageDecodeError, InputError
+from hybridcls.device import autocast, autocast_dtype, resolve_device
+from hybridcls.errors import ImageDecodeError, InputError, ParameterError
+from hybridcls.gate.branches import BranchOutputs
+from hybridcls.runtime import RuntimeSettings
 
 __all__ = [
-    "DECODERS",
     "ClipPolicy",
     "EncodedBatch",
     "EncodedDataset",
@@ -72,55 +79,107 @@ __all__ = [
     "View",
     "ViewsTransform",
     "collate_encoded",
-    "split_transform",
+    "open_clip_view",
+    "timm_view",
 ]
 
-# What decides, per batch, which images the CLIP tower sees.
-ClipPolicy = Union[str, Callable[[np.ndarray, np.ndarray], np.ndarray]]
+# What decides, per batch, which images the CLIP tower sees (see Gate.clip_policy).
+ClipPolicy = str | Callable[[BranchOutputs], np.ndarray]
 
-#: Where images are decoded: ``"cpu"`` (PIL in the workers) or ``"device"`` (JPEG on the engine's device).
-DECODERS = ("cpu", "device")
-
-_TO_TENSOR_NAMES = ("ToTensor", "MaybeToTensor", "PILToTensor", "ToImage")
-_MODE_NAMES = ("MaybeConvertMode", "_convert_to_rgb", "function")
+# open_clip's resize modes as timm's eval crop modes: the same torchvision / timm steps.
+_CROP_MODE = {"shortest": "center", "squash": "squash", "longest": "border"}
 
 
 @dataclass(frozen=True)
 class View:
-    """How one tower sees an image: PIL geometry, then mean/std on the device."""
+    """How one tower sees an image: a geometry to ``uint8`` pixels, then mean / std on the device.
 
-    geometry: Compose
+    Attributes:
+        geometry: PIL RGB image (or ``uint8 [3, H, W]`` tensor, for device decoding) ->
+            ``uint8 [3, h, w]`` tensor: resize and crop only.
+        mean: Per-channel mean, in ``[0, 1]`` units.
+        std: Per-channel standard deviation, in ``[0, 1]`` units.
+    """
+
+    geometry: Callable[[Any], torch.Tensor]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
     @property
     def key(self) -> str:
-        """Equal for two views whose geometric part gives the same pixels."""
+        """Equal for two views whose geometry gives the same pixels."""
         return repr(self.geometry)
 
+    def pixels(self, image: Any) -> torch.Tensor:
+        """``uint8 [3, h, w]``: the crop this tower sees of a decoded image."""
+        out = self.geometry(image)
+        return pil_to_tensor(out) if isinstance(out, Image.Image) else out
 
-def split_transform(transform: Any) -> View:
-    """Split a torchvision/timm/open_clip eval transform into geometry and normalisation.
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``float32``: ``(pixels / 255 - mean) / std`` of ``uint8 [..., 3, h, w]`` pixels."""
+        mean = torch.tensor(self.mean, device=pixels.device).view(-1, 1, 1) * 255
+        std = torch.tensor(self.std, device=pixels.device).view(-1, 1, 1) * 255
+        return (pixels.float() - mean) / std
 
-    Both timm's ``create_transform(is_training=False)`` and open_clip's
-    preprocess are ``Compose([Resize, CenterCrop, (mode), ToTensor, Normalize])``.
-    The geometry is bounded by :func:`~hybridcls.data.bound_aspect` (a no-op for a
-    transform that already is), on PIL images and on the device decoder's tensors alike.
+
+def timm_view(data_config: Mapping[str, Any]) -> View:
+    """A timm model's eval preprocessing as a :class:`View`.
+
+    The geometry is ``timm.data.create_transform(**data_config, is_training=False,
+    use_prefetcher=True)`` (resize, crop, to ``uint8``; normalisation is left to the
+    device, as timm's own prefetcher does), behind :func:`~hybridcls.data.bound_aspect`.
+
+    Args:
+        data_config: timm's data config (``input_size``, ``interpolation``, ``mean``,
+            ``std``, ``crop_pct``, ``crop_mode``), as ``resolve_data_config`` gives it.
+
+    Example:
+        >>> v = timm_view({"input_size": (3, 32, 32), "interpolation": "bicubic",
+        ...                "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 1.0})
+        >>> tuple(v.pixels(Image.new("RGB", (64, 48))).shape)
+        (3, 32, 32)
+    """
+    cfg = dict(data_config)
+    cfg["input_size"] = tuple(cfg["input_size"])
+    geometry = timm.data.create_transform(**cfg, is_training=False, use_prefetcher=True)
+    return View(bound_aspect(geometry), _triple(cfg["mean"]), _triple(cfg["std"]))
+
+
+def open_clip_view(preprocess_cfg: Mapping[str, Any]) -> View:
+    """An open_clip model's eval preprocessing (``model.visual.preprocess_cfg``) as a :class:`View`.
+
+    open_clip's ``resize_mode`` maps onto timm's eval crop modes, which are built of
+    the same steps (``shortest`` -> ``center``, ``squash`` -> ``squash``, ``longest`` ->
+    ``border``, padded with open_clip's ``fill_color``), at ``crop_pct`` 1.
 
     Raises:
-        ValueError: For a transform of another shape (the caller may then
-            fall back to running it whole).
+        InputError: A ``resize_mode`` or colour ``mode`` this mapping does not know.
+
+    Example:
+        >>> cfg = {"size": 32, "mode": "RGB", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+        ...        "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+        >>> tuple(open_clip_view(cfg).pixels(Image.new("RGB", (64, 48))).shape)
+        (3, 32, 32)
     """
-    steps = list(getattr(bound_aspect(transform), "transforms", []))
-    names = [type(t).__name__ for t in steps]
-    cut = next((i for i, n in enumerate(names) if n in _TO_TENSOR_NAMES), None)
-    if cut is None or cut + 1 >= len(steps) or not isinstance(steps[-1], Normalize):
-        raise ValueError(f"cannot split transform into geometry + normalisation: {transform!r}")
-    geometry = [t for t in steps[:cut] if type(t).__name__ not in _MODE_NAMES]
-    norm = steps[-1]
-    mean = tuple(float(v) for v in torch.as_tensor(norm.mean).flatten())
-    std = tuple(float(v) for v in torch.as_tensor(norm.std).flatten())
-    return View(Compose(geometry), mean, std)  # type: ignore[arg-type]
+    size = preprocess_cfg["size"]
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    mode = preprocess_cfg.get("resize_mode", "shortest")
+    if mode not in _CROP_MODE or preprocess_cfg.get("mode", "RGB") != "RGB":
+        raise InputError(f"open_clip preprocess_cfg with resize_mode={mode!r}, "
+                         f"mode={preprocess_cfg.get('mode')!r} is not supported")
+    mean, std = _triple(preprocess_cfg["mean"]), _triple(preprocess_cfg["std"])
+    # In prefetcher mode timm reads the mean only for the letterbox's padding colour.
+    fill = float(preprocess_cfg.get("fill_color", 0) or 0) / 255.0
+    geometry = timm.data.create_transform(
+        input_size=(3, h, w), is_training=False, use_prefetcher=True, crop_pct=1.0,
+        crop_mode=_CROP_MODE[mode], interpolation=preprocess_cfg.get("interpolation", "bicubic"),
+        mean=(fill,) * 3 if mode == "longest" else mean, std=std)
+    return View(bound_aspect(geometry), mean, std)
+
+
+def _triple(values: Any) -> tuple[float, float, float]:
+    v = [float(x) for x in np.asarray(values, dtype=np.float64).reshape(-1)]
+    return (v[0], v[0], v[0]) if len(v) == 1 else (v[0], v[1], v[2])
 
 
 class ViewsTransform:
@@ -129,18 +188,22 @@ class ViewsTransform:
     Picklable for workers when the extra views are.
 
     Args:
-        geometries: The towers' geometric parts (see :func:`split_transform`).
+        views: The towers' views; equal geometries are computed once.
         extras: Further ``PIL image -> tensor`` functions of the same decoded image.
     """
 
-    def __init__(self, geometries: Sequence[Compose],
+    def __init__(self, views: Sequence[View],
                  extras: Sequence[Callable[[Image.Image], torch.Tensor]] = ()) -> None:
-        self.geometries = list(geometries)
+        keys = list(dict.fromkeys(v.key for v in views))
+        self.views = [next(v for v in views if v.key == k) for k in keys]
         self.extras = list(extras)
 
+    @property
+    def n_views(self) -> int:
+        return len(self.views)
+
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, ...]:
-        return (tuple(pil_to_tensor(g(image)) for g in self.geometries)
-                + tuple(f(image) for f in self.extras))
+        return tuple(v.pixels(image) for v in self.views) + tuple(f(image) for f in self.extras)
 
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -169,14 +232,14 @@ class EncodedDataset(ImageDataset):
 
     The header is read (cheap) so that the pixel limit still applies before
     decoding, and so that only what the device decoder handles is sent to it:
-    baseline/progressive JPEG in RGB or greyscale. CMYK, other formats and
-    unreadable headers take the CPU path, whose errors become rows.
+    baseline/progressive JPEG in RGB or greyscale. CMYK, other formats, images
+    given in memory and unreadable headers take the CPU path, whose errors become rows.
     """
 
     def __getitem__(self, index: int) -> Sample:
         source = self.sources[index]
-        if source.error is not None:
-            return Sample(index, None, source.error)
+        if source.error is not None or source.image is not None:
+            return super().__getitem__(index)
         data = b""
         try:
             with open(source.path, "rb") as f:
@@ -217,151 +280,140 @@ def _is_oom(err: BaseException) -> bool:
 
 @dataclass
 class EngineBatch:
-    """Both branches' raw outputs for one batch; arrays have one row per ``ok`` index.
+    """One batch of the engine's stream: every input index, the decoded ones' tower outputs.
 
-    Rows of the CLIP arrays are NaN where the CLIP tower did not run
-    (``clip_ran`` is False). ``extra_views`` holds one stacked array per
-    ``extra_views`` function given to the engine (empty when none decoded).
+    Attributes:
+        indices: Every input index of the batch, in order.
+        ok: The decoded ones, in order; rows of ``outputs`` follow it.
+        errors: Index -> reason for each input that could not be decoded.
+        outputs: Both towers' outputs for the ``ok`` rows (``None`` when none decoded).
+        extra_views: One stacked array per ``extra_views`` function given to the engine.
     """
 
     indices: list[int]
     ok: list[int]
     errors: dict[int, str]
-    sup_logits: np.ndarray | None = None
-    sup_features: np.ndarray | None = None
-    clip_embeddings: np.ndarray | None = None
-    clip_logits: np.ndarray | None = None
-    clip_ran: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
-    extra_views: tuple[np.ndarray, ...] = ()
+    outputs: BranchOutputs | None = None
+    extra_views: tuple[np.ndarray, ...] = field(default_factory=tuple)
 
 
 class InferenceEngine:
-    """Run the supervised model and/or the CLIP image tower over image sources.
+    """Run the supervised tower and/or the CLIP image tower over image sources.
 
     Args:
-        supervised: A :class:`~hybridcls.supervised.SupervisedModel` (or None).
-        sup_transform: Its eval transform (from the checkpoint's data config).
-        clip: A fitted :class:`~hybridcls.zeroshot.ZeroShotClassifier` (or None).
-        device: Torch device for both towers.
-        batch_size: Images per batch.
-        workers: Decoding processes.
-        amp: Autocast dtype on CUDA (``"bf16"``, ``"fp16"``) or ``"off"``.
-        compile: Wrap both towers in ``torch.compile`` (fixed shapes: short
-            batches are padded to ``batch_size``).
-        decode: ``"cpu"`` (PIL in the workers) or ``"device"`` (JPEG decoded on
-            ``device`` by ``torchvision.io.decode_jpeg``, CPU fallback per file).
-        extra_views: ``PIL RGB image -> tensor`` functions (one shape each, picklable
-            for workers) run on each decoded image beside the towers' geometry;
-            their outputs come back in :attr:`EngineBatch.extra_views`. CPU decoding only.
+        supervised: A :class:`~hybridcls.supervised.SupervisedModel` (``forward_with_features``),
+            or ``None`` (zero-shot only, the audit).
+        sup_view: Its :class:`View` (:func:`timm_view` of the checkpoint's data config).
+        clip: A :class:`~hybridcls.zeroshot.ClipTower`, or ``None``.
+        settings: How to run (device, batch size, workers, precision, compile, decode).
+        extra_views: ``PIL RGB image -> tensor`` functions (one shape each, picklable for
+            workers) run on each decoded image beside the towers' geometry; their outputs
+            come back in :attr:`EngineBatch.extra_views`. CPU decoding only.
 
     Attributes:
-        clip_images_encoded: How many images the CLIP image tower has encoded
-            (lazy routing and the cascade are checked against it).
+        device: The device both towers run on.
+        clip_images_encoded: How many images the CLIP image tower has encoded (lazy
+            routing and the cascade are checked against it).
         device_decoded: How many images the device decoder has decoded.
 
+    Raises:
+        ParameterError: A setting this device cannot honour (a precision without autocast
+            there), naming the parameter.
+
     Example:
-        >>> engine = InferenceEngine(supervised=model, sup_transform=tf, clip=zs)  # doctest: +SKIP
+        >>> engine = InferenceEngine(clip=tower, settings=RuntimeSettings(device="cpu"))  # doctest: +SKIP
         >>> for b in engine.iter_batches(expand_inputs(["photos/"])):  # doctest: +SKIP
-        ...     print(b.ok, b.sup_logits.shape, b.clip_logits.shape)
+        ...     print(b.ok, b.outputs.clip_logits.shape)
     """
 
     def __init__(
         self,
         *,
         supervised: torch.nn.Module | None = None,
-        sup_transform: Any = None,
+        sup_view: View | None = None,
         clip: Any = None,
-        device: torch.device | str = "cpu",
-        batch_size: int = 64,
-        workers: int = 0,
-        amp: str = "bf16",
-        compile: bool = False,
-        decode: str = "cpu",
+        settings: RuntimeSettings | None = None,
         extra_views: Sequence[Callable[[Image.Image], torch.Tensor]] = (),
     ) -> None:
         if supervised is None and clip is None:
-            raise ValueError("InferenceEngine needs at least one of supervised= or clip=")
-        if decode not in DECODERS:
-            raise InputError(f"--decode {decode!r}: expected one of {', '.join(DECODERS)}")
-        if extra_views and decode != "cpu":
+            raise InputError("InferenceEngine needs at least one of supervised= or clip=")
+        if supervised is not None and sup_view is None:
+            raise InputError("InferenceEngine needs sup_view= with supervised=")
+        self.settings = settings = settings or RuntimeSettings()
+        self.device = resolve_device(settings.device)
+        if extra_views and settings.decode != "cpu":
             # The device decoder hands the geometry tensors, not PIL images, and its pixels differ
-            # slightly from PIL's: extra views computed there would not be the ones asked for.
-            raise ValueError("extra_views need decode='cpu'")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"--batch-size {batch_size!r}: expected a positive integer")
-        self.device = torch.device(device)
+            # slightly from Pillow's: extra views computed there would not be the ones asked for.
+            raise ParameterError("decode", settings.decode, "extra views need decode='cpu'")
+        self._autocast_dtype = autocast_dtype(self.device, settings.precision)  # refuses early
         self.supervised = supervised
         self.clip = clip
-        self.batch_size = batch_size
-        self.workers = workers
-        self.amp = amp
-        self.compile = compile
-        self.decode = decode
+        self.batch_size = settings.batch_size
         self.clip_images_encoded = 0
         self.device_decoded = 0
         # Rows per forward pass; lowered (and said so) when the device runs out of memory.
-        self._rows = batch_size
+        self._rows = settings.batch_size
         views: list[View] = []
         if supervised is not None:
-            views.append(split_transform(sup_transform))
+            views.append(sup_view)
         if clip is not None:
-            views.append(split_transform(clip.bundle_.preprocess))
-        # Distinct geometries are decoded into separate tensors; equal ones are shared.
-        keys = list(dict.fromkeys(v.key for v in views))
-        self._geometry_of = [keys.index(v.key) for v in views]
+            views.append(open_clip_view(clip.bundle.model.visual.preprocess_cfg))
+        self._transform = ViewsTransform(views, extra_views)
+        keys = [v.key for v in self._transform.views]
         self._views = views
-        self._transform = ViewsTransform([next(v.geometry for v in views if v.key == k) for k in keys],
-                                         extra_views)
-        self._norm = [
-            (torch.tensor(v.mean, device=self.device).view(1, 3, 1, 1) * 255,
-             torch.tensor(v.std, device=self.device).view(1, 3, 1, 1) * 255)
-            for v in views
-        ]
+        self._geometry_of = [keys.index(v.key) for v in views]
         self._sup_forward = supervised.forward_with_features if supervised is not None else None
+        self._clip_encode = clip.encode_images if clip is not None else None
+        channels_last = self.device.type == "cuda" and supervised is not None
+        if channels_last:
+            supervised.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-            if supervised is not None:
-                supervised.to(memory_format=torch.channels_last)
-        if compile:
+        if settings.compile:
             # dynamic=False: one graph per batch shape, and every batch is padded to one shape.
             if supervised is not None:
                 self._sup_forward = torch.compile(supervised.forward_with_features, dynamic=False)
             if clip is not None:
-                model = clip.bundle_.model
-                # An instance attribute shadows the method, so the classifier's own
-                # encode_images (used below) runs the compiled graph too.
-                model.encode_image = torch.compile(model.encode_image, dynamic=False)
+                self._clip_encode = torch.compile(clip.encode_images, dynamic=False)
+        #: What this engine applies, for a run's record (a flag that did nothing shows here).
+        self.applied: dict[str, Any] = {
+            "device": str(self.device),
+            "batch_size": settings.batch_size,
+            "workers": settings.workers,
+            "precision": settings.precision,
+            "autocast": None if self._autocast_dtype is None else str(self._autocast_dtype).split(".")[-1],
+            "compile": settings.compile,
+            "decode": settings.decode,
+            "channels_last": channels_last,
+            "towers": [t for t, m in (("supervised", supervised), ("clip", clip)) if m is not None],
+        }
 
-    # Index of each tower in ``self._views``.
     @property
-    def _sup_view(self) -> int:
-        return 0
+    def views(self) -> list[View]:
+        """Each tower's view, in tower order (supervised first, when there is one)."""
+        return list(self._views)
+
+    # ------------------------------------------------------------------ forward passes
 
     @property
     def _clip_view(self) -> int:
         return 0 if self.supervised is None else 1
 
-    def _on_device(self, images: tuple[torch.Tensor, ...], view: int) -> torch.Tensor:
-        x = images[self._geometry_of[view]].to(self.device, non_blocking=True).float()
-        mean, std = self._norm[view]
-        x = (x - mean) / std
-        if self.device.type == "cuda":
+    def _on_device(self, images: Sequence[torch.Tensor], view: int) -> torch.Tensor:
+        pixels = images[self._geometry_of[view]].to(self.device, non_blocking=True)
+        x = self._views[view].normalise(pixels)
+        if self.device.type == "cuda" and view == 0 and self.supervised is not None:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _autocast(self):
-        if self.device.type != "cuda" or self.amp == "off":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
-        return torch.autocast(device_type="cuda", dtype=dtype)
-
     def _sup_fn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.device, self.settings.precision):
             logits, feats = self._sup_forward(x)
         return logits.float(), feats.float()
 
     def _clip_fn(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.clip.encode_images(x),)
+        with torch.inference_mode(), autocast(self.device, self.settings.precision):
+            return (self._clip_encode(x).float(),)
 
     def _call(self, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor
               ) -> tuple[torch.Tensor, ...]:
@@ -377,39 +429,53 @@ class InferenceEngine:
                     torch.cuda.empty_cache()
                 if self._rows == 1:
                     raise InputError(
-                        f"out of memory on {self.device} with one image per forward pass (--batch-size "
-                        f"{self.batch_size}): the models do not fit this device; try --device cpu") from None
+                        f"out of memory on {self.device} with one image per forward pass (batch_size="
+                        f"{self.batch_size}): the models do not fit this device; try device='cpu'") from None
                 self._rows = max(1, min(self._rows, len(x)) // 2)
                 warnings.warn(
-                    f"out of memory on {self.device} at --batch-size {self.batch_size}: running the "
-                    f"models on {self._rows} images at a time; pass a smaller --batch-size to skip "
+                    f"out of memory on {self.device} at batch_size={self.batch_size}: running the "
+                    f"models on {self._rows} images at a time; pass a smaller batch_size to skip "
                     "this retry", RuntimeWarning, stacklevel=2)
 
     def _padded(self, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
         n = len(x)
-        if not self.compile or n == self._rows:
+        if not self.settings.compile or n == self._rows:
             return tuple(o.cpu() for o in fn(x))
         # Fixed shapes: a compiled graph would otherwise recompile for every short batch.
         pad = x.new_zeros((self._rows - n, *x.shape[1:]))
         return tuple(o[:n].cpu() for o in fn(torch.cat([x, pad])))
 
-    def _run_supervised(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        logits, feats = self._call(self._sup_fn, x)
+    def run_supervised(self, images: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """The supervised tower on a batch of decoded views: ``([n, S] logits, [n, F] features)``.
+
+        Args:
+            images: The ``uint8`` views of :class:`ViewsTransform`, stacked per view.
+        """
+        logits, feats = self._call(self._sup_fn, self._on_device(images, 0))
         return logits.numpy(), feats.numpy()
 
-    def _run_clip(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def run_clip(self, images: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """The CLIP tower on a batch of decoded views: ``([n, D] embeddings, [n, C] logits)``."""
+        x = self._on_device(images, self._clip_view)
         self.clip_images_encoded += len(x)
         (emb,) = self._call(self._clip_fn, x)
         logits = self.clip.logits_from_embeddings(emb)
         return emb.numpy(), logits.cpu().numpy()
 
+    def decoded_views(self, image: Image.Image) -> tuple[torch.Tensor, ...]:
+        """The ``uint8`` views of one decoded image, as the loader workers make them."""
+        return self._transform(image)
+
+    # ------------------------------------------------------------------ the stream
+
     def _loader(self, sources: Sequence[Source]) -> DataLoader:
-        if self.decode == "cpu":
-            return make_loader(sources, self._transform, batch_size=self.batch_size,
-                               workers=self.workers, pin_memory=self.device.type == "cuda")
+        s = self.settings
+        if s.decode == "cpu":
+            return make_loader(sources, self._transform, batch_size=s.batch_size,
+                               workers=s.workers, pin_memory=self.device.type == "cuda")
         return DataLoader(EncodedDataset(sources, self._transform, max_pixels=DEFAULT_MAX_PIXELS),
-                          batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
+                          batch_size=s.batch_size, shuffle=False, num_workers=s.workers,
                           collate_fn=collate_encoded)
 
     def _decode_on_device(self, batch: EncodedBatch, sources: Sequence[Source]
@@ -444,10 +510,12 @@ class InferenceEngine:
                 rows.append(tuple(v.to(self.device, non_blocking=True) for v in item))
             elif j in decoded:
                 self.device_decoded += 1
-                rows.append(tuple(g(decoded[j]) for g in self._transform.geometries))
+                rows.append(tuple(v.pixels(decoded[j]) for v in self._transform.views))
             else:
                 try:  # the CPU decoder takes what the device decoder refused
-                    image = decode_image_bytes(item.numpy().tobytes(), sources[idx].path)
+                    src = sources[idx]
+                    image = (decode_image_bytes(item.numpy().tobytes(), src.path) if src.image is None
+                             else image_from_memory(src.image, src.path))
                 except ImageDecodeError as err:
                     errors[idx] = err.reason
                     continue
@@ -461,58 +529,76 @@ class InferenceEngine:
         sources: Sequence[Source],
         *,
         clip: ClipPolicy = "all",
-        progress: bool = False,
+        progress: bool | None = None,
         desc: str = "predict",
     ) -> Iterator[EngineBatch]:
-        """Stream both branches' outputs, one :class:`EngineBatch` per batch, in input order.
+        """Stream both towers' outputs, one :class:`EngineBatch` per batch, in input order.
 
         Memory stays flat: each batch is yielded (and may be written out) before
         the next is decoded.
 
         Args:
-            sources: Inputs from :func:`~hybridcls.data.expand_inputs`.
-            clip: ``"all"``, ``"none"``, or ``f(sup_logits, sup_features) -> bool mask``
-                choosing the images the CLIP tower encodes.
-            progress: Show a progress bar on stderr.
+            sources: Inputs from :func:`~hybridcls.data.as_sources`.
+            clip: ``"all"``, ``"none"``, or ``f(outputs) -> [n] bool`` choosing the images
+                the CLIP tower encodes from the batch's supervised outputs.
+            progress: Show a progress bar on stderr (default: the settings' ``progress``).
             desc: The bar's label.
         """
         if self.supervised is not None:
             self.supervised.eval()
-        bar = tqdm(total=len(sources), unit="img", desc=desc, disable=not progress)
-        for batch in self._loader(sources):
-            if isinstance(batch, EncodedBatch):
-                ok, late, images = self._decode_on_device(batch, sources)
-                errors = {**batch.errors, **late}
-            else:
-                ok, errors = list(batch.ok), dict(batch.errors)
-                images = batch.images if isinstance(batch.images, tuple) else (batch.images,)
-            out = EngineBatch(indices=list(batch.indices), ok=ok, errors=errors)
-            n = len(ok)
-            if n:
-                # The extra views come after the geometries; they stay on the CPU.
-                n_geometries = len(self._transform.geometries)
-                out.extra_views = tuple(v.numpy() for v in images[n_geometries:])
-                images = images[:n_geometries]
-                if self.supervised is not None:
-                    out.sup_logits, out.sup_features = self._run_supervised(
-                        self._on_device(images, self._sup_view))
-                if self.clip is not None and clip != "none":
-                    if callable(clip):
-                        mask = np.asarray(clip(out.sup_logits, out.sup_features), dtype=bool)
-                    else:
-                        mask = np.ones(n, dtype=bool)
-                    out.clip_ran = mask
-                    d, c = self.clip.bundle_.embed_dim, len(self.clip.classes_)
-                    out.clip_embeddings = np.full((n, d), np.nan, dtype=np.float32)
-                    out.clip_logits = np.full((n, c), np.nan, dtype=np.float32)
-                    if mask.any():
-                        sel = torch.from_numpy(np.flatnonzero(mask))
-                        x = self._on_device(tuple(im[sel.to(im.device)] for im in images), self._clip_view)
-                        emb, logits = self._run_clip(x)
-                        out.clip_embeddings[mask] = emb
-                        out.clip_logits[mask] = logits
+        show = self.settings.progress if progress is None else progress
+        bar = tqdm(total=len(sources), unit="img", desc=desc, disable=not show)
+        n_geometries = self._transform.n_views
+        try:
+            for batch in self._loader(sources):
+                if isinstance(batch, EncodedBatch):
+                    ok, late, images = self._decode_on_device(batch, sources)
+                    errors = {**batch.errors, **late}
                 else:
-                    out.clip_ran = np.zeros(n, dtype=bool)
-            bar.update(len(batch.indices))
-            yield out
-        bar.close()
+                    ok, errors = list(batch.ok), dict(batch.errors)
+                    images = batch.images if isinstance(batch.images, tuple) else (batch.images,)
+                out = EngineBatch(indices=list(batch.indices), ok=ok, errors=errors)
+                if ok:
+                    # The extra views come after the geometries; they stay on the CPU.
+                    out.extra_views = tuple(v.numpy() for v in images[n_geometries:])
+                    out.outputs = self._outputs(images[:n_geometries], len(ok), clip)
+                bar.update(len(batch.indices))
+                yield out
+        finally:
+            bar.close()
+
+    def _outputs(self, images: Sequence[torch.Tensor], n: int, clip: ClipPolicy) -> BranchOutputs:
+        sup_logits = sup_features = None
+        if self.supervised is not None:
+            sup_logits, sup_features = self.run_supervised(images)
+        if self.clip is None or clip == "none":
+            return BranchOutputs(sup_logits, sup_features)
+        if callable(clip):
+            mask = np.asarray(clip(BranchOutputs(sup_logits, sup_features)), dtype=bool)
+        elif clip == "all":
+            mask = np.ones(n, dtype=bool)
+        else:
+            raise InputError(f"clip policy {clip!r}: expected 'all', 'none' or a function")
+        emb = np.full((n, self.clip.embed_dim), np.nan, dtype=np.float32)
+        logits = np.full((n, len(self.clip.classes)), np.nan, dtype=np.float32)
+        if mask.any():
+            rows = torch.from_numpy(np.flatnonzero(mask))
+            e, lg = self.run_clip(tuple(im[rows.to(im.device)] for im in images))
+            emb[mask], logits[mask] = e, lg
+        return BranchOutputs(sup_logits, sup_features, logits, emb)
+
+    def extract(self, sources: Sequence[Source], *, clip: ClipPolicy = "all",
+                progress: bool | None = None, desc: str = "features"
+                ) -> tuple[BranchOutputs | None, dict[int, str]]:
+        """Both towers' outputs of every decoded source, stacked in input order.
+
+        Returns:
+            ``(outputs or None when nothing decoded, {index: reason} for the others)``.
+        """
+        parts: list[BranchOutputs] = []
+        errors: dict[int, str] = {}
+        for b in self.iter_batches(sources, clip=clip, progress=progress, desc=desc):
+            errors.update(b.errors)
+            if b.outputs is not None:
+                parts.append(b.outputs)
+        return (BranchOutputs.concat(parts) if parts else None), errors

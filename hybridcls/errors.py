@@ -23,6 +23,7 @@ __all__ = [
     "ImageDecodeError",
     "InputError",
     "MissingExtraError",
+    "ParameterError",
     "PromptFileError",
     "WeightsUnavailableError",
 ]
@@ -40,6 +41,30 @@ class HybridclsError(Exception):
 
 class InputError(HybridclsError, ValueError):
     """An input path, list file or option value that cannot be used."""
+
+
+class ParameterError(InputError):
+    """A parameter value that cannot be used; names the Python parameter.
+
+    The message reads ``name=value: reason``. The command line shows the same
+    error with the flag that sets the parameter (``--batch-size 0: ...``), through
+    one table in :mod:`hybridcls.cli.common`.
+
+    Attributes:
+        parameter: The Python parameter's name (``batch_size``).
+        value: The value given.
+        reason: What is wrong with it, and what is expected.
+
+    Example:
+        >>> str(ParameterError("batch_size", 0, "expected a positive integer"))
+        'batch_size=0: expected a positive integer'
+    """
+
+    def __init__(self, parameter: str, value: object, reason: str) -> None:
+        self.parameter = parameter
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{parameter}={value!r}: {reason}")
 
 
 class PromptFileError(HybridclsError, ValueError):

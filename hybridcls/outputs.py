@@ -24,9 +24,11 @@ from hybridcls.cache import json_text
 from hybridcls.errors import InputError
 
 __all__ = [
+    "BRANCH_COLUMNS",
     "FORMATS",
     "PredictionRow",
     "PredictionWriter",
+    "batch_rows",
     "check_unique_keys",
     "infer_format",
     "open_writer",
@@ -37,6 +39,9 @@ __all__ = [
 ]
 
 FORMATS = ("csv", "jsonl", "kaggle")
+
+#: The columns a hybrid's rows add: the gate's score and weight, and each branch's own top-k.
+BRANCH_COLUMNS = ("gate_score", "gate_weight", "supervised_topk", "zeroshot_topk")
 
 
 @dataclass
@@ -344,3 +349,65 @@ def topk_pairs(probs: Any, names: Sequence[str], k: int) -> list[list[Any]]:
         return []
     order = np.argsort(-p, kind="stable")[:k]
     return [[str(names[i]), round(float(p[i]), 6)] for i in order]
+
+
+def batch_rows(
+    paths: Sequence[str],
+    indices: Sequence[int],
+    ok: Sequence[int],
+    errors: dict[int, str],
+    result: Any,
+    classes: Sequence[str],
+    *,
+    n_seen: int,
+    topk: int,
+    branch_columns: bool,
+) -> list[PredictionRow]:
+    """One batch's output rows, one per input index, in order: the one place rows are built.
+
+    Args:
+        paths: Every input's path (as enumerated), indexed by input index.
+        indices: The batch's input indices, in order.
+        ok: Those that were predicted; rows of ``result`` follow it.
+        errors: Index -> reason for the inputs that could not be read.
+        result: A :class:`~hybridcls.gate.FusionResult` for the ``ok`` rows (``None`` when
+            none decoded): ``probs``, ``branch``, ``gate_score``, ``gate_weight``,
+            ``sup_probs``, ``clip_probs``.
+        classes: Class names, in the columns' order (seen first).
+        n_seen: Number of seen classes (0 for zero-shot only).
+        topk: Top-k pairs per row.
+        branch_columns: Add :data:`BRANCH_COLUMNS` (a hybrid's rows).
+
+    Returns:
+        The rows; an input not predicted is an error row with its reason.
+    """
+    import numpy as np
+
+    pos = {idx: j for j, idx in enumerate(ok)}
+    out = []
+    for idx in indices:
+        path = paths[idx]
+        if idx not in pos or result is None:
+            out.append(PredictionRow.failed(path, errors.get(idx, "not predicted")))
+            continue
+        j = pos[idx]
+        p = result.probs[j]
+        order = np.argsort(-p, kind="stable")[:topk]
+        unknown = result.branch[j] == "unknown"
+        row = PredictionRow(
+            path=path, label="unknown" if unknown else str(classes[order[0]]),
+            score=float(p[order[0]]), branch=str(result.branch[j]),
+            topk=[(str(classes[k]), float(p[k])) for k in order],
+        )
+        if branch_columns:
+            row.extra = {
+                "gate_score": float(result.gate_score[j]),
+                "gate_weight": float(result.gate_weight[j]),
+                "supervised_topk": topk_pairs(None if result.sup_probs is None else result.sup_probs[j],
+                                              classes[:n_seen], topk),
+                "zeroshot_topk": topk_pairs(None if result.clip_probs is None else result.clip_probs[j],
+                                            classes, topk),
+            }
+        out.append(row)
+    return out
+

@@ -27,6 +27,7 @@ process group and the barriers.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -167,6 +168,8 @@ class Manifest:
         keys_sha256: :func:`keys_digest` of this range's keys as the file
             writes them (:func:`~hybridcls.outputs.output_key`).
         label: For messages: ``"shard 3/8"``, ``"rank 1/2"``, ``""`` for a whole run.
+        record: How the run that wrote the file ran (what the engine applied: device,
+            precision, compile, ...); kept for the record, not compared on resume or merge.
     """
 
     format: str
@@ -178,6 +181,7 @@ class Manifest:
     stop: int
     keys_sha256: str
     label: str = ""
+    record: dict[str, Any] = field(default_factory=dict)
     kind: str = field(default=_MANIFEST_KIND)
     version: int = field(default=_MANIFEST_VERSION)
 
@@ -628,6 +632,7 @@ def predict_to_output(
     settings: dict[str, Any],
     shard: ShardSpec | None = None,
     resume: bool = False,
+    record: Callable[[], dict[str, Any]] | None = None,
 ) -> PredictSummary:
     """Predict ``sources`` (or a shard of them) into ``output``, resumably; merge torchrun parts.
 
@@ -644,6 +649,8 @@ def predict_to_output(
         shard: Predict only this share of ``sources``.
         resume: Keep the complete rows of an earlier run of the same command
             and predict the rest (starts afresh when ``output`` does not exist).
+        record: Called once the first batch is predicted (the models are loaded): how
+            the run runs, for the manifest's ``record``.
 
     Returns:
         Counts of prediction and error rows; ``resumed`` rows were already there.
@@ -678,7 +685,7 @@ def predict_to_output(
 
     def part(path: Path, m: Manifest) -> PredictSummary:
         return _predict_part(predict_rows, sources, path, m, key_at, topk=topk,
-                             extra_columns=extra_columns, resume=resume)
+                             extra_columns=extra_columns, resume=resume, record=record)
 
     if world is None:
         return part(Path(output), manifest(start, stop, label))
@@ -704,7 +711,7 @@ def predict_to_output(
 
 def _predict_part(predict_rows: RowsFn, sources: Sequence[Source], output: Path, m: Manifest,
                   key_at: Callable[[int], str], *, topk: int, extra_columns: Sequence[str],
-                  resume: bool) -> PredictSummary:
+                  resume: bool, record: Callable[[], dict[str, Any]] | None = None) -> PredictSummary:
     point = ResumePoint(0, 0, 0, None)
     if resume and output.exists():
         point = resume_point(output, m, key_at)
@@ -719,6 +726,8 @@ def _predict_part(predict_rows: RowsFn, sources: Sequence[Source], output: Path,
         # The old rows go before the new manifest: a crash in between leaves no file that
         # the new manifest would wrongly vouch for.
         output.unlink(missing_ok=True)
+        if record is not None and first:
+            m = dataclasses.replace(m, record=record())
         m.write(output)
     else:
         os.truncate(output, point.end)  # drop a record cut short by a crash

@@ -26,7 +26,7 @@ from torchvision.transforms import Compose
 
 from hybridcls.data import MAX_ASPECT_RATIO, CentreCropAspect, ReduceLongSide, bound_aspect
 from hybridcls.data.aspect import bound_step
-from hybridcls.engine import split_transform
+from hybridcls.engine import open_clip_view, timm_view
 from hybridcls.supervised import build_eval_transform
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the subprocess imports this checkout's code
@@ -53,6 +53,20 @@ GEOMETRIES = {
     "open_clip squash": (lambda: image_transform(224, is_train=False, resize_mode="squash"), None),
 }
 SHORTER = [name for name, (_, target) in GEOMETRIES.items() if target is not None]
+
+
+def _clip_cfg(mode: str) -> dict:
+    return {"size": 224, "mode": "RGB", "mean": MEAN, "std": STD, "interpolation": "bicubic",
+            "resize_mode": mode, "fill_color": 0}
+
+
+# The engine's view of each geometry (timm's prefetcher transform, from open_clip's preprocess_cfg
+# for CLIP towers): what runs on the device decoder's tensors.
+ENGINE_VIEWS = {
+    "timm center": lambda: timm_view({**DATA_CONFIG, "crop_mode": "center"}),
+    "timm center 224x320": lambda: timm_view({**DATA_CONFIG, "input_size": (3, 224, 320), "crop_pct": 1.0}),
+    "open_clip shortest": lambda: open_clip_view(_clip_cfg("shortest")),
+}
 # Photos, panoramas up to the 16:1 limit itself, both orientations, and a tiny square.
 ORDINARY = [(640, 480), (480, 640), (1920, 1080), (1080, 1920), (400, 200), (200, 400),
             (900, 100), (1600, 100), (100, 1600), (33, 33)]
@@ -98,7 +112,7 @@ def test_ordinary_aspect_ratios_give_the_untouched_transforms_tensors(name, size
 @pytest.mark.parametrize("size", [(640, 480), (100, 1600)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_ordinary_tensors_of_the_device_decoder_are_untouched(size):
     # decode="device" runs the same geometry on uint8 CHW tensors
-    geometry = split_transform(_timm()).geometry
+    geometry = ENGINE_VIEWS["timm center"]().geometry
     assert type(geometry.transforms[0]) is CentreCropAspect
     untouched = Compose(_timm().transforms[:2])  # timm's Resize and CenterCrop alone
     x = _chw(_noise(*size))
@@ -125,7 +139,7 @@ def test_the_largest_image_a_strip_builds_is_16_times_the_shorter_side_squared(n
         image, transform = _gradient(*size), bound_aspect(untouched)
     else:  # as the device decoder hands it, through the engine's geometry
         image = _chw(_gradient(*size))
-        transform = split_transform(untouched).geometry
+        transform = ENGINE_VIEWS[name]().geometry
     sizes = _geometry_sizes(transform, image)
     # Cut to 16:1, then the short side to S (tw for a tall strip, th for a wide one): S x 16 S;
     # unbounded it would be S x 16000 S.
@@ -229,7 +243,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
     from open_clip.transform import image_transform
     from PIL import Image
     from hybridcls.audit.pixels import ThumbnailTransform
-    from hybridcls.engine import ViewsTransform, split_transform
+    from hybridcls.engine import ViewsTransform, open_clip_view, timm_view
     from hybridcls.explain.overlay import thumbnail
     from hybridcls.supervised import build_eval_transform
     from hybridcls.train.config import TrainConfig
@@ -240,10 +254,10 @@ _PEAK_SCRIPT = textwrap.dedent("""
     sup = build_eval_transform({"data_config": data_config})
 
     def views(sup_mode, clip_mode):  # what the engine decodes for its two towers
-        sup = timm.data.create_transform(input_size=(3, 224, 224), crop_pct=0.875, crop_mode=sup_mode,
-                                         interpolation="bicubic", is_training=False)
-        clip = image_transform(224, is_train=False, resize_mode=clip_mode)
-        return ViewsTransform([split_transform(sup).geometry, split_transform(clip).geometry])
+        sup = timm_view({**data_config, "crop_mode": sup_mode})
+        clip = open_clip_view({"size": 224, "mode": "RGB", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                               "interpolation": "bicubic", "resize_mode": clip_mode, "fill_color": 0})
+        return ViewsTransform([sup, clip])
 
     shorter = views("center", "shortest")  # timm's default and ViT-B-32's
     places = {
@@ -252,8 +266,8 @@ _PEAK_SCRIPT = textwrap.dedent("""
         "engine views, squash (SigLIP)": views("squash", "squash"),
         "engine views, letterbox": views("border", "longest"),
         "engine views on device tensors":
-            lambda im: [g(torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous())
-                        for g in shorter.geometries],
+            lambda im: [v.pixels(torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous())
+                        for v in shorter.views],
         "training eval transform": sup,
         "training train transform": build_train_transform(data_config, TrainConfig()),
         "training train transform, crop_scale (0.08, 1)":
@@ -333,3 +347,22 @@ def test_real_photos_give_the_untouched_transforms_tensors(photos_dir):
             assert torch.equal(bound_aspect(untouched)(image), untouched(image)), (path.name, name)
         checked += 1
     assert checked >= 5
+
+
+@pytest.mark.parametrize("mode", ["shortest", "longest", "squash"])
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (224, 224), (33, 90)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_engine_view_of_an_open_clip_tower_is_open_clips_preprocess(mode, size):
+    # issue 13: the view is built by timm from open_clip's preprocess_cfg, not by taking open_clip's
+    # transform apart; normalised, it gives open_clip's own tensor
+    view = open_clip_view(_clip_cfg(mode))
+    reference = image_transform(224, is_train=False, mean=MEAN, std=STD, resize_mode=mode)
+    image = _noise(*size)
+    np.testing.assert_allclose(view.normalise(view.pixels(image)).numpy(), reference(image).numpy(),
+                               rtol=0, atol=1e-5)
+
+
+def test_the_engine_view_of_a_timm_model_is_timms_eval_transform():
+    view = timm_view(DATA_CONFIG)
+    image = _noise(640, 480)
+    np.testing.assert_allclose(view.normalise(view.pixels(image)).numpy(), _timm()(image).numpy(),
+                               rtol=0, atol=1e-5)

@@ -1,6 +1,6 @@
 """The inference engine keeps its promises: same outputs as each branch alone, every input once
 and in order, CLIP skipped where lazy routing or the cascade keep an image, clear out-of-memory
-errors naming --batch-size."""
+errors naming batch_size."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from hybridcls.bench.speed import write_jpegs
 from hybridcls.data import expand_inputs, load_image
 from hybridcls.engine import InferenceEngine
 from hybridcls.errors import InputError
-from hybridcls.gate import GateCalibration, fit_cascade, max_softmax
+from hybridcls.gate import Gate, GateCalibration, fit_cascade, max_softmax
 from hybridcls.hybrid import HybridClassifier
+from hybridcls.runtime import RuntimeSettings
 from hybridcls.supervised import build_eval_transform, build_model
 from hybridcls.supervised.checkpoint import make_checkpoint_config, save_checkpoint
 from tests.imagefactory import make_corrupt_png, make_plain, make_truncated_jpeg, make_zero_byte
@@ -37,23 +38,29 @@ def hybrid(tmp_path_factory) -> HybridClassifier:
     save_checkpoint(root / "run", model, config)
     clip_dir = make_tiny_clip(root / "clip")
     return HybridClassifier(clip_model=f"local-dir:{clip_dir}", clip_pretrained=None, prompts=CLASSES,
-                            templates=["a photo of a {}."], device="cpu", batch_size=4,
+                            templates=["a photo of a {}."], device="cpu", batch_size=4, workers=0,
                             cache_dir=root / "cache").load_run(root / "run")
 
 
 @pytest.fixture
 def restores_hybrid(hybrid):
-    """Put back what a test changes on the shared hybrid: gate, backbone index, cascade, run's index/."""
+    """Put back what a test changes on the shared hybrid: gate, cascade, the run's gate.json and index/."""
     import shutil
 
-    saved = hybrid.gate_, hybrid.backbone_index_, hybrid.cascade
-    index_dir = hybrid.run_dir_ / "index"
-    had_index = index_dir.exists()
+    saved = hybrid.gate_, hybrid.cascade
+    index_dir, gate_file = hybrid.run_dir_ / "index", hybrid.run_dir_ / "gate.json"
+    had = index_dir.exists(), gate_file.exists()
     yield
-    hybrid.gate_, hybrid.backbone_index_ = saved[:2]
-    hybrid.set_params(cascade=saved[2])
-    if not had_index:
+    hybrid.gate_ = saved[0]
+    hybrid.set_params(cascade=saved[1])
+    if not had[0]:
         shutil.rmtree(index_dir, ignore_errors=True)
+    if not had[1]:
+        gate_file.unlink(missing_ok=True)
+
+
+def _manual(hybrid: HybridClassifier, **fields) -> Gate:
+    return Gate.from_calibration(GateCalibration(method="manual", **fields), n_seen=hybrid.n_seen_)
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +71,15 @@ def images(tmp_path_factory) -> list:
     return expand_inputs([folder])
 
 
-def _engine(clf: HybridClassifier, **kw) -> InferenceEngine:
-    return InferenceEngine(supervised=clf.supervised_, sup_transform=build_eval_transform(clf.checkpoint_config_),
-                           clip=clf.zeroshot_, device="cpu", batch_size=4, **kw)
+def _engine(clf: HybridClassifier, extra_views=(), **kw) -> InferenceEngine:
+    settings = RuntimeSettings(device="cpu", batch_size=4, workers=kw.pop("workers", 0), **kw)
+    return InferenceEngine(supervised=clf.supervised_, sup_view=clf.engine_.views[0], clip=clf.tower_,
+                           settings=settings, extra_views=extra_views)
 
 
 def _all(engine: InferenceEngine, sources, **kw):
     batches = list(engine.iter_batches(sources, **kw))
-    cat = lambda name: np.concatenate([getattr(b, name) for b in batches if b.ok])
+    cat = lambda name: np.concatenate([getattr(b.outputs, name) for b in batches if b.ok])
     return batches, cat
 
 
@@ -82,8 +90,13 @@ def test_engine_matches_each_branch_alone(hybrid, images):
         x = torch.stack([tf(load_image(s.path)) for s in images])
         sup_logits, _ = hybrid.supervised_.eval().forward_with_features(x)
     np.testing.assert_allclose(cat("sup_logits"), sup_logits.numpy(), rtol=1e-4, atol=1e-4)
-    clip_logits = hybrid.zeroshot_.decision_function(images)
-    np.testing.assert_allclose(cat("clip_logits"), clip_logits, rtol=1e-4, atol=1e-4)
+    # open_clip's own preprocess and encoder, one image at a time
+    tower = hybrid.tower_
+    with torch.inference_mode():
+        x = torch.stack([tower.bundle.preprocess(load_image(s.path)) for s in images])
+        emb = torch.nn.functional.normalize(tower.bundle.model.encode_image(x).float(), dim=-1)
+    clip_logits = tower.logit_scale * (emb @ tower.text_features)
+    np.testing.assert_allclose(cat("clip_logits"), clip_logits.numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -124,7 +137,7 @@ def test_extra_views_come_from_the_same_decode(hybrid, images, tmp_path):
     # (not bit-equal: the unreadable file shifts which images share a batch)
     np.testing.assert_allclose(cat("clip_embeddings"), ref("clip_embeddings"), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cat("sup_logits"), ref("sup_logits"), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="decode='cpu'"):
+    with pytest.raises(ValueError, match="decode='device': extra views need decode='cpu'"):
         _engine(hybrid, decode="device", extra_views=[ThumbnailTransform()])
 
 
@@ -149,7 +162,8 @@ def test_a_thin_strip_is_an_ok_row_on_both_decoders(hybrid, tmp_path, size):
 
 def test_compiled_shapes_are_fixed(hybrid, images, monkeypatch):
     engine = _engine(hybrid)
-    engine.compile = True  # exercise the padding without paying for a real compile on the CPU
+    # exercise the padding without paying for a real compile on the CPU
+    engine.settings = engine.settings.replace(compile=True)
     seen_rows = []
     forward = engine._sup_forward
 
@@ -174,7 +188,7 @@ def test_out_of_memory_halves_then_names_batch_size(hybrid, images):
         return forward(x)
 
     engine._sup_forward = small_device
-    with pytest.warns(RuntimeWarning, match="--batch-size 4"):
+    with pytest.warns(RuntimeWarning, match="batch_size=4"):
         _, cat = _all(engine, images)
     _, ref = _all(_engine(hybrid), images)
     np.testing.assert_allclose(cat("sup_logits"), ref("sup_logits"), rtol=1e-4, atol=1e-4)
@@ -183,7 +197,7 @@ def test_out_of_memory_halves_then_names_batch_size(hybrid, images):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     engine._sup_forward = no_device
-    with pytest.warns(RuntimeWarning), pytest.raises(InputError, match="--batch-size"):
+    with pytest.warns(RuntimeWarning), pytest.raises(InputError, match="batch_size=4"):
         list(engine.iter_batches(images))
 
 
@@ -192,18 +206,17 @@ def test_lazy_and_cascade_skip_clip(hybrid, images, restores_hybrid):
     msp = max_softmax(feats.sup_logits)
     median = float(np.median(msp))
     # Lazy: a hard gate on a supervised score encodes only the routed images.
-    hybrid.gate_ = GateCalibration(score="msp", mode="hard", threshold=-median, method="manual")
+    hybrid.gate_ = _manual(hybrid, score="msp", mode="hard", threshold=-median)
     before = hybrid.engine_.clip_images_encoded
     lazy = hybrid.predict_proba(images)
     assert hybrid.engine_.clip_images_encoded - before == int((msp < median).sum()) < len(images)
     assert np.allclose(lazy.sum(axis=1), 1.0)
 
     # Cascade: a CLIP-side soft gate; CLIP runs only at or below the cascade threshold.
-    gate = GateCalibration(score="clip_margin", mode="soft", threshold=0.0, soft_scale=1.0,
-                           method="manual")
-    hybrid.gate_ = gate
+    hybrid.gate_ = _manual(hybrid, score="clip_margin", mode="soft", threshold=0.0, soft_scale=1.0)
     full = hybrid.predict_proba(images)
-    hybrid.gate_ = gate.replace(cascade_msp=median)
+    hybrid.gate_ = _manual(hybrid, score="clip_margin", mode="soft", threshold=0.0, soft_scale=1.0,
+                           cascade_msp=median)
     hybrid.set_params(cascade=True)
     before = hybrid.engine_.clip_images_encoded
     casc = hybrid.predict_proba(images)
@@ -220,8 +233,8 @@ def test_cascade_with_a_supervised_score_gate_keeps_skipped_images_supervised(hy
     msp = max_softmax(feats.sup_logits)
     median = float(np.median(msp))
     # threshold below every score: without the fix, every skipped image would be routed
-    hybrid.gate_ = GateCalibration(score="energy", mode="soft", threshold=-1e9, soft_scale=1.0,
-                                   cascade_msp=median, method="manual")
+    hybrid.gate_ = _manual(hybrid, score="energy", mode="soft", threshold=-1e9, soft_scale=1.0,
+                           cascade_msp=median)
     hybrid.set_params(cascade=True)
     probs = hybrid.predict_proba(images)
     kept = msp > median
@@ -246,7 +259,13 @@ def test_cascade_sends_images_far_from_the_training_features_to_clip(hybrid, ima
     # every MSP passes; k=1: an indexed image is at distance 0, the others farther
     gate = GateCalibration(score="clip_margin", mode="soft", threshold=0.0, soft_scale=1.0, method="manual",
                            cascade_msp=-1.0, cascade_distance=1e-3, cascade_k=1)
-    hybrid.gate_, hybrid.backbone_index_ = gate, None
+    gate.to_json(hybrid.run_dir_)
+
+    def reload() -> Gate:  # as load_run reads a run: the backbone index is loaded on first use
+        return Gate.load(hybrid.run_dir_, n_seen=hybrid.n_seen_,
+                         backbone_meta=lambda: hybrid._index_meta("backbone"))
+
+    hybrid.gate_ = reload()
     hybrid.set_params(cascade=True)
     assert (hybrid.cascade_skips_clip(feats) == indexed).all()
     before = hybrid.engine_.clip_images_encoded
@@ -259,10 +278,11 @@ def test_cascade_sends_images_far_from_the_training_features_to_clip(hybrid, ima
     # an index built for other weights is refused, and the error names the field
     EmbeddingIndex(meta={**hybrid._index_meta("backbone"), "fingerprint": "0" * 64}).add(
         feats.sup_features).save(index_dir)
-    hybrid.backbone_index_ = None
+    hybrid.gate_ = reload()
     with pytest.raises(CheckpointError, match="fingerprint"):
         hybrid.predict_proba(images)
     shutil.rmtree(index_dir)
+    hybrid.gate_ = reload()
     with pytest.raises(CheckpointError, match="backbone.faiss.*calibrate"):
         hybrid.predict_proba(images)
 

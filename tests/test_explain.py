@@ -44,9 +44,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     train(world.train_dir, d / "run", model="test_convnext", pretrained=False, freeze=None,
           image_size=32, epochs=1, seed=0, device="cpu", workers=0)
     clf = HybridClassifier(clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None,
-                           templates=world.templates_file, device="cpu", batch_size=8,
-                           cache_dir=d / "cache").load_run(d / "run", world.prompts_file)
-    clf.calibrate(world.train_dir, method="tpr")
+                           templates=world.templates_file, method="tpr", device="cpu", batch_size=8,
+                           workers=0, cache_dir=d / "cache").load_run(d / "run", world.prompts_file)
+    clf.calibrate(world.train_dir)
     inputs = d / "inputs"
     inputs.mkdir()
     for src in sorted(Path(world.test_dir).iterdir())[:N_GOOD]:
@@ -181,14 +181,14 @@ def test_clip_map_is_highest_on_the_shape(tiny_run) -> None:
     from hybridcls.eval.labels import read_labels
 
     world, clf, _, _ = tiny_run
-    zs = clf.zeroshot_
+    zs = clf.tower_
     labels = read_labels(world.labels_csv)
     gaps = []
     for path in sorted(Path(world.test_dir).iterdir()):
         image = Image.open(path).convert("RGB")
-        x = zs.bundle_.preprocess(image)[None]
-        k = list(zs.classes_).index(labels[path.name])
-        m, _ = clip_similarity_map(zs.bundle_.model.visual, x, zs.text_features_[:, k])
+        x = zs.bundle.preprocess(image)[None]
+        k = list(zs.classes).index(labels[path.name])
+        m, _ = clip_similarity_map(zs.bundle.model.visual, x, zs.text_features[:, k])
         a = np.asarray(image.resize((32, 32)), dtype=float)
         border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
         shape = np.abs(a - np.median(border, axis=0)).sum(-1) > 60
@@ -217,7 +217,7 @@ def test_vit_patch_tokens_projected_like_the_pooled_embedding() -> None:
 
 def test_maskclip_value_path_matches_the_attention_pool(tiny_run) -> None:
     """With one location and no positional embedding, attention pooling is the value path."""
-    visual = tiny_run[1].zeroshot_.bundle_.model.visual
+    visual = tiny_run[1].tower_.bundle.model.visual
     assert type(visual).__name__ == "ModifiedResNet"  # the shipped tiny CLIP
     pool = copy.deepcopy(visual.attnpool)
     with torch.no_grad():
@@ -251,8 +251,10 @@ def test_without_an_index_the_page_says_so(tiny_run, tmp_path: Path,
 
     _, clf, _, inputs = tiny_run
     # A run calibrated before indexes existed: no index, and no gate part that needs one.
-    monkeypatch.setattr(clf, "knn_", None)
-    monkeypatch.setattr(clf, "gate_", clf.gate_.replace(cache_branch=None))
+    from hybridcls.gate import Gate
+
+    monkeypatch.setattr(clf, "gate_", Gate.from_calibration(
+        clf.gate_.calibration_.replace(cache_branch=None), n_seen=clf.n_seen_))
     res = explain_images(clf, [str(inputs)], tmp_path / "out")
     assert all(not ex.neighbours for ex in res.explanations)
     assert "no embedding index" in res.index_note

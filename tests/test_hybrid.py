@@ -57,21 +57,21 @@ def test_save_load_round_trip(world_run, test_features, tmp_path):
     assert json.loads((saved / "hybrid.json").read_text())["n_seen"] == clf.n_seen_
     again = HybridClassifier.from_pretrained(saved, device="cpu")
     np.testing.assert_array_equal(again.predict_proba(sources), clf.predict_proba(sources))
-    assert again.gate_.to_dict() == clf.gate_.to_dict()
+    assert again.gate_.calibration_.to_dict() == clf.gate_.calibration_.to_dict()
 
 
 def test_lazy_zero_shot_skips_clip_for_kept_images(world_run, test_features):
     _, clf = world_run
     sources, _y, _ = test_features
     # the cache branch needs every image's CLIP embedding: a lazy gate goes without it
-    lazy = clf.gate_.replace(score="energy", mode="hard", combined=None, cache_branch=None)
-    from hybridcls.gate import finalize
+    lazy = clf.gate_.calibration_.replace(score="energy", mode="hard", combined=None, cache_branch=None)
+    from hybridcls.gate import Gate, finalize
 
-    val = clf.calibration_data_["val"]
+    val, _ = clf.held_out_outputs()
     lazy = finalize(lazy, lazy.compute_base_scores(sup_logits=val.sup_logits, n_seen=clf.n_seen_))
     original = clf.gate_
     try:
-        clf.gate_ = lazy
+        clf.gate_ = Gate.from_calibration(lazy, n_seen=clf.n_seen_)
         before = clf.engine_.clip_images_encoded
         rows = [r for batch in clf.rows(sources[:200], topk=2) for r in batch]
         encoded = clf.engine_.clip_images_encoded - before
@@ -125,7 +125,7 @@ def test_calibrated_cascade_skips_clip_and_keeps_the_harmonic_mean(world_run, te
     (almost) the full hybrid's H, also once saved with save_pretrained and loaded again."""
     _, clf = world_run
     sources, y, feats = test_features
-    g = clf.gate_
+    g = clf.gate_.calibration_
     assert g.cascade_msp is not None and g.cascade_distance is not None
     assert (clf.run_dir_ / "index" / "backbone.faiss").is_file()
     S = clf.n_seen_

@@ -248,17 +248,18 @@ def test_world_run_saves_its_index_and_its_cache_branch(world_run, tmp_path) -> 
     from hybridcls.hybrid import HybridClassifier
 
     world, clf = world_run
-    n_train = len(clf.calibration_data_["y_train"])
+    data = clf._training_data(None)
+    y_train = np.array([y for _, y in data.train])  # the world's images all decode
     index = load_run_index(clf.run_dir_, expect=clf._index_meta("clip"))
-    assert index is not None and index.ntotal == n_train and index.exact
-    np.testing.assert_array_equal(index.labels, clf.calibration_data_["y_train"])
+    assert index is not None and index.ntotal == len(y_train) and index.exact
+    np.testing.assert_array_equal(index.labels, y_train)
     assert all(p and "/train/" in p.replace("\\", "/") for p in index.paths)
     assert index.meta["classes"] == clf.seen_folders_
     # no held-out image is in the cache it was fitted against
-    held_out = clf.calibration_data_["val"].clip_embeddings
-    assert index.search(held_out, 1)[0].max() < 0.9999
-    cache = clf.gate_.cache_branch
-    assert cache is not None and cache["n_val"] == len(clf.calibration_data_["y_val"])
+    val, y_val = clf.held_out_outputs()
+    assert index.search(val.clip_embeddings, 1)[0].max() < 0.9999
+    cache = clf.gate_.calibration_.cache_branch
+    assert cache is not None and cache["n_val"] == len(y_val)
     assert cache["enabled"] == (cache["val_accuracy"] > cache["val_accuracy_plain"])
     # its effect on the test images of the seen classes
     sources, y = labelled_test_set(world, clf)
@@ -277,8 +278,8 @@ def test_world_run_saves_its_index_and_its_cache_branch(world_run, tmp_path) -> 
     d["meta"]["classes"] = [*d["meta"]["classes"][:-1], "zebra"]
     side.write_text(json.dumps(d))
     other = HybridClassifier(**clf.get_params()).load_run(run, world.prompts_file)
-    assert other.knn_ is None
-    if cache["enabled"] or "knn" in clf.gate_.base_scores:
+    assert other.gate_.clip_index_ is None and "classes differs" in str(other.gate_.index_error_)
+    if cache["enabled"] or "knn" in clf.gate_.calibration_.base_scores:
         with pytest.raises(CheckpointError, match="clip.json: built with another classes: classes differs"):
             other.predict_features(feats)
 

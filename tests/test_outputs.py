@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from hybridcls.cache import atomic_write_json, json_text
-from hybridcls.data import Source
 from hybridcls.errors import InputError
 from hybridcls.outputs import (
     PredictionRow,
@@ -126,7 +125,7 @@ def test_hybrid_rows_write_each_branch_top_k_best_first(tmp_path):
     clip = np.array([[0.1, 0.2, 0.3, 0.4]])  # elk, moose, wolf: the reverse of column order
     res = FusionResult(probs=clip, branch=np.array(["zeroshot"]), gate_weight=np.array([1.0]),
                        gate_score=np.array([2.5]), sup_probs=sup, clip_probs=clip)
-    rows = hy.batch_rows([Source("x.png")], EngineBatch(indices=[0], ok=[0], errors={}), res, topk=3)
+    rows = hy.batch_rows(["x.png"], EngineBatch(indices=[0], ok=[0], errors={}), res, topk=3)
     out = tmp_path / "p.jsonl"
     with open_writer(out, topk=3, extra_columns=hy.EXTRA_COLUMNS) as w:
         w.write_many(rows)

@@ -87,9 +87,9 @@ def tiny_run(files):
 
 
 def _val_inputs(clf: HybridClassifier) -> dict:
-    val = clf.calibration_data_["val"]
+    val, _ = clf.held_out_outputs()
     return {"sup_logits": clf.seen_logits(val), "clip_logits": val.clip_logits,
-            "n_seen": clf.n_seen_, "clip_emb": val.clip_embeddings, "knn_index": clf.knn_}
+            "n_seen": clf.n_seen_, "clip_emb": val.clip_embeddings, "knn_index": clf.gate_.clip_index_}
 
 
 def _check_gate(cal: GateCalibration, inputs: dict) -> None:
@@ -104,8 +104,8 @@ def _check_gate(cal: GateCalibration, inputs: dict) -> None:
 @pytest.mark.parametrize("n_classes, per_class", GRID)
 def test_leave_classes_out_then_transductive_on_every_small_size(tiny_run, n_classes, per_class):
     clf, data = tiny_run(n_classes, per_class)
-    clf.calibrate(method="leave-classes-out", test_inputs=[str(data)])
-    g = clf.gate_
+    clf.set_params(method="leave-classes-out").calibrate(test_inputs=[str(data)])
+    g = clf.gate_.calibration_
     n_train = per_class - 1
     # every distinct stand-in problem (1 class hidden of C) instead of 5 rounds
     assert (g.rounds, g.hidden_classes) == (n_classes, 1)
@@ -125,7 +125,7 @@ def test_leave_classes_out_then_transductive_on_every_small_size(tiny_run, n_cla
     feats = clf.extract_features([str(data)])
     test_scores = g.compute_score(sup_logits=clf.seen_logits(feats), clip_logits=feats.clip_logits,
                                   n_seen=n_classes, clip_emb=feats.clip_embeddings,
-                                  knn_index=clf.knn_)
+                                  knn_index=clf.gate_.clip_index_)
     assert g.threshold == transductive_threshold(test_scores, seed=0)
     assert GateCalibration.from_json(clf.run_dir_) == g
     # every candidate score and mode (the best row of each) finalises and fuses on the real
@@ -144,8 +144,8 @@ def test_leave_classes_out_then_transductive_on_every_small_size(tiny_run, n_cla
 @pytest.mark.parametrize("n_classes, per_class", GRID)
 def test_tpr_with_every_score_and_mode_on_every_small_size(tiny_run, n_classes, per_class):
     clf, _ = tiny_run(n_classes, per_class)
-    clf.calibrate(method="tpr", score="knn")
-    g = clf.gate_
+    clf.set_params(method="tpr", score="knn").calibrate()
+    g = clf.gate_.calibration_
     assert (g.method, g.score, g.knn_k, g.rounds) == ("tpr", "knn", min(DEFAULT_KNN_K, per_class - 1), None)
     inputs = _val_inputs(clf)
     _check_gate(g, inputs)
@@ -155,8 +155,8 @@ def test_tpr_with_every_score_and_mode_on_every_small_size(tiny_run, n_classes, 
                                   sup_temperature=g.sup_temperature, cache_branch=g.cache_branch)
             _check_gate(finalize(cal, cal.compute_base_scores(**inputs)), inputs)
     # the modes a user picks at prediction over a calibrated clip_margin gate
-    clf.calibrate(method="tpr", score="clip_margin")
-    val = clf.calibration_data_["val"]
+    clf.set_params(method="tpr", score="clip_margin").calibrate()
+    val, _ = clf.held_out_outputs()
     for mode in MODES:
         res = clf.set_params(mode=mode).predict_features(val)
         np.testing.assert_allclose(res.probs.sum(axis=1), 1.0, err_msg=mode)
@@ -172,7 +172,7 @@ def test_too_few_test_images_for_the_transductive_step_exit_1(tiny_run, files, c
     clf, data = tiny_run(2, 2)
     three = sorted(data.rglob("*.png"))[:3]
     with pytest.raises(DataTooSmallError):
-        clf.calibrate(method="tpr", test_inputs=[str(p) for p in three])
+        clf.set_params(method="tpr").calibrate(test_inputs=[str(p) for p in three])
     rc = main(["calibrate", str(clf.run_dir_), *_zs_flags(files),
                "--transductive", *[str(p) for p in three]])
     assert rc == 1

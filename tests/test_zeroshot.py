@@ -20,7 +20,13 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from tinyclip_factory import make_tiny_clip, tiny_model_cfg, tiny_state_dict
 
-from hybridcls.errors import CheckpointError, ImageDecodeError, InputError, WeightsUnavailableError
+from hybridcls.errors import (
+    CheckpointError,
+    ImageDecodeError,
+    InputError,
+    ParameterError,
+    WeightsUnavailableError,
+)
 from hybridcls.zeroshot import (
     ZeroShotClassifier,
     build_text_classifier,
@@ -366,16 +372,26 @@ def test_predict_proba_rows_sum_to_one_with_columns_in_prompts_order(clf, tiny_d
 
 
 def test_logits_are_scaled_cosine_similarities(clf):
-    x = torch.randn(5, 3, 32, 32)
+    x = torch.randn(5, 3, 32, 32)  # preprocessed images
     emb = clf.encode_images(x)
     assert emb.shape == (5, 32) and torch.allclose(emb.norm(dim=1), torch.ones(5), atol=1e-5)
     ref = clf.bundle_.model.encode_image(x, normalize=True).detach()
     assert torch.allclose(emb, ref, atol=1e-5)
-    logits = clf.decision_function(x)
-    assert np.allclose(logits, (clf.logit_scale_ * ref @ clf.text_features_).numpy(), atol=1e-4)
-    assert np.allclose(
-        clf.predict_proba(x), torch.softmax(torch.from_numpy(logits).double(), 1), atol=1e-6
-    )
+    logits = clf.logits_from_embeddings(emb)
+    assert np.allclose(logits.numpy(), (clf.logit_scale_ * ref @ clf.text_features_).numpy(), atol=1e-4)
+
+
+def test_decision_function_is_the_logits_of_the_images(clf):
+    # images as tensors (torchvision's layout, floats in [0, 1]): preprocessed by open_clip's own
+    # transform, they give the logits decision_function returns, and predict_proba their softmax
+    images = torch.rand(3, 3, 40, 30, generator=torch.Generator().manual_seed(0))
+    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in images]
+    x = torch.stack([clf.bundle_.preprocess(im) for im in pil])
+    expected = clf.logits_from_embeddings(clf.encode_images(x)).numpy()
+    logits = clf.decision_function(images)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    np.testing.assert_allclose(clf.predict_proba(images),
+                               torch.softmax(torch.from_numpy(logits).double(), 1), atol=1e-6)
 
 
 def test_paths_folders_and_images_agree(clf, tmp_path):
@@ -403,29 +419,48 @@ def test_iter_predictions_streams_errors_as_rows(clf, tmp_path):
     write_images(tmp_path / "photos", 3)
     (tmp_path / "photos" / "img1b.png").write_bytes(b"junk")
     batches = list(clf.iter_predictions([tmp_path / "photos"]))
-    indices = [i for b in batches for i in b.indices]
+    indices = [i for b, _ in batches for i in b.indices]
     assert indices == list(range(4)) and len(batches) == 2  # batch_size=2
-    ok = [i for b in batches for i in b.ok]
-    errors = {i: r for b in batches for i, r in b.errors.items()}
+    ok = [i for b, _ in batches for i in b.ok]
+    errors = {i: r for b, _ in batches for i, r in b.errors.items()}
     # Code-point order: img0, img1, img1b (junk), img2.
     assert ok == [0, 1, 3] and list(errors) == [2]
-    for b in batches:
-        assert b.probs.shape == (len(b.ok), 4) and np.allclose(b.probs.sum(axis=1), 1.0)
-        assert b.embeddings.shape == (len(b.ok), 32)
+    for b, res in batches:
+        assert res.probs.shape == (len(b.ok), 4) and np.allclose(res.probs.sum(axis=1), 1.0)
+        assert b.outputs.clip_embeddings.shape == (len(b.ok), 32)
+        assert set(res.branch) == {"zeroshot"}
 
 
-def test_mixed_inputs_are_an_input_error(clf, tmp_path):
-    with pytest.raises(InputError, match="all of one kind; got Image, str"):
-        clf.predict([Image.new("RGB", (8, 8)), str(tmp_path)])
+def test_mixed_inputs_keep_their_order(clf, tmp_path):
+    # issue 13: paths, PIL images, arrays and tensors in one list, every input once, in order
+    write_images(tmp_path / "photos", 2)
+    red = Image.new("RGB", (8, 8), (200, 30, 30))
+    array = np.asarray(red)
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    inputs = [red, tmp_path / "photos", array, tensor, torch.stack([tensor, tensor])]
+    rows = [r for batch in clf.rows(inputs) for r in batch]
+    assert [r.path for r in rows] == ["<image 0>", str(tmp_path / "photos" / "img0.png"),
+                                      str(tmp_path / "photos" / "img1.png"), "<image 3>", "<image 4>",
+                                      "<image 5>", "<image 6>"]
+    probs = clf.predict_proba(inputs)
+    # the same red square, given four ways, has one answer
+    np.testing.assert_allclose(probs[[3, 4, 5, 6]], np.repeat(probs[[0]], 4, axis=0), atol=1e-6)
 
 
-def test_bad_options_name_the_flag(tiny_dir):
-    with pytest.raises(InputError, match="--precision"):
+def test_inputs_of_another_kind_name_their_position(clf):
+    with pytest.raises(ParameterError, match=r"inputs='<dict at position 1>': expected paths"):
+        clf.predict([Image.new("RGB", (8, 8)), {"a": 1}])
+    with pytest.raises(ParameterError, match=r"<tensor of shape \(4, 8, 8\) at position 0>.*\[3, H, W\]"):
+        clf.predict([torch.zeros(4, 8, 8)])
+
+
+def test_bad_options_name_the_parameter(tiny_dir):
+    with pytest.raises(ParameterError, match="precision='fp8': expected one of auto, fp32, bf16, fp16"):
         ZeroShotClassifier(f"local-dir:{tiny_dir}", prompts=["cat"], precision="fp8").fit()
-    with pytest.raises(InputError, match="--batch-size"):
+    with pytest.raises(ParameterError, match="batch_size=0: expected a positive integer"):
         ZeroShotClassifier(f"local-dir:{tiny_dir}", prompts=["cat"], batch_size=0).fit()
     if not torch.cuda.is_available():
-        with pytest.raises(InputError, match="--device cuda"):
+        with pytest.raises(ParameterError, match="device='cuda': CUDA is not available"):
             ZeroShotClassifier(f"local-dir:{tiny_dir}", prompts=["cat"], device="cuda").fit()
 
 

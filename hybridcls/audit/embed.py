@@ -1,7 +1,7 @@
 """CLIP image embeddings of many files, through the project's engine.
 
 The audit needs only the image tower. It is loaded the way ``hybridcls
-predict`` loads it (:class:`~hybridcls.zeroshot.ZeroShotClassifier`, offline
+predict`` loads it (:class:`~hybridcls.zeroshot.ClipTower`, offline
 first) and run by :class:`~hybridcls.engine.InferenceEngine` (batching, worker
 decoding, AMP on CUDA, error rows for files that do not decode). The
 classifier is fitted on one placeholder class with one template, so the text
@@ -22,8 +22,11 @@ import numpy as np
 
 from hybridcls.audit.pixels import THUMB, ThumbnailTransform
 from hybridcls.data import Source
+from hybridcls.device import resolve_device
 from hybridcls.engine import InferenceEngine
-from hybridcls.zeroshot import ClassPrompt, PromptSet, ZeroShotClassifier
+from hybridcls.runtime import RuntimeSettings
+from hybridcls.zeroshot import ClassPrompt, PromptSet
+from hybridcls.zeroshot.tower import ClipTower
 
 __all__ = ["Embeddings", "clip_image_encoder", "embed_sources"]
 
@@ -55,22 +58,20 @@ def clip_image_encoder(
     clip_model: str,
     clip_pretrained: str | None,
     *,
-    device: str = "auto",
+    device: str = RuntimeSettings.device,
     cache_dir: str | os.PathLike[str] | None = None,
-) -> ZeroShotClassifier:
-    """A fitted :class:`~hybridcls.zeroshot.ZeroShotClassifier` used for its image tower only.
+) -> ClipTower:
+    """A :class:`~hybridcls.zeroshot.ClipTower` used for its image tower only.
 
     Raises:
         WeightsUnavailableError: The model's weights cannot be had offline.
     """
-    return ZeroShotClassifier(
-        clip_model, clip_pretrained, prompts=_PLACEHOLDER, templates=_TEMPLATES,
-        device=device, cache_dir=cache_dir, use_cache=False,
-    ).fit()
+    return ClipTower.build(clip_model, clip_pretrained, _PLACEHOLDER, _TEMPLATES,
+                           device=resolve_device(device), cache_dir=cache_dir, use_cache=False)
 
 
 def embed_sources(
-    encoder: ZeroShotClassifier,
+    encoder: ClipTower,
     sources: Sequence[Source],
     *,
     batch_size: int = 64,
@@ -95,8 +96,10 @@ def embed_sources(
         The embeddings of the files that decoded and the reasons of those that did not;
         every source is in exactly one of the two.
     """
-    engine = InferenceEngine(clip=encoder, device=encoder.device_, batch_size=batch_size,
-                             workers=workers, extra_views=[ThumbnailTransform()] if thumbnails else ())
+    engine = InferenceEngine(
+        clip=encoder, settings=RuntimeSettings(device=str(encoder.device), batch_size=batch_size,
+                                               workers=workers),
+        extra_views=[ThumbnailTransform()] if thumbnails else ())
     rows: list[np.ndarray] = []
     ok: list[int] = []
     errors: dict[int, str] = {}
@@ -109,8 +112,8 @@ def embed_sources(
             if thumbnails:
                 thumbs[len(ok):len(ok) + len(batch.ok)] = batch.extra_views[0]
             ok.extend(batch.ok)
-            rows.append(batch.clip_embeddings)
-    dim = encoder.bundle_.embed_dim
+            rows.append(batch.outputs.clip_embeddings)
+    dim = encoder.embed_dim
     vectors = np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
     return Embeddings(vectors=vectors, ok=np.asarray(ok, dtype=np.int64), errors=errors,
                       thumbnails=thumbs[:len(ok)] if thumbnails else None)

@@ -5,7 +5,8 @@ branch alone, every gate score with every decision mode (each calibrated by
 leave-classes-out without unseen images, thresholded on the real held-out
 seen images), the calibrated default, and the oracle router that knows which
 test images are unseen. Both towers run once over the test set; every row
-is then a :meth:`~hybridcls.hybrid.HybridClassifier.predict_features` away.
+is then a :meth:`~hybridcls.hybrid.HybridClassifier.predict_features` (or a
+:meth:`~hybridcls.gate.Gate.candidate`'s ``predict``) away, through public calls only.
 """
 
 from __future__ import annotations
@@ -21,15 +22,9 @@ from hybridcls.cache import json_text
 from hybridcls.data import expand_inputs
 from hybridcls.errors import InputError
 from hybridcls.eval import join_labels
-from hybridcls.gate import (
-    SCORES,
-    finalize,
-    from_candidate,
-    fuse,
-    gate_detection,
-)
+from hybridcls.gate import SCORES, BranchOutputs, gate_detection
 from hybridcls.gate.metrics import ausuc, seen_unseen_accuracy
-from hybridcls.hybrid import HybridClassifier, HybridFeatures
+from hybridcls.hybrid import HybridClassifier
 from hybridcls.zeroshot.prompts import normalize_label
 
 __all__ = [
@@ -86,7 +81,7 @@ def _figures(method: str, y: np.ndarray, pred: np.ndarray, n_seen: int, note: st
     return QualityRow(method, s, u, h, float(np.mean(pred == y)), auroc, note)
 
 
-def reference_rows(feats: HybridFeatures, y: np.ndarray, n_seen: int,
+def reference_rows(feats: BranchOutputs, y: np.ndarray, n_seen: int,
                    seen_logits: np.ndarray | None = None) -> list[QualityRow]:
     """Supervised only, zero-shot only, and the oracle router that knows which images are unseen.
 
@@ -172,10 +167,10 @@ def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 4, model: str |
     seconds["train"] = time.perf_counter() - t
     clf = HybridClassifier(
         clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None, templates=world.templates_file,
-        device="cpu", workers=workers, cache_dir=out / "cache", progress=progress,
+        seed=seed, device="cpu", workers=workers, cache_dir=out / "cache", progress=progress,
     ).load_run(run_dir, world.prompts_file)
     t = time.perf_counter()
-    clf.calibrate(world.train_dir, seed=seed)
+    clf.calibrate(world.train_dir)
     seconds["calibrate"] = time.perf_counter() - t
     return world, clf, seconds
 
@@ -209,7 +204,7 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: s
     # every gate below reads the seen-class logits predictions read: with the cache branch when on
     seen_test = clf.seen_logits(feats)
     rows = reference_rows(feats, y, S, seen_logits=seen_test)
-    cache = clf.gate_.cache_branch
+    cache = clf.gate_.calibration_.cache_branch
     if cache is not None:
         rows.insert(1, _figures(
             "supervised + cache branch", y, seen_test.argmax(axis=1), S,
@@ -218,7 +213,8 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: s
             f"{100 * cache['val_accuracy']:.1f}"))
 
     default = clf.predict_features(feats)
-    g = clf.gate_
+    gate = clf.gate_
+    g = gate.calibration_
     rows.append(_figures(
         "hybrid, calibrated default", y, default.pred, S,
         f"{g.score} / {g.mode} (tpr {g.tpr:.2f})", gate_detection(default.gate_score, is_unseen).auroc))
@@ -226,35 +222,25 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: s
     if g.cascade_msp is not None:
         # The cascade's own code path, with CLIP's outputs blanked where it would not run.
         keep = clf.cascade_skips_clip(feats)
-        blank = keep[:, None]
-        cascade = clf.predict_features(HybridFeatures(
-            feats.sup_logits, feats.sup_features, np.where(blank, np.nan, feats.clip_logits),
-            np.where(blank, np.nan, feats.clip_embeddings)))
+        cascade = clf.predict_features(feats.without_clip(keep))
         rows.append(_figures(
             "hybrid, calibrated default, cascade", y, cascade.pred, S,
             f"CLIP on {100 * (1 - keep.mean()):.0f}% of images (supervised MSP <= {g.cascade_msp:.3f}"
             + ("" if g.cascade_distance is None else f" or feature distance > {g.cascade_distance:.3f}") + ")"))
 
-    cal_val = clf.calibration_data_["val"]
-    val_inputs = dict(sup_logits=clf.seen_logits(cal_val), clip_logits=cal_val.clip_logits, n_seen=S,
-                      clip_emb=cal_val.clip_embeddings, knn_index=clf.knn_)
-    test_inputs = dict(sup_logits=seen_test, clip_logits=feats.clip_logits, n_seen=S,
-                       clip_emb=feats.clip_embeddings, knn_index=clf.knn_)
+    # every (score, mode) leave-classes-out tried, thresholded on the same held-out seen images
+    val, _ = clf.held_out_outputs(world.train_dir)
     seen_pairs = set()
     for cand in g.candidates:
         key = (cand["score"], cand["mode"])
         if key in seen_pairs:
             continue
         seen_pairs.add(key)
-        cal = from_candidate(cand, combined=g.combined, knn_k=g.knn_k).replace(
-            sup_temperature=g.sup_temperature)
-        cal = finalize(cal, cal.compute_base_scores(**val_inputs))
-        score = cal.compute_score(**test_inputs)
-        res = fuse(None, sup_logits=seen_test, clip_logits=feats.clip_logits, gate_score=score,
-                   calibration=cal, n_seen=S)
+        other = gate.candidate(cand, val)
+        res = other.predict(feats)
         rows.append(_figures(f"{cand['score']} / {cand['mode']}", y, res.pred, S,
                              f"leave-classes-out H {100 * cand['mean_h']:.1f}, tpr {cand['tpr']:.2f}",
-                             gate_detection(score, is_unseen).auroc))
+                             gate_detection(res.gate_score, is_unseen).auroc))
     curve = ausuc(feats.clip_logits, y, S)
     info = {"world_seed": seed, "epochs": epochs,
             "model": clf.checkpoint_config_["model"]["name"], "image_size": image_size,

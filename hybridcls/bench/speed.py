@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hybridcls.cache import json_text
 from hybridcls.data import expand_inputs, load_image
-from hybridcls.gate import GateCalibration, max_softmax
+from hybridcls.gate import Gate, GateCalibration, max_softmax
 from hybridcls.hybrid import HybridClassifier
 from hybridcls.index import EmbeddingIndex
 from hybridcls.outputs import open_writer
@@ -173,10 +173,10 @@ def _naive(run_dir: Path, clip_id: str, paths: Sequence[Path], batch_size: int, 
 def _gmacs(clf: HybridClassifier, image_size: int) -> tuple[float, float]:
     """GMACs per image of the supervised tower and of the CLIP image tower."""
     out = []
-    clip_size = clf.zeroshot_.bundle_.model.visual.image_size
+    clip_size = clf.tower_.bundle.model.visual.image_size
     clip_size = clip_size[0] if isinstance(clip_size, (tuple, list)) else clip_size
     for fn, size in ((clf.supervised_.forward_with_features, image_size),
-                     (clf.zeroshot_.bundle_.model.encode_image, clip_size)):
+                     (clf.tower_.bundle.model.encode_image, clip_size)):
         counter = FlopCounterMode(display=False)
         with torch.inference_mode(), counter:
             fn(torch.zeros(1, 3, size, size, device=clf.device_))
@@ -239,7 +239,8 @@ def run_speed(out_dir: str | Path, *, device: str = "cpu", batch_size: int = 32,
         for label in ("cold", "warm"):
             t = time.perf_counter()
             clf = load(Path(cache))
-            clf.gate_ = GateCalibration(score="clip_margin", mode="hard", threshold=0.0, method="manual")
+            manual = GateCalibration(score="clip_margin", mode="hard", threshold=0.0, method="manual")
+            clf.gate_ = Gate.from_calibration(manual, n_seen=clf.n_seen_)
             next(iter(clf.rows(sources[:1])))
             rows[f"first prediction, {label} text cache (s)"] = time.perf_counter() - t
     rows["warm-start speed-up (cold / warm)"] = (rows["first prediction, cold text cache (s)"]
@@ -248,13 +249,13 @@ def run_speed(out_dir: str | Path, *, device: str = "cpu", batch_size: int = 32,
     engine = clf.engine_
 
     # Model-only: both towers over tensors decoded beforehand.
-    views = [engine._transform(load_image(p)) for p in paths]
+    views = [engine.decoded_views(load_image(p)) for p in paths]
     batches = [tuple(torch.stack(v) for v in zip(*views[i:i + batch_size])) for i in range(0, n, batch_size)]
 
     def models_only() -> None:
         for b in batches:
-            engine._run_supervised(engine._on_device(b, engine._sup_view))
-            engine._run_clip(engine._on_device(b, engine._clip_view))
+            engine.run_supervised(b)
+            engine.run_clip(b)
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -268,15 +269,17 @@ def run_speed(out_dir: str | Path, *, device: str = "cpu", batch_size: int = 32,
 
     clip_share: dict[bool, float] = {}
     # the cascade threshold reads the supervised tower only: no need to run CLIP for it
-    sup = [b for b in engine.iter_batches(sources, clip="none") if b.ok]
+    sup = [b.outputs for b in engine.iter_batches(sources, clip="none") if b.ok]
     msp = max_softmax(np.concatenate([b.sup_logits for b in sup]))
     # Random weights make feature distances meaningless: the threshold lets every image
     # pass (the MSP alone sets the share), while the search itself runs and is timed.
     dim = sup[0].sup_features.shape[1]
-    clf.backbone_index_ = EmbeddingIndex().add(
+    backbone = EmbeddingIndex().add(
         np.random.default_rng(0).standard_normal((_CASCADE_INDEX_ROWS, dim), dtype=np.float32))
-    clf.gate_ = clf.gate_.replace(cascade_msp=float(np.quantile(msp, cascade_share)), cascade_distance=2.0)
-    text = clf.zeroshot_.text_features_
+    clf.gate_ = Gate.from_calibration(
+        clf.gate_.calibration_.replace(cascade_msp=float(np.quantile(msp, cascade_share)), cascade_distance=2.0),
+        n_seen=clf.n_seen_, backbone_index=backbone)
+    text = clf.tower_.text_features
     seconds = _best_of({
         "model-only (img/s)": models_only,
         "end-to-end, full hybrid (img/s)": lambda: end_to_end(False, "full.csv"),

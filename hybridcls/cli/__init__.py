@@ -21,7 +21,9 @@ from hybridcls.cli import merge as _merge
 from hybridcls.cli import predict as _predict
 from hybridcls.cli import report as _report
 from hybridcls.cli import train as _train
+from hybridcls.cli.common import UsageError, flag_message
 from hybridcls.errors import HybridclsError
+from hybridcls.version import __version__
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -29,13 +31,7 @@ __all__ = ["UsageError", "build_parser", "main"]
 _COMMANDS = [_train, _calibrate, _predict, _merge, _evaluate, _report, _explain, _bench, _demo, _audit]
 
 
-class UsageError(HybridclsError):
-    """A problem with the command line or its input files; exit status 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from hybridcls import __version__
-
     parser = argparse.ArgumentParser(
         prog="hybridcls",
         description="Open-set image classification: supervised + CLIP zero-shot + a calibrated gate.",
@@ -44,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for module in _COMMANDS:
-        module.add_parser(subparsers)
+        sub = module.add_parser(subparsers)
+        # errors are told in the words of the subcommand's own flags (flag_message)
+        sub.set_defaults(parser_=sub)
     return parser
 
 
@@ -56,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except HybridclsError as exc:
-        print(f"hybridcls {args.command}: error: {exc}", file=sys.stderr)
+        print(f"hybridcls {args.command}: error: {flag_message(str(exc), args.parser_)}",
+              file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -16,10 +16,11 @@ from hybridcls.audit import (
     NEIGHBOURS,
     PIXEL_THRESHOLD,
 )
-from hybridcls.cli.predict import (
+from hybridcls.cli.common import (
+    UsageError,
     add_clip_model_arguments,
     add_runtime_arguments,
-    validate_runtime_arguments,
+    runtime_from_args,
 )
 
 __all__ = ["add_parser", "run"]
@@ -59,9 +60,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from hybridcls.audit import audit_dataset
-    from hybridcls.cli import UsageError
 
-    validate_runtime_arguments(args)
+    runtime = runtime_from_args(args)
     if args.neighbours < 1:
         raise UsageError(f"--neighbours must be at least 1, got {args.neighbours}")
     for flag, value in (("--pixel-threshold", args.pixel_threshold),
@@ -73,13 +73,13 @@ def run(args: argparse.Namespace) -> int:
     report = audit_dataset(
         args.data_dir, val_dir=args.val, test_dir=args.test, output_dir=args.output,
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
-        cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
-        workers=args.workers,
+        cache_dir=runtime.cache_dir, device=runtime.device, batch_size=runtime.batch_size,
+        workers=runtime.workers,
         # A threshold above 1 can never be reached: the test is off.
         pixel_threshold=args.pixel_threshold if args.pixel_threshold <= 1 else None,
         clip_threshold=args.clip_threshold if args.clip_threshold <= 1 else None,
         neighbours=args.neighbours, mislabel_agreement=args.mislabel_agreement,
-        min_class_images=args.min_class_images, progress=not args.quiet,
+        min_class_images=args.min_class_images, progress=runtime.progress,
     )
     print(report.summary())
     return 1 if report.unreadable else 0

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from hybridcls.cache import json_text
+from hybridcls.cli.common import UsageError
 
 __all__ = ["add_parser", "run", "run_memory", "run_quality", "run_speed"]
 
@@ -86,7 +87,6 @@ def run_quality(args: argparse.Namespace) -> int:
 def run_speed(args: argparse.Namespace) -> int:
     from hybridcls.bench.speed import DEFAULT_MODELS, QUICK_MODELS
     from hybridcls.bench.speed import run_speed as bench
-    from hybridcls.cli import UsageError
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -110,7 +110,6 @@ def run_speed(args: argparse.Namespace) -> int:
 
 def run_memory(args: argparse.Namespace) -> int:
     from hybridcls.bench.memory import run_memory as bench
-    from hybridcls.cli import UsageError
 
     if len(args.sizes) < 2 or min(args.sizes) < 1:
         raise UsageError(f"--sizes needs two or more positive numbers, got {args.sizes}")

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 
-from hybridcls.cli.predict import add_clip_arguments, add_runtime_arguments
+from hybridcls.cli.common import add_clip_arguments, add_runtime_arguments, hybrid_from_args
+from hybridcls.gate.cache_branch import CACHE_MODES
+from hybridcls.gate.config import FIT_METHODS
+from hybridcls.gate.scores import SCORES
 
 __all__ = ["add_parser", "run"]
 
@@ -29,16 +32,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("checkpoint", metavar="RUN_DIR", help="run directory from `hybridcls train`")
     parser.add_argument("--data", metavar="DIR",
                         help="the training folder (default: the one recorded in the run)")
-    parser.add_argument("--method", choices=["leave-classes-out", "tpr"], default="leave-classes-out",
+    parser.add_argument("--method", choices=FIT_METHODS, default="leave-classes-out",
                         help="leave-classes-out searches scores and modes (default); "
                              "tpr thresholds --score at --tpr")
-    parser.add_argument("--score", default="clip_margin", help="gate score for --method tpr")
+    parser.add_argument("--score", choices=sorted(SCORES), default="clip_margin",
+                        help="gate score for --method tpr (default: %(default)s)")
     parser.add_argument("--tpr", type=float, default=0.95,
                         help="share of held-out seen images kept in the supervised branch (--method tpr)")
     parser.add_argument("--rounds", type=int, default=5, help="leave-classes-out repetitions")
     parser.add_argument("--transductive", metavar="TEST_INPUT", nargs="+",
                         help="unlabelled test images: refit the threshold on their score distribution")
-    parser.add_argument("--cache-branch", choices=["auto", "on", "off"], default="auto",
+    parser.add_argument("--cache-branch", choices=CACHE_MODES, default="auto",
                         help="nearest-neighbour cache branch added to the supervised logits: auto "
                              "(default) keeps it only when it raises held-out seen-class accuracy")
     parser.add_argument("--seed", type=int, default=0)
@@ -49,24 +53,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridcls.cli import UsageError
-    from hybridcls.cli.predict import hybrid_from_args
-
-    if not 0 < args.tpr <= 1:
-        raise UsageError(f"--tpr must be in (0, 1], got {args.tpr}")
-    if args.rounds < 2 and args.method == "leave-classes-out":
-        raise UsageError(f"--rounds must be at least 2, got {args.rounds}")
-    clf = hybrid_from_args(args).set_params(cache_branch=args.cache_branch)
-    clf.calibrate(args.data, method=args.method, tpr=args.tpr, score=args.score, rounds=args.rounds,
-                  test_inputs=args.transductive, seed=args.seed)
-    g = clf.gate_
+    clf = hybrid_from_args(args, method=args.method, score=args.score, tpr=args.tpr,
+                           rounds=args.rounds, seed=args.seed, cache_branch=args.cache_branch)
+    clf.calibrate(args.data, test_inputs=args.transductive)
+    g = clf.gate_.calibration_
     print(f"gate: score={g.score} mode={g.mode} threshold={g.threshold:.4f} "
           f"(keeps at least {100 * g.tpr:.0f}% of held-out seen images) -> {clf.run_dir_ / 'gate.json'}")
     if g.cascade_msp is not None:
         far = "" if g.cascade_distance is None else f" or backbone distance > {g.cascade_distance:.3f}"
         print(f"cascade (--cascade): CLIP runs where supervised MSP <= {g.cascade_msp:.3f}{far}")
-    for sentence in g.adapted:
-        print(f"adapted to the data's size: {sentence}")
+    for note in g.adapted:
+        print(f"adapted to the data's size: {note}")
     if g.cache_branch is not None:
         c = g.cache_branch
         print(f"cache branch: {'on' if c['enabled'] else 'off'} (alpha {c['alpha']:.3g}, beta {c['beta']:g}; "

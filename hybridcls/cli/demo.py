@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hybridcls.bench.quality import labelled_test_set, prepare_world_run, reference_rows
+    from hybridcls.gate import BranchOutputs
     from hybridcls.gate.metrics import seen_unseen_accuracy
-    from hybridcls.hybrid import HybridFeatures
     from hybridcls.outputs import open_writer
 
     torch.set_num_threads(max(1, args.threads))
@@ -52,21 +52,22 @@ def run(args: argparse.Namespace) -> int:
                                             workers=args.workers, progress=not args.quiet)
     print(f"world: {len(world.seen_classes)} seen + {len(world.unseen_classes)} unseen classes -> {world.root}")
     print(f"supervised branch trained -> {clf.run_dir_} ({seconds['train']:.0f} s)")
-    g = clf.gate_
+    g = clf.gate_.calibration_
     print(f"gate calibrated without unseen images: {g.score} / {g.mode}, "
           f"threshold {g.threshold:.3f} ({seconds['calibrate']:.0f} s)")
 
     sources, y = labelled_test_set(world, clf)
     predictions = out / "predictions.csv"
     batches, preds = [], []
+    paths = [s.path for s in sources]
     with open_writer(predictions, "csv", topk=3, extra_columns=clf.EXTRA_COLUMNS) as writer:
         # Both towers on every image, so that the comparison rows below come from this one pass.
         for batch, res in clf.iter_predictions(sources, clip="all", progress=not args.quiet):
-            writer.write_many(clf.batch_rows(sources, batch, res, topk=3))
+            writer.write_many(clf.batch_rows(paths, batch, res, topk=3))
             batches.append(batch)
             if res is not None:
                 preds.append(res.pred)
-    feats = HybridFeatures.concat(batches)
+    feats = BranchOutputs.concat([b.outputs for b in batches if b.outputs is not None])
     y = y[[i for b in batches for i in b.ok]]  # figures over the decoded images
     print(f"predictions: {writer.n_ok} images ({writer.n_error} errors) -> {predictions}")
 

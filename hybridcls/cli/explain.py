@@ -6,12 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from hybridcls.cli.common import (
+    UsageError,
+    add_clip_arguments,
+    add_runtime_arguments,
+    runtime_from_args,
+)
+
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from hybridcls.cli.predict import add_clip_arguments
-
     parser = subparsers.add_parser(
         "explain",
         help="explain a hybrid's predictions: Grad-CAM, CLIP maps, decision, nearest training images",
@@ -24,32 +29,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder, glob or list file")
     parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
                         help="calibrated run directory, or a folder from save_pretrained")
-    add_clip_arguments(parser)
     # A save_pretrained folder carries its prompts; a bare run directory needs them.
-    next(a for a in parser._actions if a.dest == "prompts").required = False
+    add_clip_arguments(parser, prompts_required=False)
     parser.add_argument("--mode", choices=["hard", "soft", "stacking"], default=None,
                         help="override the calibrated decision mode")
     parser.add_argument("--topk", type=int, default=5, metavar="K",
                         help="classes listed per branch (default: %(default)s)")
     parser.add_argument("--neighbours", type=int, default=5, metavar="K",
                         help="nearest training images per input, 0 for none (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
-                        help="images per batch (default: %(default)s)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
     parser.add_argument("-o", "--output", default="explain", metavar="DIR",
                         help="folder to write (default: %(default)s)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_runtime_arguments(parser)
     parser.set_defaults(run=run)
     return parser
 
 
 def _classifier(args: argparse.Namespace):
-    from hybridcls.cli import UsageError
-    from hybridcls.hybrid import HYBRID_FILE, HybridClassifier
+    from hybridcls.hybrid import HybridClassifier
+    from hybridcls.pretrained import HYBRID_FILE
 
-    params = {"mode": args.mode, "device": args.device, "batch_size": args.batch_size,
-              "workers": 0, "cache_dir": args.cache_dir, "truncate_prompts": args.truncate_prompts,
-              "progress": not args.quiet}
+    params = {"mode": args.mode, "truncate_prompts": args.truncate_prompts,
+              **runtime_from_args(args).to_dict()}
     if (Path(args.checkpoint) / HYBRID_FILE).is_file() and not args.prompts:
         return HybridClassifier.from_pretrained(args.checkpoint, **params)
     if not args.prompts:
@@ -60,12 +60,10 @@ def _classifier(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridcls.cli import UsageError
     from hybridcls.data import expand_inputs
     from hybridcls.explain import explain_images, require_grad_cam, write_explain_page
 
-    for flag, value, least in (("--topk", args.topk, 1), ("--neighbours", args.neighbours, 0),
-                               ("--batch-size", args.batch_size, 1)):
+    for flag, value, least in (("--topk", args.topk, 1), ("--neighbours", args.neighbours, 0)):
         if value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     require_grad_cam()  # before loading models: fail fast on a missing extra

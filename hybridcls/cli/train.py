@@ -180,8 +180,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             out[name] = None
     if args.no_pretrained:
         out["pretrained"] = False
-    if args.quiet:
-        out["progress"] = False
+    # progress is a runtime setting, not a training option: always the command line's own
+    out["progress"] = not args.quiet
     return out
 
 

@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 from hybridcls.data.aspect import MAX_ASPECT_RATIO, CentreCropAspect, ReduceLongSide, bound_aspect
-from hybridcls.data.datasets import Batch, ImageDataset, Sample, collate, make_loader
+from hybridcls.data.datasets import Batch, ImageDataset, Sample, collate, load_source, make_loader
 from hybridcls.data.folders import (
     ImageFolderIndex,
     class_size_error,
@@ -25,6 +25,7 @@ from hybridcls.data.images import (
     DEFAULT_MAX_PIXELS,
     SUPPORTED_FORMATS,
     decode_image_bytes,
+    image_from_memory,
     load_image,
 )
 from hybridcls.data.sources import (
@@ -59,7 +60,9 @@ __all__ = [
     "drop_unreadable",
     "expand_inputs",
     "find_unreadable",
+    "image_from_memory",
     "load_image",
+    "load_source",
     "make_loader",
     "scan_image_folder",
     "stratified_split",

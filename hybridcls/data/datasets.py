@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hybridcls.data.images import DEFAULT_MAX_PIXELS, load_image
+from hybridcls.data.images import DEFAULT_MAX_PIXELS, image_from_memory, load_image
 from hybridcls.data.sources import Source
 from hybridcls.errors import ImageDecodeError
 
-__all__ = ["Batch", "ImageDataset", "Sample", "collate", "make_loader"]
+__all__ = ["Batch", "ImageDataset", "Sample", "collate", "load_source", "make_loader"]
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -106,10 +106,23 @@ class ImageDataset(Dataset):
         if source.error is not None:
             return Sample(index, None, source.error)
         try:
-            image = load_image(source.path, max_pixels=self.max_pixels)
+            image = load_source(source, max_pixels=self.max_pixels)
         except ImageDecodeError as err:
             return Sample(index, None, err.reason)
         return Sample(index, self.transform(image))
+
+
+def load_source(source: Source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The upright RGB image of a source: its file decoded, or its in-memory image converted.
+
+    Raises:
+        ImageDecodeError: It cannot be read (the source's own known error included).
+    """
+    if source.error is not None:
+        raise ImageDecodeError(source.path, source.error)
+    if source.image is not None:
+        return image_from_memory(source.image, source.path, max_pixels=max_pixels)
+    return load_image(source.path, max_pixels=max_pixels)
 
 
 def collate(samples: Sequence[Sample]) -> Batch:

@@ -31,7 +31,7 @@ import os
 import re
 import stat
 import warnings
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "SUPPORTED_FORMATS",
     "decode_image_bytes",
+    "image_from_memory",
     "load_image",
 ]
 
@@ -244,3 +245,52 @@ def _describe(err: BaseException) -> str:
         return err.strerror
     text = str(err).strip()
     return text or type(err).__name__
+
+
+def image_from_memory(image: Any, name: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                      ) -> Image.Image:
+    """An image given in memory as an upright RGB PIL image, like a decoded file.
+
+    Args:
+        image: A PIL image (any mode: converted like a decoded file), a ``uint8`` array
+            of shape ``[H, W, 3]``, ``[H, W, 4]`` (alpha over white) or ``[H, W]``
+            (grey), or a tensor of shape ``[3, H, W]``: ``uint8``, or floats in
+            ``[0, 1]`` (torchvision's convention).
+        name: What to call it in errors (``<image K>``).
+        max_pixels: As for :func:`load_image`.
+
+    Returns:
+        A mode ``"RGB"`` image.
+
+    Raises:
+        ImageDecodeError: Another type or shape, floats outside ``[0, 1]``, too many pixels.
+
+    Example:
+        >>> import numpy as np
+        >>> image_from_memory(np.zeros((2, 3, 3), np.uint8), "<image 0>").size
+        (3, 2)
+    """
+    if isinstance(image, Image.Image):
+        _check_pixels(image.size, name, max_pixels)
+        return _to_rgb(image, name)
+    if hasattr(image, "detach"):  # a torch tensor, CHW; duck-typed so that this module needs no torch
+        array = image.detach().cpu().numpy()
+        if array.ndim != 3 or array.shape[0] != 3:
+            raise ImageDecodeError(name, f"an image tensor has shape [3, H, W], got {list(array.shape)}")
+        array = np.moveaxis(array, 0, -1)
+    else:
+        array = np.asarray(image)
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ImageDecodeError(name, f"expected uint8 or floats in [0, 1], got {array.dtype}")
+        if array.size and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+            raise ImageDecodeError(name, "floating-point pixels must lie in [0, 1]")
+        array = np.rint(array * 255.0).astype(np.uint8)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ImageDecodeError(name, f"an image array has shape [H, W, 3], [H, W, 4] or [H, W], "
+                                     f"got {list(array.shape)}")
+    _check_pixels((array.shape[1], array.shape[0]), name, max_pixels)
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(array)), name)
+

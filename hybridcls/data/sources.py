@@ -31,10 +31,10 @@ import io
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from hybridcls.errors import InputError
+from hybridcls.errors import InputError, ParameterError
 
 __all__ = [
     "CSV_PATH_COLUMNS",
@@ -66,13 +66,18 @@ class Source:
 
     Attributes:
         path: The path as the user will recognise it (as given, or joined to
-            the folder or list file it came from); not made absolute.
+            the folder or list file it came from); not made absolute. An image
+            given in memory is named ``<image N>`` (N: its position among the inputs).
         error: Why this input cannot be decoded, when that is known before
             opening it; ``None`` otherwise.
+        image: An image given in memory instead of a file (a PIL image, an
+            ``[H, W, 3]`` / ``[H, W]`` ``uint8`` array or a ``[3, H, W]`` tensor; see
+            :func:`hybridcls.data.images.image_from_memory`); ``None`` for a file.
     """
 
     path: str
     error: str | None = None
+    image: Any = field(default=None, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -81,21 +86,89 @@ class Source:
 
 
 def as_sources(inputs: Any) -> list[Source]:
-    """Sources from anything the API accepts: one input, a list of inputs, or ready Sources.
+    """Sources from anything the API accepts, in order, each input once.
 
-    A list made only of :class:`Source` items is kept as it is (already
-    expanded); anything else goes through :func:`expand_inputs`.
+    Accepted, alone or in a list (kinds may be mixed):
+
+    * paths, folders, globs and list files, expanded by :func:`expand_inputs`;
+    * :class:`Source` items, kept as they are (already expanded);
+    * images in memory: a PIL image, a ``uint8`` array of shape ``[H, W, 3]``,
+      ``[H, W, 4]`` or ``[H, W]`` (numpy's image layout), a tensor of shape
+      ``[3, H, W]`` (torchvision's: ``uint8``, or floats in ``[0, 1]``), or a
+      ``[N, 3, H, W]`` tensor of N images. Each becomes one source named
+      ``<image K>``, K its row among the outputs (counting from 0).
+
+    Raises:
+        ParameterError: An input of another type, or an array or tensor whose shape
+            or type is not an image's (names its position in ``inputs``).
 
     Example:
-        >>> as_sources([Source("a.jpg"), Source("b.jpg")])[1].path
-        'b.jpg'
+        >>> import numpy as np
+        >>> [s.path for s in as_sources([Source("a.jpg"), np.zeros((4, 4, 3), np.uint8)])]
+        ['a.jpg', '<image 1>']
     """
-    if isinstance(inputs, (str, os.PathLike, Source)):
+    if isinstance(inputs, (str, os.PathLike, Source)) or _image_kind(inputs) is not None:
         inputs = [inputs]
     items = list(inputs)
     if items and all(isinstance(s, Source) for s in items):
         return items
-    return expand_inputs([s.path if isinstance(s, Source) else s for s in items])
+    out: list[Source] = []
+    paths: list[str | os.PathLike[str]] = []
+
+    def flush() -> None:
+        out.extend(expand_inputs(paths))
+        paths.clear()
+
+    for position, item in enumerate(items):
+        if isinstance(item, Source) and item.image is None:
+            paths.append(item.path)
+        elif isinstance(item, (str, os.PathLike)):
+            paths.append(item)
+        else:
+            flush()
+            out.extend(_memory_sources(item, position, len(out)))
+    flush()
+    return out
+
+
+def _image_kind(x: Any) -> str | None:
+    """``"pil"``, ``"array"``, ``"tensor"`` for an image in memory; ``None`` otherwise.
+
+    Duck-typed, so that this module imports neither torch nor numpy's image helpers.
+    """
+    if isinstance(x, Source):
+        return "source" if x.image is not None else None
+    module = type(x).__module__
+    if module.startswith("PIL."):
+        return "pil"
+    if module.startswith("torch") and hasattr(x, "shape"):
+        return "tensor"
+    if module == "numpy" and hasattr(x, "shape"):
+        return "array"
+    return None
+
+
+def _memory_sources(item: Any, position: int, first: int) -> list[Source]:
+    kind = _image_kind(item)
+    if kind == "source":
+        return [item]
+    if kind is None:
+        raise ParameterError("inputs", f"<{type(item).__name__} at position {position}>",
+                             "expected paths, folders, globs, list files, PIL images, "
+                             "[H, W, 3] uint8 arrays or [3, H, W] / [N, 3, H, W] tensors")
+    shape = tuple(int(d) for d in getattr(item, "shape", ()))
+    if kind == "tensor" and len(shape) == 4:
+        if shape[1] != 3:
+            raise ParameterError("inputs", f"<tensor of shape {shape} at position {position}>",
+                                 "a batch of images has shape [N, 3, H, W]")
+        return [Source(f"<image {first + i}>", image=item[i]) for i in range(shape[0])]
+    if kind == "tensor" and (len(shape) != 3 or shape[0] != 3):
+        raise ParameterError("inputs", f"<tensor of shape {shape} at position {position}>",
+                             "an image tensor has shape [3, H, W] (torchvision's layout)")
+    if kind == "array" and not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4))):
+        raise ParameterError("inputs", f"<array of shape {shape} at position {position}>",
+                             "an image array has shape [H, W, 3], [H, W, 4] or [H, W]")
+    return [Source(f"<image {first}>", image=item)]
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Source]:

@@ -31,14 +31,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy.special import softmax
 
-from hybridcls.data import Source, as_sources, load_image
-from hybridcls.engine import View, split_transform
+from hybridcls.data import Source, as_sources, load_image, load_source
 from hybridcls.errors import ImageDecodeError
 from hybridcls.explain.clip_maps import clip_similarity_map
 from hybridcls.explain.gradcam import gradcam_maps, require_grad_cam
 from hybridcls.explain.overlay import overlay, save_png, thumbnail
 from hybridcls.outputs import PredictionRow, topk_pairs
-from hybridcls.supervised import build_eval_transform
 
 if TYPE_CHECKING:
     from hybridcls.hybrid import HybridClassifier
@@ -117,20 +115,16 @@ def _class_index(classes: np.ndarray, name: str) -> int:
 
 
 class _Views:
-    """Each tower's input tensor and the crop it sees, from one decoded image."""
+    """Each tower's input tensor and the crop it sees, from one decoded image (the engine's views)."""
 
     def __init__(self, clf: HybridClassifier) -> None:
-        self.sup = split_transform(build_eval_transform(clf.checkpoint_config_))
-        self.clip = split_transform(clf.zeroshot_.bundle_.preprocess)
+        self.sup, self.clip = clf.engine_.views
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, Image.Image, torch.Tensor, Image.Image]:
         # each tower's geometry runs once; its tensor is that crop normalised (as in the engine)
-        sup_crop, clip_crop = self.sup.geometry(image), self.clip.geometry(image)
-        return _normalised(sup_crop, self.sup), sup_crop, _normalised(clip_crop, self.clip), clip_crop
-
-
-def _normalised(crop: Image.Image, view: View) -> torch.Tensor:
-    return TF.normalize(TF.to_tensor(crop), view.mean, view.std)
+        sup_px, clip_px = self.sup.pixels(image), self.clip.pixels(image)
+        return (self.sup.normalise(sup_px), TF.to_pil_image(sup_px),
+                self.clip.normalise(clip_px), TF.to_pil_image(clip_px))
 
 
 def _neighbours(index: Any, sims: np.ndarray, ids: np.ndarray, classes: np.ndarray, out: Path,
@@ -186,21 +180,24 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
     classes = np.asarray(clf.classes_, dtype=object)
     seen = classes[: clf.n_seen_]
     class_names = set(classes.tolist())
-    index = clf.knn_ if neighbours > 0 else None
+    gate = clf.gate_
+    index = gate.clip_index_ if neighbours > 0 and gate is not None else None
     if neighbours <= 0:
-        note = "nearest training images not asked for (--neighbours 0)"
+        note = "nearest training images not asked for (neighbours=0)"
     elif index is None:
-        note = (f"no nearest training images: {clf.index_error_}" if clf.index_error_ is not None
+        note = (f"no nearest training images: {gate.index_error_}"
+                if gate is not None and gate.index_error_ is not None
                 else "no nearest training images: the run has no embedding index "
                      "(run `hybridcls calibrate` to build index/clip.*)")
     else:
         note = f"nearest training images: cosine similarity of CLIP embeddings, {index.ntotal} indexed"
     thumbs: dict[int, Neighbour] = {}
     explanations: list[Explanation] = []
-    text = clf.zeroshot_.text_features_
-    visual = clf.zeroshot_.bundle_.model.visual
+    text = clf.tower_.text_features
+    visual = clf.tower_.bundle.model.visual
+    paths = [s.path for s in sources]
     for batch, res in clf.iter_predictions(sources, progress=progress, clip="all"):
-        rows = clf.batch_rows(sources, batch, res, topk=topk)
+        rows = clf.batch_rows(paths, batch, res, topk=topk)
         pos = {idx: j for j, idx in enumerate(batch.ok)}
         todo: list[tuple[Explanation, int, int, Image.Image, Image.Image]] = []
         sup_x, clip_x, sup_t, clip_t = [], [], [], []
@@ -210,7 +207,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
             if not ex.ok:
                 continue
             try:
-                s_x, s_crop, c_x, c_crop = views(load_image(sources[idx].path))
+                s_x, s_crop, c_x, c_crop = views(load_source(sources[idx]))
             except ImageDecodeError as err:  # changed on disk since the engine read it
                 ex.row = PredictionRow.failed(row.path, err.reason)
                 continue
@@ -219,7 +216,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
             if not row.extra["zeroshot_topk"]:
                 # A hard gate keeps the supervised answer and leaves the zero-shot one out of the
                 # row; CLIP ran on every image here, so show what it would have said.
-                row.extra["zeroshot_topk"] = _topk(batch.clip_logits[pos[idx]], classes, topk)
+                row.extra["zeroshot_topk"] = _topk(batch.outputs.clip_logits[pos[idx]], classes, topk)
                 ex.zeroshot_consulted = False
             zs_top = row.extra["zeroshot_topk"][0][0]
             ex.clip_class = row.label if row.label in class_names else str(zs_top)
@@ -235,7 +232,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
                                            text[:, clip_t].T)
         maps, cosine = maps.cpu().numpy(), cosine.cpu().numpy()
         if index is not None:  # one search for the batch
-            nb_sims, nb_ids = index.search(batch.clip_embeddings[[j for _, _, j, _, _ in todo]],
+            nb_sims, nb_ids = index.search(batch.outputs.clip_embeddings[[j for _, _, j, _, _ in todo]],
                                            min(neighbours, index.ntotal))
         for n, (ex, idx, j, s_crop, c_crop) in enumerate(todo):
             stem = f"{idx:05d}"  # the input's position: unique, and sorts in input order
@@ -248,7 +245,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
             }
             if index is not None:
                 ex.neighbours = _neighbours(index, nb_sims[n], nb_ids[n], seen, out, thumbs)
-    gate = clf.gate_
+    cal = clf.gate_.calibration_
     return ExplainResult(explanations, out, str(clf.run_dir_),
-                         {"mode": clf.mode or gate.mode, "score": gate.score,
-                          "method": gate.method}, note)
+                         {"mode": clf.mode or cal.mode, "score": cal.score,
+                          "method": cal.method}, note)

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+from hybridcls.gate.branches import BranchOutputs
 from hybridcls.gate.cache_branch import (
     ALPHA_GRID,
     BETA_GRID,
@@ -44,8 +45,9 @@ from hybridcls.gate.cascade import (
     max_softmax,
     threshold_from_seen_share,
 )
-from hybridcls.gate.config import GATE_FILENAME, MODES, GateCalibration
-from hybridcls.gate.fusion import FusionResult, fuse, route, topk
+from hybridcls.gate.config import FIT_METHODS, GATE_FILENAME, METHODS, MODES, GateCalibration
+from hybridcls.gate.fusion import FusionResult, fuse, fuse_zeroshot, route, topk
+from hybridcls.gate.gate import INDEX_DIR, ClipPolicy, Gate
 from hybridcls.gate.metrics import (
     GateDetection,
     RoutingMatrix,
@@ -77,13 +79,19 @@ __all__ = [
     "DEFAULT_AGREEMENT",
     "DEFAULT_CACHE_K",
     "DEFAULT_DISTANCE_TPR",
+    "FIT_METHODS",
     "GATE_FILENAME",
+    "INDEX_DIR",
     "INPUTS",
+    "METHODS",
     "MODES",
     "SCORES",
+    "BranchOutputs",
     "CacheBranch",
+    "ClipPolicy",
     "CombinedScore",
     "FusionResult",
+    "Gate",
     "GateCalibration",
     "GateDetection",
     "RoutingMatrix",
@@ -103,6 +111,7 @@ __all__ = [
     "fit_temperature",
     "from_candidate",
     "fuse",
+    "fuse_zeroshot",
     "gate_detection",
     "knn_distance_score",
     "leave_classes_out",

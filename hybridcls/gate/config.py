@@ -22,10 +22,12 @@ from hybridcls.errors import CheckpointError, InputError
 from hybridcls.gate.cascade import CASCADE_KNN_K
 from hybridcls.gate.scores import DEFAULT_KNN_K, SCORES, CombinedScore, compute_scores, needs_of
 
-__all__ = ["GATE_FILENAME", "METHODS", "MODES", "GateCalibration"]
+__all__ = ["FIT_METHODS", "GATE_FILENAME", "METHODS", "MODES", "GateCalibration"]
 
 MODES = ("hard", "soft", "stacking")
 METHODS = ("tpr", "leave-classes-out", "transductive", "manual")
+#: The methods :meth:`hybridcls.gate.Gate.fit` calibrates with (``transductive`` refines either).
+FIT_METHODS = ("leave-classes-out", "tpr")
 #: The file name the lead's run directory uses for the gate.
 GATE_FILENAME = "gate.json"
 _FORMAT_VERSION = 1

@@ -41,6 +41,7 @@ __all__ = [
     "BRANCHES",
     "FusionResult",
     "fuse",
+    "fuse_zeroshot",
     "hard_probs",
     "route",
     "route_mask",
@@ -332,14 +333,11 @@ def fuse(
 
     sup_probs = None if sup is None else softmax_rows(sup / t)
     if calibration.unknown_threshold is not None:
-        # "unknown" only when no branch that ran is confident: every top probability strictly
-        # below the threshold (one equal to it is confident enough); a branch that did not run
-        # on a row (NaN) counts as not confident; stacking's answer is the zero-shot one alone
+        # stacking's answer is the zero-shot one alone
         sup_conf = np.full(n, np.nan)
         if sup_probs is not None and mode != "stacking":
             sup_conf = sup_probs.max(axis=1)
-        best = np.fmax(sup_conf, clip_conf)
-        branch[~(best >= calibration.unknown_threshold)] = "unknown"
+        _mark_unknown(branch, np.fmax(sup_conf, clip_conf), calibration.unknown_threshold)
     return FusionResult(
         probs=probs,
         branch=branch,
@@ -348,6 +346,42 @@ def fuse(
         sup_probs=sup_probs,
         clip_probs=clip_probs,
     )
+
+
+def fuse_zeroshot(clip_logits: Any, *, unknown_threshold: float | None = None) -> FusionResult:
+    """The zero-shot branch alone: a gate with no seen classes (zero-shot-only prediction).
+
+    Args:
+        clip_logits: ``[N, C]`` zero-shot logits over every class.
+        unknown_threshold: Answer ``unknown`` where the top probability is below it
+            (the same rule as :func:`fuse`'s).
+
+    Returns:
+        A :class:`FusionResult` whose probabilities are CLIP's softmax over every class.
+
+    Example:
+        >>> r = fuse_zeroshot(np.array([[0.0, 3.0], [0.0, 0.0]]), unknown_threshold=0.6)
+        >>> r.pred.tolist(), r.branch.tolist()
+        ([1, -1], ['zeroshot', 'unknown'])
+    """
+    clip = as_array(clip_logits, "clip_logits")
+    probs = softmax_rows(clip)
+    n = probs.shape[0]
+    branch = np.full(n, "zeroshot", dtype=object)
+    if unknown_threshold is not None:
+        _mark_unknown(branch, probs.max(axis=1), unknown_threshold)
+    return FusionResult(probs=probs, branch=branch, gate_weight=np.ones(n),
+                        gate_score=np.full(n, np.nan), sup_probs=None, clip_probs=probs)
+
+
+def _mark_unknown(branch: np.ndarray, best: np.ndarray, threshold: float) -> None:
+    """Mark ``unknown`` the rows whose most confident branch's top probability is below ``threshold``.
+
+    One equal to it is confident enough; a branch that did not run on a row (NaN)
+    counts as not confident.
+    """
+    with np.errstate(invalid="ignore"):
+        branch[~(best >= threshold)] = "unknown"
 
 
 def _threshold(calibration: GateCalibration) -> float:

@@ -41,6 +41,7 @@ from hybridcls.data import bound_aspect
 from hybridcls.errors import CheckpointError
 from hybridcls.supervised.model import SupervisedModel
 from hybridcls.supervised.weights import read_state_dict
+from hybridcls.version import __version__
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -100,8 +101,6 @@ def make_checkpoint_config(
     Returns:
         A JSON-ready dict.
     """
-    from hybridcls import __version__
-
     if len(classes) != model.num_classes:
         raise CheckpointError(
             f"{len(classes)} class names for a model with {model.num_classes} outputs"

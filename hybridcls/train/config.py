@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hybridcls.errors import InputError
+from hybridcls.runtime import RuntimeSettings
 from hybridcls.supervised import HEAD_TYPES
 
 __all__ = ["AMP_MODES", "BALANCE_MODES", "RESUME_FREE_FIELDS", "TrainConfig"]
@@ -110,11 +111,12 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.999
     patience: int | None = 3
-    device: str = "auto"
-    workers: int = 2
+    # the runtime settings' defaults are RuntimeSettings' (one home, shared with inference)
+    device: str = RuntimeSettings.device
+    workers: int = RuntimeSettings.workers
     seed: int = 0
-    progress: bool = True
-    cache_dir: str | None = field(default=None)
+    progress: bool = RuntimeSettings.progress
+    cache_dir: str | None = RuntimeSettings.cache_dir
 
     def __post_init__(self) -> None:
         self.validate()

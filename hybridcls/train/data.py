@@ -29,7 +29,6 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms
 
-from hybridcls import __version__
 from hybridcls.cache import stable_hash
 from hybridcls.data import (
     DEFAULT_MAX_PIXELS,
@@ -40,9 +39,12 @@ from hybridcls.data import (
     stratified_split,
 )
 from hybridcls.data import make_loader as make_image_loader
-from hybridcls.errors import DatasetError
+from hybridcls.errors import CheckpointError, DatasetError
 from hybridcls.supervised import timm_data_config
+from hybridcls.supervised.checkpoint import read_json
 from hybridcls.train.config import TrainConfig
+from hybridcls.train.state import STATE_JSON_FILE
+from hybridcls.version import __version__
 
 __all__ = [
     "BalancedSampler",
@@ -52,6 +54,7 @@ __all__ = [
     "check_images",
     "derive_seed",
     "make_loader",
+    "recorded_image_check",
     "resolve_training_data",
     "seed_everything",
 ]
@@ -167,6 +170,22 @@ def check_images(
     )
     failed = gather_dicts(failed)
     return ImageCheck(fingerprint, {p: failed[p] for p in paths if p in failed})
+
+
+def recorded_image_check(run_dir: str | Path) -> ImageCheck | None:
+    """The decode check a run's training recorded (its resume state), or ``None`` without one.
+
+    Read from ``train_state.json`` alone, so that ``calibrate`` reuses the check without
+    loading the resume tensors; :func:`check_images` reuses it only if no file changed.
+    """
+    path = Path(run_dir) / STATE_JSON_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = read_json(path)
+    except CheckpointError:
+        return None
+    return ImageCheck.from_dict(info.get("image_check")) if isinstance(info, dict) else None
 
 
 def resolve_training_data(

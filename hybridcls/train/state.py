@@ -26,7 +26,12 @@ import torch
 
 from hybridcls.cache import atomic_write_bytes, stable_hash
 from hybridcls.errors import CheckpointError
-from hybridcls.supervised.checkpoint import read_json, read_verified_safetensors, safetensors_bytes, write_json
+from hybridcls.supervised.checkpoint import (
+    read_json,
+    read_verified_safetensors,
+    safetensors_bytes,
+    write_json,
+)
 
 __all__ = [
     "STATE_FORMAT_VERSION",

@@ -6,6 +6,7 @@
   context length, and classes the model cannot tell apart;
 * :mod:`~hybridcls.zeroshot.text_classifier`: :func:`build_text_classifier`
   with its on-disk cache;
+* :mod:`~hybridcls.zeroshot.tower`: :class:`ClipTower`, the model with its class-text matrix;
 * :mod:`~hybridcls.zeroshot.classifier`: :class:`ZeroShotClassifier`.
 
 Importing this package loads only the prompts parser; torch and open_clip
@@ -40,8 +41,6 @@ from hybridcls.zeroshot.prompts import (
 
 if TYPE_CHECKING:
     from hybridcls.zeroshot.classifier import (
-        CLASSIFIER_PRECISIONS,
-        ZeroShotBatch,
         ZeroShotClassifier,
     )
     from hybridcls.zeroshot.loading import (
@@ -49,7 +48,6 @@ if TYPE_CHECKING:
         DEFAULT_CLIP_PRETRAINED,
         ClipBundle,
         load_clip,
-        resolve_device,
     )
     from hybridcls.zeroshot.text_checks import (
         NEAR_IDENTICAL_COSINE,
@@ -60,17 +58,17 @@ if TYPE_CHECKING:
         build_text_classifier,
         text_cache_key,
     )
+    from hybridcls.zeroshot.tower import ClipTower
 
 __all__ = [
-    "CLASSIFIER_PRECISIONS",
     "DEFAULT_CLIP_MODEL",
     "DEFAULT_CLIP_PRETRAINED",
     "NEAR_IDENTICAL_COSINE",
     "ClassPrompt",
     "ClipBundle",
+    "ClipTower",
     "PromptSet",
     "TemplateSet",
-    "ZeroShotBatch",
     "ZeroShotClassifier",
     "as_prompt_set",
     "as_template_set",
@@ -84,21 +82,18 @@ __all__ = [
     "parse_templates",
     "read_prompts",
     "read_templates",
-    "resolve_device",
     "text_cache_key",
     "token_counts",
 ]
 
 # Names whose modules import torch and open_clip, resolved on first access (PEP 562).
 _LAZY = {
-    "CLASSIFIER_PRECISIONS": "hybridcls.zeroshot.classifier",
-    "ZeroShotBatch": "hybridcls.zeroshot.classifier",
     "ZeroShotClassifier": "hybridcls.zeroshot.classifier",
+    "ClipTower": "hybridcls.zeroshot.tower",
     "DEFAULT_CLIP_MODEL": "hybridcls.zeroshot.loading",
     "DEFAULT_CLIP_PRETRAINED": "hybridcls.zeroshot.loading",
     "ClipBundle": "hybridcls.zeroshot.loading",
     "load_clip": "hybridcls.zeroshot.loading",
-    "resolve_device": "hybridcls.zeroshot.loading",
     "NEAR_IDENTICAL_COSINE": "hybridcls.zeroshot.text_checks",
     "check_class_text": "hybridcls.zeroshot.text_checks",
     "token_counts": "hybridcls.zeroshot.text_checks",

@@ -2,99 +2,41 @@
 
 scikit-learn shaped: ``__init__`` only stores parameters, :meth:`fit` loads
 the model and builds (or reads from cache) the class-text matrix, no images
-needed; :meth:`predict`, :meth:`predict_proba` and :meth:`decision_function`
-take paths, folders, globs, list files, PIL images or preprocessed tensors.
-:meth:`iter_predictions` streams per batch and never raises for a bad image,
-which is what the command line uses.
+needed. Prediction runs the package's one inference path
+(:class:`~hybridcls.predictor.Predictor`): the
+:class:`~hybridcls.engine.InferenceEngine` with the CLIP tower only, and a
+gate with no seen classes, which sends every image to CLIP. So every runtime
+option of the hybrid (device, precision, compile, device decoding, workers)
+and the ``unknown`` answer work the same here.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import open_clip
 import torch
-from PIL import Image
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
-from tqdm.auto import tqdm
 
-from hybridcls.data import Source, as_sources, make_loader
-from hybridcls.errors import ImageDecodeError, InputError
-from hybridcls.zeroshot.loading import (
-    DEFAULT_CLIP_MODEL,
-    DEFAULT_CLIP_PRETRAINED,
-    load_clip,
-    resolve_device,
-)
-from hybridcls.zeroshot.prompts import PromptSet, as_prompt_set, as_template_set
-from hybridcls.zeroshot.text_classifier import build_text_classifier
+from hybridcls.device import autocast, resolve_device
+from hybridcls.engine import InferenceEngine
+from hybridcls.errors import InputError
+from hybridcls.gate import Gate
+from hybridcls.predictor import Predictor
+from hybridcls.runtime import RuntimeSettings
+from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
+from hybridcls.zeroshot.prompts import PromptSet
+from hybridcls.zeroshot.tower import ClipTower
 
-__all__ = ["CLASSIFIER_PRECISIONS", "Inputs", "ZeroShotBatch", "ZeroShotClassifier"]
+__all__ = ["ZeroShotClassifier"]
 
-#: ``precision`` values: ``auto`` = fp32 weights, autocast float16 on CUDA;
-#: ``amp`` = autocast on any device (bfloat16 on CPU); ``fp16``/``bf16`` = weights in that type.
-CLASSIFIER_PRECISIONS = ("auto", "fp32", "amp", "fp16", "bf16")
-
-#: What predict-style methods accept.
-Inputs = (
-    str
-    | os.PathLike
-    | Source
-    | Image.Image
-    | torch.Tensor
-    | Sequence[str | os.PathLike | Source]
-    | Sequence[Image.Image]
-)
-
-# Names of failed files quoted in one ImageDecodeError before "...".
-_MAX_LISTED_FAILURES = 10
+_R = RuntimeSettings  # the runtime parameters' defaults live there, once
 
 
-@dataclass(frozen=True)
-class ZeroShotBatch:
-    """Results for one batch of :meth:`ZeroShotClassifier.iter_predictions`.
-
-    Attributes:
-        indices: Every source index of the batch, in order.
-        ok: Indices whose image decoded; rows of the arrays below follow it.
-        probs: ``[len(ok), n_classes]`` softmax over ``classes_``.
-        logits: ``[len(ok), n_classes]`` scaled cosine similarities.
-        embeddings: ``[len(ok), embed_dim]`` L2-normalised image embeddings.
-        errors: Index -> reason for each input that could not be read.
-    """
-
-    indices: list[int]
-    ok: list[int]
-    probs: np.ndarray
-    logits: np.ndarray
-    embeddings: np.ndarray
-    errors: dict[int, str]
-
-
-def _precision_plan(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
-    """(open_clip weight precision, autocast dtype or None) for a classifier precision."""
-    if precision not in CLASSIFIER_PRECISIONS:
-        raise InputError(
-            f"--precision {precision!r}: expected one of {', '.join(CLASSIFIER_PRECISIONS)}"
-        )
-    if precision == "auto":
-        return "fp32", (torch.float16 if device.type == "cuda" else None)
-    if precision == "amp":
-        return "fp32", (torch.float16 if device.type == "cuda" else torch.bfloat16)
-    return precision, None
-
-
-def _is_path_like(x: Any) -> bool:
-    return isinstance(x, (str, os.PathLike, Source))
-
-
-class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
+class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
     """Classify images into the classes of a prompts file with an open_clip model.
 
     Args:
@@ -105,35 +47,37 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
             may also be given to :meth:`fit`.
         templates: Templates file or list of templates; None = the bundled
             default (open_clip's 80 OpenAI ImageNet templates).
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        batch_size: Images per forward pass.
-        workers: Image-decoding processes for path inputs (0 = in this process).
-        cache_dir: Weights download cache and text-matrix cache root; None =
-            the Hugging Face cache for weights and
-            :func:`~hybridcls.cache.default_cache_dir` for the text matrix.
-        precision: One of :data:`CLASSIFIER_PRECISIONS`.
-        use_cache: Read/write the on-disk text-matrix cache.
-        progress: Show progress bars.
-        truncate_prompts: Accept class texts longer than the model's context,
-            cut by the tokenizer (one warning with the count), instead of
-            refusing them with a :class:`~hybridcls.errors.PromptFileError`
+        unknown_threshold: Answer ``unknown`` when the top probability is below it
+            (``None``: never).
+        truncate_prompts: Accept class texts longer than the model's context, cut by the
+            tokenizer (one warning with the count), instead of refusing them
             (see :mod:`hybridcls.zeroshot.text_checks`).
+        use_cache: Read/write the on-disk text-matrix cache.
+        device: Runtime setting (see :class:`~hybridcls.runtime.RuntimeSettings`, where
+            every runtime parameter's default and meaning is given once).
+        batch_size: Runtime setting.
+        workers: Runtime setting.
+        precision: Runtime setting.
+        compile: Runtime setting.
+        decode: Runtime setting.
+        cache_dir: Runtime setting.
+        progress: Runtime setting.
 
     Attributes:
         classes_: Class names, in prompts order (the columns of every output).
+        n_seen_: 0: a zero-shot classifier has no seen classes.
         prompts_: The parsed :class:`PromptSet`.
         templates_: The templates used.
-        text_features_: ``[embed_dim, n_classes]`` L2-normalised text matrix on the device.
-        logit_scale_: The model's own ``logit_scale.exp()``.
-        logit_bias_: The model's ``logit_bias`` (SigLIP models) or None.
-        bundle_: The loaded :class:`~hybridcls.zeroshot.loading.ClipBundle`.
+        tower_: The :class:`~hybridcls.zeroshot.ClipTower` (model + class-text matrix).
+        engine_: The :class:`~hybridcls.engine.InferenceEngine` it predicts with.
+        gate_: Its :class:`~hybridcls.gate.Gate` (no seen classes).
         device_: The torch device used.
 
     Example:
         >>> from hybridcls import ZeroShotClassifier
         >>> clf = ZeroShotClassifier(prompts="prompts/animals.txt").fit()  # doctest: +SKIP
         >>> clf.predict(["photos/"])[:2]  # doctest: +SKIP
-        array(['zebra', 'polar bear'], dtype='<U15')
+        array(['zebra', 'polar bear'], dtype=object)
         >>> clf.predict_proba(["photos/"]).shape  # doctest: +SKIP
         (12, 50)
     """
@@ -145,35 +89,37 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
         prompts: PromptSet | str | os.PathLike[str] | Sequence[str] | None = None,
         templates: str | os.PathLike[str] | Sequence[str] | None = None,
         *,
-        device: str = "auto",
-        batch_size: int = 64,
-        workers: int = 0,
-        cache_dir: str | os.PathLike[str] | None = None,
-        precision: str = "auto",
-        use_cache: bool = True,
-        progress: bool = False,
+        unknown_threshold: float | None = None,
         truncate_prompts: bool = False,
+        use_cache: bool = True,
+        device: str = _R.device,
+        batch_size: int = _R.batch_size,
+        workers: int = _R.workers,
+        precision: str = _R.precision,
+        compile: bool = _R.compile,
+        decode: str = _R.decode,
+        cache_dir: str | os.PathLike[str] | None = _R.cache_dir,
+        progress: bool = _R.progress,
     ) -> None:
         self.clip_model = clip_model
         self.clip_pretrained = clip_pretrained
         self.prompts = prompts
         self.templates = templates
+        self.unknown_threshold = unknown_threshold
+        self.truncate_prompts = truncate_prompts
+        self.use_cache = use_cache
         self.device = device
         self.batch_size = batch_size
         self.workers = workers
-        self.cache_dir = cache_dir
         self.precision = precision
-        self.use_cache = use_cache
+        self.compile = compile
+        self.decode = decode
+        self.cache_dir = cache_dir
         self.progress = progress
-        self.truncate_prompts = truncate_prompts
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(
-        self,
-        prompts: PromptSet | str | os.PathLike[str] | Sequence[str] | None = None,
-        y: None = None,
-    ) -> ZeroShotClassifier:
+    def fit(self, prompts: Any = None, y: None = None) -> ZeroShotClassifier:
         """Load the model and the class-text matrix; no images are needed.
 
         Args:
@@ -184,233 +130,89 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
             ``self``.
 
         Raises:
-            InputError: No prompts, or a bad option value.
+            ParameterError: No prompts, or a bad runtime setting (names the parameter).
             PromptFileError: A bad prompts or templates file, class text longer than
                 the model's context, or two classes the model cannot tell apart.
             WeightsUnavailableError: The model's weights cannot be had offline.
         """
         source = prompts if prompts is not None else self.prompts
         if source is None:
-            raise InputError(
-                "no prompts: pass prompts=FILE (e.g. prompts/animals.txt) or a list of class names"
-            )
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise InputError(f"--batch-size {self.batch_size!r}: expected a positive integer")
-        if not isinstance(self.workers, int) or self.workers < 0:
-            raise InputError(f"--workers {self.workers!r}: expected an integer >= 0")
-        prompt_set = as_prompt_set(source)
-        templates = as_template_set(self.templates)
-        device = resolve_device(self.device)
-        weight_precision, autocast_dtype = _precision_plan(self.precision, device)
-
-        bundle = load_clip(
-            self.clip_model,
-            self.clip_pretrained,
-            device=device,
-            cache_dir=self.cache_dir,
-            precision=weight_precision,
-        )
-        text = build_text_classifier(
-            bundle,
-            prompt_set,
-            templates,
-            cache_dir=self.cache_dir,
-            use_cache=self.use_cache,
-            progress=self.progress,
-            truncate_prompts=self.truncate_prompts,
-        )
-        model = bundle.model
-        bias = getattr(model, "logit_bias", None)
-
-        self.bundle_ = bundle
-        self.device_ = device
-        self.prompts_ = prompt_set
-        self.templates_ = list(templates)
-        self.classes_ = np.array(prompt_set.names, dtype=str)
-        self.text_features_ = text.float()
-        self.logit_scale_ = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
-        self.logit_bias_ = None if bias is None else float(bias.detach().float().reshape(-1)[0])
-        self._autocast_dtype = autocast_dtype
-        self._input_dtype = open_clip.get_input_dtype(weight_precision)
+            raise InputError("no prompts: pass prompts=FILE (e.g. prompts/animals.txt) or a list "
+                             "of class names")
+        settings = RuntimeSettings.of(self)
+        # the gate first: its parameters are checked before the model is loaded
+        gate = Gate.zero_shot(unknown_threshold=self.unknown_threshold)
+        device = resolve_device(settings.device)
+        tower = ClipTower.build(
+            self.clip_model, self.clip_pretrained, source, self.templates, device=device,
+            cache_dir=settings.cache_dir, use_cache=self.use_cache,
+            truncate_prompts=self.truncate_prompts, progress=settings.progress)
+        self._set_tower(tower, settings, gate)
         return self
 
-    # ------------------------------------------------------------------ tensors
+    def _set_tower(self, tower: ClipTower, settings: RuntimeSettings, gate: Gate) -> None:
+        self.tower_ = tower
+        self.engine_ = InferenceEngine(clip=tower, settings=settings)
+        self.gate_ = gate
+        self.device_ = self.engine_.device
+        self.prompts_ = tower.prompts
+        self.templates_ = list(tower.templates)
+        self.classes_ = np.array(tower.classes, dtype=object)
+        self.n_seen_ = 0
 
-    def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised float32 embeddings on the model's device, one batch at a time."""
-        device = self.device_
-        autocast = (
-            torch.autocast(device_type=device.type, dtype=self._autocast_dtype)
-            if self._autocast_dtype is not None
-            else nullcontext()
-        )
-        out = []
-        with torch.inference_mode(), autocast:
-            for chunk in images.split(self.batch_size):
-                x = chunk.to(device, dtype=self._input_dtype or torch.float32, non_blocking=True)
-                emb = self.bundle_.model.encode_image(x).float()
-                # Normalise in float32: under autocast the model's own normalize runs in half precision.
-                out.append(torch.nn.functional.normalize(emb, dim=-1))
-        return torch.cat(out) if out else torch.empty(0, self.bundle_.embed_dim, device=device)
+    def _prediction_gate(self) -> Gate:
+        check_is_fitted(self, "engine_")
+        return self.gate_
+
+    # ------------------------------------------------------------------ what the tower holds
+
+    @property
+    def bundle_(self):
+        """The loaded :class:`~hybridcls.zeroshot.ClipBundle` (model, preprocess, tokenizer, identity)."""
+        check_is_fitted(self, "tower_")
+        return self.tower_.bundle
+
+    @property
+    def text_features_(self) -> torch.Tensor:
+        """``[embed_dim, n_classes]`` L2-normalised class-text matrix on the device."""
+        check_is_fitted(self, "tower_")
+        return self.tower_.text_features
+
+    @property
+    def logit_scale_(self) -> float:
+        """The model's own ``logit_scale.exp()``."""
+        check_is_fitted(self, "tower_")
+        return self.tower_.logit_scale
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image embeddings of preprocessed images.
+        """L2-normalised embeddings of preprocessed images (``bundle_.preprocess``'s output).
 
         Args:
-            images: ``[N, 3, H, W]`` (or one ``[3, H, W]``) already passed
-                through ``bundle_.preprocess``.
+            images: ``[N, 3, H, W]`` (or one ``[3, H, W]``), already preprocessed.
 
         Returns:
             ``[N, embed_dim]`` float32 on the CPU.
         """
-        check_is_fitted(self, "text_features_")
+        check_is_fitted(self, "tower_")
         if images.ndim == 3:
             images = images.unsqueeze(0)
         if images.ndim != 4:
-            raise InputError(f"expected images of shape [N, 3, H, W], got {tuple(images.shape)}")
-        return self._embed(images).cpu()
+            raise InputError(f"images must have shape [N, 3, H, W], got {tuple(images.shape)}")
+        out = []
+        with torch.inference_mode(), autocast(self.device_, self.precision):
+            for chunk in images.split(self.batch_size):
+                out.append(self.tower_.encode_images(chunk.float()).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.tower_.embed_dim)
 
     def logits_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """``logit_scale * embeddings @ text_features`` (+ the model's bias, if any).
+        """``[N, C]`` zero-shot logits of L2-normalised embeddings (``logit_scale * e @ text``)."""
+        check_is_fitted(self, "tower_")
+        return self.tower_.logits_from_embeddings(embeddings)
 
-        Args:
-            embeddings: ``[N, embed_dim]`` L2-normalised image embeddings.
-
-        Returns:
-            ``[N, n_classes]`` float32 on the device of ``embeddings``.
-        """
-        check_is_fitted(self, "text_features_")
-        text = self.text_features_.to(embeddings.device)
-        logits = self.logit_scale_ * (embeddings.float() @ text)
-        if self.logit_bias_ is not None:
-            logits = logits + self.logit_bias_
-        return logits
-
-    # ------------------------------------------------------------------ inputs
-
-    def iter_predictions(
-        self,
-        sources: Sequence[Source] | Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
-        *,
-        progress: bool | None = None,
-    ) -> Iterator[ZeroShotBatch]:
-        """Stream predictions per batch; bad images become errors, never exceptions.
-
-        Args:
-            sources: :class:`~hybridcls.data.Source` items (from
-                :func:`~hybridcls.data.expand_inputs`), or raw inputs to expand.
-            progress: Show a progress bar (default: the ``progress`` parameter).
-
-        Yields:
-            One :class:`ZeroShotBatch` per batch, in input order; every index
-            appears exactly once, in ``ok`` or in ``errors``.
-
-        Example:
-            >>> sources = expand_inputs(["photos/"])  # doctest: +SKIP
-            >>> for b in clf.iter_predictions(sources):  # doctest: +SKIP
-            ...     for i, row in zip(b.ok, b.probs):
-            ...         print(sources[i].path, clf.classes_[row.argmax()])
-        """
-        check_is_fitted(self, "text_features_")
-        srcs = as_sources(sources)
-        loader = make_loader(
-            srcs,
-            self.bundle_.preprocess,
-            batch_size=self.batch_size,
-            workers=self.workers,
-            pin_memory=self.device_.type == "cuda",
-        )
-        show = self.progress if progress is None else progress
-        for batch in tqdm(loader, total=len(loader), unit="batch", disable=not show):
-            if batch.ok:
-                emb = self._embed(batch.images)
-                logits = self.logits_from_embeddings(emb).cpu()
-                emb = emb.cpu()
-            else:
-                emb = torch.empty(0, self.bundle_.embed_dim)
-                logits = torch.empty(0, len(self.classes_))
-            yield ZeroShotBatch(
-                indices=list(batch.indices),
-                ok=list(batch.ok),
-                probs=torch.softmax(logits.double(), dim=1).numpy(),
-                logits=logits.numpy(),
-                embeddings=emb.numpy(),
-                errors=dict(batch.errors),
-            )
-
-    def _paths_logits(self, items: list[Any]) -> torch.Tensor:
-        sources = as_sources(items)
-        rows: dict[int, torch.Tensor] = {}
-        errors: dict[int, str] = {}
-        for b in self.iter_predictions(sources):
-            rows.update(zip(b.ok, torch.from_numpy(b.logits)))
-            errors.update(b.errors)
-        if errors:
-            failed = [(sources[i].path, errors[i]) for i in sorted(errors)]
-            path, reason = failed[0]
-            if len(failed) > 1:
-                more = "; ".join(f"{p}: {r}" for p, r in failed[1 : 1 + _MAX_LISTED_FAILURES])
-                tail = " ..." if len(failed) > 1 + _MAX_LISTED_FAILURES else ""
-                reason = f"{reason}; {len(failed) - 1} more could not be read: {more}{tail}"
-            raise ImageDecodeError(path, reason)
-        if not rows:
-            return torch.empty(0, len(self.classes_))
-        return torch.stack([rows[i] for i in range(len(sources))])
-
-    def _logits(self, inputs: Inputs) -> torch.Tensor:
-        check_is_fitted(self, "text_features_")
-        if isinstance(inputs, torch.Tensor):
-            return self.logits_from_embeddings(self.encode_images(inputs))
-        if isinstance(inputs, Image.Image) or _is_path_like(inputs):
-            inputs = [inputs]
-        items = list(inputs)
-        if not items:
-            return torch.empty(0, len(self.classes_))
-        if all(isinstance(x, Image.Image) for x in items):
-            batch = torch.stack([self.bundle_.preprocess(im.convert("RGB")) for im in items])
-            return self.logits_from_embeddings(self.encode_images(batch))
-        if all(_is_path_like(x) for x in items):
-            return self._paths_logits(items)
-        kinds = sorted({type(x).__name__ for x in items})
-        raise InputError(
-            "inputs must be paths (files, folders, globs, list files), PIL images or one "
-            f"preprocessed tensor, all of one kind; got {', '.join(kinds)}"
-        )
-
-    def decision_function(self, inputs: Inputs) -> np.ndarray:
-        """Scaled cosine similarities, ``[n, n_classes]``, columns in ``classes_`` order.
+    def decision_function(self, inputs: Any) -> np.ndarray:
+        """``[n, n_classes]`` zero-shot logits (scaled cosine similarities), columns in ``classes_`` order.
 
         Raises:
-            ImageDecodeError: A path input that cannot be decoded (lists the failed files).
+            ImageDecodeError: An input that cannot be decoded (names it).
         """
-        return self._logits(inputs).cpu().numpy()
-
-    def predict_proba(self, inputs: Inputs) -> np.ndarray:
-        """Softmax over all classes, ``[n, n_classes]``, columns in ``classes_`` order.
-
-        Rows follow the inputs: tensor rows, images in order, or the expanded
-        paths (see :func:`~hybridcls.data.expand_inputs`).
-
-        Raises:
-            ImageDecodeError: A path input that cannot be decoded (lists the failed files).
-
-        Example:
-            >>> clf.predict_proba(["photos/a.jpg", "photos/b.jpg"]).sum(axis=1)  # doctest: +SKIP
-            array([1., 1.])
-        """
-        return torch.softmax(self._logits(inputs).double(), dim=1).cpu().numpy()
-
-    def predict(self, inputs: Inputs) -> np.ndarray:
-        """The most likely class name for each input.
-
-        Raises:
-            ImageDecodeError: A path input that cannot be decoded (lists the failed files).
-
-        Example:
-            >>> clf.predict(["photos/"])  # doctest: +SKIP
-            array(['zebra', 'polar bear'], dtype='<U15')
-        """
-        logits = self._logits(inputs)
-        return (
-            self.classes_[logits.argmax(dim=1).cpu().numpy()] if len(logits) else self.classes_[:0]
-        )
+        return self.extract_features(inputs).clip_logits.astype(np.float64)

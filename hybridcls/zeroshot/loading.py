@@ -41,6 +41,7 @@ from hybridcls.cache import file_fingerprint, stable_hash
 from hybridcls.data import bound_aspect
 from hybridcls.device import resolve_device
 from hybridcls.errors import CheckpointError, InputError, WeightsUnavailableError
+from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
@@ -49,11 +50,8 @@ __all__ = [
     "ClipBundle",
     "hub_offline",
     "load_clip",
-    "resolve_device",
 ]
 
-DEFAULT_CLIP_MODEL = "ViT-B-32"
-DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b79k"
 # Weight precisions open_clip builds models in; mixed precision (autocast) is
 # decided at inference time by the classifier, not here.
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16")

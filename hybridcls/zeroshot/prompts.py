@@ -38,10 +38,12 @@ __all__ = [
     "ClassPrompt",
     "PromptSet",
     "TemplateSet",
+    "align_classes",
     "as_prompt_set",
     "as_template_set",
     "check_templates",
     "class_phrases",
+    "format_prompt_line",
     "labelled_phrases",
     "normalize_label",
     "parse_prompts",
@@ -116,6 +118,17 @@ class PromptSet:
     def __iter__(self) -> Iterator[ClassPrompt]:
         return iter(self.classes)
 
+    def to_text(self) -> str:
+        """The prompts file that parses back to these classes (:func:`format_prompt_line` per class).
+
+        Example:
+            >>> ps = parse_prompts("moose: a large deer | elk\\nbat")
+            >>> parse_prompts(ps.to_text()).classes == tuple(
+            ...     ClassPrompt(c.name, c.description, c.synonyms, i) for i, c in enumerate(ps, 1))
+            True
+        """
+        return "".join(format_prompt_line(c) + "\n" for c in self.classes)
+
     def __getitem__(self, i: int) -> ClassPrompt:
         return self.classes[i]
 
@@ -163,6 +176,62 @@ class PromptSet:
                 f"({a.name!r}); make the synonyms distinct",
             )
         return hits[0]
+
+
+def format_prompt_line(prompt: ClassPrompt) -> str:
+    """One class as a prompts-file line, ``NAME[: DESCRIPTION][ | SYNONYM ...]``: what the parser reads.
+
+    Example:
+        >>> format_prompt_line(ClassPrompt("moose", "a large deer", ("elk",)))
+        'moose: a large deer | elk'
+    """
+    line = prompt.name
+    if prompt.description:
+        line += f": {prompt.description}"
+    if prompt.synonyms:
+        line += " | " + " | ".join(prompt.synonyms)
+    return line
+
+
+def align_classes(seen: Sequence[str], prompts: PromptSet) -> PromptSet:
+    """Reorder a prompt set: the seen classes first (in ``seen`` order), then the rest.
+
+    A training folder name matches its prompts line after normalisation
+    (case, ``_``, ``+``, ``-``, repeated spaces) or through a synonym.
+
+    Raises:
+        PromptFileError: A seen class matches no line, or two seen classes
+            match the same line (names both sides).
+
+    Example:
+        >>> ps = parse_prompts("fox\\ngrizzly bear\\nmoose | elk", source="p.txt")
+        >>> align_classes(["Grizzly+Bear", "elk"], ps).names
+        ['grizzly bear', 'moose', 'fox']
+    """
+    taken: dict[int, str] = {}
+    order: list[int] = []
+    missing: list[str] = []
+    for name in seen:
+        i = prompts.match(name)
+        if i is None:
+            missing.append(name)
+            continue
+        if i in taken:
+            raise PromptFileError(
+                prompts.source, prompts[i].line,
+                f"training classes {taken[i]!r} and {name!r} both match the line {prompts[i].name!r}",
+            )
+        taken[i] = name
+        order.append(i)
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise PromptFileError(
+            prompts.source, None,
+            f"{len(missing)} training class(es) match no line of the prompts file: {shown}; add "
+            "them (or a synonym after '|') to the prompts file",
+        )
+    rest = [i for i in range(len(prompts)) if i not in taken]
+    return PromptSet(tuple(prompts[i] for i in order + rest), prompts.source)
 
 
 def labelled_phrases(prompt: ClassPrompt) -> list[tuple[str, str]]:

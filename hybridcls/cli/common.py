@@ -1,0 +1,202 @@
+"""What every subcommand shares: the runtime and CLIP flags, classifiers from flags, usage errors,
+and the one place a Python parameter's name becomes the flag that sets it.
+
+The runtime flags are declared from :class:`~hybridcls.runtime.RuntimeSettings`
+(their defaults and choices are read there) and map back onto it with
+:func:`runtime_from_args`; the CLIP flags' defaults are the zero-shot
+branch's own. Library errors name Python parameters (``batch_size=0: ...``);
+:func:`flag_message` rewrites those names into this command's flags
+(``--batch-size 0: ...``) before the command line prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+from hybridcls.errors import HybridclsError
+from hybridcls.runtime import DECODERS, PRECISIONS, RuntimeSettings
+from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
+
+__all__ = [
+    "UsageError",
+    "add_clip_arguments",
+    "add_clip_model_arguments",
+    "add_runtime_arguments",
+    "flag_message",
+    "hybrid_from_args",
+    "runtime_from_args",
+    "zeroshot_from_args",
+]
+
+_R = RuntimeSettings
+
+
+class UsageError(HybridclsError):
+    """A problem with the command line or its input files; exit status 2."""
+
+
+def add_clip_model_arguments(g: argparse._ActionsContainer) -> None:
+    """``--clip-model``, ``--clip-pretrained``, ``--cache-dir``: for any command that loads CLIP."""
+    g.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, metavar="ID",
+                   help="open_clip model: a built-in name, hf-hub:ORG/REPO or local-dir:DIR "
+                        "(default: %(default)s)")
+    g.add_argument("--clip-pretrained", default=DEFAULT_CLIP_PRETRAINED, metavar="TAG|FILE",
+                   help="pretrained tag or local weights file for a built-in name "
+                        "(default: %(default)s; '' for random weights; not used with hf-hub: "
+                        "and local-dir:, whose weights come with the model)")
+    g.add_argument("--cache-dir", default=_R.cache_dir, metavar="DIR",
+                   help="cache for downloaded weights and text classifiers "
+                        "(default: $HYBRIDCLS_CACHE_DIR or ~/.cache/hybridcls)")
+
+
+def add_clip_arguments(parser: argparse.ArgumentParser, *, prompts_required: bool = True) -> None:
+    """The zero-shot branch's flags: prompts, templates, the model, ``--truncate-prompts``."""
+    g = parser.add_argument_group("zero-shot branch (open_clip)")
+    g.add_argument("--prompts", required=prompts_required, metavar="FILE",
+                   help="class prompts file: one class per line, 'name: description | synonym'")
+    g.add_argument("--templates", metavar="FILE",
+                   help="prompt templates with a {} placeholder (default: OpenAI ImageNet templates)")
+    g.add_argument("--truncate-prompts", action="store_true",
+                   help="accept class texts longer than the model's context, cut by its tokenizer "
+                        "(default: refuse them, naming the prompts file line; docs/prompts.md)")
+    add_clip_model_arguments(g)
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, engine_options: bool = True) -> None:
+    """The :class:`~hybridcls.runtime.RuntimeSettings` flags (``--cache-dir`` comes with the CLIP flags).
+
+    Args:
+        parser: The subcommand's parser.
+        engine_options: Also ``--precision``, ``--compile`` and ``--gpu-decode`` (commands
+            whose models run through the inference engine).
+    """
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--device", default=_R.device, metavar="DEVICE",
+                   help="any torch device: cpu, cuda, cuda:1, mps, or auto (CUDA when available) "
+                        "(default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=_R.batch_size, metavar="N",
+                   help="images per batch (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=_R.workers, metavar="N",
+                   help="image-decoding worker processes, 0 to decode in the main process "
+                        "(default: %(default)s)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    if engine_options:
+        g.add_argument("--precision", choices=PRECISIONS, default=_R.precision,
+                       help="numeric precision of both towers: auto (bfloat16 autocast on CUDA, "
+                            "float32 on the CPU), fp32, bf16 or fp16 (default: %(default)s)")
+        g.add_argument("--compile", action="store_true",
+                       help="torch.compile both towers (fixed batch shapes; pays off on long runs)")
+        g.add_argument("--gpu-decode", action="store_true",
+                       help="decode JPEG files on the GPU (CUDA only; other files use the CPU decoder)")
+
+
+def runtime_from_args(args: argparse.Namespace) -> RuntimeSettings:
+    """The :class:`~hybridcls.runtime.RuntimeSettings` the runtime flags describe.
+
+    Raises:
+        ParameterError: A value out of range (shown by the command line with its flag).
+        UsageError: ``--gpu-decode`` without a CUDA device (the library's ``decode="device"``
+            also runs on the CPU, with torchvision's decoder; the flag promises the GPU).
+    """
+    if getattr(args, "gpu_decode", False):
+        from hybridcls.device import resolve_device
+
+        if resolve_device(args.device).type != "cuda":
+            raise UsageError(f"--gpu-decode needs a CUDA device; --device {args.device} is not one")
+    return RuntimeSettings(
+        device=args.device, batch_size=args.batch_size, workers=args.workers,
+        precision=getattr(args, "precision", _R.precision),
+        compile=getattr(args, "compile", _R.compile),
+        decode=DECODERS[1] if getattr(args, "gpu_decode", False) else DECODERS[0],
+        cache_dir=getattr(args, "cache_dir", _R.cache_dir),
+        progress=not args.quiet,
+    )
+
+
+def zeroshot_from_args(args: argparse.Namespace) -> Any:
+    """A fitted :class:`~hybridcls.ZeroShotClassifier` from the CLIP, runtime and gate flags."""
+    from hybridcls.zeroshot.classifier import ZeroShotClassifier
+
+    return ZeroShotClassifier(
+        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
+        prompts=args.prompts, templates=args.templates,
+        unknown_threshold=getattr(args, "unknown_threshold", None),
+        truncate_prompts=getattr(args, "truncate_prompts", False),
+        **runtime_from_args(args).to_dict(),
+    ).fit()
+
+
+def hybrid_from_args(args: argparse.Namespace, **params: Any) -> Any:
+    """A :class:`~hybridcls.HybridClassifier` loaded from ``--checkpoint`` and the flags.
+
+    Args:
+        args: The parsed flags (CLIP, runtime and, where the command has them, gate flags).
+        **params: Further estimator parameters (calibration's ``method``, ``tpr``...).
+    """
+    from hybridcls.hybrid import HybridClassifier
+
+    return HybridClassifier(
+        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
+        templates=args.templates, mode=getattr(args, "mode", None),
+        unknown_threshold=getattr(args, "unknown_threshold", None),
+        cascade=getattr(args, "cascade", False),
+        truncate_prompts=getattr(args, "truncate_prompts", False),
+        **runtime_from_args(args).to_dict(), **params,
+    ).load_run(args.checkpoint, args.prompts)
+
+
+# A parameter whose flag is not its name with dashes, or whose flag is a switch for one value.
+_SWITCHES: dict[tuple[str, str], str] = {
+    ("decode", repr(DECODERS[1])): "--gpu-decode",
+    ("decode", repr(DECODERS[0])): "no --gpu-decode",
+    ("progress", "False"): "-q",
+    ("progress", "True"): "no -q",
+}
+_PARAMETER = re.compile(r"\b([a-z][a-z0-9_]*)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;:)]+)")
+
+
+def flag_message(message: str, parser: argparse.ArgumentParser) -> str:
+    """``message`` with every ``parameter=value`` of a flag of ``parser`` written as that flag.
+
+    Args:
+        message: A library error's text (it names Python parameters).
+        parser: The subcommand's parser, whose flags' destinations name the parameters.
+
+    Returns:
+        The text a command-line user reads: ``batch_size=0: ...`` becomes
+        ``--batch-size 0: ...``, ``truncate_prompts=True`` becomes ``--truncate-prompts``.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> _ = p.add_argument("--batch-size", type=int)
+        >>> _ = p.add_argument("--truncate-prompts", action="store_true")
+        >>> flag_message("batch_size=0: expected a positive integer", p)
+        '--batch-size 0: expected a positive integer'
+        >>> flag_message("or pass truncate_prompts=True to accept the cut", p)
+        'or pass --truncate-prompts to accept the cut'
+    """
+    flags: dict[str, tuple[str, bool]] = {}
+    for action in parser._actions:
+        longest = max(action.option_strings, key=len, default=None)
+        if longest is not None and action.dest not in flags:
+            flags[action.dest] = (longest, isinstance(action, argparse._StoreTrueAction))
+    names = set(flags) | {name for name, _ in _SWITCHES}
+
+    def rewrite(m: re.Match[str]) -> str:
+        name, value = m.group(1), m.group(2)
+        if name not in names:
+            return m.group(0)
+        if (name, value) in _SWITCHES:
+            return _SWITCHES[(name, value)]
+        flag, is_switch = flags.get(name, (None, False))
+        if flag is None:
+            return m.group(0)
+        if is_switch:
+            return flag if value == "True" else f"no {flag}"
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        return f"{flag} {value}"
+
+    return _PARAMETER.sub(rewrite, message)

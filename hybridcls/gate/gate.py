@@ -1,0 +1,554 @@
+"""The gate as one object: fitted on held-out seen images, predicting from branch outputs.
+
+In the manner of pytorch-ood's detectors, :class:`Gate` is built with its
+hyperparameters, :meth:`Gate.fit` on the two towers' outputs for the run's
+training and held-out seen images (never an unseen one), and
+:meth:`Gate.predict` / :meth:`Gate.predict_proba` /
+:meth:`Gate.decision_function` on the outputs of new images. It owns every
+fitted part of the gate:
+
+* the calibration (:class:`~hybridcls.gate.config.GateCalibration`: score,
+  mode, threshold and their parameters, chosen by leave-classes-out or set
+  at a TPR; :mod:`hybridcls.gate.calibration`);
+* the training images' CLIP embedding index (the ``knn`` score, the cache
+  branch, ``hybridcls explain``'s neighbours) and their backbone feature index
+  (the cascade's distance; :mod:`hybridcls.index`);
+* the nearest-neighbour cache branch (:mod:`hybridcls.gate.cache_branch`);
+* the cascade's thresholds (:mod:`hybridcls.gate.cascade`).
+
+It is saved and loaded as one thing: ``gate.json`` and ``index/`` in a
+folder. A gate with no seen classes (:meth:`Gate.zero_shot`) sends every
+image to CLIP: zero-shot-only prediction is the same path.
+
+Works on arrays only: it loads no model and no image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hybridcls.errors import CheckpointError, InputError, ParameterError
+from hybridcls.gate.branches import BranchOutputs
+from hybridcls.gate.cache_branch import CACHE_MODES, CacheBranch, fit_cache_branch
+from hybridcls.gate.calibration import (
+    apply_transductive,
+    bounded_neighbour_k,
+    finalize,
+    fit_temperature,
+    from_candidate,
+    leave_classes_out,
+    threshold_at_tpr,
+)
+from hybridcls.gate.cascade import (
+    CASCADE_KNN_K,
+    DEFAULT_DISTANCE_TPR,
+    MIN_SEEN_SHARE,
+    cascade_keep,
+    fit_cascade,
+    max_softmax,
+    threshold_from_seen_share,
+)
+from hybridcls.gate.config import FIT_METHODS, GATE_FILENAME, MODES, GateCalibration
+from hybridcls.gate.fusion import FusionResult, fuse, fuse_zeroshot, route
+from hybridcls.gate.scores import DEFAULT_KNN_K, SCORES
+from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, load_run_index
+
+__all__ = ["INDEX_DIR", "ClipPolicy", "Gate"]
+
+#: The folder of a gate's embedding indexes (``clip.*``, ``backbone.*``), beside ``gate.json``.
+INDEX_DIR = RUN_INDEX_DIR
+
+#: Which images the CLIP tower must encode, given the supervised outputs of a batch:
+#: ``"all"``, ``"none"``, or a function of the batch's :class:`BranchOutputs` (supervised
+#: side only) returning a ``[N]`` boolean mask.
+ClipPolicy = str | Callable[[BranchOutputs], np.ndarray]
+
+MetaSource = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
+
+
+@dataclass(frozen=True)
+class _Options:
+    """Prediction-time settings that override the calibrated ones (``None`` keeps them)."""
+
+    mode: str | None = None
+    unseen_only: bool | None = None
+    unknown_threshold: float | None = None
+
+
+class Gate:
+    """Scores, calibration, indexes, cache branch, cascade and fusion between the two branches.
+
+    Args:
+        method: ``"leave-classes-out"`` (search every registered score, mode and parameter on
+            stand-in open-set problems made of the seen classes) or ``"tpr"`` (``score`` in
+            hard mode, thresholded at ``tpr``).
+        score: The gate score for ``method="tpr"`` (a key of :data:`~hybridcls.gate.SCORES`).
+        tpr: Share of held-out seen images kept in the supervised branch (``method="tpr"``).
+        rounds: Leave-classes-out's stand-in problems (at least 2).
+        seed: Seeds the hidden-class draws.
+        cache_branch: ``"auto"`` (fit the nearest-neighbour cache branch, keep it when it
+            raises held-out seen-class accuracy), ``"on"`` or ``"off"``.
+
+    Attributes:
+        calibration_: The fitted :class:`~hybridcls.gate.GateCalibration` (``None`` for a
+            zero-shot gate).
+        n_seen_: Number of seen classes (0 for a zero-shot gate).
+        seen_classes_: Their names, in column order.
+        clip_index_: The training images' CLIP embeddings (:class:`~hybridcls.index.EmbeddingIndex`),
+            or ``None``.
+        cache_: The enabled :class:`~hybridcls.gate.CacheBranch`, or ``None``.
+        index_error_: Why a saved CLIP index was not loaded (another model or class list),
+            or ``None``; raised when a prediction needs the index.
+
+    Example:
+        >>> import numpy as np
+        >>> gate = Gate.zero_shot()
+        >>> gate.predict(BranchOutputs(clip_logits=np.array([[0.0, 2.0]]))).pred.tolist()
+        [1]
+    """
+
+    def __init__(self, *, method: str = "leave-classes-out", score: str = "clip_margin",
+                 tpr: float = 0.95, rounds: int = 5, seed: int = 0,
+                 cache_branch: str = "auto") -> None:
+        self.method = method
+        self.score = score
+        self.tpr = tpr
+        self.rounds = rounds
+        self.seed = seed
+        self.cache_branch = cache_branch
+        self.calibration_: GateCalibration | None = None
+        self.n_seen_ = 0
+        self.seen_classes_: list[str] = []
+        self.clip_index_: EmbeddingIndex | None = None
+        self.cache_: CacheBranch | None = None
+        self._backbone_index: EmbeddingIndex | None = None
+        self._backbone_loader: Callable[[], EmbeddingIndex | None] | None = None
+        self.index_error_: CheckpointError | None = None
+        self._options = _Options()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def zero_shot(cls, *, unknown_threshold: float | None = None) -> Gate:
+        """A gate with no seen classes: every image is decided by the zero-shot branch."""
+        return cls().with_options(unknown_threshold=unknown_threshold)
+
+    @classmethod
+    def from_calibration(cls, calibration: GateCalibration, *, n_seen: int,
+                         clip_index: EmbeddingIndex | None = None,
+                         backbone_index: EmbeddingIndex | None = None) -> Gate:
+        """A gate set by hand (``method="manual"``): a finalised calibration and the indexes it reads.
+
+        Example:
+            >>> cal = GateCalibration(score="clip_margin", mode="hard", threshold=0.0, method="manual")
+            >>> out = BranchOutputs(np.array([[2.0, 0.0]]), None, np.array([[0.0, 0.0, 3.0]]))
+            >>> Gate.from_calibration(cal, n_seen=2).predict(out).branch.tolist()
+            ['zeroshot']
+        """
+        if not calibration.is_final:
+            raise InputError("a gate set by hand needs a finalised calibration (its threshold set)")
+        gate = cls()
+        gate.calibration_, gate.n_seen_ = calibration, n_seen
+        gate.clip_index_, gate._backbone_index = clip_index, backbone_index
+        gate.cache_ = _enabled(calibration)
+        return gate
+
+    def with_options(self, *, mode: str | None = None, unseen_only: bool | None = None,
+                     unknown_threshold: float | None = None) -> Gate:
+        """A view of this gate with prediction-time settings overriding the calibrated ones.
+
+        Args:
+            mode: ``"hard"``, ``"soft"`` or ``"stacking"``; ``None`` keeps the calibrated mode.
+            unseen_only: Hard routing over the unseen classes only; ``None`` keeps it.
+            unknown_threshold: Answer ``unknown`` when no branch's top probability reaches
+                it (a top probability equal to it is not unknown); ``None`` keeps the
+                calibrated value (off unless set).
+
+        Raises:
+            ParameterError: An unknown mode, a threshold outside ``[0, 1]``, or a mode or
+                ``unseen_only`` given to a zero-shot gate (nothing to mix or route).
+        """
+        if mode is not None and mode not in MODES:
+            raise ParameterError("mode", mode, f"expected one of {', '.join(MODES)}")
+        if unknown_threshold is not None and not 0.0 <= unknown_threshold <= 1.0:
+            raise ParameterError("unknown_threshold", unknown_threshold,
+                                 "expected a probability in [0, 1]")
+        if self.calibration_ is None and self.n_seen_ == 0:
+            for name, value in (("mode", mode), ("unseen_only", unseen_only)):
+                if value is not None:
+                    raise ParameterError(name, value, "a zero-shot-only classifier has no "
+                                         "supervised branch to route to or mix with")
+        view = object.__new__(Gate)
+        view.__dict__.update(self.__dict__)
+        view._options = _Options(mode, unseen_only, unknown_threshold)
+        return view
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(
+        self,
+        train: BranchOutputs,
+        y_train: Any,
+        val: BranchOutputs,
+        y_val: Any,
+        *,
+        class_names: Sequence[str],
+        train_paths: Sequence[str] | None = None,
+        index_meta: Mapping[str, Mapping[str, Any]] | None = None,
+        test: BranchOutputs | None = None,
+    ) -> Gate:
+        """Fit the gate on seen images only: the run's training split and its held-out split.
+
+        Args:
+            train: Both towers' outputs for the training images (every image's CLIP
+                outputs: they become the kNN index and the cache).
+            y_train: ``[Ntr]`` their seen-class indices.
+            val: The same for the held-out seen images, on which thresholds are set.
+            y_val: ``[Nval]`` their seen-class indices.
+            class_names: The seen classes, in column order (messages name classes by these).
+            train_paths: The training images' paths, stored in the indexes.
+            index_meta: Provenance of the indexes: ``{"clip": ..., "backbone": ...}`` as from
+                :func:`hybridcls.index.index_meta`.
+            test: Unlabelled test images' outputs: refit the threshold on their own score
+                distribution (transductive, a two-component mixture; at least 4 images).
+
+        Returns:
+            ``self``, fitted. Settings that depend on the data's size adapt to it and say
+            so in ``calibration_.adapted`` (docs/gate.md, "Small data").
+
+        Raises:
+            ParameterError: A hyperparameter out of its range.
+            DataTooSmallError: The data cannot support the method; the message says what to do.
+        """
+        self.check_params()
+        S = len(class_names)
+        if train.sup_logits is None or val.sup_logits is None:
+            raise InputError("Gate.fit needs the supervised branch's outputs (train, val)")
+        if train.clip_embeddings is None or val.clip_logits is None:
+            raise InputError("Gate.fit needs the CLIP branch's outputs of every image (train, val)")
+        y_tr = np.asarray(y_train, dtype=np.int64)
+        y_va = np.asarray(y_val, dtype=np.int64)
+        meta = dict(index_meta or {})
+        knn = EmbeddingIndex(meta=meta.get("clip"))
+        knn.add(train.clip_embeddings, labels=y_tr, paths=train_paths)
+        # The cache holds the training split only: the held-out images it is fitted on
+        # would otherwise find themselves at affinity 1.
+        branch = None
+        if self.cache_branch != "off":
+            branch = fit_cache_branch(val.sup_logits, y_va, val.clip_embeddings, knn,
+                                      mode=self.cache_branch)
+        # neighbour counts bounded by the smallest class (hybridcls.index.class_bounded_k)
+        knn_k, knn_note = bounded_neighbour_k("knn_k", DEFAULT_KNN_K, y_tr, class_names)
+        cascade_k, cascade_note = bounded_neighbour_k("cascade_k", CASCADE_KNN_K, y_tr, class_names)
+        if self.method == "leave-classes-out":
+            cal = leave_classes_out(
+                sup_feat_train=train.sup_features, y_train=y_tr, sup_feat_val=val.sup_features,
+                y_val=y_va, clip_logits_val_seen=val.clip_logits[:, :S],
+                clip_emb_train=train.clip_embeddings, clip_emb_val=val.clip_embeddings,
+                rounds=self.rounds, seed=self.seed, knn_k=knn_k, class_names=class_names,
+            )
+        else:
+            cal = GateCalibration(score=self.score, mode="hard", tpr=self.tpr, method="tpr",
+                                  knn_k=knn_k)
+        notes = knn_note if "knn" in cal.base_scores or self.method == "leave-classes-out" else []
+        cal = cal.replace(cache_branch=None if branch is None else branch.to_dict(),
+                          cascade_k=cascade_k, adapted=[*notes, *cal.adapted, *cascade_note])
+        self.calibration_, self.n_seen_, self.seen_classes_ = cal, S, list(class_names)
+        self.clip_index_, self.cache_ = knn, _enabled(cal)
+        self.index_error_ = None
+        # The gate is thresholded on the seen-class logits predictions will read: with the cache;
+        # fusion mixes temperature-scaled probabilities of those same logits.
+        seen_va = self.seen_logits(val)
+        cal = cal.replace(sup_temperature=round(fit_temperature(seen_va, y_va), 4))
+        base_va = cal.compute_base_scores(**self._score_inputs(val, seen_va, cal))
+        cal = finalize(cal, base_va)
+        if test is not None:
+            cal = apply_transductive(cal, self._gate_score(test, cal), seed=self.seed)
+        full = fuse(None, sup_logits=seen_va, clip_logits=val.clip_logits,
+                    gate_score=cal.score_from(base_va), calibration=cal, n_seen=S)
+        # The cascade threshold must keep the full hybrid's decisions on seen images
+        # and, through the stand-ins' share, let unseen images reach CLIP ...
+        cascade_msp = max(fit_cascade(val.sup_logits, full.pred), threshold_from_seen_share(
+            max_softmax(val.sup_logits), max(cal.cascade_seen_share or 0.0, MIN_SEEN_SHARE)))
+        # ... and send to CLIP what lies away from every training image in feature space,
+        # however confident the head: the held-out seen images are not in the index.
+        backbone = EmbeddingIndex(meta=meta.get("backbone")).add(
+            train.sup_features, labels=y_tr, paths=train_paths)
+        cascade_distance = threshold_at_tpr(
+            backbone.kth_distance(val.sup_features, cal.cascade_k), DEFAULT_DISTANCE_TPR)
+        self.calibration_ = cal.replace(cascade_msp=cascade_msp, cascade_distance=cascade_distance)
+        self._backbone_index, self._backbone_loader = backbone, None
+        return self
+
+    def check_params(self) -> None:
+        """Check the hyperparameters (before the long passes that make ``fit``'s inputs).
+
+        Raises:
+            ParameterError: One out of its range, naming it.
+        """
+        if self.method not in FIT_METHODS:
+            raise ParameterError("method", self.method, f"expected one of {', '.join(FIT_METHODS)}")
+        if self.method == "tpr" and self.score not in SCORES:
+            raise ParameterError("score", self.score, f"expected one of {', '.join(SCORES)}")
+        if not isinstance(self.tpr, (int, float)) or not 0.0 < self.tpr <= 1.0:
+            raise ParameterError("tpr", self.tpr, "expected a rate in (0, 1]")
+        if self.method == "leave-classes-out" and (not isinstance(self.rounds, int) or self.rounds < 2):
+            raise ParameterError("rounds", self.rounds, "expected an integer >= 2")
+        if self.cache_branch not in CACHE_MODES:
+            raise ParameterError("cache_branch", self.cache_branch,
+                                 f"expected one of {', '.join(CACHE_MODES)}")
+
+    def candidate(self, row: Mapping[str, Any], val: BranchOutputs) -> Gate:
+        """The gate one row of ``calibration_.candidates`` would have made, thresholded on ``val``.
+
+        For benchmarks that compare every score and mode leave-classes-out tried, on the
+        same held-out seen images (``val``: their outputs, as from the run's held-out split).
+
+        Example:
+            >>> row = gate.calibration_.candidates[3]  # doctest: +SKIP
+            >>> gate.candidate(row, val_outputs).predict(test_outputs).pred  # doctest: +SKIP
+        """
+        cal = self._fitted()
+        cand = from_candidate(dict(row), combined=cal.combined, knn_k=cal.knn_k).replace(
+            sup_temperature=cal.sup_temperature, cache_branch=cal.cache_branch)
+        seen_va = self.seen_logits(val)
+        cand = finalize(cand, cand.compute_base_scores(**self._score_inputs(val, seen_va, cand)))
+        other = object.__new__(Gate)
+        other.__dict__.update(self.__dict__)
+        other.calibration_ = cand
+        return other
+
+    # ------------------------------------------------------------------ prediction
+
+    def _fitted(self) -> GateCalibration:
+        if self.calibration_ is None:
+            raise InputError("the gate is not fitted: call Gate.fit(...) or Gate.load(folder) first")
+        return self.calibration_
+
+    @property
+    def calibration(self) -> GateCalibration | None:
+        """The calibration predictions use: the fitted one with the prediction-time options."""
+        if self.calibration_ is None:
+            return None
+        o = self._options
+        changes = {k: v for k, v in (("mode", o.mode), ("unseen_only", o.unseen_only),
+                                      ("unknown_threshold", o.unknown_threshold)) if v is not None}
+        return self.calibration_.replace(**changes) if changes else self.calibration_
+
+    def _index(self) -> EmbeddingIndex:
+        if self.clip_index_ is None:
+            raise self.index_error_ or CheckpointError(
+                "the gate reads the kNN score or the cache branch but has no CLIP index "
+                f"({INDEX_DIR}/clip.faiss); calibrate again")
+        return self.clip_index_
+
+    def seen_logits(self, outputs: BranchOutputs) -> np.ndarray:
+        """``[N, S]`` the seen-class logits the gate and the fusion read: supervised, plus the cache.
+
+        Rows whose CLIP embedding is NaN (CLIP skipped) keep the plain supervised logits.
+        """
+        if outputs.sup_logits is None:
+            raise InputError("this gate needs the supervised branch's logits")
+        if self.cache_ is None:
+            return np.asarray(outputs.sup_logits, dtype=np.float64)
+        return self.cache_.apply(outputs.sup_logits, outputs.clip_embeddings, self._index())
+
+    def _score_inputs(self, outputs: BranchOutputs, seen: np.ndarray,
+                      cal: GateCalibration) -> dict[str, Any]:
+        needs_index = "knn" in cal.base_scores
+        return {"sup_logits": seen, "clip_logits": outputs.clip_logits, "n_seen": self.n_seen_,
+                "clip_emb": outputs.clip_embeddings,
+                "knn_index": self._index() if needs_index else self.clip_index_}
+
+    def _gate_score(self, outputs: BranchOutputs, cal: GateCalibration) -> np.ndarray:
+        seen = self.seen_logits(outputs)
+        return cal.compute_score(**self._score_inputs(outputs, seen, cal))
+
+    def decision_function(self, outputs: BranchOutputs) -> np.ndarray:
+        """``[N]`` gate scores: higher = less like the seen classes (NaN for a zero-shot gate)."""
+        cal = self.calibration
+        if cal is None:
+            return np.full(len(outputs), np.nan)
+        return self._gate_score(outputs, cal)
+
+    def predict(self, outputs: BranchOutputs) -> FusionResult:
+        """Route or mix the two branches for each image.
+
+        Rows the CLIP tower did not run on (lazy zero-shot, the cascade) are decided by
+        the supervised branch: a NaN routing score keeps them there, whatever a
+        supervised-only score says.
+
+        Args:
+            outputs: Both towers' outputs (the CLIP rows may be NaN where CLIP was skipped).
+
+        Returns:
+            A :class:`~hybridcls.gate.FusionResult` (probabilities over every class, seen first).
+        """
+        cal = self.calibration
+        if cal is None:
+            if outputs.clip_logits is None:
+                raise InputError("a zero-shot gate needs the CLIP branch's logits")
+            return fuse_zeroshot(outputs.clip_logits, unknown_threshold=self._options.unknown_threshold)
+        sup = self.seen_logits(outputs)
+        score = cal.compute_score(**self._score_inputs(outputs, sup, cal))
+        skipped = ~outputs.clip_ran
+        if not skipped.any():
+            return fuse(None, sup_logits=sup, clip_logits=outputs.clip_logits,
+                        gate_score=score, calibration=cal, n_seen=self.n_seen_)
+        routing = np.where(skipped, np.nan, score)
+        kept = fuse("hard", sup_logits=sup, clip_logits=outputs.clip_logits,
+                    gate_score=routing, calibration=cal, n_seen=self.n_seen_)
+        res = kept if cal.mode == "hard" else fuse(
+            None, sup_logits=sup, clip_logits=outputs.clip_logits,
+            gate_score=routing, calibration=cal, n_seen=self.n_seen_)
+        for name in ("probs", "branch", "gate_weight"):
+            getattr(res, name)[skipped] = getattr(kept, name)[skipped]
+        res.gate_score[:] = score  # the rows report the score itself
+        return res
+
+    def predict_proba(self, outputs: BranchOutputs) -> np.ndarray:
+        """``[N, C]`` probabilities over every class (seen columns first)."""
+        return self.predict(outputs).probs
+
+    # ------------------------------------------------------------------ which images need CLIP
+
+    def clip_policy(self, *, cascade: bool = False) -> ClipPolicy:
+        """Which images the CLIP tower must encode, decided from the supervised outputs.
+
+        * lazy zero-shot: a hard gate whose score reads no CLIP output (and no cache
+          branch) needs CLIP only on the images it routes there;
+        * the cascade (``cascade=True``, a gate that reads CLIP): CLIP runs only where
+          the supervised confidence is at or below ``cascade_msp`` or the backbone
+          features lie beyond ``cascade_distance`` of the training images';
+        * otherwise every image (``"all"``), as for a zero-shot gate.
+
+        Raises:
+            CheckpointError: ``cascade=True`` on a gate calibrated without cascade
+                thresholds, or without the backbone index its distance needs.
+        """
+        cal = self.calibration
+        if cal is None:
+            if cascade:
+                raise ParameterError("cascade", True, "the cascade decides with the supervised "
+                                     "branch; a zero-shot-only classifier has none")
+            return "all"
+        if cal.mode == "hard" and not any(n.startswith("clip") for n in cal.needs) \
+                and self.cache_ is None:
+            def lazy(outputs: BranchOutputs) -> np.ndarray:
+                seen = np.asarray(outputs.sup_logits, dtype=np.float64)
+                return route(cal.compute_score(sup_logits=seen, n_seen=self.n_seen_), cal)
+            return lazy
+        if cascade:
+            keep = self._cascade_rule(cal)
+            return lambda outputs: ~keep(outputs)
+        return "all"
+
+    def cascade_keep(self, outputs: BranchOutputs) -> np.ndarray:
+        """``[N]`` True where the cascade decides without running CLIP."""
+        return self._cascade_rule(self._fitted())(outputs)
+
+    def _cascade_rule(self, cal: GateCalibration) -> Callable[[BranchOutputs], np.ndarray]:
+        # Checked now, so that a missing threshold or index fails before the first batch.
+        if cal.cascade_msp is None:
+            raise CheckpointError(f"its {GATE_FILENAME} has no cascade threshold; calibrate again "
+                                  "to use the cascade")
+        if cal.cascade_distance is None:  # calibrated before the distance condition
+            return lambda outputs: cascade_keep(outputs.sup_logits, cal.cascade_msp)
+        index = self._backbone()
+
+        def keep(outputs: BranchOutputs) -> np.ndarray:
+            return cascade_keep(
+                outputs.sup_logits, cal.cascade_msp, distance_threshold=cal.cascade_distance,
+                distance=lambda rows: index.kth_distance(outputs.sup_features[rows], cal.cascade_k))
+        return keep
+
+    def _backbone(self) -> EmbeddingIndex:
+        if self._backbone_index is None and self._backbone_loader is not None:
+            self._backbone_index = self._backbone_loader()
+        if self._backbone_index is None:
+            raise CheckpointError(f"its {GATE_FILENAME} has a cascade distance but there is no "
+                                  f"{INDEX_DIR}/backbone.faiss; calibrate again to use the cascade")
+        return self._backbone_index
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``gate.json`` and ``index/clip.*`` + ``index/backbone.*`` into ``directory``.
+
+        Returns:
+            The ``gate.json`` written.
+        """
+        cal = self._fitted()
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        path = cal.to_json(out / GATE_FILENAME)
+        if self.clip_index_ is not None:
+            self.clip_index_.save(out / INDEX_DIR)
+        if self._backbone_index is not None:
+            self._backbone_index.save(out / INDEX_DIR)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], *, n_seen: int, clip_meta: MetaSource = None,
+             backbone_meta: MetaSource = None) -> Gate | None:
+        """Read the gate saved in ``directory`` (``gate.json`` + ``index/``), or ``None`` if none.
+
+        Args:
+            directory: A calibrated run directory or a saved classifier's folder.
+            n_seen: The number of seen classes of the run it belongs to.
+            clip_meta: Provenance the CLIP index must carry (see
+                :meth:`hybridcls.index.EmbeddingIndex.load`). A stale index does not stop
+                the loading (so that ``calibrate`` can rebuild it): the refusal comes
+                where the index is used.
+            backbone_meta: The same for the backbone index, or a function giving it: the
+                backbone index is loaded on the cascade's first use.
+
+        Raises:
+            CheckpointError: A ``gate.json`` that is not valid.
+        """
+        folder = Path(directory)
+        if not (folder / GATE_FILENAME).is_file():
+            return None
+        gate = cls()
+        cal = GateCalibration.from_json(folder / GATE_FILENAME)
+        gate.calibration_, gate.n_seen_ = cal, n_seen
+        gate.method = cal.method if cal.method in FIT_METHODS else gate.method
+        try:
+            gate.clip_index_ = load_run_index(folder, "clip", expect=_resolved(clip_meta))
+        except CheckpointError as exc:
+            gate.clip_index_, gate.index_error_ = None, exc
+        gate.cache_ = _enabled(cal)
+        if gate.clip_index_ is None and ("knn" in cal.base_scores or gate.cache_ is not None):
+            gate.index_error_ = gate.index_error_ or CheckpointError(
+                f"{folder}: its gate reads the kNN score or the cache branch but there is no "
+                f"{INDEX_DIR}/clip.faiss; calibrate again")
+
+        def backbone() -> EmbeddingIndex | None:
+            return load_run_index(folder, "backbone", expect=_resolved(backbone_meta))
+        gate._backbone_loader = backbone
+        return gate
+
+    def check_ready(self) -> None:
+        """Raise now what prediction would raise at the first batch (a missing or stale index)."""
+        cal = self.calibration
+        if cal is not None and self.clip_index_ is None and (
+                "knn" in cal.base_scores or self.cache_ is not None):
+            self._index()
+
+
+def _enabled(cal: GateCalibration) -> CacheBranch | None:
+    """The calibration's cache branch when it is enabled: the threshold was set on its logits."""
+    if cal.cache_branch is None:
+        return None
+    branch = CacheBranch.from_dict(cal.cache_branch)
+    return branch if branch.enabled else None
+
+
+def _resolved(meta: MetaSource) -> Mapping[str, Any] | None:
+    return meta() if callable(meta) else meta

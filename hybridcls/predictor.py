@@ -1,0 +1,181 @@
+"""Prediction shared by both classifiers: inputs -> engine -> gate -> probabilities and rows.
+
+:class:`Predictor` is the one inference policy of the package. A classifier
+that has a fitted :class:`~hybridcls.engine.InferenceEngine` (``engine_``), a
+fitted :class:`~hybridcls.gate.Gate` and its classes gets from it every way
+to predict: the scikit-learn methods (``predict``, ``predict_proba``,
+``decision_function``), raw branch outputs and the gate over them
+(``extract_features`` / ``predict_features``), and the streaming form that the
+command line writes out (``iter_predictions`` / ``rows``), where a bad image
+is an error row and never an exception. A zero-shot-only classifier is the
+same with no supervised tower and a gate that routes every image to CLIP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.utils.validation import check_is_fitted
+
+from hybridcls.data import Source, as_sources
+from hybridcls.engine import ClipPolicy, EngineBatch, InferenceEngine
+from hybridcls.errors import ImageDecodeError
+from hybridcls.gate import BranchOutputs, FusionResult, Gate
+from hybridcls.outputs import PredictionRow, batch_rows
+
+__all__ = ["Predictor"]
+
+# Names of failed inputs quoted in one ImageDecodeError before "...".
+_MAX_LISTED_FAILURES = 10
+
+
+class Predictor:
+    """The prediction methods of :class:`~hybridcls.HybridClassifier` and
+    :class:`~hybridcls.ZeroShotClassifier`.
+
+    A subclass sets ``engine_`` and ``classes_`` when fitted, and implements
+    :meth:`_prediction_gate` (its fitted gate with the prediction-time parameters
+    applied); ``n_seen_`` is 0 for zero-shot only. Inputs everywhere may be paths,
+    folders, globs, list files, PIL images, ``[H, W, 3]`` ``uint8`` arrays or
+    ``[3, H, W]`` / ``[N, 3, H, W]`` tensors (see :func:`hybridcls.data.as_sources`);
+    outputs have one row per input, in order.
+    """
+
+    engine_: InferenceEngine
+    classes_: np.ndarray
+    n_seen_: int = 0
+    #: Columns the rows add beyond path, label, score, branch and top-k.
+    EXTRA_COLUMNS: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ to override
+
+    def _prediction_gate(self) -> Gate:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _clip_policy(self, gate: Gate) -> ClipPolicy:
+        return gate.clip_policy()
+
+    # ------------------------------------------------------------------ streaming
+
+    def _sources(self, inputs: Any) -> list[Source]:
+        check_is_fitted(self, "engine_")
+        return as_sources(inputs)
+
+    def iter_predictions(self, inputs: Any, *, progress: bool | None = None,
+                         clip: ClipPolicy | None = None
+                         ) -> Iterator[tuple[EngineBatch, FusionResult | None]]:
+        """Stream ``(engine batch, fusion result)`` per batch, in input order; bad images are errors.
+
+        Args:
+            inputs: What :func:`~hybridcls.data.as_sources` accepts, or its result.
+            progress: Show a progress bar (default: the ``progress`` parameter).
+            clip: Which images the CLIP tower encodes: ``None`` = the gate's own policy
+                (lazy zero-shot, the cascade), ``"all"`` = every image, so that both
+                branches' outputs exist for every row.
+
+        Yields:
+            One pair per batch; the result is ``None`` when no image of the batch decoded.
+        """
+        sources = self._sources(inputs)
+        gate = self._prediction_gate()
+        policy = self._clip_policy(gate) if clip is None else clip
+        for batch in self.engine_.iter_batches(sources, clip=policy, progress=progress):
+            yield batch, None if batch.outputs is None else gate.predict(batch.outputs)
+
+    def rows(self, inputs: Any, *, topk: int = 5, progress: bool | None = None
+             ) -> Iterator[list[PredictionRow]]:
+        """Output rows per batch (label, branch, top-k; a hybrid's gate columns), one per input."""
+        sources = self._sources(inputs)
+        paths = [s.path for s in sources]
+        for batch, res in self.iter_predictions(sources, progress=progress):
+            yield self.batch_rows(paths, batch, res, topk=topk)
+
+    def batch_rows(self, paths: Sequence[str], batch: EngineBatch, res: FusionResult | None, *,
+                   topk: int = 5) -> list[PredictionRow]:
+        """One engine batch and its fusion result as output rows, one per index, in order."""
+        return batch_rows(paths, batch.indices, batch.ok, batch.errors, res, list(self.classes_),
+                          n_seen=self.n_seen_, topk=topk, branch_columns=bool(self.EXTRA_COLUMNS))
+
+    # ------------------------------------------------------------------ arrays
+
+    def extract_features(self, inputs: Any, *, clip: ClipPolicy = "all") -> BranchOutputs:
+        """Run the towers and keep their raw outputs, one row per input (see :meth:`predict_features`).
+
+        Raises:
+            ImageDecodeError: An input that cannot be decoded (names it, and counts the others).
+
+        Example:
+            >>> feats = clf.extract_features(["val/"])  # doctest: +SKIP
+            >>> clf.predict_features(feats).probs.shape  # doctest: +SKIP
+        """
+        sources = self._sources(inputs)
+        outputs, errors = self.engine_.extract(sources, clip=clip)
+        _raise_failures(sources, errors)
+        assert outputs is not None or not sources
+        return outputs if outputs is not None else _empty_outputs(self)
+
+    def predict_features(self, features: BranchOutputs) -> FusionResult:
+        """The gate and the fusion over branch outputs already computed, without running a model.
+
+        Example:
+            >>> feats = clf.extract_features(["test/"])  # doctest: +SKIP
+            >>> clf.set_params(mode="soft").predict_features(feats).probs.shape  # doctest: +SKIP
+        """
+        return self._prediction_gate().predict(features)
+
+    def _fused(self, inputs: Any) -> FusionResult:
+        sources = self._sources(inputs)
+        gate = self._prediction_gate()
+        outputs, errors = self.engine_.extract(sources, clip=self._clip_policy(gate))
+        _raise_failures(sources, errors)
+        return gate.predict(outputs if outputs is not None else _empty_outputs(self))
+
+    def predict_proba(self, inputs: Any) -> np.ndarray:
+        """``[n, C]`` probabilities over ``classes_`` (seen first, then unseen), one row per input.
+
+        Raises:
+            ImageDecodeError: An input that cannot be decoded (names it).
+        """
+        return self._fused(inputs).probs
+
+    def decision_function(self, inputs: Any) -> np.ndarray:
+        """``[n]`` gate scores (higher = less like the seen classes); NaN for zero-shot only."""
+        return self._fused(inputs).gate_score
+
+    def predict(self, inputs: Any) -> np.ndarray:
+        """Class names, one per input (``"unknown"`` where the unknown option answers).
+
+        Raises:
+            ImageDecodeError: An input that cannot be decoded (names it).
+        """
+        res = self._fused(inputs)
+        labels = np.asarray(self.classes_, dtype=object)[res.probs.argmax(axis=1)] if len(res.probs) \
+            else np.empty(0, dtype=object)
+        labels[res.branch == "unknown"] = "unknown"
+        return labels
+
+
+def _empty_outputs(clf: Predictor) -> BranchOutputs:
+    """Zero rows of what the engine would have made (no input at all)."""
+    engine = clf.engine_
+    sup = None
+    if engine.supervised is not None:
+        sup = np.zeros((0, clf.n_seen_), np.float32)
+    clip = None if engine.clip is None else np.zeros((0, len(clf.classes_)), np.float32)
+    emb = None if engine.clip is None else np.zeros((0, engine.clip.embed_dim), np.float32)
+    return BranchOutputs(sup, None if sup is None else np.zeros((0, 0), np.float32), clip, emb)
+
+
+def _raise_failures(sources: Sequence[Source], errors: dict[int, str]) -> None:
+    if not errors:
+        return
+    failed = [(sources[i].path, errors[i]) for i in sorted(errors)]
+    path, reason = failed[0]
+    if len(failed) > 1:
+        more = "; ".join(f"{p}: {r}" for p, r in failed[1: 1 + _MAX_LISTED_FAILURES])
+        tail = " ..." if len(failed) > 1 + _MAX_LISTED_FAILURES else ""
+        reason = f"{reason}; {len(failed) - 1} more could not be read: {more}{tail}"
+    raise ImageDecodeError(path, reason)
+
