@@ -66,7 +66,7 @@ from hybridcls.data import (
     make_loader,
 )
 from hybridcls.device import autocast, autocast_dtype, resolve_device
-from hybridcls.errors import ImageDecodeError, InputError, ParameterError
+from hybridcls.errors import ImageDecodeError, InputError, ParameterError, ResourceUseWarning
 from hybridcls.gate.branches import BranchOutputs
 from hybridcls.runtime import RuntimeSettings
 
@@ -435,7 +435,7 @@ class InferenceEngine:
                 warnings.warn(
                     f"out of memory on {self.device} at batch_size={self.batch_size}: running the "
                     f"models on {self._rows} images at a time; pass a smaller batch_size to skip "
-                    "this retry", RuntimeWarning, stacklevel=2)
+                    "this retry", ResourceUseWarning, stacklevel=2)
 
     def _padded(self, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:

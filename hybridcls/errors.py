@@ -7,9 +7,12 @@ errors (a bad option, file or folder), 1 for :class:`DataTooSmallError` (the
 command was used correctly but the data cannot support what it asks).
 Messages name the file, line or parameter involved.
 
-:class:`ClassTextWarning` is the one warning category of its kind: input that
-works but that the user should hear about (class text cut to the model's
-context on request, classes the model can hardly tell apart).
+Warnings the user should hear about derive from :class:`HybridclsWarning`
+(the command line prints them as one ``warning:`` line, in its flags' words):
+:class:`ClassTextWarning` (class text cut to the model's context on request,
+classes the model can hardly tell apart) and :class:`ResourceUseWarning`
+(the device ran out of memory and the batch was split, a cache could not be
+written).
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ __all__ = [
     "DataTooSmallError",
     "DatasetError",
     "HybridclsError",
+    "HybridclsWarning",
     "ImageDecodeError",
     "InputError",
     "MissingExtraError",
     "ParameterError",
     "PromptFileError",
+    "ResourceUseWarning",
     "WeightsUnavailableError",
 ]
 
@@ -121,5 +126,14 @@ class MissingExtraError(HybridclsError, ImportError):
         )
 
 
-class ClassTextWarning(UserWarning):
+class HybridclsWarning(UserWarning):
+    """Base class of the warnings meant for a person (the command line prints them as one line)."""
+
+
+class ClassTextWarning(HybridclsWarning):
     """Class text the model does not fully see, or classes it can hardly tell apart; names lines."""
+
+
+class ResourceUseWarning(HybridclsWarning, RuntimeWarning):
+    """The run goes on, at a cost: the device ran out of memory and batches are split, a cache
+    could not be written and is rebuilt next time."""

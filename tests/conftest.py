@@ -49,3 +49,27 @@ def world_run(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("world_run")
     world, clf, _ = prepare_world_run(out, seed=0)
     return world, clf
+
+
+@pytest.fixture(scope="session")
+def tiny_hybrid(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A small world (4 seen + 2 unseen classes, 32 px) with a one-epoch ``test_convnext`` run,
+    calibrated with the defaults and the shipped tiny CLIP, built once (seconds).
+
+    Returns ``{"root", "world", "run", "common"}``; ``common`` are the CLIP and runtime flags
+    of ``predict`` / ``calibrate`` for it.
+    """
+    from hybridcls.cli import main
+    from hybridcls.synth import TINY_CLIP_MODEL_ID, make_world
+    from hybridcls.train import train
+
+    root = tmp_path_factory.mktemp("tiny_hybrid")
+    world = make_world(root / "world", seed=1, n_classes=6, n_unseen=2, train_per_class=(10, 12),
+                       test_per_class=2, image_size=32)
+    train(world.train_dir, root / "run", model="test_convnext", pretrained=False, freeze=None,
+          image_size=32, epochs=1, seed=0, device="cpu", workers=0)
+    common = ["--prompts", str(world.prompts_file), "--templates", str(world.templates_file),
+              "--clip-model", TINY_CLIP_MODEL_ID, "--cache-dir", str(root / "cache"),
+              "--device", "cpu", "--workers", "0"]
+    assert main(["calibrate", str(root / "run"), *common, "-q"]) == 0
+    return {"root": root, "world": world, "run": root / "run", "common": common}

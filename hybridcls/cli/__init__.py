@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from hybridcls.cli import audit as _audit
@@ -22,7 +23,7 @@ from hybridcls.cli import predict as _predict
 from hybridcls.cli import report as _report
 from hybridcls.cli import train as _train
 from hybridcls.cli.common import UsageError, flag_message
-from hybridcls.errors import HybridclsError
+from hybridcls.errors import HybridclsError, HybridclsWarning
 from hybridcls.version import __version__
 
 __all__ = ["UsageError", "build_parser", "main"]
@@ -52,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The raw arguments, for a command that re-launches itself (train --nproc).
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return int(args.run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(args)
+            return int(args.run(args) or 0)
     except HybridclsError as exc:
         print(f"hybridcls {args.command}: error: {flag_message(str(exc), args.parser_)}",
               file=sys.stderr)
@@ -60,6 +63,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _warning_printer(args: argparse.Namespace):
+    """``warnings.showwarning`` for a command: the package's warnings as one line in its flags' words."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, HybridclsWarning):
+            print(f"hybridcls {args.command}: warning: {flag_message(str(message), args.parser_)}",
+                  file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
 
 
 if __name__ == "__main__":  # pragma: no cover

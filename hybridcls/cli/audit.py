@@ -20,6 +20,7 @@ from hybridcls.cli.common import (
     UsageError,
     add_clip_model_arguments,
     add_runtime_arguments,
+    clip_pretrained_from_args,
     runtime_from_args,
 )
 
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--mislabel-agreement must be between 0 and 1, got {args.mislabel_agreement}")
     report = audit_dataset(
         args.data_dir, val_dir=args.val, test_dir=args.test, output_dir=args.output,
-        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
+        clip_model=args.clip_model, clip_pretrained=clip_pretrained_from_args(args),
         cache_dir=runtime.cache_dir, device=runtime.device, batch_size=runtime.batch_size,
         workers=runtime.workers,
         # A threshold above 1 can never be reached: the test is off.

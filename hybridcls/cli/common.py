@@ -24,6 +24,7 @@ __all__ = [
     "add_clip_arguments",
     "add_clip_model_arguments",
     "add_runtime_arguments",
+    "clip_pretrained_from_args",
     "flag_message",
     "hybrid_from_args",
     "runtime_from_args",
@@ -42,10 +43,10 @@ def add_clip_model_arguments(g: argparse._ActionsContainer) -> None:
     g.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, metavar="ID",
                    help="open_clip model: a built-in name, hf-hub:ORG/REPO or local-dir:DIR "
                         "(default: %(default)s)")
-    g.add_argument("--clip-pretrained", default=DEFAULT_CLIP_PRETRAINED, metavar="TAG|FILE",
-                   help="pretrained tag or local weights file for a built-in name "
-                        "(default: %(default)s; '' for random weights; not used with hf-hub: "
-                        "and local-dir:, whose weights come with the model)")
+    g.add_argument("--clip-pretrained", default=None, metavar="TAG|FILE",
+                   help=f"pretrained tag or local weights file for a built-in name "
+                        f"(default: {DEFAULT_CLIP_PRETRAINED}; '' for random weights; refused with "
+                        f"hf-hub: and local-dir:, whose weights come with the model)")
     g.add_argument("--cache-dir", default=_R.cache_dir, metavar="DIR",
                    help="cache for downloaded weights and text classifiers "
                         "(default: $HYBRIDCLS_CACHE_DIR or ~/.cache/hybridcls)")
@@ -115,12 +116,20 @@ def runtime_from_args(args: argparse.Namespace) -> RuntimeSettings:
     )
 
 
+def clip_pretrained_from_args(args: argparse.Namespace) -> str | None:
+    """``--clip-pretrained`` as the library's ``clip_pretrained``: the default tag for a built-in
+    name when the flag is not given, none for ``hf-hub:`` / ``local-dir:``, ``''`` = random weights."""
+    if args.clip_pretrained is None:
+        return None if args.clip_model.startswith(("local-dir:", "hf-hub:")) else DEFAULT_CLIP_PRETRAINED
+    return args.clip_pretrained or None
+
+
 def zeroshot_from_args(args: argparse.Namespace) -> Any:
     """A fitted :class:`~hybridcls.ZeroShotClassifier` from the CLIP, runtime and gate flags."""
     from hybridcls.zeroshot.classifier import ZeroShotClassifier
 
     return ZeroShotClassifier(
-        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
+        clip_model=args.clip_model, clip_pretrained=clip_pretrained_from_args(args),
         prompts=args.prompts, templates=args.templates,
         unknown_threshold=getattr(args, "unknown_threshold", None),
         truncate_prompts=getattr(args, "truncate_prompts", False),
@@ -138,7 +147,7 @@ def hybrid_from_args(args: argparse.Namespace, **params: Any) -> Any:
     from hybridcls.hybrid import HybridClassifier
 
     return HybridClassifier(
-        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
+        clip_model=args.clip_model, clip_pretrained=clip_pretrained_from_args(args),
         templates=args.templates, mode=getattr(args, "mode", None),
         unknown_threshold=getattr(args, "unknown_threshold", None),
         cascade=getattr(args, "cascade", False),

@@ -10,6 +10,7 @@ from hybridcls.cli.common import (
     UsageError,
     add_clip_arguments,
     add_runtime_arguments,
+    clip_pretrained_from_args,
     runtime_from_args,
 )
 
@@ -55,7 +56,7 @@ def _classifier(args: argparse.Namespace):
     if not args.prompts:
         raise UsageError(f"--prompts is needed: {args.checkpoint} is a run directory, not a "
                          f"save_pretrained folder (no {HYBRID_FILE})")
-    return HybridClassifier(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained or None,
+    return HybridClassifier(clip_model=args.clip_model, clip_pretrained=clip_pretrained_from_args(args),
                             templates=args.templates, **params).load_run(args.checkpoint, args.prompts)
 
 

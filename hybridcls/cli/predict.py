@@ -21,6 +21,7 @@ from hybridcls.cli.common import (
     UsageError,
     add_clip_arguments,
     add_runtime_arguments,
+    clip_pretrained_from_args,
     hybrid_from_args,
     zeroshot_from_args,
 )
@@ -163,8 +164,7 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
     clip = args.clip_model
     settings: dict[str, Any] = {
         "clip_model": fingerprint(clip[len("local-dir:"):]) if clip.startswith("local-dir:") else clip,
-        "clip_pretrained": None if clip.startswith(("local-dir:", "hf-hub:"))
-        else fingerprint(args.clip_pretrained),
+        "clip_pretrained": fingerprint(clip_pretrained_from_args(args)),
         "prompts": fingerprint(args.prompts),
         "templates": fingerprint(args.templates),
         "topk": args.topk,

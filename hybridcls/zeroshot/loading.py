@@ -40,7 +40,7 @@ from open_clip.pretrained import download_pretrained, download_pretrained_from_h
 from hybridcls.cache import file_fingerprint, stable_hash
 from hybridcls.data import bound_aspect
 from hybridcls.device import resolve_device
-from hybridcls.errors import CheckpointError, InputError, WeightsUnavailableError
+from hybridcls.errors import CheckpointError, InputError, ParameterError, WeightsUnavailableError
 from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 
 __all__ = [
@@ -253,6 +253,9 @@ def _resolve(model: str, pretrained: str | None, cache_dir: str | None, offline:
         schema, ident = parse_model_name(model)
     except ValueError as exc:
         raise InputError(f"--clip-model {model!r}: {exc}") from exc
+    if schema in ("local-dir", "hf-hub") and pretrained not in (None, DEFAULT_CLIP_PRETRAINED):
+        raise ParameterError("clip_pretrained", pretrained, f"not used with a {schema}: model, whose "
+                             "weights come with it; leave clip_pretrained out")
     if schema == "local-dir":
         return _resolve_local_dir(model, ident)
     if schema == "hf-hub":

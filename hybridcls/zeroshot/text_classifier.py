@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hybridcls.cache import atomic_path, resolve_cache_dir, stable_hash
+from hybridcls.errors import ResourceUseWarning
 from hybridcls.zeroshot.loading import ClipBundle
 from hybridcls.zeroshot.prompts import (
     PromptSet,
@@ -154,7 +155,7 @@ def _save_cached(
             save_file({_TENSOR_NAME: matrix.detach().cpu().contiguous()}, str(tmp), metadata=meta)
     except OSError as exc:
         # A read-only or full cache disk costs a rebuild next time, not this prediction.
-        warnings.warn(f"could not write the text cache {path}: {exc}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"could not write the text cache {path}: {exc}", ResourceUseWarning, stacklevel=3)
 
 
 def _encode(
