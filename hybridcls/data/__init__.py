@@ -23,6 +23,7 @@ from hybridcls.data.folders import (
 )
 from hybridcls.data.images import (
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE,
     SUPPORTED_FORMATS,
     decode_image_bytes,
     load_image,
@@ -40,6 +41,7 @@ from hybridcls.data.sources import (
 __all__ = [
     "CSV_PATH_COLUMNS",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_SIDE",
     "IMAGE_EXTENSIONS",
     "LIST_EXTENSIONS",
     "MAX_ASPECT_RATIO",

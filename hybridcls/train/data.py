@@ -33,6 +33,7 @@ from hybridcls import __version__
 from hybridcls.cache import stable_hash
 from hybridcls.data import (
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE,
     Source,
     drop_unreadable,
     find_unreadable,
@@ -66,7 +67,7 @@ class ImageCheck:
     Attributes:
         fingerprint: :func:`~hybridcls.cache.stable_hash` of every checked
             file's path, size and modification time and of the decoder
-            (hybridcls' and Pillow's versions, the pixel limit). While it is
+            (hybridcls' and Pillow's versions, the pixel and side limits). While it is
             unchanged the check need not run again (``--resume``).
         unreadable: ``path -> reason`` of each file that failed, in scan order.
     """
@@ -124,6 +125,7 @@ def _files_fingerprint(paths: Sequence[str]) -> str:
         "hybridcls": __version__,
         "pillow": PIL.__version__,
         "max_pixels": DEFAULT_MAX_PIXELS,
+        "max_side": DEFAULT_MAX_SIDE,
     }
     return stable_hash({"decoder": decoder, "files": [state(p) for p in paths]})
 
