@@ -20,6 +20,7 @@ from hybridcls.data.folders import (
     find_unreadable,
     scan_image_folder,
     stratified_split,
+    val_split_range,
 )
 from hybridcls.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -65,5 +66,6 @@ __all__ = [
     "make_loader",
     "scan_image_folder",
     "stratified_split",
+    "val_split_range",
     "walk_images",
 ]
