@@ -9,7 +9,7 @@ import pytest
 
 from hybridcls.cli import main
 from hybridcls.errors import InputError
-from hybridcls.eval.labels import join_labels
+from hybridcls.eval.labels import join_labels, read_labels
 from hybridcls.eval.report import MissingPredictionsError, evaluate_predictions
 from hybridcls.outputs import PredictionRow, open_writer
 
@@ -137,3 +137,78 @@ def test_summary_says_n_a_for_a_group_without_images(tmp_path):
                               ["red circle", "blue square"])
     assert math.isnan(ev.scores.unseen)
     assert "seen S 100.00   unseen U n/a   harmonic H n/a" in ev.summary()
+
+
+def test_ids_written_on_windows_join_with_backslashes_as_separators(tmp_path):
+    windows = _labels(tmp_path / "l.csv", [(p.replace("/", "\\"), lab) for p, lab in CASE.items()])
+    assert "site1\\IMG_0001.png" in windows.read_text(encoding="utf-8")
+    assert join_labels(list(CASE), windows).labels == list(CASE.values())
+    # one image however its id is written: both spellings in one file are one id listed twice
+    both = _labels(tmp_path / "b.csv", [("site1\\IMG_0001.png", "red circle"),
+                                        ("site1/IMG_0001.png", "red circle")])
+    with pytest.raises(InputError, match=r"b\.csv:3: image 'site1/IMG_0001\.png' is listed twice "
+                                         r"\(first on line 2\)"):
+        join_labels(list(CASE), both)
+
+
+def test_when_nothing_joins_both_sides_are_listed(tmp_path):
+    labels = _labels(tmp_path / "l.csv", [("cam1/IMG_0001.png", "red circle"),
+                                          ("cam2/IMG_0001.png", "blue square"),
+                                          ("cam2/IMG_0002.png", "blue square")])
+    with pytest.raises(InputError) as info:
+        join_labels(list(CASE), labels)
+    assert str(info.value) == (
+        f"{labels}: 3 predicted image(s) have no label, e.g. 'site1/IMG_0001.png', "
+        "'site2/IMG_0001.png', 'site2/IMG_0002.png'; 3 id(s) of the labels file match no "
+        "predicted image, e.g. 'cam1/IMG_0001.png' (line 2), 'cam2/IMG_0001.png' (line 3), "
+        "'cam2/IMG_0002.png' (line 4)")
+
+
+def test_absolute_ids_against_relative_predicted_paths_hint_at_the_current_folder(
+        tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    (tmp_path / "elsewhere").mkdir()
+    photos.mkdir()
+    labels = _labels(tmp_path / "l.csv", [(str(photos / p), lab) for p, lab in CASE.items()])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(InputError) as info:
+        join_labels(list(CASE), labels)
+    message = str(info.value)
+    assert "; 3 id(s) of the labels file match no predicted image, e.g. " in message
+    assert message.endswith(
+        f". Relative predicted paths are taken from the current folder ({tmp_path / 'elsewhere'}), "
+        f"and an absolute id such as {str(photos / 'site1/IMG_0001.png')!r} names one absolute "
+        "path: run from the folder the predictions were made in, or key the labels file by "
+        "relative paths (e.g. 'site1/IMG_0001.png')")
+    # both remedies work: the folder the predicted paths are relative to, or relative ids
+    monkeypatch.chdir(photos)
+    assert join_labels(list(CASE), labels).labels == list(CASE.values())
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    relative = _labels(tmp_path / "r.csv", CASE.items())
+    assert join_labels(list(CASE), relative).labels == list(CASE.values())
+
+
+def test_absolute_ids_of_another_root_hint_at_relative_ids(tmp_path):
+    predicted = [str(tmp_path / "new" / p) for p in CASE]
+    labels = _labels(tmp_path / "l.csv", [(str(tmp_path / "old" / p), lab) for p, lab in CASE.items()])
+    with pytest.raises(InputError) as info:
+        join_labels(predicted, labels)
+    assert str(info.value).endswith(
+        f". An absolute id such as {str(tmp_path / 'old/site1/IMG_0001.png')!r} names that "
+        "absolute path only: key the labels file by relative paths (e.g. 'site1/IMG_0001.png') "
+        "to match the end of a predicted path")
+
+
+def test_ids_climbing_out_with_dot_dot_are_taken_from_the_labels_files_folder(tmp_path):
+    # labels/labels.csv keys ../case/site1/IMG_0001.png: the image beside the labels folder
+    (tmp_path / "labels").mkdir()
+    labels = _labels(tmp_path / "labels" / "labels.csv",
+                     [("../case/" + p, lab) for p, lab in CASE.items()])
+    here = [str(tmp_path / "case" / p) for p in CASE]
+    assert join_labels(here, labels).labels == list(CASE.values())
+    assert read_labels(labels) == {str(tmp_path / "case" / p): lab for p, lab in CASE.items()}
+    # the same relative paths under another folder are other images
+    there = [str(tmp_path / "copy" / "case" / p) for p in CASE]
+    with pytest.raises(InputError, match=r"3 id\(s\) of the labels file match no predicted image, "
+                                         rf"e\.g\. '{tmp_path}/case/site1/IMG_0001\.png' \(line 2\)"):
+        join_labels(there, labels)
