@@ -212,3 +212,59 @@ def test_ids_climbing_out_with_dot_dot_are_taken_from_the_labels_files_folder(tm
     with pytest.raises(InputError, match=r"3 id\(s\) of the labels file match no predicted image, "
                                          rf"e\.g\. '{tmp_path}/case/site1/IMG_0001\.png' \(line 2\)"):
         join_labels(there, labels)
+
+
+def _rows_file(path, header, rows):
+    path.write_text(header + "\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+HEADER = "path,label,score,branch,status,error,gate_score"
+
+
+@pytest.mark.parametrize(("cell", "column", "row", "problem"), [
+    ("gate_score", "gate_score", "site2/IMG_0001.png,blue square,0.9,zeroshot,ok,,inf",
+     "'inf', not a finite number"),
+    ("gate_score", "gate_score", "site2/IMG_0001.png,blue square,0.9,zeroshot,ok,,high",
+     "'high', not a number"),
+    ("score", "score", "site2/IMG_0001.png,blue square,1.5,zeroshot,ok,,0.3",
+     "'1.5', outside [0, 1] (the probability of the predicted label)"),
+    ("score", "score", "site2/IMG_0001.png,blue square,nan,zeroshot,ok,,0.3",
+     "'nan', not a finite number"),
+    ("status", "status", "site2/IMG_0001.png,blue square,0.9,zeroshot,OK,,0.3",
+     None),
+])
+def test_evaluate_names_the_file_line_and_column_of_a_bad_value(tmp_path, cell, column, row,
+                                                                 problem):
+    # line 3 is bad, lines 2 and 4 are as predict writes them
+    pred = _rows_file(tmp_path / "pred.csv", HEADER, [
+        "site1/IMG_0001.png,red circle,0.8,zeroshot,ok,,0.1", row,
+        "site2/IMG_0002.png,blue square,0.7,zeroshot,ok,,0.2"])
+    labels = _labels(tmp_path / "l.csv", CASE.items())
+    with pytest.raises(InputError) as info:
+        evaluate_predictions(pred, labels, ["red circle"])
+    if column == "status":
+        assert str(info.value) == f"{pred}:3: column status is 'OK'; expected ok or error"
+    else:
+        assert str(info.value) == f"{pred}:3: column {column} is {problem}"
+
+
+def test_evaluate_names_the_jsonl_line_and_the_labels_line(tmp_path):
+    pred = _predictions(tmp_path / "pred.jsonl")
+    lines = pred.read_text(encoding="utf-8").splitlines()
+    lines[1] = lines[1].replace('"score": 0.9', '"score": "x"')
+    assert '"score": "x"' in lines[1]
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    labels = _labels(tmp_path / "l.csv", CASE.items())
+    with pytest.raises(InputError) as info:
+        evaluate_predictions(tmp_path / "bad.jsonl", labels, ["red circle"])
+    assert str(info.value) == f"{tmp_path / 'bad.jsonl'}:2: column score is 'x', not a number"
+    # a label of a class nobody knows: the labels file's line
+    odd = _labels(tmp_path / "odd.csv", [("site1/IMG_0001.png", "red circle"),
+                                          ("site2/IMG_0001.png", "purple hexagon"),
+                                          ("site2/IMG_0002.png", "blue square")])
+    with pytest.raises(InputError) as info:
+        evaluate_predictions(pred, odd, ["red circle", "blue square"],
+                             classes=["red circle", "blue square"])
+    assert str(info.value) == (f"{odd}:3: label 'purple hexagon' is of a class that is neither "
+                               "seen nor predictable; 1 such class(es): 'purple hexagon'")

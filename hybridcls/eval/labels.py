@@ -31,7 +31,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from hybridcls.errors import InputError
@@ -133,10 +133,12 @@ class LabelJoin:
         labels: The true class of each predicted path, in the paths' order.
         missing: Ids of the labels file that no predicted path matches
             (labelled images without a prediction), in file order.
+        lines: The labels file's line of each of ``labels`` (for messages).
     """
 
     labels: list[str]
     missing: list[str]
+    lines: list[int] = field(default_factory=list)
 
 
 def join_labels(paths: Sequence[str], labels: str | os.PathLike[str]) -> LabelJoin:
@@ -194,7 +196,8 @@ def join_labels(paths: Sequence[str], labels: str | os.PathLike[str]) -> LabelJo
         matched = {e.image_id for e in owner.values()}
         unmatched = [e for e in entries if e.image_id not in matched]
         raise InputError(_no_label_message(labels, unlabelled, unmatched))
-    return LabelJoin([owner[i].label for i in range(len(paths))], missing)
+    joined = [owner[i] for i in range(len(paths))]
+    return LabelJoin([e.label for e in joined], missing, [e.line for e in joined])
 
 
 def _no_label_message(labels: str | os.PathLike[str], unlabelled: Sequence[str],
