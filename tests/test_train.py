@@ -459,6 +459,14 @@ def test_none_spellings_paths_and_numpy_values_are_accepted(tmp_path):
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
+def test_train_takes_none_spelt_as_the_command_line_does(tiny_world, tmp_path):
+    # what HybridClassifier(train_options=dict(freeze="none")) hands to train()
+    result = train(tiny_world.train_dir, tmp_path / "run", epochs=1, freeze="none",
+                   patience="none", **FAST)
+    stored = json.loads((result.run_dir / "config.json").read_text())["train"]
+    assert (stored["freeze"], stored["patience"]) == (None, None)
+
+
 def test_a_run_that_diverges_in_its_first_epoch_leaves_no_folder(data, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(InputError) as info:
