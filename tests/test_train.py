@@ -457,6 +457,7 @@ def test_none_spellings_paths_and_numpy_values_are_accepted(tmp_path):
     assert config.val_dir == str(tmp_path / "val") and config.crop_scale == (0.5, 1.0)
     assert (type(config.epochs), type(config.lr), config.lr) == (int, float, 0.5)
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert TrainConfig(device=torch.device("cpu")).device == "cpu"
 
 
 def test_train_takes_none_spelt_as_the_command_line_does(tiny_world, tmp_path):

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from hybridcls.errors import InputError
 from hybridcls.supervised import HEAD_TYPES
 
@@ -137,8 +139,9 @@ class TrainConfig:
 
         A number option that may be None (``freeze``, ``patience``...) takes the
         command line's ``"none"`` (any case) as None; a path option takes any
-        ``os.PathLike``; a list of two numbers is a ``crop_scale`` pair. Values of
-        other types are left for :meth:`validate` to refuse.
+        ``os.PathLike``, ``device`` a ``torch.device``; a list of two numbers is a
+        ``crop_scale`` pair. Values of other types are left for :meth:`validate`
+        to refuse.
         """
         for f in dataclasses.fields(self):
             value, hint = getattr(self, f.name), _HINTS[f.name]
@@ -146,6 +149,8 @@ class TrainConfig:
                 value = None
             elif isinstance(value, os.PathLike) and f.name in _PATH_FIELDS:
                 value = os.fspath(value)
+            elif isinstance(value, torch.device) and f.name == "device":
+                value = str(value)  # resolve_device takes both; runs store the name
             elif isinstance(value, list) and typing.get_origin(hint) is tuple:
                 value = tuple(value)
             if _accepts(value, hint):
