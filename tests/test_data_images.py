@@ -214,6 +214,19 @@ def test_an_upright_image_is_not_copied(tmp_path: Path, monkeypatch) -> None:
     assert copies == []
 
 
+def test_conversion_leaves_an_image_it_does_not_own_alone(made: dict[str, Made]) -> None:
+    # Images given in memory are the caller's: turned and converted into a new image, never
+    # in place (decoded files, which are ours, are turned in place).
+    with Image.open(made["exif6"].path) as im:
+        im.load()
+        stored = im.size
+        out = images_module._to_rgb(im, "<image 0>")
+        assert (stored, out.size) == ((20, 40), (40, 20))
+        assert im.size == stored and im.getexif().get(0x0112) == 6
+        plain = Image.new("RGB", (3, 2), (1, 2, 3))
+        assert images_module._to_rgb(plain, "<image 1>") is not plain
+
+
 def _rescale_as_before(im: Image.Image) -> np.ndarray:
     """The rescale as it was, over the whole image in float64 (the reference)."""
     values = np.asarray(im, dtype=np.float64)

@@ -188,12 +188,14 @@ def _decode(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp, formats=SUPPORTED_FORMATS) as im:
-                _check_size(im.size, name, max_pixels, max_side)
+                _check_pixels(im.size, name, max_pixels)
+                _check_side(im.size, name, max_side)
                 if draft:
                     # Mode None: scale only; the colour conversion stays _to_rgb's.
                     im.draft(None, (1, 1))
                 im.load()
-                return _to_rgb(im, name)
+                # The image is ours (just opened): turning it in place spares a copy.
+                return _to_rgb(im, name, in_place=True)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -209,10 +211,8 @@ def _limit(value: int, default: int, parameter: str, constant: str) -> str:
     return f"hybridcls.data.{constant}" if value == default else f"{parameter}={value}"
 
 
-def _check_size(
-    size: tuple[int, int], name: str, max_pixels: int | None, max_side: int | None
-) -> None:
-    """Refuse, from the header's size, an image over the pixel or the side limit."""
+def _check_pixels(size: tuple[int, int], name: str, max_pixels: int | None) -> None:
+    """Refuse, from the header's size, an image of more than ``max_pixels`` pixels."""
     width, height = size
     pixels = width * height
     if max_pixels is not None and pixels > max_pixels:
@@ -222,6 +222,11 @@ def _check_size(
             f"decompression bomb: {width} x {height} = {pixels} pixels exceeds "
             f"the limit of {max_pixels} ({limit})",
         )
+
+
+def _check_side(size: tuple[int, int], name: str, max_side: int | None) -> None:
+    """Refuse, from the header's size, an image with a side longer than ``max_side``."""
+    width, height = size
     if max_side is not None and max(width, height) > max_side:
         limit = _limit(max_side, DEFAULT_MAX_SIDE, "max_side", "DEFAULT_MAX_SIDE")
         raise ImageDecodeError(
@@ -245,11 +250,18 @@ def _pillow_bomb_reason(err: Exception, max_pixels: int | None) -> str:
     )
 
 
-def _to_rgb(im: Image.Image, name: str) -> Image.Image:
-    """Upright 8-bit RGB copy of a loaded image (first frame only)."""
-    # Orientation first: TIFF keeps it in tags that a mode conversion drops. In place:
-    # otherwise Pillow returns a copy even when there is nothing to turn.
-    ImageOps.exif_transpose(im, in_place=True)
+def _to_rgb(im: Image.Image, name: str, *, in_place: bool = False) -> Image.Image:
+    """Upright 8-bit RGB copy of a loaded image (first frame only).
+
+    ``in_place``: ``im`` may be changed (an image just decoded, nobody else's), so
+    an image already upright is returned as it is, not copied; otherwise ``im`` is
+    left alone and the result never shares its pixels.
+    """
+    # Orientation first: TIFF keeps it in tags that a mode conversion drops.
+    if in_place:
+        ImageOps.exif_transpose(im, in_place=True)
+    else:
+        im = ImageOps.exif_transpose(im)  # a copy, even when there is nothing to turn
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in _ALPHA_MODES:
@@ -257,7 +269,7 @@ def _to_rgb(im: Image.Image, name: str) -> Image.Image:
     if im.mode.startswith("I") or im.mode == "F":
         return _grayscale_to_8bit(im).convert("RGB")
     if im.mode == "RGB":
-        return im  # loaded, so detached from the file (the caller closes it)
+        return im  # a copy, or (in_place) loaded and so detached from the file
     try:
         return im.convert("RGB")
     except ValueError:
