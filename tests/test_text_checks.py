@@ -169,8 +169,8 @@ def test_the_bundled_templates_do_not_all_fit_the_tiny_clip(tiny_tok):
     assert "Shorten them" not in msg
     assert msg.endswith(
         "The bundled default templates are too long for this model and cannot be edited: pass "
-        "templates= with your own, shorter templates (a templates file, or a list of strings with "
-        "{} for the class text), or pass truncate_prompts=True to accept the cut.")
+        "your own, shorter templates with templates=FILE (a templates file; in Python also a list "
+        "of strings with {} for the class text), or pass truncate_prompts=True to accept the cut.")
 
 
 def test_a_long_class_with_the_bundled_templates_is_told_both_remedies(tiny_tok):
@@ -180,9 +180,9 @@ def test_a_long_class_with_the_bundled_templates_is_told_both_remedies(tiny_tok)
     msg = str(err.value)
     assert msg.startswith("<list>:2: class ")
     assert msg.endswith(
-        "Shorten the class text, pass templates= with your own, shorter templates (a templates "
-        "file, or a list of strings with {} for the class text), or pass truncate_prompts=True "
-        "to accept the cut.")
+        "Shorten the class text, pass your own, shorter templates with templates=FILE (a "
+        "templates file; in Python also a list of strings with {} for the class text), or pass "
+        "truncate_prompts=True to accept the cut.")
 
 
 # ---------------------------------------------------------------- the repository's own text

@@ -244,8 +244,8 @@ def _shortening_advice(problems: list[_Problem], templates: TemplateSet) -> str:
     if templates.source != as_template_set(None).source:
         return "Shorten them, or pass truncate_prompts=True to accept the cut."
     # The bundled templates ship inside the package: the user cannot shorten them.
-    own = ("pass templates= with your own, shorter templates (a templates file, or a list of "
-           "strings with {} for the class text)")
+    own = ("pass your own, shorter templates with templates=FILE (a templates file; in Python "
+           "also a list of strings with {} for the class text)")
     if any(p.path == templates.source for p in problems):
         return (f"The bundled default templates are too long for this model and cannot be "
                 f"edited: {own}, or pass truncate_prompts=True to accept the cut.")
