@@ -364,8 +364,7 @@ def test_split_errors_count_and_list_a_class_unreadable_files() -> None:
                          unreadable=[("c9", 2, "empty file (0 bytes)")])
     assert str(info.value).splitlines()[0] == (
         "class 'c' has 2 readable images and 1 unreadable file, so it would have no validation "
-        "image with val_split=0.1; pass a higher val_split or add images, or replace its "
-        "unreadable file:"
+        "image with val_split=0.1; raise it or add images, or replace its unreadable file:"
     )
 
 

@@ -560,7 +560,7 @@ def test_folds_are_stratified_and_partition_the_images(tiny_world):
     for fold in folds:
         assert {label for _, label in fold.val} == set(range(len(fold.classes)))
         assert not {p for p, _ in fold.val} & {p for p, _ in fold.train}
-    with pytest.raises(DataTooSmallError, match="fewer than the k=20 folds .*pass a lower k"):
+    with pytest.raises(DataTooSmallError, match="fewer than the k=20 folds .*; lower it or add"):
         make_folds(tiny_world.train_dir, 20, seed=0)
     for k in (1, 2.5, True):
         with pytest.raises(InputError) as info:

@@ -263,7 +263,7 @@ def class_size_error(
         unreadable: ``ImageFolderIndex.unreadable``: the class's files in it are
             counted and listed, each with its reason.
         problem: What the count cannot do and what to do instead, e.g.
-            ``"fewer than the k=5 folds; pass a lower k or add images"``.
+            ``"fewer than the k=5 folds; lower it or add images"``.
 
     Returns:
         The error, for the caller to raise.
@@ -351,7 +351,7 @@ def stratified_split(
             f"cannot split with val_split={val_fraction}: {err}; change val_split or add images"
         ) from err
     for part, indices, other in (
-        ("validation", val_idx, "higher"),
+        ("validation", val_idx, "raise"),
         ("training", train_idx, "lower"),
     ):
         present = Counter(labels[i] for i in indices)
@@ -360,7 +360,7 @@ def stratified_split(
             raise class_size_error(
                 classes, missing[0], counts[missing[0]], unreadable,
                 f"so it would have no {part} image with val_split={val_fraction}; "
-                f"pass a {other} val_split or add images",
+                f"{other} it or add images",
             )
     return [samples[i] for i in sorted(train_idx)], [samples[i] for i in sorted(val_idx)]
 

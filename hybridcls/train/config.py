@@ -201,7 +201,10 @@ class TrainConfig:
         need(self.epochs >= 1, f"epochs={self.epochs}: must be >= 1")
         need(self.batch_size >= 2, f"batch_size={self.batch_size}: must be >= 2")
         need(self.lr > 0, f"lr={self.lr}: must be > 0")
-        need(0 <= self.min_lr <= self.lr, f"min_lr={self.min_lr}: must be in [0, lr={self.lr}]")
+        need(
+            0 <= self.min_lr <= self.lr,
+            f"min_lr={self.min_lr}: must be between 0 and the peak lr ({self.lr})",
+        )
         need(self.weight_decay >= 0, f"weight_decay={self.weight_decay}: must be >= 0")
         need(self.warmup_epochs >= 0, f"warmup_epochs={self.warmup_epochs}: must be >= 0")
         need(

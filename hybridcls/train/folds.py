@@ -86,7 +86,7 @@ def make_folds(
         raise class_size_error(
             index.classes, small[0], counts[small[0]], index.unreadable,
             f"fewer than the k={k} folds (each fold validates on one image of it or more); "
-            f"pass a lower k or add images",
+            "lower it or add images",
         )
     labels = np.array([label for _, label in index.samples])
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
