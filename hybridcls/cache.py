@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,6 +78,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     the final ``os.replace`` is a rename on one file system, which is atomic:
     readers see the old file or the new one, never a torn write. On an
     exception the temporary file is removed and ``path`` is left untouched.
+    The file gets the mode any new file gets (``0o666`` less the umask, so
+    ``0o644`` under the usual umask ``022``), not ``tempfile.mkstemp``'s
+    ``0o600``, which would leave run files unreadable to the rest of a team.
 
     Args:
         path: Final destination.
@@ -96,15 +99,27 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_file(dest.parent, f".{dest.name}.", ".tmp")
     try:
         yield tmp
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create an empty file of a fresh name in ``folder``, as ``tempfile.mkstemp`` does, but
+    with the mode of any new file: ``os.open`` applies the umask to ``0o666`` itself (reading
+    the umask would mean setting it, which races with other threads)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        name = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(name, flags, 0o666))
+        except FileExistsError:
+            continue
+        return name
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

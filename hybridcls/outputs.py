@@ -34,6 +34,7 @@ __all__ = [
     "open_writer",
     "output_columns",
     "output_key",
+    "read_prediction_lines",
     "read_predictions",
     "topk_pairs",
 ]
@@ -306,6 +307,17 @@ def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
         InputError: The file cannot be read, is not UTF-8, or (JSON Lines) has
             a line that is not a JSON object (names the line).
     """
+    return [row for _, row in read_prediction_lines(path)]
+
+
+def read_prediction_lines(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """:func:`read_predictions`, each row with its line number in the file (for messages).
+
+    A CSV row's line is the one its record ends on (a quoted field may span lines).
+
+    Raises:
+        InputError: as :func:`read_predictions`.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -314,7 +326,8 @@ def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: predictions file is not UTF-8 text") from exc
     if path.suffix.lower() not in (".jsonl", ".ndjson"):
-        return list(csv.DictReader(io.StringIO(text, newline="")))
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        return [(reader.line_num, row) for row in reader]
     records = []
     # split on "\n" only: str.splitlines also splits on U+2028 and U+0085, which a file name
     # may hold and JSON writes unescaped
@@ -327,7 +340,7 @@ def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise InputError(f"{path}:{line_no}: not JSON ({exc})") from exc
         if not isinstance(record, dict):
             raise InputError(f"{path}:{line_no}: a JSON value that is not a record")
-        records.append(record)
+        records.append((line_no, record))
     return records
 
 

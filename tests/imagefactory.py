@@ -35,6 +35,7 @@ __all__ = [
     "make_corrupt_png",
     "make_dir_named_like_image",
     "make_exif_rotated_jpeg",
+    "make_gray_ramp_png",
     "make_palette_png",
     "make_plain",
     "make_png16_gradient",
@@ -186,23 +187,50 @@ def make_text_as_jpg(folder: Path) -> Path:
     return path
 
 
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def make_bomb_png(folder: Path, width: int = 100_000, height: int = 100_000) -> Path:
     """A tiny PNG whose header claims ``width x height`` grayscale pixels."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     data = (
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _png_chunk(b"IEND", b"")
     )
     path = folder / "bomb.png"
     path.write_bytes(data)
+    return path
+
+
+def make_gray_ramp_png(
+    folder: Path, width: int, height: int, *, bit_depth: int = 8, name: str = "ramp.png"
+) -> Path:
+    """A valid grayscale PNG of any size, written row by row (never held in memory).
+
+    Every row is the same horizontal ramp, column ``x`` holding ``x % 256``
+    (8-bit) or ``(x % 256) * 257`` (16-bit, the same grey once rescaled), so
+    the file stays small: 1 x 170,000,000 pixels take about 0.4 MB.
+    """
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth={bit_depth}: 8 or 16")
+    grey = np.arange(width, dtype=np.int64) % 256
+    pixels = grey.astype(np.uint8) if bit_depth == 8 else (grey * 257).astype(">u2")
+    row = b"\x00" + pixels.tobytes()  # filter type 0 (none), then the samples
+    rows_per_piece = max(1, (1 << 22) // len(row))
+    packer = zlib.compressobj(6)
+    path = folder / name
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)))
+        for start in range(0, height, rows_per_piece):
+            data = packer.compress(row * min(rows_per_piece, height - start))
+            if data:
+                f.write(_png_chunk(b"IDAT", data))
+        f.write(_png_chunk(b"IDAT", packer.flush()))
+        f.write(_png_chunk(b"IEND", b""))
     return path
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import pytest
 import torch
 from imagefactory import Made, make_all, make_plain, make_unreadable_class
+from sklearn.model_selection import train_test_split
 from torchvision.transforms import v2
 
 from hybridcls.data import (
@@ -22,6 +24,7 @@ from hybridcls.data import (
     make_loader,
     scan_image_folder,
     stratified_split,
+    val_split_range,
 )
 from hybridcls.errors import DatasetError, DataTooSmallError
 
@@ -149,8 +152,13 @@ def test_scan_errors_name_the_folder(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=f"no class subfolders in {root}"):
         scan_image_folder(root)
     _class_folder(root, "cat", 2)
-    with pytest.raises(DatasetError, match=f"needs at least 2 classes, found 1 in {root}"):
+    with pytest.raises(DataTooSmallError) as info:  # a well-formed folder, too small: exit 1
         scan_image_folder(root)
+    assert info.value.exit_code == 1
+    assert str(info.value) == (
+        f"needs at least 2 classes, found 1 in {root} ('cat'): a classifier tells classes "
+        "apart; add a subfolder of images for another class"
+    )
     _class_folder(root, "dog", 0)
     (root / "dog" / "readme.txt").write_text("x", encoding="utf-8")
     with pytest.raises(DatasetError, match=f"empty class folder: {root / 'dog'}"):
@@ -193,19 +201,82 @@ def test_stratified_split_keeps_class_mix_and_is_seeded() -> None:
     assert stratified_split(samples, 0.2, seed=4, classes=classes) != (train, val)
 
 
-def test_stratified_split_errors_name_class_and_flag() -> None:
+def test_stratified_split_errors_name_class_and_parameter() -> None:
     samples = [(f"a{i}", 0) for i in range(10)] + [("b0", 1)]
-    with pytest.raises(DataTooSmallError, match=r"class 'bat' has 1 image, .*--val-split 0\.2"):
+    with pytest.raises(DataTooSmallError, match=r"class 'bat' has 1 image, .*\(val_split=0\.2\)"):
         stratified_split(samples, 0.2, seed=0, classes=["ant", "bat"])
-    with pytest.raises(DatasetError, match=r"--val-split must be between 0 and 1"):
+    with pytest.raises(DatasetError) as info:
         stratified_split(samples, 1.0, seed=0, classes=["ant", "bat"])
-    # 3 classes, 2 images each: a 10% split cannot give every class a validation image.
-    few = [(f"{c}{i}", y) for y, c in enumerate("abc") for i in range(2)]
-    with pytest.raises(DataTooSmallError, match=r"--val-split 0\.1: .*; change --val-split"):
-        stratified_split(few, 0.1, seed=0, classes=["a", "b", "c"])
-    # With 2 images per class and 80% held out, training would lose a class.
-    with pytest.raises(DatasetError, match=r"--val-split 0\.8"):
-        stratified_split(few, 0.8, seed=0, classes=["a", "b", "c"])
+    assert str(info.value) == "val_split=1.0: must be between 0 and 1 (exclusive)"
+
+
+# 3 classes, 2 images each: ceil(0.1 x 6) = 1 image held out cannot show 3 classes, and
+# ceil(0.8 x 6) = 5 held out leaves 1 to train on. A split works from just above 2/6 held out
+# (0.34: ceil(2.04) = 3) to 3/6 (0.5: 3 on each side).
+FEW = [(f"{c}{i}", y) for y, c in enumerate("abc") for i in range(2)]
+
+
+def test_split_too_small_for_the_classes_names_val_split_and_what_works() -> None:
+    with pytest.raises(DataTooSmallError) as info:
+        stratified_split(FEW, 0.1, seed=0, classes=["a", "b", "c"])
+    assert info.value.exit_code == 1
+    assert str(info.value) == (
+        "val_split=0.1 holds out 1 of the 6 images, fewer than the 3 classes: the validation "
+        "part needs an image of each class; pass val_split=0.34 or more (up to 0.5), or add images"
+    )
+    with pytest.raises(DataTooSmallError) as info:
+        stratified_split(FEW, 0.8, seed=0, classes=["a", "b", "c"])
+    assert str(info.value) == (
+        "val_split=0.8 leaves 1 of the 6 images for training, fewer than the 3 classes: the "
+        "training part needs an image of each class; pass val_split=0.5 or less (down to 0.34), "
+        "or add images"
+    )
+    # the values the messages suggest work, and the next decimals outside them do not
+    for fraction in (0.34, 0.5):
+        train, val = stratified_split(FEW, fraction, seed=0, classes=["a", "b", "c"])
+        assert sorted({y for _, y in train}) == sorted({y for _, y in val}) == [0, 1, 2]
+    for fraction in (0.33, 0.51):
+        with pytest.raises(DataTooSmallError):
+            stratified_split(FEW, fraction, seed=0, classes=["a", "b", "c"])
+    # scikit-learn's own rule agrees on either side of both bounds
+    labels = [y for _, y in FEW]
+    for fraction, ok in ((0.33, False), (0.34, True), (0.5, True), (0.51, False)):
+        try:
+            train_test_split(list(range(6)), test_size=fraction, random_state=0, stratify=labels)
+        except ValueError:
+            assert not ok, fraction
+        else:
+            assert ok, fraction
+
+
+def test_the_users_two_class_case_gets_the_projects_message() -> None:
+    # 2 classes of 2 images: 15% of 4 rounds up to 1 held out (scikit-learn said "The
+    # test_size = 1 should be greater or equal to the number of classes = 2").
+    two = [("a0", 0), ("a1", 0), ("b0", 1), ("b1", 1)]
+    with pytest.raises(DataTooSmallError) as info:
+        stratified_split(two, 0.15, seed=0, classes=["a", "b"])
+    assert str(info.value) == (
+        "val_split=0.15 holds out 1 of the 4 images, fewer than the 2 classes: the validation "
+        "part needs an image of each class; pass val_split=0.26 or more (up to 0.5), or add images"
+    )
+    assert "test_size" not in str(info.value)
+
+
+@pytest.mark.parametrize(("n_images", "n_classes"), [(4, 2), (6, 2), (6, 3), (7, 3), (40, 9),
+                                                     (1001, 500), (9, 2), (100, 50)])
+def test_val_split_range_is_the_tightest_that_works(n_images: int, n_classes: int) -> None:
+    low, high = val_split_range(n_images, n_classes)
+
+    def works(fraction: float) -> bool:  # both sides of scikit-learn's split hold n_classes
+        held_out = math.ceil(fraction * n_images)
+        return n_classes <= held_out <= n_images - n_classes
+
+    assert works(low) and works(high) and low <= high
+    step = 10 ** -len(repr(low).split(".")[1])  # the next value of as many decimals
+    assert not works(low - step)
+    step = 10 ** -len(repr(high).split(".")[1])
+    assert not works(high + step)
+    assert val_split_range(2 * n_classes - 1, n_classes) is None
 
 
 def test_scan_then_dataset_reports_undecodable_training_files(tmp_path: Path) -> None:
@@ -278,7 +349,7 @@ def test_split_errors_count_and_list_a_class_unreadable_files() -> None:
     assert str(info.value).splitlines() == [
         (
             "class 'bat' has 1 readable image and 2 unreadable files, so it cannot have both a "
-            "training and a validation image (--val-split 0.2); add images, or replace its "
+            "training and a validation image (val_split=0.2); add images, or replace its "
             "unreadable files:"
         ),
         "  b1: empty file (0 bytes)",
@@ -293,8 +364,7 @@ def test_split_errors_count_and_list_a_class_unreadable_files() -> None:
                          unreadable=[("c9", 2, "empty file (0 bytes)")])
     assert str(info.value).splitlines()[0] == (
         "class 'c' has 2 readable images and 1 unreadable file, so it would have no validation "
-        "image with --val-split 0.1; raise --val-split or add images, or replace its unreadable "
-        "file:"
+        "image with val_split=0.1; raise it or add images, or replace its unreadable file:"
     )
 
 

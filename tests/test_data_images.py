@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from imagefactory import Made, make_all, make_bomb_png, make_plain, make_png16_gradient
+from imagefactory import (
+    Made,
+    make_all,
+    make_bomb_png,
+    make_gray_ramp_png,
+    make_plain,
+    make_png16_gradient,
+)
 from PIL import Image, ImageFile
 
-from hybridcls.data import decode_image_bytes, load_image
+import hybridcls.data.images as images_module
+from hybridcls.data import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE,
+    decode_image_bytes,
+    load_image,
+)
 from hybridcls.errors import ImageDecodeError
+
+TESTS = Path(__file__).resolve().parent
 
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"
 # JPEG is lossy; a pure colour may come back a few levels off.
@@ -115,7 +134,7 @@ def test_small_max_pixels_refuses_with_size(made: dict[str, Made]) -> None:
     with pytest.raises(ImageDecodeError) as info:
         load_image(made["plain_png"].path, max_pixels=100)
     assert info.value.reason == (
-        "decompression bomb: 24 x 16 = 384 pixels exceeds the limit of 100 (see max_pixels)"
+        "decompression bomb: 24 x 16 = 384 pixels exceeds the limit of 100 (max_pixels=100)"
     )
     assert load_image(made["plain_png"].path, max_pixels=384).size == (24, 16)
 
@@ -136,7 +155,7 @@ def test_pixel_limit_is_per_call_and_leaves_pillow_alone(tmp_path: Path) -> None
             load_image(path, max_pixels=100_000_000)
     assert info.value.reason == (
         "decompression bomb: 12000 x 12000 = 144000000 pixels exceeds the limit of "
-        "100000000 (see max_pixels)"
+        "100000000 (max_pixels=100000000)"
     )
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     assert (
@@ -144,6 +163,174 @@ def test_pixel_limit_is_per_call_and_leaves_pillow_alone(tmp_path: Path) -> None
         ImageFile.LOAD_TRUNCATED_IMAGES,
         list(warnings.filters),
     ) == before
+
+
+def test_default_pixel_limit_is_named_for_python_and_command_line_users(tmp_path: Path) -> None:
+    # 13,400 x 13,400 is over the default limit (which Pillow's own check, at open, applies
+    # first); the reason names the constant, not a command-line flag.
+    path = make_bomb_png(tmp_path, 13_400, 13_400)
+    with pytest.raises(ImageDecodeError) as info:
+        load_image(path)
+    assert info.value.reason == (
+        f"decompression bomb: 179560000 pixels exceeds the limit of {DEFAULT_MAX_PIXELS} "
+        "(hybridcls.data.DEFAULT_MAX_PIXELS)"
+    )
+    assert 179_560_000 > DEFAULT_MAX_PIXELS == 178_956_970
+
+
+@pytest.mark.parametrize("size", [(1, 170_000_000), (170_000_000, 1), (65_536, 2)])
+def test_a_side_above_the_limit_is_refused_from_the_header(tmp_path: Path, size) -> None:
+    # Headers only: refused before any pixel is read, both orientations, just over the limit.
+    path = make_bomb_png(tmp_path, *size)
+    width, height = size
+    assert width * height <= DEFAULT_MAX_PIXELS  # within the pixel limit: the side refuses it
+    expected = (f"side too long: {width} x {height} pixels, a side above the limit of 65535 "
+                "(hybridcls.data.DEFAULT_MAX_SIDE)")
+    with pytest.raises(ImageDecodeError) as info:
+        load_image(path)
+    assert info.value.reason == expected
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image_bytes(path.read_bytes(), "x.png")
+    assert info.value.reason == expected
+
+
+def test_side_limit_is_a_parameter(tmp_path: Path) -> None:
+    path = make_gray_ramp_png(tmp_path, 65_535, 1)  # the longest side a JPEG or a GIF can have
+    assert DEFAULT_MAX_SIDE == 65_535 and load_image(path).size == (65_535, 1)
+    with pytest.raises(ImageDecodeError) as info:
+        load_image(path, max_side=1000)
+    assert info.value.reason == (
+        "side too long: 65535 x 1 pixels, a side above the limit of 1000 (max_side=1000)"
+    )
+    assert load_image(path, max_side=None).size == (65_535, 1)
+
+
+def test_an_upright_image_is_not_copied(tmp_path: Path, monkeypatch) -> None:
+    # Pillow's exif_transpose returns a copy when there is nothing to turn; count the copies.
+    copies = []
+    real_copy = Image.Image.copy
+    monkeypatch.setattr(Image.Image, "copy", lambda im: copies.append(im.size) or real_copy(im))
+    assert load_image(make_plain(tmp_path, "JPEG")).size == (24, 16)
+    assert copies == []
+
+
+def test_conversion_leaves_an_image_it_does_not_own_alone(made: dict[str, Made]) -> None:
+    # Images given in memory are the caller's: turned and converted into a new image, never
+    # in place (decoded files, which are ours, are turned in place).
+    with Image.open(made["exif6"].path) as im:
+        im.load()
+        stored = im.size
+        out = images_module._to_rgb(im, "<image 0>")
+        assert (stored, out.size) == ((20, 40), (40, 20))
+        assert im.size == stored and im.getexif().get(0x0112) == 6
+        plain = Image.new("RGB", (3, 2), (1, 2, 3))
+        assert images_module._to_rgb(plain, "<image 1>") is not plain
+
+
+def _rescale_as_before(im: Image.Image) -> np.ndarray:
+    """The rescale as it was, over the whole image in float64 (the reference)."""
+    values = np.asarray(im, dtype=np.float64)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535):
+        scaled = values / 257.0
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        scaled = values * 255.0
+    elif hi > lo:
+        scaled = (values - lo) * (255.0 / (hi - lo))
+    else:
+        scaled = np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def test_banded_rescale_equals_the_whole_image_rescale(monkeypatch) -> None:
+    # Bands of 7 pixels over 13 x 5 images: bands of one row, the last one short.
+    monkeypatch.setattr(images_module, "_BAND_PIXELS", 7)
+    rng = np.random.default_rng(0)
+    shape = (13, 5)
+    arrays = {
+        "I;16 full range": rng.integers(0, 65536, shape, dtype=np.uint16),
+        "I within 16 bits": rng.integers(0, 65536, shape).astype(np.int32),
+        "I signed, stretched": rng.integers(-2**31, 2**31 - 1, shape, dtype=np.int32),
+        "F in [0, 1]": rng.random(shape, dtype=np.float32),
+        "F stretched": (rng.random(shape) * 1000 - 300).astype(np.float32),
+        "I constant": np.full(shape, 7, np.int32),
+    }
+    for name, array in arrays.items():
+        im = Image.fromarray(array)
+        got = np.asarray(images_module._grayscale_to_8bit(im))
+        assert got.shape == shape and np.array_equal(got, _rescale_as_before(im)), name
+
+
+# Runs in a fresh interpreter, forking one child per case so that each peak (ru_maxrss, from
+# os.wait4) starts from the same imported state; a child may use at most 2 GiB more address space.
+_DECODE_PEAK_SCRIPT = textwrap.dedent("""
+    import json, os, resource, sys
+    from hybridcls.data import Source
+    from hybridcls.data.datasets import ImageDataset
+
+    vm = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize"))) * 1024
+    peaks = {}
+    for name, path in json.loads(sys.argv[1]).items():
+        pid = os.fork()
+        if pid == 0:
+            status = 3
+            try:
+                resource.setrlimit(resource.RLIMIT_AS, (vm + 2 ** 31, vm + 2 ** 31))
+                sample = ImageDataset([Source(path)], transform=lambda im: im.size)[0]
+                print(json.dumps({name: [sample.image, sample.error]}), flush=True)
+                status = 0
+            finally:
+                os._exit(status)
+        _, status, usage = os.wait4(pid, 0)
+        peaks[name] = usage.ru_maxrss if status == 0 else None
+    print(json.dumps({"peaks": peaks}))
+""")
+
+#: Decoding a 16-bit grayscale image may take, beyond decoding the same image in 8 bits, the
+#: 16-bit decoded image itself (2 bytes a pixel) and the rescale's bands (a few times 8 MiB):
+#: 2 bytes a pixel + 64 MiB, in KiB. Rescaling the whole image in float64 took 24 bytes a pixel
+#: more (3.4 GB for 10,000 x 10,000; 460 MiB for the 4,000 x 4,000 image here).
+SIXTEEN_BIT_SIDE = 4000
+SIXTEEN_BIT_BOUND_KIB = (2 * SIXTEEN_BIT_SIDE**2 + 64 * 2**20) // 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork, /proc and ru_maxrss in KiB")
+def test_decoding_memory_near_the_limits(tmp_path: Path) -> None:
+    files = {
+        "small": make_gray_ramp_png(tmp_path, 64, 64, name="small.png"),
+        # the user's case: 1 x 170,000,000 (a 0.3 MB file here) peaked at 4.8 GB
+        "strip": make_gray_ramp_png(tmp_path, 1, 170_000_000, name="strip.png"),
+        "8-bit": make_gray_ramp_png(tmp_path, SIXTEEN_BIT_SIDE, SIXTEEN_BIT_SIDE, name="g8.png"),
+        "16-bit": make_gray_ramp_png(tmp_path, SIXTEEN_BIT_SIDE, SIXTEEN_BIT_SIDE, bit_depth=16,
+                                     name="g16.png"),
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", _DECODE_PEAK_SCRIPT, json.dumps({k: str(v) for k, v in files.items()})],
+        cwd=TESTS.parent, capture_output=True, text=True, check=True, timeout=600,
+    )
+    lines = [json.loads(line) for line in run.stdout.strip().splitlines()]
+    rows = {k: v for line in lines[:-1] for k, v in line.items()}
+    peaks = lines[-1]["peaks"]
+    side = SIXTEEN_BIT_SIDE
+    assert rows == {
+        "small": [[64, 64], None],
+        "strip": [None, ("side too long: 1 x 170000000 pixels, a side above the limit of 65535 "
+                         "(hybridcls.data.DEFAULT_MAX_SIDE)")],
+        "8-bit": [[side, side], None],
+        "16-bit": [[side, side], None],
+    }
+    assert None not in peaks.values(), peaks
+    # Refused from the header: no more than opening a 64 x 64 image (16 MiB of noise allowed).
+    assert peaks["strip"] - peaks["small"] < 16 * 1024, peaks
+    assert peaks["16-bit"] - peaks["8-bit"] <= SIXTEEN_BIT_BOUND_KIB, peaks
+
+
+def test_sixteen_bit_and_eight_bit_ramps_decode_alike(tmp_path: Path) -> None:
+    # The factory's 16-bit ramp holds each 8-bit grey times 257: the same picture once rescaled.
+    a = load_image(make_gray_ramp_png(tmp_path, 300, 3, name="a.png"))
+    b = load_image(make_gray_ramp_png(tmp_path, 300, 3, bit_depth=16, name="b.png"))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert np.asarray(a)[0, 255:258, 0].tolist() == [255, 0, 1]
 
 
 def test_result_is_detached_from_the_file(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from hybridcls.cli import main
 from hybridcls.errors import InputError
-from hybridcls.eval.labels import join_labels
+from hybridcls.eval.labels import join_labels, read_labels
 from hybridcls.eval.report import MissingPredictionsError, evaluate_predictions
 from hybridcls.outputs import PredictionRow, open_writer
 
@@ -137,3 +137,134 @@ def test_summary_says_n_a_for_a_group_without_images(tmp_path):
                               ["red circle", "blue square"])
     assert math.isnan(ev.scores.unseen)
     assert "seen S 100.00   unseen U n/a   harmonic H n/a" in ev.summary()
+
+
+def test_ids_written_on_windows_join_with_backslashes_as_separators(tmp_path):
+    windows = _labels(tmp_path / "l.csv", [(p.replace("/", "\\"), lab) for p, lab in CASE.items()])
+    assert "site1\\IMG_0001.png" in windows.read_text(encoding="utf-8")
+    assert join_labels(list(CASE), windows).labels == list(CASE.values())
+    # one image however its id is written: both spellings in one file are one id listed twice
+    both = _labels(tmp_path / "b.csv", [("site1\\IMG_0001.png", "red circle"),
+                                        ("site1/IMG_0001.png", "red circle")])
+    with pytest.raises(InputError, match=r"b\.csv:3: image 'site1/IMG_0001\.png' is listed twice "
+                                         r"\(first on line 2\)"):
+        join_labels(list(CASE), both)
+
+
+def test_when_nothing_joins_both_sides_are_listed(tmp_path):
+    labels = _labels(tmp_path / "l.csv", [("cam1/IMG_0001.png", "red circle"),
+                                          ("cam2/IMG_0001.png", "blue square"),
+                                          ("cam2/IMG_0002.png", "blue square")])
+    with pytest.raises(InputError) as info:
+        join_labels(list(CASE), labels)
+    assert str(info.value) == (
+        f"{labels}: 3 predicted image(s) have no label, e.g. 'site1/IMG_0001.png', "
+        "'site2/IMG_0001.png', 'site2/IMG_0002.png'; 3 id(s) of the labels file match no "
+        "predicted image, e.g. 'cam1/IMG_0001.png' (line 2), 'cam2/IMG_0001.png' (line 3), "
+        "'cam2/IMG_0002.png' (line 4)")
+
+
+def test_absolute_ids_against_relative_predicted_paths_hint_at_the_current_folder(
+        tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    (tmp_path / "elsewhere").mkdir()
+    photos.mkdir()
+    labels = _labels(tmp_path / "l.csv", [(str(photos / p), lab) for p, lab in CASE.items()])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(InputError) as info:
+        join_labels(list(CASE), labels)
+    message = str(info.value)
+    assert "; 3 id(s) of the labels file match no predicted image, e.g. " in message
+    assert message.endswith(
+        f". Relative predicted paths are taken from the current folder ({tmp_path / 'elsewhere'}), "
+        f"and an absolute id such as {str(photos / 'site1/IMG_0001.png')!r} names one absolute "
+        "path: run from the folder the predictions were made in, or key the labels file by "
+        "relative paths (e.g. 'site1/IMG_0001.png')")
+    # both remedies work: the folder the predicted paths are relative to, or relative ids
+    monkeypatch.chdir(photos)
+    assert join_labels(list(CASE), labels).labels == list(CASE.values())
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    relative = _labels(tmp_path / "r.csv", CASE.items())
+    assert join_labels(list(CASE), relative).labels == list(CASE.values())
+
+
+def test_absolute_ids_of_another_root_hint_at_relative_ids(tmp_path):
+    predicted = [str(tmp_path / "new" / p) for p in CASE]
+    labels = _labels(tmp_path / "l.csv", [(str(tmp_path / "old" / p), lab) for p, lab in CASE.items()])
+    with pytest.raises(InputError) as info:
+        join_labels(predicted, labels)
+    assert str(info.value).endswith(
+        f". An absolute id such as {str(tmp_path / 'old/site1/IMG_0001.png')!r} names that "
+        "absolute path only: key the labels file by relative paths (e.g. 'site1/IMG_0001.png') "
+        "to match the end of a predicted path")
+
+
+def test_ids_climbing_out_with_dot_dot_are_taken_from_the_labels_files_folder(tmp_path):
+    # labels/labels.csv keys ../case/site1/IMG_0001.png: the image beside the labels folder
+    (tmp_path / "labels").mkdir()
+    labels = _labels(tmp_path / "labels" / "labels.csv",
+                     [("../case/" + p, lab) for p, lab in CASE.items()])
+    here = [str(tmp_path / "case" / p) for p in CASE]
+    assert join_labels(here, labels).labels == list(CASE.values())
+    assert read_labels(labels) == {str(tmp_path / "case" / p): lab for p, lab in CASE.items()}
+    # the same relative paths under another folder are other images
+    there = [str(tmp_path / "copy" / "case" / p) for p in CASE]
+    with pytest.raises(InputError, match=r"3 id\(s\) of the labels file match no predicted image, "
+                                         rf"e\.g\. '{tmp_path}/case/site1/IMG_0001\.png' \(line 2\)"):
+        join_labels(there, labels)
+
+
+def _rows_file(path, header, rows):
+    path.write_text(header + "\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+HEADER = "path,label,score,branch,status,error,gate_score"
+
+
+@pytest.mark.parametrize(("cell", "column", "row", "problem"), [
+    ("gate_score", "gate_score", "site2/IMG_0001.png,blue square,0.9,zeroshot,ok,,inf",
+     "'inf', not a finite number"),
+    ("gate_score", "gate_score", "site2/IMG_0001.png,blue square,0.9,zeroshot,ok,,high",
+     "'high', not a number"),
+    ("score", "score", "site2/IMG_0001.png,blue square,1.5,zeroshot,ok,,0.3",
+     "'1.5', outside [0, 1] (the probability of the predicted label)"),
+    ("score", "score", "site2/IMG_0001.png,blue square,nan,zeroshot,ok,,0.3",
+     "'nan', not a finite number"),
+    ("status", "status", "site2/IMG_0001.png,blue square,0.9,zeroshot,OK,,0.3",
+     None),
+])
+def test_evaluate_names_the_file_line_and_column_of_a_bad_value(tmp_path, cell, column, row,
+                                                                 problem):
+    # line 3 is bad, lines 2 and 4 are as predict writes them
+    pred = _rows_file(tmp_path / "pred.csv", HEADER, [
+        "site1/IMG_0001.png,red circle,0.8,zeroshot,ok,,0.1", row,
+        "site2/IMG_0002.png,blue square,0.7,zeroshot,ok,,0.2"])
+    labels = _labels(tmp_path / "l.csv", CASE.items())
+    with pytest.raises(InputError) as info:
+        evaluate_predictions(pred, labels, ["red circle"])
+    if column == "status":
+        assert str(info.value) == f"{pred}:3: column status is 'OK'; expected ok or error"
+    else:
+        assert str(info.value) == f"{pred}:3: column {column} is {problem}"
+
+
+def test_evaluate_names_the_jsonl_line_and_the_labels_line(tmp_path):
+    pred = _predictions(tmp_path / "pred.jsonl")
+    lines = pred.read_text(encoding="utf-8").splitlines()
+    lines[1] = lines[1].replace('"score": 0.9', '"score": "x"')
+    assert '"score": "x"' in lines[1]
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    labels = _labels(tmp_path / "l.csv", CASE.items())
+    with pytest.raises(InputError) as info:
+        evaluate_predictions(tmp_path / "bad.jsonl", labels, ["red circle"])
+    assert str(info.value) == f"{tmp_path / 'bad.jsonl'}:2: column score is 'x', not a number"
+    # a label of a class nobody knows: the labels file's line
+    odd = _labels(tmp_path / "odd.csv", [("site1/IMG_0001.png", "red circle"),
+                                          ("site2/IMG_0001.png", "purple hexagon"),
+                                          ("site2/IMG_0002.png", "blue square")])
+    with pytest.raises(InputError) as info:
+        evaluate_predictions(pred, odd, ["red circle", "blue square"],
+                             classes=["red circle", "blue square"])
+    assert str(info.value) == (f"{odd}:3: label 'purple hexagon' is of a class that is neither "
+                               "seen nor predictable; 1 such class(es): 'purple hexagon'")

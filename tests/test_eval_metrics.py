@@ -73,3 +73,21 @@ def test_read_labels_errors(tmp_path):
         read_labels(f)
     with pytest.raises(InputError, match="cannot read labels file"):
         read_labels(tmp_path / "missing.csv")
+
+
+def test_reliability_counts_the_images_without_a_confidence():
+    # two NaN confidences (images not predicted) are left out of the bins, and counted
+    r = reliability([0.9, float("nan"), 0.9, float("nan"), 0.2], [True, False, False, True, False],
+                    n_bins=10)
+    assert (r.n_images, r.n_without_confidence) == (3, 2)
+    assert r.counts.sum() == 3 and r.counts[8] == 2 and r.counts[1] == 1
+    # |0.5 - 0.9| on two images and |0 - 0.2| on one, over the 3 with a confidence
+    assert r.ece == pytest.approx((2 * 0.4 + 0.2) / 3)
+
+
+def test_reliability_refuses_correct_flags_that_are_not_booleans():
+    with pytest.raises(InputError) as info:
+        reliability([0.5, 0.6, 0.7], [1, 0, 2])
+    assert str(info.value) == "correct contains 1 value other than True/False (1/0), e.g. 2"
+    assert reliability([0.5, 0.7], [1, 0], n_bins=2).ece == reliability([0.5, 0.7], [True, False],
+                                                                         n_bins=2).ece

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -266,6 +267,50 @@ def test_gate_metric_helpers_refuse_bad_input_with_input_error() -> None:
     with pytest.raises(InputError, match=r"to_zeroshot has shape \(2,\), is_unseen \(3,\)"):
         routing_matrix([True, False], [True, False, True])
 
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ([0, 0, 1, 2], " contains 1 value other than True/False (1/0), e.g. 2"),
+    ([0, 0, np.nan, 1], " contains 1 NaN value: expected booleans (True/False or 1/0)"),
+    ([0.0, 0.5, 1.0, 1.0], " contains 1 value other than True/False (1/0), e.g. 0.5"),
+    (["no", "no", "yes", "yes"], " has values of type <U3: expected booleans (True/False or 1/0)"),
+    ([False, None, True, True], ": expected booleans (True/False or 1/0), found None"),
+])
+def test_flags_that_are_not_booleans_are_refused_naming_the_parameter(flags, message) -> None:
+    # np.asarray(..., dtype=bool) read 2, NaN and 0.5 as True and "no" as a string: never again
+    for call, name in ((lambda: gate_detection([0.1, 0.2, 0.3, 0.4], flags), "is_unseen"),
+                       (lambda: routing_matrix([True, False, True, False], flags), "is_unseen"),
+                       (lambda: routing_matrix(flags, [True, False, True, False]), "to_zeroshot")):
+        with pytest.raises(InputError) as info:
+            call()
+        assert str(info.value) == name + message
+
+
+def test_flags_given_as_zero_and_one_count_as_booleans() -> None:
+    as_bools = routing_matrix([True, False, True, False], [True, True, False, False])
+    assert routing_matrix([1, 0, 1.0, 0.0], np.array([1, 1, 0, 0])) == as_bools
+    assert as_bools.as_dict() == {"seen_to_supervised": 1, "seen_to_zeroshot": 1,
+                                  "unseen_to_supervised": 1, "unseen_to_zeroshot": 1}
+    assert gate_detection([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]).auroc == 1.0
+
+
+def test_class_indices_that_are_not_whole_numbers_are_refused() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's RuntimeWarning for a NaN cast is gone too
+        with pytest.raises(InputError) as info:
+            seen_unseen_accuracy([0, 1, 1], [0, np.nan, np.nan], n_seen=1)
+    assert str(info.value) == "y_pred contains 2 NaN values: expected class indices (whole numbers)"
+    with pytest.raises(InputError, match=r"^y_true contains 1 value that is not a whole number, "
+                                         r"e\.g\. 1\.5: expected class indices$"):
+        seen_unseen_accuracy([0, 1.5], [0, 1], n_seen=1)
+    with pytest.raises(InputError, match=r"^y_pred contains 1 infinite value"):
+        seen_unseen_accuracy([0, 1], [0, np.inf], n_seen=1)
+    with pytest.raises(InputError, match=r"^y_true contains 1 NaN value"):
+        ausuc([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [0, np.nan], n_seen=1)
+    with pytest.raises(InputError, match=r"^n_seen=1\.5: expected a whole number, 0 or more$"):
+        seen_unseen_accuracy([0, 1], [0, 1], n_seen=1.5)
+    # whole numbers stored as floats are class indices
+    assert seen_unseen_accuracy([0.0, 1.0], [0, 1], n_seen=1) == seen_unseen_accuracy([0, 1], [0, 1], 1)
 
 INF = np.inf
 # a masked class, one certain class, two certain classes, every class masked, one class left

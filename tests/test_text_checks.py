@@ -112,7 +112,7 @@ def test_a_long_name_description_or_synonym_names_file_line_count_and_limit(
         in msg
     )
     assert "the limit is 12" in msg and "12-token context of tiny" in msg
-    assert "truncate_prompts=True" in msg
+    assert msg.endswith("Shorten them, or pass truncate_prompts=True to accept the cut.")
     assert err.value.line == 3
 
 
@@ -165,6 +165,24 @@ def test_the_bundled_templates_do_not_all_fit_the_tiny_clip(tiny_tok):
     other = [t for t, line in zip(bundled, bundled.lines) if line not in too_long]
     names_over = [n for n in names if max(n_tokens(tiny_tok, t.format(n)) for t in other) > 12]
     assert f"{len(too_long) + len(names_over)} class phrase(s) or template(s)" in msg
+    # the user cannot edit the bundled file: the advice is to pass templates of their own
+    assert "Shorten them" not in msg
+    assert msg.endswith(
+        "The bundled default templates are too long for this model and cannot be edited: pass "
+        "your own, shorter templates with templates=FILE (a templates file; in Python also a list "
+        "of strings with {} for the class text), or pass truncate_prompts=True to accept the cut.")
+
+
+def test_a_long_class_with_the_bundled_templates_is_told_both_remedies(tiny_tok):
+    # every bundled template fits 'cat', so only the long class is at fault, seen through them
+    with pytest.raises(PromptFileError) as err:
+        check_class_text(tiny_tok, as_prompt_set(["cat", LONG]), as_template_set(None), model="tiny")
+    msg = str(err.value)
+    assert msg.startswith("<list>:2: class ")
+    assert msg.endswith(
+        "Shorten the class text, pass your own, shorter templates with templates=FILE (a "
+        "templates file; in Python also a list of strings with {} for the class text), or pass "
+        "truncate_prompts=True to accept the cut.")
 
 
 # ---------------------------------------------------------------- the repository's own text

@@ -4,8 +4,10 @@ resume, corrupt images, metrics, the checkpoint it leaves; bad input; the comman
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
+import typing
 from collections import Counter
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from hybridcls.train import (
     make_folds,
     resolve_training_data,
     train,
+    train_folds,
 )
 
 # Small, fast and still learnable: test_convnext from scratch on 32 px images.
@@ -264,12 +267,15 @@ def test_empty_class_folder(data, tmp_path):
     assert _no_run(tmp_path / "out")
 
 
-def test_one_class(data, tmp_path):
+def test_one_class_is_data_too_small_exit_1(data, tmp_path, capsys):
     for folder in sorted(data.iterdir())[1:]:
         shutil.rmtree(folder)
-    with pytest.raises(DatasetError, match="at least 2 classes, found 1 in .*data"):
+    with pytest.raises(DataTooSmallError, match="at least 2 classes, found 1 in .*data"):
         train(data, tmp_path / "out", **FAST)
     assert _no_run(tmp_path / "out")
+    assert _cli(data, "--output", tmp_path / "out", "--epochs", 1, *FAST_FLAGS) == 1
+    assert "needs at least 2 classes, found 1 in" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_class_name_that_is_not_a_valid_label(data, tmp_path):
@@ -285,7 +291,7 @@ def test_validation_split_that_leaves_a_class_without_images(data, tmp_path):
     lonely = data / "lonely"
     lonely.mkdir()
     shutil.copy(source, lonely / "only.png")
-    with pytest.raises(DatasetError, match="class 'lonely' .*--val-split"):
+    with pytest.raises(DataTooSmallError, match=r"class 'lonely' .*\(val_split=0\.15\)"):
         train(data, tmp_path / "out", **FAST)
     assert _no_run(tmp_path / "out")
 
@@ -339,11 +345,11 @@ def test_a_class_with_too_few_readable_images_for_the_split_is_refused_with_its_
     lines = str(info.value).splitlines()
     assert lines[0] == (
         f"class {target.name!r} has 1 readable image and {len(files) - 1} unreadable files, so "
-        "it cannot have both a training and a validation image (--val-split 0.15); add images, "
+        "it cannot have both a training and a validation image (val_split=0.15); add images, "
         "or replace its unreadable files:"
     )
     assert lines[1:] == [f"  {path}: empty file (0 bytes)" for path in files[1:]]
-    with pytest.raises(DataTooSmallError, match=r"has 1 readable image .* fewer than --folds 2"):
+    with pytest.raises(DataTooSmallError, match=r"has 1 readable image .* fewer than the k=2 folds"):
         make_folds(data, 2, seed=0)
     assert not (tmp_path / "out").exists()
     # Two readable images: 15% of them rounds to none held out, which is refused with the counts;
@@ -352,7 +358,7 @@ def test_a_class_with_too_few_readable_images_for_the_split_is_refused_with_its_
     with pytest.raises(
         DataTooSmallError,
         match=rf"class {target.name!r} has 2 readable images and {len(files) - 2} unreadable "
-        r"files, so it would have no validation image with --val-split 0\.15",
+        r"files, so it would have no validation image with val_split=0\.15",
     ):
         resolve_training_data(data, TrainConfig(**FAST))
     split = resolve_training_data(data, TrainConfig(val_split=0.5, **FAST))
@@ -395,16 +401,16 @@ def test_validation_folder_with_a_class_training_lacks(data, tmp_path):
         (val / name).mkdir(parents=True)
         shutil.copy(source, val / name / "x.png")
     with pytest.raises(
-        DatasetError, match=r"--val .*'a_new_class' is not a class of the training folder"
+        DatasetError, match=r"val_dir=.*'a_new_class' is not a class of the training folder"
     ):
         train(data, tmp_path / "out", val_dir=str(val), **FAST)
     assert _no_run(tmp_path / "out")
 
 
-def test_option_errors_name_the_flag(data, tmp_path):
-    with pytest.raises(InputError, match="--weights and --no-pretrained"):
+def test_option_errors_name_the_option(data, tmp_path):
+    with pytest.raises(InputError, match="weights='w.safetensors' and pretrained=False exclude"):
         TrainConfig(weights="w.safetensors", pretrained=False)
-    with pytest.raises(InputError, match="--balance"):
+    with pytest.raises(InputError, match="balance='smote': must be one of sampler, oversample"):
         train(data, tmp_path / "out", balance="smote", **FAST)
     with pytest.raises(InputError, match="--freeze 9"):
         train(data, tmp_path / "out", freeze=9, **FAST)
@@ -413,8 +419,88 @@ def test_option_errors_name_the_flag(data, tmp_path):
     assert _no_run(tmp_path / "out")
 
 
+def _wrong_type(hint) -> object:
+    """A value of the wrong type for a TrainConfig annotation, as a config file might hold it."""
+    members = set(typing.get_args(hint)) or {hint}
+    if str in members:
+        return 3  # a number for a name or a path
+    if bool in members:
+        return "false"  # a string, and a true one
+    if typing.get_origin(hint) is tuple:
+        return "0.5,1"
+    return "3"  # digits as text for a number
+
+
+def test_every_option_of_the_wrong_type_is_refused_naming_it():
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        wrong = _wrong_type(hints[f.name])
+        with pytest.raises(InputError) as info:  # the project's error, not a bare TypeError
+            TrainConfig(**{f.name: wrong})
+        assert str(info.value).startswith(f"{f.name}={wrong!r}: expected "), f.name
+        assert str(info.value).endswith(f", got {type(wrong).__name__}"), f.name
+    assert str(pytest.raises(InputError, TrainConfig, freeze="all").value) == (
+        "freeze='all': expected a whole number or None, got str")
+    assert str(pytest.raises(InputError, TrainConfig, lr=float("nan")).value) == (
+        "lr=nan: expected a finite number, got float")
+    assert str(pytest.raises(InputError, TrainConfig, epochs=2.0).value) == (
+        "epochs=2.0: expected a whole number, got float")
+
+
+def test_none_spellings_paths_and_numpy_values_are_accepted(tmp_path):
+    # "none" is the command line's spelling of None for freeze and patience
+    for spelling in ("none", "None"):
+        config = TrainConfig().replace(freeze=spelling, patience=spelling)
+        assert (config.freeze, config.patience) == (None, None)
+    config = TrainConfig(val_dir=tmp_path / "val", crop_scale=[0.5, 1], epochs=np.int64(3),
+                         lr=np.float32(0.5))
+    assert config.val_dir == str(tmp_path / "val") and config.crop_scale == (0.5, 1.0)
+    assert (type(config.epochs), type(config.lr), config.lr) == (int, float, 0.5)
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert TrainConfig(device=torch.device("cpu")).device == "cpu"
+
+
+def test_train_takes_none_spelt_as_the_command_line_does(tiny_world, tmp_path):
+    # what HybridClassifier(train_options=dict(freeze="none")) hands to train()
+    result = train(tiny_world.train_dir, tmp_path / "run", epochs=1, freeze="none",
+                   patience="none", **FAST)
+    stored = json.loads((result.run_dir / "config.json").read_text())["train"]
+    assert (stored["freeze"], stored["patience"]) == (None, None)
+
+
+def test_a_run_that_diverges_in_its_first_epoch_leaves_no_folder(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as info:
+        train(data, out, lr=1e30, epochs=2, **FAST)
+    message = str(info.value)
+    assert message.startswith("training diverged in epoch 1 (train loss ")
+    assert message.endswith("; nothing was written. Start again with a lower lr (this run: "
+                            "lr=1e+30) or with clip_grad=1.0")
+    assert not out.exists()
+    assert _cli(data, "--output", out, "--lr", "1e30", "--epochs", 1, *FAST_FLAGS) == 2
+    assert "training diverged in epoch 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_run_that_diverges_later_keeps_the_epochs_before(data, tmp_path, monkeypatch):
+    validate = Trainer._validate
+
+    def nan_from_epoch_2(self):
+        record = validate(self)
+        return {**record, "val_loss": float("nan")} if self.epoch >= 1 else record
+
+    monkeypatch.setattr(Trainer, "_validate", nan_from_epoch_2)
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as info:
+        train(data, out, epochs=3, **FAST)
+    assert f"; {out} keeps epoch 1 and its checkpoint, the best before it diverged." in str(
+        info.value)
+    assert [r["epoch"] for r in json.loads((out / METRICS_JSON).read_text())["epochs"]] == [1]
+    assert load_checkpoint(out)[1]["classes"] == sorted(p.name for p in data.iterdir())
+
+
 def test_output_that_already_holds_a_run(tiny_world, finished_run):
-    with pytest.raises(InputError, match="--output .*already holds a training run.*--resume"):
+    with pytest.raises(InputError, match="output=.*already holds a training run.*resume="):
         train(tiny_world.train_dir, finished_run, **FAST)
 
 
@@ -474,5 +560,11 @@ def test_folds_are_stratified_and_partition_the_images(tiny_world):
     for fold in folds:
         assert {label for _, label in fold.val} == set(range(len(fold.classes)))
         assert not {p for p, _ in fold.val} & {p for p, _ in fold.train}
-    with pytest.raises(DatasetError, match="fewer than --folds 20"):
+    with pytest.raises(DataTooSmallError, match="fewer than the k=20 folds .*; lower it or add"):
         make_folds(tiny_world.train_dir, 20, seed=0)
+    for k in (1, 2.5, True):
+        with pytest.raises(InputError) as info:
+            make_folds(tiny_world.train_dir, k, seed=0)
+        assert str(info.value) == f"k={k!r}: the number of folds must be a whole number, at least 2"
+    with pytest.raises(InputError, match="val_dir='v' does not apply to folds"):
+        train_folds(tiny_world.train_dir, "unused", 2, val_dir="v", **FAST)

@@ -20,9 +20,11 @@ from hybridcls.data.folders import (
     find_unreadable,
     scan_image_folder,
     stratified_split,
+    val_split_range,
 )
 from hybridcls.data.images import (
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE,
     SUPPORTED_FORMATS,
     decode_image_bytes,
     image_from_memory,
@@ -41,6 +43,7 @@ from hybridcls.data.sources import (
 __all__ = [
     "CSV_PATH_COLUMNS",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_SIDE",
     "IMAGE_EXTENSIONS",
     "LIST_EXTENSIONS",
     "MAX_ASPECT_RATIO",
@@ -66,5 +69,6 @@ __all__ = [
     "make_loader",
     "scan_image_folder",
     "stratified_split",
+    "val_split_range",
     "walk_images",
 ]

@@ -17,6 +17,7 @@ training would otherwise "succeed" with it.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import unicodedata
@@ -39,6 +40,7 @@ __all__ = [
     "find_unreadable",
     "scan_image_folder",
     "stratified_split",
+    "val_split_range",
 ]
 
 Samples = list[tuple[str, int]]
@@ -88,9 +90,10 @@ def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolderIndex:
 
     Raises:
         DatasetError: ``root`` is missing or not a folder, has no class
-            subfolders or fewer than 2, a class folder has no image, or a
-            folder name cannot be a label (empty, surrounding whitespace,
-            leading dot, control characters such as a newline).
+            subfolders, a class folder has no image, or a folder name cannot
+            be a label (empty, surrounding whitespace, leading dot, control
+            characters such as a newline).
+        DataTooSmallError: only one class subfolder.
 
     Example:
         >>> index = scan_image_folder("data/train")  # doctest: +SKIP
@@ -117,7 +120,10 @@ def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolderIndex:
             path = os.path.join(root_str, name)
             raise DatasetError(f"class folder {path!r} is not a valid label: {problem}")
     if len(entries) < 2:
-        raise DatasetError(f"needs at least 2 classes, found {len(entries)} in {root_str}")
+        raise DataTooSmallError(
+            f"needs at least 2 classes, found 1 in {root_str} ({entries[0]!r}): a classifier "
+            "tells classes apart; add a subfolder of images for another class"
+        )
     samples: Samples = []
     for label, name in enumerate(entries):
         folder = os.path.join(root_str, name)
@@ -257,7 +263,7 @@ def class_size_error(
         unreadable: ``ImageFolderIndex.unreadable``: the class's files in it are
             counted and listed, each with its reason.
         problem: What the count cannot do and what to do instead, e.g.
-            ``"fewer than --folds 5; lower --folds or add images"``.
+            ``"fewer than the k=5 folds; lower it or add images"``.
 
     Returns:
         The error, for the caller to raise.
@@ -298,7 +304,7 @@ def stratified_split(
             after :func:`drop_unreadable`, only readable files, so that every
             class gets readable images on both sides.
         val_fraction: Share of each class held out, strictly between 0 and 1
-            (the ``--val-split`` flag).
+            (``TrainConfig.val_split``, the name errors give it).
         seed: Random seed of the split.
         classes: Class names by label, to name a class in errors.
         unreadable: ``ImageFolderIndex.unreadable``, to count and list a
@@ -311,14 +317,15 @@ def stratified_split(
         DatasetError: ``val_fraction`` is out of range.
         DataTooSmallError: some class would end up with no training or no
             validation image (the message names it and its counts), or either
-            side would have fewer images than there are classes.
+            side would have fewer images than there are classes (the message
+            gives the range of ``val_split`` that works, see :func:`val_split_range`).
 
     Example:
         >>> train, val = stratified_split(index.samples, 0.2, seed=0,  # doctest: +SKIP
         ...                               classes=index.classes, unreadable=index.unreadable)
     """
     if not 0 < val_fraction < 1:
-        raise DatasetError(f"--val-split must be between 0 and 1 (exclusive), got {val_fraction}")
+        raise DatasetError(f"val_split={val_fraction}: must be between 0 and 1 (exclusive)")
     labels = [label for _, label in samples]
     counts = Counter(labels)
     single = sorted(label for label, n in counts.items() if n < 2)
@@ -327,8 +334,11 @@ def stratified_split(
         raise class_size_error(
             classes, single[0], 1, unreadable,
             f"so it cannot have both a training and a validation image "
-            f"(--val-split {val_fraction}){others}; add images",
+            f"(val_split={val_fraction}){others}; add images",
         )
+    too_small = _split_size_error(len(samples), len(counts), val_fraction)
+    if too_small is not None:
+        raise too_small
     try:
         train_idx, val_idx = train_test_split(
             list(range(len(samples))),
@@ -336,10 +346,9 @@ def stratified_split(
             random_state=seed,
             stratify=labels,
         )
-    except ValueError as err:
-        # scikit-learn's reason: fewer held-out (or training) images than classes.
+    except ValueError as err:  # not expected after the checks above; scikit-learn's reason then
         raise DataTooSmallError(
-            f"cannot split with --val-split {val_fraction}: {err}; change --val-split or add images"
+            f"cannot split with val_split={val_fraction}: {err}; change val_split or add images"
         ) from err
     for part, indices, other in (
         ("validation", val_idx, "raise"),
@@ -350,10 +359,78 @@ def stratified_split(
         if missing:
             raise class_size_error(
                 classes, missing[0], counts[missing[0]], unreadable,
-                f"so it would have no {part} image with --val-split {val_fraction}; "
-                f"{other} --val-split or add images",
+                f"so it would have no {part} image with val_split={val_fraction}; "
+                f"{other} it or add images",
             )
     return [samples[i] for i in sorted(train_idx)], [samples[i] for i in sorted(val_idx)]
+
+
+def val_split_range(n_images: int, n_classes: int) -> tuple[float, float] | None:
+    """The smallest and largest ``val_split`` whose two parts each hold an image per class.
+
+    A stratified split (scikit-learn's ``train_test_split``) holds out
+    ``ceil(val_split * n_images)`` images and needs at least ``n_classes`` on
+    each side: so ``val_split`` must be above ``(n_classes - 1) / n_images``
+    and at most ``(n_images - n_classes) / n_images``. The bounds returned are
+    the shortest decimals (2 to 6 places) inside that range.
+
+    Args:
+        n_images: Images to split.
+        n_classes: Classes among them.
+
+    Returns:
+        ``(smallest, largest)``, or ``None`` when no split works
+        (``n_images < 2 * n_classes``).
+
+    Example:
+        >>> val_split_range(6, 2)  # 1 of 6 held out is too few for 2 classes, 5 too many
+        (0.17, 0.66)
+        >>> val_split_range(3, 2) is None
+        True
+    """
+    if n_images < 2 * n_classes:
+        return None
+
+    def works(fraction: float) -> bool:
+        return n_classes <= math.ceil(fraction * n_images) <= n_images - n_classes
+
+    for digits in range(2, 7):
+        scale = 10**digits
+        # Integers first, then one step either way: the float product may round across.
+        low = next((k / scale for k in (
+            (n_classes - 1) * scale // n_images + j for j in (0, 1, 2)) if 0 < k < scale
+            and works(k / scale)), None)
+        high = next((k / scale for k in (
+            (n_images - n_classes) * scale // n_images - j for j in (0, 1)) if 0 < k < scale
+            and works(k / scale)), None)
+        if low is not None and high is not None and low <= high:
+            return low, high
+    exact = n_classes / n_images
+    return exact, exact
+
+
+def _split_size_error(n_images: int, n_classes: int, val_fraction: float) -> DataTooSmallError | None:
+    """The error for a split with fewer images than classes on one side, or None."""
+    n_val = math.ceil(val_fraction * n_images)  # scikit-learn's rounding of test_size
+    n_train = n_images - n_val
+    if n_val >= n_classes and n_train >= n_classes:
+        return None
+    if n_val < n_classes:
+        what = (f"holds out {n_val} of the {n_images} images, fewer than the {n_classes} "
+                "classes: the validation part needs an image of each class")
+    else:
+        what = (f"leaves {n_train} of the {n_images} images for training, fewer than the "
+                f"{n_classes} classes: the training part needs an image of each class")
+    bounds = val_split_range(n_images, n_classes)
+    if bounds is None:  # unreachable after the single-image check; kept for direct callers
+        fix = f"add images (a split needs at least {2 * n_classes})"
+    elif bounds[0] == bounds[1]:
+        fix = f"pass val_split={bounds[0]} (the one split that works) or add images"
+    elif n_val < n_classes:
+        fix = f"pass val_split={bounds[0]} or more (up to {bounds[1]}), or add images"
+    else:
+        fix = f"pass val_split={bounds[1]} or less (down to {bounds[0]}), or add images"
+    return DataTooSmallError(f"val_split={val_fraction} {what}; {fix}")
 
 
 def _files_of(unreadable: Unreadable, label: int) -> list[tuple[str, str]]:

@@ -11,7 +11,10 @@ for an output row:
 * ``empty file (0 bytes)``;
 * ``not an image (unrecognised format)``;
 * ``truncated or corrupt image: ...``;
-* ``decompression bomb: W x H = N pixels exceeds the limit of M (see max_pixels)``;
+* ``decompression bomb: W x H = N pixels exceeds the limit of M (...)``, the
+  limit named: ``hybridcls.data.DEFAULT_MAX_PIXELS`` or the caller's ``max_pixels=M``;
+* ``side too long: W x H pixels, a side above the limit of M (...)``, the limit
+  named: ``hybridcls.data.DEFAULT_MAX_SIDE`` or the caller's ``max_side=M``;
 * ``unsupported colour mode ...``.
 
 What comes out: the first frame (GIF, multi-page TIFF), turned upright by its
@@ -19,9 +22,15 @@ EXIF orientation, converted to RGB: grayscale, bilevel and palette images
 expanded, anything with transparency composited over white, CMYK converted,
 16-bit and floating-point grayscale rescaled to 8 bits rather than clipped.
 
-Pillow's process-wide settings are left alone: the pixel limit is checked per
-call, and truncated files are refused as long as
-``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` keeps its default (``False``).
+Pillow's process-wide settings are left alone: the pixel and side limits are
+checked per call, from the header, before anything is decoded, and truncated
+files are refused as long as ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` keeps its
+default (``False``).
+
+Memory: decoding takes the decoded image and the RGB result (4 bytes a pixel,
+as Pillow stores RGB), plus, for 16-bit, 32-bit and float grayscale, a rescale
+done in bands of :data:`_BAND_PIXELS` pixels rather than over the whole image
+at once. An image already upright is not copied.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from hybridcls.errors import ImageDecodeError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_SIDE",
     "SUPPORTED_FORMATS",
     "decode_image_bytes",
     "image_from_memory",
@@ -51,6 +61,15 @@ __all__ = [
 #: photo passes, a header claiming gigapixels does not.
 DEFAULT_MAX_PIXELS: int = 2 * 89_478_485
 
+#: Side limit per image, in pixels: the largest side a JPEG or a GIF can state
+#: (both store it in 16 bits; WebP's limit is 16,383, and libjpeg-turbo refuses
+#: a JPEG side above 65,500), so no photo or scan in those formats is refused.
+#: PNG, TIFF and BMP allow far longer sides, and Pillow keeps one pointer per
+#: row: a 660 KB PNG of 1 x 170,000,000 pixels, within DEFAULT_MAX_PIXELS, took
+#: 4.8 GB to decode against 2.2 GB for a 13,000 x 13,000 square. Within this
+#: limit the row pointers of an image take at most 0.5 MB.
+DEFAULT_MAX_SIDE: int = 65_535
+
 #: Pillow format names tried when opening. Restricting the list keeps Pillow
 #: away from formats that shell out (EPS runs Ghostscript) or were not asked
 #: for. "JPEG" also opens multi-picture camera JPEGs (Pillow's MPO).
@@ -59,12 +78,16 @@ SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _PILLOW_BOMB = re.compile(r"\((\d+) pixels\)")
+#: Pixels per band of the high-bit-depth grayscale rescale: its float64
+#: temporaries take a few times 8 MB, whatever the image's size.
+_BAND_PIXELS = 1 << 20
 
 
 def load_image(
     path: str | os.PathLike[str],
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_side: int | None = DEFAULT_MAX_SIDE,
     draft: bool = False,
 ) -> Image.Image:
     """Read an image file as a fully loaded, upright RGB image.
@@ -75,6 +98,9 @@ def load_image(
             before decoding them. ``None`` removes this check; Pillow's own
             ``Image.MAX_IMAGE_PIXELS`` ceiling (process-wide, the
             application's to change) still applies.
+        max_side: Refuse images whose header claims a width or a height
+            above this, before decoding them (see :data:`DEFAULT_MAX_SIDE`);
+            ``None`` removes this check.
         draft: Decode at the smallest scale the format offers (Pillow's
             ``Image.draft``: JPEG's DCT scaling, 1/8 of each side), about three
             times faster on camera photos. Every byte is still read and
@@ -110,13 +136,17 @@ def load_image(
         raise ImageDecodeError(name, "not a regular file")
     try:
         with open(name, "rb") as fp:
-            return _decode(fp, name, max_pixels, draft=draft)
+            return _decode(fp, name, max_pixels, max_side, draft=draft)
     except OSError as err:  # only open() can raise it: _decode converts its own errors
         raise ImageDecodeError(name, f"cannot read file: {_describe(err)}") from None
 
 
 def decode_image_bytes(
-    data: bytes, name: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    data: bytes,
+    name: str,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_side: int | None = DEFAULT_MAX_SIDE,
 ) -> Image.Image:
     """Decode an encoded image held in memory, exactly as :func:`load_image` would.
 
@@ -124,6 +154,7 @@ def decode_image_bytes(
         data: The encoded file content.
         name: What to call the image in errors (usually its path).
         max_pixels: As for :func:`load_image`.
+        max_side: As for :func:`load_image`.
 
     Returns:
         A mode ``"RGB"`` image.
@@ -137,11 +168,16 @@ def decode_image_bytes(
         >>> decode_image_bytes(data, "photos/cat.jpg").size  # doctest: +SKIP
         (640, 480)
     """
-    return _decode(io.BytesIO(data), str(name), max_pixels)
+    return _decode(io.BytesIO(data), str(name), max_pixels, max_side)
 
 
 def _decode(
-    fp: BinaryIO, name: str, max_pixels: int | None, *, draft: bool = False
+    fp: BinaryIO,
+    name: str,
+    max_pixels: int | None,
+    max_side: int | None,
+    *,
+    draft: bool = False,
 ) -> Image.Image:
     """The one decoding path: open, check size, (draft,) load, convert."""
     if fp.seek(0, io.SEEK_END) == 0:
@@ -154,11 +190,13 @@ def _decode(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp, formats=SUPPORTED_FORMATS) as im:
                 _check_pixels(im.size, name, max_pixels)
+                _check_side(im.size, name, max_side)
                 if draft:
                     # Mode None: scale only; the colour conversion stays _to_rgb's.
                     im.draft(None, (1, 1))
                 im.load()
-                return _to_rgb(im, name)
+                # The image is ours (just opened): turning it in place spares a copy.
+                return _to_rgb(im, name, in_place=True)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -169,14 +207,33 @@ def _decode(
         raise ImageDecodeError(name, f"truncated or corrupt image: {_describe(err)}") from None
 
 
+def _limit(value: int, default: int, parameter: str, constant: str) -> str:
+    """Where a limit came from, for a reason that Python and command-line users both follow."""
+    return f"hybridcls.data.{constant}" if value == default else f"{parameter}={value}"
+
+
 def _check_pixels(size: tuple[int, int], name: str, max_pixels: int | None) -> None:
+    """Refuse, from the header's size, an image of more than ``max_pixels`` pixels."""
     width, height = size
     pixels = width * height
     if max_pixels is not None and pixels > max_pixels:
+        limit = _limit(max_pixels, DEFAULT_MAX_PIXELS, "max_pixels", "DEFAULT_MAX_PIXELS")
         raise ImageDecodeError(
             name,
             f"decompression bomb: {width} x {height} = {pixels} pixels exceeds "
-            f"the limit of {max_pixels} (see max_pixels)",
+            f"the limit of {max_pixels} ({limit})",
+        )
+
+
+def _check_side(size: tuple[int, int], name: str, max_side: int | None) -> None:
+    """Refuse, from the header's size, an image with a side longer than ``max_side``."""
+    width, height = size
+    if max_side is not None and max(width, height) > max_side:
+        limit = _limit(max_side, DEFAULT_MAX_SIDE, "max_side", "DEFAULT_MAX_SIDE")
+        raise ImageDecodeError(
+            name,
+            f"side too long: {width} x {height} pixels, a side above the limit of "
+            f"{max_side} ({limit})",
         )
 
 
@@ -186,17 +243,26 @@ def _pillow_bomb_reason(err: Exception, max_pixels: int | None) -> str:
     claimed = f"{match.group(1)} pixels" if match else "the image size"
     ceiling = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
     if max_pixels is not None and (ceiling is None or max_pixels <= ceiling):
-        return f"decompression bomb: {claimed} exceeds the limit of {max_pixels} (see max_pixels)"
+        limit = _limit(max_pixels, DEFAULT_MAX_PIXELS, "max_pixels", "DEFAULT_MAX_PIXELS")
+        return f"decompression bomb: {claimed} exceeds the limit of {max_pixels} ({limit})"
     return (
         f"decompression bomb: {claimed} exceeds Pillow's limit of {ceiling} "
         "(PIL.Image.MAX_IMAGE_PIXELS)"
     )
 
 
-def _to_rgb(im: Image.Image, name: str) -> Image.Image:
-    """Upright 8-bit RGB copy of a loaded image (first frame only)."""
+def _to_rgb(im: Image.Image, name: str, *, in_place: bool = False) -> Image.Image:
+    """Upright 8-bit RGB copy of a loaded image (first frame only).
+
+    ``in_place``: ``im`` may be changed (an image just decoded, nobody else's), so
+    an image already upright is returned as it is, not copied; otherwise ``im`` is
+    left alone and the result never shares its pixels.
+    """
     # Orientation first: TIFF keeps it in tags that a mode conversion drops.
-    im = ImageOps.exif_transpose(im)
+    if in_place:
+        ImageOps.exif_transpose(im, in_place=True)
+    else:
+        im = ImageOps.exif_transpose(im)  # a copy, even when there is nothing to turn
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in _ALPHA_MODES:
@@ -204,7 +270,7 @@ def _to_rgb(im: Image.Image, name: str) -> Image.Image:
     if im.mode.startswith("I") or im.mode == "F":
         return _grayscale_to_8bit(im).convert("RGB")
     if im.mode == "RGB":
-        return im  # exif_transpose already returned a copy detached from the file
+        return im  # a copy, or (in_place) loaded and so detached from the file
     try:
         return im.convert("RGB")
     except ValueError:
@@ -226,18 +292,39 @@ def _grayscale_to_8bit(im: Image.Image) -> Image.Image:
     integers in that range are treated as 16-bit (Pillow's older way of
     opening 16-bit PNGs); floats in [0, 1] scale by 255; anything else is
     stretched from its minimum to its maximum.
+
+    The arithmetic is float64, as on the whole array, but done in bands of rows
+    (:data:`_BAND_PIXELS` pixels each) written into the 8-bit result: the
+    results are the same to the bit, and the memory beyond the decoded image
+    and the result is a few times a band's, not 24 bytes a pixel (3.4 GB more
+    for a 10,000 x 10,000 16-bit PNG).
     """
-    values = np.asarray(im, dtype=np.float64)
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    width, height = im.size
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    bands = [(y, min(y + rows, height)) for y in range(0, height, rows)]
+
+    def band(y0: int, y1: int) -> np.ndarray:
+        return np.asarray(im.crop((0, y0, width, y1)), dtype=np.float64)
+
+    lo, hi = (np.inf, -np.inf) if width and height else (0.0, 0.0)
+    for y0, y1 in bands:  # np.minimum / np.maximum keep a NaN, as values.min() would
+        values = band(y0, y1)
+        lo, hi = float(np.minimum(lo, values.min())), float(np.maximum(hi, values.max()))
     if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535):
-        scaled = values / 257.0
+        def scale(values: np.ndarray) -> np.ndarray:
+            return values / 257.0
     elif im.mode == "F" and lo >= 0 and hi <= 1:
-        scaled = values * 255.0
+        def scale(values: np.ndarray) -> np.ndarray:
+            return values * 255.0
     elif hi > lo:
-        scaled = (values - lo) * (255.0 / (hi - lo))
+        def scale(values: np.ndarray) -> np.ndarray:
+            return (values - lo) * (255.0 / (hi - lo))
     else:
-        scaled = np.zeros_like(values)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+        return Image.new("L", im.size, 0)
+    out = np.empty((height, width), dtype=np.uint8)
+    for y0, y1 in bands:
+        out[y0:y1] = np.clip(np.rint(scale(band(y0, y1))), 0, 255)
+    return Image.fromarray(out)
 
 
 def _describe(err: BaseException) -> str:

@@ -10,6 +10,20 @@ names the predicted image whose path ends with the same whole components
 file name therefore only joins when no other predicted image has that name.
 An id that names two predicted images, or a predicted image named by two
 ids, is an error naming both: nothing is guessed.
+
+How an id is read:
+
+* an id without ``/`` takes ``\\`` as the path separator, so a labels file
+  written on Windows (``site1\\IMG_0001.png``) joins as ``site1/IMG_0001.png``
+  does (a file name with a backslash in it needs a ``/`` somewhere in its id);
+* ``./a//x.png`` is ``a/x.png``; an id that climbs out of its folder
+  (``../case/site1/IMG_0001.png``) is taken from the labels file's folder, as
+  a list file's relative entries are, and so names one absolute path.
+
+When predicted images are left without a label, the error also lists the ids
+that matched no predicted image, and says when the two sides could not meet:
+absolute ids against relative predicted paths, which are taken from the
+current folder.
 """
 
 from __future__ import annotations
@@ -17,7 +31,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from hybridcls.errors import InputError
@@ -32,7 +46,7 @@ _SHOW = 5
 
 @dataclass(frozen=True)
 class _Entry:
-    """One labels-file row: the id as written (normalised), its class, its line."""
+    """One labels-file row: the id (normalised, see the module docstring), its class, its line."""
 
     image_id: str
     label: str
@@ -64,8 +78,7 @@ def _read_entries(path: str | os.PathLike[str]) -> list[_Entry]:
                 label = (row.get(label_col) or "").strip()
                 if not raw_id or not label:
                     raise InputError(f"{path}:{line_no}: empty {id_col if not raw_id else label_col}")
-                # "./a/x.png" and "a//x.png" are "a/x.png": one image, however it is spelled
-                image_id = os.path.normpath(raw_id)
+                image_id = _normalise_id(raw_id, path)
                 if image_id in first_line:
                     raise InputError(f"{path}:{line_no}: image {image_id!r} is listed twice "
                                      f"(first on line {first_line[image_id]})")
@@ -78,13 +91,28 @@ def _read_entries(path: str | os.PathLike[str]) -> list[_Entry]:
     return entries
 
 
+def _normalise_id(raw_id: str, labels_file: Path) -> str:
+    """One spelling per image: separators, ``.`` and ``..`` resolved (see the module docstring)."""
+    if "/" not in raw_id:
+        raw_id = raw_id.replace("\\", "/")  # written on Windows
+    # "./a/x.png" and "a//x.png" are "a/x.png": one image, however it is spelled
+    image_id = os.path.normpath(raw_id)
+    if PurePath(image_id).parts[:1] == ("..",):
+        # normpath leaves ".." only in front: the id is relative to the labels file's folder
+        image_id = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(labels_file)),
+                                                 image_id))
+    return image_id
+
+
 def read_labels(path: str | os.PathLike[str]) -> dict[str, str]:
     """Map each image id, as the labels file writes it, to its true class.
 
     Accepts a header with one of ``image_id/path/file/filename/image`` and one
     of ``label/class/class_name``. Ids are kept as written (a file name, a
     relative or an absolute path), only normalised (``./a//x.png`` is
-    ``a/x.png``); :func:`join_labels` matches them to predicted paths.
+    ``a/x.png``, ``site1\\x.png`` is ``site1/x.png``, ``../b/x.png`` is
+    ``b/x.png`` beside the labels file's folder, as an absolute path);
+    :func:`join_labels` matches them to predicted paths.
 
     Raises:
         InputError: No such columns, an empty id or label, or one id listed
@@ -105,10 +133,12 @@ class LabelJoin:
         labels: The true class of each predicted path, in the paths' order.
         missing: Ids of the labels file that no predicted path matches
             (labelled images without a prediction), in file order.
+        lines: The labels file's line of each of ``labels`` (for messages).
     """
 
     labels: list[str]
     missing: list[str]
+    lines: list[int] = field(default_factory=list)
 
 
 def join_labels(paths: Sequence[str], labels: str | os.PathLike[str]) -> LabelJoin:
@@ -163,10 +193,40 @@ def join_labels(paths: Sequence[str], labels: str | os.PathLike[str]) -> LabelJo
                     f"({e.image_id!r}) both name the predicted image {paths[i]!r}; keep one")
     unlabelled = [p for i, p in enumerate(paths) if i not in owner]
     if unlabelled:
-        raise InputError(
-            f"{labels}: {len(unlabelled)} predicted image(s) have no label, e.g. "
+        matched = {e.image_id for e in owner.values()}
+        unmatched = [e for e in entries if e.image_id not in matched]
+        raise InputError(_no_label_message(labels, unlabelled, unmatched))
+    joined = [owner[i] for i in range(len(paths))]
+    return LabelJoin([e.label for e in joined], missing, [e.line for e in joined])
+
+
+def _no_label_message(labels: str | os.PathLike[str], unlabelled: Sequence[str],
+                      unmatched: Sequence[_Entry]) -> str:
+    """Both sides of a failed join: predicted images without a label, ids without an image."""
+    text = (f"{labels}: {len(unlabelled)} predicted image(s) have no label, e.g. "
             + ", ".join(repr(p) for p in unlabelled[:_SHOW]))
-    return LabelJoin([owner[i].label for i in range(len(paths))], missing)
+    if not unmatched:
+        return text
+    text += (f"; {len(unmatched)} id(s) of the labels file match no predicted image, e.g. "
+             + ", ".join(f"{e.image_id!r} (line {e.line})" for e in unmatched[:_SHOW]))
+    absolute = next((e.image_id for e in unmatched if os.path.isabs(e.image_id)), None)
+    if absolute is None:
+        return text
+    if any(not os.path.isabs(p) for p in unlabelled):
+        return text + (
+            f". Relative predicted paths are taken from the current folder ({os.getcwd()}), "
+            f"and an absolute id such as {absolute!r} names one absolute path: run from the "
+            "folder the predictions were made in, or key the labels file by relative paths "
+            f"(e.g. {_tail(unlabelled[0])!r})")
+    return text + (
+        f". An absolute id such as {absolute!r} names that absolute path only: key the labels "
+        f"file by relative paths (e.g. {_tail(unlabelled[0])!r}) to match the end of a "
+        "predicted path")
+
+
+def _tail(path: str, components: int = 2) -> str:
+    """The last ``components`` parts of ``path``: a relative id that names it."""
+    return str(PurePath(*PurePath(path).parts[-components:]))
 
 
 def _telling_suffix(a: str, b: str) -> str:

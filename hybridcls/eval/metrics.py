@@ -17,16 +17,21 @@ which ECE needs, so the binning is done here.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from hybridcls.errors import InputError
 
 __all__ = [
+    "PROBABILITY_TOLERANCE",
     "OpenSetScores",
     "Reliability",
+    "as_class_indices",
+    "as_flags",
     "harmonic_mean",
     "open_set_scores",
     "per_class_accuracy",
@@ -55,6 +60,105 @@ class OpenSetScores:
             f"acc {100 * self.accuracy:5.1f}  S {100 * self.seen:5.1f}  "
             f"U {100 * self.unseen:5.1f}  H {100 * self.harmonic:5.1f}  (n={self.n_images})"
         )
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _numpy(values: Any) -> np.ndarray:
+    """Any array-like as numpy; torch tensors are detached and moved to the CPU (duck-typed)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def as_flags(values: Any, name: str) -> np.ndarray:
+    """Booleans given as booleans or as 0 / 1, as a bool array; anything else refused.
+
+    ``np.asarray(values, dtype=bool)`` would take 2 and NaN for True: a mask
+    built from the wrong column would pass unnoticed.
+
+    Args:
+        values: Array-like of True / False, or of the numbers 0 and 1.
+        name: The parameter, for messages.
+
+    Returns:
+        A bool array of the same shape.
+
+    Raises:
+        InputError: NaN values (counted), other values than 0 and 1 (counted,
+            the first shown), or values that are not numbers (strings...).
+
+    Example:
+        >>> as_flags([0, 1, 1.0], "is_unseen").tolist()
+        [False, True, True]
+    """
+    arr = _numpy(values)
+    if arr.dtype == bool:
+        return arr
+    if arr.dtype == object:  # mixed Python values: numbers and bools only
+        strangers = [v for v in arr.flat if not isinstance(v, (numbers.Real, np.bool_))]
+        if strangers:
+            raise InputError(f"{name}: expected booleans (True/False or 1/0), found {strangers[0]!r}")
+        arr = arr.astype(np.float64)
+    if arr.dtype.kind not in "iuf":
+        raise InputError(f"{name} has values of type {arr.dtype}: expected booleans "
+                         "(True/False or 1/0)")
+    if arr.dtype.kind == "f":
+        n_nan = int(np.isnan(arr).sum())
+        if n_nan:
+            raise InputError(f"{name} contains {_plural(n_nan, 'NaN value')}: expected booleans "
+                             "(True/False or 1/0)")
+    other = (arr != 0) & (arr != 1)
+    if other.any():
+        raise InputError(f"{name} contains {_plural(int(other.sum()), 'value')} other than "
+                         f"True/False (1/0), e.g. {arr[other].flat[0].item()!r}")
+    return arr == 1
+
+
+def as_class_indices(values: Any, name: str) -> np.ndarray:
+    """Class indices given as whole numbers (integers, or floats with no fraction), as int64.
+
+    ``np.asarray(values, dtype=np.int64)`` would turn 1.7 into 1 and NaN into
+    an arbitrary number, with a RuntimeWarning at best.
+
+    Args:
+        values: Array-like of class indices.
+        name: The parameter, for messages.
+
+    Returns:
+        An int64 array of the same shape.
+
+    Raises:
+        InputError: NaN or infinite values, values with a fraction (each
+            counted), or values that are not numbers.
+
+    Example:
+        >>> as_class_indices([0, 2.0, -1], "y_pred").tolist()
+        [0, 2, -1]
+    """
+    arr = _numpy(values)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64)
+    if arr.dtype == object:  # mixed Python values: numbers only
+        strangers = [v for v in arr.flat if not isinstance(v, numbers.Real)]
+        if strangers:
+            raise InputError(f"{name}: expected class indices (whole numbers), found {strangers[0]!r}")
+        arr = arr.astype(np.float64)
+    if arr.dtype.kind != "f":
+        raise InputError(f"{name} has values of type {arr.dtype}: expected class indices "
+                         "(whole numbers)")
+    for what, bad in (("NaN value", np.isnan(arr)), ("infinite value", np.isinf(arr))):
+        if bad.any():
+            raise InputError(f"{name} contains {_plural(int(bad.sum()), what)}: expected class "
+                             "indices (whole numbers)")
+    fraction = arr != np.round(arr)
+    if fraction.any():
+        raise InputError(f"{name} contains {_plural(int(fraction.sum()), 'value')} that "
+                         f"{'is' if fraction.sum() == 1 else 'are'} not a whole number, "
+                         f"e.g. {arr[fraction].flat[0].item()!r}: expected class indices")
+    return arr.astype(np.int64)
 
 
 def harmonic_mean(a: float, b: float) -> float:
@@ -118,7 +222,7 @@ def open_set_scores(
 
 
 #: How far outside [0, 1] a confidence may stray by rounding before it is refused.
-_PROB_TOL = 1e-6
+PROBABILITY_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -133,6 +237,8 @@ class Reliability:
         confidence: ``[n_bins]`` mean confidence per bin (NaN where empty).
         ece: Expected calibration error, in [0, 1] (NaN without images).
         n_images: Images counted (those with a confidence).
+        n_without_confidence: Images left out because their confidence is NaN
+            (images that were not predicted, such as error rows).
     """
 
     edges: np.ndarray
@@ -141,6 +247,7 @@ class Reliability:
     confidence: np.ndarray
     ece: float
     n_images: int
+    n_without_confidence: int = 0
 
 
 def reliability(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = 15
@@ -148,14 +255,16 @@ def reliability(confidence: Sequence[float], correct: Sequence[bool], n_bins: in
     """Bin top-1 confidences and compare each bin's accuracy with its mean confidence.
 
     Args:
-        confidence: ``[N]`` probability of each predicted label; NaN entries
-            (images that were not predicted) are left out.
-        correct: ``[N]`` whether each prediction is right.
+        confidence: ``[N]`` probability of each predicted label; NaN marks an
+            image that was not predicted: it is left out of the bins and counted
+            in :attr:`Reliability.n_without_confidence`.
+        correct: ``[N]`` whether each prediction is right (True / False or 1 / 0).
         n_bins: Equal-width bins over (0, 1] (15, as in Guo et al. 2017).
 
     Raises:
         InputError: ``confidence`` and ``correct`` of different shapes, a
-            confidence outside [0, 1] (or infinite), or ``n_bins`` below 1.
+            confidence outside [0, 1] (or infinite), ``correct`` not booleans
+            (:func:`as_flags`), or ``n_bins`` below 1.
 
     Example:
         >>> r = reliability([0.9, 0.9, 0.6, 0.6], [True, False, True, True], n_bins=10)
@@ -163,14 +272,14 @@ def reliability(confidence: Sequence[float], correct: Sequence[bool], n_bins: in
         (0.4, 2, 2)
     """
     conf = np.asarray(confidence, dtype=np.float64)
-    ok = np.asarray(correct, dtype=bool)
+    ok = as_flags(correct, "correct")
     if conf.shape != ok.shape:
         raise InputError(f"confidence has shape {conf.shape}, correct {ok.shape}: one flag per confidence")
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise InputError(f"n_bins={n_bins!r}: expected a whole number, at least 1")
     keep = ~np.isnan(conf)
     # a float32 softmax can end a hair above 1; anything farther out is not a probability
-    outside = int((keep & ((conf < -_PROB_TOL) | (conf > 1 + _PROB_TOL))).sum())
+    outside = int((keep & ((conf < -PROBABILITY_TOLERANCE) | (conf > 1 + PROBABILITY_TOLERANCE))).sum())
     if outside:
         raise InputError(f"confidence contains {outside} value{'s' if outside > 1 else ''} "
                          "outside [0, 1] (probabilities expected; NaN marks an image not predicted)")
@@ -184,4 +293,4 @@ def reliability(confidence: Sequence[float], correct: Sequence[bool], n_bins: in
     filled = counts > 0
     ece = (float(np.sum(counts[filled] * np.abs(acc[filled] - mean_conf[filled])) / conf.size)
            if conf.size else float("nan"))
-    return Reliability(edges, counts, acc, mean_conf, ece, int(conf.size))
+    return Reliability(edges, counts, acc, mean_conf, ece, int(conf.size), int((~keep).sum()))

@@ -28,6 +28,7 @@ from hybridcls.cache import atomic_write_json, atomic_write_text
 from hybridcls.errors import InputError, MissingExtraError
 from hybridcls.eval.labels import join_labels
 from hybridcls.eval.metrics import (
+    PROBABILITY_TOLERANCE,
     OpenSetScores,
     Reliability,
     open_set_scores,
@@ -42,7 +43,7 @@ from hybridcls.eval.plots import (
     require_pyplot,
 )
 from hybridcls.gate.metrics import gate_detection, routing_matrix
-from hybridcls.outputs import read_predictions
+from hybridcls.outputs import read_prediction_lines
 from hybridcls.zeroshot.prompts import normalize_label
 
 __all__ = ["Evaluation", "MissingPredictionsError", "evaluate_predictions", "read_class_list"]
@@ -191,8 +192,11 @@ def evaluate_predictions(
 
     Raises:
         InputError: Images without a label, an ambiguous join (an id naming
-            two images, or an image named twice), or labels of unknown
-            classes (names the files, lines and classes).
+            two images, or an image named twice), labels of unknown classes,
+            or a value of the predictions file that is not what predict writes
+            (a ``status`` other than ok / error, a ``score`` that is not a
+            probability, a ``gate_score`` that is not a finite number); each
+            names the file, the line and the column or class.
         MissingPredictionsError: Labelled images without a prediction, and
             not ``allow_missing``.
 
@@ -200,7 +204,7 @@ def evaluate_predictions(
         >>> ev = evaluate_predictions("pred.csv", "labels.csv", ["fox", "wolf"])  # doctest: +SKIP
         >>> print(ev.summary())  # doctest: +SKIP
     """
-    rows = _prediction_rows(predictions)
+    lines, rows = _prediction_rows(predictions)
     join = join_labels([r["path"] for r in rows], labels)
     if join.missing and not allow_missing:
         raise MissingPredictionsError(predictions, join.missing, len(rows) + len(join.missing))
@@ -208,13 +212,15 @@ def evaluate_predictions(
     known = {normalize_label(c) for c in classes} if classes is not None else None
     if known is None:
         known = seen | {normalize_label(r["label"]) for r in rows if r.get("label")}
-    unknown_classes = sorted({t for t in join.labels if normalize_label(t) not in known})
-    if unknown_classes:
+    unknown = [(line, t) for line, t in zip(join.lines, join.labels) if normalize_label(t) not in known]
+    if unknown:
+        names = sorted({t for _, t in unknown})
         raise InputError(
-            f"{labels}: label(s) of classes that are neither seen nor predictable: "
-            + ", ".join(repr(c) for c in unknown_classes[:10]))
+            f"{labels}:{unknown[0][0]}: label {unknown[0][1]!r} is of a class that is neither seen "
+            f"nor predictable; {len(names)} such class(es): " + ", ".join(map(repr, names[:10])))
     y_true = [normalize_label(t) for t in join.labels]
-    y_pred = [normalize_label(r.get("label") or "") if r.get("status") == "ok" else "" for r in rows]
+    ok = np.array([_status(r, predictions, line) == "ok" for line, r in zip(lines, rows)])
+    y_pred = [normalize_label(r.get("label") or "") if k else "" for r, k in zip(rows, ok)]
     scores = open_set_scores(y_true, y_pred, seen)
     acc = per_class_accuracy(y_true, y_pred)
     counts: dict[str, int] = {}
@@ -222,14 +228,16 @@ def evaluate_predictions(
         counts[t] = counts.get(t, 0) + 1
     per_class = [{"class": c, "group": "seen" if c in seen else "unseen", "n_images": counts[c],
                   "accuracy": round(acc[c], 6)} for c in sorted(acc)]
-    ok = np.array([r.get("status") == "ok" for r in rows])
-    confidence = np.array([_number(r.get("score")) if k else np.nan for r, k in zip(rows, ok)])
+    confidence = np.array([
+        _number(r.get("score"), predictions, line, "score", probability=True) if k else np.nan
+        for line, r, k in zip(lines, rows, ok)])
     ev = Evaluation(scores, per_class, n_errors=int((~ok).sum()), n_missing=len(join.missing),
                     y_true=y_true, y_pred=y_pred, confidence=confidence)
     is_unseen = np.array([t not in seen for t in y_true])
     gate_col = [r.get("gate_score") for r in rows]
     if ok.any() and all(g not in (None, "") for g, k in zip(gate_col, ok) if k):
-        g = np.array([float(x) if k else np.nan for x, k in zip(gate_col, ok)])
+        g = np.array([_number(x, predictions, line, "gate_score") if k else np.nan
+                      for line, x, k in zip(lines, gate_col, ok)])
         if is_unseen[ok].any() and (~is_unseen[ok]).any():
             ev.gate = gate_detection(g[ok], is_unseen[ok]).as_dict()
         ev.gate_scores, ev.is_unseen = g[ok], is_unseen[ok]
@@ -240,23 +248,34 @@ def evaluate_predictions(
     return ev
 
 
-def _prediction_rows(predictions: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a predictions file; a Kaggle file's ``image_id,class`` read as ``path,label``.
+def _prediction_rows(predictions: str | os.PathLike) -> tuple[list[int], list[dict[str, Any]]]:
+    """The rows of a predictions file and the line of each; a Kaggle file's ``image_id,class``
+    read as ``path,label``.
 
     Raises:
         InputError: No rows, or not a file ``hybridcls predict`` writes (names its columns).
     """
-    rows = read_predictions(predictions)
-    if not rows:
+    numbered = read_prediction_lines(predictions)
+    if not numbered:
         raise InputError(f"{predictions}: no predictions in it")
+    lines = [line for line, _ in numbered]
+    rows = [row for _, row in numbered]
     columns = set(rows[0])
     if {"path", "label", "status"} <= columns:
-        return rows
+        return lines, rows
     if {"image_id", "class"} <= columns:
-        return [{"path": r["image_id"], "label": r["class"], "status": "ok" if r["class"] else "error"}
-                for r in rows]
+        return lines, [{"path": r["image_id"], "label": r["class"],
+                        "status": "ok" if r["class"] else "error"} for r in rows]
     raise InputError(f"{predictions}: columns {', '.join(sorted(columns))}; expected a file of "
                      "hybridcls predict (path, label, status, ... or Kaggle's image_id, class)")
+
+
+def _status(row: dict[str, Any], predictions: str | os.PathLike, line: int) -> str:
+    """A row's ``status``: ``ok`` or ``error``, as predict writes it; anything else refused."""
+    status = row.get("status")
+    if status not in ("ok", "error"):
+        raise InputError(f"{predictions}:{line}: column status is {status!r}; expected ok or error")
+    return status
 
 
 def _percent(value: float) -> str:
@@ -264,9 +283,26 @@ def _percent(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
 
 
-def _number(value: Any) -> float:
-    """A score cell as a float; empty (CSV) or null (JSON Lines) is NaN."""
-    return float("nan") if value in (None, "") else float(value)
+def _number(value: Any, predictions: str | os.PathLike, line: int, column: str, *,
+            probability: bool = False) -> float:
+    """A number cell of a predictions file; empty (CSV) or null (JSON Lines) is NaN (no value).
+
+    Raises:
+        InputError: text that is not a number, NaN or infinite, or (``probability``) a
+            value outside [0, 1]; names the file, the line and the column.
+    """
+    if value in (None, ""):
+        return float("nan")
+    where = f"{predictions}:{line}: column {column} is {value!r}"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}, not a number") from None
+    if not math.isfinite(number):
+        raise InputError(f"{where}, not a finite number")
+    if probability and not -PROBABILITY_TOLERANCE <= number <= 1 + PROBABILITY_TOLERANCE:
+        raise InputError(f"{where}, outside [0, 1] (the probability of the predicted label)")
+    return number
 
 
 def _plots(ev: Evaluation, out: Path) -> list[Path]:

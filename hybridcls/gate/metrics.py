@@ -32,7 +32,7 @@ from sklearn.metrics import (
 )
 
 from hybridcls.errors import InputError
-from hybridcls.eval.metrics import harmonic_mean
+from hybridcls.eval.metrics import as_class_indices, as_flags, harmonic_mean
 from hybridcls.gate.scores import as_array
 
 __all__ = [
@@ -86,14 +86,16 @@ def gate_detection(scores: Any, is_unseen: Any, tpr: float = 0.95) -> GateDetect
 
     Args:
         scores: ``[N]`` gate scores, higher = less like the seen classes; finite.
-        is_unseen: ``[N]`` booleans, True for images of unseen classes; both kinds present.
+        is_unseen: ``[N]`` booleans (or 0 / 1), True for images of unseen classes; both
+            kinds present.
         tpr: The true-positive rate at which to read the FPRs, in (0, 1] (0.95, not 95).
 
     Returns:
         A :class:`GateDetection`.
 
     Raises:
-        InputError: NaN or infinite scores, labels not one per score or all
+        InputError: NaN or infinite scores, labels that are not booleans
+            (:func:`~hybridcls.eval.metrics.as_flags`), not one per score or all
             of one kind, or ``tpr`` outside (0, 1] (names the parameter).
 
     Example:
@@ -103,7 +105,7 @@ def gate_detection(scores: Any, is_unseen: Any, tpr: float = 0.95) -> GateDetect
     """
     tpr = _rate(tpr, "tpr")
     s = _finite(scores, "scores")
-    unseen = np.asarray(is_unseen, dtype=bool)
+    unseen = as_flags(is_unseen, "is_unseen")
     if unseen.shape != s.shape:
         raise InputError(f"is_unseen has shape {unseen.shape} for scores of shape {s.shape}: "
                          "one label per score")
@@ -176,15 +178,19 @@ def routing_matrix(to_zeroshot: Any, is_unseen: Any) -> RoutingMatrix:
     """Count seen images sent to zero-shot and unseen ones kept in the supervised branch.
 
     Args:
-        to_zeroshot: ``[N]`` booleans from :func:`hybridcls.gate.fusion.route`.
-        is_unseen: ``[N]`` booleans, True for images of unseen classes.
+        to_zeroshot: ``[N]`` booleans (or 0 / 1) from :func:`hybridcls.gate.fusion.route`.
+        is_unseen: ``[N]`` booleans (or 0 / 1), True for images of unseen classes.
+
+    Raises:
+        InputError: values that are not booleans (:func:`~hybridcls.eval.metrics.as_flags`),
+            or the two of different shapes.
 
     Example:
         >>> routing_matrix([True, False, True], [True, True, False]).unseen_to_supervised
         1
     """
-    z = np.asarray(to_zeroshot, dtype=bool)
-    u = np.asarray(is_unseen, dtype=bool)
+    z = as_flags(to_zeroshot, "to_zeroshot")
+    u = as_flags(is_unseen, "is_unseen")
     if z.shape != u.shape:
         raise InputError(f"to_zeroshot has shape {z.shape}, is_unseen {u.shape}: one label per decision")
     return RoutingMatrix(
@@ -223,14 +229,16 @@ def seen_unseen_accuracy(y_true: Any, y_pred: Any, n_seen: int) -> tuple[float, 
 
     Raises:
         InputError: ``y_true`` and ``y_pred`` not two 1-D arrays of one length,
-            a negative true class, a prediction below -1, or a negative ``n_seen``.
+            values that are not whole numbers (NaN counted,
+            :func:`~hybridcls.eval.metrics.as_class_indices`), a negative true
+            class, a prediction below -1, or ``n_seen`` not a whole number >= 0.
     """
-    y = np.asarray(y_true, dtype=np.int64)
-    p = np.asarray(y_pred, dtype=np.int64)
+    y = as_class_indices(y_true, "y_true")
+    p = as_class_indices(y_pred, "y_pred")
     if y.ndim != 1 or p.shape != y.shape:
         raise InputError(f"y_true has shape {y.shape}, y_pred {p.shape}: one prediction per label")
-    if n_seen < 0:
-        raise InputError(f"n_seen={n_seen}: expected 0 or more")
+    if isinstance(n_seen, bool) or not isinstance(n_seen, (int, np.integer)) or n_seen < 0:
+        raise InputError(f"n_seen={n_seen!r}: expected a whole number, 0 or more")
     if y.size and y.min() < 0:
         raise InputError(f"y_true contains {int((y < 0).sum())} negative class indices")
     if p.size and p.min() < -1:
@@ -281,8 +289,9 @@ def ausuc(clip_logits: Any, y_true: Any, n_seen: int) -> StackingCurve:
         A :class:`StackingCurve`.
 
     Raises:
-        InputError: NaN or infinite logits, labels not one per row or outside
-            the columns, or ``n_seen`` leaving no seen or no unseen class.
+        InputError: NaN or infinite logits, labels that are not whole numbers,
+            not one per row or outside the columns, or ``n_seen`` leaving no seen
+            or no unseen class.
 
     Example:
         >>> c = np.array([[2.0, 0.0, 1.0], [0.0, 1.0, 3.0]])
@@ -290,7 +299,7 @@ def ausuc(clip_logits: Any, y_true: Any, n_seen: int) -> StackingCurve:
         1.0
     """
     c = _finite(clip_logits, "clip_logits", ndim=2)
-    y = np.asarray(y_true, dtype=np.int64)
+    y = as_class_indices(y_true, "y_true")
     if y.shape != (c.shape[0],):
         raise InputError(f"{y.size} labels for {c.shape[0]} rows of clip_logits")
     if not 0 < n_seen < c.shape[1]:

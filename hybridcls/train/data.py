@@ -32,6 +32,7 @@ from torchvision import transforms
 from hybridcls.cache import stable_hash
 from hybridcls.data import (
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE,
     Source,
     drop_unreadable,
     find_unreadable,
@@ -69,7 +70,7 @@ class ImageCheck:
     Attributes:
         fingerprint: :func:`~hybridcls.cache.stable_hash` of every checked
             file's path, size and modification time and of the decoder
-            (hybridcls' and Pillow's versions, the pixel limit). While it is
+            (hybridcls' and Pillow's versions, the pixel and side limits). While it is
             unchanged the check need not run again (``--resume``).
         unreadable: ``path -> reason`` of each file that failed, in scan order.
     """
@@ -127,6 +128,7 @@ def _files_fingerprint(paths: Sequence[str]) -> str:
         "hybridcls": __version__,
         "pillow": PIL.__version__,
         "max_pixels": DEFAULT_MAX_PIXELS,
+        "max_side": DEFAULT_MAX_SIDE,
     }
     return stable_hash({"decoder": decoder, "files": [state(p) for p in paths]})
 
@@ -191,12 +193,12 @@ def recorded_image_check(run_dir: str | Path) -> ImageCheck | None:
 def resolve_training_data(
     data_dir: str | Path, config: TrainConfig, *, previous_check: ImageCheck | None = None
 ) -> TrainingData:
-    """Scan the training folder (and the ``--val`` folder), check every image, split.
+    """Scan the training folder (and the ``val_dir`` folder), check every image, split.
 
-    Cheap checks come first (folders, labels, ``--val`` classes); then every
+    Cheap checks come first (folders, labels, ``val_dir`` classes); then every
     file is decoded once (:func:`check_images`, with ``config.workers``
     processes), the unreadable ones are left out, and the readable images are
-    split (or the ``--val`` folder's readable images validate).
+    split (or the ``val_dir`` folder's readable images validate).
 
     Args:
         data_dir: ImageFolder-style folder, one subfolder per class.
@@ -207,11 +209,12 @@ def resolve_training_data(
         The classes, the training / validation samples and the check.
 
     Raises:
-        DatasetError: a bad folder (missing, empty class, one class, invalid
-            label), a class folder (training or ``--val``) none of whose files
-            decodes, or a ``--val`` class that is not a training class.
-        DataTooSmallError: a class with too few readable images to have one
-            on each side of the split.
+        DatasetError: a bad folder (missing, empty class, invalid label), a
+            class folder (training or ``val_dir``) none of whose files decodes,
+            or a ``val_dir`` class that is not a training class.
+        DataTooSmallError: one class only, a class with too few readable
+            images to have one on each side of the split, or fewer images
+            than classes on a side (see :func:`~hybridcls.data.stratified_split`).
     """
     index = scan_image_folder(data_dir)
     val_index = None
@@ -220,8 +223,8 @@ def resolve_training_data(
         strangers = [name for name in val_index.classes if name not in index.classes]
         if strangers:
             raise DatasetError(
-                f"--val {config.val_dir}: class folder {strangers[0]!r} is not a class of the "
-                f"training folder {data_dir}"
+                f"val_dir={str(config.val_dir)!r}: class folder {strangers[0]!r} is not a class "
+                f"of the training folder {data_dir}"
                 + (f" ({len(strangers)} such folders)" if len(strangers) > 1 else "")
             )
     paths = [path for ix in (index, val_index) if ix is not None for path, _ in ix.samples]

@@ -70,13 +70,13 @@ def make_folds(
         One :class:`~hybridcls.train.data.TrainingData` per fold, all sharing the check.
 
     Raises:
-        InputError: ``k`` below 2.
+        InputError: ``k`` not a whole number of at least 2.
         DatasetError: a bad folder, or a class folder none of whose files decodes.
         DataTooSmallError: a class with fewer than ``k`` readable images (it
             could not appear in every fold's validation part).
     """
-    if k < 2:
-        raise InputError(f"--folds must be at least 2, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise InputError(f"k={k!r}: the number of folds must be a whole number, at least 2")
     index = scan_image_folder(data_dir)
     check = check_images([p for p, _ in index.samples], workers=workers, progress=progress)
     index = drop_unreadable(index, check.unreadable)
@@ -85,7 +85,8 @@ def make_folds(
     if small:
         raise class_size_error(
             index.classes, small[0], counts[small[0]], index.unreadable,
-            f"fewer than --folds {k}; lower --folds or add images",
+            f"fewer than the k={k} folds (each fold validates on one image of it or more); "
+            "lower it or add images",
         )
     labels = np.array([label for _, label in index.samples])
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
@@ -136,11 +137,12 @@ def train_folds(
     config = (config or TrainConfig()).replace(**overrides)
     if config.val_dir is not None:
         raise InputError(
-            "--folds and --val exclude each other: each fold validates on its own part"
+            f"val_dir={config.val_dir!r} does not apply to folds: each fold validates on its "
+            "own part; leave val_dir=None"
         )
     output = Path(output)
     if (output / FOLDS_FILE).exists() or (output / "fold_1").exists():
-        raise InputError(f"--output {output}: already holds fold runs; choose another folder")
+        raise InputError(f"output={str(output)!r} already holds fold runs; choose another folder")
     results = []
     # Joined before the folds are made, so that the ranks share out the image check.
     with process_group(config.device) as ctx:

@@ -518,8 +518,6 @@ class Trainer:
         """
         cfg = self.config
         main = self.dist.is_main
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         while self.epoch < cfg.epochs and not self.stopped_early:
             start = time.perf_counter()
             record: dict[str, Any] = {"epoch": self.epoch + 1}
@@ -531,11 +529,9 @@ class Trainer:
             record = broadcast_object(record)
             self.skipped = gather_dicts(self.skipped)
             if not (math.isfinite(record["train_loss"]) and math.isfinite(record["val_loss"])):
-                raise InputError(
-                    f"training diverged in epoch {record['epoch']} (train loss "
-                    f"{record['train_loss']}, val loss {record['val_loss']}); start again "
-                    f"with a lower --lr or with --clip-grad"
-                )
+                raise self._divergence(record)
+            if main:  # created with the first epoch's files: a run that fails before leaves none
+                self.run_dir.mkdir(parents=True, exist_ok=True)
             improved = record["val_loss"] < self.best_val_loss
             record["best"] = improved
             self.epoch += 1
@@ -557,6 +553,21 @@ class Trainer:
                 if self.on_epoch_end is not None:
                     self.on_epoch_end({**record, "epochs": cfg.epochs})
         return self._finish()
+
+    def _divergence(self, record: dict[str, Any]) -> InputError:
+        """The error for an epoch whose loss is not finite; says what the run directory holds."""
+        if self.epoch == 0:
+            kept = "nothing was written"
+        elif self.epoch == 1:
+            kept = f"{self.run_dir} keeps epoch 1 and its checkpoint, the best before it diverged"
+        else:
+            kept = (f"{self.run_dir} keeps epochs 1-{self.epoch} and the checkpoint of epoch "
+                    f"{self.best_epoch}, the best before it diverged")
+        return InputError(
+            f"training diverged in epoch {record['epoch']} (train loss {record['train_loss']}, "
+            f"val loss {record['val_loss']}); {kept}. Start again with a lower lr (this run: "
+            f"lr={self.config.lr}) or with clip_grad=1.0"
+        )
 
     def _finish(self) -> TrainResult:
         best = next(r for r in self.history if r["epoch"] == self.best_epoch)
@@ -602,11 +613,13 @@ def _resume_config(
     if config is not None:
         requested = {**config.to_dict(), **requested}
     current = stored.to_dict()
+    # Checked and spelt as the run stores options ("none" as None, paths as str); an unknown
+    # option name is refused here rather than ignored.
+    wanted = stored.replace(**requested).to_dict()
     for name, value in requested.items():
-        if name in RESUME_FREE_FIELDS or name not in current:
+        if name in RESUME_FREE_FIELDS:
             continue
-        wanted = list(value) if isinstance(value, tuple) else value
-        if wanted != current[name]:
+        if wanted[name] != current[name]:
             flag = "--" + name.replace("_", "-")
             raise CheckpointError(
                 f"--resume {run_dir}: that run was trained with {name}={current[name]!r}, not "
@@ -661,7 +674,10 @@ def train(
 
     Raises:
         DatasetError: a bad training or validation folder.
-        InputError: a bad option, or ``output`` already holds a run.
+        DataTooSmallError: too few classes or images for the run (see docs/training.md).
+        InputError: a bad option, ``output`` already holds a run, or the training
+            diverged (a loss that is not finite; only the epochs before it are
+            written, nothing if it was the first).
         CheckpointError: a ``resume`` folder that is not a run, or is one from
             a different model, class list or options.
         WeightsUnavailableError: pretrained weights that cannot be had offline.
@@ -677,20 +693,21 @@ def train(
         resume = Path(resume)
         if output is not None and Path(output).resolve() != resume.resolve():
             raise InputError(
-                f"--output {output}: a resumed run continues in its own folder ({resume})"
+                f"output={str(output)!r}: a resumed run continues in its own folder "
+                f"(resume={str(resume)!r})"
             )
         state = load_train_state(resume)
         config = _resume_config(resume, state, config, overrides)
         run_dir = resume
     else:
         if output is None:
-            raise InputError("--output: a run directory is required")
+            raise InputError("output=None: a run directory is required (or resume=RUN_DIR)")
         config = (config or TrainConfig()).replace(**overrides)
         run_dir = Path(output)
         if (run_dir / CONFIG_FILE).exists() or (run_dir / STATE_JSON_FILE).exists():
             raise InputError(
-                f"--output {run_dir}: already holds a training run; continue it with "
-                f"--resume {run_dir}, or choose another folder"
+                f"output={str(run_dir)!r} already holds a training run; continue it with "
+                f"resume={str(run_dir)!r}, or choose another folder"
             )
     # Under torchrun the process group lives for this run only (see train.distributed);
     # it is joined first so that the ranks share out the image check.

@@ -47,7 +47,7 @@ from open_clip.tokenizer import (
 )
 
 from hybridcls.errors import ClassTextWarning, PromptFileError
-from hybridcls.zeroshot.prompts import PromptSet, TemplateSet, labelled_phrases
+from hybridcls.zeroshot.prompts import PromptSet, TemplateSet, as_template_set, labelled_phrases
 
 __all__ = [
     "NEAR_IDENTICAL_COSINE",
@@ -239,6 +239,19 @@ def _identical_classes(
     return problems
 
 
+def _shortening_advice(problems: list[_Problem], templates: TemplateSet) -> str:
+    """What to do about texts too long for the context, for what the user can edit."""
+    if templates.source != as_template_set(None).source:
+        return "Shorten them, or pass truncate_prompts=True to accept the cut."
+    # The bundled templates ship inside the package: the user cannot shorten them.
+    own = ("pass your own, shorter templates with templates=FILE (a templates file; in Python "
+           "also a list of strings with {} for the class text)")
+    if any(p.path == templates.source for p in problems):
+        return (f"The bundled default templates are too long for this model and cannot be "
+                f"edited: {own}, or pass truncate_prompts=True to accept the cut.")
+    return f"Shorten the class text, {own}, or pass truncate_prompts=True to accept the cut."
+
+
 def check_class_text(
     tokenizer: Callable[..., torch.Tensor],
     prompts: PromptSet,
@@ -283,8 +296,8 @@ def check_class_text(
                 problems,
                 f"{len(problems)} class phrase(s) or template(s) make texts longer than the "
                 f"{limit}-token context of {model} (start and end tokens included): the tokenizer "
-                "would cut them without a word and the model would never see the rest. Shorten "
-                "them, or pass truncate_prompts=True to accept the cut.",
+                "would cut them without a word and the model would never see the rest. "
+                + _shortening_advice(problems, templates),
             )
         n_texts = int((counts > limit).sum())
         warnings.warn(
