@@ -163,6 +163,8 @@ _SWITCHES: dict[tuple[str, str], str] = {
     ("progress", "False"): "-q",
     ("progress", "True"): "no -q",
 }
+# A library parameter whose flag's destination has another name (the flag exists only in some commands).
+_DESTINATIONS = {"k": "folds"}
 _PARAMETER = re.compile(r"\b([a-z][a-z0-9_]*)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;:)]+)")
 
 
@@ -191,6 +193,9 @@ def flag_message(message: str, parser: argparse.ArgumentParser) -> str:
         longest = max(action.option_strings, key=len, default=None)
         if longest is not None and action.dest not in flags:
             flags[action.dest] = (longest, isinstance(action, argparse._StoreTrueAction))
+    for parameter, dest in _DESTINATIONS.items():
+        if dest in flags:
+            flags.setdefault(parameter, flags[dest])
     names = set(flags) | {name for name, _ in _SWITCHES}
 
     def rewrite(m: re.Match[str]) -> str:
