@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hybridcls.cache import atomic_path, atomic_write_json
-from hybridcls.errors import InputError
+from hybridcls.errors import InputError, ParameterError
 from hybridcls.outputs import (
     PredictionRow,
     check_unique_keys,
@@ -99,20 +99,20 @@ class ShardSpec:
     count: int
 
     @classmethod
-    def parse(cls, text: str, flag: str = "--shard") -> ShardSpec:
-        """``"I/N"`` -> ShardSpec; errors name ``flag``.
+    def parse(cls, text: str, parameter: str = "shard") -> ShardSpec:
+        """``"I/N"`` -> ShardSpec; errors name ``parameter`` (``shard='3/3': ...``).
 
         Raises:
-            InputError: not two integers ``I/N`` with ``0 <= I < N``.
+            ParameterError: not two integers ``I/N`` with ``0 <= I < N``.
         """
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
         if m is None:
-            raise InputError(f"{flag} {text!r}: expected I/N, e.g. 0/8 (shard I of N, counting from 0)")
+            raise ParameterError(parameter, text, "expected I/N, e.g. 0/8 (shard I of N, counting from 0)")
         index, count = int(m.group(1)), int(m.group(2))
         if count < 1:
-            raise InputError(f"{flag} {text!r}: N must be at least 1")
+            raise ParameterError(parameter, text, "N must be at least 1")
         if index >= count:
-            raise InputError(f"{flag} {text!r}: I must be between 0 and {count - 1} (shards count from 0)")
+            raise ParameterError(parameter, text, f"I must be between 0 and {count - 1} (shards count from 0)")
         return cls(index, count)
 
     def range(self, start: int, stop: int) -> tuple[int, int]:
@@ -201,7 +201,7 @@ class Manifest:
         except FileNotFoundError:
             raise InputError(
                 f"{output}: no manifest {path.name} beside it; only files written by "
-                "`hybridcls predict --output FILE` can be resumed or merged") from None
+                "predict_to_output (`hybridcls predict` with output=FILE) can be resumed or merged") from None
         except (OSError, ValueError) as err:
             raise InputError(f"{path}: unreadable manifest ({err})") from err
         if not isinstance(data, dict) or data.get("kind") != _MANIFEST_KIND:
@@ -375,8 +375,9 @@ def resume_point(output: str | os.PathLike[str], manifest: Manifest,
     diffs = old.mismatches(manifest)
     if diffs:
         raise InputError(
-            f"cannot --resume {output}: it was written with other settings or inputs "
-            f"({'; '.join(diffs)}); run without --resume to start it again, or choose another --output")
+            f"resume=True: cannot continue {output}: it was written with other settings or inputs "
+            f"({'; '.join(diffs)}); run without resume=True to start it again, or choose another "
+            "output=FILE")
     scan = OutputScan(output, manifest.format, manifest.columns)
     point = ResumePoint(0, 0, 0, None)
     size = manifest.stop - manifest.start
@@ -388,7 +389,7 @@ def resume_point(output: str | os.PathLike[str], manifest: Manifest,
         if rec.key != expected:
             raise InputError(
                 f"{output} line {rec.line}: a row for {rec.key!r} where input #{i} is {expected!r}; "
-                "the file was changed after it was written (run without --resume to start it again)")
+                "the file was changed after it was written (run without resume=True to start it again)")
         point.done += 1
         point.n_ok += rec.ok
         point.n_error += not rec.ok
@@ -490,7 +491,7 @@ def merge_parts(parts: Sequence[str | os.PathLike[str]], output: str | os.PathLi
         where = f"{p}{f' ({m.label})' if m.label else ''}"
         if scan.header_end is None or rows < size:
             problems.append(f"{_span(m.start + rows, m.stop)} missing: {where} stops after {rows} of "
-                            f"{size} rows (rerun it with --resume)")
+                            f"{size} rows (rerun it with resume=True)")
         elif rows > size:
             problems.append(f"{where} has {rows} rows for {size} inputs: some are there twice")
         elif part_keys.hexdigest() != m.keys_sha256:

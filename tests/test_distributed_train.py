@@ -190,7 +190,7 @@ def test_a_batch_that_does_not_split_over_the_workers_is_refused(world, tmp_path
         timeout=600,
     )
     assert proc.returncode == 2
-    assert "--batch-size 3 (images per step, all processes together) must be a multiple" in (
+    assert "--batch-size 3: images per step, all processes together, must be a multiple" in (
         proc.stderr
     )
     assert not (tmp_path / "run").exists()

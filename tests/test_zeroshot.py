@@ -104,7 +104,7 @@ def test_local_dir_loads_with_fingerprint_and_preprocess(bundle, tiny_dir):
 
 
 def test_local_dir_missing_folder_config_or_weights(tmp_path, tiny_dir):
-    with pytest.raises(InputError, match="folder .* not found"):
+    with pytest.raises(ParameterError, match="clip_model='local-dir:.*nope': folder .* not found"):
         load_clip(f"local-dir:{tmp_path / 'nope'}")
     with pytest.raises(InputError, match="open_clip_config.json is missing"):
         load_clip(f"local-dir:{tmp_path}")
@@ -179,13 +179,15 @@ def test_weights_that_do_not_fit_are_a_checkpoint_error(tmp_path, tiny_builtin_n
 
 
 def test_unknown_model_tag_or_file_are_input_errors(tmp_path):
-    with pytest.raises(InputError, match="did you mean ViT-B-32"):
+    with pytest.raises(ParameterError,
+                       match="clip_model='ViT-B-33': not an open_clip model name.*ViT-B-32"):
         load_clip("ViT-B-33", pretrained=None)
     with pytest.raises(
-        InputError, match="neither a pretrained tag of ViT-B-32 .*laion2b_s34b_b79k"
+        ParameterError,
+        match="clip_pretrained='no_such_tag': neither a pretrained tag of ViT-B-32 .*laion2b",
     ):
         load_clip("ViT-B-32", pretrained="no_such_tag")
-    with pytest.raises(InputError, match="file not found"):
+    with pytest.raises(ParameterError, match="clip_pretrained='.*missing.safetensors': file not found"):
         load_clip("ViT-B-32", pretrained=str(tmp_path / "missing.safetensors"))
 
 
@@ -203,9 +205,9 @@ def test_offline_default_model_names_the_local_copy_flags(monkeypatch, tmp_path,
         "ViT-B-32",
         "laion2b_s34b_b79k",
         "HF_HUB_OFFLINE",
-        "--clip-model local-dir:DIR",
-        "--clip-pretrained FILE",
-        "--cache-dir DIR",
+        "clip_model='local-dir:DIR'",
+        "clip_pretrained='FILE'",
+        "cache_dir='DIR'",
     ):
         assert needle in msg
     assert no_network == []

@@ -108,7 +108,8 @@ def load_or_make_world(root: Path, *, seed: int = 0) -> Any:
         world = World.load(root)
         if world.seed == seed:
             return world
-        raise InputError(f"{root} holds a world of another seed; choose another --out")
+        raise InputError(f"{root} holds the world of seed {world.seed}, not seed={seed}; use "
+                         f"seed={world.seed}, or another folder (out=DIR)")
     return make_world(root, seed=seed)
 
 

@@ -162,9 +162,18 @@ _SWITCHES: dict[tuple[str, str], str] = {
     ("decode", repr(DECODERS[0])): "no --gpu-decode",
     ("progress", "False"): "-q",
     ("progress", "True"): "no -q",
+    ("pretrained", "False"): "--no-pretrained",  # train (not True: timm.create_model(pretrained=True))
+    # predict's switch, also where merge says how to finish a part (train's resume is a folder)
+    ("resume", "True"): "--resume",
 }
 # A library parameter whose flag's destination has another name (the flag exists only in some commands).
-_DESTINATIONS = {"k": "folds"}
+_DESTINATIONS = {
+    "k": "folds",  # train_folds(k=)
+    "trainable_stages": "freeze",  # freeze_backbone(), SupervisedModel.freeze()
+    "tag": "pretrained_tag",  # resolve_model_name(), create_backbone()
+    "val_dir": "val",  # audit_dataset(); train's --val is val_dir already
+    "test_dir": "test",  # audit_dataset()
+}
 _PARAMETER = re.compile(r"\b([a-z][a-z0-9_]*)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;:)]+)")
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from hybridcls.device import resolve_device
-from hybridcls.errors import InputError
+from hybridcls.errors import InputError, ParameterError
 from hybridcls.sharding import torchrun_world
 from hybridcls.train.data import BalancedSampler
 
@@ -130,7 +130,7 @@ def process_group(device: str | torch.device = "auto") -> Iterator[DistContext]:
     # init_process_group reads the rendezvous (MASTER_*) from the environment too.
     world = torchrun_world(
         require=("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"),
-        hint="start distributed training with torchrun (or hybridcls train --nproc N)",
+        hint="start distributed training with torchrun (or `hybridcls train` with nproc=N)",
     )
     if world is None:
         yield current(device)
@@ -141,7 +141,8 @@ def process_group(device: str | torch.device = "auto") -> Iterator[DistContext]:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InputError(
                 f"worker {local_rank} wants {dev} but this machine has "
-                f"{torch.cuda.device_count()} GPU(s); lower --nproc_per_node"
+                f"{torch.cuda.device_count()} GPU(s); start one worker per GPU at most "
+                f"(nproc={torch.cuda.device_count()}, or torchrun's nproc_per_node)"
             )
         torch.cuda.set_device(dev)
     dist.init_process_group(
@@ -292,9 +293,10 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     from torch.distributed.run import get_args_parser, run
 
     if nproc < 1:
-        raise InputError(f"--nproc must be >= 1, got {nproc}")
+        raise ParameterError("nproc", nproc, "must be >= 1")
     if "WORLD_SIZE" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
-        raise InputError("--nproc inside a torchrun worker: start either torchrun or --nproc")
+        raise ParameterError("nproc", nproc, "given inside a torchrun worker: start either "
+                             "torchrun or nproc=N, not both")
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc_per_node={nproc}", "--module", "hybridcls", *argv]
     )

@@ -40,7 +40,7 @@ from open_clip.pretrained import download_pretrained, download_pretrained_from_h
 from hybridcls.cache import file_fingerprint, stable_hash
 from hybridcls.data import bound_aspect
 from hybridcls.device import resolve_device
-from hybridcls.errors import CheckpointError, InputError, ParameterError, WeightsUnavailableError
+from hybridcls.errors import CheckpointError, ParameterError, WeightsUnavailableError
 from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 
 __all__ = [
@@ -155,10 +155,10 @@ def _unavailable(
     )
     msg = (
         f"The weights of {what} are not available: {why}. "
-        "To use a local copy, pass --clip-model local-dir:DIR (a folder holding "
-        "open_clip_config.json and open_clip_model.safetensors), or --clip-pretrained FILE "
-        "(a weights file matching --clip-model), or --cache-dir DIR (a cache that already "
-        "holds them); in Python these are clip_model=, clip_pretrained= and cache_dir=. "
+        "To use a local copy, pass clip_model='local-dir:DIR' (a folder holding "
+        "open_clip_config.json and open_clip_model.safetensors), or clip_pretrained='FILE' "
+        "(a weights file of that model), or cache_dir='DIR' (a cache that already "
+        "holds them). "
         "To download them instead, run once with network access and HF_HUB_OFFLINE unset."
     )
     if cause is not None:
@@ -170,10 +170,10 @@ def _read_config_file(path: Path, model: str) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"--clip-model {model}: cannot read {path}: {_short(exc)}") from exc
+        raise ParameterError("clip_model", model, f"cannot read {path}: {_short(exc)}") from exc
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
-        raise InputError(
-            f"--clip-model {model}: {path} has no 'model_cfg' object (open_clip hub layout)"
+        raise ParameterError(
+            "clip_model", model, f"{path} has no 'model_cfg' object (open_clip hub layout)"
         )
     return cfg["model_cfg"]
 
@@ -181,11 +181,11 @@ def _read_config_file(path: Path, model: str) -> dict[str, Any]:
 def _resolve_local_dir(model: str, folder: str) -> _Resolved:
     d = Path(folder).expanduser()
     if not d.is_dir():
-        raise InputError(f"--clip-model {model}: folder {d} not found")
+        raise ParameterError("clip_model", model, f"folder {d} not found")
     cfg_path = d / _CONFIG_NAME
     if not cfg_path.is_file():
-        raise InputError(
-            f"--clip-model {model}: {cfg_path} is missing; a local-dir: folder holds "
+        raise ParameterError(
+            "clip_model", model, f"{cfg_path} is missing; a local-dir: folder holds "
             f"{_CONFIG_NAME} (model_cfg + preprocess_cfg) and open_clip_model.safetensors"
         )
     model_cfg = _read_config_file(cfg_path, model)
@@ -193,7 +193,7 @@ def _resolve_local_dir(model: str, folder: str) -> _Resolved:
     weights = _find_checkpoint_in_dir(d)
     if weights is None:
         raise WeightsUnavailableError(
-            f"--clip-model {model}: no weights file (*.safetensors, *.bin, *.pth) in {d}; "
+            f"clip_model={model!r}: no weights file (*.safetensors, *.bin, *.pth) in {d}; "
             "put open_clip_model.safetensors beside open_clip_config.json"
         )
     return _Resolved(f"local-dir:{d}", None, weights, model_cfg)
@@ -216,8 +216,8 @@ def _resolve_builtin(
     if model_cfg is None:
         close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise InputError(
-            f"--clip-model {model!r}: not an open_clip model name{hint}; "
+        raise ParameterError(
+            "clip_model", model, f"not an open_clip model name{hint}; "
             "use a name from open_clip.list_models(), hf-hub:ORG/REPO or local-dir:DIR"
         )
     if not pretrained:
@@ -240,10 +240,10 @@ def _resolve_builtin(
     if os.path.isfile(pretrained):
         return _Resolved(name, pretrained, pretrained, model_cfg)
     if os.sep in pretrained or "/" in pretrained or pretrained.lower().endswith(_WEIGHT_SUFFIXES):
-        raise InputError(f"--clip-pretrained {pretrained}: file not found")
+        raise ParameterError("clip_pretrained", pretrained, "file not found")
     tags = open_clip.list_pretrained_tags_by_model(name)
-    raise InputError(
-        f"--clip-pretrained {pretrained!r} is neither a pretrained tag of {name} "
+    raise ParameterError(
+        "clip_pretrained", pretrained, f"neither a pretrained tag of {name} "
         f"(known: {', '.join(tags) or 'none'}) nor an existing weights file"
     )
 
@@ -252,7 +252,7 @@ def _resolve(model: str, pretrained: str | None, cache_dir: str | None, offline:
     try:
         schema, ident = parse_model_name(model)
     except ValueError as exc:
-        raise InputError(f"--clip-model {model!r}: {exc}") from exc
+        raise ParameterError("clip_model", model, str(exc)) from exc
     if schema in ("local-dir", "hf-hub") and pretrained not in (None, DEFAULT_CLIP_PRETRAINED):
         raise ParameterError("clip_pretrained", pretrained, f"not used with a {schema}: model, whose "
                              "weights come with it; leave clip_pretrained out")
@@ -288,8 +288,8 @@ def _create(
         ) from exc
     except (RuntimeError, ValueError, TypeError, KeyError, OSError, AssertionError) as exc:
         if res.weights_path is None:
-            raise InputError(
-                f"--clip-model {model}: open_clip cannot build it: {_short(exc)}"
+            raise ParameterError(
+                "clip_model", model, f"open_clip cannot build it: {_short(exc)}"
             ) from exc
         raise CheckpointError(
             f"{res.weights_path}: cannot load these weights into open_clip model {model}: {_short(exc)}"
@@ -330,9 +330,9 @@ def load_clip(
 
     Raises:
         WeightsUnavailableError: Weights neither cached nor downloadable (one
-            paragraph naming --clip-model local-dir:, --clip-pretrained,
-            --cache-dir and HF_HUB_OFFLINE).
-        InputError: Unknown model name or tag, missing local-dir folder or config.
+            paragraph naming ``clip_model='local-dir:DIR'``, ``clip_pretrained``,
+            ``cache_dir`` and HF_HUB_OFFLINE).
+        ParameterError: Unknown model name or tag, missing local-dir folder or config.
         CheckpointError: A weights file that does not fit or holds pickled code.
 
     Example:
@@ -341,7 +341,7 @@ def load_clip(
         (32, (32, 32))
     """
     if precision not in PRECISIONS:
-        raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        raise ParameterError("precision", precision, f"expected one of {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
     cache = os.fspath(Path(cache_dir).expanduser()) if cache_dir is not None else None
     pretrained = pretrained or None
