@@ -179,3 +179,16 @@ def test_the_missing_clip_weights_advice_names_the_clip_flags(ctx, capsys, monke
             "open_clip_config.json and open_clip_model.safetensors), or --clip-pretrained FILE "
             "(a weights file of that model), or --cache-dir DIR (a cache that already holds "
             "them). ") in line
+
+
+def test_a_windows_path_reads_as_written():
+    import argparse
+
+    from hybridcls.cli.common import flag_message
+    from hybridcls.errors import ParameterError
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cache-dir")
+    message = str(ParameterError("cache_dir", "C:\\data\\cache", "not found"))
+    assert message == "cache_dir='C:\\\\data\\\\cache': not found"  # the repr doubles backslashes
+    assert flag_message(message, parser) == "--cache-dir C:\\data\\cache: not found"

@@ -12,6 +12,7 @@ branch's own. Library errors name Python parameters (``batch_size=0: ...``);
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 from typing import Any
 
@@ -219,7 +220,10 @@ def flag_message(message: str, parser: argparse.ArgumentParser) -> str:
         if is_switch:
             return flag if value == "True" else f"no {flag}"
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
+            try:  # the repr of a string: its text, with escapes undone (C:\\data -> C:\data)
+                value = str(ast.literal_eval(value))
+            except (ValueError, SyntaxError):
+                value = value[1:-1]
         return f"{flag} {value}"
 
     return _PARAMETER.sub(rewrite, message)
