@@ -102,7 +102,7 @@ def runtime_from_args(args: argparse.Namespace) -> RuntimeSettings:
             also runs on the CPU, with torchvision's decoder; the flag promises the GPU).
     """
     if getattr(args, "gpu_decode", False):
-        from hybridcls.device import resolve_device
+        from hybridcls.device import resolve_device  # torch: only for the flag that needs it
 
         if resolve_device(args.device).type != "cuda":
             raise UsageError(f"--gpu-decode needs a CUDA device; --device {args.device} is not one")
@@ -126,6 +126,7 @@ def clip_pretrained_from_args(args: argparse.Namespace) -> str | None:
 
 def zeroshot_from_args(args: argparse.Namespace) -> Any:
     """A fitted :class:`~hybridcls.ZeroShotClassifier` from the CLIP, runtime and gate flags."""
+    # the classifiers (torch, open_clip) are imported when a command builds one
     from hybridcls.zeroshot.classifier import ZeroShotClassifier
 
     return ZeroShotClassifier(
