@@ -36,6 +36,7 @@ from hybridcls.gate import Gate, GateCalibration, max_softmax
 from hybridcls.hybrid import HybridClassifier
 from hybridcls.index import EmbeddingIndex
 from hybridcls.outputs import open_writer
+from hybridcls.zeroshot.defaults import MODEL_PREFIXES
 
 __all__ = ["DEFAULT_MODELS", "QUICK_MODELS", "SpeedReport", "run_speed", "write_jpegs"]
 
@@ -100,7 +101,7 @@ def _save_random_clip(name: str, folder: Path) -> str:
     import open_clip
     from safetensors.torch import save_file
 
-    if name.startswith(("local-dir:", "hf-hub:")):
+    if name.startswith(MODEL_PREFIXES):
         return name
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "open_clip_model.safetensors").is_file():

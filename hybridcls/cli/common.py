@@ -17,7 +17,7 @@ from typing import Any
 
 from hybridcls.errors import HybridclsError
 from hybridcls.runtime import DECODERS, PRECISIONS, RuntimeSettings
-from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
+from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, MODEL_PREFIXES
 
 __all__ = [
     "UsageError",
@@ -120,7 +120,7 @@ def clip_pretrained_from_args(args: argparse.Namespace) -> str | None:
     """``--clip-pretrained`` as the library's ``clip_pretrained``: the default tag for a built-in
     name when the flag is not given, none for ``hf-hub:`` / ``local-dir:``, ``''`` = random weights."""
     if args.clip_pretrained is None:
-        return None if args.clip_model.startswith(("local-dir:", "hf-hub:")) else DEFAULT_CLIP_PRETRAINED
+        return None if args.clip_model.startswith(MODEL_PREFIXES) else DEFAULT_CLIP_PRETRAINED
     return args.clip_pretrained or None
 
 

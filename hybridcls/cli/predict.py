@@ -31,6 +31,7 @@ from hybridcls.gate.gate import INDEX_DIR
 from hybridcls.outputs import BRANCH_COLUMNS, FORMATS, check_unique_keys, infer_format, open_writer
 from hybridcls.sharding import ShardSpec, predict_to_output
 from hybridcls.torchrun import torchrun_world
+from hybridcls.zeroshot.defaults import LOCAL_DIR_PREFIX
 
 __all__ = ["add_parser", "classifier_from_args", "prediction_settings", "run"]
 
@@ -164,7 +165,8 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     clip = args.clip_model
     settings: dict[str, Any] = {
-        "clip_model": fingerprint(clip[len("local-dir:"):]) if clip.startswith("local-dir:") else clip,
+        "clip_model": (fingerprint(clip.removeprefix(LOCAL_DIR_PREFIX))
+                       if clip.startswith(LOCAL_DIR_PREFIX) else clip),
         "clip_pretrained": fingerprint(clip_pretrained_from_args(args)),
         "prompts": fingerprint(args.prompts),
         "templates": fingerprint(args.templates),
