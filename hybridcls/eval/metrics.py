@@ -155,7 +155,7 @@ def reliability(confidence: Sequence[float], correct: Sequence[bool], n_bins: in
     Raises:
         InputError: ``confidence`` and ``correct`` of different shapes, a
             confidence outside [0, 1] (or infinite), ``correct`` not booleans
-            (:func:`as_flags`), or ``n_bins`` below 1.
+            (:func:`~hybridcls.gate.metrics.as_flags`), or ``n_bins`` below 1.
 
     Example:
         >>> r = reliability([0.9, 0.9, 0.6, 0.6], [True, False, True, True], n_bins=10)
