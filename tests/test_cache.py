@@ -80,6 +80,7 @@ def test_read_json_names_the_file_it_cannot_read(tmp_path):
 
 
 # Calls that write a file, by the name they are called by (the module's own aliases resolved).
+# Pillow's Image.save is not among them: its name is shared with our own objects' save().
 _WRITERS = {"write_text", "write_bytes", "save_file", "write_index", "savefig", "copyfile",
             "copy2", "copytree", "savez", "savez_compressed", "dump"}
 _MODULE_WRITERS = {("torch", "save"), ("np", "save"), ("numpy", "save"), ("shutil", "copy")}
