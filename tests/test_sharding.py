@@ -7,9 +7,10 @@ import shutil
 
 import pytest
 
+from hybridcls import outputs
 from hybridcls.data import Source
 from hybridcls.errors import InputError
-from hybridcls.outputs import FORMATS, PredictionRow, output_columns
+from hybridcls.outputs import PredictionRow, output_columns
 from hybridcls.sharding import (
     Manifest,
     OutputScan,
@@ -48,7 +49,7 @@ def _predict(out, model=None, *, fmt="csv", sources=SOURCES, settings=SETTINGS, 
                              settings=settings, **kw)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", outputs.FORMATS)
 def test_a_file_cut_at_any_byte_resumes_to_the_uninterrupted_file(tmp_path, fmt, monkeypatch):
     # Thousands of resumes: fsync (durability, not what is tested here) would dominate.
     monkeypatch.setattr("os.fsync", lambda fd: None)
@@ -141,7 +142,7 @@ def test_shard_spec_errors_name_the_flag(text, message):
         ShardSpec.parse(text)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", outputs.FORMATS)
 def test_merged_shards_equal_one_run(tmp_path, fmt):
     _predict(tmp_path / "ref.out", fmt=fmt)
     parts = [tmp_path / f"part{i}.out" for i in range(4)]
