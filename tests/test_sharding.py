@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from hybridcls import outputs
 from hybridcls.data import Source
 from hybridcls.errors import InputError, ParameterError
 from hybridcls.outputs import PredictionRow, output_columns
@@ -48,7 +49,7 @@ def _predict(out, model=None, *, fmt="csv", sources=SOURCES, settings=SETTINGS, 
                              settings=settings, **kw)
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl", "kaggle"])
+@pytest.mark.parametrize("fmt", outputs.FORMATS)
 def test_a_file_cut_at_any_byte_resumes_to_the_uninterrupted_file(tmp_path, fmt, monkeypatch):
     # Thousands of resumes: fsync (durability, not what is tested here) would dominate.
     monkeypatch.setattr("os.fsync", lambda fd: None)
@@ -142,7 +143,7 @@ def test_shard_spec_errors_name_the_parameter(text, message):
         ShardSpec.parse(text)
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl", "kaggle"])
+@pytest.mark.parametrize("fmt", outputs.FORMATS)
 def test_merged_shards_equal_one_run(tmp_path, fmt):
     _predict(tmp_path / "ref.out", fmt=fmt)
     parts = [tmp_path / f"part{i}.out" for i in range(4)]

@@ -74,6 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run_quality(args: argparse.Namespace) -> int:
+    # each benchmark (torch, timm, open_clip) is imported when its command runs
     from hybridcls.bench.quality import run_quality as bench
 
     report = bench(Path(args.out), seed=args.seed, epochs=args.epochs, model=args.model,

@@ -18,7 +18,7 @@ from typing import Any
 
 from hybridcls.errors import HybridclsError
 from hybridcls.runtime import DECODERS, PRECISIONS, RuntimeSettings
-from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
+from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, MODEL_PREFIXES
 
 __all__ = [
     "UsageError",
@@ -103,7 +103,7 @@ def runtime_from_args(args: argparse.Namespace) -> RuntimeSettings:
             also runs on the CPU, with torchvision's decoder; the flag promises the GPU).
     """
     if getattr(args, "gpu_decode", False):
-        from hybridcls.device import resolve_device
+        from hybridcls.device import resolve_device  # torch: only for the flag that needs it
 
         if resolve_device(args.device).type != "cuda":
             raise UsageError(f"--gpu-decode needs a CUDA device; --device {args.device} is not one")
@@ -121,12 +121,13 @@ def clip_pretrained_from_args(args: argparse.Namespace) -> str | None:
     """``--clip-pretrained`` as the library's ``clip_pretrained``: the default tag for a built-in
     name when the flag is not given, none for ``hf-hub:`` / ``local-dir:``, ``''`` = random weights."""
     if args.clip_pretrained is None:
-        return None if args.clip_model.startswith(("local-dir:", "hf-hub:")) else DEFAULT_CLIP_PRETRAINED
+        return None if args.clip_model.startswith(MODEL_PREFIXES) else DEFAULT_CLIP_PRETRAINED
     return args.clip_pretrained or None
 
 
 def zeroshot_from_args(args: argparse.Namespace) -> Any:
     """A fitted :class:`~hybridcls.ZeroShotClassifier` from the CLIP, runtime and gate flags."""
+    # the classifiers (torch, open_clip) are imported when a command builds one
     from hybridcls.zeroshot.classifier import ZeroShotClassifier
 
     return ZeroShotClassifier(

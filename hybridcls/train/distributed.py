@@ -10,8 +10,8 @@ of its own: ``torch.distributed.run`` starts and watches the workers,
 
 What is ours is the glue a training run needs around them:
 
-* :func:`process_group` joins (and leaves) the group the environment describes,
-  and pins each worker to its GPU (``cuda:LOCAL_RANK``);
+* :func:`process_group` joins (and leaves, through :mod:`hybridcls.torchrun`) the
+  group the environment describes, each worker on its GPU (``cuda:LOCAL_RANK``);
 * :class:`DistributedBalancedSampler` gives each rank its disjoint share of the
   very draw :class:`~hybridcls.train.data.BalancedSampler` makes for one process;
 * :func:`reduce_sums` / :func:`gather_dicts` / :func:`broadcast_object` turn
@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from hybridcls.device import resolve_device
 from hybridcls.errors import InputError, ParameterError
-from hybridcls.sharding import torchrun_world
+from hybridcls.torchrun import torchrun_group, torchrun_local_rank, torchrun_world
 from hybridcls.train.data import BalancedSampler
 
 __all__ = [
@@ -83,7 +83,7 @@ class DistContext:
 def current(device: str | torch.device = "auto") -> DistContext:
     """The context of this process: the live process group's, or a single process on ``device``."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = torchrun_local_rank()
         return DistContext(
             dist.get_rank(), dist.get_world_size(), local_rank, _rank_device(device, local_rank)
         )
@@ -137,22 +137,15 @@ def process_group(device: str | torch.device = "auto") -> Iterator[DistContext]:
         return
     local_rank = world[2]
     dev = _rank_device(device, local_rank)
-    if dev.type == "cuda":
+    if dev.type == "cuda":  # noqa: SIM102
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InputError(
                 f"worker {local_rank} wants {dev} but this machine has "
                 f"{torch.cuda.device_count()} GPU(s); start one worker per GPU at most "
                 f"(nproc={torch.cuda.device_count()}, or torchrun's nproc_per_node)"
             )
-        torch.cuda.set_device(dev)
-    dist.init_process_group(
-        backend="nccl" if dev.type == "cuda" else "gloo",
-        device_id=dev if dev.type == "cuda" else None,
-    )
-    try:
+    with torchrun_group(dev):
         yield DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev)
-    finally:
-        dist.destroy_process_group()
 
 
 class DistributedBalancedSampler(BalancedSampler):

@@ -35,6 +35,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
+from hybridcls.cache import atomic_write_json
 from hybridcls.data import Batch, scan_image_folder
 from hybridcls.device import resolve_device
 from hybridcls.errors import CheckpointError, DatasetError, InputError, ParameterError
@@ -45,7 +46,6 @@ from hybridcls.supervised import (
     make_checkpoint_config,
     resolve_model_name,
     save_checkpoint,
-    write_json,
 )
 from hybridcls.train.config import RESUME_FREE_FIELDS, TrainConfig
 from hybridcls.train.data import (
@@ -584,7 +584,7 @@ class Trainer:
         )
         if not self.dist.is_main:
             return result
-        write_json(
+        atomic_write_json(
             self.run_dir / REPORT_FILE,
             {
                 "best_epoch": result.best_epoch,

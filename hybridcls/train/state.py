@@ -24,14 +24,9 @@ from typing import Any
 
 import torch
 
-from hybridcls.cache import atomic_write_bytes, stable_hash
+from hybridcls.cache import atomic_write_bytes, atomic_write_json, read_json, stable_hash
 from hybridcls.errors import CheckpointError
-from hybridcls.supervised.checkpoint import (
-    read_json,
-    read_verified_safetensors,
-    safetensors_bytes,
-    write_json,
-)
+from hybridcls.supervised.checkpoint import read_verified_safetensors, safetensors_bytes
 
 __all__ = [
     "STATE_FORMAT_VERSION",
@@ -130,7 +125,7 @@ def save_train_state(
         **info,
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    write_json(run_dir / STATE_JSON_FILE, {**record, _JSON_HASH_KEY: stable_hash(record)})
+    atomic_write_json(run_dir / STATE_JSON_FILE, {**record, _JSON_HASH_KEY: stable_hash(record)})
 
 
 def load_train_state(run_dir: str | Path) -> TrainState:
