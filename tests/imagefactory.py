@@ -7,7 +7,10 @@ probe pixel and the size, or the start of the error reason. Other test
 modules import this file; it depends only on Pillow and numpy.
 
 Example:
-    >>> made = make_all(tmp_path)  # doctest: +SKIP
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     made = make_all(Path(folder))
     >>> made["truncated_jpeg"].reason
     'truncated or corrupt image:'
 """
