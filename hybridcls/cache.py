@@ -4,12 +4,16 @@ Small, generic tools shared by everything that writes to disk:
 
 * :func:`default_cache_dir` resolves the cache root (``HYBRIDCLS_CACHE_DIR``,
   else ``$XDG_CACHE_HOME/hybridcls``, else ``~/.cache/hybridcls``);
-* :func:`atomic_write_bytes` / :func:`atomic_path` write through a temporary
-  file in the destination folder and ``os.replace`` it into place, so a
-  reader (or a second process) never sees half a file;
-* :func:`json_text` / :func:`atomic_write_json`: the one rule for the JSON
-  hybridcls writes: strict JSON, a value that is not a finite number (NaN,
-  infinity) written as ``null``;
+* :func:`atomic_path` / :func:`atomic_write_bytes` / :func:`atomic_write_text` /
+  :func:`atomic_copy` write through a temporary file in the destination
+  folder and ``os.replace`` it into place, so a reader (or a second process)
+  never sees half a file. Every file hybridcls writes as a whole goes through
+  them (safetensors, FAISS indexes, images and plots through
+  :func:`atomic_path`); only the prediction files, written and flushed row by
+  row (:mod:`hybridcls.outputs`), are streams;
+* :func:`json_text` / :func:`atomic_write_json` / :func:`read_json`: the one
+  rule for the JSON hybridcls writes: strict JSON, a value that is not a
+  finite number (NaN, infinity) written as ``null``;
 * :func:`file_fingerprint` and :func:`stable_hash` give content hashes used
   as cache keys.
 """
@@ -21,14 +25,18 @@ import json
 import math
 import os
 import secrets
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hybridcls.errors import CheckpointError
+
 __all__ = [
     "CACHE_DIR_ENV",
+    "atomic_copy",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -36,6 +44,7 @@ __all__ = [
     "default_cache_dir",
     "file_fingerprint",
     "json_text",
+    "read_json",
     "resolve_cache_dir",
     "stable_hash",
 ]
@@ -81,6 +90,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     The file gets the mode any new file gets (``0o666`` less the umask, so
     ``0o644`` under the usual umask ``022``), not ``tempfile.mkstemp``'s
     ``0o600``, which would leave run files unreadable to the rest of a team.
+    Its name is hidden (a leading dot: folder scans skip it) and ends with the
+    destination's suffix, so that a writer which picks its format by the name
+    (Pillow's ``Image.save``, matplotlib's ``savefig``) picks the right one.
 
     Args:
         path: Final destination.
@@ -99,7 +111,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_file(dest.parent, f".{dest.name}.", ".tmp")
+    tmp = _new_file(dest.parent, f".{dest.name}.", f".tmp{dest.suffix}")
     try:
         yield tmp
         os.replace(tmp, dest)
@@ -135,6 +147,16 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` as UTF-8 to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_copy(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """Copy the content of file ``src`` to ``dest`` atomically (the mode of a new file, not ``src``'s).
+
+    Raises:
+        OSError: ``src`` cannot be read (``dest`` is left as it was).
+    """
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _finite(obj: Any) -> Any:
@@ -184,6 +206,18 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | N
     except UnicodeEncodeError:
         data = (json_text(obj, indent=indent) + "\n").encode("ascii")
     atomic_write_bytes(path, data)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file we wrote (:func:`atomic_write_json`).
+
+    Raises:
+        CheckpointError: The file is unreadable or not JSON (names the file).
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({exc})") from exc
 
 
 # (realpath, size, mtime_ns) -> sha256 hex. Weights files run to hundreds of MB and

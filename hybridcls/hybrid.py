@@ -328,8 +328,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "engine_")
         if self.gate_ is None:
             raise CheckpointError(
-                f"{self.run_dir_}: the run has no {GATE_FILE}; run `hybridcls calibrate "
-                f"{self.run_dir_} --prompts FILE` (or HybridClassifier.calibrate()) first")
+                f"{self.run_dir_}: the run has no {GATE_FILE}; calibrate it first: "
+                f"HybridClassifier.calibrate(), or `hybridcls calibrate {self.run_dir_}` with "
+                f"prompts=FILE")
         gate = self.gate_.with_options(mode=self.mode, unseen_only=self.unseen_only,
                                        unknown_threshold=self.unknown_threshold)
         gate.check_ready()

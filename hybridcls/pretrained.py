@@ -19,7 +19,6 @@ JSON and safetensors files), which needs no prompts file to load:
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,16 @@ import numpy as np
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
-from hybridcls.cache import atomic_write_json, atomic_write_text
+from hybridcls.cache import (
+    atomic_copy,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
 from hybridcls.errors import CheckpointError
 from hybridcls.gate import GATE_FILENAME, INDEX_DIR
-from hybridcls.supervised.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_json
+from hybridcls.supervised.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from hybridcls.zeroshot.prompts import PromptSet
 
 __all__ = [
@@ -78,14 +83,16 @@ def write_saved_folder(
     for name in (CONFIG_FILE, WEIGHTS_FILE, GATE_FILENAME):
         src = run_dir / name
         if src.is_file() and src.resolve() != (out / name).resolve():
-            shutil.copy2(src, out / name)
+            atomic_copy(src, out / name)
     src = run_dir / INDEX_DIR
     if src.is_dir() and src.resolve() != (out / INDEX_DIR).resolve():
-        shutil.copytree(src, out / INDEX_DIR, dirs_exist_ok=True)
+        for file in sorted(p for p in src.rglob("*") if p.is_file()):
+            atomic_copy(file, out / INDEX_DIR / file.relative_to(src))
     atomic_write_text(out / PROMPTS_FILE, prompts.to_text())
     atomic_write_text(out / TEMPLATES_FILE, "".join(t + "\n" for t in templates))
-    save_numpy({"text_features": np.ascontiguousarray(text_features, dtype=np.float32)},
-               os.fspath(out / TEXT_FILE))
+    with atomic_path(out / TEXT_FILE) as tmp:
+        save_numpy({"text_features": np.ascontiguousarray(text_features, dtype=np.float32)},
+                   os.fspath(tmp))
     atomic_write_json(out / HYBRID_FILE, {"format": _FORMAT, "format_version": _FORMAT_VERSION, **meta})
     return out
 

@@ -35,13 +35,12 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hybridcls.cache import atomic_path, atomic_write_json
-from hybridcls.errors import InputError
+from hybridcls.errors import InputError, ParameterError
 from hybridcls.outputs import (
     PredictionRow,
     check_unique_keys,
@@ -49,6 +48,7 @@ from hybridcls.outputs import (
     output_columns,
     output_key,
 )
+from hybridcls.torchrun import local_gpu, torchrun_group, torchrun_world
 
 if TYPE_CHECKING:  # typing only: `hybridcls merge` must not pay for importing torch
     from hybridcls.data.sources import Source
@@ -68,7 +68,6 @@ __all__ = [
     "part_paths",
     "predict_to_output",
     "resume_point",
-    "torchrun_world",
 ]
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -99,20 +98,20 @@ class ShardSpec:
     count: int
 
     @classmethod
-    def parse(cls, text: str, flag: str = "--shard") -> ShardSpec:
-        """``"I/N"`` -> ShardSpec; errors name ``flag``.
+    def parse(cls, text: str, parameter: str = "shard") -> ShardSpec:
+        """``"I/N"`` -> ShardSpec; errors name ``parameter`` (``shard='3/3': ...``).
 
         Raises:
-            InputError: not two integers ``I/N`` with ``0 <= I < N``.
+            ParameterError: not two integers ``I/N`` with ``0 <= I < N``.
         """
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
         if m is None:
-            raise InputError(f"{flag} {text!r}: expected I/N, e.g. 0/8 (shard I of N, counting from 0)")
+            raise ParameterError(parameter, text, "expected I/N, e.g. 0/8 (shard I of N, counting from 0)")
         index, count = int(m.group(1)), int(m.group(2))
         if count < 1:
-            raise InputError(f"{flag} {text!r}: N must be at least 1")
+            raise ParameterError(parameter, text, "N must be at least 1")
         if index >= count:
-            raise InputError(f"{flag} {text!r}: I must be between 0 and {count - 1} (shards count from 0)")
+            raise ParameterError(parameter, text, f"I must be between 0 and {count - 1} (shards count from 0)")
         return cls(index, count)
 
     def range(self, start: int, stop: int) -> tuple[int, int]:
@@ -201,7 +200,7 @@ class Manifest:
         except FileNotFoundError:
             raise InputError(
                 f"{output}: no manifest {path.name} beside it; only files written by "
-                "`hybridcls predict --output FILE` can be resumed or merged") from None
+                "predict_to_output (`hybridcls predict` with output=FILE) can be resumed or merged") from None
         except (OSError, ValueError) as err:
             raise InputError(f"{path}: unreadable manifest ({err})") from err
         if not isinstance(data, dict) or data.get("kind") != _MANIFEST_KIND:
@@ -375,8 +374,9 @@ def resume_point(output: str | os.PathLike[str], manifest: Manifest,
     diffs = old.mismatches(manifest)
     if diffs:
         raise InputError(
-            f"cannot --resume {output}: it was written with other settings or inputs "
-            f"({'; '.join(diffs)}); run without --resume to start it again, or choose another --output")
+            f"resume=True: cannot continue {output}: it was written with other settings or inputs "
+            f"({'; '.join(diffs)}); run without resume=True to start it again, or choose another "
+            "output=FILE")
     scan = OutputScan(output, manifest.format, manifest.columns)
     point = ResumePoint(0, 0, 0, None)
     size = manifest.stop - manifest.start
@@ -388,7 +388,7 @@ def resume_point(output: str | os.PathLike[str], manifest: Manifest,
         if rec.key != expected:
             raise InputError(
                 f"{output} line {rec.line}: a row for {rec.key!r} where input #{i} is {expected!r}; "
-                "the file was changed after it was written (run without --resume to start it again)")
+                "the file was changed after it was written (run without resume=True to start it again)")
         point.done += 1
         point.n_ok += rec.ok
         point.n_error += not rec.ok
@@ -490,7 +490,7 @@ def merge_parts(parts: Sequence[str | os.PathLike[str]], output: str | os.PathLi
         where = f"{p}{f' ({m.label})' if m.label else ''}"
         if scan.header_end is None or rows < size:
             problems.append(f"{_span(m.start + rows, m.stop)} missing: {where} stops after {rows} of "
-                            f"{size} rows (rerun it with --resume)")
+                            f"{size} rows (rerun it with resume=True)")
         elif rows > size:
             problems.append(f"{where} has {rows} rows for {size} inputs: some are there twice")
         elif part_keys.hexdigest() != m.keys_sha256:
@@ -533,72 +533,6 @@ def _span(a: int, b: int) -> str:
 
 
 # ---------------------------------------------------------------------------- torchrun
-
-
-def torchrun_world(
-    *, require: Sequence[str] = (), hint: str = "start with torchrun"
-) -> tuple[int, int, int] | None:
-    """``(rank, world size, local rank)`` when started by torchrun with more than one process.
-
-    The one reader of torchrun's variables, for prediction (here) and for
-    training (:func:`hybridcls.train.distributed.process_group`). It lives in
-    this torch-free module, which training may import but which must not import
-    training (``hybridcls merge`` imports this module and must not pay for torch).
-
-    Args:
-        require: Further variables that must be set when ``WORLD_SIZE`` > 1
-            (``RANK`` always must). Without ``LOCAL_RANK`` among them, a missing
-            ``LOCAL_RANK`` is taken to be ``RANK`` (one machine).
-        hint: How to start the run properly; ends the error messages.
-
-    Returns:
-        ``None`` without ``WORLD_SIZE`` or with ``WORLD_SIZE`` <= 1: one process.
-
-    Raises:
-        InputError: ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` set but not integers,
-            ``RANK`` or a required variable missing, or ``RANK`` outside the world.
-    """
-    values = {}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        raw = os.environ.get(name)
-        try:
-            values[name] = int(raw) if raw is not None else None
-        except ValueError:
-            raise InputError(f"environment variable {name}={raw!r} is not an integer") from None
-    world = values["WORLD_SIZE"]
-    if world is None or world <= 1:
-        return None
-    missing = [name for name in dict.fromkeys(("RANK", *require)) if name not in os.environ]
-    if missing:
-        raise InputError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; {hint}")
-    rank = values["RANK"]
-    assert rank is not None  # RANK is set (checked above), and parsed
-    if not 0 <= rank < world:
-        raise InputError(f"WORLD_SIZE={world} but RANK={os.environ.get('RANK')!r}; {hint}")
-    local = values["LOCAL_RANK"] if values["LOCAL_RANK"] is not None else rank
-    return rank, world, local
-
-
-@contextmanager
-def _process_group(local_rank: int) -> Iterator[Any]:
-    import datetime
-
-    import torch
-    import torch.distributed as dist
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    owned = not dist.is_initialized()
-    if owned:
-        # Prediction exchanges no tensors, only barriers, so gloo serves CPU and GPU nodes
-        # alike (an NCCL barrier would hold a GPU stream and its watchdog). Ranks finish
-        # at different times; the long timeout lets the first wait for the last.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
-    try:
-        yield dist
-    finally:
-        if owned:
-            dist.destroy_process_group()
 
 
 def part_paths(output: str | os.PathLike[str], world: int) -> list[Path]:
@@ -690,7 +624,7 @@ def predict_to_output(
     if world is None:
         return part(Path(output), manifest(start, stop, label))
     rank, size, local = world
-    with _process_group(local) as dist:
+    with torchrun_group(local_gpu(local), barriers_only=True) as dist:
         if resume and Path(output).exists():
             done = resume_point(output, manifest(start, stop, label), key_at)  # refuses other settings, like one process
             if done.end is not None and done.done == stop - start:  # an earlier run merged it all

@@ -176,7 +176,7 @@ def test_missing_folders_are_clear_errors(tmp_path, capsys):
     assert main(["audit", str(missing), "--clip-model", TINY_CLIP_MODEL_ID, "-q"]) == 2
     err = capsys.readouterr().err
     assert "hybridcls audit: error:" in err and str(missing) in err
-    with pytest.raises(DatasetError, match="--test"):
+    with pytest.raises(DatasetError, match="test_dir='.*no-test': folder not found"):
         world = tmp_path / "w"
         (world / "a").mkdir(parents=True)
         (world / "b").mkdir()

@@ -62,3 +62,33 @@ def test_every_third_party_import_is_a_declared_dependency():
         if not any(_canonical(d) in declared for d in distributions[module]):
             undeclared.append(f"{module} ({', '.join(distributions[module])}; {min(files)})")
     assert not undeclared, "imported but not declared in pyproject.toml: " + "; ".join(undeclared)
+
+
+def _hybridcls_imports(path: Path) -> set[str]:
+    """The ``hybridcls.*`` modules a file imports, anywhere in it (absolute imports only)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return {name for name in found if name.split(".")[0] == "hybridcls"}
+
+
+# Imports flow one way (docs/architecture.md): the gate and the index work on arrays, below
+# the models, the engine and the evaluation that use them.
+_MAY_IMPORT = {
+    "gate": ("hybridcls.gate", "hybridcls.index", "hybridcls.cache", "hybridcls.errors"),
+    "index.py": ("hybridcls.cache", "hybridcls.errors"),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(_MAY_IMPORT))
+def test_the_array_layers_import_nothing_above_them(layer):
+    base = ROOT / "hybridcls" / layer
+    files = sorted(base.rglob("*.py")) if base.is_dir() else [base]
+    allowed = _MAY_IMPORT[layer]
+    above = {f"{path.relative_to(ROOT)}: {name}" for path in files
+             for name in _hybridcls_imports(path)
+             if not any(name == a or name.startswith(a + ".") for a in allowed)}
+    assert len(files) > 0 and above == set()

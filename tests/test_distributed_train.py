@@ -27,6 +27,7 @@ from hybridcls.train import (
     resolve_training_data,
     train,
 )
+from hybridcls.train.config import BALANCE_MODES
 from hybridcls.train.distributed import DistributedBalancedSampler, strip_nproc
 
 # Deterministic apart from rounding: no augmentation, no dropout, no BatchNorm.
@@ -190,7 +191,7 @@ def test_a_batch_that_does_not_split_over_the_workers_is_refused(world, tmp_path
         timeout=600,
     )
     assert proc.returncode == 2
-    assert "--batch-size 3 (images per step, all processes together) must be a multiple" in (
+    assert "--batch-size 3: images per step, all processes together, must be a multiple" in (
         proc.stderr
     )
     assert not (tmp_path / "run").exists()
@@ -231,7 +232,7 @@ def test_two_workers_report_every_unreadable_file(world, tmp_path):
     assert report["num_train_images"] + report["num_val_images"] == n_files - len(planted)
 
 
-@pytest.mark.parametrize("mode", ["sampler", "oversample", "none"])
+@pytest.mark.parametrize("mode", BALANCE_MODES)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_share_out_the_single_process_draw(mode, world_size):
     labels = [0] * 7 + [1] * 3 + [2] * 5  # 15 samples, unbalanced

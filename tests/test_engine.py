@@ -12,11 +12,12 @@ import torch
 
 from hybridcls.bench.speed import write_jpegs
 from hybridcls.data import expand_inputs, load_image
+from hybridcls.device import autocast_dtype
 from hybridcls.engine import InferenceEngine
 from hybridcls.errors import InputError
 from hybridcls.gate import Gate, GateCalibration, fit_cascade, max_softmax
 from hybridcls.hybrid import HybridClassifier
-from hybridcls.runtime import RuntimeSettings
+from hybridcls.runtime import DECODERS, PRECISIONS, RuntimeSettings
 from hybridcls.supervised import build_eval_transform, build_model
 from hybridcls.supervised.checkpoint import make_checkpoint_config, save_checkpoint
 from tests.imagefactory import make_corrupt_png, make_plain, make_truncated_jpeg, make_zero_byte
@@ -151,13 +152,27 @@ def test_a_thin_strip_is_an_ok_row_on_both_decoders(hybrid, tmp_path, size):
     for name, shape in (("strip.jpg", size), ("square.jpg", (64, 64))):
         Image.new("RGB", shape, (200, 30, 30)).save(tmp_path / name, quality=100, subsampling=0)
     sources = expand_inputs([str(tmp_path / "strip.jpg"), str(tmp_path / "square.jpg")])
-    for decode in ("cpu", "device"):
+    for decode in DECODERS:
         engine = _engine(hybrid, decode=decode)
         batches, cat = _all(engine, sources)
         assert [i for b in batches for i in b.ok] == [0, 1]
         for name in ("sup_logits", "clip_logits"):  # row 0 the strip, row 1 the square
             np.testing.assert_allclose(cat(name)[0], cat(name)[1], atol=1e-4)
-    assert engine.device_decoded == 2
+        assert engine.device_decoded == (0 if decode == "cpu" else 2)
+
+
+# The registry, not a list typed here: every precision runs on the CPU, in its own type.
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_precision_computes_in_its_type_close_to_float32(hybrid, images, precision):
+    _, ref = _all(_engine(hybrid, precision="fp32"), images[:4])
+    _, got = _all(_engine(hybrid, precision=precision), images[:4])
+    dtype = autocast_dtype(torch.device("cpu"), precision)
+    for name in ("sup_logits", "clip_logits"):
+        # float32 itself gives the same numbers; an autocast type rounds (so it acted), within
+        # a few of its units in the last place of the largest logit
+        tol = 0.0 if dtype is None else 8 * torch.finfo(dtype).eps * np.abs(ref(name)).max()
+        np.testing.assert_allclose(got(name), ref(name), rtol=0, atol=tol)
+        assert np.array_equal(got(name), ref(name)) == (dtype is None), name
 
 
 def test_compiled_shapes_are_fixed(hybrid, images, monkeypatch):

@@ -8,7 +8,8 @@ import pytest
 
 from hybridcls.errors import InputError
 from hybridcls.eval import open_set_scores, read_labels
-from hybridcls.eval.metrics import harmonic_mean, per_class_accuracy, reliability
+from hybridcls.eval.metrics import per_class_accuracy, reliability
+from hybridcls.gate.metrics import harmonic_mean
 
 
 def test_per_class_means_not_per_image():

@@ -9,7 +9,12 @@ import pytest
 
 from hybridcls.errors import CheckpointError, DataTooSmallError, InputError
 from hybridcls.gate import (
+    CACHE_MODES,
+    FIT_METHODS,
+    BranchOutputs,
+    CacheBranch,
     CombinedScore,
+    Gate,
     GateCalibration,
     apply_transductive,
     finalize,
@@ -19,6 +24,12 @@ from hybridcls.gate import (
     transductive_threshold,
 )
 from hybridcls.gate.calibration import MIN_TAIL_IMAGES, TPR_GRID, fit_temperature, usable_tpr_levels
+from hybridcls.gate.config import MODES
+from hybridcls.gate.scores import SCORES
+
+# The registries, not lists typed here: a new score or mode is a candidate in these tests too.
+SUPERVISED_SIDE = {name for name, spec in SCORES.items() if "sup_logits" in spec.needs}
+EVERY_CANDIDATE = {*SCORES, "combined"}
 
 
 def test_threshold_keeps_exactly_the_target_share_of_seen_images() -> None:
@@ -161,29 +172,18 @@ def toy_calibration() -> GateCalibration:
 def test_leave_classes_out_picks_a_clip_side_score_and_a_tpr_in_range(toy_calibration) -> None:
     cal = toy_calibration
     assert cal.method == "leave-classes-out" and cal.threshold is None
-    assert cal.score in {"clip_margin", "mcm", "knn", "combined"}
+    assert cal.score in EVERY_CANDIDATE - SUPERVISED_SIDE
     assert cal.tpr in TPR_GRID
     table = cal.candidates
     h = [row["mean_h"] for row in table]
     assert h == sorted(h, reverse=True)
     best = table[0]
     assert (best["score"], best["mode"], best["tpr"]) == (cal.score, cal.mode, cal.tpr)
-    best_supervised_only = max(
-        r["mean_h"] for r in table if r["score"] in {"msp", "max_logit", "energy", "entropy"}
-    )
+    best_supervised_only = max(r["mean_h"] for r in table if r["score"] in SUPERVISED_SIDE)
     assert best["mean_h"] > best_supervised_only
     # every score, mode and TPR level was tried, the combined score and stacking included
-    assert {r["score"] for r in table} == {
-        "msp",
-        "max_logit",
-        "energy",
-        "entropy",
-        "mcm",
-        "clip_margin",
-        "knn",
-        "combined",
-    }
-    assert {r["mode"] for r in table} == {"hard", "soft", "stacking"}
+    assert {r["score"] for r in table} == EVERY_CANDIDATE
+    assert {r["mode"] for r in table} == set(MODES)
     # every TPR level whose quantile has enough held-out images above it, in every round:
     # each keeps 16 of the 20 classes' 10 held-out images
     n_kept = 16 * 10
@@ -356,16 +356,13 @@ def _small_world(n_classes: int, per_train: int, per_val: int) -> dict:
     return _toy_world(n_classes=n_classes, per_train=per_train, per_val=per_val)
 
 
-SUPERVISED_SIDE = ["msp", "max_logit", "energy", "entropy"]
-
-
 def test_three_seen_classes_hide_one_and_keep_a_two_class_light_head() -> None:
     names = ["cat", "dog", "fox"]
     cal = leave_classes_out(**_small_world(3, 3, 1), class_names=names)
     # each problem hides 1 of 3; 3 distinct problems exist, so 3 of the 5 rounds run
     assert (cal.rounds, cal.hidden_classes) == (3, 1)
-    assert {r["score"] for r in cal.candidates} == {*SUPERVISED_SIDE, "mcm", "clip_margin", "knn", "combined"}
-    assert {r["mode"] for r in cal.candidates} == {"hard", "soft", "stacking"}
+    assert {r["score"] for r in cal.candidates} == EVERY_CANDIDATE
+    assert {r["mode"] for r in cal.candidates} == set(MODES)
     assert cal.knn_k == 3  # every class has 3 training images
     assert cal.adapted == [
         "knn_k 10 -> 3: the smallest seen class ('cat') has 3 training images",
@@ -421,3 +418,52 @@ def test_fit_temperature_on_one_column_or_no_image() -> None:
     assert fit_temperature(np.array([[3.0], [-1.0]]), np.array([0, 0])) == 1.0
     with pytest.raises(DataTooSmallError, match="at least 1 held-out image, got none"):
         fit_temperature(np.zeros((0, 3)), np.zeros(0, int))
+
+
+def _toy_outputs(seed: int = 0, n_seen: int = 6, n_unseen: int = 2, per_train: int = 12,
+                 per_val: int = 6):
+    """Both towers' outputs for a toy run: ``(train, y_train, val, y_val)``; the CLIP logits cover
+    the seen and unseen classes, the supervised ones (distances to class centres) the seen."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_seen, 16))
+    text = rng.normal(size=(n_seen + n_unseen, 8))
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+
+    def outputs(y: np.ndarray) -> BranchOutputs:
+        feat = centers[y] + 1.5 * rng.normal(size=(y.size, 16))
+        emb = text[y] + 0.3 * rng.normal(size=(y.size, 8))
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        sup = -((feat[:, None, :] - centers[None]) ** 2).sum(-1) / 16
+        return BranchOutputs(sup_logits=sup, sup_features=feat, clip_logits=20.0 * emb @ text.T,
+                             clip_embeddings=emb)
+
+    y_train, y_val = np.repeat(np.arange(n_seen), per_train), np.repeat(np.arange(n_seen), per_val)
+    return outputs(y_train), y_train, outputs(y_val), y_val
+
+
+# What each cache-branch mode promises of the fitted gate's branch; a new mode says its promise.
+CACHE_BRANCH_PROMISE = {
+    "off": lambda branch: branch is None,
+    "on": lambda branch: branch is not None and branch.enabled,
+    "auto": lambda branch: branch is not None and branch.mode == "auto",
+}
+
+
+def test_every_cache_branch_mode_has_a_promise() -> None:
+    assert set(CACHE_BRANCH_PROMISE) == set(CACHE_MODES)
+
+
+# The registries, not lists typed here: a new fit method or cache mode fits a gate here too.
+@pytest.mark.parametrize("cache_branch", CACHE_MODES)
+@pytest.mark.parametrize("method", FIT_METHODS)
+def test_every_fit_method_and_cache_mode_fit_a_gate(method, cache_branch) -> None:
+    train, y_train, val, y_val = _toy_outputs()
+    gate = Gate(method=method, cache_branch=cache_branch, rounds=2, seed=0).fit(
+        train, y_train, val, y_val, class_names=[f"c{i}" for i in range(6)])
+    cal = gate.calibration_
+    assert cal.method == method and cal.is_final
+    branch = None if cal.cache_branch is None else CacheBranch.from_dict(cal.cache_branch)
+    assert CACHE_BRANCH_PROMISE[cache_branch](branch)
+    r = gate.predict(val)
+    assert r.probs.shape == (len(y_val), 8)
+    np.testing.assert_allclose(r.probs.sum(axis=1), 1.0)

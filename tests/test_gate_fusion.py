@@ -17,7 +17,9 @@ from hybridcls.gate import (
     seen_unseen_accuracy,
     topk,
 )
+from hybridcls.gate.config import MODES
 from hybridcls.gate.fusion import stacking_probs
+from hybridcls.gate.scores import clip_margin_score
 
 # 2 seen classes (columns 0, 1), 2 unseen (columns 2, 3)
 SUP = np.array([[4.0, 0.0], [0.0, 4.0], [1.0, 1.2], [0.3, 0.0]])
@@ -128,6 +130,20 @@ def test_stacking_subtracts_the_penalty_from_seen_logits() -> None:
     big = GateCalibration(score="clip_margin", mode="stacking", threshold=-4.5)
     assert fuse("stacking", clip_logits=CLIP, calibration=big, n_seen=2).pred[0] == 2
     np.testing.assert_allclose(stacking_probs(CLIP, 0.0, 2), softmax(CLIP, axis=1))
+
+
+# The registry, not a list typed here: a new mode is held to what every mode promises.
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_gives_a_distribution_and_sends_a_clear_image_to_its_side(mode) -> None:
+    # row 0: both branches and the gate say seen class 0; row 1: unseen class 3
+    sup = np.array([[8.0, 0.0], [0.2, 0.0]])
+    clip = np.array([[9.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0]])
+    cal = GateCalibration(score="clip_margin", mode=mode, threshold=0.0, soft_scale=1.0)
+    r = fuse(mode, sup_logits=sup, clip_logits=clip, gate_score=clip_margin_score(clip, 2),
+             calibration=cal)
+    assert r.probs.shape == (2, 4) and (r.probs >= 0).all()
+    np.testing.assert_allclose(r.probs.sum(axis=1), 1.0)
+    assert r.pred.tolist() == r.probs.argmax(axis=1).tolist() == [0, 3]
 
 
 def test_unknown_when_no_branch_is_confident() -> None:

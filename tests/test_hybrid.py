@@ -94,7 +94,8 @@ def test_uncalibrated_run_is_refused(world_run, tmp_path):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(clf.run_dir_ / name, run / name)
     bare.load_run(run, world.prompts_file)
-    with pytest.raises(CheckpointError, match="has no gate.json; run `hybridcls calibrate"):
+    with pytest.raises(CheckpointError, match="has no gate.json; calibrate it first: "
+                                              r"HybridClassifier.calibrate\(\), .* with prompts=FILE"):
         bare.predict([world.test_dir])
 
 

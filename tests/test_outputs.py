@@ -232,13 +232,13 @@ def test_json_is_written_only_through_the_strict_helper():
 
 
 def test_manifest_and_run_json_files_are_strict(tmp_path):
+    from hybridcls.cache import atomic_write_json, read_json
     from hybridcls.sharding import Manifest, manifest_path
-    from hybridcls.supervised import read_json, write_json
 
     m = Manifest("csv", ["path"], {"unknown_threshold": float("nan")}, 1, "x", 0, 1, "y")
     m.write(tmp_path / "p.csv")
     assert _strict_loads(manifest_path(tmp_path / "p.csv").read_text(encoding="utf-8"))[
         "settings"] == {"unknown_threshold": None}
-    write_json(tmp_path / "metrics.json", {"epochs": [{"val_loss": float("nan"), "acc": 0.5}]})
+    atomic_write_json(tmp_path / "metrics.json", {"epochs": [{"val_loss": float("nan"), "acc": 0.5}]})
     assert read_json(tmp_path / "metrics.json") == {"epochs": [{"val_loss": None, "acc": 0.5}]}
     _strict_loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))

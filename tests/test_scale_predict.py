@@ -112,7 +112,7 @@ def test_resume_refuses_other_settings(setup, tmp_path, capsys):
     assert main(argv) == 0
     assert main([*argv, "--topk", "2", "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "cannot --resume" in err and "topk 5 vs 2" in err
+    assert f"--resume: cannot continue {out}: " in err and "topk 5 vs 2" in err
     assert main(["predict", str(setup["images"]), *setup["common"], "--resume"]) == 2
     assert "--resume needs --output FILE" in capsys.readouterr().err
 
@@ -131,7 +131,7 @@ def test_shards_merged_equal_one_run(setup, tmp_path, capsys):
     assert "inputs #80-#159 (80) missing: no part has them" in capsys.readouterr().err
     assert main(["predict", str(setup["images"]), *setup["common"], "--shard", "3/3",
                  "-o", str(tmp_path / "x.csv")]) == 2
-    assert "--shard '3/3': I must be between 0 and 2" in capsys.readouterr().err
+    assert "error: --shard 3/3: I must be between 0 and 2" in capsys.readouterr().err
 
 
 def test_torchrun_two_cpu_processes_merge_to_the_single_process_output(setup, tmp_path):

@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
+from hybridcls import outputs
 from hybridcls.data import Source
-from hybridcls.errors import InputError
+from hybridcls.errors import InputError, ParameterError
 from hybridcls.outputs import PredictionRow, output_columns
 from hybridcls.sharding import (
     Manifest,
@@ -48,7 +49,7 @@ def _predict(out, model=None, *, fmt="csv", sources=SOURCES, settings=SETTINGS, 
                              settings=settings, **kw)
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl", "kaggle"])
+@pytest.mark.parametrize("fmt", outputs.FORMATS)
 def test_a_file_cut_at_any_byte_resumes_to_the_uninterrupted_file(tmp_path, fmt, monkeypatch):
     # Thousands of resumes: fsync (durability, not what is tested here) would dominate.
     monkeypatch.setattr("os.fsync", lambda fd: None)
@@ -95,7 +96,8 @@ def test_resume_without_a_file_starts_it(tmp_path):
 def test_resume_refuses_other_settings_inputs_or_edited_rows(tmp_path):
     out = tmp_path / "p.csv"
     _predict(out)
-    with pytest.raises(InputError, match=r"cannot --resume .*p\.csv.*model \"stand-in\" vs \"other\""):
+    with pytest.raises(InputError, match=r"resume=True: cannot continue .*p\.csv: .*model "
+                                         r"\"stand-in\" vs \"other\"\); run without resume=True"):
         _predict(out, settings={**SETTINGS, "model": "other"}, resume=True)
     with pytest.raises(InputError, match=r"inputs: 9 vs 8"):
         _predict(out, sources=SOURCES[:-1], resume=True)
@@ -136,12 +138,12 @@ def test_shard_ranges_cover_every_index_once():
     ("3/3", "I must be between 0 and 2"), ("1/0", "N must be at least 1"), ("a", "expected I/N"),
     ("-1/2", "expected I/N"), ("1/2/3", "expected I/N"),
 ])
-def test_shard_spec_errors_name_the_flag(text, message):
-    with pytest.raises(InputError, match=rf"--shard '{text}': .*{message}"):
+def test_shard_spec_errors_name_the_parameter(text, message):
+    with pytest.raises(ParameterError, match=rf"shard='{text}': .*{message}"):
         ShardSpec.parse(text)
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl", "kaggle"])
+@pytest.mark.parametrize("fmt", outputs.FORMATS)
 def test_merged_shards_equal_one_run(tmp_path, fmt):
     _predict(tmp_path / "ref.out", fmt=fmt)
     parts = [tmp_path / f"part{i}.out" for i in range(4)]
@@ -176,7 +178,7 @@ def test_merge_errors_list_missing_duplicate_and_incomplete_inputs(tmp_path):
     text = parts[1].read_bytes()
     parts[1].write_bytes(text[: text.rindex(b"\n", 0, len(text) - 1) + 5])
     with pytest.raises(InputError, match=r"input #5 missing: .*part1\.csv \(shard 1/3\) stops after 2 of 3 "
-                                         r"rows \(rerun it with --resume\)"):
+                                         r"rows \(rerun it with resume=True\)"):
         merge_parts(parts, out)
     _predict(parts[1], shard=ShardSpec(1, 3), resume=True)
     # Other settings cannot be merged with these parts.

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from hybridcls.errors import CheckpointError, InputError, WeightsUnavailableError
+from hybridcls.errors import CheckpointError, ParameterError, WeightsUnavailableError
 from hybridcls.supervised import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -59,7 +59,7 @@ def test_default_head_is_the_regularised_mlp_and_linear_is_one_layer():
     linear, _ = _tiny(7, head="linear", dropout=0.1)
     assert [type(m) for m in linear.head] == [nn.Dropout, nn.Linear]
     assert linear.head[1].out_features == 7 and linear.head[0].p == 0.1
-    with pytest.raises(InputError, match="--head"):
+    with pytest.raises(ParameterError, match="head='transformer': must be one of mlp, linear"):
         _tiny(7, head="transformer")
 
 
@@ -80,7 +80,7 @@ def test_freeze_trains_only_the_last_two_stages_the_neck_and_the_head():
     assert {n for n, _ in model.backbone.named_parameters() if n.startswith("stages.")} <= only_neck
     assert "head.norm.weight" not in only_neck
     assert model.freeze(None) == [] and all(p.requires_grad for p in model.parameters())
-    with pytest.raises(InputError, match="--freeze 5: .* 4 stages"):
+    with pytest.raises(ParameterError, match="trainable_stages=5: .* has 4 stages; use 0 to 4"):
         model.freeze(5)
 
 
@@ -112,10 +112,13 @@ def test_model_names_and_tags_are_checked():
     assert resolve_model_name("convnext_tiny") == "convnext_tiny.fb_in22k_ft_in1k"
     assert resolve_model_name("convnext_tiny", "fb_in1k") == "convnext_tiny.fb_in1k"
     assert resolve_model_name("test_convnext") == "test_convnext.r160_in1k"
-    with pytest.raises(InputError, match="--model 'convnext_tinyy'"):
+    with pytest.raises(ParameterError, match="model='convnext_tinyy': timm has no architecture"):
         resolve_model_name("convnext_tinyy")
-    with pytest.raises(InputError, match="--pretrained 'in99k'.*fb_in1k"):
+    with pytest.raises(ParameterError, match="tag='in99k': timm has no tag 'in99k' .*fb_in1k"):
         resolve_model_name("convnext_tiny", "in99k")
+    # a tag inside the model's name is named there
+    with pytest.raises(ParameterError, match="model='convnext_tiny.in99k': timm has no tag 'in99k'"):
+        resolve_model_name("convnext_tiny.in99k")
 
 
 def test_missing_pretrained_weights_raise_one_clear_error(tmp_path):
@@ -125,7 +128,7 @@ def test_missing_pretrained_weights_raise_one_clear_error(tmp_path):
     message = str(info.value)
     assert "test_convnext.r160_in1k" in message
     assert (
-        "--weights FILE" in message and "--no-pretrained" in message and "HF_HUB_OFFLINE" in message
+        "weights=FILE" in message and "pretrained=False" in message and "HF_HUB_OFFLINE" in message
     )
 
 

@@ -104,7 +104,7 @@ def test_local_dir_loads_with_fingerprint_and_preprocess(bundle, tiny_dir):
 
 
 def test_local_dir_missing_folder_config_or_weights(tmp_path, tiny_dir):
-    with pytest.raises(InputError, match="folder .* not found"):
+    with pytest.raises(ParameterError, match="clip_model='local-dir:.*nope': folder .* not found"):
         load_clip(f"local-dir:{tmp_path / 'nope'}")
     with pytest.raises(InputError, match="open_clip_config.json is missing"):
         load_clip(f"local-dir:{tmp_path}")
@@ -179,13 +179,15 @@ def test_weights_that_do_not_fit_are_a_checkpoint_error(tmp_path, tiny_builtin_n
 
 
 def test_unknown_model_tag_or_file_are_input_errors(tmp_path):
-    with pytest.raises(InputError, match="did you mean ViT-B-32"):
+    with pytest.raises(ParameterError,
+                       match="clip_model='ViT-B-33': not an open_clip model name.*ViT-B-32"):
         load_clip("ViT-B-33", pretrained=None)
     with pytest.raises(
-        InputError, match="neither a pretrained tag of ViT-B-32 .*laion2b_s34b_b79k"
+        ParameterError,
+        match="clip_pretrained='no_such_tag': neither a pretrained tag of ViT-B-32 .*laion2b",
     ):
         load_clip("ViT-B-32", pretrained="no_such_tag")
-    with pytest.raises(InputError, match="file not found"):
+    with pytest.raises(ParameterError, match="clip_pretrained='.*missing.safetensors': file not found"):
         load_clip("ViT-B-32", pretrained=str(tmp_path / "missing.safetensors"))
 
 
@@ -203,9 +205,9 @@ def test_offline_default_model_names_the_local_copy_flags(monkeypatch, tmp_path,
         "ViT-B-32",
         "laion2b_s34b_b79k",
         "HF_HUB_OFFLINE",
-        "--clip-model local-dir:DIR",
-        "--clip-pretrained FILE",
-        "--cache-dir DIR",
+        "clip_model='local-dir:DIR'",
+        "clip_pretrained='FILE'",
+        "cache_dir='DIR'",
     ):
         assert needle in msg
     assert no_network == []
@@ -231,6 +233,117 @@ def test_offline_hf_hub_loads_from_a_cache_dir(monkeypatch, tmp_path, tiny_dir, 
     expected = hashlib.sha256((tiny_dir / "open_clip_model.safetensors").read_bytes()).hexdigest()
     assert b.fingerprint == expected and b.embed_dim == 32
     assert no_network == []
+
+
+def _hub_cache(cache: Path, repo: str, files: Path) -> Path:
+    """``files``'s content as huggingface_hub caches ``repo``: models--ORG--REPO/{refs/main, snapshots/REV}."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    rev = "0" * 40
+    shutil.copytree(files, folder / "snapshots" / rev)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(rev)
+    return cache
+
+
+@pytest.mark.parametrize("filename", [None, "open_clip_pytorch_model.bin", "weights.bin", "weights.pth",
+                                      "open_clip_config.json", "weights.safetensors"])
+def test_hub_lookups_ask_for_the_files_open_clip_asks_for(monkeypatch, filename):
+    import open_clip.pretrained
+
+    from hybridcls.zeroshot.loading import _hub_candidates
+
+    asked = []
+
+    def record(repo_id, filename, **kwargs):
+        asked.append(filename)
+        raise FileNotFoundError(filename)
+
+    monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", record)
+    with pytest.raises(FileNotFoundError):
+        open_clip.pretrained.download_pretrained_from_hf("org/repo", filename=filename)
+    assert _hub_candidates(filename) == asked and asked
+
+
+@pytest.fixture
+def tiny_tag(monkeypatch, tiny_builtin_name):
+    """Give the tiny built-in model a pretrained tag ``tiny`` with the config open_clip would have."""
+    cfgs = {}
+    real = open_clip.get_pretrained_cfg
+
+    def get_pretrained_cfg(model, tag):
+        return dict(cfgs[tag]) if model == tiny_builtin_name and tag in cfgs else real(model, tag)
+
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", get_pretrained_cfg)
+    monkeypatch.setattr(open_clip.factory, "get_pretrained_cfg", get_pretrained_cfg)
+    return cfgs
+
+
+def test_offline_hf_hub_tag_loads_from_the_cache(monkeypatch, tmp_path, tiny_dir, tiny_builtin_name,
+                                                tiny_tag, no_network):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # set after import, as in a notebook
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_tag["tiny"] = {"url": "", "hf_hub": "someone/tiny-clip/"}  # the repo's default file
+    cache = _hub_cache(tmp_path / "hub", "someone/tiny-clip", tiny_dir)
+    b = load_clip(tiny_builtin_name, "tiny", cache_dir=cache)
+    assert Path(b.weights_path).name == "open_clip_model.safetensors"  # the .bin's safetensors form
+    assert b.fingerprint == hashlib.sha256((tiny_dir / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    assert b.pretrained == "tiny"  # the tag goes to open_clip, with its preprocessing
+    with pytest.raises(WeightsUnavailableError, match="pretrained tag tiny.*HF_HUB_OFFLINE is set"):
+        load_clip(tiny_builtin_name, "tiny", cache_dir=tmp_path / "empty")
+    assert constants.HF_HUB_OFFLINE is False  # huggingface_hub's flag as it was
+    assert no_network == []
+
+
+def test_offline_url_tag_is_refused_unless_in_open_clips_download_folder(monkeypatch, tmp_path,
+                                                                        tiny_builtin_name, tiny_tag,
+                                                                        no_network):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_tag["tiny"] = {"url": "https://example.org/clip/tiny.pt"}  # no hf_hub: OpenAI's kind
+    with pytest.raises(WeightsUnavailableError, match="pretrained tag tiny.*HF_HUB_OFFLINE is set"):
+        load_clip(tiny_builtin_name, "tiny", cache_dir=tmp_path)
+    torch.save(tiny_state_dict(seed=5), tmp_path / "tiny.pt")  # where open_clip downloads it
+    b = load_clip(tiny_builtin_name, "tiny", cache_dir=tmp_path)
+    assert b.weights_path == str(tmp_path / "tiny.pt")
+    assert torch.equal(b.model.state_dict()["text_projection"], tiny_state_dict(seed=5)["text_projection"])
+    assert no_network == []
+
+
+@pytest.mark.parametrize("names", [
+    ["open_clip_pytorch_model.bin", "model.safetensors", "a.safetensors", "pytorch_model.bin"],
+    ["b.safetensors", "a.safetensors", "a.bin"],
+    ["z.pth", "y.bin"],
+])
+def test_local_dir_weights_are_the_file_open_clip_loads(tmp_path, tiny_dir, names):
+    from hybridcls.zeroshot.loading import local_dir_weights
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    shutil.copy(tiny_dir / "open_clip_config.json", folder)
+    weights = {}
+    for seed, name in enumerate(names, start=1):
+        weights[name] = tiny_state_dict(seed=seed)
+        if name.endswith(".safetensors"):
+            save_file(weights[name], str(folder / name))
+        else:
+            torch.save(weights[name], folder / name)
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    loaded = [n for n, sd in weights.items()
+              if torch.equal(model.state_dict()["text_projection"], sd["text_projection"])]
+    assert [Path(local_dir_weights(folder)).name] == loaded
+    assert local_dir_weights(tmp_path) is None  # no weights file
+
+
+def test_model_prefixes_are_the_schemas_open_clip_reads():
+    from open_clip.factory import parse_model_name
+
+    from hybridcls.zeroshot.defaults import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_PREFIXES
+
+    assert [parse_model_name(prefix + "x") for prefix in (HF_HUB_PREFIX, LOCAL_DIR_PREFIX)] == [
+        ("hf-hub", "x"), ("local-dir", "x")]
+    assert parse_model_name("ViT-B-32") == (None, "ViT-B-32") and set(MODEL_PREFIXES) == {
+        HF_HUB_PREFIX, LOCAL_DIR_PREFIX}
 
 
 # ---------------------------------------------------------------- text classifier

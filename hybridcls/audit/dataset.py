@@ -301,16 +301,16 @@ def default_output_dir(data_dir: str | os.PathLike[str]) -> Path:
     return path.with_name(path.name + "-audit")
 
 
-def _split_images(split: str, folder: str | os.PathLike[str] | None, flag: str) -> list[AuditImage]:
+def _split_images(split: str, folder: str | os.PathLike[str] | None, parameter: str) -> list[AuditImage]:
     if folder is None:
         return []
     root = os.fspath(folder)
     if not os.path.isdir(root):
-        raise DatasetError(f"{flag} {root}: folder not found")
+        raise DatasetError(f"{parameter}={root!r}: folder not found")
     try:
         sources = expand_inputs([root])
     except InputError as err:
-        raise DatasetError(f"{flag} {root}: {err}") from None
+        raise DatasetError(f"{parameter}={root!r}: {err}") from None
     out = []
     for s in sources:
         parts = Path(os.path.relpath(s.path, root)).parts
@@ -389,8 +389,8 @@ def audit_dataset(
         raise InputError(f"neighbours must be at least 1, got {neighbours}")
     index = scan_image_folder(data_dir)
     images = [AuditImage("data", p, index.classes[y]) for p, y in index.samples]
-    images += _split_images("val", val_dir, "--val")
-    images += _split_images("test", test_dir, "--test")
+    images += _split_images("val", val_dir, "val_dir")
+    images += _split_images("test", test_dir, "test_dir")
     sources = [Source(im.path, im.error) for im in images]
 
     encoder = clip_image_encoder(clip_model, clip_pretrained, device=device, cache_dir=cache_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from hybridcls.cache import atomic_copy, atomic_path, atomic_write_bytes
 from hybridcls.synth import World
 
 __all__ = ["PERTURBATIONS", "PlantedProblems", "perturb", "plant_problems"]
@@ -117,7 +118,8 @@ def plant_problems(
         with Image.open(src) as im:
             copy, ext = perturb(im.convert("RGB"), kind)
         dest = src.with_name(f"{src.stem}_dup_{kind}{ext}")
-        copy.save(dest)
+        with atomic_path(dest) as tmp:
+            copy.save(tmp)
         truth.duplicates.append((str(src), str(dest)))
     for i in chosen[n_duplicates:]:
         src = Path(files[i])
@@ -134,17 +136,17 @@ def plant_problems(
         src = Path(world.test_dir) / name
         dest = train / folder_of[labels[name]] / f"leaked_{Path(name).stem}"
         if j % 2:
-            with Image.open(src) as im:
-                im.convert("RGB").save(dest.with_suffix(".jpg"), quality=90)
             dest = dest.with_suffix(".jpg")
+            with Image.open(src) as im, atomic_path(dest) as tmp:
+                im.convert("RGB").save(tmp, quality=90)
         else:
             dest = dest.with_suffix(src.suffix)
-            shutil.copyfile(src, dest)
+            atomic_copy(src, dest)
         truth.leaks[str(src)] = str(dest)
     broken = train / folders[0] / "broken.png"
-    broken.write_bytes(png_head)  # a PNG cut short
+    atomic_write_bytes(broken, png_head)  # a PNG cut short
     empty = train / folders[-1] / "empty.jpg"
-    empty.write_bytes(b"")
+    atomic_write_bytes(empty, b"")
     truth.unreadable = [str(broken), str(empty)]
     return truth
 

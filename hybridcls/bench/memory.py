@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridcls.bench.speed import write_jpegs
-from hybridcls.cache import json_text
+from hybridcls.cache import atomic_write_json, atomic_write_text
 
 __all__ = ["MemoryReport", "MemoryRun", "measure_predict", "run_memory"]
 
@@ -66,7 +66,7 @@ class MemoryReport:
         return "\n".join(lines)
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_text(json_text(asdict(self), indent=2), encoding="utf-8")
+        atomic_write_json(path, asdict(self))
 
 
 def measure_predict(argv: Sequence[str], *, cwd: str | os.PathLike[str] | None = None
@@ -136,20 +136,20 @@ def run_memory(
     paths = sorted(images.glob("*.jpg"))[: sizes[-1]]
     if prompts is None:
         prompts = out / "prompts.txt"
-        Path(prompts).write_text("\n".join(_PROMPTS) + "\n", encoding="utf-8")
+        atomic_write_text(prompts, "\n".join(_PROMPTS) + "\n")
     common = ["--prompts", str(prompts), "--clip-model", clip_model or TINY_CLIP_MODEL_ID,
               "--cache-dir", str(out / "cache"), "--batch-size", str(batch_size),
               "--workers", str(workers), "--device", "cpu", "-q"]
     if clip_model is None:
         templates = out / "templates.txt"
-        templates.write_text("".join(f"{t}\n" for t in CAPTION_TEMPLATES), encoding="utf-8")
+        atomic_write_text(templates, "".join(f"{t}\n" for t in CAPTION_TEMPLATES))
         common += ["--templates", str(templates)]
     if checkpoint is not None:
         common += ["--checkpoint", str(checkpoint)]
 
     def list_file(n: int) -> Path:
         f = out / f"list_{n}.txt"
-        f.write_text("".join(f"{p.resolve()}\n" for p in paths[:n]), encoding="utf-8")
+        atomic_write_text(f, "".join(f"{p.resolve()}\n" for p in paths[:n]))
         return f
 
     if warmup:

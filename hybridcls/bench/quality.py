@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hybridcls.cache import json_text
+from hybridcls.cache import atomic_write_json, atomic_write_text
 from hybridcls.data import expand_inputs
 from hybridcls.errors import InputError
 from hybridcls.eval import join_labels
@@ -70,9 +70,9 @@ class QualityReport:
         return "\n".join(lines)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json_text({
+        atomic_write_json(path, {
             "rows": [vars(r) for r in self.rows], "seconds": self.seconds, "info": self.info,
-        }, indent=2), encoding="utf-8")
+        })
 
 
 def _figures(method: str, y: np.ndarray, pred: np.ndarray, n_seen: int, note: str = "",
@@ -108,7 +108,8 @@ def load_or_make_world(root: Path, *, seed: int = 0) -> Any:
         world = World.load(root)
         if world.seed == seed:
             return world
-        raise InputError(f"{root} holds a world of another seed; choose another --out")
+        raise InputError(f"{root} holds the world of seed {world.seed}, not seed={seed}; use "
+                         f"seed={world.seed}, or another folder (out=DIR)")
     return make_world(root, seed=seed)
 
 
@@ -249,5 +250,5 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: s
             "scores": list(SCORES), "calibrated": {k: v for k, v in vars(g).items() if k != "candidates"}}
     report = QualityReport(rows, seconds, info)
     report.to_json(out / "quality.json")
-    (out / "quality.md").write_text(report.markdown() + "\n", encoding="utf-8")
+    atomic_write_text(out / "quality.md", report.markdown() + "\n")
     return report

@@ -30,12 +30,13 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from hybridcls.cache import json_text
+from hybridcls.cache import atomic_path, atomic_write_json
 from hybridcls.data import expand_inputs, load_image
 from hybridcls.gate import Gate, GateCalibration, max_softmax
 from hybridcls.hybrid import HybridClassifier
 from hybridcls.index import EmbeddingIndex
 from hybridcls.outputs import open_writer
+from hybridcls.zeroshot.defaults import MODEL_PREFIXES
 
 __all__ = ["DEFAULT_MODELS", "QUICK_MODELS", "SpeedReport", "run_speed", "write_jpegs"]
 
@@ -73,7 +74,8 @@ def write_jpegs(folder: str | Path, n: int, *, size: tuple[int, int] = (500, 375
         img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
         img += rng.normal(0, 12, img.shape)
         path = folder / f"img_{i:05d}.jpg"
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=quality)
+        with atomic_path(path) as tmp:
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp, "JPEG", quality=quality)
         paths.append(path)
     return paths
 
@@ -91,7 +93,7 @@ class SpeedReport:
         return "\n".join(lines)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json_text(asdict(self), indent=2), encoding="utf-8")
+        atomic_write_json(path, asdict(self))
 
 
 def _save_random_clip(name: str, folder: Path) -> str:
@@ -99,7 +101,7 @@ def _save_random_clip(name: str, folder: Path) -> str:
     import open_clip
     from safetensors.torch import save_file
 
-    if name.startswith(("local-dir:", "hf-hub:")):
+    if name.startswith(MODEL_PREFIXES):
         return name
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "open_clip_model.safetensors").is_file():
@@ -112,9 +114,10 @@ def _save_random_clip(name: str, folder: Path) -> str:
             model = open_clip.create_model(name, pretrained=None)
             preprocess = open_clip.get_model_preprocess_cfg(model)
         cfg = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
-        (folder / "open_clip_config.json").write_text(json_text(cfg), encoding="utf-8")
-        save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
-                  str(folder / "open_clip_model.safetensors"))
+        atomic_write_json(folder / "open_clip_config.json", cfg, indent=None)
+        with atomic_path(folder / "open_clip_model.safetensors") as tmp:
+            save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+                      str(tmp))
     return f"local-dir:{folder}"
 
 

@@ -42,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for module in _COMMANDS:
         sub = module.add_parser(subparsers)
-        # errors are told in the words of the subcommand's own flags (flag_message)
-        sub.set_defaults(parser_=sub)
+        # errors are told in the words of the subcommand's own flags (flag_message); a nested
+        # subcommand's (bench speed) default wins over its parent's
+        nested = [p for a in sub._actions if isinstance(a, argparse._SubParsersAction)
+                  for p in a.choices.values()]
+        for p in (sub, *nested):
+            p.set_defaults(parser_=p)
     return parser
 
 

@@ -15,6 +15,7 @@ from hybridcls.audit import (
     MISLABEL_AGREEMENT,
     NEIGHBOURS,
     PIXEL_THRESHOLD,
+    audit_dataset,
 )
 from hybridcls.cli.common import (
     UsageError,
@@ -60,8 +61,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridcls.audit import audit_dataset
-
     runtime = runtime_from_args(args)
     if args.neighbours < 1:
         raise UsageError(f"--neighbours must be at least 1, got {args.neighbours}")

@@ -89,6 +89,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run_quality(args: argparse.Namespace) -> int:
     if args.zoo is not None:
         return run_zoo(args)
+    # each benchmark (torch, timm, open_clip) is imported when its command runs
     from hybridcls.bench.quality import run_quality as bench
 
     if args.cache_dir is not None:

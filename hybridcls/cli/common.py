@@ -12,12 +12,13 @@ branch's own. Library errors name Python parameters (``batch_size=0: ...``);
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 from typing import Any
 
 from hybridcls.errors import HybridclsError
 from hybridcls.runtime import DECODERS, PRECISIONS, RuntimeSettings
-from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
+from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, MODEL_PREFIXES
 
 __all__ = [
     "UsageError",
@@ -102,7 +103,7 @@ def runtime_from_args(args: argparse.Namespace) -> RuntimeSettings:
             also runs on the CPU, with torchvision's decoder; the flag promises the GPU).
     """
     if getattr(args, "gpu_decode", False):
-        from hybridcls.device import resolve_device
+        from hybridcls.device import resolve_device  # torch: only for the flag that needs it
 
         if resolve_device(args.device).type != "cuda":
             raise UsageError(f"--gpu-decode needs a CUDA device; --device {args.device} is not one")
@@ -120,12 +121,13 @@ def clip_pretrained_from_args(args: argparse.Namespace) -> str | None:
     """``--clip-pretrained`` as the library's ``clip_pretrained``: the default tag for a built-in
     name when the flag is not given, none for ``hf-hub:`` / ``local-dir:``, ``''`` = random weights."""
     if args.clip_pretrained is None:
-        return None if args.clip_model.startswith(("local-dir:", "hf-hub:")) else DEFAULT_CLIP_PRETRAINED
+        return None if args.clip_model.startswith(MODEL_PREFIXES) else DEFAULT_CLIP_PRETRAINED
     return args.clip_pretrained or None
 
 
 def zeroshot_from_args(args: argparse.Namespace) -> Any:
     """A fitted :class:`~hybridcls.ZeroShotClassifier` from the CLIP, runtime and gate flags."""
+    # the classifiers (torch, open_clip) are imported when a command builds one
     from hybridcls.zeroshot.classifier import ZeroShotClassifier
 
     return ZeroShotClassifier(
@@ -162,9 +164,18 @@ _SWITCHES: dict[tuple[str, str], str] = {
     ("decode", repr(DECODERS[0])): "no --gpu-decode",
     ("progress", "False"): "-q",
     ("progress", "True"): "no -q",
+    ("pretrained", "False"): "--no-pretrained",  # train (not True: timm.create_model(pretrained=True))
+    # predict's switch, also where merge says how to finish a part (train's resume is a folder)
+    ("resume", "True"): "--resume",
 }
 # A library parameter whose flag's destination has another name (the flag exists only in some commands).
-_DESTINATIONS = {"k": "folds"}
+_DESTINATIONS = {
+    "k": "folds",  # train_folds(k=)
+    "trainable_stages": "freeze",  # freeze_backbone(), SupervisedModel.freeze()
+    "tag": "pretrained_tag",  # resolve_model_name(), create_backbone()
+    "val_dir": "val",  # audit_dataset(); train's --val is val_dir already
+    "test_dir": "test",  # audit_dataset()
+}
 _PARAMETER = re.compile(r"\b([a-z][a-z0-9_]*)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;:)]+)")
 
 
@@ -210,7 +221,10 @@ def flag_message(message: str, parser: argparse.ArgumentParser) -> str:
         if is_switch:
             return flag if value == "True" else f"no {flag}"
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
+            try:  # the repr of a string: its text, with escapes undone (C:\\data -> C:\data)
+                value = str(ast.literal_eval(value))
+            except (ValueError, SyntaxError):
+                value = value[1:-1]
         return f"{flag} {value}"
 
     return _PARAMETER.sub(rewrite, message)

@@ -37,6 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    # the pipeline (torch, timm, open_clip) is imported when the command runs
     import numpy as np
     import torch
 

@@ -46,6 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _classifier(args: argparse.Namespace):
+    # the models (torch, timm, open_clip) are imported when the command runs
     from hybridcls.hybrid import HybridClassifier
     from hybridcls.pretrained import HYBRID_FILE
 

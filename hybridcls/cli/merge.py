@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hybridcls.sharding import merge_parts
+
 __all__ = ["add_parser", "run"]
 
 
@@ -30,8 +32,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridcls.sharding import merge_parts
-
     result = merge_parts(args.parts, args.output)
     failed = f", {result.n_error} of them error rows" if result.n_error else ""
     print(f"hybridcls merge: {result.rows} rows from {result.parts} parts{failed} -> {result.output}",

@@ -26,9 +26,12 @@ from hybridcls.cli.common import (
     zeroshot_from_args,
 )
 from hybridcls.data import expand_inputs
-from hybridcls.gate.config import MODES
+from hybridcls.gate.config import GATE_FILENAME, MODES
+from hybridcls.gate.gate import INDEX_DIR
 from hybridcls.outputs import BRANCH_COLUMNS, FORMATS, check_unique_keys, infer_format, open_writer
-from hybridcls.sharding import ShardSpec, predict_to_output, torchrun_world
+from hybridcls.sharding import ShardSpec, predict_to_output
+from hybridcls.torchrun import torchrun_world
+from hybridcls.zeroshot.defaults import LOCAL_DIR_PREFIX
 
 __all__ = ["add_parser", "classifier_from_args", "prediction_settings", "run"]
 
@@ -149,8 +152,7 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
     size, workers, device and compile are left out: they do not change a row
     (the manifest's ``record`` keeps them); precision does (the scores move).
     """
-    from hybridcls.gate.config import GATE_FILENAME
-    from hybridcls.gate.gate import INDEX_DIR
+    # torch and timm come with the checkpoint module: imported when a command runs
     from hybridcls.supervised.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
     def fingerprint(path: str | None) -> Any:
@@ -163,7 +165,8 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     clip = args.clip_model
     settings: dict[str, Any] = {
-        "clip_model": fingerprint(clip[len("local-dir:"):]) if clip.startswith("local-dir:") else clip,
+        "clip_model": (fingerprint(clip.removeprefix(LOCAL_DIR_PREFIX))
+                       if clip.startswith(LOCAL_DIR_PREFIX) else clip),
         "clip_pretrained": fingerprint(clip_pretrained_from_args(args)),
         "prompts": fingerprint(args.prompts),
         "templates": fingerprint(args.templates),

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from hybridcls.cli.evaluate import add_evaluation_arguments, evaluate_from_args
+
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from hybridcls.cli.evaluate import add_evaluation_arguments
-
     parser = subparsers.add_parser(
         "report",
         help="an HTML page of a predictions file's figures (confusion, per-class, gate, reliability)",
@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridcls.cli.evaluate import evaluate_from_args
+    # the evaluation (scikit-learn, SciPy) is imported when the command runs, as in evaluate
     from hybridcls.eval.html import write_report
     from hybridcls.eval.labels import read_labels
     from hybridcls.eval.plots import require_pyplot

@@ -13,6 +13,8 @@ import os
 from dataclasses import fields
 from typing import Any
 
+from hybridcls.errors import InputError
+
 __all__ = ["add_parser", "run"]
 
 
@@ -26,6 +28,7 @@ def _int_or_none(text: str) -> int | str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    # hybridcls.train (torch, timm) is imported by the functions that use it, not by the module
     from hybridcls.train.config import AMP_MODES, BALANCE_MODES, TrainConfig
 
     d = {f.name: f.default for f in fields(TrainConfig)}
@@ -191,7 +194,6 @@ def _is_main_process() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridcls.errors import InputError
     from hybridcls.train import train, train_folds
     from hybridcls.train.metrics import format_epoch
 

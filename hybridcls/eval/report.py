@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from hybridcls.cache import atomic_write_json, atomic_write_text
-from hybridcls.errors import InputError, MissingExtraError
+from hybridcls.errors import InputError, MissingExtraError, ParameterError
 from hybridcls.eval.labels import join_labels
 from hybridcls.eval.metrics import (
     PROBABILITY_TOLERANCE,
@@ -160,12 +160,12 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     if p.is_dir():
         cfg = p / "config.json"
         if not cfg.is_file():
-            raise InputError(f"--seen-classes {p}: a folder without config.json")
+            raise ParameterError("seen_classes", str(p), "a folder without config.json")
         return list(json.loads(cfg.read_text(encoding="utf-8"))["classes"])
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise InputError(f"--seen-classes {p}: cannot read ({exc.strerror or exc})") from exc
+        raise ParameterError("seen_classes", str(p), f"cannot read ({exc.strerror or exc})") from exc
     return [ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()]
 
 

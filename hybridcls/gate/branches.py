@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from hybridcls.cache import atomic_path
 from hybridcls.errors import CheckpointError, InputError
 
 __all__ = ["BranchOutputs"]
@@ -103,7 +104,8 @@ class BranchOutputs:
         """Write the arrays to one safetensors file (no pickle)."""
         arrays = {n: np.ascontiguousarray(getattr(self, n), dtype=np.float32)
                   for n in _ARRAYS if getattr(self, n) is not None}
-        save_file(arrays, os.fspath(path))
+        with atomic_path(path) as tmp:
+            save_file(arrays, os.fspath(tmp))
         return Path(path)
 
     @classmethod

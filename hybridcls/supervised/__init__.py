@@ -25,11 +25,9 @@ from hybridcls.supervised.checkpoint import (
     make_checkpoint_config,
     model_from_config,
     read_checkpoint_config,
-    read_json,
     read_verified_safetensors,
     save_checkpoint,
     timm_data_config,
-    write_json,
 )
 from hybridcls.supervised.freeze import freeze_backbone, stage_groups
 from hybridcls.supervised.model import HEAD_TYPES, SupervisedModel, build_head, build_model
@@ -60,12 +58,10 @@ __all__ = [
     "make_checkpoint_config",
     "model_from_config",
     "read_checkpoint_config",
-    "read_json",
     "read_state_dict",
     "read_verified_safetensors",
     "resolve_model_name",
     "save_checkpoint",
     "stage_groups",
     "timm_data_config",
-    "write_json",
 ]

@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from hybridcls.cache import atomic_write_bytes, atomic_write_json
+from hybridcls.cache import atomic_write_bytes, atomic_write_json, read_json
 from hybridcls.data import bound_aspect
 from hybridcls.errors import CheckpointError
 from hybridcls.supervised.model import SupervisedModel
@@ -54,11 +54,9 @@ __all__ = [
     "make_checkpoint_config",
     "model_from_config",
     "read_checkpoint_config",
-    "read_json",
     "read_verified_safetensors",
     "save_checkpoint",
     "timm_data_config",
-    "write_json",
 ]
 
 CONFIG_FILE = "config.json"
@@ -126,23 +124,6 @@ def make_checkpoint_config(
     }
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented UTF-8 JSON, atomically (NaN as null: :func:`~hybridcls.cache.json_text`)."""
-    atomic_write_json(path, obj)
-
-
-def read_json(path: str | Path) -> Any:
-    """Read a JSON file we wrote.
-
-    Raises:
-        CheckpointError: The file is unreadable or not JSON (names the file).
-    """
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not readable JSON ({exc})") from exc
-
-
 def _safetensors_header(data: bytes) -> tuple[int, dict[str, Any]]:
     """``(length, parsed JSON)`` of a safetensors file's header: 8 little-endian bytes, then JSON."""
     n = int.from_bytes(data[:8], "little")
@@ -186,7 +167,7 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, config: Mapping
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     blob = safetensors_bytes(tensors, {"format": CHECKPOINT_FORMAT})
     atomic_write_bytes(run_dir / WEIGHTS_FILE, blob)
-    write_json(
+    atomic_write_json(
         run_dir / CONFIG_FILE, {**config, WEIGHTS_HASH_KEY: hashlib.sha256(blob).hexdigest()}
     )
 

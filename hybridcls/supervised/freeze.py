@@ -16,7 +16,7 @@ import re
 from timm.models import group_parameters
 from torch import nn
 
-from hybridcls.errors import InputError
+from hybridcls.errors import InputError, ParameterError
 
 __all__ = ["freeze_backbone", "stage_groups"]
 
@@ -46,7 +46,8 @@ def stage_groups(backbone: nn.Module) -> tuple[list[str], list[list[str]], list[
     spec = matcher(coarse=True) if callable(matcher) else None
     if not isinstance(spec, dict):
         raise InputError(
-            f"--freeze: cannot find the stages of {type(backbone).__name__}; use --freeze none"
+            f"cannot find the stages of {type(backbone).__name__} to freeze; train everything "
+            f"(trainable_stages=None)"
         )
     groups = group_parameters(backbone, spec)
     stem: list[str] = []
@@ -91,9 +92,9 @@ def freeze_backbone(backbone: nn.Module, trainable_stages: int | None) -> list[s
         return []
     stem, stages, _ = stage_groups(backbone)
     if not 0 <= trainable_stages <= len(stages):
-        raise InputError(
-            f"--freeze {trainable_stages}: {type(backbone).__name__} has {len(stages)} stages; "
-            f"use 0 to {len(stages)}, or 'none' to train everything"
+        raise ParameterError(
+            "trainable_stages", trainable_stages, f"{type(backbone).__name__} has {len(stages)} "
+            f"stages; use 0 to {len(stages)}, or None to train everything"
         )
     frozen = stem + [n for stage in stages[: len(stages) - trainable_stages] for n in stage]
     params = dict(backbone.named_parameters())

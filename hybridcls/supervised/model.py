@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from hybridcls.errors import InputError
+from hybridcls.errors import InputError, ParameterError
 from hybridcls.supervised.freeze import freeze_backbone
 from hybridcls.supervised.weights import create_backbone, resolve_backbone_data_config
 
@@ -52,9 +52,9 @@ def build_head(
         InputError: unknown head type or out-of-range sizes.
     """
     if head not in HEAD_TYPES:
-        raise InputError(f"--head must be one of {', '.join(HEAD_TYPES)}, not {head!r}")
+        raise ParameterError("head", head, f"must be one of {', '.join(HEAD_TYPES)}")
     if not 0.0 <= dropout < 1.0:
-        raise InputError(f"--dropout must be in [0, 1), got {dropout}")
+        raise ParameterError("dropout", dropout, "must be in [0, 1)")
     if num_classes < 2 or hidden_dim < 1:
         raise InputError(
             f"a head needs num_classes >= 2 and hidden_dim >= 1, got {num_classes}, {hidden_dim}"

@@ -24,7 +24,7 @@ import timm
 import torch
 from torch import nn
 
-from hybridcls.errors import CheckpointError, InputError, WeightsUnavailableError
+from hybridcls.errors import CheckpointError, InputError, ParameterError, WeightsUnavailableError
 
 __all__ = [
     "DEFAULT_PRETRAINED_TAGS",
@@ -66,7 +66,9 @@ def resolve_model_name(model: str, tag: str | None = None) -> str:
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch}*")[:5]
         hint = f"; similar names: {', '.join(close)}" if close else ""
-        raise InputError(f"--model {model!r}: timm has no architecture {arch!r}{hint}")
+        raise ParameterError("model", model, f"timm has no architecture {arch!r}{hint}")
+    # a tag that is not timm's is named where it was given: the tag parameter, or in the model name
+    given = ("tag", tag) if tag else ("model", model)
     tag = tag or name_tag or DEFAULT_PRETRAINED_TAGS.get(arch)
     if tag is None:
         # timm's default pretrained cfg decides; None when timm has no tag at all.
@@ -76,8 +78,8 @@ def resolve_model_name(model: str, tag: str | None = None) -> str:
     known_names = set(timm.list_pretrained(f"{arch}.*"))
     if f"{arch}.{tag}" not in known_names:
         known = sorted(n.partition(".")[2] for n in known_names)
-        raise InputError(
-            f"--pretrained {tag!r}: timm has no such tag for {arch!r}"
+        raise ParameterError(
+            *given, f"timm has no tag {tag!r} for {arch!r}"
             + (f"; known tags: {', '.join(known)}" if known else "")
         )
     return f"{arch}.{tag}"
@@ -176,10 +178,10 @@ def _unavailable(full_name: str, exc: BaseException) -> WeightsUnavailableError:
     return WeightsUnavailableError(
         f"the pretrained weights {full_name!r} are not in the local cache and could not be "
         f"downloaded ({reason}). Either pass a local file in timm's key layout with "
-        f"--weights FILE (.safetensors, or a .pth state dict), train from random "
-        f"initialisation with --no-pretrained, or make the weights available: download them "
+        f"weights=FILE (.safetensors, or a .pth state dict), train from random "
+        f"initialisation with pretrained=False, or make the weights available: download them "
         f"once where there is a network (timm.create_model({full_name!r}, pretrained=True)) "
-        f"and point HF_HOME or HF_HUB_CACHE (or cache_dir) at that cache; HF_HUB_OFFLINE=1 "
+        f"and point HF_HOME or HF_HUB_CACHE (or cache_dir=DIR) at that cache; HF_HUB_OFFLINE=1 "
         f"makes the lookup fail fast instead of retrying the network."
     )
 
@@ -224,7 +226,7 @@ def create_backbone(
         if "." not in full_name:
             raise WeightsUnavailableError(
                 f"timm has no pretrained weights for {full_name!r}; "
-                f"use --weights FILE or --no-pretrained"
+                f"use weights=FILE or pretrained=False"
             )
         try:
             return timm.create_model(full_name, pretrained=True, num_classes=0, cache_dir=cache_dir)
@@ -234,7 +236,7 @@ def create_backbone(
     backbone = timm.create_model(full_name, pretrained=False, num_classes=0)
     if source == "file":
         if file is None:
-            raise InputError("--weights: a weights file is required for the 'file' source")
+            raise ParameterError("file", file, "a weights file is required for source='file'")
         load_backbone_weights(backbone, file)
     return backbone
 

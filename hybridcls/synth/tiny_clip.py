@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 from timm.loss import SoftTargetCrossEntropy
 from timm.scheduler import CosineLRScheduler
 
-from hybridcls.cache import json_text, resolve_cache_dir
+from hybridcls.cache import atomic_path, atomic_write_json, resolve_cache_dir
 from hybridcls.errors import InputError
 from hybridcls.synth.render import all_attributes, render
 from hybridcls.synth.world import CAPTION_TEMPLATES, image_rng, make_world
@@ -242,16 +242,15 @@ def save_tiny_clip(
         k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous()
         for k, v in model.state_dict().items()
     }
-    save_file(state, str(out / "open_clip_model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(out / "open_clip_model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     _write_config(out, info or {})
     return out
 
 
 def _write_config(out: Path, info: dict[str, Any]) -> None:
     config = {"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": TINY_CLIP_PREPROCESS, "hybridcls": info}
-    (out / "open_clip_config.json").write_text(
-        json_text(config, indent=2) + "\n", encoding="utf-8"
-    )
+    atomic_write_json(out / "open_clip_config.json", config)
 
 
 def _recipe(steps: int, seed: int, batch_size: int) -> dict[str, int]:

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import math
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hybridcls.cache import json_text
+from hybridcls.cache import atomic_path, atomic_write_json, atomic_write_text
 from hybridcls.errors import DatasetError, InputError
 from hybridcls.synth.render import (
     FAMILIES,
@@ -415,9 +416,8 @@ def make_world(
         folder = train_dir / attrs.folder
         folder.mkdir(parents=True)
         for i in range(count):
-            render(attrs, image_rng(seed, STREAM_TRAIN, ci, i), image_size, nuisance).save(
-                folder / f"{i:04d}.png"
-            )
+            with atomic_path(folder / f"{i:04d}.png") as tmp:
+                render(attrs, image_rng(seed, STREAM_TRAIN, ci, i), image_size, nuisance).save(tmp)
 
     # Shuffle before naming so that neither names nor order reveal the class.
     test_items = [(a, i) for a in classes for i in range(test_per_class)]
@@ -429,27 +429,29 @@ def make_world(
         attrs, i = test_items[j]
         image_id = f"{k:05d}.png"
         rng = image_rng(seed, STREAM_TEST, classes.index(attrs), i)
-        render(attrs, rng, image_size, nuisance).save(test_dir / image_id)
+        with atomic_path(test_dir / image_id) as tmp:
+            render(attrs, rng, image_size, nuisance).save(tmp)
         labels.append((image_id, attrs.name))
 
     labels_csv = root / "labels.csv"
-    with open(labels_csv, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image_id", "label"])
-        writer.writerows(labels)
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["image_id", "label"])
+    writer.writerows(labels)
+    atomic_write_text(labels_csv, table.getvalue())
 
     prompts_file = root / "prompts.txt"
-    prompts_file.write_text(
+    atomic_write_text(
+        prompts_file,
         f"# hybridcls synthetic world, seed {seed}: {len(classes)} classes "
         f"({len(seen)} with training images, {len(unseen)} without)\n"
         + "".join(f"{a.name}\n" for a in classes),
-        encoding="utf-8",
     )
     templates_file = root / "templates.txt"
-    templates_file.write_text(
+    atomic_write_text(
+        templates_file,
         "# caption templates of the tiny CLIP; {} is replaced by the class name\n"
         + "".join(f"{t}\n" for t in CAPTION_TEMPLATES),
-        encoding="utf-8",
     )
 
     world = World(
@@ -498,4 +500,4 @@ def _write_meta(world: World, **extra: object) -> None:
         "unseen_classes": list(world.unseen_classes),
         **extra,
     }
-    (world.root / "world.json").write_text(json_text(meta, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(world.root / "world.json", meta)

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms
 
-from hybridcls.cache import stable_hash
+from hybridcls.cache import read_json, stable_hash
 from hybridcls.data import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SIDE,
@@ -42,7 +42,6 @@ from hybridcls.data import (
 from hybridcls.data import make_loader as make_image_loader
 from hybridcls.errors import CheckpointError, DatasetError
 from hybridcls.supervised import timm_data_config
-from hybridcls.supervised.checkpoint import read_json
 from hybridcls.train.config import TrainConfig
 from hybridcls.train.state import STATE_JSON_FILE
 from hybridcls.version import __version__

@@ -10,8 +10,8 @@ of its own: ``torch.distributed.run`` starts and watches the workers,
 
 What is ours is the glue a training run needs around them:
 
-* :func:`process_group` joins (and leaves) the group the environment describes,
-  and pins each worker to its GPU (``cuda:LOCAL_RANK``);
+* :func:`process_group` joins (and leaves, through :mod:`hybridcls.torchrun`) the
+  group the environment describes, each worker on its GPU (``cuda:LOCAL_RANK``);
 * :class:`DistributedBalancedSampler` gives each rank its disjoint share of the
   very draw :class:`~hybridcls.train.data.BalancedSampler` makes for one process;
 * :func:`reduce_sums` / :func:`gather_dicts` / :func:`broadcast_object` turn
@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from hybridcls.device import resolve_device
-from hybridcls.errors import InputError
-from hybridcls.sharding import torchrun_world
+from hybridcls.errors import InputError, ParameterError
+from hybridcls.torchrun import torchrun_group, torchrun_local_rank, torchrun_world
 from hybridcls.train.data import BalancedSampler
 
 __all__ = [
@@ -83,7 +83,7 @@ class DistContext:
 def current(device: str | torch.device = "auto") -> DistContext:
     """The context of this process: the live process group's, or a single process on ``device``."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = torchrun_local_rank()
         return DistContext(
             dist.get_rank(), dist.get_world_size(), local_rank, _rank_device(device, local_rank)
         )
@@ -130,28 +130,22 @@ def process_group(device: str | torch.device = "auto") -> Iterator[DistContext]:
     # init_process_group reads the rendezvous (MASTER_*) from the environment too.
     world = torchrun_world(
         require=("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"),
-        hint="start distributed training with torchrun (or hybridcls train --nproc N)",
+        hint="start distributed training with torchrun (or `hybridcls train` with nproc=N)",
     )
     if world is None:
         yield current(device)
         return
     local_rank = world[2]
     dev = _rank_device(device, local_rank)
-    if dev.type == "cuda":
+    if dev.type == "cuda":  # noqa: SIM102
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InputError(
                 f"worker {local_rank} wants {dev} but this machine has "
-                f"{torch.cuda.device_count()} GPU(s); lower --nproc_per_node"
+                f"{torch.cuda.device_count()} GPU(s); start one worker per GPU at most "
+                f"(nproc={torch.cuda.device_count()}, or torchrun's nproc_per_node)"
             )
-        torch.cuda.set_device(dev)
-    dist.init_process_group(
-        backend="nccl" if dev.type == "cuda" else "gloo",
-        device_id=dev if dev.type == "cuda" else None,
-    )
-    try:
+    with torchrun_group(dev):
         yield DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev)
-    finally:
-        dist.destroy_process_group()
 
 
 class DistributedBalancedSampler(BalancedSampler):
@@ -292,9 +286,10 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     from torch.distributed.run import get_args_parser, run
 
     if nproc < 1:
-        raise InputError(f"--nproc must be >= 1, got {nproc}")
+        raise ParameterError("nproc", nproc, "must be >= 1")
     if "WORLD_SIZE" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
-        raise InputError("--nproc inside a torchrun worker: start either torchrun or --nproc")
+        raise ParameterError("nproc", nproc, "given inside a torchrun worker: start either "
+                             "torchrun or nproc=N, not both")
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc_per_node={nproc}", "--module", "hybridcls", *argv]
     )

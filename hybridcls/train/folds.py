@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
+from hybridcls.cache import atomic_write_json
 from hybridcls.data import class_size_error, drop_unreadable, scan_image_folder
 from hybridcls.errors import InputError
-from hybridcls.supervised import write_json
 from hybridcls.train.config import TrainConfig
 from hybridcls.train.data import TrainingData, check_images
 from hybridcls.train.distributed import process_group
@@ -161,7 +161,7 @@ def train_folds(
     summary = FoldsResult(output, results, float(accuracies.mean()), float(accuracies.std()))
     if not ctx.is_main:
         return summary
-    write_json(
+    atomic_write_json(
         output / FOLDS_FILE,
         {
             "k": k,

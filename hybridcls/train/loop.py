@@ -35,9 +35,10 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
+from hybridcls.cache import atomic_write_json
 from hybridcls.data import Batch, scan_image_folder
 from hybridcls.device import resolve_device
-from hybridcls.errors import CheckpointError, DatasetError, InputError
+from hybridcls.errors import CheckpointError, DatasetError, InputError, ParameterError
 from hybridcls.supervised import (
     CONFIG_FILE,
     build_eval_transform,
@@ -45,7 +46,6 @@ from hybridcls.supervised import (
     make_checkpoint_config,
     resolve_model_name,
     save_checkpoint,
-    write_json,
 )
 from hybridcls.train.config import RESUME_FREE_FIELDS, TrainConfig
 from hybridcls.train.data import (
@@ -177,8 +177,8 @@ class Trainer:
         self.device = self.dist.device
         world, rank = self.dist.world_size, self.dist.rank
         if cfg.batch_size % world or cfg.batch_size // world < 2:
-            raise InputError(
-                f"--batch-size {cfg.batch_size} (images per step, all processes together) must "
+            raise ParameterError(
+                "batch_size", cfg.batch_size, f"images per step, all processes together, must "
                 f"be a multiple of the {world} processes with at least 2 images each"
             )
         # The global batch is split: N ranks together take the steps one process would.
@@ -329,7 +329,7 @@ class Trainer:
             )
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(
-                f"--resume {self.run_dir}: the saved state does not fit this model "
+                f"resume={str(self.run_dir)!r}: the saved state does not fit this model "
                 f"({str(exc).splitlines()[0]})"
             ) from exc
         self.scheduler.load_state_dict(info["scheduler"])
@@ -584,7 +584,7 @@ class Trainer:
         )
         if not self.dist.is_main:
             return result
-        write_json(
+        atomic_write_json(
             self.run_dir / REPORT_FILE,
             {
                 "best_epoch": result.best_epoch,
@@ -620,11 +620,10 @@ def _resume_config(
         if name in RESUME_FREE_FIELDS:
             continue
         if wanted[name] != current[name]:
-            flag = "--" + name.replace("_", "-")
             raise CheckpointError(
-                f"--resume {run_dir}: that run was trained with {name}={current[name]!r}, not "
-                f"{value!r} ({flag}); resume without changing it, or start a new run in another "
-                f"--output folder"
+                f"resume={str(run_dir)!r}: that run was trained with {name}={current[name]!r}, not "
+                f"{name}={value!r}; resume without changing it, or start a new run in another "
+                f"folder (output=RUN_DIR)"
             )
     free = {k: v for k, v in requested.items() if k in RESUME_FREE_FIELDS}
     return stored.replace(**free)
@@ -637,7 +636,7 @@ def _check_resumed_classes(run_dir: Path, state: TrainState, data_dir: str | Pat
     if classes != stored:
         diff = sorted(set(stored) ^ set(classes))
         raise CheckpointError(
-            f"--resume {run_dir}: that run was trained on {len(stored)} classes, the folder "
+            f"resume={str(run_dir)!r}: that run was trained on {len(stored)} classes, the folder "
             f"{data_dir} has {len(classes)}"
             + (f"; differing class(es): {', '.join(diff[:5])}" if diff else "; in a different order")
         )

@@ -17,8 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hybridcls.cache import atomic_write_bytes
-from hybridcls.supervised import write_json
+from hybridcls.cache import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "CURVES_PNG",
@@ -96,7 +95,7 @@ def write_metrics(
         row += ["" if per_class.get(name) is None else f"{per_class[name]:.4f}" for name in classes]
         writer.writerow(row)
     atomic_write_bytes(run_dir / METRICS_CSV, buffer.getvalue().encode("utf-8"))
-    write_json(run_dir / METRICS_JSON, {"classes": list(classes), "epochs": history})
+    atomic_write_json(run_dir / METRICS_JSON, {"classes": list(classes), "epochs": history})
 
 
 def plot_curves(run_dir: str | Path, history: list[dict[str, Any]]) -> Path | None:

@@ -24,14 +24,9 @@ from typing import Any
 
 import torch
 
-from hybridcls.cache import atomic_write_bytes, stable_hash
+from hybridcls.cache import atomic_write_bytes, atomic_write_json, read_json, stable_hash
 from hybridcls.errors import CheckpointError
-from hybridcls.supervised.checkpoint import (
-    read_json,
-    read_verified_safetensors,
-    safetensors_bytes,
-    write_json,
-)
+from hybridcls.supervised.checkpoint import read_verified_safetensors, safetensors_bytes
 
 __all__ = [
     "STATE_FORMAT_VERSION",
@@ -130,7 +125,7 @@ def save_train_state(
         **info,
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    write_json(run_dir / STATE_JSON_FILE, {**record, _JSON_HASH_KEY: stable_hash(record)})
+    atomic_write_json(run_dir / STATE_JSON_FILE, {**record, _JSON_HASH_KEY: stable_hash(record)})
 
 
 def load_train_state(run_dir: str | Path) -> TrainState:
@@ -143,32 +138,34 @@ def load_train_state(run_dir: str | Path) -> TrainState:
     json_path = run_dir / STATE_JSON_FILE
     tensor_path = run_dir / STATE_TENSORS_FILE
     if not run_dir.is_dir():
-        raise CheckpointError(f"--resume {run_dir}: folder not found")
+        raise CheckpointError(f"resume={str(run_dir)!r}: folder not found")
     if not json_path.is_file() or not tensor_path.is_file():
         raise CheckpointError(
-            f"--resume {run_dir}: no {STATE_JSON_FILE} / {STATE_TENSORS_FILE}; not a run "
+            f"resume={str(run_dir)!r}: no {STATE_JSON_FILE} / {STATE_TENSORS_FILE}; not a run "
             f"that finished at least one epoch"
         )
     try:
         info = read_json(json_path)
     except CheckpointError as exc:
-        raise CheckpointError(f"--resume {exc}") from exc
+        raise CheckpointError(f"resume={str(run_dir)!r}: {exc}") from exc
     if not isinstance(info, dict) or info.get("format_version") != STATE_FORMAT_VERSION:
-        raise CheckpointError(f"--resume {json_path}: unknown format (not a resume state)")
+        raise CheckpointError(
+            f"resume={str(run_dir)!r}: {STATE_JSON_FILE}: unknown format (not a resume state)"
+        )
     recorded = info.pop(_JSON_HASH_KEY, None)
     if recorded != stable_hash(info):
         raise CheckpointError(
-            f"--resume {json_path}: corrupt: its content differs from the SHA-256 recorded in it "
-            f"when it was written; it is not loaded"
+            f"resume={str(run_dir)!r}: {STATE_JSON_FILE}: corrupt: its content differs from the "
+            f"SHA-256 recorded in it when it was written; it is not loaded"
         )
     tensors_sha = info.pop("tensors_sha256")
     try:
         tensors, metadata = read_verified_safetensors(tensor_path, tensors_sha)
     except CheckpointError as exc:
-        raise CheckpointError(f"--resume {exc}") from exc
+        raise CheckpointError(f"resume={str(run_dir)!r}: {exc}") from exc
     if metadata.get("epoch") != str(info.get("epoch")):
         raise CheckpointError(
-            f"--resume {run_dir}: {STATE_TENSORS_FILE} (epoch {metadata.get('epoch')}) and "
+            f"resume={str(run_dir)!r}: {STATE_TENSORS_FILE} (epoch {metadata.get('epoch')}) and "
             f"{STATE_JSON_FILE} (epoch {info.get('epoch')}) disagree; the run was interrupted "
             f"while saving"
         )

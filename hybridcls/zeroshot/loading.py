@@ -8,6 +8,13 @@ initialised model nor a stack trace), fingerprints that file for caches, and
 honours ``HF_HUB_OFFLINE`` even when it is set after ``huggingface_hub`` was
 imported.
 
+The weights are looked up in the cache first, with huggingface_hub's own
+``hf_hub_download(..., local_files_only=True)`` (hf-hub: models and pretrained
+tags that open_clip keeps on the hub) or in open_clip's download folder (tags
+that only have a URL, OpenAI's), asking for the same files open_clip's
+``download_pretrained`` would; the network is asked only when they are not
+there and ``HF_HUB_OFFLINE`` is not set.
+
 =================================  ==========================================
 ``model``                          weights
 =================================  ==========================================
@@ -34,13 +41,14 @@ from typing import Any
 
 import open_clip
 import torch
-from open_clip.factory import _find_checkpoint_in_dir, parse_model_name
-from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
+from huggingface_hub import hf_hub_download
+from huggingface_hub.utils import EntryNotFoundError
+from open_clip.factory import parse_model_name  # not exported at the top; imported here only
 
 from hybridcls.cache import file_fingerprint, stable_hash
 from hybridcls.data import bound_aspect
 from hybridcls.device import resolve_device
-from hybridcls.errors import CheckpointError, InputError, ParameterError, WeightsUnavailableError
+from hybridcls.errors import CheckpointError, ParameterError, WeightsUnavailableError
 from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 
 __all__ = [
@@ -50,6 +58,7 @@ __all__ = [
     "ClipBundle",
     "hub_offline",
     "load_clip",
+    "local_dir_weights",
 ]
 
 # Weight precisions open_clip builds models in; mixed precision (autocast) is
@@ -58,6 +67,19 @@ PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16")
 
 _CONFIG_NAME = "open_clip_config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz")
+# The files open_clip looks for (open_clip/constants.py, pretrained.py, factory.py); the tests
+# check each rule below against open_clip's own code, so that a change there fails loudly.
+_HF_WEIGHTS_NAME = "open_clip_pytorch_model.bin"
+_HF_SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"
+_URL_CACHE = "~/.cache/clip"  # download_pretrained_from_url's folder without a cache_dir
+# A local-dir: folder's weights: these names in this order, else the first *.safetensors,
+# else the first *.bin / *.pth, by path.
+_LOCAL_DIR_SUFFIXES = (".safetensors", ".bin", ".pth")
+_LOCAL_DIR_PREFERRED = (
+    "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth",
+    "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth",
+)
 
 _log = logging.getLogger(__name__)
 
@@ -113,18 +135,28 @@ class _Resolved:
 
 
 def hub_offline() -> bool:
-    """Whether downloads are forbidden (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    """Whether downloads are forbidden (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``).
+
+    huggingface_hub's own answer (``huggingface_hub.constants.HF_HUB_OFFLINE``,
+    which it reads from the environment once, at import), or the same
+    variables read now by its own rule (``constants.ENV_VARS_TRUE_VALUES``):
+    a process that sets them later (a notebook, a test, a command line that
+    imported torch first) is honoured too.
+    """
     from huggingface_hub import constants
 
     env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return env.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+    return bool(constants.HF_HUB_OFFLINE) or env.strip().upper() in constants.ENV_VARS_TRUE_VALUES
 
 
 @contextmanager
 def _hub_offline_scope(offline: bool) -> Iterator[None]:
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import; a process that sets it
-    # later (a notebook, a test, a CLI that imported torch first) would still reach
-    # the network, so mirror the current environment into its flag while we load.
+    # huggingface_hub's process-wide flag, set while we load, for what local_files_only
+    # cannot reach: open_clip's own calls (building the model and its tokenizer pass no
+    # local_files_only), and huggingface_hub's own requests around a download (2.x fetches
+    # an agent registry to build its request headers, even with local_files_only=True).
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; setting its flag is its
+    # maintainers' advice for a value set later.
     if not offline:
         yield
         return
@@ -155,10 +187,10 @@ def _unavailable(
     )
     msg = (
         f"The weights of {what} are not available: {why}. "
-        "To use a local copy, pass --clip-model local-dir:DIR (a folder holding "
-        "open_clip_config.json and open_clip_model.safetensors), or --clip-pretrained FILE "
-        "(a weights file matching --clip-model), or --cache-dir DIR (a cache that already "
-        "holds them); in Python these are clip_model=, clip_pretrained= and cache_dir=. "
+        "To use a local copy, pass clip_model='local-dir:DIR' (a folder holding "
+        "open_clip_config.json and open_clip_model.safetensors), or clip_pretrained='FILE' "
+        "(a weights file of that model), or cache_dir='DIR' (a cache that already "
+        "holds them). "
         "To download them instead, run once with network access and HF_HUB_OFFLINE unset."
     )
     if cause is not None:
@@ -170,10 +202,10 @@ def _read_config_file(path: Path, model: str) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"--clip-model {model}: cannot read {path}: {_short(exc)}") from exc
+        raise ParameterError("clip_model", model, f"cannot read {path}: {_short(exc)}") from exc
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
-        raise InputError(
-            f"--clip-model {model}: {path} has no 'model_cfg' object (open_clip hub layout)"
+        raise ParameterError(
+            "clip_model", model, f"{path} has no 'model_cfg' object (open_clip hub layout)"
         )
     return cfg["model_cfg"]
 
@@ -181,43 +213,122 @@ def _read_config_file(path: Path, model: str) -> dict[str, Any]:
 def _resolve_local_dir(model: str, folder: str) -> _Resolved:
     d = Path(folder).expanduser()
     if not d.is_dir():
-        raise InputError(f"--clip-model {model}: folder {d} not found")
+        raise ParameterError("clip_model", model, f"folder {d} not found")
     cfg_path = d / _CONFIG_NAME
     if not cfg_path.is_file():
-        raise InputError(
-            f"--clip-model {model}: {cfg_path} is missing; a local-dir: folder holds "
+        raise ParameterError(
+            "clip_model", model, f"{cfg_path} is missing; a local-dir: folder holds "
             f"{_CONFIG_NAME} (model_cfg + preprocess_cfg) and open_clip_model.safetensors"
         )
     model_cfg = _read_config_file(cfg_path, model)
-    # open_clip's own search, so the file we fingerprint is the file it loads.
-    weights = _find_checkpoint_in_dir(d)
+    # open_clip's own choice, so the file we fingerprint is the file it loads.
+    weights = local_dir_weights(d)
     if weights is None:
         raise WeightsUnavailableError(
-            f"--clip-model {model}: no weights file (*.safetensors, *.bin, *.pth) in {d}; "
+            f"clip_model={model!r}: no weights file (*.safetensors, *.bin, *.pth) in {d}; "
             "put open_clip_model.safetensors beside open_clip_config.json"
         )
     return _Resolved(f"local-dir:{d}", None, weights, model_cfg)
 
 
-def _resolve_hf_hub(model: str, repo: str, cache_dir: str | None, offline: bool) -> _Resolved:
+def local_dir_weights(folder: str | os.PathLike[str]) -> str | None:
+    """The weights file open_clip loads from a ``local-dir:`` folder, or None when it has none.
+
+    open_clip's rule (``create_model``'s local-dir branch): the first of its
+    preferred names present (``open_clip_model.safetensors`` first), else the
+    first ``*.safetensors`` file by name, else the first ``*.bin`` / ``*.pth``.
+
+    Example:
+        >>> local_dir_weights("tiny_clip")  # doctest: +SKIP
+        'tiny_clip/open_clip_model.safetensors'
+    """
+    d = Path(folder)
+    found = sorted(p for suffix in _LOCAL_DIR_SUFFIXES for p in d.glob(f"*{suffix}"))
+    preferred = [p for p in found if p.name in _LOCAL_DIR_PREFERRED]
+    if preferred:
+        return str(min(preferred, key=lambda p: _LOCAL_DIR_PREFERRED.index(p.name)))
+    return str(min(found, key=lambda p: (p.suffix != ".safetensors", p))) if found else None
+
+
+def _hub_candidates(filename: str | None) -> list[str]:
+    """The names open_clip's ``download_pretrained_from_hf`` asks a repo for, in its order.
+
+    The default weights name, or a ``.bin`` / ``.pth`` one, is tried as
+    ``.safetensors`` first.
+    """
+    filename = filename or _HF_WEIGHTS_NAME
+    if filename == _HF_WEIGHTS_NAME:
+        return [_HF_SAFE_WEIGHTS_NAME, filename]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors", filename]
+    return [filename]
+
+
+def _hub_file(repo: str, filename: str | None, cache_dir: str | None, local_only: bool) -> str:
+    """The first of open_clip's candidate files for ``filename`` that ``repo`` has, as a local path.
+
+    Raises:
+        Exception: huggingface_hub's error (the last candidate not cached with
+            ``local_only``, or not in the repo; no network...).
+    """
+    *alternatives, name = _hub_candidates(filename)
+    for alternative in alternatives:
+        try:
+            return _hub_download(repo, alternative, cache_dir, local_only)
+        except EntryNotFoundError:  # not in the cache (LocalEntryNotFoundError) or the repo
+            pass
+    return _hub_download(repo, name, cache_dir, local_only)
+
+
+def _hub_download(repo: str, filename: str, cache_dir: str | None, local_only: bool) -> str:
+    return hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=local_only,
+                           library_name="open_clip", library_version=open_clip.__version__)
+
+
+def _tag_weights(tag_cfg: dict[str, Any], cache_dir: str | None, local_only: bool) -> str:
+    """The weights file of a pretrained tag, as open_clip's ``download_pretrained`` finds it.
+
+    ``hf_hub`` (``ORG/REPO/FILE``, or ``ORG/REPO/`` for the default file) wins
+    over ``url``; a URL's file lies in open_clip's download folder, and is
+    looked for there only with ``local_only``.
+
+    Raises:
+        Exception: Not cached with ``local_only``, or the download failed.
+    """
+    if "file" in tag_cfg:
+        return tag_cfg["file"]
+    if tag_cfg.get("hf_hub"):
+        repo, filename = os.path.split(tag_cfg["hf_hub"])
+        return _hub_file(repo, filename or None, cache_dir, local_only)
+    url = tag_cfg.get("url", "")
+    target = Path(cache_dir or os.path.expanduser(_URL_CACHE)) / os.path.basename(url)
+    if local_only and not target.is_file():
+        raise FileNotFoundError(f"{target} is not in open_clip's download folder")
+    # open_clip checks the file's SHA-256 against the URL's and downloads it when absent.
+    return open_clip.download_pretrained_from_url(url, cache_dir=cache_dir)
+
+
+def _resolve_hf_hub(
+    model: str, repo: str, cache_dir: str | None, offline: bool, local_only: bool
+) -> _Resolved:
     try:
-        cfg_path = download_pretrained_from_hf(repo, filename=_CONFIG_NAME, cache_dir=cache_dir)
-        weights = download_pretrained_from_hf(repo, cache_dir=cache_dir)
+        cfg_path = _hub_file(repo, _CONFIG_NAME, cache_dir, local_only)
+        weights = _hub_file(repo, None, cache_dir, local_only)
     except Exception as exc:  # hub/network errors come in many types; all mean "not available"
         raise _unavailable(f"open_clip model {model}", offline, cache_dir, exc) from exc
     return _Resolved(model, None, weights, _read_config_file(Path(cfg_path), model))
 
 
 def _resolve_builtin(
-    model: str, pretrained: str | None, cache_dir: str | None, offline: bool
+    model: str, pretrained: str | None, cache_dir: str | None, offline: bool, local_only: bool
 ) -> _Resolved:
     name = model.replace("/", "-")  # open_clip accepts 'ViT-B/32' for 'ViT-B-32'
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise InputError(
-            f"--clip-model {model!r}: not an open_clip model name{hint}; "
+        raise ParameterError(
+            "clip_model", model, f"not an open_clip model name{hint}; "
             "use a name from open_clip.list_models(), hf-hub:ORG/REPO or local-dir:DIR"
         )
     if not pretrained:
@@ -225,7 +336,7 @@ def _resolve_builtin(
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if tag_cfg:
         try:
-            weights = download_pretrained(tag_cfg, cache_dir=cache_dir)
+            weights = _tag_weights(tag_cfg, cache_dir, local_only)
         except Exception as exc:  # hub/network errors come in many types; all mean "not available"
             raise _unavailable(
                 f"open_clip model {name} with pretrained tag {pretrained}", offline, cache_dir, exc
@@ -240,27 +351,30 @@ def _resolve_builtin(
     if os.path.isfile(pretrained):
         return _Resolved(name, pretrained, pretrained, model_cfg)
     if os.sep in pretrained or "/" in pretrained or pretrained.lower().endswith(_WEIGHT_SUFFIXES):
-        raise InputError(f"--clip-pretrained {pretrained}: file not found")
+        raise ParameterError("clip_pretrained", pretrained, "file not found")
     tags = open_clip.list_pretrained_tags_by_model(name)
-    raise InputError(
-        f"--clip-pretrained {pretrained!r} is neither a pretrained tag of {name} "
+    raise ParameterError(
+        "clip_pretrained", pretrained, f"neither a pretrained tag of {name} "
         f"(known: {', '.join(tags) or 'none'}) nor an existing weights file"
     )
 
 
-def _resolve(model: str, pretrained: str | None, cache_dir: str | None, offline: bool) -> _Resolved:
+def _resolve(
+    model: str, pretrained: str | None, cache_dir: str | None, offline: bool, local_only: bool
+) -> _Resolved:
+    """Where the weights are: with ``local_only`` in the caches alone, else downloaded if need be."""
     try:
         schema, ident = parse_model_name(model)
     except ValueError as exc:
-        raise InputError(f"--clip-model {model!r}: {exc}") from exc
+        raise ParameterError("clip_model", model, str(exc)) from exc
     if schema in ("local-dir", "hf-hub") and pretrained not in (None, DEFAULT_CLIP_PRETRAINED):
         raise ParameterError("clip_pretrained", pretrained, f"not used with a {schema}: model, whose "
                              "weights come with it; leave clip_pretrained out")
     if schema == "local-dir":
         return _resolve_local_dir(model, ident)
     if schema == "hf-hub":
-        return _resolve_hf_hub(model, ident, cache_dir, offline)
-    return _resolve_builtin(model, pretrained, cache_dir, offline)
+        return _resolve_hf_hub(model, ident, cache_dir, offline, local_only)
+    return _resolve_builtin(model, pretrained, cache_dir, offline, local_only)
 
 
 def _create(
@@ -288,8 +402,8 @@ def _create(
         ) from exc
     except (RuntimeError, ValueError, TypeError, KeyError, OSError, AssertionError) as exc:
         if res.weights_path is None:
-            raise InputError(
-                f"--clip-model {model}: open_clip cannot build it: {_short(exc)}"
+            raise ParameterError(
+                "clip_model", model, f"open_clip cannot build it: {_short(exc)}"
             ) from exc
         raise CheckpointError(
             f"{res.weights_path}: cannot load these weights into open_clip model {model}: {_short(exc)}"
@@ -330,9 +444,9 @@ def load_clip(
 
     Raises:
         WeightsUnavailableError: Weights neither cached nor downloadable (one
-            paragraph naming --clip-model local-dir:, --clip-pretrained,
-            --cache-dir and HF_HUB_OFFLINE).
-        InputError: Unknown model name or tag, missing local-dir folder or config.
+            paragraph naming ``clip_model='local-dir:DIR'``, ``clip_pretrained``,
+            ``cache_dir`` and HF_HUB_OFFLINE).
+        ParameterError: Unknown model name or tag, missing local-dir folder or config.
         CheckpointError: A weights file that does not fit or holds pickled code.
 
     Example:
@@ -341,23 +455,23 @@ def load_clip(
         (32, (32, 32))
     """
     if precision not in PRECISIONS:
-        raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        raise ParameterError("precision", precision, f"expected one of {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
     cache = os.fspath(Path(cache_dir).expanduser()) if cache_dir is not None else None
     pretrained = pretrained or None
     offline = hub_offline()
-    # Look in the cache first with the hub switched off: when the weights are
-    # there, nothing below touches the network, which matters on machines where
-    # huggingface_hub would otherwise retry an unreachable host for a minute.
+    # Look in the caches first: when the weights are there, nothing below touches the
+    # network, which matters on machines where huggingface_hub would otherwise retry an
+    # unreachable host for a minute.
     cached = True
     try:
-        with _hub_offline_scope(True):
-            res = _resolve(model, pretrained, cache, offline)
+        with _hub_offline_scope(offline):
+            res = _resolve(model, pretrained, cache, offline, local_only=True)
     except WeightsUnavailableError:
         if offline:
             raise
         cached = False
-        res = _resolve(model, pretrained, cache, offline)
+        res = _resolve(model, pretrained, cache, offline, local_only=False)
     fingerprint = (
         file_fingerprint(res.weights_path)
         if res.weights_path is not None

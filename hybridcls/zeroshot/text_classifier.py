@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from hybridcls.cache import atomic_path, resolve_cache_dir, stable_hash
 from hybridcls.errors import ResourceUseWarning
+from hybridcls.zeroshot.defaults import LOCAL_DIR_PREFIX
 from hybridcls.zeroshot.loading import ClipBundle
 from hybridcls.zeroshot.prompts import (
     PromptSet,
@@ -70,7 +71,7 @@ _log = logging.getLogger(__name__)
 def _model_identity(bundle: ClipBundle) -> str:
     # A local-dir folder is fully described by its config hash and weights
     # fingerprint; leaving its path out lets a moved or copied folder keep its cache.
-    return "local-dir" if bundle.model_id.startswith("local-dir:") else bundle.model_id
+    return "local-dir" if bundle.model_id.startswith(LOCAL_DIR_PREFIX) else bundle.model_id
 
 
 def text_cache_key(

@@ -1,0 +1,194 @@
+"""The command line shows library messages in its own flags' words.
+
+Library code names Python parameters (tests/test_messages.py); ``hybridcls.cli.main``
+rewrites each ``name=value`` into the flag of the running subcommand that sets it
+(:func:`hybridcls.cli.common.flag_message`). Each case is a message of another module, run
+through the command line, with the exact line a user reads: the library wording it comes
+from is in the comment above each expected text.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from hybridcls.cli import main
+from hybridcls.synth import TINY_CLIP_MODEL_ID
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_hybrid, tmp_path_factory) -> dict:
+    """The tiny hybrid's run and world, one test image, a run without a gate, a work folder."""
+    tmp = tmp_path_factory.mktemp("cli_messages")
+    bare = tmp / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_hybrid["run"] / name, bare / name)
+    image = min(tiny_hybrid["world"].test_dir.iterdir())
+    return {**tiny_hybrid, "tmp": tmp, "bare": bare, "image": image}
+
+
+def _error_line(argv: list[str], capsys) -> str:
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    return err.strip().splitlines()[-1]
+
+
+# (case, argv, expected line after "hybridcls CMD: error: "), from ctx
+CASES = {
+    # runtime settings: RuntimeSettings -> "batch_size=0: expected a positive integer"
+    "runtime-settings": lambda c: (
+        ["predict", str(c["image"]), *c["common"], "--batch-size", "0"],
+        "--batch-size 0: expected a positive integer"),
+    # training config: TrainConfig.validate -> "val_split=1.5: must be between 0 and 1 (exclusive)"
+    "training-config": lambda c: (
+        ["train", str(c["world"].train_dir), "-o", str(c["tmp"] / "r1"), "--val-split", "1.5"],
+        "--val-split 1.5: must be between 0 and 1 (exclusive)"),
+    # resume: load_train_state -> "resume='DIR': folder not found"
+    "resume-missing": lambda c: (
+        ["train", str(c["world"].train_dir), "--resume", str(c["tmp"] / "nowhere")],
+        f"--resume {c['tmp'] / 'nowhere'}: folder not found"),
+    # resume: _resume_config -> "resume='RUN': that run was trained with lr=0.001, not lr=0.1; ...
+    # (output=RUN_DIR)"
+    "resume-other-options": lambda c: (
+        ["train", str(c["world"].train_dir), "--resume", str(c["run"]), "--lr", "0.1", "-q"],
+        (f"--resume {c['run']}: that run was trained with --lr 0.001, not --lr 0.1; resume without "
+         "changing it, or start a new run in another folder (--output RUN_DIR)")),
+    # the freeze: freeze_backbone -> "trainable_stages=9: ..." (_DESTINATIONS: --freeze)
+    "freeze-stages": lambda c: (
+        ["train", str(c["world"].train_dir), "-o", str(c["tmp"] / "r2"), "--model", "test_convnext",
+         "--no-pretrained", "--image-size", "32", "--freeze", "9", "--workers", "0", "-q"],
+        "--freeze 9: ConvNeXt has 4 stages; use 0 to 4, or None to train everything"),
+    # the pretrained tag: resolve_model_name -> "tag='in99k': ..." (_DESTINATIONS: --pretrained)
+    "pretrained-tag": lambda c: (
+        ["train", str(c["world"].train_dir), "-o", str(c["tmp"] / "r3"), "--model", "test_convnext",
+         "--pretrained", "in99k", "--image-size", "32", "--workers", "0", "-q"],
+        "--pretrained in99k: timm has no tag 'in99k' for 'test_convnext'; known tags: r160_in1k"),
+    # distributed training: launch -> "nproc=0: must be >= 1"
+    "nproc": lambda c: (
+        ["train", str(c["world"].train_dir), "-o", str(c["tmp"] / "r4"), "--nproc", "0"],
+        "--nproc 0: must be >= 1"),
+    # shard: ShardSpec.parse -> "shard='3/3': I must be between 0 and 2 (shards count from 0)"
+    "shard": lambda c: (
+        ["predict", str(c["image"]), *c["common"], "--shard", "3/3", "-o", str(c["tmp"] / "s.csv")],
+        "--shard 3/3: I must be between 0 and 2 (shards count from 0)"),
+    # sharding: Manifest.read -> "... (`hybridcls predict` with output=FILE) ..."
+    "merge-without-manifest": lambda c: (
+        ["merge", str(c["image"]), "-o", str(c["tmp"] / "m.csv")],
+        (f"{c['image']}: no manifest {c['image'].name}.manifest.json beside it; only files written "
+         "by predict_to_output (`hybridcls predict` with --output FILE) can be resumed or merged")),
+    # calibration parameters: Gate.check_params -> "tpr=1.5: expected a rate in (0, 1]"
+    "calibration-parameter": lambda c: (
+        ["calibrate", str(c["run"]), *c["common"], "--tpr", "1.5", "-q"],
+        "--tpr 1.5: expected a rate in (0, 1]"),
+    # the gate: HybridClassifier -> "... `hybridcls calibrate RUN` with prompts=FILE"
+    "run-without-gate": lambda c: (
+        ["predict", str(c["image"]), *c["common"], "--checkpoint", str(c["bare"]), "-q"],
+        (f"{c['bare']}: the run has no gate.json; calibrate it first: HybridClassifier.calibrate(), "
+         f"or `hybridcls calibrate {c['bare']}` with --prompts FILE")),
+    # CLIP loading: _resolve_local_dir -> "clip_model='local-dir:DIR': folder DIR not found"
+    "clip-model": lambda c: (
+        ["predict", str(c["image"]), *c["common"], "--clip-model", f"local-dir:{c['tmp'] / 'nope'}"],
+        f"--clip-model local-dir:{c['tmp'] / 'nope'}: folder {c['tmp'] / 'nope'} not found"),
+    # the audit: audit_dataset -> "test_dir='DIR': folder not found" (_DESTINATIONS: --test)
+    "audit-test-folder": lambda c: (
+        ["audit", str(c["world"].train_dir), "--test", str(c["tmp"] / "no-test"),
+         "--clip-model", TINY_CLIP_MODEL_ID, "-q"],
+        f"--test {c['tmp'] / 'no-test'}: folder not found"),
+    # a nested subcommand: load_or_make_world -> "... not seed=0; use seed=1, or another
+    # folder (out=DIR)", in bench quality's flags
+    "bench-quality-seed": lambda c: (
+        ["bench", "quality", "--out", str(c["root"]), "--seed", "0", "-q"],
+        (f"{c['root'] / 'world'} holds the world of seed 1, not --seed 0; use --seed 1, or another "
+         "folder (--out DIR)")),
+    # ... and in demo's
+    "demo-seed": lambda c: (
+        ["demo", "--out", str(c["root"]), "--seed", "0", "-q"],
+        (f"{c['root'] / 'world'} holds the world of seed 1, not --seed 0; use --seed 1, or another "
+         "folder (--out DIR)")),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_library_message_reads_in_the_commands_flags(ctx, case, capsys):
+    argv, expected = CASES[case](ctx)
+    assert _error_line(argv, capsys) == f"hybridcls {argv[0]}: error: {expected}"
+
+
+def test_predict_resume_and_merge_name_predicts_resume_flag(ctx, capsys):
+    """sharding: "resume=True: ... run without resume=True ...", and merge_parts' "(rerun it with
+    resume=True)" in merge, which has no --resume of its own (_SWITCHES)."""
+    tmp: Path = ctx["tmp"] / "shards"
+    images = str(ctx["world"].test_dir)
+    argv = ["predict", images, *ctx["common"], "-q"]
+    out = tmp / "pred.csv"
+    tmp.mkdir()
+    assert main([*argv, "-o", str(out)]) == 0
+    assert _error_line([*argv, "-o", str(out), "--precision", "fp32", "--resume"], capsys) == (
+        f"hybridcls predict: error: --resume: cannot continue {out}: it was written with other "
+        'settings or inputs (precision "auto" vs "fp32"); run without --resume to start it again, '
+        "or choose another --output FILE")
+    parts = [tmp / f"part{i}.csv" for i in range(2)]
+    for i, part in enumerate(parts):
+        assert main([*argv, "--shard", f"{i}/2", "-o", str(part)]) == 0
+    lines = parts[1].read_text(encoding="utf-8").splitlines(keepends=True)
+    parts[1].write_text("".join(lines[:-1]), encoding="utf-8")  # a part cut after its next-to-last row
+    line = _error_line(["merge", *map(str, parts), "-o", str(tmp / "m.csv")], capsys)
+    n = len(out.read_text(encoding="utf-8").splitlines()) - 1  # the inputs: one row each
+    size = n - n // 2
+    assert line.startswith("hybridcls merge: error: cannot merge 2 part(s): ")
+    assert line.endswith(f"{parts[1]} (shard 1/2) stops after {size - 1} of {size} rows "
+                         "(rerun it with --resume)")
+
+
+def test_the_bundled_templates_advice_names_the_templates_flag(ctx, capsys):
+    """text_checks: "... templates=FILE ..., or pass truncate_prompts=True to accept the cut"."""
+    common = list(ctx["common"])
+    i = common.index("--templates")
+    del common[i:i + 2]  # the bundled templates: some are longer than the tiny CLIP's 16 tokens
+    status = main(["predict", str(ctx["image"]), *common, "-q"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("hybridcls predict: error: ")
+    assert err.rstrip().endswith(
+        "The bundled default templates are too long for this model and cannot be edited: pass "
+        "your own, shorter templates with --templates FILE (a templates file; in Python also a "
+        "list of strings with {} for the class text), or pass --truncate-prompts to accept the cut.")
+
+
+def test_the_missing_clip_weights_advice_names_the_clip_flags(ctx, capsys, monkeypatch):
+    """zeroshot.loading: "pass clip_model='local-dir:DIR' (...), or clip_pretrained='FILE' (...),
+    or cache_dir='DIR' (...)", with HF_HUB_OFFLINE set (conftest) and no network."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted in a test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    common = list(ctx["common"])
+    common[common.index("--clip-model") + 1] = "ViT-B-32"
+    common[common.index("--cache-dir") + 1] = str(ctx["tmp"] / "empty-cache")
+    line = _error_line(["predict", str(ctx["image"]), *common, "-q"], capsys)
+    assert line.startswith("hybridcls predict: error: The weights of open_clip model ViT-B-32 with "
+                           "pretrained tag laion2b_s34b_b79k are not available: ")
+    assert ("To use a local copy, pass --clip-model local-dir:DIR (a folder holding "
+            "open_clip_config.json and open_clip_model.safetensors), or --clip-pretrained FILE "
+            "(a weights file of that model), or --cache-dir DIR (a cache that already holds "
+            "them). ") in line
+
+
+def test_a_windows_path_reads_as_written():
+    import argparse
+
+    from hybridcls.cli.common import flag_message
+    from hybridcls.errors import ParameterError
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cache-dir")
+    message = str(ParameterError("cache_dir", "C:\\data\\cache", "not found"))
+    assert message == "cache_dir='C:\\\\data\\\\cache': not found"  # the repr doubles backslashes
+    assert flag_message(message, parser) == "--cache-dir C:\\data\\cache: not found"
