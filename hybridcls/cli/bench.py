@@ -1,4 +1,4 @@
-"""``hybridcls bench quality`` (and ``speed``): benchmarks that print figures, offline."""
+"""``hybridcls bench quality`` (with ``--zoo``), ``speed`` and ``memory``: benchmarks that print figures, offline."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from pathlib import Path
 from hybridcls.cache import json_text
 from hybridcls.cli.common import UsageError
 
-__all__ = ["add_parser", "run", "run_memory", "run_quality", "run_speed"]
+__all__ = ["add_parser", "run", "run_memory", "run_quality", "run_speed", "run_zoo"]
+
+_QUALITY_OUT = "hybridcls-bench-quality"
+_ZOO_OUT = "hybridcls-bench-zoo"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -16,15 +19,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                    description="Benchmarks that print figures and write JSON.")
     sub = parser.add_subparsers(dest="bench", metavar="BENCH")
     sub.required = True
-    q = sub.add_parser("quality", help="S / U / H of every branch, gate and mode on the synthetic world")
-    q.add_argument("--out", default="hybridcls-bench-quality", metavar="DIR",
-                   help="working folder; quality.md and quality.json go here (default: %(default)s)")
-    q.add_argument("--seed", type=int, default=0, help="world seed (default: %(default)s)")
-    q.add_argument("--epochs", type=int, default=8, help="supervised training epochs (default: %(default)s)")
+    q = sub.add_parser("quality", help="S / U / H of every branch, gate and mode on the synthetic world "
+                                       "(or on a zoo of worlds: --zoo)")
+    q.add_argument("--out", default=None, metavar="DIR",
+                   help="working folder; quality.md and quality.json (zoo.md and zoo.json with --zoo) "
+                        f"go here (default: {_QUALITY_OUT}, or {_ZOO_OUT} with --zoo)")
+    q.add_argument("--zoo", default=None, metavar="N",
+                   help="measure the default gate on the first N worlds of the zoo (1 to 8: other "
+                        "class counts, image sizes, nuisances, CLIPs, backbones, imbalance, unseen "
+                        "classes close to or far from the seen ones), or 'ci' for two tiny worlds; "
+                        "each world's spec sets what --seed, --epochs, --model and --image-size set")
+    q.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="with --zoo: where the zoo's tiny CLIPs, converted weights and text "
+                        "classifiers are cached (default: the user's hybridcls cache)")
+    q.add_argument("--seed", type=int, default=None, help="world seed (default: 0)")
+    q.add_argument("--epochs", type=int, default=None, help="supervised training epochs (default: 8)")
     q.add_argument("--model", default=None,
                    help="a timm model trained from scratch (default: EfficientNet-Lite0 from the "
                         "[dev] extra's ImageNet weights, else test_convnext from scratch)")
-    q.add_argument("--image-size", type=int, default=64, help="supervised input size (default: %(default)s)")
+    q.add_argument("--image-size", type=int, default=None, help="supervised input size (default: 64)")
     q.add_argument("--workers", type=int, default=0, metavar="N")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(run=run_quality)
@@ -74,14 +87,49 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run_quality(args: argparse.Namespace) -> int:
+    if args.zoo is not None:
+        return run_zoo(args)
     # each benchmark (torch, timm, open_clip) is imported when its command runs
     from hybridcls.bench.quality import run_quality as bench
 
-    report = bench(Path(args.out), seed=args.seed, epochs=args.epochs, model=args.model,
-                   image_size=args.image_size, workers=args.workers, progress=not args.quiet)
+    if args.cache_dir is not None:
+        raise UsageError("--cache-dir applies to --zoo only (the single world caches in --out)")
+    out = Path(args.out or _QUALITY_OUT)
+    report = bench(out, seed=0 if args.seed is None else args.seed,
+                   epochs=8 if args.epochs is None else args.epochs, model=args.model,
+                   image_size=64 if args.image_size is None else args.image_size,
+                   workers=args.workers, progress=not args.quiet)
     print(report.markdown())
     print("\ntimes (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
-    print(f"wrote {Path(args.out) / 'quality.md'} and quality.json")
+    print(f"wrote {out / 'quality.md'} and quality.json")
+    return 0
+
+
+def run_zoo(args: argparse.Namespace) -> int:
+    from hybridcls.bench.zoo import ZOO
+    from hybridcls.bench.zoo import run_zoo as bench
+
+    given = [flag for flag, value in (("--seed", args.seed), ("--epochs", args.epochs),
+                                      ("--model", args.model), ("--image-size", args.image_size))
+             if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: each world of --zoo sets its own (see docs/synthetic.md)")
+    n: int | str = args.zoo
+    if n != "ci":
+        try:
+            n = int(n)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= len(ZOO):
+            raise UsageError(f"--zoo takes a number of worlds from 1 to {len(ZOO)}, or 'ci'; got {args.zoo!r}")
+    out = Path(args.out or _ZOO_OUT)
+    report = bench(out, n, cache_dir=args.cache_dir, workers=args.workers, progress=not args.quiet,
+                   log=None if args.quiet else print)
+    print(report.markdown())
+    for name, parts in report.seconds.items():
+        print(f"times (s), {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+    print(f"wrote {out / 'zoo.md'} and zoo.json; each world's cached outputs are in "
+          f"{out}/<world>/features (hybridcls.bench.zoo.evaluate_zoo refits gates on them)")
     return 0
 
 

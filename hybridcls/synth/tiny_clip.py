@@ -12,6 +12,10 @@ Regenerate the shipped copy (a few minutes on 2 CPU cores)::
 
     python -m hybridcls.synth.tiny_clip --out hybridcls/synth/assets/tiny_clip
 
+Weaker CLIPs (fewer training steps) are trained once into the cache folder and
+reused: :func:`tiny_clip_model_id` (``bench quality --zoo`` varies the CLIP's
+quality with them).
+
 Example:
     >>> import open_clip
     >>> from hybridcls.synth import TINY_CLIP_MODEL_ID
@@ -23,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
+import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +46,8 @@ from safetensors.torch import save_file
 from timm.loss import SoftTargetCrossEntropy
 from timm.scheduler import CosineLRScheduler
 
-from hybridcls.cache import atomic_path, atomic_write_json
+from hybridcls.cache import atomic_path, atomic_write_json, resolve_cache_dir
+from hybridcls.errors import InputError
 from hybridcls.synth.render import all_attributes, render
 from hybridcls.synth.world import CAPTION_TEMPLATES, image_rng, make_world
 from hybridcls.zeroshot.text_checks import context_length, token_counts
@@ -55,6 +63,7 @@ __all__ = [
     "main",
     "pretraining_batch",
     "save_tiny_clip",
+    "tiny_clip_model_id",
     "train_tiny_clip",
 ]
 
@@ -86,6 +95,7 @@ _EVAL_SEED = 1000
 # 1,000); 500 keeps it clearly below a trained supervised branch, as real
 # CLIPs are against a fine-tuned backbone on its own classes.
 DEFAULT_STEPS = 500
+_BATCH_SIZE = 128
 
 
 def caption_tokens(tokenizer: open_clip.SimpleTokenizer) -> torch.Tensor:
@@ -139,7 +149,7 @@ def train_tiny_clip(
     *,
     steps: int = DEFAULT_STEPS,
     seed: int = 0,
-    batch_size: int = 128,
+    batch_size: int = _BATCH_SIZE,
     lr: float = 1e-2,
     weight_decay: float = 0.05,
     warmup: int = 50,
@@ -243,6 +253,72 @@ def _write_config(out: Path, info: dict[str, Any]) -> None:
     atomic_write_json(out / "open_clip_config.json", config)
 
 
+def _recipe(steps: int, seed: int, batch_size: int) -> dict[str, int]:
+    """The ``hybridcls.recipe`` entry of a tiny CLIP's config: what identifies its weights."""
+    return {"steps": steps, "seed": seed, "batch_size": batch_size}
+
+
+def tiny_clip_model_id(steps: int = DEFAULT_STEPS, *, seed: int = 0, batch_size: int = _BATCH_SIZE,
+                       cache_dir: str | os.PathLike[str] | None = None, log_every: int = 0) -> str:
+    """The open_clip model id of the tiny CLIP trained for ``steps`` steps with ``seed``.
+
+    The shipped recipe (:data:`DEFAULT_STEPS` steps, seed 0, batch 128) is the shipped
+    folder (:data:`TINY_CLIP_MODEL_ID`); any other is trained once
+    (:func:`train_tiny_clip`) into
+    ``<cache_dir>/tiny_clip/steps<steps>-seed<seed>-batch<batch_size>/`` and reused from
+    there afterwards: a folder is reused only when its config records that recipe.
+    Fewer steps give a weaker CLIP (docs/synthetic.md measures them).
+
+    Args:
+        steps: Training steps (at least 1).
+        seed: Training seed.
+        batch_size: Image-caption pairs per step (at least 2).
+        cache_dir: The cache folder (default: :func:`hybridcls.cache.default_cache_dir`).
+        log_every: Print the loss every this many steps while training (0: never).
+
+    Returns:
+        ``"local-dir:<folder>"``.
+
+    Raises:
+        InputError: ``steps`` below 1 or ``batch_size`` below 2.
+
+    Example:
+        >>> weak = tiny_clip_model_id(200)  # doctest: +SKIP
+        >>> weak.startswith("local-dir:")  # doctest: +SKIP
+        True
+    """
+    for name, value, least in (("steps", steps, 1), ("batch_size", batch_size, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"{name} must be a whole number of at least {least}, got {value!r}")
+    recipe = _recipe(steps, seed, batch_size)
+    if recipe == _recipe(DEFAULT_STEPS, 0, _BATCH_SIZE):
+        return TINY_CLIP_MODEL_ID
+    folder = resolve_cache_dir(cache_dir) / "tiny_clip" / f"steps{steps}-seed{seed}-batch{batch_size}"
+    if _trained_with(folder) != recipe:
+        model = train_tiny_clip(steps=steps, seed=seed, batch_size=batch_size, log_every=log_every)
+        # Written beside the final folder, then renamed into place: a reader never sees
+        # half a model, and a folder whose recipe differs (or a torn one) is replaced.
+        tmp = folder.parent / f".{folder.name}.{secrets.token_hex(6)}.tmp"
+        save_tiny_clip(model, tmp, info={"recipe": recipe})
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process put the same model there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return "local-dir:" + str(folder)
+
+
+def _trained_with(folder: Path) -> dict[str, Any] | None:
+    """The recipe a cached tiny CLIP folder records, or None when it holds no complete model."""
+    try:
+        config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (folder / "open_clip_model.safetensors").is_file():
+        return None
+    return config.get("hybridcls", {}).get("recipe")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Train, save and evaluate the tiny CLIP: ``python -m hybridcls.synth.tiny_clip --out DIR``.
 
@@ -265,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"training steps (default: {DEFAULT_STEPS})",
     )
     parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=128, help="pairs per step (default: 128)")
+    parser.add_argument("--batch-size", type=int, default=_BATCH_SIZE,
+                        help=f"pairs per step (default: {_BATCH_SIZE})")
     parser.add_argument(
         "--eval-seed",
         type=int,
@@ -279,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.monotonic()
     model = train_tiny_clip(steps=args.steps, seed=args.seed, batch_size=args.batch_size)
     minutes = (time.monotonic() - start) / 60
-    recipe = {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size}
+    recipe = _recipe(args.steps, args.seed, args.batch_size)
     save_tiny_clip(model, args.out, info={"recipe": recipe})
 
     with tempfile.TemporaryDirectory() as tmp:

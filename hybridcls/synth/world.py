@@ -25,18 +25,37 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
+import math
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from hybridcls.cache import atomic_path, atomic_write_json, atomic_write_text
 from hybridcls.errors import DatasetError, InputError
-from hybridcls.synth.render import Attributes, all_attributes, render
+from hybridcls.synth.render import (
+    FAMILIES,
+    VOCABULARY,
+    Attributes,
+    all_attributes,
+    check_nuisance,
+    render,
+    vocabulary,
+)
 
-__all__ = ["CAPTION_TEMPLATES", "World", "image_rng", "make_world", "select_classes"]
+__all__ = [
+    "CAPTION_TEMPLATES",
+    "PLACEMENTS",
+    "World",
+    "attribute_distance",
+    "image_rng",
+    "make_world",
+    "select_classes",
+]
 
 # The tiny CLIP is trained on captions made from these templates, so they are
 # also the templates that suit it for zero-shot scoring. "the" rather than
@@ -54,6 +73,9 @@ _WORLD_VERSION = 1
 # Separate seed streams: the same world seed must never give the CLIP's
 # pretraining images the same pixels as a world's train or test images.
 STREAM_TRAIN, STREAM_TEST, STREAM_SPLIT = 1, 2, 3
+# Where the unseen classes lie relative to the seen ones (see select_classes).
+PLACEMENTS: tuple[str, ...] = ("random", "close", "far")
+_DRAWS = 1000
 
 
 def image_rng(seed: int, stream: int, *index: int) -> np.random.Generator:
@@ -82,6 +104,9 @@ class World:
         unseen_classes: Readable names of the classes without training images, sorted.
         seed: The seed the world was generated from.
         image_size: Side of every image, in pixels.
+        vocabulary: The values each attribute family takes (``{family: values}``).
+        placement: How the unseen classes were placed (one of :data:`PLACEMENTS`).
+        nuisance: The renderer's nuisance factor (1: the default ranges).
     """
 
     root: Path
@@ -95,6 +120,10 @@ class World:
     unseen_classes: tuple[str, ...]
     seed: int = 0
     image_size: int = 64
+    vocabulary: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(VOCABULARY),
+                                                      hash=False)
+    placement: str = "random"
+    nuisance: float = 1.0
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> World:
@@ -133,6 +162,11 @@ class World:
             unseen_classes=tuple(meta["unseen_classes"]),
             seed=int(meta["seed"]),
             image_size=int(meta["image_size"]),
+            # Written only when they differ from the defaults (the default world's file
+            # stays as it always was).
+            vocabulary=vocabulary(meta.get("vocabulary")),
+            placement=str(meta.get("placement", "random")),
+            nuisance=float(meta.get("nuisance", 1.0)),
         )
 
     def read_labels(self) -> dict[str, str]:
@@ -141,8 +175,97 @@ class World:
             return {row["image_id"]: row["label"] for row in csv.DictReader(f)}
 
 
+def attribute_distance(a: Attributes, b: Attributes) -> int:
+    """How many attribute families two compositions differ in (0 to 3; Hamming distance).
+
+    Example:
+        >>> attribute_distance(Attributes("red", "plain", "star"), Attributes("red", "dotted", "heart"))
+        2
+    """
+    return sum(x != y for x, y in zip(a, b))
+
+
+def _new_only_as_combination(seen: Sequence[Attributes], unseen: Sequence[Attributes]) -> bool:
+    """Whether every single attribute of every unseen class occurs among the seen classes."""
+    known = [set(values) for values in zip(*seen)]
+    return all(a in known[k] for u in unseen for k, a in enumerate(u))
+
+
+def _split(seen: list[Attributes], unseen: list[Attributes]) -> tuple[list[Attributes], list[Attributes]]:
+    # Seen classes in ImageFolder order (sorted folder names).
+    return sorted(seen, key=lambda a: a.folder), sorted(unseen, key=lambda a: a.name)
+
+
+def _far_block_shapes(vocab: Mapping[str, tuple[str, ...]], n_seen: int, n_unseen: int
+                      ) -> list[tuple[int, ...]]:
+    """Sub-grid sizes (values per family) that hold ``n_unseen`` classes and leave ``n_seen`` far ones.
+
+    A composition with at most one attribute inside the sub-grid differs from
+    every composition of the sub-grid in at least two; these are counted per
+    shape, family by family (in / out of the sub-grid).
+    """
+    sizes = [len(vocab[f]) for f in FAMILIES]
+    shapes = []
+    for shape in itertools.product(*(range(1, n) for n in sizes)):
+        if math.prod(shape) < n_unseen:
+            continue
+        far = sum(math.prod(k if inside else n - k for k, n, inside in zip(shape, sizes, pattern))
+                  for pattern in itertools.product((False, True), repeat=len(sizes))
+                  if sum(pattern) <= 1)
+        if far >= n_seen:
+            shapes.append(shape)
+    return shapes
+
+
+def _far_split(rng: np.random.Generator, pool: list[Attributes], vocab: Mapping[str, tuple[str, ...]],
+               n_classes: int, n_unseen: int) -> tuple[list[Attributes], list[Attributes]]:
+    """``placement="far"``: unseen classes in a sub-grid, seen ones at least two attributes away."""
+    n_seen = n_classes - n_unseen
+    held = [f for f in FAMILIES if len(vocab[f]) < 2]
+    if held:
+        # With two varying families, a seen class sharing an unseen class's colour
+        # differs from it in the shape alone.
+        raise InputError(
+            f"placement='far' needs every attribute family to vary; vocabulary holds "
+            f"{', '.join(held)} at one value")
+    shapes = _far_block_shapes(vocab, n_seen, n_unseen)
+    if not shapes:
+        raise InputError(
+            f"placement='far' cannot place {n_unseen} unseen classes at least two attributes "
+            f"from {n_seen} seen ones in this vocabulary; use fewer classes")
+    # Compact sub-grids (the unseen classes fill at least half of it) first: a group of
+    # related classes, as unseen animals often are.
+    compact = [b for b in shapes if math.prod(b) < 2 * n_unseen] or shapes
+    for _ in range(_DRAWS):
+        shape = compact[int(rng.integers(len(compact)))]
+        block = [set(rng.permutation(list(vocab[f]))[:k].tolist()) for f, k in zip(FAMILIES, shape)]
+        inside = [a for a in pool if all(v in b for v, b in zip(a, block))]
+        unseen = [inside[i] for i in rng.permutation(len(inside))[:n_unseen]]
+        allowed = [pool[i] for i in rng.permutation(len(pool))
+                   if sum(v in b for v, b in zip(pool[i], block)) <= 1]
+        # Every unseen value needs a seen class showing it: take those first.
+        needed = {(k, v) for u in unseen for k, v in enumerate(u)}
+        first = []
+        for a in allowed:
+            if any((k, v) in needed for k, v in enumerate(a)):
+                first.append(a)
+                needed -= set(enumerate(a))
+        rest = [a for a in allowed if a not in first]
+        seen = (first + rest)[:n_seen]
+        if len(seen) == n_seen and _new_only_as_combination(seen, unseen):
+            return _split(seen, unseen)
+    raise InputError(
+        f"placement='far': no split of {n_classes} classes with {n_unseen} unseen found in "
+        f"{_DRAWS} draws; use fewer classes")
+
+
 def select_classes(
-    seed: int, n_classes: int = 50, n_unseen: int = 10
+    seed: int,
+    n_classes: int = 50,
+    n_unseen: int = 10,
+    *,
+    vocab: Mapping[str, Sequence[str]] | None = None,
+    placement: str = "random",
 ) -> tuple[list[Attributes], list[Attributes]]:
     """Choose the seen and unseen compositions of a world, deterministically.
 
@@ -150,36 +273,60 @@ def select_classes(
     in at least one seen class: what is new about an unseen class is only the
     combination, as with the animal challenge's attribute-annotated classes.
 
+    Placements (distances are :func:`attribute_distance`, in attributes):
+
+    - ``"random"``: a seeded draw among the compositions, redrawn until the
+      rule above holds (the default world; at 40 seen / 10 unseen almost every
+      unseen class is then one attribute from some seen class anyway);
+    - ``"close"``: the same draw, redrawn until every unseen class is also one
+      attribute away from some seen class;
+    - ``"far"``: the unseen classes are drawn from a random sub-grid (a few values
+      of each family) and the seen ones from the compositions with at most one
+      attribute in it, so every unseen class is at least two attributes away
+      from every seen class. Needs every family to vary; refused when the
+      vocabulary is too small for the counts.
+
     Args:
         seed: World seed.
         n_classes: Total number of classes, at most the number of compositions.
         n_unseen: How many of them get no training images.
+        vocab: ``{family: values}`` restricting the vocabulary
+            (:func:`~hybridcls.synth.render.vocabulary`); ``None``: all of it.
+        placement: One of :data:`PLACEMENTS`.
 
     Returns:
         ``(seen, unseen)``, each sorted by readable name.
 
     Raises:
-        InputError: The counts are out of range.
+        InputError: The counts are out of range, an unknown placement or
+            vocabulary entry, or no split satisfies the placement.
     """
-    pool = all_attributes()
+    v = vocabulary(vocab)
+    pool = all_attributes(v)
     if not 2 <= n_classes <= len(pool):
         raise InputError(f"n_classes must be between 2 and {len(pool)}, got {n_classes}")
     if not 1 <= n_unseen < n_classes:
         raise InputError(
             f"n_unseen must be between 1 and n_classes - 1 = {n_classes - 1}, got {n_unseen}"
         )
+    if placement not in PLACEMENTS:
+        raise InputError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     rng = image_rng(seed, STREAM_SPLIT)
+    if placement == "far":
+        return _far_split(rng, pool, v, n_classes, n_unseen)
     # A random draw almost always qualifies; redraw (deterministically) when not.
-    for _ in range(1000):
+    for _ in range(_DRAWS):
         chosen = [pool[i] for i in rng.permutation(len(pool))[:n_classes]]
         seen, unseen = chosen[n_unseen:], chosen[:n_unseen]
-        known = [set(values) for values in zip(*seen)]
-        if all(a in known[k] for u in unseen for k, a in enumerate(u)):
-            # Seen classes in ImageFolder order (sorted folder names).
-            return sorted(seen, key=lambda a: a.folder), sorted(unseen, key=lambda a: a.name)
+        if not _new_only_as_combination(seen, unseen):
+            continue
+        if placement == "close" and any(min(attribute_distance(u, a) for a in seen) > 1
+                                        for u in unseen):
+            continue
+        return _split(seen, unseen)
     raise InputError(
         f"could not split {n_classes} classes so that every attribute of the {n_unseen} unseen "
-        "ones occurs among the seen ones; use fewer unseen classes"
+        f"ones occurs among the seen ones (placement={placement!r}); use fewer unseen classes"
     )
 
 
@@ -200,6 +347,9 @@ def make_world(
     train_per_class: tuple[int, int] = (30, 120),
     test_per_class: int = 20,
     image_size: int = 64,
+    vocab: Mapping[str, Sequence[str]] | None = None,
+    placement: str = "random",
+    nuisance: float = 1.0,
 ) -> World:
     """Generate a synthetic open-set world under ``out_dir`` and return its description.
 
@@ -215,12 +365,24 @@ def make_world(
             training images between these bounds (both bounds are used).
         test_per_class: Test images per class, for seen and unseen classes alike.
         image_size: Side of every image, in pixels.
+        vocab: ``{family: values}`` restricting which values each attribute family
+            takes, e.g. ``{"texture": ["plain"]}`` (colour and shape alone tell the
+            classes apart); ``None``: the whole vocabulary
+            (:func:`~hybridcls.synth.render.vocabulary`).
+        placement: Where the unseen classes lie relative to the seen ones:
+            ``"random"``, ``"close"`` or ``"far"`` (see :func:`select_classes`).
+        nuisance: The renderer's nuisance factor, 0 to 2 (1: the default ranges;
+            see :func:`~hybridcls.synth.render.render`).
+
+    The three knobs are recorded in ``world.json`` when they differ from their
+    defaults (the default world's files do not change).
 
     Returns:
         The :class:`World`, also readable later with :meth:`World.load`.
 
     Raises:
-        InputError: A count or size is out of range, or ``out_dir`` already holds a world.
+        InputError: A count, size, vocabulary entry, placement or nuisance factor
+            is out of range, or ``out_dir`` already holds a world.
 
     Example:
         >>> world = make_world("synthetic-world", seed=0)  # doctest: +SKIP
@@ -236,6 +398,8 @@ def make_world(
         raise InputError(f"test_per_class must be at least 1, got {test_per_class}")
     if image_size < 16:
         raise InputError(f"image_size must be at least 16 pixels, got {image_size}")
+    nuisance = check_nuisance(nuisance)
+    v = vocabulary(vocab)
     root = Path(out_dir)
     for existing in ("train", "test", "world.json"):
         if (root / existing).exists():
@@ -243,7 +407,7 @@ def make_world(
                 f"{root / existing} already exists; give make_world an empty directory"
             )
 
-    seen, unseen = select_classes(seed, n_classes, n_unseen)
+    seen, unseen = select_classes(seed, n_classes, n_unseen, vocab=v, placement=placement)
     classes = sorted(seen + unseen, key=lambda a: a.name)
     counts = _train_counts(image_rng(seed, STREAM_TRAIN), len(seen), lo, hi)
 
@@ -253,7 +417,7 @@ def make_world(
         folder.mkdir(parents=True)
         for i in range(count):
             with atomic_path(folder / f"{i:04d}.png") as tmp:
-                render(attrs, image_rng(seed, STREAM_TRAIN, ci, i), image_size).save(tmp)
+                render(attrs, image_rng(seed, STREAM_TRAIN, ci, i), image_size, nuisance).save(tmp)
 
     # Shuffle before naming so that neither names nor order reveal the class.
     test_items = [(a, i) for a in classes for i in range(test_per_class)]
@@ -266,7 +430,7 @@ def make_world(
         image_id = f"{k:05d}.png"
         rng = image_rng(seed, STREAM_TEST, classes.index(attrs), i)
         with atomic_path(test_dir / image_id) as tmp:
-            render(attrs, rng, image_size).save(tmp)
+            render(attrs, rng, image_size, nuisance).save(tmp)
         labels.append((image_id, attrs.name))
 
     labels_csv = root / "labels.csv"
@@ -302,13 +466,19 @@ def make_world(
         unseen_classes=tuple(a.name for a in unseen),
         seed=seed,
         image_size=image_size,
+        vocabulary=v,
+        placement=placement,
+        nuisance=nuisance,
     )
+    knobs = {"vocabulary": v, "placement": placement, "nuisance": nuisance}
+    defaults = {"vocabulary": VOCABULARY, "placement": "random", "nuisance": 1.0}
     _write_meta(
         world,
         n_unseen=n_unseen,
         train_counts=dict(zip((a.name for a in seen), counts)),
         train_per_class=(lo, hi),
         test_per_class=test_per_class,
+        **{k: value for k, value in knobs.items() if value != defaults[k]},
     )
     return world
 

@@ -1,0 +1,197 @@
+"""The zoo of worlds behind ``hybridcls bench quality --zoo`` (CPU, offline; the CI-sized zoo)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hybridcls.bench.zoo import (
+    CI_ZOO,
+    ZOO,
+    WorldFeatures,
+    build_world,
+    evaluate_zoo,
+    load_features,
+    run_zoo,
+    zoo_specs,
+)
+from hybridcls.cli import main
+from hybridcls.errors import InputError
+from hybridcls.gate import Gate
+from hybridcls.gate.metrics import seen_unseen_accuracy
+from hybridcls.synth import World
+from hybridcls.synth.world import attribute_distance
+
+NAMES = [s.name for s in CI_ZOO]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The CI-sized zoo, built once: two tiny worlds, their runs, features and report."""
+    root = tmp_path_factory.mktemp("zoo")
+    out, cache = root / "out", root / "cache"
+    report = run_zoo(out, "ci", cache_dir=cache)
+    return {"out": out, "cache": cache, "report": report}
+
+
+def test_report_has_every_world_and_consistent_figures(zoo: dict) -> None:
+    report = zoo["report"]
+    assert [w.name for w in report.worlds] == NAMES
+    for w, spec in zip(report.worlds, CI_ZOO):
+        methods = [r.method for r in w.rows]
+        assert methods == ["supervised only", "zero-shot only", "oracle router", "hybrid, calibrated"]
+        sup, zs, oracle, hybrid = w.rows
+        assert w.share_of_oracle == pytest.approx(hybrid.harmonic / oracle.harmonic)
+        assert w.margin == pytest.approx(hybrid.harmonic - max(sup.harmonic, zs.harmonic))
+        assert sup.unseen == 0.0  # the supervised branch never names an unseen class
+        n_test = (spec.n_seen + spec.n_unseen) * spec.test_per_class
+        r = w.routing
+        assert sum(r.values()) == n_test == w.info["n_test"]
+        assert r["seen_to_supervised"] + r["seen_to_zeroshot"] == spec.n_seen * spec.test_per_class
+        assert r["unseen_to_supervised"] + r["unseen_to_zeroshot"] == spec.n_unseen * spec.test_per_class
+        assert 0.0 <= w.gate_auroc <= 1.0
+        assert w.chosen["method"] == "leave-classes-out"
+        assert w.chosen["mode"] in ("hard", "soft", "stacking") and 0 < w.chosen["tpr"] <= 1
+        assert f"{w.chosen['score']} / {w.chosen['mode']}" in hybrid.note
+        assert 0.0 <= w.info["clip_top1"] <= 1.0
+    shares = [w.share_of_oracle for w in report.worlds]
+    margins = [w.margin for w in report.worlds]
+    assert report.summary["share_of_oracle"]["median"] == pytest.approx(statistics.median(shares))
+    assert report.summary["share_of_oracle"]["worst"] == min(shares)
+    assert report.summary["share_of_oracle"]["worst_world"] == NAMES[shares.index(min(shares))]
+    assert report.summary["margin"]["median"] == pytest.approx(sum(margins) / 2)
+    assert report.summary["margin"]["worst"] == min(margins)
+
+
+def test_rows_recomputed_from_the_cached_features(zoo: dict) -> None:
+    for w in zoo["report"].worlds:
+        f = load_features(zoo["out"] / w.name)
+        S = f.n_seen
+        # the oracle: supervised argmax on seen images, CLIP's best unseen class on unseen ones
+        oracle = np.where(f.y_test >= S, S + f.test.clip_logits[:, S:].argmax(axis=1),
+                          f.test.sup_logits.argmax(axis=1))
+        assert w.row("oracle router").harmonic == pytest.approx(seen_unseen_accuracy(f.y_test, oracle, S)[2])
+        zs = f.test.clip_logits.argmax(axis=1)
+        assert w.row("zero-shot only").accuracy == pytest.approx(np.mean(zs == f.y_test))
+        # the default gate, fitted here on the saved arrays, makes the report's predictions
+        pred = f.fit(Gate()).predict(f.test).pred
+        assert w.row("hybrid, calibrated").accuracy == pytest.approx(np.mean(pred == f.y_test))
+
+
+def test_files_written_and_strict_json(zoo: dict) -> None:
+    out = zoo["out"]
+    text = (out / "zoo.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in zoo.json"))
+    assert [w["name"] for w in data["worlds"]] == NAMES
+    assert data["summary"]["share_of_oracle"]["worst"] == zoo["report"].summary["share_of_oracle"]["worst"]
+    md = (out / "zoo.md").read_text()
+    for name in NAMES:
+        assert f"| {name} |" in md and f"### {name}" in md
+    assert "share of the oracle's H median" in md
+
+
+def test_features_cover_the_splits_and_the_test_set(zoo: dict) -> None:
+    for spec in CI_ZOO:
+        f = load_features(zoo["out"] / spec.name)
+        world = World.load(zoo["out"] / spec.name / "world")
+        n_train_files = sum(1 for _ in world.train_dir.rglob("*.png"))
+        assert len(f.train) + len(f.val) == len(f.y_train) + len(f.y_val) == n_train_files
+        assert len(f.test) == len(f.y_test) == len(world.read_labels())
+        assert f.n_seen == spec.n_seen and len(f.classes) == spec.n_seen + spec.n_unseen
+        assert f.test.clip_logits.shape == (len(f.test), len(f.classes))
+        assert f.train.sup_logits.shape[1] == len(f.class_names) == spec.n_seen
+        assert sorted(set(f.y_test.tolist())) == list(range(len(f.classes)))
+        # every test image's label is the world's, joined by path
+        labels = world.read_labels()
+        truth = [labels[Path(p).name] for p in f.info["paths"]["test"]]
+        assert [f.classes[i] for i in f.y_test] == truth
+        assert f.info["spec"] == spec.as_dict()
+
+
+def test_world_knobs_hold_in_the_ci_worlds(zoo: dict) -> None:
+    for spec in CI_ZOO:
+        world = World.load(zoo["out"] / spec.name / "world")
+        seen = [tuple(c.split(" ")) for c in world.seen_classes]
+        dist = [min(attribute_distance(tuple(u.split(" ")), s) for s in seen) for u in world.unseen_classes]
+        assert (min(dist) >= 2) if spec.placement == "far" else (max(dist) == 1)
+        assert world.placement == spec.placement and world.nuisance == spec.nuisance
+
+
+def test_rerun_reuses_everything(zoo: dict) -> None:
+    out = zoo["out"]
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    again = run_zoo(out, "ci", cache_dir=zoo["cache"])
+    assert again.info["reused"] == NAMES
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps
+    for a, b in zip(again.worlds, zoo["report"].worlds):
+        assert a.as_dict() == b.as_dict()
+    with pytest.raises(InputError, match="holds the world of another spec \\(differs in epochs\\)"):
+        build_world(out / CI_ZOO[0].name, replace(CI_ZOO[0], epochs=3), cache_dir=zoo["cache"])
+
+
+def test_evaluate_zoo_refits_gate_variants(zoo: dict) -> None:
+    default = evaluate_zoo(zoo["out"])
+    for a, b in zip(default.worlds, zoo["report"].worlds):
+        assert a.as_dict() == b.as_dict()
+    tpr = evaluate_zoo(zoo["out"], Gate(method="tpr", score="msp", tpr=0.9))
+    assert [w.chosen["score"] for w in tpr.worlds] == ["msp", "msp"]
+    assert [w.chosen["mode"] for w in tpr.worlds] == ["hard", "hard"]
+    seen_fitted: list[str] = []
+
+    def factory(f: WorldFeatures) -> Gate:
+        seen_fitted.append(f.name)
+        return f.fit(Gate(method="tpr", score="clip_margin", tpr=1.0))
+
+    one = evaluate_zoo(zoo["out"], factory, worlds=[NAMES[1]])
+    assert seen_fitted == [NAMES[1]] and [w.name for w in one.worlds] == [NAMES[1]]
+    # tpr 1.0 keeps every held-out seen image; hard routing counts follow the branch
+    w = one.worlds[0]
+    assert w.chosen["tpr"] == 1.0
+    assert sum(w.routing.values()) == w.info["n_test"]
+
+
+def test_zoo_measures_what_calibrate_fits(zoo: dict) -> None:
+    from hybridcls.hybrid import HybridClassifier
+    from hybridcls.synth.tiny_clip import tiny_clip_model_id
+
+    spec = CI_ZOO[1]
+    root = zoo["out"] / spec.name
+    world = World.load(root / "world")
+    clip = tiny_clip_model_id(spec.clip_steps, batch_size=spec.clip_batch_size, cache_dir=zoo["cache"])
+    clf = HybridClassifier(clip_model=clip, clip_pretrained=None, templates=world.templates_file,
+                           device="cpu", workers=0, cache_dir=zoo["cache"], progress=False,
+                           ).load_run(root / "run", world.prompts_file).calibrate(world.train_dir, save=False)
+    f = load_features(root)
+    gate = f.fit(Gate())
+    assert gate.calibration_.score == clf.gate_.calibration_.score
+    assert gate.calibration_.mode == clf.gate_.calibration_.mode
+    assert gate.calibration_.threshold == pytest.approx(clf.gate_.calibration_.threshold, rel=1e-4)
+    assert np.array_equal(gate.predict(f.test).pred, clf.predict_features(f.test).pred)
+
+
+def test_zoo_specs_sizes_and_refusals() -> None:
+    assert zoo_specs("ci") == list(CI_ZOO)
+    assert zoo_specs(3) == list(ZOO[:3])
+    assert len({s.name for s in ZOO}) == len(ZOO) and len({s.seed for s in ZOO}) == len(ZOO)
+    for bad in (0, len(ZOO) + 1, "3", True):
+        with pytest.raises(InputError, match=f"n must be between 1 and {len(ZOO)}"):
+            zoo_specs(bad)
+
+
+def test_cli_zoo(zoo: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    out, cache = str(zoo["out"]), str(zoo["cache"])
+    assert main(["bench", "quality", "--zoo", "ci", "--out", out, "--cache-dir", cache, "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"| {name} |" in printed for name in NAMES)
+    assert "wrote" in printed and "zoo.md" in printed
+    assert main(["bench", "quality", "--zoo", "9", "--out", out]) == 2
+    assert "--zoo takes a number of worlds from 1 to 8, or 'ci'; got '9'" in capsys.readouterr().err
+    assert main(["bench", "quality", "--zoo", "ci", "--seed", "1", "--epochs", "2", "--out", out]) == 2
+    assert "--seed, --epochs: each world of --zoo sets its own" in capsys.readouterr().err
+    assert main(["bench", "quality", "--cache-dir", cache, "--out", out]) == 2
+    assert "--cache-dir applies to --zoo only" in capsys.readouterr().err
