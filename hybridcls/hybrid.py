@@ -281,7 +281,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         if test_inputs is not None:
             test_out, _ = self.engine_.extract(as_sources(test_inputs), desc="calibrate: test")
         gate.fit(train_out, y_tr, val_out, y_va, class_names=self.seen_folders_,
-                 train_paths=tr_paths, test=test_out,
+                 train_paths=tr_paths, test=test_out, clip_logit_scale=self.tower_.logit_scale,
                  index_meta={"clip": self._index_meta("clip"), "backbone": self._index_meta("backbone")})
         self.gate_ = gate
         if save:

@@ -306,7 +306,7 @@ def test_grid_search_scores_the_gate_that_fuse_runs_ties_included() -> None:
                      [2, 0, 2, 1], [0, 1, 0, 1], [1, 0, 3, 0]], float)
     # energy-like score: threshold 1 at TPR 0.8, tied by 3 seen and 2 unseen images
     energy = np.array([0.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 3.0])
-    scores = {("energy", 1.0): energy, ("clip_margin", 1.0): clip_margin_score(clip, 2)}
+    scores = {("energy", 1.0, None): energy, ("clip_margin", 1.0, None): clip_margin_score(clip, 2)}
     problem = _Round(y=y, n_seen=2, is_unseen=is_unseen, sup_logits=sup, sup_temperature=1.5,
                      clip_logits=clip, scores=scores)
     table = _grid_search([problem], list(scores), MODES, [0.8], [0.5, 1.0])
@@ -314,7 +314,7 @@ def test_grid_search_scores_the_gate_that_fuse_runs_ties_included() -> None:
         ("energy", "hard"), ("energy", "soft"), ("clip_margin", "hard"), ("clip_margin", "soft"),
         ("clip_margin", "stacking")}
     for row in table:
-        s = scores[(row["score"], 1.0)]
+        s = scores[(row["score"], 1.0, None)]
         t = threshold_at_tpr(s[~is_unseen], 0.8)
         assert t == {"energy": 1.0, "clip_margin": 0.0}[row["score"]]
         params = {"hard": {"unseen_only": row["unseen_only"]},
@@ -376,17 +376,20 @@ def test_two_seen_classes_calibrate_on_the_clip_side_scores_and_say_why() -> Non
     world = _small_world(2, 2, 2)
     cal = leave_classes_out(**world, class_names=["cat", "dog"])
     assert (cal.rounds, cal.hidden_classes, cal.knn_k) == (2, 1, 2)
-    # a one-class light head and a single seen prompt: the supervised scores and mcm are constant
-    assert {r["score"] for r in cal.candidates} == {"clip_margin", "knn", "combined"}
-    assert cal.combined["names"] == ["clip_margin", "knn"]
+    # a one-class light head and a single seen prompt: the supervised scores and mcm are
+    # constant; the scores that read the hidden class's prompt or the features are not
+    assert {r["score"] for r in cal.candidates} == {
+        "unseen_mass", "clip_margin", "knn", "backbone_knn", "combined"}
+    assert cal.combined["names"] == ["unseen_mass", "clip_margin", "knn", "backbone_knn"]
     assert (
         "not candidates, constant on every stand-in problem (each keeps 1 seen class: one "
         "light-head logit, one seen prompt): msp (T=1), msp (T=2), msp (T=5), max_logit, "
-        "energy (T=1), energy (T=2), energy (T=5), entropy, mcm"
+        "energy (T=1), energy (T=2), energy (T=5), entropy, mcm (tau=CLIP scale)"
     ) in cal.adapted
     # 1 held-out image per class: the combined score would be standardised on 1 seen image
     one = leave_classes_out(**_small_world(2, 2, 1))
-    assert {r["score"] for r in one.candidates} == {"clip_margin", "knn"} and one.combined is None
+    assert {r["score"] for r in one.candidates} == {"unseen_mass", "clip_margin", "knn",
+                                                    "backbone_knn"} and one.combined is None
     assert "no combined score: standardising it needs 2 seen images, the held-out images give 1" in one.adapted
     with pytest.raises(DataTooSmallError, match="every candidate score \\(msp, energy\\) is constant"):
         leave_classes_out(**world, scores=["msp", "energy"])

@@ -23,6 +23,7 @@ from hybridcls.gate import (
     max_logit_score,
     mcm_score,
     msp_score,
+    unseen_mass_score,
 )
 from hybridcls.gate.metrics import ausuc, routing_matrix, seen_unseen_accuracy
 from hybridcls.gate.scores import needs_of
@@ -84,6 +85,50 @@ def test_mcm_is_negative_max_softmax_at_the_given_scale() -> None:
     np.testing.assert_allclose(mcm_score(scaled), expected, rtol=1e-12)
     # Ming et al.'s temperature tau: the same score on cos / tau
     assert mcm_score(cos / 0.01)[0] == pytest.approx(expected[0])
+    assert mcm_score(cos, temperature=0.01)[0] == pytest.approx(expected[0])
+
+
+def test_mcm_at_the_papers_temperature_reads_cosines_through_the_logit_scale() -> None:
+    # Ming et al. 2022 and pytorch-ood's MCM: softmax of the cosine similarities at tau = 1
+    cos = np.array([[0.30, 0.25, 0.10, 0.28], [0.20, 0.21, 0.19, 0.40]])
+    paper = [-max(_softmax(r[:3])) for r in cos.tolist()]
+    got = compute_scores(["mcm"], clip_logits=100 * cos, n_seen=3, clip_temperature=1.0,
+                         clip_logit_scale=100.0)["mcm"]
+    np.testing.assert_allclose(got, paper, rtol=1e-12)
+    assert got[0] == pytest.approx(-0.3610, abs=1e-4)  # nearly flat: 3 prompts, close cosines
+    # clip_temperature=None: the logits as they are (CLIP's own scale, tau = 1 / 100)
+    own = compute_scores(["mcm"], clip_logits=100 * cos, n_seen=3)["mcm"]
+    np.testing.assert_allclose(own, [-max(_softmax((100 * r[:3]).tolist())) for r in cos], rtol=1e-12)
+    with pytest.raises(InputError, match="clip_temperature=1.0 is in cosine units: it needs "
+                                         "clip_logit_scale"):
+        compute_scores(["mcm"], clip_logits=cos, n_seen=3, clip_temperature=1.0)
+
+
+def test_unseen_mass_is_the_softmax_mass_of_the_unseen_prompts() -> None:
+    # Fort et al. 2021: the sum of CLIP's softmax over the outlier classes' names
+    cos = np.array([[0.30, 0.25, 0.10, 0.28], [0.20, 0.21, 0.19, 0.40]])
+    for tau in (1.0, 0.01):
+        expected = [sum(_softmax((r / tau).tolist())[3:]) for r in cos]
+        np.testing.assert_allclose(unseen_mass_score(cos, 3, tau), expected, rtol=1e-12)
+        got = compute_scores(["unseen_mass"], clip_logits=100 * cos, n_seen=3,
+                             clip_temperature=tau, clip_logit_scale=100.0)["unseen_mass"]
+        np.testing.assert_allclose(got, expected, rtol=1e-9)
+    assert unseen_mass_score([[0.0, 0.0, 0.0, 0.0]], 3).tolist() == [0.25]
+    with pytest.raises(InputError, match="unseen_mass needs seen and unseen columns: n_seen=4"):
+        unseen_mass_score(cos, 4)
+
+
+def test_backbone_knn_is_the_kth_distance_in_the_backbone_feature_space() -> None:
+    train = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    index = EmbeddingIndex("flat").add(train)
+    query = np.array([[2.0, 0.0], [-1.0, 0.0]])  # same direction as train[0]; opposite
+    got = compute_scores(["backbone_knn"], sup_features=query, backbone_index=index,
+                         knn_k=1)["backbone_knn"]
+    # Sun et al. 2022 on normalised features: the Euclidean distance sqrt(2 - 2 cos) to the
+    # nearest training feature; [-1, 0] is orthogonal to [0, 1], its best match
+    np.testing.assert_allclose(got, [0.0, math.sqrt(2)], atol=1e-6)
+    with pytest.raises(InputError, match="gate score 'backbone_knn' needs backbone_index"):
+        compute_scores(["backbone_knn"], sup_features=query)
 
 
 def test_clip_margin_is_best_unseen_minus_best_seen() -> None:
@@ -99,10 +144,13 @@ def _seen_and_unseen_looking() -> dict:
     train = np.eye(4)[:2]
     return {
         "sup_logits": [[8.0, 0.0, 0.0], [1.0, 1.0, 1.0]],
+        "sup_features": [train[1], np.eye(4)[2]],
         "clip_logits": [[9.0, 1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 9.0, 0.0]],  # 3 seen prompts
         "n_seen": 3,
         "clip_emb": [train[0], np.eye(4)[3]],
         "knn_index": EmbeddingIndex("flat").add(train),
+        "backbone_index": EmbeddingIndex("flat").add(train),
+        "clip_logit_scale": 10.0,
         "knn_k": 1,
     }
 
@@ -123,11 +171,14 @@ def test_every_score_reads_the_inputs_it_declares_and_no_other(name: str) -> Non
         with pytest.raises(InputError, match=f"gate score '{name}' needs {need}, which was not given"):
             compute_scores([name], **{**inputs, need: None})
     # the inputs it does not declare are not read: leaving them out changes nothing
-    unread = {k: None for k in ("sup_logits", "clip_logits", "clip_emb") if k not in spec.needs}
+    unread = {k: None for k in ("sup_logits", "sup_features", "clip_logits", "clip_emb")
+              if k not in spec.needs}
     np.testing.assert_array_equal(compute_scores([name], **{**inputs, **unread})[name], full)
-    # the temperature axis of the calibration grid is only for the scores that read it
+    # each temperature axis of the calibration grid is only for the scores that read it
     hot = compute_scores([name], **inputs, temperature=3.0)[name]
-    assert (not np.array_equal(hot, full)) == spec.uses_temperature
+    assert (not np.array_equal(hot, full)) == (spec.temperature == "sup")
+    hot = compute_scores([name], **inputs, clip_temperature=0.3)[name]
+    assert (not np.array_equal(hot, full)) == (spec.temperature == "clip")
 
 
 def test_torch_inputs_give_float64_numpy() -> None:

@@ -323,7 +323,8 @@ def _extract(out: Path, world: Any, run_dir: Path, clip_id: str, *, cache_dir: s
         labels[split] = {"y": [int(v) for v in y],
                          "paths": [Path(p).relative_to(world.root).as_posix() for p in paths]}
     labels.update(classes=[str(c) for c in clf.classes_], class_names=list(clf.seen_folders_),
-                  n_seen=int(clf.n_seen_), model=clf.checkpoint_config_["model"]["name"])
+                  n_seen=int(clf.n_seen_), model=clf.checkpoint_config_["model"]["name"],
+                  clip_logit_scale=clf.tower_.logit_scale)
     return labels
 
 
@@ -367,7 +368,8 @@ class WorldFeatures:
 
     def fit(self, gate: Gate) -> Gate:
         """``gate`` fitted on this world's training and held-out splits (in place; returned)."""
-        return gate.fit(self.train, self.y_train, self.val, self.y_val, class_names=self.class_names)
+        return gate.fit(self.train, self.y_train, self.val, self.y_val, class_names=self.class_names,
+                        clip_logit_scale=self.info.get("clip_logit_scale"))
 
 
 def load_features(world_dir: str | Path) -> WorldFeatures:

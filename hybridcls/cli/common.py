@@ -176,7 +176,8 @@ _DESTINATIONS = {
     "val_dir": "val",  # audit_dataset(); train's --val is val_dir already
     "test_dir": "test",  # audit_dataset()
 }
-_PARAMETER = re.compile(r"\b([a-z][a-z0-9_]*)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;:)]+)")
+# A parameter stands on its own: "runs/seed=0" or "data-batch_size=3" is a path, not one.
+_PARAMETER = re.compile(r"(?<![/\\.\-=])\b([a-z][a-z0-9_]*)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;:)]+)")
 
 
 def flag_message(message: str, parser: argparse.ArgumentParser) -> str:
@@ -198,6 +199,8 @@ def flag_message(message: str, parser: argparse.ArgumentParser) -> str:
         '--batch-size 0: expected a positive integer'
         >>> flag_message("or pass truncate_prompts=True to accept the cut", p)
         'or pass --truncate-prompts to accept the cut'
+        >>> flag_message("runs/batch_size=3: run directory not found", p)  # a path stays
+        'runs/batch_size=3: run directory not found'
     """
     flags: dict[str, tuple[str, bool]] = {}
     for action in parser._actions:

@@ -69,6 +69,7 @@ from hybridcls.gate.scores import (
     max_logit_score,
     mcm_score,
     msp_score,
+    unseen_mass_score,
 )
 
 __all__ = [
@@ -126,4 +127,5 @@ __all__ = [
     "threshold_from_seen_share",
     "topk",
     "transductive_threshold",
+    "unseen_mass_score",
 ]

@@ -55,6 +55,7 @@ from hybridcls.gate.scores import (
 from hybridcls.index import EmbeddingIndex, class_bounded_k
 
 __all__ = [
+    "CLIP_TEMPERATURE_GRID",
     "MIN_TAIL_IMAGES",
     "MIN_TRANSDUCTIVE_IMAGES",
     "SOFT_SCALE_GRID",
@@ -76,6 +77,10 @@ __all__ = [
 TPR_GRID = (0.80, 0.85, 0.90, 0.925, 0.95, 0.975, 0.99)
 #: Temperatures tried for the scores that take one (``msp``, ``energy``).
 TEMPERATURE_GRID = (1.0, 2.0, 5.0)
+#: Temperatures tried for the CLIP-side softmax scores (``mcm``, ``unseen_mass``), on the
+#: cosine similarities: ``None`` is CLIP's own logit scale (``1 / scale``: 0.01 for OpenAI's
+#: CLIP), 1.0 the MCM paper's. Numbers need the CLIP's logit scale; without it only ``None``.
+CLIP_TEMPERATURE_GRID: tuple[float | None, ...] = (None, 0.1, 1.0)
 #: A TPR level is tried only when at least this many held-out seen images lie
 #: above its quantile: a threshold set by the last few images of a small sample
 #: is the sample's extreme, and does not transfer to new images.
@@ -313,6 +318,10 @@ def apply_transductive(
     )
 
 
+#: A candidate score: ``(name, temperature, clip_temperature)``.
+_Key = tuple[str, float, float | None]
+
+
 @dataclass
 class _Round:
     """One stand-in open-set problem, in its own class order (kept classes, then hidden)."""
@@ -323,7 +332,7 @@ class _Round:
     sup_logits: np.ndarray  # [Nval, n_seen] the light head's
     sup_temperature: float  # its temperature-scaling fit on the kept classes' images
     clip_logits: np.ndarray  # [Nval, S] columns reordered: kept, then hidden
-    scores: dict[tuple[str, float], np.ndarray]  # (score name, temperature) -> [Nval]
+    scores: dict[_Key, np.ndarray]  # (score name, temperature, CLIP temperature) -> [Nval]
 
 
 def _labels(y: Any, n_classes: int, name: str) -> np.ndarray:
@@ -418,8 +427,14 @@ def _hidden_sets(
     return drawn
 
 
-def _key_label(name: str, t: float) -> str:
-    return f"{name} (T={t:g})" if SCORES[name].uses_temperature else name
+def _key_label(key: _Key) -> str:
+    name, t, tc = key
+    kind = SCORES[name].temperature if name in SCORES else None
+    if kind == "sup":
+        return f"{name} (T={t:g})"
+    if kind == "clip":
+        return f"{name} (tau={'CLIP scale' if tc is None else format(tc, 'g')})"
+    return name
 
 
 def leave_classes_out(
@@ -439,6 +454,8 @@ def leave_classes_out(
     combined: bool = True,
     tpr_grid: Sequence[float] = TPR_GRID,
     temperature_grid: Sequence[float] = TEMPERATURE_GRID,
+    clip_temperature_grid: Sequence[float | None] = CLIP_TEMPERATURE_GRID,
+    clip_logit_scale: float | None = None,
     soft_scale_grid: Sequence[float] = SOFT_SCALE_GRID,
     knn_k: int = DEFAULT_KNN_K,
     head_C: float = 1.0,
@@ -455,7 +472,8 @@ def leave_classes_out(
     constant on every stand-in problem cannot be ranked there and is no candidate:
     with 2 seen classes each problem keeps 1, whose one-class light head makes the
     supervised scores constant (as a single seen prompt does ``mcm``), so the
-    candidates are the CLIP-side ``clip_margin`` and ``knn``. The combined score
+    candidates are those that read the hidden classes' prompts or the images'
+    embeddings (``unseen_mass``, ``clip_margin``, ``knn``, ``backbone_knn``). The combined score
     needs 2 distinct problems and :data:`~hybridcls.gate.scores.MIN_COMBINED_SEEN`
     seen images to standardise on, in the other rounds and among the held-out images.
 
@@ -478,6 +496,12 @@ def leave_classes_out(
         tpr_grid: TPR levels tried for the threshold (those :func:`usable_tpr_levels`
             allows for the held-out set's size).
         temperature_grid: Temperatures tried for ``msp`` and ``energy`` (1.0 always is).
+        clip_temperature_grid: Temperatures tried for ``mcm`` and ``unseen_mass``, on the
+            cosine similarities (``None``: CLIP's own scale); the numbers only with
+            ``clip_logit_scale``.
+        clip_logit_scale: CLIP's logit scale (turns ``clip_logits_val_seen`` back into
+            cosine similarities); the combined score reads the CLIP-side scores at the
+            papers' temperature, 1, when it is given, at CLIP's own scale otherwise.
         soft_scale_grid: ``soft`` scales tried, in standard deviations of seen scores.
         knn_k: The neighbour the ``knn`` score measures (lowered as said above).
         head_C: Inverse regularisation of the light heads.
@@ -558,11 +582,19 @@ def leave_classes_out(
         adapted += notes
     # 1.0 is always among the temperatures: the combined score is built on it
     temperatures = sorted({1.0, *temperature_grid})
-    score_keys = [
-        (name, t)
-        for name in scores
-        for t in (temperatures if SCORES[name].uses_temperature else [1.0])
-    ]
+    # the CLIP-side scores at the papers' temperature when the scale allows, else CLIP's own
+    clip_default = 1.0 if clip_logit_scale is not None else None
+    clip_temperatures = list(dict.fromkeys(
+        [clip_default, *(t for t in clip_temperature_grid if t is None or clip_logit_scale is not None)]))
+    score_keys: list[_Key] = []
+    for name in scores:
+        kind = SCORES[name].temperature
+        if kind == "sup":
+            score_keys += [(name, t, clip_default) for t in temperatures]
+        elif kind == "clip":
+            score_keys += [(name, 1.0, tc) for tc in clip_temperatures]
+        else:
+            score_keys.append((name, 1.0, clip_default))
 
     rng = np.random.default_rng(seed)
     hidden_sets = _hidden_sets(rng, hideable, n_hide, rounds)
@@ -591,20 +623,26 @@ def leave_classes_out(
         msp = max_softmax(sup)
         seen_shares.append(cascade_seen_share(msp[~hidden_rows], msp[hidden_rows], miss=DEFAULT_MISS))
         knn = EmbeddingIndex("flat").add(emb_tr[train_rows]) if use_knn else None
-        round_scores: dict[tuple[str, float], np.ndarray] = {}
-        for t in sorted({t for _, t in score_keys}):
-            names = [n for n, tt in score_keys if tt == t]
+        backbone = (EmbeddingIndex("flat").add(feat_tr[train_rows])
+                    if any(k[0] == "backbone_knn" for k in score_keys) else None)
+        round_scores: dict[_Key, np.ndarray] = {}
+        for t, tc in dict.fromkeys((t, tc) for _, t, tc in score_keys):
+            names = [n for n, tt, ttc in score_keys if (tt, ttc) == (t, tc)]
             computed = compute_scores(
                 names,
                 sup_logits=sup,
+                sup_features=feat_va,
                 clip_logits=clip,
                 n_seen=kept.size,
                 clip_emb=emb_va,
                 knn_index=knn,
+                backbone_index=backbone,
                 temperature=t,
+                clip_temperature=tc,
+                clip_logit_scale=clip_logit_scale,
                 knn_k=knn_k,
             )
-            round_scores.update({(n, t): v for n, v in computed.items()})
+            round_scores.update({(n, t, tc): v for n, v in computed.items()})
         problems.append(
             _Round(
                 y=new_index[yva],
@@ -631,10 +669,11 @@ def leave_classes_out(
                 "threshold (method 'tpr')")
         adapted.append(
             f"not candidates, constant on every stand-in problem{why}: "
-            + ", ".join(_key_label(n, t) for n, t in constant))
+            + ", ".join(_key_label(k) for k in constant))
 
-    base_names = [n for n, t in score_keys if t == 1.0]
-    combined_key = ("combined", 1.0)
+    base_keys = [k for k in score_keys if k[1:] == (1.0, clip_default)]
+    base_names = [k[0] for k in base_keys]
+    combined_key: _Key = ("combined", 1.0, clip_default)
     # the fewest seen images a combined score is standardised on: the other rounds', the real ones
     fewest_seen = min(
         [int(sum(np.sum(~q.is_unseen) for q in problems if q is not p)) for p in problems]
@@ -649,7 +688,7 @@ def leave_classes_out(
     if use_combined:
         matrices = [
             _standardised_by_seen(
-                np.column_stack([p.scores[(n, 1.0)] for n in base_names]), p.is_unseen
+                np.column_stack([p.scores[k] for k in base_keys]), p.is_unseen
             )
             for p in problems
         ]
@@ -677,6 +716,7 @@ def leave_classes_out(
     best = from_candidate(table[0], candidates=table, combined=combined_dict, knn_k=knn_k)
     # the largest share over the rounds: the cascade errs towards running CLIP
     return best.replace(
+        clip_logit_scale=clip_logit_scale,
         cascade_seen_share=round(float(np.max(seen_shares)), 4),
         rounds=len(problems),
         hidden_classes=n_hide,
@@ -707,6 +747,7 @@ def from_candidate(
         mode=row["mode"],
         tpr=row["tpr"],
         temperature=row["temperature"],
+        clip_temperature=row.get("clip_temperature"),
         combined=combined,
         knn_k=knn_k,
         method="leave-classes-out",
@@ -741,30 +782,30 @@ def _prefer_combined(table: list[dict[str, Any]], rounds: int) -> list[dict[str,
 
 def _grid_search(
     problems: list[_Round],
-    score_keys: list[tuple[str, float]],
+    score_keys: list[_Key],
     modes: Sequence[str],
     tpr_grid: Sequence[float],
     soft_scale_grid: Sequence[float],
 ) -> list[dict[str, Any]]:
     """H of every (score, mode, parameters) on every stand-in problem; best mean H first."""
-    settings: list[tuple[str, float, str, float, bool | None, float | None]] = []
-    for name, t in score_keys:
+    settings: list[tuple[_Key, str, float, bool | None, float | None]] = []
+    for key in score_keys:
         for tpr in tpr_grid:
             if "hard" in modes:
                 settings += [
-                    (name, t, "hard", tpr, True, None),
-                    (name, t, "hard", tpr, False, None),
+                    (key, "hard", tpr, True, None),
+                    (key, "hard", tpr, False, None),
                 ]
             if "soft" in modes:
-                settings += [(name, t, "soft", tpr, None, k) for k in soft_scale_grid]
-            if "stacking" in modes and name == "clip_margin":
+                settings += [(key, "soft", tpr, None, k) for k in soft_scale_grid]
+            if "stacking" in modes and key[0] == "clip_margin":
                 # stacking thresholds the clip margin itself: its penalty is -threshold
-                settings.append((name, t, "stacking", tpr, None, None))
+                settings.append((key, "stacking", tpr, None, None))
 
     figures = np.zeros((len(settings), len(problems), 3))
     for j, p in enumerate(problems):
-        for i, (name, t, mode, tpr, unseen_only, scale_std) in enumerate(settings):
-            s = p.scores[(name, t)]
+        for i, (key, mode, tpr, unseen_only, scale_std) in enumerate(settings):
+            s = p.scores[key]
             threshold = threshold_at_tpr(s[~p.is_unseen], tpr)
             # the deployed gate's own rules (fusion.route_mask, soft_weight): ties route alike
             if mode == "hard":
@@ -791,6 +832,7 @@ def _grid_search(
             "mode": mode,
             "tpr": tpr,
             "temperature": t,
+            "clip_temperature": tc,
             "unseen_only": unseen_only,
             "soft_scale_std": scale_std,
             "mean_h": round(float(mean[i, 2]), 4),
@@ -798,7 +840,7 @@ def _grid_search(
             "mean_seen": round(float(mean[i, 0]), 4),
             "mean_unseen": round(float(mean[i, 1]), 4),
         }
-        for i, (name, t, mode, tpr, unseen_only, scale_std) in enumerate(settings)
+        for i, ((name, t, tc), mode, tpr, unseen_only, scale_std) in enumerate(settings)
     ]
     # stable: among equal H the earlier setting (registry order, lower TPR) stays first
     order = np.argsort(-mean[:, 2], kind="stable")

@@ -45,6 +45,13 @@ class GateCalibration:
         tpr: Fraction of held-out seen images the threshold keeps at or below it.
         temperature: Temperature of the score (``msp``, ``energy``), and of the
             supervised softmax in fusion when ``sup_temperature`` is unset.
+        clip_temperature: Temperature of the CLIP-side softmax scores (``mcm``,
+            ``unseen_mass``) on the cosine similarities, as their papers define it
+            (MCM: 1); ``None`` = the logits as they are, CLIP's own scale (files
+            written before it read as this).
+        clip_logit_scale: CLIP's logit scale (``logit_scale.exp()``), recorded at
+            calibration: it turns the zero-shot logits back into cosine similarities
+            for ``clip_temperature``.
         sup_temperature: The supervised softmax's temperature in fusion, fitted on
             the held-out seen images by temperature scaling (Guo et al. 2017), so
             that ``soft`` mixes a calibrated distribution whatever the head's
@@ -96,6 +103,8 @@ class GateCalibration:
     threshold: float | None = None
     tpr: float = 0.95
     temperature: float = 1.0
+    clip_temperature: float | None = None
+    clip_logit_scale: float | None = None
     soft_scale: float | None = None
     soft_scale_std: float = 0.5
     stacking_penalty: float | None = None
@@ -135,6 +144,10 @@ class GateCalibration:
             raise InputError(f"tpr must be in (0, 1], got {self.tpr}")
         if self.temperature <= 0:
             raise InputError(f"temperature must be positive, got {self.temperature}")
+        for name in ("clip_temperature", "clip_logit_scale"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise InputError(f"{name} must be positive or None, got {value}")
         if self.sup_temperature is not None and self.sup_temperature <= 0:
             raise InputError(f"sup_temperature must be positive, got {self.sup_temperature}")
         for name in ("knn_k", "cascade_k"):
@@ -179,17 +192,20 @@ class GateCalibration:
         return CombinedScore.from_dict(self.combined)
 
     def compute_base_scores(self, **inputs: Any) -> dict[str, np.ndarray]:
-        """The base scores at this gate's temperature and ``knn_k``.
+        """The base scores at this gate's temperatures and ``knn_k``.
 
         Args:
             **inputs: Keyword arguments of :func:`hybridcls.gate.scores.compute_scores`
-                (``sup_logits``, ``clip_logits``, ``n_seen``, ``clip_emb``, ``knn_index``).
+                (``sup_logits``, ``sup_features``, ``clip_logits``, ``n_seen``, ``clip_emb``,
+                ``knn_index``, ``backbone_index``).
 
         Returns:
             ``{name: [N] scores}`` for :attr:`base_scores`: what :func:`finalize` takes.
         """
         return compute_scores(
-            self.base_scores, temperature=self.temperature, knn_k=self.knn_k, **inputs
+            self.base_scores, temperature=self.temperature,
+            clip_temperature=self.clip_temperature, clip_logit_scale=self.clip_logit_scale,
+            knn_k=self.knn_k, **inputs
         )
 
     def compute_score(self, **inputs: Any) -> np.ndarray:

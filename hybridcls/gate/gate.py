@@ -56,7 +56,7 @@ from hybridcls.gate.cascade import (
 )
 from hybridcls.gate.config import FIT_METHODS, GATE_FILENAME, MODES, GateCalibration
 from hybridcls.gate.fusion import FusionResult, fuse, fuse_zeroshot, route
-from hybridcls.gate.scores import DEFAULT_KNN_K, SCORES
+from hybridcls.gate.scores import DEFAULT_KNN_K, INDEX_OF, SCORES
 from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, load_run_index
 
 __all__ = ["INDEX_DIR", "ClipPolicy", "Gate"]
@@ -131,13 +131,16 @@ class Gate:
         self._backbone_loader: Callable[[], EmbeddingIndex | None] | None = None
         self.index_error_: CheckpointError | None = None
         self._options = _Options()
+        self._zero_shot = False
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def zero_shot(cls, *, unknown_threshold: float | None = None) -> Gate:
         """A gate with no seen classes: every image is decided by the zero-shot branch."""
-        return cls().with_options(unknown_threshold=unknown_threshold)
+        gate = cls()
+        gate._zero_shot = True
+        return gate.with_options(unknown_threshold=unknown_threshold)
 
     @classmethod
     def from_calibration(cls, calibration: GateCalibration, *, n_seen: int,
@@ -202,6 +205,7 @@ class Gate:
         train_paths: Sequence[str] | None = None,
         index_meta: Mapping[str, Mapping[str, Any]] | None = None,
         test: BranchOutputs | None = None,
+        clip_logit_scale: float | None = None,
     ) -> Gate:
         """Fit the gate on seen images only: the run's training split and its held-out split.
 
@@ -217,6 +221,9 @@ class Gate:
                 :func:`hybridcls.index.index_meta`.
             test: Unlabelled test images' outputs: refit the threshold on their own score
                 distribution (transductive, a two-component mixture; at least 4 images).
+            clip_logit_scale: The CLIP tower's logit scale (``ClipTower.logit_scale``): with
+                it the CLIP-side softmax scores are read at their papers' temperatures on
+                the cosine similarities; without it, at CLIP's own scale only.
 
         Returns:
             ``self``, fitted. Settings that depend on the data's size adapt to it and say
@@ -235,7 +242,8 @@ class Gate:
         y_tr = np.asarray(y_train, dtype=np.int64)
         y_va = np.asarray(y_val, dtype=np.int64)
         meta = dict(index_meta or {})
-        knn = EmbeddingIndex(meta=meta.get("clip"))
+        # named by role, so that save() writes clip.* and backbone.* whatever the metadata
+        knn = EmbeddingIndex(name="clip", meta=meta.get("clip"))
         knn.add(train.clip_embeddings, labels=y_tr, paths=train_paths)
         # The cache holds the training split only: the held-out images it is fitted on
         # would otherwise find themselves at affinity 1.
@@ -252,16 +260,23 @@ class Gate:
                 y_val=y_va, clip_logits_val_seen=val.clip_logits[:, :S],
                 clip_emb_train=train.clip_embeddings, clip_emb_val=val.clip_embeddings,
                 rounds=self.rounds, seed=self.seed, knn_k=knn_k, class_names=class_names,
+                clip_logit_scale=clip_logit_scale,
             )
         else:
             cal = GateCalibration(score=self.score, mode="hard", tpr=self.tpr, method="tpr",
-                                  knn_k=knn_k)
-        notes = knn_note if "knn" in cal.base_scores or self.method == "leave-classes-out" else []
+                                  knn_k=knn_k, clip_logit_scale=clip_logit_scale,
+                                  clip_temperature=None if clip_logit_scale is None else 1.0)
+        uses_knn = any(name in INDEX_OF for name in cal.base_scores)
+        notes = knn_note if uses_knn or self.method == "leave-classes-out" else []
         cal = cal.replace(cache_branch=None if branch is None else branch.to_dict(),
                           cascade_k=cascade_k, adapted=[*notes, *cal.adapted, *cascade_note])
         self.calibration_, self.n_seen_, self.seen_classes_ = cal, S, list(class_names)
         self.clip_index_, self.cache_ = knn, _enabled(cal)
         self.index_error_ = None
+        # the backbone_knn score and the cascade's distance read the training features
+        backbone = EmbeddingIndex(name="backbone", meta=meta.get("backbone")).add(
+            train.sup_features, labels=y_tr, paths=train_paths)
+        self._backbone_index, self._backbone_loader = backbone, None
         # The gate is thresholded on the seen-class logits predictions will read: with the cache;
         # fusion mixes temperature-scaled probabilities of those same logits.
         seen_va = self.seen_logits(val)
@@ -278,12 +293,9 @@ class Gate:
             max_softmax(val.sup_logits), max(cal.cascade_seen_share or 0.0, MIN_SEEN_SHARE)))
         # ... and send to CLIP what lies away from every training image in feature space,
         # however confident the head: the held-out seen images are not in the index.
-        backbone = EmbeddingIndex(meta=meta.get("backbone")).add(
-            train.sup_features, labels=y_tr, paths=train_paths)
         cascade_distance = threshold_at_tpr(
             backbone.kth_distance(val.sup_features, cal.cascade_k), DEFAULT_DISTANCE_TPR)
         self.calibration_ = cal.replace(cascade_msp=cascade_msp, cascade_distance=cascade_distance)
-        self._backbone_index, self._backbone_loader = backbone, None
         return self
 
     def check_params(self) -> None:
@@ -316,7 +328,8 @@ class Gate:
         """
         cal = self._fitted()
         cand = from_candidate(dict(row), combined=cal.combined, knn_k=cal.knn_k).replace(
-            sup_temperature=cal.sup_temperature, cache_branch=cal.cache_branch)
+            sup_temperature=cal.sup_temperature, cache_branch=cal.cache_branch,
+            clip_logit_scale=cal.clip_logit_scale)
         seen_va = self.seen_logits(val)
         cand = finalize(cand, cand.compute_base_scores(**self._score_inputs(val, seen_va, cand)))
         other = object.__new__(Gate)
@@ -325,6 +338,11 @@ class Gate:
         return other
 
     # ------------------------------------------------------------------ prediction
+
+    def _check_zero_shot(self) -> None:
+        """An unfitted gate is an error, unless made by :meth:`zero_shot` (nothing to fit)."""
+        if not self._zero_shot:
+            self._fitted()
 
     def _fitted(self) -> GateCalibration:
         if self.calibration_ is None:
@@ -361,10 +379,12 @@ class Gate:
 
     def _score_inputs(self, outputs: BranchOutputs, seen: np.ndarray,
                       cal: GateCalibration) -> dict[str, Any]:
-        needs_index = "knn" in cal.base_scores
-        return {"sup_logits": seen, "clip_logits": outputs.clip_logits, "n_seen": self.n_seen_,
+        names = cal.base_scores
+        return {"sup_logits": seen, "sup_features": outputs.sup_features,
+                "clip_logits": outputs.clip_logits, "n_seen": self.n_seen_,
                 "clip_emb": outputs.clip_embeddings,
-                "knn_index": self._index() if needs_index else self.clip_index_}
+                "knn_index": self._index() if "knn" in names else self.clip_index_,
+                "backbone_index": self._backbone() if "backbone_knn" in names else None}
 
     def _gate_score(self, outputs: BranchOutputs, cal: GateCalibration) -> np.ndarray:
         seen = self.seen_logits(outputs)
@@ -374,6 +394,7 @@ class Gate:
         """``[N]`` gate scores: higher = less like the seen classes (NaN for a zero-shot gate)."""
         cal = self.calibration
         if cal is None:
+            self._check_zero_shot()
             return np.full(len(outputs), np.nan)
         return self._gate_score(outputs, cal)
 
@@ -392,6 +413,7 @@ class Gate:
         """
         cal = self.calibration
         if cal is None:
+            self._check_zero_shot()
             if outputs.clip_logits is None:
                 raise InputError("a zero-shot gate needs the CLIP branch's logits")
             return fuse_zeroshot(outputs.clip_logits, unknown_threshold=self._options.unknown_threshold)
@@ -434,6 +456,7 @@ class Gate:
         """
         cal = self.calibration
         if cal is None:
+            self._check_zero_shot()
             if cascade:
                 raise ParameterError("cascade", True, "the cascade decides with the supervised "
                                      "branch; a zero-shot-only classifier has none")
@@ -442,7 +465,7 @@ class Gate:
                 and self.cache_ is None:
             def lazy(outputs: BranchOutputs) -> np.ndarray:
                 seen = np.asarray(outputs.sup_logits, dtype=np.float64)
-                return route(cal.compute_score(sup_logits=seen, n_seen=self.n_seen_), cal)
+                return route(cal.compute_score(**self._score_inputs(outputs, seen, cal)), cal)
             return lazy
         if cascade:
             keep = self._cascade_rule(cal)
@@ -472,8 +495,9 @@ class Gate:
         if self._backbone_index is None and self._backbone_loader is not None:
             self._backbone_index = self._backbone_loader()
         if self._backbone_index is None:
-            raise CheckpointError(f"its {GATE_FILENAME} has a cascade distance but there is no "
-                                  f"{INDEX_DIR}/backbone.faiss; calibrate again to use the cascade")
+            raise CheckpointError(f"its {GATE_FILENAME} reads the training images' backbone features "
+                                  f"(the backbone_knn score or the cascade's distance) but there "
+                                  f"is no {INDEX_DIR}/backbone.faiss; calibrate again")
         return self._backbone_index
 
     # ------------------------------------------------------------------ persistence

@@ -4,22 +4,35 @@ Every score follows one convention, the one of pytorch-ood: **higher = less
 like the seen classes** (more likely an unseen class). Each function is the
 published formula, on arrays:
 
-================  ==========================================  ===========================
-name              formula (per row)                            reference
-================  ==========================================  ===========================
-``msp``           ``-max_j softmax(z / T)_j``                  Hendrycks & Gimpel 2017
-``max_logit``     ``-max_j z_j``                               Hendrycks et al. 2022
-``energy``        ``-T * logsumexp(z / T)``                    Liu et al. 2020
-``entropy``       ``-sum_j p_j log p_j``, ``p = softmax(z)``   (pytorch-ood ``Entropy``)
-``mcm``           ``-max_j softmax(c_seen)_j``                 Ming et al. 2022
-``clip_margin``   ``max_u c_u - max_s c_s``                    (best unseen minus best seen)
-``knn``           k-th nearest-neighbour distance              Sun et al. 2022
-================  ==========================================  ===========================
+================  ==============================================  ===========================
+name              formula (per row)                                reference
+================  ==============================================  ===========================
+``msp``           ``-max_j softmax(z / T)_j``                      Hendrycks & Gimpel 2017
+``max_logit``     ``-max_j z_j``                                   Hendrycks et al. 2022
+``energy``        ``-T * logsumexp(z / T)``                        Liu et al. 2020
+``entropy``       ``-sum_j p_j log p_j``, ``p = softmax(z)``       (pytorch-ood ``Entropy``)
+``mcm``           ``-max_s softmax(cos_seen / tau)_s``             Ming et al. 2022
+``unseen_mass``   ``sum_u softmax(cos / tau)_u``                   Fort et al. 2021
+``clip_margin``   ``max_u c_u - max_s c_s``                        (best unseen minus best seen)
+``knn``           k-th nearest CLIP embedding's distance           Sun et al. 2022, on CLIP
+``backbone_knn``  k-th nearest backbone feature's distance         Sun et al. 2022
+================  ==============================================  ===========================
 
-``z`` are the supervised head's logits over the seen classes, ``c`` the
-zero-shot logits (cosine similarities times CLIP's own logit scale) whose
-first ``n_seen`` columns are the seen classes. :class:`CombinedScore` mixes
-several of them with a small logistic model.
+``z`` are the supervised head's logits over the seen classes; ``c`` the
+zero-shot logits, ``c = scale * cos`` (CLIP's own logit scale times the
+cosine similarities of image and class text), whose first ``n_seen`` columns
+are the seen classes. ``s`` runs over the seen classes, ``u`` over the
+unseen ones.
+
+The CLIP-side softmax scores (``mcm``, ``unseen_mass``) take their
+temperature ``tau`` on the cosine similarities, as their papers define it:
+MCM is ``tau = 1`` in Ming et al. (and pytorch-ood's ``MCM``), which for a
+CLIP whose logit scale is 100 is a far flatter softmax than the one the
+logits give (``tau = 1 / scale``). ``clip_temperature=None`` means that
+softmax of the logits as they are (CLIP's own scale; needs no scale), any
+number a ``tau`` in cosine units (needs ``clip_logit_scale``). Calibration
+chooses among them (:data:`hybridcls.gate.calibration.CLIP_TEMPERATURE_GRID`).
+:class:`CombinedScore` mixes several scores with a small logistic model.
 
 Functions accept numpy arrays or torch tensors and return numpy float64.
 
@@ -50,9 +63,11 @@ from hybridcls.index import EmbeddingIndex
 
 __all__ = [
     "DEFAULT_KNN_K",
+    "INDEX_OF",
     "INPUTS",
     "MIN_COMBINED_SEEN",
     "SCORES",
+    "TEMPERATURE_KINDS",
     "CombinedScore",
     "ScoreInputs",
     "ScoreSpec",
@@ -68,10 +83,15 @@ __all__ = [
     "msp_score",
     "needs_of",
     "softmax_rows",
+    "unseen_mass_score",
 ]
 
 #: The arrays a score can need; the names are the keyword arguments of :func:`compute_scores`.
-INPUTS = ("sup_logits", "clip_logits", "clip_emb")
+INPUTS = ("sup_logits", "sup_features", "clip_logits", "clip_emb")
+
+#: Which temperature a score takes: the supervised softmax's (``"sup"``), the CLIP-side
+#: softmax's on cosine similarities (``"clip"``), or none.
+TEMPERATURE_KINDS = ("sup", "clip")
 
 #: Neighbours used by the kNN score when none is given. Sun et al. use k=50 for
 #: 50,000 training images; a seen class here has tens of images, so a smaller k
@@ -203,20 +223,62 @@ def entropy_score(logits: Any) -> np.ndarray:
     return entr(softmax_rows(z)).sum(axis=1)
 
 
-def mcm_score(clip_logits_seen: Any) -> np.ndarray:
-    """Negative maximum concept matching (Ming et al. 2022), at CLIP's own logit scale.
+def mcm_score(similarities_seen: Any, temperature: float = 1.0) -> np.ndarray:
+    """Negative maximum concept matching (Ming et al. 2022; pytorch-ood ``MCM``).
 
-    MCM is the maximum softmax over the seen classes' prompts of the scaled
-    cosine similarities; the scale is whatever the logits already carry.
+    MCM is the largest softmax probability over the seen classes' prompts of the
+    image-text cosine similarities divided by ``temperature``; the paper's
+    default is 1. Given logits (``scale * cos``) with ``temperature=1``, it is
+    MCM at ``tau = 1 / scale``, CLIP's own sharpness.
 
     Args:
-        clip_logits_seen: ``[N, S]`` zero-shot logits over the seen classes only.
+        similarities_seen: ``[N, S]`` cosine similarities (or logits) with the seen
+            classes' prompts only.
+        temperature: ``tau``, in the units of ``similarities_seen``.
 
     Returns:
         ``[N]`` scores in ``[-1, -1/S]``; higher = less like the seen classes.
+
+    Example:
+        >>> mcm_score([[0.30, 0.20]]).round(4).tolist()  # paper: tau = 1 on cosines
+        [-0.525]
+        >>> mcm_score([[0.30, 0.20]], temperature=0.01).round(4).tolist()  # CLIP's scale 100
+        [-1.0]
     """
-    c = as_array(clip_logits_seen, "clip_logits_seen")
-    return -softmax_rows(c).max(axis=1)
+    c = as_array(similarities_seen, "similarities_seen")
+    return -softmax_rows(c / temperature).max(axis=1)
+
+
+def unseen_mass_score(similarities: Any, n_seen: int, temperature: float = 1.0) -> np.ndarray:
+    """Probability mass of the unseen classes' prompts (Fort et al. 2021).
+
+    With the names of the outlier classes known, Fort et al. ("Exploring the
+    limits of out-of-distribution detection", 2021) score an image by the sum of
+    CLIP's softmax over those names, taken over every prompt, seen and unseen:
+    unlike MCM, it knows what an unseen image should look like.
+
+    Args:
+        similarities: ``[N, C]`` cosine similarities (or logits), seen classes first.
+        n_seen: Number of seen classes (``0 < n_seen < C``).
+        temperature: ``tau``, in the units of ``similarities``.
+
+    Returns:
+        ``[N]`` masses in ``[0, 1]``; higher = less like the seen classes.
+
+    Example:
+        >>> unseen_mass_score([[0.30, 0.20, 0.25]], n_seen=2).round(4).tolist()
+        [0.3331]
+    """
+    c = as_array(similarities, "similarities")
+    _check_seen_columns(n_seen, c.shape[1], "unseen_mass")
+    return softmax_rows(c / temperature)[:, n_seen:].sum(axis=1)
+
+
+def _check_seen_columns(n_seen: int, n_classes: int, score: str) -> None:
+    if not 0 < n_seen < n_classes:
+        raise InputError(
+            f"{score} needs seen and unseen columns: n_seen={n_seen} of {n_classes} classes"
+        )
 
 
 def clip_margin_score(clip_logits: Any, n_seen: int) -> np.ndarray:
@@ -238,23 +300,23 @@ def clip_margin_score(clip_logits: Any, n_seen: int) -> np.ndarray:
         [-3.0, 3.0]
     """
     c = as_array(clip_logits, "clip_logits")
-    if not 0 < n_seen < c.shape[1]:
-        raise InputError(
-            f"clip_margin needs seen and unseen columns: n_seen={n_seen} of {c.shape[1]} classes"
-        )
+    _check_seen_columns(n_seen, c.shape[1], "clip_margin")
     best_unseen, best_seen = c[:, n_seen:].max(axis=1), c[:, :n_seen].max(axis=1)
     with np.errstate(invalid="ignore"):  # inf - inf, replaced by the tie's 0
         return np.where(best_unseen == best_seen, 0.0, best_unseen - best_seen)
 
 
 def knn_distance_score(
-    clip_emb: Any, knn_index: EmbeddingIndex, k: int = DEFAULT_KNN_K
+    embeddings: Any, index: EmbeddingIndex, k: int = DEFAULT_KNN_K
 ) -> np.ndarray:
     """Distance on the unit sphere to the k-th nearest training embedding (Sun et al. 2022).
 
+    Sun et al. measure it on the supervised model's normalised penultimate
+    features (``backbone_knn``); ``knn`` measures it on CLIP's image embeddings.
+
     Args:
-        clip_emb: ``[N, D]`` L2-normalised CLIP image embeddings.
-        knn_index: The training images' embeddings.
+        embeddings: ``[N, D]`` embeddings (normalised here, by the index).
+        index: The training images' embeddings of the same kind.
         k: Which neighbour.
 
     Returns:
@@ -262,7 +324,7 @@ def knn_distance_score(
         for a row that is not finite (no embedding: nothing to measure), which every
         fusion mode keeps in the supervised branch.
     """
-    return knn_index.kth_distance(as_array(clip_emb, "clip_emb"), k)
+    return index.kth_distance(as_array(embeddings, "embeddings"), k)
 
 
 @dataclass(frozen=True)
@@ -270,12 +332,31 @@ class ScoreInputs:
     """The arrays and settings a score may be computed from (see :func:`compute_scores`)."""
 
     sup_logits: np.ndarray | None = None
+    sup_features: np.ndarray | None = None
     clip_logits: np.ndarray | None = None
     n_seen: int | None = None
     clip_emb: np.ndarray | None = None
     knn_index: EmbeddingIndex | None = None
+    backbone_index: EmbeddingIndex | None = None
     temperature: float = 1.0
+    clip_temperature: float | None = None
+    clip_logit_scale: float | None = None
     knn_k: int = DEFAULT_KNN_K
+
+    def clip_similarities(self) -> tuple[np.ndarray, float]:
+        """``(similarities, tau)`` for the CLIP-side softmax scores (see the module's notes).
+
+        Raises:
+            InputError: A ``clip_temperature`` without the ``clip_logit_scale`` to read it by.
+        """
+        assert self.clip_logits is not None
+        if self.clip_temperature is None:
+            return self.clip_logits, 1.0
+        if self.clip_logit_scale is None or not self.clip_logit_scale > 0:
+            raise InputError(
+                f"clip_temperature={self.clip_temperature} is in cosine units: it needs "
+                f"clip_logit_scale (CLIP's logit scale), got {self.clip_logit_scale}")
+        return self.clip_logits / self.clip_logit_scale, self.clip_temperature
 
 
 class ScoreSpec(NamedTuple):
@@ -285,45 +366,64 @@ class ScoreSpec(NamedTuple):
         function: The public formula (e.g. :func:`energy_score`).
         needs: Which of :data:`INPUTS` it reads; a gate whose scores need no
             ``clip_*`` input lets the zero-shot branch run only on routed images.
-        uses_temperature: Whether ``temperature`` changes it (a calibration grid axis).
+        temperature: Which temperature changes it (a calibration grid axis): ``"sup"``
+            (``temperature``), ``"clip"`` (``clip_temperature``) or ``None``.
         call: Computes it from a :class:`ScoreInputs` (the adapter behind :func:`compute_scores`).
     """
 
     function: Callable[..., np.ndarray]
     needs: tuple[str, ...]
-    uses_temperature: bool
+    temperature: str | None
     call: Callable[[ScoreInputs], np.ndarray]
+
+
+def _mcm(i: ScoreInputs) -> np.ndarray:
+    sims, tau = i.clip_similarities()
+    return mcm_score(sims[:, : i.n_seen], tau)
+
+
+def _unseen_mass(i: ScoreInputs) -> np.ndarray:
+    sims, tau = i.clip_similarities()
+    return unseen_mass_score(sims, i.n_seen, tau)
 
 
 SCORES: dict[str, ScoreSpec] = {
     "msp": ScoreSpec(
-        msp_score, ("sup_logits",), True, lambda i: msp_score(i.sup_logits, i.temperature)
+        msp_score, ("sup_logits",), "sup", lambda i: msp_score(i.sup_logits, i.temperature)
     ),
     "max_logit": ScoreSpec(
-        max_logit_score, ("sup_logits",), False, lambda i: max_logit_score(i.sup_logits)
+        max_logit_score, ("sup_logits",), None, lambda i: max_logit_score(i.sup_logits)
     ),
     "energy": ScoreSpec(
-        energy_score, ("sup_logits",), True, lambda i: energy_score(i.sup_logits, i.temperature)
+        energy_score, ("sup_logits",), "sup", lambda i: energy_score(i.sup_logits, i.temperature)
     ),
     "entropy": ScoreSpec(
-        entropy_score, ("sup_logits",), False, lambda i: entropy_score(i.sup_logits)
+        entropy_score, ("sup_logits",), None, lambda i: entropy_score(i.sup_logits)
     ),
-    "mcm": ScoreSpec(
-        mcm_score, ("clip_logits",), False, lambda i: mcm_score(i.clip_logits[:, : i.n_seen])
-    ),
+    "mcm": ScoreSpec(mcm_score, ("clip_logits",), "clip", _mcm),
+    "unseen_mass": ScoreSpec(unseen_mass_score, ("clip_logits",), "clip", _unseen_mass),
     "clip_margin": ScoreSpec(
         clip_margin_score,
         ("clip_logits",),
-        False,
+        None,
         lambda i: clip_margin_score(i.clip_logits, i.n_seen),
     ),
     "knn": ScoreSpec(
         knn_distance_score,
         ("clip_emb",),
-        False,
+        None,
         lambda i: knn_distance_score(i.clip_emb, i.knn_index, i.knn_k),
     ),
+    "backbone_knn": ScoreSpec(
+        knn_distance_score,
+        ("sup_features",),
+        None,
+        lambda i: knn_distance_score(i.sup_features, i.backbone_index, i.knn_k),
+    ),
 }
+
+#: The index each kNN score reads (a keyword argument of :func:`compute_scores`).
+INDEX_OF = {"knn": "knn_index", "backbone_knn": "backbone_index"}
 
 
 def needs_of(names: Sequence[str]) -> set[str]:
@@ -346,11 +446,15 @@ def compute_scores(
     names: Sequence[str],
     *,
     sup_logits: Any = None,
+    sup_features: Any = None,
     clip_logits: Any = None,
     n_seen: int | None = None,
     clip_emb: Any = None,
     knn_index: EmbeddingIndex | None = None,
+    backbone_index: EmbeddingIndex | None = None,
     temperature: float = 1.0,
+    clip_temperature: float | None = None,
+    clip_logit_scale: float | None = None,
     knn_k: int = DEFAULT_KNN_K,
 ) -> dict[str, np.ndarray]:
     """Compute several registered scores from one set of arrays.
@@ -358,12 +462,19 @@ def compute_scores(
     Args:
         names: Keys of :data:`SCORES`.
         sup_logits: ``[N, S]`` supervised logits (``msp``, ``max_logit``, ``energy``, ``entropy``).
-        clip_logits: ``[N, C]`` zero-shot logits, seen columns first (``mcm``, ``clip_margin``).
+        sup_features: ``[N, F]`` supervised backbone features (``backbone_knn``).
+        clip_logits: ``[N, C]`` zero-shot logits, seen columns first (``mcm``,
+            ``unseen_mass``, ``clip_margin``).
         n_seen: Number of seen columns in ``clip_logits``; defaults to ``sup_logits``' width.
         clip_emb: ``[N, D]`` normalised CLIP embeddings (``knn``).
-        knn_index: The training embeddings (``knn``).
-        temperature: For the scores that take one (``msp``, ``energy``).
-        knn_k: The neighbour the ``knn`` score measures.
+        knn_index: The training images' CLIP embeddings (``knn``).
+        backbone_index: The training images' backbone features (``backbone_knn``).
+        temperature: For the supervised scores that take one (``msp``, ``energy``).
+        clip_temperature: For ``mcm`` and ``unseen_mass``, on the cosine similarities
+            (``None``: the logits as they are, CLIP's own scale).
+        clip_logit_scale: CLIP's logit scale, which turns the logits back into cosine
+            similarities (needed with ``clip_temperature``).
+        knn_k: The neighbour the kNN scores measure.
 
     Returns:
         ``{name: [N] float64 scores}`` in the order of ``names``.
@@ -378,13 +489,16 @@ def compute_scores(
         (['clip_margin', 'energy'], [-2.5])
     """
     _check_names(names)
-    given = {"sup_logits": sup_logits, "clip_logits": clip_logits, "clip_emb": clip_emb}
+    given = {"sup_logits": sup_logits, "sup_features": sup_features, "clip_logits": clip_logits,
+             "clip_emb": clip_emb}
+    indexes = {"knn_index": knn_index, "backbone_index": backbone_index}
     for name in names:
         for need in SCORES[name].needs:
             if given[need] is None:
                 raise InputError(f"gate score {name!r} needs {need}, which was not given")
-    if "knn" in names and knn_index is None:
-        raise InputError("gate score 'knn' needs knn_index (the training images' embeddings)")
+        if name in INDEX_OF and indexes[INDEX_OF[name]] is None:
+            raise InputError(f"gate score {name!r} needs {INDEX_OF[name]} (the training "
+                             "images' embeddings)")
     sup = None if sup_logits is None else as_array(sup_logits, "sup_logits")
     clip = None if clip_logits is None else as_array(clip_logits, "clip_logits")
     if clip is not None and n_seen is None:
@@ -393,11 +507,15 @@ def compute_scores(
         n_seen = sup.shape[1]
     inputs = ScoreInputs(
         sup_logits=sup,
+        sup_features=None if sup_features is None else as_array(sup_features, "sup_features"),
         clip_logits=clip,
         n_seen=n_seen,
         clip_emb=None if clip_emb is None else as_array(clip_emb, "clip_emb"),
         knn_index=knn_index,
+        backbone_index=backbone_index,
         temperature=temperature,
+        clip_temperature=clip_temperature,
+        clip_logit_scale=clip_logit_scale,
         knn_k=knn_k,
     )
     return {name: SCORES[name].call(inputs) for name in names}

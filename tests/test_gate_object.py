@@ -1,0 +1,61 @@
+"""The Gate as one object: fitted from public calls alone, saved and loaded back whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hybridcls.errors import InputError
+from hybridcls.gate import BranchOutputs, Gate
+
+
+def _outputs(rng: np.random.Generator, y: np.ndarray, n_seen: int, n_classes: int) -> BranchOutputs:
+    """Clustered towers' outputs: class c's features and embeddings near axis c."""
+    n = len(y)
+    feat = np.eye(n_classes)[y] + 0.3 * rng.standard_normal((n, n_classes))
+    emb = feat / np.linalg.norm(feat, axis=1, keepdims=True)
+    sup = 4 * feat[:, :n_seen]
+    clip = 10 * emb
+    return BranchOutputs(sup.astype(np.float32), feat.astype(np.float32),
+                         clip.astype(np.float32), emb.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def data() -> dict:
+    rng = np.random.default_rng(0)
+    S, C = 3, 5
+    y_tr, y_va = np.repeat(np.arange(S), 12), np.repeat(np.arange(S), 6)
+    y_te = np.repeat(np.arange(C), 6)
+    return {"train": _outputs(rng, y_tr, S, C), "y_train": y_tr, "val": _outputs(rng, y_va, S, C),
+            "y_val": y_va, "test": _outputs(rng, y_te, S, C), "names": ["a", "b", "c"], "S": S}
+
+
+@pytest.mark.parametrize("gate", [Gate(method="tpr", score="knn", tpr=0.9, cache_branch="on"),
+                                  Gate(rounds=3, cache_branch="on")], ids=["tpr-knn", "leave-classes-out"])
+def test_a_gate_fitted_without_index_meta_saves_and_loads_whole(data: dict, gate: Gate,
+                                                                 tmp_path: Path) -> None:
+    gate.fit(data["train"], data["y_train"], data["val"], data["y_val"], class_names=data["names"])
+    before = gate.predict(data["test"])
+    gate.save(tmp_path)
+    # one file per index, named by its role (not both written over "index.*")
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
+        "backbone.faiss", "backbone.json", "clip.faiss", "clip.json"]
+    loaded = Gate.load(tmp_path, n_seen=data["S"])
+    after = loaded.predict(data["test"])
+    np.testing.assert_array_equal(after.probs, before.probs)
+    assert after.branch.tolist() == before.branch.tolist()
+    # the cascade reads the backbone index back too
+    np.testing.assert_array_equal(loaded.cascade_keep(data["test"]), gate.cascade_keep(data["test"]))
+
+
+def test_an_unfitted_gate_refuses_to_predict(data: dict) -> None:
+    for call in (Gate().predict, Gate().decision_function):
+        with pytest.raises(InputError, match="the gate is not fitted: call Gate.fit"):
+            call(data["test"])
+    with pytest.raises(InputError, match="the gate is not fitted"):
+        Gate().clip_policy()
+    # a zero-shot gate has nothing to fit: it decides by CLIP alone
+    zs = Gate.zero_shot().predict(BranchOutputs(clip_logits=np.array([[0.0, 2.0]])))
+    assert zs.pred.tolist() == [1] and zs.branch.tolist() == ["zeroshot"]
