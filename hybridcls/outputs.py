@@ -26,6 +26,8 @@ from hybridcls.errors import InputError
 __all__ = [
     "BRANCH_COLUMNS",
     "FORMATS",
+    "SCORES_COLUMN",
+    "SCORE_PREFIX",
     "PredictionRow",
     "PredictionWriter",
     "batch_rows",
@@ -36,6 +38,7 @@ __all__ = [
     "output_key",
     "read_prediction_lines",
     "read_predictions",
+    "score_columns",
     "topk_pairs",
 ]
 
@@ -43,6 +46,12 @@ FORMATS = ("csv", "jsonl", "kaggle")
 
 #: The columns a hybrid's rows add: the gate's score and weight, and each branch's own top-k.
 BRANCH_COLUMNS = ("gate_score", "gate_weight", "supervised_topk", "zeroshot_topk")
+
+#: The JSON Lines field of every class's probability (``predict --all-scores``): ``{class: p}``.
+SCORES_COLUMN = "scores"
+#: A CSV file spreads that object over one column per class, named this prefix + the class name
+#: as the prompts file spells it (``score:polar bear``); no built-in column has a ``:``.
+SCORE_PREFIX = "score:"
 
 
 @dataclass
@@ -93,6 +102,27 @@ def output_columns(fmt: str, topk: int, extra_columns: Sequence[str] = ()) -> li
     for i in range(1, topk + 1):
         cols += [f"top{i}", f"top{i}_score"]
     return cols + list(extra_columns)
+
+
+def score_columns(fmt: str, classes: Sequence[str]) -> list[str]:
+    """The extra columns of every class's probability: one ``score:<class>`` per class in CSV,
+    one ``scores`` object in JSON Lines.
+
+    Raises:
+        InputError: ``fmt="kaggle"`` (a submission is ``image_id,class`` only).
+
+    Example:
+        >>> score_columns("csv", ["fox", "polar bear"])
+        ['score:fox', 'score:polar bear']
+        >>> score_columns("jsonl", ["fox", "polar bear"])
+        ['scores']
+    """
+    if fmt == "kaggle":
+        raise InputError("a Kaggle submission holds image_id and class only: it has no room for "
+                         "every class's probability; write CSV or JSON Lines")
+    if fmt == "jsonl":
+        return [SCORES_COLUMN]
+    return [SCORE_PREFIX + str(c) for c in classes]
 
 
 def output_key(path: str, fmt: str) -> str:
@@ -217,7 +247,7 @@ class PredictionWriter:
                     values += [row.topk[i][0], _fmt_score(row.topk[i][1])]
                 else:
                     values += ["", ""]
-            values += [_csv_value(row.extra.get(c)) for c in self.extra_columns]
+            values += [_csv_value(_extra_value(row, c)) for c in self.extra_columns]
             self._csv.writerow(values)
         else:
             record: dict[str, Any] = {
@@ -256,6 +286,14 @@ class PredictionWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _extra_value(row: PredictionRow, column: str) -> Any:
+    """A CSV extra column's value: ``score:<class>`` reads that class in the row's ``scores``."""
+    if column.startswith(SCORE_PREFIX) and column not in row.extra:
+        scores = row.extra.get(SCORES_COLUMN)
+        return None if scores is None else scores.get(column[len(SCORE_PREFIX):])
+    return row.extra.get(column)
 
 
 def _csv_value(value: Any) -> Any:
@@ -375,6 +413,7 @@ def batch_rows(
     n_seen: int,
     topk: int,
     branch_columns: bool,
+    all_scores: bool = False,
 ) -> list[PredictionRow]:
     """One batch's output rows, one per input index, in order: the one place rows are built.
 
@@ -390,6 +429,8 @@ def batch_rows(
         n_seen: Number of seen classes (0 for zero-shot only).
         topk: Top-k pairs per row.
         branch_columns: Add :data:`BRANCH_COLUMNS` (a hybrid's rows).
+        all_scores: Add every class's probability, ``{class: p}`` under :data:`SCORES_COLUMN`
+            (the row's ``probs``, which sum to 1; ``None`` on an error row).
 
     Returns:
         The rows; an input not predicted is an error row with its reason.
@@ -401,7 +442,10 @@ def batch_rows(
     for idx in indices:
         path = paths[idx]
         if idx not in pos or result is None:
-            out.append(PredictionRow.failed(path, errors.get(idx, "not predicted")))
+            row = PredictionRow.failed(path, errors.get(idx, "not predicted"))
+            if all_scores:
+                row.extra[SCORES_COLUMN] = None
+            out.append(row)
             continue
         j = pos[idx]
         p = result.probs[j]
@@ -421,6 +465,8 @@ def batch_rows(
                 "zeroshot_topk": topk_pairs(None if result.clip_probs is None else result.clip_probs[j],
                                             classes, topk),
             }
+        if all_scores:
+            row.extra[SCORES_COLUMN] = {str(c): round(float(v), 6) for c, v in zip(classes, p)}
         out.append(row)
     return out
 

@@ -84,19 +84,24 @@ class Predictor:
         for batch in self.engine_.iter_batches(sources, clip=policy, progress=progress):
             yield batch, None if batch.outputs is None else gate.predict(batch.outputs)
 
-    def rows(self, inputs: Any, *, topk: int = 5, progress: bool | None = None
-             ) -> Iterator[list[PredictionRow]]:
-        """Output rows per batch (label, branch, top-k; a hybrid's gate columns), one per input."""
+    def rows(self, inputs: Any, *, topk: int = 5, progress: bool | None = None,
+             all_scores: bool = False) -> Iterator[list[PredictionRow]]:
+        """Output rows per batch (label, branch, top-k; a hybrid's gate columns), one per input.
+
+        ``all_scores=True`` adds every class's probability to each row
+        (:data:`~hybridcls.outputs.SCORES_COLUMN`, in ``classes_`` order).
+        """
         sources = self._sources(inputs)
         paths = [s.path for s in sources]
         for batch, res in self.iter_predictions(sources, progress=progress):
-            yield self.batch_rows(paths, batch, res, topk=topk)
+            yield self.batch_rows(paths, batch, res, topk=topk, all_scores=all_scores)
 
     def batch_rows(self, paths: Sequence[str], batch: EngineBatch, res: FusionResult | None, *,
-                   topk: int = 5) -> list[PredictionRow]:
+                   topk: int = 5, all_scores: bool = False) -> list[PredictionRow]:
         """One engine batch and its fusion result as output rows, one per index, in order."""
         return batch_rows(paths, batch.indices, batch.ok, batch.errors, res, list(self.classes_),
-                          n_seen=self.n_seen_, topk=topk, branch_columns=bool(self.EXTRA_COLUMNS))
+                          n_seen=self.n_seen_, topk=topk, branch_columns=bool(self.EXTRA_COLUMNS),
+                          all_scores=all_scores)
 
     # ------------------------------------------------------------------ arrays
 

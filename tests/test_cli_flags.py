@@ -44,7 +44,11 @@ def setup(tiny_hybrid, tmp_path_factory):
 
 
 def _predict(setup, mode: str, extra: list[str], out: Path, capsys, *, quiet: bool = True) -> dict:
-    argv = ["predict", str(setup["world"].test_dir), *setup["common"]]
+    common = list(setup["common"])
+    if "--classes" in extra:  # instead of the prompts file, not beside it
+        at = common.index("--prompts")
+        del common[at:at + 2]
+    argv = ["predict", str(setup["world"].test_dir), *common]
     if mode == "hybrid":
         argv += ["--checkpoint", str(setup["run"])]
     argv += ["-o", str(out), *(["-q"] if quiet else []), *extra]
@@ -184,6 +188,41 @@ def _checkpoint(setup, mode, out, capsys, base):
     return "rows"
 
 
+def _classes(setup, mode, out, capsys, base):
+    # the prompts file's classes and one more, inline: the rows of that prompts file
+    names = [*setup["world"].classes, "black plain circle"]  # the classes of extra_prompts
+    res = _predict(setup, mode, ["--classes", ",".join(names)], out / "v.jsonl", capsys)
+    assert res["rc"] == 0, res["stderr"]
+    extra = _predict(setup, mode, ["--prompts", str(setup["extra_prompts"])], out / "p.jsonl", capsys)
+    assert res["rows"] == extra["rows"] != base["rows"]
+    return "rows"
+
+
+def _all_scores(setup, mode, out, capsys, base):
+    world = setup["world"]
+    # classes_ order: prompts-file order; a hybrid's seen classes (sorted folders) first
+    order = list(world.classes) if mode == "zeroshot" else [
+        *world.seen_classes, *(c for c in world.classes if c not in world.seen_classes)]
+    res = _predict(setup, mode, ["--all-scores"], out / "v.jsonl", capsys)
+    assert res["rc"] == 0, res["stderr"]
+    tolerance = len(order) * 5e-7  # each probability is written to 6 decimals
+    for row, plain in zip(res["rows"], base["rows"], strict=True):
+        scores = row.pop("scores")
+        assert row == plain  # the rows without the flag, plus every class's probability
+        assert list(scores) == order and abs(sum(scores.values()) - 1) <= tolerance
+        assert all(scores[t["label"]] == t["score"] for t in plain["topk"])
+    # CSV: one score:<class> column per class, in the same order, summing to 1 on every row
+    csv_res = _predict(setup, mode, ["--all-scores"], out / "v.csv", capsys)
+    assert csv_res["rc"] == 0, csv_res["stderr"]
+    header = csv_res["text"].split("\n", 1)[0].split(",")
+    assert header[-len(order):] == [f"score:{c}" for c in order]
+    for row in csv_res["rows"]:
+        assert abs(sum(float(row[f"score:{c}"]) for c in order) - 1) <= tolerance
+    kaggle = _predict(setup, mode, ["--all-scores", "--format", "kaggle"], out / "k.csv", capsys)
+    assert _refused(kaggle, "--all-scores") and "--format kaggle" in kaggle["stderr"]
+    return "rows"
+
+
 def _unknown(setup, mode, out, capsys, base):
     res = _predict(setup, mode, ["--unknown-threshold", "0.999"], out / "v.jsonl", capsys)
     assert res["rc"] == 0
@@ -221,6 +260,7 @@ def _cascade(setup, mode, out, capsys, base):
 CASES = {
     "inputs": _shard,  # a different share of the inputs gives different rows (and see _shard)
     "prompts": _rows_change(lambda s: ["--prompts", str(s["extra_prompts"])]),
+    "classes": _classes,
     "templates": _rows_change(lambda s: ["--templates", str(s["other_templates"])]),
     "truncate_prompts": _truncate,
     "clip_model": _clip_model,
@@ -238,6 +278,7 @@ CASES = {
     "mode": _mode,
     "cascade": _cascade,
     "topk": _rows_change(["--topk", "1"]),
+    "all_scores": _all_scores,
     "output": _output,
     "format": _format,
     "resume": _resume,

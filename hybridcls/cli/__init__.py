@@ -16,9 +16,11 @@ from hybridcls.cli import audit as _audit
 from hybridcls.cli import bench as _bench
 from hybridcls.cli import calibrate as _calibrate
 from hybridcls.cli import demo as _demo
+from hybridcls.cli import embed as _embed
 from hybridcls.cli import evaluate as _evaluate
 from hybridcls.cli import explain as _explain
 from hybridcls.cli import merge as _merge
+from hybridcls.cli import models as _models
 from hybridcls.cli import predict as _predict
 from hybridcls.cli import report as _report
 from hybridcls.cli import train as _train
@@ -29,7 +31,8 @@ from hybridcls.version import __version__
 __all__ = ["UsageError", "build_parser", "main"]
 
 # Subcommand modules, each with ``add_parser(subparsers)`` and ``run(args) -> int``.
-_COMMANDS = [_train, _calibrate, _predict, _merge, _evaluate, _report, _explain, _bench, _demo, _audit]
+_COMMANDS = [_train, _calibrate, _predict, _embed, _merge, _evaluate, _report, _explain, _bench,
+             _demo, _audit, _models]
 
 
 def build_parser() -> argparse.ArgumentParser:

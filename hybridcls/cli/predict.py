@@ -21,17 +21,25 @@ from hybridcls.cli.common import (
     UsageError,
     add_clip_arguments,
     add_runtime_arguments,
-    clip_pretrained_from_args,
+    clip_settings,
     hybrid_from_args,
+    path_fingerprint,
+    prompts_from_args,
     zeroshot_from_args,
 )
 from hybridcls.data import expand_inputs
 from hybridcls.gate.config import GATE_FILENAME, MODES
 from hybridcls.gate.gate import INDEX_DIR
-from hybridcls.outputs import BRANCH_COLUMNS, FORMATS, check_unique_keys, infer_format, open_writer
+from hybridcls.outputs import (
+    BRANCH_COLUMNS,
+    FORMATS,
+    check_unique_keys,
+    infer_format,
+    open_writer,
+    score_columns,
+)
 from hybridcls.sharding import ShardSpec, predict_to_output
 from hybridcls.torchrun import torchrun_world
-from hybridcls.zeroshot.defaults import LOCAL_DIR_PREFIX
 
 __all__ = ["add_parser", "classifier_from_args", "prediction_settings", "run"]
 
@@ -64,6 +72,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          "(thresholds fitted by `hybridcls calibrate`; needs --checkpoint)")
     out = parser.add_argument_group("output")
     out.add_argument("--topk", type=int, default=5, metavar="K", help="top-k labels per row (default: %(default)s)")
+    out.add_argument("--all-scores", action="store_true",
+                     help="every class's probability per row (they sum to 1): one 'score:<class>' "
+                          "column per class in CSV, a 'scores' object in JSON Lines; not with "
+                          "--format kaggle")
     out.add_argument("-o", "--output", default="-", metavar="PATH",
                      help="output file ('-' for standard output, the default); a file gets "
                           "PATH.manifest.json beside it, for --resume and `hybridcls merge`")
@@ -91,6 +103,9 @@ def _validate(args: argparse.Namespace) -> None:
             if getattr(args, dest) not in (None, False):
                 raise UsageError(f"{flag} needs --checkpoint: a zero-shot-only prediction has no "
                                  "supervised branch to route to, mix with or decide with")
+    if args.all_scores and infer_format(args.output, args.format) == "kaggle":
+        raise UsageError("--all-scores needs CSV or JSON Lines: a Kaggle submission (--format "
+                         "kaggle) holds image_id and class only")
     to_stdout = args.output in (None, "-")
     if to_stdout and (args.resume or args.shard is not None):
         raise UsageError(f"{'--resume' if args.resume else '--shard'} needs --output FILE")
@@ -111,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
     fmt = infer_format(args.output, args.format)
     check_unique_keys((s.path for s in sources), fmt)  # before any model loads or byte is written
     extra = BRANCH_COLUMNS if args.checkpoint else ()
+    classes = _class_names(args) if args.all_scores else []
+    if args.all_scores:
+        extra = (*extra, *score_columns(fmt, classes))
     world = torchrun_world()
     rank = world[0] if world else 0
     progress = not args.quiet and rank == 0
@@ -119,7 +137,12 @@ def run(args: argparse.Namespace) -> int:
     def predict_rows(todo):
         # Loaded only when something is left to predict (a finished --resume loads nothing).
         loaded.append(classifier_from_args(args))
-        yield from loaded[0].rows(todo, topk=args.topk, progress=progress)
+        if args.all_scores and list(loaded[0].classes_) != classes:  # pragma: no cover
+            # the header was written from _class_names: a change of the class order must reach it
+            raise RuntimeError(f"bug: the classifier's classes {list(loaded[0].classes_)} are not "
+                               f"the --all-scores columns {classes}")
+        yield from loaded[0].rows(todo, topk=args.topk, progress=progress,
+                                  all_scores=args.all_scores)
 
     if args.output in (None, "-"):
         rows = predict_rows(sources)
@@ -144,6 +167,19 @@ def run(args: argparse.Namespace) -> int:
                    len(sources) - summary.resumed)
 
 
+def _class_names(args: argparse.Namespace) -> list[str]:
+    """The classes in ``classes_`` order (seen first, for a hybrid), read before any model loads:
+    ``--all-scores`` writes one CSV column per class in the header."""
+    from hybridcls.supervised.checkpoint import read_checkpoint_config
+    from hybridcls.zeroshot.prompts import align_classes, as_prompt_set
+
+    prompts = as_prompt_set(prompts_from_args(args))
+    if args.checkpoint:
+        seen = [str(c) for c in read_checkpoint_config(args.checkpoint)["classes"]]
+        prompts = align_classes(seen, prompts)
+    return prompts.names
+
+
 def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What changes the rows of ``predict``: a resumed file or merged parts must agree on it.
 
@@ -155,21 +191,11 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
     # torch and timm come with the checkpoint module: imported when a command runs
     from hybridcls.supervised.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
-    def fingerprint(path: str | None) -> Any:
-        if not path:
-            return None
-        p = Path(path)
-        if p.is_dir():
-            return {f.name: file_fingerprint(f) for f in sorted(p.iterdir()) if f.is_file()}
-        return file_fingerprint(p) if p.is_file() else path
-
-    clip = args.clip_model
     settings: dict[str, Any] = {
-        "clip_model": (fingerprint(clip.removeprefix(LOCAL_DIR_PREFIX))
-                       if clip.startswith(LOCAL_DIR_PREFIX) else clip),
-        "clip_pretrained": fingerprint(clip_pretrained_from_args(args)),
-        "prompts": fingerprint(args.prompts),
-        "templates": fingerprint(args.templates),
+        **clip_settings(args),
+        "prompts": path_fingerprint(args.prompts),
+        "classes": args.classes,
+        "templates": path_fingerprint(args.templates),
         "topk": args.topk,
         "precision": args.precision,
         "unknown_threshold": args.unknown_threshold,
@@ -185,7 +211,7 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
             if (run_dir / name).is_file()
         }
         if (run_dir / INDEX_DIR).is_dir():
-            settings["checkpoint"][INDEX_DIR] = fingerprint(run_dir / INDEX_DIR)
+            settings["checkpoint"][INDEX_DIR] = path_fingerprint(run_dir / INDEX_DIR)
         settings.update(mode=args.mode, cascade=args.cascade)
     return settings
 

@@ -34,6 +34,7 @@ from hybridcls.eval.metrics import (
     open_set_scores,
     per_class_accuracy,
     reliability,
+    top_k_accuracy,
 )
 from hybridcls.eval.plots import (
     plot_confusion,
@@ -42,7 +43,7 @@ from hybridcls.eval.plots import (
     plot_reliability,
     require_pyplot,
 )
-from hybridcls.gate.metrics import gate_detection, routing_matrix
+from hybridcls.gate.metrics import gate_detection, open_set_classification, routing_matrix
 from hybridcls.outputs import read_prediction_lines
 from hybridcls.zeroshot.prompts import normalize_label
 
@@ -50,6 +51,8 @@ __all__ = ["Evaluation", "MissingPredictionsError", "evaluate_predictions", "rea
 
 #: How many examples an error message lists.
 _SHOW = 5
+#: The k of the top-k accuracy reported (ImageNet's top-5).
+TOP_K = 5
 
 
 class MissingPredictionsError(InputError):
@@ -81,7 +84,10 @@ class Evaluation:
     scores: OpenSetScores
     per_class: list[dict[str, Any]]
     gate: dict[str, float] | None = None
+    open_set: dict[str, Any] | None = None
     routing: dict[str, int] | None = None
+    top5_accuracy: float | None = None
+    ranked_per_row: int | None = None
     n_errors: int = 0
     n_missing: int = 0
     y_true: list[str] = field(default_factory=list)
@@ -113,7 +119,8 @@ class Evaluation:
 
     def as_dict(self) -> dict[str, Any]:
         rel = self.reliability
-        return {"scores": self.scores.as_dict(), "gate": self.gate, "routing": self.routing,
+        return {"scores": self.scores.as_dict(), "top5_accuracy": self.top5_accuracy,
+                "gate": self.gate, "open_set": self.open_set, "routing": self.routing,
                 "n_errors": self.n_errors, "n_missing_predictions": self.n_missing,
                 "ece": None if rel is None else rel.ece, "per_class": self.per_class}
 
@@ -126,12 +133,22 @@ class Evaluation:
             f"seen S {_percent(s.seen)}   unseen U {_percent(s.unseen)}   "
             f"harmonic H {_percent(s.harmonic)}",
         ]
+        if self.top5_accuracy is not None:
+            lines.append(f"top-{TOP_K} accuracy {_percent(self.top5_accuracy)}%")
+        elif self.ranked_per_row is not None:
+            lines.append(f"top-{TOP_K} accuracy n/a: the predictions rank {self.ranked_per_row} "
+                         f"classes per row (predict --topk {TOP_K})")
         if self.gate:
             g = self.gate
             lines.append(f"gate AUROC {g['auroc']:.4f}  AUPR-In {g['aupr_in_trapezoid']:.4f}  "
                          f"AUPR-Out {g['aupr_out_trapezoid']:.4f} (trapezoid)  "
                          f"FPR@{100 * g['tpr']:g}%TPR {g['fpr_at_tpr_unseen_positive']:.4f} "
                          "(unseen images positive)")
+        if self.open_set:
+            o = self.open_set
+            ccr = "  ".join(f"{f} {v:.4f}" for f, v in o["ccr_at_fpr"].items())
+            lines.append(f"open set: OSCR {o['oscr']:.4f}  CCR at FPR {ccr}  (supervised top-1, "
+                         f"closed-set accuracy {o['closed_set_accuracy']:.4f})")
         if self.routing:
             r = self.routing
             lines.append(f"routing: seen->zero-shot {r['seen_to_zeroshot']}  "
@@ -233,6 +250,13 @@ def evaluate_predictions(
         for line, r, k in zip(lines, rows, ok)])
     ev = Evaluation(scores, per_class, n_errors=int((~ok).sum()), n_missing=len(join.missing),
                     y_true=y_true, y_pred=y_pred, confidence=confidence)
+    ranked = [[normalize_label(c) for c in _ranking(r, predictions, line)] if k else None
+              for line, r, k in zip(lines, rows, ok)]
+    lengths = [len(r) for r in ranked if r is not None]
+    if lengths and min(lengths) > 0:  # a Kaggle file ranks nothing
+        ev.ranked_per_row = min(lengths)
+        if ev.ranked_per_row >= TOP_K:
+            ev.top5_accuracy = top_k_accuracy(y_true, ranked, TOP_K)
     is_unseen = np.array([t not in seen for t in y_true])
     gate_col = [r.get("gate_score") for r in rows]
     if ok.any() and all(g not in (None, "") for g, k in zip(gate_col, ok) if k):
@@ -240,6 +264,11 @@ def evaluate_predictions(
                       for line, x, k in zip(lines, gate_col, ok)])
         if is_unseen[ok].any() and (~is_unseen[ok]).any():
             ev.gate = gate_detection(g[ok], is_unseen[ok]).as_dict()
+            closed = [_supervised_top1(r, predictions, line)
+                      for line, r, k in zip(lines, rows, ok) if k]
+            if all(c is not None for c in closed):
+                correct = np.array([normalize_label(c) for c in closed]) == np.array(y_true)[ok]
+                ev.open_set = open_set_classification(g[ok], correct, is_unseen[ok]).as_dict()
         ev.gate_scores, ev.is_unseen = g[ok], is_unseen[ok]
     branches = np.array([r.get("branch") or "" for r in rows])
     if ok.any() and np.isin(branches[ok], ["supervised", "zeroshot", "mixed", "unknown"]).all() \
@@ -268,6 +297,46 @@ def _prediction_rows(predictions: str | os.PathLike) -> tuple[list[int], list[di
                         "status": "ok" if r["class"] else "error"} for r in rows]
     raise InputError(f"{predictions}: columns {', '.join(sorted(columns))}; expected a file of "
                      "hybridcls predict (path, label, status, ... or Kaggle's image_id, class)")
+
+
+def _ranking(row: dict[str, Any], predictions: str | os.PathLike, line: int) -> list[str]:
+    """A row's top-k classes, best first: JSON Lines' ``topk`` list, CSV's ``top1``, ``top2``...
+
+    Raises:
+        InputError: A ``topk`` that is not a list of ``{"label": ..., "score": ...}``
+            records (names the file and the line).
+    """
+    if "topk" in row:
+        topk = row["topk"]
+        if not isinstance(topk, list) or not all(isinstance(t, dict) and "label" in t for t in topk):
+            raise InputError(f"{predictions}:{line}: column topk is {topk!r}; expected a list of "
+                             '{"label": ..., "score": ...} records')
+        return [str(t["label"]) for t in topk]
+    ranked = []
+    while row.get(f"top{len(ranked) + 1}"):
+        ranked.append(str(row[f"top{len(ranked) + 1}"]))
+    return ranked
+
+
+def _supervised_top1(row: dict[str, Any], predictions: str | os.PathLike, line: int) -> str | None:
+    """The supervised branch's top class of a hybrid's row (``supervised_topk``), or None without it.
+
+    Raises:
+        InputError: A value that is not ``[[class, probability], ...]`` (JSON text in
+            CSV); names the file, the line and the column.
+    """
+    value = row.get("supervised_topk")
+    if value in (None, ""):
+        return None
+    where = f"{predictions}:{line}: column supervised_topk is {value!r}"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise InputError(f"{where}, not JSON") from None
+    if not isinstance(value, list) or not all(isinstance(p, list) and p for p in value):
+        raise InputError(f"{where}; expected [[class, probability], ...]")
+    return str(value[0][0]) if value else None
 
 
 def _status(row: dict[str, Any], predictions: str | os.PathLike, line: int) -> str:
