@@ -26,11 +26,14 @@ from hybridcls.errors import InputError
 __all__ = [
     "BRANCH_COLUMNS",
     "FORMATS",
+    "MODEL_VERSION_COLUMN",
     "PredictionRow",
     "PredictionWriter",
     "batch_rows",
     "check_unique_keys",
+    "extra_columns",
     "infer_format",
+    "is_unknown",
     "open_writer",
     "output_columns",
     "output_key",
@@ -43,6 +46,30 @@ FORMATS = ("csv", "jsonl", "kaggle")
 
 #: The columns a hybrid's rows add: the gate's score and weight, and each branch's own top-k.
 BRANCH_COLUMNS = ("gate_score", "gate_weight", "supervised_topk", "zeroshot_topk")
+#: The column of the short model id (:func:`hybridcls.provenance.model_version`), when asked for.
+MODEL_VERSION_COLUMN = "model_version"
+#: The ``branch`` (and, in a Kaggle file, the ``class``) of an image no branch was sure of.
+UNKNOWN = "unknown"
+
+
+def extra_columns(*, branch_columns: bool, model_version: bool = False) -> list[str]:
+    """The columns rows carry beyond path, label, score, branch, status, error and top-k.
+
+    Args:
+        branch_columns: A hybrid's :data:`BRANCH_COLUMNS`.
+        model_version: :data:`MODEL_VERSION_COLUMN`.
+
+    Example:
+        >>> extra_columns(branch_columns=False, model_version=True)
+        ['model_version']
+    """
+    return [*(BRANCH_COLUMNS if branch_columns else ()), *([MODEL_VERSION_COLUMN] if model_version else [])]
+
+
+def is_unknown(branch: str | None, label: str | None = None) -> bool:
+    """Whether a row answers "unknown": its branch says so (a Kaggle row, without a branch, by
+    its class)."""
+    return branch == UNKNOWN if branch is not None else label == UNKNOWN
 
 
 @dataclass
@@ -176,6 +203,7 @@ class PredictionWriter:
         self._close = close
         self.n_ok = 0
         self.n_error = 0
+        self.n_unknown = 0
         self._ids: dict[str, str] = {}  # Kaggle image_id -> the path it was written for
         self._csv = None
         if fmt in ("csv", "kaggle"):
@@ -204,6 +232,7 @@ class PredictionWriter:
                 raise InputError(_duplicate_key_message("kaggle", image_id, other, row.path))
         if row.status == "ok":
             self.n_ok += 1
+            self.n_unknown += is_unknown(row.branch)
         else:
             self.n_error += 1
         if self.format == "kaggle":
@@ -375,6 +404,7 @@ def batch_rows(
     n_seen: int,
     topk: int,
     branch_columns: bool,
+    model_version: str | None = None,
 ) -> list[PredictionRow]:
     """One batch's output rows, one per input index, in order: the one place rows are built.
 
@@ -390,6 +420,8 @@ def batch_rows(
         n_seen: Number of seen classes (0 for zero-shot only).
         topk: Top-k pairs per row.
         branch_columns: Add :data:`BRANCH_COLUMNS` (a hybrid's rows).
+        model_version: Write this short model id in every row's :data:`MODEL_VERSION_COLUMN`
+            (error rows too: the model that could not read the image).
 
     Returns:
         The rows; an input not predicted is an error row with its reason.
@@ -402,13 +434,15 @@ def batch_rows(
         path = paths[idx]
         if idx not in pos or result is None:
             out.append(PredictionRow.failed(path, errors.get(idx, "not predicted")))
+            if model_version is not None:
+                out[-1].extra[MODEL_VERSION_COLUMN] = model_version
             continue
         j = pos[idx]
         p = result.probs[j]
         order = np.argsort(-p, kind="stable")[:topk]
-        unknown = result.branch[j] == "unknown"
+        unknown = is_unknown(str(result.branch[j]))
         row = PredictionRow(
-            path=path, label="unknown" if unknown else str(classes[order[0]]),
+            path=path, label=UNKNOWN if unknown else str(classes[order[0]]),
             score=float(p[order[0]]), branch=str(result.branch[j]),
             topk=[(str(classes[k]), float(p[k])) for k in order],
         )
@@ -421,6 +455,8 @@ def batch_rows(
                 "zeroshot_topk": topk_pairs(None if result.clip_probs is None else result.clip_probs[j],
                                             classes, topk),
             }
+        if model_version is not None:
+            row.extra[MODEL_VERSION_COLUMN] = model_version
         out.append(row)
     return out
 

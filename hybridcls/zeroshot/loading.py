@@ -57,6 +57,7 @@ __all__ = [
     "PRECISIONS",
     "ClipBundle",
     "hub_offline",
+    "hub_offline_scope",
     "load_clip",
     "local_dir_weights",
 ]
@@ -150,7 +151,8 @@ def hub_offline() -> bool:
 
 
 @contextmanager
-def _hub_offline_scope(offline: bool) -> Iterator[None]:
+def hub_offline_scope(offline: bool) -> Iterator[None]:
+    """With ``offline``, huggingface_hub's own offline flag set while the block runs."""
     # huggingface_hub's process-wide flag, set while we load, for what local_files_only
     # cannot reach: open_clip's own calls (building the model and its tokenizer pass no
     # local_files_only), and huggingface_hub's own requests around a download (2.x fetches
@@ -465,7 +467,7 @@ def load_clip(
     # unreachable host for a minute.
     cached = True
     try:
-        with _hub_offline_scope(offline):
+        with hub_offline_scope(offline):
             res = _resolve(model, pretrained, cache, offline, local_only=True)
     except WeightsUnavailableError:
         if offline:
@@ -477,7 +479,7 @@ def load_clip(
         if res.weights_path is not None
         else f"random:{stable_hash(res.model_cfg)}"
     )
-    with _hub_offline_scope(offline or cached):
+    with hub_offline_scope(offline or cached):
         clip, preprocess = _create(res, model, dev, precision, cache)
         tokenizer = open_clip.get_tokenizer(res.oc_name, cache_dir=cache)
     clip.eval()
