@@ -148,7 +148,7 @@ class RunRecord:
 
     Attributes:
         command: The subcommand (``predict``) or the Python function
-            (``hybridcls.eval.evaluate_predictions``) that made the output.
+            (``hybridcls.eval.report.evaluate_predictions``) that made the output.
         argv: The command line as run, program name first; ``None`` for a Python call.
         call: A Python call: ``{"function": ..., "parameters": {...}}``; ``None`` for
             the command line.
@@ -185,9 +185,9 @@ class RunRecord:
         """The record of a Python call, started now.
 
         Example:
-            >>> r = RunRecord.for_call("hybridcls.eval.evaluate_predictions", predictions=Path("p.csv"))
+            >>> r = RunRecord.for_call("hybridcls.eval.report.evaluate_predictions", predictions=Path("p.csv"))
             >>> r.call
-            {'function': 'hybridcls.eval.evaluate_predictions', 'parameters': {'predictions': 'p.csv'}}
+            {'function': 'hybridcls.eval.report.evaluate_predictions', 'parameters': {'predictions': 'p.csv'}}
         """
         return cls(command=function, call={"function": function, "parameters": jsonable(parameters)})
 
@@ -205,7 +205,9 @@ class RunRecord:
 
     def finish(self, **counts: int) -> RunRecord:
         """Stamp the end time and, when given, set ``counts`` (a later call moves both: a merge
-        after its parts)."""
+        after its parts). The versions are read again: the libraries the run imported since
+        it started give their own ``__version__``."""
+        self.versions = package_versions()
         self.finished = utc_now()
         if counts:
             self.counts = {k: int(v) for k, v in counts.items()}

@@ -235,8 +235,8 @@ def test_evaluate_from_python_records_the_call(hybrid_run, tiny_hybrid, tmp_path
     classes = read_prompts(tiny_hybrid["world"].prompts_file).names
     ev = evaluate_predictions(pred, labels, iter(seen), classes=classes)
     rec = ev.provenance
-    assert rec["argv"] is None and rec["command"] == "hybridcls.eval.evaluate_predictions"
-    assert rec["call"] == {"function": "hybridcls.eval.evaluate_predictions", "parameters": {
+    assert rec["argv"] is None and rec["command"] == "hybridcls.eval.report.evaluate_predictions"
+    assert rec["call"] == {"function": "hybridcls.eval.report.evaluate_predictions", "parameters": {
         "predictions": str(pred), "labels": str(labels), "seen_classes": seen, "classes": list(classes),
         "allow_missing": False}}
     assert rec["inputs"]["predictions"]["record"] is None and ev.predictions_record is None
@@ -286,3 +286,30 @@ def test_calibrate_log_has_the_new_gate(tiny_hybrid, tmp_path):
     assert rec["gate"]["threshold"] == gate["threshold"]
     assert rec["models"]["supervised"]["fingerprint"] == _sha256(run / "model.safetensors")
     assert rec["exit_status"] == 0 and _time(rec["started"]) <= _time(rec["finished"])
+
+
+def test_audit_log_names_its_clip_and_counts_the_files(tiny_hybrid, tmp_path):
+    train = Path(tiny_hybrid["world"].train_dir)
+    broken = tmp_path / "train"
+    shutil.copytree(train, broken)
+    next(broken.iterdir()).joinpath("broken.png").write_bytes(b"not a png")
+    common = tiny_hybrid["common"][tiny_hybrid["common"].index("--clip-model"):]  # no prompts
+    log = tmp_path / "log.json"
+    rc = main(["audit", str(broken), "-o", str(tmp_path / "audit"), *common, "-q", "--log", str(log)])
+    rec = json.loads(log.read_text(encoding="utf-8"))
+    n_files = sum(1 for p in broken.rglob("*") if p.is_file())
+    assert rc == 1 and rec["exit_status"] == 1  # the broken file
+    assert rec["counts"] == {"images": n_files, "unreadable": 1}
+    assert rec["models"]["clip"]["fingerprint"] == _sha256(Path(TINY_CLIP_DIR) / "open_clip_model.safetensors")
+
+
+def test_explain_log_counts_the_explained_inputs(tiny_hybrid, inputs, tmp_path):
+    pytest.importorskip("pytorch_grad_cam")
+    images = sorted(Path(tiny_hybrid["world"].test_dir).glob("*.png"))[:2]
+    log = tmp_path / "log.json"
+    rc = main(["explain", *map(str, images), inputs["args"][1], "--checkpoint", str(tiny_hybrid["run"]),
+               *tiny_hybrid["common"], "-q", "-o", str(tmp_path / "ex"), "--log", str(log)])
+    rec = json.loads(log.read_text(encoding="utf-8"))
+    assert rc == 1 and rec["counts"] == {"explained": 2, "failed": 1}
+    assert rec["models"]["supervised"]["fingerprint"] == _sha256(tiny_hybrid["run"] / "model.safetensors")
+    assert rec["runtime"]["device"] == "cpu" and rec["gate"]["method"] == "leave-classes-out"

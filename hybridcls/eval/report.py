@@ -223,7 +223,7 @@ def evaluate_predictions(
     seen_classes = list(seen_classes)
     if record is None:
         record = RunRecord.for_call(
-            "hybridcls.eval.evaluate_predictions", predictions=predictions, labels=labels,
+            "hybridcls.eval.report.evaluate_predictions", predictions=predictions, labels=labels,
             seen_classes=list(seen_classes), classes=classes, allow_missing=allow_missing)
     made_by = read_record(predictions)  # before the rows: a manifest that cannot be read says so
     lines, rows = _prediction_rows(predictions)
