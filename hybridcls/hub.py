@@ -166,8 +166,9 @@ def model_card(*, classes: Sequence[str], n_seen: int, config: Mapping[str, Any]
     seen, unseen = list(classes[:n_seen]), list(classes[n_seen:])
     model = config.get("model", {})
     weights = config.get("weights", {})
+    origin = weights.get("tag") or weights.get("file") or ""
     initial = ("random (no pretrained weights)" if weights.get("source") in (None, "none")
-               else f"{weights.get('source')} {weights.get('tag') or weights.get('file') or ''}".rstrip())
+               else f"{weights.get('source')} {origin}".rstrip())
     size = config.get("data_config", {}).get("input_size")
     lines = [
         f"# hybridcls open-set classifier: {len(seen)} seen + {len(unseen)} unseen classes",

@@ -367,11 +367,13 @@ class Gate:
         held_out: dict[str, Any] = {}
         if cal.candidates:  # leave-classes-out: the chosen setting comes first
             best = cal.candidates[0]
+            figures = ("mean_h", "std_h", "mean_seen", "mean_unseen")
             held_out.update(rounds=cal.rounds, hidden_classes=cal.hidden_classes,
-                            **{k: best.get(k) for k in ("mean_h", "std_h", "mean_seen", "mean_unseen")})
+                            **{k: best.get(k) for k in figures})
         cache = cal.cache_branch
         if cache is not None:
-            held_out.update(n_val=cache.get("n_val"), accuracy_without_cache=cache.get("val_accuracy_plain"),
+            held_out.update(n_val=cache.get("n_val"),
+                            accuracy_without_cache=cache.get("val_accuracy_plain"),
                             accuracy_with_cache=cache.get("val_accuracy"))
         return {
             "zero_shot": False, "method": cal.method, "score": cal.score, "mode": cal.mode,
