@@ -257,6 +257,22 @@ def _cascade(setup, mode, out, capsys, base):
     return "stderr"
 
 
+def _model_version(setup, mode, out, capsys, base):
+    res = _predict(setup, mode, ["--model-version"], out / "v.jsonl", capsys)
+    assert res["rc"] == 0 and "model_version" not in base["rows"][0]
+    version = res["record"]["models"]["model_version"]
+    assert [r["model_version"] for r in res["rows"]] == [version] * len(base["rows"])
+    return "rows"
+
+
+def _log(setup, mode, out, capsys, base):
+    res = _predict(setup, mode, ["--log", str(out / "log.json")], out / "v.jsonl", capsys)
+    log = json.loads((out / "log.json").read_text(encoding="utf-8"))
+    assert res["rc"] == 0 and log == {**res["record"], "exit_status": 0, "error": None}
+    assert log["counts"]["predicted"] == len(res["rows"]) and log["argv"][-2:] == ["--log", str(out / "log.json")]
+    return "file"
+
+
 CASES = {
     "inputs": _shard,  # a different share of the inputs gives different rows (and see _shard)
     "prompts": _rows_change(lambda s: ["--prompts", str(s["extra_prompts"])]),
@@ -283,6 +299,8 @@ CASES = {
     "format": _format,
     "resume": _resume,
     "shard": _shard,
+    "model_version": _model_version,
+    "log": _log,
 }
 
 

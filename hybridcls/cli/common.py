@@ -32,6 +32,7 @@ __all__ = [
     "add_class_arguments",
     "add_clip_arguments",
     "add_clip_model_arguments",
+    "add_log_argument",
     "add_runtime_arguments",
     "class_list",
     "clip_pretrained_from_args",
@@ -153,6 +154,14 @@ def add_clip_arguments(parser: argparse.ArgumentParser, *, prompts_required: boo
                    help="accept class texts longer than the model's context, cut by its tokenizer "
                         "(default: refuse them, naming the prompts file line; docs/prompts.md)")
     add_clip_model_arguments(g)
+
+
+def add_log_argument(parser: argparse.ArgumentParser) -> None:
+    """``--log FILE``: every command's (:func:`hybridcls.cli.main` writes it)."""
+    parser.add_argument("--log", metavar="FILE", default=None,
+                        help="write the run record to FILE as JSON: versions, models and their "
+                             "fingerprints, gate, command line, device, start and end times, "
+                             "counts, exit status (docs/provenance.md)")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, *, engine_options: bool = True) -> None:

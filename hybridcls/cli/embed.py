@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = write_embeddings(rows, sources, args.output, backbone=bool(args.checkpoint),
                                settings=embed_settings(args), resume=args.resume,
-                               record=lambda: {"runtime": loaded[0].applied})
+                               record=args.run_record)
     if rank != 0:
         return 0  # rank 0 reports for the whole file
     if summary.resumed:

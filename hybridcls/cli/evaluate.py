@@ -58,7 +58,7 @@ def evaluate_from_args(args: argparse.Namespace, seen: Sequence[str]) -> Evaluat
     classes = read_prompts(args.prompts).names if args.prompts else args.classes
     try:
         return evaluate_predictions(args.predictions, args.labels, seen, classes=classes,
-                                    allow_missing=args.allow_missing)
+                                    allow_missing=args.allow_missing, record=args.run_record)
     except MissingPredictionsError as err:
         raise err.allowed_by("--allow-missing") from None
 

@@ -79,5 +79,6 @@ def run(args: argparse.Namespace) -> int:
                             progress=not args.quiet)
     page = write_explain_page(result)
     n, bad = len(result.explanations), result.n_errors
+    args.run_record.describe(clf).finish(explained=n - bad, failed=bad)
     print(f"hybridcls explain: {n - bad} of {n} inputs explained -> {page}", file=sys.stderr)
     return 1 if bad else 0

@@ -30,14 +30,7 @@ from hybridcls.cli.common import (
 from hybridcls.data import expand_inputs
 from hybridcls.gate.config import GATE_FILENAME, MODES
 from hybridcls.gate.gate import INDEX_DIR
-from hybridcls.outputs import (
-    BRANCH_COLUMNS,
-    FORMATS,
-    check_unique_keys,
-    infer_format,
-    open_writer,
-    score_columns,
-)
+from hybridcls.outputs import FORMATS, check_unique_keys, extra_columns, infer_format, open_writer
 from hybridcls.sharding import ShardSpec, predict_to_output
 from hybridcls.torchrun import torchrun_world
 
@@ -81,6 +74,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                           "PATH.manifest.json beside it, for --resume and `hybridcls merge`")
     out.add_argument("--format", choices=FORMATS, default=None,
                      help="csv, jsonl or kaggle (image_id,class); default: from the extension, else csv")
+    out.add_argument("--model-version", action="store_true",
+                     help="add a model_version column: a short id of both towers' weights, the gate "
+                          "and the class texts, the same in every row (docs/provenance.md)")
     sc = parser.add_argument_group("scale (docs/scale.md)")
     sc.add_argument("--resume", action="store_true",
                     help="keep the rows an interrupted run of the same command wrote to --output and "
@@ -125,14 +121,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no input images found in " + " ".join(args.inputs))
     fmt = infer_format(args.output, args.format)
     check_unique_keys((s.path for s in sources), fmt)  # before any model loads or byte is written
-    extra = BRANCH_COLUMNS if args.checkpoint else ()
-    classes = _class_names(args) if args.all_scores else []
-    if args.all_scores:
-        extra = (*extra, *score_columns(fmt, classes))
+    classes = _class_names(args) if args.all_scores else None
+    extra = extra_columns(fmt, branch_columns=bool(args.checkpoint),
+                          model_version=args.model_version, score_classes=classes)
     world = torchrun_world()
     rank = world[0] if world else 0
     progress = not args.quiet and rank == 0
     loaded = []  # the classifier, once loaded: its engine says what it applied and what CLIP ran on
+    record = args.run_record  # main's; written into the manifest and by --log
 
     def predict_rows(todo):
         # Loaded only when something is left to predict (a finished --resume loads nothing).
@@ -141,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
             # the header was written from _class_names: a change of the class order must reach it
             raise RuntimeError(f"bug: the classifier's classes {list(loaded[0].classes_)} are not "
                                f"the --all-scores columns {classes}")
+        record.describe(loaded[0])
         yield from loaded[0].rows(todo, topk=args.topk, progress=progress,
-                                  all_scores=args.all_scores)
+                                  model_version=args.model_version, all_scores=args.all_scores)
 
     if args.output in (None, "-"):
         rows = predict_rows(sources)
@@ -151,11 +148,12 @@ def run(args: argparse.Namespace) -> int:
             writer.write_many(first)
             for batch in rows:
                 writer.write_many(batch)
+        record.finish(predicted=writer.n_ok, failed=writer.n_error, unknown=writer.n_unknown)
         return _finish(writer.n_ok, writer.n_error, args.output, loaded, len(sources))
     summary = predict_to_output(
         predict_rows, sources, args.output, fmt=fmt,
         topk=args.topk, extra_columns=extra, settings=prediction_settings(args),
-        shard=args.shard, resume=args.resume, record=lambda: {"runtime": loaded[0].engine_.applied},
+        shard=args.shard, resume=args.resume, record=record,
     )
     if rank != 0:
         return 0  # rank 0 reports for the merged file

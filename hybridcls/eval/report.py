@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from hybridcls.cache import atomic_write_json, atomic_write_text
+from hybridcls.cache import atomic_write_json, atomic_write_text, file_fingerprint
 from hybridcls.errors import InputError, MissingExtraError, ParameterError
 from hybridcls.eval.labels import join_labels
 from hybridcls.eval.metrics import (
@@ -45,6 +45,8 @@ from hybridcls.eval.plots import (
 )
 from hybridcls.gate.metrics import gate_detection, open_set_classification, routing_matrix
 from hybridcls.outputs import read_prediction_lines
+from hybridcls.provenance import RunRecord
+from hybridcls.sharding import read_record
 from hybridcls.zeroshot.prompts import normalize_label
 
 __all__ = ["Evaluation", "MissingPredictionsError", "evaluate_predictions", "read_class_list"]
@@ -95,6 +97,14 @@ class Evaluation:
     gate_scores: np.ndarray | None = None
     is_unseen: np.ndarray | None = None
     confidence: np.ndarray | None = None
+    #: This evaluation's run record (:mod:`hybridcls.provenance`); its ``inputs`` hold the
+    #: record of the predictions it read (see :attr:`predictions_record`).
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def predictions_record(self) -> dict[str, Any] | None:
+        """The record of the run that made the predictions (from their manifest; None without one)."""
+        return ((self.provenance.get("inputs") or {}).get("predictions") or {}).get("record")
 
     @property
     def reliability(self) -> Reliability | None:
@@ -122,7 +132,8 @@ class Evaluation:
         return {"scores": self.scores.as_dict(), "top5_accuracy": self.top5_accuracy,
                 "gate": self.gate, "open_set": self.open_set, "routing": self.routing,
                 "n_errors": self.n_errors, "n_missing_predictions": self.n_missing,
-                "ece": None if rel is None else rel.ece, "per_class": self.per_class}
+                "ece": None if rel is None else rel.ece, "per_class": self.per_class,
+                "provenance": self.provenance}
 
     def summary(self) -> str:
         s = self.scores
@@ -193,6 +204,7 @@ def evaluate_predictions(
     *,
     classes: Sequence[str] | None = None,
     allow_missing: bool = False,
+    record: RunRecord | None = None,
 ) -> Evaluation:
     """Join a predictions file to a labels file and compute every figure.
 
@@ -206,6 +218,10 @@ def evaluate_predictions(
         allow_missing: Score the predicted images when some labelled images
             have no row in ``predictions`` (counted in
             :attr:`Evaluation.n_missing`); by default that is an error.
+        record: This run's record (the command line's); by default one of this call, with
+            its parameters. It gets the inputs (each file's path and SHA-256, and the
+            predictions' own record, from the manifest beside them) and the counts, and
+            goes into :attr:`Evaluation.provenance` with the predictions' record.
 
     Raises:
         InputError: Images without a label, an ambiguous join (an id naming
@@ -221,6 +237,12 @@ def evaluate_predictions(
         >>> ev = evaluate_predictions("pred.csv", "labels.csv", ["fox", "wolf"])  # doctest: +SKIP
         >>> print(ev.summary())  # doctest: +SKIP
     """
+    seen_classes = list(seen_classes)
+    if record is None:
+        record = RunRecord.for_call(
+            "hybridcls.eval.report.evaluate_predictions", predictions=predictions, labels=labels,
+            seen_classes=list(seen_classes), classes=classes, allow_missing=allow_missing)
+    made_by = read_record(predictions)  # before the rows: a manifest that cannot be read says so
     lines, rows = _prediction_rows(predictions)
     join = join_labels([r["path"] for r in rows], labels)
     if join.missing and not allow_missing:
@@ -274,6 +296,13 @@ def evaluate_predictions(
     if ok.any() and np.isin(branches[ok], ["supervised", "zeroshot", "mixed", "unknown"]).all() \
             and (branches[ok] == "supervised").any():
         ev.routing = routing_matrix(branches[ok] != "supervised", is_unseen[ok]).as_dict()
+    record.inputs = {
+        "predictions": {"path": os.fspath(predictions), "sha256": file_fingerprint(predictions),
+                        "record": made_by},
+        "labels": {"path": os.fspath(labels), "sha256": file_fingerprint(labels)},
+    }
+    record.finish(images=ev.scores.n_images, errors=ev.n_errors, missing=ev.n_missing)
+    ev.provenance = record.as_dict()
     return ev
 
 

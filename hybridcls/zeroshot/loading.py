@@ -59,6 +59,7 @@ __all__ = [
     "ClipBundle",
     "cached_hub_models",
     "hub_offline",
+    "hub_offline_scope",
     "list_pretrained_weights",
     "load_clip",
     "local_dir_weights",
@@ -153,7 +154,8 @@ def hub_offline() -> bool:
 
 
 @contextmanager
-def _hub_offline_scope(offline: bool) -> Iterator[None]:
+def hub_offline_scope(offline: bool) -> Iterator[None]:
+    """With ``offline``, huggingface_hub's own offline flag set while the block runs."""
     # huggingface_hub's process-wide flag, set while we load, for what local_files_only
     # cannot reach: open_clip's own calls (building the model and its tokenizer pass no
     # local_files_only), and huggingface_hub's own requests around a download (2.x fetches
@@ -350,7 +352,7 @@ def list_pretrained_weights(cache_dir: str | os.PathLike[str] | None = None) -> 
     """
     cache = os.fspath(Path(cache_dir).expanduser()) if cache_dir is not None else None
     out = []
-    with _hub_offline_scope(True):
+    with hub_offline_scope(True):
         for name, tag in open_clip.list_pretrained():
             try:
                 path = _tag_weights(open_clip.get_pretrained_cfg(name, tag), cache, local_only=True)
@@ -379,7 +381,7 @@ def cached_hub_models(cache_dir: str | os.PathLike[str] | None = None) -> list[C
     except CacheNotFound:
         return []
     out = []
-    with _hub_offline_scope(True):
+    with hub_offline_scope(True):
         for repo in sorted(info.repos, key=lambda r: r.repo_id):
             files = {f.file_name for rev in repo.revisions for f in rev.files}
             if repo.repo_type != "model" or _CONFIG_NAME not in files:
@@ -549,7 +551,7 @@ def load_clip(
     # unreachable host for a minute.
     cached = True
     try:
-        with _hub_offline_scope(offline):
+        with hub_offline_scope(offline):
             res = _resolve(model, pretrained, cache, offline, local_only=True)
     except WeightsUnavailableError:
         if offline:
@@ -561,7 +563,7 @@ def load_clip(
         if res.weights_path is not None
         else f"random:{stable_hash(res.model_cfg)}"
     )
-    with _hub_offline_scope(offline or cached):
+    with hub_offline_scope(offline or cached):
         clip, preprocess = _create(res, model, dev, precision, cache)
         tokenizer = open_clip.get_tokenizer(res.oc_name, cache_dir=cache)
     clip.eval()
