@@ -25,12 +25,15 @@ batch, into a JSON Lines file beside the output (:func:`partial_path`, the
 embeddings base64-encoded little-endian float32, so they come back exactly)
 with its manifest, which ``resume=True`` continues after a crash and which
 torchrun ranks write their parts of. Once every input has its row, that file
-is converted in one pass into the output (written atomically) and removed.
+is converted in one pass into the output (written atomically) and removed;
+its manifest stays beside the output (``out.npz.manifest.json``), with the run's
+record (:mod:`hybridcls.provenance`; :func:`embedding_models` names the towers).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -47,7 +50,8 @@ import numpy as np
 from hybridcls.cache import atomic_path
 from hybridcls.errors import MissingExtraError, ParameterError
 from hybridcls.outputs import PredictionRow, output_key
-from hybridcls.sharding import manifest_path, predict_to_output
+from hybridcls.provenance import RunRecord, tower_identity
+from hybridcls.sharding import Manifest, manifest_path, predict_to_output
 
 if TYPE_CHECKING:  # typing only: writing a file needs no model
     from hybridcls.data.sources import Source
@@ -64,6 +68,7 @@ __all__ = [
     "embedding_columns",
     "embedding_engine",
     "embedding_format",
+    "embedding_models",
     "embedding_rows",
     "partial_path",
     "write_embeddings",
@@ -162,6 +167,28 @@ def embedding_engine(clip_model: str, clip_pretrained: str | None,
                            timm_view(config["data_config"]), clip=tower, settings=settings)
 
 
+def embedding_models(engine: InferenceEngine, checkpoint: str | os.PathLike[str] | None = None
+                     ) -> dict[str, Any]:
+    """Which models embed, as a run record's ``models`` names them.
+
+    Args:
+        engine: An engine from :func:`embedding_engine`.
+        checkpoint: The run directory its supervised tower came from (``None``: CLIP only).
+
+    Returns:
+        ``{"supervised": {"model_id", "fingerprint", "weights"} or None, "clip": {"model_id",
+        "fingerprint", "pretrained"}}``, as in :meth:`~hybridcls.predictor.Predictor.model_identity`
+        (no gate, no class texts: an embedding has neither).
+    """
+    from hybridcls.supervised.checkpoint import checkpoint_identity, read_checkpoint_config
+
+    bundle = engine.clip.bundle
+    supervised = None if checkpoint is None else checkpoint_identity(
+        checkpoint, read_checkpoint_config(checkpoint))
+    return {"supervised": supervised,
+            "clip": tower_identity(bundle.model_id, bundle.fingerprint, pretrained=bundle.pretrained)}
+
+
 def embedding_rows(engine: InferenceEngine, sources: Sequence[Source], *,
                    progress: bool | None = None) -> Iterator[list[PredictionRow]]:
     """The engine's embeddings of ``sources`` as rows of a partial file, one list per batch.
@@ -211,7 +238,7 @@ def write_embeddings(
     backbone: bool,
     settings: dict[str, Any],
     resume: bool = False,
-    record: Callable[[], dict[str, Any]] | None = None,
+    record: RunRecord | None = None,
 ) -> EmbedSummary:
     """Stream the rows of ``sources`` into the partial file, then convert it into ``output``.
 
@@ -225,7 +252,11 @@ def write_embeddings(
         settings: What changes the rows (models, weights' fingerprints, precision); a
             resumed partial file must have been written with the same.
         resume: Keep the rows of an interrupted run's partial file and embed the rest.
-        record: How the run ran, for the partial file's manifest.
+        record: The run's :class:`~hybridcls.provenance.RunRecord` (``models`` and ``runtime``
+            set by ``embed_rows`` once the engine loads: :func:`embedding_models`), written
+            into the partial file's manifest like ``predict``'s, then finished with the
+            counts (``embedded``, ``failed``, ``resumed``) into the manifest that stays
+            beside ``output``.
 
     Returns:
         The counts; ``resumed`` rows were already in the partial file.
@@ -253,6 +284,11 @@ def write_embeddings(
         _partial_to_npz(partial, output, columns)
     else:
         _partial_to_parquet(partial, output, columns)
+    done = Manifest.read(partial)  # under torchrun, with the ranks' records (``parts``)
+    if record is not None:
+        record.finish(embedded=summary.n_ok, failed=summary.n_error, resumed=summary.resumed)
+        done.record = {**done.record, **record.as_dict()}
+    dataclasses.replace(done, format=fmt, columns=[PATH, ERROR, *columns]).write(output)
     partial.unlink()
     manifest_path(partial).unlink(missing_ok=True)
     return EmbedSummary(summary.n_ok, summary.n_error, summary.resumed)

@@ -25,7 +25,6 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from hybridcls.cache import file_fingerprint
 from hybridcls.data import Source, as_sources
 from hybridcls.device import resolve_device
 from hybridcls.engine import ClipPolicy, InferenceEngine, timm_view
@@ -36,10 +35,9 @@ from hybridcls.index import index_meta
 from hybridcls.outputs import BRANCH_COLUMNS
 from hybridcls.predictor import Predictor
 from hybridcls.pretrained import PROMPTS_FILE, TEMPLATES_FILE, read_saved_folder, write_saved_folder
-from hybridcls.provenance import tower_identity
 from hybridcls.runtime import RuntimeSettings
 from hybridcls.supervised import load_checkpoint
-from hybridcls.supervised.checkpoint import WEIGHTS_FILE, WEIGHTS_HASH_KEY
+from hybridcls.supervised.checkpoint import checkpoint_identity
 from hybridcls.train import TrainConfig, train
 from hybridcls.train.data import recorded_image_check, resolve_training_data
 from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
@@ -247,12 +245,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         return index_meta("backbone", tower["model_id"], tower["fingerprint"], self.seen_folders_)
 
     def _supervised_identity(self) -> dict[str, Any]:
-        """The supervised tower's timm name and weights' SHA-256 (recorded in ``config.json``
-        by ``train`` and checked at load; hashed here for a checkpoint from before hashes)."""
-        recorded = self.checkpoint_config_.get(WEIGHTS_HASH_KEY)
-        fingerprint = recorded or file_fingerprint(self.run_dir_ / WEIGHTS_FILE)
-        return tower_identity(self.checkpoint_config_["model"]["name"], fingerprint,
-                              weights=self.checkpoint_config_.get("weights"))
+        """The supervised tower's timm name and weights' SHA-256 (:func:`checkpoint_identity`)."""
+        return checkpoint_identity(self.run_dir_, self.checkpoint_config_)
 
     # ------------------------------------------------------------------ calibration
 

@@ -13,6 +13,8 @@ Where it is written:
 * ``predict`` with ``output=FILE``: the manifest beside the file (its
   ``record``; :mod:`hybridcls.sharding`), once before the first row and again,
   complete, after the last; a merge keeps the parts' records;
+* ``embed``: the manifest beside the ``.npz`` / ``.parquet`` file
+  (:mod:`hybridcls.embeddings`), counts ``embedded``, ``failed``, ``resumed``;
 * every command: ``--log FILE`` (the record, the exit status and the error, if any);
 * ``evaluate`` and ``report``: ``metrics.json`` holds the record of the
   predictions they read (from the manifest beside them) and their own.

@@ -159,7 +159,8 @@ class Manifest:
     """What an output file is meant to hold; written beside it before its first row.
 
     Attributes:
-        format: ``csv``, ``jsonl`` or ``kaggle``.
+        format: ``csv``, ``jsonl`` or ``kaggle`` (``npz`` or ``parquet`` beside an
+            embedding file, whose manifest stays for its record: :mod:`hybridcls.embeddings`).
         columns: The CSV header (for JSON Lines: the same fields).
         settings: Everything that changes the rows (models and content
             fingerprints of the files they come from, prompts, mode, top-k, ...).

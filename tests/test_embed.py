@@ -3,7 +3,10 @@ without unpickling; one row per input (error rows kept), resumable (issue 17).""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +23,10 @@ from hybridcls.embeddings import (
 )
 from hybridcls.errors import InputError
 from hybridcls.hybrid import HybridClassifier
+from hybridcls.provenance import RunRecord
 from hybridcls.runtime import RuntimeSettings
-from hybridcls.synth import TINY_CLIP_MODEL_ID
+from hybridcls.sharding import read_record
+from hybridcls.synth import TINY_CLIP_DIR, TINY_CLIP_MODEL_ID
 from hybridcls.zeroshot import ZeroShotClassifier
 
 BROKEN = "zz broken.jpg"  # sorts after the world's images: the readable ones form the same batch
@@ -93,6 +98,36 @@ def test_run_embeddings_are_the_hybrids_extract_features(tiny_hybrid, inputs, tm
     assert data["backbone_embedding"].shape == (len(inputs["paths"]), clf.supervised_.num_features)
 
 
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_embed_leaves_its_run_record_beside_the_file_and_in_the_log(tiny_hybrid, inputs, tmp_path):
+    """The manifest beside the .npz keeps the run record (docs/provenance.md): both towers as
+    loaded (fingerprints: hashlib over the weights files), the engine's runtime, the command
+    line, the file's counts; --log holds the same record with the exit status."""
+    out, log = tmp_path / "run.npz", tmp_path / "log.json"
+    assert _embed(tiny_hybrid, inputs, out, "--checkpoint", str(tiny_hybrid["run"]), "--log", str(log)) == 1
+    manifest = json.loads((tmp_path / "run.npz.manifest.json").read_text(encoding="utf-8"))
+    assert manifest["format"] == "npz"
+    assert manifest["columns"] == ["path", "error", "clip_embedding", "backbone_embedding"]
+    rec = read_record(out)
+    assert rec == manifest["record"] and rec["command"] == "embed" and rec["argv"][:2] == ["hybridcls", "embed"]
+    run = tiny_hybrid["run"]
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    assert rec["models"]["supervised"] == {"model_id": config["model"]["name"],
+                                           "fingerprint": _sha256(run / "model.safetensors"),
+                                           "weights": config.get("weights")}
+    assert rec["models"]["clip"]["model_id"] == TINY_CLIP_MODEL_ID
+    assert rec["models"]["clip"]["fingerprint"] == _sha256(TINY_CLIP_DIR / "open_clip_model.safetensors")
+    assert rec["runtime"]["towers"] == ["supervised", "clip"] and rec["runtime"]["device"] == "cpu"
+    data = np.load(out, allow_pickle=False)
+    n_error = sum(bool(e) for e in data["error"])
+    assert rec["counts"] == {"embedded": len(data["path"]) - n_error, "failed": n_error, "resumed": 0}
+    assert n_error == 1 and rec["finished"] is not None
+    assert json.loads(log.read_text(encoding="utf-8")) == {**rec, "exit_status": 1, "error": None}
+
+
 def test_parquet_holds_the_same_rows(tiny_hybrid, inputs, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     assert _embed(tiny_hybrid, inputs, tmp_path / "e.npz") == 1
@@ -154,9 +189,13 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_hybrid, inputs, tmp_pa
     with pytest.raises(InputError, match="other settings"):
         write_embeddings(rest, sources, out, backbone=True, settings={**meta, "precision": "bf16"},
                          resume=True)
-    summary = write_embeddings(rest, sources, out, backbone=True, settings=meta, resume=True)
+    record = RunRecord.for_call("test")
+    summary = write_embeddings(rest, sources, out, backbone=True, settings=meta, resume=True,
+                               record=record)
     assert asked == [inputs["paths"][8:]]  # only what the crash left
     assert (summary.resumed, summary.n_ok, summary.n_error) == (8, len(inputs["paths"]) - 1, 1)
+    # the file's whole counts, as the rows say (the broken input is row 3, among the kept ones)
+    assert read_record(out)["counts"] == {"embedded": len(inputs["paths"]) - 1, "failed": 1, "resumed": 8}
     done, ref = np.load(out, allow_pickle=False), np.load(whole, allow_pickle=False)
     assert done.files == ref.files
     for name in ref.files:

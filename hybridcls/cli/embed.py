@@ -5,8 +5,8 @@ The engine ``predict`` runs, with the CLIP tower on every image; with
 row, in input order (an unreadable one with its reason and NaN embeddings);
 exit status 0 when all were embedded, 1 when some failed, 2 on usage errors.
 The rows stream to ``FILE.partial.jsonl`` (flushed per batch) and ``--resume``
-continues it after a crash; the finished file replaces it
-(:mod:`hybridcls.embeddings`).
+continues it after a crash; the finished file replaces it, and its manifest
+stays beside it with the run record (:mod:`hybridcls.embeddings`).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def embed_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridcls.embeddings import embedding_rows, write_embeddings
+    from hybridcls.embeddings import embedding_models, embedding_rows, write_embeddings
 
     embedding_format(args.output)  # a wrong extension before anything loads
     sources = expand_inputs(args.inputs)
@@ -89,15 +89,18 @@ def run(args: argparse.Namespace) -> int:
     world = torchrun_world()
     rank = world[0] if world else 0
     loaded = []
+    record = args.run_record  # main's; written into the manifest and by --log
 
     def rows(todo):
         # Loaded only when something is left to embed (a finished --resume loads nothing).
         loaded.append(_engine(args))
+        record.models = embedding_models(loaded[0], args.checkpoint)
+        record.runtime = dict(loaded[0].applied)
         yield from embedding_rows(loaded[0], todo, progress=not args.quiet and rank == 0)
 
     summary = write_embeddings(rows, sources, args.output, backbone=bool(args.checkpoint),
                                settings=embed_settings(args), resume=args.resume,
-                               record=args.run_record)
+                               record=record)
     if rank != 0:
         return 0  # rank 0 reports for the whole file
     if summary.resumed:
