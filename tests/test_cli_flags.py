@@ -332,3 +332,50 @@ def test_the_two_modes_share_one_row_builder(setup, tmp_path, capsys):
     assert {r["branch"] for r in zs["rows"]} == {"zeroshot"}
     assert set(hy["rows"][0]) - set(zs["rows"][0]) == {"gate_score", "gate_weight", "supervised_topk",
                                                        "zeroshot_topk"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_all_scores_and_model_version_together(setup, mode, tmp_path, capsys):
+    """--all-scores with --model-version: both in one file, in CSV and JSON Lines, in the
+    documented column order (docs/cli.md), each value what the flag alone writes; an error row
+    keeps its model_version and has no scores; the record counts the file's rows."""
+    world = setup["world"]
+    order = list(world.classes) if mode == "zeroshot" else [
+        *world.seen_classes, *(c for c in world.classes if c not in world.seen_classes)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    argv = ["predict", str(world.test_dir), str(broken), *setup["common"], "-q",
+            *(["--checkpoint", str(setup["run"])] if mode == "hybrid" else [])]
+    scores_only = tmp_path / "s.jsonl"
+    assert main([*argv, "--all-scores", "-o", str(scores_only)]) == 1  # the broken file
+    alone = {r["path"]: r for r in read_predictions(scores_only)}
+    branch = ["gate_score", "gate_weight", "supervised_topk", "zeroshot_topk"] if mode == "hybrid" else []
+    for fmt in ("csv", "jsonl"):
+        out = tmp_path / f"both.{fmt}"
+        assert main([*argv, "--all-scores", "--model-version", "-o", str(out)]) == 1
+        capsys.readouterr()
+        rows = read_predictions(out)
+        record = json.loads(out.with_name(out.name + ".manifest.json").read_text(encoding="utf-8"))["record"]
+        version = record["models"]["model_version"]
+        assert len(version) == 12 and int(version, 16) >= 0
+        assert [r["model_version"] for r in rows] == [version] * len(alone)
+        topk = [f"top{i}{s}" for i in range(1, 6) for s in ("", "_score")]
+        if fmt == "csv":
+            header = out.read_text(encoding="utf-8").split("\n", 1)[0].split(",")
+            assert header == ["path", "label", "score", "branch", "status", "error", *topk, *branch,
+                              "model_version", *(f"score:{c}" for c in order)]
+            for row in rows:
+                scores = alone[row["path"]]["scores"]
+                if scores is None:
+                    assert row["status"] == "error" and all(row[f"score:{c}"] == "" for c in order)
+                else:
+                    assert [float(row[f"score:{c}"]) for c in order] == [scores[c] for c in order]
+        else:
+            for row in rows:
+                assert list(row)[-2:] == ["model_version", "scores"]
+                assert {k: v for k, v in row.items() if k != "model_version"} == alone[row["path"]]
+        assert sum(r["status"] == "error" and r["path"] == str(broken) for r in rows) == 1
+        # the record's counts are the file's, with every class's score in it
+        assert record["counts"] == {
+            "predicted": len(rows) - 1, "failed": 1, "resumed": 0,
+            "unknown": sum(r["label"] == "unknown" for r in rows)}
