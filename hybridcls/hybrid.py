@@ -16,6 +16,7 @@ in the prompts file, then the unseen classes in prompts-file order.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +25,19 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from hybridcls.cache import file_fingerprint
 from hybridcls.data import Source, as_sources
 from hybridcls.device import resolve_device
 from hybridcls.engine import ClipPolicy, InferenceEngine, timm_view
 from hybridcls.errors import CheckpointError, InputError
 from hybridcls.gate import GATE_FILENAME, INDEX_DIR, BranchOutputs, Gate
+from hybridcls.hub import pretrained_folder, upload_folder
 from hybridcls.index import index_meta
 from hybridcls.outputs import BRANCH_COLUMNS
 from hybridcls.predictor import Predictor
 from hybridcls.pretrained import PROMPTS_FILE, TEMPLATES_FILE, read_saved_folder, write_saved_folder
 from hybridcls.runtime import RuntimeSettings
 from hybridcls.supervised import load_checkpoint
-from hybridcls.supervised.checkpoint import WEIGHTS_FILE, WEIGHTS_HASH_KEY
+from hybridcls.supervised.checkpoint import checkpoint_identity
 from hybridcls.train import TrainConfig, train
 from hybridcls.train.data import recorded_image_check, resolve_training_data
 from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
@@ -240,10 +241,12 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                 # the weights' hash identifies the model; its id may spell a moved local-dir: path
                 meta.pop("model_id")
             return meta
-        recorded = self.checkpoint_config_.get(WEIGHTS_HASH_KEY)
-        fingerprint = recorded or file_fingerprint(self.run_dir_ / WEIGHTS_FILE)
-        return index_meta("backbone", self.checkpoint_config_["model"]["name"], fingerprint,
-                          self.seen_folders_)
+        tower = self._supervised_identity()
+        return index_meta("backbone", tower["model_id"], tower["fingerprint"], self.seen_folders_)
+
+    def _supervised_identity(self) -> dict[str, Any]:
+        """The supervised tower's timm name and weights' SHA-256 (:func:`checkpoint_identity`)."""
+        return checkpoint_identity(self.run_dir_, self.checkpoint_config_)
 
     # ------------------------------------------------------------------ calibration
 
@@ -359,12 +362,17 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ persistence
 
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
-        """Write a self-contained folder (:mod:`hybridcls.pretrained`): checkpoint, gate, indexes,
-        prompts, templates, class-text matrix.
+    def save_pretrained(self, directory: str | os.PathLike[str], *, repo_id: str | None = None) -> Path:
+        """Write a self-contained folder (:mod:`hybridcls.pretrained`): checkpoint (its
+        ``config.json`` readable by timm too), gate, indexes, prompts, templates, class-text
+        matrix, and the model card ``README.md``.
 
         ``from_pretrained`` on it needs no prompts file; the saved class-text matrix replaces
         the one built at load (a warm text cache makes that build free).
+
+        Args:
+            directory: The folder to write.
+            repo_id: The Hub repo the folder is for (the card's example loads it).
         """
         check_is_fitted(self, "engine_")
         bundle = self.tower_.bundle
@@ -373,16 +381,63 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             templates=self.tower_.templates, text_features=self.tower_.text_features.cpu().numpy(),
             meta={"clip_model": self.clip_model, "clip_pretrained": self.clip_pretrained,
                   "clip_fingerprint": bundle.fingerprint,
-                  "classes": [str(c) for c in self.classes_], "n_seen": self.n_seen_})
+                  "classes": [str(c) for c in self.classes_], "n_seen": self.n_seen_,
+                  "model_version": self.model_version_},
+            gate=None if self.gate_ is None else self.gate_.summary(), repo_id=repo_id)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    revision: str | None = None, commit_message: str = "Upload hybridcls classifier",
+                    create_pr: bool = False) -> Any:
+        """Save the classifier (:meth:`save_pretrained`, model card included) into a temporary
+        folder and upload it to the Hugging Face Hub repo ``repo_id`` as one commit.
+
+        Args:
+            repo_id: ``ORG/NAME``; created when it does not exist.
+            private: Create the repo private (an existing repo keeps its visibility).
+            token: A Hub token with write access (default: huggingface_hub's login).
+            revision: The branch to commit to (default: ``main``).
+            commit_message: The commit's message.
+            create_pr: Open a pull request instead of committing to the branch.
+
+        Returns:
+            huggingface_hub's ``CommitInfo``.
+
+        Example:
+            >>> clf.push_to_hub("my-org/awa2-hybrid")  # doctest: +SKIP
+            >>> HybridClassifier.from_pretrained("my-org/awa2-hybrid")  # doctest: +SKIP
+        """
+        check_is_fitted(self, "engine_")
+        with tempfile.TemporaryDirectory(prefix="hybridcls-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model", repo_id=repo_id)
+            return upload_folder(folder, repo_id, private=private, token=token, revision=revision,
+                                 commit_message=commit_message, create_pr=create_pr)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str], **params: Any) -> HybridClassifier:
-        """Load a folder written by :meth:`save_pretrained` (``params`` override, e.g. ``device``).
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str], *, revision: str | None = None,
+                        local_files_only: bool = False, token: str | bool | None = None,
+                        **params: Any) -> HybridClassifier:
+        """Load a folder written by :meth:`save_pretrained`, or a Hugging Face Hub repo of one.
+
+        Args:
+            name_or_path: The folder, or a Hub repo id (``ORG/NAME``; ``hf-hub:ORG/NAME`` too),
+                fetched into the Hugging Face cache (``cache_dir`` when given, as for the CLIP
+                weights) by ``huggingface_hub.snapshot_download``: nothing is downloaded when
+                ``HF_HUB_OFFLINE`` is set or ``local_files_only`` is true.
+            revision: The repo's branch, tag or commit (default: ``main``).
+            local_files_only: Use the Hugging Face cache only.
+            token: A Hub token for a private repo.
+            **params: Estimator parameters that override the saved ones (``device``...).
 
         Raises:
             CheckpointError: Not such a folder, or one whose files disagree.
+            WeightsUnavailableError: A repo that is not in the cache and cannot be downloaded
+                (offline), named with the cache it was looked for in.
+
+        Example:
+            >>> clf = HybridClassifier.from_pretrained("my-org/awa2-hybrid", device="cuda")  # doctest: +SKIP
         """
-        directory = Path(directory)
+        directory = pretrained_folder(name_or_path, revision=revision, cache_dir=params.get("cache_dir"),
+                                      local_files_only=local_files_only, token=token)
         meta, stored = read_saved_folder(directory)
         clf = cls(clip_model=meta["clip_model"], clip_pretrained=meta["clip_pretrained"],
                   prompts=str(directory / PROMPTS_FILE), templates=str(directory / TEMPLATES_FILE),

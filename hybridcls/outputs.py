@@ -5,6 +5,14 @@ or an error (``status="error"`` with the reason), in input order. Writers
 to a file flush and ``fsync`` after every batch, so a crash loses at most the
 batch being written; :mod:`hybridcls.sharding` resumes such a file
 (``open_writer(..., append=True)`` continues it without a second header).
+
+A CSV row's columns, in order (:func:`output_columns`): ``path, label, score, branch,
+status, error``, ``top1, top1_score`` ... ``topK, topK_score``, then the optional ones in
+:func:`extra_columns`' order: a hybrid's :data:`BRANCH_COLUMNS`, ``model_version``
+(``predict --model-version``), one ``score:<class>`` per class in ``classes_`` order
+(``predict --all-scores``). A JSON Lines record has the same fields in the same order,
+``topk`` as a list and the class scores as one ``scores`` object. A Kaggle file is
+``image_id, class``.
 """
 
 from __future__ import annotations
@@ -26,16 +34,22 @@ from hybridcls.errors import InputError
 __all__ = [
     "BRANCH_COLUMNS",
     "FORMATS",
+    "MODEL_VERSION_COLUMN",
+    "SCORES_COLUMN",
+    "SCORE_PREFIX",
     "PredictionRow",
     "PredictionWriter",
     "batch_rows",
     "check_unique_keys",
+    "extra_columns",
     "infer_format",
+    "is_unknown",
     "open_writer",
     "output_columns",
     "output_key",
     "read_prediction_lines",
     "read_predictions",
+    "score_columns",
     "topk_pairs",
 ]
 
@@ -43,6 +57,52 @@ FORMATS = ("csv", "jsonl", "kaggle")
 
 #: The columns a hybrid's rows add: the gate's score and weight, and each branch's own top-k.
 BRANCH_COLUMNS = ("gate_score", "gate_weight", "supervised_topk", "zeroshot_topk")
+#: The column of the short model id (:func:`hybridcls.provenance.model_version`), when asked for.
+MODEL_VERSION_COLUMN = "model_version"
+#: The JSON Lines field of every class's probability (``predict --all-scores``): ``{class: p}``.
+SCORES_COLUMN = "scores"
+#: A CSV file spreads that object over one column per class, named this prefix + the class name
+#: as the prompts file spells it (``score:polar bear``); no built-in column has a ``:``.
+SCORE_PREFIX = "score:"
+#: The ``branch`` (and, in a Kaggle file, the ``class``) of an image no branch was sure of.
+UNKNOWN = "unknown"
+
+
+def extra_columns(fmt: str = "csv", *, branch_columns: bool, model_version: bool = False,
+                  score_classes: Sequence[str] | None = None) -> list[str]:
+    """The columns rows carry beyond path, label, score, branch, status, error and top-k.
+
+    The one home of their order: a hybrid's :data:`BRANCH_COLUMNS`, then
+    :data:`MODEL_VERSION_COLUMN`, then every class's probability
+    (:func:`score_columns`: last, as their number varies with the classes).
+
+    Args:
+        fmt: The output format (:data:`FORMATS`).
+        branch_columns: A hybrid's :data:`BRANCH_COLUMNS`.
+        model_version: :data:`MODEL_VERSION_COLUMN`.
+        score_classes: The classes in ``classes_`` order, for every class's probability
+            (``predict --all-scores``); ``None`` for none.
+
+    Raises:
+        InputError: ``score_classes`` with ``fmt="kaggle"`` (see :func:`score_columns`).
+
+    Example:
+        >>> extra_columns(branch_columns=False, model_version=True)
+        ['model_version']
+        >>> extra_columns("csv", branch_columns=False, model_version=True, score_classes=["fox", "elk"])
+        ['model_version', 'score:fox', 'score:elk']
+        >>> extra_columns("jsonl", branch_columns=False, model_version=True, score_classes=["fox", "elk"])
+        ['model_version', 'scores']
+    """
+    return [*(BRANCH_COLUMNS if branch_columns else ()),
+            *([MODEL_VERSION_COLUMN] if model_version else []),
+            *(score_columns(fmt, score_classes) if score_classes is not None else [])]
+
+
+def is_unknown(branch: str | None, label: str | None = None) -> bool:
+    """Whether a row answers "unknown": its branch says so (a Kaggle row, without a branch, by
+    its class)."""
+    return branch == UNKNOWN if branch is not None else label == UNKNOWN
 
 
 @dataclass
@@ -93,6 +153,27 @@ def output_columns(fmt: str, topk: int, extra_columns: Sequence[str] = ()) -> li
     for i in range(1, topk + 1):
         cols += [f"top{i}", f"top{i}_score"]
     return cols + list(extra_columns)
+
+
+def score_columns(fmt: str, classes: Sequence[str]) -> list[str]:
+    """The extra columns of every class's probability: one ``score:<class>`` per class in CSV,
+    one ``scores`` object in JSON Lines.
+
+    Raises:
+        InputError: ``fmt="kaggle"`` (a submission is ``image_id,class`` only).
+
+    Example:
+        >>> score_columns("csv", ["fox", "polar bear"])
+        ['score:fox', 'score:polar bear']
+        >>> score_columns("jsonl", ["fox", "polar bear"])
+        ['scores']
+    """
+    if fmt == "kaggle":
+        raise InputError("a Kaggle submission holds image_id and class only: it has no room for "
+                         "every class's probability; write CSV or JSON Lines")
+    if fmt == "jsonl":
+        return [SCORES_COLUMN]
+    return [SCORE_PREFIX + str(c) for c in classes]
 
 
 def output_key(path: str, fmt: str) -> str:
@@ -176,6 +257,7 @@ class PredictionWriter:
         self._close = close
         self.n_ok = 0
         self.n_error = 0
+        self.n_unknown = 0
         self._ids: dict[str, str] = {}  # Kaggle image_id -> the path it was written for
         self._csv = None
         if fmt in ("csv", "kaggle"):
@@ -204,6 +286,7 @@ class PredictionWriter:
                 raise InputError(_duplicate_key_message("kaggle", image_id, other, row.path))
         if row.status == "ok":
             self.n_ok += 1
+            self.n_unknown += is_unknown(row.branch)
         else:
             self.n_error += 1
         if self.format == "kaggle":
@@ -217,7 +300,7 @@ class PredictionWriter:
                     values += [row.topk[i][0], _fmt_score(row.topk[i][1])]
                 else:
                     values += ["", ""]
-            values += [_csv_value(row.extra.get(c)) for c in self.extra_columns]
+            values += [_csv_value(_extra_value(row, c)) for c in self.extra_columns]
             self._csv.writerow(values)
         else:
             record: dict[str, Any] = {
@@ -256,6 +339,14 @@ class PredictionWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _extra_value(row: PredictionRow, column: str) -> Any:
+    """A CSV extra column's value: ``score:<class>`` reads that class in the row's ``scores``."""
+    if column.startswith(SCORE_PREFIX) and column not in row.extra:
+        scores = row.extra.get(SCORES_COLUMN)
+        return None if scores is None else scores.get(column[len(SCORE_PREFIX):])
+    return row.extra.get(column)
 
 
 def _csv_value(value: Any) -> Any:
@@ -375,6 +466,8 @@ def batch_rows(
     n_seen: int,
     topk: int,
     branch_columns: bool,
+    model_version: str | None = None,
+    all_scores: bool = False,
 ) -> list[PredictionRow]:
     """One batch's output rows, one per input index, in order: the one place rows are built.
 
@@ -390,6 +483,12 @@ def batch_rows(
         n_seen: Number of seen classes (0 for zero-shot only).
         topk: Top-k pairs per row.
         branch_columns: Add :data:`BRANCH_COLUMNS` (a hybrid's rows).
+        model_version: Write this short model id in every row's :data:`MODEL_VERSION_COLUMN`
+            (error rows too: the model that could not read the image).
+        all_scores: Add every class's probability, ``{class: p}`` under :data:`SCORES_COLUMN`
+            (the row's ``probs``, which sum to 1; ``None`` on an error row).
+
+    The optional columns are set in :func:`extra_columns`' order (the writer's columns).
 
     Returns:
         The rows; an input not predicted is an error row with its reason.
@@ -398,17 +497,25 @@ def batch_rows(
 
     pos = {idx: j for j, idx in enumerate(ok)}
     out = []
+
+    def add(row: PredictionRow, scores: dict[str, float] | None) -> None:
+        if model_version is not None:
+            row.extra[MODEL_VERSION_COLUMN] = model_version
+        if all_scores:
+            row.extra[SCORES_COLUMN] = scores
+        out.append(row)
+
     for idx in indices:
         path = paths[idx]
         if idx not in pos or result is None:
-            out.append(PredictionRow.failed(path, errors.get(idx, "not predicted")))
+            add(PredictionRow.failed(path, errors.get(idx, "not predicted")), None)
             continue
         j = pos[idx]
         p = result.probs[j]
         order = np.argsort(-p, kind="stable")[:topk]
-        unknown = result.branch[j] == "unknown"
+        unknown = is_unknown(str(result.branch[j]))
         row = PredictionRow(
-            path=path, label="unknown" if unknown else str(classes[order[0]]),
+            path=path, label=UNKNOWN if unknown else str(classes[order[0]]),
             score=float(p[order[0]]), branch=str(result.branch[j]),
             topk=[(str(classes[k]), float(p[k])) for k in order],
         )
@@ -421,6 +528,6 @@ def batch_rows(
                 "zeroshot_topk": topk_pairs(None if result.clip_probs is None else result.clip_probs[j],
                                             classes, topk),
             }
-        out.append(row)
+        add(row, {str(c): round(float(v), 6) for c, v in zip(classes, p)} if all_scores else None)
     return out
 

@@ -13,17 +13,20 @@ same with no supervised tower and a gate that routes every image to CLIP.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
+from hybridcls.cache import json_text, stable_hash
 from hybridcls.data import Source, as_sources
 from hybridcls.engine import ClipPolicy, EngineBatch, InferenceEngine
 from hybridcls.errors import ImageDecodeError
 from hybridcls.gate import BranchOutputs, FusionResult, Gate
 from hybridcls.outputs import PredictionRow, batch_rows
+from hybridcls.provenance import model_version, tower_identity
 
 __all__ = ["Predictor"]
 
@@ -57,6 +60,53 @@ class Predictor:
     def _clip_policy(self, gate: Gate) -> ClipPolicy:
         return gate.clip_policy()
 
+    def _supervised_identity(self) -> dict[str, Any] | None:
+        """The supervised tower's :func:`~hybridcls.provenance.tower_identity` (None: zero-shot only)."""
+        return None
+
+    # ------------------------------------------------------------------ provenance
+
+    def model_identity(self) -> dict[str, Any]:
+        """Which models predict: each tower's id and weights' fingerprint, and the short id of all.
+
+        Returns:
+            ``{"supervised": {"model_id", "fingerprint", ...} or None, "clip": {"model_id",
+            "fingerprint", "pretrained"}, "prompts_sha256": ..., "n_seen": S, "n_classes": C,
+            "model_version": ...}``: the fingerprints are SHA-256 of the weights files (a
+            random-init CLIP's is ``random:<config hash>``); ``prompts_sha256`` hashes the
+            class texts and templates; ``model_version`` is
+            :func:`~hybridcls.provenance.model_version` of them and the calibrated gate.
+        """
+        check_is_fitted(self, "engine_")
+        tower = self.engine_.clip
+        bundle = tower.bundle
+        clip = tower_identity(bundle.model_id, bundle.fingerprint, pretrained=bundle.pretrained)
+        supervised = self._supervised_identity()
+        prompts = stable_hash({"prompts": tower.prompts.to_text(), "templates": list(tower.templates)})
+        cal = self.gate_.calibration_ if getattr(self, "gate_", None) is not None else None
+        # the gate as gate.json holds it: the same id before and after a save and a load
+        gate = None if cal is None else json.loads(json_text(cal.to_dict()))
+        return {
+            "supervised": supervised, "clip": clip, "prompts_sha256": prompts,
+            "n_seen": int(self.n_seen_), "n_classes": len(self.classes_),
+            "model_version": model_version(None if supervised is None else supervised["fingerprint"],
+                                           bundle.fingerprint, gate, prompts),
+        }
+
+    @property
+    def model_version_(self) -> str:
+        """The short id of the model (:func:`~hybridcls.provenance.model_version`), as rows write it."""
+        return self.model_identity()["model_version"]
+
+    def gate_summary(self) -> dict[str, Any] | None:
+        """The gate's settings as predictions use them (:meth:`hybridcls.gate.Gate.summary`);
+        ``None`` before a hybrid is calibrated."""
+        check_is_fitted(self, "engine_")
+        gate = getattr(self, "gate_", None)
+        if gate is None:
+            return None
+        return self._prediction_gate().summary()
+
     # ------------------------------------------------------------------ streaming
 
     def _sources(self, inputs: Any) -> list[Source]:
@@ -84,19 +134,33 @@ class Predictor:
         for batch in self.engine_.iter_batches(sources, clip=policy, progress=progress):
             yield batch, None if batch.outputs is None else gate.predict(batch.outputs)
 
-    def rows(self, inputs: Any, *, topk: int = 5, progress: bool | None = None
+    def rows(self, inputs: Any, *, topk: int = 5, progress: bool | None = None,
+             model_version: bool = False, all_scores: bool = False
              ) -> Iterator[list[PredictionRow]]:
-        """Output rows per batch (label, branch, top-k; a hybrid's gate columns), one per input."""
+        """Output rows per batch (label, branch, top-k; a hybrid's gate columns), one per input.
+
+        Args:
+            inputs: What :func:`~hybridcls.data.as_sources` accepts.
+            topk: Top-k pairs per row.
+            progress: Show a progress bar (default: the ``progress`` parameter).
+            model_version: Add the ``model_version`` column (:attr:`model_version_`) to every row.
+            all_scores: Add every class's probability to every row
+                (:data:`~hybridcls.outputs.SCORES_COLUMN`, in ``classes_`` order).
+        """
         sources = self._sources(inputs)
         paths = [s.path for s in sources]
+        version = self.model_version_ if model_version else None
         for batch, res in self.iter_predictions(sources, progress=progress):
-            yield self.batch_rows(paths, batch, res, topk=topk)
+            yield self.batch_rows(paths, batch, res, topk=topk, model_version=version,
+                                  all_scores=all_scores)
 
     def batch_rows(self, paths: Sequence[str], batch: EngineBatch, res: FusionResult | None, *,
-                   topk: int = 5) -> list[PredictionRow]:
+                   topk: int = 5, model_version: str | None = None,
+                   all_scores: bool = False) -> list[PredictionRow]:
         """One engine batch and its fusion result as output rows, one per index, in order."""
         return batch_rows(paths, batch.indices, batch.ok, batch.errors, res, list(self.classes_),
-                          n_seen=self.n_seen_, topk=topk, branch_columns=bool(self.EXTRA_COLUMNS))
+                          n_seen=self.n_seen_, topk=topk, branch_columns=bool(self.EXTRA_COLUMNS),
+                          model_version=model_version, all_scores=all_scores)
 
     # ------------------------------------------------------------------ arrays
 

@@ -5,15 +5,22 @@ JSON and safetensors files), which needs no prompts file to load:
 
 ==============================  ==============================================
 ``config.json``                 the supervised checkpoint's config (timm model,
-                                classes, data config, weights' SHA-256)
+                                classes, data config, weights' SHA-256), with
+                                the keys timm reads from a Hub ``config.json``
+                                (:func:`timm_config`)
 ``model.safetensors``           the supervised weights
 ``gate.json`` + ``index/``      the fitted :class:`~hybridcls.gate.Gate`
 ``prompts.txt``                 every class, seen first, as a prompts file
 ``templates.txt``               the templates
 ``text_classifier.safetensors`` the class-text matrix (``[embed_dim, C]``)
 ``hybrid.json``                 the CLIP model id, tag and fingerprint, the
-                                classes and how many are seen
+                                classes and how many are seen, the
+                                ``model_version`` and the hybridcls version
+``README.md``                   the model card (:func:`hybridcls.hub.model_card`)
 ==============================  ==============================================
+
+The same folder is a Hugging Face Hub repo: ``push_to_hub`` uploads it and
+``from_pretrained`` takes its repo id (:mod:`hybridcls.hub`).
 """
 
 from __future__ import annotations
@@ -36,24 +43,65 @@ from hybridcls.cache import (
 )
 from hybridcls.errors import CheckpointError
 from hybridcls.gate import GATE_FILENAME, INDEX_DIR
+from hybridcls.hub import model_card
 from hybridcls.supervised.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from hybridcls.version import __version__
 from hybridcls.zeroshot.prompts import PromptSet
 
 __all__ = [
+    "CARD_FILE",
     "HYBRID_FILE",
     "PROMPTS_FILE",
     "TEMPLATES_FILE",
     "TEXT_FILE",
     "read_saved_folder",
+    "timm_config",
     "write_saved_folder",
 ]
 
+CARD_FILE = "README.md"
 HYBRID_FILE = "hybrid.json"
 PROMPTS_FILE = "prompts.txt"
 TEMPLATES_FILE = "templates.txt"
 TEXT_FILE = "text_classifier.safetensors"
 _FORMAT = "hybridcls-hybrid"
 _FORMAT_VERSION = 1
+
+
+def timm_config(config: dict[str, Any], label_names: Sequence[str]) -> dict[str, Any]:
+    """The keys timm reads from a Hub ``config.json`` (``timm.models.load_model_config_from_hf``).
+
+    ``architecture``, ``num_classes``, ``num_features``, ``label_names`` (the head's
+    classes, index = output) and ``pretrained_cfg`` (the preprocessing: ``input_size``,
+    ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``, and the weights'
+    ``tag``). The head is hybridcls's own (``config["model"]["head"]``): timm users build
+    the backbone with ``num_classes=0`` and load the ``backbone.`` tensors of
+    ``model.safetensors`` (docs/hub.md).
+
+    Args:
+        config: The supervised checkpoint's ``config.json``.
+        label_names: The seen classes in the head's order.
+
+    Example:
+        >>> cfg = {"model": {"name": "convnext_tiny.fb_in1k", "num_classes": 2, "num_features": 768},
+        ...        "data_config": {"input_size": [3, 224, 224], "interpolation": "bicubic",
+        ...                        "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.95,
+        ...                        "crop_mode": "center"}}
+        >>> t = timm_config(cfg, ["fox", "elk"])
+        >>> t["architecture"], t["label_names"], t["pretrained_cfg"]["tag"]
+        ('convnext_tiny', ['fox', 'elk'], 'fb_in1k')
+    """
+    model = config["model"]
+    architecture, _, tag = str(model["name"]).partition(".")
+    data = config["data_config"]
+    pretrained_cfg = {key: data[key] for key in ("input_size", "interpolation", "mean", "std",
+                                                 "crop_pct", "crop_mode") if key in data}
+    if tag:
+        pretrained_cfg["tag"] = tag
+    pretrained_cfg["num_classes"] = int(model["num_classes"])
+    return {"architecture": architecture, "num_classes": int(model["num_classes"]),
+            "num_features": model.get("num_features"), "label_names": list(label_names),
+            "pretrained_cfg": pretrained_cfg}
 
 
 def write_saved_folder(
@@ -64,8 +112,11 @@ def write_saved_folder(
     templates: Sequence[str],
     text_features: np.ndarray,
     meta: dict[str, Any],
+    gate: dict[str, Any] | None,
+    repo_id: str | None = None,
 ) -> Path:
-    """Copy a run's files and write the zero-shot side beside them (see the module docstring).
+    """Copy a run's files and write the zero-shot side and the model card beside them (see the
+    module docstring).
 
     Args:
         directory: The folder to write (created; files already there are replaced).
@@ -73,14 +124,22 @@ def write_saved_folder(
         prompts: Every class, seen first, in column order.
         templates: The templates the text matrix was built with.
         text_features: ``[embed_dim, C]`` the class-text matrix.
-        meta: ``clip_model``, ``clip_pretrained``, ``clip_fingerprint``, ``classes``, ``n_seen``.
+        meta: ``clip_model``, ``clip_pretrained``, ``clip_fingerprint``, ``classes``, ``n_seen``,
+            ``model_version``.
+        gate: :meth:`hybridcls.gate.Gate.summary` of the calibrated gate, for the card
+            (None: not calibrated).
+        repo_id: The Hub repo the folder is for, shown in the card's example.
 
     Returns:
         The folder.
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, WEIGHTS_FILE, GATE_FILENAME):
+    # the checkpoint's config, readable by timm too (its keys do not meet hybridcls's)
+    config = read_json(run_dir / CONFIG_FILE)
+    label_names = meta["classes"][: meta["n_seen"]]
+    atomic_write_json(out / CONFIG_FILE, {**config, **timm_config(config, label_names)}, indent=2)
+    for name in (WEIGHTS_FILE, GATE_FILENAME):
         src = run_dir / name
         if src.is_file() and src.resolve() != (out / name).resolve():
             atomic_copy(src, out / name)
@@ -93,7 +152,11 @@ def write_saved_folder(
     with atomic_path(out / TEXT_FILE) as tmp:
         save_numpy({"text_features": np.ascontiguousarray(text_features, dtype=np.float32)},
                    os.fspath(tmp))
-    atomic_write_json(out / HYBRID_FILE, {"format": _FORMAT, "format_version": _FORMAT_VERSION, **meta})
+    atomic_write_json(out / HYBRID_FILE, {"format": _FORMAT, "format_version": _FORMAT_VERSION,
+                                          "hybridcls_version": __version__, **meta})
+    atomic_write_text(out / CARD_FILE, model_card(
+        classes=meta["classes"], n_seen=meta["n_seen"], config=config, clip=meta, gate=gate,
+        model_version=meta["model_version"], repo_id=repo_id))
     return out
 
 

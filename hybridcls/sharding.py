@@ -44,10 +44,12 @@ from hybridcls.errors import InputError, ParameterError
 from hybridcls.outputs import (
     PredictionRow,
     check_unique_keys,
+    is_unknown,
     open_writer,
     output_columns,
     output_key,
 )
+from hybridcls.provenance import RunRecord
 from hybridcls.torchrun import local_gpu, torchrun_group, torchrun_world
 
 if TYPE_CHECKING:  # typing only: `hybridcls merge` must not pay for importing torch
@@ -67,6 +69,7 @@ __all__ = [
     "merge_parts",
     "part_paths",
     "predict_to_output",
+    "read_record",
     "resume_point",
 ]
 
@@ -156,7 +159,8 @@ class Manifest:
     """What an output file is meant to hold; written beside it before its first row.
 
     Attributes:
-        format: ``csv``, ``jsonl`` or ``kaggle``.
+        format: ``csv``, ``jsonl`` or ``kaggle`` (``npz`` or ``parquet`` beside an
+            embedding file, whose manifest stays for its record: :mod:`hybridcls.embeddings`).
         columns: The CSV header (for JSON Lines: the same fields).
         settings: Everything that changes the rows (models and content
             fingerprints of the files they come from, prompts, mode, top-k, ...).
@@ -167,8 +171,11 @@ class Manifest:
         keys_sha256: :func:`keys_digest` of this range's keys as the file
             writes them (:func:`~hybridcls.outputs.output_key`).
         label: For messages: ``"shard 3/8"``, ``"rank 1/2"``, ``""`` for a whole run.
-        record: How the run that wrote the file ran (what the engine applied: device,
-            precision, compile, ...); kept for the record, not compared on resume or merge.
+        record: The :class:`~hybridcls.provenance.RunRecord` of the run that wrote the file
+            (versions, models, gate, command line, what the engine applied, times, counts),
+            written before the first row and again, complete, after the last; a merged file's
+            also holds its parts' (``parts``). Kept for the record, not compared on resume
+            or merge.
     """
 
     format: str
@@ -240,12 +247,14 @@ def _short(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Record:
-    """One complete row read back: its key (first field), status, and where it ends."""
+    """One complete row read back: its key (first field), status, where it ends, and whether it
+    answers "unknown"."""
 
     key: str
     ok: bool
     end: int
     line: int
+    unknown: bool = False
 
 
 class OutputScan:
@@ -311,6 +320,7 @@ class OutputScan:
                 f"{self.path} line 1: columns {','.join(header)}; expected {','.join(self.columns)}")
         self.header_end = self.end = state["offset"]
         status = self.columns.index("status") if "status" in self.columns else None
+        branch = self.columns.index("branch") if "branch" in self.columns else None
         first = state["line"] + 1
         while True:
             try:
@@ -326,7 +336,8 @@ class OutputScan:
                                  f"{len(self.columns)}")
             ok = row[status] == "ok" if status is not None else row[1] != ""
             self.end = state["offset"]
-            yield Record(row[0], ok, self.end, first)
+            unknown = ok and is_unknown(None if branch is None else row[branch], row[1])
+            yield Record(row[0], ok, self.end, first, unknown)
             first = state["line"] + 1
 
     def _jsonl(self, fh) -> Iterator[Record]:
@@ -343,7 +354,9 @@ class OutputScan:
             if not isinstance(record, dict) or not isinstance(record.get("path"), str):
                 raise InputError(f"{self.path} line {state['line']}: a JSON record without a path")
             self.end = state["offset"]
-            yield Record(record["path"], record.get("status") == "ok", self.end, state["line"])
+            ok = record.get("status") == "ok"
+            yield Record(record["path"], ok, self.end, state["line"],
+                         ok and is_unknown(record.get("branch"), record.get("label")))
 
 
 @dataclass
@@ -354,6 +367,7 @@ class ResumePoint:
     n_ok: int
     n_error: int
     end: int | None
+    n_unknown: int = 0
 
 
 def resume_point(output: str | os.PathLike[str], manifest: Manifest,
@@ -392,6 +406,7 @@ def resume_point(output: str | os.PathLike[str], manifest: Manifest,
         point.done += 1
         point.n_ok += rec.ok
         point.n_error += not rec.ok
+        point.n_unknown += rec.unknown
     point.end = None if scan.header_end is None else scan.end
     return point
 
@@ -405,10 +420,12 @@ class MergeResult:
     rows: int
     n_ok: int
     n_error: int
+    n_unknown: int = 0
 
 
 def merge_parts(parts: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
-                expect: tuple[int, int] | None = None, label: str = "") -> MergeResult:
+                expect: tuple[int, int] | None = None, label: str = "",
+                record: RunRecord | None = None) -> MergeResult:
     """Merge part files into ``output`` in input order, checking every input is there exactly once.
 
     Each part needs its manifest (``hybridcls predict --shard I/N --output PART``
@@ -423,9 +440,12 @@ def merge_parts(parts: Sequence[str | os.PathLike[str]], output: str | os.PathLi
         output: The merged file (CSV, JSON Lines or Kaggle: the parts' format).
         expect: The input range to cover, ``(start, stop)``.
         label: The merged manifest's label.
+        record: The merging run's record, finished here with the merged file's counts;
+            the merged manifest's ``record`` is it (or nothing) plus, when the parts have
+            records, ``parts``: each part's, in input order.
 
     Returns:
-        Counts of rows, predictions and error rows.
+        Counts of rows, predictions, error rows and "unknown" answers.
 
     Raises:
         InputError: a part without a manifest, parts of different runs,
@@ -467,7 +487,7 @@ def merge_parts(parts: Sequence[str | os.PathLike[str]], output: str | os.PathLi
         problems.append(f"parts hold inputs outside #{start}-#{stop - 1}")
 
     scans: list[OutputScan] = []
-    n_ok = n_error = 0
+    n_ok = n_error = n_unknown = 0
     merged_keys = _KeyHasher()
     # A Kaggle id is a file name: parts written before predict refused duplicates may hold one twice.
     kaggle_ids: dict[str, str] | None = {} if ref.format == "kaggle" else None
@@ -486,6 +506,7 @@ def merge_parts(parts: Sequence[str | os.PathLike[str]], output: str | os.PathLi
             rows += 1
             n_ok += rec.ok
             n_error += not rec.ok
+            n_unknown += rec.unknown
         size = m.stop - m.start
         where = f"{p}{f' ({m.label})' if m.label else ''}"
         if scan.header_end is None or rows < size:
@@ -503,8 +524,12 @@ def merge_parts(parts: Sequence[str | os.PathLike[str]], output: str | os.PathLi
         more = f"; and {len(problems) - _SHOW} more" if len(problems) > _SHOW else ""
         raise InputError(f"cannot merge {len(infos)} part(s): " + "; ".join(problems[:_SHOW]) + more)
 
+    merged_record = {} if record is None else record.finish(
+        predicted=n_ok, failed=n_error, unknown=n_unknown).as_dict()
+    if any(m.record for _, m in infos):
+        merged_record["parts"] = [m.record for _, m in infos]
     merged = Manifest(ref.format, ref.columns, ref.settings, ref.inputs_total, ref.inputs_sha256,
-                      start, stop, merged_keys.hexdigest(), label)
+                      start, stop, merged_keys.hexdigest(), label, record=merged_record)
     merged.write(output)
     with atomic_path(output) as tmp, open(tmp, "wb") as dst:
         with open(infos[0][0], "rb") as src:
@@ -515,7 +540,7 @@ def merge_parts(parts: Sequence[str | os.PathLike[str]], output: str | os.PathLi
                 _copy_bytes(src, dst, scan.end - (scan.header_end or 0))
         dst.flush()
         os.fsync(dst.fileno())
-    return MergeResult(Path(output), len(infos), stop - start, n_ok, n_error)
+    return MergeResult(Path(output), len(infos), stop - start, n_ok, n_error, n_unknown)
 
 
 def _copy_bytes(src, dst, n: int) -> None:
@@ -553,6 +578,7 @@ class PredictSummary:
     n_error: int
     resumed: int
     rank: int = 0
+    n_unknown: int = 0
 
 
 def predict_to_output(
@@ -566,7 +592,7 @@ def predict_to_output(
     settings: dict[str, Any],
     shard: ShardSpec | None = None,
     resume: bool = False,
-    record: Callable[[], dict[str, Any]] | None = None,
+    record: RunRecord | None = None,
 ) -> PredictSummary:
     """Predict ``sources`` (or a shard of them) into ``output``, resumably; merge torchrun parts.
 
@@ -583,8 +609,11 @@ def predict_to_output(
         shard: Predict only this share of ``sources``.
         resume: Keep the complete rows of an earlier run of the same command
             and predict the rest (starts afresh when ``output`` does not exist).
-        record: Called once the first batch is predicted (the models are loaded): how
-            the run runs, for the manifest's ``record``.
+        record: The run's :class:`~hybridcls.provenance.RunRecord`, written into the
+            manifest once the first batch is predicted (``predict_rows`` has loaded the
+            models and described them in it by then), and again, finished with the file's
+            counts (``predicted``, ``failed``, ``unknown``, ``resumed``), after the last row.
+            Under torchrun rank 0 finishes it with the merged file's counts.
 
     Returns:
         Counts of prediction and error rows; ``resumed`` rows were already there.
@@ -629,23 +658,24 @@ def predict_to_output(
             done = resume_point(output, manifest(start, stop, label), key_at)  # refuses other settings, like one process
             if done.end is not None and done.done == stop - start:  # an earlier run merged it all
                 dist.barrier()
-                return PredictSummary(done.n_ok, done.n_error, done.done, rank)
+                return PredictSummary(done.n_ok, done.n_error, done.done, rank, done.n_unknown)
         paths = part_paths(output, size)
         a, b = ShardSpec(rank, size).range(start, stop)
         mine = part(paths[rank], manifest(a, b, f"{label + ', ' if label else ''}rank {rank}/{size}"))
         dist.barrier()  # every part is complete
-        summary = PredictSummary(mine.n_ok, mine.n_error, mine.resumed, rank)
+        summary = PredictSummary(mine.n_ok, mine.n_error, mine.resumed, rank, mine.n_unknown)
         if rank == 0:
-            merged = merge_parts(paths, output, expect=(start, stop), label=label)
+            merged = merge_parts(paths, output, expect=(start, stop), label=label, record=record)
             shutil.rmtree(paths[0].parent, ignore_errors=True)
-            summary = PredictSummary(merged.n_ok, merged.n_error, summary.resumed, rank)
+            summary = PredictSummary(merged.n_ok, merged.n_error, summary.resumed, rank,
+                                     merged.n_unknown)
         dist.barrier()  # no rank exits (and makes torchrun stop the others) before the merge
         return summary
 
 
 def _predict_part(predict_rows: RowsFn, sources: Sequence[Source], output: Path, m: Manifest,
                   key_at: Callable[[int], str], *, topk: int, extra_columns: Sequence[str],
-                  resume: bool, record: Callable[[], dict[str, Any]] | None = None) -> PredictSummary:
+                  resume: bool, record: RunRecord | None = None) -> PredictSummary:
     point = ResumePoint(0, 0, 0, None)
     if resume and output.exists():
         point = resume_point(output, m, key_at)
@@ -661,13 +691,37 @@ def _predict_part(predict_rows: RowsFn, sources: Sequence[Source], output: Path,
         # the new manifest would wrongly vouch for.
         output.unlink(missing_ok=True)
         if record is not None and first:
-            m = dataclasses.replace(m, record=record())
+            m = dataclasses.replace(m, record=record.as_dict())
         m.write(output)
     else:
+        previous = Manifest.read(output).record  # checked by resume_point already
         os.truncate(output, point.end)  # drop a record cut short by a crash
     writer = open_writer(output, m.format, topk=topk, extra_columns=extra_columns,
                          append=point.end is not None)
     with writer:
         for rows in itertools.chain(first, batches):
             writer.write_many(rows)
-    return PredictSummary(point.n_ok + writer.n_ok, point.n_error + writer.n_error, point.done)
+    summary = PredictSummary(point.n_ok + writer.n_ok, point.n_error + writer.n_error, point.done,
+                             n_unknown=point.n_unknown + writer.n_unknown)
+    if record is not None:
+        # The record, complete: a resumed file's counts are the whole file's, and a run that
+        # had nothing left to predict (and loaded no model) takes the models, gate and runtime
+        # from the record of the run that wrote the rows (its settings are this run's).
+        if record.models is None and point.end is not None:
+            for key in ("models", "gate", "runtime"):
+                setattr(record, key, previous.get(key))
+        record.finish(predicted=summary.n_ok, failed=summary.n_error, unknown=summary.n_unknown,
+                      resumed=summary.resumed)
+        dataclasses.replace(m, record=record.as_dict()).write(output)
+    return summary
+
+
+def read_record(output: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The run record in the manifest beside ``output``, or ``None`` when there is no manifest.
+
+    Raises:
+        InputError: A manifest that is there but cannot be read (names it).
+    """
+    if not manifest_path(output).is_file():
+        return None
+    return Manifest.read(output).record or None

@@ -8,6 +8,11 @@ whose ``naturalWidth`` is 0, i.e. that the browser could not fetch or decode.
 ``--dump-dom`` then prints the DOM with that record in it. The copy sits in the
 page's own folder, so its relative links resolve exactly as the page's do.
 ``browser_screenshot`` renders the page itself with ``--screenshot``.
+
+``require_browser`` is how a test gets the browser: without one it skips (a
+user's own run), unless ``HYBRIDCLS_REQUIRE_BROWSER`` is set, as ``.ci/run``
+sets it after installing Chromium: there a missing browser fails the test,
+so the one check that the pages render cannot go quietly unrun.
 """
 
 from __future__ import annotations
@@ -20,7 +25,13 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-__all__ = ["browser_image_check", "browser_screenshot", "find_browser", "page_references"]
+import pytest
+
+__all__ = ["REQUIRE_BROWSER_ENV", "browser_image_check", "browser_screenshot", "find_browser",
+           "page_references", "require_browser"]
+
+#: Set (to anything but "" or "0") where the browser tests must run: CI (.ci/run).
+REQUIRE_BROWSER_ENV = "HYBRIDCLS_REQUIRE_BROWSER"
 
 _PROBE = """<script>
 window.addEventListener('load', function () {
@@ -62,6 +73,17 @@ def find_browser() -> str | None:
         if found:
             return found
     return None
+
+
+def require_browser() -> str:
+    """Chromium's path; skips the test without one, or fails it where ``REQUIRE_BROWSER_ENV`` is set."""
+    browser = find_browser()
+    if browser is None:
+        if os.environ.get(REQUIRE_BROWSER_ENV, "") not in ("", "0"):
+            pytest.fail(f"no headless browser (chromium) installed, and {REQUIRE_BROWSER_ENV} says "
+                        "the browser tests must run (.ci/run installs Debian's chromium)")
+        pytest.skip("no headless browser (chromium) installed")
+    return browser
 
 
 def _run(browser: str, args: list[str], profile: Path) -> subprocess.CompletedProcess:

@@ -44,7 +44,11 @@ def setup(tiny_hybrid, tmp_path_factory):
 
 
 def _predict(setup, mode: str, extra: list[str], out: Path, capsys, *, quiet: bool = True) -> dict:
-    argv = ["predict", str(setup["world"].test_dir), *setup["common"]]
+    common = list(setup["common"])
+    if "--classes" in extra:  # instead of the prompts file, not beside it
+        at = common.index("--prompts")
+        del common[at:at + 2]
+    argv = ["predict", str(setup["world"].test_dir), *common]
     if mode == "hybrid":
         argv += ["--checkpoint", str(setup["run"])]
     argv += ["-o", str(out), *(["-q"] if quiet else []), *extra]
@@ -184,6 +188,41 @@ def _checkpoint(setup, mode, out, capsys, base):
     return "rows"
 
 
+def _classes(setup, mode, out, capsys, base):
+    # the prompts file's classes and one more, inline: the rows of that prompts file
+    names = [*setup["world"].classes, "black plain circle"]  # the classes of extra_prompts
+    res = _predict(setup, mode, ["--classes", ",".join(names)], out / "v.jsonl", capsys)
+    assert res["rc"] == 0, res["stderr"]
+    extra = _predict(setup, mode, ["--prompts", str(setup["extra_prompts"])], out / "p.jsonl", capsys)
+    assert res["rows"] == extra["rows"] != base["rows"]
+    return "rows"
+
+
+def _all_scores(setup, mode, out, capsys, base):
+    world = setup["world"]
+    # classes_ order: prompts-file order; a hybrid's seen classes (sorted folders) first
+    order = list(world.classes) if mode == "zeroshot" else [
+        *world.seen_classes, *(c for c in world.classes if c not in world.seen_classes)]
+    res = _predict(setup, mode, ["--all-scores"], out / "v.jsonl", capsys)
+    assert res["rc"] == 0, res["stderr"]
+    tolerance = len(order) * 5e-7  # each probability is written to 6 decimals
+    for row, plain in zip(res["rows"], base["rows"], strict=True):
+        scores = row.pop("scores")
+        assert row == plain  # the rows without the flag, plus every class's probability
+        assert list(scores) == order and abs(sum(scores.values()) - 1) <= tolerance
+        assert all(scores[t["label"]] == t["score"] for t in plain["topk"])
+    # CSV: one score:<class> column per class, in the same order, summing to 1 on every row
+    csv_res = _predict(setup, mode, ["--all-scores"], out / "v.csv", capsys)
+    assert csv_res["rc"] == 0, csv_res["stderr"]
+    header = csv_res["text"].split("\n", 1)[0].split(",")
+    assert header[-len(order):] == [f"score:{c}" for c in order]
+    for row in csv_res["rows"]:
+        assert abs(sum(float(row[f"score:{c}"]) for c in order) - 1) <= tolerance
+    kaggle = _predict(setup, mode, ["--all-scores", "--format", "kaggle"], out / "k.csv", capsys)
+    assert _refused(kaggle, "--all-scores") and "--format kaggle" in kaggle["stderr"]
+    return "rows"
+
+
 def _unknown(setup, mode, out, capsys, base):
     res = _predict(setup, mode, ["--unknown-threshold", "0.999"], out / "v.jsonl", capsys)
     assert res["rc"] == 0
@@ -218,9 +257,26 @@ def _cascade(setup, mode, out, capsys, base):
     return "stderr"
 
 
+def _model_version(setup, mode, out, capsys, base):
+    res = _predict(setup, mode, ["--model-version"], out / "v.jsonl", capsys)
+    assert res["rc"] == 0 and "model_version" not in base["rows"][0]
+    version = res["record"]["models"]["model_version"]
+    assert [r["model_version"] for r in res["rows"]] == [version] * len(base["rows"])
+    return "rows"
+
+
+def _log(setup, mode, out, capsys, base):
+    res = _predict(setup, mode, ["--log", str(out / "log.json")], out / "v.jsonl", capsys)
+    log = json.loads((out / "log.json").read_text(encoding="utf-8"))
+    assert res["rc"] == 0 and log == {**res["record"], "exit_status": 0, "error": None}
+    assert log["counts"]["predicted"] == len(res["rows"]) and log["argv"][-2:] == ["--log", str(out / "log.json")]
+    return "file"
+
+
 CASES = {
     "inputs": _shard,  # a different share of the inputs gives different rows (and see _shard)
     "prompts": _rows_change(lambda s: ["--prompts", str(s["extra_prompts"])]),
+    "classes": _classes,
     "templates": _rows_change(lambda s: ["--templates", str(s["other_templates"])]),
     "truncate_prompts": _truncate,
     "clip_model": _clip_model,
@@ -238,10 +294,13 @@ CASES = {
     "mode": _mode,
     "cascade": _cascade,
     "topk": _rows_change(["--topk", "1"]),
+    "all_scores": _all_scores,
     "output": _output,
     "format": _format,
     "resume": _resume,
     "shard": _shard,
+    "model_version": _model_version,
+    "log": _log,
 }
 
 
@@ -273,3 +332,50 @@ def test_the_two_modes_share_one_row_builder(setup, tmp_path, capsys):
     assert {r["branch"] for r in zs["rows"]} == {"zeroshot"}
     assert set(hy["rows"][0]) - set(zs["rows"][0]) == {"gate_score", "gate_weight", "supervised_topk",
                                                        "zeroshot_topk"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_all_scores_and_model_version_together(setup, mode, tmp_path, capsys):
+    """--all-scores with --model-version: both in one file, in CSV and JSON Lines, in the
+    documented column order (docs/cli.md), each value what the flag alone writes; an error row
+    keeps its model_version and has no scores; the record counts the file's rows."""
+    world = setup["world"]
+    order = list(world.classes) if mode == "zeroshot" else [
+        *world.seen_classes, *(c for c in world.classes if c not in world.seen_classes)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    argv = ["predict", str(world.test_dir), str(broken), *setup["common"], "-q",
+            *(["--checkpoint", str(setup["run"])] if mode == "hybrid" else [])]
+    scores_only = tmp_path / "s.jsonl"
+    assert main([*argv, "--all-scores", "-o", str(scores_only)]) == 1  # the broken file
+    alone = {r["path"]: r for r in read_predictions(scores_only)}
+    branch = ["gate_score", "gate_weight", "supervised_topk", "zeroshot_topk"] if mode == "hybrid" else []
+    for fmt in ("csv", "jsonl"):
+        out = tmp_path / f"both.{fmt}"
+        assert main([*argv, "--all-scores", "--model-version", "-o", str(out)]) == 1
+        capsys.readouterr()
+        rows = read_predictions(out)
+        record = json.loads(out.with_name(out.name + ".manifest.json").read_text(encoding="utf-8"))["record"]
+        version = record["models"]["model_version"]
+        assert len(version) == 12 and int(version, 16) >= 0
+        assert [r["model_version"] for r in rows] == [version] * len(alone)
+        topk = [f"top{i}{s}" for i in range(1, 6) for s in ("", "_score")]
+        if fmt == "csv":
+            header = out.read_text(encoding="utf-8").split("\n", 1)[0].split(",")
+            assert header == ["path", "label", "score", "branch", "status", "error", *topk, *branch,
+                              "model_version", *(f"score:{c}" for c in order)]
+            for row in rows:
+                scores = alone[row["path"]]["scores"]
+                if scores is None:
+                    assert row["status"] == "error" and all(row[f"score:{c}"] == "" for c in order)
+                else:
+                    assert [float(row[f"score:{c}"]) for c in order] == [scores[c] for c in order]
+        else:
+            for row in rows:
+                assert list(row)[-2:] == ["model_version", "scores"]
+                assert {k: v for k, v in row.items() if k != "model_version"} == alone[row["path"]]
+        assert sum(r["status"] == "error" and r["path"] == str(broken) for r in rows) == 1
+        # the record's counts are the file's, with every class's score in it
+        assert record["counts"] == {
+            "predicted": len(rows) - 1, "failed": 1, "resumed": 0,
+            "unknown": sum(r["label"] == "unknown" for r in rows)}

@@ -192,3 +192,66 @@ def test_a_windows_path_reads_as_written():
     message = str(ParameterError("cache_dir", "C:\\data\\cache", "not found"))
     assert message == "cache_dir='C:\\\\data\\\\cache': not found"  # the repr doubles backslashes
     assert flag_message(message, parser) == "--cache-dir C:\\data\\cache: not found"
+
+
+def _parsers():
+    """Every (sub)command's parser, nested ones (bench memory) included."""
+    import argparse
+
+    from hybridcls.cli import build_parser
+
+    todo = [("hybridcls", build_parser())]
+    while todo:
+        name, parser = todo.pop()
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+
+
+def test_every_command_that_takes_prompts_takes_an_inline_class_list():
+    with_prompts = []
+    for name, parser in _parsers():
+        flags = {o: a for a in parser._actions for o in a.option_strings}
+        if "--prompts" not in flags:
+            continue
+        with_prompts.append(name)
+        assert "--classes" in flags, name
+        group = next(g for g in parser._mutually_exclusive_groups if flags["--prompts"] in g._group_actions)
+        assert flags["--classes"] in group._group_actions, name  # one or the other, not both
+    assert sorted(with_prompts) == ["hybridcls bench memory", "hybridcls calibrate", "hybridcls evaluate",
+                                    "hybridcls explain", "hybridcls predict", "hybridcls report"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--classes", "fox,,elk"], "argument --classes: name 2 of 3 in 'fox,,elk' is empty"),
+    (["--classes", "fox,elk,"], "argument --classes: name 3 of 3 in 'fox,elk,' is empty"),
+    (["--classes", "polar bear,elk,Polar_Bear"],
+     "argument --classes: names 1 and 3 ('polar bear' and 'Polar_Bear') are the same class"),
+    (["--classes", "moose: a deer"], ("argument --classes: name 1 ('moose: a deer') holds ':': "
+                                      "--classes takes names only; write a prompts file (--prompts FILE)")),
+    (["--classes", "fox,elk", "--prompts", "p.txt"], "argument --prompts: not allowed with argument --classes"),
+    ([], "one of the arguments --prompts --classes is required"),
+])
+def test_inline_class_list_errors(extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "photos/", *extra])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_evaluate_takes_the_classes_inline(tmp_path, capsys):
+    pred = tmp_path / "pred.csv"
+    pred.write_text("path,label,score,branch,status,error\na.png,fox,0.9,zeroshot,ok,\n"
+                    "b.png,elk,0.8,zeroshot,ok,\n", encoding="utf-8")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image_id,label\na.png,fox\nb.png,owl\n", encoding="utf-8")
+    seen = tmp_path / "seen.txt"
+    seen.write_text("fox\n", encoding="utf-8")
+    argv = ["evaluate", str(pred), "--labels", str(labels), "--seen-classes", str(seen)]
+    # owl is no class of the list: refused, naming its line, as with a prompts file
+    assert _error_line([*argv, "--classes", "fox,elk"], capsys).endswith(
+        f"{labels}:3: label 'owl' is of a class that is neither seen nor predictable; 1 such "
+        "class(es): 'owl'")
+    assert main([*argv, "--classes", "fox,elk,owl"]) == 0
+    assert "accuracy 50.00%" in capsys.readouterr().out

@@ -14,7 +14,7 @@ import open_clip
 import pytest
 import timm
 import torch
-from pagecheck import browser_image_check, find_browser, page_references
+from pagecheck import browser_image_check, page_references, require_browser
 from PIL import Image
 from tinyclip_factory import tiny_model_cfg
 
@@ -102,9 +102,7 @@ def test_overlay_pngs_per_image_and_only_existing_relative_links(cli_out) -> Non
 
 
 def test_explain_page_renders_in_headless_browser(cli_out, tmp_path: Path) -> None:
-    browser = find_browser()
-    if browser is None:
-        pytest.skip("no headless browser (chromium) installed")
+    browser = require_browser()
     check = browser_image_check(browser, cli_out[1] / "index.html", tmp_path / "profile")
     assert check["broken"] == [] and check["total"] == N_GOOD * (3 + 3)
 

@@ -14,7 +14,9 @@ from hybridcls.cache import atomic_write_json, json_text
 from hybridcls.errors import InputError
 from hybridcls.outputs import (
     PredictionRow,
+    batch_rows,
     check_unique_keys,
+    extra_columns,
     infer_format,
     open_writer,
     read_predictions,
@@ -133,6 +135,54 @@ def test_hybrid_rows_write_each_branch_top_k_best_first(tmp_path):
     assert back["supervised_topk"] == [["wolf", 0.8], ["fox", 0.2]]
     assert back["zeroshot_topk"] == [["elk", 0.4], ["moose", 0.3], ["wolf", 0.2]]
     assert [t["label"] for t in back["topk"]] == ["elk", "moose", "wolf"] and back["label"] == "elk"
+
+
+def test_extra_columns_have_one_order():
+    # docs/cli.md's table: a hybrid's four columns, then model_version, then one score per class
+    # (JSON Lines: one scores object), each only when asked for
+    branch = ["gate_score", "gate_weight", "supervised_topk", "zeroshot_topk"]
+    assert extra_columns(branch_columns=False) == []
+    assert extra_columns("csv", branch_columns=True, model_version=True, score_classes=["elk", "fox"]) == [
+        *branch, "model_version", "score:elk", "score:fox"]
+    assert extra_columns("jsonl", branch_columns=True, model_version=True, score_classes=["elk", "fox"]) == [
+        *branch, "model_version", "scores"]
+    assert extra_columns("csv", branch_columns=False, score_classes=["elk"]) == ["score:elk"]
+    with pytest.raises(InputError, match="Kaggle submission holds image_id and class only"):
+        extra_columns("kaggle", branch_columns=False, score_classes=["elk"])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_model_version_and_all_scores_in_one_file(tmp_path, fmt):
+    """batch_rows with both options, written and read back: an error row keeps the version and
+    has no scores; a prediction has both, the scores its probabilities in class order."""
+    from hybridcls.gate.fusion import FusionResult
+
+    classes = ["fox", "wolf", "elk"]
+    probs = np.array([[0.25, 0.125, 0.625]])  # exact in binary and to 6 decimals
+    res = FusionResult(probs=probs, branch=np.array(["zeroshot"]), gate_weight=np.array([1.0]),
+                       gate_score=np.array([0.0]), sup_probs=None, clip_probs=probs)
+    rows = batch_rows(["bad.png", "ok.png"], [0, 1], [1], {0: "not an image"}, res, classes,
+                      n_seen=0, topk=1, branch_columns=False, model_version="0123456789ab",
+                      all_scores=True)
+    out = tmp_path / f"p.{fmt}"
+    extra = extra_columns(fmt, branch_columns=False, model_version=True, score_classes=classes)
+    with open_writer(out, topk=1, extra_columns=extra) as w:
+        w.write_many(rows)
+    bad, ok = read_predictions(out)
+    if fmt == "csv":
+        header = out.read_text(encoding="utf-8").splitlines()[0].split(",")
+        assert header == ["path", "label", "score", "branch", "status", "error", "top1", "top1_score",
+                          "model_version", "score:fox", "score:wolf", "score:elk"]
+        assert (ok["model_version"], ok["score:fox"], ok["score:wolf"], ok["score:elk"]) == (
+            "0123456789ab", "0.250000", "0.125000", "0.625000")
+        assert bad["model_version"] == "0123456789ab" and bad["error"] == "not an image"
+        assert (bad["score:fox"], bad["score:wolf"], bad["score:elk"]) == ("", "", "")
+    else:
+        assert list(ok) == ["path", "label", "score", "branch", "status", "error", "topk",
+                            "model_version", "scores"]
+        assert ok["model_version"] == "0123456789ab" and ok["label"] == "elk"
+        assert ok["scores"] == {"fox": 0.25, "wolf": 0.125, "elk": 0.625}
+        assert (bad["model_version"], bad["scores"], bad["status"]) == ("0123456789ab", None, "error")
 
 
 def test_kaggle_refuses_two_files_of_one_name(tmp_path):

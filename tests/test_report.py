@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
-from pagecheck import browser_image_check, browser_screenshot, find_browser, page_references
+from pagecheck import browser_image_check, browser_screenshot, page_references, require_browser
 from PIL import Image
 
 from hybridcls.cli import main
@@ -152,9 +152,7 @@ def test_reliability_bins_and_ece() -> None:
 
 
 def test_page_renders_in_headless_browser_with_every_image(report_dir: Path, tmp_path: Path) -> None:
-    browser = find_browser()
-    if browser is None:
-        pytest.skip("no headless browser (chromium) installed")
+    browser = require_browser()
     page = report_dir / "index.html"
     check = browser_image_check(browser, page, tmp_path / "profile")
     assert check == {"total": 4, "broken": []}
@@ -167,9 +165,7 @@ def test_page_renders_in_headless_browser_with_every_image(report_dir: Path, tmp
 
 def test_browser_check_sees_a_missing_image(report_dir: Path, tmp_path: Path) -> None:
     """The browser check can fail: a page pointing at a missing PNG is caught."""
-    browser = find_browser()
-    if browser is None:
-        pytest.skip("no headless browser (chromium) installed")
+    browser = require_browser()
     page = report_dir / "broken_copy.html"
     page.write_text(re.sub("reliability.png", "no_such_file.png",
                            (report_dir / "index.html").read_text(encoding="utf-8")),
@@ -179,3 +175,17 @@ def test_browser_check_sees_a_missing_image(report_dir: Path, tmp_path: Path) ->
     finally:
         page.unlink()
     assert check == {"total": 4, "broken": ["no_such_file.png"]}
+
+
+def test_without_a_browser_the_tests_skip_unless_ci_requires_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pagecheck
+
+    monkeypatch.setattr(pagecheck, "find_browser", lambda: None)
+    monkeypatch.delenv(pagecheck.REQUIRE_BROWSER_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no headless browser"):
+        pagecheck.require_browser()
+    monkeypatch.setenv(pagecheck.REQUIRE_BROWSER_ENV, "1")  # as .ci/run sets it
+    with pytest.raises(pytest.fail.Exception, match="HYBRIDCLS_REQUIRE_BROWSER says the browser tests must run"):
+        pagecheck.require_browser()
+    monkeypatch.setattr(pagecheck, "find_browser", lambda: "/usr/bin/chromium")
+    assert pagecheck.require_browser() == "/usr/bin/chromium"

@@ -586,3 +586,45 @@ def test_default_text_cache_goes_to_hybridcls_cache_dir(monkeypatch, tmp_path, t
         f"local-dir:{tiny_dir}", prompts=["cat"], templates=TEMPLATES, device="cpu"
     ).fit()
     assert len(list((tmp_path / "hc" / "text").glob("*.safetensors"))) == 1
+
+
+def test_list_pretrained_weights_marks_what_the_cache_holds(monkeypatch, tmp_path, tiny_dir, no_network,
+                                                           capsys):
+    from hybridcls.cli import main
+    from hybridcls.zeroshot.loading import cached_hub_models, list_pretrained_weights
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # offline by itself, not by the setting
+    # the default tag's hub repo (open_clip asks for its .safetensors first) and an hf-hub: model
+    repo = open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")["hf_hub"].rstrip("/")
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    shutil.copy(tiny_dir / "open_clip_model.safetensors", weights_only)
+    cache = _hub_cache(tmp_path / "hub", repo, weights_only)
+    _hub_cache(cache, "someone/tiny-clip", tiny_dir)
+    _hub_cache(cache, "someone/not-open-clip", weights_only)  # no open_clip_config.json
+
+    entries = list_pretrained_weights(cache)
+    assert [(e.model, e.pretrained) for e in entries] == open_clip.list_pretrained()
+    cached = [e for e in entries if e.path]
+    assert [(e.model, e.pretrained) for e in cached] == [("ViT-B-32", "laion2b_s34b_b79k")]
+    assert Path(cached[0].path).read_bytes() == (tiny_dir / "open_clip_model.safetensors").read_bytes()
+    assert Path(cached[0].path).is_relative_to(cache / ("models--" + repo.replace("/", "--")))
+    hub = cached_hub_models(cache)
+    assert [(h.model, Path(h.path).name) for h in hub] == [("hf-hub:someone/tiny-clip",
+                                                          "open_clip_model.safetensors")]
+    assert cached_hub_models(tmp_path / "no_cache_here") == []
+    assert no_network == []
+
+    assert main(["models", "--cache-dir", str(cache), "--cached"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].split() == ["MODEL", "PRETRAINED", "CACHED"] and len(lines) == 3
+    assert lines[1].split() == ["ViT-B-32", "laion2b_s34b_b79k", "(default)", cached[0].path]
+    assert lines[2].split() == ["hf-hub:someone/tiny-clip", "-", hub[0].path]
+    assert f"2 of {len(entries) + 1} in the cache" in err
+    assert main(["models", "--cache-dir", str(cache), "--filter", "vit-b-32"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [r.split()[0] for r in rows] == [  # case-insensitive, every tag of those models
+        m for m, _ in open_clip.list_pretrained() if "vit-b-32" in m.lower()]
+    assert sum(r.split()[-1] != "-" for r in rows) == 1
+    assert no_network == []

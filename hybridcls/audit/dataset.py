@@ -450,6 +450,7 @@ def audit_dataset(
         index.classes, all_labels, readable, min_class_images)
     report.settings = {
         "clip_model": clip_model, "clip_pretrained": clip_pretrained,
+        "clip_fingerprint": encoder.bundle.fingerprint,
         "pixel_threshold": pixel_threshold, "clip_threshold": clip_threshold,
         "neighbours": neighbours, "mislabel_agreement": mislabel_agreement,
         "min_class_images": min_class_images,

@@ -2,10 +2,9 @@
 
 The audit needs only the image tower. It is loaded the way ``hybridcls
 predict`` loads it (:class:`~hybridcls.zeroshot.ClipTower`, offline
-first) and run by :class:`~hybridcls.engine.InferenceEngine` (batching, worker
-decoding, AMP on CUDA, error rows for files that do not decode). The
-classifier is fitted on one placeholder class with one template, so the text
-tower runs once on one word and nothing is cached on disk for it.
+first, :meth:`~hybridcls.zeroshot.ClipTower.image_only`) and run by
+:class:`~hybridcls.engine.InferenceEngine` (batching, worker decoding, AMP on
+CUDA, error rows for files that do not decode).
 
 The pixel check's thumbnails (:mod:`hybridcls.audit.pixels`) are made in the
 same pass, from the same decoded image (the engine's ``extra_views``), so
@@ -25,14 +24,9 @@ from hybridcls.data import Source
 from hybridcls.device import resolve_device
 from hybridcls.engine import InferenceEngine
 from hybridcls.runtime import RuntimeSettings
-from hybridcls.zeroshot import ClassPrompt, PromptSet
 from hybridcls.zeroshot.tower import ClipTower
 
 __all__ = ["Embeddings", "clip_image_encoder", "embed_sources"]
-
-# The text side is unused; one class and one template keep its cost to one forward pass.
-_PLACEHOLDER = PromptSet((ClassPrompt("image"),), source="<audit>")
-_TEMPLATES = ["{}"]
 
 
 @dataclass(frozen=True)
@@ -66,8 +60,8 @@ def clip_image_encoder(
     Raises:
         WeightsUnavailableError: The model's weights cannot be had offline.
     """
-    return ClipTower.build(clip_model, clip_pretrained, _PLACEHOLDER, _TEMPLATES,
-                           device=resolve_device(device), cache_dir=cache_dir, use_cache=False)
+    return ClipTower.image_only(clip_model, clip_pretrained, device=resolve_device(device),
+                                cache_dir=cache_dir)
 
 
 def embed_sources(

@@ -103,7 +103,7 @@ def run_memory(
     workers: int = 0,
     clip_model: str | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
-    prompts: str | os.PathLike[str] | None = None,
+    prompts: str | os.PathLike[str] | Sequence[str] | None = None,
     warmup: bool = True,
 ) -> MemoryReport:
     """Predict ``sizes`` images in fresh processes and compare their peak memory.
@@ -117,8 +117,9 @@ def run_memory(
         clip_model: ``--clip-model`` (default: the shipped tiny CLIP, offline, with the
             synthetic world's caption templates; another model gets the default templates).
         checkpoint: A calibrated run directory, to measure the full hybrid.
-        prompts: Prompts file (default: 10 generated class names; needed
-            with ``checkpoint``: it must name the run's classes).
+        prompts: Prompts file, or a list of class names (written to ``out/prompts.txt``)
+            (default: 10 generated class names; needed with ``checkpoint``: it must name
+            the run's classes).
         warmup: Run once on one image first so the text cache exists.
 
     Returns:
@@ -134,9 +135,10 @@ def run_memory(
     if have < sizes[-1]:
         write_jpegs(images, sizes[-1], size=(image_size, image_size))
     paths = sorted(images.glob("*.jpg"))[: sizes[-1]]
-    if prompts is None:
+    if prompts is None or not isinstance(prompts, (str, os.PathLike)):
+        names = _PROMPTS if prompts is None else list(prompts)
         prompts = out / "prompts.txt"
-        atomic_write_text(prompts, "\n".join(_PROMPTS) + "\n")
+        atomic_write_text(prompts, "\n".join(names) + "\n")
     common = ["--prompts", str(prompts), "--clip-model", clip_model or TINY_CLIP_MODEL_ID,
               "--cache-dir", str(out / "cache"), "--batch-size", str(batch_size),
               "--workers", str(workers), "--device", "cpu", "-q"]

@@ -24,6 +24,7 @@ from hybridcls.cli.common import (
     clip_pretrained_from_args,
     runtime_from_args,
 )
+from hybridcls.provenance import tower_identity
 
 __all__ = ["add_parser", "run"]
 
@@ -82,4 +83,8 @@ def run(args: argparse.Namespace) -> int:
         min_class_images=args.min_class_images, progress=runtime.progress,
     )
     print(report.summary())
+    s = report.settings
+    args.run_record.models = {"clip": tower_identity(s["clip_model"], s["clip_fingerprint"],
+                                                     pretrained=s["clip_pretrained"])}
+    args.run_record.finish(images=len(report.images), unreadable=len(report.unreadable))
     return 1 if report.unreadable else 0

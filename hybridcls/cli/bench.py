@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from hybridcls.cache import json_text
-from hybridcls.cli.common import UsageError
+from hybridcls.cli.common import UsageError, add_class_arguments, prompts_from_args
 
 __all__ = ["add_parser", "run", "run_memory", "run_quality", "run_speed", "run_zoo"]
 
@@ -79,7 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     me.add_argument("--clip-model", default=None, metavar="ID", help="default: the shipped tiny CLIP")
     me.add_argument("--checkpoint", default=None, metavar="RUN_DIR",
                     help="a calibrated run: measure the full hybrid (needs --prompts)")
-    me.add_argument("--prompts", default=None, metavar="FILE", help="prompts file (default: 10 names)")
+    add_class_arguments(me, required=False, prompts_help="prompts file (default: 10 names)")
     me.add_argument("--no-warmup", action="store_true",
                     help="skip the one-image run that fills the text cache (the first run then builds it)")
     me.set_defaults(run=run_memory)
@@ -162,11 +162,11 @@ def run_memory(args: argparse.Namespace) -> int:
 
     if len(args.sizes) < 2 or min(args.sizes) < 1:
         raise UsageError(f"--sizes needs two or more positive numbers, got {args.sizes}")
-    if args.checkpoint and not args.prompts:
-        raise UsageError("--checkpoint needs --prompts naming the run's classes")
+    if args.checkpoint and not prompts_from_args(args):
+        raise UsageError("--checkpoint needs --prompts or --classes naming the run's classes")
     report = bench(Path(args.out), args.sizes, image_size=args.image_size, batch_size=args.batch_size,
                    workers=args.workers, clip_model=args.clip_model, checkpoint=args.checkpoint,
-                   prompts=args.prompts, warmup=not args.no_warmup)
+                   prompts=prompts_from_args(args), warmup=not args.no_warmup)
     print(report.markdown())
     print(json_text(report.info))
     print(f"wrote {Path(args.out) / 'memory.json'}")

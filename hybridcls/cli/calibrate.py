@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     clf = hybrid_from_args(args, method=args.method, score=args.score, tpr=args.tpr,
                            rounds=args.rounds, seed=args.seed, cache_branch=args.cache_branch)
     clf.calibrate(args.data, test_inputs=args.transductive)
+    args.run_record.describe(clf)  # the new gate, for --log
     g = clf.gate_.calibration_
     print(f"gate: score={g.score} mode={g.mode} threshold={g.threshold:.4f} "
           f"(keeps at least {100 * g.tpr:.0f}% of held-out seen images) -> {clf.run_dir_ / 'gate.json'}")

@@ -14,20 +14,33 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+from pathlib import Path
 from typing import Any
 
+from hybridcls.cache import file_fingerprint
 from hybridcls.errors import HybridclsError
 from hybridcls.runtime import DECODERS, PRECISIONS, RuntimeSettings
-from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, MODEL_PREFIXES
+from hybridcls.zeroshot.defaults import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_CLIP_PRETRAINED,
+    LOCAL_DIR_PREFIX,
+    MODEL_PREFIXES,
+)
 
 __all__ = [
     "UsageError",
+    "add_class_arguments",
     "add_clip_arguments",
     "add_clip_model_arguments",
+    "add_log_argument",
     "add_runtime_arguments",
+    "class_list",
     "clip_pretrained_from_args",
+    "clip_settings",
     "flag_message",
     "hybrid_from_args",
+    "path_fingerprint",
+    "prompts_from_args",
     "runtime_from_args",
     "zeroshot_from_args",
 ]
@@ -53,17 +66,102 @@ def add_clip_model_arguments(g: argparse._ActionsContainer) -> None:
                         "(default: $HYBRIDCLS_CACHE_DIR or ~/.cache/hybridcls)")
 
 
+# Characters a --classes name may not hold: a prompts file's syntax (description, synonym, comment).
+_PROMPT_SYNTAX = (":", "|", "#")
+
+
+def class_list(text: str) -> list[str]:
+    """``--classes "fox,moose,elk"``: class names separated by commas, as a list.
+
+    Used as the flag's ``type``, so that argparse reports a problem as
+    ``argument --classes: ...`` (exit status 2). Spaces around a name are
+    dropped; names are compared as the prompts file compares them
+    (:func:`~hybridcls.zeroshot.prompts.normalize_label`: case, ``_``, ``+``, ``-``).
+
+    Raises:
+        argparse.ArgumentTypeError: An empty name (``"fox,,elk"``, a trailing comma),
+            two names of one class, or a description, synonym or comment, which only a
+            prompts file can hold.
+
+    Example:
+        >>> class_list(" fox, polar bear ,elk")
+        ['fox', 'polar bear', 'elk']
+        >>> class_list("fox,,elk")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: name 2 of 3 in 'fox,,elk' is empty
+    """
+    from hybridcls.zeroshot.prompts import normalize_label  # torch-free
+
+    names = [" ".join(part.split()) for part in text.split(",")]
+    first: dict[str, int] = {}
+    for i, name in enumerate(names, start=1):
+        if not normalize_label(name):
+            raise argparse.ArgumentTypeError(f"name {i} of {len(names)} in {text!r} is empty")
+        syntax = [c for c in _PROMPT_SYNTAX if c in name]
+        if syntax:
+            raise argparse.ArgumentTypeError(
+                f"name {i} ({name!r}) holds {syntax[0]!r}: --classes takes names only; write a "
+                "prompts file (--prompts FILE) for descriptions, synonyms or comments")
+        key = normalize_label(name)
+        if key in first:
+            j = first[key]
+            raise argparse.ArgumentTypeError(
+                f"names {j} and {i} ({names[j - 1]!r} and {name!r}) are the same class")
+        first[key] = i
+    return names
+
+
+def add_class_arguments(g: argparse._ActionsContainer, *, required: bool,
+                        prompts_help: str) -> None:
+    """``--prompts FILE`` or ``--classes "a,b,c"`` (one of them; both is an error)."""
+    one = g.add_mutually_exclusive_group(required=required)
+    one.add_argument("--prompts", metavar="FILE", help=prompts_help)
+    one.add_argument("--classes", type=class_list, metavar="NAMES",
+                     help='the classes inline instead of --prompts, comma-separated: '
+                          '--classes "fox,moose,polar bear" (names only)')
+
+
+def prompts_from_args(args: argparse.Namespace) -> str | list[str] | None:
+    """The library's ``prompts``: the ``--prompts`` file, else the ``--classes`` names, else None."""
+    return args.prompts or getattr(args, "classes", None)
+
+
+def path_fingerprint(path: str | None) -> Any:
+    """What identifies a file or folder a setting names, for manifests that must match on resume.
+
+    A file: its content hash; a folder: the hash of each file in it; anything
+    else (a model name, a tag): the text itself; None: None.
+    """
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return {f.name: file_fingerprint(f) for f in sorted(p.iterdir()) if f.is_file()}
+    return file_fingerprint(p) if p.is_file() else path
+
+
 def add_clip_arguments(parser: argparse.ArgumentParser, *, prompts_required: bool = True) -> None:
-    """The zero-shot branch's flags: prompts, templates, the model, ``--truncate-prompts``."""
+    """The zero-shot branch's flags: prompts (or ``--classes``), templates, the model,
+    ``--truncate-prompts``."""
     g = parser.add_argument_group("zero-shot branch (open_clip)")
-    g.add_argument("--prompts", required=prompts_required, metavar="FILE",
-                   help="class prompts file: one class per line, 'name: description | synonym'")
+    add_class_arguments(g, required=prompts_required,
+                        prompts_help="class prompts file: one class per line, "
+                                     "'name: description | synonym'")
     g.add_argument("--templates", metavar="FILE",
                    help="prompt templates with a {} placeholder (default: OpenAI ImageNet templates)")
     g.add_argument("--truncate-prompts", action="store_true",
                    help="accept class texts longer than the model's context, cut by its tokenizer "
                         "(default: refuse them, naming the prompts file line; docs/prompts.md)")
     add_clip_model_arguments(g)
+
+
+def add_log_argument(parser: argparse.ArgumentParser) -> None:
+    """``--log FILE``: every command's (:func:`hybridcls.cli.main` writes it)."""
+    parser.add_argument("--log", metavar="FILE", default=None,
+                        help="write the run record to FILE as JSON: versions, models and their "
+                             "fingerprints, gate, command line, device, start and end times, "
+                             "counts, exit status (docs/provenance.md)")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, *, engine_options: bool = True) -> None:
@@ -125,6 +223,17 @@ def clip_pretrained_from_args(args: argparse.Namespace) -> str | None:
     return args.clip_pretrained or None
 
 
+def clip_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The CLIP model and weights the flags name, as a resumed or merged file's manifest compares
+    them: files and ``local-dir:`` folders by content (:func:`path_fingerprint`), names as text."""
+    clip = args.clip_model
+    return {
+        "clip_model": (path_fingerprint(clip.removeprefix(LOCAL_DIR_PREFIX))
+                       if clip.startswith(LOCAL_DIR_PREFIX) else clip),
+        "clip_pretrained": path_fingerprint(clip_pretrained_from_args(args)),
+    }
+
+
 def zeroshot_from_args(args: argparse.Namespace) -> Any:
     """A fitted :class:`~hybridcls.ZeroShotClassifier` from the CLIP, runtime and gate flags."""
     # the classifiers (torch, open_clip) are imported when a command builds one
@@ -132,7 +241,7 @@ def zeroshot_from_args(args: argparse.Namespace) -> Any:
 
     return ZeroShotClassifier(
         clip_model=args.clip_model, clip_pretrained=clip_pretrained_from_args(args),
-        prompts=args.prompts, templates=args.templates,
+        prompts=prompts_from_args(args), templates=args.templates,
         unknown_threshold=getattr(args, "unknown_threshold", None),
         truncate_prompts=getattr(args, "truncate_prompts", False),
         **runtime_from_args(args).to_dict(),
@@ -155,7 +264,7 @@ def hybrid_from_args(args: argparse.Namespace, **params: Any) -> Any:
         cascade=getattr(args, "cascade", False),
         truncate_prompts=getattr(args, "truncate_prompts", False),
         **runtime_from_args(args).to_dict(), **params,
-    ).load_run(args.checkpoint, args.prompts)
+    ).load_run(args.checkpoint, prompts_from_args(args))
 
 
 # A parameter whose flag is not its name with dashes, or whose flag is a switch for one value.

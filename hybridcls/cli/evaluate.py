@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from hybridcls.cli.common import add_class_arguments
+
 if TYPE_CHECKING:  # typing only: the CLI imports the evaluation when a command runs
     from hybridcls.eval.report import Evaluation
 
@@ -32,14 +34,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser, *, seen_required: bool) -> None:
-    """PREDICTIONS, ``--labels``, ``--seen-classes``, ``--prompts`` and ``--allow-missing``."""
+    """PREDICTIONS, ``--labels``, ``--seen-classes``, ``--prompts`` / ``--classes`` and
+    ``--allow-missing``."""
+
     parser.add_argument("predictions", metavar="PREDICTIONS",
                         help="CSV, JSONL or Kaggle CSV from hybridcls predict")
     parser.add_argument("--labels", required=True, metavar="LABELS.csv", help=_JOIN_HELP)
     parser.add_argument("--seen-classes", required=seen_required, metavar="FILE|RUN_DIR",
                         help="classes with training images: a text file (one per line) or a run directory"
                              + ("" if seen_required else "; without it every class counts as seen (no U, H)"))
-    parser.add_argument("--prompts", metavar="FILE", help="all classes; labels outside it are an error")
+    add_class_arguments(parser, required=False,
+                        prompts_help="all classes; labels outside it are an error")
     parser.add_argument("--allow-missing", action="store_true",
                         help="score the predicted images when some labelled images have no prediction "
                              "(they are counted, in the summary and metrics.json); by default an error")
@@ -50,10 +55,10 @@ def evaluate_from_args(args: argparse.Namespace, seen: Sequence[str]) -> Evaluat
     from hybridcls.eval.report import MissingPredictionsError, evaluate_predictions
     from hybridcls.zeroshot.prompts import read_prompts
 
-    classes = read_prompts(args.prompts).names if args.prompts else None
+    classes = read_prompts(args.prompts).names if args.prompts else args.classes
     try:
         return evaluate_predictions(args.predictions, args.labels, seen, classes=classes,
-                                    allow_missing=args.allow_missing)
+                                    allow_missing=args.allow_missing, record=args.run_record)
     except MissingPredictionsError as err:
         raise err.allowed_by("--allow-missing") from None
 

@@ -11,6 +11,7 @@ from hybridcls.cli.common import (
     add_clip_arguments,
     add_runtime_arguments,
     clip_pretrained_from_args,
+    prompts_from_args,
     runtime_from_args,
 )
 
@@ -52,13 +53,14 @@ def _classifier(args: argparse.Namespace):
 
     params = {"mode": args.mode, "truncate_prompts": args.truncate_prompts,
               **runtime_from_args(args).to_dict()}
-    if (Path(args.checkpoint) / HYBRID_FILE).is_file() and not args.prompts:
+    prompts = prompts_from_args(args)
+    if (Path(args.checkpoint) / HYBRID_FILE).is_file() and not prompts:
         return HybridClassifier.from_pretrained(args.checkpoint, **params)
-    if not args.prompts:
-        raise UsageError(f"--prompts is needed: {args.checkpoint} is a run directory, not a "
-                         f"save_pretrained folder (no {HYBRID_FILE})")
+    if not prompts:
+        raise UsageError(f"--prompts or --classes is needed: {args.checkpoint} is a run directory, "
+                         f"not a save_pretrained folder (no {HYBRID_FILE})")
     return HybridClassifier(clip_model=args.clip_model, clip_pretrained=clip_pretrained_from_args(args),
-                            templates=args.templates, **params).load_run(args.checkpoint, args.prompts)
+                            templates=args.templates, **params).load_run(args.checkpoint, prompts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,5 +79,6 @@ def run(args: argparse.Namespace) -> int:
                             progress=not args.quiet)
     page = write_explain_page(result)
     n, bad = len(result.explanations), result.n_errors
+    args.run_record.describe(clf).finish(explained=n - bad, failed=bad)
     print(f"hybridcls explain: {n - bad} of {n} inputs explained -> {page}", file=sys.stderr)
     return 1 if bad else 0

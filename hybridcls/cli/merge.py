@@ -32,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    result = merge_parts(args.parts, args.output)
+    # the merged manifest's record: this merge's, with each part's
+    result = merge_parts(args.parts, args.output, record=args.run_record)
     failed = f", {result.n_error} of them error rows" if result.n_error else ""
     print(f"hybridcls merge: {result.rows} rows from {result.parts} parts{failed} -> {result.output}",
           file=sys.stderr)

@@ -21,17 +21,18 @@ from hybridcls.cli.common import (
     UsageError,
     add_clip_arguments,
     add_runtime_arguments,
-    clip_pretrained_from_args,
+    clip_settings,
     hybrid_from_args,
+    path_fingerprint,
+    prompts_from_args,
     zeroshot_from_args,
 )
 from hybridcls.data import expand_inputs
 from hybridcls.gate.config import GATE_FILENAME, MODES
 from hybridcls.gate.gate import INDEX_DIR
-from hybridcls.outputs import BRANCH_COLUMNS, FORMATS, check_unique_keys, infer_format, open_writer
+from hybridcls.outputs import FORMATS, check_unique_keys, extra_columns, infer_format, open_writer
 from hybridcls.sharding import ShardSpec, predict_to_output
 from hybridcls.torchrun import torchrun_world
-from hybridcls.zeroshot.defaults import LOCAL_DIR_PREFIX
 
 __all__ = ["add_parser", "classifier_from_args", "prediction_settings", "run"]
 
@@ -64,11 +65,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          "(thresholds fitted by `hybridcls calibrate`; needs --checkpoint)")
     out = parser.add_argument_group("output")
     out.add_argument("--topk", type=int, default=5, metavar="K", help="top-k labels per row (default: %(default)s)")
+    out.add_argument("--all-scores", action="store_true",
+                     help="every class's probability per row (they sum to 1): one 'score:<class>' "
+                          "column per class in CSV, a 'scores' object in JSON Lines; not with "
+                          "--format kaggle")
     out.add_argument("-o", "--output", default="-", metavar="PATH",
                      help="output file ('-' for standard output, the default); a file gets "
                           "PATH.manifest.json beside it, for --resume and `hybridcls merge`")
     out.add_argument("--format", choices=FORMATS, default=None,
                      help="csv, jsonl or kaggle (image_id,class); default: from the extension, else csv")
+    out.add_argument("--model-version", action="store_true",
+                     help="add a model_version column: a short id of both towers' weights, the gate "
+                          "and the class texts, the same in every row (docs/provenance.md)")
     sc = parser.add_argument_group("scale (docs/scale.md)")
     sc.add_argument("--resume", action="store_true",
                     help="keep the rows an interrupted run of the same command wrote to --output and "
@@ -91,6 +99,9 @@ def _validate(args: argparse.Namespace) -> None:
             if getattr(args, dest) not in (None, False):
                 raise UsageError(f"{flag} needs --checkpoint: a zero-shot-only prediction has no "
                                  "supervised branch to route to, mix with or decide with")
+    if args.all_scores and infer_format(args.output, args.format) == "kaggle":
+        raise UsageError("--all-scores needs CSV or JSON Lines: a Kaggle submission (--format "
+                         "kaggle) holds image_id and class only")
     to_stdout = args.output in (None, "-")
     if to_stdout and (args.resume or args.shard is not None):
         raise UsageError(f"{'--resume' if args.resume else '--shard'} needs --output FILE")
@@ -110,16 +121,25 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no input images found in " + " ".join(args.inputs))
     fmt = infer_format(args.output, args.format)
     check_unique_keys((s.path for s in sources), fmt)  # before any model loads or byte is written
-    extra = BRANCH_COLUMNS if args.checkpoint else ()
+    classes = _class_names(args) if args.all_scores else None
+    extra = extra_columns(fmt, branch_columns=bool(args.checkpoint),
+                          model_version=args.model_version, score_classes=classes)
     world = torchrun_world()
     rank = world[0] if world else 0
     progress = not args.quiet and rank == 0
     loaded = []  # the classifier, once loaded: its engine says what it applied and what CLIP ran on
+    record = args.run_record  # main's; written into the manifest and by --log
 
     def predict_rows(todo):
         # Loaded only when something is left to predict (a finished --resume loads nothing).
         loaded.append(classifier_from_args(args))
-        yield from loaded[0].rows(todo, topk=args.topk, progress=progress)
+        if args.all_scores and list(loaded[0].classes_) != classes:  # pragma: no cover
+            # the header was written from _class_names: a change of the class order must reach it
+            raise RuntimeError(f"bug: the classifier's classes {list(loaded[0].classes_)} are not "
+                               f"the --all-scores columns {classes}")
+        record.describe(loaded[0])
+        yield from loaded[0].rows(todo, topk=args.topk, progress=progress,
+                                  model_version=args.model_version, all_scores=args.all_scores)
 
     if args.output in (None, "-"):
         rows = predict_rows(sources)
@@ -128,11 +148,12 @@ def run(args: argparse.Namespace) -> int:
             writer.write_many(first)
             for batch in rows:
                 writer.write_many(batch)
+        record.finish(predicted=writer.n_ok, failed=writer.n_error, unknown=writer.n_unknown)
         return _finish(writer.n_ok, writer.n_error, args.output, loaded, len(sources))
     summary = predict_to_output(
         predict_rows, sources, args.output, fmt=fmt,
         topk=args.topk, extra_columns=extra, settings=prediction_settings(args),
-        shard=args.shard, resume=args.resume, record=lambda: {"runtime": loaded[0].engine_.applied},
+        shard=args.shard, resume=args.resume, record=record,
     )
     if rank != 0:
         return 0  # rank 0 reports for the merged file
@@ -142,6 +163,19 @@ def run(args: argparse.Namespace) -> int:
     # under torchrun each rank counts only its part of what CLIP ran on
     return _finish(summary.n_ok, summary.n_error, args.output, [] if world else loaded,
                    len(sources) - summary.resumed)
+
+
+def _class_names(args: argparse.Namespace) -> list[str]:
+    """The classes in ``classes_`` order (seen first, for a hybrid), read before any model loads:
+    ``--all-scores`` writes one CSV column per class in the header."""
+    from hybridcls.supervised.checkpoint import read_checkpoint_config
+    from hybridcls.zeroshot.prompts import align_classes, as_prompt_set
+
+    prompts = as_prompt_set(prompts_from_args(args))
+    if args.checkpoint:
+        seen = [str(c) for c in read_checkpoint_config(args.checkpoint)["classes"]]
+        prompts = align_classes(seen, prompts)
+    return prompts.names
 
 
 def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,21 +189,11 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
     # torch and timm come with the checkpoint module: imported when a command runs
     from hybridcls.supervised.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
-    def fingerprint(path: str | None) -> Any:
-        if not path:
-            return None
-        p = Path(path)
-        if p.is_dir():
-            return {f.name: file_fingerprint(f) for f in sorted(p.iterdir()) if f.is_file()}
-        return file_fingerprint(p) if p.is_file() else path
-
-    clip = args.clip_model
     settings: dict[str, Any] = {
-        "clip_model": (fingerprint(clip.removeprefix(LOCAL_DIR_PREFIX))
-                       if clip.startswith(LOCAL_DIR_PREFIX) else clip),
-        "clip_pretrained": fingerprint(clip_pretrained_from_args(args)),
-        "prompts": fingerprint(args.prompts),
-        "templates": fingerprint(args.templates),
+        **clip_settings(args),
+        "prompts": path_fingerprint(args.prompts),
+        "classes": args.classes,
+        "templates": path_fingerprint(args.templates),
         "topk": args.topk,
         "precision": args.precision,
         "unknown_threshold": args.unknown_threshold,
@@ -185,7 +209,7 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
             if (run_dir / name).is_file()
         }
         if (run_dir / INDEX_DIR).is_dir():
-            settings["checkpoint"][INDEX_DIR] = fingerprint(run_dir / INDEX_DIR)
+            settings["checkpoint"][INDEX_DIR] = path_fingerprint(run_dir / INDEX_DIR)
         settings.update(mode=args.mode, cascade=args.cascade)
     return settings
 

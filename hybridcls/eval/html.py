@@ -60,6 +60,29 @@ def _figure_cell(key: str, value: float) -> tuple[str, str]:
     return ("raw", f'<span data-figure="{esc(key)}" data-value="{value!r}">{esc(shown)}</span>')
 
 
+def _made_by(record: dict[str, Any] | None) -> str:
+    """What made the predictions, from their run record (metrics.json holds all of it)."""
+    if not record:
+        return ('<p class="note">The predictions have no manifest beside them: the run that made '
+                "them is not recorded.</p>")
+    models = record.get("models") or {}
+    runtime = record.get("runtime") or {}
+    call = record.get("call") or {}
+    rows: list[tuple[str, Any]] = [
+        ("made by", " ".join(record["argv"]) if record.get("argv") else call.get("function", "")),
+        ("hybridcls", (record.get("versions") or {}).get("hybridcls")),
+        ("model_version", models.get("model_version")),
+    ]
+    for tower in ("supervised", "clip"):
+        if models.get(tower):
+            t = models[tower]
+            rows.append((f"{tower} model", f"{t['model_id']} (weights {str(t['fingerprint'])[:16]})"))
+    rows += [("device, precision", f"{runtime.get('device')}, {runtime.get('precision')}"),
+             ("started", record.get("started")), ("finished", record.get("finished")),
+             *((str(k), v) for k, v in (record.get("counts") or {}).items())]
+    return "<h2>Predictions made by</h2>\n" + table(["item", "value"], rows)
+
+
 def _counts(ev: Evaluation) -> list[tuple[str, Any]]:
     s = ev.scores
     rows: list[tuple[str, Any]] = [
@@ -101,6 +124,7 @@ def write_report(ev: Evaluation, out_dir: str | os.PathLike[str], *, title: str 
     parts = []
     if sources:
         parts.append(table(["input", "file"], sources.items()))
+    parts.append(_made_by(ev.predictions_record))
     parts.append("<h2>Headline figures</h2>")
     parts.append(table(["figure", "value"],
                        [(label, _figure_cell(key, value)) for key, label, value in headline_figures(ev)],

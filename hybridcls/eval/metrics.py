@@ -7,6 +7,12 @@ unseen classes' images (both judged against *all* classes), and H their
 harmonic mean. scikit-learn has no per-class-mean over a class subset, so it
 is computed here from its confusion-free definition.
 
+Top-k accuracy (ImageNet's top-5, Russakovsky et al. 2015) counts an image
+right when its true class is among its k most probable classes, as the
+predictions file ranks them; scikit-learn's ``top_k_accuracy_score`` needs
+every class's score, which a predictions file keeps only with
+``--all-scores``, so it is computed here from the ranked labels.
+
 The reliability diagram and the expected calibration error (ECE) follow Guo
 et al., "On Calibration of Modern Neural Networks" (ICML 2017): the top-1
 confidences are put into equal-width bins of (0, 1], and ECE is the
@@ -32,6 +38,7 @@ __all__ = [
     "open_set_scores",
     "per_class_accuracy",
     "reliability",
+    "top_k_accuracy",
 ]
 
 
@@ -110,6 +117,41 @@ def open_set_scores(
         accuracy=acc, seen=s, unseen=u, harmonic=harmonic_mean(s, u),
         n_images=len(t), n_seen_images=n_seen, n_unseen_images=len(t) - n_seen,
     )
+
+
+def top_k_accuracy(y_true: Sequence[str], ranked: Sequence[Sequence[str] | None], k: int = 5
+                   ) -> float:
+    """The share of images whose true class is among the first ``k`` of their ranked classes.
+
+    Args:
+        y_true: True class of each image.
+        ranked: Each image's classes, most probable first (at least ``k`` of them), or
+            ``None`` for an image that was not predicted (it counts as wrong).
+        k: How many of the first classes count.
+
+    Returns:
+        The accuracy in [0, 1] (NaN without images).
+
+    Raises:
+        InputError: ``y_true`` and ``ranked`` of different lengths, ``k`` below 1, or a
+            ranking shorter than ``k`` (names the image's position).
+
+    Example:
+        >>> top_k_accuracy(["fox", "elk", "owl"], [["elk", "fox"], ["elk", "fox"], None], k=2)
+        0.6666666666666666
+    """
+    if len(y_true) != len(ranked):
+        raise InputError(f"y_true has {len(y_true)} labels but ranked {len(ranked)} rankings")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k={k!r}: expected a whole number, at least 1")
+    hits = 0
+    for i, (truth, classes) in enumerate(zip(y_true, ranked)):
+        if classes is None:
+            continue
+        if len(classes) < k:
+            raise InputError(f"ranked[{i}] lists {len(classes)} classes; top-{k} accuracy needs {k}")
+        hits += truth in list(classes)[:k]
+    return hits / len(y_true) if len(y_true) else float("nan")
 
 
 #: How far outside [0, 1] a confidence may stray by rounding before it is refused.

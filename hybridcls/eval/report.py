@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from hybridcls.cache import atomic_write_json, atomic_write_text
+from hybridcls.cache import atomic_write_json, atomic_write_text, file_fingerprint
 from hybridcls.errors import InputError, MissingExtraError, ParameterError
 from hybridcls.eval.labels import join_labels
 from hybridcls.eval.metrics import (
@@ -34,6 +34,7 @@ from hybridcls.eval.metrics import (
     open_set_scores,
     per_class_accuracy,
     reliability,
+    top_k_accuracy,
 )
 from hybridcls.eval.plots import (
     plot_confusion,
@@ -42,14 +43,18 @@ from hybridcls.eval.plots import (
     plot_reliability,
     require_pyplot,
 )
-from hybridcls.gate.metrics import gate_detection, routing_matrix
+from hybridcls.gate.metrics import gate_detection, open_set_classification, routing_matrix
 from hybridcls.outputs import read_prediction_lines
+from hybridcls.provenance import RunRecord
+from hybridcls.sharding import read_record
 from hybridcls.zeroshot.prompts import normalize_label
 
 __all__ = ["Evaluation", "MissingPredictionsError", "evaluate_predictions", "read_class_list"]
 
 #: How many examples an error message lists.
 _SHOW = 5
+#: The k of the top-k accuracy reported (ImageNet's top-5).
+TOP_K = 5
 
 
 class MissingPredictionsError(InputError):
@@ -81,7 +86,10 @@ class Evaluation:
     scores: OpenSetScores
     per_class: list[dict[str, Any]]
     gate: dict[str, float] | None = None
+    open_set: dict[str, Any] | None = None
     routing: dict[str, int] | None = None
+    top5_accuracy: float | None = None
+    ranked_per_row: int | None = None
     n_errors: int = 0
     n_missing: int = 0
     y_true: list[str] = field(default_factory=list)
@@ -89,6 +97,14 @@ class Evaluation:
     gate_scores: np.ndarray | None = None
     is_unseen: np.ndarray | None = None
     confidence: np.ndarray | None = None
+    #: This evaluation's run record (:mod:`hybridcls.provenance`); its ``inputs`` hold the
+    #: record of the predictions it read (see :attr:`predictions_record`).
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def predictions_record(self) -> dict[str, Any] | None:
+        """The record of the run that made the predictions (from their manifest; None without one)."""
+        return ((self.provenance.get("inputs") or {}).get("predictions") or {}).get("record")
 
     @property
     def reliability(self) -> Reliability | None:
@@ -113,9 +129,11 @@ class Evaluation:
 
     def as_dict(self) -> dict[str, Any]:
         rel = self.reliability
-        return {"scores": self.scores.as_dict(), "gate": self.gate, "routing": self.routing,
+        return {"scores": self.scores.as_dict(), "top5_accuracy": self.top5_accuracy,
+                "gate": self.gate, "open_set": self.open_set, "routing": self.routing,
                 "n_errors": self.n_errors, "n_missing_predictions": self.n_missing,
-                "ece": None if rel is None else rel.ece, "per_class": self.per_class}
+                "ece": None if rel is None else rel.ece, "per_class": self.per_class,
+                "provenance": self.provenance}
 
     def summary(self) -> str:
         s = self.scores
@@ -126,12 +144,22 @@ class Evaluation:
             f"seen S {_percent(s.seen)}   unseen U {_percent(s.unseen)}   "
             f"harmonic H {_percent(s.harmonic)}",
         ]
+        if self.top5_accuracy is not None:
+            lines.append(f"top-{TOP_K} accuracy {_percent(self.top5_accuracy)}%")
+        elif self.ranked_per_row is not None:
+            lines.append(f"top-{TOP_K} accuracy n/a: the predictions rank {self.ranked_per_row} "
+                         f"classes per row (predict --topk {TOP_K})")
         if self.gate:
             g = self.gate
             lines.append(f"gate AUROC {g['auroc']:.4f}  AUPR-In {g['aupr_in_trapezoid']:.4f}  "
                          f"AUPR-Out {g['aupr_out_trapezoid']:.4f} (trapezoid)  "
                          f"FPR@{100 * g['tpr']:g}%TPR {g['fpr_at_tpr_unseen_positive']:.4f} "
                          "(unseen images positive)")
+        if self.open_set:
+            o = self.open_set
+            ccr = "  ".join(f"{f} {v:.4f}" for f, v in o["ccr_at_fpr"].items())
+            lines.append(f"open set: OSCR {o['oscr']:.4f}  CCR at FPR {ccr}  (supervised top-1, "
+                         f"closed-set accuracy {o['closed_set_accuracy']:.4f})")
         if self.routing:
             r = self.routing
             lines.append(f"routing: seen->zero-shot {r['seen_to_zeroshot']}  "
@@ -176,6 +204,7 @@ def evaluate_predictions(
     *,
     classes: Sequence[str] | None = None,
     allow_missing: bool = False,
+    record: RunRecord | None = None,
 ) -> Evaluation:
     """Join a predictions file to a labels file and compute every figure.
 
@@ -189,6 +218,10 @@ def evaluate_predictions(
         allow_missing: Score the predicted images when some labelled images
             have no row in ``predictions`` (counted in
             :attr:`Evaluation.n_missing`); by default that is an error.
+        record: This run's record (the command line's); by default one of this call, with
+            its parameters. It gets the inputs (each file's path and SHA-256, and the
+            predictions' own record, from the manifest beside them) and the counts, and
+            goes into :attr:`Evaluation.provenance` with the predictions' record.
 
     Raises:
         InputError: Images without a label, an ambiguous join (an id naming
@@ -204,6 +237,12 @@ def evaluate_predictions(
         >>> ev = evaluate_predictions("pred.csv", "labels.csv", ["fox", "wolf"])  # doctest: +SKIP
         >>> print(ev.summary())  # doctest: +SKIP
     """
+    seen_classes = list(seen_classes)
+    if record is None:
+        record = RunRecord.for_call(
+            "hybridcls.eval.report.evaluate_predictions", predictions=predictions, labels=labels,
+            seen_classes=list(seen_classes), classes=classes, allow_missing=allow_missing)
+    made_by = read_record(predictions)  # before the rows: a manifest that cannot be read says so
     lines, rows = _prediction_rows(predictions)
     join = join_labels([r["path"] for r in rows], labels)
     if join.missing and not allow_missing:
@@ -233,6 +272,13 @@ def evaluate_predictions(
         for line, r, k in zip(lines, rows, ok)])
     ev = Evaluation(scores, per_class, n_errors=int((~ok).sum()), n_missing=len(join.missing),
                     y_true=y_true, y_pred=y_pred, confidence=confidence)
+    ranked = [[normalize_label(c) for c in _ranking(r, predictions, line)] if k else None
+              for line, r, k in zip(lines, rows, ok)]
+    lengths = [len(r) for r in ranked if r is not None]
+    if lengths and min(lengths) > 0:  # a Kaggle file ranks nothing
+        ev.ranked_per_row = min(lengths)
+        if ev.ranked_per_row >= TOP_K:
+            ev.top5_accuracy = top_k_accuracy(y_true, ranked, TOP_K)
     is_unseen = np.array([t not in seen for t in y_true])
     gate_col = [r.get("gate_score") for r in rows]
     if ok.any() and all(g not in (None, "") for g, k in zip(gate_col, ok) if k):
@@ -240,11 +286,23 @@ def evaluate_predictions(
                       for line, x, k in zip(lines, gate_col, ok)])
         if is_unseen[ok].any() and (~is_unseen[ok]).any():
             ev.gate = gate_detection(g[ok], is_unseen[ok]).as_dict()
+            closed = [_supervised_top1(r, predictions, line)
+                      for line, r, k in zip(lines, rows, ok) if k]
+            if all(c is not None for c in closed):
+                correct = np.array([normalize_label(c) for c in closed]) == np.array(y_true)[ok]
+                ev.open_set = open_set_classification(g[ok], correct, is_unseen[ok]).as_dict()
         ev.gate_scores, ev.is_unseen = g[ok], is_unseen[ok]
     branches = np.array([r.get("branch") or "" for r in rows])
     if ok.any() and np.isin(branches[ok], ["supervised", "zeroshot", "mixed", "unknown"]).all() \
             and (branches[ok] == "supervised").any():
         ev.routing = routing_matrix(branches[ok] != "supervised", is_unseen[ok]).as_dict()
+    record.inputs = {
+        "predictions": {"path": os.fspath(predictions), "sha256": file_fingerprint(predictions),
+                        "record": made_by},
+        "labels": {"path": os.fspath(labels), "sha256": file_fingerprint(labels)},
+    }
+    record.finish(images=ev.scores.n_images, errors=ev.n_errors, missing=ev.n_missing)
+    ev.provenance = record.as_dict()
     return ev
 
 
@@ -268,6 +326,46 @@ def _prediction_rows(predictions: str | os.PathLike) -> tuple[list[int], list[di
                         "status": "ok" if r["class"] else "error"} for r in rows]
     raise InputError(f"{predictions}: columns {', '.join(sorted(columns))}; expected a file of "
                      "hybridcls predict (path, label, status, ... or Kaggle's image_id, class)")
+
+
+def _ranking(row: dict[str, Any], predictions: str | os.PathLike, line: int) -> list[str]:
+    """A row's top-k classes, best first: JSON Lines' ``topk`` list, CSV's ``top1``, ``top2``...
+
+    Raises:
+        InputError: A ``topk`` that is not a list of ``{"label": ..., "score": ...}``
+            records (names the file and the line).
+    """
+    if "topk" in row:
+        topk = row["topk"]
+        if not isinstance(topk, list) or not all(isinstance(t, dict) and "label" in t for t in topk):
+            raise InputError(f"{predictions}:{line}: column topk is {topk!r}; expected a list of "
+                             '{"label": ..., "score": ...} records')
+        return [str(t["label"]) for t in topk]
+    ranked = []
+    while row.get(f"top{len(ranked) + 1}"):
+        ranked.append(str(row[f"top{len(ranked) + 1}"]))
+    return ranked
+
+
+def _supervised_top1(row: dict[str, Any], predictions: str | os.PathLike, line: int) -> str | None:
+    """The supervised branch's top class of a hybrid's row (``supervised_topk``), or None without it.
+
+    Raises:
+        InputError: A value that is not ``[[class, probability], ...]`` (JSON text in
+            CSV); names the file, the line and the column.
+    """
+    value = row.get("supervised_topk")
+    if value in (None, ""):
+        return None
+    where = f"{predictions}:{line}: column supervised_topk is {value!r}"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise InputError(f"{where}, not JSON") from None
+    if not isinstance(value, list) or not all(isinstance(p, list) and p for p in value):
+        raise InputError(f"{where}; expected [[class, probability], ...]")
+    return str(value[0][0]) if value else None
 
 
 def _status(row: dict[str, Any], predictions: str | os.PathLike, line: int) -> str:

@@ -50,10 +50,12 @@ from hybridcls.gate.fusion import FusionResult, fuse, fuse_zeroshot, route, topk
 from hybridcls.gate.gate import INDEX_DIR, ClipPolicy, Gate
 from hybridcls.gate.metrics import (
     GateDetection,
+    OpenSetClassification,
     RoutingMatrix,
     StackingCurve,
     ausuc,
     gate_detection,
+    open_set_classification,
     routing_matrix,
     seen_unseen_accuracy,
 )
@@ -95,6 +97,7 @@ __all__ = [
     "Gate",
     "GateCalibration",
     "GateDetection",
+    "OpenSetClassification",
     "RoutingMatrix",
     "StackingCurve",
     "apply_transductive",
@@ -120,6 +123,7 @@ __all__ = [
     "max_softmax",
     "mcm_score",
     "msp_score",
+    "open_set_classification",
     "route",
     "routing_matrix",
     "seen_unseen_accuracy",

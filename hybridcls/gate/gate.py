@@ -359,6 +359,49 @@ class Gate:
                                       ("unknown_threshold", o.unknown_threshold)) if v is not None}
         return self.calibration_.replace(**changes) if changes else self.calibration_
 
+    def summary(self) -> dict[str, Any]:
+        """The settings predictions use, in brief, and the held-out figures calibration measured.
+
+        For run records (:mod:`hybridcls.provenance`) and model cards; ``gate.json`` holds
+        everything.
+
+        Returns:
+            ``zero_shot`` (True: every image goes to CLIP; then only ``unknown_threshold``
+            follows), ``method``, ``score``, ``mode``, ``threshold``, ``tpr`` (share of
+            held-out seen images the threshold keeps), ``unseen_only``, ``unknown_threshold``,
+            ``cache_branch`` (on / off / None: not fitted), ``cascade_msp``,
+            ``cascade_distance``, and ``held_out``: leave-classes-out's figures of the chosen
+            setting on its stand-in problems (``rounds``, ``mean_h``, ``std_h``,
+            ``mean_seen``, ``mean_unseen``) and the cache branch's held-out seen-class
+            accuracy without and with it (``n_val`` images).
+
+        Example:
+            >>> Gate.zero_shot(unknown_threshold=0.2).summary()
+            {'zero_shot': True, 'unknown_threshold': 0.2}
+        """
+        cal = self.calibration
+        if cal is None:
+            return {"zero_shot": True, "unknown_threshold": self._options.unknown_threshold}
+        held_out: dict[str, Any] = {}
+        if cal.candidates:  # leave-classes-out: the chosen setting comes first
+            best = cal.candidates[0]
+            figures = ("mean_h", "std_h", "mean_seen", "mean_unseen")
+            held_out.update(rounds=cal.rounds, hidden_classes=cal.hidden_classes,
+                            **{k: best.get(k) for k in figures})
+        cache = cal.cache_branch
+        if cache is not None:
+            held_out.update(n_val=cache.get("n_val"),
+                            accuracy_without_cache=cache.get("val_accuracy_plain"),
+                            accuracy_with_cache=cache.get("val_accuracy"))
+        return {
+            "zero_shot": False, "method": cal.method, "score": cal.score, "mode": cal.mode,
+            "threshold": cal.threshold, "tpr": cal.tpr, "unseen_only": cal.unseen_only,
+            "unknown_threshold": cal.unknown_threshold,
+            "cache_branch": None if cache is None else ("on" if cache.get("enabled") else "off"),
+            "cascade_msp": cal.cascade_msp, "cascade_distance": cal.cascade_distance,
+            "held_out": held_out,
+        }
+
     def _index(self) -> EmbeddingIndex:
         if self.clip_index_ is None:
             raise self.index_error_ or CheckpointError(

@@ -11,6 +11,10 @@
   95% of those are) and scikit-learn's average precision (a step-wise sum,
   which differs from the trapezoid when scores tie) are reported beside
   them under their own names. AUROC is the same whichever side is positive.
+- Open-set classification (:func:`open_set_classification`): OSCR, the area
+  under the Open-Set Classification Rate curve of Dhamija et al., "Reducing
+  Network Agnostophobia" (NeurIPS 2018), and the correct classification rate
+  (CCR) at fixed FPRs, as OpenOOD reports them (``ccr_fpr`` at 1e-1 ... 1e-4).
 - The routing matrix of a hard gate.
 - AUSUC (Chao et al. 2016): the area under the seen-accuracy vs
   unseen-accuracy curve traced by calibrated stacking's penalty.
@@ -36,7 +40,9 @@ from hybridcls.errors import InputError
 from hybridcls.gate.scores import as_array
 
 __all__ = [
+    "CCR_FPRS",
     "GateDetection",
+    "OpenSetClassification",
     "RoutingMatrix",
     "StackingCurve",
     "as_class_indices",
@@ -44,6 +50,7 @@ __all__ = [
     "ausuc",
     "gate_detection",
     "harmonic_mean",
+    "open_set_classification",
     "routing_matrix",
     "seen_unseen_accuracy",
 ]
@@ -220,14 +227,7 @@ def gate_detection(scores: Any, is_unseen: Any, tpr: float = 0.95) -> GateDetect
         (1.0, 0.0)
     """
     tpr = _rate(tpr, "tpr")
-    s = _finite(scores, "scores")
-    unseen = as_flags(is_unseen, "is_unseen")
-    if unseen.shape != s.shape:
-        raise InputError(f"is_unseen has shape {unseen.shape} for scores of shape {s.shape}: "
-                         "one label per score")
-    if unseen.all() or not unseen.any():
-        raise InputError(f"is_unseen: all {unseen.size} images are {'un' if unseen.any() else ''}seen; "
-                         "detection needs both seen and unseen images")
+    s, unseen = _scores_of_both_groups(scores, is_unseen, "detection")
     seen = ~unseen
     return GateDetection(
         auroc=float(roc_auc_score(unseen, s)),
@@ -239,6 +239,24 @@ def gate_detection(scores: Any, is_unseen: Any, tpr: float = 0.95) -> GateDetect
         fpr_at_tpr_seen_positive=_fpr_at_tpr(seen, -s, tpr),
         tpr=tpr,
     )
+
+
+def _scores_of_both_groups(scores: Any, is_unseen: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Finite scores and their is-unseen flags, one per score, both groups present.
+
+    Raises:
+        InputError: as :func:`gate_detection` says; ``what`` names the figure that needs
+            both groups.
+    """
+    s = _finite(scores, "scores")
+    unseen = as_flags(is_unseen, "is_unseen")
+    if unseen.shape != s.shape:
+        raise InputError(f"is_unseen has shape {unseen.shape} for scores of shape {s.shape}: "
+                         "one label per score")
+    if unseen.all() or not unseen.any():
+        raise InputError(f"is_unseen: all {unseen.size} images are {'un' if unseen.any() else ''}seen; "
+                         f"{what} needs both seen and unseen images")
+    return s, unseen
 
 
 def _aupr_trapezoid(positive: np.ndarray, score: np.ndarray) -> float:
@@ -275,6 +293,90 @@ def _finite(values: Any, name: str, ndim: int = 1) -> np.ndarray:
     if n_inf:
         raise InputError(f"{name} contains {n_inf} infinite value{'s' if n_inf > 1 else ''}")
     return arr
+
+
+#: The FPRs the CCR is read at: OpenOOD's ``ccr_1`` ... ``ccr_4`` (Dhamija et al.'s figures go
+#: down to 1e-4 too).
+CCR_FPRS = (1e-1, 1e-2, 1e-3, 1e-4)
+
+
+@dataclass(frozen=True)
+class OpenSetClassification:
+    """How well classification and rejection work together (Dhamija et al. 2018).
+
+    A seen (known) image counts as correct when the gate accepts it (its score is
+    at most the threshold) and its class is right; an unseen (unknown) image counts
+    as a false positive when the gate accepts it.
+
+    Attributes:
+        oscr: Area under the curve of the correct classification rate (CCR, over
+            the seen images) against the false positive rate (FPR, over the unseen
+            images), every threshold an operating point, trapezoid rule; at most
+            ``closed_set_accuracy``.
+        ccr_at_fpr: ``{fpr: CCR}``: the highest CCR at an FPR of at most ``fpr``
+            (keys as written, ``"0.1"``, ``"0.01"``, ...).
+        closed_set_accuracy: Accuracy over the seen images (the CCR when every image
+            is accepted).
+    """
+
+    oscr: float
+    ccr_at_fpr: dict[str, float]
+    closed_set_accuracy: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def open_set_classification(scores: Any, correct: Any, is_unseen: Any,
+                            fprs: Any = CCR_FPRS) -> OpenSetClassification:
+    """OSCR and the CCR at fixed FPRs of a gate score and a closed-set classifier.
+
+    The OSCR curve (Dhamija et al., "Reducing Network Agnostophobia", NeurIPS 2018)
+    is the ROC curve of the seen images classified correctly against the unseen
+    images (scikit-learn's ``roc_curve``, every distinct score a threshold, so
+    that ties between the two make a diagonal segment), its true-positive rate
+    scaled by the share of seen images classified correctly; its area is the
+    OSCR. The same convention as pytorch-ood's ``oscr_score``.
+
+    Args:
+        scores: ``[N]`` gate scores, higher = less like the seen classes; finite.
+        correct: ``[N]`` booleans (or 0 / 1): the closed-set prediction is right (read
+            for seen images only).
+        is_unseen: ``[N]`` booleans (or 0 / 1), True for images of unseen classes; both
+            kinds present.
+        fprs: The FPRs to read the CCR at, each in (0, 1].
+
+    Returns:
+        An :class:`OpenSetClassification`.
+
+    Raises:
+        InputError: NaN or infinite scores, flags that are not booleans, not one per
+            score or all of one kind, or an FPR outside (0, 1] (names the parameter).
+
+    Example:
+        >>> r = open_set_classification([0.1, 0.2, 0.3, 0.9], [True, False, True, False],
+        ...                             [False, False, False, True])
+        >>> round(r.oscr, 4), r.ccr_at_fpr["0.1"], round(r.closed_set_accuracy, 4)
+        (0.6667, 0.6666666666666666, 0.6667)
+    """
+    rates = [_rate(f, "fprs") for f in np.atleast_1d(np.asarray(fprs, dtype=object))]
+    s, unseen = _scores_of_both_groups(scores, is_unseen, "open-set classification")
+    right = as_flags(correct, "correct")
+    if right.shape != s.shape:
+        raise InputError(f"correct has shape {right.shape} for scores of shape {s.shape}: "
+                         "one flag per score")
+    known_right = ~unseen & right
+    accuracy = float(known_right.sum() / (~unseen).sum())
+    if not known_right.any():  # nothing to accept correctly: the curve lies on CCR = 0
+        return OpenSetClassification(0.0, {f"{f:g}": 0.0 for f in rates}, accuracy)
+    # The curve only moves at the scores of correct seen images and of unseen ones.
+    keep = known_right | unseen
+    fpr, tpr, _ = roc_curve(known_right[keep], -s[keep], drop_intermediate=False)
+    ccr = tpr * accuracy
+    # the last operating point (FPR and CCR both rise along the curve) with FPR <= f
+    at = {f"{f:g}": float(ccr[int(np.searchsorted(fpr, f * (1 + 1e-12), side="right")) - 1])
+          for f in rates}
+    return OpenSetClassification(float(auc(fpr, ccr)), at, accuracy)
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from hybridcls.cache import atomic_write_bytes, atomic_write_json, read_json
+from hybridcls.cache import atomic_write_bytes, atomic_write_json, file_fingerprint, read_json
 from hybridcls.data import bound_aspect
 from hybridcls.errors import CheckpointError
+from hybridcls.provenance import tower_identity
 from hybridcls.supervised.model import SupervisedModel
 from hybridcls.supervised.weights import read_state_dict
 from hybridcls.version import __version__
@@ -50,6 +51,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "WEIGHTS_HASH_KEY",
     "build_eval_transform",
+    "checkpoint_identity",
     "load_checkpoint",
     "make_checkpoint_config",
     "model_from_config",
@@ -239,6 +241,22 @@ def read_checkpoint_config(run_dir: str | Path) -> dict[str, Any]:
         if key not in config:
             raise CheckpointError(f"{path}: missing {key!r}")
     return config
+
+
+def checkpoint_identity(run_dir: str | Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's supervised tower as a run record names it (:func:`~hybridcls.provenance.tower_identity`).
+
+    Args:
+        run_dir: The run directory.
+        config: Its ``config.json`` (:func:`read_checkpoint_config`).
+
+    Returns:
+        ``{"model_id": timm name, "fingerprint": weights' SHA-256, "weights": the pretrained
+        weights it started from}``: the SHA-256 ``train`` recorded (and the load checked),
+        hashed here for a checkpoint from before hashes.
+    """
+    fingerprint = config.get(WEIGHTS_HASH_KEY) or file_fingerprint(Path(run_dir) / WEIGHTS_FILE)
+    return tower_identity(config["model"]["name"], fingerprint, weights=config.get("weights"))
 
 
 def model_from_config(config: Mapping[str, Any]) -> SupervisedModel:

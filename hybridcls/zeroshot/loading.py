@@ -55,8 +55,12 @@ __all__ = [
     "DEFAULT_CLIP_MODEL",
     "DEFAULT_CLIP_PRETRAINED",
     "PRECISIONS",
+    "CachedWeights",
     "ClipBundle",
+    "cached_hub_models",
     "hub_offline",
+    "hub_offline_scope",
+    "list_pretrained_weights",
     "load_clip",
     "local_dir_weights",
 ]
@@ -150,7 +154,8 @@ def hub_offline() -> bool:
 
 
 @contextmanager
-def _hub_offline_scope(offline: bool) -> Iterator[None]:
+def hub_offline_scope(offline: bool) -> Iterator[None]:
+    """With ``offline``, huggingface_hub's own offline flag set while the block runs."""
     # huggingface_hub's process-wide flag, set while we load, for what local_files_only
     # cannot reach: open_clip's own calls (building the model and its tokenizer pass no
     # local_files_only), and huggingface_hub's own requests around a download (2.x fetches
@@ -306,6 +311,87 @@ def _tag_weights(tag_cfg: dict[str, Any], cache_dir: str | None, local_only: boo
         raise FileNotFoundError(f"{target} is not in open_clip's download folder")
     # open_clip checks the file's SHA-256 against the URL's and downloads it when absent.
     return open_clip.download_pretrained_from_url(url, cache_dir=cache_dir)
+
+
+@dataclass(frozen=True)
+class CachedWeights:
+    """An open_clip model and its weights, and whether they are already on this machine.
+
+    Attributes:
+        model: A built-in open_clip name (``ViT-B-32``) or ``hf-hub:ORG/REPO``.
+        pretrained: The pretrained tag of a built-in name; ``None`` for ``hf-hub:``.
+        path: The weights file :func:`load_clip` would load from the caches, or ``None``
+            when it would have to download it.
+    """
+
+    model: str
+    pretrained: str | None
+    path: str | None
+
+
+def list_pretrained_weights(cache_dir: str | os.PathLike[str] | None = None) -> list[CachedWeights]:
+    """Every model and pretrained tag open_clip knows (``open_clip.list_pretrained()``), each with
+    the weights file already in the local caches, offline.
+
+    The files are looked for exactly as :func:`load_clip` looks for them before
+    it would download: in the Hugging Face cache (``hf_hub_download(...,
+    local_files_only=True)``, the ``.safetensors`` form first) for tags kept on
+    the hub, in open_clip's download folder for tags that only have a URL.
+    Nothing is fetched, even with ``HF_HUB_OFFLINE`` unset.
+
+    Args:
+        cache_dir: The weights cache, as given to :func:`load_clip` (``None``: the Hugging
+            Face cache and open_clip's ``~/.cache/clip``).
+
+    Returns:
+        One entry per (model, tag), in open_clip's order.
+
+    Example:
+        >>> [w for w in list_pretrained_weights() if w.path]  # doctest: +SKIP
+        [CachedWeights(model='ViT-B-32', pretrained='laion2b_s34b_b79k', path='/.../open_clip_model.safetensors')]
+    """
+    cache = os.fspath(Path(cache_dir).expanduser()) if cache_dir is not None else None
+    out = []
+    with hub_offline_scope(True):
+        for name, tag in open_clip.list_pretrained():
+            try:
+                path = _tag_weights(open_clip.get_pretrained_cfg(name, tag), cache, local_only=True)
+            except (OSError, ValueError, EntryNotFoundError):  # huggingface_hub's "not in the cache"
+                path = None
+            out.append(CachedWeights(name, tag, path if path and os.path.isfile(path) else None))
+    return out
+
+
+def cached_hub_models(cache_dir: str | os.PathLike[str] | None = None) -> list[CachedWeights]:
+    """The ``hf-hub:ORG/REPO`` open_clip models whose config and weights are in the Hugging Face
+    cache (huggingface_hub's ``scan_cache_dir``), offline, sorted by repo.
+
+    A repo counts when its cache holds ``open_clip_config.json``; its weights file
+    is the one :func:`load_clip` would load (``None`` when only the config is there).
+
+    Args:
+        cache_dir: The Hugging Face cache to scan (``None``: its default).
+    """
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    cache = os.fspath(Path(cache_dir).expanduser()) if cache_dir is not None else None
+    try:
+        info = scan_cache_dir(cache)
+    except CacheNotFound:
+        return []
+    out = []
+    with hub_offline_scope(True):
+        for repo in sorted(info.repos, key=lambda r: r.repo_id):
+            files = {f.file_name for rev in repo.revisions for f in rev.files}
+            if repo.repo_type != "model" or _CONFIG_NAME not in files:
+                continue
+            try:
+                path = _hub_file(repo.repo_id, None, cache, local_only=True)
+            except (OSError, ValueError, EntryNotFoundError):  # the config without the weights
+                path = None
+            out.append(CachedWeights(f"hf-hub:{repo.repo_id}", None, path))
+    return out
 
 
 def _resolve_hf_hub(
@@ -465,7 +551,7 @@ def load_clip(
     # unreachable host for a minute.
     cached = True
     try:
-        with _hub_offline_scope(offline):
+        with hub_offline_scope(offline):
             res = _resolve(model, pretrained, cache, offline, local_only=True)
     except WeightsUnavailableError:
         if offline:
@@ -477,7 +563,7 @@ def load_clip(
         if res.weights_path is not None
         else f"random:{stable_hash(res.model_cfg)}"
     )
-    with _hub_offline_scope(offline or cached):
+    with hub_offline_scope(offline or cached):
         clip, preprocess = _create(res, model, dev, precision, cache)
         tokenizer = open_clip.get_tokenizer(res.oc_name, cache_dir=cache)
     clip.eval()

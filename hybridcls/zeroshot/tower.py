@@ -20,10 +20,15 @@ import torch
 
 from hybridcls.errors import InputError
 from hybridcls.zeroshot.loading import ClipBundle, load_clip
-from hybridcls.zeroshot.prompts import PromptSet, as_prompt_set, as_template_set
+from hybridcls.zeroshot.prompts import ClassPrompt, PromptSet, as_prompt_set, as_template_set
 from hybridcls.zeroshot.text_classifier import build_text_classifier
 
 __all__ = ["ClipTower"]
+
+# A tower used for its image side only: one class and one template keep the text side's cost to
+# one forward pass, and nothing is cached on disk for it.
+_IMAGE_ONLY_PROMPTS = PromptSet((ClassPrompt("image"),), source="<image tower>")
+_IMAGE_ONLY_TEMPLATES = ["{}"]
 
 
 @dataclass
@@ -101,6 +106,25 @@ class ClipTower:
                 bundle, prompt_set, template_set, cache_dir=cache_dir, use_cache=use_cache,
                 progress=progress, truncate_prompts=truncate_prompts)
         return cls.from_bundle(bundle, prompt_set, list(template_set), text_features)
+
+    @classmethod
+    def image_only(
+        cls,
+        clip_model: str,
+        clip_pretrained: str | None,
+        *,
+        device: torch.device | str = "cpu",
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> ClipTower:
+        """A tower used for its image embeddings only (the audit, ``hybridcls embed``).
+
+        Its logits are over one placeholder class; the text encoder runs once, on one word.
+
+        Raises:
+            WeightsUnavailableError: Weights neither cached nor downloadable.
+        """
+        return cls.build(clip_model, clip_pretrained, _IMAGE_ONLY_PROMPTS, _IMAGE_ONLY_TEMPLATES,
+                         device=device, cache_dir=cache_dir, use_cache=False)
 
     @classmethod
     def from_bundle(cls, bundle: ClipBundle, prompts: PromptSet, templates: Sequence[str],

@@ -1,0 +1,182 @@
+"""Sharing through the Hugging Face Hub (issue 17), offline: a local folder laid out as the Hub
+cache stands for the Hub, and the upload is caught before it leaves the process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from huggingface_hub import HfApi, ModelCard, constants
+from safetensors.torch import load_file
+
+from hybridcls import HybridClassifier
+from hybridcls.errors import CheckpointError, ParameterError, WeightsUnavailableError
+from hybridcls.synth import TINY_CLIP_MODEL_ID
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_hybrid) -> HybridClassifier:
+    world, root = tiny_hybrid["world"], tiny_hybrid["root"]
+    return HybridClassifier(clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None,
+                            templates=str(world.templates_file), device="cpu", workers=0,
+                            cache_dir=str(root / "cache"), progress=False
+                            ).load_run(tiny_hybrid["run"], world.prompts_file)
+
+
+@pytest.fixture(scope="module")
+def saved(clf, tmp_path_factory) -> Path:
+    return clf.save_pretrained(tmp_path_factory.mktemp("saved") / "model")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache that huggingface_hub uses by default, offline."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read once, at import
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def _place(folder: Path, cache: Path, repo_id: str) -> Path:
+    """Lay ``folder`` out as huggingface_hub caches a download of ``repo_id`` at main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / REVISION)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION, encoding="utf-8")
+    return repo / "snapshots" / REVISION
+
+
+def _images(tiny_hybrid) -> list[Path]:
+    return sorted(Path(tiny_hybrid["world"].test_dir).glob("*.png"))
+
+
+def test_a_repo_id_in_the_cache_predicts_as_the_saved_model(clf, saved, hub_cache, tiny_hybrid):
+    snapshot = _place(saved, hub_cache, "org/tiny-hybrid")
+    again = HybridClassifier.from_pretrained("org/tiny-hybrid", device="cpu", workers=0, progress=False)
+    assert again.run_dir_ == snapshot
+    images = _images(tiny_hybrid)
+    np.testing.assert_array_equal(again.predict_proba(images), clf.predict_proba(images))
+    assert list(again.predict(images)) == list(clf.predict(images))
+    assert list(again.classes_) == list(clf.classes_) and again.n_seen_ == clf.n_seen_
+    assert again.model_version_ == clf.model_version_
+    # open_clip's spelling of a Hub id is the same repo
+    other = HybridClassifier.from_pretrained("hf-hub:org/tiny-hybrid", device="cpu", workers=0)
+    assert other.run_dir_ == snapshot
+
+
+def test_cache_dir_is_the_hub_cache_too(saved, tmp_path):
+    cache = tmp_path / "elsewhere"
+    snapshot = _place(saved, cache, "org/tiny-hybrid")
+    # not offline: local_files_only alone keeps huggingface_hub off the network
+    again = HybridClassifier.from_pretrained("org/tiny-hybrid", local_files_only=True, cache_dir=str(cache),
+                                             device="cpu", workers=0)
+    assert again.run_dir_ == snapshot
+
+
+def test_a_repo_not_in_the_cache_offline_is_named(hub_cache):
+    with pytest.raises(WeightsUnavailableError) as err:
+        HybridClassifier.from_pretrained("org/absent", device="cpu")
+    msg = str(err.value)
+    assert msg.startswith("org/absent: not a local folder, and the Hub repo is not in the Hugging Face cache")
+    assert "HF_HUB_OFFLINE is set" in msg
+
+
+def test_local_files_only_is_named_when_it_stops_the_download(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a request was made")
+
+    for name in ("connect", "connect_ex"):  # whatever HTTP client huggingface_hub uses
+        monkeypatch.setattr(socket.socket, name, no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(WeightsUnavailableError, match=rf"org/absent: .* cache {tmp_path} .*local_files_only=True"):
+        HybridClassifier.from_pretrained("org/absent", local_files_only=True, cache_dir=str(tmp_path))
+
+
+def test_a_folder_takes_no_revision_and_a_bad_name_is_neither(saved, tmp_path):
+    with pytest.raises(ParameterError, match=r"revision='v1': .* is a local folder"):
+        HybridClassifier.from_pretrained(saved, revision="v1")
+    with pytest.raises(CheckpointError, match=r"no such folder, and not a Hugging Face Hub repo id"):
+        HybridClassifier.from_pretrained(tmp_path / "a" / "b" / "c")
+    with pytest.raises(CheckpointError, match=r"a file, not the folder of a saved HybridClassifier"):
+        HybridClassifier.from_pretrained(saved / "hybrid.json")
+
+
+def test_push_to_hub_uploads_the_saved_folder(clf, monkeypatch):
+    calls: dict = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create"] = (repo_id, kwargs)
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        folder = Path(folder_path)
+        calls["upload"] = (repo_id, kwargs)
+        calls["files"] = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        calls["card"] = (folder / "README.md").read_text(encoding="utf-8")
+        calls["config"] = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        calls["weights"] = (folder / "model.safetensors").read_bytes()
+        return "commit-info"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    assert clf.push_to_hub("org/tiny-hybrid", private=True) == "commit-info"
+    assert calls["create"] == ("org/tiny-hybrid", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert calls["upload"][0] == "org/tiny-hybrid" and calls["upload"][1]["repo_type"] == "model"
+    assert {"README.md", "config.json", "model.safetensors", "gate.json", "hybrid.json", "prompts.txt",
+            "templates.txt", "text_classifier.safetensors"} <= set(calls["files"])
+    assert {"index/clip.faiss", "index/clip.json"} <= set(calls["files"])
+    assert calls["weights"] == (clf.run_dir_ / "model.safetensors").read_bytes()
+    assert calls["config"]["label_names"] == list(clf.classes_[: clf.n_seen_])
+    assert 'HybridClassifier.from_pretrained("org/tiny-hybrid")' in calls["card"]
+
+
+def test_the_model_card_says_what_a_user_needs(clf, saved, tiny_hybrid):
+    card = ModelCard.load(saved / "README.md")
+    assert card.data.library_name == "hybridcls" and card.data.pipeline_tag == "image-classification"
+    text = card.text
+    seen, unseen = list(clf.classes_[: clf.n_seen_]), list(clf.classes_[clf.n_seen_:])
+    seen_part, unseen_part = text.split("Seen (4;")[1].split("Unseen (2;")
+    assert all(f"- {c}\n" in seen_part for c in seen) and not any(f"- {c}\n" in seen_part for c in unseen)
+    assert all(f"- {c}\n" in unseen_part.split("## Models")[0] for c in unseen)
+    config = json.loads((tiny_hybrid["run"] / "config.json").read_text(encoding="utf-8"))
+    assert f"timm `{config['model']['name']}`" in text
+    assert f"open_clip `{TINY_CLIP_MODEL_ID}`" in text
+    fingerprint = json.loads((saved / "hybrid.json").read_text(encoding="utf-8"))["clip_fingerprint"]
+    assert f"weights SHA-256 `{fingerprint}`" in text
+    gate = json.loads((tiny_hybrid["run"] / "gate.json").read_text(encoding="utf-8"))
+    assert (f"score `{gate['score']}`, mode `{gate['mode']}`, threshold {gate['threshold']:.4g} "
+            f"(keeps at least {100 * gate['tpr']:.1f}%") in text
+    best = gate["candidates"][0]
+    assert f"H {100 * best['mean_h']:.1f}% (std {100 * best['std_h']:.1f}%)" in text
+    cache = gate["cache_branch"]
+    assert (f"{cache['n_val']} held-out images: {100 * cache['val_accuracy_plain']:.1f}% without the cache "
+            f"branch, {100 * cache['val_accuracy']:.1f}% with it") in text
+    assert "## Intended use and limits" in text and f"`model_version`: `{clf.model_version_}`" in text
+
+
+def test_timm_reads_the_config_and_loads_the_backbone(clf, saved):
+    config = json.loads((saved / "config.json").read_text(encoding="utf-8"))
+    assert config["format"] == "hybridcls-supervised"  # still hybridcls's checkpoint
+    backbone = timm.create_model(f"local-dir:{saved}", pretrained=False, num_classes=0)
+    cfg = backbone.pretrained_cfg
+    assert cfg["label_names"] == list(clf.classes_[: clf.n_seen_]) and cfg["num_classes"] == clf.n_seen_
+    assert list(cfg["input_size"]) == config["data_config"]["input_size"]
+    assert type(backbone) is type(clf.supervised_.backbone)
+    state = {k.removeprefix("backbone."): v for k, v in load_file(saved / "model.safetensors").items()
+             if k.startswith("backbone.")}
+    backbone.load_state_dict(state, strict=True)
+    x = torch.randn(2, *config["data_config"]["input_size"], generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(backbone.eval()(x), clf.supervised_.backbone(x))
