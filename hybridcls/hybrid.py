@@ -241,7 +241,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                 meta.pop("model_id")
             return meta
         recorded = self.checkpoint_config_.get(WEIGHTS_HASH_KEY)
-        fingerprint = recorded or file_fingerprint(self.run_dir_ / WEIGHTS_FILE)
+        fingerprint = recorded or file_fingerprint(self.run_dir_ / WEIGHTS_FILE, cache_dir=self.cache_dir)
         return index_meta("backbone", self.checkpoint_config_["model"]["name"], fingerprint,
                           self.seen_folders_)
 

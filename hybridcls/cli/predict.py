@@ -160,8 +160,8 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
             return None
         p = Path(path)
         if p.is_dir():
-            return {f.name: file_fingerprint(f) for f in sorted(p.iterdir()) if f.is_file()}
-        return file_fingerprint(p) if p.is_file() else path
+            return {f.name: file_fingerprint(f, cache_dir=args.cache_dir) for f in sorted(p.iterdir()) if f.is_file()}
+        return file_fingerprint(p, cache_dir=args.cache_dir) if p.is_file() else path
 
     clip = args.clip_model
     settings: dict[str, Any] = {
@@ -180,7 +180,7 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
         run_dir = Path(args.checkpoint)
         # The files load_run reads: weights and config, gate, embedding index (when present).
         settings["checkpoint"] = {
-            name: file_fingerprint(run_dir / name)
+            name: file_fingerprint(run_dir / name, cache_dir=args.cache_dir)
             for name in (CONFIG_FILE, WEIGHTS_FILE, GATE_FILENAME)
             if (run_dir / name).is_file()
         }
