@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-import open_clip
 import pytest
+from tinyclip_factory import count_text_encoding
 
 from hybridcls.bench.speed import QUICK_MODELS, run_speed
 
@@ -14,15 +14,8 @@ from hybridcls.bench.speed import QUICK_MODELS, run_speed
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     """One quick run, counting every text the CLIP text tower encodes."""
-    encoded: list[int] = []
-    original = open_clip.model.CLIP.encode_text
-
-    def counting(self, text, normalize=False):
-        encoded.append(len(text))
-        return original(self, text, normalize=normalize)
-
     mp = pytest.MonkeyPatch()
-    mp.setattr(open_clip.model.CLIP, "encode_text", counting)
+    encoded = count_text_encoding(mp)
     try:
         out = tmp_path_factory.mktemp("speed")
         templates = ["a photo of a {}.", "a {}."]
