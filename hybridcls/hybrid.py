@@ -88,6 +88,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         precision: Runtime setting.
         compile: Runtime setting.
         decode: Runtime setting.
+        draft: Runtime setting.
         cache_dir: Runtime setting.
         progress: Runtime setting.
 
@@ -139,6 +140,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         precision: str = _R.precision,
         compile: bool = _R.compile,
         decode: str = _R.decode,
+        draft: bool = _R.draft,
         cache_dir: str | os.PathLike[str] | None = _R.cache_dir,
         progress: bool = _R.progress,
     ) -> None:
@@ -165,6 +167,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.precision = precision
         self.compile = compile
         self.decode = decode
+        self.draft = draft
         self.cache_dir = cache_dir
         self.progress = progress
 

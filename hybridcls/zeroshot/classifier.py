@@ -60,6 +60,7 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         precision: Runtime setting.
         compile: Runtime setting.
         decode: Runtime setting.
+        draft: Runtime setting.
         cache_dir: Runtime setting.
         progress: Runtime setting.
 
@@ -98,6 +99,7 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         precision: str = _R.precision,
         compile: bool = _R.compile,
         decode: str = _R.decode,
+        draft: bool = _R.draft,
         cache_dir: str | os.PathLike[str] | None = _R.cache_dir,
         progress: bool = _R.progress,
     ) -> None:
@@ -114,6 +116,7 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.precision = precision
         self.compile = compile
         self.decode = decode
+        self.draft = draft
         self.cache_dir = cache_dir
         self.progress = progress
 
