@@ -73,7 +73,14 @@ from hybridcls.data import (
     make_loader,
     resize_side,
 )
-from hybridcls.device import autocast, autocast_dtype, bf16_copy, int8_linear_copy, resolve_device
+from hybridcls.device import (
+    TOWERS,
+    autocast,
+    autocast_dtype,
+    bf16_copy,
+    int8_linear_copy,
+    resolve_device,
+)
 from hybridcls.errors import ImageDecodeError, InputError, ParameterError, ResourceUseWarning
 from hybridcls.gate.branches import BranchOutputs
 from hybridcls.runtime import RuntimeSettings
@@ -354,7 +361,8 @@ class InferenceEngine:
             # The device decoder hands the geometry tensors, not PIL images, and its pixels differ
             # slightly from Pillow's: extra views computed there would not be the ones asked for.
             raise ParameterError("decode", settings.decode, "extra views need decode='cpu'")
-        self._autocast_dtype = autocast_dtype(self.device, settings.precision)  # refuses early
+        # each tower's autocast type (refuses a precision the device cannot run, early)
+        self._autocast_dtype = {t: autocast_dtype(self.device, settings.precision, tower=t) for t in TOWERS}
         self.supervised = supervised
         self.clip = clip
         self.batch_size = settings.batch_size
@@ -390,7 +398,7 @@ class InferenceEngine:
         if clip is not None and self.device.type == "cpu":
             if int8:
                 self._clip_visual = int8_linear_copy(clip.bundle.model.visual)
-            elif self._autocast_dtype == torch.bfloat16:
+            elif self._autocast_dtype["clip"] == torch.bfloat16:
                 self._clip_visual = bf16_copy(clip.bundle.model.visual)
         self._sup_forward = sup_model.forward_with_features if supervised is not None else None
         self._clip_encode = clip.encode_images if clip is not None else None
@@ -411,7 +419,8 @@ class InferenceEngine:
             "batch_size": settings.batch_size,
             "workers": settings.workers,
             "precision": settings.precision,
-            "autocast": None if self._autocast_dtype is None else str(self._autocast_dtype).split(".")[-1],
+            "autocast": {t: None if d is None else str(d).split(".")[-1] for t, d in self._autocast_dtype.items()
+                         if (supervised, clip)[TOWERS.index(t)] is not None},
             "compile": settings.compile,
             "decode": settings.decode,
             "draft_target_side": self.target_side,
@@ -443,7 +452,7 @@ class InferenceEngine:
         return x
 
     def _sup_fn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.inference_mode(), autocast(self.device, self.settings.precision):
+        with torch.inference_mode(), autocast(self.device, self.settings.precision, tower="supervised"):
             logits, feats = self._sup_forward(x)
         return logits.float(), feats.float()
 
@@ -451,7 +460,7 @@ class InferenceEngine:
         # A reduced copy runs in its own types: autocast would take torch's attention off its
         # fused path (see hybridcls.device.bf16_copy).
         precision = nullcontext() if self._clip_visual is not None else autocast(
-            self.device, self.settings.precision)
+            self.device, self.settings.precision, tower="clip")
         with torch.inference_mode(), precision:
             return (self._clip_encode(x).float(),)
 
@@ -499,9 +508,18 @@ class InferenceEngine:
         """The CLIP tower on a batch of decoded views: ``([n, D] embeddings, [n, C] logits)``."""
         x = self._on_device(images, self._clip_view)
         self.clip_images_encoded += len(x)
-        (emb,) = self._call(self._clip_fn, x)
+        emb = self.clip_embeddings(x)
         logits = self.clip.logits_from_embeddings(emb)
         return emb.numpy(), logits.cpu().numpy()
+
+    def clip_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, D]`` L2-normalised float32 embeddings (on the CPU) of normalised ``[N, 3, H, W]`` images.
+
+        The CLIP image tower as the engine runs it: in its precision (or reduced
+        copy), ``batch_size`` rows at a time, halved on out-of-memory.
+        """
+        (emb,) = self._call(self._clip_fn, x.to(self.device))
+        return emb
 
     def decoded_views(self, image: Image.Image) -> tuple[torch.Tensor, ...]:
         """The ``uint8`` views of one decoded image, as the loader workers make them."""

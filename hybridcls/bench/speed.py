@@ -277,12 +277,12 @@ def _limit_dtypes(device: torch.device) -> dict[str, torch.dtype]:
 
 def _tower_type(engine: InferenceEngine, tower: str) -> str | None:
     """The type a tower of ``engine`` multiplies in, as a key of :func:`_limit_dtypes` (None: int8)."""
-    weights = engine.applied["weights"][tower]
+    weights, autocast = engine.applied["weights"][tower], engine.applied["autocast"][tower]
     if weights == "int8 linear":
         return None
-    if weights == "bfloat16" or engine.applied["autocast"] == "bfloat16":
+    if weights == "bfloat16" or autocast == "bfloat16":
         return "bf16"
-    return "fp32" if engine.applied["autocast"] is None else engine.applied["autocast"]
+    return "fp32" if autocast is None else autocast
 
 
 def _fingerprint_seconds(path: str, cache_dir: str) -> float:
@@ -405,7 +405,6 @@ def run_speed(out_dir: str | Path, *, device: str = "cpu", batch_size: int = 32,
     manual_gate(clf)
     engines = {p: InferenceEngine(supervised=clf.supervised_, sup_view=clf.engine_.views[0], clip=clf.tower_,
                                   settings=RuntimeSettings.of(clf).replace(precision=p)) for p in precisions}
-    names = {p: p if p != "auto" else f"auto ({_tower_type(engines[p], 'supervised')})" for p in precisions}
     engine = engines[main]
     # Tower by tower, over tensors decoded beforehand.
     views = [engine.decoded_views(load_image(s.path)) for s in sources]
@@ -453,16 +452,16 @@ def run_speed(out_dir: str | Path, *, device: str = "cpu", batch_size: int = 32,
         f"matmul {_MATMUL_SIDE}x{_MATMUL_SIDE}, {k} (s)": _matmul(d, dev) for k, d in dtypes.items()}
     for p in precisions:
         for which in ("supervised", "clip"):
-            fns[f"{which} tower, {names[p]} (img/s)"] = tower(engines[p], which)
+            fns[f"{which} tower, {p} (img/s)"] = tower(engines[p], which)
     for size in sizes:
         label = _label(size)
         for (p, draft), hybrid in hybrids.items():
             decode = "" if draft else ", every file decoded whole"
-            fns[f"end-to-end, full hybrid, {label}, {names[p]}{decode} (img/s)"] = end_to_end(
+            fns[f"end-to-end, full hybrid, {label}, {p}{decode} (img/s)"] = end_to_end(
                 hybrid, files[label], f"full_{label}_{p}_{draft}.csv")
         fns[f"naive baseline, {label} (img/s)"] = lambda label=label: _naive(
             run_dir, clip_id, [Path(s.path) for s in files[label]], batch_size, dev, clf.tower_.text_features)
-    fns[f"end-to-end, cascade, {first}, {names[main]} (img/s)"] = end_to_end(clf, sources, "cascade.csv", True)
+    fns[f"end-to-end, cascade, {first}, {main} (img/s)"] = end_to_end(clf, sources, "cascade.csv", True)
     # Zero-shot alone on the same files: hybridcls, a plain open_clip loop, pybioclip (if installed).
     zs = ZeroShotClassifier(clip_model=clip_id, clip_pretrained=None, prompts=prompts, templates=templates,
                             device=device, batch_size=batch_size, workers=workers, cache_dir=cache,
@@ -480,7 +479,7 @@ def run_speed(out_dir: str | Path, *, device: str = "cpu", batch_size: int = 32,
         top1["open_clip"] = _plain_open_clip(oc_model, oc_preprocess, open_clip_text, paths, batch_size,
                                              workers, dev)
 
-    fns[f"zero-shot, hybridcls, {first}, {names[main]} (img/s)"] = zero_shot_ours
+    fns[f"zero-shot, hybridcls, {first}, {main} (img/s)"] = zero_shot_ours
     fns[f"zero-shot, plain open_clip loop, {first} (img/s)"] = zero_shot_plain
     bioclip, bioclip_note = _bioclip(prompts, clip_id, dev)
     if bioclip is not None:
@@ -497,28 +496,28 @@ def run_speed(out_dir: str | Path, *, device: str = "cpu", batch_size: int = 32,
     rows["GMACs per image, CLIP image tower"] = clip_g
     for p in precisions:
         for which, gmacs in (("supervised", sup_g), ("clip", clip_g)):
-            tflops = 2 * gmacs * rows[f"{which} tower, {names[p]} (img/s)"] / 1e3
-            rows[f"{which} tower, {names[p]}: TFLOP/s"] = tflops
+            tflops = 2 * gmacs * rows[f"{which} tower, {p} (img/s)"] / 1e3
+            rows[f"{which} tower, {p}: TFLOP/s"] = tflops
             kind = _tower_type(engines[p], which)
             limit = rows.get(f"matmul {_MATMUL_SIDE}x{_MATMUL_SIDE}, {kind} (TFLOP/s)")
             if limit:
-                rows[f"{which} tower, {names[p]}: share of the {kind} matmul limit"] = tflops / limit
-        model_only = 1 / sum(1 / rows[f"{w} tower, {names[p]} (img/s)"] for w in ("supervised", "clip"))
-        rows[f"model-only, {names[p]} (img/s)"] = model_only
-    rows["achieved TFLOP/s (model-only)"] = 2 * (sup_g + clip_g) * rows[f"model-only, {names[main]} (img/s)"] / 1e3
-    full = f"end-to-end, full hybrid, {first}, {names[main]} (img/s)"
-    rows["pipeline efficiency (end-to-end / model-only)"] = rows[full] / rows[f"model-only, {names[main]} (img/s)"]
+                rows[f"{which} tower, {p}: share of the {kind} matmul limit"] = tflops / limit
+        model_only = 1 / sum(1 / rows[f"{w} tower, {p} (img/s)"] for w in ("supervised", "clip"))
+        rows[f"model-only, {p} (img/s)"] = model_only
+    rows["achieved TFLOP/s (model-only)"] = 2 * (sup_g + clip_g) * rows[f"model-only, {main} (img/s)"] / 1e3
+    full = f"end-to-end, full hybrid, {first}, {main} (img/s)"
+    rows["pipeline efficiency (end-to-end / model-only)"] = rows[full] / rows[f"model-only, {main} (img/s)"]
     for size in sizes:
         label = _label(size)
-        new = rows[f"end-to-end, full hybrid, {label}, {names[main]} (img/s)"]
+        new = rows[f"end-to-end, full hybrid, {label}, {main} (img/s)"]
         rows[f"speed-up over naive, full hybrid, {label}"] = new / rows[f"naive baseline, {label} (img/s)"]
-        before = rows[f"end-to-end, full hybrid, {label}, {names[precisions[0]]}, every file decoded whole (img/s)"]
+        before = rows[f"end-to-end, full hybrid, {label}, {precisions[0]}, every file decoded whole (img/s)"]
         rows[f"speed-up over {precisions[0]} with every file decoded whole, {label}"] = new / before
-    rows["speed-up over naive, cascade"] = (rows[f"end-to-end, cascade, {first}, {names[main]} (img/s)"]
+    rows["speed-up over naive, cascade"] = (rows[f"end-to-end, cascade, {first}, {main} (img/s)"]
                                             / rows[f"naive baseline, {first} (img/s)"])
     rows["cascade: share of images CLIP ran on"] = clip_share["cascade.csv"]
     rows["zero-shot speed-up over the plain open_clip loop"] = (
-        rows[f"zero-shot, hybridcls, {first}, {names[main]} (img/s)"]
+        rows[f"zero-shot, hybridcls, {first}, {main} (img/s)"]
         / rows[f"zero-shot, plain open_clip loop, {first} (img/s)"])
     rows["zero-shot top-1 agreement, hybridcls / plain open_clip loop"] = float(
         np.mean(top1["hybridcls"] == top1["open_clip"]))
