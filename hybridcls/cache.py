@@ -15,7 +15,9 @@ Small, generic tools shared by everything that writes to disk:
   rule for the JSON hybridcls writes: strict JSON, a value that is not a
   finite number (NaN, infinity) written as ``null``;
 * :func:`file_fingerprint` and :func:`stable_hash` give content hashes used
-  as cache keys.
+  as cache keys; the fingerprints of large files (weights) are kept in
+  ``<cache dir>/fingerprints.json``, so that a weights file is hashed once,
+  not on every run.
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ import os
 import secrets
 import shutil
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hybridcls.errors import CheckpointError
+from hybridcls.errors import CheckpointError, ResourceUseWarning
 
 __all__ = [
     "CACHE_DIR_ENV",
+    "FINGERPRINT_FILE",
+    "FINGERPRINT_PERSIST_BYTES",
     "atomic_copy",
     "atomic_path",
     "atomic_write_bytes",
@@ -220,44 +225,113 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"{path}: not readable JSON ({exc})") from exc
 
 
-# (realpath, size, mtime_ns) -> sha256 hex. Weights files run to hundreds of MB and
-# every model load needs their fingerprint for cache keys; hashing once per process
-# keeps repeated loads (tests, notebooks, several classifiers) cheap, and keying on
-# size + mtime means a file rewritten in place is hashed again.
-_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+#: The file, in the cache folder, that keeps weights files' fingerprints across runs.
+FINGERPRINT_FILE = "fingerprints.json"
+#: Files at least this large have their fingerprint kept in :data:`FINGERPRINT_FILE`: hashing a
+#: smaller one (a prompts file, a config) costs less than reading and writing that file.
+FINGERPRINT_PERSIST_BYTES = 16 << 20
+# Entries kept in FINGERPRINT_FILE (the most recent): a few models' worth, and a bounded file.
+_FINGERPRINT_MAX_ENTRIES = 256
+_FINGERPRINT_FORMAT = 1
+
+# (realpath, size, mtime_ns, inode, ctime_ns) -> sha256 hex, per process. Weights files run to
+# hundreds of MB and every model load needs their fingerprint for cache keys; hashing once per
+# process keeps repeated loads (tests, notebooks, several classifiers) cheap.
+_FINGERPRINTS: dict[tuple[str, int, int, int, int], str] = {}
 _FINGERPRINT_LOCK = threading.Lock()
 
 
-def file_fingerprint(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's content, as hex; memoised per process.
+def _stat_key(real: str) -> tuple[str, int, int, int, int]:
+    """What identifies a file's content without reading it: its path and its stat.
+
+    Size and modification time change when a file is rewritten in place; the
+    inode when another file is renamed onto the path (a download, ``rsync``);
+    the change time (``ctime``, which no tool can set back) when either
+    happens, even through ``cp -p`` or ``touch -r``, which copy a modification time.
+    """
+    st = os.stat(real)
+    return (real, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_fingerprints(path: Path) -> list[dict[str, Any]]:
+    """The entries of a fingerprint file; an unreadable or foreign one counts as empty."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    if not isinstance(data, dict) or data.get("format") != _FINGERPRINT_FORMAT \
+            or not isinstance(data.get("files"), list):
+        return []
+    return [e for e in data["files"] if isinstance(e, dict)]
+
+
+def _entry_key(entry: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(entry.get(k) for k in ("path", "size", "mtime_ns", "inode", "ctime_ns"))
+
+
+def file_fingerprint(path: str | os.PathLike[str], *,
+                     cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """SHA-256 of a file's content, as hex; remembered per process and, for large files, on disk.
 
     Content (not path or mtime) is what identifies weights: the same file
     copied elsewhere keeps its fingerprint, so caches keyed on it survive a
-    move, while any change to the bytes changes it.
+    move, while any change to the bytes changes it. Hashing a 600 MB weights
+    file takes seconds, so a file of at least :data:`FINGERPRINT_PERSIST_BYTES`
+    has its fingerprint kept in ``<cache_dir>/fingerprints.json`` (strict JSON),
+    keyed by its resolved path, size, modification time, inode and change
+    time: a later run reads it instead of the file, and a file that was
+    rewritten, replaced or touched is hashed again. The file is read only when
+    none of these is known; it is hashed between two equal ``stat`` calls, or its
+    fingerprint is not kept.
 
     Args:
         path: File to hash.
+        cache_dir: Cache root (None = :func:`default_cache_dir`). An unwritable
+            one costs a hash per run, with a warning, never the result.
 
     Returns:
         64 hex characters.
 
     Raises:
         OSError: The file cannot be read.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "w.bin"
+        >>> _ = f.write_bytes(b"abc")
+        >>> file_fingerprint(f)[:16]
+        'ba7816bf8f01cfea'
     """
     real = os.path.realpath(path)
-    st = os.stat(real)
-    memo_key = (real, st.st_size, st.st_mtime_ns)
+    key = _stat_key(real)
     with _FINGERPRINT_LOCK:
-        cached = _FINGERPRINTS.get(memo_key)
+        cached = _FINGERPRINTS.get(key)
     if cached is not None:
         return cached
-    digest = hashlib.sha256()
-    with open(real, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    value = digest.hexdigest()
+    store = resolve_cache_dir(cache_dir) / FINGERPRINT_FILE if key[1] >= FINGERPRINT_PERSIST_BYTES else None
+    entries = _read_fingerprints(store) if store is not None else []
+    value = next((e.get("sha256") for e in entries if _entry_key(e) == key), None)
+    if not isinstance(value, str) or len(value) != 64:
+        value = _sha256_file(real)
+        if store is not None and _stat_key(real) == key:
+            entry = dict(zip(("path", "size", "mtime_ns", "inode", "ctime_ns"), key), sha256=value)
+            # The newest last; a later run's entry for the same file replaces this one.
+            kept = [e for e in entries if e.get("path") != real][-(_FINGERPRINT_MAX_ENTRIES - 1):]
+            try:
+                atomic_write_json(store, {"format": _FINGERPRINT_FORMAT, "files": [*kept, entry]})
+            except OSError as exc:
+                warnings.warn(f"could not write the fingerprint cache {store}: {exc}",
+                              ResourceUseWarning, stacklevel=2)
     with _FINGERPRINT_LOCK:
-        _FINGERPRINTS[memo_key] = value
+        _FINGERPRINTS[key] = value
     return value
 
 

@@ -26,7 +26,11 @@ the towers' outputs, so no file is decoded a second time for them.
 
 How it runs comes from one :class:`~hybridcls.runtime.RuntimeSettings`:
 the device (any torch device), autocast in the asked ``precision`` for both
-towers, ``channels_last`` for the CNN on CUDA, ``compile`` (``torch.compile``
+towers (on the CPU, bfloat16 runs the CLIP image tower as a bfloat16 copy
+instead, and ``int8`` both towers as copies with int8 Linear layers: see
+:mod:`hybridcls.device`), ``channels_last`` for the CNN on CUDA and the CPU,
+``draft`` (a JPEG much larger than the towers' resize decoded at a reduced
+scale, down to twice that resize: :func:`~hybridcls.data.resize_side`), ``compile`` (``torch.compile``
 with fixed batch shapes: short batches are padded), and ``decode="device"``
 (JPEG files decoded on the engine's device by ``torchvision.io.decode_jpeg``:
 nvjpeg on CUDA, libjpeg-turbo on the CPU; the same geometry run on the decoded tensors with antialiased tensor resizing, so
@@ -39,9 +43,11 @@ the device cannot hold is run in halves, with a warning naming
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,9 +69,18 @@ from hybridcls.data import (
     decode_image_bytes,
     image_from_memory,
     load_image,
+    load_source,
     make_loader,
+    resize_side,
 )
-from hybridcls.device import autocast, autocast_dtype, resolve_device
+from hybridcls.device import (
+    TOWERS,
+    autocast,
+    autocast_dtype,
+    bf16_copy,
+    int8_linear_copy,
+    resolve_device,
+)
 from hybridcls.errors import ImageDecodeError, InputError, ParameterError, ResourceUseWarning
 from hybridcls.gate.branches import BranchOutputs
 from hybridcls.runtime import RuntimeSettings
@@ -253,8 +268,9 @@ class EncodedDataset(ImageDataset):
         except OSError:
             pass  # the CPU decoder below gives the precise reason
         try:
-            image = (decode_image_bytes(data, source.path, max_pixels=self.max_pixels) if data
-                     else load_image(source.path, max_pixels=self.max_pixels))
+            image = (decode_image_bytes(data, source.path, max_pixels=self.max_pixels,
+                                        target_side=self.target_side) if data
+                     else load_image(source.path, max_pixels=self.max_pixels, target_side=self.target_side))
         except ImageDecodeError as err:
             return Sample(index, None, err.reason)
         return Sample(index, self.transform(image))
@@ -345,7 +361,8 @@ class InferenceEngine:
             # The device decoder hands the geometry tensors, not PIL images, and its pixels differ
             # slightly from Pillow's: extra views computed there would not be the ones asked for.
             raise ParameterError("decode", settings.decode, "extra views need decode='cpu'")
-        self._autocast_dtype = autocast_dtype(self.device, settings.precision)  # refuses early
+        # each tower's autocast type (refuses a precision the device cannot run, early)
+        self._autocast_dtype = {t: autocast_dtype(self.device, settings.precision, tower=t) for t in TOWERS}
         self.supervised = supervised
         self.clip = clip
         self.batch_size = settings.batch_size
@@ -362,29 +379,57 @@ class InferenceEngine:
         keys = [v.key for v in self._transform.views]
         self._views = views
         self._geometry_of = [keys.index(v.key) for v in views]
-        self._sup_forward = supervised.forward_with_features if supervised is not None else None
-        self._clip_encode = clip.encode_images if clip is not None else None
-        channels_last = self.device.type == "cuda" and supervised is not None
+        sides = [resize_side(v.geometry) for v in views]
+        # Extra views (the audit's pixel thumbnails) say nothing of the pixels they need.
+        #: The side both towers' resizes need, given to the decoder (``load_image``'s
+        #: ``target_side``); None: every file decoded at full size.
+        self.target_side = (max(sides) if settings.draft and not extra_views and None not in sides
+                            else None)
+        # oneDNN's convolutions run faster in channels_last, on the CPU as on CUDA.
+        channels_last = self.device.type in ("cuda", "cpu") and supervised is not None
         if channels_last:
             supervised.to(memory_format=torch.channels_last)
+        self._channels_last = channels_last
+        int8 = settings.precision == "int8"
+        sup_model = int8_linear_copy(supervised) if int8 and supervised is not None else supervised
+        #: A reduced copy of the CLIP image tower (CPU: bfloat16, or int8 Linear layers) run
+        #: instead of the model's own, or None.
+        self._clip_visual = None
+        if clip is not None and self.device.type == "cpu":
+            if int8:
+                self._clip_visual = int8_linear_copy(clip.bundle.model.visual)
+            elif self._autocast_dtype["clip"] == torch.bfloat16:
+                self._clip_visual = bf16_copy(clip.bundle.model.visual)
+        self._sup_forward = sup_model.forward_with_features if supervised is not None else None
+        self._clip_encode = clip.encode_images if clip is not None else None
+        if self._clip_visual is not None:
+            self._clip_encode = functools.update_wrapper(
+                functools.partial(clip.encode_images, visual=self._clip_visual), clip.encode_images)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         if settings.compile:
             # dynamic=False: one graph per batch shape, and every batch is padded to one shape.
             if supervised is not None:
-                self._sup_forward = torch.compile(supervised.forward_with_features, dynamic=False)
+                self._sup_forward = torch.compile(self._sup_forward, dynamic=False)
             if clip is not None:
-                self._clip_encode = torch.compile(clip.encode_images, dynamic=False)
+                self._clip_encode = torch.compile(self._clip_encode, dynamic=False)
         #: What this engine applies, for a run's record (a flag that did nothing shows here).
         self.applied: dict[str, Any] = {
             "device": str(self.device),
             "batch_size": settings.batch_size,
             "workers": settings.workers,
             "precision": settings.precision,
-            "autocast": None if self._autocast_dtype is None else str(self._autocast_dtype).split(".")[-1],
+            "autocast": {t: None if d is None else str(d).split(".")[-1] for t, d in self._autocast_dtype.items()
+                         if (supervised, clip)[TOWERS.index(t)] is not None},
             "compile": settings.compile,
             "decode": settings.decode,
+            "draft_target_side": self.target_side,
             "channels_last": channels_last,
+            "weights": {
+                **({"supervised": "int8 linear" if int8 else "float32"} if supervised is not None else {}),
+                **({"clip": "float32" if self._clip_visual is None else "int8 linear" if int8
+                    else "bfloat16"} if clip is not None else {}),
+            },
             "towers": [t for t, m in (("supervised", supervised), ("clip", clip)) if m is not None],
         }
 
@@ -402,17 +447,21 @@ class InferenceEngine:
     def _on_device(self, images: Sequence[torch.Tensor], view: int) -> torch.Tensor:
         pixels = images[self._geometry_of[view]].to(self.device, non_blocking=True)
         x = self._views[view].normalise(pixels)
-        if self.device.type == "cuda" and view == 0 and self.supervised is not None:
+        if self._channels_last and view == 0:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def _sup_fn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.inference_mode(), autocast(self.device, self.settings.precision):
+        with torch.inference_mode(), autocast(self.device, self.settings.precision, tower="supervised"):
             logits, feats = self._sup_forward(x)
         return logits.float(), feats.float()
 
     def _clip_fn(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        with torch.inference_mode(), autocast(self.device, self.settings.precision):
+        # A reduced copy runs in its own types: autocast would take torch's attention off its
+        # fused path (see hybridcls.device.bf16_copy).
+        precision = nullcontext() if self._clip_visual is not None else autocast(
+            self.device, self.settings.precision, tower="clip")
+        with torch.inference_mode(), precision:
             return (self._clip_encode(x).float(),)
 
     def _call(self, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor
@@ -459,13 +508,30 @@ class InferenceEngine:
         """The CLIP tower on a batch of decoded views: ``([n, D] embeddings, [n, C] logits)``."""
         x = self._on_device(images, self._clip_view)
         self.clip_images_encoded += len(x)
-        (emb,) = self._call(self._clip_fn, x)
+        emb = self.clip_embeddings(x)
         logits = self.clip.logits_from_embeddings(emb)
         return emb.numpy(), logits.cpu().numpy()
+
+    def clip_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, D]`` L2-normalised float32 embeddings (on the CPU) of normalised ``[N, 3, H, W]`` images.
+
+        The CLIP image tower as the engine runs it: in its precision (or reduced
+        copy), ``batch_size`` rows at a time, halved on out-of-memory.
+        """
+        (emb,) = self._call(self._clip_fn, x.to(self.device))
+        return emb
 
     def decoded_views(self, image: Image.Image) -> tuple[torch.Tensor, ...]:
         """The ``uint8`` views of one decoded image, as the loader workers make them."""
         return self._transform(image)
+
+    def load(self, source: Source) -> Image.Image:
+        """A source decoded as the loader workers decode it (at a reduced scale where they do).
+
+        Raises:
+            ImageDecodeError: It cannot be read.
+        """
+        return load_source(source, target_side=self.target_side)
 
     # ------------------------------------------------------------------ the stream
 
@@ -473,8 +539,10 @@ class InferenceEngine:
         s = self.settings
         if s.decode == "cpu":
             return make_loader(sources, self._transform, batch_size=s.batch_size,
-                               workers=s.workers, pin_memory=self.device.type == "cuda")
-        return DataLoader(EncodedDataset(sources, self._transform, max_pixels=DEFAULT_MAX_PIXELS),
+                               workers=s.workers, pin_memory=self.device.type == "cuda",
+                               target_side=self.target_side)
+        return DataLoader(EncodedDataset(sources, self._transform, max_pixels=DEFAULT_MAX_PIXELS,
+                                         target_side=self.target_side),
                           batch_size=s.batch_size, shuffle=False, num_workers=s.workers,
                           collate_fn=collate_encoded)
 
@@ -514,7 +582,8 @@ class InferenceEngine:
             else:
                 try:  # the CPU decoder takes what the device decoder refused
                     src = sources[idx]
-                    image = (decode_image_bytes(item.numpy().tobytes(), src.path) if src.image is None
+                    image = (decode_image_bytes(item.numpy().tobytes(), src.path,
+                                                target_side=self.target_side) if src.image is None
                              else image_from_memory(src.image, src.path))
                 except ImageDecodeError as err:
                     errors[idx] = err.reason

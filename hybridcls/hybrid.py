@@ -89,6 +89,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         precision: Runtime setting.
         compile: Runtime setting.
         decode: Runtime setting.
+        draft: Runtime setting.
         cache_dir: Runtime setting.
         progress: Runtime setting.
 
@@ -140,6 +141,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         precision: str = _R.precision,
         compile: bool = _R.compile,
         decode: str = _R.decode,
+        draft: bool = _R.draft,
         cache_dir: str | os.PathLike[str] | None = _R.cache_dir,
         progress: bool = _R.progress,
     ) -> None:
@@ -166,6 +168,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.precision = precision
         self.compile = compile
         self.decode = decode
+        self.draft = draft
         self.cache_dir = cache_dir
         self.progress = progress
 
@@ -246,7 +249,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
 
     def _supervised_identity(self) -> dict[str, Any]:
         """The supervised tower's timm name and weights' SHA-256 (:func:`checkpoint_identity`)."""
-        return checkpoint_identity(self.run_dir_, self.checkpoint_config_)
+        return checkpoint_identity(self.run_dir_, self.checkpoint_config_, cache_dir=self.cache_dir)
 
     # ------------------------------------------------------------------ calibration
 

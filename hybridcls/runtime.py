@@ -3,7 +3,8 @@
 :class:`RuntimeSettings` holds what changes where and how fast the models run
 but never what they predict beyond floating-point noise: the device, the
 batch size, the decoding workers, the numeric precision, ``torch.compile``,
-where JPEG files are decoded, the cache folder and progress bars. The command
+where JPEG files are decoded and whether at a reduced scale, the cache folder
+and progress bars. The command
 line builds one from its flags (:mod:`hybridcls.cli.common`), both classifiers
 from their parameters of the same names (whose defaults are read from here),
 and the inference engine and training read it. A default is written once, in
@@ -25,9 +26,13 @@ from hybridcls.errors import ParameterError
 __all__ = ["DECODERS", "PRECISIONS", "RUNTIME_FIELDS", "RuntimeSettings"]
 
 #: ``precision`` values: ``auto`` (bfloat16 autocast on a CUDA device that supports it, float16
-#: on one that does not, float32 on the CPU), ``fp32`` (no autocast), ``bf16`` and ``fp16``
-#: (autocast in that type on any device). Weights always stay in float32.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: on one that does not; on the CPU, bfloat16 where the CPU computes it natively, float32
+#: elsewhere: :func:`hybridcls.device.autocast_dtype`), ``fp32`` (no autocast), ``bf16`` and
+#: ``fp16`` (autocast in that type on any device; on the CPU the CLIP image tower runs a bfloat16
+#: copy of its weights instead), ``int8`` (the CPU only: the Linear layers of both towers
+#: quantised to int8 with dynamic activation scales, ``torch.ao.quantization.quantize_dynamic``).
+#: Weights stay in float32 in the models the classifiers hold; reduced copies are the engine's.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 #: ``decode`` values: ``cpu`` (Pillow, in the loader workers) or ``device`` (JPEG files decoded in
 #: batches on the models' device by ``torchvision.io.decode_jpeg``: nvjpeg on CUDA; every other
@@ -49,6 +54,10 @@ class RuntimeSettings:
         compile: Wrap the towers in ``torch.compile`` (fixed batch shapes; pays back on long
             runs).
         decode: One of :data:`DECODERS` (the command line's ``--gpu-decode`` is ``"device"`` on CUDA).
+        draft: Decode a JPEG much larger than the towers' input at a reduced scale (libjpeg's DCT
+            scaling, 1/2 to 1/8 of each side) that keeps both sides at least twice the towers'
+            resize (:func:`hybridcls.data.load_image`'s ``target_side``); ``False`` decodes every
+            file at full size. CPU decoding only (``decode="device"`` decodes JPEG files whole).
         cache_dir: Root of the weights download cache and the text-classifier cache (``None``:
             ``$HYBRIDCLS_CACHE_DIR`` or ``~/.cache/hybridcls``, and the Hugging Face cache for
             weights).
@@ -72,6 +81,7 @@ class RuntimeSettings:
     precision: str = "auto"
     compile: bool = False
     decode: str = "cpu"
+    draft: bool = True
     cache_dir: str | None = None
     progress: bool = False
 
@@ -90,6 +100,8 @@ class RuntimeSettings:
             raise ParameterError("decode", self.decode, f"expected one of {', '.join(DECODERS)}")
         if not isinstance(self.compile, bool):
             raise ParameterError("compile", self.compile, "expected True or False")
+        if not isinstance(self.draft, bool):
+            raise ParameterError("draft", self.draft, "expected True or False")
         if not isinstance(self.progress, bool):
             raise ParameterError("progress", self.progress, "expected True or False")
         if self.cache_dir is not None:

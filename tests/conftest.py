@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHOTOS_DIR = Path(os.environ.get("HYBRIDCLS_PHOTOS", REPO_ROOT.parent / "shared" / "data" / "photos"))
+#: hybridcls.device.AUTO_BF16_CPU_TOWERS as shipped (pytest_configure empties it for the tests).
+SHIPPED_AUTO_BF16_CPU_TOWERS: frozenset[str] = frozenset()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -20,6 +22,14 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(1)
+    # precision="auto" runs the CNN in bfloat16 on CPUs that compute it natively: the tests'
+    # figures must not depend on the machine's instruction set, so here "auto" is float32 on
+    # every CPU (tests of that rule set it themselves).
+    import hybridcls.device
+
+    global SHIPPED_AUTO_BF16_CPU_TOWERS
+    SHIPPED_AUTO_BF16_CPU_TOWERS = hybridcls.device.AUTO_BF16_CPU_TOWERS
+    hybridcls.device.AUTO_BF16_CPU_TOWERS = frozenset()
 
 
 @pytest.fixture(scope="session")

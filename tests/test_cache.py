@@ -139,3 +139,102 @@ def test_every_file_written_whole_goes_through_an_atomic_write():
                 unsafe.append(f"{rel}:{line}: {name}")
     assert streams == _STREAMS  # the scan sees the writes it lets through
     assert unsafe == []
+
+
+# ------------------------------------------------------------------ weights fingerprints
+
+def _count_hashes(monkeypatch) -> list[str]:
+    """Replace the hash function by a counting wrapper; returns the list of hashed paths."""
+    import hybridcls.cache as cache_mod
+
+    calls: list[str] = []
+    real = cache_mod._sha256_file
+
+    def counting(path: str) -> str:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(cache_mod, "_sha256_file", counting)
+    monkeypatch.setattr(cache_mod, "_FINGERPRINTS", {})  # a fresh process's memo
+    return calls
+
+
+def test_a_large_file_is_hashed_once_across_processes_and_again_when_it_changes(tmp_path, monkeypatch):
+    import hashlib
+
+    import hybridcls.cache as cache_mod
+    from hybridcls.cache import FINGERPRINT_FILE, file_fingerprint
+
+    monkeypatch.setattr(cache_mod, "FINGERPRINT_PERSIST_BYTES", 1000)
+    weights, cache = tmp_path / "weights.safetensors", tmp_path / "cache"
+    weights.write_bytes(b"w" * 2000)
+    calls = _count_hashes(monkeypatch)
+    first = file_fingerprint(weights, cache_dir=cache)
+    assert first == hashlib.sha256(b"w" * 2000).hexdigest()
+    assert len(calls) == 1
+    stored = json.loads((cache / FINGERPRINT_FILE).read_text(encoding="utf-8"))
+    assert [e["sha256"] for e in stored["files"]] == [first]
+    assert stored["files"][0]["path"] == os.path.realpath(weights)
+    assert stored["files"][0]["size"] == 2000
+
+    monkeypatch.setattr(cache_mod, "_FINGERPRINTS", {})  # a second run: a new process
+    assert file_fingerprint(weights, cache_dir=cache) == first
+    assert len(calls) == 1  # read from fingerprints.json, not from the file
+
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes
+    monkeypatch.setattr(cache_mod, "_FINGERPRINTS", {})
+    assert file_fingerprint(weights, cache_dir=cache) == first
+    assert len(calls) == 2
+    weights.write_bytes(b"v" * 2001)  # rewritten: another size
+    monkeypatch.setattr(cache_mod, "_FINGERPRINTS", {})
+    assert file_fingerprint(weights, cache_dir=cache) == hashlib.sha256(b"v" * 2001).hexdigest()
+    assert len(calls) == 3
+    stored = json.loads((cache / FINGERPRINT_FILE).read_text(encoding="utf-8"))
+    assert len(stored["files"]) == 1  # one entry per file: the newest
+
+
+def test_a_file_with_the_same_size_and_mtime_but_other_bytes_is_hashed_again(tmp_path, monkeypatch):
+    import hybridcls.cache as cache_mod
+    from hybridcls.cache import file_fingerprint
+
+    monkeypatch.setattr(cache_mod, "FINGERPRINT_PERSIST_BYTES", 10)
+    weights, other, cache = tmp_path / "w.bin", tmp_path / "other.bin", tmp_path / "cache"
+    weights.write_bytes(b"a" * 100)
+    calls = _count_hashes(monkeypatch)
+    before = file_fingerprint(weights, cache_dir=cache)
+    other.write_bytes(b"b" * 100)
+    st = weights.stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))  # as rsync -t or cp -p would leave it
+    os.replace(other, weights)
+    monkeypatch.setattr(cache_mod, "_FINGERPRINTS", {})
+    after = file_fingerprint(weights, cache_dir=cache)
+    assert weights.stat().st_mtime_ns == st.st_mtime_ns and weights.stat().st_size == st.st_size
+    assert after != before and len(calls) == 2
+
+
+def test_small_files_and_broken_or_unwritable_stores_never_change_the_fingerprint(tmp_path, monkeypatch):
+    import hashlib
+
+    import hybridcls.cache as cache_mod
+    from hybridcls.cache import FINGERPRINT_FILE, file_fingerprint
+    from hybridcls.errors import ResourceUseWarning
+
+    monkeypatch.setattr(cache_mod, "FINGERPRINT_PERSIST_BYTES", 50)
+    small, big = tmp_path / "prompts.txt", tmp_path / "w.bin"
+    small.write_bytes(b"s" * 10)
+    big.write_bytes(b"b" * 100)
+    cache = tmp_path / "cache"
+    assert file_fingerprint(small, cache_dir=cache) == hashlib.sha256(b"s" * 10).hexdigest()
+    assert not (cache / FINGERPRINT_FILE).exists()  # below the size that is worth keeping
+    cache.mkdir()
+    (cache / FINGERPRINT_FILE).write_text("{not json", encoding="utf-8")
+    calls = _count_hashes(monkeypatch)
+    assert file_fingerprint(big, cache_dir=cache) == hashlib.sha256(b"b" * 100).hexdigest()
+    assert len(calls) == 1  # the broken store is replaced, not trusted
+    assert json.loads((cache / FINGERPRINT_FILE).read_text(encoding="utf-8"))["format"] == 1
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be", encoding="utf-8")
+    monkeypatch.setattr(cache_mod, "_FINGERPRINTS", {})
+    with pytest.warns(ResourceUseWarning, match="could not write the fingerprint cache"):
+        assert file_fingerprint(big, cache_dir=blocked) == hashlib.sha256(b"b" * 100).hexdigest()

@@ -289,6 +289,7 @@ CASES = {
     "precision": _record_changes("precision", ["--precision", "bf16"], "bf16"),
     "compile": _compile,
     "gpu_decode": _refused_with(["--gpu-decode"], "--gpu-decode"),
+    "full_decode": _record_changes("draft_target_side", ["--full-decode"], None),
     "unknown_threshold": _unknown,
     "checkpoint": _checkpoint,
     "mode": _mode,

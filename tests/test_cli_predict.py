@@ -99,19 +99,12 @@ def test_kaggle_format(tmp_path, prompts, tiny_clip):
 
 
 def test_second_run_does_not_encode_text(tmp_path, prompts, tiny_clip, monkeypatch):
-    import open_clip
+    from tinyclip_factory import count_text_encoding
 
     d = tmp_path / "ok"
     d.mkdir()
     make_plain(d, "PNG", "x.png")
-    calls = []
-    original = open_clip.CLIP.encode_text
-
-    def counting(self, *a, **k):
-        calls.append(1)
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(open_clip.CLIP, "encode_text", counting)
+    calls = count_text_encoding(monkeypatch)
     argv = ["predict", str(d), "--prompts", str(prompts), "--clip-model", tiny_clip,
             "--cache-dir", str(tmp_path / "cache"), "-o", str(tmp_path / "p.csv"), "-q"]
     assert main(argv) == 0

@@ -24,7 +24,13 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import Compose
 
-from hybridcls.data import MAX_ASPECT_RATIO, CentreCropAspect, ReduceLongSide, bound_aspect
+from hybridcls.data import (
+    MAX_ASPECT_RATIO,
+    CentreCropAspect,
+    ReduceLongSide,
+    bound_aspect,
+    resize_side,
+)
 from hybridcls.data.aspect import bound_step
 from hybridcls.engine import open_clip_view, timm_view
 from hybridcls.supervised import build_eval_transform
@@ -366,3 +372,26 @@ def test_the_engine_view_of_a_timm_model_is_timms_eval_transform():
     image = _noise(640, 480)
     np.testing.assert_allclose(view.normalise(view.pixels(image)).numpy(), _timm()(image).numpy(),
                                rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the side a resize needs (issue 15)
+
+def test_resize_side_is_the_longest_side_each_eval_resize_makes():
+    import math
+
+    import open_clip
+
+    cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    # timm: shorter side to floor(224 / crop_pct) before the 224 crop (ConvNeXt-Tiny's 0.95: 235)
+    assert resize_side(timm_view({**cfg, "crop_pct": 0.95}).geometry) == math.floor(224 / 0.95) == 235
+    assert resize_side(timm_view({**cfg, "crop_pct": 0.875, "crop_mode": "squash"}).geometry) == 256
+    assert resize_side(timm_view({**cfg, "crop_pct": 1.0, "crop_mode": "border"}).geometry) == 224
+    # open_clip's ViT-B-32: shorter side to 224; a squash to (h, w) needs its longer side
+    vit = open_clip.get_model_preprocess_cfg(open_clip.create_model("ViT-B-32", pretrained=None))
+    assert resize_side(open_clip_view(vit).geometry) == 224
+    assert resize_side(transforms.Compose([transforms.Resize((200, 300)), transforms.ToTensor()])) == 300
+    # what another step before the resize, or a random crop, would see of a reduced image is unknown
+    assert resize_side(transforms.Compose([transforms.CenterCrop(300), transforms.Resize(224)])) is None
+    assert resize_side(transforms.Compose([transforms.RandomResizedCrop(224)])) is None
+    assert resize_side(transforms.Compose([transforms.Resize(224, max_size=300)])) is None
+    assert resize_side(lambda image: image) is None

@@ -414,3 +414,85 @@ def test_draft_decoding_fails_exactly_when_a_full_decode_does(photos_dir: Path) 
     for name in ("african_elephants.jpg", "african_elephants_with_exif_orientation.jpg"):
         full, small = load_image(photos_dir / name), load_image(photos_dir / name, draft=True)
         assert small.size == (full.width // 8, full.height // 8), name
+
+
+# ------------------------------------------------------------------ reduced-scale decoding (issue 15)
+
+def _eval_pixels(image: Image.Image) -> np.ndarray:
+    """ConvNeXt-Tiny's timm eval view (shorter side to 235 = floor(224 / 0.95), centre crop 224)."""
+    from hybridcls.engine import timm_view
+
+    view = timm_view({"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.95,
+                      "crop_mode": "center", "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    return view.pixels(image).numpy().astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def camera_jpeg(tmp_path_factory) -> Path:
+    """A 4000 x 3000 photo-like JPEG (gradients, a disc, noise), as a 12-megapixel camera writes."""
+    from hybridcls.bench.speed import write_jpegs
+
+    return write_jpegs(tmp_path_factory.mktemp("camera"), 1, size=(4000, 3000), seed=3)[0]
+
+
+@pytest.mark.parametrize(("target", "size"), [
+    # the smallest of 1/1, 1/2, 1/4, 1/8 keeping both sides >= 2 * target: 3000 / 4 = 750 >= 470
+    (235, (1000, 750)), (100, (500, 375)), (375, (1000, 750)), (376, (2000, 1500)), (751, (4000, 3000)),
+    (None, (4000, 3000))])
+def test_a_large_jpeg_decodes_at_the_smallest_scale_twice_the_target_side(camera_jpeg, target, size):
+    from hybridcls.data import DRAFT_REDUCING_GAP
+
+    assert DRAFT_REDUCING_GAP == 2
+    image = load_image(camera_jpeg, target_side=target)
+    assert image.mode == "RGB" and image.size == size
+    assert decode_image_bytes(camera_jpeg.read_bytes(), "camera.jpg", target_side=target).size == size
+
+
+def test_a_draft_decoded_camera_jpeg_gives_the_full_decodes_pixels_after_the_resize(camera_jpeg):
+    full = _eval_pixels(load_image(camera_jpeg))
+    small = _eval_pixels(load_image(camera_jpeg, target_side=235))
+    diff = np.abs(small - full)
+    # libjpeg's 1/4-scale IDCT averages 4 x 4 blocks; the antialiased bicubic resize that follows
+    # still reduces 750 -> 235 (3.2x), so the two differ by a fraction of a level on average.
+    assert diff.mean() < 1.0 and diff.max() <= 16, (diff.mean(), diff.max())
+
+
+def test_reduced_decoding_keeps_orientation_colour_modes_and_leaves_other_formats_whole(tmp_path):
+    from imagefactory import make_exif_rotated_jpeg
+
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown turned 90 degrees
+    big.save(tmp_path / "sideways.jpg", quality=90, exif=exif)
+    big.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    big.convert("L").save(tmp_path / "grey.jpg", quality=90)
+    big.save(tmp_path / "big.png")
+    expected = {"sideways.jpg": (300, 400), "cmyk.jpg": (400, 300), "grey.jpg": (400, 300),
+                "big.png": (1600, 1200)}  # 1/4 keeps 300 >= 2 * 150; Pillow scales JPEG only
+    for name, size in expected.items():
+        full, small = load_image(tmp_path / name), load_image(tmp_path / name, target_side=150)
+        assert small.mode == "RGB" and small.size == size, name
+        # the same picture, turned and converted alike: compared at a common small size
+        a = np.asarray(full.resize((80, 60) if size[0] > size[1] else (60, 80), Image.Resampling.BOX), np.float64)
+        b = np.asarray(small.resize(a.shape[1::-1], Image.Resampling.BOX), np.float64)
+        assert np.abs(a - b).mean() < 3.0, name
+    corner = make_exif_rotated_jpeg(tmp_path)  # 20 px short side < 2 * 11: whole, upright
+    assert load_image(corner, target_side=11).size == load_image(corner).size == (40, 20)
+    assert load_image(corner, target_side=5).size == (20, 10)  # 1/2 keeps 10 >= 2 * 5, upright
+
+
+def test_real_photos_decode_at_a_reduced_scale_to_nearly_the_same_view(photos_dir: Path) -> None:
+    photos = [p for p in sorted(photos_dir.glob("*.jpg")) if "truncated" not in p.name]
+    assert len(photos) >= 10
+    reduced = 0
+    for path in photos:
+        full, small = load_image(path), load_image(path, target_side=235)
+        smallest = min(full.size)
+        # the largest of 1, 2, 4, 8 that keeps the shorter side >= 470
+        scale = max(s for s in (1, 2, 4, 8) if -(-smallest // s) >= 470)
+        assert small.size == (-(-full.width // scale), -(-full.height // scale)), path.name
+        reduced += scale > 1
+        diff = np.abs(_eval_pixels(small) - _eval_pixels(full))
+        assert diff.mean() < 1.0 and diff.max() <= 32, (path.name, diff.mean(), diff.max())
+    assert reduced >= 8  # the 2048 x 1536 camera-trap photos and the 3072 x 1728 one

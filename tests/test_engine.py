@@ -14,7 +14,7 @@ from hybridcls.bench.speed import write_jpegs
 from hybridcls.data import expand_inputs, load_image
 from hybridcls.device import autocast_dtype
 from hybridcls.engine import InferenceEngine
-from hybridcls.errors import InputError
+from hybridcls.errors import InputError, ParameterError
 from hybridcls.gate import Gate, GateCalibration, fit_cascade, max_softmax
 from hybridcls.hybrid import HybridClassifier
 from hybridcls.runtime import DECODERS, PRECISIONS, RuntimeSettings
@@ -165,14 +165,142 @@ def test_a_thin_strip_is_an_ok_row_on_both_decoders(hybrid, tmp_path, size):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_every_precision_computes_in_its_type_close_to_float32(hybrid, images, precision):
     _, ref = _all(_engine(hybrid, precision="fp32"), images[:4])
-    _, got = _all(_engine(hybrid, precision=precision), images[:4])
-    dtype = autocast_dtype(torch.device("cpu"), precision)
-    for name in ("sup_logits", "clip_logits"):
+    engine = _engine(hybrid, precision=precision)
+    _, got = _all(engine, images[:4])
+    for name, tower in (("sup_logits", "supervised"), ("clip_logits", "clip")):
+        dtype = autocast_dtype(torch.device("cpu"), precision, tower=tower)
         # float32 itself gives the same numbers; an autocast type rounds (so it acted), within
-        # a few of its units in the last place of the largest logit
-        tol = 0.0 if dtype is None else 8 * torch.finfo(dtype).eps * np.abs(ref(name)).max()
+        # a few of its units in the last place of the largest logit; int8 rounds each Linear
+        # layer's weights to 1/254 and its inputs to 1/255 of their range: a few percent at most
+        scale = np.abs(ref(name)).max()
+        tol = (0.05 * scale if precision == "int8" else 0.0 if dtype is None
+               else 8 * torch.finfo(dtype).eps * scale)
         np.testing.assert_allclose(got(name), ref(name), rtol=0, atol=tol)
-        assert np.array_equal(got(name), ref(name)) == (dtype is None), name
+        assert np.array_equal(got(name), ref(name)) == (dtype is None and precision != "int8"), name
+    weights = {"int8": "int8 linear", "bf16": "bfloat16"}.get(precision, "float32")
+    if precision == "auto":  # the CLIP tower's bfloat16 runs as a copy of its weights
+        weights = "bfloat16" if autocast_dtype(torch.device("cpu"), "auto", tower="clip") else "float32"
+    assert engine.applied["weights"] == {"supervised": "int8 linear" if precision == "int8" else "float32",
+                                         "clip": weights}
+
+
+def test_reduced_copies_leave_the_classifiers_models_in_float32(hybrid, images):
+    """On the CPU, bf16 runs the CLIP image tower as a bfloat16 copy outside autocast (torch's
+    attention keeps its fused path), int8 both towers as copies with int8 Linear layers."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    bf16 = _engine(hybrid, precision="bf16")
+    assert {p.dtype for p in bf16._clip_visual.parameters()} == {torch.bfloat16}
+    autocast_seen = []
+    visual_forward = bf16._clip_visual.forward
+    bf16._clip_visual.forward = lambda x: (autocast_seen.append(torch.is_autocast_enabled("cpu")),
+                                           visual_forward(x))[1]
+    _all(bf16, images[:2])
+    assert autocast_seen == [False]
+    int8 = _engine(hybrid, precision="int8")
+    assert any(isinstance(m, DynamicInt8Linear) for m in int8._clip_visual.modules())
+    assert any(isinstance(m, DynamicInt8Linear) for m in int8._sup_forward.__self__.modules())
+    for module in (hybrid.supervised_, hybrid.tower_.bundle.model):
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
+        assert not any(isinstance(m, DynamicInt8Linear) for m in module.modules())
+
+
+def test_int8_runs_on_the_cpu_only_and_auto_follows_the_cpus_bfloat16(monkeypatch):
+    from hybridcls import device
+
+    for tower in device.TOWERS:
+        with pytest.raises(ParameterError, match=r"precision='int8': int8 dynamic quantisation runs on "
+                                                 r"the CPU only, not on cuda; use precision='auto'"):
+            autocast_dtype(torch.device("cuda"), "int8", tower=tower)
+    # the measured rule (docs/benchmarks.md): under auto, the supervised CNN in bfloat16 on a CPU
+    # that computes it natively, the CLIP image tower in float32 (97.9% zero-shot agreement)
+    import conftest
+
+    assert conftest.SHIPPED_AUTO_BF16_CPU_TOWERS == {"supervised"}
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "AUTO_BF16_CPU_TOWERS", frozenset({"supervised"}))  # conftest empties it
+    for native in (True, False):
+        monkeypatch.setattr(device, "cpu_native_bf16", lambda native=native: native)
+        assert autocast_dtype(cpu, "auto", tower="supervised") == (torch.bfloat16 if native else None)
+        assert autocast_dtype(cpu, "auto", tower="clip") is None
+        for tower in device.TOWERS:
+            assert autocast_dtype(cpu, "fp32", tower=tower) is None
+            assert autocast_dtype(cpu, "bf16", tower=tower) == torch.bfloat16
+    assert autocast_dtype(torch.device("meta"), "auto", tower="supervised") is None  # no rule there
+
+
+def test_auto_on_a_native_bfloat16_cpu_runs_the_cnn_in_bfloat16_and_clip_in_float32(hybrid, images,
+                                                                                    monkeypatch):
+    from hybridcls import device
+
+    monkeypatch.setattr(device, "AUTO_BF16_CPU_TOWERS", frozenset({"supervised"}))
+    monkeypatch.setattr(device, "cpu_native_bf16", lambda: True)
+    engine = _engine(hybrid, precision="auto")
+    assert engine.applied["autocast"] == {"supervised": "bfloat16", "clip": None}
+    assert engine.applied["weights"] == {"supervised": "float32", "clip": "float32"}
+    _, ref = _all(_engine(hybrid, precision="fp32"), images[:4])
+    _, got = _all(engine, images[:4])
+    assert np.array_equal(got("clip_logits"), ref("clip_logits"))
+    assert not np.array_equal(got("sup_logits"), ref("sup_logits"))  # rounded in bfloat16: it acted
+    monkeypatch.setattr(device, "cpu_native_bf16", lambda: False)
+    assert _engine(hybrid, precision="auto").applied["autocast"] == {"supervised": None, "clip": None}
+
+
+@pytest.mark.parametrize(("machine", "checks", "mkldnn", "native"), [
+    ("x86_64", {"_is_avx512_bf16_supported": True, "_is_amx_tile_supported": False}, True, True),
+    ("x86_64", {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": True}, True, True),
+    # AVX-512 without BF16: oneDNN emulates bfloat16 (its check says yes), no faster than float32
+    ("x86_64", {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False}, True, False),
+    ("aarch64", {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False}, True, True),
+    ("arm64", {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False}, False, False),
+])
+def test_native_bfloat16_is_read_from_the_cpus_features(monkeypatch, machine, checks, mkldnn, native):
+    import platform
+
+    from hybridcls import device
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    for name, value in checks.items():
+        monkeypatch.setattr(torch.cpu, name, lambda value=value: value)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: mkldnn, raising=False)
+    assert device.cpu_native_bf16() is native
+
+
+def test_the_cnn_runs_channels_last_on_the_cpu(hybrid, images):
+    engine = _engine(hybrid, precision="fp32")
+    assert engine.applied["channels_last"] is True
+    convs = [m.weight for m in hybrid.supervised_.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    seen = []
+    forward = engine._sup_forward
+    engine._sup_forward = lambda x: (seen.append(x.is_contiguous(memory_format=torch.channels_last)),
+                                     forward(x))[1]
+    _all(engine, images[:4])
+    assert seen == [True]
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale_for_both_towers(hybrid, tmp_path):
+    import math
+
+    camera = write_jpegs(tmp_path / "camera", 2, size=(1600, 1200), seed=5)
+    sources = expand_inputs([str(p) for p in camera])
+    engine = _engine(hybrid, precision="fp32")
+    # the larger of the two resizes: the supervised view's floor(48 / crop_pct), CLIP's 32
+    crop_pct = hybrid.checkpoint_config_["data_config"]["crop_pct"]
+    assert engine.target_side == engine.applied["draft_target_side"] == max(math.floor(48 / crop_pct), 32)
+    # 1200 // (2 * target side) >= 8: decoded at 1/8 of each side
+    assert engine.load(sources[0]).size == (200, 150)
+    full = _engine(hybrid, precision="fp32", draft=False)
+    assert full.target_side is None and full.load(sources[0]).size == (1600, 1200)
+    _, small_cat = _all(engine, sources)
+    _, full_cat = _all(full, sources)
+    for name in ("sup_logits", "clip_logits"):
+        # the same top class and nearly the same logits (random towers: tiny margins)
+        np.testing.assert_allclose(small_cat(name), full_cat(name), rtol=0,
+                                   atol=0.05 * np.abs(full_cat(name)).max())
+    from hybridcls.audit.pixels import ThumbnailTransform
+
+    assert _engine(hybrid, extra_views=[ThumbnailTransform()]).target_side is None
 
 
 def test_compiled_shapes_are_fixed(hybrid, images, monkeypatch):
@@ -319,3 +447,22 @@ def test_cascade_threshold_fits_and_round_trips(tmp_path):
     path.write_text(json.dumps(old))
     assert GateCalibration.from_json(path).cascade_msp is None
     assert GateCalibration.from_json(path).cascade_distance is None
+
+
+def test_int8_leaves_linear_layers_whose_owner_reads_their_weights_in_float32():
+    """open_clip's ResNet attention pooling hands q_proj.weight to F.multi_head_attention_forward:
+    a quantised q_proj (whose weight is a method) would break it; a plain MLP is quantised."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    from hybridcls.device import int8_linear_copy
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+    from hybridcls.zeroshot import load_clip
+
+    visual = load_clip(TINY_CLIP_MODEL_ID, None).model.visual  # a ModifiedResNet
+    copy = int8_linear_copy(visual)
+    assert all(type(getattr(copy.attnpool, n)) is torch.nn.Linear for n in ("q_proj", "k_proj", "v_proj", "c_proj"))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(copy(x), visual(x))  # nothing else to quantise there
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+    assert [type(m) for m in int8_linear_copy(mlp)[::2]] == [DynamicInt8Linear, DynamicInt8Linear]

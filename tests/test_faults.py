@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tinyclip_factory import count_text_encoding
 from train_support import REPO_ROOT, small_world, worker_env
 
 from hybridcls.cli import main
@@ -247,7 +248,7 @@ def test_a_crafted_pickle_as_weights_is_refused_and_never_runs(world, tmp_path, 
     assert marker.exists()
 
 
-def test_a_tampered_text_cache_is_rebuilt_not_used(tmp_path):
+def test_a_tampered_text_cache_is_rebuilt_not_used(tmp_path, monkeypatch):
     from tinyclip_factory import make_tiny_clip
 
     from hybridcls.zeroshot import build_text_classifier, load_clip, parse_prompts
@@ -261,14 +262,7 @@ def test_a_tampered_text_cache_is_rebuilt_not_used(tmp_path):
     )
     # Change one number of the matrix, keeping the file well formed (header, key, shape).
     _flip_byte(path, _data_offset(path))
-    calls = []
-    original = bundle.model.encode_text
-
-    def counting(text, normalize=False):
-        calls.append(len(text))
-        return original(text, normalize=normalize)
-
-    bundle.model.encode_text = counting
+    calls = count_text_encoding(monkeypatch)
     again = build_text_classifier(bundle, ["cat", "dog"], templates, cache_dir=tmp_path / "c")
     assert calls, "the tampered cache was used instead of being rebuilt"
     assert torch.equal(again, fresh)

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
-from tinyclip_factory import make_tiny_clip, tiny_model_cfg, tiny_state_dict
+from tinyclip_factory import count_text_encoding, make_tiny_clip, tiny_model_cfg, tiny_state_dict
 
 from hybridcls.errors import (
     CheckpointError,
@@ -60,18 +60,6 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     return attempts
-
-
-def count_text_calls(monkeypatch, bundle) -> list[int]:
-    calls: list[int] = []
-    original = bundle.model.encode_text
-
-    def counting(text, normalize=False):
-        calls.append(len(text))
-        return original(text, normalize=normalize)
-
-    monkeypatch.setattr(bundle.model, "encode_text", counting)
-    return calls
 
 
 def write_images(folder: Path, n: int, seed: int = 0) -> list[Image.Image]:
@@ -349,12 +337,60 @@ def test_model_prefixes_are_the_schemas_open_clip_reads():
 # ---------------------------------------------------------------- text classifier
 
 
-def test_plain_names_give_exactly_open_clips_matrix(bundle, tmp_path):
+def test_plain_names_give_open_clips_matrix(bundle, tmp_path):
     names = ["cat", "dog", "grizzly bear"]
     w = build_text_classifier(bundle, names, TEMPLATES, cache_dir=tmp_path, use_cache=False)
     ref = open_clip.build_zero_shot_classifier(bundle.model, bundle.tokenizer, names, TEMPLATES)
-    assert w.shape == (32, 3) and torch.equal(w, ref)
+    assert w.shape == (32, 3) and torch.allclose(w, ref, rtol=0, atol=1e-5)
     assert torch.allclose(w.norm(dim=0), torch.ones(3))
+
+
+# Prompts of 3 to 11 tokens (start and end tokens included): within the tiny CLIP's 12.
+MIXED_TEMPLATES = ["a photo of a {}.", "{}", "a dark photo of the big {}.", "itap of my {}.", "art of the {}."]
+MIXED_NAMES = ["cat", "grizzly bear", "a", "tree frog", "ox", "bat"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "ViT-B-32"])
+def test_the_trimmed_text_encoder_gives_open_clips_matrix_and_cuts_each_batch(model, monkeypatch):
+    """The shipped tiny CLIP (12-token context) and a random ViT-B-32 (77): every phrase x
+    template through the text tower together, shortest first, each batch cut to its longest."""
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+    from hybridcls.zeroshot import text_classifier
+
+    bundle = load_clip(TINY_CLIP_MODEL_ID if model == "tiny" else model, None)
+    assert text_classifier.trimmed_text_encoder(bundle.model) is not None  # causal, pooled at EOT
+    lengths: list[int] = []
+    transformer = bundle.model.transformer
+    forward = transformer.forward
+    monkeypatch.setattr(transformer, "forward", lambda x, attn_mask=None: (
+        lengths.append(x.shape[1]), forward(x, attn_mask=attn_mask))[1])
+    monkeypatch.setattr(text_classifier, "_SEQUENCES_PER_BATCH", 8)
+    w = build_text_classifier(bundle, MIXED_NAMES, MIXED_TEMPLATES, use_cache=False)
+    monkeypatch.undo()
+    ref = open_clip.build_zero_shot_classifier(bundle.model, bundle.tokenizer, MIXED_NAMES, MIXED_TEMPLATES)
+    assert w.shape == ref.shape == (bundle.embed_dim, len(MIXED_NAMES))
+    assert torch.allclose(w, ref, rtol=0, atol=1e-5)
+    # 30 texts of 6 classes in batches of 8 by length, each cut to its longest: 7, 8, 9, 11 tokens.
+    tokens = bundle.tokenizer([t.format(n) for n in MIXED_NAMES for t in MIXED_TEMPLATES])
+    n_tokens = sorted((tokens != 0).sum(dim=1).tolist())
+    assert lengths == [max(n_tokens[i:i + 8]) for i in range(0, 30, 8)] == [7, 8, 9, 11]
+    assert tokens.shape[1] == (12 if model == "tiny" else 77)
+
+
+def test_text_towers_without_a_causal_mask_keep_the_full_context(tmp_path):
+    from hybridcls.zeroshot.text_classifier import trimmed_text_encoder
+
+    cfg = tiny_model_cfg()
+    cfg["text_cfg"] = {**cfg["text_cfg"], "no_causal_mask": True}
+    model = open_clip.CLIP(**cfg)
+    assert trimmed_text_encoder(model) is None  # a bidirectional tower sees the padding
+    coca_text = {**cfg["text_cfg"], "embed_cls": True}
+    custom = open_clip.CustomTextCLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=coca_text)
+    assert trimmed_text_encoder(custom) is None  # a class token after the text
+    plain = open_clip.CustomTextCLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"],
+                                     text_cfg=tiny_model_cfg()["text_cfg"])
+    assert trimmed_text_encoder(plain) is not None
+    assert trimmed_text_encoder(torch.nn.Linear(2, 2)) is None
 
 
 def test_synonyms_and_description_are_averaged_into_the_class(bundle, tmp_path):
@@ -371,7 +407,7 @@ def test_synonyms_and_description_are_averaged_into_the_class(bundle, tmp_path):
 def test_second_build_reads_the_cache_without_the_text_encoder(monkeypatch, tmp_path, tiny_dir):
     prompts = parse_prompts("moose: a large deer | elk\nwolf\nbat")
     first = load_clip(f"local-dir:{tiny_dir}")
-    calls = count_text_calls(monkeypatch, first)
+    calls = count_text_encoding(monkeypatch)
     w1 = build_text_classifier(first, prompts, TEMPLATES, cache_dir=tmp_path)
     assert calls, "the first build must encode text"
 
@@ -383,7 +419,8 @@ def test_second_build_reads_the_cache_without_the_text_encoder(monkeypatch, tmp_
     assert meta["fingerprint"] == first.fingerprint and meta["n_templates"] == "3"
 
     second = load_clip(f"local-dir:{tiny_dir}")  # a fresh model, as in a second run
-    calls2 = count_text_calls(monkeypatch, second)
+    calls.clear()
+    calls2 = calls
     w2 = build_text_classifier(second, prompts, TEMPLATES, cache_dir=tmp_path)
     assert calls2 == [] and torch.equal(w1, w2)
 
@@ -401,7 +438,7 @@ def test_changed_inputs_invalidate_the_cache(monkeypatch, tmp_path, bundle, chan
         prompts = parse_prompts("wolf\nmoose: a large deer | elk")
     else:
         target = load_clip(f"local-dir:{make_tiny_clip(tmp_path / 'other', seed=1)}")
-    calls = count_text_calls(monkeypatch, target)
+    calls = count_text_encoding(monkeypatch)
     build_text_classifier(target, prompts, templates, cache_dir=tmp_path)
     assert calls, f"changing the {change} must re-encode"
 
@@ -409,7 +446,7 @@ def test_changed_inputs_invalidate_the_cache(monkeypatch, tmp_path, bundle, chan
 def test_moved_local_dir_keeps_its_cache(monkeypatch, tmp_path, tiny_dir, bundle):
     build_text_classifier(bundle, ["cat", "dog"], TEMPLATES, cache_dir=tmp_path / "cache")
     moved = load_clip(f"local-dir:{shutil.copytree(tiny_dir, tmp_path / 'moved')}")
-    calls = count_text_calls(monkeypatch, moved)
+    calls = count_text_encoding(monkeypatch)
     build_text_classifier(moved, ["cat", "dog"], TEMPLATES, cache_dir=tmp_path / "cache")
     assert calls == []
 
@@ -418,7 +455,7 @@ def test_corrupt_or_mismatched_cache_file_is_rebuilt(monkeypatch, tmp_path, bund
     names = ["cat", "dog"]
     w = build_text_classifier(bundle, names, TEMPLATES, cache_dir=tmp_path)
     path = text_cache_path(tmp_path, text_cache_key(bundle, parse_prompts("cat\ndog"), TEMPLATES))
-    calls = count_text_calls(monkeypatch, bundle)
+    calls = count_text_encoding(monkeypatch)
     path.write_bytes(b"garbage")
     assert torch.equal(build_text_classifier(bundle, names, TEMPLATES, cache_dir=tmp_path), w)
     assert len(calls) > 0

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 __all__ = [
     "TINY_MODEL_CFG",
     "TINY_PREPROCESS_CFG",
+    "count_text_encoding",
     "make_tiny_clip",
     "tiny_model_cfg",
     "tiny_state_dict",
@@ -79,3 +80,41 @@ def make_tiny_clip(
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     save_file(tiny_state_dict(seed), str(out / weights_name))
     return out
+
+
+def count_text_encoding(monkeypatch: Any) -> list[int]:
+    """Count the texts the class-text matrix sends through a CLIP text tower, on either path.
+
+    hybridcls encodes through :func:`hybridcls.zeroshot.text_classifier.trimmed_text_encoder`
+    where it is exact and through open_clip's ``CLIP.encode_text`` otherwise; both are counted.
+
+    Args:
+        monkeypatch: pytest's ``monkeypatch`` (or a ``pytest.MonkeyPatch()``), undone by its owner.
+
+    Returns:
+        The list the number of texts of every encoder call is appended to.
+    """
+    from hybridcls.zeroshot import text_classifier
+
+    sizes: list[int] = []
+    trimmed = text_classifier.trimmed_text_encoder
+    plain = open_clip.CLIP.encode_text
+
+    def counting_trimmed(model: torch.nn.Module) -> Any:
+        encode = trimmed(model)
+        if encode is None:
+            return None
+
+        def counting(tokens: torch.Tensor) -> torch.Tensor:
+            sizes.append(len(tokens))
+            return encode(tokens)
+
+        return counting
+
+    def counting_plain(self: Any, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        sizes.append(len(text))
+        return plain(self, text, normalize=normalize)
+
+    monkeypatch.setattr(text_classifier, "trimmed_text_encoder", counting_trimmed)
+    monkeypatch.setattr(open_clip.CLIP, "encode_text", counting_plain)
+    return sizes

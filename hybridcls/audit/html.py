@@ -41,7 +41,7 @@ class _Thumbs:
         if path not in self.done:
             name = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".jpg"
             try:
-                image = load_image(path)
+                image = load_image(path, target_side=THUMB_PIXELS)
             except ImageDecodeError:
                 self.done[path] = None
                 return None

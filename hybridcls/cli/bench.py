@@ -7,6 +7,7 @@ from pathlib import Path
 
 from hybridcls.cache import json_text
 from hybridcls.cli.common import UsageError, add_class_arguments, prompts_from_args
+from hybridcls.runtime import PRECISIONS
 
 __all__ = ["add_parser", "run", "run_memory", "run_quality", "run_speed", "run_zoo"]
 
@@ -41,14 +42,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     q.add_argument("--workers", type=int, default=0, metavar="N")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(run=run_quality)
-    sp = sub.add_parser("speed", help="images per second: end-to-end, model-only, naive baseline, "
-                                      "GMACs, time to first prediction (random weights, offline)")
+    sp = sub.add_parser("speed", help="images per second: end-to-end, each tower against the machine's "
+                                      "matmul limit, naive and zero-shot baselines, GMACs, time to first "
+                                      "prediction (random weights, offline)")
     sp.add_argument("--out", default="hybridcls-bench-speed", metavar="DIR",
                     help="working folder; speed.json goes here (default: %(default)s)")
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: %(default)s")
     sp.add_argument("--batch-size", type=int, default=32, metavar="N", help="default: %(default)s")
-    sp.add_argument("--images", type=int, default=64, metavar="N", help="JPEG files to write and read "
-                    "(default: %(default)s)")
+    sp.add_argument("--images", type=int, default=64, metavar="N", help="JPEG files to write and read, "
+                    "of each size (default: %(default)s)")
+    sp.add_argument("--sizes", nargs="+", default=None, metavar="WxH",
+                    help="JPEG sizes, the first for pipeline efficiency, the cascade and zero-shot "
+                         "(default: 500x375 4000x3000)")
+    sp.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=PRECISIONS, metavar="P",
+                    help="precisions timed side by side, the run's own last (default: %(default)s; "
+                         f"choices: {', '.join(PRECISIONS)})")
     sp.add_argument("--models", nargs=2, default=None, metavar=("TIMM", "CLIP"),
                     help="supervised timm model and open_clip model (default: convnext_tiny ViT-B-32; "
                          "'tiny' = the synthetic world's CLIP)")
@@ -63,7 +71,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     help="timed runs of each throughput figure, taken in turns; the fastest counts "
                          "(default: %(default)s, after one warm-up run each)")
     sp.add_argument("--quick", action="store_true",
-                    help="CI-sized: test_convnext + tiny CLIP, 16 small images, 64 px, 4 templates")
+                    help="CI-sized: test_convnext + tiny CLIP, 16 images of 160x120 and 640x480, 64 px, "
+                         "4 templates")
     sp.set_defaults(run=run_speed)
     me = sub.add_parser("memory", help="peak resident memory of `predict` on N vs 10N small images "
                                        "(fresh process per run, offline)")
@@ -143,18 +152,32 @@ def run_speed(args: argparse.Namespace) -> int:
         raise UsageError(f"--repeat must be at least 1, got {args.repeat}")
     if args.gpu_decode and args.device != "cuda":
         raise UsageError("--gpu-decode needs --device cuda")
-    quick = {"images": 16, "size": (160, 120), "image_size": 64,
-                 "templates": ["a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}."]
-                 } if args.quick else {}
-    options = {"images": args.images, "image_size": args.image_size, **quick}
+    sizes = [_size(text) for text in args.sizes] if args.sizes else None
+    quick = {"images": 16, "sizes": [(160, 120), (640, 480)], "image_size": 64,
+             "templates": ["a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}."]
+             } if args.quick else {}
+    options = {"images": args.images, "image_size": args.image_size, **quick,
+               **({"sizes": sizes} if sizes else {})}
     models = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
     report = bench(Path(args.out), device=args.device, batch_size=args.batch_size, models=models,
                    workers=args.workers, compile=args.compile, gpu_decode=args.gpu_decode,
-                   cascade_share=args.cascade_share, threads=args.threads, repeat=args.repeat, **options)
+                   cascade_share=args.cascade_share, threads=args.threads, repeat=args.repeat,
+                   precisions=args.precisions, **options)
     print(report.markdown())
     print(json_text(report.info))
     print(f"wrote {Path(args.out) / 'speed.json'}")
     return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``--sizes``' ``WxH`` as ``(width, height)``."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        width = height = 0
+    if width < 1 or height < 1:
+        raise UsageError(f"--sizes takes WIDTHxHEIGHT in pixels, such as 4000x3000; got {text!r}")
+    return width, height
 
 
 def run_memory(args: argparse.Namespace) -> int:

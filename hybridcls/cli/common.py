@@ -127,18 +127,20 @@ def prompts_from_args(args: argparse.Namespace) -> str | list[str] | None:
     return args.prompts or getattr(args, "classes", None)
 
 
-def path_fingerprint(path: str | None) -> Any:
+def path_fingerprint(path: str | None, cache_dir: str | None = None) -> Any:
     """What identifies a file or folder a setting names, for manifests that must match on resume.
 
     A file: its content hash; a folder: the hash of each file in it; anything
-    else (a model name, a tag): the text itself; None: None.
+    else (a model name, a tag): the text itself; None: None. ``cache_dir`` keeps
+    large files' hashes (:func:`hybridcls.cache.file_fingerprint`).
     """
     if not path:
         return None
     p = Path(path)
     if p.is_dir():
-        return {f.name: file_fingerprint(f) for f in sorted(p.iterdir()) if f.is_file()}
-    return file_fingerprint(p) if p.is_file() else path
+        return {f.name: file_fingerprint(f, cache_dir=cache_dir)
+                for f in sorted(p.iterdir()) if f.is_file()}
+    return file_fingerprint(p, cache_dir=cache_dir) if p.is_file() else path
 
 
 def add_clip_arguments(parser: argparse.ArgumentParser, *, prompts_required: bool = True) -> None:
@@ -169,8 +171,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, engine_options: bo
 
     Args:
         parser: The subcommand's parser.
-        engine_options: Also ``--precision``, ``--compile`` and ``--gpu-decode`` (commands
-            whose models run through the inference engine).
+        engine_options: Also ``--precision``, ``--compile``, ``--gpu-decode`` and ``--full-decode``
+            (commands whose models run through the inference engine).
     """
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default=_R.device, metavar="DEVICE",
@@ -184,12 +186,17 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, engine_options: bo
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     if engine_options:
         g.add_argument("--precision", choices=PRECISIONS, default=_R.precision,
-                       help="numeric precision of both towers: auto (bfloat16 autocast on CUDA, "
-                            "float32 on the CPU), fp32, bf16 or fp16 (default: %(default)s)")
+                       help="numeric precision of both towers: auto (bfloat16 on CUDA and on a CPU "
+                            "with native bfloat16, else float32), fp32, bf16, fp16, or int8 (CPU "
+                            "only: Linear layers quantised) (default: %(default)s)")
         g.add_argument("--compile", action="store_true",
                        help="torch.compile both towers (fixed batch shapes; pays off on long runs)")
         g.add_argument("--gpu-decode", action="store_true",
                        help="decode JPEG files on the GPU (CUDA only; other files use the CPU decoder)")
+        g.add_argument("--full-decode", action="store_true",
+                       help="decode every JPEG file at full size (default: a JPEG much larger than "
+                            "the models' input is decoded at 1/2 to 1/8 scale, still at least twice "
+                            "the size the models resize it to)")
 
 
 def runtime_from_args(args: argparse.Namespace) -> RuntimeSettings:
@@ -210,6 +217,7 @@ def runtime_from_args(args: argparse.Namespace) -> RuntimeSettings:
         precision=getattr(args, "precision", _R.precision),
         compile=getattr(args, "compile", _R.compile),
         decode=DECODERS[1] if getattr(args, "gpu_decode", False) else DECODERS[0],
+        draft=not getattr(args, "full_decode", False),
         cache_dir=getattr(args, "cache_dir", _R.cache_dir),
         progress=not args.quiet,
     )
@@ -228,9 +236,9 @@ def clip_settings(args: argparse.Namespace) -> dict[str, Any]:
     them: files and ``local-dir:`` folders by content (:func:`path_fingerprint`), names as text."""
     clip = args.clip_model
     return {
-        "clip_model": (path_fingerprint(clip.removeprefix(LOCAL_DIR_PREFIX))
+        "clip_model": (path_fingerprint(clip.removeprefix(LOCAL_DIR_PREFIX), args.cache_dir)
                        if clip.startswith(LOCAL_DIR_PREFIX) else clip),
-        "clip_pretrained": path_fingerprint(clip_pretrained_from_args(args)),
+        "clip_pretrained": path_fingerprint(clip_pretrained_from_args(args), args.cache_dir),
     }
 
 
@@ -271,6 +279,8 @@ def hybrid_from_args(args: argparse.Namespace, **params: Any) -> Any:
 _SWITCHES: dict[tuple[str, str], str] = {
     ("decode", repr(DECODERS[1])): "--gpu-decode",
     ("decode", repr(DECODERS[0])): "no --gpu-decode",
+    ("draft", "False"): "--full-decode",
+    ("draft", "True"): "no --full-decode",
     ("progress", "False"): "-q",
     ("progress", "True"): "no -q",
     ("pretrained", "False"): "--no-pretrained",  # train (not True: timm.create_model(pretrained=True))

@@ -191,9 +191,9 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     settings: dict[str, Any] = {
         **clip_settings(args),
-        "prompts": path_fingerprint(args.prompts),
+        "prompts": path_fingerprint(args.prompts, args.cache_dir),
         "classes": args.classes,
-        "templates": path_fingerprint(args.templates),
+        "templates": path_fingerprint(args.templates, args.cache_dir),
         "topk": args.topk,
         "precision": args.precision,
         "unknown_threshold": args.unknown_threshold,
@@ -204,12 +204,12 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
         run_dir = Path(args.checkpoint)
         # The files load_run reads: weights and config, gate, embedding index (when present).
         settings["checkpoint"] = {
-            name: file_fingerprint(run_dir / name)
+            name: file_fingerprint(run_dir / name, cache_dir=args.cache_dir)
             for name in (CONFIG_FILE, WEIGHTS_FILE, GATE_FILENAME)
             if (run_dir / name).is_file()
         }
         if (run_dir / INDEX_DIR).is_dir():
-            settings["checkpoint"][INDEX_DIR] = path_fingerprint(run_dir / INDEX_DIR)
+            settings["checkpoint"][INDEX_DIR] = path_fingerprint(run_dir / INDEX_DIR, args.cache_dir)
         settings.update(mode=args.mode, cascade=args.cascade)
     return settings
 

@@ -11,7 +11,13 @@ Example:
 
 from __future__ import annotations
 
-from hybridcls.data.aspect import MAX_ASPECT_RATIO, CentreCropAspect, ReduceLongSide, bound_aspect
+from hybridcls.data.aspect import (
+    MAX_ASPECT_RATIO,
+    CentreCropAspect,
+    ReduceLongSide,
+    bound_aspect,
+    resize_side,
+)
 from hybridcls.data.datasets import Batch, ImageDataset, Sample, collate, load_source, make_loader
 from hybridcls.data.folders import (
     ImageFolderIndex,
@@ -25,6 +31,7 @@ from hybridcls.data.folders import (
 from hybridcls.data.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SIDE,
+    DRAFT_REDUCING_GAP,
     SUPPORTED_FORMATS,
     decode_image_bytes,
     image_from_memory,
@@ -44,6 +51,7 @@ __all__ = [
     "CSV_PATH_COLUMNS",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_SIDE",
+    "DRAFT_REDUCING_GAP",
     "IMAGE_EXTENSIONS",
     "LIST_EXTENSIONS",
     "MAX_ASPECT_RATIO",
@@ -67,6 +75,7 @@ __all__ = [
     "load_image",
     "load_source",
     "make_loader",
+    "resize_side",
     "scan_image_folder",
     "stratified_split",
     "val_split_range",

@@ -55,7 +55,14 @@ from typing import Any, TypeVar
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["MAX_ASPECT_RATIO", "CentreCropAspect", "ReduceLongSide", "bound_aspect", "bound_step"]
+__all__ = [
+    "MAX_ASPECT_RATIO",
+    "CentreCropAspect",
+    "ReduceLongSide",
+    "bound_aspect",
+    "bound_step",
+    "resize_side",
+]
 
 #: Aspect ratio (long side / short side) up to which an image reaches a resize untouched.
 MAX_ASPECT_RATIO: float = 16.0
@@ -238,3 +245,44 @@ def bound_aspect(transform: Any) -> Any:
                 return transform
             return type(transform)([*steps[:i], bound, *steps[i:]])
     return transform
+
+
+def resize_side(transform: Any) -> int | None:
+    """The longest side a ``Compose`` eval transform's resize brings an image to; None if unknown.
+
+    A decoded image whose two sides are both at least this long is only ever
+    reduced by the transform, whatever its orientation, so it may be decoded
+    at a reduced scale down to that size (JPEG's DCT scaling; see
+    :func:`~hybridcls.data.load_image`'s ``target_side``): a shorter-side resize
+    to ``S`` (timm ``center``, open_clip ``shortest``) needs ``S``; a squash or a
+    letterbox to ``(h, w)`` needs ``max(h, w)``. The steps of :func:`bound_aspect`
+    in front of the resize only cut or reduce the long side of strips, which
+    leaves the short side as it is.
+
+    Args:
+        transform: The transform (torchvision / timm / open_clip ``Compose``).
+
+    Returns:
+        The side in pixels, or None for a transform whose first step (after
+        :func:`bound_aspect`'s) is not a resize recognised here: torchvision's
+        ``Resize`` or timm's / open_clip's ``ResizeKeepRatio``, without ``max_size``.
+
+    Example:
+        >>> from torchvision import transforms
+        >>> resize_side(transforms.Compose([transforms.Resize(235), transforms.CenterCrop(224)]))
+        235
+        >>> resize_side(transforms.Compose([transforms.Resize((224, 320))]))
+        320
+        >>> resize_side(transforms.Compose([transforms.CenterCrop(224)])) is None
+        True
+    """
+    for step in getattr(transform, "transforms", None) or []:
+        if isinstance(step, (CentreCropAspect, ReduceLongSide)):
+            continue
+        # By name, as in bound_step; a crop or anything else before the resize would see
+        # another part of a reduced image, and a random resized crop other pixels of it.
+        if type(step).__name__ in ("Resize", "ResizeKeepRatio") and getattr(step, "max_size", None) is None:
+            hw = _hw(getattr(step, "size", None))
+            return max(hw) if hw is not None else None
+        return None
+    return None

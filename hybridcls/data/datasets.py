@@ -78,6 +78,8 @@ class ImageDataset(Dataset):
         transform: Callable from an RGB PIL image to a tensor; must be
             picklable for worker processes started with ``spawn``.
         max_pixels: Passed to :func:`load_image`.
+        target_side: Passed to :func:`load_image`: the side ``transform`` resizes to,
+            down to which a large JPEG may be decoded at a reduced scale.
 
     Example:
         >>> from torchvision.transforms import v2
@@ -93,10 +95,12 @@ class ImageDataset(Dataset):
         transform: Transform,
         *,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        target_side: int | None = None,
     ) -> None:
         self.sources = list(sources)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.target_side = target_side
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -106,14 +110,18 @@ class ImageDataset(Dataset):
         if source.error is not None:
             return Sample(index, None, source.error)
         try:
-            image = load_source(source, max_pixels=self.max_pixels)
+            image = load_source(source, max_pixels=self.max_pixels, target_side=self.target_side)
         except ImageDecodeError as err:
             return Sample(index, None, err.reason)
         return Sample(index, self.transform(image))
 
 
-def load_source(source: Source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_source(source: Source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                target_side: int | None = None) -> Image.Image:
     """The upright RGB image of a source: its file decoded, or its in-memory image converted.
+
+    ``max_pixels`` and ``target_side`` are :func:`load_image`'s (an image given in
+    memory is already decoded: it is converted at its size).
 
     Raises:
         ImageDecodeError: It cannot be read (the source's own known error included).
@@ -122,7 +130,7 @@ def load_source(source: Source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
         raise ImageDecodeError(source.path, source.error)
     if source.image is not None:
         return image_from_memory(source.image, source.path, max_pixels=max_pixels)
-    return load_image(source.path, max_pixels=max_pixels)
+    return load_image(source.path, max_pixels=max_pixels, target_side=target_side)
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -165,6 +173,7 @@ def make_loader(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     sampler: Sampler[int] | None = None,
     seed: int | None = None,
+    target_side: int | None = None,
 ) -> DataLoader:
     """A DataLoader over ``sources`` that yields :class:`Batch` objects in input order.
 
@@ -177,6 +186,8 @@ def make_loader(
         max_pixels: Passed to :func:`load_image`.
         sampler: Index order (training); ``None`` keeps ``sources`` order.
         seed: Seeds the workers' RNGs through the loader's generator.
+        target_side: Passed to :func:`load_image` (eval transforms only: see
+            :func:`~hybridcls.data.resize_side`).
 
     Returns:
         A loader that never shuffles, so batches come in ``sources`` order
@@ -188,7 +199,7 @@ def make_loader(
         ...     logits = model(batch.images)
     """
     return DataLoader(
-        ImageDataset(sources, transform, max_pixels=max_pixels),
+        ImageDataset(sources, transform, max_pixels=max_pixels, target_side=target_side),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -31,7 +31,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy.special import softmax
 
-from hybridcls.data import Source, as_sources, load_image, load_source
+from hybridcls.data import Source, as_sources, load_image
 from hybridcls.errors import ImageDecodeError
 from hybridcls.explain.clip_maps import clip_similarity_map
 from hybridcls.explain.gradcam import gradcam_maps, require_grad_cam
@@ -140,7 +140,7 @@ def _neighbours(index: Any, sims: np.ndarray, ids: np.ndarray, classes: np.ndarr
             nb = Neighbour(path=index.paths[i], similarity=float(sim),
                            label=str(classes[label]) if 0 <= label < len(classes) else "")
             try:
-                nb.thumbnail = save_png(thumbnail(load_image(nb.path), side=96),
+                nb.thumbnail = save_png(thumbnail(load_image(nb.path, target_side=96), side=96),
                                         out / NEIGHBOURS_DIR / f"{i:07d}.png")
             except ImageDecodeError as err:
                 nb.error = err.reason
@@ -207,7 +207,9 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
             if not ex.ok:
                 continue
             try:
-                s_x, s_crop, c_x, c_crop = views(load_source(sources[idx]))
+                # decoded as the engine decoded it (the same reduced scale): the maps and the
+                # decision come from the same pixels
+                s_x, s_crop, c_x, c_crop = views(clf.engine_.load(sources[idx]))
             except ImageDecodeError as err:  # changed on disk since the engine read it
                 ex.row = PredictionRow.failed(row.path, err.reason)
                 continue

@@ -243,7 +243,8 @@ def read_checkpoint_config(run_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def checkpoint_identity(run_dir: str | Path, config: Mapping[str, Any]) -> dict[str, Any]:
+def checkpoint_identity(run_dir: str | Path, config: Mapping[str, Any], *,
+                        cache_dir: str | Path | None = None) -> dict[str, Any]:
     """A run's supervised tower as a run record names it (:func:`~hybridcls.provenance.tower_identity`).
 
     Args:
@@ -255,7 +256,8 @@ def checkpoint_identity(run_dir: str | Path, config: Mapping[str, Any]) -> dict[
         weights it started from}``: the SHA-256 ``train`` recorded (and the load checked),
         hashed here for a checkpoint from before hashes.
     """
-    fingerprint = config.get(WEIGHTS_HASH_KEY) or file_fingerprint(Path(run_dir) / WEIGHTS_FILE)
+    fingerprint = config.get(WEIGHTS_HASH_KEY) or file_fingerprint(Path(run_dir) / WEIGHTS_FILE,
+                                                                    cache_dir=cache_dir)
     return tower_identity(config["model"]["name"], fingerprint, weights=config.get("weights"))
 
 

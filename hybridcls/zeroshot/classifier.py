@@ -21,7 +21,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from hybridcls.device import autocast, resolve_device
+from hybridcls.device import resolve_device
 from hybridcls.engine import InferenceEngine
 from hybridcls.errors import InputError
 from hybridcls.gate import Gate
@@ -60,6 +60,7 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         precision: Runtime setting.
         compile: Runtime setting.
         decode: Runtime setting.
+        draft: Runtime setting.
         cache_dir: Runtime setting.
         progress: Runtime setting.
 
@@ -98,6 +99,7 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         precision: str = _R.precision,
         compile: bool = _R.compile,
         decode: str = _R.decode,
+        draft: bool = _R.draft,
         cache_dir: str | os.PathLike[str] | None = _R.cache_dir,
         progress: bool = _R.progress,
     ) -> None:
@@ -114,6 +116,7 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.precision = precision
         self.compile = compile
         self.decode = decode
+        self.draft = draft
         self.cache_dir = cache_dir
         self.progress = progress
 
@@ -198,11 +201,10 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
             images = images.unsqueeze(0)
         if images.ndim != 4:
             raise InputError(f"images must have shape [N, 3, H, W], got {tuple(images.shape)}")
-        out = []
-        with torch.inference_mode(), autocast(self.device_, self.precision):
-            for chunk in images.split(self.batch_size):
-                out.append(self.tower_.encode_images(chunk.float()).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.tower_.embed_dim)
+        if not len(images):
+            return torch.empty(0, self.tower_.embed_dim)
+        # the engine's path: its precision and reduced copies, batch_size rows at a time
+        return self.engine_.clip_embeddings(images.float())
 
     def logits_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``[N, C]`` zero-shot logits of L2-normalised embeddings (``logit_scale * e @ text``)."""

@@ -559,7 +559,7 @@ def load_clip(
         cached = False
         res = _resolve(model, pretrained, cache, offline, local_only=False)
     fingerprint = (
-        file_fingerprint(res.weights_path)
+        file_fingerprint(res.weights_path, cache_dir=cache)
         if res.weights_path is not None
         else f"random:{stable_hash(res.model_cfg)}"
     )

@@ -1,11 +1,18 @@
 """The class-text matrix of the zero-shot branch, and its on-disk cache.
 
-Each class becomes one L2-normalised column built with open_clip's
-``build_zero_shot_classifier`` (template ensembling). A class with synonyms
+Each class becomes one L2-normalised column built as open_clip's
+``build_zero_shot_classifier`` builds it (template ensembling: the mean of the
+normalised embeddings of the class in every template, normalised). A class with synonyms
 or a description contributes several *phrases* (see :func:`class_phrases`);
 each phrase is ensembled over the templates like a plain class name, and the
 class column is the re-normalised mean of its phrases. A class with only a
-name gets exactly the column open_clip would give it.
+name gets open_clip's column (within float rounding).
+
+The text encoder runs on every phrase x template together, sorted by length,
+each batch cut to the tokens it needs (:func:`trimmed_text_encoder`) instead of
+the model's whole context (77 tokens for CLIP, where most prompts take under
+20): exact for text towers with a causal attention mask, since no token then
+sees the padding after it; a tower without one gets open_clip's own function.
 
 The matrix is cached in ``<cache_dir>/text/<key>.safetensors``; the key
 hashes everything the matrix depends on (see :func:`text_cache_key`), so a
@@ -30,13 +37,16 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from open_clip import build_zero_shot_classifier
+import torch.nn.functional as F
+from open_clip import CLIP, build_zero_shot_classifier
+from open_clip.transformer import TextTransformer, text_global_pool
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from hybridcls.cache import atomic_path, resolve_cache_dir, stable_hash
 from hybridcls.errors import ResourceUseWarning
@@ -57,13 +67,19 @@ __all__ = [
     "class_phrases",
     "text_cache_key",
     "text_cache_path",
+    "trimmed_text_encoder",
 ]
 
 # Bump when the way columns are computed changes, so old cache files are ignored.
 TEXT_CACHE_VERSION = 1
 _TENSOR_NAME = "text_features"
-# Phrases encoded per text-encoder call; x number of templates = sequences per batch.
+# open_clip's path (towers the trimmed encoder does not cover): phrases per text-encoder call,
+# x the number of templates = sequences per batch.
 _PHRASES_PER_BATCH = 10
+# The trimmed path: sequences per text-encoder call, and phrases tokenized at a time (which bounds
+# the token and length arrays, however many classes a prompts file names).
+_SEQUENCES_PER_BATCH = 256
+_PHRASES_PER_GROUP = 512
 
 _log = logging.getLogger(__name__)
 
@@ -159,6 +175,94 @@ def _save_cached(
         warnings.warn(f"could not write the text cache {path}: {exc}", ResourceUseWarning, stacklevel=3)
 
 
+def trimmed_text_encoder(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The model's text encoder on tokens cut to the length their pooled token needs, when exact.
+
+    open_clip pads every prompt to the model's context (77 tokens for CLIP)
+    and pools one token of the output (the end-of-text token for CLIP). In a
+    text tower whose attention is causal, a token's output depends on the
+    tokens before it only, so the pooled token's output is the same whether
+    the padding after it is there or not: encoding ``tokens[:, :L]``, with
+    ``L`` one past the last pooled position of the batch, gives the same
+    embeddings as the full context, at a fraction of the cost (attention
+    grows with the square of the length). The pooled position is found by
+    open_clip's own pooling rule (``text_global_pool``), so that ``argmax``,
+    ``eos``, ``first`` and ``last`` pooling are all cut right (``last`` keeps the
+    whole context).
+
+    Args:
+        model: An open_clip model.
+
+    Returns:
+        ``f(tokens [N, context]) -> [N, embed_dim]`` L2-normalised float32 embeddings,
+        or None for a tower where cutting would change the result: no causal mask
+        (bidirectional text towers, SigLIP's), a class token appended after the
+        text (CoCa), a padding mask, no pooling, or a text tower other than
+        open_clip's own (Hugging Face encoders).
+    """
+    if isinstance(model, CLIP):
+        tower, pool, eos_id = model, model.text_pool_type, getattr(model, "text_eos_id", None)
+    elif isinstance(getattr(model, "text", None), TextTransformer):
+        tower, pool, eos_id = model.text, model.text.pool_type, model.text.eos_id
+        if tower.cls_emb is not None or tower.use_pad_mask:
+            return None
+    else:
+        return None
+    if getattr(tower, "attn_mask", None) is None or pool not in ("argmax", "eos", "first", "last"):
+        return None
+
+    def encode(tokens: torch.Tensor) -> torch.Tensor:
+        n, context = tokens.shape
+        # open_clip's rule picks each row's pooled position out of a tensor of positions.
+        positions = torch.arange(context, device=tokens.device).expand(n, context).unsqueeze(-1)
+        length = int(text_global_pool(positions, tokens, pool, eos_token_id=eos_id).max()) + 1
+        text = tokens[:, :length]
+        cast_dtype = tower.transformer.get_cast_dtype()
+        # CLIP.encode_text / TextTransformer.forward, with the positions and the mask cut to length.
+        x = tower.token_embedding(text).to(cast_dtype)
+        x = x + tower.positional_embedding[:length].to(cast_dtype)
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+        x = text_global_pool(tower.ln_final(x), text, pool, eos_token_id=eos_id)
+        if isinstance(tower.text_projection, torch.nn.Linear):
+            x = tower.text_projection(x)
+        elif tower.text_projection is not None:
+            x = x @ tower.text_projection
+        return F.normalize(x.float(), dim=-1)
+
+    return encode
+
+
+def _encode_phrases(bundle: ClipBundle, phrases: list[str], templates: list[str], progress: bool
+                    ) -> torch.Tensor:
+    """``[embed_dim, n_phrases]``: each phrase's normalised mean over the templates.
+
+    Through :func:`trimmed_text_encoder` when it applies (every phrase x template
+    sorted by its pooled length, batched, each batch cut to its longest), else
+    through open_clip's ``build_zero_shot_classifier``.
+    """
+    encode = trimmed_text_encoder(bundle.model)
+    if encode is None:
+        return build_zero_shot_classifier(
+            bundle.model, bundle.tokenizer, phrases, templates, num_classes_per_batch=_PHRASES_PER_BATCH,
+            device=bundle.device, use_tqdm=progress).float()
+    sums = torch.zeros(len(phrases), bundle.embed_dim, device=bundle.device)
+    with torch.inference_mode(), tqdm(total=len(phrases) * len(templates), unit="text",
+                                      desc="class text", disable=not progress) as bar:
+        for g in range(0, len(phrases), _PHRASES_PER_GROUP):
+            group = phrases[g:g + _PHRASES_PER_GROUP]
+            tokens = bundle.tokenizer([t.format(p) for p in group for t in templates]).to(bundle.device)
+            owner = torch.arange(len(group), device=bundle.device).repeat_interleave(len(templates)) + g
+            # Shortest first, so that a batch holds texts of similar lengths (open_clip pads with
+            # 0; this is only the order: each batch's cut is the pooling rule's, in encode).
+            order = torch.argsort((tokens != 0).sum(dim=1), stable=True)
+            for rows in order.split(_SEQUENCES_PER_BATCH):
+                sums.index_add_(0, owner[rows], encode(tokens[rows]))
+                bar.update(len(rows))
+    # build_zero_shot_classifier's ensemble: the mean of the normalised embeddings, normalised.
+    means = sums / len(templates)
+    return (means / means.norm(dim=1, keepdim=True)).T.contiguous()
+
+
 def _encode(
     bundle: ClipBundle, prompts: PromptSet, templates: list[str], progress: bool
 ) -> torch.Tensor:
@@ -168,17 +272,9 @@ def _encode(
         for phrase in class_phrases(cp):
             phrases.append(phrase)
             owners.append(i)
-    per_phrase = build_zero_shot_classifier(
-        bundle.model,
-        bundle.tokenizer,
-        phrases,
-        templates,
-        num_classes_per_batch=_PHRASES_PER_BATCH,
-        device=bundle.device,
-        use_tqdm=progress,
-    ).float()
+    per_phrase = _encode_phrases(bundle, phrases, templates, progress)
     if len(phrases) == len(prompts):
-        return per_phrase  # names only: exactly open_clip's matrix
+        return per_phrase  # names only: open_clip's matrix
     owner = torch.tensor(owners, device=per_phrase.device)
     summed = torch.zeros(per_phrase.shape[0], len(prompts), device=per_phrase.device)
     summed.index_add_(1, owner, per_phrase)

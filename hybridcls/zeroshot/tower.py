@@ -158,7 +158,8 @@ class ClipTower:
         """Size of the joint image-text embedding."""
         return self.bundle.embed_dim
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, *, visual: torch.nn.Module | None = None
+                      ) -> torch.Tensor:
         """L2-normalised image embeddings of preprocessed images, on the model's device.
 
         Runs in whatever autocast the caller opened; the normalisation is done in
@@ -166,14 +167,24 @@ class ClipTower:
 
         Args:
             images: ``[N, 3, H, W]`` preprocessed images (``bundle.preprocess``'s output).
+            visual: A copy of the model's image tower to run instead of it (the engine's
+                bfloat16 or int8 copy, :mod:`hybridcls.device`); the images are cast to the
+                type of its first floating-point weight. open_clip's ``encode_image`` is its
+                image tower's output (the first of the outputs of CoCa's).
 
         Returns:
             ``[N, embed_dim]`` float32.
         """
         if images.ndim != 4:
             raise InputError(f"images must have shape [N, 3, H, W], got {tuple(images.shape)}")
-        emb = self.bundle.model.encode_image(images.to(self.device, non_blocking=True)).float()
-        return torch.nn.functional.normalize(emb, dim=-1)
+        x = images.to(self.device, non_blocking=True)
+        if visual is None:
+            emb = self.bundle.model.encode_image(x)
+        else:
+            dtype = next((p.dtype for p in visual.parameters() if p.is_floating_point()), x.dtype)
+            emb = visual(x.to(dtype))
+            emb = emb[0] if isinstance(emb, tuple) else emb
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
 
     def logits_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``logit_scale * embeddings @ text_features`` (+ the model's bias, if any).
