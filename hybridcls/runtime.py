@@ -26,8 +26,9 @@ from hybridcls.errors import ParameterError
 __all__ = ["DECODERS", "PRECISIONS", "RUNTIME_FIELDS", "RuntimeSettings"]
 
 #: ``precision`` values: ``auto`` (bfloat16 autocast on a CUDA device that supports it, float16
-#: on one that does not; on the CPU, bfloat16 where the CPU computes it natively, float32
-#: elsewhere: :func:`hybridcls.device.autocast_dtype`), ``fp32`` (no autocast), ``bf16`` and
+#: on one that does not; on a CPU that computes bfloat16 natively, bfloat16 for the CNN and
+#: float32 for the CLIP tower, float32 elsewhere: :func:`hybridcls.device.autocast_dtype`),
+#: ``fp32`` (no autocast), ``bf16`` and
 #: ``fp16`` (autocast in that type on any device; on the CPU the CLIP image tower runs a bfloat16
 #: copy of its weights instead), ``int8`` (the CPU only: the Linear layers of both towers
 #: quantised to int8 with dynamic activation scales, ``torch.ao.quantization.quantize_dynamic``).
@@ -52,7 +53,9 @@ class RuntimeSettings:
         workers: Image-decoding processes (0 decodes in the calling process).
         precision: One of :data:`PRECISIONS`.
         compile: Wrap the towers in ``torch.compile`` (fixed batch shapes; pays back on long
-            runs).
+            runs). Off by default: on a 2-core CPU it made ConvNeXt-Tiny 1.25 times faster after
+            two minutes of compiling (paid back after about 800 images) and ViT-B-32 no
+            faster (docs/benchmarks.md).
         decode: One of :data:`DECODERS` (the command line's ``--gpu-decode`` is ``"device"`` on CUDA).
         draft: Decode a JPEG much larger than the towers' input at a reduced scale (libjpeg's DCT
             scaling, 1/2 to 1/8 of each side) that keeps both sides at least twice the towers'

@@ -186,11 +186,13 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, engine_options: bo
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     if engine_options:
         g.add_argument("--precision", choices=PRECISIONS, default=_R.precision,
-                       help="numeric precision of both towers: auto (bfloat16 on CUDA and on a CPU "
-                            "with native bfloat16, else float32), fp32, bf16, fp16, or int8 (CPU "
-                            "only: Linear layers quantised) (default: %(default)s)")
+                       help="numeric precision of the towers: auto (bfloat16 on CUDA; on a CPU with "
+                            "native bfloat16, the CNN in bfloat16 and CLIP in float32; else float32), "
+                            "fp32, bf16, fp16, or int8 (CPU only: Linear layers quantised) "
+                            "(default: %(default)s)")
         g.add_argument("--compile", action="store_true",
-                       help="torch.compile both towers (fixed batch shapes; pays off on long runs)")
+                       help="torch.compile both towers (fixed batch shapes; compiling takes minutes "
+                            "and pays off on long runs only: docs/benchmarks.md)")
         g.add_argument("--gpu-decode", action="store_true",
                        help="decode JPEG files on the GPU (CUDA only; other files use the CPU decoder)")
         g.add_argument("--full-decode", action="store_true",
