@@ -99,7 +99,8 @@ def test_predict_record_fields_are_true(hybrid_run, tiny_hybrid):
     assert rec["gate"]["cache_branch"] == ("on" if gate["cache_branch"]["enabled"] else "off")
     # device and precision applied
     assert rec["runtime"]["device"] == "cpu" and rec["runtime"]["precision"] == "auto"
-    assert rec["runtime"]["autocast"] is None and rec["runtime"]["towers"] == ["supervised", "clip"]
+    assert rec["runtime"]["autocast"] == {"supervised": None, "clip": None}  # auto: fp32 in tests
+    assert rec["runtime"]["towers"] == ["supervised", "clip"]
     # times: UTC, in order, inside the run
     started, finished = _time(rec["started"]), _time(rec["finished"])
     assert hybrid_run["before"] <= started <= finished <= hybrid_run["after"]

@@ -88,8 +88,9 @@ def tiny_run(files):
 
 def _val_inputs(clf: HybridClassifier) -> dict:
     val, _ = clf.held_out_outputs()
-    return {"sup_logits": clf.seen_logits(val), "clip_logits": val.clip_logits,
-            "n_seen": clf.n_seen_, "clip_emb": val.clip_embeddings, "knn_index": clf.gate_.clip_index_}
+    return {"sup_logits": clf.seen_logits(val), "sup_features": val.sup_features,
+            "clip_logits": val.clip_logits, "n_seen": clf.n_seen_, "clip_emb": val.clip_embeddings,
+            "knn_index": clf.gate_.clip_index_, "backbone_index": clf.gate_._backbone()}
 
 
 def _check_gate(cal: GateCalibration, inputs: dict) -> None:
@@ -117,7 +118,7 @@ def test_leave_classes_out_then_transductive_on_every_small_size(tiny_run, n_cla
     if n_classes == 2:
         # a one-class light head: the CLIP-side scores only; 1 held-out seen image per problem,
         # too few to standardise a combined score on
-        assert candidates == {"clip_margin", "knn"}
+        assert candidates == {"unseen_mass", "clip_margin", "knn", "backbone_knn"}
     else:
         assert candidates == set(SCORES) | {"combined"}
     # transductive: the threshold comes from the test images' own scores
@@ -125,7 +126,8 @@ def test_leave_classes_out_then_transductive_on_every_small_size(tiny_run, n_cla
     feats = clf.extract_features([str(data)])
     test_scores = g.compute_score(sup_logits=clf.seen_logits(feats), clip_logits=feats.clip_logits,
                                   n_seen=n_classes, clip_emb=feats.clip_embeddings,
-                                  knn_index=clf.gate_.clip_index_)
+                                  knn_index=clf.gate_.clip_index_, sup_features=feats.sup_features,
+                                  backbone_index=clf.gate_._backbone())
     assert g.threshold == transductive_threshold(test_scores, seed=0)
     assert GateCalibration.from_json(clf.run_dir_) == g
     # every candidate score and mode (the best row of each) finalises and fuses on the real
@@ -133,11 +135,12 @@ def test_leave_classes_out_then_transductive_on_every_small_size(tiny_run, n_cla
     inputs = _val_inputs(clf)
     best = {}
     for row in g.candidates:
-        best.setdefault((row["score"], row["mode"], row["temperature"]), row)
-    assert {mode for _, mode, _ in best} == set(MODES)
+        best.setdefault((row["score"], row["mode"], row["temperature"], row["clip_temperature"]), row)
+    assert {key[1] for key in best} == set(MODES)
     for row in best.values():
         cal = from_candidate(row, combined=g.combined, knn_k=g.knn_k).replace(
-            sup_temperature=g.sup_temperature, cache_branch=g.cache_branch)
+            sup_temperature=g.sup_temperature, cache_branch=g.cache_branch,
+            clip_logit_scale=g.clip_logit_scale)
         _check_gate(finalize(cal, cal.compute_base_scores(**inputs)), inputs)
 
 
