@@ -74,7 +74,8 @@ def embed_settings(args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = None
     if args.checkpoint:
         run_dir = Path(args.checkpoint)
-        checkpoint = {name: file_fingerprint(run_dir / name) for name in (CONFIG_FILE, WEIGHTS_FILE)
+        checkpoint = {name: file_fingerprint(run_dir / name, cache_dir=args.cache_dir)
+                      for name in (CONFIG_FILE, WEIGHTS_FILE)
                       if (run_dir / name).is_file()}
     return {**clip_settings(args), "checkpoint": checkpoint, "precision": args.precision}
 
