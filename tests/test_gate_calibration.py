@@ -470,3 +470,45 @@ def test_every_fit_method_and_cache_mode_fit_a_gate(method, cache_branch) -> Non
     r = gate.predict(val)
     assert r.probs.shape == (len(y_val), 8)
     np.testing.assert_allclose(r.probs.sum(axis=1), 1.0)
+
+
+def test_projected_stand_ins_lose_exactly_the_hidden_classes_own_directions() -> None:
+    from hybridcls.gate.calibration import _without_hidden_directions
+
+    rng = np.random.default_rng(0)
+    n_classes, dim = 8, 24
+    y = np.repeat(np.arange(n_classes), 20)
+    # a fine-tuned backbone's features: one direction per class, plus noise
+    means = 4.0 * rng.normal(size=(n_classes, dim))
+    feats = means[y] + rng.normal(size=(y.size, dim))
+    kept, hidden = np.arange(6), np.array([6, 7])
+    train, val = _without_hidden_directions(feats, y, kept, hidden, feats[:5])
+    np.testing.assert_allclose(val, train[:5])
+    mu = feats[np.isin(y, kept)].mean(axis=0)
+    kept_means = np.stack([train[y == c].mean(axis=0) for c in kept]) - mu
+    q = np.linalg.svd(kept_means.T, full_matrices=False)[0][:, :5]  # 6 centred means: rank 5
+    for c in hidden:
+        m = train[y == c].mean(axis=0) - mu
+        # what is left of a hidden class's mean lies in the kept classes' span: nothing of its own
+        assert np.linalg.norm(m - q @ (q.T @ m)) < 1e-9 * np.linalg.norm(m)
+        before = feats[y == c].mean(axis=0) - mu
+        # ... and what it shared with them is kept
+        np.testing.assert_allclose(q.T @ m, q.T @ before, atol=1e-9)
+    # two directions removed, and only those: the rank of the centred features drops by 2
+    assert np.linalg.matrix_rank(train - mu) == dim - 2
+    again, _ = _without_hidden_directions(train, y, kept, hidden, train[:1])
+    np.testing.assert_allclose(again, train, atol=1e-9)
+
+
+def test_the_stand_in_kind_is_a_checked_recorded_parameter(toy_calibration) -> None:
+    from hybridcls.errors import ParameterError
+    from hybridcls.gate import Gate
+
+    assert toy_calibration.standin == "project"
+    plain = leave_classes_out(**_toy_world(), rounds=3, seed=0, standin="plain",
+                              scores=["energy", "clip_margin"], modes=("hard",))
+    assert plain.standin == "plain"
+    with pytest.raises(InputError, match="standin='projected': choose from project, plain"):
+        leave_classes_out(**_toy_world(), rounds=3, standin="projected")
+    with pytest.raises(ParameterError, match="standin"):
+        Gate(standin="projected").check_params()

@@ -92,6 +92,9 @@ class GateCalibration:
         rounds: Leave-classes-out: the stand-in problems it ran (fewer than asked when
             the seen classes allow fewer distinct ones); ``None`` for other methods.
         hidden_classes: Leave-classes-out: the seen classes each problem hid.
+        standin: Leave-classes-out: how its stand-in unseen classes were made
+            (:data:`hybridcls.gate.calibration.STANDINS`); ``None`` for other methods
+            and for files written before it (which used ``"plain"``).
         adapted: What calibration changed because the data was small, one sentence
             each (the setting, asked -> used, and why), e.g. ``"knn_k 10 -> 3: the
             smallest seen class ('cat') has 3 training images"``. The values used are
@@ -122,6 +125,7 @@ class GateCalibration:
     cache_branch: dict[str, Any] | None = None
     rounds: int | None = None
     hidden_classes: int | None = None
+    standin: str | None = None
     adapted: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -37,6 +37,7 @@ from hybridcls.errors import CheckpointError, InputError, ParameterError
 from hybridcls.gate.branches import BranchOutputs
 from hybridcls.gate.cache_branch import CACHE_MODES, CacheBranch, fit_cache_branch
 from hybridcls.gate.calibration import (
+    STANDINS,
     apply_transductive,
     bounded_neighbour_k,
     finalize,
@@ -94,6 +95,10 @@ class Gate:
         seed: Seeds the hidden-class draws.
         cache_branch: ``"auto"`` (fit the nearest-neighbour cache branch, keep it when it
             raises held-out seen-class accuracy), ``"on"`` or ``"off"``.
+        standin: Leave-classes-out's stand-in unseen classes: ``"project"`` (the hidden
+            classes' own directions projected out of the backbone features, see
+            :func:`~hybridcls.gate.leave_classes_out`) or ``"plain"`` (the features as
+            they are: how calibrations before it were made).
 
     Attributes:
         calibration_: The fitted :class:`~hybridcls.gate.GateCalibration` (``None`` for a
@@ -115,13 +120,14 @@ class Gate:
 
     def __init__(self, *, method: str = "leave-classes-out", score: str = "clip_margin",
                  tpr: float = 0.95, rounds: int = 5, seed: int = 0,
-                 cache_branch: str = "auto") -> None:
+                 cache_branch: str = "auto", standin: str = "project") -> None:
         self.method = method
         self.score = score
         self.tpr = tpr
         self.rounds = rounds
         self.seed = seed
         self.cache_branch = cache_branch
+        self.standin = standin
         self.calibration_: GateCalibration | None = None
         self.n_seen_ = 0
         self.seen_classes_: list[str] = []
@@ -260,7 +266,7 @@ class Gate:
                 y_val=y_va, clip_logits_val_seen=val.clip_logits[:, :S],
                 clip_emb_train=train.clip_embeddings, clip_emb_val=val.clip_embeddings,
                 rounds=self.rounds, seed=self.seed, knn_k=knn_k, class_names=class_names,
-                clip_logit_scale=clip_logit_scale,
+                clip_logit_scale=clip_logit_scale, standin=self.standin,
             )
         else:
             cal = GateCalibration(score=self.score, mode="hard", tpr=self.tpr, method="tpr",
@@ -315,6 +321,8 @@ class Gate:
         if self.cache_branch not in CACHE_MODES:
             raise ParameterError("cache_branch", self.cache_branch,
                                  f"expected one of {', '.join(CACHE_MODES)}")
+        if self.standin not in STANDINS:
+            raise ParameterError("standin", self.standin, f"expected one of {', '.join(STANDINS)}")
 
     def candidate(self, row: Mapping[str, Any], val: BranchOutputs) -> Gate:
         """The gate one row of ``calibration_.candidates`` would have made, thresholded on ``val``.
@@ -387,6 +395,7 @@ class Gate:
             best = cal.candidates[0]
             figures = ("mean_h", "std_h", "mean_seen", "mean_unseen")
             held_out.update(rounds=cal.rounds, hidden_classes=cal.hidden_classes,
+                            standin=cal.standin,
                             **{k: best.get(k) for k in figures})
         cache = cal.cache_branch
         if cache is not None:
