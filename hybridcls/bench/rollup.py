@@ -22,6 +22,7 @@ import numpy as np
 
 from hybridcls.bench.quality import labelled_test_set, prepare_world_run
 from hybridcls.cache import atomic_write_json, atomic_write_text
+from hybridcls.errors import ParameterError
 from hybridcls.hierarchy import (
     Hierarchy,
     RollupFigures,
@@ -34,7 +35,8 @@ from hybridcls.zeroshot.prompts import align_classes, read_prompts
 
 __all__ = ["DEFAULT_PRECISIONS", "RollupBenchRow", "RollupReport", "rollup_report", "run_rollup"]
 
-#: The target precisions the bench chooses thresholds at.
+#: The target precisions the bench chooses thresholds at (one that no threshold reaches on the
+#: held-out images is listed in ``info["unreachable"]``, with the best reachable).
 DEFAULT_PRECISIONS = (0.9, 0.95, 0.98, 0.99)
 
 
@@ -75,6 +77,8 @@ class RollupReport:
             lines.append(f"| {what} | {thr} | {100 * r.wrong:.1f}% | {cut} | "
                          f"{100 * r.figures.leaf_share:.1f}% | {accs} | "
                          f"{100 * r.seen_wrong:.1f}% / {100 * r.unseen_wrong:.1f}% |")
+        for target, reason in self.info.get("unreachable", {}).items():
+            lines.append(f"\nprecision {target}: {reason}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -114,11 +118,16 @@ def rollup_report(world: Any, clf: Any, precisions: tuple[float, ...] = DEFAULT_
                               *(w.n_wrong / max(w.n_images, 1) for w in reversed(wrong)))
 
     rows = [row(None, None, None, probs.argmax(axis=1), np.zeros(len(y), np.int64))]
+    unreachable = {}
     for target in precisions:
-        cal = calibrate_threshold(val_probs, y_val, hierarchy, target)
+        try:
+            cal = calibrate_threshold(val_probs, y_val, hierarchy, target)
+        except ParameterError as err:  # the world's shapes are separate roots: a wrong shape stays
+            unreachable[str(target)] = err.reason
+            continue
         res = rollup(probs, hierarchy, cal.threshold)
         rows.append(row(target, cal.threshold, cal.precision, res.leaf, res.rank))
-    info = {"n_test": len(y), "n_unseen_test": int(unseen.sum()), "n_held_out": len(y_val),
+    info = {"unreachable": unreachable, "n_test": len(y), "n_unseen_test": int(unseen.sum()), "n_held_out": len(y_val),
             "n_classes": len(clf.classes_), "n_seen_classes": clf.n_seen_,
             "nodes": len(hierarchy.nodes)}
     return RollupReport(rows, seconds, info)
