@@ -28,8 +28,9 @@ from sklearn.utils.validation import check_is_fitted
 from hybridcls.data import Source, as_sources
 from hybridcls.device import resolve_device
 from hybridcls.engine import ClipPolicy, InferenceEngine, timm_view
-from hybridcls.errors import CheckpointError, InputError
+from hybridcls.errors import CheckpointError, InputError, ParameterError
 from hybridcls.gate import GATE_FILENAME, INDEX_DIR, BranchOutputs, Gate
+from hybridcls.hierarchy import RollupCalibration, calibrate_threshold
 from hybridcls.hub import pretrained_folder, upload_folder
 from hybridcls.index import index_meta
 from hybridcls.outputs import BRANCH_COLUMNS
@@ -80,6 +81,11 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             supervised confidence is at or below the calibrated ``cascade_msp``, or whose
             backbone features lie farther than ``cascade_distance`` from the training
             images'; the others are decided by the supervised branch alone.
+        rollup_threshold: Roll-up (:mod:`hybridcls.hierarchy`): answer an ancestor from the
+            prompts file when the best class's probability is below it (None: off).
+        rollup_precision: Roll-up with the smallest threshold whose answers are correct at
+            their rank this often on the run's held-out seen images
+            (:meth:`calibrate_rollup`; None: off). Not with ``rollup_threshold``.
         truncate_prompts: Accept class texts longer than CLIP's context (cut, with a warning).
         train_options: Options for :func:`hybridcls.train.train` (``epochs``...).
         device: Runtime setting (see :class:`~hybridcls.runtime.RuntimeSettings`, where
@@ -133,6 +139,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         unseen_only: bool | None = None,
         unknown_threshold: float | None = None,
         cascade: bool = False,
+        rollup_threshold: float | None = None,
+        rollup_precision: float | None = None,
         truncate_prompts: bool = False,
         train_options: dict[str, Any] | None = None,
         device: str = _R.device,
@@ -160,6 +168,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.unseen_only = unseen_only
         self.unknown_threshold = unknown_threshold
         self.cascade = cascade
+        self.rollup_threshold = rollup_threshold
+        self.rollup_precision = rollup_precision
         self.truncate_prompts = truncate_prompts
         self.train_options = train_options
         self.device = device
@@ -293,6 +303,43 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         if save:
             gate.save(self.run_dir_)
         return self
+
+    def calibrate_rollup(self, precision: float | None = None,
+                         data_dir: str | os.PathLike[str] | None = None) -> RollupCalibration:
+        """Choose the roll-up threshold at a target precision on the run's held-out seen images.
+
+        The images are those :meth:`calibrate` sets the gate on (none trained the supervised
+        branch); their fused probabilities, with the prediction-time gate options, go to
+        :func:`hybridcls.hierarchy.calibrate_threshold`. The result is kept in
+        ``rollup_calibration_`` and reused while the precision and the gate options stay.
+
+        Args:
+            precision: The target (default: the ``rollup_precision`` parameter).
+            data_dir: The training folder (default: the one the run was trained on).
+
+        Raises:
+            ParameterError: No precision, or none that a threshold reaches (names it).
+            DataTooSmallError: No held-out image.
+        """
+        precision = self.rollup_precision if precision is None else precision
+        if precision is None:
+            raise ParameterError("rollup_precision", None, "give the target precision")
+        gate = self._prediction_gate()
+        key = (float(precision), id(self.gate_), self.mode, self.unseen_only, self.unknown_threshold,
+               data_dir)
+        kept = getattr(self, "rollup_calibration_", None)
+        if kept is not None and getattr(self, "_rollup_key", None) == key:
+            return kept
+        encoded = self.engine_.clip_images_encoded
+        val, y = self.held_out_outputs(data_dir)
+        self.engine_.clip_images_encoded = encoded  # it counts the images predicted, not these
+        self.rollup_calibration_ = calibrate_threshold(gate.predict(val).probs, y, self.hierarchy_,
+                                                       float(precision))
+        self._rollup_key = key
+        return self.rollup_calibration_
+
+    def _rollup_threshold_at(self, precision: float) -> float:
+        return self.calibrate_rollup(precision).threshold
 
     def held_out_outputs(self, data_dir: str | os.PathLike[str] | None = None
                          ) -> tuple[BranchOutputs, np.ndarray]:

@@ -9,7 +9,8 @@ batch being written; :mod:`hybridcls.sharding` resumes such a file
 A CSV row's columns, in order (:func:`output_columns`): ``path, label, score, branch,
 status, error``, ``top1, top1_score`` ... ``topK, topK_score``, then the optional ones in
 :func:`extra_columns`' order: a hybrid's :data:`BRANCH_COLUMNS`, ``model_version``
-(``predict --model-version``), one ``score:<class>`` per class in ``classes_`` order
+(``predict --model-version``), :data:`ROLLUP_COLUMNS` (``predict --rollup-threshold`` or
+``--rollup-precision``), one ``score:<class>`` per class in ``classes_`` order
 (``predict --all-scores``). A JSON Lines record has the same fields in the same order,
 ``topk`` as a list and the class scores as one ``scores`` object. A Kaggle file is
 ``image_id, class``.
@@ -35,6 +36,7 @@ __all__ = [
     "BRANCH_COLUMNS",
     "FORMATS",
     "MODEL_VERSION_COLUMN",
+    "ROLLUP_COLUMNS",
     "SCORES_COLUMN",
     "SCORE_PREFIX",
     "PredictionRow",
@@ -59,6 +61,9 @@ FORMATS = ("csv", "jsonl", "kaggle")
 BRANCH_COLUMNS = ("gate_score", "gate_weight", "supervised_topk", "zeroshot_topk")
 #: The column of the short model id (:func:`hybridcls.provenance.model_version`), when asked for.
 MODEL_VERSION_COLUMN = "model_version"
+#: The columns of roll-up (:mod:`hybridcls.hierarchy`): the answer's rank (0 = the class, 1 = its
+#: parent, ...) and the class it came from; ``label`` and ``score`` are then the answer's.
+ROLLUP_COLUMNS = ("rank", "leaf")
 #: The JSON Lines field of every class's probability (``predict --all-scores``): ``{class: p}``.
 SCORES_COLUMN = "scores"
 #: A CSV file spreads that object over one column per class, named this prefix + the class name
@@ -69,11 +74,12 @@ UNKNOWN = "unknown"
 
 
 def extra_columns(fmt: str = "csv", *, branch_columns: bool, model_version: bool = False,
-                  score_classes: Sequence[str] | None = None) -> list[str]:
+                  score_classes: Sequence[str] | None = None, rollup: bool = False) -> list[str]:
     """The columns rows carry beyond path, label, score, branch, status, error and top-k.
 
     The one home of their order: a hybrid's :data:`BRANCH_COLUMNS`, then
     :data:`MODEL_VERSION_COLUMN`, then every class's probability
+    then :data:`ROLLUP_COLUMNS`, then every class's probability
     (:func:`score_columns`: last, as their number varies with the classes).
 
     Args:
@@ -82,6 +88,7 @@ def extra_columns(fmt: str = "csv", *, branch_columns: bool, model_version: bool
         model_version: :data:`MODEL_VERSION_COLUMN`.
         score_classes: The classes in ``classes_`` order, for every class's probability
             (``predict --all-scores``); ``None`` for none.
+        rollup: :data:`ROLLUP_COLUMNS` (roll-up is on).
 
     Raises:
         InputError: ``score_classes`` with ``fmt="kaggle"`` (see :func:`score_columns`).
@@ -96,6 +103,7 @@ def extra_columns(fmt: str = "csv", *, branch_columns: bool, model_version: bool
     """
     return [*(BRANCH_COLUMNS if branch_columns else ()),
             *([MODEL_VERSION_COLUMN] if model_version else []),
+            *(ROLLUP_COLUMNS if rollup else ()),
             *(score_columns(fmt, score_classes) if score_classes is not None else [])]
 
 
@@ -468,6 +476,7 @@ def batch_rows(
     branch_columns: bool,
     model_version: str | None = None,
     all_scores: bool = False,
+    rollup: Any = None,
 ) -> list[PredictionRow]:
     """One batch's output rows, one per input index, in order: the one place rows are built.
 
@@ -487,6 +496,10 @@ def batch_rows(
             (error rows too: the model that could not read the image).
         all_scores: Add every class's probability, ``{class: p}`` under :data:`SCORES_COLUMN`
             (the row's ``probs``, which sum to 1; ``None`` on an error row).
+        rollup: A :class:`~hybridcls.hierarchy.Rollup` (None: off): ``label`` and ``score`` are
+            its answer and the answer's probability, and :data:`ROLLUP_COLUMNS` say its rank
+            and the class it came from (``None`` on an error or ``unknown`` row, which it
+            leaves as they are); ``topk`` stays the classes'.
 
     The optional columns are set in :func:`extra_columns`' order (the writer's columns).
 
@@ -497,10 +510,14 @@ def batch_rows(
 
     pos = {idx: j for j, idx in enumerate(ok)}
     out = []
+    rolled = None if rollup is None or result is None else rollup.apply(result.probs)
 
     def add(row: PredictionRow, scores: dict[str, float] | None) -> None:
         if model_version is not None:
             row.extra[MODEL_VERSION_COLUMN] = model_version
+        if rollup is not None:
+            row.extra.setdefault("rank", None)
+            row.extra.setdefault("leaf", None)
         if all_scores:
             row.extra[SCORES_COLUMN] = scores
         out.append(row)
@@ -528,6 +545,9 @@ def batch_rows(
                 "zeroshot_topk": topk_pairs(None if result.clip_probs is None else result.clip_probs[j],
                                             classes, topk),
             }
+        if rolled is not None and not unknown:
+            row.label, row.score = str(rolled.answer[j]), float(rolled.score[j])
+            row.extra.update(rank=int(rolled.rank[j]), leaf=str(classes[rolled.leaf[j]]))
         add(row, {str(c): round(float(v), 6) for c, v in zip(classes, p)} if all_scores else None)
     return out
 

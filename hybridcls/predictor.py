@@ -23,8 +23,9 @@ from sklearn.utils.validation import check_is_fitted
 from hybridcls.cache import json_text, stable_hash
 from hybridcls.data import Source, as_sources
 from hybridcls.engine import ClipPolicy, EngineBatch, InferenceEngine
-from hybridcls.errors import ImageDecodeError
+from hybridcls.errors import ImageDecodeError, ParameterError
 from hybridcls.gate import BranchOutputs, FusionResult, Gate
+from hybridcls.hierarchy import Hierarchy, Rollup, check_threshold
 from hybridcls.outputs import PredictionRow, batch_rows
 from hybridcls.provenance import model_version, tower_identity
 
@@ -59,6 +60,13 @@ class Predictor:
 
     def _clip_policy(self, gate: Gate) -> ClipPolicy:
         return gate.clip_policy()
+
+    def _rollup_threshold_at(self, precision: float) -> float:
+        """The roll-up threshold at a target precision; a classifier without labelled held-out
+        images has none to choose it on."""
+        raise ParameterError("rollup_precision", precision,
+                             "choosing the roll-up threshold needs labelled held-out images, which "
+                             "only a calibrated hybrid has; set rollup_threshold=T instead")
 
     def _supervised_identity(self) -> dict[str, Any] | None:
         """The supervised tower's :func:`~hybridcls.provenance.tower_identity` (None: zero-shot only)."""
@@ -107,6 +115,38 @@ class Predictor:
             return None
         return self._prediction_gate().summary()
 
+    # ------------------------------------------------------------------ roll-up
+
+    @property
+    def hierarchy_(self) -> Hierarchy:
+        """The classes' tree from the prompts file's ancestors (:mod:`hybridcls.hierarchy`)."""
+        check_is_fitted(self, "engine_")
+        return Hierarchy.from_prompts(self.engine_.clip.prompts)
+
+    def prediction_rollup(self) -> Rollup | None:
+        """The roll-up predictions apply (``rollup_threshold`` or ``rollup_precision``), or None.
+
+        Raises:
+            ParameterError: Both parameters, a value outside (0, 1], or a prompts file whose
+                classes name no ancestors (there is nothing to roll up to).
+        """
+        threshold = getattr(self, "rollup_threshold", None)
+        precision = getattr(self, "rollup_precision", None)
+        if threshold is None and precision is None:
+            return None
+        if threshold is not None and precision is not None:
+            raise ParameterError("rollup_threshold", threshold, "give it or rollup_precision="
+                                 f"{precision!r}, not both: the precision chooses the threshold")
+        name, value = ("rollup_threshold", threshold) if precision is None else ("rollup_precision", precision)
+        check_threshold(value, name)
+        hierarchy = self.hierarchy_
+        if not hierarchy.nodes:
+            raise ParameterError(name, value, "the prompts file names no ancestors (a class line "
+                                 "ending '> PARENT > ...'): there is nothing to roll up to")
+        if precision is not None:
+            threshold = self._rollup_threshold_at(float(precision))
+        return Rollup(hierarchy, float(threshold))
+
     # ------------------------------------------------------------------ streaming
 
     def _sources(self, inputs: Any) -> list[Source]:
@@ -150,17 +190,18 @@ class Predictor:
         sources = self._sources(inputs)
         paths = [s.path for s in sources]
         version = self.model_version_ if model_version else None
+        rollup = self.prediction_rollup()  # before the first batch: a threshold to calibrate runs once
         for batch, res in self.iter_predictions(sources, progress=progress):
             yield self.batch_rows(paths, batch, res, topk=topk, model_version=version,
-                                  all_scores=all_scores)
+                                  all_scores=all_scores, rollup=rollup)
 
     def batch_rows(self, paths: Sequence[str], batch: EngineBatch, res: FusionResult | None, *,
                    topk: int = 5, model_version: str | None = None,
-                   all_scores: bool = False) -> list[PredictionRow]:
+                   all_scores: bool = False, rollup: Rollup | None = None) -> list[PredictionRow]:
         """One engine batch and its fusion result as output rows, one per index, in order."""
         return batch_rows(paths, batch.indices, batch.ok, batch.errors, res, list(self.classes_),
                           n_seen=self.n_seen_, topk=topk, branch_columns=bool(self.EXTRA_COLUMNS),
-                          model_version=model_version, all_scores=all_scores)
+                          model_version=model_version, all_scores=all_scores, rollup=rollup)
 
     # ------------------------------------------------------------------ arrays
 
@@ -209,14 +250,18 @@ class Predictor:
         return self._fused(inputs).gate_score
 
     def predict(self, inputs: Any) -> np.ndarray:
-        """Class names, one per input (``"unknown"`` where the unknown option answers).
+        """Class names, one per input (``"unknown"`` where the unknown option answers; an ancestor
+        where roll-up answers one, see :meth:`prediction_rollup`).
 
         Raises:
             ImageDecodeError: An input that cannot be decoded (names it).
         """
+        rollup = self.prediction_rollup()
         res = self._fused(inputs)
         labels = np.asarray(self.classes_, dtype=object)[res.probs.argmax(axis=1)] if len(res.probs) \
             else np.empty(0, dtype=object)
+        if rollup is not None:
+            labels = rollup.apply(res.probs).answer
         labels[res.branch == "unknown"] = "unknown"
         return labels
 

@@ -20,6 +20,7 @@ import torch
 
 from hybridcls.cli import build_parser, main
 from hybridcls.outputs import read_predictions
+from hybridcls.synth import write_hierarchy_prompts
 from tests.tinyclip_factory import make_tiny_clip
 
 MODES = ("zeroshot", "hybrid")
@@ -40,7 +41,8 @@ def setup(tiny_hybrid, tmp_path_factory):
     extra_prompts.write_text(world.prompts_file.read_text(encoding="utf-8") + "black plain circle\n",
                              encoding="utf-8")
     return {**tiny_hybrid, "long_prompts": long_prompts, "other_templates": other_templates,
-            "extra_prompts": extra_prompts, "other_clip": make_tiny_clip(root / "other_clip")}
+            "extra_prompts": extra_prompts, "other_clip": make_tiny_clip(root / "other_clip"),
+            "tree_prompts": write_hierarchy_prompts(world, root / "tree.txt")}
 
 
 def _predict(setup, mode: str, extra: list[str], out: Path, capsys, *, quiet: bool = True) -> dict:
@@ -231,6 +233,40 @@ def _unknown(setup, mode, out, capsys, base):
     return "rows"
 
 
+def _rolled_up(setup, mode, out, capsys, base, flag, value):
+    """The flag with the world's tree: rows answer ancestors, with rank and leaf; without
+    ancestors in the prompts file it is refused."""
+    res = _predict(setup, mode, [flag, value], out / "n.jsonl", capsys)
+    assert _refused(res, flag) and "needs ancestors in the prompts file" in res["stderr"]
+    tree = ["--prompts", str(setup["tree_prompts"])]
+    plain = _predict(setup, mode, tree, out / "p.jsonl", capsys)
+    res = _predict(setup, mode, [*tree, flag, value], out / "v.jsonl", capsys)
+    assert res["rc"] == 0, res["stderr"]
+    ancestors = {" ".join(c.split()[0::2]) for c in setup["world"].classes} | {
+        c.split()[2] for c in setup["world"].classes}
+    rolled = [r for r in res["rows"] if r["rank"] > 0]
+    assert rolled and all(r["label"] in ancestors for r in rolled)
+    for row, before in zip(res["rows"], plain["rows"], strict=True):
+        assert row["topk"] == before["topk"]  # the classes' ranking is the same
+        colour, _, shape = row["leaf"].split()
+        if row["rank"] == 0:
+            assert (row["label"], row["score"]) == (before["label"], before["score"]) == (row["leaf"], row["score"])
+        else:  # the leaf's ancestor at that rank; the answer's mass exceeds the best class's
+            assert row["label"] == [f"{colour} {shape}", shape][row["rank"] - 1]
+            assert row["score"] > before["score"]
+    return "rows"
+
+
+def _rollup_threshold(setup, mode, out, capsys, base):
+    return _rolled_up(setup, mode, out, capsys, base, "--rollup-threshold", "0.999")
+
+
+def _rollup_precision(setup, mode, out, capsys, base):
+    if mode == "zeroshot":  # no held-out seen images to choose the threshold on
+        return _refused_with(["--rollup-precision", "0.9"], "--rollup-precision")(setup, mode, out, capsys, base)
+    return _rolled_up(setup, mode, out, capsys, base, "--rollup-precision", "1.0")
+
+
 def _mode(setup, mode, out, capsys, base):
     if mode == "zeroshot":
         return _refused_with(["--mode", "hard"], "--mode")(setup, mode, out, capsys, base)
@@ -291,6 +327,8 @@ CASES = {
     "gpu_decode": _refused_with(["--gpu-decode"], "--gpu-decode"),
     "full_decode": _record_changes("draft_target_side", ["--full-decode"], None),
     "unknown_threshold": _unknown,
+    "rollup_threshold": _rollup_threshold,
+    "rollup_precision": _rollup_precision,
     "checkpoint": _checkpoint,
     "mode": _mode,
     "cascade": _cascade,

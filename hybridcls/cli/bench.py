@@ -9,7 +9,7 @@ from hybridcls.cache import json_text
 from hybridcls.cli.common import UsageError, add_class_arguments, prompts_from_args
 from hybridcls.runtime import PRECISIONS
 
-__all__ = ["add_parser", "run", "run_memory", "run_quality", "run_speed", "run_zoo"]
+__all__ = ["add_parser", "run", "run_memory", "run_quality", "run_rollup", "run_speed", "run_zoo"]
 
 _QUALITY_OUT = "hybridcls-bench-quality"
 _ZOO_OUT = "hybridcls-bench-zoo"
@@ -92,7 +92,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     me.add_argument("--no-warmup", action="store_true",
                     help="skip the one-image run that fills the text cache (the first run then builds it)")
     me.set_defaults(run=run_memory)
+    ru = sub.add_parser("rollup", help="wrong answers without and with roll-up to a coarser label "
+                                       "(shape > colour and shape > class) on the synthetic world")
+    ru.add_argument("--out", default=_QUALITY_OUT, metavar="DIR",
+                    help="working folder, shared with `bench quality` (its world and run are reused); "
+                         "rollup.md and rollup.json go here (default: %(default)s)")
+    ru.add_argument("--precisions", type=float, nargs="+", default=None, metavar="P",
+                    help="target precisions on the held-out seen images (default: 0.9 0.95 0.98 0.99)")
+    ru.add_argument("--seed", type=int, default=0, help="world seed (default: %(default)s)")
+    ru.add_argument("--epochs", type=int, default=8,
+                    help="supervised training epochs, when the run is not there yet (default: %(default)s)")
+    ru.add_argument("--workers", type=int, default=0, metavar="N")
+    ru.add_argument("-q", "--quiet", action="store_true")
+    ru.set_defaults(run=run_rollup)
     return parser
+
+
+def run_rollup(args: argparse.Namespace) -> int:
+    from hybridcls.bench.rollup import DEFAULT_PRECISIONS
+    from hybridcls.bench.rollup import run_rollup as bench
+
+    out = Path(args.out)
+    report = bench(out, seed=args.seed, epochs=args.epochs, workers=args.workers,
+                   progress=not args.quiet, precisions=tuple(args.precisions or DEFAULT_PRECISIONS))
+    print(report.markdown())
+    print("\ntimes (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+    print(f"wrote {out / 'rollup.md'} and rollup.json")
+    return 0
 
 
 def run_quality(args: argparse.Namespace) -> int:

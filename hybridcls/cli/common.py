@@ -66,8 +66,9 @@ def add_clip_model_arguments(g: argparse._ActionsContainer) -> None:
                         "(default: $HYBRIDCLS_CACHE_DIR or ~/.cache/hybridcls)")
 
 
-# Characters a --classes name may not hold: a prompts file's syntax (description, synonym, comment).
-_PROMPT_SYNTAX = (":", "|", "#")
+# Characters a --classes name may not hold: a prompts file's syntax (description, synonym, comment,
+# ancestors).
+_PROMPT_SYNTAX = (":", "|", "#", ">")
 
 
 def class_list(text: str) -> list[str]:
@@ -102,7 +103,7 @@ def class_list(text: str) -> list[str]:
         if syntax:
             raise argparse.ArgumentTypeError(
                 f"name {i} ({name!r}) holds {syntax[0]!r}: --classes takes names only; write a "
-                "prompts file (--prompts FILE) for descriptions, synonyms or comments")
+                "prompts file (--prompts FILE) for descriptions, synonyms, comments or ancestors")
         key = normalize_label(name)
         if key in first:
             j = first[key]

@@ -53,12 +53,17 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser, *, seen_required: 
 def evaluate_from_args(args: argparse.Namespace, seen: Sequence[str]) -> Evaluation:
     """:func:`~hybridcls.eval.report.evaluate_predictions` with the flags of :func:`add_evaluation_arguments`."""
     from hybridcls.eval.report import MissingPredictionsError, evaluate_predictions
+    from hybridcls.hierarchy import Hierarchy
     from hybridcls.zeroshot.prompts import read_prompts
 
-    classes = read_prompts(args.prompts).names if args.prompts else args.classes
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    classes = prompts.names if prompts is not None else args.classes
+    # a prompts file with ancestors scores roll-up answers at every rank
+    hierarchy = Hierarchy.from_prompts(prompts) if prompts is not None and prompts.has_ancestors else None
     try:
         return evaluate_predictions(args.predictions, args.labels, seen, classes=classes,
-                                    allow_missing=args.allow_missing, record=args.run_record)
+                                    allow_missing=args.allow_missing, record=args.run_record,
+                                    hierarchy=hierarchy)
     except MissingPredictionsError as err:
         raise err.allowed_by("--allow-missing") from None
 

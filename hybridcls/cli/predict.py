@@ -54,6 +54,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     dec.add_argument("--unknown-threshold", type=float, default=None, metavar="P",
                      help="answer 'unknown' when no branch's top probability reaches P "
                           "(both modes; default: the calibrated value, off)")
+    dec.add_argument("--rollup-threshold", type=float, default=None, metavar="T",
+                     help="roll up: when the best class's probability is below T, answer the "
+                          "deepest ancestor (from the prompts file's '> PARENT > ...') whose summed "
+                          "probability reaches T; rows get 'rank' and 'leaf' columns (docs/prompts.md)")
+    dec.add_argument("--rollup-precision", type=float, default=None, metavar="P",
+                     help="roll up with the smallest threshold whose answers are right at their rank "
+                          "a share P of the time on the run's held-out seen images (needs "
+                          "--checkpoint; not with --rollup-threshold)")
     hy = parser.add_argument_group("hybrid (with a trained and calibrated supervised branch)")
     hy.add_argument("--checkpoint", metavar="RUN_DIR",
                     help="run directory from `hybridcls train` + `hybridcls calibrate`; "
@@ -99,6 +107,20 @@ def _validate(args: argparse.Namespace) -> None:
             if getattr(args, dest) not in (None, False):
                 raise UsageError(f"{flag} needs --checkpoint: a zero-shot-only prediction has no "
                                  "supervised branch to route to, mix with or decide with")
+    if args.rollup_precision is not None and not args.checkpoint:
+        raise UsageError("--rollup-precision needs --checkpoint: the threshold is chosen on the run's "
+                         "held-out seen images; without one, set --rollup-threshold T")
+    if args.rollup_threshold is not None and args.rollup_precision is not None:
+        raise UsageError("--rollup-threshold and --rollup-precision: give one (the precision "
+                         "chooses the threshold)")
+    if _rollup(args):
+        from hybridcls.zeroshot.prompts import as_prompt_set
+
+        prompts = prompts_from_args(args)  # None: refused where the classifier is built
+        if prompts is not None and not as_prompt_set(prompts).has_ancestors:
+            flag = "--rollup-threshold" if args.rollup_threshold is not None else "--rollup-precision"
+            raise UsageError(f"{flag} needs ancestors in the prompts file (a class line ending "
+                             "'> PARENT > ...', docs/prompts.md): there is nothing to roll up to")
     if args.all_scores and infer_format(args.output, args.format) == "kaggle":
         raise UsageError("--all-scores needs CSV or JSON Lines: a Kaggle submission (--format "
                          "kaggle) holds image_id and class only")
@@ -111,7 +133,15 @@ def _validate(args: argparse.Namespace) -> None:
 
 def classifier_from_args(args: argparse.Namespace) -> Any:
     """The fitted classifier ``predict`` runs: the hybrid with ``--checkpoint``, else zero-shot only."""
-    return hybrid_from_args(args) if args.checkpoint else zeroshot_from_args(args)
+    if args.checkpoint:
+        return hybrid_from_args(args, rollup_threshold=args.rollup_threshold,
+                                rollup_precision=args.rollup_precision)
+    return zeroshot_from_args(args).set_params(rollup_threshold=args.rollup_threshold)
+
+
+def _rollup(args: argparse.Namespace) -> bool:
+    """Whether a roll-up flag is given."""
+    return args.rollup_threshold is not None or args.rollup_precision is not None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     check_unique_keys((s.path for s in sources), fmt)  # before any model loads or byte is written
     classes = _class_names(args) if args.all_scores else None
     extra = extra_columns(fmt, branch_columns=bool(args.checkpoint),
-                          model_version=args.model_version, score_classes=classes)
+                          model_version=args.model_version, score_classes=classes,
+                          rollup=_rollup(args))
     world = torchrun_world()
     rank = world[0] if world else 0
     progress = not args.quiet and rank == 0
@@ -197,6 +228,8 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
         "topk": args.topk,
         "precision": args.precision,
         "unknown_threshold": args.unknown_threshold,
+        "rollup_threshold": args.rollup_threshold,
+        "rollup_precision": args.rollup_precision,
         "truncate_prompts": args.truncate_prompts,
         "checkpoint": None,
     }

@@ -8,6 +8,8 @@ are compared after label normalisation (case, ``_``, ``+``, ``-``), so
 ``grizzly+bear`` in a dataset's labels matches ``grizzly bear`` in
 predictions. Error rows count as wrong predictions; labelled images with no
 row at all are refused unless ``allow_missing`` (then counted, not scored).
+With a class tree (a prompts file with ancestors), roll-up answers are also
+scored at every rank (:func:`hybridcls.hierarchy.rollup_figures`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from hybridcls.eval.plots import (
     require_pyplot,
 )
 from hybridcls.gate.metrics import gate_detection, open_set_classification, routing_matrix
+from hybridcls.hierarchy import Hierarchy, RollupFigures, rollup_figures
 from hybridcls.outputs import read_prediction_lines
 from hybridcls.provenance import RunRecord
 from hybridcls.sharding import read_record
@@ -97,6 +100,8 @@ class Evaluation:
     gate_scores: np.ndarray | None = None
     is_unseen: np.ndarray | None = None
     confidence: np.ndarray | None = None
+    #: Roll-up figures (accuracy at every rank, answers rolled up and right), with a class tree.
+    rollup: RollupFigures | None = None
     #: This evaluation's run record (:mod:`hybridcls.provenance`); its ``inputs`` hold the
     #: record of the predictions it read (see :attr:`predictions_record`).
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -132,7 +137,9 @@ class Evaluation:
         return {"scores": self.scores.as_dict(), "top5_accuracy": self.top5_accuracy,
                 "gate": self.gate, "open_set": self.open_set, "routing": self.routing,
                 "n_errors": self.n_errors, "n_missing_predictions": self.n_missing,
-                "ece": None if rel is None else rel.ece, "per_class": self.per_class,
+                "ece": None if rel is None else rel.ece,
+                "rollup": None if self.rollup is None else self.rollup.as_dict(),
+                "per_class": self.per_class,
                 "provenance": self.provenance}
 
     def summary(self) -> str:
@@ -160,6 +167,12 @@ class Evaluation:
             ccr = "  ".join(f"{f} {v:.4f}" for f, v in o["ccr_at_fpr"].items())
             lines.append(f"open set: OSCR {o['oscr']:.4f}  CCR at FPR {ccr}  (supervised top-1, "
                          f"closed-set accuracy {o['closed_set_accuracy']:.4f})")
+        if self.rollup:
+            u = self.rollup
+            ranks = "  ".join(f"{r} {_percent(a)}" for r, a in enumerate(u.accuracy_at_rank))
+            lines.append(f"roll-up: accuracy at rank {ranks}  (0 = class)   rolled up "
+                         f"{u.n_rolled_up} of {u.n_images}, {u.n_rolled_up_correct} right at their "
+                         f"rank   wrong {u.n_wrong}")
         if self.routing:
             r = self.routing
             lines.append(f"routing: seen->zero-shot {r['seen_to_zeroshot']}  "
@@ -205,6 +218,7 @@ def evaluate_predictions(
     classes: Sequence[str] | None = None,
     allow_missing: bool = False,
     record: RunRecord | None = None,
+    hierarchy: Hierarchy | None = None,
 ) -> Evaluation:
     """Join a predictions file to a labels file and compute every figure.
 
@@ -222,13 +236,18 @@ def evaluate_predictions(
             its parameters. It gets the inputs (each file's path and SHA-256, and the
             predictions' own record, from the manifest beside them) and the counts, and
             goes into :attr:`Evaluation.provenance` with the predictions' record.
+        hierarchy: The classes' tree (:meth:`~hybridcls.hierarchy.Hierarchy.from_prompts` of a
+            prompts file with ancestors): scores every answer at its rank, read from the rows'
+            ``rank`` and ``leaf`` (a row without them is a class's answer, rank 0), into
+            :attr:`Evaluation.rollup`.
 
     Raises:
         InputError: Images without a label, an ambiguous join (an id naming
             two images, or an image named twice), labels of unknown classes,
             or a value of the predictions file that is not what predict writes
             (a ``status`` other than ok / error, a ``score`` that is not a
-            probability, a ``gate_score`` that is not a finite number); each
+            probability, a ``gate_score`` that is not a finite number, a ``rank`` that
+            is not a rank of ``hierarchy`` or rows with ranks and no ``hierarchy``); each
             names the file, the line and the column or class.
         MissingPredictionsError: Labelled images without a prediction, and
             not ``allow_missing``.
@@ -279,6 +298,7 @@ def evaluate_predictions(
         ev.ranked_per_row = min(lengths)
         if ev.ranked_per_row >= TOP_K:
             ev.top5_accuracy = top_k_accuracy(y_true, ranked, TOP_K)
+    ev.rollup = _rollup_figures(rows, lines, ok, y_true, predictions, hierarchy)
     is_unseen = np.array([t not in seen for t in y_true])
     gate_col = [r.get("gate_score") for r in rows]
     if ok.any() and all(g not in (None, "") for g, k in zip(gate_col, ok) if k):
@@ -304,6 +324,35 @@ def evaluate_predictions(
     record.finish(images=ev.scores.n_images, errors=ev.n_errors, missing=ev.n_missing)
     ev.provenance = record.as_dict()
     return ev
+
+
+def _rollup_figures(rows: Sequence[dict[str, Any]], lines: Sequence[int], ok: np.ndarray,
+                    y_true: Sequence[str], predictions: str | os.PathLike,
+                    hierarchy: Hierarchy | None) -> RollupFigures | None:
+    """Roll-up figures of the rows (rank and leaf, or the label at rank 0), or None without a tree.
+
+    Raises:
+        InputError: Rows with a rank but no tree, or a rank or leaf the tree does not have.
+    """
+    ranked = [(line, r) for line, r, k in zip(lines, rows, ok) if k and r.get("rank") not in (None, "")]
+    if hierarchy is None or not hierarchy.nodes:
+        if ranked:
+            raise InputError(f"{predictions}:{ranked[0][0]}: rows answer at a rank (predict's roll-up); "
+                             "scoring them needs the prompts file with the ancestors")
+        return None
+    leaf, rank = [], []
+    for line, r, k in zip(lines, rows, ok):
+        has_rank = r.get("rank") not in (None, "")
+        name = (r.get("leaf") if has_rank else r.get("label")) or ""
+        value = int(_number(r["rank"], predictions, line, "rank")) if k and has_rank else 0
+        index = hierarchy.class_index(name) if k else None
+        if k and has_rank and (index is None or not 0 <= value <= len(hierarchy.chains[index])):
+            raise InputError(f"{predictions}:{line}: rank {r['rank']!r} of leaf {name!r} is not a rank "
+                             "of the prompts file's classes and ancestors")
+        leaf.append(-1 if index is None else index)
+        rank.append(value)
+    truth = [hierarchy.class_index(t) for t in y_true]
+    return rollup_figures([-1 if t is None else t for t in truth], leaf, rank, hierarchy)
 
 
 def _prediction_rows(predictions: str | os.PathLike) -> tuple[list[int], list[dict[str, Any]]]:

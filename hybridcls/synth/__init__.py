@@ -25,9 +25,11 @@ from hybridcls.synth.world import World, make_world
 
 if TYPE_CHECKING:
     from hybridcls.synth.evaluate import zero_shot_accuracy
+    from hybridcls.synth.hierarchy import hierarchy_prompts, write_hierarchy_prompts
     from hybridcls.synth.tiny_clip import TINY_CLIP_DIR, TINY_CLIP_MODEL_ID
 
-__all__ = ["TINY_CLIP_DIR", "TINY_CLIP_MODEL_ID", "World", "make_world", "zero_shot_accuracy"]
+__all__ = ["TINY_CLIP_DIR", "TINY_CLIP_MODEL_ID", "World", "hierarchy_prompts", "make_world",
+           "write_hierarchy_prompts", "zero_shot_accuracy"]
 
 # Names whose modules import torch and open_clip: resolved on first access
 # (PEP 562) so that generating a world stays a numpy + PIL affair.
@@ -35,6 +37,8 @@ _LAZY = {
     "TINY_CLIP_DIR": "hybridcls.synth.tiny_clip",
     "TINY_CLIP_MODEL_ID": "hybridcls.synth.tiny_clip",
     "zero_shot_accuracy": "hybridcls.synth.evaluate",
+    "hierarchy_prompts": "hybridcls.synth.hierarchy",
+    "write_hierarchy_prompts": "hybridcls.synth.hierarchy",
 }
 
 

@@ -49,6 +49,8 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
             default (open_clip's 80 OpenAI ImageNet templates).
         unknown_threshold: Answer ``unknown`` when the top probability is below it
             (``None``: never).
+        rollup_threshold: Roll-up (:mod:`hybridcls.hierarchy`): answer an ancestor from the
+            prompts file when the best class's probability is below it (None: off).
         truncate_prompts: Accept class texts longer than the model's context, cut by the
             tokenizer (one warning with the count), instead of refusing them
             (see :mod:`hybridcls.zeroshot.text_checks`).
@@ -91,6 +93,7 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         templates: str | os.PathLike[str] | Sequence[str] | None = None,
         *,
         unknown_threshold: float | None = None,
+        rollup_threshold: float | None = None,
         truncate_prompts: bool = False,
         use_cache: bool = True,
         device: str = _R.device,
@@ -108,6 +111,7 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.prompts = prompts
         self.templates = templates
         self.unknown_threshold = unknown_threshold
+        self.rollup_threshold = rollup_threshold
         self.truncate_prompts = truncate_prompts
         self.use_cache = use_cache
         self.device = device

@@ -6,9 +6,13 @@ A prompts file names one class per line::
     grizzly bear
     moose: a large deer with broad flat antlers | elk
     bat: a flying mammal | fruit bat | flying fox
+    red fox: a small orange canid | fox > canid > carnivore > mammal
 
-``NAME[: DESCRIPTION][ | SYNONYM ...]``. A ``#`` at the start of a line or
-after a space starts a comment; blank lines are ignored. A templates file has
+``NAME[: DESCRIPTION][ | SYNONYM ...][ > ANCESTOR ...]``. A ``#`` at the start of a line or
+after a space starts a comment; blank lines are ignored. The ancestors after ``>``,
+nearest first, are coarser labels that :mod:`hybridcls.hierarchy` may answer
+instead of the class when it is unsure (roll-up); they are not classes, and the
+text encoder never sees them. A templates file has
 one template per line, each with a ``{}`` where the class text goes.
 
 Class names are compared after :func:`normalize_label` (case, ``_``, ``+``,
@@ -86,12 +90,15 @@ class ClassPrompt:
         description: Text after ``:``, or None.
         synonyms: Other names after ``|``, in file order.
         line: 1-based line number in the source (item number for a list).
+        ancestors: Coarser labels after ``>``, nearest first (parent, grandparent, ...,
+            root); not classes (see :mod:`hybridcls.hierarchy`).
     """
 
     name: str
     description: str | None = None
     synonyms: tuple[str, ...] = ()
     line: int = 0
+    ancestors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,11 @@ class PromptSet:
         """Class names in order."""
         return [c.name for c in self.classes]
 
+    @property
+    def has_ancestors(self) -> bool:
+        """Whether any class names ancestors (``> ANCESTOR``): what roll-up needs."""
+        return any(c.ancestors for c in self.classes)
+
     def __len__(self) -> int:
         return len(self.classes)
 
@@ -126,6 +138,8 @@ class PromptSet:
             >>> parse_prompts(ps.to_text()).classes == tuple(
             ...     ClassPrompt(c.name, c.description, c.synonyms, i) for i, c in enumerate(ps, 1))
             True
+            >>> parse_prompts("red fox | fox > canid > mammal").to_text()
+            'red fox | fox > canid > mammal\\n'
         """
         return "".join(format_prompt_line(c) + "\n" for c in self.classes)
 
@@ -179,17 +193,22 @@ class PromptSet:
 
 
 def format_prompt_line(prompt: ClassPrompt) -> str:
-    """One class as a prompts-file line, ``NAME[: DESCRIPTION][ | SYNONYM ...]``: what the parser reads.
+    """One class as a prompts-file line, ``NAME[: DESCRIPTION][ | SYNONYM ...][ > ANCESTOR ...]``:
+    what the parser reads.
 
     Example:
         >>> format_prompt_line(ClassPrompt("moose", "a large deer", ("elk",)))
         'moose: a large deer | elk'
+        >>> format_prompt_line(ClassPrompt("moose", ancestors=("deer", "mammal")))
+        'moose > deer > mammal'
     """
     line = prompt.name
     if prompt.description:
         line += f": {prompt.description}"
     if prompt.synonyms:
         line += " | " + " | ".join(prompt.synonyms)
+    if prompt.ancestors:
+        line += " > " + " > ".join(prompt.ancestors)
     return line
 
 
@@ -293,6 +312,9 @@ def _strip_comment(line: str) -> str:
 
 
 def _parse_class_line(text: str, source: str, lineno: int) -> ClassPrompt:
+    # The first '>' ends the class's own text: what follows is its ancestors, so no name,
+    # description or synonym can hold a '>'.
+    text, gt, chain = text.partition(">")
     head, *syn_parts = text.split("|")
     name, colon, description = head.partition(":")
     name = " ".join(name.split())
@@ -313,7 +335,29 @@ def _parse_class_line(text: str, source: str, lineno: int) -> ClassPrompt:
         if normalize_label(syn) in {normalize_label(x) for x in (name, *synonyms)}:
             raise PromptFileError(source, lineno, f"synonym {syn!r} repeats a name on this line")
         synonyms.append(syn)
-    return ClassPrompt(name=name, description=desc, synonyms=tuple(synonyms), line=lineno)
+    ancestors = _parse_ancestors(chain, name, synonyms, source, lineno) if gt else ()
+    return ClassPrompt(name=name, description=desc, synonyms=tuple(synonyms), line=lineno,
+                       ancestors=ancestors)
+
+
+def _parse_ancestors(chain: str, name: str, synonyms: Sequence[str], source: str, lineno: int
+                     ) -> tuple[str, ...]:
+    """The ``> A > B`` part of a class line (without its first ``>``): the ancestors, nearest first."""
+    own = {normalize_label(x) for x in (name, *synonyms)}
+    ancestors: list[str] = []
+    for part in chain.split(">"):
+        anc = " ".join(part.split())
+        if not normalize_label(anc):  # "" or only separators, as for a name
+            raise PromptFileError(source, lineno, f"empty ancestor after '>' for {name!r}")
+        key = normalize_label(anc)
+        if key in own:
+            raise PromptFileError(source, lineno,
+                                  f"ancestor {anc!r} of {name!r} is a name of the class itself")
+        if key in {normalize_label(a) for a in ancestors}:
+            raise PromptFileError(source, lineno, f"ancestor {anc!r} appears twice in the chain of "
+                                  f"{name!r} (a cycle); list each ancestor once, nearest first")
+        ancestors.append(anc)
+    return tuple(ancestors)
 
 
 def _collect(
@@ -371,7 +415,33 @@ def _build_set(lines: Iterable[tuple[int, str]], source: str) -> PromptSet:
                     cp.line,
                     f"synonym {syn!r} of {cp.name!r} is the name of the class on line {other.line}",
                 )
+    _check_tree(classes, source)
     return PromptSet(classes=tuple(classes), source=source)
+
+
+def _check_tree(classes: Sequence[ClassPrompt], source: str) -> None:
+    """Refuse ancestors that do not make one tree: an ancestor that is a class (name or synonym),
+    or one ancestor given two different parents (a line's chain ends at its root, so a chain
+    that stops early gives its last ancestor no parent)."""
+    names = {normalize_label(x): cp for cp in classes for x in (cp.name, *cp.synonyms)}
+    parent: dict[str, tuple[str | None, int]] = {}  # ancestor -> (its parent, the line that said so)
+    for cp in classes:
+        for i, anc in enumerate(cp.ancestors):
+            key = normalize_label(anc)
+            other = names.get(key)
+            if other is not None:
+                raise PromptFileError(
+                    source, cp.line, f"ancestor {anc!r} of {cp.name!r} is a name of the class on "
+                    f"line {other.line}; ancestors are coarser labels, not classes")
+            up = cp.ancestors[i + 1] if i + 1 < len(cp.ancestors) else None
+            known = parent.setdefault(key, (up, cp.line))
+            if (known[0] and normalize_label(known[0])) != (up and normalize_label(up)):
+                def says(p: str | None) -> str:
+                    return f"parent {p!r}" if p else "no parent (ends the chain)"
+                raise PromptFileError(
+                    source, cp.line, f"ancestor {anc!r} has {says(up)} here but {says(known[0])} "
+                    f"on line {known[1]}; give every class its whole chain, the same above each "
+                    "ancestor")
 
 
 def parse_prompts(text: str, source: str = "<string>") -> PromptSet:
@@ -385,9 +455,10 @@ def parse_prompts(text: str, source: str = "<string>") -> PromptSet:
         The classes in order.
 
     Raises:
-        PromptFileError: Empty name/description/synonym, duplicate class (after
+        PromptFileError: Empty name/description/synonym/ancestor, duplicate class (after
             normalisation; names the earlier line), a synonym equal to another
-            class's name, or no classes at all.
+            class's name, an ancestor that is a class's name or synonym, appears twice in
+            one chain or has two different parents, or no classes at all.
 
     Example:
         >>> ps = parse_prompts("# animals\\nmoose: a large deer with broad flat antlers | elk\\nbat")
