@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,13 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             backbone features lie farther than ``cascade_distance`` from the training
             images'; the others are decided by the supervised branch alone.
         truncate_prompts: Accept class texts longer than CLIP's context (cut, with a warning).
+        allowed_classes: Class names (of the prompts file) that every prediction is limited
+            to; the others get probability 0 and the rest renormalise (docs/sites.md).
+            ``None``: every class.
+        site_classes: A site file (CSV: a path prefix or site name -> its allowed classes,
+            :mod:`hybridcls.sites`) or a :class:`~hybridcls.sites.SiteClasses`: each input is
+            limited to its site's classes (and to ``allowed_classes``); an input that allows
+            no class is an error row; not with ``cascade=True``. ``None``: no site file.
         train_options: Options for :func:`hybridcls.train.train` (``epochs``...).
         device: Runtime setting (see :class:`~hybridcls.runtime.RuntimeSettings`, where
             every runtime parameter's default and meaning is given once).
@@ -134,6 +142,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         unknown_threshold: float | None = None,
         cascade: bool = False,
         truncate_prompts: bool = False,
+        allowed_classes: Sequence[str] | None = None,
+        site_classes: Any = None,
         train_options: dict[str, Any] | None = None,
         device: str = _R.device,
         batch_size: int = _R.batch_size,
@@ -161,6 +171,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.unknown_threshold = unknown_threshold
         self.cascade = cascade
         self.truncate_prompts = truncate_prompts
+        self.allowed_classes = allowed_classes
+        self.site_classes = site_classes
         self.train_options = train_options
         self.device = device
         self.batch_size = batch_size

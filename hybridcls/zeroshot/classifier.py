@@ -53,6 +53,13 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
             tokenizer (one warning with the count), instead of refusing them
             (see :mod:`hybridcls.zeroshot.text_checks`).
         use_cache: Read/write the on-disk text-matrix cache.
+        allowed_classes: Class names (of the prompts file) that every prediction is limited
+            to; the others get probability 0 and the rest renormalise (docs/sites.md).
+            ``None``: every class.
+        site_classes: A site file (CSV: a path prefix or site name -> its allowed classes,
+            :mod:`hybridcls.sites`) or a :class:`~hybridcls.sites.SiteClasses`: each input is
+            limited to its site's classes (and to ``allowed_classes``); an input that allows
+            no class is an error row. ``None``: no site file.
         device: Runtime setting (see :class:`~hybridcls.runtime.RuntimeSettings`, where
             every runtime parameter's default and meaning is given once).
         batch_size: Runtime setting.
@@ -93,6 +100,8 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         unknown_threshold: float | None = None,
         truncate_prompts: bool = False,
         use_cache: bool = True,
+        allowed_classes: Sequence[str] | None = None,
+        site_classes: Any = None,
         device: str = _R.device,
         batch_size: int = _R.batch_size,
         workers: int = _R.workers,
@@ -110,6 +119,8 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.unknown_threshold = unknown_threshold
         self.truncate_prompts = truncate_prompts
         self.use_cache = use_cache
+        self.allowed_classes = allowed_classes
+        self.site_classes = site_classes
         self.device = device
         self.batch_size = batch_size
         self.workers = workers
