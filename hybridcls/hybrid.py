@@ -82,13 +82,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             backbone features lie farther than ``cascade_distance`` from the training
             images'; the others are decided by the supervised branch alone.
         truncate_prompts: Accept class texts longer than CLIP's context (cut, with a warning).
-        allowed_classes: Class names (of the prompts file) that every prediction is limited
-            to; the others get probability 0 and the rest renormalise (docs/sites.md).
-            ``None``: every class.
-        site_classes: A site file (CSV: a path prefix or site name -> its allowed classes,
-            :mod:`hybridcls.sites`) or a :class:`~hybridcls.sites.SiteClasses`: each input is
-            limited to its site's classes (and to ``allowed_classes``); an input that allows
-            no class is an error row; not with ``cascade=True``. ``None``: no site file.
+        allowed_classes: Class names every prediction is limited to (docs/sites.md).
+        site_classes: A site file or :class:`~hybridcls.sites.SiteClasses`: each input is
+            limited to its site's classes (:mod:`hybridcls.sites`); not with ``cascade=True``.
         train_options: Options for :func:`hybridcls.train.train` (``epochs``...).
         device: Runtime setting (see :class:`~hybridcls.runtime.RuntimeSettings`, where
             every runtime parameter's default and meaning is given once).

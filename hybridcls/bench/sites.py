@@ -13,14 +13,13 @@ oracle router. No training beyond :func:`~hybridcls.bench.quality.prepare_world_
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hybridcls.bench.quality import QualityRow, labelled_test_set, prepare_world_run
-from hybridcls.cache import atomic_write_json, atomic_write_text
+from hybridcls.bench.quality import QualityReport, QualityRow, labelled_test_set, prepare_world_run
+from hybridcls.cache import atomic_write_text
 from hybridcls.errors import ParameterError
 from hybridcls.gate import BranchOutputs, Gate
 from hybridcls.gate.metrics import seen_unseen_accuracy
@@ -33,16 +32,8 @@ DEFAULT_SITES = 5
 DEFAULT_SITES_PER_CLASS = 2
 
 
-@dataclass
-class SitesReport:
-    """Rows without and with the lists (``note`` says which), times and the split."""
-
-    rows: list[QualityRow]
-    seconds: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def row(self, method: str) -> QualityRow:
-        return next(r for r in self.rows if r.method == method)
+class SitesReport(QualityReport):
+    """Rows without and with the lists (each row's ``note`` says which), times and the split."""
 
     def markdown(self) -> str:
         lines = ["| method | class lists | S | U | H | accuracy |", "|---|---|---:|---:|---:|---:|"]
@@ -134,7 +125,6 @@ def run_sites(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, n_sites: i
             "sites_per_class": sites_per_class, "classes_per_site": holds.sum(axis=1).tolist(),
             "n_seen_classes": clf.n_seen_, "n_classes": len(clf.classes_)}
     report = SitesReport(rows, seconds, info)
-    atomic_write_json(out / "sites.json", {"rows": [vars(r) for r in rows], "seconds": seconds,
-                                           "info": info})
+    report.to_json(out / "sites.json")
     atomic_write_text(out / "sites.md", report.markdown() + "\n")
     return report

@@ -53,13 +53,9 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
             tokenizer (one warning with the count), instead of refusing them
             (see :mod:`hybridcls.zeroshot.text_checks`).
         use_cache: Read/write the on-disk text-matrix cache.
-        allowed_classes: Class names (of the prompts file) that every prediction is limited
-            to; the others get probability 0 and the rest renormalise (docs/sites.md).
-            ``None``: every class.
-        site_classes: A site file (CSV: a path prefix or site name -> its allowed classes,
-            :mod:`hybridcls.sites`) or a :class:`~hybridcls.sites.SiteClasses`: each input is
-            limited to its site's classes (and to ``allowed_classes``); an input that allows
-            no class is an error row. ``None``: no site file.
+        allowed_classes: Class names every prediction is limited to (docs/sites.md).
+        site_classes: A site file or :class:`~hybridcls.sites.SiteClasses`: each input is
+            limited to its site's classes (:mod:`hybridcls.sites`).
         device: Runtime setting (see :class:`~hybridcls.runtime.RuntimeSettings`, where
             every runtime parameter's default and meaning is given once).
         batch_size: Runtime setting.
