@@ -58,6 +58,17 @@ def test_without_a_restriction_every_row_is_as_before():
         assert plain.branch.tolist() == full.branch.tolist()
 
 
+@pytest.mark.parametrize("score", ["clip_margin", "msp"])
+def test_the_gate_score_is_read_on_every_class_as_calibrated(score):
+    out = BranchOutputs(SUP, None, CLIP, EMB)
+    plain = _gate("hard", score).predict(out)
+    listed = _gate("hard", score).predict(out, allowed=ALLOWED)
+    np.testing.assert_array_equal(listed.gate_score, plain.gate_score)
+    # rows not forced to a branch are routed as without a list: the same branch
+    free = np.array([0, 1, 2, 5])
+    assert listed.branch[free].tolist() == plain.branch[free].tolist()
+
+
 def test_scores_on_masked_columns_are_the_scores_of_the_allowed_classes():
     # row 1 allows seen {0, 2} and unseen {4}: each score equals its value on those columns alone
     out = restrict_outputs(BranchOutputs(SUP, None, CLIP, EMB), ALLOWED, S)

@@ -56,7 +56,7 @@ from hybridcls.gate.cascade import (
 )
 from hybridcls.gate.config import FIT_METHODS, GATE_FILENAME, MODES, GateCalibration
 from hybridcls.gate.fusion import FusionResult, fuse, fuse_zeroshot, route
-from hybridcls.gate.restriction import check_allowed, forced_routing, restrict_outputs
+from hybridcls.gate.restriction import check_allowed, forced_routing, mask_logits, restrict_outputs
 from hybridcls.gate.scores import DEFAULT_KNN_K, INDEX_OF, SCORES
 from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, load_run_index
 
@@ -471,14 +471,19 @@ class Gate:
             n_classes = (outputs.clip_logits.shape[1] if outputs.clip_logits is not None
                          else np.shape(allowed)[-1])
             mask = check_allowed(allowed, len(outputs), n_classes)
-            outputs = restrict_outputs(outputs, mask, self.n_seen_ if cal is not None else 0)
         if cal is None:
             self._check_zero_shot()
             if outputs.clip_logits is None:
                 raise InputError("a zero-shot gate needs the CLIP branch's logits")
-            return fuse_zeroshot(outputs.clip_logits, unknown_threshold=self._options.unknown_threshold)
+            clip = outputs.clip_logits if mask is None else mask_logits(outputs.clip_logits, mask)
+            return fuse_zeroshot(clip, unknown_threshold=self._options.unknown_threshold)
         sup = self.seen_logits(outputs)
+        # the score on every class: calibration set its threshold (and the combined score's
+        # standardisation) on that distribution (docs/sites.md, "What the gate does with a list")
         score = cal.compute_score(**self._score_inputs(outputs, sup, cal))
+        if mask is not None:
+            outputs = restrict_outputs(outputs, mask, self.n_seen_)
+            sup = mask_logits(sup, mask[:, :self.n_seen_])
         # rows decided as a hard gate decides them: to the supervised branch (CLIP skipped,
         # or no unseen class allowed), to the zero-shot branch (no seen class allowed)
         keep = ~outputs.clip_ran

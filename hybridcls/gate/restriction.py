@@ -1,22 +1,26 @@
-"""Class lists per image: the candidate classes of each row, applied before the gate and the fusion.
+"""Class lists per image: the candidate classes of each row, applied to the routing and the fusion.
 
 A restriction is an ``[N, C]`` boolean mask over the ``classes_`` columns (seen
 first): True where the class may be the answer for that image (a site's class
-list, SpeciesNet's geofence). It is applied to the branch outputs before any
-gate score or fusion reads them:
+list, SpeciesNet's geofence). :meth:`hybridcls.gate.Gate.predict` applies it
+to the branch outputs before the fusion:
 
 * the supervised logits of disallowed seen classes and the zero-shot logits of
-  disallowed classes become ``-inf``, so that every softmax
-  (:func:`hybridcls.gate.scores.softmax_rows`) gives them probability exactly 0
-  and renormalises over the allowed classes;
-* the gate scores are then those of the allowed classes: ``msp``, ``energy``,
-  ``entropy`` and ``max_logit`` over the allowed seen classes (the cache
-  branch's logits included: a masked logit stays ``-inf`` with its affinity
-  added), ``mcm`` over the allowed seen prompts, ``unseen_mass`` and
-  ``clip_margin`` over the allowed prompts;
-* ``knn`` and ``backbone_knn`` measure how far the image lies from every
-  training image, whatever the class list: where an image was taken does
-  not change what it looks like, so they are left as they are;
+  disallowed classes become ``-inf`` (:func:`restrict_outputs`), so that every
+  softmax (:func:`hybridcls.gate.scores.softmax_rows`) gives them probability
+  exactly 0 and renormalises over the allowed classes, in every mode (the
+  cache branch's logits included: a masked logit stays ``-inf`` with its
+  affinity added);
+* the gate score is read on every class, as calibration read it: its
+  threshold, and the combined score's standardisation, were set on that
+  distribution, and a score over fewer classes lies elsewhere (MCM's softmax
+  over 16 prompts instead of 40 is far sharper). On the synthetic world split
+  into sites, routing on the restricted scores dropped the calibrated
+  hybrid's accuracy from 96.9% to 86.3% (docs/benchmarks.md); every score is
+  still defined on masked logits (``msp``, ``energy``, ``entropy``,
+  ``max_logit`` over the allowed seen classes, ``mcm`` over the allowed seen
+  prompts, ``unseen_mass`` and ``clip_margin`` over the allowed prompts), and
+  ``knn`` / ``backbone_knn`` read embeddings, which a list leaves alone;
 * a row that allows no seen class is decided by the zero-shot branch, and a
   row that allows no unseen class keeps the supervised answer, in every
   fusion mode (:func:`forced_routing`);
