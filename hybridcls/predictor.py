@@ -107,7 +107,7 @@ class Predictor:
         if gate is None:
             return None
         summary = self._prediction_gate().summary()
-        if self._restricted():  # the class lists are applied before the gate
+        if self._restricted():  # the class lists change the routing and the fusion
             site = getattr(self, "site_classes", None)
             summary["restriction"] = {
                 "allowed_classes": getattr(self, "allowed_classes", None),

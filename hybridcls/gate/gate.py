@@ -452,11 +452,12 @@ class Gate:
         Args:
             outputs: Both towers' outputs (the CLIP rows may be NaN where CLIP was skipped).
             allowed: A class list per image: ``[N, C]`` booleans (or ``[C]`` for every row),
-                True where the class may be predicted. Applied before the gate scores and
-                the fusion (:mod:`hybridcls.gate.restriction`): disallowed classes get
+                True where the class may be predicted. Applied to the routing and the
+                fusion (:mod:`hybridcls.gate.restriction`): disallowed classes get
                 probability 0 and the rest renormalise; a row with no allowed seen class
                 is decided by the zero-shot branch, one with no allowed unseen class by
-                the supervised branch. ``None``: every class.
+                the supervised branch; the gate score is the calibrated one, on every
+                class. ``None``: every class.
 
         Returns:
             A :class:`~hybridcls.gate.FusionResult` (probabilities over every class, seen first).
