@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             their rank this often on the run's held-out seen images
             (:meth:`calibrate_rollup`; None: off). Not with ``rollup_threshold``.
         truncate_prompts: Accept class texts longer than CLIP's context (cut, with a warning).
+        allowed_classes: Class names every prediction is limited to (docs/sites.md).
+        site_classes: A site file or :class:`~hybridcls.sites.SiteClasses`: each input is
+            limited to its site's classes (:mod:`hybridcls.sites`); not with ``cascade=True``.
         train_options: Options for :func:`hybridcls.train.train` (``epochs``...).
         device: Runtime setting (see :class:`~hybridcls.runtime.RuntimeSettings`, where
             every runtime parameter's default and meaning is given once).
@@ -142,6 +146,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         rollup_threshold: float | None = None,
         rollup_precision: float | None = None,
         truncate_prompts: bool = False,
+        allowed_classes: Sequence[str] | None = None,
+        site_classes: Any = None,
         train_options: dict[str, Any] | None = None,
         device: str = _R.device,
         batch_size: int = _R.batch_size,
@@ -171,6 +177,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.rollup_threshold = rollup_threshold
         self.rollup_precision = rollup_precision
         self.truncate_prompts = truncate_prompts
+        self.allowed_classes = allowed_classes
+        self.site_classes = site_classes
         self.train_options = train_options
         self.device = device
         self.batch_size = batch_size

@@ -23,11 +23,12 @@ from sklearn.utils.validation import check_is_fitted
 from hybridcls.cache import json_text, stable_hash
 from hybridcls.data import Source, as_sources
 from hybridcls.engine import ClipPolicy, EngineBatch, InferenceEngine
-from hybridcls.errors import ImageDecodeError, ParameterError
+from hybridcls.errors import ImageDecodeError, InputError, ParameterError
 from hybridcls.gate import BranchOutputs, FusionResult, Gate
 from hybridcls.hierarchy import Hierarchy, Rollup, check_threshold
 from hybridcls.outputs import PredictionRow, batch_rows
 from hybridcls.provenance import model_version, tower_identity
+from hybridcls.sites import SiteClasses, allowed_columns, allowed_masks, read_site_classes
 
 __all__ = ["Predictor"]
 
@@ -113,7 +114,50 @@ class Predictor:
         gate = getattr(self, "gate_", None)
         if gate is None:
             return None
-        return self._prediction_gate().summary()
+        summary = self._prediction_gate().summary()
+        if self._restricted():  # the class lists change the routing and the fusion
+            site = getattr(self, "site_classes", None)
+            summary["restriction"] = {
+                "allowed_classes": getattr(self, "allowed_classes", None),
+                "site_classes": None if site is None else
+                site.source if isinstance(site, SiteClasses) else str(site)}
+        return summary
+
+    # ------------------------------------------------------------------ class lists
+
+    def _restricted(self) -> bool:
+        return getattr(self, "allowed_classes", None) is not None or \
+            getattr(self, "site_classes", None) is not None
+
+    def _restriction(self, sources: Sequence[Source], inputs: Any = None
+                     ) -> tuple[np.ndarray | None, dict[int, str]]:
+        """``([n, C] allowed mask or None, {index: reason})`` from ``allowed_classes`` and
+        ``site_classes``; the reasons are the inputs that allow no class.
+
+        Args:
+            sources: The inputs, expanded.
+            inputs: As given, to read the ``site`` column of ``.csv`` list files among them.
+
+        Raises:
+            ParameterError: A name of ``allowed_classes`` that is no class; a class list
+                with ``cascade=True``.
+            PromptFileError: A site file problem (names the file and line).
+        """
+        if not self._restricted():
+            return None, {}
+        if getattr(self, "cascade", False):
+            raise ParameterError("cascade", True, "the cascade decides from the confidence over "
+                                 "every seen class before a class list could apply; predict "
+                                 "without allowed_classes / site_classes, or without the cascade")
+        prompts = self.engine_.clip.prompts
+        names = getattr(self, "allowed_classes", None)
+        base = None if names is None else allowed_columns(_names(names), prompts)
+        site = getattr(self, "site_classes", None)
+        resolved = None
+        if site is not None:
+            table = site if isinstance(site, SiteClasses) else read_site_classes(site)
+            resolved = (table if inputs is None else table.for_inputs(inputs)).resolve(prompts)
+        return allowed_masks(sources, len(self.classes_), base, resolved)
 
     # ------------------------------------------------------------------ roll-up
 
@@ -169,10 +213,21 @@ class Predictor:
             One pair per batch; the result is ``None`` when no image of the batch decoded.
         """
         sources = self._sources(inputs)
+        yield from self._iter_predictions(sources, inputs, progress=progress, clip=clip)
+
+    def _iter_predictions(self, sources: list[Source], inputs: Any, *, progress: bool | None,
+                          clip: ClipPolicy | None
+                          ) -> Iterator[tuple[EngineBatch, FusionResult | None]]:
         gate = self._prediction_gate()
-        policy = self._clip_policy(gate) if clip is None else clip
+        allowed, empty = self._restriction(sources, inputs)
+        # an input that allows no class is an error row; the others may need CLIP wherever
+        # the restricted gate routes them, so the CLIP tower runs on every image
+        sources = [Source(s.path, error=empty[i]) if i in empty and s.ok else s
+                   for i, s in enumerate(sources)]
+        policy = clip if clip is not None else self._clip_policy(gate) if allowed is None else "all"
         for batch in self.engine_.iter_batches(sources, clip=policy, progress=progress):
-            yield batch, None if batch.outputs is None else gate.predict(batch.outputs)
+            yield batch, None if batch.outputs is None else gate.predict(
+                batch.outputs, allowed=None if allowed is None else allowed[batch.ok])
 
     def rows(self, inputs: Any, *, topk: int = 5, progress: bool | None = None,
              model_version: bool = False, all_scores: bool = False
@@ -191,7 +246,7 @@ class Predictor:
         paths = [s.path for s in sources]
         version = self.model_version_ if model_version else None
         rollup = self.prediction_rollup()  # before the first batch: a threshold to calibrate runs once
-        for batch, res in self.iter_predictions(sources, progress=progress):
+        for batch, res in self._iter_predictions(sources, inputs, progress=progress, clip=None):
             yield self.batch_rows(paths, batch, res, topk=topk, model_version=version,
                                   all_scores=all_scores, rollup=rollup)
 
@@ -221,21 +276,47 @@ class Predictor:
         assert outputs is not None or not sources
         return outputs if outputs is not None else _empty_outputs(self)
 
-    def predict_features(self, features: BranchOutputs) -> FusionResult:
+    def predict_features(self, features: BranchOutputs, *, allowed: Any = None) -> FusionResult:
         """The gate and the fusion over branch outputs already computed, without running a model.
+
+        Args:
+            features: From :meth:`extract_features`.
+            allowed: ``[N, C]`` booleans, the classes each row may be (``[C]``: every row;
+                see :meth:`hybridcls.gate.Gate.predict`); ``None``: ``allowed_classes``, or
+                every class. A site file needs the inputs' paths: with ``site_classes`` set,
+                pass ``allowed``.
+
+        Raises:
+            ParameterError: ``site_classes`` set and ``allowed`` not given; an ``allowed``
+                row with no class.
 
         Example:
             >>> feats = clf.extract_features(["test/"])  # doctest: +SKIP
             >>> clf.set_params(mode="soft").predict_features(feats).probs.shape  # doctest: +SKIP
         """
-        return self._prediction_gate().predict(features)
+        if allowed is None and self._restricted():
+            site = getattr(self, "site_classes", None)
+            if site is not None:
+                raise ParameterError("site_classes", str(getattr(site, "source", site)),
+                                     "predict_features has no paths to match against the site "
+                                     "file: pass allowed= (an [N, C] mask) instead")
+            check_is_fitted(self, "engine_")
+            allowed = allowed_columns(_names(self.allowed_classes), self.engine_.clip.prompts)
+        return self._prediction_gate().predict(features, allowed=allowed)
 
     def _fused(self, inputs: Any) -> FusionResult:
         sources = self._sources(inputs)
         gate = self._prediction_gate()
-        outputs, errors = self.engine_.extract(sources, clip=self._clip_policy(gate))
+        allowed, empty = self._restriction(sources, inputs)
+        if empty:
+            path, reason = _failure(sources, empty)
+            raise InputError(f"{path}: {reason}")
+        policy = self._clip_policy(gate) if allowed is None else "all"
+        outputs, errors = self.engine_.extract(sources, clip=policy)
         _raise_failures(sources, errors)
-        return gate.predict(outputs if outputs is not None else _empty_outputs(self))
+        if allowed is not None:
+            allowed = allowed[[i for i in range(len(sources)) if i not in errors]]
+        return gate.predict(outputs if outputs is not None else _empty_outputs(self), allowed=allowed)
 
     def predict_proba(self, inputs: Any) -> np.ndarray:
         """``[n, C]`` probabilities over ``classes_`` (seen first, then unseen), one row per input.
@@ -278,13 +359,22 @@ def _empty_outputs(clf: Predictor) -> BranchOutputs:
 
 
 def _raise_failures(sources: Sequence[Source], errors: dict[int, str]) -> None:
-    if not errors:
-        return
+    if errors:
+        raise ImageDecodeError(*_failure(sources, errors))
+
+
+def _names(names: str | Sequence[str]) -> list[str]:
+    """``allowed_classes`` as a list (one name alone is a list of one)."""
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _failure(sources: Sequence[Source], errors: dict[int, str]) -> tuple[str, str]:
+    """``(first failed path, its reason with the count and names of the others)``."""
     failed = [(sources[i].path, errors[i]) for i in sorted(errors)]
     path, reason = failed[0]
     if len(failed) > 1:
         more = "; ".join(f"{p}: {r}" for p, r in failed[1: 1 + _MAX_LISTED_FAILURES])
         tail = " ..." if len(failed) > 1 + _MAX_LISTED_FAILURES else ""
         reason = f"{reason}; {len(failed) - 1} more could not be read: {more}{tail}"
-    raise ImageDecodeError(path, reason)
+    return path, reason
 

@@ -40,8 +40,12 @@ def setup(tiny_hybrid, tmp_path_factory):
     extra_prompts = root / "extra.txt"
     extra_prompts.write_text(world.prompts_file.read_text(encoding="utf-8") + "black plain circle\n",
                              encoding="utf-8")
-    return {**tiny_hybrid, "long_prompts": long_prompts, "other_templates": other_templates,
-            "extra_prompts": extra_prompts, "other_clip": make_tiny_clip(root / "other_clip"),
+    sites = root / "sites.csv"  # the test folder limited to one seen and one unseen class
+    sites.write_text(f"prefix,classes\n{world.test_dir},{world.seen_classes[0]};{world.unseen_classes[0]}\n",
+                     encoding="utf-8")
+    return {**tiny_hybrid, "sites": sites, "long_prompts": long_prompts,
+            "other_templates": other_templates, "extra_prompts": extra_prompts,
+            "other_clip": make_tiny_clip(root / "other_clip"),
             "tree_prompts": write_hierarchy_prompts(world, root / "tree.txt")}
 
 
@@ -329,6 +333,8 @@ CASES = {
     "unknown_threshold": _unknown,
     "rollup_threshold": _rollup_threshold,
     "rollup_precision": _rollup_precision,
+    "allowed_classes": _rows_change(lambda s: ["--allowed-classes", s["world"].classes[0]]),
+    "site_classes": _rows_change(lambda s: ["--site-classes", str(s["sites"])]),
     "checkpoint": _checkpoint,
     "mode": _mode,
     "cascade": _cascade,

@@ -9,7 +9,8 @@ from hybridcls.cache import json_text
 from hybridcls.cli.common import UsageError, add_class_arguments, prompts_from_args
 from hybridcls.runtime import PRECISIONS
 
-__all__ = ["add_parser", "run", "run_memory", "run_quality", "run_rollup", "run_speed", "run_zoo"]
+__all__ = ["add_parser", "run", "run_memory", "run_quality", "run_rollup", "run_sites", "run_speed",
+           "run_zoo"]
 
 _QUALITY_OUT = "hybridcls-bench-quality"
 _ZOO_OUT = "hybridcls-bench-zoo"
@@ -74,6 +75,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     help="CI-sized: test_convnext + tiny CLIP, 16 images of 160x120 and 640x480, 64 px, "
                          "4 templates")
     sp.set_defaults(run=run_speed)
+    si = sub.add_parser("sites", help="accuracy (S / U / H) with and without class lists per site, on "
+                                      "the synthetic world split into sites (docs/sites.md)")
+    si.add_argument("--out", default="hybridcls-bench-sites", metavar="DIR",
+                    help="working folder (world, run, cache; an existing one is reused); sites.md and "
+                         "sites.json go here (default: %(default)s)")
+    si.add_argument("--sites", type=int, default=5, metavar="N", help="number of sites (default: %(default)s)")
+    si.add_argument("--sites-per-class", type=int, default=2, metavar="K",
+                    help="at how many sites each class occurs (default: %(default)s)")
+    si.add_argument("--seed", type=int, default=0, help="world and split seed (default: %(default)s)")
+    si.add_argument("--epochs", type=int, default=8, help="supervised training epochs (default: %(default)s)")
+    si.add_argument("--workers", type=int, default=0, metavar="N")
+    si.add_argument("-q", "--quiet", action="store_true")
+    si.set_defaults(run=run_sites)
     me = sub.add_parser("memory", help="peak resident memory of `predict` on N vs 10N small images "
                                        "(fresh process per run, offline)")
     me.add_argument("--out", default="hybridcls-bench-memory", metavar="DIR",
@@ -165,6 +179,17 @@ def run_zoo(args: argparse.Namespace) -> int:
         print(f"times (s), {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     print(f"wrote {out / 'zoo.md'} and zoo.json; each world's cached outputs are in "
           f"{out}/<world>/features (hybridcls.bench.zoo.evaluate_zoo refits gates on them)")
+    return 0
+
+
+def run_sites(args: argparse.Namespace) -> int:
+    from hybridcls.bench.sites import run_sites as bench
+
+    report = bench(Path(args.out), seed=args.seed, epochs=args.epochs, n_sites=args.sites,
+                   sites_per_class=args.sites_per_class, workers=args.workers, progress=not args.quiet)
+    print(report.markdown())
+    print("\ntimes (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+    print(f"wrote {Path(args.out) / 'sites.md'} and sites.json")
     return 0
 
 

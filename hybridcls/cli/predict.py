@@ -21,6 +21,7 @@ from hybridcls.cli.common import (
     UsageError,
     add_clip_arguments,
     add_runtime_arguments,
+    class_list,
     clip_settings,
     hybrid_from_args,
     path_fingerprint,
@@ -62,6 +63,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help="roll up with the smallest threshold whose answers are right at their rank "
                           "a share P of the time on the run's held-out seen images (needs "
                           "--checkpoint; not with --rollup-threshold)")
+    dec.add_argument("--allowed-classes", type=class_list, default=None, metavar="NAMES",
+                     help='limit every prediction to these classes of the prompts file, '
+                          'comma-separated: --allowed-classes "fox,moose"; the others get '
+                          'probability 0 (docs/sites.md)')
+    dec.add_argument("--site-classes", default=None, metavar="FILE",
+                     help="CSV of path prefixes (or site names, which a .csv list file's 'site' "
+                          "column names per image) and their allowed classes: each input is "
+                          "limited to its site's classes; one that allows none is an error row "
+                          "(docs/sites.md)")
     hy = parser.add_argument_group("hybrid (with a trained and calibrated supervised branch)")
     hy.add_argument("--checkpoint", metavar="RUN_DIR",
                     help="run directory from `hybridcls train` + `hybridcls calibrate`; "
@@ -124,6 +134,10 @@ def _validate(args: argparse.Namespace) -> None:
     if args.all_scores and infer_format(args.output, args.format) == "kaggle":
         raise UsageError("--all-scores needs CSV or JSON Lines: a Kaggle submission (--format "
                          "kaggle) holds image_id and class only")
+    if args.cascade and (args.allowed_classes or args.site_classes):
+        raise UsageError(f"--cascade with --{'allowed' if args.allowed_classes else 'site'}-classes: "
+                         "the cascade decides from the confidence over every seen class before "
+                         "a class list could apply; use one of them")
     to_stdout = args.output in (None, "-")
     if to_stdout and (args.resume or args.shard is not None):
         raise UsageError(f"{'--resume' if args.resume else '--shard'} needs --output FILE")
@@ -132,16 +146,37 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def classifier_from_args(args: argparse.Namespace) -> Any:
-    """The fitted classifier ``predict`` runs: the hybrid with ``--checkpoint``, else zero-shot only."""
+    """The fitted classifier ``predict`` runs: the hybrid with ``--checkpoint``, else zero-shot only,
+    with the roll-up flags and the class lists of ``--allowed-classes`` and ``--site-classes``."""
     if args.checkpoint:
-        return hybrid_from_args(args, rollup_threshold=args.rollup_threshold,
-                                rollup_precision=args.rollup_precision)
-    return zeroshot_from_args(args).set_params(rollup_threshold=args.rollup_threshold)
+        clf = hybrid_from_args(args, rollup_threshold=args.rollup_threshold,
+                               rollup_precision=args.rollup_precision)
+    else:
+        clf = zeroshot_from_args(args).set_params(rollup_threshold=args.rollup_threshold)
+    return clf.set_params(allowed_classes=args.allowed_classes, site_classes=_site_classes(args))
 
 
 def _rollup(args: argparse.Namespace) -> bool:
     """Whether a roll-up flag is given."""
     return args.rollup_threshold is not None or args.rollup_precision is not None
+
+
+def _site_classes(args: argparse.Namespace) -> Any:
+    """``--site-classes`` read, bound to the ``site`` column of the .csv inputs, and checked
+    against the prompts file: before any model loads, a problem names the file and line."""
+    from hybridcls.sites import allowed_columns, read_site_classes
+    from hybridcls.zeroshot.prompts import as_prompt_set
+
+    if not (args.site_classes or args.allowed_classes):
+        return None
+    prompts = as_prompt_set(prompts_from_args(args))
+    if args.allowed_classes:
+        allowed_columns(args.allowed_classes, prompts)
+    if not args.site_classes:
+        return None
+    sites = read_site_classes(args.site_classes).for_inputs(args.inputs)
+    sites.resolve(prompts)
+    return sites
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no input images found in " + " ".join(args.inputs))
     fmt = infer_format(args.output, args.format)
     check_unique_keys((s.path for s in sources), fmt)  # before any model loads or byte is written
+    _site_classes(args)  # the class lists' files and names, checked before any model loads
     classes = _class_names(args) if args.all_scores else None
     extra = extra_columns(fmt, branch_columns=bool(args.checkpoint),
                           model_version=args.model_version, score_classes=classes,
@@ -231,6 +267,8 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
         "rollup_threshold": args.rollup_threshold,
         "rollup_precision": args.rollup_precision,
         "truncate_prompts": args.truncate_prompts,
+        "allowed_classes": args.allowed_classes,
+        "site_classes": path_fingerprint(args.site_classes, args.cache_dir),
         "checkpoint": None,
     }
     if args.checkpoint:

@@ -42,6 +42,7 @@ __all__ = [
     "LIST_EXTENSIONS",
     "Source",
     "as_sources",
+    "csv_list_rows",
     "expand_inputs",
     "walk_images",
 ]
@@ -294,20 +295,9 @@ def _expand_glob(pattern: str) -> Iterator[Source]:
 
 def _read_list_file(list_path: str) -> Iterator[Source]:
     """Entries of a ``.txt`` / ``.lst`` / ``.csv`` list file as sources."""
-    try:
-        with open(list_path, "rb") as fh:
-            data = fh.read()
-    except OSError as err:
-        raise InputError(f"{list_path}: cannot read list file: {_strerror(err)}") from err
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise InputError(
-            f"{list_path}: list file is not UTF-8 text "
-            f"(byte 0x{data[err.start]:02x} at offset {err.start})"
-        ) from err
+    text = _list_text(list_path)
     if _suffix(list_path) == ".csv":
-        entries = list(_csv_entries(list_path, text))
+        entries = [(line, entry) for line, entry, _ in _csv_entries(list_path, text)]
     else:
         entries = list(_text_entries(text))
     if not entries:
@@ -325,6 +315,38 @@ def _read_list_file(list_path: str) -> Iterator[Source]:
             yield source
 
 
+def csv_list_rows(list_path: str | os.PathLike[str]) -> list[tuple[int, str, dict[str, str]]]:
+    """The entries of a ``.csv`` list file with their other columns, as :func:`expand_inputs` reads it.
+
+    Returns:
+        ``(line, path, {column: value})`` per entry, in file order: ``path`` is the
+        :class:`Source` path the entry becomes (joined to the list file's folder),
+        columns are named by their header in lower case, values stripped.
+
+    Raises:
+        InputError: As :func:`expand_inputs` for the same file.
+    """
+    path = os.fspath(list_path)
+    base = os.path.dirname(path)
+    return [(line, os.path.join(base, entry), cells)
+            for line, entry, cells in _csv_entries(path, _list_text(path))]
+
+
+def _list_text(list_path: str) -> str:
+    try:
+        with open(list_path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        raise InputError(f"{list_path}: cannot read list file: {_strerror(err)}") from err
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"{list_path}: list file is not UTF-8 text "
+            f"(byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from err
+
+
 def _text_entries(text: str) -> Iterator[tuple[int, str]]:
     # Split on "\n" only: str.splitlines() would also split on characters
     # such as \x1c or \u2028 that are legal inside file names.
@@ -334,7 +356,7 @@ def _text_entries(text: str) -> Iterator[tuple[int, str]]:
             yield number, entry
 
 
-def _csv_entries(list_path: str, text: str) -> Iterator[tuple[int, str]]:
+def _csv_entries(list_path: str, text: str) -> Iterator[tuple[int, str, dict[str, str]]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, None)
@@ -352,7 +374,7 @@ def _csv_entries(list_path: str, text: str) -> Iterator[tuple[int, str]]:
         for row in reader:
             entry = row[column].strip() if column < len(row) else ""
             if entry:
-                yield start, entry
+                yield start, entry, {n: v.strip() for n, v in zip(names, row)}
             start = reader.line_num + 1
     except csv.Error as err:
         raise InputError(f"{list_path} line {reader.line_num}: malformed CSV: {err}") from err

@@ -57,6 +57,7 @@ from hybridcls.gate.cascade import (
 )
 from hybridcls.gate.config import FIT_METHODS, GATE_FILENAME, MODES, GateCalibration
 from hybridcls.gate.fusion import FusionResult, fuse, fuse_zeroshot, route
+from hybridcls.gate.restriction import check_allowed, forced_routing, mask_logits, restrict_outputs
 from hybridcls.gate.scores import DEFAULT_KNN_K, INDEX_OF, SCORES
 from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, load_run_index
 
@@ -450,7 +451,7 @@ class Gate:
             return np.full(len(outputs), np.nan)
         return self._gate_score(outputs, cal)
 
-    def predict(self, outputs: BranchOutputs) -> FusionResult:
+    def predict(self, outputs: BranchOutputs, *, allowed: Any = None) -> FusionResult:
         """Route or mix the two branches for each image.
 
         Rows the CLIP tower did not run on (lazy zero-shot, the cascade) are decided by
@@ -459,36 +460,71 @@ class Gate:
 
         Args:
             outputs: Both towers' outputs (the CLIP rows may be NaN where CLIP was skipped).
+            allowed: A class list per image: ``[N, C]`` booleans (or ``[C]`` for every row),
+                True where the class may be predicted. Applied to the routing and the
+                fusion (:mod:`hybridcls.gate.restriction`): disallowed classes get
+                probability 0 and the rest renormalise; a row with no allowed seen class
+                is decided by the zero-shot branch, one with no allowed unseen class by
+                the supervised branch; the gate score is the calibrated one, on every
+                class. ``None``: every class.
 
         Returns:
             A :class:`~hybridcls.gate.FusionResult` (probabilities over every class, seen first).
+
+        Raises:
+            ParameterError: ``allowed`` of another shape, or with a row that allows no class.
+            InputError: A row that allows no seen class where CLIP did not run.
         """
         cal = self.calibration
+        mask = None
+        if allowed is not None:
+            n_classes = (outputs.clip_logits.shape[1] if outputs.clip_logits is not None
+                         else np.shape(allowed)[-1])
+            mask = check_allowed(allowed, len(outputs), n_classes)
         if cal is None:
             self._check_zero_shot()
             if outputs.clip_logits is None:
                 raise InputError("a zero-shot gate needs the CLIP branch's logits")
-            return fuse_zeroshot(outputs.clip_logits, unknown_threshold=self._options.unknown_threshold)
+            clip = outputs.clip_logits if mask is None else mask_logits(outputs.clip_logits, mask)
+            return fuse_zeroshot(clip, unknown_threshold=self._options.unknown_threshold)
         sup = self.seen_logits(outputs)
+        # the score on every class: calibration set its threshold (and the combined score's
+        # standardisation) on that distribution (docs/sites.md, "What the gate does with a list")
         score = cal.compute_score(**self._score_inputs(outputs, sup, cal))
-        skipped = ~outputs.clip_ran
-        if not skipped.any():
+        if mask is not None:
+            outputs = restrict_outputs(outputs, mask, self.n_seen_)
+            sup = mask_logits(sup, mask[:, :self.n_seen_])
+        # rows decided as a hard gate decides them: to the supervised branch (CLIP skipped,
+        # or no unseen class allowed), to the zero-shot branch (no seen class allowed)
+        keep = ~outputs.clip_ran
+        to_zs = np.zeros(len(outputs), dtype=bool)
+        if mask is not None:
+            to_zs, to_sup = forced_routing(mask, self.n_seen_)
+            if (to_zs & keep).any():
+                raise InputError(f"row {int(np.flatnonzero(to_zs & keep)[0])} allows no seen class "
+                                 "but the CLIP tower did not run on it: nothing can answer it")
+            keep |= to_sup
+        forced = keep | to_zs
+        if not forced.any():
             return fuse(None, sup_logits=sup, clip_logits=outputs.clip_logits,
                         gate_score=score, calibration=cal, n_seen=self.n_seen_)
-        routing = np.where(skipped, np.nan, score)
-        kept = fuse("hard", sup_logits=sup, clip_logits=outputs.clip_logits,
+        routing = np.where(keep, np.nan, np.where(to_zs, np.inf, score))
+        hard = fuse("hard", sup_logits=sup, clip_logits=outputs.clip_logits,
                     gate_score=routing, calibration=cal, n_seen=self.n_seen_)
-        res = kept if cal.mode == "hard" else fuse(
+        res = hard if cal.mode == "hard" else fuse(
             None, sup_logits=sup, clip_logits=outputs.clip_logits,
             gate_score=routing, calibration=cal, n_seen=self.n_seen_)
         for name in ("probs", "branch", "gate_weight"):
-            getattr(res, name)[skipped] = getattr(kept, name)[skipped]
+            getattr(res, name)[forced] = getattr(hard, name)[forced]
         res.gate_score[:] = score  # the rows report the score itself
+        if res.sup_probs is not None:
+            res.sup_probs[to_zs] = np.nan  # no seen class allowed: the supervised branch has no answer
         return res
 
-    def predict_proba(self, outputs: BranchOutputs) -> np.ndarray:
-        """``[N, C]`` probabilities over every class (seen columns first)."""
-        return self.predict(outputs).probs
+    def predict_proba(self, outputs: BranchOutputs, *, allowed: Any = None) -> np.ndarray:
+        """``[N, C]`` probabilities over every class (seen columns first); ``allowed`` as in
+        :meth:`predict`."""
+        return self.predict(outputs, allowed=allowed).probs
 
     # ------------------------------------------------------------------ which images need CLIP
 

@@ -55,6 +55,9 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
             tokenizer (one warning with the count), instead of refusing them
             (see :mod:`hybridcls.zeroshot.text_checks`).
         use_cache: Read/write the on-disk text-matrix cache.
+        allowed_classes: Class names every prediction is limited to (docs/sites.md).
+        site_classes: A site file or :class:`~hybridcls.sites.SiteClasses`: each input is
+            limited to its site's classes (:mod:`hybridcls.sites`).
         device: Runtime setting (see :class:`~hybridcls.runtime.RuntimeSettings`, where
             every runtime parameter's default and meaning is given once).
         batch_size: Runtime setting.
@@ -96,6 +99,8 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         rollup_threshold: float | None = None,
         truncate_prompts: bool = False,
         use_cache: bool = True,
+        allowed_classes: Sequence[str] | None = None,
+        site_classes: Any = None,
         device: str = _R.device,
         batch_size: int = _R.batch_size,
         workers: int = _R.workers,
@@ -114,6 +119,8 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.rollup_threshold = rollup_threshold
         self.truncate_prompts = truncate_prompts
         self.use_cache = use_cache
+        self.allowed_classes = allowed_classes
+        self.site_classes = site_classes
         self.device = device
         self.batch_size = batch_size
         self.workers = workers
