@@ -38,6 +38,7 @@ from hybridcls.pretrained import PROMPTS_FILE, TEMPLATES_FILE, read_saved_folder
 from hybridcls.runtime import RuntimeSettings
 from hybridcls.supervised import load_checkpoint
 from hybridcls.supervised.checkpoint import checkpoint_identity
+from hybridcls.support import refit_support
 from hybridcls.train import TrainConfig, train
 from hybridcls.train.data import recorded_image_check, resolve_training_data
 from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
@@ -81,6 +82,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             backbone features lie farther than ``cascade_distance`` from the training
             images'; the others are decided by the supervised branch alone.
         truncate_prompts: Accept class texts longer than CLIP's context (cut, with a warning).
+        support: Few-shot support images joined once the gate is calibrated (at load, and
+            again after :meth:`calibrate`): a folder of a few images per class, any class of
+            the prompts file (see :meth:`add_support`). ``None``: none.
         train_options: Options for :func:`hybridcls.train.train` (``epochs``...).
         device: Runtime setting (see :class:`~hybridcls.runtime.RuntimeSettings`, where
             every runtime parameter's default and meaning is given once).
@@ -103,6 +107,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         tower_: The CLIP tower (:class:`~hybridcls.zeroshot.ClipTower`).
         engine_: The :class:`~hybridcls.engine.InferenceEngine` running both towers.
         gate_: The fitted :class:`~hybridcls.gate.Gate`, or ``None`` before :meth:`calibrate`.
+        support_samples_: The support images joined (``(path, class index)``), or empty.
         device_: The torch device used.
 
     Example:
@@ -134,6 +139,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         unknown_threshold: float | None = None,
         cascade: bool = False,
         truncate_prompts: bool = False,
+        support: Any = None,
         train_options: dict[str, Any] | None = None,
         device: str = _R.device,
         batch_size: int = _R.batch_size,
@@ -161,6 +167,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.unknown_threshold = unknown_threshold
         self.cascade = cascade
         self.truncate_prompts = truncate_prompts
+        self.support = support
         self.train_options = train_options
         self.device = device
         self.batch_size = batch_size
@@ -234,6 +241,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.device_ = self.engine_.device
         self.gate_ = Gate.load(run_dir, n_seen=self.n_seen_, clip_meta=self._index_meta("clip"),
                                backbone_meta=lambda: self._index_meta("backbone"))
+        self.support_samples_: list[tuple[str, int]] = []
+        if self.support is not None and self.gate_ is not None:
+            self.add_support(self.support)
 
     def _index_meta(self, embedding: str) -> dict[str, Any]:
         """The provenance this run's ``embedding`` index carries (see :func:`hybridcls.index.index_meta`)."""
@@ -292,6 +302,10 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.gate_ = gate
         if save:
             gate.save(self.run_dir_)
+        if self.support is not None and not self.support_samples_:
+            self.add_support(self.support)
+        else:  # support images stay joined (the run directory keeps the gate without them)
+            refit_support(self)
         return self
 
     def held_out_outputs(self, data_dir: str | os.PathLike[str] | None = None

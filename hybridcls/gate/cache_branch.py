@@ -62,7 +62,8 @@ DEFAULT_CACHE_K = 4096
 CACHE_MODES = ("auto", "on", "off")
 
 
-def cache_logits(sims: Any, ids: Any, labels: Any, n_classes: int, beta: float) -> np.ndarray:
+def cache_logits(sims: Any, ids: Any, labels: Any, n_classes: int, beta: float, *,
+                 counts: Any = None) -> np.ndarray:
     """Per-class mean affinity ``(A @ L) / n`` of queries to their cached neighbours.
 
     Args:
@@ -71,6 +72,9 @@ def cache_logits(sims: Any, ids: Any, labels: Any, n_classes: int, beta: float) 
         labels: ``[Ncache]`` class of each cached row, in ``0..n_classes-1``.
         n_classes: Seen classes S.
         beta: Sharpness of ``A = exp(-beta (1 - cos))``.
+        counts: The divisor ``n``: ``[S]`` cached images per class, or ``[N, S]`` per query
+            (leave-one-out: a query's own class counts one image fewer). Default: the
+            counts of ``labels``.
 
     Returns:
         ``[N, S]`` float64; all zero for a query row without neighbours (NaN sims).
@@ -87,7 +91,9 @@ def cache_logits(sims: Any, ids: Any, labels: Any, n_classes: int, beta: float) 
     if lab.size and (lab.min() < 0 or lab.max() >= n_classes):
         raise InputError(f"cache labels must be class indices in 0..{n_classes - 1}; "
                          "the index holds rows without a label")
-    counts = np.bincount(lab, minlength=n_classes).astype(np.float64)
+    if counts is None:
+        counts = np.bincount(lab, minlength=n_classes)
+    counts = np.asarray(counts, dtype=np.float64)
     valid = (i >= 0) & np.isfinite(s)
     aff = np.where(valid, np.exp(-beta * (1.0 - np.where(valid, s, 1.0))), 0.0)
     rows = np.broadcast_to(np.arange(s.shape[0])[:, None], s.shape)

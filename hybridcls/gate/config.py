@@ -96,6 +96,9 @@ class GateCalibration:
             each (the setting, asked -> used, and why), e.g. ``"knn_k 10 -> 3: the
             smallest seen class ('cat') has 3 training images"``. The values used are
             in their own fields (``knn_k``, ``cascade_k``...), which prediction reads.
+        support: Few-shot support images (:meth:`hybridcls.gate.Gate.with_support`): the
+            adapter's record (``alpha``, ``beta``, images per class...), how the threshold
+            was chosen with them and the fields it changed (``plain``); ``None`` = none.
     """
 
     score: str = "energy"
@@ -123,6 +126,7 @@ class GateCalibration:
     rounds: int | None = None
     hidden_classes: int | None = None
     adapted: list[str] = field(default_factory=list)
+    support: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

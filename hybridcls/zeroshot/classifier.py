@@ -53,6 +53,8 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
             tokenizer (one warning with the count), instead of refusing them
             (see :mod:`hybridcls.zeroshot.text_checks`).
         use_cache: Read/write the on-disk text-matrix cache.
+        support: Few-shot support images joined at :meth:`fit` (plain Tip-Adapter on the
+            zero-shot logits; see :meth:`add_support`): a folder of a few images per class.
         device: Runtime setting (see :class:`~hybridcls.runtime.RuntimeSettings`, where
             every runtime parameter's default and meaning is given once).
         batch_size: Runtime setting.
@@ -71,7 +73,8 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         templates_: The templates used.
         tower_: The :class:`~hybridcls.zeroshot.ClipTower` (model + class-text matrix).
         engine_: The :class:`~hybridcls.engine.InferenceEngine` it predicts with.
-        gate_: Its :class:`~hybridcls.gate.Gate` (no seen classes).
+        gate_: Its :class:`~hybridcls.gate.Gate` (no seen classes; with the support adapter).
+        support_samples_: The support images joined (``(path, class index)``), or empty.
         device_: The torch device used.
 
     Example:
@@ -93,6 +96,7 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         unknown_threshold: float | None = None,
         truncate_prompts: bool = False,
         use_cache: bool = True,
+        support: Any = None,
         device: str = _R.device,
         batch_size: int = _R.batch_size,
         workers: int = _R.workers,
@@ -110,6 +114,7 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.unknown_threshold = unknown_threshold
         self.truncate_prompts = truncate_prompts
         self.use_cache = use_cache
+        self.support = support
         self.device = device
         self.batch_size = batch_size
         self.workers = workers
@@ -151,6 +156,9 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
             cache_dir=settings.cache_dir, use_cache=self.use_cache,
             truncate_prompts=self.truncate_prompts, progress=settings.progress)
         self._set_tower(tower, settings, gate)
+        self.support_samples_: list[tuple[str, int]] = []
+        if self.support is not None:
+            self.add_support(self.support)
         return self
 
     def _set_tower(self, tower: ClipTower, settings: RuntimeSettings, gate: Gate) -> None:
