@@ -54,6 +54,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     dec.add_argument("--unknown-threshold", type=float, default=None, metavar="P",
                      help="answer 'unknown' when no branch's top probability reaches P "
                           "(both modes; default: the calibrated value, off)")
+    dec.add_argument("--support", metavar="DIR", default=None,
+                     help="a few labelled images per class (one subfolder per class of --prompts, "
+                          "seen or unseen), joined to the zero-shot scores and the gate without "
+                          "retraining (both modes; docs/gate.md, 'Few-shot support')")
     hy = parser.add_argument_group("hybrid (with a trained and calibrated supervised branch)")
     hy.add_argument("--checkpoint", metavar="RUN_DIR",
                     help="run directory from `hybridcls train` + `hybridcls calibrate`; "
@@ -198,6 +202,7 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "unknown_threshold": args.unknown_threshold,
         "truncate_prompts": args.truncate_prompts,
+        "support": path_fingerprint(args.support, args.cache_dir),
         "checkpoint": None,
     }
     if args.checkpoint:
