@@ -112,7 +112,7 @@ class Predictor:
 
     # ------------------------------------------------------------------ few-shot support
 
-    def add_support(self, support: Any) -> Predictor:
+    def add_support(self, support: Any, *, replace: bool = False) -> Predictor:
         """Join a few labelled images per class to the zero-shot scores, without retraining.
 
         The images' CLIP embeddings become a Tip-Adapter cache on the zero-shot logits whose
@@ -125,6 +125,7 @@ class Predictor:
             support: An ImageFolder-style folder (one subfolder per class, named like
                 training folders: any class of the prompts file, seen or unseen),
                 ``(path, class name)`` pairs, or ``{class name: [paths]}``.
+            replace: Drop the support images given before instead of adding to them.
 
         Returns:
             ``self``; ``gate_summary()["support"]`` says how many images per class.
@@ -140,7 +141,7 @@ class Predictor:
             {'okapi': 5, 'zebra': 5}
         """
         check_is_fitted(self, "engine_")
-        return add_support(self, support)
+        return add_support(self, support, replace=replace)
 
     # ------------------------------------------------------------------ streaming
 

@@ -180,7 +180,7 @@ def _held_out(clf: Predictor) -> tuple[BranchOutputs | None, np.ndarray | None]:
     return outputs, np.array([y for _, y in val], dtype=np.int64)
 
 
-def add_support(clf: Predictor, source: SupportSource) -> Predictor:
+def add_support(clf: Predictor, source: SupportSource, *, replace: bool = False) -> Predictor:
     """Join support images to ``clf`` (added to any given before) and refit its gate's adapter.
 
     See :meth:`hybridcls.predictor.Predictor.add_support`.
@@ -188,7 +188,7 @@ def add_support(clf: Predictor, source: SupportSource) -> Predictor:
     settings = clf.engine_.settings
     new = support_samples(source, clf.engine_.clip.prompts, workers=settings.workers,
                           progress=settings.progress)
-    known = dict(getattr(clf, "support_samples_", []))
+    known = {} if replace else dict(getattr(clf, "support_samples_", []))
     for path, label in new:
         if known.get(path, label) != label:
             raise DatasetError(f"{path}: given as support for {clf.classes_[known[path]]!r} "
