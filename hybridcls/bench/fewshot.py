@@ -18,19 +18,20 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hybridcls.bench.quality import (
+    QualityReport,
     default_world_backbone,
     labelled_test_set,
     prepare_world_run,
     reference_rows,
 )
-from hybridcls.cache import atomic_write_json, atomic_write_text
+from hybridcls.cache import atomic_write_text
 from hybridcls.gate.metrics import seen_unseen_accuracy
 
 __all__ = ["FewShotReport", "FewShotRow", "run_fewshot"]
@@ -58,10 +59,10 @@ class FewShotRow:
 
 
 @dataclass
-class FewShotReport:
-    rows: list[FewShotRow]
-    seconds: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
+class FewShotReport(QualityReport):
+    """The rows, the preparation's times and the run's settings; written as ``bench quality``'s."""
+
+    rows: list[FewShotRow]  # type: ignore[assignment]
 
     def markdown(self) -> str:
         lines = ["| route | k | draws | S | U | H (sd) | accuracy | share of oracle H | seconds |",
@@ -72,9 +73,6 @@ class FewShotReport:
                          f"{100 * r.oracle_share:.1f}% | {r.seconds:.1f} |")
         return "\n".join(lines)
 
-    def to_json(self, path: str | Path) -> None:
-        atomic_write_json(path, {"rows": [vars(r) for r in self.rows], "seconds": self.seconds,
-                                 "info": self.info})
 
 
 def _row(route: str, k: int, figures: Sequence[tuple[float, float, float, float]], oracle_h: float,

@@ -37,8 +37,8 @@ from safetensors.numpy import load_file, save_file
 
 from hybridcls.cache import atomic_path
 from hybridcls.errors import CheckpointError, InputError
-from hybridcls.gate.cache_branch import ALPHA_GRID, BETA_GRID, cache_logits
-from hybridcls.gate.scores import as_array, mean_nll
+from hybridcls.gate.cache_branch import ALPHA_GRID, BETA_GRID, cache_logits, grid_search
+from hybridcls.gate.scores import as_array
 
 __all__ = ["SUPPORT_ALPHA_GRID", "SUPPORT_FILE", "SupportAdapter", "fit_support_adapter"]
 
@@ -225,7 +225,8 @@ def fit_support_adapter(
 
     Returns:
         The setting with the highest accuracy (ties: lower cross-entropy, then the smaller
-        ``alpha``), with the accuracies with and without it.
+        ``alpha``, then the first ``beta``; :func:`~hybridcls.gate.cache_branch.grid_search`),
+        with the accuracies with and without it.
 
     Raises:
         InputError: No fitting image, or labels and images that disagree.
@@ -240,18 +241,10 @@ def fit_support_adapter(
     n_classes = z.shape[1]
     scale = float(np.std(z)) or 1.0
     plain = float(np.mean(z.argmax(axis=1) == yy))
-    best: tuple[float, float, float, float] | None = None  # (acc, -loss, -alpha_rel, beta)
-    for beta in beta_grid:
-        term = support_term(clip_emb, keys, lab, n_classes, beta, leave_out=leave_out)
-        for a in sorted(alpha_grid):
-            fused = z + a * scale * term
-            key = (float(np.mean(fused.argmax(axis=1) == yy)), -mean_nll(fused, yy), -float(a),
-                   float(beta))
-            if best is None or key[:3] > best[:3]:
-                best = key
-    assert best is not None
-    acc, _, a_neg, beta = best
+    acc, a, beta = grid_search(
+        z, yy, lambda b: support_term(clip_emb, keys, lab, n_classes, b, leave_out=leave_out),
+        scale, sorted(alpha_grid), beta_grid)
     return SupportAdapter(
-        np.asarray(keys, dtype=np.float32), lab, n_classes, alpha=-a_neg * scale, beta=beta,
-        alpha_rel=-a_neg, scale=scale, fit_accuracy=acc, fit_accuracy_plain=plain, n_fit=len(yy),
+        np.asarray(keys, dtype=np.float32), lab, n_classes, alpha=a * scale, beta=beta,
+        alpha_rel=a, scale=scale, fit_accuracy=acc, fit_accuracy_plain=plain, n_fit=len(yy),
         class_names=tuple(class_names))
