@@ -25,18 +25,25 @@ def _unit(*angles_deg: float) -> np.ndarray:
 
 def test_adapter_equals_hand_computation():
     # keys at 0, 60 and 90 degrees, classes 0, 2, 2 of three; a query at 0 degrees:
-    # cos = 1, 0.5, 0 -> A = exp(-beta (1 - cos)) with beta = 2: 1, e^-1, e^-2
+    # cos = 1, 0.5, 0 -> A = exp(-beta (1 - cos)) with beta = 2: 1, e^-1, e^-2;
+    # per-class means (A @ L) / n: class 0 -> 1, class 2 -> m = (e^-1 + e^-2) / 2, class 1 -> none;
+    # centred over the supported classes 0 and 2 (their mean (1 + m) / 2 subtracted)
     keys = _unit(0, 60, 90)
     adapter = SupportAdapter(keys, np.array([0, 2, 2]), 3, alpha=3.0, beta=2.0)
     query = _unit(0)
+    m = (math.exp(-1) + math.exp(-2)) / 2
     term = adapter.term(query)
-    assert term[0, 0] == pytest.approx(1.0)
+    assert term[0].tolist() == pytest.approx([(1 - m) / 2, 0.0, (m - 1) / 2])
     assert term[0, 1] == 0.0  # a class with no support image gets nothing
-    assert term[0, 2] == pytest.approx((math.exp(-1) + math.exp(-2)) / 2)
     logits = np.array([[1.0, 2.0, 3.0]])
     out = adapter.apply(logits, query)
-    assert out[0].tolist() == pytest.approx([1.0 + 3.0, 2.0, 3.0 + 3.0 * (math.exp(-1) + math.exp(-2)) / 2])
-    # a row CLIP did not run on stays NaN; nothing else moves
+    assert out[0].tolist() == pytest.approx([1.0 + 1.5 * (1 - m), 2.0, 3.0 - 1.5 * (1 - m)])
+    # with every class supported the centring is a row constant: the softmax is Tip-Adapter's
+    full = SupportAdapter(keys, np.array([0, 1, 2]), 3, alpha=3.0, beta=2.0)
+    tip = logits + 3.0 * np.exp(-2.0 * (1 - query @ keys.T))  # Tip-Adapter, one image per class
+    from scipy.special import softmax
+    assert softmax(full.apply(logits, query), axis=1) == pytest.approx(softmax(tip, axis=1))
+    # a row CLIP did not run on stays NaN
     nan = adapter.apply(np.full((1, 3), np.nan), np.full((1, 2), np.nan))
     assert np.isnan(nan).all()
 
@@ -45,14 +52,15 @@ def test_leave_one_out_drops_the_own_entry_and_its_count():
     keys = _unit(0, 60, 90)
     labels = np.array([0, 2, 2])
     # key 1 (60 degrees, class 2) as a query with itself left out: class 2 holds key 2 only,
-    # at cos 30 degrees, and counts one image; class 0 keeps key 0 at cos 60 degrees
+    # at 30 degrees, and counts one image; class 0 keeps key 0 at 60 degrees
+    a2 = math.exp(-2 * (1 - math.cos(math.radians(30))))
+    a0 = math.exp(-2 * 0.5)
     loo = support_term(keys[[1]], keys, labels, 3, beta=2.0, leave_out=[1])
-    assert loo[0, 2] == pytest.approx(math.exp(-2 * (1 - math.cos(math.radians(30)))))
-    assert loo[0, 0] == pytest.approx(math.exp(-2 * 0.5))
+    assert loo[0].tolist() == pytest.approx([(a0 - a2) / 2, 0.0, (a2 - a0) / 2])
     full = support_term(keys[[1]], keys, labels, 3, beta=2.0)
-    assert full[0, 2] == pytest.approx((1.0 + math.exp(-2 * (1 - math.cos(math.radians(30))))) / 2)
-    # a class whose only image is left out gets nothing (count 0, not a division by zero)
-    assert support_term(keys[[0]], keys, labels, 3, beta=2.0, leave_out=[0])[0, 0] == 0.0
+    assert full[0, 2] == pytest.approx(((1.0 + a2) / 2 - a0) / 2)
+    # a class whose only image is left out gets nothing and leaves the centring
+    assert support_term(keys[[0]], keys, labels, 3, beta=2.0, leave_out=[0])[0].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_fit_uses_leave_one_out_and_needs_a_second_image_per_class():

@@ -359,11 +359,13 @@ class Gate:
         The support images' CLIP embeddings become a Tip-Adapter cache on the zero-shot
         logits (:mod:`hybridcls.gate.support`), which :meth:`predict` applies before the
         gate scores and the fusion. ``alpha`` and ``beta`` are fitted by leave-one-out
-        over the support images and on the held-out seen images. Support images of unseen
-        classes are real unseen images: with them (and seen images: held-out ones, or
-        support images of seen classes) the TPR level is chosen again, among
-        :data:`SUPPORT_TPR_GRID` and the calibrated one, by H (support images read with
-        their own cache entry left out); without, the calibrated level is kept and the
+        over the support images and on the held-out images of the classes that have
+        support images. Support images of unseen classes are real unseen images: with them
+        (and seen images: held-out ones, or support images of seen classes) the TPR level
+        is chosen again, among :data:`SUPPORT_TPR_GRID` and the calibrated one, by H
+        (support images read with their own cache entry left out): of the levels within
+        ``1 / n`` of the best H (``n`` unseen support images: one image's worth), the one
+        nearest the calibrated level. Without them the calibrated level is kept and the
         threshold set again on the seen images' adapted scores. Support given before is
         replaced, not added to.
 
@@ -405,9 +407,15 @@ class Gate:
             fit_out = BranchOutputs.concat([support, held_out])
             fit_y = np.concatenate([y_s, np.asarray(y_held_out, dtype=np.int64)])
             fit_own = np.concatenate([own, np.full(len(held_out), -1)])
-        adapter = fit_support_adapter(fit_out.clip_logits, fit_out.clip_embeddings, fit_y,
-                                      support.clip_embeddings, y_s, leave_out=fit_own,
-                                      class_names=class_names)
+        # alpha and beta are fitted where the cache has evidence: the support images and the
+        # held-out images of classes with support images. Held-out images of the other seen
+        # classes (hundreds, against a few support images) would only measure the harm done to
+        # their zero-shot scores, which the gate mostly leaves unread, and keep alpha at 0;
+        # the threshold below is set on all of them.
+        fitting = np.isin(fit_y, y_s)
+        adapter = fit_support_adapter(fit_out.clip_logits[fitting], fit_out.clip_embeddings[fitting],
+                                      fit_y[fitting], support.clip_embeddings, y_s,
+                                      leave_out=fit_own[fitting], class_names=class_names)
         other = object.__new__(Gate)
         other.__dict__.update(base.__dict__)
         other.support_ = adapter
@@ -431,7 +439,7 @@ class Gate:
         seen_out = adapted.rows(seen)
         base_seen = cal.compute_base_scores(**base._score_inputs(seen_out, base.seen_logits(seen_out), cal))
         levels = sorted({*SUPPORT_TPR_GRID, cal.tpr}) if unseen.any() else [cal.tpr]
-        best: tuple[float, float, GateCalibration] | None = None  # (H, -|tpr - calibrated|, cal)
+        tried: list[tuple[float, float, GateCalibration]] = []  # (H, tpr, calibration)
         for tpr in levels:
             cand = finalize(cal.replace(tpr=tpr), base_seen)
             h = float("nan")
@@ -440,15 +448,18 @@ class Gate:
                 probe.__dict__.update(base.__dict__)
                 probe.calibration_ = cand
                 _, _, h = seen_unseen_accuracy(fit_y, probe.predict(adapted).pred, S)
-            key = (-1.0 if np.isnan(h) else h, -abs(tpr - cal.tpr), cand)
-            if best is None or key[:2] > best[:2]:
-                best = key
-        assert best is not None
+            tried.append((-1.0 if np.isnan(h) else h, tpr, cand))
+        # A few unseen images measure U coarsely: levels within one unseen image's worth of the
+        # best H are as good, and the one nearest the calibrated level is kept (with ten
+        # support images, a level that happens to route all ten right is no evidence).
+        tolerance = 1.0 / max(int(unseen.sum()), 1)
+        top = max(h for h, _, _ in tried)
+        best = min((t for t in tried if t[0] >= top - tolerance), key=lambda t: abs(t[1] - cal.tpr))
         record["threshold_from"] = ("H on the seen images and the unseen classes' support images"
                                     if unseen.any() else "the seen images' adapted scores at the "
                                     "calibrated tpr (no support image of an unseen class)")
         if unseen.any():
-            record["h"] = best[0]
+            record.update(h=best[0], h_tolerance=tolerance)
         other.calibration_ = best[2].replace(support=record)
         return other
 
