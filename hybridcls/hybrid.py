@@ -40,6 +40,7 @@ from hybridcls.pretrained import PROMPTS_FILE, TEMPLATES_FILE, read_saved_folder
 from hybridcls.runtime import RuntimeSettings
 from hybridcls.supervised import load_checkpoint
 from hybridcls.supervised.checkpoint import checkpoint_identity
+from hybridcls.support import refit_support
 from hybridcls.train import TrainConfig, train
 from hybridcls.train.data import recorded_image_check, resolve_training_data
 from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
@@ -91,6 +92,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         allowed_classes: Class names every prediction is limited to (docs/sites.md).
         site_classes: A site file or :class:`~hybridcls.sites.SiteClasses`: each input is
             limited to its site's classes (:mod:`hybridcls.sites`); not with ``cascade=True``.
+        support: Few-shot support images joined once the gate is calibrated (at load, and
+            again after :meth:`calibrate`): a folder of a few images per class, any class of
+            the prompts file (see :meth:`add_support`). ``None``: none.
         train_options: Options for :func:`hybridcls.train.train` (``epochs``...).
         device: Runtime setting (see :class:`~hybridcls.runtime.RuntimeSettings`, where
             every runtime parameter's default and meaning is given once).
@@ -113,6 +117,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         tower_: The CLIP tower (:class:`~hybridcls.zeroshot.ClipTower`).
         engine_: The :class:`~hybridcls.engine.InferenceEngine` running both towers.
         gate_: The fitted :class:`~hybridcls.gate.Gate`, or ``None`` before :meth:`calibrate`.
+        support_samples_: The support images joined (``(path, class index)``), or empty.
         device_: The torch device used.
 
     Example:
@@ -148,6 +153,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         truncate_prompts: bool = False,
         allowed_classes: Sequence[str] | None = None,
         site_classes: Any = None,
+        support: Any = None,
         train_options: dict[str, Any] | None = None,
         device: str = _R.device,
         batch_size: int = _R.batch_size,
@@ -179,6 +185,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.truncate_prompts = truncate_prompts
         self.allowed_classes = allowed_classes
         self.site_classes = site_classes
+        self.support = support
         self.train_options = train_options
         self.device = device
         self.batch_size = batch_size
@@ -252,6 +259,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.device_ = self.engine_.device
         self.gate_ = Gate.load(run_dir, n_seen=self.n_seen_, clip_meta=self._index_meta("clip"),
                                backbone_meta=lambda: self._index_meta("backbone"))
+        self.support_samples_: list[tuple[str, int]] = []
+        if self.support is not None and self.gate_ is not None:
+            self.add_support(self.support)
 
     def _index_meta(self, embedding: str) -> dict[str, Any]:
         """The provenance this run's ``embedding`` index carries (see :func:`hybridcls.index.index_meta`)."""
@@ -310,6 +320,10 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.gate_ = gate
         if save:
             gate.save(self.run_dir_)
+        if self.support is not None and not self.support_samples_:
+            self.add_support(self.support)
+        else:  # support images stay joined (the run directory keeps the gate without them)
+            refit_support(self)
         return self
 
     def calibrate_rollup(self, precision: float | None = None,

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from hybridcls.cache import json_text
 from hybridcls.errors import InputError
@@ -342,7 +342,7 @@ class PredictionWriter:
         if self._close:
             self.stream.close()
 
-    def __enter__(self) -> PredictionWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -393,7 +393,8 @@ def open_writer(
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
     # Undecodable file names arrive surrogate-escaped; keep them visible rather than crash.
-    stream = open(path, "a" if append else "w", encoding="utf-8", newline="",
+    # the writer owns the stream (close=True) and closes it when it is closed itself
+    stream = open(path, "a" if append else "w", encoding="utf-8", newline="",  # noqa: SIM115
                   errors="backslashreplace")
     return PredictionWriter(stream, fmt, topk=topk, extra_columns=extra_columns, close=True,
                             header=not append)

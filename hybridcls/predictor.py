@@ -29,6 +29,7 @@ from hybridcls.hierarchy import Hierarchy, Rollup, check_threshold
 from hybridcls.outputs import PredictionRow, batch_rows
 from hybridcls.provenance import model_version, tower_identity
 from hybridcls.sites import SiteClasses, allowed_columns, allowed_masks, read_site_classes
+from hybridcls.support import add_support
 
 __all__ = ["Predictor"]
 
@@ -95,6 +96,8 @@ class Predictor:
         cal = self.gate_.calibration_ if getattr(self, "gate_", None) is not None else None
         # the gate as gate.json holds it: the same id before and after a save and a load
         gate = None if cal is None else json.loads(json_text(cal.to_dict()))
+        if cal is None and getattr(self.gate_, "support_", None) is not None:  # zero-shot + support
+            gate = json.loads(json_text({"support": self.gate_.support_.to_dict()}))
         return {
             "supervised": supervised, "clip": clip, "prompts_sha256": prompts,
             "n_seen": int(self.n_seen_), "n_classes": len(self.classes_),
@@ -190,6 +193,39 @@ class Predictor:
         if precision is not None:
             threshold = self._rollup_threshold_at(float(precision))
         return Rollup(hierarchy, float(threshold))
+
+    # ------------------------------------------------------------------ few-shot support
+
+    def add_support(self, support: Any, *, replace: bool = False) -> Predictor:
+        """Join a few labelled images per class to the zero-shot scores, without retraining.
+
+        The images' CLIP embeddings become a Tip-Adapter cache on the zero-shot logits whose
+        ``alpha`` and ``beta`` are fitted by leave-one-out; a hybrid's gate also reads support
+        images of unseen classes as real unseen images to set its threshold (see
+        :mod:`hybridcls.support` and :meth:`hybridcls.gate.Gate.with_support`). Images given
+        before stay; the towers run only on images not in the cache folder.
+
+        Args:
+            support: An ImageFolder-style folder (one subfolder per class, named like
+                training folders: any class of the prompts file, seen or unseen),
+                ``(path, class name)`` pairs, or ``{class name: [paths]}``.
+            replace: Drop the support images given before instead of adding to them.
+
+        Returns:
+            ``self``; ``gate_summary()["support"]`` says how many images per class.
+
+        Raises:
+            DatasetError: A missing or empty class folder, or an image that does not decode.
+            PromptFileError: A class that matches no line of the prompts file.
+            CheckpointError: A hybrid whose run is not calibrated yet.
+
+        Example:
+            >>> clf.add_support("support/")  # doctest: +SKIP
+            >>> clf.gate_summary()["support"]["counts"]  # doctest: +SKIP
+            {'okapi': 5, 'zebra': 5}
+        """
+        check_is_fitted(self, "engine_")
+        return add_support(self, support, replace=replace)
 
     # ------------------------------------------------------------------ streaming
 

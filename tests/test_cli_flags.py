@@ -297,6 +297,24 @@ def _cascade(setup, mode, out, capsys, base):
     return "stderr"
 
 
+def _support(setup, mode, out, capsys, base):
+    # support images of the unseen classes: the run record names them, three per class
+    from hybridcls.synth.support import render_support
+
+    world = setup["world"]
+    folder = render_support(world, out / "support", 3)
+    res = _predict(setup, mode, ["--support", str(folder)], out / "v.jsonl", capsys)
+    assert res["rc"] == 0, res["stderr"]
+    assert "support" not in base["record"]["gate"]
+    assert res["record"]["gate"]["support"]["counts"] == {c: 3 for c in world.unseen_classes}
+    bad = out / "bad"
+    (bad / "purple moon").mkdir(parents=True)
+    shutil.copy(folder / world.unseen_classes[0].replace(" ", "_") / "0000.png", bad / "purple moon")
+    res = _predict(setup, mode, ["--support", str(bad)], out / "b.jsonl", capsys)
+    assert res["rc"] == 2 and "support class folder" in res["stderr"] and "purple moon" in res["stderr"]
+    return "record"
+
+
 def _model_version(setup, mode, out, capsys, base):
     res = _predict(setup, mode, ["--model-version"], out / "v.jsonl", capsys)
     assert res["rc"] == 0 and "model_version" not in base["rows"][0]
@@ -335,6 +353,7 @@ CASES = {
     "rollup_precision": _rollup_precision,
     "allowed_classes": _rows_change(lambda s: ["--allowed-classes", s["world"].classes[0]]),
     "site_classes": _rows_change(lambda s: ["--site-classes", str(s["sites"])]),
+    "support": _support,
     "checkpoint": _checkpoint,
     "mode": _mode,
     "cascade": _cascade,

@@ -1,4 +1,4 @@
-"""``hybridcls bench quality`` (with ``--zoo``), ``speed`` and ``memory``: benchmarks that print figures, offline."""
+"""``hybridcls bench quality`` (with ``--zoo``), ``fewshot``, ``speed`` and ``memory``: benchmarks that print figures, offline."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from hybridcls.cache import json_text
 from hybridcls.cli.common import UsageError, add_class_arguments, prompts_from_args
 from hybridcls.runtime import PRECISIONS
 
-__all__ = ["add_parser", "run", "run_memory", "run_quality", "run_rollup", "run_sites", "run_speed",
-           "run_zoo"]
+__all__ = ["add_parser", "run", "run_fewshot", "run_memory", "run_quality", "run_rollup", "run_sites",
+           "run_speed", "run_zoo"]
 
 _QUALITY_OUT = "hybridcls-bench-quality"
+_FEWSHOT_OUT = "hybridcls-bench-fewshot"
 _ZOO_OUT = "hybridcls-bench-zoo"
 
 
@@ -43,6 +44,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     q.add_argument("--workers", type=int, default=0, metavar="N")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(run=run_quality)
+    fs = sub.add_parser("fewshot", help="k support images per unseen class (--support) against "
+                                        "collecting them and retraining, on the synthetic world")
+    fs.add_argument("--out", default=_FEWSHOT_OUT, metavar="DIR",
+                    help="working folder (world, runs, support draws); fewshot.md and fewshot.json "
+                         "go here (default: %(default)s)")
+    fs.add_argument("--k", default="0,1,2,5,10", metavar="K,K,...",
+                    help="support images per unseen class (default: %(default)s)")
+    fs.add_argument("--draws", type=int, default=3, help="draws per k (default: %(default)s)")
+    fs.add_argument("--retrain-k", default="1,5", metavar="K,K,...",
+                    help="the k of the retrain route, each a training run ('' for none; "
+                         "default: %(default)s)")
+    fs.add_argument("--retrain-draws", type=int, default=1,
+                    help="draws per k of the retrain route (default: %(default)s)")
+    fs.add_argument("--seed", type=int, default=0, help="world seed (default: 0)")
+    fs.add_argument("--epochs", type=int, default=8, help="supervised training epochs (default: 8)")
+    fs.add_argument("--model", default=None, help="as for `bench quality`")
+    fs.add_argument("--image-size", type=int, default=64, help="supervised input size (default: 64)")
+    fs.add_argument("--workers", type=int, default=0, metavar="N")
+    fs.add_argument("-q", "--quiet", action="store_true")
+    fs.set_defaults(run=run_fewshot)
     sp = sub.add_parser("speed", help="images per second: end-to-end, each tower against the machine's "
                                       "matmul limit, naive and zero-shot baselines, GMACs, time to first "
                                       "prediction (random weights, offline)")
@@ -151,6 +172,35 @@ def run_quality(args: argparse.Namespace) -> int:
     print(report.markdown())
     print("\ntimes (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
     print(f"wrote {out / 'quality.md'} and quality.json")
+    return 0
+
+
+def _ks(text: str, flag: str) -> list[int]:
+    try:
+        ks = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected whole numbers separated by commas") from None
+    if any(k < 0 for k in ks):
+        raise UsageError(f"{flag} {text!r}: k must be 0 or more")
+    return ks
+
+
+def run_fewshot(args: argparse.Namespace) -> int:
+    from hybridcls.bench.fewshot import run_fewshot as bench
+
+    retrain = _ks(args.retrain_k, "--retrain-k")
+    if 0 in retrain:
+        raise UsageError("--retrain-k 0: the retrain route needs at least one image per unseen class")
+    for flag, value in (("--draws", args.draws), ("--retrain-draws", args.retrain_draws)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: expected at least 1")
+    out = Path(args.out)
+    report = bench(out, seed=args.seed, epochs=args.epochs, ks=_ks(args.k, "--k"), draws=args.draws,
+                   retrain_ks=retrain, retrain_draws=args.retrain_draws, model=args.model,
+                   image_size=args.image_size, workers=args.workers, progress=not args.quiet)
+    print(report.markdown())
+    print("\ntimes (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+    print(f"wrote {out / 'fewshot.md'} and fewshot.json")
     return 0
 
 

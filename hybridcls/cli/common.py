@@ -255,6 +255,7 @@ def zeroshot_from_args(args: argparse.Namespace) -> Any:
         prompts=prompts_from_args(args), templates=args.templates,
         unknown_threshold=getattr(args, "unknown_threshold", None),
         truncate_prompts=getattr(args, "truncate_prompts", False),
+        support=getattr(args, "support", None),
         **runtime_from_args(args).to_dict(),
     ).fit()
 
@@ -274,6 +275,7 @@ def hybrid_from_args(args: argparse.Namespace, **params: Any) -> Any:
         unknown_threshold=getattr(args, "unknown_threshold", None),
         cascade=getattr(args, "cascade", False),
         truncate_prompts=getattr(args, "truncate_prompts", False),
+        support=getattr(args, "support", None),
         **runtime_from_args(args).to_dict(), **params,
     ).load_run(args.checkpoint, prompts_from_args(args))
 

@@ -72,6 +72,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                           "column names per image) and their allowed classes: each input is "
                           "limited to its site's classes; one that allows none is an error row "
                           "(docs/sites.md)")
+    dec.add_argument("--support", metavar="DIR", default=None,
+                     help="a few labelled images per class (one subfolder per class of --prompts, "
+                          "seen or unseen), joined to the zero-shot scores and the gate without "
+                          "retraining (both modes; docs/gate.md, 'Few-shot support')")
     hy = parser.add_argument_group("hybrid (with a trained and calibrated supervised branch)")
     hy.add_argument("--checkpoint", metavar="RUN_DIR",
                     help="run directory from `hybridcls train` + `hybridcls calibrate`; "
@@ -269,6 +273,7 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
         "truncate_prompts": args.truncate_prompts,
         "allowed_classes": args.allowed_classes,
         "site_classes": path_fingerprint(args.site_classes, args.cache_dir),
+        "support": path_fingerprint(args.support, args.cache_dir),
         "checkpoint": None,
     }
     if args.checkpoint:

@@ -74,7 +74,8 @@ class ImageFolderIndex:
     unreadable: list[tuple[str, int, str]] = field(default_factory=list)
 
 
-def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolderIndex:
+def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training folder",
+                      min_classes: int = 2) -> ImageFolderIndex:
     """List the classes (subfolders) and their image files under ``root``.
 
     Each subfolder of ``root`` is a class, its name the label; images are
@@ -84,6 +85,8 @@ def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolderIndex:
 
     Args:
         root: The training folder.
+        role: What the folder is, in messages (``"support folder"``...).
+        min_classes: Fewest class subfolders accepted (a support folder may hold one class).
 
     Returns:
         The index; images are not opened.
@@ -93,7 +96,7 @@ def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolderIndex:
             subfolders, a class folder has no image, or a folder name cannot
             be a label (empty, surrounding whitespace, leading dot, control
             characters such as a newline).
-        DataTooSmallError: only one class subfolder.
+        DataTooSmallError: fewer than ``min_classes`` class subfolders (one).
 
     Example:
         >>> index = scan_image_folder("data/train")  # doctest: +SKIP
@@ -102,13 +105,13 @@ def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolderIndex:
     """
     root_str = os.fspath(root)
     if not os.path.exists(root_str):
-        raise DatasetError(f"training folder not found: {root_str}")
+        raise DatasetError(f"{role} not found: {root_str}")
     if not os.path.isdir(root_str):
-        raise DatasetError(f"not a folder: {root_str} (expected the training folder)")
+        raise DatasetError(f"not a folder: {root_str} (expected the {role})")
     try:
         entries = sorted(e.name for e in os.scandir(root_str) if e.is_dir())
     except OSError as err:
-        raise DatasetError(f"cannot read training folder {root_str}: {err.strerror}") from err
+        raise DatasetError(f"cannot read {role} {root_str}: {err.strerror}") from err
     if not entries:
         raise DatasetError(
             f"no class subfolders in {root_str}: expected one folder per class, "
@@ -119,7 +122,7 @@ def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolderIndex:
         if problem:
             path = os.path.join(root_str, name)
             raise DatasetError(f"class folder {path!r} is not a valid label: {problem}")
-    if len(entries) < 2:
+    if len(entries) < min_classes:
         raise DataTooSmallError(
             f"needs at least 2 classes, found 1 in {root_str} ({entries[0]!r}): a classifier "
             "tells classes apart; add a subfolder of images for another class"

@@ -148,8 +148,8 @@ class Evaluation:
                    if self.n_missing else "")
         lines = [
             f"accuracy {100 * s.accuracy:.2f}%  ({s.n_images} images, {self.n_errors} errors{missing})",
-            f"seen S {_percent(s.seen)}   unseen U {_percent(s.unseen)}   "
-            f"harmonic H {_percent(s.harmonic)}",
+            (f"seen S {_percent(s.seen)}   unseen U {_percent(s.unseen)}   "
+             f"harmonic H {_percent(s.harmonic)}"),
         ]
         if self.top5_accuracy is not None:
             lines.append(f"top-{TOP_K} accuracy {_percent(self.top5_accuracy)}%")

@@ -27,7 +27,7 @@ Works on arrays (and an :class:`~hybridcls.index.EmbeddingIndex`) only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "CacheBranch",
     "cache_logits",
     "fit_cache_branch",
+    "grid_search",
 ]
 
 #: ``alpha`` candidates, in standard deviations of the held-out supervised logits.
@@ -62,7 +63,8 @@ DEFAULT_CACHE_K = 4096
 CACHE_MODES = ("auto", "on", "off")
 
 
-def cache_logits(sims: Any, ids: Any, labels: Any, n_classes: int, beta: float) -> np.ndarray:
+def cache_logits(sims: Any, ids: Any, labels: Any, n_classes: int, beta: float, *,
+                 counts: Any = None) -> np.ndarray:
     """Per-class mean affinity ``(A @ L) / n`` of queries to their cached neighbours.
 
     Args:
@@ -71,6 +73,9 @@ def cache_logits(sims: Any, ids: Any, labels: Any, n_classes: int, beta: float) 
         labels: ``[Ncache]`` class of each cached row, in ``0..n_classes-1``.
         n_classes: Seen classes S.
         beta: Sharpness of ``A = exp(-beta (1 - cos))``.
+        counts: The divisor ``n``: ``[S]`` cached images per class, or ``[N, S]`` per query
+            (leave-one-out: a query's own class counts one image fewer). Default: the
+            counts of ``labels``.
 
     Returns:
         ``[N, S]`` float64; all zero for a query row without neighbours (NaN sims).
@@ -87,7 +92,9 @@ def cache_logits(sims: Any, ids: Any, labels: Any, n_classes: int, beta: float) 
     if lab.size and (lab.min() < 0 or lab.max() >= n_classes):
         raise InputError(f"cache labels must be class indices in 0..{n_classes - 1}; "
                          "the index holds rows without a label")
-    counts = np.bincount(lab, minlength=n_classes).astype(np.float64)
+    if counts is None:
+        counts = np.bincount(lab, minlength=n_classes)
+    counts = np.asarray(counts, dtype=np.float64)
     valid = (i >= 0) & np.isfinite(s)
     aff = np.where(valid, np.exp(-beta * (1.0 - np.where(valid, s, 1.0))), 0.0)
     rows = np.broadcast_to(np.arange(s.shape[0])[:, None], s.shape)
@@ -159,6 +166,33 @@ def _accuracy_and_loss(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]
     return acc, mean_nll(logits, y)
 
 
+def grid_search(logits: np.ndarray, y: np.ndarray, term: Callable[[float], np.ndarray], scale: float,
+                alpha_grid: Sequence[float], beta_grid: Sequence[float]) -> tuple[float, float, float]:
+    """The best ``logits + alpha_rel * scale * term(beta)`` on labelled images, by grid search.
+
+    Args:
+        logits: ``[N, K]`` the logits the cache term is added to.
+        y: ``[N]`` the images' classes.
+        term: ``beta -> [N, K]`` cache evidence (:func:`cache_logits` of a search).
+        scale: The unit of ``alpha_rel`` (a standard deviation of ``logits``).
+        alpha_grid: ``alpha_rel`` candidates, tried in this order for each ``beta``.
+        beta_grid: ``beta`` candidates.
+
+    Returns:
+        ``(accuracy, alpha_rel, beta)``: highest accuracy, ties broken by the lower
+        cross-entropy, then by the first tried.
+    """
+    best: tuple[float, float, float, float] | None = None  # (acc, -loss, alpha_rel, beta)
+    for beta in beta_grid:
+        t = term(beta)
+        for a in alpha_grid:
+            acc, loss = _accuracy_and_loss(logits + a * scale * t, y)
+            if best is None or (acc, -loss) > best[:2]:
+                best = (acc, -loss, float(a), float(beta))
+    assert best is not None
+    return best[0], best[2], best[3]
+
+
 def fit_cache_branch(
     sup_logits: Any,
     y: Any,
@@ -206,15 +240,8 @@ def fit_cache_branch(
     sims, ids = index.search(clip_emb, k)
     scale = float(sup.std()) or 1.0
     plain_acc, _ = _accuracy_and_loss(sup, yy)
-    best: tuple[float, float, float, float] | None = None  # (acc, -loss, alpha_rel, beta)
-    for beta in beta_grid:
-        term = cache_logits(sims, ids, index.labels, n_classes, beta)
-        for a in alpha_grid:
-            acc, loss = _accuracy_and_loss(sup + a * scale * term, yy)
-            if best is None or (acc, -loss) > best[:2]:
-                best = (acc, -loss, float(a), float(beta))
-    assert best is not None
-    acc, _, a, beta = best
+    acc, a, beta = grid_search(sup, yy, lambda b: cache_logits(sims, ids, index.labels, n_classes, b),
+                               scale, alpha_grid, beta_grid)
     return CacheBranch(
         alpha=a * scale, beta=beta, k=int(k), enabled=mode == "on" or acc > plain_acc,
         alpha_rel=a, scale=scale, val_accuracy=acc, val_accuracy_plain=plain_acc,

@@ -99,6 +99,9 @@ class GateCalibration:
             each (the setting, asked -> used, and why), e.g. ``"knn_k 10 -> 3: the
             smallest seen class ('cat') has 3 training images"``. The values used are
             in their own fields (``knn_k``, ``cascade_k``...), which prediction reads.
+        support: Few-shot support images (:meth:`hybridcls.gate.Gate.with_support`): the
+            adapter's record (``alpha``, ``beta``, images per class...), how the threshold
+            was chosen with them and the fields it changed (``plain``); ``None`` = none.
     """
 
     score: str = "energy"
@@ -127,6 +130,7 @@ class GateCalibration:
     hidden_classes: int | None = None
     standin: str | None = None
     adapted: list[str] = field(default_factory=list)
+    support: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

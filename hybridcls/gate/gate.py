@@ -14,7 +14,9 @@ fitted part of the gate:
   branch, ``hybridcls explain``'s neighbours) and their backbone feature index
   (the cascade's distance; :mod:`hybridcls.index`);
 * the nearest-neighbour cache branch (:mod:`hybridcls.gate.cache_branch`);
-* the cascade's thresholds (:mod:`hybridcls.gate.cascade`).
+* the cascade's thresholds (:mod:`hybridcls.gate.cascade`);
+* few-shot support images, a cache on the zero-shot logits
+  (:mod:`hybridcls.gate.support`, :meth:`Gate.with_support`).
 
 It is saved and loaded as one thing: ``gate.json`` and ``index/`` in a
 folder. A gate with no seen classes (:meth:`Gate.zero_shot`) sends every
@@ -57,8 +59,10 @@ from hybridcls.gate.cascade import (
 )
 from hybridcls.gate.config import FIT_METHODS, GATE_FILENAME, MODES, GateCalibration
 from hybridcls.gate.fusion import FusionResult, fuse, fuse_zeroshot, route
+from hybridcls.gate.metrics import seen_unseen_accuracy
 from hybridcls.gate.restriction import check_allowed, forced_routing, mask_logits, restrict_outputs
 from hybridcls.gate.scores import DEFAULT_KNN_K, INDEX_OF, SCORES
+from hybridcls.gate.support import SUPPORT_FILE, SupportAdapter, fit_support_adapter
 from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, load_run_index
 
 __all__ = ["INDEX_DIR", "ClipPolicy", "Gate"]
@@ -72,6 +76,12 @@ INDEX_DIR = RUN_INDEX_DIR
 ClipPolicy = str | Callable[[BranchOutputs], np.ndarray]
 
 MetaSource = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
+
+#: The TPR levels :meth:`Gate.with_support` tries when support images of unseen classes
+#: let it measure H (the calibrated level is tried too).
+SUPPORT_TPR_GRID = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99)
+# The calibration fields finalize() sets: what with_support changes and can put back.
+_FINALIZED = ("threshold", "tpr", "soft_scale", "stacking_penalty", "combined")
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,8 @@ class Gate:
         clip_index_: The training images' CLIP embeddings (:class:`~hybridcls.index.EmbeddingIndex`),
             or ``None``.
         cache_: The enabled :class:`~hybridcls.gate.CacheBranch`, or ``None``.
+        support_: The fitted :class:`~hybridcls.gate.support.SupportAdapter` of few-shot
+            support images (:meth:`with_support`), or ``None``.
         index_error_: Why a saved CLIP index was not loaded (another model or class list),
             or ``None``; raised when a prediction needs the index.
 
@@ -134,6 +146,7 @@ class Gate:
         self.seen_classes_: list[str] = []
         self.clip_index_: EmbeddingIndex | None = None
         self.cache_: CacheBranch | None = None
+        self.support_: SupportAdapter | None = None
         self._backbone_index: EmbeddingIndex | None = None
         self._backbone_loader: Callable[[], EmbeddingIndex | None] | None = None
         self.index_error_: CheckpointError | None = None
@@ -346,6 +359,131 @@ class Gate:
         other.calibration_ = cand
         return other
 
+    # ------------------------------------------------------------------ few-shot support
+
+    def with_support(self, support: BranchOutputs, y_support: Any, *, class_names: Sequence[str],
+                     held_out: BranchOutputs | None = None, y_held_out: Any = None) -> Gate:
+        """A copy of this gate with few-shot support images joined to the zero-shot scores.
+
+        The support images' CLIP embeddings become a Tip-Adapter cache on the zero-shot
+        logits (:mod:`hybridcls.gate.support`), which :meth:`predict` applies before the
+        gate scores and the fusion. ``alpha`` and ``beta`` are fitted by leave-one-out
+        over the support images and on the held-out images of the classes that have
+        support images. Support images of unseen classes are real unseen images: with them
+        (and seen images: held-out ones, or support images of seen classes) the TPR level
+        is chosen again, among :data:`SUPPORT_TPR_GRID` and the calibrated one, by H
+        (support images read with their own cache entry left out): of the levels within
+        ``1 / n`` of the best H (``n`` unseen support images: one image's worth), the one
+        nearest the calibrated level. Without them the calibrated level is kept and the
+        threshold set again on the seen images' adapted scores. Support given before is
+        replaced, not added to.
+
+        Args:
+            support: Both towers' outputs of the support images (CLIP on every one; the
+                supervised side too for a fitted gate).
+            y_support: ``[n]`` their classes over every class (seen first).
+            class_names: Every class's name, in column order.
+            held_out: The held-out seen images' outputs (:meth:`fit`'s ``val``), or ``None``.
+            y_held_out: ``[Nval]`` their seen-class indices.
+
+        Returns:
+            The new gate; ``calibration_.support`` records the adapter, the images per class
+            and the choice of threshold (a zero-shot gate keeps the record in ``support_``).
+
+        Raises:
+            InputError: Support outputs without CLIP embeddings, labels that disagree with
+                them, or a class index out of range.
+
+        Example:
+            >>> gate = Gate.zero_shot()
+            >>> sup = BranchOutputs(clip_logits=np.zeros((2, 2)), clip_embeddings=np.eye(2))
+            >>> gate.with_support(sup, [0, 1], class_names=["a", "b"]).support_.counts.tolist()
+            [1, 1]
+        """
+        if support.clip_embeddings is None or support.clip_logits is None:
+            raise InputError("support images need the CLIP branch's outputs")
+        y_s = np.asarray(y_support, dtype=np.int64).reshape(-1)
+        n_classes = support.clip_logits.shape[1]
+        if len(y_s) != len(support) or not len(y_s):
+            raise InputError(f"{len(y_s)} labels for {len(support)} support images (need at least one)")
+        if y_s.min() < 0 or y_s.max() >= n_classes or len(class_names) != n_classes:
+            raise InputError(f"support labels must be class indices in 0..{n_classes - 1}, one "
+                             f"name per class ({len(class_names)} names given)")
+        base = self._without_support()
+        own = np.arange(len(y_s))
+        fit_out, fit_y, fit_own = support, y_s, own
+        if held_out is not None:
+            fit_out = BranchOutputs.concat([support, held_out])
+            fit_y = np.concatenate([y_s, np.asarray(y_held_out, dtype=np.int64)])
+            fit_own = np.concatenate([own, np.full(len(held_out), -1)])
+        # alpha and beta are fitted where the cache has evidence: the support images and the
+        # held-out images of classes with support images. Held-out images of the other seen
+        # classes (hundreds, against a few support images) would only measure the harm done to
+        # their zero-shot scores, which the gate mostly leaves unread, and keep alpha at 0;
+        # the threshold below is set on all of them.
+        fitting = np.isin(fit_y, y_s)
+        adapter = fit_support_adapter(fit_out.clip_logits[fitting], fit_out.clip_embeddings[fitting],
+                                      fit_y[fitting], support.clip_embeddings, y_s,
+                                      leave_out=fit_own[fitting], class_names=class_names)
+        other = object.__new__(Gate)
+        other.__dict__.update(base.__dict__)
+        other.support_ = adapter
+        cal = base.calibration_
+        if cal is None:
+            return other
+        # every labelled image, its zero-shot logits adapted as predictions will read them
+        # (leave-one-out for the support images)
+        adapted = BranchOutputs(fit_out.sup_logits, fit_out.sup_features,
+                                adapter.apply(fit_out.clip_logits, fit_out.clip_embeddings,
+                                              leave_out=fit_own).astype(np.float32),
+                                fit_out.clip_embeddings)
+        S = self.n_seen_
+        seen, unseen = fit_y < S, fit_y >= S
+        record = {**adapter.to_dict(), "plain": {k: getattr(cal, k) for k in _FINALIZED},
+                  "n_seen_images": int(seen.sum()), "n_unseen_images": int(unseen.sum())}
+        if not seen.any():  # nothing to set a threshold on: the calibrated one stays
+            record["threshold_from"] = "calibration (no seen image to set it on)"
+            other.calibration_ = cal.replace(support=record)
+            return other
+        seen_out = adapted.rows(seen)
+        base_seen = cal.compute_base_scores(**base._score_inputs(seen_out, base.seen_logits(seen_out), cal))
+        levels = sorted({*SUPPORT_TPR_GRID, cal.tpr}) if unseen.any() else [cal.tpr]
+        tried: list[tuple[float, float, GateCalibration]] = []  # (H, tpr, calibration)
+        for tpr in levels:
+            cand = finalize(cal.replace(tpr=tpr), base_seen)
+            h = float("nan")
+            if unseen.any():
+                probe = object.__new__(Gate)
+                probe.__dict__.update(base.__dict__)
+                probe.calibration_ = cand
+                _, _, h = seen_unseen_accuracy(fit_y, probe.predict(adapted).pred, S)
+            tried.append((-1.0 if np.isnan(h) else h, tpr, cand))
+        # A few unseen images measure U coarsely: levels within one unseen image's worth of the
+        # best H are as good, and the one nearest the calibrated level is kept (with ten
+        # support images, a level that happens to route all ten right is no evidence).
+        tolerance = 1.0 / max(int(unseen.sum()), 1)
+        top = max(h for h, _, _ in tried)
+        best = min((t for t in tried if t[0] >= top - tolerance), key=lambda t: abs(t[1] - cal.tpr))
+        record["threshold_from"] = ("H on the seen images and the unseen classes' support images"
+                                    if unseen.any() else "the seen images' adapted scores at the "
+                                    "calibrated tpr (no support image of an unseen class)")
+        if unseen.any():
+            record.update(h=best[0], h_tolerance=tolerance)
+        other.calibration_ = best[2].replace(support=record)
+        return other
+
+    def _without_support(self) -> Gate:
+        """This gate as calibrated, before any support images."""
+        if self.support_ is None and (self.calibration_ is None or self.calibration_.support is None):
+            return self
+        plain = object.__new__(Gate)
+        plain.__dict__.update(self.__dict__)
+        plain.support_ = None
+        cal = self.calibration_
+        if cal is not None and cal.support is not None:
+            plain.calibration_ = cal.replace(**cal.support["plain"], support=None)
+        return plain
+
     # ------------------------------------------------------------------ prediction
 
     def _check_zero_shot(self) -> None:
@@ -379,7 +517,8 @@ class Gate:
             follows), ``method``, ``score``, ``mode``, ``threshold``, ``tpr`` (share of
             held-out seen images the threshold keeps), ``unseen_only``, ``unknown_threshold``,
             ``cache_branch`` (on / off / None: not fitted), ``cascade_msp``,
-            ``cascade_distance``, and ``held_out``: leave-classes-out's figures of the chosen
+            ``cascade_distance``, ``support`` (only with support images: images per
+            class, ``alpha``, ``beta``, how the threshold was set), and ``held_out``: leave-classes-out's figures of the chosen
             setting on its stand-in problems (``rounds``, ``mean_h``, ``std_h``,
             ``mean_seen``, ``mean_unseen``) and the cache branch's held-out seen-class
             accuracy without and with it (``n_val`` images).
@@ -390,7 +529,10 @@ class Gate:
         """
         cal = self.calibration
         if cal is None:
-            return {"zero_shot": True, "unknown_threshold": self._options.unknown_threshold}
+            out = {"zero_shot": True, "unknown_threshold": self._options.unknown_threshold}
+            if self.support_ is not None:
+                out["support"] = _support_summary(self.support_.to_dict())
+            return out
         held_out: dict[str, Any] = {}
         if cal.candidates:  # leave-classes-out: the chosen setting comes first
             best = cal.candidates[0]
@@ -410,6 +552,7 @@ class Gate:
             "cache_branch": None if cache is None else ("on" if cache.get("enabled") else "off"),
             "cascade_msp": cal.cascade_msp, "cascade_distance": cal.cascade_distance,
             "held_out": held_out,
+            **({} if cal.support is None else {"support": _support_summary(cal.support)}),
         }
 
     def _index(self) -> EmbeddingIndex:
@@ -449,7 +592,7 @@ class Gate:
         if cal is None:
             self._check_zero_shot()
             return np.full(len(outputs), np.nan)
-        return self._gate_score(outputs, cal)
+        return self._gate_score(self._supported(outputs), cal)
 
     def predict(self, outputs: BranchOutputs, *, allowed: Any = None) -> FusionResult:
         """Route or mix the two branches for each image.
@@ -476,6 +619,7 @@ class Gate:
             InputError: A row that allows no seen class where CLIP did not run.
         """
         cal = self.calibration
+        outputs = self._supported(outputs)  # support images join the zero-shot logits first
         mask = None
         if allowed is not None:
             n_classes = (outputs.clip_logits.shape[1] if outputs.clip_logits is not None
@@ -520,6 +664,14 @@ class Gate:
         if res.sup_probs is not None:
             res.sup_probs[to_zs] = np.nan  # no seen class allowed: the supervised branch has no answer
         return res
+
+    def _supported(self, outputs: BranchOutputs) -> BranchOutputs:
+        """``outputs`` with the support adapter applied to the zero-shot logits (if any)."""
+        if self.support_ is None or outputs.clip_logits is None:
+            return outputs
+        return BranchOutputs(outputs.sup_logits, outputs.sup_features,
+                             self.support_.apply(outputs.clip_logits, outputs.clip_embeddings),
+                             outputs.clip_embeddings)
 
     def predict_proba(self, outputs: BranchOutputs, *, allowed: Any = None) -> np.ndarray:
         """``[N, C]`` probabilities over every class (seen columns first); ``allowed`` as in
@@ -591,7 +743,8 @@ class Gate:
     # ------------------------------------------------------------------ persistence
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``gate.json`` and ``index/clip.*`` + ``index/backbone.*`` into ``directory``.
+        """Write ``gate.json`` and ``index/clip.*`` + ``index/backbone.*`` into ``directory``
+        (and ``support.safetensors`` with support images).
 
         Returns:
             The ``gate.json`` written.
@@ -604,6 +757,8 @@ class Gate:
             self.clip_index_.save(out / INDEX_DIR)
         if self._backbone_index is not None:
             self._backbone_index.save(out / INDEX_DIR)
+        if self.support_ is not None:
+            self.support_.save(out / SUPPORT_FILE)
         return path
 
     @classmethod
@@ -636,6 +791,8 @@ class Gate:
         except CheckpointError as exc:
             gate.clip_index_, gate.index_error_ = None, exc
         gate.cache_ = _enabled(cal)
+        if cal.support is not None:
+            gate.support_ = SupportAdapter.load(folder / SUPPORT_FILE, cal.support)
         if gate.clip_index_ is None and ("knn" in cal.base_scores or gate.cache_ is not None):
             gate.index_error_ = gate.index_error_ or CheckpointError(
                 f"{folder}: its gate reads the kNN score or the cache branch but there is no "
@@ -660,6 +817,13 @@ def _enabled(cal: GateCalibration) -> CacheBranch | None:
         return None
     branch = CacheBranch.from_dict(cal.cache_branch)
     return branch if branch.enabled else None
+
+
+def _support_summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The support record in brief, for run records: images per class and the fitted settings."""
+    keys = ("n_support", "counts", "alpha", "alpha_rel", "beta", "fit_accuracy_plain",
+            "fit_accuracy", "threshold_from", "h")
+    return {k: record[k] for k in keys if k in record}
 
 
 def _resolved(meta: MetaSource) -> Mapping[str, Any] | None:

@@ -58,6 +58,8 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         allowed_classes: Class names every prediction is limited to (docs/sites.md).
         site_classes: A site file or :class:`~hybridcls.sites.SiteClasses`: each input is
             limited to its site's classes (:mod:`hybridcls.sites`).
+        support: Few-shot support images joined at :meth:`fit` (plain Tip-Adapter on the
+            zero-shot logits; see :meth:`add_support`): a folder of a few images per class.
         device: Runtime setting (see :class:`~hybridcls.runtime.RuntimeSettings`, where
             every runtime parameter's default and meaning is given once).
         batch_size: Runtime setting.
@@ -76,7 +78,8 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         templates_: The templates used.
         tower_: The :class:`~hybridcls.zeroshot.ClipTower` (model + class-text matrix).
         engine_: The :class:`~hybridcls.engine.InferenceEngine` it predicts with.
-        gate_: Its :class:`~hybridcls.gate.Gate` (no seen classes).
+        gate_: Its :class:`~hybridcls.gate.Gate` (no seen classes; with the support adapter).
+        support_samples_: The support images joined (``(path, class index)``), or empty.
         device_: The torch device used.
 
     Example:
@@ -101,6 +104,7 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         use_cache: bool = True,
         allowed_classes: Sequence[str] | None = None,
         site_classes: Any = None,
+        support: Any = None,
         device: str = _R.device,
         batch_size: int = _R.batch_size,
         workers: int = _R.workers,
@@ -121,6 +125,7 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.use_cache = use_cache
         self.allowed_classes = allowed_classes
         self.site_classes = site_classes
+        self.support = support
         self.device = device
         self.batch_size = batch_size
         self.workers = workers
@@ -162,6 +167,9 @@ class ZeroShotClassifier(Predictor, ClassifierMixin, BaseEstimator):
             cache_dir=settings.cache_dir, use_cache=self.use_cache,
             truncate_prompts=self.truncate_prompts, progress=settings.progress)
         self._set_tower(tower, settings, gate)
+        self.support_samples_: list[tuple[str, int]] = []
+        if self.support is not None:
+            self.add_support(self.support)
         return self
 
     def _set_tower(self, tower: ClipTower, settings: RuntimeSettings, gate: Gate) -> None:

@@ -1,0 +1,216 @@
+"""Few-shot support images: a folder of a few images per class, joined to a classifier at once.
+
+``HybridClassifier(..., support=DIR)``, ``ZeroShotClassifier(..., support=DIR)``,
+``clf.add_support(DIR)`` and ``hybridcls predict ... --support DIR``: no retraining.
+This module is the model side: it reads the support images like training data
+(:func:`hybridcls.data.scan_image_folder` and its decode check: an empty class
+folder, an unreadable image or a class the prompts file does not name get the
+same errors), matches class folders to prompts lines as training folders are
+matched (:meth:`hybridcls.zeroshot.prompts.PromptSet.match`), runs them through
+the classifier's own :class:`~hybridcls.engine.InferenceEngine`, and hands the
+outputs to :meth:`hybridcls.gate.Gate.with_support`, which fits the
+Tip-Adapter cache on the zero-shot logits (:mod:`hybridcls.gate.support`).
+
+Both towers' outputs of every image it reads (support images, and a hybrid's
+held-out seen images, which the fit and the threshold read) are cached by
+content in the cache folder (``support/<key>.safetensors``, the key a hash of
+the file's SHA-256 and the towers' weights fingerprints and precision): adding
+images to a support folder runs the towers on the new ones only.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from hybridcls.cache import file_fingerprint, resolve_cache_dir, stable_hash
+from hybridcls.data import Source, drop_unreadable, find_unreadable, scan_image_folder
+from hybridcls.errors import CheckpointError, DatasetError, PromptFileError, ResourceUseWarning
+from hybridcls.gate import BranchOutputs
+
+if TYPE_CHECKING:
+    from hybridcls.predictor import Predictor
+    from hybridcls.zeroshot.prompts import PromptSet
+
+__all__ = ["SUPPORT_CACHE_DIR", "add_support", "embed_cached", "refit_support", "support_samples"]
+
+#: The cache folder's subfolder of per-image tower outputs.
+SUPPORT_CACHE_DIR = "support"
+#: A folder, or ``(path, class name)`` pairs, or ``{class name: [paths]}``.
+SupportSource = str | os.PathLike[str] | Sequence[tuple[str, str]] | Mapping[str, Sequence[str]]
+
+
+def support_samples(source: SupportSource, prompts: PromptSet, *, workers: int = 0,
+                    progress: bool = False) -> list[tuple[str, int]]:
+    """The support images and their classes (positions in ``prompts``), every file decoded once.
+
+    Args:
+        source: An ImageFolder-style folder (one subfolder per class; one class is
+            enough), ``(path, class name)`` pairs, or ``{class name: [paths]}``.
+        prompts: The classifier's classes, in column order (``clf.tower_.prompts``).
+        workers: Decoding processes for the check.
+        progress: Show the check's progress bar.
+
+    Returns:
+        ``(path, class index)`` pairs, by class then walk order for a folder, in the
+        given order otherwise.
+
+    Raises:
+        DatasetError: A missing folder, an empty or invalid class folder (as for training
+            data), a class folder none of whose files decodes (its files listed), or any
+            file that does not decode (named, with the reason).
+        PromptFileError: A class that matches no line of the prompts file (names the folder
+            or the class), or two that match the same line.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        index = scan_image_folder(source, role="support folder", min_classes=1)
+        failed = find_unreadable([p for p, _ in index.samples], workers=workers, progress=progress,
+                                 desc="checking support images")
+        index = drop_unreadable(index, failed)  # a class with none readable: training's error
+        named = [(os.path.join(index.root, name), name) for name in index.classes]
+        labels = _match(named, prompts, "support class folder")
+        samples = [(p, labels[y]) for p, y in index.samples]
+    else:
+        pairs = ([(str(p), str(c)) for c, paths in source.items() for p in paths]
+                 if isinstance(source, Mapping) else [(str(p), str(c)) for p, c in source])
+        names = sorted({c for _, c in pairs})
+        labels = _match([(n, n) for n in names], prompts, "support class")
+        samples = [(p, labels[names.index(c)]) for p, c in pairs]
+        missing = [p for p, _ in samples if not os.path.isfile(p)]
+        failed = {p: "file not found" for p in missing}
+        failed.update(find_unreadable([p for p, _ in samples if p not in failed], workers=workers,
+                                      progress=progress, desc="checking support images"))
+    if failed:
+        shown = "".join(f"\n  {p}: {reason}" for p, reason in list(failed.items())[:20])
+        more = f"\n  ... and {len(failed) - 20} more" if len(failed) > 20 else ""
+        raise DatasetError(f"{len(failed)} support image(s) cannot be read (each one counts when "
+                           f"there are a few per class):{shown}{more}\nreplace or remove them")
+    if not samples:
+        raise DatasetError("no support image given")
+    return samples
+
+
+def _match(named: Sequence[tuple[str, str]], prompts: PromptSet, what: str) -> list[int]:
+    """Each ``(shown, name)``'s prompts line, matched as training folders are."""
+    taken: dict[int, str] = {}
+    out = []
+    for shown, name in named:
+        i = prompts.match(name)
+        if i is None:
+            raise PromptFileError(prompts.source, None, f"{what} {shown!r} matches no line of the "
+                                  "prompts file; add it (or a synonym after '|') to the prompts file")
+        if i in taken:
+            raise PromptFileError(prompts.source, prompts[i].line, f"{what}s {taken[i]!r} and "
+                                  f"{shown!r} both match the line {prompts[i].name!r}")
+        taken[i] = shown
+        out.append(i)
+    return out
+
+
+def _tower_key(clf: Predictor) -> dict[str, Any]:
+    """What a cached row depends on besides the image: the towers' weights and the precision."""
+    supervised = clf._supervised_identity()
+    return {"clip": clf.engine_.clip.bundle.fingerprint,
+            "supervised": None if supervised is None else supervised["fingerprint"],
+            "precision": clf.engine_.settings.precision}
+
+
+def embed_cached(clf: Predictor, paths: Sequence[str], *, desc: str = "support"
+                 ) -> tuple[BranchOutputs, int]:
+    """Both towers' outputs of ``paths`` through ``clf``'s engine, read from the cache when there.
+
+    Args:
+        clf: A fitted classifier (its ``cache_dir`` holds the cache).
+        paths: Image files (already checked to decode).
+        desc: The progress bar's label.
+
+    Returns:
+        ``(outputs, encoded)``: the outputs in ``paths`` order, their zero-shot logits made
+        from the embeddings with ``clf``'s class texts; ``encoded`` how many images the
+        towers ran on (those not in the cache).
+
+    Raises:
+        DatasetError: An image that failed to decode after all.
+    """
+    folder = resolve_cache_dir(clf.engine_.settings.cache_dir) / SUPPORT_CACHE_DIR
+    tower = _tower_key(clf)
+    cache_dir = clf.engine_.settings.cache_dir
+    files = [folder / f"{stable_hash({**tower, 'sha256': file_fingerprint(p, cache_dir=cache_dir)})}.safetensors"
+             for p in paths]
+    todo = [i for i, f in enumerate(files) if not f.is_file()]
+    if todo:
+        outputs, errors = clf.engine_.extract([Source(paths[i]) for i in todo], desc=desc)
+        if errors:
+            i, reason = next(iter(errors.items()))
+            raise DatasetError(f"{paths[todo[i]]}: {reason}")
+        assert outputs is not None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for row, i in enumerate(todo):
+                one = outputs.rows(slice(row, row + 1))
+                # the zero-shot logits depend on the class texts: they are made again on reading
+                BranchOutputs(one.sup_logits, one.sup_features, None, one.clip_embeddings).save(files[i])
+        except OSError as exc:
+            warnings.warn(f"could not write the support cache {folder}: {exc}", ResourceUseWarning,
+                          stacklevel=2)
+            return outputs, len(todo)
+    parts = [BranchOutputs.load(f) for f in files]
+    out = BranchOutputs.concat(parts)
+    with torch.no_grad():
+        emb = torch.from_numpy(np.ascontiguousarray(out.clip_embeddings))
+        out.clip_logits = clf.engine_.clip.logits_from_embeddings(emb).cpu().numpy()
+    return out, len(todo)
+
+
+def _held_out(clf: Predictor) -> tuple[BranchOutputs | None, np.ndarray | None]:
+    """A hybrid's held-out seen images (outputs, seen-class indices) when its training folder is
+    at hand; ``(None, None)`` for a zero-shot classifier or a run whose folder is not here."""
+    config = getattr(clf, "checkpoint_config_", None)
+    data_dir = None if config is None else config.get("data_dir")
+    if data_dir is None or not Path(data_dir).is_dir():
+        return None, None
+    val = clf._training_data(None).val
+    outputs, _ = embed_cached(clf, [p for p, _ in val], desc="support: held-out")
+    return outputs, np.array([y for _, y in val], dtype=np.int64)
+
+
+def add_support(clf: Predictor, source: SupportSource, *, replace: bool = False) -> Predictor:
+    """Join support images to ``clf`` (added to any given before) and refit its gate's adapter.
+
+    See :meth:`hybridcls.predictor.Predictor.add_support`.
+    """
+    settings = clf.engine_.settings
+    new = support_samples(source, clf.engine_.clip.prompts, workers=settings.workers,
+                          progress=settings.progress)
+    known = {} if replace else dict(getattr(clf, "support_samples_", []))
+    for path, label in new:
+        if known.get(path, label) != label:
+            raise DatasetError(f"{path}: given as support for {clf.classes_[known[path]]!r} "
+                               f"and for {clf.classes_[label]!r}")
+        known[path] = label
+    clf.support_samples_ = list(known.items())
+    return refit_support(clf)
+
+
+def refit_support(clf: Predictor) -> Predictor:
+    """Fit ``clf``'s gate to its ``support_samples_`` again (after a new calibration)."""
+    samples = getattr(clf, "support_samples_", [])
+    if not samples:
+        return clf
+    gate = getattr(clf, "gate_", None)
+    if gate is None:
+        raise CheckpointError("support images need a calibrated gate: calibrate the run first "
+                              "(HybridClassifier.calibrate())")
+    support, encoded = embed_cached(clf, [p for p, _ in samples])
+    held_out, y_held_out = _held_out(clf)
+    clf.support_encoded_ = encoded
+    clf.gate_ = gate.with_support(support, [y for _, y in samples],
+                                  class_names=[str(c) for c in clf.classes_],
+                                  held_out=held_out, y_held_out=y_held_out)
+    return clf
