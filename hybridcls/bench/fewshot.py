@@ -27,9 +27,8 @@ import numpy as np
 from hybridcls.bench.quality import (
     QualityReport,
     default_world_backbone,
-    labelled_test_set,
-    prepare_world_run,
     reference_rows,
+    world_run_test_features,
 )
 from hybridcls.cache import atomic_write_text
 from hybridcls.gate.metrics import seen_unseen_accuracy
@@ -115,12 +114,9 @@ def run_fewshot(out_dir: str | os.PathLike[str], *, seed: int = 0, epochs: int =
     from hybridcls.train import train
 
     out = Path(out_dir)
-    world, clf, seconds = prepare_world_run(out, seed=seed, epochs=epochs, model=model,
-                                            image_size=image_size, workers=workers, progress=progress)
-    sources, y = labelled_test_set(world, clf)
-    t = time.perf_counter()
-    feats = clf.extract_features(sources)
-    seconds["test features"] = time.perf_counter() - t
+    world, clf, seconds, sources, feats, y = world_run_test_features(
+        out, seed=seed, epochs=epochs, model=model, image_size=image_size, workers=workers,
+        progress=progress)
     S = clf.n_seen_
     oracle_h = next(r for r in reference_rows(feats, y, S, clf.seen_logits(feats))
                     if r.method == "oracle router").harmonic

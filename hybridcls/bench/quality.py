@@ -36,6 +36,7 @@ __all__ = [
     "prepare_world_run",
     "reference_rows",
     "run_quality",
+    "world_run_test_features",
 ]
 
 
@@ -185,6 +186,24 @@ def labelled_test_set(world: Any, clf: HybridClassifier) -> tuple[list, np.ndarr
     return sources, y
 
 
+def world_run_test_features(out: Path, *, seed: int, epochs: int, model: str | None,
+                            image_size: int, workers: int, progress: bool
+                            ) -> tuple[Any, HybridClassifier, dict[str, float], list[Any], BranchOutputs, np.ndarray]:
+    """:func:`prepare_world_run`, then both branches' outputs on the world's test images.
+
+    Returns:
+        ``(world, calibrated classifier, seconds per stage, the N test sources, their outputs,
+        [N] class indices)``; ``seconds`` gains ``"test features"``.
+    """
+    world, clf, seconds = prepare_world_run(out, seed=seed, epochs=epochs, model=model,
+                                            image_size=image_size, workers=workers, progress=progress)
+    sources, y = labelled_test_set(world, clf)
+    t = time.perf_counter()
+    feats = clf.extract_features(sources)
+    seconds["test features"] = time.perf_counter() - t
+    return world, clf, seconds, sources, feats, y
+
+
 def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: str | None = None,
                 image_size: int = 64, workers: int = 0, progress: bool = False) -> QualityReport:
     """The full comparison on the synthetic world (see the module docstring).
@@ -194,12 +213,9 @@ def run_quality(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: s
         >>> print(report.markdown())  # doctest: +SKIP
     """
     out = Path(out_dir)
-    world, clf, seconds = prepare_world_run(out, seed=seed, epochs=epochs, model=model,
-                                            image_size=image_size, workers=workers, progress=progress)
-    sources, y = labelled_test_set(world, clf)
-    t = time.perf_counter()
-    feats = clf.extract_features(sources)
-    seconds["test features"] = time.perf_counter() - t
+    world, clf, seconds, _, feats, y = world_run_test_features(
+        out, seed=seed, epochs=epochs, model=model, image_size=image_size, workers=workers,
+        progress=progress)
     S = clf.n_seen_
     is_unseen = y >= S
     # every gate below reads the seen-class logits predictions read: with the cache branch when on

@@ -12,13 +12,12 @@ oracle router. No training beyond :func:`~hybridcls.bench.quality.prepare_world_
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hybridcls.bench.quality import QualityReport, QualityRow, labelled_test_set, prepare_world_run
+from hybridcls.bench.quality import QualityReport, QualityRow, world_run_test_features
 from hybridcls.cache import atomic_write_text
 from hybridcls.errors import ParameterError
 from hybridcls.gate import BranchOutputs, Gate
@@ -112,12 +111,9 @@ def run_sites(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, n_sites: i
         >>> print(run_sites("bench-out").markdown())  # doctest: +SKIP
     """
     out = Path(out_dir)
-    world, clf, seconds = prepare_world_run(out, seed=seed, epochs=epochs, model=model,
-                                            image_size=image_size, workers=workers, progress=progress)
-    sources, y = labelled_test_set(world, clf)
-    t = time.perf_counter()
-    feats = clf.extract_features(sources)
-    seconds["test features"] = time.perf_counter() - t
+    _, clf, seconds, _, feats, y = world_run_test_features(
+        out, seed=seed, epochs=epochs, model=model, image_size=image_size, workers=workers,
+        progress=progress)
     holds, site = make_sites(y, len(clf.classes_), n_sites=n_sites, sites_per_class=sites_per_class,
                              seed=seed)
     rows = sites_rows(clf, feats, y, holds[site])
