@@ -43,6 +43,7 @@ the device cannot hold is run in halves, with a warning naming
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import warnings
@@ -655,6 +656,22 @@ class InferenceEngine:
             e, lg = self.run_clip(tuple(im[rows.to(im.device)] for im in images))
             emb[mask], logits[mask] = e, lg
         return BranchOutputs(sup_logits, sup_features, logits, emb)
+
+    @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Leave :attr:`clip_images_encoded` as it was after the block: for images the engine
+        runs on the side of a prediction (held-out images, support images), so that the count
+        stays that of the images predicted.
+
+        Example:
+            >>> with clf.engine_.uncounted():  # doctest: +SKIP
+            ...     clf.engine_.extract(held_out_sources)
+        """
+        encoded = self.clip_images_encoded
+        try:
+            yield
+        finally:
+            self.clip_images_encoded = encoded
 
     def extract(self, sources: Sequence[Source], *, clip: ClipPolicy = "all",
                 progress: bool | None = None, desc: str = "features"

@@ -155,8 +155,10 @@ def check_threshold(threshold: float, parameter: str = "rollup_threshold") -> fl
     except (TypeError, ValueError):
         raise ParameterError(parameter, threshold, "expected a probability in (0, 1]") from None
     if not 0.0 < value <= 1.0:
-        raise ParameterError(parameter, threshold, "expected a probability in (0, 1]: the "
-                             "probability below which the best class is rolled up")
+        meaning = ("the share of answers right at their rank that the threshold must reach"
+                   if parameter == "rollup_precision" else
+                   "the probability below which the best class is rolled up")
+        raise ParameterError(parameter, threshold, f"expected a probability in (0, 1]: {meaning}")
     return value
 
 

@@ -352,9 +352,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         kept = getattr(self, "rollup_calibration_", None)
         if kept is not None and getattr(self, "_rollup_key", None) == key:
             return kept
-        encoded = self.engine_.clip_images_encoded
-        val, y = self.held_out_outputs(data_dir)
-        self.engine_.clip_images_encoded = encoded  # it counts the images predicted, not these
+        with self.engine_.uncounted():  # the count is of the images predicted, not these
+            val, y = self.held_out_outputs(data_dir)
         self.rollup_calibration_ = calibrate_threshold(gate.predict(val).probs, y, self.hierarchy_,
                                                        float(precision))
         self._rollup_key = key

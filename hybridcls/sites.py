@@ -201,8 +201,10 @@ def allowed_masks(sources: Sequence[Source], n_classes: int, base: np.ndarray | 
             site[sites.columns[row]] = True
             mask[i] &= site
         if not mask[i].any():
-            empty[i] = ("no class is allowed: the classes of " + where + " are not among allowed_classes"
-                        if hit is not None else "no class is allowed (allowed_classes)")
+            # worded for rows, which both the library and the command line write
+            empty[i] = ("no class is allowed: none of the classes of " + where + " is among the "
+                        "classes allowed everywhere" if hit is not None
+                        else "no class is allowed: the classes allowed everywhere are none")
     return mask, empty
 
 
@@ -248,6 +250,11 @@ def read_site_classes(path: str | os.PathLike[str]) -> SiteClasses:
         if unknown or "classes" not in names or not {"prefix", "site"} & set(names):
             raise PromptFileError(source, 1, f"header {','.join(header)!r}: expected a 'classes' "
                                   "column and a 'prefix' or 'site' column (and no other)")
+        repeated = sorted({h for h in names if names.count(h) > 1})
+        if repeated:
+            raise PromptFileError(source, 1, f"header {','.join(header)!r}: column "
+                                  f"{repeated[0]!r} appears {names.count(repeated[0])} times "
+                                  "(names are case-insensitive); keep one")
         base = os.path.dirname(os.path.abspath(source))
         rows: list[SiteRow] = []
         first: dict[tuple[str, str], int] = {}

@@ -54,6 +54,8 @@ def test_ancestors_parse_nearest_first_and_round_trip():
 @pytest.mark.parametrize(("text", "line", "reason"), [
     ("fox > canid >\n", 1, "empty ancestor after '>' for 'fox'"),
     ("cat\nfox >  > mammal\n", 2, "empty ancestor after '>' for 'fox'"),
+    ("fox > canid: a dog\n", 1, "ancestor 'canid: a dog' of 'fox' holds ':'"),
+    ("fox: a dog > thing | x\n", 1, "ancestor 'thing | x' of 'fox' holds '|'"),
     ("fox > canid > canid\n", 1, "ancestor 'canid' appears twice in the chain of 'fox' (a cycle)"),
     ("fox | red fox > Red_Fox\n", 1, "ancestor 'Red_Fox' of 'fox' is a name of the class itself"),
     ("fox > wolf\nwolf\n", 1, "ancestor 'wolf' of 'fox' is a name of the class on line 2"),

@@ -31,6 +31,7 @@ def _error(tmp_path, text: str) -> str:
     ("", ":1:", "empty site file"),
     ("path,classes\na,fox\n", ":1:", "expected a 'classes' column and a 'prefix' or 'site'"),
     ("prefix,site\na,b\n", ":1:", "expected a 'classes' column"),
+    ("prefix,classes,Classes\na,fox,moose\n", ":1:", "column 'classes' appears 2 times"),
     ("prefix,classes\na,fox\nb,fox,moose\n", ":3:", "3 fields, expected 2 (prefix,classes)"),
     ("prefix,classes\n\na,fox\nb,\n", ":4:", "empty classes"),
     ("prefix,classes\na,fox;;moose\n", ":2:", "class 2 of 3 in 'fox;;moose' is empty"),
@@ -96,8 +97,8 @@ def test_allowed_classes_intersect_and_an_input_with_none_left_is_named(tmp_path
     only_moose = allowed_columns(["elk"], PROMPTS)
     mask, empty = allowed_masks([Source(str(tmp_path / "b" / "2.jpg"))], 4, only_moose, sites.resolve(PROMPTS))
     assert not mask.any()
-    assert empty == {0: f"no class is allowed: the classes of {tmp_path / 'sites.csv'} line 3 are not "
-                        "among allowed_classes"}
+    assert empty == {0: f"no class is allowed: none of the classes of {tmp_path / 'sites.csv'} line 3 "
+                        "is among the classes allowed everywhere"}
 
 
 def test_allowed_classes_errors_name_the_parameter_and_the_name():

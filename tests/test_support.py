@@ -79,6 +79,22 @@ def test_fit_uses_leave_one_out_and_needs_a_second_image_per_class():
     assert one.alpha == 0.0 and one.fit_accuracy == one.fit_accuracy_plain == 0.5
 
 
+def test_a_one_sided_fit_keeps_alpha_small():
+    from hybridcls.gate.support import ONE_SIDED_MAX_ALPHA
+
+    # three classes, support for classes 1 and 2 only: every fitting image is of a supported
+    # class, and CLIP calls them all class 0, so a larger alpha always fits them better
+    keys = _unit(0, 10, 80, 90)
+    y = np.array([1, 1, 2, 2])
+    z = np.tile([[3.0, 0.0, 0.0]], (4, 1))
+    capped = fit_support_adapter(z, keys, y, keys, y, leave_out=np.arange(4))
+    assert 0.0 < capped.alpha_rel <= ONE_SIDED_MAX_ALPHA == 1.0
+    # support for every class: the whole grid, and the same images then choose more
+    two = fit_support_adapter(z[:, 1:] + np.array([[3.0, 0.0]]), keys, y - 1, keys, y - 1,
+                              leave_out=np.arange(4))
+    assert two.alpha_rel > ONE_SIDED_MAX_ALPHA
+
+
 def test_zero_shot_gate_with_support_and_record():
     keys = _unit(0, 10, 80, 90)
     y = np.array([0, 0, 1, 1])
@@ -249,3 +265,18 @@ def test_world_k5_support_measured(world_run, tmp_path):
     n_unseen_test, n_seen_test = int((y >= S).sum()), int((y < S).sum())
     assert u5 >= 0.935 - 1 / n_unseen_test and u5 >= u0
     assert h5 >= 0.9546 - 1 / n_unseen_test and h5 >= h0 - 2 / n_seen_test
+
+
+def test_a_support_folder_fingerprint_sees_every_image_below_it(tmp_path):
+    # --resume and merge compare this: a support folder holds its images in class subfolders
+    from hybridcls.cli.common import path_fingerprint
+
+    (tmp_path / "okapi").mkdir()
+    (tmp_path / "okapi" / "a.jpg").write_bytes(b"one")
+    first = path_fingerprint(str(tmp_path), str(tmp_path / "cache"))
+    assert list(first) == ["okapi/a.jpg"]
+    (tmp_path / "okapi" / "b.jpg").write_bytes(b"two")
+    (tmp_path / "okapi" / "a.jpg").write_bytes(b"changed")
+    second = path_fingerprint(str(tmp_path), str(tmp_path / "cache"))
+    assert sorted(second) == ["okapi/a.jpg", "okapi/b.jpg"]
+    assert second["okapi/a.jpg"] != first["okapi/a.jpg"]

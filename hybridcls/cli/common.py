@@ -131,16 +131,18 @@ def prompts_from_args(args: argparse.Namespace) -> str | list[str] | None:
 def path_fingerprint(path: str | None, cache_dir: str | None = None) -> Any:
     """What identifies a file or folder a setting names, for manifests that must match on resume.
 
-    A file: its content hash; a folder: the hash of each file in it; anything
-    else (a model name, a tag): the text itself; None: None. ``cache_dir`` keeps
-    large files' hashes (:func:`hybridcls.cache.file_fingerprint`).
+    A file: its content hash; a folder: the hash of each file below it, by its
+    path relative to the folder (a support folder holds its images in class
+    subfolders); anything else (a model name, a tag): the text itself; None:
+    None. ``cache_dir`` keeps large files' hashes
+    (:func:`hybridcls.cache.file_fingerprint`).
     """
     if not path:
         return None
     p = Path(path)
     if p.is_dir():
-        return {f.name: file_fingerprint(f, cache_dir=cache_dir)
-                for f in sorted(p.iterdir()) if f.is_file()}
+        return {f.relative_to(p).as_posix(): file_fingerprint(f, cache_dir=cache_dir)
+                for f in sorted(p.rglob("*")) if f.is_file()}
     return file_fingerprint(p, cache_dir=cache_dir) if p.is_file() else path
 
 

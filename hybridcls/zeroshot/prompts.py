@@ -349,6 +349,12 @@ def _parse_ancestors(chain: str, name: str, synonyms: Sequence[str], source: str
         anc = " ".join(part.split())
         if not normalize_label(anc):  # "" or only separators, as for a name
             raise PromptFileError(source, lineno, f"empty ancestor after '>' for {name!r}")
+        syntax = next((c for c in ":|" if c in anc), None)
+        if syntax is not None:
+            # a description or synonym written after the chain would silently become a name
+            raise PromptFileError(source, lineno, f"ancestor {anc!r} of {name!r} holds {syntax!r}: "
+                                  "ancestors are names only; put the description and synonyms "
+                                  "before the first '>'")
         key = normalize_label(anc)
         if key in own:
             raise PromptFileError(source, lineno,
