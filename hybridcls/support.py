@@ -31,7 +31,13 @@ import torch
 
 from hybridcls.cache import file_fingerprint, resolve_cache_dir, stable_hash
 from hybridcls.data import Source, drop_unreadable, find_unreadable, scan_image_folder
-from hybridcls.errors import CheckpointError, DatasetError, PromptFileError, ResourceUseWarning
+from hybridcls.errors import (
+    CheckpointError,
+    DatasetError,
+    ParameterError,
+    PromptFileError,
+    ResourceUseWarning,
+)
 from hybridcls.gate import BranchOutputs
 
 if TYPE_CHECKING:
@@ -77,8 +83,12 @@ def support_samples(source: SupportSource, prompts: PromptSet, *, workers: int =
         labels = _match(named, prompts, "support class folder")
         samples = [(p, labels[y]) for p, y in index.samples]
     else:
-        pairs = ([(str(p), str(c)) for c, paths in source.items() for p in paths]
-                 if isinstance(source, Mapping) else [(str(p), str(c)) for p, c in source])
+        pairs = _pairs(source)
+        if not pairs:
+            empty = [c for c, paths in source.items() if not paths] if isinstance(source, Mapping) else []
+            raise ParameterError("support", f"{type(source).__name__} of no image",
+                                 "no support image given" + (f" (class {empty[0]!r} has an empty "
+                                                             "list)" if empty else ""))
         names = sorted({c for _, c in pairs})
         labels = _match([(n, n) for n in names], prompts, "support class")
         samples = [(p, labels[names.index(c)]) for p, c in pairs]
@@ -94,6 +104,23 @@ def support_samples(source: SupportSource, prompts: PromptSet, *, workers: int =
     if not samples:
         raise DatasetError("no support image given")
     return samples
+
+
+def _pairs(source: Any) -> list[tuple[str, str]]:
+    """``(path, class name)`` pairs of a mapping ``{class: [paths]}`` or a sequence of pairs."""
+    def malformed() -> ParameterError:
+        shown = source if len(repr(source)) <= 80 else f"<{type(source).__name__}>"
+        return ParameterError("support", shown, "expected a folder, a mapping {class "
+                              "name: [image paths]} or a sequence of (image path, class name) pairs")
+
+    if isinstance(source, Mapping):
+        if not all(isinstance(v, (list, tuple)) for v in source.values()):
+            raise malformed()
+        return [(str(p), str(c)) for c, paths in source.items() for p in paths]
+    if not isinstance(source, (list, tuple)) or not all(
+            isinstance(pc, (list, tuple)) and len(pc) == 2 for pc in source):
+        raise malformed()
+    return [(str(p), str(c)) for p, c in source]
 
 
 def _match(named: Sequence[tuple[str, str]], prompts: PromptSet, what: str) -> list[int]:

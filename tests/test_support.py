@@ -186,6 +186,17 @@ def test_empty_support_folder_is_the_training_error(tmp_path):
         support_samples(tmp_path / "nowhere", PROMPTS)
 
 
+def test_support_given_as_something_else_names_the_parameter():
+    from hybridcls.errors import ParameterError
+
+    with pytest.raises(ParameterError, match=r"^support=42: expected a folder, a mapping"):
+        support_samples(42, PROMPTS)
+    with pytest.raises(ParameterError, match=r"^support=.*: expected a folder, a mapping"):
+        support_samples({"green star": "1.png"}, PROMPTS)  # a path, not a list of paths
+    with pytest.raises(ParameterError, match=r"no support image given \(class 'green star' has an empty list\)"):
+        support_samples({"green star": []}, PROMPTS)
+
+
 def test_unreadable_support_image_is_named(tmp_path):
     _image(tmp_path / "s" / "green star" / "1.png")
     bad = tmp_path / "s" / "green star" / "2.png"
