@@ -22,6 +22,7 @@ row keeps its best class: roll-up never answers with nothing.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,22 +97,35 @@ class Hierarchy:
             chains.append(tuple(chain))
         return cls(tuple(prompts.names), tuple(nodes), tuple(chains), tuple(parents))
 
-    @property
+    # Built once per tree (the tree is frozen): roll-up reads them for every batch.
+    @functools.cached_property
     def membership(self) -> np.ndarray:
-        """``[C, A]`` float: 1 where node ``a`` is an ancestor of class ``c``."""
+        """``[C, A]`` float: 1 where node ``a`` is an ancestor of class ``c`` (read-only)."""
         m = np.zeros((len(self.classes), len(self.nodes)), np.float64)
         for c, chain in enumerate(self.chains):
             m[c, list(chain)] = 1.0
+        m.flags.writeable = False
         return m
 
-    @property
+    @functools.cached_property
     def depth(self) -> np.ndarray:
-        """``[A]`` int: each node's distance from its root (a root is 0)."""
+        """``[A]`` int: each node's distance from its root (a root is 0; read-only)."""
         depth = np.zeros(len(self.nodes), np.int64)
         for chain in self.chains:
             for i, node in enumerate(chain):
                 depth[node] = len(chain) - 1 - i
+        depth.flags.writeable = False
         return depth
+
+    @functools.cached_property
+    def _positions(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Normalised class and node names -> their first position."""
+        def first(names: Sequence[str]) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for i, n in enumerate(names):
+                out.setdefault(normalize_label(n), i)
+            return out
+        return first(self.classes), first(self.nodes)
 
     @property
     def max_rank(self) -> int:
@@ -120,11 +134,11 @@ class Hierarchy:
 
     def class_index(self, name: str) -> int | None:
         """Position of the class ``name`` (compared after normalisation), None if none."""
-        return _lookup(self.classes, name)
+        return self._positions[0].get(normalize_label(name))
 
     def node_index(self, name: str) -> int | None:
         """Position of the ancestor ``name`` (compared after normalisation), None if none."""
-        return _lookup(self.nodes, name)
+        return self._positions[1].get(normalize_label(name))
 
     def at_rank(self, leaf: np.ndarray, rank: int) -> np.ndarray:
         """``[N]`` int: what each class of ``leaf`` is at ``rank``: the class itself at 0, else
@@ -137,11 +151,6 @@ class Hierarchy:
             return leaf.copy()
         table = np.array([c[rank - 1] if len(c) >= rank else -1 for c in self.chains] + [-1], np.int64)
         return table[leaf]  # leaf -1 reads the trailing -1
-
-
-def _lookup(names: Sequence[str], name: str) -> int | None:
-    key = normalize_label(name)
-    return next((i for i, n in enumerate(names) if normalize_label(n) == key), None)
 
 
 def check_threshold(threshold: float, parameter: str = "rollup_threshold") -> float:

@@ -78,8 +78,7 @@ def extra_columns(fmt: str = "csv", *, branch_columns: bool, model_version: bool
     """The columns rows carry beyond path, label, score, branch, status, error and top-k.
 
     The one home of their order: a hybrid's :data:`BRANCH_COLUMNS`, then
-    :data:`MODEL_VERSION_COLUMN`, then every class's probability
-    then :data:`ROLLUP_COLUMNS`, then every class's probability
+    :data:`MODEL_VERSION_COLUMN`, then :data:`ROLLUP_COLUMNS`, then every class's probability
     (:func:`score_columns`: last, as their number varies with the classes).
 
     Args:

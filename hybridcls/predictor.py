@@ -225,7 +225,6 @@ class Predictor:
             {'okapi': 5, 'zebra': 5}
         """
         check_is_fitted(self, "engine_")
-        check_is_fitted(self, "engine_")
         with self.engine_.uncounted():  # the count is of the images predicted, not these
             return add_support(self, support, replace=replace)
 

@@ -171,24 +171,27 @@ def embed_cached(clf: Predictor, paths: Sequence[str], *, desc: str = "support"
     files = [folder / f"{stable_hash({**tower, 'sha256': file_fingerprint(p, cache_dir=cache_dir)})}.safetensors"
              for p in paths]
     todo = [i for i, f in enumerate(files) if not f.is_file()]
+    fresh: dict[int, BranchOutputs] = {}  # the images the towers ran on now, by position
     if todo:
         outputs, errors = clf.engine_.extract([Source(paths[i]) for i in todo], desc=desc)
         if errors:
             i, reason = next(iter(errors.items()))
             raise DatasetError(f"{paths[todo[i]]}: {reason}")
         assert outputs is not None
+        for row, i in enumerate(todo):
+            one = outputs.rows(slice(row, row + 1))
+            # the zero-shot logits depend on the class texts: they are made again below
+            fresh[i] = BranchOutputs(one.sup_logits, one.sup_features, None, one.clip_embeddings)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            for row, i in enumerate(todo):
-                one = outputs.rows(slice(row, row + 1))
-                # the zero-shot logits depend on the class texts: they are made again on reading
-                BranchOutputs(one.sup_logits, one.sup_features, None, one.clip_embeddings).save(files[i])
+            for i, one in fresh.items():
+                one.save(files[i])
         except OSError as exc:
+            # the outputs are at hand: an unwritable cache costs the next call a pass, not this one
             warnings.warn(f"could not write the support cache {folder}: {exc}", ResourceUseWarning,
                           stacklevel=2)
-            return outputs, len(todo)
-    parts = [BranchOutputs.load(f) for f in files]
-    out = BranchOutputs.concat(parts)
+    out = BranchOutputs.concat([fresh[i] if i in fresh else BranchOutputs.load(f)
+                                for i, f in enumerate(files)])
     with torch.no_grad():
         emb = torch.from_numpy(np.ascontiguousarray(out.clip_embeddings))
         out.clip_logits = clf.engine_.clip.logits_from_embeddings(emb).cpu().numpy()

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from hybridcls.errors import DatasetError, PromptFileError
+from hybridcls.errors import DatasetError, InputError, PromptFileError
 from hybridcls.gate import BranchOutputs, Gate, GateCalibration
 from hybridcls.gate.support import SupportAdapter, fit_support_adapter, support_term
 from hybridcls.support import support_samples
@@ -137,6 +137,11 @@ def test_fitted_gate_with_support_saves_and_loads(tmp_path):
     again = gate.with_support(support.rows([0, 2]), y[[0, 2]], class_names=["s", "u1", "u2"])
     assert again.calibration_.support["plain"] == rec["plain"]
     assert again.support_.counts.tolist() == [0, 1, 1]
+    # a transductive threshold was set on test images that support cannot read again: refused
+    transductive = _manual_gate()
+    transductive.calibration_ = transductive.calibration_.replace(method="transductive")
+    with pytest.raises(InputError, match="cannot join a gate whose threshold is transductive"):
+        transductive.with_support(support, y, class_names=["s", "u1", "u2"])
 
 
 def json_round_trip(obj):

@@ -392,7 +392,8 @@ class Gate:
 
         Raises:
             InputError: Support outputs without CLIP embeddings, labels that disagree with
-                them, or a class index out of range.
+                them, a class index out of range, or a transductive threshold (set on test
+                images that support cannot re-read).
 
         Example:
             >>> gate = Gate.zero_shot()
@@ -431,6 +432,12 @@ class Gate:
         cal = base.calibration_
         if cal is None:
             return other
+        if cal.method == "transductive":
+            # support sets the threshold again from labelled images; the test set's own
+            # score distribution, which set this one, is not at hand here
+            raise InputError("support images cannot join a gate whose threshold is transductive "
+                             "(set on the test images' scores): calibrate without the test "
+                             "images, then add the support images")
         # every labelled image, its zero-shot logits adapted as predictions will read them
         # (leave-one-out for the support images)
         adapted = BranchOutputs(fit_out.sup_logits, fit_out.sup_features,
