@@ -312,6 +312,8 @@ def _support(setup, mode, out, capsys, base):
     shutil.copy(folder / world.unseen_classes[0].replace(" ", "_") / "0000.png", bad / "purple moon")
     res = _predict(setup, mode, ["--support", str(bad)], out / "b.jsonl", capsys)
     assert res["rc"] == 2 and "support class folder" in res["stderr"] and "purple moon" in res["stderr"]
+    res = _predict(setup, mode, ["--support", str(out / "nosuch")], out / "c.jsonl", capsys)
+    assert res["rc"] == 2 and f"--support {out / 'nosuch'}: no such folder" in res["stderr"]
     return "record"
 
 

@@ -121,7 +121,8 @@ def run_fewshot(out_dir: str | os.PathLike[str], *, seed: int = 0, epochs: int =
     oracle_h = next(r for r in reference_rows(feats, y, S, clf.seen_logits(feats))
                     if r.method == "oracle router").harmonic
     rows: list[FewShotRow] = []
-    for k in ks:
+    # k = 0 first: it is the calibrated gate before any support image joins it
+    for k in sorted(set(ks)):
         figures, spent, note = [], 0.0, "calibrated hybrid"
         for draw in range(draws if k else 1):
             if k:

@@ -114,6 +114,9 @@ def _validate(args: argparse.Namespace) -> None:
     """What only the command line can get wrong; every other value is checked where it is used."""
     if args.topk < 1:
         raise UsageError(f"--topk must be at least 1, got {args.topk}")
+    if args.support and not Path(args.support).is_dir():
+        what = "is a file, not a folder" if Path(args.support).exists() else "no such folder"
+        raise UsageError(f"--support {args.support}: {what} (one subfolder of images per class)")
     if isinstance(args.shard, str):
         args.shard = ShardSpec.parse(args.shard)
     if not args.checkpoint:
