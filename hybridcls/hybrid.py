@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from sklearn.utils.validation import check_is_fitted
 from hybridcls.data import Source, as_sources
 from hybridcls.device import resolve_device
 from hybridcls.engine import ClipPolicy, InferenceEngine, timm_view
-from hybridcls.errors import CheckpointError, InputError, ParameterError
+from hybridcls.errors import CheckpointError, HybridclsWarning, InputError, ParameterError
 from hybridcls.gate import GATE_FILENAME, INDEX_DIR, BranchOutputs, Gate
 from hybridcls.hierarchy import RollupCalibration, calibrate_threshold
 from hybridcls.hub import pretrained_folder, upload_folder
@@ -261,7 +262,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                                backbone_meta=lambda: self._index_meta("backbone"))
         self.support_samples_: list[tuple[str, int]] = []
         if self.support is not None and self.gate_ is not None:
-            self.add_support(self.support)
+            # support= is the support set: it replaces one a saved folder's gate holds
+            self.add_support(self.support, replace=True)
 
     def _index_meta(self, embedding: str) -> dict[str, Any]:
         """The provenance this run's ``embedding`` index carries (see :func:`hybridcls.index.index_meta`)."""
@@ -308,6 +310,11 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         gate = Gate(method=self.method, score=self.score, tpr=self.tpr, rounds=self.rounds,
                     seed=self.seed, cache_branch=self.cache_branch)
         gate.check_params()  # before the towers' long passes
+        if (self.gate_ is not None and self.gate_.support_ is not None and not self.support_samples_
+                and self.support is None):
+            warnings.warn("the support images that came with this classifier's saved folder are "
+                          "kept as embeddings only and cannot join a new calibration: add them "
+                          "again (add_support) after it", HybridclsWarning, stacklevel=2)
         data = self._training_data(data_dir)
         train_out, y_tr, tr_paths = self._labelled_outputs(data.train, "calibrate: train")
         val_out, y_va, _ = self._labelled_outputs(data.val, "calibrate: held-out")
@@ -439,7 +446,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         matrix, and the model card ``README.md``.
 
         ``from_pretrained`` on it needs no prompts file; the saved class-text matrix replaces
-        the one built at load (a warm text cache makes that build free).
+        the one built at load (a warm text cache makes that build free). Support images
+        joined (:meth:`add_support`) are saved as their embeddings (``support.safetensors``)
+        with the gate they set.
 
         Args:
             directory: The folder to write.
@@ -447,7 +456,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         """
         check_is_fitted(self, "engine_")
         bundle = self.tower_.bundle
-        return write_saved_folder(
+        folder = write_saved_folder(
             directory, run_dir=self.run_dir_, prompts=self.tower_.prompts,
             templates=self.tower_.templates, text_features=self.tower_.text_features.cpu().numpy(),
             meta={"clip_model": self.clip_model, "clip_pretrained": self.clip_pretrained,
@@ -455,6 +464,11 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                   "classes": [str(c) for c in self.classes_], "n_seen": self.n_seen_,
                   "model_version": self.model_version_},
             gate=None if self.gate_ is None else self.gate_.summary(), repo_id=repo_id)
+        if self.gate_ is not None and self.gate_.support_ is not None:
+            # the run directory keeps the gate without support images: the one in use, with
+            # their cache and the threshold they set, replaces the copy
+            self.gate_.save(folder)
+        return folder
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                     revision: str | None = None, commit_message: str = "Upload hybridcls classifier",
@@ -497,9 +511,11 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             revision: The repo's branch, tag or commit (default: ``main``).
             local_files_only: Use the Hugging Face cache only.
             token: A Hub token for a private repo.
-            **params: Estimator parameters that override the saved ones (``device``...).
+            **params: Estimator parameters that override the saved ones (``device``,
+                ``clip_pretrained`` for CLIP weights kept elsewhere on this machine...).
 
         Raises:
+            ParameterError: ``clip_model``, ``prompts`` or ``templates``, which the folder fixes.
             CheckpointError: Not such a folder, or one whose files disagree.
             WeightsUnavailableError: A repo that is not in the cache and cannot be downloaded
                 (offline), named with the cache it was looked for in.
@@ -507,12 +523,17 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         Example:
             >>> clf = HybridClassifier.from_pretrained("my-org/awa2-hybrid", device="cuda")  # doctest: +SKIP
         """
+        fixed = [name for name in ("clip_model", "prompts", "templates") if name in params]
+        if fixed:
+            raise ParameterError(fixed[0], params[fixed[0]], "a saved folder fixes its CLIP model, "
+                                 "prompts and templates (its class-text matrix is built from them); "
+                                 "load the run directory with load_run to change them")
         directory = pretrained_folder(name_or_path, revision=revision, cache_dir=params.get("cache_dir"),
                                       local_files_only=local_files_only, token=token)
         meta, stored = read_saved_folder(directory)
-        clf = cls(clip_model=meta["clip_model"], clip_pretrained=meta["clip_pretrained"],
-                  prompts=str(directory / PROMPTS_FILE), templates=str(directory / TEMPLATES_FILE),
-                  **params)
+        params = {"clip_pretrained": meta["clip_pretrained"], **params}  # weights may be elsewhere here
+        clf = cls(clip_model=meta["clip_model"], prompts=str(directory / PROMPTS_FILE),
+                  templates=str(directory / TEMPLATES_FILE), **params)
         clf._load(directory, None, text_features=torch.from_numpy(stored))
         if list(clf.classes_) != meta["classes"]:
             raise CheckpointError(f"{directory}: the classes it records differ from its prompts")

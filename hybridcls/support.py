@@ -216,6 +216,14 @@ def add_support(clf: Predictor, source: SupportSource, *, replace: bool = False)
     See :meth:`hybridcls.predictor.Predictor.add_support`.
     """
     settings = clf.engine_.settings
+    gate = getattr(clf, "gate_", None)
+    if (not replace and not getattr(clf, "support_samples_", None)
+            and getattr(gate, "support_", None) is not None):
+        # a saved folder keeps the support images' embeddings, not the images: a refit
+        # cannot read them again, and dropping them unasked would lose them
+        raise ParameterError("replace", False, "this classifier's support images came with its "
+                             "saved folder, which keeps their embeddings only: pass replace=True "
+                             "to start a new support set (give the old images again to keep them)")
     new = support_samples(source, clf.engine_.clip.prompts, workers=settings.workers,
                           progress=settings.progress)
     known = {} if replace else dict(getattr(clf, "support_samples_", []))

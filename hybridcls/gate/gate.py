@@ -27,6 +27,7 @@ Works on arrays only: it loads no model and no image.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ from hybridcls.gate.fusion import FusionResult, fuse, fuse_zeroshot, route
 from hybridcls.gate.metrics import seen_unseen_accuracy
 from hybridcls.gate.restriction import check_allowed, forced_routing, mask_logits, restrict_outputs
 from hybridcls.gate.scores import DEFAULT_KNN_K, INDEX_OF, SCORES
-from hybridcls.gate.support import SUPPORT_FILE, SupportAdapter, fit_support_adapter
+from hybridcls.gate.support import SUPPORT_FILE, SupportAdapter, fit_support_adapter, unit_rows
 from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, load_run_index
 
 __all__ = ["INDEX_DIR", "ClipPolicy", "Gate"]
@@ -369,7 +370,9 @@ class Gate:
         logits (:mod:`hybridcls.gate.support`), which :meth:`predict` applies before the
         gate scores and the fusion. ``alpha`` and ``beta`` are fitted by leave-one-out
         over the support images and on the held-out images of the classes that have
-        support images. Support images of unseen classes are real unseen images: with them
+        support images. A fitted (hybrid) gate also keys a second cache on the supervised
+        backbone's features (``support_.backbone``), fitted the same way on the logits the
+        first has adapted. Support images of unseen classes are real unseen images: with them
         (and seen images: held-out ones, or support images of seen classes) the TPR level
         is chosen again, among :data:`SUPPORT_TPR_GRID` and the calibrated one, by H
         (support images read with their own cache entry left out): of the levels within
@@ -426,6 +429,13 @@ class Gate:
         adapter = fit_support_adapter(fit_out.clip_logits[fitting], fit_out.clip_embeddings[fitting],
                                       fit_y[fitting], support.clip_embeddings, y_s,
                                       leave_out=fit_own[fitting], class_names=class_names)
+        if base.calibration_ is not None and fit_out.sup_features is not None:
+            # the second cache, on the backbone's features, fitted on what the first one left
+            adapted_clip = adapter.apply(fit_out.clip_logits[fitting], fit_out.clip_embeddings[fitting],
+                                         leave_out=fit_own[fitting])
+            adapter = dataclasses.replace(adapter, backbone=fit_support_adapter(
+                adapted_clip, unit_rows(fit_out.sup_features[fitting]), fit_y[fitting],
+                unit_rows(support.sup_features), y_s, leave_out=fit_own[fitting]))
         other = object.__new__(Gate)
         other.__dict__.update(base.__dict__)
         other.support_ = adapter
@@ -442,6 +452,7 @@ class Gate:
         # (leave-one-out for the support images)
         adapted = BranchOutputs(fit_out.sup_logits, fit_out.sup_features,
                                 adapter.apply(fit_out.clip_logits, fit_out.clip_embeddings,
+                                              features=fit_out.sup_features,
                                               leave_out=fit_own).astype(np.float32),
                                 fit_out.clip_embeddings)
         S = self.n_seen_
@@ -677,7 +688,8 @@ class Gate:
         if self.support_ is None or outputs.clip_logits is None:
             return outputs
         return BranchOutputs(outputs.sup_logits, outputs.sup_features,
-                             self.support_.apply(outputs.clip_logits, outputs.clip_embeddings),
+                             self.support_.apply(outputs.clip_logits, outputs.clip_embeddings,
+                                                 features=outputs.sup_features),
                              outputs.clip_embeddings)
 
     def predict_proba(self, outputs: BranchOutputs, *, allowed: Any = None) -> np.ndarray:
@@ -829,7 +841,7 @@ def _enabled(cal: GateCalibration) -> CacheBranch | None:
 def _support_summary(record: Mapping[str, Any]) -> dict[str, Any]:
     """The support record in brief, for run records: images per class and the fitted settings."""
     keys = ("n_support", "counts", "alpha", "alpha_rel", "beta", "fit_accuracy_plain",
-            "fit_accuracy", "threshold_from", "h")
+            "fit_accuracy", "backbone", "threshold_from", "h")
     return {k: record[k] for k in keys if k in record}
 
 
