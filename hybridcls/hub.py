@@ -250,7 +250,12 @@ def model_card(*, classes: Sequence[str], n_seen: int, config: Mapping[str, Any]
         ("- The unseen classes are only as good as the CLIP model's zero-shot recognition of their "
          "names; classes that look alike or are named vaguely are confused."),
         ("- The gate was calibrated without unseen images: its held-out figures are estimates on "
-         "stand-in problems made of seen classes, not measurements on the real unseen classes."),
+         "stand-in problems made of seen classes, not measurements on the real unseen classes."
+         if not (gate or {}).get("support") else
+         f"- {gate['support'].get('n_support', 'Some')} few-shot support images "
+         f"({', '.join(f'{k}: {v}' for k, v in gate['support'].get('counts', {}).items())}) join "
+         "the zero-shot scores (Tip-Adapter caches) and set the gate's threshold again; the other "
+         "held-out figures are estimates on stand-in problems made of seen classes."),
         ("- Every image gets one of the listed classes (or 'unknown' when that option is set): "
          "images of classes outside the list are forced into the nearest one."),
         ("- The supervised branch was trained on the images of one dataset; photos from another "

@@ -32,6 +32,7 @@ from hybridcls.device import resolve_device
 from hybridcls.engine import ClipPolicy, InferenceEngine, timm_view
 from hybridcls.errors import CheckpointError, HybridclsWarning, InputError, ParameterError
 from hybridcls.gate import GATE_FILENAME, INDEX_DIR, BranchOutputs, Gate
+from hybridcls.gate.support import SUPPORT_FILE
 from hybridcls.hierarchy import RollupCalibration, calibrate_threshold
 from hybridcls.hub import pretrained_folder, upload_folder
 from hybridcls.index import index_meta
@@ -464,9 +465,11 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                   "classes": [str(c) for c in self.classes_], "n_seen": self.n_seen_,
                   "model_version": self.model_version_},
             gate=None if self.gate_ is None else self.gate_.summary(), repo_id=repo_id)
-        if self.gate_ is not None and self.gate_.support_ is not None:
-            # the run directory keeps the gate without support images: the one in use, with
-            # their cache and the threshold they set, replaces the copy
+        if self.gate_ is not None:
+            # the gate in use replaces the run directory's copy: support images joined (their
+            # cache and the threshold they set) live only here, and a calibrate(save=False)
+            # left the run directory's gate.json behind
+            (folder / SUPPORT_FILE).unlink(missing_ok=True)
             self.gate_.save(folder)
         return folder
 
@@ -537,4 +540,10 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         clf._load(directory, None, text_features=torch.from_numpy(stored))
         if list(clf.classes_) != meta["classes"]:
             raise CheckpointError(f"{directory}: the classes it records differ from its prompts")
+        saved_fp, loaded_fp = meta.get("clip_fingerprint"), clf.tower_.bundle.fingerprint
+        if saved_fp and loaded_fp and saved_fp != loaded_fp:
+            # its class-text matrix, support cache and threshold belong to the saved weights
+            raise CheckpointError(f"{directory}: saved with CLIP weights {saved_fp[:12]}..., "
+                                  f"clip_pretrained={params['clip_pretrained']!r} loads "
+                                  f"{loaded_fp[:12]}...: give the weights it was saved with")
         return clf

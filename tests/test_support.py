@@ -161,6 +161,9 @@ def test_backbone_cache_tells_apart_what_clip_cannot(tmp_path):
                          clip_logits=np.tile([[0.0, 1.0, 1.0]], (2, 1)), clip_embeddings=_unit(45, 45))
     assert gate.predict(test).pred.tolist() == [1, 2]
     assert gate.calibration_.support["backbone"]["alpha"] == backbone.alpha
+    # the threshold was set with the backbone cache: outputs without the features are refused
+    with pytest.raises(InputError, match=r"reads the supervised backbone's features \(sup_features\)"):
+        gate.predict(BranchOutputs(test.sup_logits, None, test.clip_logits, test.clip_embeddings))
     # without the backbone's features the second cache is not applied: CLIP's tie stays
     z = gate.support_.apply(test.clip_logits, test.clip_embeddings)
     assert z[0, 1] == z[0, 2]
@@ -317,6 +320,36 @@ def test_saved_folder_keeps_the_support_images_gate(tiny_hybrid, tmp_path):
         again.add_support(folder)
     again.add_support(folder, replace=True)
     assert again.gate_summary()["support"]["counts"] == counts
+    assert again.gate_.support_.backbone is not None and again.gate_.support_.backbone.alpha > 0
+    assert "6 few-shot support images" in (saved / "README.md").read_text()
+    assert again.predict([]).tolist() == []  # no input: nothing to adapt
+    # support= at load replaces the saved folder's support; a new calibration cannot keep it
+    only_one = {world.unseen_classes[0]: sorted(str(p) for p in (folder / world.unseen_classes[0]
+                                                                  .replace(" ", "_")).glob("*"))}
+    third = HybridClassifier.from_pretrained(saved, **kwargs, support=only_one)
+    assert third.gate_summary()["support"]["counts"] == {world.unseen_classes[0]: 3}
+    fourth = HybridClassifier.from_pretrained(saved, **kwargs)
+    with pytest.warns(UserWarning, match="cannot join a new calibration"):
+        fourth.calibrate(data_dir=world.train_dir, save=False)
+    assert fourth.gate_.support_ is None
+    # saved again, it holds the gate in use: no support record, no support file left over
+    resaved = fourth.save_pretrained(tmp_path / "model2")
+    assert not (resaved / "support.safetensors").exists()
+    assert HybridClassifier.from_pretrained(resaved, **kwargs).gate_.support_ is None
+    # other CLIP weights than those it was saved with are refused
+    # a folder whose record names other CLIP weights than those that load is refused: its
+    # class-text matrix, support cache and threshold belong to those
+    import json
+
+    from hybridcls.errors import CheckpointError
+    meta = json.loads((resaved / "hybrid.json").read_text())
+    (resaved / "hybrid.json").write_text(json.dumps({**meta, "clip_fingerprint": "0" * 64}))
+    with pytest.raises(CheckpointError, match=r"saved with CLIP weights 000000000000\.\.\., "
+                                              r"clip_pretrained=None loads .*give the weights"):
+        HybridClassifier.from_pretrained(resaved, **kwargs)
+    for name in ("prompts", "templates"):
+        with pytest.raises(ParameterError, match=rf"^{name}=.*: a saved folder fixes"):
+            HybridClassifier.from_pretrained(saved, **{name: "p.txt"})
 
 
 def test_world_k5_support_measured(world_run, tmp_path):

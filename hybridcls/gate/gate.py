@@ -687,6 +687,11 @@ class Gate:
         """``outputs`` with the support adapter applied to the zero-shot logits (if any)."""
         if self.support_ is None or outputs.clip_logits is None:
             return outputs
+        if (self.support_.backbone is not None and outputs.sup_logits is not None
+                and outputs.sup_features is None and len(outputs)):
+            # the threshold was set with the backbone cache applied: without it the scores move
+            raise InputError("this gate's support cache reads the supervised backbone's features "
+                             "(sup_features), which these outputs lack")
         return BranchOutputs(outputs.sup_logits, outputs.sup_features,
                              self.support_.apply(outputs.clip_logits, outputs.clip_embeddings,
                                                  features=outputs.sup_features),

@@ -70,7 +70,8 @@ class SupportAdapter:
     """A fitted support cache: ``clip_logits' = clip_logits + alpha * (A @ L) / n``.
 
     Attributes:
-        keys: ``[n, D]`` the support images' L2-normalised CLIP embeddings.
+        keys: ``[n, D]`` the support images' L2-normalised CLIP embeddings (for
+            :attr:`backbone`: their backbone features, L2-normalised).
         labels: ``[n]`` their class indices over every class (``classes_`` order).
         n_classes: C, every class.
         alpha: Weight of the cache term, in zero-shot-logit units (``alpha_rel * scale``).
@@ -133,6 +134,8 @@ class SupportAdapter:
             [[1.6321, 0.3679]]
         """
         z = as_array(clip_logits, "clip_logits")
+        if not len(z):  # no query: the features of none may have no width either
+            return z
         if self.alpha != 0.0:
             z = z + self.alpha * self.term(clip_emb, leave_out=leave_out)
         if self.backbone is not None and features is not None:
