@@ -95,7 +95,7 @@ def _perturbed_copy(tmp_path: Path) -> Path:
     """The shipped tiny CLIP with one weight changed, as a local-dir: folder."""
     folder = Path(shutil.copytree(TINY_CLIP_DIR, tmp_path / "perturbed_clip"))
     state = load_file(folder / WEIGHTS)
-    first = sorted(state)[0]
+    first = min(state)
     state[first] = state[first] + 1
     save_file(state, str(folder / WEIGHTS))
     return folder
