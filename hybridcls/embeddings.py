@@ -50,7 +50,7 @@ import numpy as np
 from hybridcls.cache import atomic_path
 from hybridcls.errors import MissingExtraError, ParameterError
 from hybridcls.outputs import PredictionRow, output_key
-from hybridcls.provenance import RunRecord, tower_identity
+from hybridcls.provenance import RunRecord
 from hybridcls.sharding import Manifest, manifest_path, predict_to_output
 
 if TYPE_CHECKING:  # typing only: writing a file needs no model
@@ -182,11 +182,9 @@ def embedding_models(engine: InferenceEngine, checkpoint: str | os.PathLike[str]
     """
     from hybridcls.supervised.checkpoint import checkpoint_identity, read_checkpoint_config
 
-    bundle = engine.clip.bundle
     supervised = None if checkpoint is None else checkpoint_identity(
         checkpoint, read_checkpoint_config(checkpoint))
-    return {"supervised": supervised,
-            "clip": tower_identity(bundle.model_id, bundle.fingerprint, pretrained=bundle.pretrained)}
+    return {"supervised": supervised, "clip": engine.clip.bundle.identity()}
 
 
 def embedding_rows(engine: InferenceEngine, sources: Sequence[Source], *,

@@ -26,6 +26,7 @@ from typing import Any
 
 from hybridcls.errors import CheckpointError, ParameterError, WeightsUnavailableError
 from hybridcls.version import __version__
+from hybridcls.zeroshot.defaults import LOCAL_DIR_PREFIX
 
 __all__ = ["HUB_PREFIX", "model_card", "pretrained_folder", "upload_folder"]
 
@@ -136,6 +137,16 @@ def _bullets(items: Sequence[str]) -> str:
     return "\n".join(f"- {item}" for item in items) if items else "- (none)"
 
 
+def _portable(name: str) -> str:
+    """A model id or weights file as the card shows it: a local folder or file by its name only
+    (the card travels; this machine's paths do not), a Hub id or a tag as it is."""
+    if name.startswith(LOCAL_DIR_PREFIX):
+        return LOCAL_DIR_PREFIX + Path(name.removeprefix(LOCAL_DIR_PREFIX)).name
+    if name.startswith(HUB_PREFIX) or not ("/" in name or "\\" in name):
+        return name
+    return Path(name).name
+
+
 def model_card(*, classes: Sequence[str], n_seen: int, config: Mapping[str, Any],
                clip: Mapping[str, Any], gate: Mapping[str, Any] | None, model_version: str,
                repo_id: str | None = None) -> str:
@@ -159,6 +170,7 @@ def model_card(*, classes: Sequence[str], n_seen: int, config: Mapping[str, Any]
 
     clip_id = str(clip.get("clip_model"))
     base = clip_id.removeprefix(HUB_PREFIX) if clip_id.startswith(HUB_PREFIX) else None
+    pretrained = clip.get("clip_pretrained")
     data = ModelCardData(
         library_name="hybridcls", pipeline_tag="image-classification", base_model=base,
         tags=["hybridcls", "image-classification", "zero-shot-image-classification",
@@ -203,8 +215,8 @@ def model_card(*, classes: Sequence[str], n_seen: int, config: Mapping[str, Any]
         "",
         (f"- supervised backbone: timm `{model.get('name')}` ({model.get('head')} head, input "
          f"{size}), fine-tuned from: {initial}"),
-        (f"- CLIP: open_clip `{clip_id}`"
-         + (f" / `{clip.get('clip_pretrained')}`" if clip.get("clip_pretrained") else "")
+        (f"- CLIP: open_clip `{_portable(clip_id)}`"
+         + (f" / `{_portable(pretrained)}`" if pretrained else "")
          + f" (weights SHA-256 `{clip.get('clip_fingerprint')}`)"),
         ("- `config.json` also carries timm's `architecture`, `num_classes`, `label_names` and "
          "`pretrained_cfg`: `model.safetensors` holds the backbone under `backbone.` and the "

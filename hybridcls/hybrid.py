@@ -32,6 +32,7 @@ from hybridcls.device import resolve_device
 from hybridcls.engine import ClipPolicy, InferenceEngine, timm_view
 from hybridcls.errors import CheckpointError, HybridclsWarning, InputError, ParameterError
 from hybridcls.gate import GATE_FILENAME, INDEX_DIR, BranchOutputs, Gate
+from hybridcls.gate.clip import clip_mismatch, clip_to_load, recorded_clip
 from hybridcls.gate.support import SUPPORT_FILE
 from hybridcls.hierarchy import RollupCalibration, calibrate_threshold
 from hybridcls.hub import pretrained_folder, upload_folder
@@ -45,7 +46,7 @@ from hybridcls.supervised.checkpoint import checkpoint_identity
 from hybridcls.support import refit_support
 from hybridcls.train import TrainConfig, train
 from hybridcls.train.data import recorded_image_check, resolve_training_data
-from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
+from hybridcls.zeroshot.loading import DEFAULT_CLIP_PRETRAINED
 from hybridcls.zeroshot.prompts import align_classes, as_prompt_set
 from hybridcls.zeroshot.tower import ClipTower
 
@@ -62,8 +63,13 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
 
     Args:
         model: timm architecture of the supervised branch (used by :meth:`fit`).
-        clip_model: open_clip model id (built-in name, ``hf-hub:``, ``local-dir:``).
-        clip_pretrained: Pretrained tag or weights file for a built-in name.
+        clip_model: open_clip model id (built-in name, ``hf-hub:``, ``local-dir:``). None
+            (the default): the CLIP the run's gate was calibrated with (``gate.json`` records
+            it), else ``DEFAULT_CLIP_MODEL``. Another CLIP than the gate's is refused wherever
+            the gate is used, until :meth:`calibrate` sets a gate on it
+            (:mod:`hybridcls.gate.clip`).
+        clip_pretrained: Pretrained tag or weights file for a built-in name (None: random
+            weights). Left at its default with ``clip_model=None``, the gate's recorded one.
         prompts: Prompts file (or lines) naming every class, seen and unseen.
         templates: Templates file or list; None = the bundled default.
         method: Calibration (:meth:`calibrate`): ``"leave-classes-out"`` searches every
@@ -119,6 +125,10 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         tower_: The CLIP tower (:class:`~hybridcls.zeroshot.ClipTower`).
         engine_: The :class:`~hybridcls.engine.InferenceEngine` running both towers.
         gate_: The fitted :class:`~hybridcls.gate.Gate`, or ``None`` before :meth:`calibrate`.
+        clip_error_: Why ``gate_`` cannot be used with the CLIP loaded (a
+            :class:`~hybridcls.errors.ParameterError` naming ``clip_model`` or
+            ``clip_pretrained`` and the CLIP the gate was calibrated with), raised by every
+            use of the gate until :meth:`calibrate`; None when it is the gate's CLIP.
         support_samples_: The support images joined (``(path, class index)``), or empty.
         device_: The torch device used.
 
@@ -135,7 +145,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
     def __init__(
         self,
         model: str = "convnext_tiny",
-        clip_model: str = DEFAULT_CLIP_MODEL,
+        clip_model: str | None = None,
         clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
         prompts: Any = None,
         templates: Any = None,
@@ -223,6 +233,11 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
     def load_run(self, run_dir: str | os.PathLike[str], prompts: Any = None) -> HybridClassifier:
         """Load a trained run directory (and its gate, when calibrated) with the CLIP tower.
 
+        The CLIP is the one the gate was calibrated with unless ``clip_model`` names one
+        (:func:`hybridcls.gate.clip.clip_to_load`); a gate whose ``gate.json`` does not record
+        its CLIP (written before hybridcls recorded it) loads with a warning that it cannot
+        be checked.
+
         Raises:
             ParameterError: No prompts, or a runtime setting this machine cannot honour.
             PromptFileError: A training class that matches no line of the prompts file.
@@ -240,7 +255,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         model, config = load_checkpoint(run_dir, device)
         seen = [str(c) for c in config["classes"]]
         prompt_set = align_classes(seen, as_prompt_set(source))
-        tower = ClipTower.build(self.clip_model, self.clip_pretrained, prompt_set, self.templates,
+        clip_model, clip_pretrained = clip_to_load(self.clip_model, self.clip_pretrained,
+                                                   recorded_clip(run_dir))
+        tower = ClipTower.build(clip_model, clip_pretrained, prompt_set, self.templates,
                                 device=device, cache_dir=settings.cache_dir,
                                 truncate_prompts=self.truncate_prompts, progress=settings.progress,
                                 text_features=text_features)
@@ -261,10 +278,25 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.device_ = self.engine_.device
         self.gate_ = Gate.load(run_dir, n_seen=self.n_seen_, clip_meta=self._index_meta("clip"),
                                backbone_meta=lambda: self._index_meta("backbone"))
+        self.clip_error_ = self._clip_check(run_dir)
         self.support_samples_: list[tuple[str, int]] = []
-        if self.support is not None and self.gate_ is not None:
+        if self.support is not None and self.gate_ is not None and self.clip_error_ is None:
             # support= is the support set: it replaces one a saved folder's gate holds
             self.add_support(self.support, replace=True)
+
+    def _clip_check(self, run_dir: Path) -> ParameterError | None:
+        """Why the loaded gate cannot be used with the loaded CLIP (:func:`clip_mismatch`), or None."""
+        if self.gate_ is None or self.gate_.calibration_ is None:
+            return None
+        record = self.gate_.calibration_.clip
+        if record is None:
+            warnings.warn(f"{run_dir / GATE_FILE} does not record the CLIP it was calibrated with "
+                          "(written before hybridcls recorded it): the CLIP cannot be checked; "
+                          "calibrate again to record it", HybridclsWarning, stacklevel=4)
+            return None
+        bundle = self.tower_.bundle
+        return clip_mismatch(record, bundle.identity(), clip_model=self.clip_model,
+                             clip_pretrained=bundle.pretrained, gate_file=run_dir / GATE_FILE)
 
     def _index_meta(self, embedding: str) -> dict[str, Any]:
         """The provenance this run's ``embedding`` index carries (see :func:`hybridcls.index.index_meta`)."""
@@ -288,6 +320,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                   save: bool = True) -> HybridClassifier:
         """Fit the gate with no unseen images (``method``, ``tpr``, ``score``, ``rounds``, ``seed``,
         ``cache_branch``), and save it in the run directory.
+
+        The gate records the CLIP loaded (``gate.json``'s ``clip``): a run loaded with another
+        CLIP than its old gate's is calibrated anew here, and its later loads use this one.
 
         Runs both towers over the run's training images and its held-out seen images (the
         split recorded by ``train``), then :meth:`hybridcls.gate.Gate.fit`.
@@ -324,8 +359,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             test_out, _ = self.engine_.extract(as_sources(test_inputs), desc="calibrate: test")
         gate.fit(train_out, y_tr, val_out, y_va, class_names=self.seen_folders_,
                  train_paths=tr_paths, test=test_out, clip_logit_scale=self.tower_.logit_scale,
-                 index_meta={"clip": self._index_meta("clip"), "backbone": self._index_meta("backbone")})
-        self.gate_ = gate
+                 index_meta={"clip": self._index_meta("clip"), "backbone": self._index_meta("backbone")},
+                 clip=self.tower_.bundle.identity())
+        self.gate_, self.clip_error_ = gate, None
         if save:
             gate.save(self.run_dir_)
         if self.support is not None and not self.support_samples_:
@@ -413,6 +449,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                 f"{self.run_dir_}: the run has no {GATE_FILE}; calibrate it first: "
                 f"HybridClassifier.calibrate(), or `hybridcls calibrate {self.run_dir_}` with "
                 f"prompts=FILE")
+        if self.clip_error_ is not None:
+            raise self.clip_error_
         gate = self.gate_.with_options(mode=self.mode, unseen_only=self.unseen_only,
                                        unknown_threshold=self.unknown_threshold)
         gate.check_ready()
@@ -456,11 +494,14 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             repo_id: The Hub repo the folder is for (the card's example loads it).
         """
         check_is_fitted(self, "engine_")
+        if self.gate_ is not None and self.clip_error_ is not None:
+            raise self.clip_error_
         bundle = self.tower_.bundle
         folder = write_saved_folder(
             directory, run_dir=self.run_dir_, prompts=self.tower_.prompts,
             templates=self.tower_.templates, text_features=self.tower_.text_features.cpu().numpy(),
-            meta={"clip_model": self.clip_model, "clip_pretrained": self.clip_pretrained,
+            # the CLIP loaded, as loaded: no pretrained tag with a model whose weights come with it
+            meta={"clip_model": bundle.model_id, "clip_pretrained": bundle.pretrained,
                   "clip_fingerprint": bundle.fingerprint,
                   "classes": [str(c) for c in self.classes_], "n_seen": self.n_seen_,
                   "model_version": self.model_version_},

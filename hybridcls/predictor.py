@@ -27,7 +27,7 @@ from hybridcls.errors import ImageDecodeError, InputError, ParameterError
 from hybridcls.gate import BranchOutputs, FusionResult, Gate
 from hybridcls.hierarchy import Hierarchy, Rollup, check_threshold
 from hybridcls.outputs import PredictionRow, batch_rows
-from hybridcls.provenance import model_version, tower_identity
+from hybridcls.provenance import model_version
 from hybridcls.sites import SiteClasses, allowed_columns, allowed_masks, read_site_classes
 from hybridcls.support import add_support
 
@@ -90,7 +90,7 @@ class Predictor:
         check_is_fitted(self, "engine_")
         tower = self.engine_.clip
         bundle = tower.bundle
-        clip = tower_identity(bundle.model_id, bundle.fingerprint, pretrained=bundle.pretrained)
+        clip = bundle.identity()
         supervised = self._supervised_identity()
         prompts = stable_hash({"prompts": tower.prompts.to_text(), "templates": list(tower.templates)})
         cal = self.gate_.calibration_ if getattr(self, "gate_", None) is not None else None

@@ -151,10 +151,10 @@ def _clip_model(setup, mode, out, capsys, base):
     other = ["--clip-model", f"local-dir:{setup['other_clip']}"]
     if mode == "zeroshot":
         return _rows_change(other)(setup, mode, out, capsys, base)
-    # the run's gate and index were made with the first CLIP: another one is refused, with the remedy
+    # the run's gate was calibrated with the first CLIP: another one is refused, naming both
     res = _predict(setup, mode, other, out / "v.jsonl", capsys)
-    assert res["rc"] == 2 and "built with another fingerprint" in res["stderr"]
-    assert "rebuild it (hybridcls calibrate)" in res["stderr"] and not (out / "v.jsonl").exists()
+    assert res["rc"] == 2 and f"--clip-model {other[1]}: loads CLIP" in res["stderr"]
+    assert "calibrate the run again with this one" in res["stderr"] and not (out / "v.jsonl").exists()
     return "refused"
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from hybridcls import HybridClassifier
 from hybridcls.errors import CheckpointError, ParameterError, WeightsUnavailableError
-from hybridcls.synth import TINY_CLIP_MODEL_ID
+from hybridcls.synth import TINY_CLIP_DIR, TINY_CLIP_MODEL_ID
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -152,8 +152,11 @@ def test_the_model_card_says_what_a_user_needs(clf, saved, tiny_hybrid):
     assert all(f"- {c}\n" in unseen_part.split("## Models")[0] for c in unseen)
     config = json.loads((tiny_hybrid["run"] / "config.json").read_text(encoding="utf-8"))
     assert f"timm `{config['model']['name']}`" in text
-    assert f"open_clip `{TINY_CLIP_MODEL_ID}`" in text
-    fingerprint = json.loads((saved / "hybrid.json").read_text(encoding="utf-8"))["clip_fingerprint"]
+    # the local-dir: CLIP by its folder's name, no tag (its weights come with it), no local path
+    assert f"open_clip `local-dir:{TINY_CLIP_DIR.name}` (weights" in text and str(TINY_CLIP_DIR) not in text
+    meta = json.loads((saved / "hybrid.json").read_text(encoding="utf-8"))
+    assert (meta["clip_model"], meta["clip_pretrained"]) == (TINY_CLIP_MODEL_ID, None)
+    fingerprint = meta["clip_fingerprint"]
     assert f"weights SHA-256 `{fingerprint}`" in text
     gate = json.loads((tiny_hybrid["run"] / "gate.json").read_text(encoding="utf-8"))
     assert (f"score `{gate['score']}`, mode `{gate['mode']}`, threshold {gate['threshold']:.4g} "

@@ -21,7 +21,7 @@ from hybridcls.cli.common import (
     UsageError,
     add_clip_model_arguments,
     add_runtime_arguments,
-    clip_pretrained_from_args,
+    clip_from_args,
     runtime_from_args,
 )
 from hybridcls.provenance import tower_identity
@@ -71,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be at least -1, got {value}")
     if not 0 <= args.mislabel_agreement <= 1:
         raise UsageError(f"--mislabel-agreement must be between 0 and 1, got {args.mislabel_agreement}")
+    clip_model, clip_pretrained = clip_from_args(args)
     report = audit_dataset(
         args.data_dir, val_dir=args.val, test_dir=args.test, output_dir=args.output,
-        clip_model=args.clip_model, clip_pretrained=clip_pretrained_from_args(args),
+        clip_model=clip_model, clip_pretrained=clip_pretrained,
         cache_dir=runtime.cache_dir, device=runtime.device, batch_size=runtime.batch_size,
         workers=runtime.workers,
         # A threshold above 1 can never be reached: the test is off.

@@ -53,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    clf = hybrid_from_args(args, method=args.method, score=args.score, tpr=args.tpr,
+    clf = hybrid_from_args(args, recalibrate=True, method=args.method, score=args.score, tpr=args.tpr,
                            rounds=args.rounds, seed=args.seed, cache_branch=args.cache_branch)
     clf.calibrate(args.data, test_inputs=args.transductive)
     args.run_record.describe(clf)  # the new gate, for --log

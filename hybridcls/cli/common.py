@@ -24,7 +24,6 @@ from hybridcls.zeroshot.defaults import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_CLIP_PRETRAINED,
     LOCAL_DIR_PREFIX,
-    MODEL_PREFIXES,
 )
 
 __all__ = [
@@ -35,7 +34,7 @@ __all__ = [
     "add_log_argument",
     "add_runtime_arguments",
     "class_list",
-    "clip_pretrained_from_args",
+    "clip_from_args",
     "clip_settings",
     "flag_message",
     "hybrid_from_args",
@@ -54,13 +53,16 @@ class UsageError(HybridclsError):
 
 def add_clip_model_arguments(g: argparse._ActionsContainer) -> None:
     """``--clip-model``, ``--clip-pretrained``, ``--cache-dir``: for any command that loads CLIP."""
-    g.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, metavar="ID",
-                   help="open_clip model: a built-in name, hf-hub:ORG/REPO or local-dir:DIR "
-                        "(default: %(default)s)")
+    # None = not given: a calibrated --checkpoint's own CLIP, else the default (clip_from_args)
+    g.add_argument("--clip-model", default=None, metavar="ID",
+                   help=f"open_clip model: a built-in name, hf-hub:ORG/REPO or local-dir:DIR "
+                        f"(default: the one a calibrated --checkpoint's gate records, else "
+                        f"{DEFAULT_CLIP_MODEL})")
     g.add_argument("--clip-pretrained", default=None, metavar="TAG|FILE",
                    help=f"pretrained tag or local weights file for a built-in name "
-                        f"(default: {DEFAULT_CLIP_PRETRAINED}; '' for random weights; refused with "
-                        f"hf-hub: and local-dir:, whose weights come with the model)")
+                        f"(default: as --clip-model, else {DEFAULT_CLIP_PRETRAINED}; '' for random "
+                        f"weights; refused with hf-hub: and local-dir:, whose weights come with "
+                        f"the model)")
     g.add_argument("--cache-dir", default=_R.cache_dir, metavar="DIR",
                    help="cache for downloaded weights and text classifiers "
                         "(default: $HYBRIDCLS_CACHE_DIR or ~/.cache/hybridcls)")
@@ -228,22 +230,32 @@ def runtime_from_args(args: argparse.Namespace) -> RuntimeSettings:
     )
 
 
-def clip_pretrained_from_args(args: argparse.Namespace) -> str | None:
-    """``--clip-pretrained`` as the library's ``clip_pretrained``: the default tag for a built-in
-    name when the flag is not given, none for ``hf-hub:`` / ``local-dir:``, ``''`` = random weights."""
-    if args.clip_pretrained is None:
-        return None if args.clip_model.startswith(MODEL_PREFIXES) else DEFAULT_CLIP_PRETRAINED
-    return args.clip_pretrained or None
+def clip_from_args(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``--clip-model`` and ``--clip-pretrained`` as the library's ``clip_model`` and
+    ``clip_pretrained``: what :func:`hybridcls.gate.clip.clip_to_load` makes of them.
+
+    Without ``--clip-model``, the CLIP the ``--checkpoint``'s gate was calibrated with (its
+    ``gate.json`` records it), else the default model; without ``--clip-pretrained``, that
+    CLIP's weights (the default tag for a built-in name, none for ``hf-hub:`` /
+    ``local-dir:``); ``''`` = random weights.
+    """
+    from hybridcls.gate.clip import clip_to_load, recorded_clip
+
+    checkpoint = getattr(args, "checkpoint", None)
+    record = recorded_clip(checkpoint) if args.clip_model is None and checkpoint else None
+    given = DEFAULT_CLIP_PRETRAINED if args.clip_pretrained is None else args.clip_pretrained
+    return clip_to_load(args.clip_model, given, record)
 
 
 def clip_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The CLIP model and weights the flags name, as a resumed or merged file's manifest compares
-    them: files and ``local-dir:`` folders by content (:func:`path_fingerprint`), names as text."""
-    clip = args.clip_model
+    """The CLIP model and weights the flags name (:func:`clip_from_args`), as a resumed or merged
+    file's manifest compares them: files and ``local-dir:`` folders by content
+    (:func:`path_fingerprint`), names as text."""
+    clip, pretrained = clip_from_args(args)
     return {
         "clip_model": (path_fingerprint(clip.removeprefix(LOCAL_DIR_PREFIX), args.cache_dir)
                        if clip.startswith(LOCAL_DIR_PREFIX) else clip),
-        "clip_pretrained": path_fingerprint(clip_pretrained_from_args(args), args.cache_dir),
+        "clip_pretrained": path_fingerprint(pretrained, args.cache_dir),
     }
 
 
@@ -252,8 +264,9 @@ def zeroshot_from_args(args: argparse.Namespace) -> Any:
     # the classifiers (torch, open_clip) are imported when a command builds one
     from hybridcls.zeroshot.classifier import ZeroShotClassifier
 
+    clip_model, clip_pretrained = clip_from_args(args)
     return ZeroShotClassifier(
-        clip_model=args.clip_model, clip_pretrained=clip_pretrained_from_args(args),
+        clip_model=clip_model, clip_pretrained=clip_pretrained,
         prompts=prompts_from_args(args), templates=args.templates,
         unknown_threshold=getattr(args, "unknown_threshold", None),
         truncate_prompts=getattr(args, "truncate_prompts", False),
@@ -262,17 +275,24 @@ def zeroshot_from_args(args: argparse.Namespace) -> Any:
     ).fit()
 
 
-def hybrid_from_args(args: argparse.Namespace, **params: Any) -> Any:
+def hybrid_from_args(args: argparse.Namespace, *, recalibrate: bool = False, **params: Any) -> Any:
     """A :class:`~hybridcls.HybridClassifier` loaded from ``--checkpoint`` and the flags.
 
     Args:
         args: The parsed flags (CLIP, runtime and, where the command has them, gate flags).
+        recalibrate: The command calibrates the run: a CLIP other than its gate's is the one
+            to calibrate on. Otherwise such a CLIP is refused here, before anything is written.
         **params: Further estimator parameters (calibration's ``method``, ``tpr``...).
+
+    Raises:
+        ParameterError: ``--clip-model`` / ``--clip-pretrained`` naming another CLIP than the
+            one the run's gate was calibrated with (not with ``recalibrate``).
     """
     from hybridcls.hybrid import HybridClassifier
 
-    return HybridClassifier(
-        clip_model=args.clip_model, clip_pretrained=clip_pretrained_from_args(args),
+    clip_model, clip_pretrained = clip_from_args(args)
+    clf = HybridClassifier(
+        clip_model=clip_model, clip_pretrained=clip_pretrained,
         templates=args.templates, mode=getattr(args, "mode", None),
         unknown_threshold=getattr(args, "unknown_threshold", None),
         cascade=getattr(args, "cascade", False),
@@ -280,6 +300,9 @@ def hybrid_from_args(args: argparse.Namespace, **params: Any) -> Any:
         support=getattr(args, "support", None),
         **runtime_from_args(args).to_dict(), **params,
     ).load_run(args.checkpoint, prompts_from_args(args))
+    if clf.clip_error_ is not None and not recalibrate:
+        raise clf.clip_error_
+    return clf
 
 
 # A parameter whose flag is not its name with dashes, or whose flag is a switch for one value.

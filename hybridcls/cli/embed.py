@@ -21,7 +21,7 @@ from hybridcls.cli.common import (
     UsageError,
     add_clip_model_arguments,
     add_runtime_arguments,
-    clip_pretrained_from_args,
+    clip_from_args,
     clip_settings,
     runtime_from_args,
 )
@@ -63,8 +63,7 @@ def _engine(args: argparse.Namespace) -> Any:
     # torch, timm and open_clip are imported when the command runs
     from hybridcls.embeddings import embedding_engine
 
-    return embedding_engine(args.clip_model, clip_pretrained_from_args(args), args.checkpoint,
-                            settings=runtime_from_args(args))
+    return embedding_engine(*clip_from_args(args), args.checkpoint, settings=runtime_from_args(args))
 
 
 def embed_settings(args: argparse.Namespace) -> dict[str, Any]:

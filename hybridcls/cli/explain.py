@@ -10,7 +10,7 @@ from hybridcls.cli.common import (
     UsageError,
     add_clip_arguments,
     add_runtime_arguments,
-    clip_pretrained_from_args,
+    hybrid_from_args,
     prompts_from_args,
     runtime_from_args,
 )
@@ -59,8 +59,7 @@ def _classifier(args: argparse.Namespace):
     if not prompts:
         raise UsageError(f"--prompts or --classes is needed: {args.checkpoint} is a run directory, "
                          f"not a save_pretrained folder (no {HYBRID_FILE})")
-    return HybridClassifier(clip_model=args.clip_model, clip_pretrained=clip_pretrained_from_args(args),
-                            templates=args.templates, **params).load_run(args.checkpoint, prompts)
+    return hybrid_from_args(args)
 
 
 def run(args: argparse.Namespace) -> int:

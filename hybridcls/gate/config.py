@@ -102,6 +102,12 @@ class GateCalibration:
         support: Few-shot support images (:meth:`hybridcls.gate.Gate.with_support`): the
             adapter's record (``alpha``, ``beta``, images per class...), how the threshold
             was chosen with them and the fields it changed (``plain``); ``None`` = none.
+        clip: The CLIP the gate was calibrated with, as
+            :meth:`hybridcls.zeroshot.loading.ClipBundle.identity` gives it (``model_id``,
+            ``fingerprint`` of the weights, ``pretrained`` tag or file): its thresholds,
+            standardisation and indexes hold for that model's scores only
+            (:mod:`hybridcls.gate.clip` checks a run's CLIP against it). ``None`` = not
+            recorded (files written before it).
     """
 
     score: str = "energy"
@@ -131,6 +137,7 @@ class GateCalibration:
     standin: str | None = None
     adapted: list[str] = field(default_factory=list)
     support: dict[str, Any] | None = None
+    clip: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

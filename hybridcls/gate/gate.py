@@ -227,6 +227,7 @@ class Gate:
         index_meta: Mapping[str, Mapping[str, Any]] | None = None,
         test: BranchOutputs | None = None,
         clip_logit_scale: float | None = None,
+        clip: Mapping[str, Any] | None = None,
     ) -> Gate:
         """Fit the gate on seen images only: the run's training split and its held-out split.
 
@@ -245,6 +246,9 @@ class Gate:
             clip_logit_scale: The CLIP tower's logit scale (``ClipTower.logit_scale``): with
                 it the CLIP-side softmax scores are read at their papers' temperatures on
                 the cosine similarities; without it, at CLIP's own scale only.
+            clip: The CLIP the outputs come from
+                (:meth:`hybridcls.zeroshot.loading.ClipBundle.identity`), recorded in
+                ``calibration_.clip`` (:mod:`hybridcls.gate.clip` checks it at load).
 
         Returns:
             ``self``, fitted. Settings that depend on the data's size adapt to it and say
@@ -290,7 +294,8 @@ class Gate:
         uses_knn = any(name in INDEX_OF for name in cal.base_scores)
         notes = knn_note if uses_knn or self.method == "leave-classes-out" else []
         cal = cal.replace(cache_branch=None if branch is None else branch.to_dict(),
-                          cascade_k=cascade_k, adapted=[*notes, *cal.adapted, *cascade_note])
+                          cascade_k=cascade_k, adapted=[*notes, *cal.adapted, *cascade_note],
+                          clip=None if clip is None else dict(clip))
         self.calibration_, self.n_seen_, self.seen_classes_ = cal, S, list(class_names)
         self.clip_index_, self.cache_ = knn, _enabled(cal)
         self.index_error_ = None

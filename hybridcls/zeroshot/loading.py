@@ -49,6 +49,7 @@ from hybridcls.cache import file_fingerprint, stable_hash
 from hybridcls.data import bound_aspect
 from hybridcls.device import resolve_device
 from hybridcls.errors import CheckpointError, ParameterError, WeightsUnavailableError
+from hybridcls.provenance import tower_identity
 from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 
 __all__ = [
@@ -126,6 +127,16 @@ class ClipBundle:
     def random_init(self) -> bool:
         """True when no weights were loaded (tests, speed benchmarks)."""
         return self.weights_path is None
+
+    def identity(self) -> dict[str, Any]:
+        """Which CLIP this is, as run records and ``gate.json`` name it.
+
+        Returns:
+            ``{"model_id", "fingerprint", "pretrained"}``
+            (:func:`hybridcls.provenance.tower_identity`); ``pretrained`` is the tag or
+            file used with a built-in name, None for ``hf-hub:``/``local-dir:`` models.
+        """
+        return tower_identity(self.model_id, self.fingerprint, pretrained=self.pretrained)
 
 
 @dataclass
