@@ -143,7 +143,8 @@ class SiteClasses:
             sources: Every input, expanded.
 
         Returns:
-            ``[(row, reason)]``; the reason reads after ``FILE:LINE:``.
+            ``[(row, reason)]``: ``prefix P holds none of the N inputs`` or ``site S is named
+            by no 'site' cell of a .csv list file among the N inputs``.
         """
         keys = {_key(s.path) for s in sources if s.image is None}
         prefixes = {r.prefix for r in self.rows if r.prefix is not None}
@@ -162,11 +163,10 @@ class SiteClasses:
         out = []
         for row in self.rows:
             if row.prefix is not None and row.prefix not in held:
-                out.append((row, f"prefix {row.prefix} holds none of the {n}: its classes limit "
-                                 "no image (a misspelt folder?)"))
+                out.append((row, f"prefix {row.prefix} holds none of the {n}"))
             elif row.prefix is None and row.site not in named:
-                out.append((row, f"site {row.site!r} is named by no {LIST_SITE_COLUMN!r} cell of "
-                                 f"a .csv list file among the {n}: its classes limit no image"))
+                out.append((row, (f"site {row.site!r} is named by no {LIST_SITE_COLUMN!r} cell "
+                                  f"of a .csv list file among the {n}")))
         return out
 
     def check_reach(self, sources: Sequence[Source]) -> SiteClasses:
@@ -183,7 +183,9 @@ class SiteClasses:
             SiteFileWarning: ``FILE:LINE: prefix ... holds none of the N inputs ...``.
         """
         for row, reason in self.unreached(sources):
-            warnings.warn(f"{self.source}:{row.line}: {reason}", SiteFileWarning, stacklevel=2)
+            typo = " (a misspelt folder?)" if row.prefix is not None else ""
+            warnings.warn(f"{self.source}:{row.line}: {reason}: its classes limit no image{typo}",
+                          SiteFileWarning, stacklevel=2)
         return replace(self, reach_checked=True)
 
     def resolve(self, prompts: PromptSet) -> ResolvedSites:

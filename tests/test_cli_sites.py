@@ -101,8 +101,8 @@ def test_a_row_that_reaches_no_input_is_warned_once_over_every_input(tiny_hybrid
     assert _predict(tiny_hybrid, ["--site-classes", str(sites), "--shard", "0/2"], tmp_path / "v.jsonl") == 0
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "warning" in line] == [
-        f"hybridcls predict: warning: {sites}:3: prefix {misspelt} holds none of the {len(images)} "
-        "inputs: its classes limit no image (a misspelt folder?)"]
+        (f"hybridcls predict: warning: {sites}:3: prefix {misspelt} holds none of the {len(images)} "
+         "inputs: its classes limit no image (a misspelt folder?)")]
     clf = ZeroShotClassifier(TINY_CLIP_MODEL_ID, None, prompts=str(world.prompts_file),
                              templates=str(world.templates_file), device="cpu", workers=0,
                              progress=False, cache_dir=tiny_hybrid["root"] / "cache",

@@ -150,21 +150,21 @@ def test_a_row_that_reaches_no_input_is_a_warning_naming_file_line_and_prefix(tm
         checked = bound.check_reach(sources)
     # a folder above the inputs ("traps") reaches them; a site a list file names reaches its image
     assert [str(w.message) for w in caught] == [
-        f"{path}:3: prefix {tmp_path / 'traps' / 'kneya'} holds none of the 3 inputs: its classes "
-        "limit no image (a misspelt folder?)",
-        f"{path}:6: site 'savanna' is named by no 'site' cell of a .csv list file among the 3 "
-        "inputs: its classes limit no image"]
+        (f"{path}:3: prefix {tmp_path / 'traps' / 'kneya'} holds none of the 3 inputs: its classes "
+         "limit no image (a misspelt folder?)"),
+        (f"{path}:6: site 'savanna' is named by no 'site' cell of a .csv list file among the 3 "
+         "inputs: its classes limit no image")]
     assert checked.reach_checked and checked.rows == bound.rows
     # images given in memory have no path: every row is out of their reach
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         read_site_classes(path).check_reach([Source("<image 0>", image=np.zeros((2, 2, 3), np.uint8))])
-    assert [str(w.message).split(" none of")[0] for w in caught] == [
-        f"{path}:2: prefix {tmp_path / 'traps' / 'kenya'} holds", f"{path}:3: prefix "
-        f"{tmp_path / 'traps' / 'kneya'} holds", f"{path}:4: prefix {tmp_path / 'traps'} holds",
-        f"{path}:5: site 'arctic' is named by no 'site' cell of a .csv list file among the 1 input: "
-        "its classes limit no image", f"{path}:6: site 'savanna' is named by no 'site' cell of a "
-        ".csv list file among the 1 input: its classes limit no image"]
+    assert [str(w.message).split(": its classes")[0] for w in caught] == [
+        f"{path}:2: prefix {tmp_path / 'traps' / 'kenya'} holds none of the 1 input",
+        f"{path}:3: prefix {tmp_path / 'traps' / 'kneya'} holds none of the 1 input",
+        f"{path}:4: prefix {tmp_path / 'traps'} holds none of the 1 input",
+        f"{path}:5: site 'arctic' is named by no 'site' cell of a .csv list file among the 1 input",
+        f"{path}:6: site 'savanna' is named by no 'site' cell of a .csv list file among the 1 input"]
 
 
 def test_every_row_of_the_mask_is_a_copy(tmp_path):

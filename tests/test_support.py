@@ -427,14 +427,15 @@ def test_calibrates_data_dir_reaches_the_support_fit_and_a_missing_folder_is_sai
     gone = str(tmp_path / "gone" / "train")
     (run / CONFIG_FILE).write_text(json.dumps({**config, "data_dir": gone}), encoding="utf-8")
     folder = render_support(world, tmp_path / "support", 2)  # unseen classes only
-    kwargs = dict(clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None, templates=world.templates_file,
-                  device="cpu", workers=0, progress=False, cache_dir=tmp_path / "cache")
+    kwargs = {"clip_model": TINY_CLIP_MODEL_ID, "clip_pretrained": None, "device": "cpu",
+              "templates": world.templates_file, "workers": 0, "progress": False,
+              "cache_dir": tmp_path / "cache"}
     with pytest.warns(MissingDataWarning) as caught:
         clf = HybridClassifier(**kwargs, support=folder).load_run(run, world.prompts_file)
     assert [str(w.message) for w in caught if w.category is MissingDataWarning] == [
-        f"{run}: the run was trained on {gone}, which is not here, so the support images are "
-        "fitted without its held-out seen images (which set the gate's threshold with them): "
-        "pass data_dir=DIR to calibrate() to give the training folder"]
+        (f"{run}: the run was trained on {gone}, which is not here, so the support images are "
+         "fitted without its held-out seen images (which set the gate's threshold with them): "
+         "pass data_dir=DIR to calibrate() to give the training folder")]
     assert clf.gate_.calibration_.support["n_seen_images"] == 0
     n_held_out = len(clf.held_out_outputs(train_dir)[1])  # the split train recorded
     assert n_held_out > 0
