@@ -10,9 +10,11 @@ Messages name the file, line or parameter involved.
 Warnings the user should hear about derive from :class:`HybridclsWarning`
 (the command line prints them as one ``warning:`` line, in its flags' words):
 :class:`ClassTextWarning` (class text cut to the model's context on request,
-classes the model can hardly tell apart) and :class:`ResourceUseWarning`
+classes the model can hardly tell apart), :class:`ResourceUseWarning`
 (the device ran out of memory and the batch was split, a cache could not be
-written).
+written), :class:`SiteFileWarning` (a site file row that reaches none of the
+inputs) and :class:`MissingDataWarning` (a fit that runs without data the run
+records, which is not here).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ __all__ = [
     "HybridclsWarning",
     "ImageDecodeError",
     "InputError",
+    "MissingDataWarning",
     "MissingExtraError",
     "ParameterError",
     "PromptFileError",
     "ResourceUseWarning",
+    "SiteFileWarning",
     "WeightsUnavailableError",
 ]
 
@@ -137,3 +141,13 @@ class ClassTextWarning(HybridclsWarning):
 class ResourceUseWarning(HybridclsWarning, RuntimeWarning):
     """The run goes on, at a cost: the device ran out of memory and batches are split, a cache
     could not be written and is rebuilt next time."""
+
+
+class SiteFileWarning(HybridclsWarning):
+    """A site file row that reaches none of the inputs (a misspelt folder or site name?): its
+    classes limit no image. Names the file, the line and the prefix or site."""
+
+
+class MissingDataWarning(HybridclsWarning):
+    """A fit runs without data the run records, which is not here (a moved training folder);
+    says what is left out and how to give it."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -249,13 +249,27 @@ def rollup(probs: Any, hierarchy: Hierarchy, threshold: float) -> RollupResult:
 
 @dataclass(frozen=True)
 class Rollup:
-    """Roll-up as predictions apply it: a tree and a threshold (see :func:`rollup`)."""
+    """Roll-up as predictions apply it: a tree and a threshold (see :func:`rollup`).
+
+    Attributes:
+        hierarchy: The classes' tree.
+        threshold: The threshold applied.
+        calibration: How the threshold was chosen at a target precision
+            (:func:`calibrate_threshold`); ``None`` for a threshold given as it is.
+    """
 
     hierarchy: Hierarchy
     threshold: float
+    calibration: RollupCalibration | None = None
 
     def apply(self, probs: Any) -> RollupResult:
         return rollup(probs, self.hierarchy, self.threshold)
+
+    def summary(self) -> dict[str, Any]:
+        """What a run record keeps of it: ``{"threshold"}``, and for a threshold chosen at a target
+        precision the :class:`RollupCalibration` (``target``, the held-out ``precision`` reached,
+        ``leaf_share``, ``n_images``), so that a reader knows which threshold made the rows."""
+        return {"threshold": self.threshold} if self.calibration is None else asdict(self.calibration)
 
 
 @dataclass(frozen=True)

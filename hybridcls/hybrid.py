@@ -121,6 +121,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         seen_folders_: The seen classes as the training folders spell them.
         run_dir_: The supervised run directory.
         checkpoint_config_: Its ``config.json``.
+        data_dir_: The training folder given to :meth:`calibrate` (``None``: the one the run
+            records), which the held-out images of later fits are read from.
         supervised_: The supervised model (:class:`~hybridcls.supervised.SupervisedModel`).
         tower_: The CLIP tower (:class:`~hybridcls.zeroshot.ClipTower`).
         engine_: The :class:`~hybridcls.engine.InferenceEngine` running both towers.
@@ -269,6 +271,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.run_dir_ = run_dir
         self.supervised_ = model
         self.checkpoint_config_ = config
+        self.data_dir_: str | None = None
         self.tower_ = tower
         self.seen_folders_ = [str(c) for c in config["classes"]]
         self.n_seen_ = len(self.seen_folders_)
@@ -346,17 +349,20 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         gate = Gate(method=self.method, score=self.score, tpr=self.tpr, rounds=self.rounds,
                     seed=self.seed, cache_branch=self.cache_branch)
         gate.check_params()  # before the towers' long passes
+        test = None if test_inputs is None else as_sources(test_inputs, parameter="test_inputs")
         if (self.gate_ is not None and self.gate_.support_ is not None and not self.support_samples_
                 and self.support is None):
             warnings.warn("the support images that came with this classifier's saved folder are "
                           "kept as embeddings only and cannot join a new calibration: add them "
                           "again (add_support) after it", HybridclsWarning, stacklevel=2)
         data = self._training_data(data_dir)
+        if data_dir is not None:  # the support fit below and later ones read its held-out images
+            self.data_dir_ = os.fspath(data_dir)
         train_out, y_tr, tr_paths = self._labelled_outputs(data.train, "calibrate: train")
         val_out, y_va, _ = self._labelled_outputs(data.val, "calibrate: held-out")
         test_out = None
-        if test_inputs is not None:
-            test_out, _ = self.engine_.extract(as_sources(test_inputs), desc="calibrate: test")
+        if test is not None:
+            test_out, _ = self.engine_.extract(test, desc="calibrate: test")
         gate.fit(train_out, y_tr, val_out, y_va, class_names=self.seen_folders_,
                  train_paths=tr_paths, test=test_out, clip_logit_scale=self.tower_.logit_scale,
                  index_meta={"clip": self._index_meta("clip"), "backbone": self._index_meta("backbone")},
@@ -403,8 +409,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self._rollup_key = key
         return self.rollup_calibration_
 
-    def _rollup_threshold_at(self, precision: float) -> float:
-        return self.calibrate_rollup(precision).threshold
+    def _rollup_calibration(self, precision: float) -> RollupCalibration:
+        return self.calibrate_rollup(precision)
 
     def held_out_outputs(self, data_dir: str | os.PathLike[str] | None = None
                          ) -> tuple[BranchOutputs, np.ndarray]:
@@ -417,9 +423,16 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         val, y, _ = self._labelled_outputs(self._training_data(data_dir).val, "held-out")
         return val, y
 
+    def _training_folder(self, data_dir: str | os.PathLike[str] | None = None) -> str | None:
+        """The training folder held-out images are read from: ``data_dir``, else the one given
+        to :meth:`calibrate`, else the one the run records (``None``: none recorded)."""
+        check_is_fitted(self, "engine_")
+        folder = data_dir or self.data_dir_ or self.checkpoint_config_.get("data_dir")
+        return None if folder is None else os.fspath(folder)
+
     def _training_data(self, data_dir: str | os.PathLike[str] | None) -> Any:
         settings = RuntimeSettings.of(self)
-        data_dir = data_dir or self.checkpoint_config_.get("data_dir")
+        data_dir = self._training_folder(data_dir)
         if data_dir is None:
             raise CheckpointError(f"{self.run_dir_}: the run does not record its training folder; "
                                   "pass data_dir")

@@ -25,7 +25,7 @@ from hybridcls.data import Source, as_sources
 from hybridcls.engine import ClipPolicy, EngineBatch, InferenceEngine
 from hybridcls.errors import ImageDecodeError, InputError, ParameterError
 from hybridcls.gate import BranchOutputs, FusionResult, Gate
-from hybridcls.hierarchy import Hierarchy, Rollup, check_threshold
+from hybridcls.hierarchy import Hierarchy, Rollup, RollupCalibration, check_threshold
 from hybridcls.outputs import PredictionRow, batch_rows
 from hybridcls.provenance import model_version
 from hybridcls.sites import SiteClasses, allowed_columns, allowed_masks, read_site_classes
@@ -63,9 +63,9 @@ class Predictor:
     def _clip_policy(self, gate: Gate) -> ClipPolicy:
         return gate.clip_policy()
 
-    def _rollup_threshold_at(self, precision: float) -> float:
-        """The roll-up threshold at a target precision; a classifier without labelled held-out
-        images has none to choose it on."""
+    def _rollup_calibration(self, precision: float) -> RollupCalibration:
+        """The roll-up threshold chosen at a target precision; a classifier without labelled
+        held-out images has none to choose it on."""
         raise ParameterError("rollup_precision", precision,
                              "choosing the roll-up threshold needs labelled held-out images, which "
                              "only a calibrated hybrid has; set rollup_threshold=T instead")
@@ -111,8 +111,10 @@ class Predictor:
         return self.model_identity()["model_version"]
 
     def gate_summary(self) -> dict[str, Any] | None:
-        """The gate's settings as predictions use them (:meth:`hybridcls.gate.Gate.summary`);
-        ``None`` before a hybrid is calibrated."""
+        """The gate's settings as predictions use them (:meth:`hybridcls.gate.Gate.summary`), with
+        the class lists (``restriction``) and the roll-up (``rollup``:
+        :meth:`hybridcls.hierarchy.Rollup.summary`, the threshold a target precision chose
+        included) when set; ``None`` before a hybrid is calibrated."""
         check_is_fitted(self, "engine_")
         gate = getattr(self, "gate_", None)
         if gate is None:
@@ -124,6 +126,9 @@ class Predictor:
                 "allowed_classes": getattr(self, "allowed_classes", None),
                 "site_classes": None if site is None else
                 site.source if isinstance(site, SiteClasses) else str(site)}
+        rollup = self.prediction_rollup()  # a threshold chosen at a precision is calibrated once
+        if rollup is not None:
+            summary["rollup"] = rollup.summary()
         return summary
 
     # ------------------------------------------------------------------ class lists
@@ -145,6 +150,10 @@ class Predictor:
             ParameterError: A name of ``allowed_classes`` that is no class; a class list
                 with ``cascade=True``.
             PromptFileError: A site file problem (names the file and line).
+
+        Warns:
+            SiteFileWarning: A site file row that reaches none of ``sources`` (once per row),
+                unless the site file says its rows were checked on every input.
         """
         if not self._restricted():
             return None, {}
@@ -159,7 +168,10 @@ class Predictor:
         resolved = None
         if site is not None:
             table = site if isinstance(site, SiteClasses) else read_site_classes(site)
-            resolved = (table if inputs is None else table.for_inputs(inputs)).resolve(prompts)
+            table = table if inputs is None else table.for_inputs(inputs)
+            if not table.reach_checked:
+                table.check_reach(sources)
+            resolved = table.resolve(prompts)
         return allowed_masks(sources, len(self.classes_), base, resolved)
 
     # ------------------------------------------------------------------ roll-up
@@ -190,9 +202,11 @@ class Predictor:
         if not hierarchy.nodes:
             raise ParameterError(name, value, "the prompts file names no ancestors (a class line "
                                  "ending '> PARENT > ...'): there is nothing to roll up to")
+        calibration = None
         if precision is not None:
-            threshold = self._rollup_threshold_at(float(precision))
-        return Rollup(hierarchy, float(threshold))
+            calibration = self._rollup_calibration(float(precision))
+            threshold = calibration.threshold
+        return Rollup(hierarchy, float(threshold), calibration)
 
     # ------------------------------------------------------------------ few-shot support
 
@@ -324,13 +338,15 @@ class Predictor:
                 pass ``allowed``.
 
         Raises:
-            ParameterError: ``site_classes`` set and ``allowed`` not given; an ``allowed``
-                row with no class.
+            ParameterError: ``features`` that are no :class:`~hybridcls.gate.BranchOutputs`
+                (``None``, paths or images: those go to :meth:`predict_proba`);
+                ``site_classes`` set and ``allowed`` not given; an ``allowed`` row with no class.
 
         Example:
             >>> feats = clf.extract_features(["test/"])  # doctest: +SKIP
             >>> clf.set_params(mode="soft").predict_features(feats).probs.shape  # doctest: +SKIP
         """
+        BranchOutputs.check(features, "features")
         if allowed is None and self._restricted():
             site = getattr(self, "site_classes", None)
             if site is not None:

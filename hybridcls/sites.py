@@ -14,7 +14,11 @@ any case):
   name in its own ``site`` column, image by image (that wins over any prefix).
 
 At least one of ``prefix`` and ``site`` must be there. An input that no row
-reaches (and any image given in memory) may be every class. ``allowed_classes``
+reaches (and any image given in memory) may be every class. A row that reaches
+none of the inputs (a prefix that holds none of them, a site without a prefix that
+no list file names) is most likely misspelt: :meth:`SiteClasses.check_reach` warns
+(:class:`~hybridcls.errors.SiteFileWarning`, naming the file, line and prefix or
+site) once per such row and prediction. ``allowed_classes``
 (one list for every input) is intersected with the site's list. Example::
 
     prefix,site,classes
@@ -34,6 +38,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from hybridcls.data.sources import LIST_EXTENSIONS, Source, csv_list_rows
-from hybridcls.errors import ParameterError, PromptFileError
+from hybridcls.errors import ParameterError, PromptFileError, SiteFileWarning
 from hybridcls.zeroshot.prompts import PromptSet, _read_text, normalize_label
 
 __all__ = [
@@ -90,11 +95,15 @@ class SiteClasses:
         rows: Its rows, in file order.
         listed: ``{normalised input path: (list file, line, site name)}`` from the
             ``site`` column of ``.csv`` list files (:meth:`for_inputs`).
+        reach_checked: Whether :meth:`check_reach` has run on every input (the command
+            line checks them all before a shard or a resume predicts a share of them);
+            a prediction checks its own inputs when not.
     """
 
     source: str
     rows: tuple[SiteRow, ...]
     listed: Mapping[str, tuple[str, int, str]] = field(default_factory=dict)
+    reach_checked: bool = False
 
     def for_inputs(self, inputs: Any) -> SiteClasses:
         """A copy that also knows the ``site`` column of every ``.csv`` list file among ``inputs``.
@@ -122,6 +131,62 @@ class SiteClasses:
                                           f"(its sites: {known})")
                 listed.setdefault(_key(path), (item, line, site))
         return replace(self, listed=listed)
+
+    def unreached(self, sources: Sequence[Source]) -> list[tuple[SiteRow, str]]:
+        """The rows that reach none of ``sources``, each with the reason, in file order.
+
+        A row with a prefix reaches an input that is that path or lies under it; a row
+        with a site name only, an input whose list file names that site (:meth:`for_inputs`).
+        Images given in memory have no path and reach no row.
+
+        Args:
+            sources: Every input, expanded.
+
+        Returns:
+            ``[(row, reason)]``: ``prefix P holds none of the N inputs`` or ``site S is named
+            by no 'site' cell of a .csv list file among the N inputs``.
+        """
+        keys = {_key(s.path) for s in sources if s.image is None}
+        prefixes = {r.prefix for r in self.rows if r.prefix is not None}
+        held: set[str] = set()
+        for key in keys:  # each input's folders, up to the root: N x depth, not N x rows
+            path = key
+            while True:
+                if path in prefixes:
+                    held.add(path)
+                parent = os.path.dirname(path)
+                if parent == path:
+                    break
+                path = parent
+        named = {site for key, (_, _, site) in self.listed.items() if key in keys}
+        n = f"{len(sources)} input{'s' if len(sources) != 1 else ''}"
+        out = []
+        for row in self.rows:
+            if row.prefix is not None and row.prefix not in held:
+                out.append((row, f"prefix {row.prefix} holds none of the {n}"))
+            elif row.prefix is None and row.site not in named:
+                out.append((row, (f"site {row.site!r} is named by no {LIST_SITE_COLUMN!r} cell "
+                                  f"of a .csv list file among the {n}")))
+        return out
+
+    def check_reach(self, sources: Sequence[Source]) -> SiteClasses:
+        """Warn once per row that reaches none of ``sources`` (:meth:`unreached`).
+
+        Args:
+            sources: Every input, expanded (bind the list files first: :meth:`for_inputs`).
+
+        Returns:
+            A copy with ``reach_checked`` set, so that predicting a share of ``sources``
+            (a shard, a resume) does not warn again about the rest.
+
+        Warns:
+            SiteFileWarning: ``FILE:LINE: prefix ... holds none of the N inputs ...``.
+        """
+        for row, reason in self.unreached(sources):
+            typo = " (a misspelt folder?)" if row.prefix is not None else ""
+            warnings.warn(f"{self.source}:{row.line}: {reason}: its classes limit no image{typo}",
+                          SiteFileWarning, stacklevel=2)
+        return replace(self, reach_checked=True)
 
     def resolve(self, prompts: PromptSet) -> ResolvedSites:
         """Each row's classes as ``prompts`` columns.

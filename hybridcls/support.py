@@ -34,6 +34,7 @@ from hybridcls.data import Source, drop_unreadable, find_unreadable, scan_image_
 from hybridcls.errors import (
     CheckpointError,
     DatasetError,
+    MissingDataWarning,
     ParameterError,
     PromptFileError,
     ResourceUseWarning,
@@ -200,10 +201,18 @@ def embed_cached(clf: Predictor, paths: Sequence[str], *, desc: str = "support"
 
 def _held_out(clf: Predictor) -> tuple[BranchOutputs | None, np.ndarray | None]:
     """A hybrid's held-out seen images (outputs, seen-class indices) when its training folder is
-    at hand; ``(None, None)`` for a zero-shot classifier or a run whose folder is not here."""
-    config = getattr(clf, "checkpoint_config_", None)
-    data_dir = None if config is None else config.get("data_dir")
+    at hand; ``(None, None)`` for a zero-shot classifier, or (with a
+    :class:`~hybridcls.errors.MissingDataWarning`) a run whose folder is not here."""
+    if getattr(clf, "checkpoint_config_", None) is None:  # zero-shot: no held-out seen images
+        return None, None
+    data_dir = clf._training_folder()
     if data_dir is None or not Path(data_dir).is_dir():
+        where = ("records no training folder" if data_dir is None
+                 else f"was trained on {data_dir}, which is not here")
+        warnings.warn(f"{clf.run_dir_}: the run {where}, so the support images are fitted without "
+                      "its held-out seen images (which set the gate's threshold with them): "
+                      "pass data_dir=DIR to calibrate() to give the training folder",
+                      MissingDataWarning, stacklevel=2)
         return None, None
     val = clf._training_data(None).val
     outputs, _ = embed_cached(clf, [p for p, _ in val], desc="support: held-out")

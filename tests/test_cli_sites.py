@@ -81,3 +81,34 @@ def test_bad_class_lists_are_refused_before_any_model_loads(tiny_hybrid, tmp_pat
     assert _predict(tiny_hybrid, extra, tmp_path / "v.jsonl") == 2
     assert message.format(sites=sites) in capsys.readouterr().err
     assert not (tmp_path / "v.jsonl").exists()
+
+
+def test_a_row_that_reaches_no_input_is_warned_once_over_every_input(tiny_hybrid, tmp_path, capsys):
+    """The command line checks the rows on every input before a shard predicts its share: a row
+    that holds only images of the other shard is no warning, a misspelt folder is, once; the
+    library checks the inputs of each prediction."""
+    from hybridcls.errors import SiteFileWarning
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+    from hybridcls.zeroshot.classifier import ZeroShotClassifier
+
+    world = tiny_hybrid["world"]
+    images = sorted(world.test_dir.iterdir())
+    seen = world.seen_classes[0]
+    misspelt = world.test_dir.parent / "tset"
+    sites = tmp_path / "sites.csv"
+    sites.write_text(f"prefix,classes\n{images[-1]},{seen}\n{misspelt},{seen}\n", encoding="utf-8")
+    capsys.readouterr()
+    assert _predict(tiny_hybrid, ["--site-classes", str(sites), "--shard", "0/2"], tmp_path / "v.jsonl") == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "warning" in line] == [
+        (f"hybridcls predict: warning: {sites}:3: prefix {misspelt} holds none of the {len(images)} "
+         "inputs: its classes limit no image (a misspelt folder?)")]
+    clf = ZeroShotClassifier(TINY_CLIP_MODEL_ID, None, prompts=str(world.prompts_file),
+                             templates=str(world.templates_file), device="cpu", workers=0,
+                             progress=False, cache_dir=tiny_hybrid["root"] / "cache",
+                             site_classes=sites).fit()
+    with pytest.warns(SiteFileWarning) as caught:
+        clf.predict([str(p) for p in images[:2]])
+    assert [str(w.message).split(": its")[0] for w in caught] == [
+        f"{sites}:2: prefix {images[-1]} holds none of the 2 inputs",
+        f"{sites}:3: prefix {misspelt} holds none of the 2 inputs"]

@@ -221,3 +221,34 @@ def test_unreadable_subfolder_becomes_an_error_row(
         Source(str(tmp_path / "a.jpg")),
         Source(locked, error="cannot read folder: Permission denied"),
     ]
+
+
+def test_what_is_no_input_names_the_parameter(tmp_path: Path) -> None:
+    """None, a number, bytes or a mapping are refused by name, not iterated into a TypeError."""
+    from hybridcls.data import as_sources
+    from hybridcls.errors import ParameterError
+
+    accepted = ("expected paths, folders, globs, list files, PIL images, [H, W, 3] uint8 arrays "
+                "or [3, H, W] / [N, 3, H, W] tensors, alone or in a list")
+    for value, shown in ((None, "None"), (3, "3"), (b"a.jpg", "'<bytes>'"), ({"a.jpg": 1}, "'<dict>'")):
+        with pytest.raises(ParameterError) as exc:
+            as_sources(value)
+        assert str(exc.value) == f"inputs={shown}: {accepted}"
+    with pytest.raises(ParameterError, match=r"^test_inputs=None: expected paths"):
+        as_sources(None, parameter="test_inputs")
+    with pytest.raises(ParameterError, match=r"^inputs='<NoneType at position 1>': expected paths"):
+        as_sources(["a.jpg", None])
+
+
+def test_expand_inputs_takes_one_path_as_one_input(tmp_path: Path) -> None:
+    from hybridcls.errors import ParameterError
+
+    _touch(tmp_path, "a.jpg", "b/c.png")
+    # a bare string is one input, not one per character
+    assert expand_inputs(str(tmp_path)) == expand_inputs([str(tmp_path)])
+    assert _paths(expand_inputs(tmp_path), tmp_path) == ["a.jpg", os.path.join("b", "c.png")]
+    with pytest.raises(ParameterError, match=r"^inputs=None: expected paths"):
+        expand_inputs(None)
+    with pytest.raises(ParameterError, match=r"^inputs='<int at position 1>': expected paths, "
+                                             r"folders, globs or list files$"):
+        expand_inputs([str(tmp_path), 7])

@@ -113,6 +113,31 @@ def test_not_fitted_is_sklearns_error(name, tiny_hybrid):
 
 
 @pytest.mark.parametrize("name", ["hybrid", "zeroshot"])
+def test_no_input_is_a_parameter_error_at_every_entry(request, name):
+    """None (or a number) where inputs go, and what is no BranchOutputs where features go, name
+    the parameter instead of a TypeError from deep inside."""
+    from hybridcls.errors import ParameterError
+
+    clf = request.getfixturevalue(name)
+    for call in (clf.predict, clf.predict_proba, clf.decision_function, clf.extract_features,
+                 lambda x: list(clf.rows(x)), lambda x: list(clf.iter_predictions(x))):
+        with pytest.raises(ParameterError, match=r"^inputs=None: expected paths, folders"):
+            call(None)
+    with pytest.raises(ParameterError, match=r"^inputs=5: expected paths"):
+        clf.predict(5)
+    for value, shown in ((None, "None"), ("test/", "'test/'"), ([1.0], "'<list>'")):
+        with pytest.raises(ParameterError) as exc:
+            clf.predict_features(value)
+        assert str(exc.value) == (f"features={shown}: expected the BranchOutputs of "
+                                  "extract_features (images and paths go to predict / predict_proba)")
+    with pytest.raises(ParameterError, match=r"^outputs=None: expected the BranchOutputs"):
+        clf.gate_.predict(None)
+    if name == "hybrid":
+        with pytest.raises(ParameterError, match=r"^test_inputs=5: expected paths"):
+            clf.calibrate(test_inputs=5, save=False)
+
+
+@pytest.mark.parametrize("name", ["hybrid", "zeroshot"])
 def test_every_input_kind_gives_the_same_prediction_in_order(request, name, tiny_hybrid):
     clf = request.getfixturevalue(name)
     paths = [s.path for s in expand_inputs([tiny_hybrid["world"].test_dir])][:3]

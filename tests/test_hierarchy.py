@@ -227,6 +227,42 @@ def test_synthetic_hierarchy(tiny_hybrid):
     assert world.prompts_file.read_text(encoding="utf-8").count(">") == 0  # left as it was
 
 
+def test_predict_records_the_threshold_a_target_precision_chose(tiny_hybrid, tmp_path):
+    """The manifest's record says which threshold made the rows: the one calibrate_rollup chooses
+    at the asked precision, with the held-out precision it reached and the share kept at leaf level."""
+    import dataclasses
+
+    from hybridcls.cli import main
+    from hybridcls.hybrid import HybridClassifier
+    from hybridcls.outputs import read_predictions
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+
+    world = tiny_hybrid["world"]
+    tree = write_hierarchy_prompts(world, tmp_path / "tree.txt")
+    common = list(tiny_hybrid["common"])
+    common[common.index("--prompts") + 1] = str(tree)
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(world.test_dir), *common, "--checkpoint", str(tiny_hybrid["run"]),
+                 "--rollup-precision", "0.9", "-q", "-o", str(out)]) == 0
+    record = json.loads(out.with_name(out.name + ".manifest.json").read_text(encoding="utf-8"))["record"]
+    clf = HybridClassifier(clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None,
+                           templates=world.templates_file, device="cpu", workers=0, progress=False,
+                           cache_dir=tiny_hybrid["root"] / "cache", rollup_precision=0.9,
+                           ).load_run(tiny_hybrid["run"], tree)
+    chosen = clf.calibrate_rollup(0.9)
+    assert record["gate"]["rollup"] == dataclasses.asdict(chosen) == clf.gate_summary()["rollup"]
+    assert chosen.target == 0.9 and chosen.precision >= 0.9 and 0 <= chosen.leaf_share <= 1
+    # the rows were made with it: a rolled-up answer's summed probability reaches it
+    rolled = [r for r in read_predictions(out) if r["rank"] > 0]
+    assert all(r["score"] >= chosen.threshold for r in rolled)
+    # a threshold given as it is is recorded as it is
+    out2 = tmp_path / "t.jsonl"
+    assert main(["predict", str(world.test_dir), *common, "--rollup-threshold", "0.7", "-q",
+                 "-o", str(out2)]) == 0
+    record = json.loads(out2.with_name(out2.name + ".manifest.json").read_text(encoding="utf-8"))["record"]
+    assert record["gate"]["rollup"] == {"threshold": 0.7}
+
+
 # ------------------------------------------------------------------ the bench's figures
 
 

@@ -134,6 +134,39 @@ def test_a_list_files_unknown_site_names_the_list_file_line(tmp_path):
                               "(its sites: 'arctic')")
 
 
+def test_a_row_that_reaches_no_input_is_a_warning_naming_file_line_and_prefix(tmp_path):
+    import warnings
+
+    from hybridcls.errors import SiteFileWarning
+
+    path = _site_file(tmp_path, "prefix,site,classes\ntraps/kenya,,fox\ntraps/kneya,,moose\n"
+                                "traps,,fox;moose;zebra\n,arctic,polar bear\n,savanna,zebra\n")
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,site\ntraps/kenya/c.jpg,arctic\n", encoding="utf-8")
+    sources = [Source(str(tmp_path / "traps" / "kenya" / n)) for n in ("a.jpg", "b.jpg", "c.jpg")]
+    bound = read_site_classes(path).for_inputs([str(listing)])
+    assert not bound.reach_checked
+    with pytest.warns(SiteFileWarning) as caught:
+        checked = bound.check_reach(sources)
+    # a folder above the inputs ("traps") reaches them; a site a list file names reaches its image
+    assert [str(w.message) for w in caught] == [
+        (f"{path}:3: prefix {tmp_path / 'traps' / 'kneya'} holds none of the 3 inputs: its classes "
+         "limit no image (a misspelt folder?)"),
+        (f"{path}:6: site 'savanna' is named by no 'site' cell of a .csv list file among the 3 "
+         "inputs: its classes limit no image")]
+    assert checked.reach_checked and checked.rows == bound.rows
+    # images given in memory have no path: every row is out of their reach
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_site_classes(path).check_reach([Source("<image 0>", image=np.zeros((2, 2, 3), np.uint8))])
+    assert [str(w.message).split(": its classes")[0] for w in caught] == [
+        f"{path}:2: prefix {tmp_path / 'traps' / 'kenya'} holds none of the 1 input",
+        f"{path}:3: prefix {tmp_path / 'traps' / 'kneya'} holds none of the 1 input",
+        f"{path}:4: prefix {tmp_path / 'traps'} holds none of the 1 input",
+        f"{path}:5: site 'arctic' is named by no 'site' cell of a .csv list file among the 1 input",
+        f"{path}:6: site 'savanna' is named by no 'site' cell of a .csv list file among the 1 input"]
+
+
 def test_every_row_of_the_mask_is_a_copy(tmp_path):
     mask, _ = allowed_masks([Source("a.jpg"), Source("b.jpg")], 3, np.array([True, False, True]), None)
     mask[0, 0] = False

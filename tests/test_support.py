@@ -405,3 +405,43 @@ def test_a_support_folder_fingerprint_sees_every_image_below_it(tmp_path):
     second = path_fingerprint(str(tmp_path), str(tmp_path / "cache"))
     assert sorted(second) == ["okapi/a.jpg", "okapi/b.jpg"]
     assert second["okapi/a.jpg"] != first["okapi/a.jpg"]
+
+
+def test_calibrates_data_dir_reaches_the_support_fit_and_a_missing_folder_is_said(tiny_hybrid, tmp_path):
+    """A moved run: the support fit says once that it runs without the held-out seen images,
+    and reads them from the folder calibrate(data_dir=...) was given, there and after."""
+    import json
+    import warnings
+
+    from hybridcls.errors import MissingDataWarning
+    from hybridcls.hybrid import HybridClassifier
+    from hybridcls.supervised.checkpoint import CONFIG_FILE
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+    from hybridcls.synth.support import render_support
+
+    world = tiny_hybrid["world"]
+    run = tmp_path / "run"
+    shutil.copytree(tiny_hybrid["run"], run)
+    train_dir = shutil.copytree(world.train_dir, tmp_path / "moved" / "train")
+    config = json.loads((run / CONFIG_FILE).read_text(encoding="utf-8"))
+    gone = str(tmp_path / "gone" / "train")
+    (run / CONFIG_FILE).write_text(json.dumps({**config, "data_dir": gone}), encoding="utf-8")
+    folder = render_support(world, tmp_path / "support", 2)  # unseen classes only
+    kwargs = {"clip_model": TINY_CLIP_MODEL_ID, "clip_pretrained": None, "device": "cpu",
+              "templates": world.templates_file, "workers": 0, "progress": False,
+              "cache_dir": tmp_path / "cache"}
+    with pytest.warns(MissingDataWarning) as caught:
+        clf = HybridClassifier(**kwargs, support=folder).load_run(run, world.prompts_file)
+    assert [str(w.message) for w in caught if w.category is MissingDataWarning] == [
+        (f"{run}: the run was trained on {gone}, which is not here, so the support images are "
+         "fitted without its held-out seen images (which set the gate's threshold with them): "
+         "pass data_dir=DIR to calibrate() to give the training folder")]
+    assert clf.gate_.calibration_.support["n_seen_images"] == 0
+    n_held_out = len(clf.held_out_outputs(train_dir)[1])  # the split train recorded
+    assert n_held_out > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingDataWarning)
+        clf.calibrate(data_dir=train_dir, save=False)
+        assert clf.gate_.calibration_.support["n_seen_images"] == n_held_out
+        clf.add_support(folder, replace=True)  # a later fit reads the same folder
+        assert clf.gate_.calibration_.support["n_seen_images"] == n_held_out

@@ -152,15 +152,18 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError("under torchrun, predict needs --output FILE (rank 0 merges the ranks' parts)")
 
 
-def classifier_from_args(args: argparse.Namespace) -> Any:
+def classifier_from_args(args: argparse.Namespace, site_classes: Any = None) -> Any:
     """The fitted classifier ``predict`` runs: the hybrid with ``--checkpoint``, else zero-shot only,
-    with the roll-up flags and the class lists of ``--allowed-classes`` and ``--site-classes``."""
+    with the roll-up flags and the class lists of ``--allowed-classes`` and ``--site-classes``
+    (``site_classes``: that file as :func:`run` read and checked it on every input; default:
+    read it again)."""
     if args.checkpoint:
         clf = hybrid_from_args(args, rollup_threshold=args.rollup_threshold,
                                rollup_precision=args.rollup_precision)
     else:
         clf = zeroshot_from_args(args).set_params(rollup_threshold=args.rollup_threshold)
-    return clf.set_params(allowed_classes=args.allowed_classes, site_classes=_site_classes(args))
+    return clf.set_params(allowed_classes=args.allowed_classes,
+                          site_classes=site_classes or _site_classes(args))
 
 
 def _rollup(args: argparse.Namespace) -> bool:
@@ -168,9 +171,11 @@ def _rollup(args: argparse.Namespace) -> bool:
     return args.rollup_threshold is not None or args.rollup_precision is not None
 
 
-def _site_classes(args: argparse.Namespace) -> Any:
+def _site_classes(args: argparse.Namespace, sources: Any = None) -> Any:
     """``--site-classes`` read, bound to the ``site`` column of the .csv inputs, and checked
-    against the prompts file: before any model loads, a problem names the file and line."""
+    against the prompts file: before any model loads, a problem names the file and line.
+    Given every input (``sources``), a row that reaches none of them is a warning, once: a
+    shard or a resume predicts a share of them."""
     from hybridcls.sites import allowed_columns, read_site_classes
     from hybridcls.zeroshot.prompts import as_prompt_set
 
@@ -183,7 +188,7 @@ def _site_classes(args: argparse.Namespace) -> Any:
         return None
     sites = read_site_classes(args.site_classes).for_inputs(args.inputs)
     sites.resolve(prompts)
-    return sites
+    return sites if sources is None else sites.check_reach(sources)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no input images found in " + " ".join(args.inputs))
     fmt = infer_format(args.output, args.format)
     check_unique_keys((s.path for s in sources), fmt)  # before any model loads or byte is written
-    _site_classes(args)  # the class lists' files and names, checked before any model loads
+    sites = _site_classes(args, sources)  # the class lists' files and names, before any model loads
     classes = _class_names(args) if args.all_scores else None
     extra = extra_columns(fmt, branch_columns=bool(args.checkpoint),
                           model_version=args.model_version, score_classes=classes,
@@ -206,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
 
     def predict_rows(todo):
         # Loaded only when something is left to predict (a finished --resume loads nothing).
-        loaded.append(classifier_from_args(args))
+        loaded.append(classifier_from_args(args, sites))
         if args.all_scores and list(loaded[0].classes_) != classes:  # pragma: no cover
             # the header was written from _class_names: a change of the class order must reach it
             raise RuntimeError(f"bug: the classifier's classes {list(loaded[0].classes_)} are not "

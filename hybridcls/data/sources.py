@@ -30,7 +30,7 @@ import glob
 import io
 import os
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,10 @@ CSV_PATH_COLUMNS: tuple[str, ...] = ("path", "filepath", "file", "image", "image
 
 _GLOB_CHARS = frozenset("*?[")
 
+#: What an ``inputs`` parameter accepts, as its errors say it.
+_ACCEPTED = ("paths, folders, globs, list files, PIL images, [H, W, 3] uint8 arrays or "
+             "[3, H, W] / [N, 3, H, W] tensors")
+
 
 @dataclass(frozen=True)
 class Source:
@@ -86,7 +90,7 @@ class Source:
         return self.error is None
 
 
-def as_sources(inputs: Any) -> list[Source]:
+def as_sources(inputs: Any, *, parameter: str = "inputs") -> list[Source]:
     """Sources from anything the API accepts, in order, each input once.
 
     Accepted, alone or in a list (kinds may be mixed):
@@ -99,9 +103,14 @@ def as_sources(inputs: Any) -> list[Source]:
       ``[N, 3, H, W]`` tensor of N images. Each becomes one source named
       ``<image K>``, K its row among the outputs (counting from 0).
 
+    Args:
+        inputs: One input or an iterable of them.
+        parameter: The caller's name for ``inputs``, which errors name (``test_inputs``).
+
     Raises:
-        ParameterError: An input of another type, or an array or tensor whose shape
-            or type is not an image's (names its position in ``inputs``).
+        ParameterError: ``None``, or another type that is neither an input nor an iterable of
+            them (a number, bytes, a mapping); an input of another type, or an array or tensor
+            whose shape or type is not an image's (names its position in ``inputs``).
 
     Example:
         >>> import numpy as np
@@ -110,7 +119,7 @@ def as_sources(inputs: Any) -> list[Source]:
     """
     if isinstance(inputs, (str, os.PathLike, Source)) or _image_kind(inputs) is not None:
         inputs = [inputs]
-    items = list(inputs)
+    items = _input_list(inputs, parameter)
     if items and all(isinstance(s, Source) for s in items):
         return items
     out: list[Source] = []
@@ -127,7 +136,7 @@ def as_sources(inputs: Any) -> list[Source]:
             paths.append(item)
         else:
             flush()
-            out.extend(_memory_sources(item, position, len(out)))
+            out.extend(_memory_sources(item, position, len(out), parameter))
     flush()
     return out
 
@@ -149,30 +158,38 @@ def _image_kind(x: Any) -> str | None:
     return None
 
 
-def _memory_sources(item: Any, position: int, first: int) -> list[Source]:
+def _input_list(inputs: Any, parameter: str) -> list[Any]:
+    """``inputs`` (already a collection) as a list; what cannot be one is refused by name."""
+    # bytes iterate as numbers and a mapping as its keys: neither is a list of inputs
+    if inputs is None or isinstance(inputs, (bytes, bytearray, Mapping)) or not isinstance(inputs, Iterable):
+        shown = inputs if inputs is None or isinstance(inputs, (int, float)) else f"<{type(inputs).__name__}>"
+        raise ParameterError(parameter, shown, f"expected {_ACCEPTED}, alone or in a list")
+    return list(inputs)
+
+
+def _memory_sources(item: Any, position: int, first: int, parameter: str = "inputs") -> list[Source]:
     kind = _image_kind(item)
     if kind == "source":
         return [item]
     if kind is None:
-        raise ParameterError("inputs", f"<{type(item).__name__} at position {position}>",
-                             "expected paths, folders, globs, list files, PIL images, "
-                             "[H, W, 3] uint8 arrays or [3, H, W] / [N, 3, H, W] tensors")
+        raise ParameterError(parameter, f"<{type(item).__name__} at position {position}>",
+                             f"expected {_ACCEPTED}")
     shape = tuple(int(d) for d in getattr(item, "shape", ()))
     if kind == "tensor" and len(shape) == 4:
         if shape[1] != 3:
-            raise ParameterError("inputs", f"<tensor of shape {shape} at position {position}>",
+            raise ParameterError(parameter, f"<tensor of shape {shape} at position {position}>",
                                  "a batch of images has shape [N, 3, H, W]")
         return [Source(f"<image {first + i}>", image=item[i]) for i in range(shape[0])]
     if kind == "tensor" and (len(shape) != 3 or shape[0] != 3):
-        raise ParameterError("inputs", f"<tensor of shape {shape} at position {position}>",
+        raise ParameterError(parameter, f"<tensor of shape {shape} at position {position}>",
                              "an image tensor has shape [3, H, W] (torchvision's layout)")
     if kind == "array" and not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4))):
-        raise ParameterError("inputs", f"<array of shape {shape} at position {position}>",
+        raise ParameterError(parameter, f"<array of shape {shape} at position {position}>",
                              "an image array has shape [H, W, 3], [H, W, 4] or [H, W]")
     return [Source(f"<image {first}>", image=item)]
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Source]:
+def expand_inputs(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Source]:
     """Expand files, folders, globs and list files into image sources.
 
     Rules per input, checked in this order:
@@ -194,7 +211,8 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Source]:
     * anything else: one error source, "no such file or directory".
 
     Args:
-        inputs: Paths, folders, glob patterns or list files, in output order.
+        inputs: Paths, folders, glob patterns or list files, in output order (one alone
+            is one input, not a sequence of characters).
 
     Returns:
         The sources in a stable order, each file at most once (first
@@ -205,6 +223,8 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Source]:
         InputError: a glob that matches no file, a folder with no image file,
             a list file that cannot be read, is not UTF-8, lists nothing, or
             (CSV) has no recognised path column.
+        ParameterError: ``inputs`` that is no path nor sequence of paths (``None``), or
+            an item that is no path (names its position).
 
     Example:
         >>> from hybridcls.data import expand_inputs
@@ -212,9 +232,16 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Source]:
         >>> [(s.path, s.error) for s in sources if s.error]  # doctest: +SKIP
         [('missing.jpg', 'no such file (listed in list.csv line 4)')]
     """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    items = _input_list(inputs, "inputs")
+    for position, raw in enumerate(items):
+        if not isinstance(raw, (str, os.PathLike)):
+            raise ParameterError("inputs", f"<{type(raw).__name__} at position {position}>",
+                                 "expected paths, folders, globs or list files")
     seen: set[tuple] = set()
     out: list[Source] = []
-    for raw in inputs:
+    for raw in items:
         for source in _expand_one(os.fspath(raw)):
             key = _identity(source.path)
             if key not in seen:

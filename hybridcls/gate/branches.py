@@ -13,12 +13,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from hybridcls.cache import atomic_path
-from hybridcls.errors import CheckpointError, InputError
+from hybridcls.errors import CheckpointError, InputError, ParameterError
 
 __all__ = ["BranchOutputs"]
 
@@ -56,6 +57,20 @@ class BranchOutputs:
         if len(set(sizes.values())) > 1:
             shown = ", ".join(f"{k} {v}" for k, v in sizes.items())
             raise InputError(f"branch outputs must have one row per image; got {shown} rows")
+
+    @staticmethod
+    def check(value: Any, parameter: str) -> BranchOutputs:
+        """``value`` itself when it is a :class:`BranchOutputs`.
+
+        Raises:
+            ParameterError: Anything else (``None``, a path, an image), naming ``parameter``:
+                images and paths go to the classifier's ``predict`` / ``predict_proba``.
+        """
+        if not isinstance(value, BranchOutputs):
+            shown = value if value is None or isinstance(value, str) else f"<{type(value).__name__}>"
+            raise ParameterError(parameter, shown, "expected the BranchOutputs of extract_features "
+                                 "(images and paths go to predict / predict_proba)")
+        return value
 
     def __len__(self) -> int:
         return next(len(getattr(self, n)) for n in _ARRAYS if getattr(self, n) is not None)

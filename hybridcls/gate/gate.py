@@ -611,6 +611,7 @@ class Gate:
 
     def decision_function(self, outputs: BranchOutputs) -> np.ndarray:
         """``[N]`` gate scores: higher = less like the seen classes (NaN for a zero-shot gate)."""
+        BranchOutputs.check(outputs, "outputs")
         cal = self.calibration
         if cal is None:
             self._check_zero_shot()
@@ -640,9 +641,10 @@ class Gate:
         Raises:
             ParameterError: ``allowed`` of another shape, or with a row that allows no class.
             InputError: A row that allows no seen class where CLIP did not run.
+            ParameterError: ``outputs`` that are no :class:`BranchOutputs`.
         """
         cal = self.calibration
-        outputs = self._supported(outputs)  # support images join the zero-shot logits first
+        outputs = self._supported(BranchOutputs.check(outputs, "outputs"))  # support images join the zero-shot logits first
         mask = None
         if allowed is not None:
             n_classes = (outputs.clip_logits.shape[1] if outputs.clip_logits is not None
