@@ -300,8 +300,9 @@ def test_saved_folder_keeps_the_support_images_gate(tiny_hybrid, tmp_path):
 
     world = tiny_hybrid["world"]
     folder = render_support(world, tmp_path / "support", 3)
-    kwargs = dict(clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None, templates=world.templates_file,
-                  device="cpu", workers=0, progress=False, cache_dir=tmp_path / "cache")
+    kwargs = {"clip_model": TINY_CLIP_MODEL_ID, "clip_pretrained": None,
+              "templates": world.templates_file, "device": "cpu", "workers": 0, "progress": False,
+              "cache_dir": tmp_path / "cache"}
     clf = HybridClassifier(**kwargs, support=folder).load_run(tiny_hybrid["run"], world.prompts_file)
     counts = clf.gate_summary()["support"]["counts"]
     assert counts == {name: 3 for name in world.unseen_classes}
@@ -386,7 +387,7 @@ def test_world_k5_support_measured(world_run, tmp_path):
     assert record["counts"] == {name: 5 for name in world.unseen_classes}
     assert record["alpha"] > 0 and tpr == gate.calibration_.tpr
     assert full["backbone"]["alpha"] > 0 and full["backbone"]["n_fit"] == 50
-    n_unseen_test, n_seen_test = int((y >= S).sum()), int((y < S).sum())
+    n_unseen_test, _n_seen_test = int((y >= S).sum()), int((y < S).sum())
     assert u5 >= 0.97 - 1 / n_unseen_test and u5 >= u0 + 0.02
     assert u5 >= u5_clip + 0.02
     assert h5 >= 0.9656 - 1 / n_unseen_test and h5 >= h0 + 0.01
