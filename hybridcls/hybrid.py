@@ -32,7 +32,7 @@ from hybridcls.device import resolve_device
 from hybridcls.engine import ClipPolicy, InferenceEngine, timm_view
 from hybridcls.errors import CheckpointError, HybridclsWarning, InputError, ParameterError
 from hybridcls.gate import GATE_FILENAME, INDEX_DIR, BranchOutputs, Gate
-from hybridcls.gate.clip import clip_mismatch, clip_to_load, recorded_clip
+from hybridcls.zeroshot.gate_clip import clip_mismatch, clip_to_load, recorded_clip
 from hybridcls.gate.support import SUPPORT_FILE
 from hybridcls.hierarchy import RollupCalibration, calibrate_threshold
 from hybridcls.hub import pretrained_folder, upload_folder
@@ -67,7 +67,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             (the default): the CLIP the run's gate was calibrated with (``gate.json`` records
             it), else ``DEFAULT_CLIP_MODEL``. Another CLIP than the gate's is refused wherever
             the gate is used, until :meth:`calibrate` sets a gate on it
-            (:mod:`hybridcls.gate.clip`).
+            (:mod:`hybridcls.zeroshot.gate_clip`).
         clip_pretrained: Pretrained tag or weights file for a built-in name (None: random
             weights). Left at its default with ``clip_model=None``, the gate's recorded one.
         prompts: Prompts file (or lines) naming every class, seen and unseen.
@@ -236,7 +236,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         """Load a trained run directory (and its gate, when calibrated) with the CLIP tower.
 
         The CLIP is the one the gate was calibrated with unless ``clip_model`` names one
-        (:func:`hybridcls.gate.clip.clip_to_load`); a gate whose ``gate.json`` does not record
+        (:func:`hybridcls.zeroshot.gate_clip.clip_to_load`); a gate whose ``gate.json`` does not record
         its CLIP (written before hybridcls recorded it) loads with a warning that it cannot
         be checked.
 

@@ -1,4 +1,4 @@
-"""The CLIP a gate was calibrated with travels with it (hybridcls.gate.clip).
+"""The CLIP a gate was calibrated with travels with it (hybridcls.zeroshot.gate_clip).
 
 ``calibrate`` records the CLIP in ``gate.json``; a run loaded without a CLIP chosen
 loads that one, a run loaded with another is refused wherever its gate is used
@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from hybridcls import HybridClassifier
 from hybridcls.cli import main
 from hybridcls.errors import HybridclsWarning, ParameterError
-from hybridcls.gate.clip import clip_mismatch, clip_to_load
+from hybridcls.zeroshot.gate_clip import clip_mismatch, clip_to_load
 from hybridcls.synth import TINY_CLIP_DIR, TINY_CLIP_MODEL_ID
 from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from tests.tinyclip_factory import make_tiny_clip

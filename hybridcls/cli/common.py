@@ -232,14 +232,14 @@ def runtime_from_args(args: argparse.Namespace) -> RuntimeSettings:
 
 def clip_from_args(args: argparse.Namespace) -> tuple[str, str | None]:
     """``--clip-model`` and ``--clip-pretrained`` as the library's ``clip_model`` and
-    ``clip_pretrained``: what :func:`hybridcls.gate.clip.clip_to_load` makes of them.
+    ``clip_pretrained``: what :func:`hybridcls.zeroshot.gate_clip.clip_to_load` makes of them.
 
     Without ``--clip-model``, the CLIP the ``--checkpoint``'s gate was calibrated with (its
     ``gate.json`` records it), else the default model; without ``--clip-pretrained``, that
     CLIP's weights (the default tag for a built-in name, none for ``hf-hub:`` /
     ``local-dir:``); ``''`` = random weights.
     """
-    from hybridcls.gate.clip import clip_to_load, recorded_clip
+    from hybridcls.zeroshot.gate_clip import clip_to_load, recorded_clip
 
     checkpoint = getattr(args, "checkpoint", None)
     record = recorded_clip(checkpoint) if args.clip_model is None and checkpoint else None
@@ -300,7 +300,7 @@ def hybrid_from_args(args: argparse.Namespace, *, recalibrate: bool = False, **p
         support=getattr(args, "support", None),
         **runtime_from_args(args).to_dict(), **params,
     ).load_run(args.checkpoint, prompts_from_args(args))
-    if clf.clip_error_ is not None and not recalibrate:
+    if getattr(clf, "clip_error_", None) is not None and not recalibrate:
         raise clf.clip_error_
     return clf
 

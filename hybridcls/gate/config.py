@@ -106,7 +106,7 @@ class GateCalibration:
             :meth:`hybridcls.zeroshot.loading.ClipBundle.identity` gives it (``model_id``,
             ``fingerprint`` of the weights, ``pretrained`` tag or file): its thresholds,
             standardisation and indexes hold for that model's scores only
-            (:mod:`hybridcls.gate.clip` checks a run's CLIP against it). ``None`` = not
+            (:mod:`hybridcls.zeroshot.gate_clip` checks a run's CLIP against it). ``None`` = not
             recorded (files written before it).
     """
 

@@ -248,7 +248,7 @@ class Gate:
                 the cosine similarities; without it, at CLIP's own scale only.
             clip: The CLIP the outputs come from
                 (:meth:`hybridcls.zeroshot.loading.ClipBundle.identity`), recorded in
-                ``calibration_.clip`` (:mod:`hybridcls.gate.clip` checks it at load).
+                ``calibration_.clip`` (:mod:`hybridcls.zeroshot.gate_clip` checks it at load).
 
         Returns:
             ``self``, fitted. Settings that depend on the data's size adapt to it and say
