@@ -32,7 +32,6 @@ from hybridcls.device import resolve_device
 from hybridcls.engine import ClipPolicy, InferenceEngine, timm_view
 from hybridcls.errors import CheckpointError, HybridclsWarning, InputError, ParameterError
 from hybridcls.gate import GATE_FILENAME, INDEX_DIR, BranchOutputs, Gate
-from hybridcls.zeroshot.gate_clip import clip_mismatch, clip_to_load, recorded_clip
 from hybridcls.gate.support import SUPPORT_FILE
 from hybridcls.hierarchy import RollupCalibration, calibrate_threshold
 from hybridcls.hub import pretrained_folder, upload_folder
@@ -46,6 +45,7 @@ from hybridcls.supervised.checkpoint import checkpoint_identity
 from hybridcls.support import refit_support
 from hybridcls.train import TrainConfig, train
 from hybridcls.train.data import recorded_image_check, resolve_training_data
+from hybridcls.zeroshot.gate_clip import clip_mismatch, clip_to_load, recorded_clip
 from hybridcls.zeroshot.loading import DEFAULT_CLIP_PRETRAINED
 from hybridcls.zeroshot.prompts import align_classes, as_prompt_set
 from hybridcls.zeroshot.tower import ClipTower

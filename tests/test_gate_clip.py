@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from hybridcls import HybridClassifier
 from hybridcls.cli import main
 from hybridcls.errors import HybridclsWarning, ParameterError
-from hybridcls.zeroshot.gate_clip import clip_mismatch, clip_to_load
 from hybridcls.synth import TINY_CLIP_DIR, TINY_CLIP_MODEL_ID
 from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
+from hybridcls.zeroshot.gate_clip import clip_mismatch, clip_to_load
 from tests.tinyclip_factory import make_tiny_clip
 
 WEIGHTS = "open_clip_model.safetensors"
