@@ -285,6 +285,10 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.support_samples_: list[tuple[str, int]] = []
         if self.support is not None and self.gate_ is not None and self.clip_error_ is None:
             # support= is the support set: it replaces one a saved folder's gate holds
+            if self.gate_.support_ is not None:
+                warnings.warn(f"support= replaces the {len(self.gate_.support_.labels)} support "
+                              f"images saved with {run_dir} (their embeddings cannot be added to)",
+                              HybridclsWarning, stacklevel=3)
             self.add_support(self.support, replace=True)
 
     def _clip_check(self, run_dir: Path) -> ParameterError | None:

@@ -408,7 +408,9 @@ def _empty_outputs(clf: Predictor) -> BranchOutputs:
         sup = np.zeros((0, clf.n_seen_), np.float32)
     clip = None if engine.clip is None else np.zeros((0, len(clf.classes_)), np.float32)
     emb = None if engine.clip is None else np.zeros((0, engine.clip.embed_dim), np.float32)
-    return BranchOutputs(sup, None if sup is None else np.zeros((0, 0), np.float32), clip, emb)
+    # the features' true width: the gate's backbone scores check it against their index
+    width = int(getattr(engine.supervised, "num_features", 0) or 0)
+    return BranchOutputs(sup, None if sup is None else np.zeros((0, width), np.float32), clip, emb)
 
 
 def _raise_failures(sources: Sequence[Source], errors: dict[int, str]) -> None:

@@ -141,3 +141,12 @@ def test_calibrated_cascade_skips_clip_and_keeps_the_harmonic_mean(world_run, te
     assert ran == pytest.approx(1 - again.cascade_skips_clip(feats).mean(), abs=1e-9)
     assert ran < 0.8
     assert h >= full - 0.01
+
+
+def test_no_input_gives_no_row_through_every_gate_score(world_run):
+    # the default gate reads the backbone kNN score: its index checks the features' width even
+    # for zero rows (an empty input list once failed there: "dimension 0, the index has 1280")
+    _, clf = world_run
+    assert "backbone_knn" in clf.gate_.calibration_.base_scores
+    assert clf.predict([]).tolist() == []
+    assert clf.predict_proba([]).shape == (0, len(clf.classes_))

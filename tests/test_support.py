@@ -327,7 +327,8 @@ def test_saved_folder_keeps_the_support_images_gate(tiny_hybrid, tmp_path):
     # support= at load replaces the saved folder's support; a new calibration cannot keep it
     only_one = {world.unseen_classes[0]: sorted(str(p) for p in (folder / world.unseen_classes[0]
                                                                   .replace(" ", "_")).glob("*"))}
-    third = HybridClassifier.from_pretrained(saved, **kwargs, support=only_one)
+    with pytest.warns(UserWarning, match=r"support= replaces the 6 support images saved with "):
+        third = HybridClassifier.from_pretrained(saved, **kwargs, support=only_one)
     assert third.gate_summary()["support"]["counts"] == {world.unseen_classes[0]: 3}
     fourth = HybridClassifier.from_pretrained(saved, **kwargs)
     with pytest.warns(UserWarning, match="cannot join a new calibration"):

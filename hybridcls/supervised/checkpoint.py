@@ -11,7 +11,7 @@ preprocessing and its class names without the training data::
                      "mean": [...], "std": [...], "crop_pct": 0.875, "crop_mode": "center"},
      "weights": {"source": "timm", "tag": "fb_in22k_ft_in1k", "file": null},
      "train": {...},                            # the TrainConfig of the run
-     "data_dir": "data/train",                  # the training folder, as given
+     "data_dir": "/abs/data/train",             # the training folder, made absolute
      "split": {"method": "val_split", "fraction": 0.15, "seed": 0}}  # how validation was held out
 
 ``model.safetensors`` holds the model's state dict (backbone + head). Both

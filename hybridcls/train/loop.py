@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 import warnings
@@ -214,7 +215,8 @@ class Trainer:
             hidden_dim=cfg.head_hidden,
             weights={"source": cfg.weights_source, "tag": tag, "file": cfg.weights},
             train=cfg.to_dict(),
-            data_dir=data.root,
+            # absolute: a relative folder would be read against whatever folder predict runs in
+            data_dir=os.path.abspath(data.root),
             split=data.split,
         )
         self.train_transform = build_train_transform(data_config, cfg)
