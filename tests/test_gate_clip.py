@@ -171,6 +171,11 @@ def test_clip_mismatch_names_the_pretrained_weights_of_the_same_built_in_model()
                         clip_model="ViT-B-16-quickgelu", clip_pretrained=None, gate_file="g")
     assert err.parameter == "clip_model"
     assert clip_mismatch(record, {**record}, clip_model=None, clip_pretrained="openai", gate_file="g") is None
+    # a gate calibrated with a local-dir: CLIP, loaded with a built-in one: the model differs
+    local = {"model_id": "local-dir:/x/tiny_clip", "pretrained": None, "fingerprint": "a" * 64}
+    err = clip_mismatch(local, loaded, clip_model="ViT-B-16", clip_pretrained="laion2b_s34b_b88k",
+                        gate_file="g")
+    assert err.parameter == "clip_model" and str(err).startswith("clip_model='ViT-B-16': loads CLIP")
 
 
 def _cli_predict(tiny_hybrid, run: Path, out: Path, extra: list[str], capsys) -> tuple[int, str]:

@@ -118,7 +118,7 @@ def clip_mismatch(record: Mapping[str, Any] | None, loaded: Mapping[str, Any], *
     if same_model and record.get("fingerprint") == loaded["fingerprint"]:
         return None
     loaded_id = str(loaded["model_id"])
-    if same_model and not loaded_id.startswith(MODEL_PREFIXES):
+    if str(record.get("model_id")) == loaded_id and not loaded_id.startswith(MODEL_PREFIXES):
         name, value = "clip_pretrained", clip_pretrained  # the weights of the same built-in model
     else:  # another model, or one whose weights come with it
         name, value = "clip_model", loaded_id if clip_model is None else clip_model
