@@ -161,8 +161,27 @@ def test_scan_errors_name_the_folder(tmp_path: Path) -> None:
     )
     _class_folder(root, "dog", 0)
     (root / "dog" / "readme.txt").write_text("x", encoding="utf-8")
-    with pytest.raises(DatasetError, match=f"empty class folder: {root / 'dog'}"):
+    with pytest.raises(DatasetError, match=f"empty class folder: {root / 'dog'} \\(in the training folder\\)"):
         scan_image_folder(root)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(DatasetError, match=r"no class subfolders in .*bare \(the support folder\)"):
+        scan_image_folder(tmp_path / "bare", role="support folder")
+
+
+def test_images_beside_the_class_folders_are_named_not_dropped_silently(tmp_path):
+    from hybridcls.errors import HybridclsWarning
+
+    root = tmp_path / "root"
+    _class_folder(root, "cat", 2)
+    _class_folder(root, "dog", 2)
+    for name in ("b.jpg", "a.PNG", "notes.txt"):
+        (root / name).write_bytes(b"x")
+    with pytest.warns(HybridclsWarning) as caught:
+        index = scan_image_folder(root)
+    assert [str(w.message) for w in caught] == [(
+        f"{root}: 2 image file(s) directly in the training folder, outside any class subfolder, "
+        "are left out: a.PNG, b.jpg")]
+    assert len(index.samples) == 4 and not any("a.PNG" in p or "b.jpg" in p for p, _ in index.samples)
 
 
 @pytest.mark.parametrize(

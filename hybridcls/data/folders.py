@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import unicodedata
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from hybridcls.data.images import DEFAULT_MAX_PIXELS, load_image
-from hybridcls.data.sources import walk_images
-from hybridcls.errors import DatasetError, DataTooSmallError, ImageDecodeError
+from hybridcls.data.sources import IMAGE_EXTENSIONS, walk_images
+from hybridcls.errors import DatasetError, DataTooSmallError, HybridclsWarning, ImageDecodeError
 
 __all__ = [
     "ImageFolderIndex",
@@ -109,14 +110,22 @@ def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training fol
     if not os.path.isdir(root_str):
         raise DatasetError(f"not a folder: {root_str} (expected the {role})")
     try:
-        entries = sorted(e.name for e in os.scandir(root_str) if e.is_dir())
+        listing = list(os.scandir(root_str))
+        entries = sorted(e.name for e in listing if e.is_dir())
     except OSError as err:
         raise DatasetError(f"cannot read {role} {root_str}: {err.strerror}") from err
     if not entries:
         raise DatasetError(
-            f"no class subfolders in {root_str}: expected one folder per class, "
+            f"no class subfolders in {root_str} (the {role}): expected one folder per class, "
             f"e.g. {os.path.join(root_str, 'cat', '001.jpg')}"
         )
+    loose = sorted(e.name for e in listing if not e.is_dir()
+                   and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
+    if loose:
+        # an image beside the class folders has no class: left out, but not without a word
+        shown = ", ".join(loose[:5]) + (f" and {len(loose) - 5} more" if len(loose) > 5 else "")
+        warnings.warn(f"{root_str}: {len(loose)} image file(s) directly in the {role}, outside "
+                      f"any class subfolder, are left out: {shown}", HybridclsWarning, stacklevel=2)
     for name in entries:
         problem = _label_problem(name)
         if problem:
@@ -138,7 +147,7 @@ def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training fol
                 raise DatasetError(f"{source.path}: {source.error}")
         paths = [source.path for source in sources]
         if not paths:
-            raise DatasetError(f"empty class folder: {folder}")
+            raise DatasetError(f"empty class folder: {folder} (in the {role})")
         samples.extend((path, label) for path in paths)
     return ImageFolderIndex(root=root_str, classes=entries, samples=samples)
 
