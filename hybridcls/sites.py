@@ -113,8 +113,8 @@ class SiteClasses:
                 among the paths (other inputs are left alone).
 
         Raises:
-            PromptFileError: A list file's site that the site file does not name
-                (names the list file and line).
+            PromptFileError: A list file's site that the site file does not name, or an
+                image listed twice with two sites (names the list file and line).
         """
         names = {r.site: r for r in self.rows if r.site is not None}
         listed = dict(self.listed)
@@ -129,7 +129,12 @@ class SiteClasses:
                     known = ", ".join(repr(n) for n in names) or "none: it has no site column"
                     raise PromptFileError(item, line, f"site {site!r} is not in {self.source} "
                                           f"(its sites: {known})")
-                listed.setdefault(_key(path), (item, line, site))
+                first = listed.setdefault(_key(path), (item, line, site))
+                if first[2] != site:
+                    # the image is predicted once: one of the two sites would be dropped unsaid
+                    raise PromptFileError(item, line, f"{path} is listed again with site {site!r}; "
+                                          f"{first[0]} line {first[1]} gives it site {first[2]!r} "
+                                          "(one image, one site)")
         return replace(self, listed=listed)
 
     def unreached(self, sources: Sequence[Source]) -> list[tuple[SiteRow, str]]:

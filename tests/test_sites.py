@@ -134,6 +134,20 @@ def test_a_list_files_unknown_site_names_the_list_file_line(tmp_path):
                               "(its sites: 'arctic')")
 
 
+def test_an_image_listed_twice_with_two_sites_is_refused(tmp_path):
+    sites = read_site_classes(_site_file(tmp_path, "site,classes\narctic,polar bear\nwoods,fox\n"))
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,site\na.jpg,arctic\nb.jpg,woods\na.jpg,arctic\na.jpg,woods\n",
+                       encoding="utf-8")
+    with pytest.raises(PromptFileError) as exc:
+        sites.for_inputs(listing)
+    assert str(exc.value) == (f"{listing}:5: {tmp_path / 'a.jpg'} is listed again with site "
+                              f"'woods'; {listing} line 2 gives it site 'arctic' (one image, one site)")
+    # listed again with the same site: one image, nothing lost
+    listing.write_text("path,site\na.jpg,arctic\na.jpg,arctic\n", encoding="utf-8")
+    assert len(sites.for_inputs(listing).listed) == 1
+
+
 def test_a_row_that_reaches_no_input_is_a_warning_naming_file_line_and_prefix(tmp_path):
     import warnings
 
