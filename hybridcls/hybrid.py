@@ -37,7 +37,7 @@ from hybridcls.hierarchy import RollupCalibration, calibrate_threshold
 from hybridcls.hub import pretrained_folder, upload_folder
 from hybridcls.index import index_meta
 from hybridcls.outputs import BRANCH_COLUMNS
-from hybridcls.predictor import Predictor
+from hybridcls.predictor import Predictor, describe_failures
 from hybridcls.pretrained import PROMPTS_FILE, TEMPLATES_FILE, read_saved_folder, write_saved_folder
 from hybridcls.runtime import RuntimeSettings
 from hybridcls.supervised import load_checkpoint
@@ -366,7 +366,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         val_out, y_va, _ = self._labelled_outputs(data.val, "calibrate: held-out")
         test_out = None
         if test is not None:
-            test_out, _ = self.engine_.extract(test, desc="calibrate: test")
+            test_out, _ = self._readable_outputs(test, "calibrate: test")
         gate.fit(train_out, y_tr, val_out, y_va, class_names=self.seen_folders_,
                  train_paths=tr_paths, test=test_out, clip_logit_scale=self.tower_.logit_scale,
                  index_meta={"clip": self._index_meta("clip"), "backbone": self._index_meta("backbone")},
@@ -451,11 +451,27 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
     def _labelled_outputs(self, samples: list[tuple[str, int]], desc: str
                           ) -> tuple[BranchOutputs, np.ndarray, list[str]]:
         """Both towers' outputs of ``(path, label)`` samples; the undecodable ones left out."""
-        outputs, errors = self.engine_.extract([Source(p) for p, _ in samples], desc=desc)
+        outputs, errors = self._readable_outputs([Source(p) for p, _ in samples], desc)
         kept = [(p, y) for i, (p, y) in enumerate(samples) if i not in errors]
-        if outputs is None:
-            raise InputError(f"{desc}: none of the {len(samples)} images could be decoded")
         return outputs, np.array([y for _, y in kept], dtype=np.int64), [str(p) for p, _ in kept]
+
+    def _readable_outputs(self, sources: Sequence[Source], desc: str
+                          ) -> tuple[BranchOutputs, dict[int, str]]:
+        """Both towers' outputs of the images that decode, and ``{position: reason}`` of the others.
+
+        A threshold or a support fit is still set on the rest, so an unreadable image is left
+        out, but named in a :class:`~hybridcls.errors.HybridclsWarning` (and none readable is an
+        error).
+        """
+        outputs, errors = self.engine_.extract(sources, desc=desc)
+        if outputs is None:
+            raise InputError(f"{desc}: none of the {len(sources)} images could be decoded: "
+                             + "{}: {}".format(*describe_failures(sources, errors)))
+        if errors:
+            path, reason = describe_failures(sources, errors)
+            warnings.warn(f"{desc}: {len(errors)} of {len(sources)} images could not be read and are "
+                          f"left out: {path}: {reason}", HybridclsWarning, stacklevel=3)
+        return outputs, errors
 
     # ------------------------------------------------------------------ inference
 

@@ -362,7 +362,7 @@ class Predictor:
         gate = self._prediction_gate()
         allowed, empty = self._restriction(sources, inputs)
         if empty:
-            path, reason = _failure(sources, empty)
+            path, reason = describe_failures(sources, empty)
             raise InputError(f"{path}: {reason}")
         policy = self._clip_policy(gate) if allowed is None else "all"
         outputs, errors = self.engine_.extract(sources, clip=policy)
@@ -415,7 +415,7 @@ def _empty_outputs(clf: Predictor) -> BranchOutputs:
 
 def _raise_failures(sources: Sequence[Source], errors: dict[int, str]) -> None:
     if errors:
-        raise ImageDecodeError(*_failure(sources, errors))
+        raise ImageDecodeError(*describe_failures(sources, errors))
 
 
 def _names(names: str | Sequence[str]) -> list[str]:
@@ -423,7 +423,7 @@ def _names(names: str | Sequence[str]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
-def _failure(sources: Sequence[Source], errors: dict[int, str]) -> tuple[str, str]:
+def describe_failures(sources: Sequence[Source], errors: dict[int, str]) -> tuple[str, str]:
     """``(first failed path, its reason with the count and names of the others)``."""
     failed = [(sources[i].path, errors[i]) for i in sorted(errors)]
     path, reason = failed[0]

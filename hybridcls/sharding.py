@@ -230,7 +230,7 @@ class Manifest:
         for key in sorted(set(self.settings) | set(other.settings)):
             a, b = self.settings.get(key), other.settings.get(key)
             if a != b:
-                out.append(f"{key} {_short(a)} vs {_short(b)}")
+                out.append(_difference(key, a, b))
         if self.inputs_total != other.inputs_total:
             out.append(f"inputs: {self.inputs_total} vs {other.inputs_total}")
         elif self.inputs_sha256 != other.inputs_sha256:
@@ -243,6 +243,22 @@ class Manifest:
 def _short(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False, sort_keys=True)
     return text if len(text) <= 48 else text[:45] + "..."
+
+
+def _difference(key: str, a: Any, b: Any) -> str:
+    """Setting ``key``, ``a`` against ``b``, in a line: two mappings (a folder's files and their
+    hashes) by the keys that differ, since their cut texts would often read the same; anything
+    else side by side."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return f"{key} {_short(a)} vs {_short(b)}"
+    parts = []
+    for what, keys in (("only in the first", [k for k in a if k not in b]),
+                       ("only in the second", [k for k in b if k not in a]),
+                       ("changed", [k for k in a if k in b and a[k] != b[k]])):
+        if keys:
+            shown = ", ".join(sorted(map(str, keys))[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            parts.append(f"{len(keys)} {what} ({shown})")
+    return f"{key}: " + "; ".join(parts)
 
 
 @dataclass(frozen=True)

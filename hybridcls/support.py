@@ -76,7 +76,7 @@ def support_samples(source: SupportSource, prompts: PromptSet, *, workers: int =
             or the class), or two that match the same line.
     """
     if isinstance(source, (str, os.PathLike)):
-        index = scan_image_folder(source, role="support folder", min_classes=1)
+        index = scan_image_folder(source, role="support folder", min_classes=1, parameter="support")
         failed = find_unreadable([p for p, _ in index.samples], workers=workers, progress=progress,
                                  desc="checking support images")
         index = drop_unreadable(index, failed)  # a class with none readable: training's error

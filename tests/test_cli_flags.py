@@ -314,6 +314,11 @@ def _support(setup, mode, out, capsys, base):
     assert res["rc"] == 2 and "support class folder" in res["stderr"] and "purple moon" in res["stderr"]
     res = _predict(setup, mode, ["--support", str(out / "nosuch")], out / "c.jsonl", capsys)
     assert res["rc"] == 2 and f"--support {out / 'nosuch'}: no such folder" in res["stderr"]
+    flat = out / "flat"  # images without class folders: the scanner's error names the flag
+    flat.mkdir()
+    res = _predict(setup, mode, ["--support", str(flat)], out / "d.jsonl", capsys)
+    assert res["rc"] == 2 and (f"--support {flat}: no class subfolders in {flat} (the support folder)"
+                               in res["stderr"]), res["stderr"]
     return "record"
 
 

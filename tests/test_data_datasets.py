@@ -166,6 +166,11 @@ def test_scan_errors_name_the_folder(tmp_path: Path) -> None:
     (tmp_path / "bare").mkdir()
     with pytest.raises(DatasetError, match=r"no class subfolders in .*bare \(the support folder\)"):
         scan_image_folder(tmp_path / "bare", role="support folder")
+    # the parameter that gave the folder leads the message (the CLI writes it as the flag)
+    with pytest.raises(DatasetError, match=r"^support='.*bare': no class subfolders in .*bare \(the support"):
+        scan_image_folder(tmp_path / "bare", role="support folder", parameter="support")
+    with pytest.raises(DatasetError, match=r"^val_dir='.*nope': validation folder not found: .*nope$"):
+        scan_image_folder(tmp_path / "nope", role="validation folder", parameter="val_dir")
 
 
 def test_images_beside_the_class_folders_are_named_not_dropped_silently(tmp_path):

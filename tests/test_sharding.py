@@ -99,6 +99,15 @@ def test_resume_refuses_other_settings_inputs_or_edited_rows(tmp_path):
     with pytest.raises(InputError, match=r"resume=True: cannot continue .*p\.csv: .*model "
                                          r"\"stand-in\" vs \"other\"\); run without resume=True"):
         _predict(out, settings={**SETTINGS, "model": "other"}, resume=True)
+    # a folder's fingerprint (file -> hash) differs by its files, not by two cut texts that read alike
+    folder = {f"cat/{i}.png": "a" * 64 for i in range(5)}
+    _predict(tmp_path / "s.csv", settings={**SETTINGS, "support": folder})
+    edited = {**folder, "cat/1.png": "b" * 64, "dog/9.png": "c" * 64}
+    del edited["cat/4.png"]
+    with pytest.raises(InputError) as info:
+        _predict(tmp_path / "s.csv", settings={**SETTINGS, "support": edited}, resume=True)
+    assert ("support: 1 only in the first (cat/4.png); 1 only in the second (dog/9.png); "
+            "1 changed (cat/1.png)") in str(info.value)
     with pytest.raises(InputError, match=r"inputs: 9 vs 8"):
         _predict(out, sources=SOURCES[:-1], resume=True)
     with pytest.raises(InputError, match=r"other paths or order"):

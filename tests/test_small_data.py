@@ -165,6 +165,21 @@ def test_tpr_with_every_score_and_mode_on_every_small_size(tiny_run, n_classes, 
         np.testing.assert_allclose(res.probs.sum(axis=1), 1.0, err_msg=mode)
 
 
+def test_unreadable_test_images_of_the_transductive_step_are_named(tiny_run, tmp_path):
+    from hybridcls.errors import HybridclsWarning, InputError
+
+    clf, data = tiny_run(2, 2)
+    good = sorted(str(p) for p in data.rglob("*.png"))
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.warns(HybridclsWarning, match=r"^calibrate: test: 1 of .* images could not be read "
+                                              r"and are left out: .*broken\.png: "):
+        clf.set_params(method="tpr").calibrate(test_inputs=[*good, str(bad)], save=False)
+    with pytest.raises(InputError, match=r"^calibrate: test: none of the 1 images could be decoded: "
+                                         r".*broken\.png: "):
+        clf.calibrate(test_inputs=[str(bad)], save=False)
+
+
 def _zs_flags(files) -> list[str]:
     return ["--prompts", str(files["prompts"]), "--templates", str(files["templates"]),
             "--clip-model", TINY_CLIP, "--cache-dir", str(files["cache"]), "--device", "cpu",

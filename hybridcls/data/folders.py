@@ -76,7 +76,7 @@ class ImageFolderIndex:
 
 
 def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training folder",
-                      min_classes: int = 2) -> ImageFolderIndex:
+                      min_classes: int = 2, parameter: str | None = None) -> ImageFolderIndex:
     """List the classes (subfolders) and their image files under ``root``.
 
     Each subfolder of ``root`` is a class, its name the label; images are
@@ -88,6 +88,9 @@ def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training fol
         root: The training folder.
         role: What the folder is, in messages (``"support folder"``...).
         min_classes: Fewest class subfolders accepted (a support folder may hold one class).
+        parameter: The parameter that gave ``root`` (``"support"``, ``"val_dir"``); errors then
+            start ``parameter='root': `` so that the command line names its flag
+            (:func:`hybridcls.cli.common.flag_message`). None for a positional folder.
 
     Returns:
         The index; images are not opened.
@@ -105,18 +108,20 @@ def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training fol
         (['antelope', 'bat', 'beaver'], 24322)
     """
     root_str = os.fspath(root)
+    # which parameter gave the folder, in front of every error (the CLI turns it into the flag)
+    at = f"{parameter}={root_str!r}: " if parameter else ""
     if not os.path.exists(root_str):
-        raise DatasetError(f"{role} not found: {root_str}")
+        raise DatasetError(at + f"{role} not found: {root_str}")
     if not os.path.isdir(root_str):
-        raise DatasetError(f"not a folder: {root_str} (expected the {role})")
+        raise DatasetError(at + f"not a folder: {root_str} (expected the {role})")
     try:
         listing = list(os.scandir(root_str))
         entries = sorted(e.name for e in listing if e.is_dir())
     except OSError as err:
-        raise DatasetError(f"cannot read {role} {root_str}: {err.strerror}") from err
+        raise DatasetError(at + f"cannot read {role} {root_str}: {err.strerror}") from err
     if not entries:
         raise DatasetError(
-            f"no class subfolders in {root_str} (the {role}): expected one folder per class, "
+            at + f"no class subfolders in {root_str} (the {role}): expected one folder per class, "
             f"e.g. {os.path.join(root_str, 'cat', '001.jpg')}"
         )
     loose = sorted(e.name for e in listing if not e.is_dir()
@@ -124,16 +129,16 @@ def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training fol
     if loose:
         # an image beside the class folders has no class: left out, but not without a word
         shown = ", ".join(loose[:5]) + (f" and {len(loose) - 5} more" if len(loose) > 5 else "")
-        warnings.warn(f"{root_str}: {len(loose)} image file(s) directly in the {role}, outside "
+        warnings.warn(f"{at or root_str + ': '}{len(loose)} image file(s) directly in the {role}, outside "
                       f"any class subfolder, are left out: {shown}", HybridclsWarning, stacklevel=2)
     for name in entries:
         problem = _label_problem(name)
         if problem:
             path = os.path.join(root_str, name)
-            raise DatasetError(f"class folder {path!r} is not a valid label: {problem}")
+            raise DatasetError(at + f"class folder {path!r} is not a valid label: {problem}")
     if len(entries) < min_classes:
         raise DataTooSmallError(
-            f"needs at least 2 classes, found 1 in {root_str} ({entries[0]!r}): a classifier "
+            at + f"needs at least 2 classes, found 1 in {root_str} ({entries[0]!r}): a classifier "
             "tells classes apart; add a subfolder of images for another class"
         )
     samples: Samples = []
@@ -144,10 +149,10 @@ def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training fol
             # Broken links stay in as samples (training skips undecodable
             # files); an unreadable folder would silently drop a whole subtree.
             if source.error is not None and os.path.isdir(source.path):
-                raise DatasetError(f"{source.path}: {source.error}")
+                raise DatasetError(at + f"{source.path}: {source.error}")
         paths = [source.path for source in sources]
         if not paths:
-            raise DatasetError(f"empty class folder: {folder} (in the {role})")
+            raise DatasetError(at + f"empty class folder: {folder} (in the {role})")
         samples.extend((path, label) for path in paths)
     return ImageFolderIndex(root=root_str, classes=entries, samples=samples)
 

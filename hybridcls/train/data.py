@@ -218,7 +218,7 @@ def resolve_training_data(
     index = scan_image_folder(data_dir)
     val_index = None
     if config.val_dir is not None:
-        val_index = scan_image_folder(config.val_dir)
+        val_index = scan_image_folder(config.val_dir, role="validation folder", parameter="val_dir")
         strangers = [name for name in val_index.classes if name not in index.classes]
         if strangers:
             raise DatasetError(
