@@ -442,7 +442,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                                   "pass data_dir")
         config = TrainConfig.from_dict(self.checkpoint_config_.get("train", {})).replace(
             workers=settings.workers, progress=settings.progress)
-        data = resolve_training_data(data_dir, config, previous_check=recorded_image_check(self.run_dir_))
+        data = resolve_training_data(data_dir, config, previous_check=recorded_image_check(self.run_dir_),
+                                     recorded_split=self.checkpoint_config_.get("split"))
         if [str(c) for c in data.classes] != self.seen_folders_:
             raise CheckpointError(f"{data_dir}: its classes differ from the run's ({self.run_dir_}); "
                                   "calibrate on the folder the run was trained on")

@@ -118,8 +118,10 @@ def test_checkpoint_reproduces_the_reported_validation_accuracy(trained, world):
     assert config["classes"] == trained.classes == sorted(p.name for p in world.train_dir.iterdir())
     assert config["train"]["epochs"] == 8 and config["weights"]["source"] == "none"
     assert config["data_dir"] == str(world.train_dir)
-    assert config["split"] == {"method": "val_split", "fraction": 0.15, "seed": 0}
     val = resolve_training_data(world.train_dir, TrainConfig(**FAST)).val
+    assert config["split"] == {"method": "val_split", "fraction": 0.15, "seed": 0,
+                               "held_out": sorted(Path(p).relative_to(world.train_dir).as_posix()
+                                                  for p, _ in val)}
     transform = build_eval_transform(config)
     images = torch.stack([transform(load_image(path)) for path, _ in val])
     with torch.no_grad():
@@ -577,3 +579,47 @@ def test_folds_are_stratified_and_partition_the_images(tiny_world):
         assert str(info.value) == f"k={k!r}: the number of folds must be a whole number, at least 2"
     with pytest.raises(InputError, match="val_dir='v' does not apply to folds"):
         train_folds(tiny_world.train_dir, "unused", 2, val_dir="v", **FAST)
+
+
+# ------------------------------------------------------------------ the held-out files a run records
+
+
+def _held_out(data) -> list[str]:
+    return sorted(Path(p).relative_to(data.root).as_posix() for p, _ in data.val)
+
+
+def test_a_run_records_its_held_out_files_and_reads_them_back_after_the_folder_changed(
+        tiny_world, tmp_path):
+    from hybridcls.errors import MissingDataWarning
+
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_world.train_dir, folder)
+    config = TrainConfig(epochs=1, **FAST)
+    drawn = resolve_training_data(folder, config)
+    train(folder, tmp_path / "run", config=config)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))["split"]
+    assert recorded["held_out"] == _held_out(drawn) and recorded["method"] == "val_split"
+    # the folder changes: an image added to every class, one held-out file removed
+    for cls in sorted(p for p in folder.iterdir() if p.is_dir()):
+        shutil.copy(next(cls.iterdir()), cls / "zz_added.png")
+    gone = recorded["held_out"][0]
+    (folder / gone).unlink()
+    redrawn = resolve_training_data(folder, config)
+    assert _held_out(redrawn) != [p for p in recorded["held_out"] if p != gone]  # a new draw moves
+    with pytest.warns(MissingDataWarning, match=rf"1 of the {len(recorded['held_out'])} images the run "
+                                                rf"held out are missing or unreadable now, .*: {gone}$"):
+        read = resolve_training_data(folder, config, recorded_split=recorded)
+    assert _held_out(read) == recorded["held_out"][1:]
+    assert len(read.train) == len(drawn.train) + len(read.classes)  # the added ones train
+    assert not {p for p, _ in read.train} & {p for p, _ in read.val}
+
+
+def test_a_fold_run_records_the_folds_held_out_files(tiny_world, tmp_path):
+    folds = make_folds(tiny_world.train_dir, 2, seed=0)
+    train_folds(tiny_world.train_dir, tmp_path / "cv", 2, epochs=1, **FAST)
+    for i, fold in enumerate(folds, start=1):
+        split = json.loads((tmp_path / "cv" / f"fold_{i}" / "config.json").read_text(encoding="utf-8"))["split"]
+        assert split["method"] == "fold" and split["held_out"] == _held_out(fold)
+        # calibrate reads the fold's held-out images, not a val_split draw (part of which trained it)
+        read = resolve_training_data(tiny_world.train_dir, TrainConfig(**FAST), recorded_split=split)
+        assert _held_out(read) == _held_out(fold)

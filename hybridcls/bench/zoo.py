@@ -310,7 +310,8 @@ def _extract(out: Path, world: Any, run_dir: Path, clip_id: str, *, cache_dir: s
     # The split calibrate() reads: the one the run recorded (HybridClassifier.calibrate).
     config = TrainConfig.from_dict(clf.checkpoint_config_.get("train", {})).replace(
         workers=workers, progress=progress)
-    data = resolve_training_data(world.train_dir, config, previous_check=recorded_image_check(run_dir))
+    data = resolve_training_data(world.train_dir, config, previous_check=recorded_image_check(run_dir),
+                                 recorded_split=clf.checkpoint_config_.get("split"))
     test_sources, y_test = labelled_test_set(world, clf)
     parts = {"train": ([p for p, _ in data.train], [y for _, y in data.train]),
              "val": ([p for p, _ in data.val], [y for _, y in data.val]),

@@ -12,7 +12,8 @@ preprocessing and its class names without the training data::
      "weights": {"source": "timm", "tag": "fb_in22k_ft_in1k", "file": null},
      "train": {...},                            # the TrainConfig of the run
      "data_dir": "/abs/data/train",             # the training folder, made absolute
-     "split": {"method": "val_split", "fraction": 0.15, "seed": 0}}  # how validation was held out
+     "split": {"method": "val_split", "fraction": 0.15, "seed": 0,   # how validation was held out
+               "held_out": ["antelope/10021.jpg", ...]}}  # and which files (train.data.split_record)
 
 ``model.safetensors`` holds the model's state dict (backbone + head). Both
 files are written atomically (temporary file, then rename), and loading only

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from hybridcls.data import (
     stratified_split,
 )
 from hybridcls.data import make_loader as make_image_loader
-from hybridcls.errors import CheckpointError, DatasetError
+from hybridcls.errors import CheckpointError, DatasetError, MissingDataWarning
 from hybridcls.supervised import timm_data_config
 from hybridcls.train.config import TrainConfig
 from hybridcls.train.state import STATE_JSON_FILE
@@ -189,8 +190,40 @@ def recorded_image_check(run_dir: str | Path) -> ImageCheck | None:
     return ImageCheck.from_dict(info.get("image_check")) if isinstance(info, dict) else None
 
 
+def _relative(path: str, root: str) -> str:
+    """``path`` relative to ``root`` with ``/`` separators: how a run records its held-out files."""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def split_record(data: TrainingData) -> dict[str, Any]:
+    """``data.split`` as a run records it: with the held-out files (``held_out``, paths relative
+    to the training folder, sorted) unless a ``val_dir`` folder held them out.
+
+    A split drawn again from the folder is not the same split once a file was added, removed or
+    became unreadable (the draw is over the whole list), and a fold's is not drawn from
+    ``val_split`` at all; images that trained the model would then set the gate's thresholds.
+    :func:`resolve_training_data` reads the recorded list back (``held_out``).
+    """
+    if data.split.get("method") == "val_dir":
+        return dict(data.split)
+    return {**data.split, "held_out": sorted(_relative(p, data.root) for p, _ in data.val)}
+
+
+def _recorded_split(index: Any, held_out: Sequence[str]) -> tuple[Samples, Samples, list[str]]:
+    """``(train, val, missing)``: the folder's readable samples on the sides the run recorded;
+    ``missing``: recorded held-out files that are not among them now (removed, or unreadable)."""
+    wanted = set(held_out)
+    train: Samples = []
+    val: Samples = []
+    for path, label in index.samples:
+        (val if _relative(path, index.root) in wanted else train).append((path, label))
+    found = {_relative(p, index.root) for p, _ in val}
+    return train, val, [p for p in held_out if p not in found]
+
+
 def resolve_training_data(
-    data_dir: str | Path, config: TrainConfig, *, previous_check: ImageCheck | None = None
+    data_dir: str | Path, config: TrainConfig, *, previous_check: ImageCheck | None = None,
+    recorded_split: Mapping[str, Any] | None = None,
 ) -> TrainingData:
     """Scan the training folder (and the ``val_dir`` folder), check every image, split.
 
@@ -203,6 +236,12 @@ def resolve_training_data(
         data_dir: ImageFolder-style folder, one subfolder per class.
         config: Uses ``val_dir``, ``val_split``, ``seed``, ``workers`` and ``progress``.
         previous_check: The check a resumed run recorded, reused if the files are unchanged.
+        recorded_split: The split a run recorded (its ``config.json``'s ``split``,
+            :func:`split_record`). With its ``held_out`` files, they validate and every other
+            readable image trains, whatever the folder holds now; recorded files missing or
+            unreadable now are named in a :class:`~hybridcls.errors.MissingDataWarning`.
+            Without (``None``, a ``val_dir`` run, or a run trained before runs recorded
+            them): the folder is split again (``val_split``, ``seed``).
 
     Returns:
         The classes, the training / validation samples and the check.
@@ -231,6 +270,17 @@ def resolve_training_data(
         paths, workers=config.workers, progress=config.progress, previous=previous_check
     )
     index = drop_unreadable(index, check.unreadable)
+    held_out = None if recorded_split is None else recorded_split.get("held_out")
+    if val_index is None and held_out is not None:
+        held_out = [str(p) for p in held_out]
+        train, val, missing = _recorded_split(index, held_out)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            warnings.warn(f"{index.root}: {len(missing)} of the {len(held_out)} images the run held "
+                          f"out are missing or unreadable now, and are left out: {shown}",
+                          MissingDataWarning, stacklevel=2)
+        assert recorded_split is not None
+        return TrainingData(index.classes, train, val, index.root, dict(recorded_split), check)
     if val_index is None:
         train, val = stratified_split(
             index.samples,

@@ -36,7 +36,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
-from hybridcls.cache import atomic_write_json
+from hybridcls.cache import atomic_write_json, read_json
 from hybridcls.data import Batch, scan_image_folder
 from hybridcls.device import resolve_device
 from hybridcls.errors import CheckpointError, DatasetError, InputError, ParameterError
@@ -58,6 +58,7 @@ from hybridcls.train.data import (
     make_loader,
     resolve_training_data,
     seed_everything,
+    split_record,
 )
 from hybridcls.train.distributed import (
     DistributedBalancedSampler,
@@ -217,7 +218,7 @@ class Trainer:
             train=cfg.to_dict(),
             # absolute: a relative folder would be read against whatever folder predict runs in
             data_dir=os.path.abspath(data.root),
-            split=data.split,
+            split=split_record(data),
         )
         self.train_transform = build_train_transform(data_config, cfg)
         self.eval_transform = build_eval_transform(self.checkpoint_config)
@@ -717,6 +718,9 @@ def train(
         if state is not None:
             _check_resumed_classes(run_dir, state, data_dir)
             previous = ImageCheck.from_dict(state.info.get("image_check"))
-        data = resolve_training_data(data_dir, config, previous_check=previous)
+        # a resumed run validates on the images it held out, even if the folder changed since
+        recorded = (read_json(run_dir / CONFIG_FILE).get("split")
+                    if state is not None and (run_dir / CONFIG_FILE).is_file() else None)
+        data = resolve_training_data(data_dir, config, previous_check=previous, recorded_split=recorded)
         trainer = Trainer(run_dir, config, data, resume_state=state, on_epoch_end=on_epoch_end)
         return trainer.fit()
