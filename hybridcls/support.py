@@ -273,12 +273,13 @@ def _each_image_once(clf: Predictor, known: Sequence[tuple[str, int]],
             image of the same content, and both classes named).
 
     Warns:
-        HybridclsWarning: Names the images given more than once, which are kept once.
+        HybridclsWarning: Names the images given more than once, which are kept once; not an
+            image given before under the same path (a support folder given again after images
+            were added to it, the documented way to add them).
     """
     kept: list[tuple[str, int]] = []
     first: dict[str, tuple[str, int]] = {}  # a path or a content key -> the first (path, label)
     repeated: list[str] = []
-    again = False  # an image given before is given again (a folder added twice)
     for i, (path, label) in enumerate([*known, *new]):
         where = os.path.normcase(os.path.abspath(path))
         content = f"sha256:{_fingerprint(clf, path)}"
@@ -294,15 +295,15 @@ def _each_image_once(clf: Predictor, known: Sequence[tuple[str, int]],
             raise ParameterError("support", path, f"{same} and is given for "
                                  f"{clf.classes_[label]!r} as well as {clf.classes_[seen[1]]!r}: "
                                  "an image is support for one class")
+        if i >= len(known) and seen[0] == path and seen in known:
+            # a folder given again after images were added to it: the ones given before stay
+            continue
         repeated.append(f"{path} ({same})")
-        again = again or (i >= len(known) and seen in known)
     if repeated:
         shown = "; ".join(repeated[:10]) + (f"; ... and {len(repeated) - 10} more"
                                              if len(repeated) > 10 else "")
-        hint = (" (the images given before stay; replace=True starts a new support set)"
-                if again else "")
         warnings.warn(f"{len(repeated)} support image(s) given more than once are used once: "
-                      f"{shown}{hint}", HybridclsWarning, stacklevel=3)
+                      f"{shown}", HybridclsWarning, stacklevel=3)
     return kept
 
 
