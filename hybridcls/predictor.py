@@ -231,6 +231,9 @@ class Predictor:
         Raises:
             DatasetError: A missing or empty class folder, or an image that does not decode.
             PromptFileError: A class that matches no line of the prompts file.
+            ParameterError: A class given with an empty list of images, or an image (by path
+                or by content) given for two classes; an image given twice for one class is
+                used once, with a warning naming it.
             CheckpointError: A hybrid whose run is not calibrated yet.
 
         Example:

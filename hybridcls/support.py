@@ -34,6 +34,7 @@ from hybridcls.data import Source, drop_unreadable, find_unreadable, scan_image_
 from hybridcls.errors import (
     CheckpointError,
     DatasetError,
+    HybridclsWarning,
     MissingDataWarning,
     ParameterError,
     PromptFileError,
@@ -74,6 +75,7 @@ def support_samples(source: SupportSource, prompts: PromptSet, *, workers: int =
             file that does not decode (named, with the reason).
         PromptFileError: A class that matches no line of the prompts file (names the folder
             or the class), or two that match the same line.
+        ParameterError: A mapping's class with an empty list of images (named), or no image.
     """
     if isinstance(source, (str, os.PathLike)):
         index = scan_image_folder(source, role="support folder", min_classes=1, parameter="support")
@@ -86,10 +88,7 @@ def support_samples(source: SupportSource, prompts: PromptSet, *, workers: int =
     else:
         pairs = _pairs(source)
         if not pairs:
-            empty = [c for c, paths in source.items() if not paths] if isinstance(source, Mapping) else []
-            raise ParameterError("support", f"{type(source).__name__} of no image",
-                                 "no support image given" + (f" (class {empty[0]!r} has an empty "
-                                                             "list)" if empty else ""))
+            raise ParameterError("support", source, "no support image given")
         names = sorted({c for _, c in pairs})
         labels = _match([(n, n) for n in names], prompts, "support class")
         samples = [(p, labels[names.index(c)]) for p, c in pairs]
@@ -117,6 +116,10 @@ def _pairs(source: Any) -> list[tuple[str, str]]:
     if isinstance(source, Mapping):
         if not all(isinstance(v, (list, tuple)) for v in source.values()):
             raise malformed()
+        empty = {str(c): [] for c, paths in source.items() if not paths}
+        if empty:  # a class named without images is a mistake, not a class to drop
+            raise ParameterError("support", empty, f"class(es) {', '.join(map(repr, empty))} "
+                                 "given with no image: give their images or leave them out")
         return [(str(p), str(c)) for c, paths in source.items() for p in paths]
     if not isinstance(source, (list, tuple)) or not all(
             isinstance(pc, (list, tuple)) and len(pc) == 2 for pc in source):
@@ -168,8 +171,7 @@ def embed_cached(clf: Predictor, paths: Sequence[str], *, desc: str = "support"
     """
     folder = resolve_cache_dir(clf.engine_.settings.cache_dir) / SUPPORT_CACHE_DIR
     tower = _tower_key(clf)
-    cache_dir = clf.engine_.settings.cache_dir
-    files = [folder / f"{stable_hash({**tower, 'sha256': file_fingerprint(p, cache_dir=cache_dir)})}.safetensors"
+    files = [folder / f"{stable_hash({**tower, 'sha256': _fingerprint(clf, p)})}.safetensors"
              for p in paths]
     todo = [i for i, f in enumerate(files) if not f.is_file()]
     fresh: dict[int, BranchOutputs] = {}  # the images the towers ran on now, by position
@@ -199,10 +201,16 @@ def embed_cached(clf: Predictor, paths: Sequence[str], *, desc: str = "support"
     return out, len(todo)
 
 
-def _held_out(clf: Predictor) -> tuple[BranchOutputs | None, np.ndarray | None]:
+def _held_out(clf: Predictor, support_paths: Sequence[str]
+              ) -> tuple[BranchOutputs | None, np.ndarray | None]:
     """A hybrid's held-out seen images (outputs, seen-class indices) when its training folder is
     at hand; ``(None, None)`` for a zero-shot classifier, or (with a
-    :class:`~hybridcls.errors.MissingDataWarning`) a run whose folder is not here."""
+    :class:`~hybridcls.errors.MissingDataWarning`) a run whose folder is not here.
+
+    A held-out image with the content of a support image (one copied into the support
+    folder) is left out, with a :class:`~hybridcls.errors.HybridclsWarning` naming both: it
+    would find itself in the cache at affinity 1.
+    """
     if getattr(clf, "checkpoint_config_", None) is None:  # zero-shot: no held-out seen images
         return None, None
     data_dir = clf._training_folder()
@@ -215,6 +223,18 @@ def _held_out(clf: Predictor) -> tuple[BranchOutputs | None, np.ndarray | None]:
                       MissingDataWarning, stacklevel=2)
         return None, None
     val = clf._training_data(None).val
+    support = {_fingerprint(clf, p): p for p in support_paths}
+    copies = [(p, support[fp]) for p, _ in val if (fp := _fingerprint(clf, p)) in support]
+    if copies:
+        shown = "; ".join(f"{p} (= {twin})" for p, twin in copies[:10]) + (
+            f"; ... and {len(copies) - 10} more" if len(copies) > 10 else "")
+        warnings.warn(f"{len(copies)} held-out seen image(s) are also support images (the same "
+                      f"content) and are left out of the support fit: {shown}", HybridclsWarning,
+                      stacklevel=3)
+        left = {p for p, _ in copies}
+        val = [(p, y) for p, y in val if p not in left]
+        if not val:
+            return None, None
     outputs, _ = embed_cached(clf, [p for p, _ in val], desc="support: held-out")
     return outputs, np.array([y for _, y in val], dtype=np.int64)
 
@@ -235,14 +255,61 @@ def add_support(clf: Predictor, source: SupportSource, *, replace: bool = False)
                              "to start a new support set (give the old images again to keep them)")
     new = support_samples(source, clf.engine_.clip.prompts, workers=settings.workers,
                           progress=settings.progress)
-    known = {} if replace else dict(getattr(clf, "support_samples_", []))
-    for path, label in new:
-        if known.get(path, label) != label:
-            raise DatasetError(f"{path}: given as support for {clf.classes_[known[path]]!r} "
-                               f"and for {clf.classes_[label]!r}")
-        known[path] = label
-    clf.support_samples_ = list(known.items())
+    known = [] if replace else list(getattr(clf, "support_samples_", []))
+    clf.support_samples_ = _each_image_once(clf, known, new)
     return refit_support(clf)
+
+
+def _each_image_once(clf: Predictor, known: Sequence[tuple[str, int]],
+                     new: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The support images given before (``known``) and now (``new``), each image once: the first
+    of the same path (however spelt) or the same content (SHA-256) is kept.
+
+    An image in the cache twice would find itself at affinity 1 in the leave-one-out fit,
+    which then measures nothing (``alpha`` grows without reason).
+
+    Raises:
+        ParameterError: An image given for two classes (the path, or the path of the first
+            image of the same content, and both classes named).
+
+    Warns:
+        HybridclsWarning: Names the images given more than once, which are kept once; not an
+            image given before under the same path (a support folder given again after images
+            were added to it, the documented way to add them).
+    """
+    kept: list[tuple[str, int]] = []
+    first: dict[str, tuple[str, int]] = {}  # a path or a content key -> the first (path, label)
+    repeated: list[str] = []
+    for i, (path, label) in enumerate([*known, *new]):
+        where = os.path.normcase(os.path.abspath(path))
+        content = f"sha256:{_fingerprint(clf, path)}"
+        by_path = first.get(where)
+        seen = by_path or first.get(content)
+        if seen is None:
+            first[where] = first[content] = (path, label)
+            kept.append((path, label))
+            continue
+        same = ("given again" if seen[0] == path else f"is the file {seen[0]}" if by_path
+                else f"has the same content as {seen[0]}")
+        if seen[1] != label:
+            raise ParameterError("support", path, f"{same} and is given for "
+                                 f"{clf.classes_[label]!r} as well as {clf.classes_[seen[1]]!r}: "
+                                 "an image is support for one class")
+        if i >= len(known) and seen[0] == path and seen in known:
+            # a folder given again after images were added to it: the ones given before stay
+            continue
+        repeated.append(f"{path} ({same})")
+    if repeated:
+        shown = "; ".join(repeated[:10]) + (f"; ... and {len(repeated) - 10} more"
+                                             if len(repeated) > 10 else "")
+        warnings.warn(f"{len(repeated)} support image(s) given more than once are used once: "
+                      f"{shown}", HybridclsWarning, stacklevel=3)
+    return kept
+
+
+def _fingerprint(clf: Predictor, path: str) -> str:
+    """The SHA-256 of an image file, as the support cache keys it (remembered per process)."""
+    return file_fingerprint(path, cache_dir=clf.engine_.settings.cache_dir)
 
 
 def refit_support(clf: Predictor) -> Predictor:
@@ -255,7 +322,7 @@ def refit_support(clf: Predictor) -> Predictor:
         raise CheckpointError("support images need a calibrated gate: calibrate the run first "
                               "(HybridClassifier.calibrate())")
     support, encoded = embed_cached(clf, [p for p, _ in samples])
-    held_out, y_held_out = _held_out(clf)
+    held_out, y_held_out = _held_out(clf, [p for p, _ in samples])
     clf.support_encoded_ = encoded
     clf.gate_ = gate.with_support(support, [y for _, y in samples],
                                   class_names=[str(c) for c in clf.classes_],

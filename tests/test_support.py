@@ -63,6 +63,47 @@ def test_leave_one_out_drops_the_own_entry_and_its_count():
     assert support_term(keys[[0]], keys, labels, 3, beta=2.0, leave_out=[0])[0].tolist() == [0.0, 0.0, 0.0]
 
 
+def test_unequal_class_counts_give_the_documented_class_mean_not_tip_adapters_sum():
+    # class 0 has three support images (0, 30, 60 degrees), class 1 one (90 degrees); a query at
+    # 80 degrees sits 10 degrees from class 1's image. The module docstring's rule, beta = 1:
+    # m_c = mean over class c's images of exp(-(1 - cos)), t_c = m_c - (m_0 + m_1) / 2.
+    keys = _unit(0, 30, 60, 90)
+    labels = np.array([0, 0, 0, 1])
+    aff = [math.exp(-(1 - math.cos(math.radians(d)))) for d in (80, 50, 20, 10)]
+    m0, m1 = sum(aff[:3]) / 3, aff[3]
+    term = support_term(_unit(80), keys, labels, 2, beta=1.0)
+    assert term[0].tolist() == pytest.approx([(m0 - m1) / 2, (m1 - m0) / 2])
+    assert term[0].argmax() == 1  # the class of the nearest image
+    # Tip-Adapter's sum A @ L would favour the class with more images here
+    assert sum(aff[:3]) > aff[3]
+    # alpha times that term is what the adapter adds to the zero-shot logits
+    adapter = SupportAdapter(keys, labels, 2, alpha=2.0, beta=1.0)
+    assert adapter.apply(np.array([[1.0, 0.0]]), _unit(80))[0].tolist() == pytest.approx(
+        [1.0 + (m0 - m1), m1 - m0])
+    # leave-one-out with unequal counts: the image at 60 degrees, its entry left out, class 0
+    # holds two images (60 and 30 degrees away) and class 1 one (30 degrees away)
+    a60, a30 = math.exp(-0.5), math.exp(-(1 - math.cos(math.radians(30))))
+    loo = support_term(keys[[2]], keys, labels, 2, beta=1.0, leave_out=[2])
+    l0, l1 = (a60 + a30) / 2, a30
+    assert loo[0].tolist() == pytest.approx([(l0 - l1) / 2, (l1 - l0) / 2])
+
+
+def test_grid_search_breaks_an_exact_tie_by_the_smaller_alpha():
+    from hybridcls.gate.cache_branch import grid_search
+
+    # term(beta) = beta * T: alpha 1 with beta 2 and alpha 2 with beta 1 give the same logits,
+    # bit for bit (powers of two). Added weight p: image 0 (class 0) gains p on class 0, image 1
+    # (class 1, logit 3.5) too, so p = 2 fits best of 1, 2, 4 (4 makes image 1 wrong)
+    z = np.array([[0.0, 0.0], [0.0, 3.5]])
+    y = np.array([0, 1])
+    t = np.array([[1.0, 0.0], [1.0, 0.0]])
+    # beta 1 is tried first, and with it alpha 2: the tie still goes to the smaller alpha
+    assert grid_search(z, y, lambda b: b * t, 1.0, [2.0, 1.0], [1.0, 2.0]) == (1.0, 1.0, 2.0)
+    assert grid_search(z, y, lambda b: b * t, 1.0, [1.0, 2.0], [1.0, 2.0]) == (1.0, 1.0, 2.0)
+    # equal alphas (the term is zero): the first beta of the grid
+    assert grid_search(z, y, lambda b: 0 * t, 1.0, [1.0, 0.0], [5.0, 1.0]) == (1.0, 0.0, 5.0)
+
+
 def test_fit_uses_leave_one_out_and_needs_a_second_image_per_class():
     # two classes, two support images each, clustered; the zero-shot logits favour class 0
     keys = _unit(0, 10, 80, 90)
@@ -95,6 +136,19 @@ def test_a_one_sided_fit_keeps_alpha_small():
     assert two.alpha_rel > ONE_SIDED_MAX_ALPHA
 
 
+def test_the_cap_applies_whenever_some_class_has_no_support_image():
+    from hybridcls.gate.support import ONE_SIDED_MAX_ALPHA
+
+    # as above, plus a fitting image of class 0, which has no support image (leave_out -1):
+    # the cap still applies, since nothing measures what a larger alpha costs class 0's images
+    keys = _unit(0, 10, 80, 90)
+    y = np.array([1, 1, 2, 2, 0])
+    z = np.tile([[3.0, 0.0, 0.0]], (5, 1))
+    emb = np.concatenate([keys, _unit(45)])
+    fitted = fit_support_adapter(z, emb, y, keys, y[:4], leave_out=[0, 1, 2, 3, -1])
+    assert 0.0 < fitted.alpha_rel <= ONE_SIDED_MAX_ALPHA
+
+
 def test_zero_shot_gate_with_support_and_record():
     keys = _unit(0, 10, 80, 90)
     y = np.array([0, 0, 1, 1])
@@ -115,6 +169,7 @@ def _manual_gate() -> Gate:
     return Gate.from_calibration(cal, n_seen=1)
 
 
+@pytest.mark.filterwarnings("ignore:support images. the gate keeps its threshold")
 def test_fitted_gate_with_support_saves_and_loads(tmp_path):
     keys = _unit(0, 5, 80, 85, 40)
     y = np.array([1, 1, 2, 2, 0])  # two unseen classes with two images each, one seen image
@@ -144,6 +199,75 @@ def test_fitted_gate_with_support_saves_and_loads(tmp_path):
         transductive.with_support(support, y, class_names=["s", "u1", "u2"])
 
 
+def _tpr_gate() -> Gate:
+    # as _manual_gate, but calibrated at a TPR (not set by hand)
+    cal = GateCalibration(score="clip_margin", mode="hard", threshold=0.0, tpr=0.95, method="tpr")
+    return Gate.from_calibration(cal, n_seen=1)
+
+
+def _seen_outputs(n: int) -> BranchOutputs:
+    rng = np.random.default_rng(0)
+    return BranchOutputs(sup_logits=np.zeros((n, 1)), sup_features=np.zeros((n, 2)),
+                         clip_logits=rng.normal(size=(n, 3)), clip_embeddings=_unit(*rng.uniform(30, 60, n)))
+
+
+def test_threshold_is_set_again_only_from_enough_seen_images():
+    from hybridcls.errors import HybridclsWarning
+
+    keys = _unit(0, 5, 80, 85)
+    y = np.array([1, 1, 2, 2])  # two unseen classes with two images each, no seen image
+    support = BranchOutputs(sup_logits=np.zeros((4, 1)), sup_features=np.zeros((4, 2)),
+                            clip_logits=np.tile([[0.0, 1.0, 1.0]], (4, 1)), clip_embeddings=keys)
+    one = BranchOutputs.concat([support, _seen_outputs(1)])
+    # one seen support image and no held-out images: the calibrated threshold stays
+    with pytest.warns(HybridclsWarning) as caught:
+        gate = _tpr_gate().with_support(one, [1, 1, 2, 2, 0], class_names=["s", "u1", "u2"])
+    reason = ("1 seen image(s) (held-out and seen-class support images) are too few to set one at "
+              "tpr=0.95, which needs at least 100 seen images (5 above the threshold); give the "
+              "held-out seen images (held_out=) or more support images of seen classes")
+    assert [str(w.message) for w in caught] == [
+        f"support images: the gate keeps its threshold 0 (score clip_margin): {reason}"]
+    assert gate.calibration_.threshold == 0.0 and gate.calibration_.tpr == 0.95
+    assert gate.calibration_.support["threshold_from"] == f"calibration, kept: {reason}"
+    # held-out seen images: 99 leave 4.95 above a 0.95 quantile, too few; 100 leave 5
+    with pytest.warns(HybridclsWarning, match="99 seen image"):
+        kept = _tpr_gate().with_support(support, y, class_names=["s", "u1", "u2"],
+                                        held_out=_seen_outputs(99), y_held_out=np.zeros(99))
+    assert kept.calibration_.threshold == 0.0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HybridclsWarning)
+        set_again = _tpr_gate().with_support(support, y, class_names=["s", "u1", "u2"],
+                                             held_out=_seen_outputs(100), y_held_out=np.zeros(100))
+    rec = set_again.calibration_.support
+    assert rec["n_seen_images"] == 100
+    assert rec["threshold_from"] == "H on the seen images and the unseen classes' support images"
+    assert set_again.calibration_.threshold != 0.0
+    # the same 100 seen images as support images, without held-out ones: set again, and said
+    hundred = BranchOutputs.concat([support, _seen_outputs(100)])
+    with pytest.warns(HybridclsWarning, match=r"^support images: the gate's threshold is set again "
+                      r"\(tpr=0\.\d+\) on the 100 seen-class support images alone, without "
+                      r"held-out seen images \(held_out=None\)$"):
+        _tpr_gate().with_support(hundred, [1, 1, 2, 2, *[0] * 100], class_names=["s", "u1", "u2"])
+
+
+def test_a_threshold_set_by_hand_is_kept_with_a_warning():
+    from hybridcls.errors import HybridclsWarning
+
+    keys = _unit(0, 5, 80, 85)
+    support = BranchOutputs(sup_logits=np.zeros((4, 1)), sup_features=np.zeros((4, 2)),
+                            clip_logits=np.tile([[0.0, 1.0, 1.0]], (4, 1)), clip_embeddings=keys)
+    # 100 held-out seen images would be enough to set it again: a hand-set one stays
+    with pytest.warns(HybridclsWarning, match=r"keeps its threshold 0 \(score clip_margin\): it was "
+                      r"set by hand \(method='manual'\) and is not fitted again"):
+        gate = _manual_gate().with_support(support, [1, 1, 2, 2], class_names=["s", "u1", "u2"],
+                                           held_out=_seen_outputs(100), y_held_out=np.zeros(100))
+    assert gate.calibration_.threshold == 0.0 and gate.calibration_.method == "manual"
+    assert gate.calibration_.support["threshold_from"].startswith("calibration, kept: it was set by hand")
+    assert gate.support_ is not None  # the cache is joined all the same
+
+
+@pytest.mark.filterwarnings("ignore:support images. the gate keeps its threshold")
 def test_backbone_cache_tells_apart_what_clip_cannot(tmp_path):
     # CLIP sees the two unseen classes alike (same embedding, tied logits); the backbone's
     # features tell them apart: only the second cache, keyed on those, can separate them
@@ -241,7 +365,19 @@ def test_support_given_as_something_else_names_the_parameter():
         support_samples(42, PROMPTS)
     with pytest.raises(ParameterError, match=r"^support=.*: expected a folder, a mapping"):
         support_samples({"green star": "1.png"}, PROMPTS)  # a path, not a list of paths
-    with pytest.raises(ParameterError, match=r"no support image given \(class 'green star' has an empty list\)"):
+    with pytest.raises(ParameterError, match=r"^support=\{\}: no support image given$"):
+        support_samples({}, PROMPTS)
+
+
+def test_a_class_with_an_empty_list_is_refused_by_name(tmp_path):
+    from hybridcls.errors import ParameterError
+
+    red = str(_image(tmp_path / "red.png"))
+    with pytest.raises(ParameterError) as caught:
+        support_samples({"red circle": [red], "green star": []}, PROMPTS)
+    assert str(caught.value) == ("support={'green star': []}: class(es) 'green star' given with no "
+                                 "image: give their images or leave them out")
+    with pytest.raises(ParameterError, match=r"class\(es\) 'green star' given with no image"):
         support_samples({"green star": []}, PROMPTS)
 
 
@@ -281,12 +417,67 @@ def test_cache_reembeds_only_new_images(tiny_hybrid, tmp_path):
     for name in world.unseen_classes:
         sub = name.replace(" ", "_")
         shutil.copy(rendered / sub / "0002.png", folder / sub / "0002.png")
-    clf.add_support(folder)
+    import warnings
+
+    from hybridcls.errors import HybridclsWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HybridclsWarning)  # the documented way: no warning
+        clf.add_support(folder)  # the folder again: the images already given stay, once
     assert clf.support_encoded_ == n_unseen
     assert clf.gate_summary()["support"]["counts"] == {name: 3 for name in world.unseen_classes}
-    # the same bytes under other paths (another copy of the folder) are not encoded again
-    clf.add_support(rendered)
+    # the same bytes under other paths (another copy of the folder) are the same images: used
+    # once (the first given), named in a warning, and not encoded again
+    with pytest.warns(HybridclsWarning, match=rf"^{3 * n_unseen} support image\(s\) given more than "
+                      r"once are used once: .*0000\.png \(has the same content as "):
+        clf.add_support(rendered)
     assert clf.support_encoded_ == 0
+    assert clf.gate_summary()["support"]["counts"] == {name: 3 for name in world.unseen_classes}
+    assert all(str(folder) in p for p, _ in clf.support_samples_)
+
+
+def _zero_shot(tmp_path):
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+    from hybridcls.zeroshot.classifier import ZeroShotClassifier
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle\nblue square\ngreen star\n", encoding="utf-8")
+    return ZeroShotClassifier(clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None, prompts=prompts,
+                              templates=["a photo of a {}."], device="cpu", workers=0,
+                              progress=False, cache_dir=tmp_path / "cache").fit()
+
+
+def test_an_image_given_twice_is_used_once_and_for_two_classes_refused(tmp_path):
+    from hybridcls.errors import HybridclsWarning, ParameterError
+
+    clf = _zero_shot(tmp_path)
+    red = str(_image(tmp_path / "red.png"))
+    green = str(_image(tmp_path / "green.png", (10, 200, 10)))
+    copy = tmp_path / "copy" / "red.png"  # the same bytes under another path
+    copy.parent.mkdir()
+    shutil.copy(red, copy)
+    with pytest.warns(HybridclsWarning) as caught:
+        clf.add_support({"red circle": [red, red], "green star": [green]})
+    assert [str(w.message) for w in caught] == [
+        f"1 support image(s) given more than once are used once: {red} (given again)"]
+    assert clf.support_samples_ == [(red, 0), (green, 2)]
+    assert clf.gate_.support_.counts.tolist() == [1, 0, 1]
+    # added again, under another path: the first stays, the cache holds each image once
+    with pytest.warns(HybridclsWarning) as caught:
+        clf.add_support([(str(copy), "red circle"), (green, "green star")])
+    assert [str(w.message) for w in caught] == [
+        f"1 support image(s) given more than once are used once: {copy} (has the same content "
+        f"as {red})"]
+    assert clf.support_samples_ == [(red, 0), (green, 2)]
+    assert len(clf.gate_.support_.keys) == 2
+    # the same image for two classes: refused, by path or by content, nothing changed
+    with pytest.raises(ParameterError) as by_path:
+        clf.add_support([(red, "green star")])
+    assert str(by_path.value) == (f"support={red!r}: given again and is given for 'green star' as "
+                                  "well as 'red circle': an image is support for one class")
+    with pytest.raises(ParameterError, match=rf"^support={str(copy)!r}: has the same content as "
+                       rf"{red} and is given for 'blue square' as well as 'red circle'"):
+        clf.add_support({"blue square": [str(copy)]})
+    assert clf.support_samples_ == [(red, 0), (green, 2)]
 
 
 # ------------------------------------------------------------------ the synthetic world
@@ -392,6 +583,34 @@ def test_world_k5_support_measured(world_run, tmp_path):
     assert u5 >= 0.97 - 1 / n_unseen_test and u5 >= u0 + 0.02
     assert u5 >= u5_clip + 0.02
     assert h5 >= 0.9656 - 1 / n_unseen_test and h5 >= h0 + 0.01
+
+
+def test_a_held_out_image_copied_into_the_support_folder_leaves_the_fit(tiny_hybrid, tmp_path):
+    """Its copy is in the cache: as a held-out image it would find itself at affinity 1."""
+    import os
+
+    from hybridcls.errors import HybridclsWarning
+    from hybridcls.hybrid import HybridClassifier
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+    from hybridcls.synth.support import render_support
+
+    world = tiny_hybrid["world"]
+    folder = render_support(world, tmp_path / "support", 2)
+    kwargs = {"clip_model": TINY_CLIP_MODEL_ID, "clip_pretrained": None, "device": "cpu",
+              "templates": world.templates_file, "workers": 0, "progress": False,
+              "cache_dir": tmp_path / "cache"}
+    clf = HybridClassifier(**kwargs).load_run(tiny_hybrid["run"], world.prompts_file)
+    val = clf._training_data(None).val
+    held, _ = val[0]
+    twin = folder / os.path.basename(os.path.dirname(held)) / "copy.png"
+    twin.parent.mkdir()
+    shutil.copy(held, twin)
+    with pytest.warns(HybridclsWarning) as caught:
+        clf.add_support(folder)
+    assert (f"1 held-out seen image(s) are also support images (the same content) and are left "
+            f"out of the support fit: {held} (= {twin})") in [str(w.message) for w in caught]
+    # the held-out images less the copy, plus the copy as a seen-class support image
+    assert clf.gate_.calibration_.support["n_seen_images"] == len(val) - 1 + 1
 
 
 def test_a_support_folder_fingerprint_sees_every_image_below_it(tmp_path):

@@ -21,7 +21,7 @@ Two departures from Tip-Adapter, both about scale:
 
 ``alpha`` and ``beta`` are fitted by grid search on held-out seen images
 (never in the cache): highest accuracy, ties broken by the lower
-cross-entropy. ``auto`` keeps the branch only when it raises that accuracy.
+cross-entropy, then the smaller ``alpha`` (:func:`grid_search`). ``auto`` keeps the branch only when it raises that accuracy.
 Works on arrays (and an :class:`~hybridcls.index.EmbeddingIndex`) only.
 """
 
@@ -175,22 +175,30 @@ def grid_search(logits: np.ndarray, y: np.ndarray, term: Callable[[float], np.nd
         y: ``[N]`` the images' classes.
         term: ``beta -> [N, K]`` cache evidence (:func:`cache_logits` of a search).
         scale: The unit of ``alpha_rel`` (a standard deviation of ``logits``).
-        alpha_grid: ``alpha_rel`` candidates, tried in this order for each ``beta``.
+        alpha_grid: ``alpha_rel`` candidates, in any order.
         beta_grid: ``beta`` candidates.
 
     Returns:
         ``(accuracy, alpha_rel, beta)``: highest accuracy, ties broken by the lower
-        cross-entropy, then by the first tried.
+        cross-entropy, then by the smaller ``alpha_rel`` (the weaker cache: what the
+        labelled images cannot tell apart is not taken on trust), then by the ``beta``
+        first in ``beta_grid``.
+
+    Example:
+        >>> z, y = np.zeros((1, 2)), np.array([0])
+        >>> grid_search(z, y, lambda b: np.zeros((1, 2)), 1.0, [4.0, 1.0], [2.0, 1.0])
+        (1.0, 1.0, 2.0)
     """
-    best: tuple[float, float, float, float] | None = None  # (acc, -loss, alpha_rel, beta)
-    for beta in beta_grid:
-        t = term(beta)
+    best: tuple[float, float, float, int] | None = None  # (acc, -loss, -alpha_rel, -beta position)
+    for j, beta in enumerate(beta_grid):
+        t = term(beta)  # one term per beta: the costly part
         for a in alpha_grid:
             acc, loss = _accuracy_and_loss(logits + a * scale * t, y)
-            if best is None or (acc, -loss) > best[:2]:
-                best = (acc, -loss, float(a), float(beta))
+            key = (acc, -loss, -float(a), -j)
+            if best is None or key > best:
+                best = key
     assert best is not None
-    return best[0], best[2], best[3]
+    return best[0], -best[2], float(beta_grid[-best[3]])
 
 
 def fit_cache_branch(
@@ -218,7 +226,7 @@ def fit_cache_branch(
         k: Neighbours read per query, at most the cache's size.
 
     Returns:
-        The best setting by accuracy (ties: lower cross-entropy), with the
+        The best setting by accuracy (ties: :func:`grid_search`'s order), with the
         accuracies with and without it; its ``k`` is the one used,
         ``min(k, index.ntotal)``, so that the file says what predictions read.
 

@@ -65,6 +65,7 @@ __all__ = [
     "GateCalibration",
     "apply_transductive",
     "bounded_neighbour_k",
+    "can_set_threshold",
     "finalize",
     "fit_temperature",
     "from_candidate",
@@ -230,8 +231,19 @@ def usable_tpr_levels(tpr_grid: Sequence[float], n_seen_images: int) -> list[flo
         >>> usable_tpr_levels([0.9, 0.95, 0.975, 0.99], 150)
         [0.9, 0.95]
     """
-    usable = [t for t in tpr_grid if (1.0 - t) * n_seen_images >= MIN_TAIL_IMAGES - 1e-9]
+    usable = [t for t in tpr_grid if can_set_threshold(t, n_seen_images)]
     return usable or [min(tpr_grid)]
+
+
+def can_set_threshold(tpr: float, n_seen_images: int) -> bool:
+    """Whether ``n_seen_images`` seen images set a threshold at ``tpr``: at least
+    :data:`MIN_TAIL_IMAGES` of them above its quantile (the one rule for "enough images").
+
+    Example:
+        >>> can_set_threshold(0.95, 100), can_set_threshold(0.95, 99), can_set_threshold(0.95, 1)
+        (True, False, False)
+    """
+    return (1.0 - tpr) * n_seen_images >= MIN_TAIL_IMAGES - 1e-9
 
 
 def _spread(scores: np.ndarray) -> float:

@@ -28,7 +28,9 @@ Works on arrays only: it loads no model and no image.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from hybridcls.errors import CheckpointError, InputError, ParameterError
+from hybridcls.errors import CheckpointError, HybridclsWarning, InputError, ParameterError
 from hybridcls.gate.branches import BranchOutputs
 from hybridcls.gate.cache_branch import CACHE_MODES, CacheBranch, fit_cache_branch
 from hybridcls.gate.calibration import (
+    MIN_TAIL_IMAGES,
     STANDINS,
     apply_transductive,
     bounded_neighbour_k,
+    can_set_threshold,
     finalize,
     fit_temperature,
     from_candidate,
@@ -371,19 +375,27 @@ class Gate:
                      held_out: BranchOutputs | None = None, y_held_out: Any = None) -> Gate:
         """A copy of this gate with few-shot support images joined to the zero-shot scores.
 
-        The support images' CLIP embeddings become a Tip-Adapter cache on the zero-shot
-        logits (:mod:`hybridcls.gate.support`), which :meth:`predict` applies before the
-        gate scores and the fusion. ``alpha`` and ``beta`` are fitted by leave-one-out
-        over the support images and on the held-out images of the classes that have
-        support images. A fitted (hybrid) gate also keys a second cache on the supervised
-        backbone's features (``support_.backbone``), fitted the same way on the logits the
-        first has adapted. Support images of unseen classes are real unseen images: with them
-        (and seen images: held-out ones, or support images of seen classes) the TPR level
-        is chosen again, among :data:`SUPPORT_TPR_GRID` and the calibrated one, by H
-        (support images read with their own cache entry left out): of the levels within
-        ``1 / n`` of the best H (``n`` unseen support images: one image's worth), the one
-        nearest the calibrated level. Without them the calibrated level is kept and the
-        threshold set again on the seen images' adapted scores. Support given before is
+        The support images' CLIP embeddings become a cache on the zero-shot logits (a
+        class-balanced Tip-Adapter: :mod:`hybridcls.gate.support` states the rule), which
+        :meth:`predict` applies before the gate scores and the fusion. ``alpha`` and
+        ``beta`` are fitted by leave-one-out over the support images and on the held-out
+        images of the classes that have support images. A fitted (hybrid) gate also keys a
+        second cache on the supervised backbone's features (``support_.backbone``), fitted
+        the same way on the logits the first has adapted.
+
+        The threshold is set again on the adapted scores of the seen images (held-out ones
+        and support images of seen classes) only when they are enough to set one at the
+        calibrated TPR (:func:`~hybridcls.gate.calibration.can_set_threshold`: at least
+        :data:`~hybridcls.gate.calibration.MIN_TAIL_IMAGES` above it) and the threshold was
+        not set by hand (``method="manual"``); otherwise the calibrated threshold is kept
+        and a :class:`~hybridcls.errors.HybridclsWarning` says why. Support images of
+        unseen classes are real unseen images: with them the TPR level is chosen again,
+        among the levels of :data:`SUPPORT_TPR_GRID` the seen images can set and the
+        calibrated one, by H (support images read with their own cache entry left out): of
+        the levels within ``1 / n`` of the best H (``n`` unseen support images: one image's
+        worth), the one nearest the calibrated level. Without them the calibrated level is
+        kept. Without held-out images (``held_out=None``) a threshold set again from the
+        seen-class support images alone is said in a warning too. Support given before is
         replaced, not added to.
 
         Args:
@@ -462,15 +474,21 @@ class Gate:
                                 fit_out.clip_embeddings)
         S = self.n_seen_
         seen, unseen = fit_y < S, fit_y >= S
+        n_seen = int(seen.sum())
         record = {**adapter.to_dict(), "plain": {k: getattr(cal, k) for k in _FINALIZED},
-                  "n_seen_images": int(seen.sum()), "n_unseen_images": int(unseen.sum())}
-        if not seen.any():  # nothing to set a threshold on: the calibrated one stays
-            record["threshold_from"] = "calibration (no seen image to set it on)"
+                  "n_seen_images": n_seen, "n_unseen_images": int(unseen.sum())}
+        kept = _kept_threshold(cal, n_seen)
+        if kept is not None:
+            record["threshold_from"] = f"calibration, kept: {kept}"
+            warnings.warn(f"support images: the gate keeps its threshold {cal.threshold:.4g} "
+                          f"(score {cal.score}): {kept}", HybridclsWarning, stacklevel=2)
             other.calibration_ = cal.replace(support=record)
             return other
         seen_out = adapted.rows(seen)
         base_seen = cal.compute_base_scores(**base._score_inputs(seen_out, base.seen_logits(seen_out), cal))
-        levels = sorted({*SUPPORT_TPR_GRID, cal.tpr}) if unseen.any() else [cal.tpr]
+        # only levels the seen images can set (the calibrated one can: checked above)
+        levels = (sorted({*(t for t in SUPPORT_TPR_GRID if can_set_threshold(t, n_seen)), cal.tpr})
+                  if unseen.any() else [cal.tpr])
         tried: list[tuple[float, float, GateCalibration]] = []  # (H, tpr, calibration)
         for tpr in levels:
             cand = finalize(cal.replace(tpr=tpr), base_seen)
@@ -492,6 +510,10 @@ class Gate:
                                     "calibrated tpr (no support image of an unseen class)")
         if unseen.any():
             record.update(h=best[0], h_tolerance=tolerance)
+        if held_out is None:
+            warnings.warn(f"support images: the gate's threshold is set again (tpr={best[1]:g}) on "
+                          f"the {n_seen} seen-class support images alone, without held-out seen "
+                          "images (held_out=None)", HybridclsWarning, stacklevel=2)
         other.calibration_ = best[2].replace(support=record)
         return other
 
@@ -848,6 +870,26 @@ def _enabled(cal: GateCalibration) -> CacheBranch | None:
         return None
     branch = CacheBranch.from_dict(cal.cache_branch)
     return branch if branch.enabled else None
+
+
+def _kept_threshold(cal: GateCalibration, n_seen: int) -> str | None:
+    """Why :meth:`Gate.with_support` keeps the calibrated threshold, or ``None`` to set it again.
+
+    A threshold set by hand is the user's, and ``n_seen`` seen images (held-out and seen-class
+    support images) set one at the calibrated TPR only when :func:`can_set_threshold` says so
+    (the rule calibration's own TPR levels follow).
+    """
+    if cal.method == "manual":
+        return ("it was set by hand (method='manual') and is not fitted again, though the support "
+                "cache moves the zero-shot scores it is compared with; set it again by hand if "
+                "the routing shifts")
+    if can_set_threshold(cal.tpr, n_seen):
+        return None
+    need = (f"at least {math.ceil(MIN_TAIL_IMAGES / (1.0 - cal.tpr) - 1e-9)} seen images"
+            if cal.tpr < 1.0 else "more than any number of seen images")
+    return (f"{n_seen} seen image(s) (held-out and seen-class support images) are too few to set "
+            f"one at tpr={cal.tpr:g}, which needs {need} ({MIN_TAIL_IMAGES} above the threshold); "
+            "give the held-out seen images (held_out=) or more support images of seen classes")
 
 
 def _support_summary(record: Mapping[str, Any]) -> dict[str, Any]:

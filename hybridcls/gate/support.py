@@ -1,30 +1,60 @@
-"""Few-shot support images as a Tip-Adapter cache on the zero-shot logits (Zhang et al. 2022).
+"""Few-shot support images as a class-balanced Tip-Adapter cache on the zero-shot logits.
 
 A handful of labelled images per class (the *support* set, for any class of
 the prompts file, seen or unseen) is a key-value cache: keys their CLIP
-embeddings, values one-hot labels ``L`` over every class (``classes_``
-order). A query's affinity to each key is ``A = exp(-beta (1 - cos))`` and the
-evidence it brings is added to the zero-shot logits, before the gate scores
-and the fusion read them::
+embeddings ``k_j``, values their classes ``y_j`` over every class
+(``classes_`` order). This docstring is the one statement of the rule
+(:func:`support_term` computes it; :class:`SupportAdapter`, :meth:`Gate.with_support
+<hybridcls.gate.Gate.with_support>` and docs/gate.md point here). For a query
+``q`` (L2-normalised), with ``K`` the classes that have support images
+(``n_c > 0`` of them in class ``c``)::
 
-    clip_logits' = clip_logits + alpha * ((A @ L) / n - row mean over the supported classes)
+    m_c   = (1 / n_c) * sum over j with y_j = c of exp(-beta * (1 - cos(q, k_j)))   for c in K
+    t_c   = m_c - (1 / |K|) * sum over c' in K of m_c'                                for c in K
+    t_c   = 0                                                                         otherwise
+    clip_logits'_c = clip_logits_c + alpha * t_c
 
-the formula of the cache branch (:func:`hybridcls.gate.cache_branch.cache_logits`,
-one home for it), here over the support images and every class; a class with
-no support image gets nothing. As in the cache branch, ``alpha`` is searched
-in standard deviations of the zero-shot logits (``scale``), on the same grids,
-plus ``alpha = 0`` (the adapter off).
+added before the gate scores and the fusion read the zero-shot logits. Under
+leave-one-out (the fit) a query that is a support image has its own entry left
+out of the sum and out of its class's ``n_c``; a class left with none leaves
+``K``.
+
+It is a class-balanced variant of Tip-Adapter (Zhang et al. 2022), whose
+cache term is the *sum* ``alpha * A @ L`` (``A = exp(-beta (1 - cos))`` to
+every key, ``L`` the one-hot labels) over a K-shot, balanced cache:
+
+* the per-class mean ``m_c`` instead of the sum: support sets are not
+  balanced (5 images of one class, 1 of another), and a sum favours the class
+  with more images, each of which adds affinity however far it is (three
+  moderately near images outweigh one identical image). With ``K`` images in
+  every class the sum is ``K`` times the mean, and the factor goes into
+  ``alpha``. The per-class mean is the cache branch's
+  (:func:`hybridcls.gate.cache_branch.cache_logits`, reused);
+* the centring over ``K``: with every class supported it is a row constant,
+  which the softmax ignores (so with equal counts the probabilities are
+  Tip-Adapter's); with some classes only, it keeps the affinity every image
+  has to any support image (> 0) from lifting the supported classes as a
+  block over the others (on the synthetic world, support images of the 10
+  unseen classes alone took zero-shot accuracy over all 50 classes from 83%
+  to 23% uncentred).
+
+As in the cache branch, ``alpha`` is searched in standard deviations of the
+zero-shot logits (``scale``), on the same grids, plus ``alpha = 0`` (the
+adapter off).
 
 ``alpha`` and ``beta`` are fitted without test images: by leave-one-out over
-the support images themselves (each query's own cache entry left out, its
-class's ``n`` one fewer) and the held-out seen images when there are any
-(never in the cache), highest zero-shot accuracy over every class first, then
-the lower cross-entropy. With one image per class, leave-one-out leaves a
-support image's class empty: the fit then sees no gain and keeps ``alpha``
-small or zero.
+the support images themselves and the held-out seen images of classes with
+support images when there are any (never in the cache), highest zero-shot
+accuracy over every class first, then the lower cross-entropy, then the
+smaller ``alpha``, then the first ``beta`` of the grid
+(:func:`~hybridcls.gate.cache_branch.grid_search`). With one image per class,
+leave-one-out leaves a support image's class empty: the fit then sees no gain
+and keeps ``alpha`` small or zero. When some class has no support image,
+``alpha`` is capped (:data:`ONE_SIDED_MAX_ALPHA`).
 
-A hybrid also keys a second cache on the supervised backbone's pooled features
-(L2-normalised; :attr:`SupportAdapter.backbone`), as CaFo keys one on DINO
+A hybrid also keys a second cache, by the same rule, on the supervised
+backbone's pooled features (L2-normalised, as keys and queries;
+:attr:`SupportAdapter.backbone`), as CaFo keys one on DINO
 features beside CLIP's (Zhang et al. 2023, "Prompt, Generate, then Cache"):
 the backbone tells apart the classes it was trained near better than CLIP does
 (on the synthetic world, the 10 unseen classes' 5 support images per class as
@@ -57,17 +87,19 @@ SUPPORT_FILE = "support.safetensors"
 #: ``alpha`` candidates in standard deviations of the zero-shot logits: 0 (off) and the cache
 #: branch's grid.
 SUPPORT_ALPHA_GRID = (0.0, *ALPHA_GRID)
-#: The largest ``alpha`` (in standard deviations of the logits) a one-sided fit may choose: when
-#: every fitting image belongs to a class with support images while other classes have none, a
-#: larger ``alpha`` always looks better there (it only pulls images towards their own, supported,
-#: class), and nothing measures what it costs the other classes' images; measured: support for 2
-#: of 6 classes in a zero-shot classifier chose 32 and pulled half the test images onto them.
+#: The largest ``alpha`` (in standard deviations of the logits) a fit may choose when some class
+#: has no support image: the fitting images are support images and held-out images of classes
+#: with support images (:meth:`~hybridcls.gate.Gate.with_support`), where a larger ``alpha``
+#: always looks better (it only pulls images towards their own, supported, class), and nothing
+#: measures what it costs the other classes' images; measured: support for 2 of 6 classes in a
+#: zero-shot classifier chose 32 and pulled half the test images onto them.
 ONE_SIDED_MAX_ALPHA = 1.0
 
 
 @dataclass(frozen=True)
 class SupportAdapter:
-    """A fitted support cache: ``clip_logits' = clip_logits + alpha * (A @ L) / n``.
+    """A fitted support cache: ``clip_logits' = clip_logits + alpha * t`` (``t``: the module
+    docstring's class-balanced, centred cache term, :func:`support_term`).
 
     Attributes:
         keys: ``[n, D]`` the support images' L2-normalised CLIP embeddings (for
@@ -107,7 +139,7 @@ class SupportAdapter:
         return np.bincount(self.labels, minlength=self.n_classes)
 
     def term(self, clip_emb: Any, *, leave_out: Any = None) -> np.ndarray:
-        """``[N, C]`` the cache evidence ``(A @ L) / n`` of ``clip_emb`` (NaN rows: zero).
+        """``[N, C]`` the cache term ``t`` of ``clip_emb`` (:func:`support_term`; NaN rows: zero).
 
         Args:
             clip_emb: ``[N, D]`` L2-normalised query embeddings.
@@ -223,17 +255,11 @@ def unit_rows(x: Any) -> np.ndarray:
 
 def support_term(clip_emb: Any, keys: Any, labels: Any, n_classes: int, beta: float, *,
                  leave_out: Any = None) -> np.ndarray:
-    """``[N, C]`` per-class mean affinity ``(A @ L) / n`` of queries to every support image,
-    centred over the classes that have support images.
+    """``[N, C]`` the cache term ``t`` of the module docstring: each query's per-class mean
+    affinity to the support images, centred over the classes that have support images.
 
     The support set is small: every key is read (a dense ``[N, n]`` cosine matrix),
-    through :func:`~hybridcls.gate.cache_branch.cache_logits`. Each row's mean over the
-    classes with support images is subtracted from them (a class without any keeps 0):
-    with every class supported that is a row constant, and the softmax is Tip-Adapter's;
-    with some classes only, it keeps the affinity every image has to any support image
-    from lifting the supported classes as a block (on the synthetic world, support images
-    of the 10 unseen classes alone took zero-shot accuracy over all 50 classes from 83%
-    to 23% uncentred).
+    through :func:`~hybridcls.gate.cache_branch.cache_logits` (the per-class mean).
 
     Args:
         clip_emb: ``[N, D]`` L2-normalised queries (NaN rows get zero).
@@ -268,10 +294,7 @@ def support_term(clip_emb: Any, keys: Any, labels: Any, n_classes: int, beta: fl
         counts = np.broadcast_to(counts, (len(q), n_classes)).copy()
         counts[rows, lab[own[rows]]] -= 1
     term = cache_logits(sims, ids, lab, n_classes, beta, counts=counts)
-    # Centred over the classes with support images (per row): a row constant, which softmax
-    # ignores, so with every class supported this is Tip-Adapter's term exactly; with some
-    # classes only, the affinity every image has to any support image (exp(-beta (1 - cos))
-    # > 0) no longer lifts those classes as a block over the others.
+    # centred per row over the classes with support images (why: the module docstring)
     has = np.broadcast_to(counts > 0, term.shape)
     mean = (term * has).sum(axis=1, keepdims=True) / np.maximum(has.sum(axis=1, keepdims=True), 1)
     return np.where(has, term - mean, 0.0)
@@ -302,8 +325,8 @@ def fit_support_adapter(
             leave-one-out, so that no image finds itself at affinity 1.
         class_names: Every class's name (for the record).
         alpha_grid: ``alpha`` candidates in standard deviations of ``clip_logits``; those above
-            :data:`ONE_SIDED_MAX_ALPHA` are left out when every fitting image is of a class
-            with support images and some class has none (nothing measures their cost there).
+            :data:`ONE_SIDED_MAX_ALPHA` are left out when some class has no support image
+            (nothing measures their cost to that class's images).
         beta_grid: ``beta`` candidates.
 
     Returns:
@@ -325,11 +348,11 @@ def fit_support_adapter(
     scale = float(np.std(z)) or 1.0
     plain = float(np.mean(z.argmax(axis=1) == yy))
     supported = np.unique(lab)
-    if supported.size < n_classes and np.isin(yy, supported).all():
+    if supported.size < n_classes:
         alpha_grid = [a for a in alpha_grid if a <= ONE_SIDED_MAX_ALPHA] or [min(alpha_grid)]
     acc, a, beta = grid_search(
         z, yy, lambda b: support_term(clip_emb, keys, lab, n_classes, b, leave_out=leave_out),
-        scale, sorted(alpha_grid), beta_grid)
+        scale, alpha_grid, beta_grid)
     return SupportAdapter(
         np.asarray(keys, dtype=np.float32), lab, n_classes, alpha=a * scale, beta=beta,
         alpha_rel=a, scale=scale, fit_accuracy=acc, fit_accuracy_plain=plain, n_fit=len(yy),
