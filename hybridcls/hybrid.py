@@ -45,8 +45,16 @@ from hybridcls.supervised.checkpoint import checkpoint_identity
 from hybridcls.support import refit_support
 from hybridcls.train import TrainConfig, train
 from hybridcls.train.data import recorded_image_check, resolve_training_data
-from hybridcls.zeroshot.gate_clip import clip_mismatch, clip_to_load, recorded_clip
-from hybridcls.zeroshot.loading import DEFAULT_CLIP_PRETRAINED
+from hybridcls.zeroshot.gate_clip import (
+    CLIP_PARAMETERS,
+    clip_mismatch,
+    clip_to_load,
+    describe_clip,
+    recorded_clip,
+    templates_mismatch,
+    templates_to_load,
+)
+from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from hybridcls.zeroshot.prompts import align_classes, as_prompt_set
 from hybridcls.zeroshot.tower import ClipTower
 
@@ -257,12 +265,29 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         model, config = load_checkpoint(run_dir, device)
         seen = [str(c) for c in config["classes"]]
         prompt_set = align_classes(seen, as_prompt_set(source))
-        clip_model, clip_pretrained = clip_to_load(self.clip_model, self.clip_pretrained,
-                                                   recorded_clip(run_dir))
-        tower = ClipTower.build(clip_model, clip_pretrained, prompt_set, self.templates,
-                                device=device, cache_dir=settings.cache_dir,
-                                truncate_prompts=self.truncate_prompts, progress=settings.progress,
-                                text_features=text_features)
+        record = recorded_clip(run_dir)
+        gate_file = run_dir / GATE_FILE
+        if record is None and gate_file.is_file():  # before the CLIP loads (a download may fail)
+            warnings.warn(f"{gate_file} does not record the CLIP it was calibrated with (written "
+                          "before hybridcls recorded it): the CLIP cannot be checked"
+                          + ("" if self.clip_model else f", and the default one is loaded "
+                             f"({DEFAULT_CLIP_MODEL})") + "; calibrate again to record it",
+                          HybridclsWarning, stacklevel=3)
+        clip_model, clip_pretrained = clip_to_load(self.clip_model, self.clip_pretrained, record)
+        try:
+            tower = ClipTower.build(clip_model, clip_pretrained, prompt_set,
+                                    templates_to_load(self.templates, record),
+                                    device=device, cache_dir=settings.cache_dir,
+                                    truncate_prompts=self.truncate_prompts, progress=settings.progress,
+                                    text_features=text_features)
+        except ParameterError as err:
+            if self.clip_model is not None or record is None or err.parameter not in CLIP_PARAMETERS:
+                raise
+            # not a flag the user gave: the CLIP the gate recorded is what cannot be loaded here
+            raise CheckpointError(
+                f"{gate_file} records the CLIP it was calibrated with, {describe_clip(record)}, and "
+                f"it cannot be loaded here ({err.reason}); give a copy of the same weights, e.g. "
+                "clip_model='local-dir:FOLDER' (the weights' fingerprint is checked)") from None
         self._set_branches(run_dir, model, config, tower, settings)
         return self
 
@@ -296,14 +321,13 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         if self.gate_ is None or self.gate_.calibration_ is None:
             return None
         record = self.gate_.calibration_.clip
-        if record is None:
-            warnings.warn(f"{run_dir / GATE_FILE} does not record the CLIP it was calibrated with "
-                          "(written before hybridcls recorded it): the CLIP cannot be checked; "
-                          "calibrate again to record it", HybridclsWarning, stacklevel=4)
+        if record is None:  # warned at load (_load)
             return None
         bundle = self.tower_.bundle
-        return clip_mismatch(record, bundle.identity(), clip_model=self.clip_model,
-                             clip_pretrained=bundle.pretrained, gate_file=run_dir / GATE_FILE)
+        return (clip_mismatch(record, bundle.identity(), clip_model=self.clip_model,
+                              clip_pretrained=bundle.pretrained, gate_file=run_dir / GATE_FILE)
+                or templates_mismatch(record, self.tower_.templates, templates=self.templates,
+                                      gate_file=run_dir / GATE_FILE))
 
     def _index_meta(self, embedding: str) -> dict[str, Any]:
         """The provenance this run's ``embedding`` index carries (see :func:`hybridcls.index.index_meta`)."""
@@ -370,7 +394,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         gate.fit(train_out, y_tr, val_out, y_va, class_names=self.seen_folders_,
                  train_paths=tr_paths, test=test_out, clip_logit_scale=self.tower_.logit_scale,
                  index_meta={"clip": self._index_meta("clip"), "backbone": self._index_meta("backbone")},
-                 clip=self.tower_.bundle.identity())
+                 clip={**self.tower_.bundle.identity(), "templates": list(self.tower_.templates)})
         self.gate_, self.clip_error_ = gate, None
         if save:
             gate.save(self.run_dir_)

@@ -158,6 +158,17 @@ def _clip_model(setup, mode, out, capsys, base):
     return "refused"
 
 
+def _templates(setup, mode, out, capsys, base):
+    other = ["--templates", str(setup["other_templates"])]
+    if mode == "zeroshot":
+        return _rows_change(other)(setup, mode, out, capsys, base)
+    # the run's gate was calibrated with the world's templates: others are refused, naming the flag
+    res = _predict(setup, mode, other, out / "v.jsonl", capsys)
+    assert res["rc"] == 2 and f"--templates {other[1]}: builds the class texts from 1 templates" in res["stderr"]
+    assert "calibrate the run again with these" in res["stderr"] and not (out / "v.jsonl").exists()
+    return "refused"
+
+
 def _output(setup, mode, out, capsys, base):
     res = _predict(setup, mode, [], Path("-"), capsys)
     assert res["rc"] == 0 and res["stdout"].startswith("path,label") and "text" not in res
@@ -342,7 +353,7 @@ CASES = {
     "inputs": _shard,  # a different share of the inputs gives different rows (and see _shard)
     "prompts": _rows_change(lambda s: ["--prompts", str(s["extra_prompts"])]),
     "classes": _classes,
-    "templates": _rows_change(lambda s: ["--templates", str(s["other_templates"])]),
+    "templates": _templates,
     "truncate_prompts": _truncate,
     "clip_model": _clip_model,
     "clip_pretrained": _refused_with(["--clip-pretrained", "laion400m_e32"], "--clip-pretrained"),

@@ -37,8 +37,9 @@ def _sha256(path: Path) -> str:
 def _hybrid(tiny_hybrid, **params) -> HybridClassifier:
     """The tiny world's classifier, with no CLIP chosen unless ``params`` choose one."""
     world = tiny_hybrid["world"]
-    return HybridClassifier(prompts=str(world.prompts_file), templates=str(world.templates_file),
-                            device="cpu", workers=0, cache_dir=tiny_hybrid["root"] / "cache", **params)
+    params = {"templates": str(world.templates_file), **params}
+    return HybridClassifier(prompts=str(world.prompts_file), device="cpu", workers=0,
+                            cache_dir=tiny_hybrid["root"] / "cache", **params)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,9 @@ def test_calibrate_records_the_clip_it_used_in_gate_json(calibrated):
     gate = json.loads((calibrated["run"] / "gate.json").read_text(encoding="utf-8"))
     # the shipped folder's weights file, hashed here; a local-dir: model takes no pretrained tag
     assert gate["clip"] == {"model_id": TINY_CLIP_MODEL_ID, "fingerprint": _sha256(TINY_CLIP_DIR / WEIGHTS),
-                            "pretrained": None}
+                            "pretrained": None, "templates": calibrated["clf"].tower_.templates}
+    world_templates = [line for line in calibrated["clf"].tower_.templates]
+    assert len(world_templates) >= 2 and all("{}" in x for x in world_templates)
 
 
 def test_a_run_loaded_without_a_clip_uses_the_recorded_one(calibrated, tiny_hybrid):
@@ -71,6 +74,58 @@ def test_a_run_loaded_without_a_clip_uses_the_recorded_one(calibrated, tiny_hybr
     assert clf.model_identity()["clip"]["fingerprint"] == _sha256(TINY_CLIP_DIR / WEIGHTS)
     inputs = [tiny_hybrid["world"].test_dir]
     np.testing.assert_array_equal(clf.predict_proba(inputs), calibrated["clf"].predict_proba(inputs))
+
+
+def test_a_run_loaded_without_templates_uses_the_recorded_ones_and_refuses_others(
+        calibrated, tiny_hybrid, tmp_path):
+    world = tiny_hybrid["world"]
+    recorded = calibrated["clf"].tower_.templates
+    clf = HybridClassifier(prompts=str(world.prompts_file), device="cpu", workers=0,
+                           cache_dir=tiny_hybrid["root"] / "cache").load_run(calibrated["run"])
+    assert clf.get_params()["templates"] is None and clf.tower_.templates == recorded
+    assert clf.clip_error_ is None
+    inputs = [world.test_dir]
+    np.testing.assert_array_equal(clf.predict_proba(inputs), calibrated["clf"].predict_proba(inputs))
+    # other templates (the first one dropped): refused where the gate is used, naming the first change
+    other = tmp_path / "other_templates.txt"
+    other.write_text("\n".join(recorded[1:]) + "\n", encoding="utf-8")
+    clf = _hybrid(tiny_hybrid, templates=str(other)).load_run(calibrated["run"])
+    with pytest.raises(ParameterError) as exc:
+        clf.predict(inputs)
+    assert exc.value.parameter == "templates" and str(exc.value) == (
+        f"templates={str(other)!r}: builds the class texts from {len(recorded) - 1} templates, but "
+        f"{calibrated['run'] / 'gate.json'} was calibrated with {len(recorded)} other ones (template 1 "
+        f"is {recorded[1]!r} where it was {recorded[0]!r}): its thresholds hold for the scores those "
+        "give. Leave the templates unset to use the recorded ones, or calibrate the run again with these")
+    # calibrate takes them and records them
+    run = _copy_run(calibrated, tmp_path)
+    clf = _hybrid(tiny_hybrid, templates=str(other), method="tpr", cache_branch="off").load_run(run)
+    clf.calibrate()
+    assert clf.clip_error_ is None
+    assert json.loads((run / "gate.json").read_text(encoding="utf-8"))["clip"]["templates"] == recorded[1:]
+
+
+def test_a_recorded_clip_that_cannot_be_loaded_names_the_gate_not_a_flag(calibrated, tiny_hybrid,
+                                                                          tmp_path, capsys):
+    from hybridcls.errors import CheckpointError
+
+    run = _copy_run(calibrated, tmp_path)
+    gate = json.loads((run / "gate.json").read_text(encoding="utf-8"))
+    gate["clip"]["model_id"] = f"local-dir:{tmp_path / 'elsewhere'}"  # the run moved, its CLIP not
+    (run / "gate.json").write_text(json.dumps(gate), encoding="utf-8")
+    with pytest.raises(CheckpointError) as exc:
+        _hybrid(tiny_hybrid).load_run(run)
+    assert str(exc.value).startswith(
+        f"{run / 'gate.json'} records the CLIP it was calibrated with, clip_model="
+        f"'local-dir:{tmp_path / 'elsewhere'}' (weights ")
+    assert str(exc.value).endswith(f"and it cannot be loaded here (folder {tmp_path / 'elsewhere'} not "
+                                   "found); give a copy of the same weights, e.g. clip_model="
+                                   "'local-dir:FOLDER' (the weights' fingerprint is checked)")
+    rc, err = _cli_predict(tiny_hybrid, run, tmp_path / "a.jsonl", [], capsys)
+    assert rc == 2 and "e.g. --clip-model local-dir:FOLDER (the weights' fingerprint" in err
+    # a copy of the same weights, given: accepted
+    moved = shutil.copytree(TINY_CLIP_DIR, tmp_path / "copy_clip")
+    assert _hybrid(tiny_hybrid, clip_model=f"local-dir:{moved}").load_run(run).clip_error_ is None
 
 
 def test_the_saved_folder_records_the_clip_loaded(calibrated, tiny_hybrid, tmp_path):
@@ -141,6 +196,11 @@ def test_a_gate_json_without_the_record_loads_with_a_warning(calibrated, tiny_hy
     with pytest.warns(HybridclsWarning, match="does not record the CLIP it was calibrated with") as caught:
         clf = _hybrid(tiny_hybrid, clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None).load_run(run)
     assert len([w for w in caught if issubclass(w.category, HybridclsWarning)]) == 1
+    # no CLIP chosen: the warning says which one loads, before it loads (a download may fail)
+    with pytest.warns(HybridclsWarning, match=rf"cannot be checked, and the default one is loaded "
+                                              rf"\({DEFAULT_CLIP_MODEL}\); calibrate again") as caught:
+        with pytest.raises(Exception):  # the default CLIP's weights are not on this machine
+            _hybrid(tiny_hybrid).load_run(run)
     assert clf.clip_error_ is None
     inputs = [tiny_hybrid["world"].test_dir]
     np.testing.assert_array_equal(clf.predict_proba(inputs), calibrated["clf"].predict_proba(inputs))

@@ -290,9 +290,11 @@ def hybrid_from_args(args: argparse.Namespace, *, recalibrate: bool = False, **p
     """
     from hybridcls.hybrid import HybridClassifier
 
-    clip_model, clip_pretrained = clip_from_args(args)
+    # the flags as given: the classifier itself loads the CLIP its gate recorded when none is
+    # chosen (clip_from_args's rule), and can then say that the recorded one is what fails
     clf = HybridClassifier(
-        clip_model=clip_model, clip_pretrained=clip_pretrained,
+        clip_model=args.clip_model,
+        clip_pretrained=DEFAULT_CLIP_PRETRAINED if args.clip_pretrained is None else args.clip_pretrained,
         templates=args.templates, mode=getattr(args, "mode", None),
         unknown_threshold=getattr(args, "unknown_threshold", None),
         cascade=getattr(args, "cascade", False),

@@ -1,4 +1,4 @@
-"""The CLIP a gate was calibrated with: which one a run loads, and the check that it is that one.
+"""The CLIP and templates a gate was calibrated with: what a run loads, and the check that it is that.
 
 A gate's threshold, its scores' standardisation and its ``index/clip.*`` are
 set on one CLIP model's outputs; another CLIP's scores lie on another scale,
@@ -13,12 +13,18 @@ Which CLIP is "the same": the weights' fingerprint identifies it (a
 ``local-dir:`` folder moved elsewhere, or the ``hf-hub:`` repo it was copied
 from, holds the same file), and for built-in names the name too (two
 architectures can read one weights file).
+
+The prompt templates move the zero-shot scores as much (the class-text matrix
+is their mean): the record keeps them too (``templates``), a run loaded without
+templates chosen uses them (:func:`templates_to_load`), and other templates are
+refused like another CLIP (:func:`templates_mismatch`). A record written before
+it kept the templates leaves them unchecked.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +32,11 @@ from hybridcls.errors import ParameterError
 from hybridcls.gate.config import GATE_FILENAME, GateCalibration
 from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, MODEL_PREFIXES
 
-__all__ = ["clip_mismatch", "clip_to_load", "describe_clip", "recorded_clip"]
+__all__ = ["CLIP_PARAMETERS", "clip_mismatch", "clip_to_load", "describe_clip", "recorded_clip", "templates_mismatch",
+           "templates_to_load"]
 
+#: The parameters that choose the CLIP (errors naming them are about the CLIP loaded).
+CLIP_PARAMETERS = ("clip_model", "clip_pretrained")
 # How many hex digits of a fingerprint a message shows.
 _SHOWN = 12
 
@@ -128,3 +137,49 @@ def clip_mismatch(record: Mapping[str, Any] | None, loaded: Mapping[str, Any], *
         f"{gate_file} was calibrated with {describe_clip(record)}: its thresholds hold for that "
         "model's scores only. Use that CLIP (loaded when no CLIP is chosen), or calibrate the "
         "run again with this one")
+
+
+def templates_to_load(templates: Any, record: Mapping[str, Any] | None) -> Any:
+    """The templates to build a run's class-text matrix with: ``templates`` when chosen, else the
+    ones its gate recorded, else None (the bundled default).
+
+    Example:
+        >>> templates_to_load(None, {"model_id": "m", "templates": ["a {}."]})
+        ['a {}.']
+        >>> templates_to_load("t.txt", {"model_id": "m", "templates": ["a {}."]})
+        't.txt'
+    """
+    if templates is not None or record is None or record.get("templates") is None:
+        return templates
+    return [str(x) for x in record["templates"]]
+
+
+def templates_mismatch(record: Mapping[str, Any] | None, loaded: Sequence[str], *, templates: Any,
+                       gate_file: str | os.PathLike[str]) -> ParameterError | None:
+    """Why a gate calibrated with ``record``'s templates cannot be used with ``loaded``, or None.
+
+    Args:
+        record: The gate's record (:func:`recorded_clip`); without ``templates`` nothing is checked.
+        loaded: The templates the class-text matrix was built with.
+        templates: The ``templates`` parameter as given (named in the message).
+        gate_file: The ``gate.json`` the record is from.
+
+    Returns:
+        A :class:`~hybridcls.errors.ParameterError` naming ``templates``, the counts and the
+        first template that differs; None when they are the same templates, in the same order.
+    """
+    if record is None or record.get("templates") is None:
+        return None
+    recorded = [str(x) for x in record["templates"]]
+    if recorded == list(loaded):
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(recorded, loaded)) if a != b),
+                 min(len(recorded), len(loaded)))
+    differs = (f"template {first + 1} is {loaded[first]!r} where it was {recorded[first]!r}"
+               if first < min(len(recorded), len(loaded)) else "the shorter list ends there")
+    shown = templates if isinstance(templates, (str, os.PathLike)) else f"<{len(loaded)} templates>"
+    return ParameterError(
+        "templates", str(shown),
+        f"builds the class texts from {len(loaded)} templates, but {gate_file} was calibrated with "
+        f"{len(recorded)} other ones ({differs}): its thresholds hold for the scores those give. "
+        "Leave the templates unset to use the recorded ones, or calibrate the run again with these")
