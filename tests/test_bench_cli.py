@@ -10,11 +10,11 @@ from hybridcls.cli import main
 # (bench, flags, the error after "hybridcls bench: error: ")
 CASES = [
     ("rollup", ["--precisions", "0.9", "1.5"],
-     "--precisions 1.5: expected a probability in (0, 1]: the share of answers right at their "
-     "rank that the threshold must reach"),
+     ("--precisions 1.5: expected a probability in (0, 1]: the share of answers right at their "
+     "rank that the threshold must reach")),
     ("rollup", ["--precisions", "0"],
-     "--precisions 0: expected a probability in (0, 1]: the share of answers right at their "
-     "rank that the threshold must reach"),
+     ("--precisions 0: expected a probability in (0, 1]: the share of answers right at their "
+     "rank that the threshold must reach")),
     ("rollup", ["--epochs", "0"], "--epochs 0: must be >= 1"),
     ("rollup", ["--seed", "-1"], "--seed -1: expected at least 0"),
     ("quality", ["--epochs", "0"], "--epochs 0: must be >= 1"),
@@ -27,8 +27,8 @@ CASES = [
     ("sites", ["--sites", "0"], "--sites 0: expected at least 1"),
     ("sites", ["--sites-per-class", "0"], "--sites-per-class 0: expected at least 1"),
     ("sites", ["--sites", "3", "--sites-per-class", "4"],
-     "--sites-per-class 4: expected at most --sites 3 (each class occurs at that many different "
-     "sites)"),
+     ("--sites-per-class 4: expected at most --sites 3 (each class occurs at that many different "
+     "sites)")),
     ("sites", ["--epochs", "-2"], "--epochs -2: must be >= 1"),
     ("speed", ["--images", "0"], "--images 0: expected at least 1"),
     ("speed", ["--threads", "0"], "--threads 0: expected at least 1"),

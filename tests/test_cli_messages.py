@@ -208,17 +208,17 @@ def test_a_folder_given_by_a_flag_is_named_by_its_flag(ctx, capsys):
             shutil.copy(image, tmp / "other" / name / f"{i}.png")
     for folder, expected in [
         (tmp / "nowhere", f"--data {tmp / 'nowhere'}: training folder not found: {tmp / 'nowhere'}"),
-        (tmp / "empty", f"--data {tmp / 'empty'}: no class subfolders in {tmp / 'empty'} (the "
+        (tmp / "empty", (f"--data {tmp / 'empty'}: no class subfolders in {tmp / 'empty'} (the "
                         f"training folder): expected one folder per class, e.g. "
-                        f"{tmp / 'empty' / 'cat' / '001.jpg'}"),
-        (tmp / "a-file", f"--data {tmp / 'a-file'}: not a folder: {tmp / 'a-file'} (expected the "
-                         "training folder)"),
-        (tmp / "empty-class", f"--data {tmp / 'empty-class'}: empty class folder: "
-                              f"{tmp / 'empty-class' / classes[1]} (in the training folder)"),
+                        f"{tmp / 'empty' / 'cat' / '001.jpg'}")),
+        (tmp / "a-file", (f"--data {tmp / 'a-file'}: not a folder: {tmp / 'a-file'} (expected the "
+                         "training folder)")),
+        (tmp / "empty-class", (f"--data {tmp / 'empty-class'}: empty class folder: "
+                              f"{tmp / 'empty-class' / classes[1]} (in the training folder)")),
         # the classes are checked before any image is decoded or split (not val_split's advice)
-        (tmp / "other", f"--data {tmp / 'other'}: its 2 classes differ from the run's 4: "
+        (tmp / "other", (f"--data {tmp / 'other'}: its 2 classes differ from the run's 4: "
                         f"{classes[0]!r}, {classes[1]!r} missing; give the folder the run was "
-                        "trained on"),
+                        "trained on")),
     ]:
         assert _error_line([*calibrate, str(folder)], capsys) == f"hybridcls calibrate: error: {expected}"
     # support: one unreadable image, then a class folder with none readable

@@ -188,8 +188,8 @@ def test_duplicates_appear_once_at_first_occurrence(tmp_path: Path) -> None:
     assert got == [Source(str(a)), Source(str(b))]
     # 7 files reached, 2 rows: the 5 left out are counted, and named in the order reached
     assert [str(w.message) for w in caught] == [
-        f"5 inputs name a file given before and are left out (each file is one row): {a} (again), "
-        f"{spelled_differently} (same file as {a}), {b} (again), {a} (again), {a} (again)"]
+        (f"5 inputs name a file given before and are left out (each file is one row): {a} (again), "
+        f"{spelled_differently} (same file as {a}), {b} (again), {a} (again), {a} (again)")]
 
 
 def test_an_input_given_twice_is_named_and_counted_beyond_five(tmp_path: Path) -> None:

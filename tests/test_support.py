@@ -390,8 +390,8 @@ def test_unreadable_support_image_is_named(tmp_path, monkeypatch):
     with pytest.raises(DatasetError) as info:
         support_samples(tmp_path / "s", PROMPTS)
     assert str(info.value).splitlines() == [
-        f"support={str(tmp_path / 's')!r}: 1 support image(s) cannot be read (each one counts "
-        "when there are a few per class):",
+        (f"support={str(tmp_path / 's')!r}: 1 support image(s) cannot be read (each one counts "
+        "when there are a few per class):"),
         f"  {bad}: not an image (unrecognised format)",
         "replace or remove them"]
     # given as pairs: the value itself when short, its type when long
@@ -412,8 +412,8 @@ def test_unreadable_support_image_is_named(tmp_path, monkeypatch):
     with pytest.raises(DatasetError) as info:
         support_samples(tmp_path / "t", PROMPTS)
     assert str(info.value).splitlines()[:2] == [
-        f"support={str(tmp_path / 't')!r}: class folder {only.parent} has no readable image (in "
-        "the support folder): none of its 1 file decodes:",
+        (f"support={str(tmp_path / 't')!r}: class folder {only.parent} has no readable image (in "
+        "the support folder): none of its 1 file decodes:"),
         f"  {only}: empty file (0 bytes)"]
 
 
@@ -487,8 +487,8 @@ def test_an_image_given_twice_is_used_once_and_for_two_classes_refused(tmp_path)
     with pytest.warns(HybridclsWarning) as caught:
         clf.add_support([(str(copy), "red circle"), (green, "green star")])
     assert [str(w.message) for w in caught] == [
-        f"1 support image(s) given more than once are used once: {copy} (has the same content "
-        f"as {red})"]
+        (f"1 support image(s) given more than once are used once: {copy} (has the same content "
+        f"as {red})")]
     assert clf.support_samples_ == [(red, 0), (green, 2)]
     assert len(clf.gate_.support_.keys) == 2
     # the same image for two classes: refused, by path or by content, nothing changed
@@ -544,8 +544,8 @@ def test_saved_folder_keeps_the_support_images_gate(tiny_hybrid, tmp_path):
         third = HybridClassifier.from_pretrained(saved, **kwargs, support=only_one)
     # the value written as the parameter's (support='DIR' for a folder, --support DIR in the CLI)
     assert [str(w.message) for w in caught if "replaces" in str(w.message)] == [
-        f"support='<dict>' replaces the 6 support images saved with {saved} (their embeddings "
-        "cannot be added to)"]
+        (f"support='<dict>' replaces the 6 support images saved with {saved} (their embeddings "
+        "cannot be added to)")]
     assert third.gate_summary()["support"]["counts"] == {world.unseen_classes[0]: 3}
     fourth = HybridClassifier.from_pretrained(saved, **kwargs)
     with pytest.warns(UserWarning, match="cannot join a new calibration"):
