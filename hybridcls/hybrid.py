@@ -42,7 +42,7 @@ from hybridcls.pretrained import PROMPTS_FILE, TEMPLATES_FILE, read_saved_folder
 from hybridcls.runtime import RuntimeSettings
 from hybridcls.supervised import load_checkpoint
 from hybridcls.supervised.checkpoint import checkpoint_identity
-from hybridcls.support import refit_support
+from hybridcls.support import refit_support, support_parameter
 from hybridcls.train import TrainConfig, train
 from hybridcls.train.data import recorded_image_check, resolve_training_data
 from hybridcls.zeroshot.gate_clip import (
@@ -311,8 +311,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         if self.support is not None and self.gate_ is not None and self.clip_error_ is None:
             # support= is the support set: it replaces one a saved folder's gate holds
             if self.gate_.support_ is not None:
-                warnings.warn(f"support= replaces the {len(self.gate_.support_.labels)} support "
-                              f"images saved with {run_dir} (their embeddings cannot be added to)",
+                warnings.warn(f"{support_parameter(self.support)} replaces the "
+                              f"{len(self.gate_.support_.labels)} support images saved with "
+                              f"{run_dir} (their embeddings cannot be added to)",
                               HybridclsWarning, stacklevel=3)
             self.add_support(self.support, replace=True)
 
@@ -460,18 +461,16 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
 
     def _training_data(self, data_dir: str | os.PathLike[str] | None) -> Any:
         settings = RuntimeSettings.of(self)
+        given = data_dir or self.data_dir_  # named as data_dir= in errors; the run's record is not
         data_dir = self._training_folder(data_dir)
         if data_dir is None:
             raise CheckpointError(f"{self.run_dir_}: the run does not record its training folder; "
                                   "pass data_dir")
         config = TrainConfig.from_dict(self.checkpoint_config_.get("train", {})).replace(
             workers=settings.workers, progress=settings.progress)
-        data = resolve_training_data(data_dir, config, previous_check=recorded_image_check(self.run_dir_),
-                                     recorded_split=self.checkpoint_config_.get("split"))
-        if [str(c) for c in data.classes] != self.seen_folders_:
-            raise CheckpointError(f"{data_dir}: its classes differ from the run's ({self.run_dir_}); "
-                                  "calibrate on the folder the run was trained on")
-        return data
+        return resolve_training_data(data_dir, config, previous_check=recorded_image_check(self.run_dir_),
+                                     recorded_split=self.checkpoint_config_.get("split"),
+                                     parameter="data_dir" if given else None, classes=self.seen_folders_)
 
     def _labelled_outputs(self, samples: list[tuple[str, int]], desc: str
                           ) -> tuple[BranchOutputs, np.ndarray, list[str]]:

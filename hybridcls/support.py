@@ -46,7 +46,8 @@ if TYPE_CHECKING:
     from hybridcls.predictor import Predictor
     from hybridcls.zeroshot.prompts import PromptSet
 
-__all__ = ["SUPPORT_CACHE_DIR", "add_support", "embed_cached", "refit_support", "support_samples"]
+__all__ = ["SUPPORT_CACHE_DIR", "add_support", "embed_cached", "refit_support", "support_parameter",
+           "support_samples"]
 
 #: The cache folder's subfolder of per-image tower outputs.
 SUPPORT_CACHE_DIR = "support"
@@ -99,18 +100,37 @@ def support_samples(source: SupportSource, prompts: PromptSet, *, workers: int =
     if failed:
         shown = "".join(f"\n  {p}: {reason}" for p, reason in list(failed.items())[:20])
         more = f"\n  ... and {len(failed) - 20} more" if len(failed) > 20 else ""
-        raise DatasetError(f"{len(failed)} support image(s) cannot be read (each one counts when "
-                           f"there are a few per class):{shown}{more}\nreplace or remove them")
+        raise DatasetError(f"{support_parameter(source)}: {len(failed)} support image(s) cannot be "
+                           f"read (each one counts when there are a few per class):{shown}{more}\n"
+                           "replace or remove them")
     if not samples:
-        raise DatasetError("no support image given")
+        raise DatasetError(f"{support_parameter(source)}: no support image given")
     return samples
+
+
+def _shown(source: Any) -> Any:
+    """``source`` as an error shows it: a folder as its path, another value itself when short,
+    else its type (``<list>``)."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return source if len(repr(source)) <= 80 else f"<{type(source).__name__}>"
+
+
+def support_parameter(source: Any) -> str:
+    """``support='DIR'``: the parameter and its value, as messages about the support set
+    start, so that the command line names its flag (``--support DIR``).
+
+    Example:
+        >>> support_parameter("data/support")
+        "support='data/support'"
+    """
+    return f"support={_shown(source)!r}"
 
 
 def _pairs(source: Any) -> list[tuple[str, str]]:
     """``(path, class name)`` pairs of a mapping ``{class: [paths]}`` or a sequence of pairs."""
     def malformed() -> ParameterError:
-        shown = source if len(repr(source)) <= 80 else f"<{type(source).__name__}>"
-        return ParameterError("support", shown, "expected a folder, a mapping {class "
+        return ParameterError("support", _shown(source), "expected a folder, a mapping {class "
                               "name: [image paths]} or a sequence of (image path, class name) pairs")
 
     if isinstance(source, Mapping):

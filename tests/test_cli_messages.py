@@ -181,6 +181,73 @@ def test_the_missing_clip_weights_advice_names_the_clip_flags(ctx, capsys, monke
             "them). ") in line
 
 
+def _first_error_line(argv: list[str], capsys) -> str:
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    return next(line for line in err.splitlines() if line.startswith("hybridcls "))
+
+
+def test_a_folder_given_by_a_flag_is_named_by_its_flag(ctx, capsys):
+    """scan_image_folder / drop_unreadable / support_samples / resolve_training_data start their
+    errors with the parameter that gave the folder (support=, val_dir=, calibrate's data_dir=),
+    which each command writes as its flag (--support, --val, --data)."""
+    tmp: Path = ctx["tmp"] / "folders"
+    tmp.mkdir()
+    classes = sorted(p.name for p in ctx["world"].train_dir.iterdir())
+    image = ctx["image"]
+    calibrate = ["calibrate", str(ctx["run"]), *ctx["common"], "-q", "--data"]
+    (tmp / "empty").mkdir()
+    (tmp / "a-file").write_text("not a folder", encoding="utf-8")
+    (tmp / "empty-class" / classes[0]).mkdir(parents=True)
+    shutil.copy(image, tmp / "empty-class" / classes[0] / "1.png")
+    (tmp / "empty-class" / classes[1]).mkdir()
+    for name in classes[2:]:  # two of the run's four classes, three images each
+        (tmp / "other" / name).mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(image, tmp / "other" / name / f"{i}.png")
+    for folder, expected in [
+        (tmp / "nowhere", f"--data {tmp / 'nowhere'}: training folder not found: {tmp / 'nowhere'}"),
+        (tmp / "empty", (f"--data {tmp / 'empty'}: no class subfolders in {tmp / 'empty'} (the "
+                        f"training folder): expected one folder per class, e.g. "
+                        f"{tmp / 'empty' / 'cat' / '001.jpg'}")),
+        (tmp / "a-file", (f"--data {tmp / 'a-file'}: not a folder: {tmp / 'a-file'} (expected the "
+                         "training folder)")),
+        (tmp / "empty-class", (f"--data {tmp / 'empty-class'}: empty class folder: "
+                              f"{tmp / 'empty-class' / classes[1]} (in the training folder)")),
+        # the classes are checked before any image is decoded or split (not val_split's advice)
+        (tmp / "other", (f"--data {tmp / 'other'}: its 2 classes differ from the run's 4: "
+                        f"{classes[0]!r}, {classes[1]!r} missing; give the folder the run was "
+                        "trained on")),
+    ]:
+        assert _error_line([*calibrate, str(folder)], capsys) == f"hybridcls calibrate: error: {expected}"
+    # support: one unreadable image, then a class folder with none readable
+    support = tmp / "support" / classes[0]
+    support.mkdir(parents=True)
+    shutil.copy(image, support / "1.png")
+    (support / "2.png").write_bytes(b"")
+    predict = ["predict", str(image), "--checkpoint", str(ctx["run"]), *ctx["common"], "-q",
+               "--support", str(tmp / "support")]
+    assert _first_error_line(predict, capsys) == (
+        f"hybridcls predict: error: --support {tmp / 'support'}: 1 support image(s) cannot be read "
+        "(each one counts when there are a few per class):")
+    (support / "1.png").unlink()
+    assert _first_error_line(predict, capsys) == (
+        f"hybridcls predict: error: --support {tmp / 'support'}: class folder {support} has no "
+        "readable image (in the support folder): none of its 1 file decodes:")
+    # train's validation folder (--val): the same refusal, before anything is written
+    val = tmp / "val"
+    shutil.copytree(tmp / "support", val)
+    (val / classes[1]).mkdir()
+    shutil.copy(image, val / classes[1] / "1.png")
+    out = tmp / "never"
+    assert _first_error_line(["train", str(ctx["world"].train_dir), "-o", str(out), "--val", str(val),
+                              "--workers", "0", "-q"], capsys) == (
+        f"hybridcls train: error: --val {val}: class folder {val / classes[0]} has no readable "
+        "image (in the validation folder): none of its 1 file decodes:")
+    assert not out.exists()
+
+
 def test_a_windows_path_reads_as_written():
     import argparse
 

@@ -346,8 +346,8 @@ def test_a_class_folder_with_no_readable_image_is_refused_listing_its_files(
     assert info.value.exit_code == 2 and not isinstance(info.value, DataTooSmallError)
     lines = str(info.value).splitlines()
     assert lines[0] == (
-        f"class folder {tmp_path / 'green_triangle'} has no readable image: "
-        "none of its 5 files decodes:"
+        f"class folder {tmp_path / 'green_triangle'} has no readable image (in the training "
+        "folder): none of its 5 files decodes:"
     )
     assert lines[1:6] == [f"  {path}: {reason}" for path, reason in planted.items()]
     assert lines[6] == "replace or remove the unreadable files, or remove the class folder"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from pathlib import Path
 
 import pytest
 from imagefactory import make_dir_named_like_image, make_plain
 
 from hybridcls.data import IMAGE_EXTENSIONS, Source, expand_inputs, walk_images
-from hybridcls.errors import InputError
+from hybridcls.errors import HybridclsWarning, InputError
 
 # Names the output must carry through untouched.
 AWKWARD = ["with space.jpg", "com,ma.png", 'quo"te.png', "it's.png", "café ü 日本.jpg"]
@@ -180,9 +181,30 @@ def test_duplicates_appear_once_at_first_occurrence(tmp_path: Path) -> None:
     listing = tmp_path / "l.txt"
     listing.write_text("b.jpg\na.jpg\n", encoding="utf-8")
     a = tmp_path / "a.jpg"
-    spelled_differently = str(tmp_path / "." / "a.jpg")
-    got = expand_inputs([a, tmp_path, spelled_differently, listing, a])
-    assert got == [Source(str(a)), Source(str(tmp_path / "b.jpg"))]
+    b = tmp_path / "b.jpg"
+    spelled_differently = os.path.join(tmp_path, ".", "a.jpg")  # (pathlib would drop the ".")
+    with pytest.warns(HybridclsWarning) as caught:
+        got = expand_inputs([a, tmp_path, spelled_differently, listing, a])
+    assert got == [Source(str(a)), Source(str(b))]
+    # 7 files reached, 2 rows: the 5 left out are counted, and named in the order reached
+    assert [str(w.message) for w in caught] == [
+        (f"5 inputs name a file given before and are left out (each file is one row): {a} (again), "
+        f"{spelled_differently} (same file as {a}), {b} (again), {a} (again), {a} (again)")]
+
+
+def test_an_input_given_twice_is_named_and_counted_beyond_five(tmp_path: Path) -> None:
+    _touch(tmp_path, "a.jpg")
+    listing = tmp_path / "l.txt"
+    listing.write_text("a.jpg\n" * 7, encoding="utf-8")  # a list file with one line seven times
+    a = str(tmp_path / "a.jpg")
+    with pytest.warns(HybridclsWarning) as caught:
+        assert expand_inputs([listing]) == [Source(a)]
+    assert [str(w.message) for w in caught] == [
+        "6 inputs name a file given before and are left out (each file is one row): "
+        + ", ".join([f"{a} (again)"] * 5) + " and 1 more"]
+    with warnings.catch_warnings():  # each file given once: no warning
+        warnings.simplefilter("error")
+        assert expand_inputs([a]) == [Source(a)]
 
 
 @needs_symlinks
@@ -194,7 +216,9 @@ def test_symlink_loops_do_not_hang_and_links_are_rows(tmp_path: Path) -> None:
     (tmp_path / "l2.jpg").symlink_to("l1.jpg")
     (tmp_path / "broken.png").symlink_to("nowhere.png")
     (tmp_path / "zalias.png").symlink_to("real.png")  # same file as real.png
-    got = expand_inputs([tmp_path])
+    with pytest.warns(HybridclsWarning, match=r"^1 input names a file given before and is left "
+                      r"out \(each file is one row\): .*zalias\.png \(same file as .*real\.png\)$"):
+        got = expand_inputs([tmp_path])
     assert got == [
         Source(str(tmp_path / "broken.png"), error="broken symbolic link"),
         Source(str(tmp_path / "l1.jpg"), error="symbolic link loop"),

@@ -207,7 +207,8 @@ def test_two_workers_share_the_image_check_and_refuse_alike(world, tmp_path):
     proc = _run(cmd, returncode=2)
     # Each worker decoded every other file, so each found some of the five unreadable; both
     # learnt of all five from the other and refused alike, before writing anything.
-    header = f"class folder {target} has no readable image: none of its 5 files decodes:"
+    header = (f"class folder {target} has no readable image (in the training folder): none of "
+              "its 5 files decodes:")
     assert proc.stderr.count(header) == 2
     for path, reason in planted.items():
         assert proc.stderr.count(f"  {path}: {reason}\n") == 2

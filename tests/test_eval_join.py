@@ -120,6 +120,50 @@ def test_labelled_images_without_prediction_are_refused_or_counted(tmp_path, cap
     assert metrics["n_missing_predictions"] == 1 and metrics["scores"]["n_images"] == 2
 
 
+def test_error_rows_without_a_label_are_counted_not_scored(tmp_path, capsys):
+    """An unreadable input is often absent from the labels file: its error row is no prediction,
+    so it is left out of every figure and counted; a labelled error row still counts as wrong,
+    and an ok row without a label is still refused."""
+    pred = tmp_path / "pred.csv"
+    with open_writer(pred, None, topk=1) as w:
+        for p, label in CASE.items():
+            w.write(PredictionRow(p, label=label, score=0.9, branch="zeroshot", topk=[(label, 0.9)]))
+        w.write(PredictionRow.failed("bad/broken_in.png", "empty file (0 bytes)"))
+        w.write(PredictionRow.failed("site2/IMG_0003.png", "empty file (0 bytes)"))
+    labels = _labels(tmp_path / "labels.csv", [*CASE.items(), ("site2/IMG_0003.png", "blue square")])
+    seen = ["red circle", "blue square"]
+    ev = evaluate_predictions(pred, labels, seen)
+    # 3 right + 1 labelled error row (wrong) scored: 3 of 4; the unlabelled error row left out
+    assert (ev.scores.n_images, ev.scores.accuracy) == (4, 0.75)
+    assert (ev.n_errors, ev.n_errors_unlabelled) == (1, 1)
+    assert ev.summary().splitlines()[0] == (
+        "accuracy 75.00%  (4 images, 1 errors, 1 error rows without a label (not scored))")
+    assert ev.provenance["counts"] == {"images": 4, "errors": 1, "errors_unlabelled": 1, "missing": 0}
+    # the command line scores it too, and metrics.json counts it
+    seen_file = tmp_path / "seen.txt"
+    seen_file.write_text("red circle\nblue square\n", encoding="utf-8")
+    assert main(["evaluate", str(pred), "--labels", str(labels), "--seen-classes", str(seen_file),
+                 "-o", str(tmp_path / "m")]) == 0
+    assert "1 error rows without a label (not scored)" in capsys.readouterr().out
+    metrics = _strict_json(tmp_path / "m" / "metrics.json")
+    assert (metrics["n_errors"], metrics["n_errors_unlabelled"], metrics["scores"]["n_images"]) == (1, 1, 4)
+    # a prediction (status ok) without a label is refused as before
+    unlabelled = _labels(tmp_path / "fewer.csv", list(CASE.items())[1:])
+    with pytest.raises(InputError, match=r"^.*fewer\.csv: 1 predicted image\(s\) have no label, "
+                                         r"e\.g\. 'site1/IMG_0001\.png'$"):
+        evaluate_predictions(pred, unlabelled, seen)
+    # only unlabelled error rows: nothing to score
+    only = tmp_path / "only.csv"
+    with open_writer(only, None, topk=1) as w:
+        w.write(PredictionRow.failed("bad/broken_in.png", "empty file (0 bytes)"))
+    with pytest.raises(MissingPredictionsError, match=r"only\.csv: 4 of 4 labelled images have no "
+                                                      r"prediction"):  # the error row is not one of them
+        evaluate_predictions(only, labels, seen)
+    with pytest.raises(InputError, match=r"only\.csv: no row to score: its 1 row\(s\) are error rows "
+                                         r"without a label in .*labels\.csv$"):
+        evaluate_predictions(only, labels, seen, allow_missing=True)
+
+
 def test_metrics_json_is_strict_with_null_for_undefined_figures(tmp_path):
     pred = _predictions(tmp_path / "pred.csv")
     labels = _labels(tmp_path / "labels.csv", CASE.items())

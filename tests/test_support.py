@@ -381,18 +381,40 @@ def test_a_class_with_an_empty_list_is_refused_by_name(tmp_path):
         support_samples({"green star": []}, PROMPTS)
 
 
-def test_unreadable_support_image_is_named(tmp_path):
-    _image(tmp_path / "s" / "green star" / "1.png")
+def test_unreadable_support_image_is_named(tmp_path, monkeypatch):
+    """Each message starts with the parameter that gave the images (support='DIR': ...), which
+    the command line writes as its flag."""
+    good = _image(tmp_path / "s" / "green star" / "1.png")
     bad = tmp_path / "s" / "green star" / "2.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(DatasetError, match=r"1 support image\(s\) cannot be read.*\n  .*2\.png: "):
+    with pytest.raises(DatasetError) as info:
         support_samples(tmp_path / "s", PROMPTS)
-    # a class none of whose files decodes: training's message, naming folder and file
+    assert str(info.value).splitlines() == [
+        (f"support={str(tmp_path / 's')!r}: 1 support image(s) cannot be read (each one counts "
+        "when there are a few per class):"),
+        f"  {bad}: not an image (unrecognised format)",
+        "replace or remove them"]
+    # given as pairs: the value itself when short, its type when long
+    monkeypatch.chdir(tmp_path)
+    pairs = [("s/green star/2.png", "green star")]
+    with pytest.raises(DatasetError) as info:
+        support_samples(pairs, PROMPTS)
+    assert str(info.value).splitlines()[0] == (
+        "support=[('s/green star/2.png', 'green star')]: 1 support image(s) cannot be read (each "
+        "one counts when there are a few per class):")
+    with pytest.raises(DatasetError) as info:
+        support_samples([(str(good), "green star"), *pairs * 5], PROMPTS)
+    assert str(info.value).startswith("support='<list>': 1 support image(s) cannot be read")
+    # a class none of whose files decodes: training's message, naming folder, role and file
     only = tmp_path / "t" / "red circle" / "1.png"
     only.parent.mkdir(parents=True)
     only.write_bytes(b"")
-    with pytest.raises(DatasetError, match=r"(?s)class folder .*red circle has no readable image.*red circle/1\.png: empty file"):
+    with pytest.raises(DatasetError) as info:
         support_samples(tmp_path / "t", PROMPTS)
+    assert str(info.value).splitlines()[:2] == [
+        (f"support={str(tmp_path / 't')!r}: class folder {only.parent} has no readable image (in "
+        "the support folder): none of its 1 file decodes:"),
+        f"  {only}: empty file (0 bytes)"]
 
 
 # ------------------------------------------------------------------ the engine side
@@ -465,8 +487,8 @@ def test_an_image_given_twice_is_used_once_and_for_two_classes_refused(tmp_path)
     with pytest.warns(HybridclsWarning) as caught:
         clf.add_support([(str(copy), "red circle"), (green, "green star")])
     assert [str(w.message) for w in caught] == [
-        f"1 support image(s) given more than once are used once: {copy} (has the same content "
-        f"as {red})"]
+        (f"1 support image(s) given more than once are used once: {copy} (has the same content "
+        f"as {red})")]
     assert clf.support_samples_ == [(red, 0), (green, 2)]
     assert len(clf.gate_.support_.keys) == 2
     # the same image for two classes: refused, by path or by content, nothing changed
@@ -518,8 +540,12 @@ def test_saved_folder_keeps_the_support_images_gate(tiny_hybrid, tmp_path):
     # support= at load replaces the saved folder's support; a new calibration cannot keep it
     only_one = {world.unseen_classes[0]: sorted(str(p) for p in (folder / world.unseen_classes[0]
                                                                   .replace(" ", "_")).glob("*"))}
-    with pytest.warns(UserWarning, match=r"support= replaces the 6 support images saved with "):
+    with pytest.warns(UserWarning) as caught:
         third = HybridClassifier.from_pretrained(saved, **kwargs, support=only_one)
+    # the value written as the parameter's (support='DIR' for a folder, --support DIR in the CLI)
+    assert [str(w.message) for w in caught if "replaces" in str(w.message)] == [
+        (f"support='<dict>' replaces the 6 support images saved with {saved} (their embeddings "
+        "cannot be added to)")]
     assert third.gate_summary()["support"]["counts"] == {world.unseen_classes[0]: 3}
     fourth = HybridClassifier.from_pretrained(saved, **kwargs)
     with pytest.warns(UserWarning, match="cannot join a new calibration"):

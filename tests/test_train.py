@@ -314,7 +314,9 @@ def test_a_class_folder_with_no_readable_image_is_refused_before_anything_is_wri
     out = tmp_path / "out"
     assert _cli(data, "--output", out, "--epochs", 1, *FAST_FLAGS) == 2
     err = capsys.readouterr().err
-    assert f"class folder {target} has no readable image: none of its 5 files decodes:\n" in err
+    # train's DATA_DIR is positional: the message names the folder's role, no parameter or flag
+    assert (f"error: class folder {target} has no readable image (in the training folder): none "
+            "of its 5 files decodes:\n") in err
     for path, reason in planted.items():
         assert f"\n  {path}: {reason}\n" in err
     assert not out.exists()
@@ -334,8 +336,9 @@ def test_a_validation_class_folder_with_no_readable_image_is_refused(tiny_world,
     with pytest.raises(DatasetError) as info:
         train(tiny_world.train_dir, tmp_path / "out", val_dir=str(val), **FAST)
     lines = str(info.value).splitlines()
-    assert lines[0] == (
-        f"class folder {val / second.name} has no readable image: none of its 5 files decodes:"
+    assert lines[0] == (  # the parameter that gave the folder, and its role
+        f"val_dir={str(val)!r}: class folder {val / second.name} has no readable image "
+        "(in the validation folder): none of its 5 files decodes:"
     )
     assert lines[1:6] == [f"  {path}: {reason}" for path, reason in planted.items()]
     assert not (tmp_path / "out").exists()

@@ -143,10 +143,45 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+def _check_numbers(args: argparse.Namespace, *, model_input: bool = True, **least: int) -> None:
+    """Refuse a bad numeric flag before a bench builds a world or trains anything.
+
+    Args:
+        args: The bench's parsed flags.
+        model_input: ``--image-size`` is the supervised input size (checked as ``train``
+            checks it), not the side of generated images (``bench memory``: give ``image_size=1``).
+        **least: ``dest=smallest value`` of its whole-number flags (``draws=1``). The
+            training flags it has (``--epochs``, ``--image-size``, ``--workers``) are
+            checked as ``train`` checks them (:class:`~hybridcls.train.TrainConfig`).
+
+    Raises:
+        UsageError: A flag below its smallest value (names it).
+        InputError: A training flag out of its range (``epochs=0: ...``; the command line
+            names the flag).
+    """
+    for dest, smallest in least.items():
+        value = getattr(args, dest)
+        if value is not None and value < smallest:
+            raise UsageError(f"--{dest.replace('_', '-')} {value}: expected at least {smallest}")
+    from hybridcls.train.config import TrainConfig
+
+    training = ("epochs", "image_size", "workers") if model_input else ("epochs", "workers")
+    TrainConfig(**{name: getattr(args, name) for name in training
+                   if getattr(args, name, None) is not None})  # validated on creation
+
+
 def run_rollup(args: argparse.Namespace) -> int:
     from hybridcls.bench.rollup import DEFAULT_PRECISIONS
     from hybridcls.bench.rollup import run_rollup as bench
+    from hybridcls.errors import ParameterError
+    from hybridcls.hierarchy import check_threshold
 
+    _check_numbers(args, seed=0)
+    for precision in args.precisions or ():
+        try:
+            check_threshold(precision, "rollup_precision")
+        except ParameterError as err:  # the rule of HybridClassifier's rollup_precision, this flag's
+            raise UsageError(f"--precisions {precision:g}: {err.reason}") from None
     out = Path(args.out)
     report = bench(out, seed=args.seed, epochs=args.epochs, workers=args.workers,
                    progress=not args.quiet, precisions=tuple(args.precisions or DEFAULT_PRECISIONS))
@@ -158,12 +193,13 @@ def run_rollup(args: argparse.Namespace) -> int:
 
 def run_quality(args: argparse.Namespace) -> int:
     if args.zoo is not None:
-        return run_zoo(args)
+        return run_zoo(args)  # its worlds set seed, epochs and image size
     # each benchmark (torch, timm, open_clip) is imported when its command runs
     from hybridcls.bench.quality import run_quality as bench
 
     if args.cache_dir is not None:
         raise UsageError("--cache-dir applies to --zoo only (the single world caches in --out)")
+    _check_numbers(args, seed=0)
     out = Path(args.out or _QUALITY_OUT)
     report = bench(out, seed=0 if args.seed is None else args.seed,
                    epochs=8 if args.epochs is None else args.epochs, model=args.model,
@@ -191,11 +227,10 @@ def run_fewshot(args: argparse.Namespace) -> int:
     retrain = _ks(args.retrain_k, "--retrain-k")
     if 0 in retrain:
         raise UsageError("--retrain-k 0: the retrain route needs at least one image per unseen class")
-    for flag, value in (("--draws", args.draws), ("--retrain-draws", args.retrain_draws)):
-        if value < 1:
-            raise UsageError(f"{flag} {value}: expected at least 1")
+    ks = _ks(args.k, "--k")
+    _check_numbers(args, draws=1, retrain_draws=1, seed=0)
     out = Path(args.out)
-    report = bench(out, seed=args.seed, epochs=args.epochs, ks=_ks(args.k, "--k"), draws=args.draws,
+    report = bench(out, seed=args.seed, epochs=args.epochs, ks=ks, draws=args.draws,
                    retrain_ks=retrain, retrain_draws=args.retrain_draws, model=args.model,
                    image_size=args.image_size, workers=args.workers, progress=not args.quiet)
     print(report.markdown())
@@ -235,6 +270,10 @@ def run_zoo(args: argparse.Namespace) -> int:
 def run_sites(args: argparse.Namespace) -> int:
     from hybridcls.bench.sites import run_sites as bench
 
+    _check_numbers(args, sites=1, sites_per_class=1, seed=0)
+    if args.sites_per_class > args.sites:  # make_sites' rule, before the world and the training
+        raise UsageError(f"--sites-per-class {args.sites_per_class}: expected at most --sites "
+                         f"{args.sites} (each class occurs at that many different sites)")
     report = bench(Path(args.out), seed=args.seed, epochs=args.epochs, n_sites=args.sites,
                    sites_per_class=args.sites_per_class, workers=args.workers, progress=not args.quiet)
     print(report.markdown())
@@ -247,10 +286,9 @@ def run_speed(args: argparse.Namespace) -> int:
     from hybridcls.bench.speed import DEFAULT_MODELS, QUICK_MODELS
     from hybridcls.bench.speed import run_speed as bench
 
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.repeat < 1:
-        raise UsageError(f"--repeat must be at least 1, got {args.repeat}")
+    _check_numbers(args, batch_size=1, images=1, threads=1, repeat=1)
+    if not 0 <= args.cascade_share <= 1:
+        raise UsageError(f"--cascade-share {args.cascade_share:g}: expected a share from 0 to 1")
     if args.gpu_decode and args.device != "cuda":
         raise UsageError("--gpu-decode needs --device cuda")
     sizes = [_size(text) for text in args.sizes] if args.sizes else None
@@ -286,6 +324,7 @@ def run_memory(args: argparse.Namespace) -> int:
 
     if len(args.sizes) < 2 or min(args.sizes) < 1:
         raise UsageError(f"--sizes needs two or more positive numbers, got {args.sizes}")
+    _check_numbers(args, model_input=False, image_size=1, batch_size=1)
     if args.checkpoint and not prompts_from_args(args):
         raise UsageError("--checkpoint needs --prompts or --classes naming the run's classes")
     report = bench(Path(args.out), args.sizes, image_size=args.image_size, batch_size=args.batch_size,

@@ -326,6 +326,7 @@ _DESTINATIONS = {
     "tag": "pretrained_tag",  # resolve_model_name(), create_backbone()
     "val_dir": "val",  # audit_dataset(); train's --val is val_dir already
     "test_dir": "test",  # audit_dataset()
+    "data_dir": "data",  # calibrate(data_dir=); train's DATA_DIR is positional, not a flag
 }
 # A parameter stands on its own: "runs/seed=0" or "data-batch_size=3" is a path, not one.
 _PARAMETER = re.compile(r"(?<![/\\.\-=])\b([a-z][a-z0-9_]*)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;:)]+)")

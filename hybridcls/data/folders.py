@@ -24,7 +24,7 @@ import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
@@ -67,12 +67,37 @@ class ImageFolderIndex:
         unreadable: ``(path, label, reason)`` of the files
             :func:`drop_unreadable` took out of ``samples`` because they failed
             to decode; empty for an index fresh from :func:`scan_image_folder`.
+        role: What the folder is, in messages (``"training folder"``, ``"support folder"``...).
+        parameter: The parameter that gave the folder (``"support"``), or None for a
+            positional one; later errors about the folder name it as the scan's do.
     """
 
     root: str
     classes: list[str]
     samples: list[tuple[str, int]]
     unreadable: list[tuple[str, int, str]] = field(default_factory=list)
+    role: str = "training folder"
+    parameter: str | None = None
+
+    @property
+    def at(self) -> str:
+        """The start of an error about this folder: ``parameter='root': `` or nothing."""
+        return _folder_parameter(self.parameter, self.root)
+
+
+def _folder_parameter(parameter: str | None, root: str | os.PathLike[str]) -> str:
+    """``parameter='root': ``, the start of an error about a folder a parameter gave; ``""``
+    without one (a positional folder).
+
+    The command line turns it into the flag (:func:`hybridcls.cli.common.flag_message`).
+
+    Example:
+        >>> _folder_parameter("support", "data/support")
+        "support='data/support': "
+        >>> _folder_parameter(None, "data/train")
+        ''
+    """
+    return f"{parameter}={os.fspath(root)!r}: " if parameter else ""
 
 
 def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training folder",
@@ -108,8 +133,7 @@ def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training fol
         (['antelope', 'bat', 'beaver'], 24322)
     """
     root_str = os.fspath(root)
-    # which parameter gave the folder, in front of every error (the CLI turns it into the flag)
-    at = f"{parameter}={root_str!r}: " if parameter else ""
+    at = _folder_parameter(parameter, root_str)  # in front of every error
     if not os.path.exists(root_str):
         raise DatasetError(at + f"{role} not found: {root_str}")
     if not os.path.isdir(root_str):
@@ -154,7 +178,8 @@ def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training fol
         if not paths:
             raise DatasetError(at + f"empty class folder: {folder} (in the {role})")
         samples.extend((path, label) for path in paths)
-    return ImageFolderIndex(root=root_str, classes=entries, samples=samples)
+    return ImageFolderIndex(root=root_str, classes=entries, samples=samples, role=role,
+                            parameter=parameter)
 
 
 class _DecodeCheck(Dataset):
@@ -243,7 +268,8 @@ def drop_unreadable(index: ImageFolderIndex, unreadable: Mapping[str, str]) -> I
 
     Raises:
         DatasetError: a class folder none of whose files decodes; the message
-            names every such folder and lists its files, each with its reason.
+            names every such folder, the folder's role and the parameter that gave
+            it (``ImageFolderIndex.at``), and lists its files, each with its reason.
 
     Example:
         >>> index = scan_image_folder("data/train")  # doctest: +SKIP
@@ -260,12 +286,12 @@ def drop_unreadable(index: ImageFolderIndex, unreadable: Mapping[str, str]) -> I
             files = _files_of(bad, label)
             folder = os.path.join(index.root, index.classes[label])
             blocks.append(
-                f"class folder {folder} has no readable image: none of its "
-                f"{_plural(len(files), 'file')} decodes:{_listing(files)}"
+                f"class folder {folder} has no readable image (in the {index.role}): none of "
+                f"its {_plural(len(files), 'file')} decodes:{_listing(files)}"
             )
         advice = "replace or remove the unreadable files, or remove the class folder"
-        raise DatasetError("\n".join([*blocks, advice]))
-    return ImageFolderIndex(index.root, index.classes, samples, [*index.unreadable, *bad])
+        raise DatasetError(index.at + "\n".join([*blocks, advice]))
+    return replace(index, samples=samples, unreadable=[*index.unreadable, *bad])
 
 
 def class_size_error(

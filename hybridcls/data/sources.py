@@ -16,7 +16,9 @@ Order rules, so the same command always gives the same rows:
 * glob matches are sorted by path string; list-file entries keep the file's
   order;
 * a file reached twice (the same path given twice, a folder and a file in it,
-  two symbolic links to one file) appears once, at its first occurrence.
+  two symbolic links to one file) appears once, at its first occurrence, and a
+  :class:`~hybridcls.errors.HybridclsWarning` names the inputs left out and
+  counts them.
 
 Nothing here opens an image; :mod:`hybridcls.data.images` decides whether a
 file decodes.
@@ -30,11 +32,12 @@ import glob
 import io
 import os
 import stat
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybridcls.errors import InputError, ParameterError
+from hybridcls.errors import HybridclsWarning, InputError, ParameterError
 
 __all__ = [
     "CSV_PATH_COLUMNS",
@@ -59,6 +62,8 @@ LIST_EXTENSIONS: frozenset[str] = frozenset({".txt", ".lst", ".csv"})
 CSV_PATH_COLUMNS: tuple[str, ...] = ("path", "filepath", "file", "image", "image_path")
 
 _GLOB_CHARS = frozenset("*?[")
+#: Inputs named in the warning about inputs given again; the rest are counted.
+_MAX_NAMED = 5
 
 #: What an ``inputs`` parameter accepts, as its errors say it.
 _ACCEPTED = ("paths, folders, globs, list files, PIL images, [H, W, 3] uint8 arrays or "
@@ -217,7 +222,9 @@ def expand_inputs(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     Returns:
         The sources in a stable order, each file at most once (first
         occurrence wins; identity is the file itself, so symbolic links and
-        different spellings of one file count as one).
+        different spellings of one file count as one). A file reached again
+        is left out with a :class:`~hybridcls.errors.HybridclsWarning` that
+        counts such inputs and names them.
 
     Raises:
         InputError: a glob that matches no file, a folder with no image file,
@@ -239,15 +246,35 @@ def expand_inputs(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         if not isinstance(raw, (str, os.PathLike)):
             raise ParameterError("inputs", f"<{type(raw).__name__} at position {position}>",
                                  "expected paths, folders, globs or list files")
-    seen: set[tuple] = set()
+    kept: dict[tuple, str] = {}  # identity -> the path of its first occurrence
     out: list[Source] = []
+    again: list[tuple[str, str]] = []  # (path left out, the path kept)
     for raw in items:
         for source in _expand_one(os.fspath(raw)):
             key = _identity(source.path)
-            if key not in seen:
-                seen.add(key)
+            if key in kept:
+                again.append((source.path, kept[key]))
+            else:
+                kept[key] = source.path
                 out.append(source)
+    if again:  # one row per image, but not without a word
+        warnings.warn(_repeated_message(again), HybridclsWarning, stacklevel=2)
     return out
+
+
+def _repeated_message(again: Sequence[tuple[str, str]]) -> str:
+    """The warning for inputs that name a file given before: counted, the first few named.
+
+    Example:
+        >>> print(_repeated_message([("a.png", "a.png"), ("./a.png", "a.png")]))
+        2 inputs name a file given before and are left out (each file is one row): a.png (again), ./a.png (same file as a.png)
+    """
+    shown = [f"{path} (again)" if path == first else f"{path} (same file as {first})"
+             for path, first in again[:_MAX_NAMED]]
+    more = f" and {len(again) - _MAX_NAMED} more" if len(again) > _MAX_NAMED else ""
+    many = len(again) > 1
+    return (f"{len(again)} input{'s' if many else ''} name{'' if many else 's'} a file given before "
+            f"and {'are' if many else 'is'} left out (each file is one row): {', '.join(shown)}{more}")
 
 
 def walk_images(folder: str | os.PathLike[str]) -> list[Source]:

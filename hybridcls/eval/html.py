@@ -89,6 +89,8 @@ def _counts(ev: Evaluation) -> list[tuple[str, Any]]:
         ("images", s.n_images), ("images of seen classes", s.n_seen_images),
         ("images of unseen classes", s.n_unseen_images), ("unreadable images (counted wrong)", ev.n_errors),
     ]
+    if ev.n_errors_unlabelled:
+        rows.append(("unreadable images without a label (not scored)", ev.n_errors_unlabelled))
     if ev.routing:
         rows += [("seen-class images sent to zero-shot", ev.routing["seen_to_zeroshot"]),
                  ("unseen-class images kept by the supervised branch",

@@ -130,23 +130,29 @@ class LabelJoin:
     """Labels joined to predicted paths.
 
     Attributes:
-        labels: The true class of each predicted path, in the paths' order.
+        labels: The true class of each predicted path, in the paths' order; ``None`` for a
+            path that needs no label (:func:`join_labels`' ``required``) and has none.
         missing: Ids of the labels file that no predicted path matches
             (labelled images without a prediction), in file order.
-        lines: The labels file's line of each of ``labels`` (for messages).
+        lines: The labels file's line of each of ``labels`` (for messages; ``None`` with
+            a ``None`` label).
     """
 
-    labels: list[str]
+    labels: list[str | None]
     missing: list[str]
-    lines: list[int] = field(default_factory=list)
+    lines: list[int | None] = field(default_factory=list)
 
 
-def join_labels(paths: Sequence[str], labels: str | os.PathLike[str]) -> LabelJoin:
+def join_labels(paths: Sequence[str], labels: str | os.PathLike[str], *,
+                required: Sequence[bool] | None = None) -> LabelJoin:
     """The true class of each predicted path, from a labels file (see the module docstring).
 
     Args:
         paths: Predicted image paths, as the predictions file writes them.
         labels: The labels CSV (:func:`read_labels`).
+        required: For each path, whether it must have a label (default: every path). An
+            error row (an unreadable input) need not: it is no prediction, and an
+            unreadable file is often missing from the labels file.
 
     Returns:
         A :class:`LabelJoin`: one class per path, and the labelled ids left
@@ -155,7 +161,7 @@ def join_labels(paths: Sequence[str], labels: str | os.PathLike[str]) -> LabelJo
     Raises:
         InputError: An id that names two predicted images, a predicted image
             named by two ids (both name the files and lines), or predicted
-            images without a label (counts them, names the first few).
+            images that require a label without one (counts them, names the first few).
 
     Example:
         >>> join_labels(["site1/IMG_0001.png", "site2/IMG_0001.png"],
@@ -191,13 +197,15 @@ def join_labels(paths: Sequence[str], labels: str | os.PathLike[str]) -> LabelJo
                 raise InputError(
                     f"{labels}: line {other.line} ({other.image_id!r}) and line {e.line} "
                     f"({e.image_id!r}) both name the predicted image {paths[i]!r}; keep one")
-    unlabelled = [p for i, p in enumerate(paths) if i not in owner]
+    unlabelled = [p for i, p in enumerate(paths)
+                  if i not in owner and (required is None or required[i])]
     if unlabelled:
         matched = {e.image_id for e in owner.values()}
         unmatched = [e for e in entries if e.image_id not in matched]
         raise InputError(_no_label_message(labels, unlabelled, unmatched))
-    joined = [owner[i] for i in range(len(paths))]
-    return LabelJoin([e.label for e in joined], missing, [e.line for e in joined])
+    joined = [owner.get(i) for i in range(len(paths))]
+    return LabelJoin([None if e is None else e.label for e in joined], missing,
+                     [None if e is None else e.line for e in joined])
 
 
 def _no_label_message(labels: str | os.PathLike[str], unlabelled: Sequence[str],

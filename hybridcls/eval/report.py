@@ -6,8 +6,10 @@ predicted path on whole components; a file name only joins when it is
 unique (:func:`hybridcls.eval.labels.join_labels`). Labels and predictions
 are compared after label normalisation (case, ``_``, ``+``, ``-``), so
 ``grizzly+bear`` in a dataset's labels matches ``grizzly bear`` in
-predictions. Error rows count as wrong predictions; labelled images with no
-row at all are refused unless ``allow_missing`` (then counted, not scored).
+predictions. Labelled error rows count as wrong predictions; an error row
+with no label (an unreadable input the labels file leaves out) is no
+prediction: counted, not scored. Labelled images with no row at all are
+refused unless ``allow_missing`` (then counted, not scored).
 With a class tree (a prompts file with ancestors), roll-up answers are also
 scored at every rank (:func:`hybridcls.hierarchy.rollup_figures`).
 """
@@ -95,6 +97,8 @@ class Evaluation:
     ranked_per_row: int | None = None
     n_errors: int = 0
     n_missing: int = 0
+    #: Error rows without a label: no prediction and nothing to score them against.
+    n_errors_unlabelled: int = 0
     y_true: list[str] = field(default_factory=list)
     y_pred: list[str] = field(default_factory=list)
     gate_scores: np.ndarray | None = None
@@ -136,7 +140,8 @@ class Evaluation:
         rel = self.reliability
         return {"scores": self.scores.as_dict(), "top5_accuracy": self.top5_accuracy,
                 "gate": self.gate, "open_set": self.open_set, "routing": self.routing,
-                "n_errors": self.n_errors, "n_missing_predictions": self.n_missing,
+                "n_errors": self.n_errors, "n_errors_unlabelled": self.n_errors_unlabelled,
+                "n_missing_predictions": self.n_missing,
                 "ece": None if rel is None else rel.ece,
                 "rollup": None if self.rollup is None else self.rollup.as_dict(),
                 "per_class": self.per_class,
@@ -146,6 +151,8 @@ class Evaluation:
         s = self.scores
         missing = (f", {self.n_missing} labelled images without a prediction (not scored)"
                    if self.n_missing else "")
+        if self.n_errors_unlabelled:
+            missing += f", {self.n_errors_unlabelled} error rows without a label (not scored)"
         lines = [
             f"accuracy {100 * s.accuracy:.2f}%  ({s.n_images} images, {self.n_errors} errors{missing})",
             (f"seen S {_percent(s.seen)}   unseen U {_percent(s.unseen)}   "
@@ -242,7 +249,8 @@ def evaluate_predictions(
             :attr:`Evaluation.rollup`.
 
     Raises:
-        InputError: Images without a label, an ambiguous join (an id naming
+        InputError: Predicted images (``status=ok`` rows) without a label, no row to
+            score (every row an error row without a label), an ambiguous join (an id naming
             two images, or an image named twice), labels of unknown classes,
             or a value of the predictions file that is not what predict writes
             (a ``status`` other than ok / error, a ``score`` that is not a
@@ -263,20 +271,30 @@ def evaluate_predictions(
             seen_classes=list(seen_classes), classes=classes, allow_missing=allow_missing)
     made_by = read_record(predictions)  # before the rows: a manifest that cannot be read says so
     lines, rows = _prediction_rows(predictions)
-    join = join_labels([r["path"] for r in rows], labels)
+    predicted = [_status(r, predictions, line) == "ok" for line, r in zip(lines, rows)]
+    join = join_labels([r["path"] for r in rows], labels, required=predicted)
+    # an error row without a label is no prediction: counted, left out of every figure
+    scored = [i for i, t in enumerate(join.labels) if t is not None]
+    n_errors_unlabelled = len(rows) - len(scored)
     if join.missing and not allow_missing:
-        raise MissingPredictionsError(predictions, join.missing, len(rows) + len(join.missing))
+        raise MissingPredictionsError(predictions, join.missing, len(scored) + len(join.missing))
+    if not scored:
+        raise InputError(f"{predictions}: no row to score: its {len(rows)} row(s) are error rows "
+                         f"without a label in {labels}")
+    lines, rows = [lines[i] for i in scored], [rows[i] for i in scored]
+    true_labels = [str(join.labels[i]) for i in scored]
+    label_lines = [join.lines[i] for i in scored]
     seen = {normalize_label(c) for c in seen_classes}
     known = {normalize_label(c) for c in classes} if classes is not None else None
     if known is None:
         known = seen | {normalize_label(r["label"]) for r in rows if r.get("label")}
-    unknown = [(line, t) for line, t in zip(join.lines, join.labels) if normalize_label(t) not in known]
+    unknown = [(line, t) for line, t in zip(label_lines, true_labels) if normalize_label(t) not in known]
     if unknown:
         names = sorted({t for _, t in unknown})
         raise InputError(
             f"{labels}:{unknown[0][0]}: label {unknown[0][1]!r} is of a class that is neither seen "
             f"nor predictable; {len(names)} such class(es): " + ", ".join(map(repr, names[:10])))
-    y_true = [normalize_label(t) for t in join.labels]
+    y_true = [normalize_label(t) for t in true_labels]
     ok = np.array([_status(r, predictions, line) == "ok" for line, r in zip(lines, rows)])
     y_pred = [normalize_label(r.get("label") or "") if k else "" for r, k in zip(rows, ok)]
     scores = open_set_scores(y_true, y_pred, seen)
@@ -290,7 +308,8 @@ def evaluate_predictions(
         _number(r.get("score"), predictions, line, "score", probability=True) if k else np.nan
         for line, r, k in zip(lines, rows, ok)])
     ev = Evaluation(scores, per_class, n_errors=int((~ok).sum()), n_missing=len(join.missing),
-                    y_true=y_true, y_pred=y_pred, confidence=confidence)
+                    n_errors_unlabelled=n_errors_unlabelled, y_true=y_true, y_pred=y_pred,
+                    confidence=confidence)
     ranked = [[normalize_label(c) for c in _ranking(r, predictions, line)] if k else None
               for line, r, k in zip(lines, rows, ok)]
     lengths = [len(r) for r in ranked if r is not None]
@@ -321,7 +340,8 @@ def evaluate_predictions(
                         "record": made_by},
         "labels": {"path": os.fspath(labels), "sha256": file_fingerprint(labels)},
     }
-    record.finish(images=ev.scores.n_images, errors=ev.n_errors, missing=ev.n_missing)
+    record.finish(images=ev.scores.n_images, errors=ev.n_errors,
+                  errors_unlabelled=ev.n_errors_unlabelled, missing=ev.n_missing)
     ev.provenance = record.as_dict()
     return ev
 

@@ -221,9 +221,35 @@ def _recorded_split(index: Any, held_out: Sequence[str]) -> tuple[Samples, Sampl
     return train, val, [p for p in held_out if p not in found]
 
 
+def _about(index: Any) -> str:
+    """The start of a message about a whole training folder: the parameter that gave it
+    (``data_dir='DIR': ``), else the folder (``DIR: ``)."""
+    return index.at or f"{index.root}: "
+
+
+def _class_difference(found: Sequence[str], expected: Sequence[str]) -> str:
+    """Why a folder's classes are not a run's, naming the classes that differ.
+
+    Example:
+        >>> _class_difference(["ant", "owl"], ["ant", "bat", "cat"])
+        "its 2 classes differ from the run's 3: 'bat', 'cat' missing; 'owl' not a class of the run; give the folder the run was trained on"
+    """
+    def names(values: Sequence[str]) -> str:
+        return ", ".join(map(repr, values[:5])) + (f" and {len(values) - 5} more" if len(values) > 5 else "")
+
+    missing = [c for c in expected if c not in set(found)]
+    extra = [c for c in found if c not in set(expected)]
+    parts = [f"{names(missing)} missing"] if missing else []
+    parts += [f"{names(extra)} not a class of the run"] if extra else []
+    return (f"its {len(found)} classes differ from the run's {len(expected)}: "
+            f"{'; '.join(parts) or 'the same names in another order'}; "
+            "give the folder the run was trained on")
+
+
 def resolve_training_data(
     data_dir: str | Path, config: TrainConfig, *, previous_check: ImageCheck | None = None,
-    recorded_split: Mapping[str, Any] | None = None,
+    recorded_split: Mapping[str, Any] | None = None, parameter: str | None = None,
+    classes: Sequence[str] | None = None,
 ) -> TrainingData:
     """Scan the training folder (and the ``val_dir`` folder), check every image, split.
 
@@ -242,19 +268,27 @@ def resolve_training_data(
             unreadable now are named in a :class:`~hybridcls.errors.MissingDataWarning`.
             Without (``None``, a ``val_dir`` run, or a run trained before runs recorded
             them): the folder is split again (``val_split``, ``seed``).
+        parameter: The parameter that gave ``data_dir`` (``"data_dir"`` of
+            :meth:`~hybridcls.hybrid.HybridClassifier.calibrate`), named in front of the
+            folder's errors so that the command line names its flag; None for ``train``'s
+            positional folder.
+        classes: The classes the folder must hold, in order (a run's): checked right after
+            the scan, before any image is decoded.
 
     Returns:
         The classes, the training / validation samples and the check.
 
     Raises:
-        DatasetError: a bad folder (missing, empty class, invalid label), a
-            class folder (training or ``val_dir``) none of whose files decodes,
-            or a ``val_dir`` class that is not a training class.
+        DatasetError: a bad folder (missing, empty class, invalid label), classes other
+            than ``classes``, a class folder (training or ``val_dir``) none of whose files
+            decodes, or a ``val_dir`` class that is not a training class.
         DataTooSmallError: one class only, a class with too few readable
             images to have one on each side of the split, or fewer images
             than classes on a side (see :func:`~hybridcls.data.stratified_split`).
     """
-    index = scan_image_folder(data_dir)
+    index = scan_image_folder(data_dir, parameter=parameter)
+    if classes is not None and index.classes != list(classes):
+        raise DatasetError(_about(index) + _class_difference(index.classes, classes))
     val_index = None
     if config.val_dir is not None:
         val_index = scan_image_folder(config.val_dir, role="validation folder", parameter="val_dir")
@@ -276,7 +310,7 @@ def resolve_training_data(
         train, val, missing = _recorded_split(index, held_out)
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            warnings.warn(f"{index.root}: {len(missing)} of the {len(held_out)} images the run held "
+            warnings.warn(f"{_about(index)}{len(missing)} of the {len(held_out)} images the run held "
                           f"out are missing or unreadable now, and are left out: {shown}",
                           MissingDataWarning, stacklevel=2)
         assert recorded_split is not None
