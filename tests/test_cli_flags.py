@@ -147,26 +147,18 @@ def _compile(setup, mode, out, capsys, base):
     return res
 
 
-def _clip_model(setup, mode, out, capsys, base):
-    other = ["--clip-model", f"local-dir:{setup['other_clip']}"]
-    if mode == "zeroshot":
-        return _rows_change(other)(setup, mode, out, capsys, base)
-    # the run's gate was calibrated with the first CLIP: another one is refused, naming both
-    res = _predict(setup, mode, other, out / "v.jsonl", capsys)
-    assert res["rc"] == 2 and f"--clip-model {other[1]}: loads CLIP" in res["stderr"]
-    assert "calibrate the run again with this one" in res["stderr"] and not (out / "v.jsonl").exists()
-    return "refused"
-
-
-def _templates(setup, mode, out, capsys, base):
-    other = ["--templates", str(setup["other_templates"])]
-    if mode == "zeroshot":
-        return _rows_change(other)(setup, mode, out, capsys, base)
-    # the run's gate was calibrated with the world's templates: others are refused, naming the flag
-    res = _predict(setup, mode, other, out / "v.jsonl", capsys)
-    assert res["rc"] == 2 and f"--templates {other[1]}: builds the class texts from 1 templates" in res["stderr"]
-    assert "calibrate the run again with these" in res["stderr"] and not (out / "v.jsonl").exists()
-    return "refused"
+def _refused_by_the_gate(extra, says, then):
+    """Acts on a zero-shot classifier; on the hybrid, whose gate was calibrated with the first
+    CLIP and the world's templates, another one is refused, naming the flag and what to do."""
+    def check(setup, mode, out, capsys, base):
+        other = extra(setup)
+        if mode == "zeroshot":
+            return _rows_change(other)(setup, mode, out, capsys, base)
+        res = _predict(setup, mode, other, out / "v.jsonl", capsys)
+        assert res["rc"] == 2 and f"{other[0]} {other[1]}: {says}" in res["stderr"], res["stderr"]
+        assert then in res["stderr"] and not (out / "v.jsonl").exists()
+        return "refused"
+    return check
 
 
 def _output(setup, mode, out, capsys, base):
@@ -353,9 +345,12 @@ CASES = {
     "inputs": _shard,  # a different share of the inputs gives different rows (and see _shard)
     "prompts": _rows_change(lambda s: ["--prompts", str(s["extra_prompts"])]),
     "classes": _classes,
-    "templates": _templates,
+    "templates": _refused_by_the_gate(lambda s: ["--templates", str(s["other_templates"])],
+                                      "builds the class texts from 1 templates",
+                                      "calibrate the run again with these"),
     "truncate_prompts": _truncate,
-    "clip_model": _clip_model,
+    "clip_model": _refused_by_the_gate(lambda s: ["--clip-model", f"local-dir:{s['other_clip']}"],
+                                       "loads CLIP", "calibrate the run again with this one"),
     "clip_pretrained": _refused_with(["--clip-pretrained", "laion400m_e32"], "--clip-pretrained"),
     "cache_dir": _cache_dir,
     "device": _refused_with(["--device", "cuda:7"], "--device cuda:7"),
