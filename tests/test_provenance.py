@@ -219,9 +219,9 @@ def test_evaluate_copies_the_record_of_the_predictions(hybrid_run, tiny_hybrid, 
     assert made["record"] == hybrid_run["record"]  # copied as the manifest has it
     assert made["sha256"] == _sha256(hybrid_run["out"]) and made["path"] == str(hybrid_run["out"])
     assert rec["inputs"]["labels"]["sha256"] == _sha256(labels_with_broken)
-    assert rec["counts"] == {"images": 13, "errors": 1, "missing": 0} == {
+    assert rec["counts"] == {"images": 13, "errors": 1, "missing": 0, "errors_unlabelled": 0} == {
         "images": metrics["scores"]["n_images"], "errors": metrics["n_errors"],
-        "missing": metrics["n_missing_predictions"]}
+        "missing": metrics["n_missing_predictions"], "errors_unlabelled": metrics["n_errors_unlabelled"]}
     log = json.loads((tmp_path / "log.json").read_text(encoding="utf-8"))
     assert log == {**rec, "exit_status": 0, "error": None}
 
