@@ -151,6 +151,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
     """
 
     EXTRA_COLUMNS = BRANCH_COLUMNS
+    LOAD_PARAMETERS = ("model", "clip_model", "clip_pretrained", "prompts", "templates",
+                       "truncate_prompts", "train_options")
+    LOAD_METHOD = "load_run() or fit()"
 
     def __init__(
         self,
@@ -273,6 +276,11 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                           + ("" if self.clip_model else f", and the default one is loaded "
                              f"({DEFAULT_CLIP_MODEL})") + "; calibrate again to record it",
                           HybridclsWarning, stacklevel=3)
+        elif record is not None and record.get("templates") is None:
+            warnings.warn(f"{gate_file} does not record the prompt templates it was calibrated with "
+                          "(written before hybridcls recorded them): templates other than those "
+                          "move every score unchecked; calibrate again to record them",
+                          HybridclsWarning, stacklevel=3)
         clip_model, clip_pretrained = clip_to_load(self.clip_model, self.clip_pretrained, record)
         try:
             tower = ClipTower.build(clip_model, clip_pretrained, prompt_set,
@@ -393,7 +401,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         if test is not None:
             test_out, _ = self._readable_outputs(test, "calibrate: test")
         gate.fit(train_out, y_tr, val_out, y_va, class_names=self.seen_folders_,
-                 train_paths=tr_paths, test=test_out, clip_logit_scale=self.tower_.logit_scale,
+                 # the index's paths absolute: explain reads them from wherever it runs
+                 train_paths=[os.path.abspath(p) for p in tr_paths], test=test_out,
+                 clip_logit_scale=self.tower_.logit_scale,
                  index_meta={"clip": self._index_meta("clip"), "backbone": self._index_meta("backbone")},
                  clip={**self.tower_.bundle.identity(), "templates": list(self.tower_.templates)})
         self.gate_, self.clip_error_ = gate, None

@@ -14,6 +14,7 @@ same with no supervised tower and a gate that routes every image to CLIP.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from sklearn.utils.validation import check_is_fitted
 from hybridcls.cache import json_text, stable_hash
 from hybridcls.data import Source, as_sources
 from hybridcls.engine import ClipPolicy, EngineBatch, InferenceEngine
-from hybridcls.errors import ImageDecodeError, InputError, ParameterError
+from hybridcls.errors import HybridclsWarning, ImageDecodeError, InputError, ParameterError
 from hybridcls.gate import BranchOutputs, FusionResult, Gate
 from hybridcls.hierarchy import Hierarchy, Rollup, RollupCalibration, check_threshold
 from hybridcls.outputs import PredictionRow, batch_rows
@@ -54,6 +55,34 @@ class Predictor:
     n_seen_: int = 0
     #: Columns the rows add beyond path, label, score, branch and top-k.
     EXTRA_COLUMNS: tuple[str, ...] = ()
+    #: Parameters the towers are built from, and the method that reads them (a subclass sets
+    #: both): changed on a fitted classifier, they wait for that method.
+    LOAD_PARAMETERS: tuple[str, ...] = ("clip_model", "clip_pretrained", "prompts", "templates",
+                                        "truncate_prompts")
+    LOAD_METHOD = "fit()"
+
+    def set_params(self, **params: Any) -> Predictor:
+        """scikit-learn's ``set_params``, saying when a parameter will not act at once.
+
+        Prediction-time parameters (``mode``, ``unknown_threshold``, roll-up, class lists...)
+        act at the next prediction, a hybrid's calibration parameters at the next
+        ``calibrate()``. On a fitted classifier, those the towers are built from
+        (:attr:`LOAD_PARAMETERS`) act only at the next load: a
+        :class:`~hybridcls.errors.HybridclsWarning` names them, so that no change is silently
+        without effect.
+        """
+        if hasattr(self, "engine_"):
+            late = [k for k in params
+                    if k in self.LOAD_PARAMETERS and not _same(params[k], getattr(self, k, None))]
+            if late:
+                warnings.warn(f"set_params({', '.join(f'{k}=...' for k in late)}): the fitted "
+                              "classifier keeps the towers it was built with; this acts at the "
+                              f"next {self.LOAD_METHOD}", HybridclsWarning, stacklevel=2)
+            if "support" in params and not _same(params["support"], getattr(self, "support", None)):
+                warnings.warn("set_params(support=...): the fitted classifier keeps its support "
+                              "images; add_support(..., replace=True) replaces them now",
+                              HybridclsWarning, stacklevel=2)
+        return super().set_params(**params)  # type: ignore[misc,no-any-return]
 
     # ------------------------------------------------------------------ to override
 
@@ -414,6 +443,16 @@ def _empty_outputs(clf: Predictor) -> BranchOutputs:
     # the features' true width: the gate's backbone scores check it against their index
     width = int(getattr(engine.supervised, "num_features", 0) or 0)
     return BranchOutputs(sup, None if sup is None else np.zeros((0, width), np.float32), clip, emb)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether a parameter keeps its value (``==`` where it answers a plain bool, else identity)."""
+    if a is b:
+        return True
+    try:
+        return bool(a == b) if isinstance(a == b, bool) else False
+    except Exception:  # noqa: BLE001 - arrays, tensors: compared by identity only
+        return False
 
 
 def _raise_failures(sources: Sequence[Source], errors: dict[int, str]) -> None:

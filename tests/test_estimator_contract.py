@@ -153,3 +153,27 @@ def test_every_input_kind_gives_the_same_prediction_in_order(request, name, tiny
     assert len(clf.extract_features([pil[0], paths[1], chw[2]])) == 3
     # a single image is one input
     assert clf.predict_proba(pil[0]).shape == (1, len(clf.classes_))
+
+
+
+def test_set_params_names_what_waits_for_the_next_load(tiny_hybrid):
+    import warnings
+
+    from hybridcls.errors import HybridclsWarning
+
+    unfitted = _hybrid(tiny_hybrid)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HybridclsWarning)
+        unfitted.set_params(templates=["a {}."])  # not built yet: it acts at the load
+    clf = _hybrid(tiny_hybrid).load_run(tiny_hybrid["run"])
+    before = clf.predict_proba([tiny_hybrid["world"].test_dir])
+    with pytest.warns(HybridclsWarning) as caught:
+        clf.set_params(templates=["a {}."], clip_model=str(clf.clip_model), mode="hard")
+    assert [str(w.message) for w in caught] == [
+        "set_params(templates=...): the fitted classifier keeps the towers it was built with; "
+        "this acts at the next load_run() or fit()"]  # clip_model unchanged; mode acts now
+    assert clf.get_params()["templates"] == ["a {}."] and clf.tower_.templates != ["a {}."]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HybridclsWarning)
+        clf.set_params(mode=None, unknown_threshold=None, method="tpr")  # act now / at calibrate
+    np.testing.assert_array_equal(clf.predict_proba([tiny_hybrid["world"].test_dir]), before)

@@ -94,9 +94,13 @@ def test_a_run_loaded_without_templates_uses_the_recorded_ones_and_refuses_other
         clf.predict(inputs)
     assert exc.value.parameter == "templates" and str(exc.value) == (
         f"templates={str(other)!r}: builds the class texts from {len(recorded) - 1} templates, but "
-        f"{calibrated['run'] / 'gate.json'} was calibrated with {len(recorded)} other ones (template 1 "
-        f"is {recorded[1]!r} where it was {recorded[0]!r}): its thresholds hold for the scores those "
+        f"{calibrated['run'] / 'gate.json'} was calibrated with {len(recorded)} others "
+        f"({recorded[0]!r} is missing): its thresholds hold for the scores those "
         "give. Leave the templates unset to use the recorded ones, or calibrate the run again with these")
+    # the same templates in another order: the same mean, accepted
+    reordered = tmp_path / "reordered.txt"
+    reordered.write_text("\n".join(reversed(recorded)) + "\n", encoding="utf-8")
+    assert _hybrid(tiny_hybrid, templates=str(reordered)).load_run(calibrated["run"]).clip_error_ is None
     # calibrate takes them and records them
     run = _copy_run(calibrated, tmp_path)
     clf = _hybrid(tiny_hybrid, templates=str(other), method="tpr", cache_branch="off").load_run(run)
@@ -204,6 +208,20 @@ def test_a_gate_json_without_the_record_loads_with_a_warning(calibrated, tiny_hy
     assert clf.clip_error_ is None
     inputs = [tiny_hybrid["world"].test_dir]
     np.testing.assert_array_equal(clf.predict_proba(inputs), calibrated["clf"].predict_proba(inputs))
+
+
+def test_a_record_without_templates_warns_that_they_go_unchecked(calibrated, tiny_hybrid, tmp_path):
+    run = _copy_run(calibrated, tmp_path)
+    gate = json.loads((run / "gate.json").read_text(encoding="utf-8"))
+    del gate["clip"]["templates"]  # as written by the version that recorded the CLIP only
+    (run / "gate.json").write_text(json.dumps(gate), encoding="utf-8")
+    with pytest.warns(HybridclsWarning) as caught:
+        clf = _hybrid(tiny_hybrid).load_run(run)
+    assert [str(w.message) for w in caught if issubclass(w.category, HybridclsWarning)] == [
+        f"{run / 'gate.json'} does not record the prompt templates it was calibrated with (written "
+        "before hybridcls recorded them): templates other than those move every score unchecked; "
+        "calibrate again to record them"]
+    assert clf.clip_error_ is None
 
 
 def test_clip_to_load_follows_the_record_only_when_no_clip_is_chosen():

@@ -609,11 +609,16 @@ def test_a_run_records_its_held_out_files_and_reads_them_back_after_the_folder_c
     (folder / gone).unlink()
     redrawn = resolve_training_data(folder, config)
     assert _held_out(redrawn) != [p for p in recorded["held_out"] if p != gone]  # a new draw moves
-    with pytest.warns(MissingDataWarning, match=rf"1 of the {len(recorded['held_out'])} images the run "
-                                                rf"held out are missing or unreadable now, .*: {gone}$"):
+    broken = Path(drawn.train[0][0]).relative_to(drawn.root).as_posix()  # a training image breaks
+    (folder / broken).write_bytes(b"not an image")
+    with pytest.warns(MissingDataWarning) as caught:
         read = resolve_training_data(folder, config, recorded_split=recorded)
+    assert [str(w.message) for w in caught] == [
+        f"{folder}: 1 of the {len(recorded['held_out'])} images the run held out are missing or "
+        f"unreadable now, and are left out: {gone}",
+        f"{folder}: 1 training image(s) cannot be read and are left out: {broken}"]
     assert _held_out(read) == recorded["held_out"][1:]
-    assert len(read.train) == len(drawn.train) + len(read.classes)  # the added ones train
+    assert len(read.train) == len(drawn.train) + len(read.classes) - 1  # the added ones train
     assert not {p for p, _ in read.train} & {p for p, _ in read.val}
 
 
@@ -626,3 +631,11 @@ def test_a_fold_run_records_the_folds_held_out_files(tiny_world, tmp_path):
         # calibrate reads the fold's held-out images, not a val_split draw (part of which trained it)
         read = resolve_training_data(tiny_world.train_dir, TrainConfig(**FAST), recorded_split=split)
         assert _held_out(read) == _held_out(fold)
+
+
+def test_a_validation_folder_of_one_training_class_is_accepted(tiny_world, tmp_path):
+    first = sorted(p for p in tiny_world.train_dir.iterdir() if p.is_dir())[0]
+    shutil.copytree(first, tmp_path / "val" / first.name)
+    data = resolve_training_data(tiny_world.train_dir, TrainConfig(val_dir=tmp_path / "val", **FAST))
+    labels = {label for _, label in data.val}
+    assert labels == {data.classes.index(first.name)} and len(data.val) == len(list(first.iterdir()))

@@ -156,7 +156,8 @@ def add_clip_arguments(parser: argparse.ArgumentParser, *, prompts_required: boo
                         prompts_help="class prompts file: one class per line, "
                                      "'name: description | synonym'")
     g.add_argument("--templates", metavar="FILE",
-                   help="prompt templates with a {} placeholder (default: OpenAI ImageNet templates)")
+                   help="prompt templates with a {} placeholder (default: those the --checkpoint's gate was "
+                        "calibrated with, else OpenAI ImageNet templates)")
     g.add_argument("--truncate-prompts", action="store_true",
                    help="accept class texts longer than the model's context, cut by its tokenizer "
                         "(default: refuse them, naming the prompts file line; docs/prompts.md)")

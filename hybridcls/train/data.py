@@ -291,7 +291,8 @@ def resolve_training_data(
         raise DatasetError(_about(index) + _class_difference(index.classes, classes))
     val_index = None
     if config.val_dir is not None:
-        val_index = scan_image_folder(config.val_dir, role="validation folder", parameter="val_dir")
+        val_index = scan_image_folder(config.val_dir, role="validation folder", parameter="val_dir",
+                                      min_classes=1)  # a subset of the training classes
         strangers = [name for name in val_index.classes if name not in index.classes]
         if strangers:
             raise DatasetError(
@@ -313,6 +314,13 @@ def resolve_training_data(
             warnings.warn(f"{_about(index)}{len(missing)} of the {len(held_out)} images the run held "
                           f"out are missing or unreadable now, and are left out: {shown}",
                           MissingDataWarning, stacklevel=2)
+        # the others that do not decode now were training images: they leave the kNN bank
+        recorded = set(held_out)
+        broken = [rel for rel in (_relative(p, index.root) for p in check.unreadable) if rel not in recorded]
+        if broken:
+            shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
+            warnings.warn(f"{_about(index)}{len(broken)} training image(s) cannot be read and are left "
+                          f"out: {shown}", MissingDataWarning, stacklevel=2)
         assert recorded_split is not None
         return TrainingData(index.classes, train, val, index.root, dict(recorded_split), check)
     if val_index is None:

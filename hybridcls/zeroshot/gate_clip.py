@@ -165,21 +165,22 @@ def templates_mismatch(record: Mapping[str, Any] | None, loaded: Sequence[str], 
         gate_file: The ``gate.json`` the record is from.
 
     Returns:
-        A :class:`~hybridcls.errors.ParameterError` naming ``templates``, the counts and the
-        first template that differs; None when they are the same templates, in the same order.
+        A :class:`~hybridcls.errors.ParameterError` naming ``templates``, the counts and a
+        template that only one side has; None when they are the same templates in any order
+        (the class-text matrix is their mean).
     """
     if record is None or record.get("templates") is None:
         return None
     recorded = [str(x) for x in record["templates"]]
-    if recorded == list(loaded):
+    if sorted(recorded) == sorted(loaded):
         return None
-    first = next((i for i, (a, b) in enumerate(zip(recorded, loaded)) if a != b),
-                 min(len(recorded), len(loaded)))
-    differs = (f"template {first + 1} is {loaded[first]!r} where it was {recorded[first]!r}"
-               if first < min(len(recorded), len(loaded)) else "the shorter list ends there")
+    new = [x for x in loaded if x not in recorded]
+    gone = [x for x in recorded if x not in loaded]
+    differs = (f"{new[0]!r} is new" if new else f"{gone[0]!r} is missing" if gone
+               else "the same templates, some given more often")
     shown = templates if isinstance(templates, (str, os.PathLike)) else f"<{len(loaded)} templates>"
     return ParameterError(
         "templates", str(shown),
         f"builds the class texts from {len(loaded)} templates, but {gate_file} was calibrated with "
-        f"{len(recorded)} other ones ({differs}): its thresholds hold for the scores those give. "
+        f"{len(recorded)} others ({differs}): its thresholds hold for the scores those give. "
         "Leave the templates unset to use the recorded ones, or calibrate the run again with these")
