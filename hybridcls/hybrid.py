@@ -151,8 +151,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
     """
 
     EXTRA_COLUMNS = BRANCH_COLUMNS
-    LOAD_PARAMETERS = ("model", "clip_model", "clip_pretrained", "prompts", "templates",
-                       "truncate_prompts", "train_options")
+    LOAD_PARAMETERS = (*Predictor.LOAD_PARAMETERS, "model", "train_options")
     LOAD_METHOD = "load_run() or fit()"
 
     def __init__(
@@ -478,6 +477,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                                   "pass data_dir")
         config = TrainConfig.from_dict(self.checkpoint_config_.get("train", {})).replace(
             workers=settings.workers, progress=settings.progress)
+        split = self.checkpoint_config_.get("split") or {}
+        if split.get("method") == "val_dir":  # the record's folder: absolute since runs record it so
+            config = config.replace(val_dir=split["val_dir"])
         return resolve_training_data(data_dir, config, previous_check=recorded_image_check(self.run_dir_),
                                      recorded_split=self.checkpoint_config_.get("split"),
                                      parameter="data_dir" if given else None, classes=self.seen_folders_)
@@ -497,6 +499,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         out, but named in a :class:`~hybridcls.errors.HybridclsWarning` (and none readable is an
         error).
         """
+        if not sources:
+            raise InputError(f"{desc}: no image to read")
         outputs, errors = self.engine_.extract(sources, desc=desc)
         if outputs is None:
             raise InputError(f"{desc}: none of the {len(sources)} images could be decoded: "

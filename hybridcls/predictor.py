@@ -29,6 +29,7 @@ from hybridcls.gate import BranchOutputs, FusionResult, Gate
 from hybridcls.hierarchy import Hierarchy, Rollup, RollupCalibration, check_threshold
 from hybridcls.outputs import PredictionRow, batch_rows
 from hybridcls.provenance import model_version
+from hybridcls.runtime import RUNTIME_FIELDS
 from hybridcls.sites import SiteClasses, allowed_columns, allowed_masks, read_site_classes
 from hybridcls.support import add_support
 
@@ -58,7 +59,7 @@ class Predictor:
     #: Parameters the towers are built from, and the method that reads them (a subclass sets
     #: both): changed on a fitted classifier, they wait for that method.
     LOAD_PARAMETERS: tuple[str, ...] = ("clip_model", "clip_pretrained", "prompts", "templates",
-                                        "truncate_prompts")
+                                        "truncate_prompts", *RUNTIME_FIELDS)
     LOAD_METHOD = "fit()"
 
     def set_params(self, **params: Any) -> Predictor:
@@ -76,8 +77,8 @@ class Predictor:
                     if k in self.LOAD_PARAMETERS and not _same(params[k], getattr(self, k, None))]
             if late:
                 warnings.warn(f"set_params({', '.join(f'{k}=...' for k in late)}): the fitted "
-                              "classifier keeps the towers it was built with; this acts at the "
-                              f"next {self.LOAD_METHOD}", HybridclsWarning, stacklevel=2)
+                              "classifier keeps the towers and runtime it was built with; this "
+                              f"acts at the next {self.LOAD_METHOD}", HybridclsWarning, stacklevel=2)
             if "support" in params and not _same(params["support"], getattr(self, "support", None)):
                 warnings.warn("set_params(support=...): the fitted classifier keeps its support "
                               "images; add_support(..., replace=True) replaces them now",

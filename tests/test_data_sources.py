@@ -192,6 +192,20 @@ def test_duplicates_appear_once_at_first_occurrence(tmp_path: Path) -> None:
         f"{spelled_differently} (same file as {a}), {b} (again), {a} (again), {a} (again)")]
 
 
+def test_a_file_given_twice_around_an_image_in_memory_is_one_row(tmp_path: Path) -> None:
+    import numpy as np
+
+    from hybridcls.data import as_sources
+
+    _touch(tmp_path, "a.jpg")
+    a = str(tmp_path / "a.jpg")
+    with pytest.warns(HybridclsWarning) as caught:
+        got = as_sources([a, np.zeros((4, 4, 3), np.uint8), Source(a)])
+    assert [s.path for s in got] == [a, "<image 1>"]
+    assert [str(w.message) for w in caught] == [
+        f"1 input names a file given before and is left out (each file is one row): {a} (again)"]
+
+
 def test_an_input_given_twice_is_named_and_counted_beyond_five(tmp_path: Path) -> None:
     _touch(tmp_path, "a.jpg")
     listing = tmp_path / "l.txt"

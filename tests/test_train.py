@@ -631,6 +631,30 @@ def test_a_fold_run_records_the_folds_held_out_files(tiny_world, tmp_path):
         # calibrate reads the fold's held-out images, not a val_split draw (part of which trained it)
         read = resolve_training_data(tiny_world.train_dir, TrainConfig(**FAST), recorded_split=split)
         assert _held_out(read) == _held_out(fold)
+        # a fold run trained before runs recorded their files: its fold is cut again, the same
+        old = {key: value for key, value in split.items() if key != "held_out"}
+        read = resolve_training_data(tiny_world.train_dir, TrainConfig(**FAST), recorded_split=old)
+        assert _held_out(read) == _held_out(fold) and read.split == old
+
+
+def test_no_recorded_held_out_image_left_is_too_small_data_not_a_crash(tiny_world, tmp_path):
+    recorded = {"method": "val_split", "fraction": 0.15, "seed": 0, "held_out": ["gone/1.png", "gone/2.png"]}
+    with pytest.warns(Warning), pytest.raises(DataTooSmallError) as info:
+        resolve_training_data(tiny_world.train_dir, TrainConfig(**FAST), recorded_split=recorded)
+    assert str(info.value) == (
+        f"{tiny_world.train_dir}: none of the 2 images the run held out is in the folder now (or "
+        "readable), so no held-out image can set the gate's thresholds; give the folder the run "
+        "was trained on")
+
+
+def test_a_validation_folder_is_recorded_absolute(tiny_world, tmp_path, monkeypatch):
+    from hybridcls.train.data import split_record
+
+    first = sorted(p for p in tiny_world.train_dir.iterdir() if p.is_dir())[0]
+    shutil.copytree(first, tmp_path / "val" / first.name)
+    monkeypatch.chdir(tmp_path)
+    data = resolve_training_data(tiny_world.train_dir, TrainConfig(val_dir="val", **FAST))
+    assert split_record(data) == {"method": "val_dir", "val_dir": str(tmp_path / "val")}
 
 
 def test_a_validation_folder_of_one_training_class_is_accepted(tiny_world, tmp_path):

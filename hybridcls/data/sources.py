@@ -128,21 +128,17 @@ def as_sources(inputs: Any, *, parameter: str = "inputs") -> list[Source]:
     if items and all(isinstance(s, Source) for s in items):
         return items
     out: list[Source] = []
-    paths: list[str | os.PathLike[str]] = []
-
-    def flush() -> None:
-        out.extend(expand_inputs(paths))
-        paths.clear()
-
+    kept: dict[tuple, str] = {}
+    again: list[tuple[str, str]] = []
     for position, item in enumerate(items):
         if isinstance(item, Source) and item.image is None:
-            paths.append(item.path)
+            _add_each_file_once(_expand_one(os.fspath(item.path)), kept, out, again)
         elif isinstance(item, (str, os.PathLike)):
-            paths.append(item)
-        else:
-            flush()
+            _add_each_file_once(_expand_one(os.fspath(item)), kept, out, again)
+        else:  # an image in memory is its own row, whatever else is given
             out.extend(_memory_sources(item, position, len(out), parameter))
-    flush()
+    if again:  # one row per file over the whole list, images in memory between copies or not
+        warnings.warn(_repeated_message(again), HybridclsWarning, stacklevel=2)
     return out
 
 
@@ -246,20 +242,27 @@ def expand_inputs(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         if not isinstance(raw, (str, os.PathLike)):
             raise ParameterError("inputs", f"<{type(raw).__name__} at position {position}>",
                                  "expected paths, folders, globs or list files")
-    kept: dict[tuple, str] = {}  # identity -> the path of its first occurrence
+    kept: dict[tuple, str] = {}
     out: list[Source] = []
-    again: list[tuple[str, str]] = []  # (path left out, the path kept)
+    again: list[tuple[str, str]] = []
     for raw in items:
-        for source in _expand_one(os.fspath(raw)):
-            key = _identity(source.path)
-            if key in kept:
-                again.append((source.path, kept[key]))
-            else:
-                kept[key] = source.path
-                out.append(source)
+        _add_each_file_once(_expand_one(os.fspath(raw)), kept, out, again)
     if again:  # one row per image, but not without a word
         warnings.warn(_repeated_message(again), HybridclsWarning, stacklevel=2)
     return out
+
+
+def _add_each_file_once(sources: Sequence[Source], kept: dict[tuple, str], out: list[Source],
+                        again: list[tuple[str, str]]) -> None:
+    """Append to ``out`` the ``sources`` whose file is not in ``kept`` (identity -> the path of its
+    first occurrence); record each other one in ``again`` as ``(path left out, path kept)``."""
+    for source in sources:
+        key = _identity(source.path)
+        if key in kept:
+            again.append((source.path, kept[key]))
+        else:
+            kept[key] = source.path
+            out.append(source)
 
 
 def _repeated_message(again: Sequence[tuple[str, str]]) -> str:

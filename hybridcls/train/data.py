@@ -41,7 +41,7 @@ from hybridcls.data import (
     stratified_split,
 )
 from hybridcls.data import make_loader as make_image_loader
-from hybridcls.errors import CheckpointError, DatasetError, MissingDataWarning
+from hybridcls.errors import CheckpointError, DatasetError, DataTooSmallError, MissingDataWarning
 from hybridcls.supervised import timm_data_config
 from hybridcls.train.config import TrainConfig
 from hybridcls.train.state import STATE_JSON_FILE
@@ -195,6 +195,17 @@ def _relative(path: str, root: str) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
+def fold_split(samples: Samples, k: int, seed: int, fold: int) -> tuple[Samples, Samples]:
+    """``(train, val)`` of fold ``fold`` (1 to ``k``) of ``samples``: scikit-learn's
+    ``StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)``, as ``--folds`` cuts them."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.array([label for _, label in samples])
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    train_idx, val_idx = list(splitter.split(np.zeros(len(labels)), labels))[fold - 1]
+    return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+
+
 def split_record(data: TrainingData) -> dict[str, Any]:
     """``data.split`` as a run records it: with the held-out files (``held_out``, paths relative
     to the training folder, sorted) unless a ``val_dir`` folder held them out.
@@ -204,8 +215,8 @@ def split_record(data: TrainingData) -> dict[str, Any]:
     ``val_split`` at all; images that trained the model would then set the gate's thresholds.
     :func:`resolve_training_data` reads the recorded list back (``held_out``).
     """
-    if data.split.get("method") == "val_dir":
-        return dict(data.split)
+    if data.split.get("method") == "val_dir":  # absolute, as the training folder
+        return {**data.split, "val_dir": os.path.abspath(data.split["val_dir"])}
     return {**data.split, "held_out": sorted(_relative(p, data.root) for p, _ in data.val)}
 
 
@@ -291,8 +302,9 @@ def resolve_training_data(
         raise DatasetError(_about(index) + _class_difference(index.classes, classes))
     val_index = None
     if config.val_dir is not None:
-        val_index = scan_image_folder(config.val_dir, role="validation folder", parameter="val_dir",
-                                      min_classes=1)  # a subset of the training classes
+        val_index = scan_image_folder(config.val_dir, role="validation folder", min_classes=1,
+                                      # a run's recorded folder is no parameter given now
+                                      parameter="val_dir" if recorded_split is None else None)
         strangers = [name for name in val_index.classes if name not in index.classes]
         if strangers:
             raise DatasetError(
@@ -321,7 +333,17 @@ def resolve_training_data(
             shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
             warnings.warn(f"{_about(index)}{len(broken)} training image(s) cannot be read and are left "
                           f"out: {shown}", MissingDataWarning, stacklevel=2)
+        if not val:
+            raise DataTooSmallError(
+                f"{_about(index)}none of the {len(held_out)} images the run held out is in the "
+                "folder now (or readable), so no held-out image can set the gate's thresholds; "
+                "give the folder the run was trained on")
         assert recorded_split is not None
+        return TrainingData(index.classes, train, val, index.root, dict(recorded_split), check)
+    if val_index is None and recorded_split is not None and recorded_split.get("method") == "fold":
+        # a fold run trained before runs recorded their held-out files: its fold, cut again
+        fold, k, seed = (int(recorded_split[key]) for key in ("fold", "k", "seed"))
+        train, val = fold_split(index.samples, k, seed, fold)
         return TrainingData(index.classes, train, val, index.root, dict(recorded_split), check)
     if val_index is None:
         train, val = stratified_split(

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from hybridcls.cache import atomic_write_json
 from hybridcls.data import class_size_error, drop_unreadable, scan_image_folder
 from hybridcls.errors import InputError
 from hybridcls.train.config import TrainConfig
-from hybridcls.train.data import TrainingData, check_images
+from hybridcls.train.data import TrainingData, check_images, fold_split
 from hybridcls.train.distributed import process_group
 from hybridcls.train.loop import EpochCallback, Trainer, TrainResult
 
@@ -88,17 +87,14 @@ def make_folds(
             f"fewer than the k={k} folds (each fold validates on one image of it or more); "
             "lower it or add images",
         )
-    labels = np.array([label for _, label in index.samples])
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     folds = []
-    for fold, (train_idx, val_idx) in enumerate(
-        splitter.split(np.zeros(len(labels)), labels), start=1
-    ):
+    for fold in range(1, k + 1):
+        train, val = fold_split(index.samples, k, seed, fold)
         folds.append(
             TrainingData(
                 classes=list(index.classes),
-                train=[index.samples[i] for i in train_idx],
-                val=[index.samples[i] for i in val_idx],
+                train=train,
+                val=val,
                 root=index.root,
                 split={"method": "fold", "fold": fold, "k": k, "seed": seed},
                 image_check=check,
