@@ -45,6 +45,7 @@ from hybridcls.supervised.checkpoint import checkpoint_identity
 from hybridcls.support import refit_support, support_parameter
 from hybridcls.train import TrainConfig, train
 from hybridcls.train.data import recorded_image_check, resolve_training_data
+from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from hybridcls.zeroshot.gate_clip import (
     CLIP_PARAMETERS,
     clip_mismatch,
@@ -54,7 +55,6 @@ from hybridcls.zeroshot.gate_clip import (
     templates_mismatch,
     templates_to_load,
 )
-from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from hybridcls.zeroshot.prompts import align_classes, as_prompt_set
 from hybridcls.zeroshot.tower import ClipTower
 

@@ -169,9 +169,9 @@ def test_set_params_names_what_waits_for_the_next_load(tiny_hybrid):
     before = clf.predict_proba([tiny_hybrid["world"].test_dir])
     with pytest.warns(HybridclsWarning) as caught:
         clf.set_params(templates=["a {}."], clip_model=str(clf.clip_model), mode="hard", batch_size=3)
-    assert [str(w.message) for w in caught] == [
-        "set_params(templates=..., batch_size=...): the fitted classifier keeps the towers and "
-        "runtime it was built with; this acts at the next load_run() or fit()"]  # mode acts now
+    assert [str(w.message) for w in caught] == [  # mode acts now
+        ("set_params(templates=..., batch_size=...): the fitted classifier keeps the towers and "
+         "runtime it was built with; this acts at the next load_run() or fit()")]
     assert clf.get_params()["templates"] == ["a {}."] and clf.tower_.templates != ["a {}."]
     with warnings.catch_warnings():
         warnings.simplefilter("error", HybridclsWarning)

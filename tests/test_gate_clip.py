@@ -201,10 +201,13 @@ def test_a_gate_json_without_the_record_loads_with_a_warning(calibrated, tiny_hy
         clf = _hybrid(tiny_hybrid, clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None).load_run(run)
     assert len([w for w in caught if issubclass(w.category, HybridclsWarning)]) == 1
     # no CLIP chosen: the warning says which one loads, before it loads (a download may fail)
+    from hybridcls.errors import WeightsUnavailableError
+
+    # the default CLIP's weights are not on this machine
     with pytest.warns(HybridclsWarning, match=rf"cannot be checked, and the default one is loaded "
-                                              rf"\({DEFAULT_CLIP_MODEL}\); calibrate again") as caught:
-        with pytest.raises(Exception):  # the default CLIP's weights are not on this machine
-            _hybrid(tiny_hybrid).load_run(run)
+                                              rf"\({DEFAULT_CLIP_MODEL}\); calibrate again"), \
+            pytest.raises(WeightsUnavailableError):
+        _hybrid(tiny_hybrid).load_run(run)
     assert clf.clip_error_ is None
     inputs = [tiny_hybrid["world"].test_dir]
     np.testing.assert_array_equal(clf.predict_proba(inputs), calibrated["clf"].predict_proba(inputs))
@@ -218,9 +221,9 @@ def test_a_record_without_templates_warns_that_they_go_unchecked(calibrated, tin
     with pytest.warns(HybridclsWarning) as caught:
         clf = _hybrid(tiny_hybrid).load_run(run)
     assert [str(w.message) for w in caught if issubclass(w.category, HybridclsWarning)] == [
-        f"{run / 'gate.json'} does not record the prompt templates it was calibrated with (written "
-        "before hybridcls recorded them): templates other than those move every score unchecked; "
-        "calibrate again to record them"]
+        (f"{run / 'gate.json'} does not record the prompt templates it was calibrated with (written "
+         "before hybridcls recorded them): templates other than those move every score unchecked; "
+         "calibrate again to record them")]
     assert clf.clip_error_ is None
 
 

@@ -614,8 +614,8 @@ def test_a_run_records_its_held_out_files_and_reads_them_back_after_the_folder_c
     with pytest.warns(MissingDataWarning) as caught:
         read = resolve_training_data(folder, config, recorded_split=recorded)
     assert [str(w.message) for w in caught] == [
-        f"{folder}: 1 of the {len(recorded['held_out'])} images the run held out are missing or "
-        f"unreadable now, and are left out: {gone}",
+        (f"{folder}: 1 of the {len(recorded['held_out'])} images the run held out are missing or "
+         f"unreadable now, and are left out: {gone}"),
         f"{folder}: 1 training image(s) cannot be read and are left out: {broken}"]
     assert _held_out(read) == recorded["held_out"][1:]
     assert len(read.train) == len(drawn.train) + len(read.classes) - 1  # the added ones train
@@ -650,7 +650,7 @@ def test_no_recorded_held_out_image_left_is_too_small_data_not_a_crash(tiny_worl
 def test_a_validation_folder_is_recorded_absolute(tiny_world, tmp_path, monkeypatch):
     from hybridcls.train.data import split_record
 
-    first = sorted(p for p in tiny_world.train_dir.iterdir() if p.is_dir())[0]
+    first = min(p for p in tiny_world.train_dir.iterdir() if p.is_dir())
     shutil.copytree(first, tmp_path / "val" / first.name)
     monkeypatch.chdir(tmp_path)
     data = resolve_training_data(tiny_world.train_dir, TrainConfig(val_dir="val", **FAST))
@@ -658,7 +658,7 @@ def test_a_validation_folder_is_recorded_absolute(tiny_world, tmp_path, monkeypa
 
 
 def test_a_validation_folder_of_one_training_class_is_accepted(tiny_world, tmp_path):
-    first = sorted(p for p in tiny_world.train_dir.iterdir() if p.is_dir())[0]
+    first = min(p for p in tiny_world.train_dir.iterdir() if p.is_dir())
     shutil.copytree(first, tmp_path / "val" / first.name)
     data = resolve_training_data(tiny_world.train_dir, TrainConfig(val_dir=tmp_path / "val", **FAST))
     labels = {label for _, label in data.val}
