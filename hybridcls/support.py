@@ -315,7 +315,7 @@ def _each_image_once(clf: Predictor, known: Sequence[tuple[str, int]],
             raise ParameterError("support", path, f"{same} and is given for "
                                  f"{clf.classes_[label]!r} as well as {clf.classes_[seen[1]]!r}: "
                                  "an image is support for one class")
-        if i >= len(known) and seen[0] == path and seen in known:
+        if i >= len(known) and by_path is not None and seen in known:  # however the path is spelt
             # a folder given again after images were added to it: the ones given before stay
             continue
         repeated.append(f"{path} ({same})")

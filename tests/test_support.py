@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 
 import numpy as np
@@ -446,6 +447,11 @@ def test_cache_reembeds_only_new_images(tiny_hybrid, tmp_path):
         warnings.simplefilter("error", HybridclsWarning)  # the documented way: no warning
         clf.add_support(folder)  # the folder again: the images already given stay, once
     assert clf.support_encoded_ == n_unseen
+    assert clf.gate_summary()["support"]["counts"] == {name: 3 for name in world.unseen_classes}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HybridclsWarning)
+        clf.add_support(os.path.relpath(folder))  # spelt another way: the same files, no warning
+    assert clf.support_encoded_ == 0
     assert clf.gate_summary()["support"]["counts"] == {name: 3 for name in world.unseen_classes}
     # the same bytes under other paths (another copy of the folder) are the same images: used
     # once (the first given), named in a warning, and not encoded again
