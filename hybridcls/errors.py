@@ -14,10 +14,13 @@ classes the model can hardly tell apart), :class:`ResourceUseWarning`
 (the device ran out of memory and the batch was split, a cache could not be
 written), :class:`SiteFileWarning` (a site file row that reaches none of the
 inputs) and :class:`MissingDataWarning` (a fit that runs without data the run
-records, which is not here).
+records, which is not here). :func:`name_some` lists a few of many items in a
+message, the rest counted.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 __all__ = [
     "CheckpointError",
@@ -35,6 +38,7 @@ __all__ = [
     "ResourceUseWarning",
     "SiteFileWarning",
     "WeightsUnavailableError",
+    "name_some",
 ]
 
 
@@ -151,3 +155,14 @@ class SiteFileWarning(HybridclsWarning):
 class MissingDataWarning(HybridclsWarning):
     """A fit runs without data the run records, which is not here (a moved training folder);
     says what is left out and how to give it."""
+
+
+def name_some(items: Sequence[object], limit: int = 5) -> str:
+    """The first ``limit`` of ``items`` for a message, the rest counted: ``a, b and 3 more``.
+
+    Example:
+        >>> name_some(["a.png", "b.png", "c.png"], limit=2)
+        'a.png, b.png and 1 more'
+    """
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(map(str, items[:limit])) + more

@@ -451,7 +451,8 @@ def _same(a: Any, b: Any) -> bool:
     if a is b:
         return True
     try:
-        return bool(a == b) if isinstance(a == b, bool) else False
+        equal = a == b
+        return equal if isinstance(equal, bool) else False
     except Exception:  # noqa: BLE001 - arrays, tensors: compared by identity only
         return False
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hybridcls.cache import atomic_path, atomic_write_json
-from hybridcls.errors import InputError, ParameterError
+from hybridcls.errors import InputError, ParameterError, name_some
 from hybridcls.outputs import (
     PredictionRow,
     check_unique_keys,
@@ -256,8 +256,7 @@ def _difference(key: str, a: Any, b: Any) -> str:
                        ("only in the second", [k for k in b if k not in a]),
                        ("changed", [k for k in a if k in b and a[k] != b[k]])):
         if keys:
-            shown = ", ".join(sorted(map(str, keys))[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-            parts.append(f"{len(keys)} {what} ({shown})")
+            parts.append(f"{len(keys)} {what} ({name_some(sorted(map(str, keys)), 3)})")
     return f"{key}: " + "; ".join(parts)
 
 

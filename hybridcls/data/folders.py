@@ -32,7 +32,13 @@ from tqdm.auto import tqdm
 
 from hybridcls.data.images import DEFAULT_MAX_PIXELS, load_image
 from hybridcls.data.sources import IMAGE_EXTENSIONS, walk_images
-from hybridcls.errors import DatasetError, DataTooSmallError, HybridclsWarning, ImageDecodeError
+from hybridcls.errors import (
+    DatasetError,
+    DataTooSmallError,
+    HybridclsWarning,
+    ImageDecodeError,
+    name_some,
+)
 
 __all__ = [
     "ImageFolderIndex",
@@ -152,9 +158,9 @@ def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training fol
                    and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
     if loose:
         # an image beside the class folders has no class: left out, but not without a word
-        shown = ", ".join(loose[:5]) + (f" and {len(loose) - 5} more" if len(loose) > 5 else "")
         warnings.warn(f"{at or root_str + ': '}{len(loose)} image file(s) directly in the {role}, outside "
-                      f"any class subfolder, are left out: {shown}", HybridclsWarning, stacklevel=2)
+                      f"any class subfolder, are left out: {name_some(loose)}", HybridclsWarning,
+                      stacklevel=2)
     for name in entries:
         problem = _label_problem(name)
         if problem:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybridcls.errors import HybridclsWarning, InputError, ParameterError
+from hybridcls.errors import HybridclsWarning, InputError, ParameterError, name_some
 
 __all__ = [
     "CSV_PATH_COLUMNS",
@@ -62,8 +62,6 @@ LIST_EXTENSIONS: frozenset[str] = frozenset({".txt", ".lst", ".csv"})
 CSV_PATH_COLUMNS: tuple[str, ...] = ("path", "filepath", "file", "image", "image_path")
 
 _GLOB_CHARS = frozenset("*?[")
-#: Inputs named in the warning about inputs given again; the rest are counted.
-_MAX_NAMED = 5
 
 #: What an ``inputs`` parameter accepts, as its errors say it.
 _ACCEPTED = ("paths, folders, globs, list files, PIL images, [H, W, 3] uint8 arrays or "
@@ -273,11 +271,10 @@ def _repeated_message(again: Sequence[tuple[str, str]]) -> str:
         2 inputs name a file given before and are left out (each file is one row): a.png (again), ./a.png (same file as a.png)
     """
     shown = [f"{path} (again)" if path == first else f"{path} (same file as {first})"
-             for path, first in again[:_MAX_NAMED]]
-    more = f" and {len(again) - _MAX_NAMED} more" if len(again) > _MAX_NAMED else ""
+             for path, first in again]
     many = len(again) > 1
     return (f"{len(again)} input{'s' if many else ''} name{'' if many else 's'} a file given before "
-            f"and {'are' if many else 'is'} left out (each file is one row): {', '.join(shown)}{more}")
+            f"and {'are' if many else 'is'} left out (each file is one row): {name_some(shown)}")
 
 
 def walk_images(folder: str | os.PathLike[str]) -> list[Source]:

@@ -41,7 +41,13 @@ from hybridcls.data import (
     stratified_split,
 )
 from hybridcls.data import make_loader as make_image_loader
-from hybridcls.errors import CheckpointError, DatasetError, DataTooSmallError, MissingDataWarning
+from hybridcls.errors import (
+    CheckpointError,
+    DatasetError,
+    DataTooSmallError,
+    MissingDataWarning,
+    name_some,
+)
 from hybridcls.supervised import timm_data_config
 from hybridcls.train.config import TrainConfig
 from hybridcls.train.state import STATE_JSON_FILE
@@ -246,7 +252,7 @@ def _class_difference(found: Sequence[str], expected: Sequence[str]) -> str:
         "its 2 classes differ from the run's 3: 'bat', 'cat' missing; 'owl' not a class of the run; give the folder the run was trained on"
     """
     def names(values: Sequence[str]) -> str:
-        return ", ".join(map(repr, values[:5])) + (f" and {len(values) - 5} more" if len(values) > 5 else "")
+        return name_some([repr(v) for v in values])
 
     missing = [c for c in expected if c not in set(found)]
     extra = [c for c in found if c not in set(expected)]
@@ -322,17 +328,15 @@ def resolve_training_data(
         held_out = [str(p) for p in held_out]
         train, val, missing = _recorded_split(index, held_out)
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             warnings.warn(f"{_about(index)}{len(missing)} of the {len(held_out)} images the run held "
-                          f"out are missing or unreadable now, and are left out: {shown}",
+                          f"out are missing or unreadable now, and are left out: {name_some(missing)}",
                           MissingDataWarning, stacklevel=2)
         # the others that do not decode now were training images: they leave the kNN bank
         recorded = set(held_out)
         broken = [rel for rel in (_relative(p, index.root) for p in check.unreadable) if rel not in recorded]
         if broken:
-            shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
             warnings.warn(f"{_about(index)}{len(broken)} training image(s) cannot be read and are left "
-                          f"out: {shown}", MissingDataWarning, stacklevel=2)
+                          f"out: {name_some(broken)}", MissingDataWarning, stacklevel=2)
         if not val:
             raise DataTooSmallError(
                 f"{_about(index)}none of the {len(held_out)} images the run held out is in the "
