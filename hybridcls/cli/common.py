@@ -244,8 +244,13 @@ def clip_from_args(args: argparse.Namespace) -> tuple[str, str | None]:
 
     checkpoint = getattr(args, "checkpoint", None)
     record = recorded_clip(checkpoint) if args.clip_model is None and checkpoint else None
-    given = DEFAULT_CLIP_PRETRAINED if args.clip_pretrained is None else args.clip_pretrained
-    return clip_to_load(args.clip_model, given, record)
+    return clip_to_load(args.clip_model, _clip_pretrained_flag(args), record)
+
+
+def _clip_pretrained_flag(args: argparse.Namespace) -> str | None:
+    """``--clip-pretrained`` as the library's ``clip_pretrained``: not given is its default tag
+    (which :func:`~hybridcls.zeroshot.gate_clip.clip_to_load` reads as "the recorded weights")."""
+    return DEFAULT_CLIP_PRETRAINED if args.clip_pretrained is None else args.clip_pretrained
 
 
 def clip_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -295,7 +300,7 @@ def hybrid_from_args(args: argparse.Namespace, *, recalibrate: bool = False, **p
     # chosen (clip_from_args's rule), and can then say that the recorded one is what fails
     clf = HybridClassifier(
         clip_model=args.clip_model,
-        clip_pretrained=DEFAULT_CLIP_PRETRAINED if args.clip_pretrained is None else args.clip_pretrained,
+        clip_pretrained=_clip_pretrained_flag(args),
         templates=args.templates, mode=getattr(args, "mode", None),
         unknown_threshold=getattr(args, "unknown_threshold", None),
         cascade=getattr(args, "cascade", False),
