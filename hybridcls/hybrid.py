@@ -129,8 +129,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         seen_folders_: The seen classes as the training folders spell them.
         run_dir_: The supervised run directory.
         checkpoint_config_: Its ``config.json``.
-        data_dir_: The training folder given to :meth:`calibrate` (``None``: the one the run
-            records), which the held-out images of later fits are read from.
+        data_dir_: The training folder given to :meth:`calibrate`, or the one its saved gate
+            records (``None``: the one the run records), which the held-out images of later
+            fits are read from.
         supervised_: The supervised model (:class:`~hybridcls.supervised.SupervisedModel`).
         tower_: The CLIP tower (:class:`~hybridcls.zeroshot.ClipTower`).
         engine_: The :class:`~hybridcls.engine.InferenceEngine` running both towers.
@@ -303,7 +304,6 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.run_dir_ = run_dir
         self.supervised_ = model
         self.checkpoint_config_ = config
-        self.data_dir_: str | None = None
         self.tower_ = tower
         self.seen_folders_ = [str(c) for c in config["classes"]]
         self.n_seen_ = len(self.seen_folders_)
@@ -313,6 +313,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.device_ = self.engine_.device
         self.gate_ = Gate.load(run_dir, n_seen=self.n_seen_, clip_meta=self._index_meta("clip"),
                                backbone_meta=lambda: self._index_meta("backbone"))
+        # a folder given to an earlier calibrate() (the run's own had moved) stays the one read
+        self.data_dir_: str | None = (None if self.gate_ is None or self.gate_.calibration_ is None
+                                      else self.gate_.calibration_.data_dir)
         self.clip_error_ = self._clip_check(run_dir)
         self.support_samples_: list[tuple[str, int]] = []
         if self.support is not None and self.gate_ is not None and self.clip_error_ is None:
@@ -393,7 +396,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                           "again (add_support) after it", HybridclsWarning, stacklevel=2)
         data = self._training_data(data_dir)
         if data_dir is not None:  # the support fit below and later ones read its held-out images
-            self.data_dir_ = os.fspath(data_dir)
+            self.data_dir_ = os.path.abspath(data_dir)
         train_out, y_tr, tr_paths = self._labelled_outputs(data.train, "calibrate: train")
         val_out, y_va, _ = self._labelled_outputs(data.val, "calibrate: held-out")
         test_out = None
@@ -405,6 +408,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                  clip_logit_scale=self.tower_.logit_scale,
                  index_meta={"clip": self._index_meta("clip"), "backbone": self._index_meta("backbone")},
                  clip={**self.tower_.bundle.identity(), "templates": list(self.tower_.templates)})
+        if self.data_dir_ is not None:  # recorded, so that a later load reads the same folder
+            gate.calibration_ = gate.calibration_.replace(data_dir=self.data_dir_)
         self.gate_, self.clip_error_ = gate, None
         if save:
             gate.save(self.run_dir_)
@@ -517,9 +522,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "engine_")
         if self.gate_ is None:
             raise CheckpointError(
-                f"{self.run_dir_}: the run has no {GATE_FILE}; calibrate it first: "
-                f"HybridClassifier.calibrate(), or `hybridcls calibrate {self.run_dir_}` with "
-                f"prompts=FILE")
+                f"{self.run_dir_}: the run has no {GATE_FILE}; calibrate it first with "
+                "HybridClassifier.calibrate()")
         if self.clip_error_ is not None:
             raise self.clip_error_
         gate = self.gate_.with_options(mode=self.mode, unseen_only=self.unseen_only,

@@ -236,10 +236,11 @@ def _held_out(clf: Predictor, support_paths: Sequence[str]
     data_dir = clf._training_folder()
     if data_dir is None or not Path(data_dir).is_dir():
         where = ("records no training folder" if data_dir is None
-                 else f"was trained on {data_dir}, which is not here")
-        warnings.warn(f"{clf.run_dir_}: the run {where}, so the support images are fitted without "
-                      "its held-out seen images (which set the gate's threshold with them): "
-                      "pass data_dir=DIR to calibrate() to give the training folder",
+                 else f"'s training folder {data_dir} is not here")
+        warnings.warn(f"{clf.run_dir_}: the run{'' if data_dir else ' '}{where}, so the support "
+                      "images are fitted without its held-out seen images (which set the gate's "
+                      "threshold with them); give the folder where it is now with "
+                      "calibrate(data_dir=DIR), which records it for later loads",
                       MissingDataWarning, stacklevel=2)
         return None, None
     val = clf._training_data(None).val
@@ -340,7 +341,7 @@ def refit_support(clf: Predictor) -> Predictor:
     gate = getattr(clf, "gate_", None)
     if gate is None:
         raise CheckpointError("support images need a calibrated gate: calibrate the run first "
-                              "(HybridClassifier.calibrate())")
+                              "with HybridClassifier.calibrate()")
     support, encoded = embed_cached(clf, [p for p, _ in samples])
     held_out, y_held_out = _held_out(clf, [p for p, _ in samples])
     clf.support_encoded_ = encoded

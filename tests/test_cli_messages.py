@@ -85,11 +85,12 @@ CASES = {
     "calibration-parameter": lambda c: (
         ["calibrate", str(c["run"]), *c["common"], "--tpr", "1.5", "-q"],
         "--tpr 1.5: expected a rate in (0, 1]"),
-    # the gate: HybridClassifier -> "... `hybridcls calibrate RUN` with prompts=FILE"
+    # the gate: HybridClassifier -> "... calibrate it first with HybridClassifier.calibrate()",
+    # a method that has a command: that command with what it cannot run without
     "run-without-gate": lambda c: (
         ["predict", str(c["image"]), *c["common"], "--checkpoint", str(c["bare"]), "-q"],
-        (f"{c['bare']}: the run has no gate.json; calibrate it first: HybridClassifier.calibrate(), "
-         f"or `hybridcls calibrate {c['bare']}` with --prompts FILE")),
+        (f"{c['bare']}: the run has no gate.json; calibrate it first with "
+         "`hybridcls calibrate RUN_DIR --prompts FILE`")),
     # CLIP loading: _resolve_local_dir -> "clip_model='local-dir:DIR': folder DIR not found"
     "clip-model": lambda c: (
         ["predict", str(c["image"]), *c["common"], "--clip-model", f"local-dir:{c['tmp'] / 'nope'}"],

@@ -224,8 +224,9 @@ def test_threshold_is_set_again_only_from_enough_seen_images():
     with pytest.warns(HybridclsWarning) as caught:
         gate = _tpr_gate().with_support(one, [1, 1, 2, 2, 0], class_names=["s", "u1", "u2"])
     reason = ("1 seen image(s) (held-out and seen-class support images) are too few to set one at "
-              "tpr=0.95, which needs at least 100 seen images (5 above the threshold); give the "
-              "held-out seen images (held_out=) or more support images of seen classes")
+              "tpr=0.95, which needs at least 100 seen images (5 above the threshold); more seen "
+              "images set it: held-out ones (held_out=, which a hybrid reads from its training "
+              "folder's held-out split) or support images of seen classes")
     assert [str(w.message) for w in caught] == [
         f"support images: the gate keeps its threshold 0 (score clip_margin): {reason}"]
     assert gate.calibration_.threshold == 0.0 and gate.calibration_.tpr == 0.95
@@ -660,9 +661,11 @@ def test_a_support_folder_fingerprint_sees_every_image_below_it(tmp_path):
     assert second["okapi/a.jpg"] != first["okapi/a.jpg"]
 
 
-def test_calibrates_data_dir_reaches_the_support_fit_and_a_missing_folder_is_said(tiny_hybrid, tmp_path):
-    """A moved run: the support fit says once that it runs without the held-out seen images,
-    and reads them from the folder calibrate(data_dir=...) was given, there and after."""
+def test_calibrates_data_dir_reaches_the_support_fit_and_a_missing_folder_is_said(tiny_hybrid, tmp_path,
+                                                                                  capsys):
+    """A moved run: the support fit says once that it runs without the held-out seen images
+    (the command line names the command that gives the folder), and reads them from the folder
+    calibrate(data_dir=...) was given, there, after, and in a later load (gate.json records it)."""
     import json
     import warnings
 
@@ -686,9 +689,10 @@ def test_calibrates_data_dir_reaches_the_support_fit_and_a_missing_folder_is_sai
     with pytest.warns(MissingDataWarning) as caught:
         clf = HybridClassifier(**kwargs, support=folder).load_run(run, world.prompts_file)
     assert [str(w.message) for w in caught if w.category is MissingDataWarning] == [
-        (f"{run}: the run was trained on {gone}, which is not here, so the support images are "
-         "fitted without its held-out seen images (which set the gate's threshold with them): "
-         "pass data_dir=DIR to calibrate() to give the training folder")]
+        (f"{run}: the run's training folder {gone} is not here, so the support images are "
+         "fitted without its held-out seen images (which set the gate's threshold with them); "
+         "give the folder where it is now with calibrate(data_dir=DIR), which records it for "
+         "later loads")]
     assert clf.gate_.calibration_.support["n_seen_images"] == 0
     n_held_out = len(clf.held_out_outputs(train_dir)[1])  # the split train recorded
     assert n_held_out > 0
@@ -698,3 +702,26 @@ def test_calibrates_data_dir_reaches_the_support_fit_and_a_missing_folder_is_sai
         assert clf.gate_.calibration_.support["n_seen_images"] == n_held_out
         clf.add_support(folder, replace=True)  # a later fit reads the same folder
         assert clf.gate_.calibration_.support["n_seen_images"] == n_held_out
+
+    # the command line says how to give the folder in its own words
+    from hybridcls.cli import main
+
+    image = str(min(world.test_dir.iterdir()))
+    assert main(["predict", image, "--checkpoint", str(run), "--support", str(folder),
+                 *tiny_hybrid["common"], "--cache-dir", str(tmp_path / "cache"), "-q",
+                 "-o", str(tmp_path / "p.csv")]) == 0
+    assert (f"hybridcls predict: warning: {run}: the run's training folder {gone} is not here, "
+            "so the support images are fitted without its held-out seen images (which set the "
+            "gate's threshold with them); give the folder where it is now with `hybridcls "
+            "calibrate RUN_DIR --prompts FILE --data DIR`, which records it for later loads"
+            ) in capsys.readouterr().err.splitlines()
+
+    # calibrate records the folder it was given (absolute), and a later load reads it there
+    relative = os.path.relpath(train_dir)
+    clf.calibrate(data_dir=relative)
+    assert json.loads((run / "gate.json").read_text(encoding="utf-8"))["data_dir"] == str(train_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingDataWarning)
+        again = HybridClassifier(**kwargs, support=folder).load_run(run, world.prompts_file)
+    assert again.data_dir_ == str(train_dir)
+    assert again.gate_.calibration_.support["n_seen_images"] == n_held_out

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         nested = [p for a in sub._actions if isinstance(a, argparse._SubParsersAction)
                   for p in a.choices.values()]
         for p in (sub, *nested):
-            p.set_defaults(parser_=p)
+            p.set_defaults(parser_=p, commands_=subparsers.choices)
         for p in nested or [sub]:  # the parsers that run a command
             add_log_argument(p)
     return parser
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _warning_printer(args)
             status = int(args.run(args) or 0)
     except HybridclsError as exc:
-        error = flag_message(str(exc), args.parser_)
+        error = flag_message(str(exc), args.parser_, args.commands_)
         print(f"hybridcls {args.command}: error: {error}", file=sys.stderr)
         status = exc.exit_code
     except KeyboardInterrupt:
@@ -128,7 +128,7 @@ def _warning_printer(args: argparse.Namespace):
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, HybridclsWarning):
-            print(f"hybridcls {args.command}: warning: {flag_message(str(message), args.parser_)}",
+            print(f"hybridcls {args.command}: warning: {flag_message(str(message), args.parser_, args.commands_)}",
                   file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -338,12 +339,17 @@ _DESTINATIONS = {
 _PARAMETER = re.compile(r"(?<![/\\.\-=])\b([a-z][a-z0-9_]*)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;:)]+)")
 
 
-def flag_message(message: str, parser: argparse.ArgumentParser) -> str:
+def flag_message(message: str, parser: argparse.ArgumentParser,
+                 commands: Mapping[str, argparse.ArgumentParser] | None = None) -> str:
     """``message`` with every ``parameter=value`` of a flag of ``parser`` written as that flag.
 
     Args:
         message: A library error's text (it names Python parameters).
         parser: The subcommand's parser, whose flags' destinations name the parameters.
+        commands: Every subcommand's parser, by name: a call of a method that has a command
+            (``calibrate(data_dir=DIR)``, ``HybridClassifier.calibrate()``) becomes that
+            command, its positional arguments' placeholders and its flags
+            (```hybridcls calibrate RUN_DIR --data DIR```).
 
     Returns:
         The text a command-line user reads: ``batch_size=0: ...`` becomes
@@ -388,4 +394,19 @@ def flag_message(message: str, parser: argparse.ArgumentParser) -> str:
                 value = value[1:-1]
         return f"{flag} {value}"
 
+    if commands:
+        def command(m: re.Match[str]) -> str:
+            sub = commands[m.group(1)]
+            # what the command cannot run without: its positionals, its required flags and the
+            # first flag of each required either-or group (--prompts FILE | --classes NAMES)
+            needed = [a for a in sub._actions if a.required and not isinstance(a, argparse._SubParsersAction)]
+            needed += [g._group_actions[0] for g in sub._mutually_exclusive_groups if g.required]
+            placeholders = [a.metavar or a.dest.upper() if not a.option_strings
+                            else f"{max(a.option_strings, key=len)} {a.metavar or a.dest.upper()}"
+                            for a in needed]
+            given = [flag_message(p.strip(), sub) for p in m.group(2).split(",") if p.strip()]
+            return "`" + " ".join(["hybridcls", m.group(1), *placeholders, *given]) + "`"
+
+        names_ = "|".join(re.escape(n) for n in sorted(commands, key=len, reverse=True))
+        message = re.sub(rf"(?<![\w.])(?:HybridClassifier\.)?({names_})\(([^()]*)\)", command, message)
     return _PARAMETER.sub(rewrite, message)

@@ -108,6 +108,11 @@ class GateCalibration:
             standardisation and indexes hold for that model's scores only
             (:mod:`hybridcls.zeroshot.gate_clip` checks a run's CLIP against it). ``None`` = not
             recorded (files written before it).
+        data_dir: The training folder whose held-out images set the thresholds, when it is
+            not the one the run records (given to
+            :meth:`HybridClassifier.calibrate <hybridcls.hybrid.HybridClassifier.calibrate>`
+            after the folder moved), absolute: later fits that read the held-out images
+            (support images, the roll-up threshold) read them there. ``None`` = the run's own.
     """
 
     score: str = "energy"
@@ -138,6 +143,7 @@ class GateCalibration:
     adapted: list[str] = field(default_factory=list)
     support: dict[str, Any] | None = None
     clip: dict[str, Any] | None = None
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

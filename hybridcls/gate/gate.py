@@ -889,7 +889,8 @@ def _kept_threshold(cal: GateCalibration, n_seen: int) -> str | None:
             if cal.tpr < 1.0 else "more than any number of seen images")
     return (f"{n_seen} seen image(s) (held-out and seen-class support images) are too few to set "
             f"one at tpr={cal.tpr:g}, which needs {need} ({MIN_TAIL_IMAGES} above the threshold); "
-            "give the held-out seen images (held_out=) or more support images of seen classes")
+            "more seen images set it: held-out ones (held_out=, which a hybrid reads from its "
+            "training folder's held-out split) or support images of seen classes")
 
 
 def _support_summary(record: Mapping[str, Any]) -> dict[str, Any]:
