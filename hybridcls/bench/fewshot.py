@@ -9,7 +9,11 @@ outputs are computed once, so each row is an ``add_support`` and a
 ``predict_features`` away. Beside it, the "collect and retrain" route: the
 supervised branch trained again, same recipe, on the seen classes' training
 images plus the same k images of each unseen class (every class seen), with
-its wall time. Figures: S / U / H / accuracy on the world's seen / unseen split,
+its wall time; and between the two, "refit the head": a linear probe
+(scikit-learn's ``LogisticRegression``, classes balanced) on the trained
+backbone's pooled features (L2-normalised) of the run's training split plus the
+same k images of each unseen class, every class seen, no CLIP (the backbone is
+not trained again: seconds, not minutes). Figures: S / U / H / accuracy on the world's seen / unseen split,
 and the share of the oracle router's H (:func:`hybridcls.bench.quality.reference_rows`).
 """
 
@@ -32,8 +36,9 @@ from hybridcls.bench.quality import (
 )
 from hybridcls.cache import atomic_write_text
 from hybridcls.gate.metrics import seen_unseen_accuracy
+from hybridcls.support import support_samples
 
-__all__ = ["FewShotReport", "FewShotRow", "run_fewshot"]
+__all__ = ["FewShotReport", "FewShotRow", "linear_probe", "run_fewshot"]
 
 #: The draw of the retrain route's validation images (every class, 2 each): apart from the
 #: support draws.
@@ -138,6 +143,7 @@ def run_fewshot(out_dir: str | os.PathLike[str], *, seed: int = 0, epochs: int =
             figures.append(_figures(y, clf.predict_features(feats).pred, S))
         rows.append(_row("hybrid + support", k, figures, oracle_h, spent / max(len(figures), 1), note))
     names = {str(c): i for i, c in enumerate(clf.classes_)}
+    rows += _probe_rows(clf, out, ks, draws, y, feats.sup_features, oracle_h)
     backbone = (default_world_backbone(out / "cache") if model is None
                 else {"model": model, "pretrained": False, "freeze": None})
     val_dir = out / "retrain" / "val"
@@ -172,6 +178,58 @@ def run_fewshot(out_dir: str | os.PathLike[str], *, seed: int = 0, epochs: int =
     report.to_json(out / "fewshot.json")
     atomic_write_text(out / "fewshot.md", report.markdown() + "\n")
     return report
+
+
+def linear_probe(features: np.ndarray, labels: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Class indices of ``queries`` from a linear probe fitted on ``features`` / ``labels``.
+
+    scikit-learn's ``LogisticRegression`` (L2, ``C=1``, ``class_weight="balanced"``: a class of
+    five support images weighs as much as one of a hundred training images) on L2-normalised
+    features, the linear-probe protocol of CLIP (Radford et al. 2021) with balanced classes.
+
+    Args:
+        features: ``[N, D]`` training features.
+        labels: ``[N]`` their class indices (at least two classes).
+        queries: ``[M, D]`` features to classify.
+
+    Returns:
+        ``[M]`` class indices (those of ``labels``).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import normalize
+
+    probe = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000)
+    probe.fit(normalize(features), labels)
+    return probe.predict(normalize(queries))
+
+
+def _probe_rows(clf: Any, out: Path, ks: Sequence[int], draws: int, y: np.ndarray,
+                test_features: np.ndarray, oracle_h: float) -> list[FewShotRow]:
+    """The "refit the head" route at every k > 0, on the support draws the hybrid rows used."""
+    ks = sorted(k for k in set(ks) if k)
+    if not ks:
+        return []
+    t = time.perf_counter()
+    train = clf._training_data(None).train  # the split that trained the backbone
+    train_x = clf.extract_features([p for p, _ in train], clip="none").sup_features
+    train_y = np.array([c for _, c in train], dtype=np.int64)
+    train_seconds = time.perf_counter() - t
+    rows = []
+    for k in ks:
+        figures, spent = [], 0.0
+        for draw in range(draws):
+            t = time.perf_counter()
+            samples = support_samples(out / "support" / f"k{k}-draw{draw}", clf.tower_.prompts)
+            x = clf.extract_features([p for p, _ in samples], clip="none").sup_features
+            labels = [c for _, c in samples]
+            pred = linear_probe(np.concatenate([train_x, x]), np.concatenate([train_y, labels]),
+                                test_features)
+            spent += time.perf_counter() - t
+            figures.append(_figures(y, pred, clf.n_seen_))
+        rows.append(_row("refit the head", k, figures, oracle_h, spent / len(figures),
+                         f"linear probe on backbone features; the {len(train)} training images' "
+                         f"features once: {train_seconds:.1f} s"))
+    return rows
 
 
 def _training_folder(train_dir: Path, support: Path, dest: Path, world: Any, k: int, draw: int) -> None:

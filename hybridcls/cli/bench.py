@@ -45,6 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(run=run_quality)
     fs = sub.add_parser("fewshot", help="k support images per unseen class (--support) against "
+                                        "refitting the head on them (a linear probe) and against "
                                         "collecting them and retraining, on the synthetic world")
     fs.add_argument("--out", default=_FEWSHOT_OUT, metavar="DIR",
                     help="working folder (world, runs, support draws); fewshot.md and fewshot.json "
