@@ -45,6 +45,7 @@ from hybridcls.supervised.checkpoint import checkpoint_identity
 from hybridcls.support import refit_support, support_parameter
 from hybridcls.train import TrainConfig, train
 from hybridcls.train.data import recorded_image_check, resolve_training_data
+from hybridcls.train.state import unfinished_training
 from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from hybridcls.zeroshot.gate_clip import (
     CLIP_PARAMETERS,
@@ -266,6 +267,12 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         settings = RuntimeSettings.of(self)
         device = resolve_device(settings.device)
         model, config = load_checkpoint(run_dir, device)
+        stopped = unfinished_training(run_dir)
+        if stopped is not None:
+            warnings.warn(f"{run_dir}: its training was interrupted after {stopped}, so its weights "
+                          "are those of its best epoch so far; finish it with "
+                          f"train(data_dir={config.get('data_dir') or 'DIR'}, resume={os.fspath(run_dir)})",
+                          HybridclsWarning, stacklevel=3)
         seen = [str(c) for c in config["classes"]]
         prompt_set = align_classes(seen, as_prompt_set(source))
         record = recorded_clip(run_dir)

@@ -663,3 +663,47 @@ def test_a_validation_folder_of_one_training_class_is_accepted(tiny_world, tmp_p
     data = resolve_training_data(tiny_world.train_dir, TrainConfig(val_dir=tmp_path / "val", **FAST))
     labels = {label for _, label in data.val}
     assert labels == {data.classes.index(first.name)} and len(data.val) == len(list(first.iterdir()))
+
+
+def test_an_interrupted_run_is_said_on_load_and_the_benches_finish_it(tiny_world, tmp_path):
+    """A run stopped after epoch 1 of 2 has the best epoch so far in model.safetensors: loading
+    it warns, with the call that finishes it; a bench resumes it instead of reusing it."""
+    import os
+
+    from hybridcls.bench.quality import train_once
+    from hybridcls.errors import HybridclsWarning
+    from hybridcls.hybrid import HybridClassifier
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+    from hybridcls.train.state import unfinished_training
+
+    options = dict(epochs=2, batch_size=8, device="cpu", **FAST)
+    run = tmp_path / "run"
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(tiny_world.train_dir, run, on_epoch_end=stop_after_first, **options)
+    assert (run / "model.safetensors").is_file()
+    assert unfinished_training(run) == "epoch 1 of 2"
+    clf = HybridClassifier(clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None, device="cpu",
+                           templates=tiny_world.templates_file, cache_dir=tmp_path / "cache",
+                           progress=False)
+    with pytest.warns(HybridclsWarning) as caught:
+        clf.load_run(run, tiny_world.prompts_file)
+    assert [str(w.message) for w in caught if "interrupted" in str(w.message)] == [
+        f"{run}: its training was interrupted after epoch 1 of 2, so its weights are those of its "
+        f"best epoch so far; finish it with train(data_dir={os.path.abspath(tiny_world.train_dir)}, "
+        f"resume={run})"]
+
+    train_once(tiny_world.train_dir, run, **options)  # resumed: the second epoch runs
+    state = json.loads((run / "train_state.json").read_text(encoding="utf-8"))
+    assert (state["epoch"], state["finished"]) == (2, True)
+    assert unfinished_training(run) is None
+    before = (run / "model.safetensors").stat().st_mtime_ns
+    train_once(tiny_world.train_dir, run, **options)  # finished: reused as it is
+    assert (run / "model.safetensors").stat().st_mtime_ns == before
+    fresh = tmp_path / "fresh"
+    train_once(tiny_world.train_dir, fresh, **{**options, "epochs": 1})
+    assert unfinished_training(fresh) is None and (fresh / "model.safetensors").is_file()

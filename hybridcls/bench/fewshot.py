@@ -32,6 +32,7 @@ from hybridcls.bench.quality import (
     QualityReport,
     default_world_backbone,
     reference_rows,
+    train_once,
     world_run_test_features,
 )
 from hybridcls.cache import atomic_write_text
@@ -116,7 +117,6 @@ def run_fewshot(out_dir: str | os.PathLike[str], *, seed: int = 0, epochs: int =
     """
     from hybridcls.hybrid import HybridClassifier
     from hybridcls.synth.support import render_support
-    from hybridcls.train import train
 
     out = Path(out_dir)
     world, clf, seconds, sources, feats, y = world_run_test_features(
@@ -156,9 +156,8 @@ def run_fewshot(out_dir: str | os.PathLike[str], *, seed: int = 0, epochs: int =
             _training_folder(world.train_dir, out / "support" / f"k{k}-draw{draw}", data, world, k, draw)
             run_dir = data.parent / "run"
             t = time.perf_counter()
-            if not (run_dir / "model.safetensors").is_file():
-                train(data, run_dir, **backbone, image_size=image_size, epochs=epochs, seed=seed,
-                      device="cpu", workers=workers, progress=progress, val_dir=str(val_dir))
+            train_once(data, run_dir, **backbone, image_size=image_size, epochs=epochs, seed=seed,
+                       device="cpu", workers=workers, progress=progress, val_dir=str(val_dir))
             spent += time.perf_counter() - t
             # every class is seen now: the supervised branch alone answers
             retrained = HybridClassifier(clip_model=clf.clip_model, clip_pretrained=None,

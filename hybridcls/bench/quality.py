@@ -134,6 +134,29 @@ def default_world_backbone(cache_dir: Path | None = None) -> dict[str, Any]:
     return {"model": "test_convnext", "pretrained": False, "freeze": None}
 
 
+def train_once(data_dir: Path, run_dir: Path, **options: Any) -> None:
+    """Train ``run_dir`` on ``data_dir`` unless it holds a finished run; finish an interrupted one.
+
+    The benches reuse what they built. A run that stopped mid-training (the machine went
+    down, the bench was interrupted) has a ``model.safetensors`` of its best epoch so far,
+    which is not the run the bench reports: it is resumed (``train(resume=)``, with the
+    ``device``, ``workers`` and ``progress`` of ``options``), never reused as it is.
+
+    Args:
+        data_dir: The training folder.
+        run_dir: The run directory.
+        **options: :func:`hybridcls.train.train`'s options for a new run.
+    """
+    from hybridcls.train import train
+    from hybridcls.train.state import STATE_JSON_FILE, unfinished_training
+
+    if not (run_dir / STATE_JSON_FILE).is_file():
+        train(data_dir, run_dir, **options)
+    elif unfinished_training(run_dir) is not None:
+        train(data_dir, resume=run_dir, **{k: options[k] for k in ("device", "workers", "progress")
+                                            if k in options})
+
+
 def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 4, model: str | None = None,
                       image_size: int = 64, workers: int = 0, progress: bool = False,
                       freeze: int | None | str = "default",
@@ -151,7 +174,6 @@ def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 4, model: str |
         freeze: Stages kept frozen (``"default"``: :func:`default_world_backbone`'s choice).
     """
     from hybridcls.synth import TINY_CLIP_MODEL_ID
-    from hybridcls.train import train
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -159,13 +181,12 @@ def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 4, model: str |
     seconds["world"] = time.perf_counter() - t
     t = time.perf_counter()
     run_dir = out / "run"
-    if not (run_dir / "model.safetensors").is_file():
-        backbone = (default_world_backbone(out / "cache") if model is None
-                    else {"model": model, "pretrained": False, "freeze": None})
-        if freeze != "default":
-            backbone["freeze"] = freeze
-        train(world.train_dir, run_dir, **backbone, image_size=image_size, epochs=epochs,
-              seed=seed, device="cpu", workers=workers, progress=progress)
+    backbone = (default_world_backbone(out / "cache") if model is None
+                else {"model": model, "pretrained": False, "freeze": None})
+    if freeze != "default":
+        backbone["freeze"] = freeze
+    train_once(world.train_dir, run_dir, **backbone, image_size=image_size, epochs=epochs,
+               seed=seed, device="cpu", workers=workers, progress=progress)
     seconds["train"] = time.perf_counter() - t
     clf = HybridClassifier(
         clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None, templates=world.templates_file,

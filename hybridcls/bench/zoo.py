@@ -37,7 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from hybridcls.bench.quality import QualityRow, _figures, default_world_backbone, reference_rows
+from hybridcls.bench.quality import (
+    QualityRow,
+    _figures,
+    default_world_backbone,
+    reference_rows,
+    train_once,
+)
 from hybridcls.cache import atomic_write_json, atomic_write_text, json_text
 from hybridcls.errors import InputError
 from hybridcls.gate import BranchOutputs, Gate, gate_detection, routing_matrix
@@ -220,7 +226,6 @@ def build_world(out: str | Path, spec: WorldSpec, *, cache_dir: str | Path | Non
     """
     from hybridcls.synth import World, make_world, zero_shot_accuracy
     from hybridcls.synth.tiny_clip import tiny_clip_model_id
-    from hybridcls.train import train
 
     out = Path(out)
     _check_spec(out, spec)
@@ -246,10 +251,9 @@ def build_world(out: str | Path, spec: WorldSpec, *, cache_dir: str | Path | Non
 
     t = time.perf_counter()
     run_dir = out / "run"
-    if not (run_dir / "model.safetensors").is_file():
-        train(world.train_dir, run_dir, **_backbone(spec, cache_dir), image_size=spec.image_size,
-              epochs=spec.epochs, seed=spec.seed, device="cpu", workers=workers, progress=progress,
-              **dict(spec.train_options))
+    train_once(world.train_dir, run_dir, **_backbone(spec, cache_dir), image_size=spec.image_size,
+               epochs=spec.epochs, seed=spec.seed, device="cpu", workers=workers, progress=progress,
+               **dict(spec.train_options))
     seconds["train"] = time.perf_counter() - t
 
     t = time.perf_counter()

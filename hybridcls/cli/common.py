@@ -397,15 +397,19 @@ def flag_message(message: str, parser: argparse.ArgumentParser,
     if commands:
         def command(m: re.Match[str]) -> str:
             sub = commands[m.group(1)]
-            # what the command cannot run without: its positionals, its required flags and the
-            # first flag of each required either-or group (--prompts FILE | --classes NAMES)
+            given = dict(part.strip().partition("=")[::2] for part in m.group(2).split(",") if part.strip())
+            # what the command cannot run without, filled from the call where it names them: its
+            # positionals, its required flags and the first flag of each required either-or
+            # group (--prompts FILE | --classes NAMES)
             needed = [a for a in sub._actions if a.required and not isinstance(a, argparse._SubParsersAction)]
             needed += [g._group_actions[0] for g in sub._mutually_exclusive_groups if g.required]
-            placeholders = [a.metavar or a.dest.upper() if not a.option_strings
-                            else f"{max(a.option_strings, key=len)} {a.metavar or a.dest.upper()}"
-                            for a in needed]
-            given = [flag_message(p.strip(), sub) for p in m.group(2).split(",") if p.strip()]
-            return "`" + " ".join(["hybridcls", m.group(1), *placeholders, *given]) + "`"
+            words = ["hybridcls", m.group(1)]
+            for action in needed:
+                value = given.pop(action.dest, "") or action.metavar or action.dest.upper()
+                words.append(value if not action.option_strings
+                             else f"{max(action.option_strings, key=len)} {value}")
+            words += [flag_message(f"{name}={value}" if value else name, sub) for name, value in given.items()]
+            return "`" + " ".join(words) + "`"
 
         names_ = "|".join(re.escape(n) for n in sorted(commands, key=len, reverse=True))
         message = re.sub(rf"(?<![\w.])(?:HybridClassifier\.)?({names_})\(([^()]*)\)", command, message)

@@ -36,6 +36,7 @@ __all__ = [
     "flatten_optimizer_state",
     "load_train_state",
     "save_train_state",
+    "unfinished_training",
     "unflatten_optimizer_state",
 ]
 
@@ -170,3 +171,29 @@ def load_train_state(run_dir: str | Path) -> TrainState:
             f"while saving"
         )
     return TrainState(tensors=tensors, info=info)
+
+
+def unfinished_training(run_dir: str | Path) -> str | None:
+    """How far an interrupted training got, or None for a finished run or one without a state.
+
+    Reads ``train_state.json``'s progress (not its tensors): a run whose last saved epoch is
+    short of its ``epochs`` and did not stop early was interrupted, and its
+    ``model.safetensors`` holds the best epoch so far. A run without the file (a
+    ``save_pretrained`` folder, a checkpoint written by hand) or with one that cannot be
+    read counts as finished: loading it says nothing.
+
+    Returns:
+        ``"epoch E of N"``, or None.
+
+    Example:
+        >>> unfinished_training("runs/seen40") is None  # doctest: +SKIP
+        True
+    """
+    try:
+        info = read_json(Path(run_dir) / STATE_JSON_FILE)
+        epoch, epochs = int(info["epoch"]), int(info["config"]["epochs"])
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError):
+        return None
+    if info.get("finished", True) or info.get("stopped_early") or epoch >= epochs:
+        return None
+    return f"epoch {epoch} of {epochs}"
