@@ -204,6 +204,17 @@ class Predictor:
             resolved = table.resolve(prompts)
         return allowed_masks(sources, len(self.classes_), base, resolved)
 
+    def allowed_mask(self, inputs: Any) -> np.ndarray | None:
+        """``[n, C]`` booleans, one row per input: the classes ``allowed_classes`` and
+        ``site_classes`` let it be (an input that allows none: a row of False, which
+        predictions turn into an error row); ``None`` without class lists.
+
+        Raises:
+            ParameterError: A name of ``allowed_classes`` that is no class.
+            PromptFileError: A site file problem (names the file and line).
+        """
+        return self._restriction(self._sources(inputs), inputs)[0]
+
     # ------------------------------------------------------------------ roll-up
 
     @property

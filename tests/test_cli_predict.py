@@ -170,7 +170,7 @@ def test_usage_errors_leave_no_output(tmp_path, prompts, tiny_clip, capsys, monk
     def weights_gone(args):
         raise WeightsUnavailableError("weights not in the cache and HF_HUB_OFFLINE=1")
 
-    monkeypatch.setattr("hybridcls.cli.predict.zeroshot_from_args", weights_gone)
+    monkeypatch.setattr("hybridcls.cli.decision.zeroshot_from_args", weights_gone)
     for extra in (["--resume"], []):
         assert main(["predict", *common, "--prompts", str(prompts), "-o", str(out), *extra]) == 2
         assert "HF_HUB_OFFLINE=1" in capsys.readouterr().err

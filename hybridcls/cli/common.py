@@ -39,6 +39,7 @@ __all__ = [
     "clip_settings",
     "flag_message",
     "hybrid_from_args",
+    "hybrid_parameters",
     "path_fingerprint",
     "prompts_from_args",
     "runtime_from_args",
@@ -282,6 +283,20 @@ def zeroshot_from_args(args: argparse.Namespace) -> Any:
     ).fit()
 
 
+def hybrid_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~hybridcls.HybridClassifier` parameters the flags set beside its CLIP and
+    templates: the decision flags the command has (``--mode``, ``--unknown-threshold``,
+    ``--cascade``, ``--support``), ``--truncate-prompts`` and the runtime."""
+    return {
+        "mode": getattr(args, "mode", None),
+        "unknown_threshold": getattr(args, "unknown_threshold", None),
+        "cascade": getattr(args, "cascade", False),
+        "truncate_prompts": getattr(args, "truncate_prompts", False),
+        "support": getattr(args, "support", None),
+        **runtime_from_args(args).to_dict(),
+    }
+
+
 def hybrid_from_args(args: argparse.Namespace, *, recalibrate: bool = False, **params: Any) -> Any:
     """A :class:`~hybridcls.HybridClassifier` loaded from ``--checkpoint`` and the flags.
 
@@ -302,12 +317,7 @@ def hybrid_from_args(args: argparse.Namespace, *, recalibrate: bool = False, **p
     clf = HybridClassifier(
         clip_model=args.clip_model,
         clip_pretrained=_clip_pretrained_flag(args),
-        templates=args.templates, mode=getattr(args, "mode", None),
-        unknown_threshold=getattr(args, "unknown_threshold", None),
-        cascade=getattr(args, "cascade", False),
-        truncate_prompts=getattr(args, "truncate_prompts", False),
-        support=getattr(args, "support", None),
-        **runtime_from_args(args).to_dict(), **params,
+        templates=args.templates, **hybrid_parameters(args), **params,
     ).load_run(args.checkpoint, prompts_from_args(args))
     if getattr(clf, "clip_error_", None) is not None and not recalibrate:
         raise clf.clip_error_

@@ -10,10 +10,16 @@ from hybridcls.cli.common import (
     UsageError,
     add_clip_arguments,
     add_runtime_arguments,
-    hybrid_from_args,
+    hybrid_parameters,
     prompts_from_args,
-    runtime_from_args,
 )
+from hybridcls.cli.decision import (
+    add_decision_arguments,
+    check_decision_arguments,
+    classifier_from_args,
+    site_classes_from_args,
+)
+from hybridcls.gate.config import MODES
 
 __all__ = ["add_parser", "run"]
 
@@ -33,8 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="calibrated run directory, or a folder from save_pretrained")
     # A save_pretrained folder carries its prompts; a bare run directory needs them.
     add_clip_arguments(parser, prompts_required=False)
-    parser.add_argument("--mode", choices=["hard", "soft", "stacking"], default=None,
-                        help="override the calibrated decision mode")
+    # predict's decision flags, so that the page shows the decision predict makes with them
+    dec = add_decision_arguments(parser)
+    dec.add_argument("--mode", choices=MODES, default=None,
+                     help="override the calibrated decision mode")
     parser.add_argument("--topk", type=int, default=5, metavar="K",
                         help="classes listed per branch (default: %(default)s)")
     parser.add_argument("--neighbours", type=int, default=5, metavar="K",
@@ -46,34 +54,52 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _classifier(args: argparse.Namespace):
-    # the models (torch, timm, open_clip) are imported when the command runs
-    from hybridcls.hybrid import HybridClassifier
+def _saved_folder(args: argparse.Namespace) -> Path | None:
+    """``--checkpoint`` as a ``save_pretrained`` folder, which carries its prompts; None: a run
+    directory, read with ``--prompts`` / ``--classes``."""
     from hybridcls.pretrained import HYBRID_FILE
 
-    params = {"mode": args.mode, "truncate_prompts": args.truncate_prompts,
-              **runtime_from_args(args).to_dict()}
-    prompts = prompts_from_args(args)
-    if (Path(args.checkpoint) / HYBRID_FILE).is_file() and not prompts:
-        return HybridClassifier.from_pretrained(args.checkpoint, **params)
-    if not prompts:
+    saved = (Path(args.checkpoint) / HYBRID_FILE).is_file()
+    if prompts_from_args(args):
+        return None
+    if not saved:
         raise UsageError(f"--prompts or --classes is needed: {args.checkpoint} is a run directory, "
                          f"not a save_pretrained folder (no {HYBRID_FILE})")
-    return hybrid_from_args(args)
+    return Path(args.checkpoint)
+
+
+def _classifier(args: argparse.Namespace, site_classes: object, folder: Path | None):
+    """The hybrid ``predict --checkpoint`` builds from the same flags (a saved folder: loaded
+    with them; the CLIP flags given are passed on, and refused there, as the folder fixes its
+    CLIP model and templates)."""
+    if folder is None:
+        return classifier_from_args(args, site_classes)
+    # the models (torch, timm, open_clip) are imported when the command runs
+    from hybridcls.hybrid import HybridClassifier
+
+    given = {name: getattr(args, name) for name in ("clip_model", "clip_pretrained", "templates")
+             if getattr(args, name) is not None}
+    hybrid = HybridClassifier.from_pretrained(folder, **given, **hybrid_parameters(args))
+    return classifier_from_args(args, site_classes, hybrid=hybrid)
 
 
 def run(args: argparse.Namespace) -> int:
     from hybridcls.data import expand_inputs
     from hybridcls.explain import explain_images, require_grad_cam, write_explain_page
+    from hybridcls.pretrained import PROMPTS_FILE
 
     for flag, value, least in (("--topk", args.topk, 1), ("--neighbours", args.neighbours, 0)):
         if value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
+    folder = _saved_folder(args)
+    prompts = None if folder is None else str(folder / PROMPTS_FILE)  # default: --prompts
+    check_decision_arguments(args, prompts)
     require_grad_cam()  # before loading models: fail fast on a missing extra
     sources = expand_inputs(args.inputs)
     if not sources:
         raise UsageError("no input images found in " + " ".join(args.inputs))
-    clf = _classifier(args)
+    sites = site_classes_from_args(args, sources, prompts)  # its problems, before any model loads
+    clf = _classifier(args, sites, folder)
     result = explain_images(clf, sources, args.output, topk=args.topk, neighbours=args.neighbours,
                             progress=not args.quiet)
     page = write_explain_page(result)

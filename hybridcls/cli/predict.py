@@ -21,12 +21,16 @@ from hybridcls.cli.common import (
     UsageError,
     add_clip_arguments,
     add_runtime_arguments,
-    class_list,
     clip_settings,
-    hybrid_from_args,
     path_fingerprint,
     prompts_from_args,
-    zeroshot_from_args,
+)
+from hybridcls.cli.decision import (
+    add_decision_arguments,
+    check_decision_arguments,
+    classifier_from_args,
+    rollup_given,
+    site_classes_from_args,
 )
 from hybridcls.data import expand_inputs
 from hybridcls.gate.config import GATE_FILENAME, MODES
@@ -51,31 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder, glob or list file")
     add_clip_arguments(parser)
     add_runtime_arguments(parser)
-    dec = parser.add_argument_group("decision")
-    dec.add_argument("--unknown-threshold", type=float, default=None, metavar="P",
-                     help="answer 'unknown' when no branch's top probability reaches P "
-                          "(both modes; default: the calibrated value, off)")
-    dec.add_argument("--rollup-threshold", type=float, default=None, metavar="T",
-                     help="roll up: when the best class's probability is below T, answer the "
-                          "deepest ancestor (from the prompts file's '> PARENT > ...') whose summed "
-                          "probability reaches T; rows get 'rank' and 'leaf' columns (docs/prompts.md)")
-    dec.add_argument("--rollup-precision", type=float, default=None, metavar="P",
-                     help="roll up with the smallest threshold whose answers are right at their rank "
-                          "a share P of the time on the run's held-out seen images (needs "
-                          "--checkpoint; not with --rollup-threshold)")
-    dec.add_argument("--allowed-classes", type=class_list, default=None, metavar="NAMES",
-                     help='limit every prediction to these classes of the prompts file, '
-                          'comma-separated: --allowed-classes "fox,moose"; the others get '
-                          'probability 0 (docs/sites.md)')
-    dec.add_argument("--site-classes", default=None, metavar="FILE",
-                     help="CSV of path prefixes (or site names, which a .csv list file's 'site' "
-                          "column names per image) and their allowed classes: each input is "
-                          "limited to its site's classes; one that allows none is an error row "
-                          "(docs/sites.md)")
-    dec.add_argument("--support", metavar="DIR", default=None,
-                     help="a few labelled images per class (one subfolder per class of --prompts, "
-                          "seen or unseen), joined to the zero-shot scores and the gate without "
-                          "retraining (both modes; docs/gate.md, 'Few-shot support')")
+    add_decision_arguments(parser)
     hy = parser.add_argument_group("hybrid (with a trained and calibrated supervised branch)")
     hy.add_argument("--checkpoint", metavar="RUN_DIR",
                     help="run directory from `hybridcls train` + `hybridcls calibrate`; "
@@ -114,9 +94,6 @@ def _validate(args: argparse.Namespace) -> None:
     """What only the command line can get wrong; every other value is checked where it is used."""
     if args.topk < 1:
         raise UsageError(f"--topk must be at least 1, got {args.topk}")
-    if args.support and not Path(args.support).is_dir():
-        what = "is a file, not a folder" if Path(args.support).exists() else "no such folder"
-        raise UsageError(f"--support {args.support}: {what} (one subfolder of images per class)")
     if isinstance(args.shard, str):
         args.shard = ShardSpec.parse(args.shard)
     if not args.checkpoint:
@@ -124,71 +101,15 @@ def _validate(args: argparse.Namespace) -> None:
             if getattr(args, dest) not in (None, False):
                 raise UsageError(f"{flag} needs --checkpoint: a zero-shot-only prediction has no "
                                  "supervised branch to route to, mix with or decide with")
-    if args.rollup_precision is not None and not args.checkpoint:
-        raise UsageError("--rollup-precision needs --checkpoint: the threshold is chosen on the run's "
-                         "held-out seen images; without one, set --rollup-threshold T")
-    if args.rollup_threshold is not None and args.rollup_precision is not None:
-        raise UsageError("--rollup-threshold and --rollup-precision: give one (the precision "
-                         "chooses the threshold)")
-    if _rollup(args):
-        from hybridcls.zeroshot.prompts import as_prompt_set
-
-        prompts = prompts_from_args(args)  # None: refused where the classifier is built
-        if prompts is not None and not as_prompt_set(prompts).has_ancestors:
-            flag = "--rollup-threshold" if args.rollup_threshold is not None else "--rollup-precision"
-            raise UsageError(f"{flag} needs ancestors in the prompts file (a class line ending "
-                             "'> PARENT > ...', docs/prompts.md): there is nothing to roll up to")
+    check_decision_arguments(args)
     if args.all_scores and infer_format(args.output, args.format) == "kaggle":
         raise UsageError("--all-scores needs CSV or JSON Lines: a Kaggle submission (--format "
                          "kaggle) holds image_id and class only")
-    if args.cascade and (args.allowed_classes or args.site_classes):
-        raise UsageError(f"--cascade with --{'allowed' if args.allowed_classes else 'site'}-classes: "
-                         "the cascade decides from the confidence over every seen class before "
-                         "a class list could apply; use one of them")
     to_stdout = args.output in (None, "-")
     if to_stdout and (args.resume or args.shard is not None):
         raise UsageError(f"{'--resume' if args.resume else '--shard'} needs --output FILE")
     if to_stdout and torchrun_world() is not None:
         raise UsageError("under torchrun, predict needs --output FILE (rank 0 merges the ranks' parts)")
-
-
-def classifier_from_args(args: argparse.Namespace, site_classes: Any = None) -> Any:
-    """The fitted classifier ``predict`` runs: the hybrid with ``--checkpoint``, else zero-shot only,
-    with the roll-up flags and the class lists of ``--allowed-classes`` and ``--site-classes``
-    (``site_classes``: that file as :func:`run` read and checked it on every input; default:
-    read it again)."""
-    if args.checkpoint:
-        clf = hybrid_from_args(args, rollup_threshold=args.rollup_threshold,
-                               rollup_precision=args.rollup_precision)
-    else:
-        clf = zeroshot_from_args(args).set_params(rollup_threshold=args.rollup_threshold)
-    return clf.set_params(allowed_classes=args.allowed_classes,
-                          site_classes=site_classes or _site_classes(args))
-
-
-def _rollup(args: argparse.Namespace) -> bool:
-    """Whether a roll-up flag is given."""
-    return args.rollup_threshold is not None or args.rollup_precision is not None
-
-
-def _site_classes(args: argparse.Namespace, sources: Any = None) -> Any:
-    """``--site-classes`` read, bound to the ``site`` column of the .csv inputs, and checked
-    against the prompts file: before any model loads, a problem names the file and line.
-    Given every input (``sources``), a row that reaches none of them is a warning, once: a
-    shard or a resume predicts a share of them."""
-    from hybridcls.sites import allowed_columns, read_site_classes
-    from hybridcls.zeroshot.prompts import as_prompt_set
-
-    if not (args.site_classes or args.allowed_classes):
-        return None
-    prompts = as_prompt_set(prompts_from_args(args))
-    if args.allowed_classes:
-        allowed_columns(args.allowed_classes, prompts)
-    if not args.site_classes:
-        return None
-    sites = read_site_classes(args.site_classes).for_inputs(args.inputs)
-    sites.resolve(prompts)
-    return sites if sources is None else sites.check_reach(sources)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -198,11 +119,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no input images found in " + " ".join(args.inputs))
     fmt = infer_format(args.output, args.format)
     check_unique_keys((s.path for s in sources), fmt)  # before any model loads or byte is written
-    sites = _site_classes(args, sources)  # the class lists' files and names, before any model loads
+    sites = site_classes_from_args(args, sources)  # the class lists' files and names, before any model loads
     classes = _class_names(args) if args.all_scores else None
     extra = extra_columns(fmt, branch_columns=bool(args.checkpoint),
                           model_version=args.model_version, score_classes=classes,
-                          rollup=_rollup(args))
+                          rollup=rollup_given(args))
     world = torchrun_world()
     rank = world[0] if world else 0
     progress = not args.quiet and rank == 0

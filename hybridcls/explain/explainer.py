@@ -4,13 +4,17 @@ For every input, in input order (a file that cannot be decoded keeps its
 place, with its error):
 
 1. the decision: the row :meth:`HybridClassifier.batch_rows` makes (label,
-   branch, gate score and weight, both branches' top-k), with CLIP run on
-   every image so that both branches' top-k exist;
+   branch, gate score and weight, both branches' top-k; with roll-up, the
+   answer's rank and the class it came from), with CLIP run on every image
+   so that both branches' top-k exist; the classifier's support images,
+   class lists (``allowed_classes``, ``site_classes``) and roll-up apply as
+   they do in ``hybridcls predict``;
 2. Grad-CAM of the supervised branch for its own top-1 class
-   (:mod:`hybridcls.explain.gradcam`), over the crop that branch sees;
-3. the CLIP similarity map for the predicted class (the zero-shot top-1
-   when the answer is ``unknown``; :mod:`hybridcls.explain.clip_maps`),
-   over the crop the CLIP tower sees;
+   (:mod:`hybridcls.explain.gradcam`), over the crop that branch sees (none
+   where a class list allows no seen class: that branch has no answer);
+3. the CLIP similarity map for the predicted class (the class a rolled-up
+   answer came from; the zero-shot top-1 when the answer is ``unknown``;
+   :mod:`hybridcls.explain.clip_maps`), over the crop the CLIP tower sees;
 4. its nearest training images in the run's CLIP embedding index
    (``index/clip.*``, :mod:`hybridcls.index`), when the run has one.
 
@@ -29,7 +33,6 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from scipy.special import softmax
 
 from hybridcls.data import Source, as_sources, load_image
 from hybridcls.errors import ImageDecodeError
@@ -64,8 +67,9 @@ class Explanation:
 
     Attributes:
         row: The prediction (or error) row, as ``hybridcls predict`` writes it.
-        gradcam: ``[H, W]`` Grad-CAM in [0, 1] over the supervised crop (None on error).
-        gradcam_class: The seen class Grad-CAM explains (the supervised top-1).
+        gradcam: ``[H, W]`` Grad-CAM in [0, 1] over the supervised crop (None on error, or
+            where the input's class list allows no seen class).
+        gradcam_class: The seen class Grad-CAM explains (the supervised top-1; ``""``: none).
         clip_map: ``[H, W]`` similarity map in [0, 1] over the CLIP crop (None on error).
         clip_class: The class whose text embedding the map compares to.
         clip_cosine: ``(min, max)`` raw cosine similarity on the feature grid.
@@ -73,6 +77,7 @@ class Explanation:
         neighbours: Nearest training images, most similar first.
         zeroshot_consulted: False when the gate did not use the zero-shot branch
             (hard routing to the supervised branch); its top-k is shown all the same.
+        n_allowed: How many classes the input's class list allows (None: no class list).
     """
 
     row: PredictionRow
@@ -84,6 +89,7 @@ class Explanation:
     files: dict[str, Path] = field(default_factory=dict)
     neighbours: list[Neighbour] = field(default_factory=list)
     zeroshot_consulted: bool = True
+    n_allowed: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -92,7 +98,18 @@ class Explanation:
 
 @dataclass
 class ExplainResult:
-    """The explanations, in input order, and what the page says about the run."""
+    """The explanations, in input order, and what the page says about the run.
+
+    Attributes:
+        explanations: One per input, in order.
+        output: The folder written.
+        run_dir: The run directory the classifier was loaded from.
+        gate: The decision's settings: ``mode``, ``score``, ``method``, and when set
+            ``rollup`` (:meth:`hybridcls.hierarchy.Rollup.summary`), ``support`` (how many
+            support images) and ``restriction`` (the class lists), as ``gate_summary()``
+            gives them.
+        index_note: What the page says about the nearest training images.
+    """
 
     explanations: list[Explanation]
     output: Path
@@ -103,11 +120,6 @@ class ExplainResult:
     @property
     def n_errors(self) -> int:
         return sum(not e.ok for e in self.explanations)
-
-
-def _topk(logits: np.ndarray, classes: np.ndarray, k: int) -> list[list[Any]]:
-    """``[[class, probability], ...]`` of the zero-shot softmax, as the rows write them."""
-    return topk_pairs(softmax(logits.astype(np.float64)), classes, k)
 
 
 def _class_index(classes: np.ndarray, name: str) -> int:
@@ -196,13 +208,18 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
     text = clf.tower_.text_features
     visual = clf.tower_.bundle.model.visual
     paths = [s.path for s in sources]
+    # as predict applies them: the roll-up's threshold is chosen once, the class lists per input
+    rollup = clf.prediction_rollup()
+    allowed = clf.allowed_mask(sources)
     for batch, res in clf.iter_predictions(sources, progress=progress, clip="all"):
-        rows = clf.batch_rows(paths, batch, res, topk=topk)
+        rows = clf.batch_rows(paths, batch, res, topk=topk, rollup=rollup)
+        ok_allowed = None if allowed is None else allowed[batch.ok]
+        zs_probs = None
         pos = {idx: j for j, idx in enumerate(batch.ok)}
         todo: list[tuple[Explanation, int, int, Image.Image, Image.Image]] = []
         sup_x, clip_x, sup_t, clip_t = [], [], [], []
         for idx, row in zip(batch.indices, rows):
-            ex = Explanation(row=row)
+            ex = Explanation(row=row, n_allowed=None if allowed is None else int(allowed[idx].sum()))
             explanations.append(ex)
             if not ex.ok:
                 continue
@@ -213,23 +230,30 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
             except ImageDecodeError as err:  # changed on disk since the engine read it
                 ex.row = PredictionRow.failed(row.path, err.reason)
                 continue
-            sup_top = row.extra["supervised_topk"][0][0]
-            ex.gradcam_class = str(sup_top)
+            # no supervised top-k: the input's class list allows no seen class
+            sup_top = row.extra["supervised_topk"][0][0] if row.extra["supervised_topk"] else None
+            ex.gradcam_class = "" if sup_top is None else str(sup_top)
             if not row.extra["zeroshot_topk"]:
                 # A hard gate keeps the supervised answer and leaves the zero-shot one out of the
-                # row; CLIP ran on every image here, so show what it would have said.
-                row.extra["zeroshot_topk"] = _topk(batch.outputs.clip_logits[pos[idx]], classes, topk)
+                # row; CLIP ran on every image here, so show what it would have said (its
+                # support images and the input's class list applied, as where the gate uses it).
+                if zs_probs is None:  # once per batch, for the rows that need it
+                    zs_probs = clf.gate_.zeroshot_probs(batch.outputs, allowed=ok_allowed)
+                row.extra["zeroshot_topk"] = topk_pairs(zs_probs[pos[idx]], classes, topk)
                 ex.zeroshot_consulted = False
             zs_top = row.extra["zeroshot_topk"][0][0]
-            ex.clip_class = row.label if row.label in class_names else str(zs_top)
-            sup_x.append(s_x)
+            # the class a rolled-up answer came from: an ancestor has no text embedding
+            answer = row.extra["leaf"] if row.extra.get("rank") else row.label
+            ex.clip_class = answer if answer in class_names else str(zs_top)
+            if sup_top is not None:
+                sup_x.append(s_x)
+                sup_t.append(_class_index(seen, sup_top))
             clip_x.append(c_x)
-            sup_t.append(_class_index(seen, sup_top))
             clip_t.append(_class_index(classes, ex.clip_class))
             todo.append((ex, idx, pos[idx], s_crop, c_crop))
         if not todo:
             continue
-        cams = gradcam_maps(clf.supervised_, torch.stack(sup_x), sup_t)
+        cams = iter(gradcam_maps(clf.supervised_, torch.stack(sup_x), sup_t) if sup_x else [])
         maps, cosine = clip_similarity_map(visual, torch.stack(clip_x).to(text.device),
                                            text[:, clip_t].T)
         maps, cosine = maps.cpu().numpy(), cosine.cpu().numpy()
@@ -238,16 +262,20 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
                                            min(neighbours, index.ntotal))
         for n, (ex, idx, j, s_crop, c_crop) in enumerate(todo):
             stem = f"{idx:05d}"  # the input's position: unique, and sorts in input order
-            ex.gradcam, ex.clip_map = cams[n], maps[n]
+            ex.clip_map = maps[n]
             ex.clip_cosine = (float(cosine[n].min()), float(cosine[n].max()))
             ex.files = {
                 "input": save_png(thumbnail(s_crop), out / IMAGES_DIR / f"{stem}_input.png"),
-                "gradcam": save_png(overlay(s_crop, cams[n]), out / IMAGES_DIR / f"{stem}_gradcam.png"),
                 "clip": save_png(overlay(c_crop, maps[n]), out / IMAGES_DIR / f"{stem}_clip.png"),
             }
+            if ex.gradcam_class:  # the maps of the inputs with a supervised top-1, in order
+                ex.gradcam = next(cams)
+                ex.files["gradcam"] = save_png(overlay(s_crop, ex.gradcam),
+                                               out / IMAGES_DIR / f"{stem}_gradcam.png")
             if index is not None:
                 ex.neighbours = _neighbours(index, nb_sims[n], nb_ids[n], seen, out, thumbs)
     cal = clf.gate_.calibration_
-    return ExplainResult(explanations, out, str(clf.run_dir_),
-                         {"mode": clf.mode or cal.mode, "score": cal.score,
-                          "method": cal.method}, note)
+    summary = clf.gate_summary() or {}
+    decision = {"mode": clf.mode or cal.mode, "score": cal.score, "method": cal.method,
+                **{key: summary[key] for key in ("rollup", "support", "restriction") if key in summary}}
+    return ExplainResult(explanations, out, str(clf.run_dir_), decision, note)

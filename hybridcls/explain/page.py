@@ -32,23 +32,55 @@ def _number(value: Any, fmt: str) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
+def _decision_settings(gate: dict[str, Any]) -> str:
+    """The support images, class lists and roll-up the decisions applied, as the intro says them."""
+    parts = []
+    support = gate.get("support")
+    if support:
+        counts = support.get("counts") or {}
+        parts.append(f"{support.get('n_support', sum(counts.values()))} support images "
+                     f"of {len(counts)} classes")
+    restriction = gate.get("restriction")
+    if restriction:
+        if restriction.get("allowed_classes"):
+            parts.append("classes allowed: " + ", ".join(map(str, restriction["allowed_classes"])))
+        if restriction.get("site_classes"):
+            parts.append(f"classes per input from {restriction['site_classes']}")
+    rollup = gate.get("rollup")
+    if rollup:
+        chosen = (f" (chosen for precision {rollup['target']:g} on {rollup['n_images']} held-out "
+                  "images)" if "target" in rollup else "")
+        parts.append(f"roll-up threshold {rollup['threshold']:.4g}{chosen}")
+    return "".join(f"; {p}" for p in parts)
+
+
 def _card(ex: Explanation, n: int, out: Path) -> str:
     row = ex.row
     head = f"<h2>{n + 1}. {esc(row.path)}</h2>"
     if not ex.ok:
         return f'<div class="card">{head}<p class="error">could not be explained: {esc(row.error)}</p></div>'
-    decision = table(["decision", ""], [
-        ("prediction", row.label), ("probability", _number(row.score, ".4f")),
+    lines = [("prediction", row.label), ("probability", _number(row.score, ".4f"))]
+    if "rank" in row.extra:  # roll-up on: the answer's rank (0: a class) and the class it came from
+        lines += [("rank (0 = a class, 1 = its parent...)", _number(row.extra["rank"], "d")),
+                  ("rolled up from", row.extra["leaf"] or "")]
+    if ex.n_allowed is not None:
+        lines.append(("class list", f"restricted to {ex.n_allowed} classes"))
+    lines += [
         ("decided by", row.branch),
         ("gate score (higher = less like the seen classes)", _number(row.extra.get("gate_score"), ".4f")),
         ("weight of the zero-shot branch", _number(row.extra.get("gate_weight"), ".3f")),
-    ])
-    figs = [
-        figure(rel_link(ex.files["input"], out), "input (supervised crop)"),
-        figure(rel_link(ex.files["gradcam"], out), f"Grad-CAM, supervised branch: {ex.gradcam_class}"),
-        figure(rel_link(ex.files["clip"], out),
-               f"CLIP map: {ex.clip_class} (cosine {ex.clip_cosine[0]:.3f} to {ex.clip_cosine[1]:.3f})"),
     ]
+    decision = table(["decision", ""], lines)
+    figs = [figure(rel_link(ex.files["input"], out), "input (supervised crop)")]
+    if "gradcam" in ex.files:
+        figs.append(figure(rel_link(ex.files["gradcam"], out),
+                           f"Grad-CAM, supervised branch: {ex.gradcam_class}"))
+    else:
+        figs.append('<p class="note">no Grad-CAM: the class list allows no seen class, so the '
+                    "supervised branch has no answer</p>")
+    figs.append(figure(rel_link(ex.files["clip"], out),
+                       f"CLIP map: {ex.clip_class} (cosine {ex.clip_cosine[0]:.3f} to "
+                       f"{ex.clip_cosine[1]:.3f})"))
     tops = "".join(
         f'<div style="display:inline-block;margin-right:1em"><b>{esc(title)}</b>'
         f"{table(['class', 'probability'], _pairs(pairs), numeric=[1])}</div>"
@@ -77,8 +109,9 @@ def write_explain_page(result: ExplainResult, *, title: str = "hybridcls explain
     """
     out = result.output
     n = len(result.explanations)
-    gate = ", ".join(f"{k} {v}" for k, v in result.gate.items())
+    gate = ", ".join(f"{k} {result.gate[k]}" for k in ("mode", "score", "method"))
     intro = (f"<p>{n} input(s), {result.n_errors} could not be explained. Run: {esc(result.run_dir)}; "
-             f"gate: {esc(gate)}. {esc(result.index_note)}.</p>" + _METHODS)
+             f"gate: {esc(gate)}{esc(_decision_settings(result.gate))}. "
+             f"{esc(result.index_note)}.</p>" + _METHODS)
     cards = [_card(ex, i, out) for i, ex in enumerate(result.explanations)]
     return write_page(out / EXPLAIN_PAGE, title, intro + "\n".join(cards))

@@ -66,7 +66,7 @@ from hybridcls.gate.config import FIT_METHODS, GATE_FILENAME, MODES, GateCalibra
 from hybridcls.gate.fusion import FusionResult, fuse, fuse_zeroshot, route
 from hybridcls.gate.metrics import seen_unseen_accuracy
 from hybridcls.gate.restriction import check_allowed, forced_routing, mask_logits, restrict_outputs
-from hybridcls.gate.scores import DEFAULT_KNN_K, INDEX_OF, SCORES
+from hybridcls.gate.scores import DEFAULT_KNN_K, INDEX_OF, SCORES, softmax_rows
 from hybridcls.gate.support import SUPPORT_FILE, SupportAdapter, fit_support_adapter, unit_rows
 from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, load_run_index
 
@@ -732,6 +732,25 @@ class Gate:
         return self.predict(outputs, allowed=allowed).probs
 
     # ------------------------------------------------------------------ which images need CLIP
+
+    def zeroshot_probs(self, outputs: BranchOutputs, *, allowed: Any = None) -> np.ndarray:
+        """``[N, C]`` the zero-shot branch's probabilities on every row, as :meth:`predict` reads
+        them where it consults that branch: the support adapter applied, and with ``allowed``
+        (as in :meth:`predict`) disallowed classes at 0 and the rest renormalised; NaN rows
+        where CLIP did not run. A hard gate leaves them out of the rows it keeps with the
+        supervised branch (``FusionResult.clip_probs`` is NaN there); an explanation shows them.
+
+        Raises:
+            InputError: Outputs without the CLIP branch's logits.
+            ParameterError: ``allowed`` as :meth:`predict` refuses it.
+        """
+        outputs = self._supported(BranchOutputs.check(outputs, "outputs"))
+        if outputs.clip_logits is None:
+            raise InputError("the zero-shot probabilities need the CLIP branch's logits")
+        clip = outputs.clip_logits
+        if allowed is not None:
+            clip = mask_logits(clip, check_allowed(allowed, len(outputs), clip.shape[1]))
+        return softmax_rows(clip)
 
     def clip_policy(self, *, cascade: bool = False) -> ClipPolicy:
         """Which images the CLIP tower must encode, decided from the supervised outputs.

@@ -1,0 +1,162 @@
+"""The decision flags ``predict`` and ``explain`` share: their definitions, their up-front checks,
+and the classifier they build, so that ``explain`` shows the decision ``predict`` makes.
+
+``--unknown-threshold``, the roll-up (``--rollup-threshold`` / ``--rollup-precision``), the
+class lists (``--allowed-classes``, ``--site-classes``) and the few-shot ``--support`` images
+are declared once here (:func:`add_decision_arguments`), checked before any model loads
+(:func:`check_decision_arguments`, :func:`site_classes_from_args`) and handed to the
+classifier in one place (:func:`classifier_from_args`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from hybridcls.cli.common import (
+    UsageError,
+    class_list,
+    hybrid_from_args,
+    prompts_from_args,
+    zeroshot_from_args,
+)
+
+__all__ = [
+    "add_decision_arguments",
+    "check_decision_arguments",
+    "classifier_from_args",
+    "rollup_given",
+    "site_classes_from_args",
+]
+
+
+def add_decision_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "decision" group: ``--unknown-threshold``, the roll-up, the class lists, ``--support``.
+
+    Returns:
+        The group, for a command's own decision flags.
+    """
+    dec = parser.add_argument_group("decision")
+    dec.add_argument("--unknown-threshold", type=float, default=None, metavar="P",
+                     help="answer 'unknown' when no branch's top probability reaches P "
+                          "(both modes; default: the calibrated value, off)")
+    dec.add_argument("--rollup-threshold", type=float, default=None, metavar="T",
+                     help="roll up: when the best class's probability is below T, answer the "
+                          "deepest ancestor (from the prompts file's '> PARENT > ...') whose summed "
+                          "probability reaches T; rows get 'rank' and 'leaf' columns (docs/prompts.md)")
+    dec.add_argument("--rollup-precision", type=float, default=None, metavar="P",
+                     help="roll up with the smallest threshold whose answers are right at their rank "
+                          "a share P of the time on the run's held-out seen images (needs "
+                          "--checkpoint; not with --rollup-threshold)")
+    dec.add_argument("--allowed-classes", type=class_list, default=None, metavar="NAMES",
+                     help='limit every prediction to these classes of the prompts file, '
+                          'comma-separated: --allowed-classes "fox,moose"; the others get '
+                          'probability 0 (docs/sites.md)')
+    dec.add_argument("--site-classes", default=None, metavar="FILE",
+                     help="CSV of path prefixes (or site names, which a .csv list file's 'site' "
+                          "column names per image) and their allowed classes: each input is "
+                          "limited to its site's classes; one that allows none is an error row "
+                          "(docs/sites.md)")
+    dec.add_argument("--support", metavar="DIR", default=None,
+                     help="a few labelled images per class (one subfolder per class of --prompts, "
+                          "seen or unseen), joined to the zero-shot scores and the gate without "
+                          "retraining (both modes; docs/gate.md, 'Few-shot support')")
+    return dec
+
+
+def rollup_given(args: argparse.Namespace) -> bool:
+    """Whether a roll-up flag is given."""
+    return args.rollup_threshold is not None or args.rollup_precision is not None
+
+
+def check_decision_arguments(args: argparse.Namespace, prompts: Any = None) -> None:
+    """What only the command line can get wrong in the decision flags, before any model loads.
+
+    Args:
+        args: The parsed flags (:func:`add_decision_arguments`'s, ``--checkpoint``, and
+            ``--cascade`` where the command has it).
+        prompts: The classes the checks read (default: ``--prompts`` / ``--classes``); None:
+            the ancestors are checked where the classifier is built.
+
+    Raises:
+        UsageError: A ``--support`` that is no folder; ``--rollup-precision`` without
+            ``--checkpoint`` or with ``--rollup-threshold``; a roll-up flag with a prompts
+            file that names no ancestors; ``--cascade`` with a class list.
+    """
+    if args.support and not Path(args.support).is_dir():
+        what = "is a file, not a folder" if Path(args.support).exists() else "no such folder"
+        raise UsageError(f"--support {args.support}: {what} (one subfolder of images per class)")
+    if args.rollup_precision is not None and not args.checkpoint:
+        raise UsageError("--rollup-precision needs --checkpoint: the threshold is chosen on the run's "
+                         "held-out seen images; without one, set --rollup-threshold T")
+    if args.rollup_threshold is not None and args.rollup_precision is not None:
+        raise UsageError("--rollup-threshold and --rollup-precision: give one (the precision "
+                         "chooses the threshold)")
+    if rollup_given(args):
+        from hybridcls.zeroshot.prompts import as_prompt_set
+
+        prompts = prompts if prompts is not None else prompts_from_args(args)
+        if prompts is not None and not as_prompt_set(prompts).has_ancestors:
+            flag = "--rollup-threshold" if args.rollup_threshold is not None else "--rollup-precision"
+            raise UsageError(f"{flag} needs ancestors in the prompts file (a class line ending "
+                             "'> PARENT > ...', docs/prompts.md): there is nothing to roll up to")
+    if getattr(args, "cascade", False) and (args.allowed_classes or args.site_classes):
+        raise UsageError(f"--cascade with --{'allowed' if args.allowed_classes else 'site'}-classes: "
+                         "the cascade decides from the confidence over every seen class before "
+                         "a class list could apply; use one of them")
+
+
+def site_classes_from_args(args: argparse.Namespace, sources: Any = None, prompts: Any = None) -> Any:
+    """``--site-classes`` read, bound to the ``site`` column of the .csv inputs, and checked
+    against the prompts file: before any model loads, a problem names the file and line.
+
+    Args:
+        args: The parsed flags.
+        sources: Every input, expanded: a site file row that reaches none of them is a warning,
+            once (a shard or a resume predicts a share of them).
+        prompts: The classes to check the names against (default: ``--prompts`` / ``--classes``).
+
+    Returns:
+        The checked :class:`~hybridcls.sites.SiteClasses`, or None without ``--site-classes``.
+
+    Raises:
+        ParameterError: An ``--allowed-classes`` name that is no class.
+        PromptFileError: A site file problem (names the file and line).
+    """
+    from hybridcls.sites import allowed_columns, read_site_classes
+    from hybridcls.zeroshot.prompts import as_prompt_set
+
+    if not (args.site_classes or args.allowed_classes):
+        return None
+    prompts = as_prompt_set(prompts if prompts is not None else prompts_from_args(args))
+    if args.allowed_classes:
+        allowed_columns(args.allowed_classes, prompts)
+    if not args.site_classes:
+        return None
+    sites = read_site_classes(args.site_classes).for_inputs(args.inputs)
+    sites.resolve(prompts)
+    return sites if sources is None else sites.check_reach(sources)
+
+
+def classifier_from_args(args: argparse.Namespace, site_classes: Any, *, hybrid: Any = None) -> Any:
+    """The fitted classifier ``predict`` (and ``explain``) runs: the hybrid with ``--checkpoint``,
+    else zero-shot only, with the roll-up flags and the class lists of ``--allowed-classes`` and
+    ``--site-classes``; ``--unknown-threshold``, ``--support`` (and ``--mode``, ``--cascade``
+    where the command has them) go in where it is built (:func:`hybrid_from_args`).
+
+    Args:
+        args: The parsed flags.
+        site_classes: ``--site-classes`` as :func:`site_classes_from_args` read and checked it
+            on every input (None: no site file).
+        hybrid: A hybrid already built from the other flags (``explain``'s ``save_pretrained``
+            folder); default: build it here.
+    """
+    rollup = {"rollup_threshold": args.rollup_threshold, "rollup_precision": args.rollup_precision}
+    if hybrid is not None:
+        clf = hybrid.set_params(**rollup)
+    elif args.checkpoint:
+        clf = hybrid_from_args(args, **rollup)
+    else:
+        clf = zeroshot_from_args(args).set_params(rollup_threshold=args.rollup_threshold)
+    return clf.set_params(allowed_classes=args.allowed_classes, site_classes=site_classes)

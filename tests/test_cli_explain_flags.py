@@ -1,0 +1,231 @@
+"""``hybridcls explain`` takes predict's decision flags and shows predict's decision with them.
+
+For each flag, the same images through ``predict`` and ``explain`` with the same flags: the
+explanation's rows (the result the page is made from) carry the answer, probability and branch
+predict wrote; a bad value gets predict's message, word for word.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import hybridcls.explain
+from hybridcls.cli import main
+from hybridcls.outputs import read_predictions
+from hybridcls.synth.hierarchy import write_hierarchy_prompts
+
+
+def _flags(tiny_hybrid: dict, tmp_path: Path, prompts: Path | None = None) -> list[str]:
+    """The CLIP and runtime flags of the tiny hybrid's run, with another prompts file if given."""
+    common = list(tiny_hybrid["common"])
+    if prompts is not None:
+        common[common.index("--prompts") + 1] = str(prompts)
+    return common
+
+
+def _predict(tiny_hybrid: dict, common: list[str], extra: list[str], out: Path) -> int:
+    return main(["predict", str(tiny_hybrid["world"].test_dir), *common, "--checkpoint",
+                 str(tiny_hybrid["run"]), "-q", "-o", str(out), *extra])
+
+
+def _explain(tiny_hybrid: dict, common: list[str], extra: list[str], out: Path,
+             monkeypatch: pytest.MonkeyPatch, checkpoint: Path | None = None) -> tuple[int, list]:
+    """Run ``explain`` and keep the :class:`ExplainResult` its page is written from."""
+    results = []
+    real = hybridcls.explain.explain_images
+
+    def keep(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(hybridcls.explain, "explain_images", keep)
+    rc = main(["explain", str(tiny_hybrid["world"].test_dir), *common, "--checkpoint",
+               str(checkpoint or tiny_hybrid["run"]), "--neighbours", "0", "-q", "-o", str(out),
+               *extra])
+    return rc, results
+
+
+def _support_dir(tiny_hybrid: dict, tmp_path: Path) -> Path:
+    """Two training images of each seen class, one subfolder per class."""
+    support = tmp_path / "support"
+    for folder in sorted(Path(tiny_hybrid["world"].train_dir).iterdir()):
+        (support / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:2]:
+            shutil.copy(image, support / folder.name / image.name)
+    return support
+
+
+def _same_decisions(predicted: list[dict], result) -> None:
+    """Every input once, in order, with predict's answer, probability and branch (and rank and
+    leaf when predict rolled up)."""
+    rows = [ex.row for ex in result.explanations]
+    assert [r.path for r in rows] == [p["path"] for p in predicted]
+    for row, p in zip(rows, predicted):
+        assert (row.status, row.label, row.branch) == (p["status"], p["label"], p["branch"])
+        assert row.score == pytest.approx(p["score"], abs=1e-6)
+        if "rank" in p:
+            assert (row.extra["rank"], row.extra["leaf"]) == (p["rank"], p["leaf"])
+
+
+# ---------------------------------------------------------------- each flag acts as in predict
+
+
+@pytest.mark.parametrize("flag", ["--support", "--allowed-classes", "--site-classes",
+                                  "--rollup-threshold", "--rollup-precision", "--unknown-threshold"])
+def test_explain_shows_predicts_decision_with_the_flag(tiny_hybrid, tmp_path, monkeypatch, flag):
+    world = tiny_hybrid["world"]
+    prompts = None
+    keep = [world.seen_classes[0], world.seen_classes[1], world.unseen_classes[0]]
+    if flag == "--support":
+        extra = [flag, str(_support_dir(tiny_hybrid, tmp_path))]
+    elif flag == "--allowed-classes":
+        # a hard gate: the zero-shot top-k of the rows it keeps supervised is explain's own
+        extra = [flag, ",".join(keep), "--mode", "hard"]
+    elif flag == "--site-classes":
+        sites = tmp_path / "sites.csv"
+        # the folder allows three classes; its first image, one unseen class only (no seen
+        # class: the supervised branch has no answer, and explain draws no Grad-CAM for it)
+        first = min(world.test_dir.iterdir())
+        sites.write_text(f"prefix,classes\n{world.test_dir},{';'.join(keep)}\n"
+                         f"{first},{world.unseen_classes[0]}\n", encoding="utf-8")
+        extra = [flag, str(sites), "--mode", "hard"]
+    elif flag == "--rollup-threshold":
+        prompts, extra = write_hierarchy_prompts(world, tmp_path / "tree.txt"), [flag, "0.9"]
+    elif flag == "--rollup-precision":
+        prompts, extra = write_hierarchy_prompts(world, tmp_path / "tree.txt"), [flag, "0.95"]
+    else:
+        extra = [flag, "0.6"]
+    common = _flags(tiny_hybrid, tmp_path, prompts)
+    pred = tmp_path / "pred.jsonl"
+    assert _predict(tiny_hybrid, common, extra, pred) == 0
+    predicted = read_predictions(pred)
+    record = json.loads(pred.with_name(pred.name + ".manifest.json").read_text(encoding="utf-8"))
+    rc, results = _explain(tiny_hybrid, common, extra, tmp_path / "explain", monkeypatch)
+    assert rc == 0
+    (result,) = results
+    _same_decisions(predicted, result)
+    page = (tmp_path / "explain" / "index.html").read_text(encoding="utf-8")
+    gate = record["record"]["gate"]
+    if flag == "--support":
+        # the support images joined, as predict's record counts them (two per seen class)
+        assert result.gate["support"]["counts"] == gate["support"]["counts"] == {
+            c: 2 for c in world.seen_classes}
+        assert f"{2 * len(world.seen_classes)} support images" in page
+    elif flag in ("--allowed-classes", "--site-classes"):
+        assert result.gate["restriction"] == gate["restriction"]
+        for ex in result.explanations:
+            shown = [ex.row.label, ex.clip_class, ex.gradcam_class,
+                     *(c for c, _ in ex.row.extra["zeroshot_topk"] if _ > 0),
+                     *(c for c, _ in ex.row.extra["supervised_topk"] if _ > 0)]
+            assert set(shown) - {""} <= set(keep), ex.row.path
+            assert ex.n_allowed == (1 if ex.row.path == str(first) else 3) \
+                if flag == "--site-classes" else ex.n_allowed == 3
+        assert "restricted to 3 classes" in page
+        assert any(not ex.zeroshot_consulted for ex in result.explanations)
+        if flag == "--site-classes":
+            ex = result.explanations[0]
+            assert ex.row.label == world.unseen_classes[0] and ex.row.branch == "zeroshot"
+            assert ex.gradcam is None and "gradcam" not in ex.files and ex.gradcam_class == ""
+            assert "restricted to 1 classes" in page and "no Grad-CAM" in page
+    elif flag.startswith("--rollup"):
+        assert result.gate["rollup"] == gate["rollup"]
+        rolled = [ex for ex in result.explanations if ex.row.extra["rank"] > 0]
+        assert rolled, "the threshold rolls some answer up"
+        for ex in rolled:
+            # the answer is an ancestor; the CLIP map is of the class it came from
+            assert ex.row.label not in world.classes and ex.clip_class == ex.row.extra["leaf"]
+        assert "rolled up from" in page and "roll-up threshold" in page
+    else:
+        assert gate["unknown_threshold"] == 0.6
+        # the threshold answers some inputs 'unknown' (the rows compared above say which)
+        assert "unknown" in [ex.row.label for ex in result.explanations]
+
+
+def test_a_saved_folder_takes_the_flags_too(tiny_hybrid, tmp_path, monkeypatch):
+    """A ``save_pretrained`` folder (its own prompts, here with ancestors) with a class list and
+    a roll-up: the decisions predict makes on its run directory with the same flags."""
+    from hybridcls.hybrid import HybridClassifier
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+
+    world = tiny_hybrid["world"]
+    tree = write_hierarchy_prompts(world, tmp_path / "tree.txt")
+    folder = HybridClassifier(
+        clip_model=TINY_CLIP_MODEL_ID, templates=world.templates_file, device="cpu", workers=0,
+        cache_dir=tiny_hybrid["root"] / "cache").load_run(tiny_hybrid["run"], tree
+                                                          ).save_pretrained(tmp_path / "model")
+    keep = ",".join([world.seen_classes[0], world.seen_classes[2], world.unseen_classes[1]])
+    extra = ["--allowed-classes", keep, "--rollup-threshold", "0.9"]
+    pred = tmp_path / "pred.jsonl"
+    assert _predict(tiny_hybrid, _flags(tiny_hybrid, tmp_path, tree), extra, pred) == 0
+    runtime = ["--cache-dir", str(tiny_hybrid["root"] / "cache"), "--device", "cpu", "--workers", "0"]
+    rc, (result,) = _explain(tiny_hybrid, runtime, extra, tmp_path / "explain", monkeypatch,
+                             checkpoint=folder)
+    assert rc == 0
+    _same_decisions(read_predictions(pred), result)
+    assert result.gate["rollup"] == {"threshold": 0.9}
+
+
+# ---------------------------------------------------------------- bad values: predict's messages
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--support", "{tmp}/nowhere"],
+     "--support {tmp}/nowhere: no such folder (one subfolder of images per class)"),
+    (["--support", "{sites}"], "--support {sites}: is a file, not a folder"),
+    (["--rollup-threshold", "0.5"], "--rollup-threshold needs ancestors in the prompts file"),
+    (["--rollup-threshold", "0.5", "--rollup-precision", "0.9"],
+     "--rollup-threshold and --rollup-precision: give one"),
+    (["--allowed-classes", "purple plain wolf"],
+     "--allowed-classes purple plain wolf: not a class of the prompts file"),
+    (["--allowed-classes", "fox,,elk"], "argument --allowed-classes: name 2 of 3 in 'fox,,elk' is empty"),
+    (["--site-classes", "{sites}"], "{sites}:2: class 'wolf' is not in the prompts file"),
+])
+def test_a_bad_value_gets_predicts_message(tiny_hybrid, tmp_path, capsys, monkeypatch, extra, message):
+    sites = tmp_path / "sites.csv"
+    sites.write_text("prefix,classes\nx,wolf\n", encoding="utf-8")
+    extra = [e.format(sites=sites, tmp=tmp_path) for e in extra]
+    message = message.format(sites=sites, tmp=tmp_path)
+    common = _flags(tiny_hybrid, tmp_path)
+    errors = {}
+    for command in ("predict", "explain"):
+        capsys.readouterr()
+        try:
+            rc = (_predict(tiny_hybrid, common, extra, tmp_path / "p.jsonl") if command == "predict"
+                  else _explain(tiny_hybrid, common, extra, tmp_path / "explain", monkeypatch)[0])
+        except SystemExit as exc:  # argparse refuses a flag's value (its type) by exiting
+            rc = exc.code
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert message in err, (command, err)
+        # the same line, after the command's name
+        errors[command] = [line.split(":", 1)[1] for line in err.splitlines() if message in line]
+    assert errors["predict"] == errors["explain"]
+    assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "explain").exists()
+
+
+def test_a_saved_folder_without_ancestors_refuses_the_roll_up(tiny_hybrid, tmp_path, capsys):
+    """The ancestors are read from the folder's own prompts file, before any model loads."""
+    from hybridcls.hybrid import HybridClassifier
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+
+    world = tiny_hybrid["world"]
+    folder = HybridClassifier(
+        clip_model=TINY_CLIP_MODEL_ID, templates=world.templates_file, device="cpu", workers=0,
+        cache_dir=tiny_hybrid["root"] / "cache").load_run(tiny_hybrid["run"], world.prompts_file
+                                                          ).save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    rc = main(["explain", str(world.test_dir), "--checkpoint", str(folder), "--rollup-threshold",
+               "0.5", "-q", "-o", str(tmp_path / "out")])
+    assert rc == 2
+    assert ("hybridcls explain: error: --rollup-threshold needs ancestors in the prompts file"
+            in capsys.readouterr().err)
+    # the CLIP flags a saved folder fixes are refused, not ignored
+    rc = main(["explain", str(world.test_dir), "--checkpoint", str(folder), "--clip-model",
+               "ViT-B-32", "-q", "-o", str(tmp_path / "out")])
+    assert rc == 2
+    assert "--clip-model ViT-B-32: a saved folder fixes its CLIP model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
