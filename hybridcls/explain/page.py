@@ -64,7 +64,8 @@ def _card(ex: Explanation, n: int, out: Path) -> str:
         lines += [("rank (0 = a class, 1 = its parent...)", _number(row.extra["rank"], "d")),
                   ("rolled up from", row.extra["leaf"] or "")]
     if ex.n_allowed is not None:
-        lines.append(("class list", f"restricted to {ex.n_allowed} classes"))
+        lines.append(("class list", f"restricted to {ex.n_allowed} "
+                                    f"{'class' if ex.n_allowed == 1 else 'classes'}"))
     lines += [
         ("decided by", row.branch),
         ("gate score (higher = less like the seen classes)", _number(row.extra.get("gate_score"), ".4f")),
