@@ -271,7 +271,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         if stopped is not None:
             warnings.warn(f"{run_dir}: its training was interrupted after {stopped}, so its weights "
                           "are those of its best epoch so far; finish it with "
-                          f"train(data_dir={config.get('data_dir') or 'DIR'}, resume={os.fspath(run_dir)})",
+                          f"train(data_dir={config.get('data_dir') or 'DIR'}, resume={os.fspath(run_dir)}), "
+                          "then calibrate it again (the gate holds for the weights it was set on)",
                           HybridclsWarning, stacklevel=3)
         seen = [str(c) for c in config["classes"]]
         prompt_set = align_classes(seen, as_prompt_set(source))
@@ -296,8 +297,11 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                                     truncate_prompts=self.truncate_prompts, progress=settings.progress,
                                     text_features=text_features)
         except ParameterError as err:
-            if self.clip_model is not None or record is None or err.parameter not in CLIP_PARAMETERS:
-                raise
+            given = (self.clip_model is not None
+                     or (err.parameter == "clip_pretrained"
+                         and self.clip_pretrained not in (None, DEFAULT_CLIP_PRETRAINED)))
+            if given or record is None or err.parameter not in CLIP_PARAMETERS:
+                raise  # the user's own choice is at fault, not the record
             # not a flag the user gave: the CLIP the gate recorded is what cannot be loaded here
             raise CheckpointError(
                 f"{gate_file} records the CLIP it was calibrated with, {describe_clip(record)}, and "

@@ -455,10 +455,14 @@ class EmbeddingIndex:
         for field, want in (expect or {}).items():
             if field not in meta:
                 raise CheckpointError(f"{side}: the index records no {field}; expected {_shown(want)}; "
-                                      "rebuild it (hybridcls calibrate)")
+                                      "rebuild it with HybridClassifier.calibrate()")
             if meta[field] != want:
+                # a run resumed or trained again after calibrate has other weights: the same cure
                 raise CheckpointError(f"{side}: built with another {field}: "
-                                      f"{_difference(field, meta[field], want)}; rebuild it (hybridcls calibrate)")
+                                      f"{_difference(field, meta[field], want)}; the model or its "
+                                      "classes changed since the run was calibrated (a resumed or "
+                                      "retrained run, other weights): rebuild it with "
+                                      "HybridClassifier.calibrate()")
         try:
             index = faiss.read_index(str(faiss_file))
         except RuntimeError as e:

@@ -31,6 +31,12 @@ def ctx(tiny_hybrid, tmp_path_factory) -> dict:
     return {**tiny_hybrid, "tmp": tmp, "bare": bare, "image": image}
 
 
+def _without(flags: list[str], flag: str) -> list[str]:
+    """``flags`` without ``flag`` and its value."""
+    i = flags.index(flag)
+    return flags[:i] + flags[i + 2:]
+
+
 def _error_line(argv: list[str], capsys) -> str:
     status = main(argv)
     err = capsys.readouterr().err
@@ -95,6 +101,14 @@ CASES = {
     "clip-model": lambda c: (
         ["predict", str(c["image"]), *c["common"], "--clip-model", f"local-dir:{c['tmp'] / 'nope'}"],
         f"--clip-model local-dir:{c['tmp'] / 'nope'}: folder {c['tmp'] / 'nope'} not found"),
+    # the CLIP the gate records (a local-dir: model) with weights the user gave: their flag is at
+    # fault, not the record: _resolve -> "clip_pretrained='X': ...; leave out clip_pretrained='X'"
+    "clip-pretrained-with-recorded-local-dir": lambda c: (
+        ["predict", str(c["image"]), "--checkpoint", str(c["run"]),
+         *_without(c["common"], "--clip-model"),
+         "--clip-pretrained", str(c["tmp"] / "w.safetensors"), "-q"],
+        (f"--clip-pretrained {c['tmp'] / 'w.safetensors'}: not used with a local-dir: model, whose "
+         f"weights come with it; leave out --clip-pretrained {c['tmp'] / 'w.safetensors'}")),
     # the audit: audit_dataset -> "test_dir='DIR': folder not found" (_DESTINATIONS: --test)
     "audit-test-folder": lambda c: (
         ["audit", str(c["world"].train_dir), "--test", str(c["tmp"] / "no-test"),

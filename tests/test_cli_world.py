@@ -60,8 +60,16 @@ def test_demo_prints_seen_and_unseen(world_run, capsys):
     # The demo reuses the world and the trained run it finds in --out: point it at the fixture's.
     world, clf = world_run
     out_dir = clf.run_dir_.parent
+    # a gate.json of the user's (other bytes than the demo would write) stays as it is: the
+    # demo calibrates its default in memory
+    gate_file = clf.run_dir_ / "gate.json"
+    users = gate_file.read_bytes() + b"\n"
+    gate_file.write_bytes(users)
     assert main(["demo", "--out", str(out_dir), "-q"]) == 0
+    assert gate_file.read_bytes() == users
     out = capsys.readouterr().out
+    g = clf.gate_.calibration_
+    assert f"gate calibrated without unseen images: {g.score} / {g.mode}, threshold {g.threshold:.3f}" in out
     for name in ("supervised only", "zero-shot only", "hybrid (calibrated gate)", "oracle router"):
         assert name in out
     rows = read_predictions(out_dir / "predictions.csv")

@@ -22,7 +22,7 @@ from hybridcls.cache import atomic_write_json, atomic_write_text
 from hybridcls.data import expand_inputs
 from hybridcls.errors import InputError
 from hybridcls.eval import join_labels
-from hybridcls.gate import SCORES, BranchOutputs, gate_detection
+from hybridcls.gate import GATE_FILENAME, SCORES, BranchOutputs, gate_detection
 from hybridcls.gate.metrics import ausuc, seen_unseen_accuracy
 from hybridcls.hybrid import HybridClassifier
 from hybridcls.zeroshot.prompts import normalize_label
@@ -134,7 +134,7 @@ def default_world_backbone(cache_dir: Path | None = None) -> dict[str, Any]:
     return {"model": "test_convnext", "pretrained": False, "freeze": None}
 
 
-def train_once(data_dir: Path, run_dir: Path, **options: Any) -> None:
+def train_once(data_dir: Path, run_dir: Path, **options: Any) -> bool:
     """Train ``run_dir`` on ``data_dir`` unless it holds a finished run; finish an interrupted one.
 
     The benches reuse what they built. A run that stopped mid-training (the machine went
@@ -146,6 +146,9 @@ def train_once(data_dir: Path, run_dir: Path, **options: Any) -> None:
         data_dir: The training folder.
         run_dir: The run directory.
         **options: :func:`hybridcls.train.train`'s options for a new run.
+
+    Returns:
+        Whether the weights changed (trained or resumed): a gate saved before is stale.
     """
     from hybridcls.train import train
     from hybridcls.train.state import STATE_JSON_FILE, unfinished_training
@@ -155,6 +158,9 @@ def train_once(data_dir: Path, run_dir: Path, **options: Any) -> None:
     elif unfinished_training(run_dir) is not None:
         train(data_dir, resume=run_dir, **{k: options[k] for k in ("device", "workers", "progress")
                                             if k in options})
+    else:
+        return False
+    return True
 
 
 def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 4, model: str | None = None,
@@ -164,7 +170,10 @@ def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 4, model: str |
     """Make the world, train the supervised branch on it, load and calibrate the hybrid.
 
     Args:
-        out: Working folder (world, run, cache); an existing world and run are reused.
+        out: Working folder (world, run, cache); an existing world and run are reused (an
+            interrupted run is resumed), and a ``gate.json`` already in the run is left as it
+            is unless the run was trained or resumed here: the classifier returned is
+            calibrated with the defaults in memory.
         seed: World seed.
         epochs: Training epochs.
         model: A timm model trained from scratch, or None for :func:`default_world_backbone`.
@@ -185,15 +194,18 @@ def prepare_world_run(out: Path, *, seed: int = 0, epochs: int = 4, model: str |
                 else {"model": model, "pretrained": False, "freeze": None})
     if freeze != "default":
         backbone["freeze"] = freeze
-    train_once(world.train_dir, run_dir, **backbone, image_size=image_size, epochs=epochs,
-               seed=seed, device="cpu", workers=workers, progress=progress)
+    trained = train_once(world.train_dir, run_dir, **backbone, image_size=image_size, epochs=epochs,
+                         seed=seed, device="cpu", workers=workers, progress=progress)
     seconds["train"] = time.perf_counter() - t
     clf = HybridClassifier(
         clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None, templates=world.templates_file,
         seed=seed, device="cpu", workers=workers, cache_dir=out / "cache", progress=progress,
     ).load_run(run_dir, world.prompts_file)
     t = time.perf_counter()
-    clf.calibrate(world.train_dir)
+    # A gate already there is the user's (a run reused from `hybridcls demo`, calibrated since
+    # with other settings): the bench calibrates the default in memory and leaves it, unless the
+    # weights changed here and it is stale.
+    clf.calibrate(world.train_dir, save=trained or not (run_dir / GATE_FILENAME).is_file())
     seconds["calibrate"] = time.perf_counter() - t
     return world, clf, seconds
 

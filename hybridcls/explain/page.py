@@ -50,7 +50,7 @@ def _decision_settings(gate: dict[str, Any]) -> str:
     if rollup:
         chosen = (f" (chosen for precision {rollup['target']:g} on {rollup['n_images']} held-out "
                   "images)" if "target" in rollup else "")
-        parts.append(f"roll-up threshold {rollup['threshold']:.4g}{chosen}")
+        parts.append(f"roll-up threshold {rollup['threshold']:.4f}{chosen}")
     return "".join(f"; {p}" for p in parts)
 
 
@@ -61,11 +61,12 @@ def _card(ex: Explanation, n: int, out: Path) -> str:
         return f'<div class="card">{head}<p class="error">could not be explained: {esc(row.error)}</p></div>'
     lines = [("prediction", row.label), ("probability", _number(row.score, ".4f"))]
     if "rank" in row.extra:  # roll-up on: the answer's rank (0: a class) and the class it came from
-        lines += [("rank (0 = a class, 1 = its parent...)", _number(row.extra["rank"], "d")),
-                  ("rolled up from", row.extra["leaf"] or "")]
+        lines.append(("rank (0 = a class, 1 = its parent...)", _number(row.extra["rank"], "d")))
+        if row.extra["rank"]:  # a class answer (rank 0) came from itself
+            lines.append(("rolled up from", row.extra["leaf"] or ""))
     if ex.n_allowed is not None:
-        lines.append(("class list", f"restricted to {ex.n_allowed} "
-                                    f"{'class' if ex.n_allowed == 1 else 'classes'}"))
+        noun = "class" if ex.n_allowed == 1 else "classes"
+        lines.append(("class list", f"restricted to {ex.n_allowed} {noun}"))
     lines += [
         ("decided by", row.branch),
         ("gate score (higher = less like the seen classes)", _number(row.extra.get("gate_score"), ".4f")),

@@ -466,7 +466,7 @@ def _resolve(
         raise ParameterError("clip_model", model, str(exc)) from exc
     if schema in ("local-dir", "hf-hub") and pretrained not in (None, DEFAULT_CLIP_PRETRAINED):
         raise ParameterError("clip_pretrained", pretrained, f"not used with a {schema}: model, whose "
-                             "weights come with it; leave clip_pretrained out")
+                             f"weights come with it; leave out clip_pretrained={pretrained!r}")
     if schema == "local-dir":
         return _resolve_local_dir(model, ident)
     if schema == "hf-hub":
