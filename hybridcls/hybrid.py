@@ -130,9 +130,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         seen_folders_: The seen classes as the training folders spell them.
         run_dir_: The supervised run directory.
         checkpoint_config_: Its ``config.json``.
-        data_dir_: The training folder given to :meth:`calibrate`, or the one its saved gate
-            records (``None``: the one the run records), which the held-out images of later
-            fits are read from.
+        data_dir_: The training folder given to :meth:`calibrate` (``None``: the one an
+            earlier ``calibrate`` recorded in ``gate.json``, else the run's own), which the
+            held-out images of later fits are read from.
         supervised_: The supervised model (:class:`~hybridcls.supervised.SupervisedModel`).
         tower_: The CLIP tower (:class:`~hybridcls.zeroshot.ClipTower`).
         engine_: The :class:`~hybridcls.engine.InferenceEngine` running both towers.
@@ -271,7 +271,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         if stopped is not None:
             warnings.warn(f"{run_dir}: its training was interrupted after {stopped}, so its weights "
                           "are those of its best epoch so far; finish it with "
-                          f"train(data_dir={config.get('data_dir') or 'DIR'}, resume={os.fspath(run_dir)}), "
+                          f"train(data_dir={config.get('data_dir') or 'DIR'!r}, "
+                          f"resume={os.fspath(run_dir)!r}), "
                           "then calibrate it again (the gate holds for the weights it was set on)",
                           HybridclsWarning, stacklevel=3)
         seen = [str(c) for c in config["classes"]]
@@ -324,9 +325,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.device_ = self.engine_.device
         self.gate_ = Gate.load(run_dir, n_seen=self.n_seen_, clip_meta=self._index_meta("clip"),
                                backbone_meta=lambda: self._index_meta("backbone"))
-        # a folder given to an earlier calibrate() (the run's own had moved) stays the one read
-        self.data_dir_: str | None = (None if self.gate_ is None or self.gate_.calibration_ is None
-                                      else self.gate_.calibration_.data_dir)
+        self.data_dir_: str | None = None
         self.clip_error_ = self._clip_check(run_dir)
         self.support_samples_: list[tuple[str, int]] = []
         if self.support is not None and self.gate_ is not None and self.clip_error_ is None:
@@ -406,6 +405,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                           "kept as embeddings only and cannot join a new calibration: add them "
                           "again (add_support) after it", HybridclsWarning, stacklevel=2)
         data = self._training_data(data_dir)
+        read = self._training_folder(data_dir)  # the folder data came from
         if data_dir is not None:  # the support fit below and later ones read its held-out images
             self.data_dir_ = os.path.abspath(data_dir)
         train_out, y_tr, tr_paths = self._labelled_outputs(data.train, "calibrate: train")
@@ -419,8 +419,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                  clip_logit_scale=self.tower_.logit_scale,
                  index_meta={"clip": self._index_meta("clip"), "backbone": self._index_meta("backbone")},
                  clip={**self.tower_.bundle.identity(), "templates": list(self.tower_.templates)})
-        if self.data_dir_ is not None:  # recorded, so that a later load reads the same folder
-            gate.calibration_ = gate.calibration_.replace(data_dir=self.data_dir_)
+        if read is not None and read != self.checkpoint_config_.get("data_dir"):
+            # not the run's own (it moved): recorded, so that a later load reads the same folder
+            gate.calibration_ = gate.calibration_.replace(data_dir=os.path.abspath(read))
         self.gate_, self.clip_error_ = gate, None
         if save:
             gate.save(self.run_dir_)
@@ -479,10 +480,16 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
 
     def _training_folder(self, data_dir: str | os.PathLike[str] | None = None) -> str | None:
         """The training folder held-out images are read from: ``data_dir``, else the one given
-        to :meth:`calibrate`, else the one the run records (``None``: none recorded)."""
+        to :meth:`calibrate`, else the first that is here of the one an earlier ``calibrate``
+        recorded in ``gate.json`` (the run's had moved) and the one the run records; neither
+        here: the first of them, for the message (``None``: none recorded)."""
         check_is_fitted(self, "engine_")
-        folder = data_dir or self.data_dir_ or self.checkpoint_config_.get("data_dir")
-        return None if folder is None else os.fspath(folder)
+        if data_dir or self.data_dir_:
+            return os.fspath(data_dir or self.data_dir_)
+        cal = None if self.gate_ is None else self.gate_.calibration_
+        recorded = [f for f in (None if cal is None else cal.data_dir,
+                                self.checkpoint_config_.get("data_dir")) if f]
+        return next((f for f in recorded if Path(f).is_dir()), recorded[0] if recorded else None)
 
     def _training_data(self, data_dir: str | os.PathLike[str] | None) -> Any:
         settings = RuntimeSettings.of(self)

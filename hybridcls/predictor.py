@@ -209,6 +209,10 @@ class Predictor:
         ``site_classes`` let it be (an input that allows none: a row of False, which
         predictions turn into an error row); ``None`` without class lists.
 
+        Args:
+            inputs: What :meth:`predict` takes (paths, folders, list files, images); a list
+                file's ``site`` column counts.
+
         Raises:
             ParameterError: A name of ``allowed_classes`` that is no class.
             PromptFileError: A site file problem (names the file and line).

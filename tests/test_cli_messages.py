@@ -263,6 +263,28 @@ def test_a_folder_given_by_a_flag_is_named_by_its_flag(ctx, capsys):
     assert not out.exists()
 
 
+def test_a_call_of_a_method_with_a_command_reads_as_that_command():
+    """``calibrate(...)`` / ``train(...)`` in a library message become the command line that does
+    it, values quoted for the shell; a path that merely contains ``train(`` stays as it is."""
+    from hybridcls.cli import build_parser
+    from hybridcls.cli.common import flag_message
+
+    args = build_parser().parse_args(["predict", "x.jpg", "--prompts", "p.txt"])
+
+    def shown(message: str) -> str:
+        return flag_message(message, args.parser_, args.commands_)
+
+    assert shown("calibrate it first with HybridClassifier.calibrate()") == (
+        "calibrate it first with `hybridcls calibrate RUN_DIR --prompts FILE`")
+    assert shown("give it with calibrate(data_dir=DIR), which records it") == (
+        "give it with `hybridcls calibrate RUN_DIR --prompts FILE --data DIR`, which records it")
+    assert shown("finish it with train(data_dir='/d/my set', resume='/runs/a,b(1)'), then") == (
+        "finish it with `hybridcls train '/d/my set' --resume '/runs/a,b(1)'`, then")
+    for stays in ("data/train(old): folder not found", "/photos/explain(1).jpg: cannot decode",
+                  "runs/calibrate(2)/gate.json: not found"):
+        assert shown(stays) == stays
+
+
 def test_a_windows_path_reads_as_written():
     import argparse
 

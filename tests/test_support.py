@@ -225,7 +225,7 @@ def test_threshold_is_set_again_only_from_enough_seen_images():
         gate = _tpr_gate().with_support(one, [1, 1, 2, 2, 0], class_names=["s", "u1", "u2"])
     reason = ("1 seen image(s) (held-out and seen-class support images) are too few to set one at "
               "tpr=0.95, which needs at least 100 seen images (5 above the threshold); more seen "
-              "images set it: held-out ones (held_out=, which a hybrid reads from its training "
+              "images set it: held-out seen images (a hybrid reads them from its training "
               "folder's held-out split) or support images of seen classes")
     assert [str(w.message) for w in caught] == [
         f"support images: the gate keeps its threshold 0 (score clip_margin): {reason}"]
@@ -723,5 +723,18 @@ def test_calibrates_data_dir_reaches_the_support_fit_and_a_missing_folder_is_sai
     with warnings.catch_warnings():
         warnings.simplefilter("error", MissingDataWarning)
         again = HybridClassifier(**kwargs, support=folder).load_run(run, world.prompts_file)
-    assert again.data_dir_ == str(train_dir)
+    assert again._training_folder() == str(train_dir) and again.data_dir_ is None
     assert again.gate_.calibration_.support["n_seen_images"] == n_held_out
+
+    # the record is a fallback, not an override: with it gone and the run's own folder back,
+    # the run's own is read, and calibrate names no data_dir= it was not given
+    shutil.rmtree(train_dir)
+    (run / CONFIG_FILE).write_text(json.dumps({**config, "data_dir": str(world.train_dir)}),
+                                   encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingDataWarning)
+        back = HybridClassifier(**kwargs, support=folder).load_run(run, world.prompts_file)
+    assert back._training_folder() == str(world.train_dir)
+    assert back.gate_.calibration_.support["n_seen_images"] == n_held_out
+    back.calibrate(save=False)
+    assert back.gate_.calibration_.data_dir is None  # the run's own folder is not recorded

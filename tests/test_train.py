@@ -694,8 +694,8 @@ def test_an_interrupted_run_is_said_on_load_and_the_benches_finish_it(tiny_world
         clf.load_run(run, tiny_world.prompts_file)
     assert [str(w.message) for w in caught if "interrupted" in str(w.message)] == [
         (f"{run}: its training was interrupted after epoch 1 of 2, so its weights are those of its "
-         f"best epoch so far; finish it with train(data_dir={os.path.abspath(tiny_world.train_dir)}, "
-         f"resume={run}), then calibrate it again (the gate holds for the weights it was set on)")]
+         f"best epoch so far; finish it with train(data_dir={os.path.abspath(tiny_world.train_dir)!r}, "
+         f"resume={str(run)!r}), then calibrate it again (the gate holds for the weights it was set on)")]
 
     train_once(tiny_world.train_dir, run, **options)  # resumed: the second epoch runs
     state = json.loads((run / "train_state.json").read_text(encoding="utf-8"))

@@ -150,10 +150,11 @@ def train_once(data_dir: Path, run_dir: Path, **options: Any) -> bool:
     Returns:
         Whether the weights changed (trained or resumed): a gate saved before is stale.
     """
+    from hybridcls.supervised.checkpoint import CONFIG_FILE
     from hybridcls.train import train
     from hybridcls.train.state import STATE_JSON_FILE, unfinished_training
 
-    if not (run_dir / STATE_JSON_FILE).is_file():
+    if not any((run_dir / f).exists() for f in (CONFIG_FILE, STATE_JSON_FILE)):  # train's own test
         train(data_dir, run_dir, **options)
     elif unfinished_training(run_dir) is not None:
         train(data_dir, resume=run_dir, **{k: options[k] for k in ("device", "workers", "progress")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -349,6 +350,67 @@ _DESTINATIONS = {
 _PARAMETER = re.compile(r"(?<![/\\.\-=])\b([a-z][a-z0-9_]*)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;:)]+)")
 
 
+# The methods library messages tell the user to call, which have a command of their own.
+_COMMAND_CALLS = ("calibrate", "train")
+# One argument of such a call: a parameter and a literal value (a repr, or a bare placeholder).
+_ARGUMENT = r"[a-z][a-z0-9_]*=(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,'\"()]+)"
+# A call standing on its own (after a space, a backquote or a parenthesis, not inside a path like
+# "data/train(old)"), its arguments literal: calibrate(), HybridClassifier.calibrate(data_dir='D').
+_CALL = re.compile(rf"(?:(?<=[\s`(])|^)(?:HybridClassifier\.)?(?P<name>{'|'.join(_COMMAND_CALLS)})"
+                   rf"\((?P<args>(?:\s*{_ARGUMENT}\s*,?)*)\)")
+
+
+def _flags_of(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:
+    """Each parameter a flag of ``parser`` sets: ``{parameter: (flag, is a switch)}``."""
+    flags: dict[str, tuple[str, bool]] = {}
+    for action in parser._actions:
+        longest = max(action.option_strings, key=len, default=None)
+        if longest is not None and action.dest not in flags:
+            flags[action.dest] = (longest, isinstance(action, argparse._StoreTrueAction))
+    for parameter, dest in _DESTINATIONS.items():
+        if dest in flags:
+            flags.setdefault(parameter, flags[dest])
+    return flags
+
+
+def _literal(value: str) -> str:
+    """A value's text: a repr's string, escapes undone (``'C:\\\\data'`` -> ``C:\\data``), or the
+    bare word as it is."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        try:
+            return str(ast.literal_eval(value))
+        except (ValueError, SyntaxError):
+            return value[1:-1]
+    return value
+
+
+def _as_command(m: re.Match[str], sub: argparse.ArgumentParser) -> str:
+    """A matched :data:`_CALL` as its command line, each value quoted for a POSIX shell."""
+    given = {name: _literal(value) for name, value in
+             (a.split("=", 1) for a in re.findall(_ARGUMENT, m.group("args")))}
+    # what the command cannot run without, filled from the call where it names them: its
+    # positionals, its required flags and the first flag of each required either-or group
+    # (--prompts FILE | --classes NAMES); a placeholder (DIR) is a word to replace, not quoted
+    needed = [a for a in sub._actions if a.required and not isinstance(a, argparse._SubParsersAction)]
+    needed += [g._group_actions[0] for g in sub._mutually_exclusive_groups if g.required]
+    words = ["hybridcls", m.group("name")]
+    for action in needed:
+        value = shlex.quote(given.pop(action.dest)) if action.dest in given else (
+            action.metavar or action.dest.upper())
+        words.append(value if not action.option_strings
+                     else f"{max(action.option_strings, key=len)} {value}")
+    flags = _flags_of(sub)
+    for name, value in given.items():
+        flag, is_switch = flags.get(name, (None, False))
+        if flag is None:
+            words.append(f"{name}={shlex.quote(value)}")
+        elif is_switch:
+            words.append(flag if value == "True" else f"no {flag}")
+        else:
+            words.append(f"{flag} {shlex.quote(value)}")
+    return "`" + " ".join(words) + "`"
+
+
 def flag_message(message: str, parser: argparse.ArgumentParser,
                  commands: Mapping[str, argparse.ArgumentParser] | None = None) -> str:
     """``message`` with every ``parameter=value`` of a flag of ``parser`` written as that flag.
@@ -376,14 +438,7 @@ def flag_message(message: str, parser: argparse.ArgumentParser,
         >>> flag_message("runs/batch_size=3: run directory not found", p)  # a path stays
         'runs/batch_size=3: run directory not found'
     """
-    flags: dict[str, tuple[str, bool]] = {}
-    for action in parser._actions:
-        longest = max(action.option_strings, key=len, default=None)
-        if longest is not None and action.dest not in flags:
-            flags[action.dest] = (longest, isinstance(action, argparse._StoreTrueAction))
-    for parameter, dest in _DESTINATIONS.items():
-        if dest in flags:
-            flags.setdefault(parameter, flags[dest])
+    flags = _flags_of(parser)
     names = set(flags) | {name for name, _ in _SWITCHES}
 
     def rewrite(m: re.Match[str]) -> str:
@@ -397,30 +452,8 @@ def flag_message(message: str, parser: argparse.ArgumentParser,
             return m.group(0)
         if is_switch:
             return flag if value == "True" else f"no {flag}"
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            try:  # the repr of a string: its text, with escapes undone (C:\\data -> C:\data)
-                value = str(ast.literal_eval(value))
-            except (ValueError, SyntaxError):
-                value = value[1:-1]
-        return f"{flag} {value}"
+        return f"{flag} {_literal(value)}"
 
     if commands:
-        def command(m: re.Match[str]) -> str:
-            sub = commands[m.group(1)]
-            given = dict(part.strip().partition("=")[::2] for part in m.group(2).split(",") if part.strip())
-            # what the command cannot run without, filled from the call where it names them: its
-            # positionals, its required flags and the first flag of each required either-or
-            # group (--prompts FILE | --classes NAMES)
-            needed = [a for a in sub._actions if a.required and not isinstance(a, argparse._SubParsersAction)]
-            needed += [g._group_actions[0] for g in sub._mutually_exclusive_groups if g.required]
-            words = ["hybridcls", m.group(1)]
-            for action in needed:
-                value = given.pop(action.dest, "") or action.metavar or action.dest.upper()
-                words.append(value if not action.option_strings
-                             else f"{max(action.option_strings, key=len)} {value}")
-            words += [flag_message(f"{name}={value}" if value else name, sub) for name, value in given.items()]
-            return "`" + " ".join(words) + "`"
-
-        names_ = "|".join(re.escape(n) for n in sorted(commands, key=len, reverse=True))
-        message = re.sub(rf"(?<![\w.])(?:HybridClassifier\.)?({names_})\(([^()]*)\)", command, message)
+        message = _CALL.sub(lambda m: _as_command(m, commands[m.group("name")]), message)
     return _PARAMETER.sub(rewrite, message)

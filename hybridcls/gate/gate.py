@@ -908,7 +908,7 @@ def _kept_threshold(cal: GateCalibration, n_seen: int) -> str | None:
             if cal.tpr < 1.0 else "more than any number of seen images")
     return (f"{n_seen} seen image(s) (held-out and seen-class support images) are too few to set "
             f"one at tpr={cal.tpr:g}, which needs {need} ({MIN_TAIL_IMAGES} above the threshold); "
-            "more seen images set it: held-out ones (held_out=, which a hybrid reads from its "
+            "more seen images set it: held-out seen images (a hybrid reads them from its "
             "training folder's held-out split) or support images of seen classes")
 
 

@@ -191,9 +191,8 @@ def unfinished_training(run_dir: str | Path) -> str | None:
     """
     try:
         info = read_json(Path(run_dir) / STATE_JSON_FILE)
-        epoch, epochs = int(info["epoch"]), int(info["config"]["epochs"])
+        epoch, epochs, finished = int(info["epoch"]), int(info["config"]["epochs"]), info["finished"]
     except (CheckpointError, OSError, KeyError, TypeError, ValueError):
         return None
-    if info.get("finished", True) or info.get("stopped_early") or epoch >= epochs:
-        return None
-    return f"epoch {epoch} of {epochs}"
+    # ``finished`` is the training loop's own verdict (early stopping, or every epoch run)
+    return None if finished else f"epoch {epoch} of {epochs}"
