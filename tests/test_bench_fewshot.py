@@ -27,3 +27,14 @@ def test_linear_probe_weighs_a_class_of_three_images_as_one_of_two_hundred():
 
     plain = LogisticRegression(max_iter=2000).fit(normalize(features), labels)
     assert plain.predict(normalize(queries)).tolist() == [0, 0, 0, 0]
+
+
+def test_a_route_of_one_draw_shows_no_spread():
+    """The table's ``H (sd)``: a spread over the draws, none ("-") for a single draw."""
+    from hybridcls.bench.fewshot import FewShotReport, FewShotRow
+
+    rows = [FewShotRow("collect and retrain", 5, 1, 0.995, 1.0, 0.997, 0.996, 0.0, 1.02, 373.9),
+            FewShotRow("hybrid + support", 5, 3, 0.97, 0.968, 0.969, 0.969, 0.001, 0.991, 1.5)]
+    table = FewShotReport(rows, {}, {}).markdown().splitlines()
+    assert table[2] == "| collect and retrain | 5 | 1 | 99.5 | 100.0 | 99.7 (-) | 99.6 | 102.0% | 373.9 |"
+    assert table[3] == "| hybrid + support | 5 | 3 | 97.0 | 96.8 | 96.9 (0.1) | 96.9 | 99.1% | 1.5 |"

@@ -73,8 +73,9 @@ class FewShotReport(QualityReport):
         lines = ["| route | k | draws | S | U | H (sd) | accuracy | share of oracle H | seconds |",
                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in self.rows:
+            sd = f"{100 * r.harmonic_std:.1f}" if r.draws > 1 else "-"  # one draw has no spread
             lines.append(f"| {r.route} | {r.k} | {r.draws} | {100 * r.seen:.1f} | {100 * r.unseen:.1f} | "
-                         f"{100 * r.harmonic:.1f} ({100 * r.harmonic_std:.1f}) | {100 * r.accuracy:.1f} | "
+                         f"{100 * r.harmonic:.1f} ({sd}) | {100 * r.accuracy:.1f} | "
                          f"{100 * r.oracle_share:.1f}% | {r.seconds:.1f} |")
         return "\n".join(lines)
 
