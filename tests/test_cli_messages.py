@@ -335,13 +335,18 @@ def test_every_command_that_takes_prompts_takes_an_inline_class_list():
     (["--classes", "moose: a deer"], ("argument --classes: name 1 ('moose: a deer') holds ':': "
                                       "--classes takes names only; write a prompts file (--prompts FILE)")),
     (["--classes", "fox,elk", "--prompts", "p.txt"], "argument --prompts: not allowed with argument --classes"),
-    ([], "one of the arguments --prompts --classes is required"),
 ])
 def test_inline_class_list_errors(extra, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["predict", "photos/", *extra])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_predict_without_classes_is_refused(capsys):
+    """Neither flag, and no save_pretrained folder whose prompts stand in for them."""
+    assert main(["predict", "photos/"]) == 2
+    assert capsys.readouterr().err.strip() == "hybridcls predict: error: --prompts or --classes is needed"
 
 
 def test_evaluate_takes_the_classes_inline(tmp_path, capsys):

@@ -74,6 +74,32 @@ def test_a_repo_id_in_the_cache_predicts_as_the_saved_model(clf, saved, hub_cach
     assert other.run_dir_ == snapshot
 
 
+def test_predict_takes_a_saved_folder_as_its_checkpoint(clf, saved, tiny_hybrid, tmp_path, capsys):
+    """``hybridcls predict --checkpoint FOLDER`` without ``--prompts``: the folder's own prompts,
+    and the rows the run directory gives with them; a run directory still needs the prompts."""
+    import csv
+
+    from hybridcls.cli import main
+
+    common = [a for a in tiny_hybrid["common"] if a not in ("--prompts", str(tiny_hybrid["world"].prompts_file))]
+    images = [str(p) for p in _images(tiny_hybrid)]
+    assert main(["predict", *images, "--checkpoint", str(saved), *common, "-q",
+                 "-o", str(tmp_path / "saved.csv")]) == 0
+    assert main(["predict", *images, "--checkpoint", str(tiny_hybrid["run"]), *tiny_hybrid["common"],
+                 "-q", "-o", str(tmp_path / "run.csv")]) == 0
+
+    def rows(name: str) -> list[tuple[str, str, str]]:
+        with open(tmp_path / name, encoding="utf-8", newline="") as f:
+            return [(r["path"], r["label"], r["score"]) for r in csv.DictReader(f)]
+
+    assert rows("saved.csv") == rows("run.csv") and len(rows("run.csv")) == len(images)
+    capsys.readouterr()
+    assert main(["predict", *images, "--checkpoint", str(tiny_hybrid["run"]), *common, "-q"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"hybridcls predict: error: --prompts or --classes is needed: {tiny_hybrid['run']} is a run "
+        "directory, not a save_pretrained folder (which carries its prompts)")
+
+
 def test_cache_dir_is_the_hub_cache_too(saved, tmp_path):
     cache = tmp_path / "elsewhere"
     snapshot = _place(saved, cache, "org/tiny-hybrid")

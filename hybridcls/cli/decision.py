@@ -27,8 +27,19 @@ __all__ = [
     "check_decision_arguments",
     "classifier_from_args",
     "rollup_given",
+    "saved_folder_prompts",
     "site_classes_from_args",
 ]
+
+
+def saved_folder_prompts(checkpoint: str | None) -> str | None:
+    """The prompts file a ``save_pretrained`` folder given as ``--checkpoint`` carries (the
+    default ``--prompts`` of ``predict`` and ``explain``), or None: no such folder."""
+    from hybridcls.pretrained import HYBRID_FILE, PROMPTS_FILE
+
+    if checkpoint is None or not (Path(checkpoint) / HYBRID_FILE).is_file():
+        return None
+    return str(Path(checkpoint) / PROMPTS_FILE)
 
 
 def add_decision_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

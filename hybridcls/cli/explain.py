@@ -17,6 +17,7 @@ from hybridcls.cli.decision import (
     add_decision_arguments,
     check_decision_arguments,
     classifier_from_args,
+    saved_folder_prompts,
     site_classes_from_args,
 )
 from hybridcls.gate.config import MODES
@@ -57,14 +58,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _saved_folder(args: argparse.Namespace) -> Path | None:
     """``--checkpoint`` as a ``save_pretrained`` folder, which carries its prompts; None: a run
     directory, read with ``--prompts`` / ``--classes``."""
-    from hybridcls.pretrained import HYBRID_FILE
-
-    saved = (Path(args.checkpoint) / HYBRID_FILE).is_file()
     if prompts_from_args(args):
         return None
-    if not saved:
+    if saved_folder_prompts(args.checkpoint) is None:
         raise UsageError(f"--prompts or --classes is needed: {args.checkpoint} is a run directory, "
-                         f"not a save_pretrained folder (no {HYBRID_FILE})")
+                         "not a save_pretrained folder (which carries its prompts)")
     return Path(args.checkpoint)
 
 

@@ -30,6 +30,7 @@ from hybridcls.cli.decision import (
     check_decision_arguments,
     classifier_from_args,
     rollup_given,
+    saved_folder_prompts,
     site_classes_from_args,
 )
 from hybridcls.data import expand_inputs
@@ -53,12 +54,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "or .txt/.csv files listing paths.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder, glob or list file")
-    add_clip_arguments(parser)
+    # a save_pretrained folder carries its prompts: checked in _validate
+    add_clip_arguments(parser, prompts_required=False)
     add_runtime_arguments(parser)
     add_decision_arguments(parser)
     hy = parser.add_argument_group("hybrid (with a trained and calibrated supervised branch)")
     hy.add_argument("--checkpoint", metavar="RUN_DIR",
-                    help="run directory from `hybridcls train` + `hybridcls calibrate`; "
+                    help="run directory from `hybridcls train` + `hybridcls calibrate`, or a folder "
+                         "from save_pretrained (its prompts.txt is the default --prompts); "
                          "without it, predictions are zero-shot only")
     hy.add_argument("--mode", choices=MODES, default=None,
                     help="override the calibrated decision mode (needs --checkpoint)")
@@ -94,6 +97,13 @@ def _validate(args: argparse.Namespace) -> None:
     """What only the command line can get wrong; every other value is checked where it is used."""
     if args.topk < 1:
         raise UsageError(f"--topk must be at least 1, got {args.topk}")
+    if not prompts_from_args(args):
+        saved = saved_folder_prompts(args.checkpoint)
+        if saved is None:
+            raise UsageError("--prompts or --classes is needed" + (
+                f": {args.checkpoint} is a run directory, not a save_pretrained folder (which "
+                "carries its prompts)" if args.checkpoint else ""))
+        args.prompts = saved
     if isinstance(args.shard, str):
         args.shard = ShardSpec.parse(args.shard)
     if not args.checkpoint:
