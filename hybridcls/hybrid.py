@@ -15,6 +15,7 @@ in the prompts file, then the unseen classes in prompts-file order.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -137,10 +138,12 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         tower_: The CLIP tower (:class:`~hybridcls.zeroshot.ClipTower`).
         engine_: The :class:`~hybridcls.engine.InferenceEngine` running both towers.
         gate_: The fitted :class:`~hybridcls.gate.Gate`, or ``None`` before :meth:`calibrate`.
-        clip_error_: Why ``gate_`` cannot be used with the CLIP loaded (a
+        gate_error_: Why ``gate_`` cannot be used with the towers loaded: a
             :class:`~hybridcls.errors.ParameterError` naming ``clip_model`` or
-            ``clip_pretrained`` and the CLIP the gate was calibrated with), raised by every
-            use of the gate until :meth:`calibrate`; None when it is the gate's CLIP.
+            ``clip_pretrained`` and the CLIP the gate was calibrated with, or a
+            :class:`~hybridcls.errors.CheckpointError` when the run's supervised weights are
+            not those it was calibrated on (resumed or trained again since). Raised by every
+            use of the gate until :meth:`calibrate`; None when the gate is the towers' own.
         support_samples_: The support images joined (``(path, class index)``), or empty.
         device_: The torch device used.
 
@@ -326,9 +329,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.gate_ = Gate.load(run_dir, n_seen=self.n_seen_, clip_meta=self._index_meta("clip"),
                                backbone_meta=lambda: self._index_meta("backbone"))
         self.data_dir_: str | None = None
-        self.clip_error_ = self._clip_check(run_dir)
+        self.gate_error_ = self._clip_check(run_dir) or self._weights_check(run_dir)
         self.support_samples_: list[tuple[str, int]] = []
-        if self.support is not None and self.gate_ is not None and self.clip_error_ is None:
+        if self.support is not None and self.gate_ is not None and self.gate_error_ is None:
             # support= is the support set: it replaces one a saved folder's gate holds
             if self.gate_.support_ is not None:
                 warnings.warn(f"{support_parameter(self.support)} replaces the "
@@ -336,6 +339,27 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                               f"{run_dir} (their embeddings cannot be added to)",
                               HybridclsWarning, stacklevel=3)
             self.add_support(self.support, replace=True)
+
+    def _weights_check(self, run_dir: Path) -> CheckpointError | None:
+        """Why the loaded gate does not hold for the run's supervised weights, or None.
+
+        Its thresholds are on those weights' scores; the backbone index calibration wrote
+        beside it records their SHA-256 (a gate without that index cannot be checked).
+        """
+        if self.gate_ is None:
+            return None
+        try:
+            meta = json.loads((run_dir / INDEX_DIR / "backbone.json").read_text(encoding="utf-8"))["meta"]
+            calibrated = str(meta["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        now = self._supervised_identity()["fingerprint"]
+        if calibrated == now:
+            return None
+        return CheckpointError(f"{run_dir / GATE_FILE}: calibrated on other weights of this run "
+                               f"({calibrated[:12]}...; model.safetensors is now {now[:12]}...: "
+                               "resumed or trained again since), so its thresholds do not hold; "
+                               "calibrate it again with HybridClassifier.calibrate()")
 
     def _clip_check(self, run_dir: Path) -> ParameterError | None:
         """Why the loaded gate cannot be used with the loaded CLIP (:func:`clip_mismatch`), or None."""
@@ -422,7 +446,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         if read is not None and read != self.checkpoint_config_.get("data_dir"):
             # not the run's own (it moved): recorded, so that a later load reads the same folder
             gate.calibration_ = gate.calibration_.replace(data_dir=os.path.abspath(read))
-        self.gate_, self.clip_error_ = gate, None
+        self.gate_, self.gate_error_ = gate, None
         if save:
             gate.save(self.run_dir_)
         if self.support is not None and not self.support_samples_:
@@ -542,8 +566,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             raise CheckpointError(
                 f"{self.run_dir_}: the run has no {GATE_FILE}; calibrate it first with "
                 "HybridClassifier.calibrate()")
-        if self.clip_error_ is not None:
-            raise self.clip_error_
+        if self.gate_error_ is not None:
+            raise self.gate_error_
         gate = self.gate_.with_options(mode=self.mode, unseen_only=self.unseen_only,
                                        unknown_threshold=self.unknown_threshold)
         gate.check_ready()
@@ -587,8 +611,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             repo_id: The Hub repo the folder is for (the card's example loads it).
         """
         check_is_fitted(self, "engine_")
-        if self.gate_ is not None and self.clip_error_ is not None:
-            raise self.clip_error_
+        if self.gate_ is not None and self.gate_error_ is not None:
+            raise self.gate_error_
         bundle = self.tower_.bundle
         folder = write_saved_folder(
             directory, run_dir=self.run_dir_, prompts=self.tower_.prompts,

@@ -70,7 +70,7 @@ def test_calibrate_records_the_clip_it_used_in_gate_json(calibrated):
 def test_a_run_loaded_without_a_clip_uses_the_recorded_one(calibrated, tiny_hybrid):
     clf = _hybrid(tiny_hybrid).load_run(calibrated["run"])
     assert clf.get_params()["clip_model"] is None  # the parameter as given: clone keeps "not chosen"
-    assert clf.tower_.bundle.model_id == TINY_CLIP_MODEL_ID and clf.clip_error_ is None
+    assert clf.tower_.bundle.model_id == TINY_CLIP_MODEL_ID and clf.gate_error_ is None
     assert clf.model_identity()["clip"]["fingerprint"] == _sha256(TINY_CLIP_DIR / WEIGHTS)
     inputs = [tiny_hybrid["world"].test_dir]
     np.testing.assert_array_equal(clf.predict_proba(inputs), calibrated["clf"].predict_proba(inputs))
@@ -83,7 +83,7 @@ def test_a_run_loaded_without_templates_uses_the_recorded_ones_and_refuses_other
     clf = HybridClassifier(prompts=str(world.prompts_file), device="cpu", workers=0,
                            cache_dir=tiny_hybrid["root"] / "cache").load_run(calibrated["run"])
     assert clf.get_params()["templates"] is None and clf.tower_.templates == recorded
-    assert clf.clip_error_ is None
+    assert clf.gate_error_ is None
     inputs = [world.test_dir]
     np.testing.assert_array_equal(clf.predict_proba(inputs), calibrated["clf"].predict_proba(inputs))
     # other templates (the first one dropped): refused where the gate is used, naming the first change
@@ -100,12 +100,12 @@ def test_a_run_loaded_without_templates_uses_the_recorded_ones_and_refuses_other
     # the same templates in another order: the same mean, accepted
     reordered = tmp_path / "reordered.txt"
     reordered.write_text("\n".join(reversed(recorded)) + "\n", encoding="utf-8")
-    assert _hybrid(tiny_hybrid, templates=str(reordered)).load_run(calibrated["run"]).clip_error_ is None
+    assert _hybrid(tiny_hybrid, templates=str(reordered)).load_run(calibrated["run"]).gate_error_ is None
     # calibrate takes them and records them
     run = _copy_run(calibrated, tmp_path)
     clf = _hybrid(tiny_hybrid, templates=str(other), method="tpr", cache_branch="off").load_run(run)
     clf.calibrate()
-    assert clf.clip_error_ is None
+    assert clf.gate_error_ is None
     assert json.loads((run / "gate.json").read_text(encoding="utf-8"))["clip"]["templates"] == recorded[1:]
 
 
@@ -129,7 +129,7 @@ def test_a_recorded_clip_that_cannot_be_loaded_names_the_gate_not_a_flag(calibra
     assert rc == 2 and "e.g. --clip-model local-dir:FOLDER (the weights' fingerprint" in err
     # a copy of the same weights, given: accepted
     moved = shutil.copytree(TINY_CLIP_DIR, tmp_path / "copy_clip")
-    assert _hybrid(tiny_hybrid, clip_model=f"local-dir:{moved}").load_run(run).clip_error_ is None
+    assert _hybrid(tiny_hybrid, clip_model=f"local-dir:{moved}").load_run(run).gate_error_ is None
 
 
 def test_the_saved_folder_records_the_clip_loaded(calibrated, tiny_hybrid, tmp_path):
@@ -145,7 +145,7 @@ def test_the_saved_folder_records_the_clip_loaded(calibrated, tiny_hybrid, tmp_p
 def test_the_same_weights_in_a_moved_folder_are_the_same_clip(calibrated, tiny_hybrid, tmp_path):
     moved = shutil.copytree(TINY_CLIP_DIR, tmp_path / "moved_clip")
     clf = _hybrid(tiny_hybrid, clip_model=f"local-dir:{moved}", clip_pretrained=None).load_run(calibrated["run"])
-    assert clf.clip_error_ is None
+    assert clf.gate_error_ is None
     inputs = [tiny_hybrid["world"].test_dir]
     np.testing.assert_array_equal(clf.predict_proba(inputs), calibrated["clf"].predict_proba(inputs))
 
@@ -183,13 +183,13 @@ def test_calibrate_accepts_another_clip_and_replaces_the_record(calibrated, tiny
     other = f"local-dir:{calibrated['other']}"
     clf = _hybrid(tiny_hybrid, clip_model=other, clip_pretrained=None, method="tpr",
                   cache_branch="off").load_run(run).calibrate()
-    assert clf.clip_error_ is None
+    assert clf.gate_error_ is None
     gate = json.loads((run / "gate.json").read_text(encoding="utf-8"))
     assert gate["clip"]["fingerprint"] == _sha256(calibrated["other"] / WEIGHTS)
     # the next load without a CLIP chosen follows the new record; the old CLIP is now the other one
     assert _hybrid(tiny_hybrid).load_run(run).tower_.bundle.model_id == other
     old = _hybrid(tiny_hybrid, clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None).load_run(run)
-    assert old.clip_error_ is not None and f"calibrated with clip_model={other!r}" in str(old.clip_error_)
+    assert old.gate_error_ is not None and f"calibrated with clip_model={other!r}" in str(old.gate_error_)
 
 
 def test_a_gate_json_without_the_record_loads_with_a_warning(calibrated, tiny_hybrid, tmp_path):
@@ -208,7 +208,7 @@ def test_a_gate_json_without_the_record_loads_with_a_warning(calibrated, tiny_hy
                                               rf"\({DEFAULT_CLIP_MODEL}\); calibrate again"), \
             pytest.raises(WeightsUnavailableError):
         _hybrid(tiny_hybrid).load_run(run)
-    assert clf.clip_error_ is None
+    assert clf.gate_error_ is None
     inputs = [tiny_hybrid["world"].test_dir]
     np.testing.assert_array_equal(clf.predict_proba(inputs), calibrated["clf"].predict_proba(inputs))
 
@@ -224,7 +224,7 @@ def test_a_record_without_templates_warns_that_they_go_unchecked(calibrated, tin
         (f"{run / 'gate.json'} does not record the prompt templates it was calibrated with (written "
          "before hybridcls recorded them): templates other than those move every score unchecked; "
          "calibrate again to record them")]
-    assert clf.clip_error_ is None
+    assert clf.gate_error_ is None
 
 
 def test_clip_to_load_follows_the_record_only_when_no_clip_is_chosen():

@@ -697,10 +697,22 @@ def test_an_interrupted_run_is_said_on_load_and_the_benches_finish_it(tiny_world
          f"best epoch so far; finish it with train(data_dir={os.path.abspath(tiny_world.train_dir)!r}, "
          f"resume={str(run)!r}), then calibrate it again (the gate holds for the weights it was set on)")]
 
+    clf.calibrate(tiny_world.train_dir)  # on the interrupted weights
+
     train_once(tiny_world.train_dir, run, **options)  # resumed: the second epoch runs
     state = json.loads((run / "train_state.json").read_text(encoding="utf-8"))
     assert (state["epoch"], state["finished"]) == (2, True)
     assert unfinished_training(run) is None
+    # the gate calibrated on the first epoch's weights no longer holds, and says so
+    from hybridcls.errors import CheckpointError
+
+    resumed = clf.load_run(run, tiny_world.prompts_file)
+    with pytest.raises(CheckpointError, match=r"gate.json: calibrated on other weights of this run "
+                                              r"\(\w{12}\.\.\.; model.safetensors is now \w{12}\.\.\.: "
+                                              r"resumed or trained again since\), so its thresholds do "
+                                              r"not hold; calibrate it again"):
+        resumed.predict([tiny_world.test_dir])
+    assert len(resumed.calibrate(tiny_world.train_dir).predict([tiny_world.test_dir])) > 0
     before = (run / "model.safetensors").stat().st_mtime_ns
     train_once(tiny_world.train_dir, run, **options)  # finished: reused as it is
     assert (run / "model.safetensors").stat().st_mtime_ns == before

@@ -320,8 +320,8 @@ def hybrid_from_args(args: argparse.Namespace, *, recalibrate: bool = False, **p
         clip_pretrained=_clip_pretrained_flag(args),
         templates=args.templates, **hybrid_parameters(args), **params,
     ).load_run(args.checkpoint, prompts_from_args(args))
-    if getattr(clf, "clip_error_", None) is not None and not recalibrate:
-        raise clf.clip_error_
+    if getattr(clf, "gate_error_", None) is not None and not recalibrate:
+        raise clf.gate_error_
     return clf
 
 
