@@ -31,7 +31,13 @@ from sklearn.utils.validation import check_is_fitted
 from hybridcls.data import Source, as_sources
 from hybridcls.device import resolve_device
 from hybridcls.engine import ClipPolicy, InferenceEngine, timm_view
-from hybridcls.errors import CheckpointError, HybridclsWarning, InputError, ParameterError
+from hybridcls.errors import (
+    CheckpointError,
+    DatasetError,
+    HybridclsWarning,
+    InputError,
+    ParameterError,
+)
 from hybridcls.gate import GATE_FILENAME, INDEX_DIR, BranchOutputs, Gate
 from hybridcls.gate.support import SUPPORT_FILE
 from hybridcls.hierarchy import RollupCalibration, calibrate_threshold
@@ -443,7 +449,8 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                  clip_logit_scale=self.tower_.logit_scale,
                  index_meta={"clip": self._index_meta("clip"), "backbone": self._index_meta("backbone")},
                  clip={**self.tower_.bundle.identity(), "templates": list(self.tower_.templates)})
-        if read is not None and read != self.checkpoint_config_.get("data_dir"):
+        own = self.checkpoint_config_.get("data_dir")
+        if read is not None and (own is None or os.path.abspath(read) != os.path.abspath(own)):
             # not the run's own (it moved): recorded, so that a later load reads the same folder
             gate.calibration_ = gate.calibration_.replace(data_dir=os.path.abspath(read))
         self.gate_, self.gate_error_ = gate, None
@@ -510,10 +517,15 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "engine_")
         if data_dir or self.data_dir_:
             return os.fspath(data_dir or self.data_dir_)
-        cal = None if self.gate_ is None else self.gate_.calibration_
-        recorded = [f for f in (None if cal is None else cal.data_dir,
-                                self.checkpoint_config_.get("data_dir")) if f]
+        recorded = self._recorded_training_folders()
         return next((f for f in recorded if Path(f).is_dir()), recorded[0] if recorded else None)
+
+    def _recorded_training_folders(self) -> list[str]:
+        """The training folders recorded, in the order they are read: the one an earlier
+        ``calibrate`` recorded in ``gate.json``, then the run's own."""
+        cal = None if self.gate_ is None else self.gate_.calibration_
+        return [os.fspath(f) for f in dict.fromkeys([None if cal is None else cal.data_dir,
+                                                     self.checkpoint_config_.get("data_dir")]) if f]
 
     def _training_data(self, data_dir: str | os.PathLike[str] | None) -> Any:
         settings = RuntimeSettings.of(self)
@@ -521,7 +533,12 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         data_dir = self._training_folder(data_dir)
         if data_dir is None:
             raise CheckpointError(f"{self.run_dir_}: the run does not record its training folder; "
-                                  "pass data_dir")
+                                  "give it with calibrate(data_dir=DIR)")
+        if not given and not Path(data_dir).is_dir():
+            raise DatasetError(f"{self.run_dir_}: its training folder is not here (looked for "
+                               f"{' and '.join(self._recorded_training_folders())}); give "
+                               "the folder where it is now with calibrate(data_dir=DIR), which "
+                               "records it for later loads")
         config = TrainConfig.from_dict(self.checkpoint_config_.get("train", {})).replace(
             workers=settings.workers, progress=settings.progress)
         split = self.checkpoint_config_.get("split") or {}

@@ -235,8 +235,8 @@ def _held_out(clf: Predictor, support_paths: Sequence[str]
         return None, None
     data_dir = clf._training_folder()
     if data_dir is None or not Path(data_dir).is_dir():
-        where = ("records no training folder" if data_dir is None
-                 else f"'s training folder {data_dir} is not here")
+        where = ("records no training folder" if data_dir is None else "'s training folder is not "
+                 f"here (looked for {' and '.join(clf._recorded_training_folders())})")
         warnings.warn(f"{clf.run_dir_}: the run{'' if data_dir else ' '}{where}, so the support "
                       "images are fitted without its held-out seen images (which set the gate's "
                       "threshold with them); give the folder where it is now with "

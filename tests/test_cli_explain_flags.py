@@ -227,5 +227,8 @@ def test_a_saved_folder_without_ancestors_refuses_the_roll_up(tiny_hybrid, tmp_p
     rc = main(["explain", str(world.test_dir), "--checkpoint", str(folder), "--clip-model",
                "ViT-B-32", "-q", "-o", str(tmp_path / "out")])
     assert rc == 2
-    assert "--clip-model ViT-B-32: a saved folder fixes its CLIP model" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"hybridcls explain: error: --clip-model ViT-B-32: the save_pretrained folder {folder} fixes "
+        "its CLIP model, prompts and templates (its class-text matrix is built from them); give the "
+        "run directory it was saved from as --checkpoint, with --prompts, to change them")
     assert not (tmp_path / "out").exists()

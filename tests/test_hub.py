@@ -81,7 +81,10 @@ def test_predict_takes_a_saved_folder_as_its_checkpoint(clf, saved, tiny_hybrid,
 
     from hybridcls.cli import main
 
-    common = [a for a in tiny_hybrid["common"] if a not in ("--prompts", str(tiny_hybrid["world"].prompts_file))]
+    flags = tiny_hybrid["common"]  # pairs of flag and value
+    # the runtime's flags alone: the folder fixes its CLIP, prompts and templates
+    common = [a for flag, value in zip(flags[::2], flags[1::2])
+              if flag not in ("--prompts", "--templates", "--clip-model") for a in (flag, value)]
     images = [str(p) for p in _images(tiny_hybrid)]
     assert main(["predict", *images, "--checkpoint", str(saved), *common, "-q",
                  "-o", str(tmp_path / "saved.csv")]) == 0
@@ -98,6 +101,18 @@ def test_predict_takes_a_saved_folder_as_its_checkpoint(clf, saved, tiny_hybrid,
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"hybridcls predict: error: --prompts or --classes is needed: {tiny_hybrid['run']} is a run "
         "directory, not a save_pretrained folder (which carries its prompts)")
+    # what the folder fixes is refused before anything loads, as explain refuses it
+    assert main(["predict", *images, "--checkpoint", str(saved), *common, "--templates",
+                 str(tiny_hybrid["world"].templates_file), "-q"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"hybridcls predict: error: --templates {tiny_hybrid['world'].templates_file}: the "
+        f"save_pretrained folder {saved} fixes its CLIP model, prompts and templates (its "
+        "class-text matrix is built from them); give the run directory it was saved from as "
+        "--checkpoint, with --prompts, to change them")
+    assert main(["predict", *images, "--checkpoint", str(tmp_path / "nowhere"), "-q"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"hybridcls predict: error: --checkpoint {tmp_path / 'nowhere'}: no such folder (a run "
+        "directory, or a folder from save_pretrained)")
 
 
 def test_cache_dir_is_the_hub_cache_too(saved, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -689,7 +690,7 @@ def test_calibrates_data_dir_reaches_the_support_fit_and_a_missing_folder_is_sai
     with pytest.warns(MissingDataWarning) as caught:
         clf = HybridClassifier(**kwargs, support=folder).load_run(run, world.prompts_file)
     assert [str(w.message) for w in caught if w.category is MissingDataWarning] == [
-        (f"{run}: the run's training folder {gone} is not here, so the support images are "
+        (f"{run}: the run's training folder is not here (looked for {gone}), so the support images are "
          "fitted without its held-out seen images (which set the gate's threshold with them); "
          "give the folder where it is now with calibrate(data_dir=DIR), which records it for "
          "later loads")]
@@ -710,7 +711,7 @@ def test_calibrates_data_dir_reaches_the_support_fit_and_a_missing_folder_is_sai
     assert main(["predict", image, "--checkpoint", str(run), "--support", str(folder),
                  *tiny_hybrid["common"], "--cache-dir", str(tmp_path / "cache"), "-q",
                  "-o", str(tmp_path / "p.csv")]) == 0
-    assert (f"hybridcls predict: warning: {run}: the run's training folder {gone} is not here, "
+    assert (f"hybridcls predict: warning: {run}: the run's training folder is not here (looked for {gone}), "
             "so the support images are fitted without its held-out seen images (which set the "
             "gate's threshold with them); give the folder where it is now with `hybridcls "
             "calibrate RUN_DIR --prompts FILE --data DIR`, which records it for later loads"
@@ -738,3 +739,14 @@ def test_calibrates_data_dir_reaches_the_support_fit_and_a_missing_folder_is_sai
     assert back.gate_.calibration_.support["n_seen_images"] == n_held_out
     back.calibrate(save=False)
     assert back.gate_.calibration_.data_dir is None  # the run's own folder is not recorded
+
+    # neither here: both are named, and the way to give the folder
+    (run / CONFIG_FILE).write_text(json.dumps({**config, "data_dir": gone}), encoding="utf-8")
+    with pytest.warns(MissingDataWarning, match=rf"looked for {re.escape(str(train_dir))} and "
+                                                rf"{re.escape(gone)}\)"):
+        lost = HybridClassifier(**kwargs, support=folder).load_run(run, world.prompts_file)
+    with pytest.raises(DatasetError) as err:
+        lost.calibrate()
+    assert str(err.value) == (f"{run}: its training folder is not here (looked for {train_dir} and "
+                              f"{gone}); give the folder where it is now with calibrate(data_dir=DIR), "
+                              "which records it for later loads")

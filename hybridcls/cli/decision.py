@@ -32,13 +32,31 @@ __all__ = [
 ]
 
 
-def saved_folder_prompts(checkpoint: str | None) -> str | None:
-    """The prompts file a ``save_pretrained`` folder given as ``--checkpoint`` carries (the
-    default ``--prompts`` of ``predict`` and ``explain``), or None: no such folder."""
+def saved_folder_prompts(args: argparse.Namespace) -> str:
+    """``--prompts``' default for ``predict`` and ``explain`` without ``--prompts`` /
+    ``--classes``: the prompts file of a ``save_pretrained`` folder given as ``--checkpoint``.
+
+    Raises:
+        UsageError: No such folder (a run directory needs the prompts; a ``--checkpoint`` that
+            is not here is named), or ``--clip-model`` / ``--templates`` with one: the folder
+            fixes them (its class-text matrix is built from them).
+    """
     from hybridcls.pretrained import HYBRID_FILE, PROMPTS_FILE
 
+    checkpoint = args.checkpoint
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise UsageError(f"--checkpoint {checkpoint}: no such folder (a run directory, or a folder "
+                         "from save_pretrained)")
     if checkpoint is None or not (Path(checkpoint) / HYBRID_FILE).is_file():
-        return None
+        raise UsageError("--prompts or --classes is needed" + (
+            f": {checkpoint} is a run directory, not a save_pretrained folder (which carries its "
+            "prompts)" if checkpoint else ""))
+    for flag, value in (("--clip-model", args.clip_model), ("--templates", args.templates)):
+        if value is not None:
+            raise UsageError(f"{flag} {value}: the save_pretrained folder {checkpoint} fixes its CLIP "
+                             "model, prompts and templates (its class-text matrix is built from "
+                             "them); give the run directory it was saved from as --checkpoint, "
+                             "with --prompts, to change them")
     return str(Path(checkpoint) / PROMPTS_FILE)
 
 

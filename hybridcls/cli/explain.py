@@ -60,9 +60,7 @@ def _saved_folder(args: argparse.Namespace) -> Path | None:
     directory, read with ``--prompts`` / ``--classes``."""
     if prompts_from_args(args):
         return None
-    if saved_folder_prompts(args.checkpoint) is None:
-        raise UsageError(f"--prompts or --classes is needed: {args.checkpoint} is a run directory, "
-                         "not a save_pretrained folder (which carries its prompts)")
+    saved_folder_prompts(args)  # refuses a run directory, and the flags the folder fixes
     return Path(args.checkpoint)
 
 

@@ -98,12 +98,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.topk < 1:
         raise UsageError(f"--topk must be at least 1, got {args.topk}")
     if not prompts_from_args(args):
-        saved = saved_folder_prompts(args.checkpoint)
-        if saved is None:
-            raise UsageError("--prompts or --classes is needed" + (
-                f": {args.checkpoint} is a run directory, not a save_pretrained folder (which "
-                "carries its prompts)" if args.checkpoint else ""))
-        args.prompts = saved
+        args.prompts = saved_folder_prompts(args)
     if isinstance(args.shard, str):
         args.shard = ShardSpec.parse(args.shard)
     if not args.checkpoint:
