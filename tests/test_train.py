@@ -719,3 +719,24 @@ def test_an_interrupted_run_is_said_on_load_and_the_benches_finish_it(tiny_world
     fresh = tmp_path / "fresh"
     train_once(tiny_world.train_dir, fresh, **{**options, "epochs": 1})
     assert unfinished_training(fresh) is None and (fresh / "model.safetensors").is_file()
+
+
+def test_train_resume_says_the_gate_no_longer_holds(tiny_world, tmp_path, capsys):
+    """After a resume that trained, a gate.json in the run was set on the weights before it."""
+    run = tmp_path / "run"
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(tiny_world.train_dir, run, on_epoch_end=stop_after_first, epochs=2, batch_size=8, **FAST)
+    (run / "gate.json").write_text("{}", encoding="utf-8")  # stands for a calibration of epoch 1
+    capsys.readouterr()
+    assert main(["train", str(tiny_world.train_dir), "--resume", str(run), "--workers", "0", "-q"]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"hybridcls train: {run}/gate.json was calibrated on the weights before this resume and no "
+        f"longer holds: run `hybridcls calibrate {run} --prompts FILE`")
+    # a finished run resumes to nothing: its gate still holds, and nothing is said
+    assert main(["train", str(tiny_world.train_dir), "--resume", str(run), "--workers", "0", "-q"]) == 0
+    assert "gate.json" not in capsys.readouterr().err

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from hybridcls.errors import InputError
@@ -196,6 +199,7 @@ def _is_main_process() -> bool:
 def run(args: argparse.Namespace) -> int:
     from hybridcls.train import train, train_folds
     from hybridcls.train.metrics import format_epoch
+    from hybridcls.train.state import unfinished_training
 
     if args.nproc is not None:
         from hybridcls.train.distributed import launch, strip_nproc
@@ -222,6 +226,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.resume is None and args.output is None:
         raise InputError("--output RUN_DIR is required (or --resume RUN_DIR to continue a run)")
+    # a gate calibrated on an interrupted run's weights no longer holds once it trains on
+    stale_gate = (args.resume is not None and (Path(args.resume) / "gate.json").is_file()
+                  and unfinished_training(args.resume) is not None)
     result = train(
         args.data_dir,
         args.output,
@@ -231,4 +238,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if _is_main_process():
         print(result.summary())
+        if stale_gate:  # loading refuses it too (HybridClassifier.gate_error_); said where it happens
+            print(f"hybridcls train: {args.resume}/gate.json was calibrated on the weights before "
+                  "this resume and no longer holds: run `hybridcls calibrate "
+                  f"{shlex.quote(args.resume)} --prompts FILE`", file=sys.stderr)
     return 0
