@@ -15,7 +15,6 @@ in the prompts file, then the unseen classes in prompts-file order.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import warnings
@@ -42,7 +41,7 @@ from hybridcls.gate import GATE_FILENAME, INDEX_DIR, BranchOutputs, Gate
 from hybridcls.gate.support import SUPPORT_FILE
 from hybridcls.hierarchy import RollupCalibration, calibrate_threshold
 from hybridcls.hub import pretrained_folder, upload_folder
-from hybridcls.index import index_meta
+from hybridcls.index import index_meta, run_index_meta
 from hybridcls.outputs import BRANCH_COLUMNS
 from hybridcls.predictor import Predictor, describe_failures
 from hybridcls.pretrained import PROMPTS_FILE, TEMPLATES_FILE, read_saved_folder, write_saved_folder
@@ -352,14 +351,10 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         Its thresholds are on those weights' scores; the backbone index calibration wrote
         beside it records their SHA-256 (a gate without that index cannot be checked).
         """
-        if self.gate_ is None:
+        meta = None if self.gate_ is None else run_index_meta(run_dir, "backbone")
+        if not meta or not meta.get("fingerprint"):
             return None
-        try:
-            meta = json.loads((run_dir / INDEX_DIR / "backbone.json").read_text(encoding="utf-8"))["meta"]
-            calibrated = str(meta["fingerprint"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        now = self._supervised_identity()["fingerprint"]
+        calibrated, now = str(meta["fingerprint"]), self._supervised_identity()["fingerprint"]
         if calibrated == now:
             return None
         return CheckpointError(f"{run_dir / GATE_FILE}: calibrated on other weights of this run "

@@ -50,6 +50,7 @@ __all__ = [
     "class_bounded_k",
     "index_meta",
     "load_run_index",
+    "run_index_meta",
     "run_index_path",
 ]
 
@@ -488,6 +489,16 @@ class EmbeddingIndex:
 def run_index_path(run_dir: str | os.PathLike[str], kind: str = "clip") -> Path:
     """Where a run keeps its ``kind`` index: ``RUN_DIR/index/<kind>.faiss``."""
     return Path(run_dir) / RUN_INDEX_DIR / f"{kind}.faiss"
+
+
+def run_index_meta(run_dir: str | os.PathLike[str], kind: str = "clip") -> dict[str, Any] | None:
+    """The ``meta`` a run's ``kind`` index records (what it was built from), read from its
+    sidecar without loading the index; ``None`` when the run has none or it cannot be read."""
+    try:
+        meta = json.loads(run_index_path(run_dir, kind).with_suffix(".json").read_text(encoding="utf-8"))["meta"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def load_run_index(run_dir: str | os.PathLike[str], kind: str = "clip", *,

@@ -150,11 +150,10 @@ def train_once(data_dir: Path, run_dir: Path, **options: Any) -> bool:
     Returns:
         Whether the weights changed (trained or resumed): a gate saved before is stale.
     """
-    from hybridcls.supervised.checkpoint import CONFIG_FILE
     from hybridcls.train import train
-    from hybridcls.train.state import STATE_JSON_FILE, unfinished_training
+    from hybridcls.train.state import holds_training_run, unfinished_training
 
-    if not any((run_dir / f).exists() for f in (CONFIG_FILE, STATE_JSON_FILE)):  # train's own test
+    if not holds_training_run(run_dir):
         train(data_dir, run_dir, **options)
     elif unfinished_training(run_dir) is not None:
         train(data_dir, resume=run_dir, **{k: options[k] for k in ("device", "workers", "progress")

@@ -197,6 +197,7 @@ def _is_main_process() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hybridcls.gate.config import GATE_FILENAME
     from hybridcls.train import train, train_folds
     from hybridcls.train.metrics import format_epoch
     from hybridcls.train.state import unfinished_training
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is None and args.output is None:
         raise InputError("--output RUN_DIR is required (or --resume RUN_DIR to continue a run)")
     # a gate calibrated on an interrupted run's weights no longer holds once it trains on
-    stale_gate = (args.resume is not None and (Path(args.resume) / "gate.json").is_file()
+    stale_gate = (args.resume is not None and (Path(args.resume) / GATE_FILENAME).is_file()
                   and unfinished_training(args.resume) is not None)
     result = train(
         args.data_dir,
@@ -239,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     if _is_main_process():
         print(result.summary())
         if stale_gate:  # loading refuses it too (HybridClassifier.gate_error_); said where it happens
-            print(f"hybridcls train: {args.resume}/gate.json was calibrated on the weights before "
+            print(f"hybridcls train: {args.resume}/{GATE_FILENAME} was calibrated on the weights before "
                   "this resume and no longer holds: run `hybridcls calibrate "
                   f"{shlex.quote(args.resume)} --prompts FILE`", file=sys.stderr)
     return 0

@@ -71,9 +71,9 @@ from hybridcls.train.distributed import (
 )
 from hybridcls.train.metrics import per_class_from_counts, plot_curves, write_metrics
 from hybridcls.train.state import (
-    STATE_JSON_FILE,
     TrainState,
     flatten_optimizer_state,
+    holds_training_run,
     load_train_state,
     save_train_state,
     unflatten_optimizer_state,
@@ -706,7 +706,7 @@ def train(
             raise InputError("output=None: a run directory is required (or resume=RUN_DIR)")
         config = (config or TrainConfig()).replace(**overrides)
         run_dir = Path(output)
-        if (run_dir / CONFIG_FILE).exists() or (run_dir / STATE_JSON_FILE).exists():
+        if holds_training_run(run_dir):
             raise InputError(
                 f"output={str(run_dir)!r} already holds a training run; continue it with "
                 f"resume={str(run_dir)!r}, or choose another folder"

@@ -26,7 +26,11 @@ import torch
 
 from hybridcls.cache import atomic_write_bytes, atomic_write_json, read_json, stable_hash
 from hybridcls.errors import CheckpointError
-from hybridcls.supervised.checkpoint import read_verified_safetensors, safetensors_bytes
+from hybridcls.supervised.checkpoint import (
+    CONFIG_FILE,
+    read_verified_safetensors,
+    safetensors_bytes,
+)
 
 __all__ = [
     "STATE_FORMAT_VERSION",
@@ -34,6 +38,7 @@ __all__ = [
     "STATE_TENSORS_FILE",
     "TrainState",
     "flatten_optimizer_state",
+    "holds_training_run",
     "load_train_state",
     "save_train_state",
     "unfinished_training",
@@ -171,6 +176,12 @@ def load_train_state(run_dir: str | Path) -> TrainState:
             f"while saving"
         )
     return TrainState(tensors=tensors, info=info)
+
+
+def holds_training_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` already holds a training run (finished or not): ``train`` refuses to
+    start one there, and a bench resumes or reuses it."""
+    return any((Path(run_dir) / name).exists() for name in (CONFIG_FILE, STATE_JSON_FILE))
 
 
 def unfinished_training(run_dir: str | Path) -> str | None:
