@@ -43,6 +43,7 @@ __all__ = [
     "check_threshold",
     "rollup",
     "rollup_figures",
+    "threshold_candidates",
 ]
 
 # Candidate thresholds the precision search evaluates at most (quantiles of the distinct ones).
@@ -298,14 +299,36 @@ def _correct_at_rank(res: RollupResult, labels: np.ndarray, member: np.ndarray) 
     return np.where(res.node >= 0, node_ok, leaf_ok)
 
 
+def threshold_candidates(probs: Any, hierarchy: Hierarchy) -> np.ndarray:
+    """The thresholds at which :func:`rollup`'s answers to ``probs`` can change, ascending.
+
+    The answers change only where the threshold crosses a row's best-class probability or
+    an ancestor's mass, so those values (and 1) are the candidates, thinned to evenly spaced
+    quantiles when there are more than 2,000 of them.
+
+    Args:
+        probs: ``[N, C]`` probabilities over :attr:`Hierarchy.classes`.
+        hierarchy: The classes' tree.
+
+    Returns:
+        ``[K]`` thresholds in (0, 1].
+    """
+    p = np.asarray(probs, np.float64)
+    values = np.unique(np.concatenate([p.max(axis=1) if p.size else [], (p @ hierarchy.membership).ravel(),
+                                       [1.0]]))
+    values = values[(values > 0) & (values <= 1)]
+    if len(values) > _MAX_CANDIDATES:
+        values = np.unique(np.quantile(values, np.linspace(0, 1, _MAX_CANDIDATES)))
+    return values
+
+
 def calibrate_threshold(probs: Any, labels: Any, hierarchy: Hierarchy, precision: float
                         ) -> RollupCalibration:
     """The smallest roll-up threshold whose answers are correct at their rank at least ``precision``
     of the time, on labelled images (held-out seen images: none of them trained the model).
 
-    The answers change only where the threshold crosses a row's best-class probability or an
-    ancestor's mass, so those values (and 0: no roll-up) are the candidates; the smallest that
-    reaches the target keeps the most answers at class level.
+    The candidates are :func:`threshold_candidates`; the smallest that reaches the target
+    keeps the most answers at class level.
 
     Args:
         probs: ``[N, C]`` fused probabilities of the labelled images.
@@ -332,12 +355,8 @@ def calibrate_threshold(probs: Any, labels: Any, hierarchy: Hierarchy, precision
         raise DataTooSmallError("rollup_precision: no labelled image to choose the roll-up threshold "
                                 "on; set the threshold yourself (rollup_threshold=T)")
     member = hierarchy.membership
-    values = np.unique(np.concatenate([p.max(axis=1), (p @ member).ravel(), [1.0]]))
-    values = values[(values > 0) & (values <= 1)]
-    if len(values) > _MAX_CANDIDATES:
-        values = np.unique(np.quantile(values, np.linspace(0, 1, _MAX_CANDIDATES)))
     best = (-1.0, 0.0)
-    for t in values:
+    for t in threshold_candidates(p, hierarchy):
         res = rollup(p, hierarchy, float(t))
         share = float(_correct_at_rank(res, y, member).mean())
         if share >= target:

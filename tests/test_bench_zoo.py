@@ -211,3 +211,61 @@ def test_default_gate_holds_its_levels_on_the_ci_worlds(zoo: dict) -> None:
         share, margin = REACHED[w.name]
         assert w.share_of_oracle >= share - ALLOWANCE, (w.name, w.share_of_oracle)
         assert w.margin >= margin - ALLOWANCE, (w.name, w.margin)
+
+
+# ------------------------------------------------------------------ roll-up on the zoo's worlds
+
+
+def test_rollup_on_the_zoo(zoo: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench rollup --zoo``: each world's natural tree over its cached outputs, the thresholds
+    chosen on its held-out images, and the bound read off its test labels (the fewest wrong
+    answers any threshold gives with at least 90% answered with a class)."""
+    from hybridcls.bench.rollup import MIN_LEAF_SHARE, rollup_zoo, world_hierarchy
+    from hybridcls.hierarchy import rollup, rollup_figures
+
+    out, cache = zoo["out"], zoo["cache"]
+    report = rollup_zoo(out, "ci", precisions=(0.5, 0.9), cache_dir=cache)
+    assert list(report.worlds) == NAMES
+    for name, r in report.worlds.items():
+        f = load_features(out / name)
+        gate = f.fit(Gate())
+        probs = gate.predict(f.test).probs
+        off, *rest = r.rows
+        # no roll-up: the wrong answers are the gate's wrong classes
+        assert off.figures.n_wrong == int(np.sum(probs.argmax(axis=1) != f.y_test))
+        bound = next(row for row in rest if row.oracle)
+        assert bound.figures.leaf_share >= MIN_LEAF_SHARE
+        # the bound is the best threshold: none of the calibrated ones that keep as many class
+        # answers does better, nor does no roll-up (a threshold of its own)
+        for row in [off, *rest]:
+            if row.figures.leaf_share >= MIN_LEAF_SHARE:
+                assert bound.figures.n_wrong <= row.figures.n_wrong, (name, row)
+        # its figures are those of its threshold, applied as predictions apply roll-up
+        h = world_hierarchy(World.load(out / name / "world"), f.class_names)
+        res = rollup(probs, h, bound.threshold)
+        assert rollup_figures(f.y_test, res.leaf, res.rank, h) == bound.figures
+        # every target either chose a threshold or says why none reaches it
+        targets = sorted([row.target for row in rest if not row.oracle]
+                         + [float(t) for t in r.info["unreachable"]])
+        assert targets == [0.5, 0.9]
+    for column in ("precision 0.5", "precision 0.9", "bound"):
+        cuts = []
+        for r in report.worlds.values():
+            row = next((x for x in r.rows if (x.oracle if column == "bound" else
+                                              x.target is not None and f"precision {x.target:g}" == column)),
+                       None)
+            base = r.rows[0].figures.n_wrong
+            cuts.append(0.0 if row is None or base == 0 else 1 - row.figures.n_wrong / base)
+        assert report.summary[column]["median"] == pytest.approx(statistics.median(cuts))
+        assert report.summary[column]["worst"] == pytest.approx(min(cuts))
+    written = json.loads((out / "rollup.json").read_text(encoding="utf-8"))
+    assert sorted(written["worlds"]) == sorted(NAMES)
+
+    assert main(["bench", "rollup", "--zoo", "ci", "--out", str(out), "--cache-dir", str(cache),
+                 "--precisions", "0.9", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"| {name} |" in printed for name in NAMES) and "bound: cut median" in printed
+    assert main(["bench", "rollup", "--zoo", "ci", "--seed", "1", "--out", str(out)]) == 2
+    assert "--seed: each world of --zoo sets its own" in capsys.readouterr().err
+    assert main(["bench", "rollup", "--cache-dir", str(cache), "--out", str(out)]) == 2
+    assert "--cache-dir applies to --zoo only" in capsys.readouterr().err

@@ -13,6 +13,7 @@ answered with a class, and the accuracy at every rank.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +30,30 @@ from hybridcls.hierarchy import (
     calibrate_threshold,
     rollup,
     rollup_figures,
+    threshold_candidates,
 )
 from hybridcls.synth import write_hierarchy_prompts
 from hybridcls.zeroshot.prompts import align_classes, read_prompts
 
-__all__ = ["DEFAULT_PRECISIONS", "RollupBenchRow", "RollupReport", "rollup_report", "run_rollup"]
+__all__ = ["DEFAULT_PRECISIONS", "MIN_LEAF_SHARE", "RollupBenchRow", "RollupReport", "RollupZooReport",
+           "best_test_threshold", "rollup_report", "rollup_rows", "rollup_zoo", "run_rollup", "world_hierarchy"]
 
 #: The target precisions the bench chooses thresholds at (one that no threshold reaches on the
 #: held-out images is listed in ``info["unreachable"]``, with the best reachable).
 DEFAULT_PRECISIONS = (0.9, 0.95, 0.98, 0.99)
 
 
+#: The share of images answered with a class that the best threshold on the test images
+#: (:func:`best_test_threshold`) must keep: the issue's bar for roll-up (at least 90%).
+MIN_LEAF_SHARE = 0.9
+
+
 @dataclass
 class RollupBenchRow:
-    """One line of the table: no roll-up (``target`` None) or roll-up at a target precision."""
+    """One line of the table: no roll-up (``target`` None), roll-up at a target precision, or
+    (``oracle``) the threshold that removes the most wrong answers on the test images while
+    :data:`MIN_LEAF_SHARE` of them keep a class answer: read off the test labels, a bound on
+    what any threshold can do with this tree, not a method."""
 
     target: float | None
     threshold: float | None
@@ -50,6 +61,7 @@ class RollupBenchRow:
     figures: RollupFigures
     unseen_wrong: float
     seen_wrong: float
+    oracle: bool = False
 
     @property
     def wrong(self) -> float:
@@ -70,9 +82,11 @@ class RollupReport:
                  + " | wrong, seen / unseen images |",
                  "|---|---:|---:|---:|---:|" + "---:|" * ranks + "---:|"]
         for r in self.rows:
-            what = "off" if r.target is None else f"precision {r.target:g} (held-out {100 * r.held_out_precision:.1f})"
+            what = ("off" if r.threshold is None else
+                    f"best on the test images, >= {100 * MIN_LEAF_SHARE:.0f}% with a class (bound)" if r.oracle
+                    else f"precision {r.target:g} (held-out {100 * r.held_out_precision:.1f})")
             thr = "" if r.threshold is None else f"{r.threshold:.3f}"
-            cut = "" if r.target is None else f"{100 * (1 - r.wrong / base):.0f}%" if base else ""
+            cut = "" if r.threshold is None else f"{100 * (1 - r.wrong / base):.0f}%" if base else ""
             accs = " | ".join(f"{100 * a:.1f}" for a in r.figures.accuracy_at_rank)
             lines.append(f"| {what} | {thr} | {100 * r.wrong:.1f}% | {cut} | "
                          f"{100 * r.figures.leaf_share:.1f}% | {accs} | "
@@ -83,10 +97,90 @@ class RollupReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"rows": [{"target": r.target, "threshold": r.threshold,
-                          "held_out_precision": r.held_out_precision, "wrong": r.wrong,
+                          "held_out_precision": r.held_out_precision, "oracle": r.oracle, "wrong": r.wrong,
                           "seen_wrong": r.seen_wrong, "unseen_wrong": r.unseen_wrong,
                           **r.figures.as_dict()} for r in self.rows],
                 "seconds": self.seconds, "info": self.info}
+
+
+def rollup_rows(probs: Any, y: Any, val_probs: Any, y_val: Any, hierarchy: Hierarchy, n_seen: int,
+                precisions: tuple[float, ...] = DEFAULT_PRECISIONS,
+                ) -> tuple[list[RollupBenchRow], dict[str, str]]:
+    """The table's rows from a hybrid's probabilities on the test and held-out images.
+
+    Args:
+        probs: ``[N, C]`` fused probabilities of the test images (classes in the tree's order).
+        y: ``[N]`` their true classes (``>= n_seen``: unseen).
+        val_probs: ``[M, C]`` those of the held-out seen images (thresholds are chosen on them).
+        y_val: ``[M]`` their true classes.
+        hierarchy: The classes' tree.
+        n_seen: Number of seen classes.
+        precisions: Target precisions on the held-out images.
+
+    Returns:
+        ``(rows, unreachable)``: no roll-up, each target a threshold reaches, the bound
+        (:func:`best_test_threshold`); and ``{target: why}`` for the targets none reaches.
+    """
+    y = np.asarray(y, np.int64)
+    probs = np.asarray(probs, np.float64)
+    unseen = y >= n_seen
+
+    def row(target: float | None, threshold: float | None, held_out: float | None,
+            leaf: np.ndarray, rank: np.ndarray, oracle: bool = False) -> RollupBenchRow:
+        wrong = [rollup_figures(y[m], leaf[m], rank[m], hierarchy) for m in (~unseen, unseen)]
+        return RollupBenchRow(target, threshold, held_out, rollup_figures(y, leaf, rank, hierarchy),
+                              *(w.n_wrong / max(w.n_images, 1) for w in reversed(wrong)), oracle=oracle)
+
+    rows = [row(None, None, None, probs.argmax(axis=1), np.zeros(len(y), np.int64))]
+    unreachable = {}
+    for target in precisions:
+        try:
+            cal = calibrate_threshold(val_probs, y_val, hierarchy, target)
+        except ParameterError as err:  # the world's shapes are separate roots: a wrong shape stays
+            unreachable[str(target)] = err.reason
+            continue
+        res = rollup(probs, hierarchy, cal.threshold)
+        rows.append(row(target, cal.threshold, cal.precision, res.leaf, res.rank))
+    best = best_test_threshold(probs, y, hierarchy)
+    res = rollup(probs, hierarchy, best)
+    rows.append(row(None, best, None, res.leaf, res.rank, oracle=True))
+    return rows, unreachable
+
+
+def best_test_threshold(probs: Any, y: Any, hierarchy: Hierarchy,
+                        min_leaf_share: float = MIN_LEAF_SHARE) -> float:
+    """The threshold with the fewest wrong answers on labelled images among those that keep at
+    least ``min_leaf_share`` of them answered with a class (on a tie, the one that keeps the
+    most class answers).
+
+    Read off the test labels, so a bound for the bench (what any threshold can do with this
+    tree and these probabilities), as the oracle router is for the gate; never a method.
+
+    Example:
+        >>> from hybridcls.zeroshot.prompts import parse_prompts
+        >>> h = Hierarchy.from_prompts(parse_prompts("fox > canid\\nwolf > canid\\ncod"))
+        >>> probs = [[0.5, 0.4, 0.1], [0.9, 0.05, 0.05], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]]
+        >>> y = [1, 0, 2, 2]  # the first is a wolf taken for a fox; the last, a cod
+        >>> best_test_threshold(probs, y, h, 0.5)  # 'canid' for the first: 1 wrong, 3 of 4 classes
+        0.6
+        >>> best_test_threshold(probs, y, h, 0.8)  # no roll-up keeps 4 of 4
+        0.2
+    """
+    y = np.asarray(y, np.int64)
+    kept = []  # (wrong, -leaf share, threshold): the smallest wins
+    for t in threshold_candidates(probs, hierarchy):
+        res = rollup(probs, hierarchy, float(t))
+        figures = rollup_figures(y, res.leaf, res.rank, hierarchy)
+        if figures.leaf_share >= min_leaf_share:
+            kept.append((figures.n_wrong, -figures.leaf_share, float(t)))
+    # the smallest candidate rolls nothing up, so one is always kept
+    return min(kept)[2]
+
+
+def world_hierarchy(world: Any, seen_folders: Any) -> Hierarchy:
+    """The world's natural tree (:func:`hybridcls.synth.write_hierarchy_prompts`, written into
+    the world's folder) over its classes in a classifier's order: ``seen_folders``, then the rest."""
+    return Hierarchy.from_prompts(align_classes(seen_folders, read_prompts(write_hierarchy_prompts(world))))
 
 
 def rollup_report(world: Any, clf: Any, precisions: tuple[float, ...] = DEFAULT_PRECISIONS
@@ -100,8 +194,7 @@ def rollup_report(world: Any, clf: Any, precisions: tuple[float, ...] = DEFAULT_
         precisions: Target precisions on the held-out seen images.
     """
     seconds: dict[str, float] = {}
-    tree = align_classes(clf.seen_folders_, read_prompts(write_hierarchy_prompts(world)))
-    hierarchy = Hierarchy.from_prompts(tree)
+    hierarchy = world_hierarchy(world, clf.seen_folders_)
     assert list(hierarchy.classes) == list(clf.classes_), "the tree's classes are the classifier's"
     t = time.perf_counter()
     sources, y = labelled_test_set(world, clf)
@@ -109,26 +202,9 @@ def rollup_report(world: Any, clf: Any, precisions: tuple[float, ...] = DEFAULT_
     val, y_val = clf.held_out_outputs(world.train_dir)
     val_probs = clf.predict_features(val).probs
     seconds["features"] = time.perf_counter() - t
-    unseen = y >= clf.n_seen_
-
-    def row(target: float | None, threshold: float | None, held_out: float | None,
-            leaf: np.ndarray, rank: np.ndarray) -> RollupBenchRow:
-        wrong = [rollup_figures(y[m], leaf[m], rank[m], hierarchy) for m in (~unseen, unseen)]
-        return RollupBenchRow(target, threshold, held_out, rollup_figures(y, leaf, rank, hierarchy),
-                              *(w.n_wrong / max(w.n_images, 1) for w in reversed(wrong)))
-
-    rows = [row(None, None, None, probs.argmax(axis=1), np.zeros(len(y), np.int64))]
-    unreachable = {}
-    for target in precisions:
-        try:
-            cal = calibrate_threshold(val_probs, y_val, hierarchy, target)
-        except ParameterError as err:  # the world's shapes are separate roots: a wrong shape stays
-            unreachable[str(target)] = err.reason
-            continue
-        res = rollup(probs, hierarchy, cal.threshold)
-        rows.append(row(target, cal.threshold, cal.precision, res.leaf, res.rank))
-    info = {"unreachable": unreachable, "n_test": len(y), "n_unseen_test": int(unseen.sum()), "n_held_out": len(y_val),
-            "n_classes": len(clf.classes_), "n_seen_classes": clf.n_seen_,
+    rows, unreachable = rollup_rows(probs, y, val_probs, y_val, hierarchy, clf.n_seen_, precisions)
+    info = {"unreachable": unreachable, "n_test": len(y), "n_unseen_test": int(np.sum(y >= clf.n_seen_)),
+            "n_held_out": len(y_val), "n_classes": len(clf.classes_), "n_seen_classes": clf.n_seen_,
             "nodes": len(hierarchy.nodes)}
     return RollupReport(rows, seconds, info)
 
@@ -144,6 +220,117 @@ def run_rollup(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, model: st
     report = rollup_report(world, clf, precisions)
     report.seconds = {**seconds, **report.seconds}
     report.info.update(world_seed=seed, model=clf.checkpoint_config_["model"]["name"])
+    atomic_write_json(out / "rollup.json", report.as_dict())
+    atomic_write_text(out / "rollup.md", report.markdown() + "\n")
+    return report
+
+
+@dataclass
+class RollupZooReport:
+    """:func:`rollup_zoo`'s figures: one :class:`RollupReport` per world, and their summary.
+
+    Attributes:
+        worlds: ``{world name: its report}``, in the zoo's order.
+        summary: ``{column: {"median", "worst", "worst_world", "met"}}`` over the worlds for
+            each target precision (``"precision 0.98"``) and for the bound (``"bound"``):
+            the share of wrong answers cut, and how many worlds meet the bar (cut at least
+            half, at least :data:`MIN_LEAF_SHARE` answered with a class). A target no
+            threshold reaches on a world's held-out images leaves roll-up off there: a cut of 0.
+    """
+
+    worlds: dict[str, RollupReport]
+    summary: dict[str, dict[str, Any]]
+
+    def markdown(self) -> str:
+        columns = list(self.summary)
+        lines = ["| world | wrong, no roll-up | " + " | ".join(f"{c}: cut / with a class" for c in columns)
+                 + " |", "|---|---:|" + "---:|" * len(columns)]
+        for name, report in self.worlds.items():
+            cells = []
+            for column in columns:
+                row = _column_row(report, column)
+                cells.append("unreachable" if row is None else
+                             f"{100 * _cut(report, row):.0f}% / {100 * row.figures.leaf_share:.1f}%")
+            lines.append(f"| {name} | {100 * report.rows[0].wrong:.1f}% | " + " | ".join(cells) + " |")
+        lines.append("")
+        for column, s in self.summary.items():
+            lines.append(f"{column}: cut median {100 * s['median']:.0f}%, worst {100 * s['worst']:.0f}% "
+                         f"({s['worst_world']}); {s['met']} of {len(self.worlds)} worlds cut at least "
+                         f"half with at least {100 * MIN_LEAF_SHARE:.0f}% answered with a class")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"worlds": {n: r.as_dict() for n, r in self.worlds.items()}, "summary": self.summary}
+
+
+def _column_row(report: RollupReport, column: str) -> RollupBenchRow | None:
+    if column == "bound":
+        return next(r for r in report.rows if r.oracle)
+    return next((r for r in report.rows if r.target is not None and f"precision {r.target:g}" == column), None)
+
+
+def _cut(report: RollupReport, row: RollupBenchRow | None) -> float:
+    """The share of the no-roll-up wrong answers that ``row`` removes (0 for no row)."""
+    base = report.rows[0].wrong
+    return 0.0 if row is None or base == 0 else 1.0 - row.wrong / base
+
+
+def rollup_zoo(out_dir: str | Path, n: int | str | None = None, *,
+               precisions: tuple[float, ...] = DEFAULT_PRECISIONS, cache_dir: str | Path | None = None,
+               workers: int = 0, progress: bool = False) -> RollupZooReport:
+    """Roll-up on every world of the zoo (:mod:`hybridcls.bench.zoo`), from the cached towers'
+    outputs: each world's natural tree, the default gate fitted as ``calibrate`` fits it, the
+    thresholds chosen on its held-out seen images, and the bound (:func:`best_test_threshold`).
+
+    Writes ``rollup.md`` and ``rollup.json`` into ``out_dir``.
+
+    Args:
+        out_dir: The zoo's folder (:func:`hybridcls.bench.zoo.run_zoo`).
+        n: Build (or reuse) the first ``n`` worlds of the zoo, or ``"ci"``, first; ``None``:
+            the worlds already built there (:func:`hybridcls.bench.zoo.cached_worlds`).
+        precisions: Target precisions on the held-out seen images.
+        cache_dir: As :func:`hybridcls.bench.zoo.build_world`'s, for worlds still to build.
+        workers: Decoding processes, likewise.
+        progress: Progress bars, likewise.
+
+    Raises:
+        InputError: No world built there (and ``n`` not given).
+
+    Example:
+        >>> report = rollup_zoo("hybridcls-bench-zoo", 8)  # doctest: +SKIP
+        >>> report.summary["bound"]["median"]  # doctest: +SKIP
+    """
+    from hybridcls.bench.zoo import build_world, cached_worlds, load_features, zoo_specs
+    from hybridcls.gate import Gate
+    from hybridcls.synth import World
+
+    out = Path(out_dir)
+    names = None
+    if n is not None:
+        specs = zoo_specs(n)
+        for spec in specs:
+            build_world(out / spec.name, spec, cache_dir=cache_dir, workers=workers, progress=progress)
+        names = [s.name for s in specs]
+    worlds: dict[str, RollupReport] = {}
+    for name in cached_worlds(out, names):
+        t = time.perf_counter()
+        f = load_features(out / name)
+        hierarchy = world_hierarchy(World.load(out / name / "world"), f.class_names)
+        gate = f.fit(Gate())
+        rows, unreachable = rollup_rows(gate.predict(f.test).probs, f.y_test, gate.predict(f.val).probs,
+                                        f.y_val, hierarchy, f.n_seen, precisions)
+        worlds[name] = RollupReport(rows, {"rollup": time.perf_counter() - t},
+                                    {"unreachable": unreachable, "n_test": len(f.y_test),
+                                     "n_held_out": len(f.y_val), "nodes": len(hierarchy.nodes)})
+    summary = {}
+    for column in [f"precision {p:g}" for p in precisions] + ["bound"]:
+        cuts = {name: _cut(r, _column_row(r, column)) for name, r in worlds.items()}
+        met = sum(1 for name, r in worlds.items() if (row := _column_row(r, column)) is not None
+                  and cuts[name] >= 0.5 and row.figures.leaf_share >= MIN_LEAF_SHARE)
+        worst = min(cuts, key=cuts.__getitem__)
+        summary[column] = {"median": statistics.median(cuts.values()), "worst": cuts[worst],
+                           "worst_world": worst, "met": met}
+    report = RollupZooReport(worlds, summary)
     atomic_write_json(out / "rollup.json", report.as_dict())
     atomic_write_text(out / "rollup.md", report.markdown() + "\n")
     return report

@@ -57,6 +57,7 @@ __all__ = [
     "WorldSpec",
     "ZooReport",
     "build_world",
+    "cached_worlds",
     "evaluate_gate",
     "evaluate_zoo",
     "load_features",
@@ -600,6 +601,25 @@ def _num(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
+def cached_worlds(out_dir: str | Path, worlds: Sequence[str] | None = None) -> list[str]:
+    """The names of the worlds to read under ``out_dir``: ``worlds`` when given, else those
+    ``zoo.json`` lists, else every folder with cached features, sorted.
+
+    Raises:
+        InputError: No world found.
+    """
+    out = Path(out_dir)
+    if worlds is None:
+        listed = out / "zoo.json"
+        if listed.is_file():
+            worlds = [w["name"] for w in json.loads(listed.read_text(encoding="utf-8"))["worlds"]]
+        else:
+            worlds = sorted(p.parent.parent.name for p in out.glob(f"*/{FEATURES_DIR}/{_LABELS_FILE}"))
+    if not worlds:
+        raise InputError(f"{out}: no world with cached features; run run_zoo first")
+    return list(worlds)
+
+
 def evaluate_zoo(out_dir: str | Path, gate: GateLike | None = None, *,
                  worlds: Sequence[str] | None = None) -> ZooReport:
     """A gate's figures on every world whose features are cached under ``out_dir``.
@@ -618,14 +638,7 @@ def evaluate_zoo(out_dir: str | Path, gate: GateLike | None = None, *,
         InputError: No world found.
     """
     out = Path(out_dir)
-    if worlds is None:
-        listed = out / "zoo.json"
-        if listed.is_file():
-            worlds = [w["name"] for w in json.loads(listed.read_text(encoding="utf-8"))["worlds"]]
-        else:
-            worlds = sorted(p.parent.parent.name for p in out.glob(f"*/{FEATURES_DIR}/{_LABELS_FILE}"))
-    if not worlds:
-        raise InputError(f"{out}: no world with cached features; run run_zoo first")
+    worlds = cached_worlds(out, worlds)
     results, seconds = [], {}
     for name in worlds:
         t = time.perf_counter()

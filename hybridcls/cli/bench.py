@@ -1,4 +1,5 @@
-"""``hybridcls bench quality`` (with ``--zoo``), ``fewshot``, ``speed`` and ``memory``: benchmarks that print figures, offline."""
+"""``hybridcls bench quality`` (with ``--zoo``), ``fewshot``, ``rollup`` (with ``--zoo``), ``sites``, ``speed`` and
+``memory``: benchmarks that print figures, offline."""
 
 from __future__ import annotations
 
@@ -129,15 +130,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     help="skip the one-image run that fills the text cache (the first run then builds it)")
     me.set_defaults(run=run_memory)
     ru = sub.add_parser("rollup", help="wrong answers without and with roll-up to a coarser label "
-                                       "(shape > colour and shape > class) on the synthetic world")
-    ru.add_argument("--out", default=_QUALITY_OUT, metavar="DIR",
-                    help="working folder, shared with `bench quality` (its world and run are reused); "
-                         "rollup.md and rollup.json go here (default: %(default)s)")
+                                       "(shape > colour and shape > class) on the synthetic world "
+                                       "(or on the zoo's worlds: --zoo)")
+    ru.add_argument("--out", default=None, metavar="DIR",
+                    help="working folder, shared with `bench quality` (its world and run are reused; "
+                         "with --zoo, the zoo's folder and worlds); rollup.md and rollup.json go here "
+                         f"(default: {_QUALITY_OUT}, or {_ZOO_OUT} with --zoo)")
+    ru.add_argument("--zoo", default=None, metavar="N",
+                    help="on the first N worlds of `bench quality --zoo` (1 to 8; 'ci' for two tiny "
+                         "ones), from their cached outputs (worlds not built yet are built)")
+    ru.add_argument("--cache-dir", default=None, metavar="DIR",
+                    help="with --zoo: as for `bench quality --zoo`")
     ru.add_argument("--precisions", type=float, nargs="+", default=None, metavar="P",
                     help="target precisions on the held-out seen images (default: 0.9 0.95 0.98 0.99)")
-    ru.add_argument("--seed", type=int, default=0, help="world seed (default: %(default)s)")
-    ru.add_argument("--epochs", type=int, default=8,
-                    help="supervised training epochs, when the run is not there yet (default: %(default)s)")
+    ru.add_argument("--seed", type=int, default=None, help="world seed (default: 0)")
+    ru.add_argument("--epochs", type=int, default=None,
+                    help="supervised training epochs, when the run is not there yet (default: 8)")
     ru.add_argument("--workers", type=int, default=0, metavar="N")
     ru.add_argument("-q", "--quiet", action="store_true")
     ru.set_defaults(run=run_rollup)
@@ -183,9 +191,23 @@ def run_rollup(args: argparse.Namespace) -> int:
             check_threshold(precision, "rollup_precision")
         except ParameterError as err:  # the rule of HybridClassifier's rollup_precision, this flag's
             raise UsageError(f"--precisions {precision:g}: {err.reason}") from None
-    out = Path(args.out)
-    report = bench(out, seed=args.seed, epochs=args.epochs, workers=args.workers,
-                   progress=not args.quiet, precisions=tuple(args.precisions or DEFAULT_PRECISIONS))
+    precisions = tuple(args.precisions or DEFAULT_PRECISIONS)
+    if args.zoo is not None:
+        from hybridcls.bench.rollup import rollup_zoo
+
+        n = _zoo_worlds(args, (("--seed", args.seed), ("--epochs", args.epochs)))
+        out = Path(args.out or _ZOO_OUT)
+        zoo = rollup_zoo(out, n, precisions=precisions, cache_dir=args.cache_dir, workers=args.workers,
+                         progress=not args.quiet)
+        print(zoo.markdown())
+        print(f"wrote {out / 'rollup.md'} and rollup.json")
+        return 0
+    if args.cache_dir is not None:
+        raise UsageError("--cache-dir applies to --zoo only (the single world caches in --out)")
+    out = Path(args.out or _QUALITY_OUT)
+    report = bench(out, seed=0 if args.seed is None else args.seed,
+                   epochs=8 if args.epochs is None else args.epochs, workers=args.workers,
+                   progress=not args.quiet, precisions=precisions)
     print(report.markdown())
     print("\ntimes (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
     print(f"wrote {out / 'rollup.md'} and rollup.json")
@@ -240,13 +262,15 @@ def run_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_zoo(args: argparse.Namespace) -> int:
-    from hybridcls.bench.zoo import ZOO
-    from hybridcls.bench.zoo import run_zoo as bench
+def _zoo_worlds(args: argparse.Namespace, world_flags: tuple[tuple[str, object], ...]) -> int | str:
+    """``--zoo``'s number of worlds (or ``"ci"``), after refusing the flags each world sets itself.
 
-    given = [flag for flag, value in (("--seed", args.seed), ("--epochs", args.epochs),
-                                      ("--model", args.model), ("--image-size", args.image_size))
-             if value is not None]
+    Raises:
+        UsageError: One of ``world_flags`` (``(flag, value)``) given, or ``--zoo`` out of range.
+    """
+    from hybridcls.bench.zoo import ZOO
+
+    given = [flag for flag, value in world_flags if value is not None]
     if given:
         raise UsageError(f"{', '.join(given)}: each world of --zoo sets its own (see docs/synthetic.md)")
     n: int | str = args.zoo
@@ -257,6 +281,14 @@ def run_zoo(args: argparse.Namespace) -> int:
             n = 0
         if not 1 <= n <= len(ZOO):
             raise UsageError(f"--zoo takes a number of worlds from 1 to {len(ZOO)}, or 'ci'; got {args.zoo!r}")
+    return n
+
+
+def run_zoo(args: argparse.Namespace) -> int:
+    from hybridcls.bench.zoo import run_zoo as bench
+
+    n = _zoo_worlds(args, (("--seed", args.seed), ("--epochs", args.epochs), ("--model", args.model),
+                           ("--image-size", args.image_size)))
     out = Path(args.out or _ZOO_OUT)
     report = bench(out, n, cache_dir=args.cache_dir, workers=args.workers, progress=not args.quiet,
                    log=None if args.quiet else print)
