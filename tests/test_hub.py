@@ -124,6 +124,10 @@ def test_predict_takes_a_saved_folder_as_its_checkpoint(clf, saved, tiny_hybrid,
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"hybridcls predict: error: --checkpoint {tmp_path / 'nowhere'}: no such folder, and not "
         "a Hugging Face Hub repo id (ORG/NAME)")
+    assert main(["predict", *images, "--checkpoint", str(saved / "hybrid.json"), "-q"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"hybridcls predict: error: --checkpoint {saved / 'hybrid.json'}: a file, not a folder (a "
+        "run directory, or a folder from save_pretrained)")
 
 
 def test_predict_and_explain_take_a_hub_repo_id(saved, hub_cache, tiny_hybrid, tmp_path, monkeypatch,

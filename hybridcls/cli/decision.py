@@ -5,7 +5,9 @@ and the classifier they build, so that ``explain`` shows the decision ``predict`
 class lists (``--allowed-classes``, ``--site-classes``) and the few-shot ``--support`` images
 are declared once here (:func:`add_decision_arguments`), checked before any model loads
 (:func:`check_decision_arguments`, :func:`site_classes_from_args`) and handed to the
-classifier in one place (:func:`classifier_from_args`).
+classifier in one place (:func:`classifier_from_args`). ``--checkpoint`` (a run directory, a
+``save_pretrained`` folder or its Hub repo id, ``--revision``) is read once, before them
+(:func:`saved_folder_prompts`).
 """
 
 from __future__ import annotations
