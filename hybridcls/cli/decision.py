@@ -60,11 +60,11 @@ def saved_folder_prompts(args: argparse.Namespace) -> str | None:
     from hybridcls.pretrained import HYBRID_FILE, PROMPTS_FILE
 
     checkpoint, revision = args.checkpoint, getattr(args, "revision", None)
-    if revision is not None and (checkpoint is None or Path(checkpoint).is_dir()):
+    if revision is not None and (not checkpoint or Path(checkpoint).is_dir()):
         raise UsageError(f"--revision {revision}: " + (
             f"--checkpoint {checkpoint} is a folder here; --revision chooses a version of a Hub repo"
             if checkpoint else "needs --checkpoint ORG/NAME, a Hugging Face Hub repo id"))
-    if checkpoint is None:
+    if not checkpoint:
         if not prompts_from_args(args):
             raise UsageError("--prompts or --classes is needed")
         return None
