@@ -368,6 +368,8 @@ CASES = {
     "site_classes": _rows_change(lambda s: ["--site-classes", str(s["sites"])]),
     "support": _support,
     "checkpoint": _checkpoint,
+    # a version of a Hub repo id as --checkpoint (acts: test_hub.py); a run directory or none: refused
+    "revision": _refused_with(["--revision", "v1"], "--revision v1"),
     "mode": _mode,
     "cascade": _cascade,
     "topk": _rows_change(["--topk", "1"]),

@@ -3,6 +3,7 @@ cache stands for the Hub, and the upload is caught before it leaves the process.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import socket
@@ -60,6 +61,23 @@ def _images(tiny_hybrid) -> list[Path]:
     return sorted(Path(tiny_hybrid["world"].test_dir).glob("*.png"))
 
 
+def _runtime_flags(tiny_hybrid, *, cache_dir: bool = True) -> list[str]:
+    """``tiny_hybrid``'s flags without those a saved folder fixes (CLIP, prompts, templates),
+    and without ``--cache-dir`` unless ``cache_dir``."""
+    flags = tiny_hybrid["common"]  # pairs of flag and value
+    fixed = ("--prompts", "--templates", "--clip-model") + (() if cache_dir else ("--cache-dir",))
+    return [a for flag, value in zip(flags[::2], flags[1::2]) if flag not in fixed for a in (flag, value)]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _error(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_a_repo_id_in_the_cache_predicts_as_the_saved_model(clf, saved, hub_cache, tiny_hybrid):
     snapshot = _place(saved, hub_cache, "org/tiny-hybrid")
     again = HybridClassifier.from_pretrained("org/tiny-hybrid", device="cpu", workers=0, progress=False)
@@ -77,25 +95,17 @@ def test_a_repo_id_in_the_cache_predicts_as_the_saved_model(clf, saved, hub_cach
 def test_predict_takes_a_saved_folder_as_its_checkpoint(clf, saved, tiny_hybrid, tmp_path, capsys):
     """``hybridcls predict --checkpoint FOLDER`` without ``--prompts``: the folder's own prompts,
     and the rows the run directory gives with them; a run directory still needs the prompts."""
-    import csv
-
     from hybridcls.cli import main
 
-    flags = tiny_hybrid["common"]  # pairs of flag and value
-    # the runtime's flags alone: the folder fixes its CLIP, prompts and templates
-    common = [a for flag, value in zip(flags[::2], flags[1::2])
-              if flag not in ("--prompts", "--templates", "--clip-model") for a in (flag, value)]
+    common = _runtime_flags(tiny_hybrid)
     images = [str(p) for p in _images(tiny_hybrid)]
     assert main(["predict", *images, "--checkpoint", str(saved), *common, "-q",
                  "-o", str(tmp_path / "saved.csv")]) == 0
     assert main(["predict", *images, "--checkpoint", str(tiny_hybrid["run"]), *tiny_hybrid["common"],
                  "-q", "-o", str(tmp_path / "run.csv")]) == 0
 
-    def rows(name: str) -> list[tuple[str, str, str]]:
-        with open(tmp_path / name, encoding="utf-8", newline="") as f:
-            return [(r["path"], r["label"], r["score"]) for r in csv.DictReader(f)]
-
-    assert rows("saved.csv") == rows("run.csv") and len(rows("run.csv")) == len(images)
+    assert _rows(tmp_path / "saved.csv") == _rows(tmp_path / "run.csv")
+    assert len(_rows(tmp_path / "run.csv")) == len(images)
     capsys.readouterr()
     assert main(["predict", *images, "--checkpoint", str(tiny_hybrid["run"]), *common, "-q"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -109,10 +119,102 @@ def test_predict_takes_a_saved_folder_as_its_checkpoint(clf, saved, tiny_hybrid,
         f"save_pretrained folder {saved} fixes its CLIP model, prompts and templates (its "
         "class-text matrix is built from them); give the run directory it was saved from as "
         "--checkpoint, with --prompts, to change them")
+    # an absolute path is no repo id: said at once, no Hub asked
     assert main(["predict", *images, "--checkpoint", str(tmp_path / "nowhere"), "-q"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"hybridcls predict: error: --checkpoint {tmp_path / 'nowhere'}: no such folder (a run "
-        "directory, or a folder from save_pretrained)")
+        f"hybridcls predict: error: --checkpoint {tmp_path / 'nowhere'}: no such folder, and not "
+        "a Hugging Face Hub repo id (ORG/NAME)")
+    assert main(["predict", *images, "--checkpoint", str(saved / "hybrid.json"), "-q"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"hybridcls predict: error: --checkpoint {saved / 'hybrid.json'}: a file, not a folder (a "
+        "run directory, or a folder from save_pretrained)")
+
+
+def test_predict_and_explain_take_a_hub_repo_id(saved, hub_cache, tiny_hybrid, tmp_path, monkeypatch,
+                                                capsys):
+    """``--checkpoint ORG/NAME``: the repo's cached snapshot, as ``from_pretrained`` finds it
+    (HF_HUB_CACHE, or ``--cache-dir``; ``hf-hub:`` spelling; ``--revision``; offline), predicts the
+    rows of the saved folder it holds; a folder here of the same spelling wins."""
+    from hybridcls.cli import main
+
+    monkeypatch.setenv("HYBRIDCLS_CACHE_DIR", str(tmp_path / "text-cache"))  # not the user's
+    images = [str(p) for p in _images(tiny_hybrid)]
+    flags = _runtime_flags(tiny_hybrid, cache_dir=False)
+    _place(saved, hub_cache, "org/tiny-hybrid")
+    elsewhere = tmp_path / "elsewhere"  # --cache-dir is the Hub cache too, as cache_dir= is
+    _place(saved, elsewhere, "org/other-name")
+
+    def predict(checkpoint: str, out: str, *extra: str) -> int:
+        return main(["predict", *images, "--checkpoint", checkpoint, *flags, *extra, "-q",
+                     "-o", str(tmp_path / out)])
+
+    assert predict(str(saved), "folder.csv") == 0
+    expected = _rows(tmp_path / "folder.csv")
+    assert len(expected) == len(images) and {r["status"] for r in expected} == {"ok"}
+    assert predict("org/tiny-hybrid", "repo.csv") == 0
+    assert predict("hf-hub:org/other-name", "spelled.csv", "--revision", REVISION,
+                   "--cache-dir", str(elsewhere)) == 0
+    here = tmp_path / "here"
+    shutil.copytree(saved, here / "org" / "not-in-the-cache")
+    monkeypatch.chdir(here)  # a folder of a repo id's spelling: the folder, never the Hub
+    assert predict("org/not-in-the-cache", "local.csv") == 0
+    for name in ("repo.csv", "spelled.csv", "local.csv"):
+        assert _rows(tmp_path / name) == expected, name
+    # explain loads the same saved classifier from the repo: its record names the same model
+    log = tmp_path / "explain.json"
+    assert main(["explain", images[0], "--checkpoint", "org/tiny-hybrid", *flags, "--neighbours", "0",
+                 "-q", "-o", str(tmp_path / "explain"), "--log", str(log)]) == 0
+    meta = json.loads((saved / "hybrid.json").read_text(encoding="utf-8"))
+    assert json.loads(log.read_text(encoding="utf-8"))["models"]["model_version"] == meta["model_version"]
+    capsys.readouterr()
+    # a repo that is not in the cache, offline: the flag, the repo and why, before anything loads
+    for command in ("predict", "explain"):
+        assert main([command, images[0], "--checkpoint", "org/absent", *flags, "-q",
+                     "-o", str(tmp_path / f"absent-{command}")]) == 2
+        assert _error(capsys) == (
+            f"hybridcls {command}: error: --checkpoint org/absent: not a local folder, and the Hub "
+            "repo is not in the Hugging Face cache while downloads are off (HF_HUB_OFFLINE is set); "
+            "run once with network access to cache it, or pass the folder of a saved "
+            "HybridClassifier")
+        assert not (tmp_path / f"absent-{command}").exists()
+    assert predict("org/tiny-hybrid", "v2.csv", "--revision", "v2") == 2
+    assert _error(capsys).startswith("hybridcls predict: error: --checkpoint org/tiny-hybrid: not a "
+                                     "local folder, and the Hub repo is not in the Hugging Face "
+                                     "cache at revision v2 while downloads are off")
+    assert predict(str(saved), "rev.csv", "--revision", "v2") == 2
+    assert _error(capsys) == (f"hybridcls predict: error: --revision v2: --checkpoint {saved} is a "
+                              "folder here; --revision chooses a version of a Hub repo")
+    assert main(["predict", *images, "--prompts", str(tiny_hybrid["world"].prompts_file),
+                 "--revision", "v2", "-q"]) == 2
+    assert _error(capsys) == ("hybridcls predict: error: --revision v2: needs --checkpoint ORG/NAME, "
+                              "a Hugging Face Hub repo id")
+    # a repo that holds another kind of folder
+    _place(tiny_hybrid["run"], hub_cache, "org/a-run")
+    assert predict("org/a-run", "run.csv") == 2
+    assert _error(capsys) == ("hybridcls predict: error: --checkpoint org/a-run: the Hub repo holds no "
+                              "hybrid.json: not a folder from save_pretrained")
+    assert not any((tmp_path / name).exists() for name in ("v2.csv", "rev.csv", "run.csv"))
+
+
+def test_a_saved_folder_refuses_prompts(saved, tiny_hybrid, tmp_path, capsys):
+    """A saved folder with ``--prompts`` / ``--classes`` was loaded as a run directory: the
+    folder's gate (and support images, labelled by its own classes) with a class-text matrix
+    built from the user's file. The folder fixes its classes: refused, before anything loads."""
+    from hybridcls.cli import main
+
+    world = tiny_hybrid["world"]
+    images = [str(p) for p in _images(tiny_hybrid)]
+    common = _runtime_flags(tiny_hybrid)
+    for command in ("predict", "explain"):
+        for flag, value in (("--prompts", str(world.prompts_file)), ("--classes", "fox,elk")):
+            assert main([command, *images, "--checkpoint", str(saved), flag, value, *common, "-q",
+                         "-o", str(tmp_path / command)]) == 2
+            assert _error(capsys) == (
+                f"hybridcls {command}: error: {flag} {value}: the save_pretrained folder {saved} "
+                "fixes its CLIP model, prompts and templates (its class-text matrix is built from "
+                "them); give the run directory it was saved from as --checkpoint, with --prompts, "
+                "to change them")
+            assert not (tmp_path / command).exists()
 
 
 def test_cache_dir_is_the_hub_cache_too(saved, tmp_path):

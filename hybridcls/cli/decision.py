@@ -5,7 +5,9 @@ and the classifier they build, so that ``explain`` shows the decision ``predict`
 class lists (``--allowed-classes``, ``--site-classes``) and the few-shot ``--support`` images
 are declared once here (:func:`add_decision_arguments`), checked before any model loads
 (:func:`check_decision_arguments`, :func:`site_classes_from_args`) and handed to the
-classifier in one place (:func:`classifier_from_args`).
+classifier in one place (:func:`classifier_from_args`). ``--checkpoint`` (a run directory, a
+``save_pretrained`` folder or its Hub repo id, ``--revision``) is read once, before them
+(:func:`saved_folder_prompts`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from hybridcls.cli.common import (
 
 __all__ = [
     "add_decision_arguments",
+    "add_revision_argument",
     "check_decision_arguments",
     "classifier_from_args",
     "rollup_given",
@@ -32,32 +35,74 @@ __all__ = [
 ]
 
 
-def saved_folder_prompts(args: argparse.Namespace) -> str:
-    """``--prompts``' default for ``predict`` and ``explain`` without ``--prompts`` /
-    ``--classes``: the prompts file of a ``save_pretrained`` folder given as ``--checkpoint``.
+def saved_folder_prompts(args: argparse.Namespace) -> str | None:
+    """The prompts ``--checkpoint`` carries, for ``predict`` and ``explain``: a ``save_pretrained``
+    folder's ``prompts.txt``, or None (a run directory, or no ``--checkpoint``: ``--prompts`` /
+    ``--classes`` name the classes).
+
+    A ``--checkpoint`` that is no folder here is a Hugging Face Hub repo id (``ORG/NAME``,
+    ``hf-hub:ORG/NAME``), fetched as :meth:`~hybridcls.HybridClassifier.from_pretrained` fetches
+    it (:func:`hybridcls.hub.pretrained_folder`: ``--revision``, ``--cache-dir`` as the Hub cache
+    too, nothing downloaded when ``HF_HUB_OFFLINE`` is set); ``args.checkpoint`` becomes its
+    snapshot's folder, which every later reader of the flag reads. A folder here wins over a
+    repo id of the same spelling.
 
     Raises:
-        UsageError: No such folder (a run directory needs the prompts; a ``--checkpoint`` that
-            is not here is named), or ``--clip-model`` / ``--templates`` with one: the folder
-            fixes them (its class-text matrix is built from them).
+        UsageError: A ``--checkpoint`` that is neither a folder here nor a repo id in the cache
+            or on the Hub (named, with why), a repo that is not a ``save_pretrained`` folder;
+            ``--revision`` without a repo id; a run directory without ``--prompts`` /
+            ``--classes``; a saved folder with ``--prompts``, ``--classes``, ``--clip-model`` or
+            ``--templates``: the folder fixes them (its class-text matrix is built from them,
+            its gate's support images are labelled by its classes).
     """
+    from hybridcls.errors import CheckpointError, WeightsUnavailableError
+    from hybridcls.hub import pretrained_folder
     from hybridcls.pretrained import HYBRID_FILE, PROMPTS_FILE
 
-    checkpoint = args.checkpoint
-    if checkpoint is not None and not Path(checkpoint).is_dir():
-        raise UsageError(f"--checkpoint {checkpoint}: no such folder (a run directory, or a folder "
-                         "from save_pretrained)")
-    if checkpoint is None or not (Path(checkpoint) / HYBRID_FILE).is_file():
-        raise UsageError("--prompts or --classes is needed" + (
-            f": {checkpoint} is a run directory, not a save_pretrained folder (which carries its "
-            "prompts)" if checkpoint else ""))
-    for flag, value in (("--clip-model", args.clip_model), ("--templates", args.templates)):
+    checkpoint, revision = args.checkpoint, getattr(args, "revision", None)
+    if revision is not None and (not checkpoint or Path(checkpoint).is_dir()):
+        raise UsageError(f"--revision {revision}: " + (
+            f"--checkpoint {checkpoint} is a folder here; --revision chooses a version of a Hub repo"
+            if checkpoint else "needs --checkpoint ORG/NAME, a Hugging Face Hub repo id"))
+    if not checkpoint:
+        if not prompts_from_args(args):
+            raise UsageError("--prompts or --classes is needed")
+        return None
+    if not Path(checkpoint).is_dir():
+        if Path(checkpoint).exists():
+            raise UsageError(f"--checkpoint {checkpoint}: a file, not a folder (a run directory, "
+                             "or a folder from save_pretrained)")
+        try:
+            folder = pretrained_folder(checkpoint, revision=revision, cache_dir=args.cache_dir)
+        except (CheckpointError, WeightsUnavailableError) as exc:
+            # its messages start with the name given
+            raise UsageError(f"--checkpoint {exc}") from None
+        if not (folder / HYBRID_FILE).is_file():
+            raise UsageError(f"--checkpoint {checkpoint}: the Hub repo holds no {HYBRID_FILE}: "
+                             "not a folder from save_pretrained")
+        args.checkpoint = checkpoint = str(folder)
+    if not (Path(checkpoint) / HYBRID_FILE).is_file():
+        if not prompts_from_args(args):
+            raise UsageError(f"--prompts or --classes is needed: {checkpoint} is a run directory, "
+                             "not a save_pretrained folder (which carries its prompts)")
+        return None
+    classes = getattr(args, "classes", None)
+    for flag, value in (("--prompts", args.prompts), ("--classes", classes and ",".join(classes)),
+                        ("--clip-model", args.clip_model), ("--templates", args.templates)):
         if value is not None:
             raise UsageError(f"{flag} {value}: the save_pretrained folder {checkpoint} fixes its CLIP "
                              "model, prompts and templates (its class-text matrix is built from "
                              "them); give the run directory it was saved from as --checkpoint, "
                              "with --prompts, to change them")
     return str(Path(checkpoint) / PROMPTS_FILE)
+
+
+def add_revision_argument(group: argparse._ActionsContainer) -> None:
+    """``--revision``: the version of a Hub repo given as ``--checkpoint``
+    (:meth:`~hybridcls.HybridClassifier.from_pretrained`'s ``revision``)."""
+    group.add_argument("--revision", default=None, metavar="REV",
+                       help="with a Hugging Face Hub repo id as --checkpoint: its branch, tag or "
+                            "commit (default: main)")
 
 
 def add_decision_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

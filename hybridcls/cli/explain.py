@@ -11,10 +11,10 @@ from hybridcls.cli.common import (
     add_clip_arguments,
     add_runtime_arguments,
     hybrid_parameters,
-    prompts_from_args,
 )
 from hybridcls.cli.decision import (
     add_decision_arguments,
+    add_revision_argument,
     check_decision_arguments,
     classifier_from_args,
     saved_folder_prompts,
@@ -37,7 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder, glob or list file")
     parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                        help="calibrated run directory, or a folder from save_pretrained")
+                        help="calibrated run directory, or a folder from save_pretrained or its "
+                             "Hugging Face Hub repo id, ORG/NAME")
+    add_revision_argument(parser)
     # A save_pretrained folder carries its prompts; a bare run directory needs them.
     add_clip_arguments(parser, prompts_required=False)
     # predict's decision flags, so that the page shows the decision predict makes with them
@@ -56,12 +58,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _saved_folder(args: argparse.Namespace) -> Path | None:
-    """``--checkpoint`` as a ``save_pretrained`` folder, which carries its prompts; None: a run
-    directory, read with ``--prompts`` / ``--classes``."""
-    if prompts_from_args(args):
-        return None
-    saved_folder_prompts(args)  # refuses a run directory, and the flags the folder fixes
-    return Path(args.checkpoint)
+    """``--checkpoint`` as a ``save_pretrained`` folder (a Hub repo's: its snapshot), which carries
+    its prompts; None: a run directory, read with ``--prompts`` / ``--classes``."""
+    # refuses a run directory without prompts, and the flags a saved folder fixes
+    return None if saved_folder_prompts(args) is None else Path(args.checkpoint)
 
 
 def _classifier(args: argparse.Namespace, site_classes: object, folder: Path | None):

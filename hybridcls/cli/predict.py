@@ -27,6 +27,7 @@ from hybridcls.cli.common import (
 )
 from hybridcls.cli.decision import (
     add_decision_arguments,
+    add_revision_argument,
     check_decision_arguments,
     classifier_from_args,
     rollup_given,
@@ -61,8 +62,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     hy = parser.add_argument_group("hybrid (with a trained and calibrated supervised branch)")
     hy.add_argument("--checkpoint", metavar="RUN_DIR",
                     help="run directory from `hybridcls train` + `hybridcls calibrate`, or a folder "
-                         "from save_pretrained (its prompts.txt is the default --prompts); "
-                         "without it, predictions are zero-shot only")
+                         "from save_pretrained or its Hugging Face Hub repo id, ORG/NAME (which "
+                         "carry their prompts: no --prompts); without it, predictions are "
+                         "zero-shot only")
+    add_revision_argument(hy)
     hy.add_argument("--mode", choices=MODES, default=None,
                     help="override the calibrated decision mode (needs --checkpoint)")
     hy.add_argument("--cascade", action="store_true",
@@ -97,8 +100,7 @@ def _validate(args: argparse.Namespace) -> None:
     """What only the command line can get wrong; every other value is checked where it is used."""
     if args.topk < 1:
         raise UsageError(f"--topk must be at least 1, got {args.topk}")
-    if not prompts_from_args(args):
-        args.prompts = saved_folder_prompts(args)
+    args.prompts = saved_folder_prompts(args) or args.prompts
     if isinstance(args.shard, str):
         args.shard = ShardSpec.parse(args.shard)
     if not args.checkpoint:
