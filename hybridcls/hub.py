@@ -88,16 +88,19 @@ def pretrained_folder(name_or_path: str | os.PathLike[str], *, revision: str | N
                 local_files_only=offline or local_files_only,
                 library_name="hybridcls", library_version=__version__)
     except LocalEntryNotFoundError as exc:
-        why = "HF_HUB_OFFLINE is set" if offline else "local_files_only=True"
+        # huggingface_hub raises this one too when downloads are on but the Hub cannot be reached
+        why = ("downloads are off (HF_HUB_OFFLINE is set)" if offline else
+               "downloads are off (local_files_only=True)" if local_files_only else
+               "the Hub cannot be reached")
         raise WeightsUnavailableError(
-            f"{repo_id}: not a local folder, and the Hub repo is not in the {where}"
-            f"{f' at revision {revision}' if revision else ''} while downloads are off ({why}); "
+            f"{repo_id}: no such local folder, and the Hub repo is not in the {where}"
+            f"{f' at revision {revision}' if revision else ''} while {why}; "
             "run once with network access to cache it, or pass the folder of a saved "
             "HybridClassifier") from exc
     except Exception as exc:  # huggingface_hub's HTTP and repository errors: say which repo
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WeightsUnavailableError(
-            f"{repo_id}: not a local folder, and the Hub repo cannot be downloaded ({first})"
+            f"{repo_id}: no such local folder, and the Hub repo cannot be downloaded ({first})"
         ) from exc
     return Path(folder)
 

@@ -172,13 +172,13 @@ def test_predict_and_explain_take_a_hub_repo_id(saved, hub_cache, tiny_hybrid, t
         assert main([command, images[0], "--checkpoint", "org/absent", *flags, "-q",
                      "-o", str(tmp_path / f"absent-{command}")]) == 2
         assert _error(capsys) == (
-            f"hybridcls {command}: error: --checkpoint org/absent: not a local folder, and the Hub "
+            f"hybridcls {command}: error: --checkpoint org/absent: no such local folder, and the Hub "
             "repo is not in the Hugging Face cache while downloads are off (HF_HUB_OFFLINE is set); "
             "run once with network access to cache it, or pass the folder of a saved "
             "HybridClassifier")
         assert not (tmp_path / f"absent-{command}").exists()
     assert predict("org/tiny-hybrid", "v2.csv", "--revision", "v2") == 2
-    assert _error(capsys).startswith("hybridcls predict: error: --checkpoint org/tiny-hybrid: not a "
+    assert _error(capsys).startswith("hybridcls predict: error: --checkpoint org/tiny-hybrid: no such "
                                      "local folder, and the Hub repo is not in the Hugging Face "
                                      "cache at revision v2 while downloads are off")
     assert predict(str(saved), "rev.csv", "--revision", "v2") == 2
@@ -230,7 +230,7 @@ def test_a_repo_not_in_the_cache_offline_is_named(hub_cache):
     with pytest.raises(WeightsUnavailableError) as err:
         HybridClassifier.from_pretrained("org/absent", device="cpu")
     msg = str(err.value)
-    assert msg.startswith("org/absent: not a local folder, and the Hub repo is not in the Hugging Face cache")
+    assert msg.startswith("org/absent: no such local folder, and the Hub repo is not in the Hugging Face cache")
     assert "HF_HUB_OFFLINE is set" in msg
 
 
@@ -246,6 +246,25 @@ def test_local_files_only_is_named_when_it_stops_the_download(tmp_path, monkeypa
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     with pytest.raises(WeightsUnavailableError, match=rf"org/absent: .* cache {tmp_path} .*local_files_only=True"):
         HybridClassifier.from_pretrained("org/absent", local_files_only=True, cache_dir=str(tmp_path))
+
+
+def test_an_unreachable_hub_is_not_called_offline(tmp_path, monkeypatch):
+    """huggingface_hub raises LocalEntryNotFoundError when it cannot reach the Hub with
+    downloads on, too: the message says the Hub cannot be reached, not that downloads are off."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("connection error, and the file is not in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(WeightsUnavailableError) as err:
+        HybridClassifier.from_pretrained("runs/awa3", cache_dir=str(tmp_path))
+    assert str(err.value).startswith(f"runs/awa3: no such local folder, and the Hub repo is not in the "
+                                     f"cache {tmp_path} while the Hub cannot be reached; ")
 
 
 def test_a_folder_takes_no_revision_and_a_bad_name_is_neither(saved, tmp_path):
