@@ -494,14 +494,19 @@ def test_a_run_that_diverges_in_its_first_epoch_leaves_no_folder(data, tmp_path,
     assert not out.exists()
 
 
-def test_a_run_that_diverges_later_keeps_the_epochs_before(data, tmp_path, monkeypatch):
+def _val_loss_from_epoch(monkeypatch, epoch: int, value: float) -> None:
+    """From ``epoch`` (1-based) on, the validation loss is ``value``."""
     validate = Trainer._validate
 
-    def nan_from_epoch_2(self):
+    def broken(self):
         record = validate(self)
-        return {**record, "val_loss": float("nan")} if self.epoch >= 1 else record
+        return {**record, "val_loss": value} if self.epoch + 1 >= epoch else record
 
-    monkeypatch.setattr(Trainer, "_validate", nan_from_epoch_2)
+    monkeypatch.setattr(Trainer, "_validate", broken)
+
+
+def test_a_run_that_diverges_later_keeps_the_epochs_before(data, tmp_path, monkeypatch):
+    _val_loss_from_epoch(monkeypatch, 2, float("nan"))
     out = tmp_path / "out"
     with pytest.raises(InputError) as info:
         train(data, out, epochs=3, **FAST)
@@ -845,13 +850,7 @@ def test_a_diverged_run_is_recorded_said_on_load_and_refused_by_resume_and_the_b
 
 def test_a_divergence_of_the_validation_loss_alone_names_no_update_and_a_clipped_run_a_lower_clip(
         data, tmp_path, monkeypatch):
-    validate = Trainer._validate
-
-    def nan_from_epoch_3(self):
-        record = validate(self)
-        return {**record, "val_loss": float("inf")} if self.epoch >= 2 else record
-
-    monkeypatch.setattr(Trainer, "_validate", nan_from_epoch_3)
+    _val_loss_from_epoch(monkeypatch, 3, float("inf"))
     out = tmp_path / "out"
     with pytest.raises(InputError) as info:
         train(data, out, epochs=3, clip_grad=0.5, lr=0.002, **FAST)
