@@ -51,7 +51,7 @@ from hybridcls.supervised.checkpoint import checkpoint_identity
 from hybridcls.support import refit_support, support_parameter
 from hybridcls.train import TrainConfig, train
 from hybridcls.train.data import recorded_image_check, resolve_training_data
-from hybridcls.train.state import unfinished_training
+from hybridcls.train.state import diverged_training, unfinished_training
 from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from hybridcls.zeroshot.gate_clip import (
     CLIP_PARAMETERS,
@@ -275,8 +275,13 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         settings = RuntimeSettings.of(self)
         device = resolve_device(settings.device)
         model, config = load_checkpoint(run_dir, device)
-        stopped = unfinished_training(run_dir)
-        if stopped is not None:
+        stopped, diverged = unfinished_training(run_dir), diverged_training(run_dir)
+        if diverged is not None:
+            warnings.warn(f"{run_dir}: its training diverged in {diverged.describe()}, so its "
+                          f"weights are those of epoch {diverged.best_epoch}, the best before it; "
+                          "resuming it would diverge again: train a new run with "
+                          f"{diverged.remedy()}", HybridclsWarning, stacklevel=3)
+        elif stopped is not None:
             warnings.warn(f"{run_dir}: its training was interrupted after {stopped}, so its weights "
                           "are those of its best epoch so far; finish it with "
                           f"train(data_dir={config.get('data_dir') or 'DIR'!r}, "

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hybridcls.errors import InputError
+from hybridcls.errors import CheckpointError, InputError, ParameterError
 from hybridcls.gate import BranchOutputs, Gate
 
 
@@ -59,3 +60,27 @@ def test_an_unfitted_gate_refuses_to_predict(data: dict) -> None:
     # a zero-shot gate has nothing to fit: it decides by CLIP alone
     zs = Gate.zero_shot().predict(BranchOutputs(clip_logits=np.array([[0.0, 2.0]])))
     assert zs.pred.tolist() == [1] and zs.branch.tolist() == ["zeroshot"]
+
+
+def test_gate_json_records_its_number_of_seen_classes_and_load_checks_it(data: dict,
+                                                                          tmp_path: Path) -> None:
+    gate = Gate(method="tpr", score="energy", cache_branch="off")
+    gate.fit(data["train"], data["y_train"], data["val"], data["y_val"], class_names=data["names"])
+    gate.save(tmp_path)
+    assert json.loads((tmp_path / "gate.json").read_text(encoding="utf-8"))["n_seen"] == data["S"]
+    # n_seen is optional: the file's number is used, and the gate decides as with it given
+    loaded = Gate.load(tmp_path)
+    assert loaded.n_seen_ == data["S"]
+    np.testing.assert_array_equal(loaded.predict(data["test"]).probs,
+                                  Gate.load(tmp_path, n_seen=data["S"]).predict(data["test"]).probs)
+    with pytest.raises(CheckpointError) as info:
+        Gate.load(tmp_path, n_seen=4)
+    assert str(info.value) == (f"{tmp_path / 'gate.json'}: calibrated for 3 seen classes, not the 4 "
+                               f"of n_seen=4: it belongs to another run; delete it and calibrate "
+                               f"this run again")
+    # a gate set by hand records the number it is given, and refuses another than its own
+    manual = Gate.from_calibration(gate.calibration_.replace(n_seen=None), n_seen=3)
+    assert manual.calibration_.n_seen == 3
+    with pytest.raises(ParameterError) as info:
+        Gate.from_calibration(gate.calibration_, n_seen=2)
+    assert str(info.value) == "n_seen=2: the calibration records 3 seen classes"

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hybridcls.errors import ParameterError
 from hybridcls.gate import BranchOutputs, Gate
 
 REFERENCE = Path(__file__).parent / "data" / "gate_reference"
@@ -35,6 +36,12 @@ def test_the_gate_written_before_the_refactor_gives_the_same_labels(reference):
     classes, rows, outputs = reference
     # gate.json and index/ as the old code wrote them: the format is read unchanged
     gate = Gate.load(REFERENCE, n_seen=classes["n_seen"])
+    # it records no number of seen classes (later files do): the caller's is needed
+    assert gate.calibration_.n_seen is None and gate.n_seen_ == classes["n_seen"]
+    with pytest.raises(ParameterError) as info:
+        Gate.load(REFERENCE)
+    assert str(info.value) == (f"n_seen=None: {REFERENCE / 'gate.json'} does not record its number "
+                               f"of seen classes (written before it did); pass the run's")
     assert gate.calibration_.score == "combined" and gate.calibration_.mode == "soft"
     res = gate.predict(outputs)
     names = classes["classes"]

@@ -494,14 +494,19 @@ def test_a_run_that_diverges_in_its_first_epoch_leaves_no_folder(data, tmp_path,
     assert not out.exists()
 
 
-def test_a_run_that_diverges_later_keeps_the_epochs_before(data, tmp_path, monkeypatch):
+def _val_loss_from_epoch(monkeypatch, epoch: int, value: float) -> None:
+    """From ``epoch`` (1-based) on, the validation loss is ``value``."""
     validate = Trainer._validate
 
-    def nan_from_epoch_2(self):
+    def broken(self):
         record = validate(self)
-        return {**record, "val_loss": float("nan")} if self.epoch >= 1 else record
+        return {**record, "val_loss": value} if self.epoch + 1 >= epoch else record
 
-    monkeypatch.setattr(Trainer, "_validate", nan_from_epoch_2)
+    monkeypatch.setattr(Trainer, "_validate", broken)
+
+
+def test_a_run_that_diverges_later_keeps_the_epochs_before(data, tmp_path, monkeypatch):
+    _val_loss_from_epoch(monkeypatch, 2, float("nan"))
     out = tmp_path / "out"
     with pytest.raises(InputError) as info:
         train(data, out, epochs=3, **FAST)
@@ -733,10 +738,130 @@ def test_train_resume_says_the_gate_no_longer_holds(tiny_world, tmp_path, capsys
         train(tiny_world.train_dir, run, on_epoch_end=stop_after_first, epochs=2, batch_size=8, **FAST)
     (run / "gate.json").write_text("{}", encoding="utf-8")  # stands for a calibration of epoch 1
     capsys.readouterr()
-    assert main(["train", str(tiny_world.train_dir), "--resume", str(run), "--workers", "0", "-q"]) == 0
+    log = tmp_path / "log.json"
+    assert main(["train", str(tiny_world.train_dir), "--resume", str(run), "--workers", "0", "-q",
+                 "--log", str(log)]) == 0
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"hybridcls train: {run}/gate.json was calibrated on the weights before this resume and no "
         f"longer holds: run `hybridcls calibrate {run} --prompts FILE`")
+    # the record tells a resumed run: its epochs, the one it was resumed after (the run's
+    # record of every resume in train_state.json and report.json)
+    assert json.loads(log.read_text(encoding="utf-8"))["counts"] == {"epochs": 2, "resumed": 1}
+    assert json.loads((run / "train_state.json").read_text(encoding="utf-8"))["resumed_after"] == [1]
+    assert json.loads((run / REPORT_FILE).read_text(encoding="utf-8"))["resumed_after"] == [1]
     # a finished run resumes to nothing: its gate still holds, and nothing is said
-    assert main(["train", str(tiny_world.train_dir), "--resume", str(run), "--workers", "0", "-q"]) == 0
+    assert main(["train", str(tiny_world.train_dir), "--resume", str(run), "--workers", "0", "-q",
+                 "--log", str(log)]) == 0
     assert "gate.json" not in capsys.readouterr().err
+    # both epochs came from earlier runs; a resume that trained nothing is no resume of the run
+    assert json.loads(log.read_text(encoding="utf-8"))["counts"] == {"epochs": 2, "resumed": 2}
+    assert json.loads((run / REPORT_FILE).read_text(encoding="utf-8"))["resumed_after"] == [1]
+    fresh = tmp_path / "fresh"
+    assert main(["train", str(tiny_world.train_dir), "--output", str(fresh), "--epochs", "1",
+                 *FAST_FLAGS, "--log", str(log)]) == 0
+    assert json.loads(log.read_text(encoding="utf-8"))["counts"] == {"epochs": 1, "resumed": 0}
+    assert json.loads((fresh / REPORT_FILE).read_text(encoding="utf-8"))["resumed_after"] == []
+
+
+def _nan_loss_from_step_3_of_epoch_2(monkeypatch):
+    """From the third training step of epoch 2, the loss is NaN (its gradients too): a run that
+    diverges there, whatever the machine's floating point."""
+    train_epoch = Trainer._train_epoch
+
+    def diverging(self):
+        if self.epoch == 1:
+            loss_fn, steps = self.train_loss_fn, []
+
+            def broken(logits, targets):
+                steps.append(1)
+                loss = loss_fn(logits, targets)
+                return loss * float("nan") if len(steps) >= 3 else loss
+
+            self.train_loss_fn = broken
+        return train_epoch(self)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", diverging)
+
+
+def test_a_diverged_run_is_recorded_said_on_load_and_refused_by_resume_and_the_benches(
+        tiny_world, tmp_path, monkeypatch, capsys):
+    """Not an interrupted run: train_state.json records where it diverged; loading says so;
+    train --resume and the benches refuse to replay the same epoch into the same divergence."""
+    from hybridcls.bench.quality import train_once
+    from hybridcls.errors import HybridclsWarning
+    from hybridcls.hybrid import HybridClassifier
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+    from hybridcls.train.state import diverged_training, load_train_state, unfinished_training
+
+    options = dict(epochs=3, batch_size=8, device="cpu", **FAST)
+    run = tmp_path / "run"
+    _nan_loss_from_step_3_of_epoch_2(monkeypatch)
+    with pytest.raises(InputError) as info:
+        train(tiny_world.train_dir, run, **options)
+    state = json.loads((run / "train_state.json").read_text(encoding="utf-8"))
+    # the state is epoch 1's (the last finite one), its updates counted before epoch 2 began
+    assert (state["epoch"], state["finished"]) == (1, False)
+    update = state["num_updates"] + 3
+    reason = f"train loss nan, not finite from update {update}; val loss nan"
+    assert str(info.value) == (
+        f"training diverged in epoch 2 ({reason}); {run} keeps epoch 1 and its checkpoint, the best "
+        f"before it diverged. Start again with a lower lr (this run: lr=0.001) or with clip_grad=1.0")
+    assert state["diverged"] == {"epoch": 2, "update": update, "train_loss": None,
+                                 "val_loss": None, "reason": reason, "best_epoch": 1,
+                                 "lr": 0.001, "clip_grad": None}
+    assert load_train_state(run).info["epoch"] == 1  # still verified: the hashes were rewritten
+    assert unfinished_training(run) is None and diverged_training(run).epoch == 2
+
+    refusal = (f"resume={str(run)!r}: that run diverged in epoch 2 ({reason}); resumed, it would "
+               f"train epoch 2 again with the same options and random streams and diverge again, "
+               f"so it is not resumed. {run} keeps epoch 1 and its checkpoint, the best before it "
+               f"diverged: start a new run in another folder (output=RUN_DIR) with a lower lr (this "
+               f"run: lr=0.001) or with clip_grad=1.0")
+    for recipe in ({}, {"lr": 1e-4}):  # a lower lr is refused as well: a resume keeps the options
+        with pytest.raises(CheckpointError) as info:
+            train(tiny_world.train_dir, resume=run, **recipe)
+        assert str(info.value) == refusal
+    capsys.readouterr()
+    assert main(["train", str(tiny_world.train_dir), "--resume", str(run), "-q"]) == 2
+    assert capsys.readouterr().err == (
+        f"hybridcls train: error: --resume {run}: that run diverged in epoch 2 ({reason}); resumed, "
+        f"it would train epoch 2 again with the same options and random streams and diverge again, "
+        f"so it is not resumed. {run} keeps epoch 1 and its checkpoint, the best before it "
+        f"diverged: start a new run in another folder (--output RUN_DIR) with a lower lr (this run: "
+        f"--lr 0.001) or with --clip-grad 1.0\n")
+
+    with pytest.raises(CheckpointError) as info:
+        train_once(tiny_world.train_dir, run, **options)
+    assert str(info.value) == (
+        f"{run}: its training diverged in epoch 2 ({reason}); a bench neither reports nor resumes "
+        f"such a run (resumed, it would diverge again): delete the folder and train it again with a "
+        f"lower lr (this run: lr=0.001) or with clip_grad=1.0")
+
+    clf = HybridClassifier(clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None, device="cpu",
+                           templates=tiny_world.templates_file, cache_dir=tmp_path / "cache",
+                           progress=False)
+    with pytest.warns(HybridclsWarning) as caught:
+        clf.load_run(run, tiny_world.prompts_file)
+    said = [str(w.message) for w in caught if str(w.message).startswith(f"{run}: its training")]
+    assert said == [(f"{run}: its training diverged in epoch 2 ({reason}), so its weights are "
+                     f"those of epoch 1, the best before it; resuming it would diverge again: train "
+                     f"a new run with a lower lr (this run: lr=0.001) or with clip_grad=1.0")]
+
+
+def test_a_divergence_of_the_validation_loss_alone_names_no_update_and_a_clipped_run_a_lower_clip(
+        data, tmp_path, monkeypatch):
+    _val_loss_from_epoch(monkeypatch, 3, float("inf"))
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as info:
+        train(data, out, epochs=3, clip_grad=0.5, lr=0.002, **FAST)
+    history = json.loads((out / METRICS_JSON).read_text())["epochs"]
+    best = min(history, key=lambda r: r["val_loss"])["epoch"]
+    diverged = json.loads((out / "train_state.json").read_text(encoding="utf-8"))["diverged"]
+    train_loss = diverged["train_loss"]
+    assert diverged == {"epoch": 3, "update": None, "train_loss": train_loss, "val_loss": None,
+                        "reason": f"train loss {train_loss}; val loss inf", "best_epoch": best,
+                        "lr": 0.002, "clip_grad": 0.5}
+    assert str(info.value).endswith(
+        f"); {out} keeps epochs 1-2 and the checkpoint of epoch {best}, the best before it "
+        f"diverged. Start again with a lower lr (this run: lr=0.002) or a lower clip_grad (this "
+        f"run: clip_grad=0.5)")

@@ -20,7 +20,7 @@ import numpy as np
 
 from hybridcls.cache import atomic_write_json, atomic_write_text
 from hybridcls.data import expand_inputs
-from hybridcls.errors import InputError
+from hybridcls.errors import CheckpointError, InputError
 from hybridcls.eval import join_labels
 from hybridcls.gate import GATE_FILENAME, SCORES, BranchOutputs, gate_detection
 from hybridcls.gate.metrics import ausuc, seen_unseen_accuracy
@@ -140,7 +140,8 @@ def train_once(data_dir: Path, run_dir: Path, **options: Any) -> bool:
     The benches reuse what they built. A run that stopped mid-training (the machine went
     down, the bench was interrupted) has a ``model.safetensors`` of its best epoch so far,
     which is not the run the bench reports: it is resumed (``train(resume=)``, with the
-    ``device``, ``workers`` and ``progress`` of ``options``), never reused as it is.
+    ``device``, ``workers`` and ``progress`` of ``options``), never reused as it is. A run
+    whose training diverged is neither: resumed, it would diverge again.
 
     Args:
         data_dir: The training folder.
@@ -149,12 +150,21 @@ def train_once(data_dir: Path, run_dir: Path, **options: Any) -> bool:
 
     Returns:
         Whether the weights changed (trained or resumed): a gate saved before is stale.
+
+    Raises:
+        CheckpointError: ``run_dir`` holds a run whose training diverged.
     """
     from hybridcls.train import train
-    from hybridcls.train.state import holds_training_run, unfinished_training
+    from hybridcls.train.state import diverged_training, holds_training_run, unfinished_training
 
     if not holds_training_run(run_dir):
         train(data_dir, run_dir, **options)
+    elif (diverged := diverged_training(run_dir)) is not None:
+        raise CheckpointError(
+            f"{run_dir}: its training diverged in {diverged.describe()}; a bench neither reports "
+            f"nor resumes such a run (resumed, it would diverge again): delete the folder and "
+            f"train it again with {diverged.remedy()}"
+        )
     elif unfinished_training(run_dir) is not None:
         train(data_dir, resume=run_dir, **{k: options[k] for k in ("device", "workers", "progress")
                                             if k in options})

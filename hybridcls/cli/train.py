@@ -237,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
         on_epoch_end=lambda r: print(format_epoch(r), flush=True),
         **overrides,
     )
+    # for --log: the run's epochs, and those an earlier run had trained (0: a new run)
+    args.run_record.finish(epochs=result.epochs_run, resumed=result.resumed_from or 0)
     if _is_main_process():
         print(result.summary())
         if stale_gate:  # loading refuses it too (HybridClassifier.gate_error_); said where it happens

@@ -113,6 +113,9 @@ class GateCalibration:
             :meth:`HybridClassifier.calibrate <hybridcls.hybrid.HybridClassifier.calibrate>`
             after the folder moved), absolute: later fits that read the held-out images
             (support images, the roll-up threshold) read them there. ``None`` = the run's own.
+        n_seen: The number of seen classes (the supervised head's outputs) of the run it was
+            calibrated for: the first ``n_seen`` columns of the logits are the seen classes.
+            ``None`` = not recorded (files written before it).
     """
 
     score: str = "energy"
@@ -144,6 +147,7 @@ class GateCalibration:
     support: dict[str, Any] | None = None
     clip: dict[str, Any] | None = None
     data_dir: str | None = None
+    n_seen: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -174,6 +178,8 @@ class GateCalibration:
         for name in ("knn_k", "cascade_k"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_seen is not None and self.n_seen < 0:
+            raise InputError(f"n_seen must be at least 0 or None, got {self.n_seen}")
 
     @property
     def base_scores(self) -> list[str]:

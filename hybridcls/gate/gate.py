@@ -182,7 +182,11 @@ class Gate:
         if not calibration.is_final:
             raise InputError("a gate set by hand needs a finalised calibration (its threshold set)")
         gate = cls()
-        gate.calibration_, gate.n_seen_ = calibration, n_seen
+        if calibration.n_seen is not None and calibration.n_seen != n_seen:
+            raise ParameterError("n_seen", n_seen, f"the calibration records "
+                                                   f"{calibration.n_seen} seen classes")
+        # recorded, so that the gate.json it saves says it
+        gate.calibration_, gate.n_seen_ = calibration.replace(n_seen=n_seen), n_seen
         gate.clip_index_, gate._backbone_index = clip_index, backbone_index
         gate.cache_ = _enabled(calibration)
         return gate
@@ -299,7 +303,7 @@ class Gate:
         notes = knn_note if uses_knn or self.method == "leave-classes-out" else []
         cal = cal.replace(cache_branch=None if branch is None else branch.to_dict(),
                           cascade_k=cascade_k, adapted=[*notes, *cal.adapted, *cascade_note],
-                          clip=None if clip is None else dict(clip))
+                          clip=None if clip is None else dict(clip), n_seen=S)
         self.calibration_, self.n_seen_, self.seen_classes_ = cal, S, list(class_names)
         self.clip_index_, self.cache_ = knn, _enabled(cal)
         self.index_error_ = None
@@ -361,7 +365,7 @@ class Gate:
         cal = self._fitted()
         cand = from_candidate(dict(row), combined=cal.combined, knn_k=cal.knn_k).replace(
             sup_temperature=cal.sup_temperature, cache_branch=cal.cache_branch,
-            clip_logit_scale=cal.clip_logit_scale)
+            clip_logit_scale=cal.clip_logit_scale, n_seen=cal.n_seen)
         seen_va = self.seen_logits(val)
         cand = finalize(cand, cand.compute_base_scores(**self._score_inputs(val, seen_va, cand)))
         other = object.__new__(Gate)
@@ -834,13 +838,15 @@ class Gate:
         return path
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], *, n_seen: int, clip_meta: MetaSource = None,
-             backbone_meta: MetaSource = None) -> Gate | None:
+    def load(cls, directory: str | os.PathLike[str], *, n_seen: int | None = None,
+             clip_meta: MetaSource = None, backbone_meta: MetaSource = None) -> Gate | None:
         """Read the gate saved in ``directory`` (``gate.json`` + ``index/``), or ``None`` if none.
 
         Args:
             directory: A calibrated run directory or a saved classifier's folder.
-            n_seen: The number of seen classes of the run it belongs to.
+            n_seen: The number of seen classes of the run it belongs to, checked against
+                the number ``gate.json`` records; ``None``: the recorded one (a ``gate.json``
+                written before it recorded one needs it).
             clip_meta: Provenance the CLIP index must carry (see
                 :meth:`hybridcls.index.EmbeddingIndex.load`). A stale index does not stop
                 the loading (so that ``calibrate`` can rebuild it): the refusal comes
@@ -849,14 +855,25 @@ class Gate:
                 backbone index is loaded on the cascade's first use.
 
         Raises:
-            CheckpointError: A ``gate.json`` that is not valid.
+            CheckpointError: A ``gate.json`` that is not valid, or that records another
+                number of seen classes than ``n_seen``.
+            ParameterError: ``n_seen=None`` with a ``gate.json`` that records none.
         """
         folder = Path(directory)
         if not (folder / GATE_FILENAME).is_file():
             return None
         gate = cls()
-        cal = GateCalibration.from_json(folder / GATE_FILENAME)
-        gate.calibration_, gate.n_seen_ = cal, n_seen
+        path = folder / GATE_FILENAME
+        cal = GateCalibration.from_json(path)
+        if n_seen is None and cal.n_seen is None:
+            raise ParameterError("n_seen", None, f"{path} does not record its number of seen "
+                                                 f"classes (written before it did); pass the run's")
+        if n_seen is not None and cal.n_seen is not None and cal.n_seen != n_seen:
+            raise CheckpointError(f"{path}: calibrated for {cal.n_seen} seen classes, not the "
+                                  f"{n_seen} of n_seen={n_seen}: it belongs to another run; delete "
+                                  f"it and calibrate this run again")
+        # the calibration as the file holds it (an older one's model_version unchanged)
+        gate.calibration_, gate.n_seen_ = cal, cal.n_seen if n_seen is None else n_seen
         gate.method = cal.method if cal.method in FIT_METHODS else gate.method
         try:
             gate.clip_index_ = load_run_index(folder, "clip", expect=_resolved(clip_meta))

@@ -71,10 +71,12 @@ from hybridcls.train.distributed import (
 )
 from hybridcls.train.metrics import per_class_from_counts, plot_curves, write_metrics
 from hybridcls.train.state import (
+    Divergence,
     TrainState,
     flatten_optimizer_state,
     holds_training_run,
     load_train_state,
+    record_divergence,
     save_train_state,
     unflatten_optimizer_state,
 )
@@ -82,6 +84,8 @@ from hybridcls.train.state import (
 __all__ = ["REPORT_FILE", "TrainResult", "Trainer", "resolve_device", "train"]
 
 REPORT_FILE = "report.json"
+#: No update of the epoch had a training loss that was not finite (a reduce_min identity).
+_ALL_FINITE = torch.iinfo(torch.int64).max
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -98,6 +102,10 @@ class TrainResult:
         val_accuracy: Validation accuracy at the best epoch.
         epochs_run: Epochs completed.
         stopped_early: Whether early stopping ended the run.
+        resumed_from: The epochs the run had completed when this call resumed it
+            (``train(resume=)``); ``None`` for a new run.
+        resumed_after: The epochs completed when each resume of the run that trained
+            started, in order (this call's last); empty for a run trained in one go.
         history: The per-epoch records (see :mod:`hybridcls.train.metrics`).
         skipped_images: ``{"path", "reason"}`` of every image that failed to decode:
             those the check before training found in the training and validation
@@ -111,6 +119,8 @@ class TrainResult:
     val_accuracy: float
     epochs_run: int
     stopped_early: bool
+    resumed_from: int | None = None
+    resumed_after: list[int] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped_images: list[dict[str, str]] = field(default_factory=list)
 
@@ -276,11 +286,15 @@ class Trainer:
         self.best_epoch = 0
         self.bad_epochs = 0
         self.stopped_early = False
+        self.resumed_after: list[int] = []
+        # the first update of the epoch whose training loss was not finite (None: none was)
+        self.nonfinite_update: int | None = None
         self.history: list[dict[str, Any]] = []
         check = data.image_check
         self.skipped: dict[str, str] = dict(check.unreadable) if check is not None else {}
         if resume_state is not None:
             self._restore(resume_state)
+        self.resumed_from = None if resume_state is None else self.epoch
         # DDP wraps the module that trains; self.model stays the plain module that is saved,
         # evaluated and averaged by the EMA. DDP broadcasts rank 0's weights on creation.
         self.train_model: torch.nn.Module = self.model
@@ -310,6 +324,8 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
             "stopped_early": self.stopped_early,
+            "resumed_after": self.resumed_after,
+            "diverged": None,
             "config": self.config.to_dict(),
             "classes": list(self.data.classes),
             "optimizer": opt_rest,
@@ -346,6 +362,9 @@ class Trainer:
         self.bad_epochs = int(info["bad_epochs"])
         self.stopped_early = bool(info["stopped_early"])
         self.history = list(info["history"])
+        self.resumed_after = list(info.get("resumed_after", []))  # absent: written before it
+        if self.epoch < self.config.epochs and not self.stopped_early:  # a resume that trains
+            self.resumed_after.append(self.epoch)
         # Today's check first; then what the earlier epochs met (files since replaced included).
         for path, reason in info["skipped_images"].items():
             self.skipped.setdefault(path, reason)
@@ -405,6 +424,7 @@ class Trainer:
         sum_device = self.device if self.device.type != "mps" else torch.device("cpu")
         loss_sum = torch.zeros((), dtype=torch.float64, device=sum_device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
+        first_nonfinite = torch.full((), _ALL_FINITE, dtype=torch.long, device=self.device)
         seen = 0
         start = time.perf_counter()
         # Entered once for the epoch, not around each backward(): every entry mutates the
@@ -441,6 +461,9 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.num_updates += 1
+                # on the device, as the sums: where the loss first broke, without a read per step
+                first_nonfinite = torch.where(torch.isfinite(loss.detach()), first_nonfinite,
+                                              first_nonfinite.clamp(max=self.num_updates))
                 self.scheduler.step_update(self.num_updates)
                 if self.ema is not None:
                     self.ema.update(self.model, step=self.num_updates)
@@ -455,6 +478,8 @@ class Trainer:
         local_sums = [loss_sum.item(), int(correct.item()), seen]
         elapsed = time.perf_counter() - start
         loss_total, n_correct, seen = reduce_sums(local_sums, self.device)
+        first = reduce_min(int(first_nonfinite.item()), self.device)
+        self.nonfinite_update = None if first == _ALL_FINITE else first
         if seen == 0:
             raise DatasetError(
                 "no training image could be decoded in a whole epoch; see the skipped images"
@@ -532,7 +557,14 @@ class Trainer:
             record = broadcast_object(record)
             self.skipped = gather_dicts(self.skipped)
             if not (math.isfinite(record["train_loss"]) and math.isfinite(record["val_loss"])):
-                raise self._divergence(record)
+                divergence = Divergence.of(record, update=self.nonfinite_update,
+                                           best_epoch=self.best_epoch, config=cfg.to_dict())
+                if main and self.epoch > 0:  # the state of the last finite epoch says so
+                    record_divergence(self.run_dir, divergence)
+                raise InputError(
+                    f"training diverged in {divergence.describe()}; {divergence.kept(self.run_dir)}"
+                    f". Start again with {divergence.remedy()}"
+                )
             if main:  # created with the first epoch's files: a run that fails before leaves none
                 self.run_dir.mkdir(parents=True, exist_ok=True)
             improved = record["val_loss"] < self.best_val_loss
@@ -557,21 +589,6 @@ class Trainer:
                     self.on_epoch_end({**record, "epochs": cfg.epochs})
         return self._finish()
 
-    def _divergence(self, record: dict[str, Any]) -> InputError:
-        """The error for an epoch whose loss is not finite; says what the run directory holds."""
-        if self.epoch == 0:
-            kept = "nothing was written"
-        elif self.epoch == 1:
-            kept = f"{self.run_dir} keeps epoch 1 and its checkpoint, the best before it diverged"
-        else:
-            kept = (f"{self.run_dir} keeps epochs 1-{self.epoch} and the checkpoint of epoch "
-                    f"{self.best_epoch}, the best before it diverged")
-        return InputError(
-            f"training diverged in epoch {record['epoch']} (train loss {record['train_loss']}, "
-            f"val loss {record['val_loss']}); {kept}. Start again with a lower lr (this run: "
-            f"lr={self.config.lr}) or with clip_grad=1.0"
-        )
-
     def _finish(self) -> TrainResult:
         best = next(r for r in self.history if r["epoch"] == self.best_epoch)
         result = TrainResult(
@@ -582,6 +599,8 @@ class Trainer:
             val_accuracy=float(best["val_acc"]),
             epochs_run=self.epoch,
             stopped_early=self.stopped_early,
+            resumed_from=self.resumed_from,
+            resumed_after=list(self.resumed_after),
             history=self.history,
             skipped_images=[{"path": p, "reason": r} for p, r in self.skipped.items()],
         )
@@ -596,6 +615,7 @@ class Trainer:
                 "val_acc_per_class": best["val_acc_per_class"],
                 "epochs_run": result.epochs_run,
                 "stopped_early": result.stopped_early,
+                "resumed_after": result.resumed_after,
                 "num_classes": len(result.classes),
                 "num_train_images": len(self.data.train),
                 "num_val_images": len(self.data.val),
@@ -679,9 +699,11 @@ def train(
         DataTooSmallError: too few classes or images for the run (see docs/training.md).
         InputError: a bad option, ``output`` already holds a run, or the training
             diverged (a loss that is not finite; only the epochs before it are
-            written, nothing if it was the first).
-        CheckpointError: a ``resume`` folder that is not a run, or is one from
-            a different model, class list or options.
+            written, nothing if it was the first, and ``train_state.json`` records
+            the divergence: :func:`hybridcls.train.state.diverged_training`).
+        CheckpointError: a ``resume`` folder that is not a run, is one from
+            a different model, class list or options, or is one that diverged
+            (resumed with its own options, it would diverge again).
         WeightsUnavailableError: pretrained weights that cannot be had offline.
 
     Example:
@@ -699,6 +721,15 @@ def train(
                 f"(resume={str(resume)!r})"
             )
         state = load_train_state(resume)
+        diverged = state.info.get("diverged")
+        if diverged:  # before the options: this run's cannot change on a resume
+            divergence = Divergence.from_dict(diverged)
+            raise CheckpointError(
+                f"resume={str(resume)!r}: that run diverged in {divergence.describe()}; resumed, "
+                f"it would train epoch {divergence.epoch} again with the same options and random "
+                f"streams and diverge again, so it is not resumed. {divergence.kept(resume)}: "
+                f"start a new run in another folder (output=RUN_DIR) with {divergence.remedy()}"
+            )
         config = _resume_config(resume, state, config, overrides)
         run_dir = resume
     else:
