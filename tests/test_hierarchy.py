@@ -280,8 +280,13 @@ def test_bench_rollup_on_the_synthetic_world(world_run):
     world, clf = world_run
     targets = (0.95, 0.98)
     report = rollup_report(world, clf, targets)
-    off, *reached = report.rows
+    off, *reached, bound = report.rows
     assert off.target is None and off.figures.leaf_share == 1.0 and off.figures.n_images == 1000
+    # the bound: no threshold that keeps 90% of the answers at class level does better, so
+    # none of the calibrated ones that keep as many, nor no roll-up
+    assert bound.oracle and bound.figures.leaf_share >= 0.90
+    assert all(bound.figures.n_wrong <= r.figures.n_wrong for r in report.rows
+               if r.figures.leaf_share >= 0.90)
     assert off.wrong == pytest.approx(0.040, abs=0.01)
     # a target no threshold reaches on the held-out images (the world's shapes are separate
     # roots: a wrong shape stays wrong) is listed with the reason, never dropped in silence
