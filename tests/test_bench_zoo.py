@@ -269,3 +269,39 @@ def test_rollup_on_the_zoo(zoo: dict, capsys: pytest.CaptureFixture[str]) -> Non
     assert "--seed: each world of --zoo sets its own" in capsys.readouterr().err
     assert main(["bench", "rollup", "--cache-dir", str(cache), "--out", str(out)]) == 2
     assert "--cache-dir applies to --zoo only" in capsys.readouterr().err
+
+
+def test_sites_on_the_zoo(zoo: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench sites --zoo``: each world's test images spread over sites (seeded by its seed), the
+    default gate without and with the lists; the lists are right, so the oracle router's
+    accuracy cannot fall with them (it only loses wrong candidates)."""
+    from hybridcls.bench.sites import make_sites, sites_zoo
+    from hybridcls.gate.restriction import mask_logits
+
+    out, cache = zoo["out"], zoo["cache"]
+    report = sites_zoo(out, "ci", n_sites=3, sites_per_class=1, cache_dir=cache)
+    assert list(report.worlds) == NAMES
+    for name, r in report.worlds.items():
+        f = load_features(out / name)
+        holds, site = make_sites(f.y_test, len(f.classes), n_sites=3, sites_per_class=1,
+                                 seed=f.info["spec"]["seed"])
+        gate = f.fit(Gate())
+        # the hybrid's rows are the gate's predictions without and with each image's list
+        for row, mask in ((r.rows[0], None), (r.rows[3], holds[site])):
+            pred = gate.predict(f.test, allowed=mask).pred
+            assert row.accuracy == pytest.approx(float(np.mean(pred == f.y_test)))
+        # one site per class: each image's list holds its class, and the zero-shot branch picks
+        # among its site's classes only
+        clip = mask_logits(f.test.clip_logits, holds[site])
+        assert r.rows[4].accuracy == pytest.approx(float(np.mean(clip.argmax(axis=1) == f.y_test)))
+        assert r.rows[5].accuracy >= r.rows[2].accuracy
+        assert report.gain[name] == pytest.approx(r.rows[3].harmonic - r.rows[0].harmonic)
+    assert json.loads((out / "sites.json").read_text(encoding="utf-8"))["gain"] == report.gain
+
+    assert main(["bench", "sites", "--zoo", "ci", "--out", str(out), "--cache-dir", str(cache), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"| {name} |" in printed for name in NAMES) and "gain median" in printed
+    assert main(["bench", "sites", "--zoo", "ci", "--epochs", "3", "--out", str(out)]) == 2
+    assert "--epochs: each world of --zoo sets its own" in capsys.readouterr().err
+    assert main(["bench", "sites", "--cache-dir", str(cache), "--out", str(out)]) == 2
+    assert "--cache-dir applies to --zoo only" in capsys.readouterr().err

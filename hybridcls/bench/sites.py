@@ -12,19 +12,21 @@ oracle router. No training beyond :func:`~hybridcls.bench.quality.prepare_world_
 
 from __future__ import annotations
 
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hybridcls.bench.quality import QualityReport, QualityRow, world_run_test_features
-from hybridcls.cache import atomic_write_text
+from hybridcls.cache import atomic_write_json, atomic_write_text
 from hybridcls.errors import ParameterError
 from hybridcls.gate import BranchOutputs, Gate
 from hybridcls.gate.metrics import seen_unseen_accuracy
 from hybridcls.gate.restriction import mask_logits
 
-__all__ = ["SitesReport", "make_sites", "run_sites", "sites_rows"]
+__all__ = ["SitesReport", "SitesZooReport", "make_sites", "run_sites", "sites_rows", "sites_zoo"]
 
 #: Sites the world is split into, and at how many of them each class occurs.
 DEFAULT_SITES = 5
@@ -80,7 +82,8 @@ def sites_rows(clf: Any, feats: BranchOutputs, y: np.ndarray, allowed: np.ndarra
     """The hybrid, the zero-shot branch and the oracle router, without and with ``allowed``.
 
     Args:
-        clf: A calibrated :class:`~hybridcls.hybrid.HybridClassifier`.
+        clf: A calibrated :class:`~hybridcls.hybrid.HybridClassifier`, or a fitted
+            :class:`~hybridcls.gate.Gate` (the zoo's worlds: their cached outputs).
         feats: Its tower outputs on the test images (both towers on every image).
         y: ``[N]`` true class indices in ``clf.classes_`` order.
         allowed: ``[N, C]`` each image's site list.
@@ -89,13 +92,15 @@ def sites_rows(clf: Any, feats: BranchOutputs, y: np.ndarray, allowed: np.ndarra
     zero_shot = Gate.zero_shot()
     clip_only = BranchOutputs(clip_logits=feats.clip_logits)
     seen = clf.seen_logits(feats)
+    # the classifier's own entry point on outputs (its prediction options), else the gate's
+    predict = clf.predict if isinstance(clf, Gate) else clf.predict_features
     rows = []
     for lists, mask in (("none", None), ("per site", allowed)):
         clip = feats.clip_logits if mask is None else mask_logits(feats.clip_logits, mask)
         sup = seen if mask is None else mask_logits(seen, mask[:, :S])
         oracle = np.where(y >= S, S + clip[:, S:].argmax(axis=1), sup.argmax(axis=1))
         rows += [
-            _row("hybrid, calibrated default", y, clf.predict_features(feats, allowed=mask).pred, S, lists),
+            _row("hybrid, calibrated default", y, predict(feats, allowed=mask).pred, S, lists),
             _row("zero-shot only", y, zero_shot.predict(clip_only, allowed=mask).pred, S, lists),
             _row("oracle router", y, oracle, S, lists),
         ]
@@ -122,5 +127,85 @@ def run_sites(out_dir: str | Path, *, seed: int = 0, epochs: int = 8, n_sites: i
             "n_seen_classes": clf.n_seen_, "n_classes": len(clf.classes_)}
     report = SitesReport(rows, seconds, info)
     report.to_json(out / "sites.json")
+    atomic_write_text(out / "sites.md", report.markdown() + "\n")
+    return report
+
+
+@dataclass
+class SitesZooReport:
+    """:func:`sites_zoo`'s figures: one :class:`SitesReport` per world, and the hybrid's H gain.
+
+    Attributes:
+        worlds: ``{world name: its report}``, in the zoo's order (rows as :func:`sites_rows`).
+        gain: ``{world name: the hybrid's H with the lists minus without}`` (fractions).
+    """
+
+    worlds: dict[str, SitesReport]
+    gain: dict[str, float]
+
+    def markdown(self) -> str:
+        lines = [("| world | hybrid H, no lists | per site | gain | zero-shot H, no lists | per site "
+                  "| oracle H, no lists | per site |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in self.worlds.items():
+            h = [100 * row.harmonic for row in r.rows]
+            lines.append(f"| {name} | {h[0]:.1f} | {h[3]:.1f} | {h[3] - h[0]:+.1f} | {h[1]:.1f} | "
+                         f"{h[4]:.1f} | {h[2]:.1f} | {h[5]:.1f} |")
+        worst = min(self.gain, key=self.gain.__getitem__)
+        held = sum(g >= 0 for g in self.gain.values())
+        lines += ["", (f"The hybrid's H with the lists: gain median "
+                       f"{100 * statistics.median(self.gain.values()):+.1f}, worst "
+                       f"{100 * self.gain[worst]:+.1f} ({worst}); {held} of {len(self.gain)} worlds "
+                       "gain or hold.")]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"worlds": {n: {"rows": [vars(r) for r in rep.rows], "info": rep.info}
+                           for n, rep in self.worlds.items()}, "gain": self.gain}
+
+
+def sites_zoo(out_dir: str | Path, n: int | str | None = None, *, n_sites: int = DEFAULT_SITES,
+              sites_per_class: int = DEFAULT_SITES_PER_CLASS, cache_dir: str | Path | None = None,
+              workers: int = 0, progress: bool = False) -> SitesZooReport:
+    """The comparison on every world of the zoo (:mod:`hybridcls.bench.zoo`), from the cached
+    towers' outputs: the default gate fitted as ``calibrate`` fits it, the test images spread
+    over sites by :func:`make_sites` (seeded by the world's seed). Writes ``sites.md`` and
+    ``sites.json`` into ``out_dir``.
+
+    Args:
+        out_dir: The zoo's folder (:func:`hybridcls.bench.zoo.run_zoo`).
+        n: Build (or reuse) the first ``n`` worlds, or ``"ci"``, first; ``None``: the worlds
+            already built there (:func:`hybridcls.bench.zoo.cached_worlds`).
+        n_sites: As :func:`make_sites`'s.
+        sites_per_class: Likewise.
+        cache_dir: As :func:`hybridcls.bench.zoo.build_world`'s, for worlds still to build.
+        workers: Decoding processes, likewise.
+        progress: Progress bars, likewise.
+
+    Raises:
+        ParameterError: ``sites_per_class`` not in ``1..n_sites``.
+        InputError: No world built there (and ``n`` not given).
+    """
+    from hybridcls.bench.zoo import build_world, cached_worlds, load_features, zoo_specs
+
+    out = Path(out_dir)
+    names = None
+    if n is not None:
+        specs = zoo_specs(n)
+        for spec in specs:
+            build_world(out / spec.name, spec, cache_dir=cache_dir, workers=workers, progress=progress)
+        names = [s.name for s in specs]
+    reports: dict[str, SitesReport] = {}
+    for name in cached_worlds(out, names):
+        f = load_features(out / name)
+        seed = int(f.info.get("spec", {}).get("seed", 0))
+        holds, site = make_sites(f.y_test, len(f.classes), n_sites=n_sites,
+                                 sites_per_class=sites_per_class, seed=seed)
+        rows = sites_rows(f.fit(Gate()), f.test, f.y_test, holds[site])
+        reports[name] = SitesReport(rows, {}, {"world_seed": seed, "n_test": len(f.y_test),
+                                               "n_sites": n_sites, "sites_per_class": sites_per_class,
+                                               "classes_per_site": holds.sum(axis=1).tolist()})
+    report = SitesZooReport(reports, {name: r.rows[3].harmonic - r.rows[0].harmonic
+                                      for name, r in reports.items()})
+    atomic_write_json(out / "sites.json", report.as_dict())
     atomic_write_text(out / "sites.md", report.markdown() + "\n")
     return report

@@ -1,4 +1,4 @@
-"""``hybridcls bench quality`` (with ``--zoo``), ``fewshot``, ``rollup`` (with ``--zoo``), ``sites``, ``speed`` and
+"""``hybridcls bench quality`` (with ``--zoo``), ``fewshot``, ``rollup`` and ``sites`` (with ``--zoo``), ``speed`` and
 ``memory``: benchmarks that print figures, offline."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ __all__ = ["add_parser", "run", "run_fewshot", "run_memory", "run_quality", "run
 _QUALITY_OUT = "hybridcls-bench-quality"
 _FEWSHOT_OUT = "hybridcls-bench-fewshot"
 _ZOO_OUT = "hybridcls-bench-zoo"
+_SITES_OUT = "hybridcls-bench-sites"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -99,15 +100,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          "4 templates")
     sp.set_defaults(run=run_speed)
     si = sub.add_parser("sites", help="accuracy (S / U / H) with and without class lists per site, on "
-                                      "the synthetic world split into sites (docs/sites.md)")
-    si.add_argument("--out", default="hybridcls-bench-sites", metavar="DIR",
-                    help="working folder (world, run, cache; an existing one is reused); sites.md and "
-                         "sites.json go here (default: %(default)s)")
+                                      "the synthetic world split into sites (docs/sites.md; on the "
+                                      "zoo's worlds: --zoo)")
+    si.add_argument("--out", default=None, metavar="DIR",
+                    help="working folder (world, run, cache; an existing one is reused; with --zoo, "
+                         "the zoo's folder and worlds); sites.md and sites.json go here "
+                         f"(default: {_SITES_OUT}, or {_ZOO_OUT} with --zoo)")
+    si.add_argument("--zoo", default=None, metavar="N",
+                    help="on the first N worlds of `bench quality --zoo` (1 to 8; 'ci' for two tiny "
+                         "ones), from their cached outputs (worlds not built yet are built)")
+    si.add_argument("--cache-dir", default=None, metavar="DIR",
+                    help="with --zoo: as for `bench quality --zoo`")
     si.add_argument("--sites", type=int, default=5, metavar="N", help="number of sites (default: %(default)s)")
     si.add_argument("--sites-per-class", type=int, default=2, metavar="K",
                     help="at how many sites each class occurs (default: %(default)s)")
-    si.add_argument("--seed", type=int, default=0, help="world and split seed (default: %(default)s)")
-    si.add_argument("--epochs", type=int, default=8, help="supervised training epochs (default: %(default)s)")
+    si.add_argument("--seed", type=int, default=None,
+                    help="world and split seed (default: 0; with --zoo, each world's)")
+    si.add_argument("--epochs", type=int, default=None, help="supervised training epochs (default: 8)")
     si.add_argument("--workers", type=int, default=0, metavar="N")
     si.add_argument("-q", "--quiet", action="store_true")
     si.set_defaults(run=run_sites)
@@ -307,11 +316,25 @@ def run_sites(args: argparse.Namespace) -> int:
     if args.sites_per_class > args.sites:  # make_sites' rule, before the world and the training
         raise UsageError(f"--sites-per-class {args.sites_per_class}: expected at most --sites "
                          f"{args.sites} (each class occurs at that many different sites)")
-    report = bench(Path(args.out), seed=args.seed, epochs=args.epochs, n_sites=args.sites,
+    if args.zoo is not None:
+        from hybridcls.bench.sites import sites_zoo
+
+        n = _zoo_worlds(args, (("--seed", args.seed), ("--epochs", args.epochs)))
+        out = Path(args.out or _ZOO_OUT)
+        zoo = sites_zoo(out, n, n_sites=args.sites, sites_per_class=args.sites_per_class,
+                        cache_dir=args.cache_dir, workers=args.workers, progress=not args.quiet)
+        print(zoo.markdown())
+        print(f"wrote {out / 'sites.md'} and sites.json")
+        return 0
+    if args.cache_dir is not None:
+        raise UsageError("--cache-dir applies to --zoo only (the single world caches in --out)")
+    out = Path(args.out or _SITES_OUT)
+    report = bench(out, seed=0 if args.seed is None else args.seed,
+                   epochs=8 if args.epochs is None else args.epochs, n_sites=args.sites,
                    sites_per_class=args.sites_per_class, workers=args.workers, progress=not args.quiet)
     print(report.markdown())
     print("\ntimes (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
-    print(f"wrote {Path(args.out) / 'sites.md'} and sites.json")
+    print(f"wrote {out / 'sites.md'} and sites.json")
     return 0
 
 
