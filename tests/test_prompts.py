@@ -154,11 +154,11 @@ def test_match_on_two_lines_is_an_error_naming_both():
 
 def test_list_of_names_is_a_prompts_source():
     ps = as_prompt_set(["cat", "moose: a large deer | elk"])
-    assert ps.names == ["cat", "moose"] and ps[1].synonyms == ("elk",) and ps.source == "<list>"
+    assert ps.names == ["cat", "moose"] and ps[1].synonyms == ("elk",) and ps.source == "<prompts list>"
     assert as_prompt_set(ps) is ps
-    with pytest.raises(PromptFileError, match=r"<list>:2: duplicate class"):
+    with pytest.raises(PromptFileError, match=r"<prompts list>:2: duplicate class"):
         as_prompt_set(["Cat", "cat"])
-    with pytest.raises(PromptFileError, match=r"<list>:1: expected one class per item"):
+    with pytest.raises(PromptFileError, match=r"<prompts list>:1: expected one class per item"):
         as_prompt_set(["cat\ndog"])
 
 
@@ -266,7 +266,7 @@ def test_no_templates_is_an_error(tmp_path):
 
 
 def test_template_list_errors_name_the_item():
-    with pytest.raises(PromptFileError, match=r"<list>:2: .*no '\{\}' placeholder"):
+    with pytest.raises(PromptFileError, match=r"<templates list>:2: .*no '\{\}' placeholder"):
         check_templates(["a {}.", "no placeholder"])
 
 
