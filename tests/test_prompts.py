@@ -212,6 +212,21 @@ def test_missing_file_is_an_error_naming_it(tmp_path):
     assert err.value.path == str(f) and "cannot read file" in str(err.value)
 
 
+def test_a_file_that_cannot_be_read_is_named_by_the_parameter_that_gave_it(tmp_path):
+    """as_prompt_set / as_template_set / read_site_classes(parameter=): ``name='FILE': ``, which
+    the command line shows as the flag (tests/test_cli_messages.py)."""
+    from hybridcls.sites import read_site_classes
+    from hybridcls.zeroshot.prompts import as_template_set
+
+    f = tmp_path / "nope.txt"
+    for read, parameter in ((as_prompt_set, "prompts"), (as_template_set, "templates"),
+                            (lambda p: read_site_classes(p, parameter="site_classes"), "site_classes")):
+        with pytest.raises(PromptFileError) as err:
+            read(str(f))
+        assert str(err.value) == f"{parameter}={str(f)!r}: cannot read file: No such file or directory"
+        assert (err.value.path, err.value.line, err.value.parameter) == (str(f), None, parameter)
+
+
 def test_directory_is_an_unreadable_file(tmp_path):
     with pytest.raises(PromptFileError, match="cannot read file"):
         read_prompts(tmp_path)

@@ -139,8 +139,10 @@ def check_world(world: Any) -> None:
 def _world_damage(world: Any) -> str | None:
     """What a world has lost since it was written whole: a seen class's training images, the
     test labels or test images; None when nothing is missing."""
+    from hybridcls.synth.render import Attributes
+
     for name in world.seen_classes:
-        folder = world.train_dir / name.replace(" ", "_")  # ImageFolder names (Attributes.folder)
+        folder = world.train_dir / Attributes(*name.split(" ")).folder
         if not folder.is_dir() or next(folder.iterdir(), None) is None:
             return f"the training images of {name!r} are missing ({folder})"
     try:
