@@ -6,7 +6,8 @@ The runtime flags are declared from :class:`~hybridcls.runtime.RuntimeSettings`
 :func:`runtime_from_args`; the CLIP flags' defaults are the zero-shot
 branch's own. Library errors name Python parameters (``batch_size=0: ...``);
 :func:`flag_message` rewrites those names into this command's flags
-(``--batch-size 0: ...``) before the command line prints them.
+(``--batch-size 0: ...``) before the command line prints them (errors, warnings,
+and the library sentences a command prints, such as calibration's adapted settings).
 """
 
 from __future__ import annotations
@@ -440,7 +441,11 @@ def flag_message(message: str, parser: argparse.ArgumentParser,
 
     Returns:
         The text a command-line user reads: ``batch_size=0: ...`` becomes
-        ``--batch-size 0: ...``, ``truncate_prompts=True`` becomes ``--truncate-prompts``.
+        ``--batch-size 0: ...``, ``truncate_prompts=True`` becomes ``--truncate-prompts``;
+        ``load_run(run_dir=RUN_DIR, prompts=FILE)`` becomes this command's
+        ```--checkpoint RUN_DIR --prompts FILE```, and a class list's place
+        (``<prompts list>:2``, :data:`~hybridcls.zeroshot.prompts.PROMPTS_LIST`) becomes
+        ``--classes name 2`` in a command that has ``--classes``.
 
     Example:
         >>> p = argparse.ArgumentParser()
