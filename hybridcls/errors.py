@@ -81,13 +81,21 @@ class ParameterError(InputError):
 
 
 class PromptFileError(HybridclsError, ValueError):
-    """A prompts or templates file that cannot be parsed; names the file and line."""
+    """A prompts or templates file that cannot be parsed; names the file and line.
 
-    def __init__(self, path: str, line: int | None, reason: str) -> None:
+    With ``parameter`` (a file that cannot be read at all), the message starts
+    ``parameter='path': `` as :class:`ParameterError`'s does, so that a user who gave
+    several files learns which option gave this one (the command line: its flag).
+    """
+
+    def __init__(self, path: str, line: int | None, reason: str, *,
+                 parameter: str | None = None) -> None:
         self.path = str(path)
         self.line = line
         self.reason = reason
-        where = f"{self.path}:{line}" if line is not None else self.path
+        self.parameter = parameter
+        where = (f"{parameter}={self.path!r}" if parameter is not None
+                 else f"{self.path}:{line}" if line is not None else self.path)
         super().__init__(f"{where}: {reason}")
 
 

@@ -47,7 +47,7 @@ from hybridcls.predictor import Predictor, describe_failures
 from hybridcls.pretrained import PROMPTS_FILE, TEMPLATES_FILE, read_saved_folder, write_saved_folder
 from hybridcls.runtime import RuntimeSettings
 from hybridcls.supervised import load_checkpoint
-from hybridcls.supervised.checkpoint import checkpoint_identity
+from hybridcls.supervised.checkpoint import CONFIG_FILE, checkpoint_identity
 from hybridcls.support import refit_support, support_parameter
 from hybridcls.train import TrainConfig, train
 from hybridcls.train.data import recorded_image_check, resolve_training_data
@@ -65,12 +65,31 @@ from hybridcls.zeroshot.gate_clip import (
 from hybridcls.zeroshot.prompts import align_classes, as_prompt_set
 from hybridcls.zeroshot.tower import ClipTower
 
-__all__ = ["GATE_FILE", "INDEX_DIR", "HybridClassifier"]
+__all__ = ["GATE_FILE", "INDEX_DIR", "HybridClassifier", "check_calibrated"]
 
 #: The gate's file in a run directory.
 GATE_FILE = GATE_FILENAME
 
 _R = RuntimeSettings  # the runtime parameters' defaults live there, once
+
+
+def _uncalibrated(run_dir: str | os.PathLike[str]) -> CheckpointError:
+    return CheckpointError(f"{run_dir}: the run has no {GATE_FILE}; calibrate it first with "
+                           "HybridClassifier.calibrate()")
+
+
+def check_calibrated(run_dir: str | os.PathLike[str]) -> None:
+    """That a run directory can predict: it holds a ``gate.json``. Reads nothing but the folder's
+    listing, so that a command can say so before it loads any model (loading the CLIP may mean
+    a download); a folder that is no run at all is left to :meth:`HybridClassifier.load_run`,
+    which names what it lacks.
+
+    Raises:
+        CheckpointError: A training run without a gate (calibrate it first).
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_FILE).is_file() and not (run_dir / GATE_FILE).is_file():
+        raise _uncalibrated(run_dir)
 
 
 class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
@@ -580,9 +599,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
     def _prediction_gate(self) -> Gate:
         check_is_fitted(self, "engine_")
         if self.gate_ is None:
-            raise CheckpointError(
-                f"{self.run_dir_}: the run has no {GATE_FILE}; calibrate it first with "
-                "HybridClassifier.calibrate()")
+            raise _uncalibrated(self.run_dir_)
         if self.gate_error_ is not None:
             raise self.gate_error_
         gate = self.gate_.with_options(mode=self.mode, unseen_only=self.unseen_only,
@@ -703,9 +720,11 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         """
         fixed = [name for name in ("clip_model", "prompts", "templates") if name in params]
         if fixed:
+            # load_run(...) reads, on predict's and explain's command line, as their flags
             raise ParameterError(fixed[0], params[fixed[0]], "a saved folder fixes its CLIP model, "
                                  "prompts and templates (its class-text matrix is built from them); "
-                                 "load the run directory with load_run to change them")
+                                 "to change them, load the run directory it was saved from with "
+                                 "load_run(run_dir=RUN_DIR, prompts=FILE)")
         directory = pretrained_folder(name_or_path, revision=revision, cache_dir=params.get("cache_dir"),
                                       local_files_only=local_files_only, token=token)
         meta, stored = read_saved_folder(directory)

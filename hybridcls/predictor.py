@@ -197,7 +197,8 @@ class Predictor:
         site = getattr(self, "site_classes", None)
         resolved = None
         if site is not None:
-            table = site if isinstance(site, SiteClasses) else read_site_classes(site)
+            table = (site if isinstance(site, SiteClasses)
+                     else read_site_classes(site, parameter="site_classes"))
             table = table if inputs is None else table.for_inputs(inputs)
             if not table.reach_checked:
                 table.check_reach(sources)

@@ -297,8 +297,10 @@ def allowed_columns(names: Iterable[str], prompts: PromptSet) -> np.ndarray:
     return mask
 
 
-def read_site_classes(path: str | os.PathLike[str]) -> SiteClasses:
+def read_site_classes(path: str | os.PathLike[str], *, parameter: str | None = None) -> SiteClasses:
     """Read and check a site file's syntax (see the module's notes).
+
+    ``parameter``: the one that gave the file (``"site_classes"``), named when it cannot be read.
 
     Raises:
         PromptFileError: The file cannot be read or is not UTF-8; no header row, no
@@ -308,7 +310,7 @@ def read_site_classes(path: str | os.PathLike[str]) -> SiteClasses:
             site already given on another line; no row. Each names the file and line.
     """
     source = os.fspath(path)
-    text = _read_text(source)
+    text = _read_text(source, parameter)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # an open quote is an error
     try:
         header = next(reader, None)

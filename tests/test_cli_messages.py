@@ -120,6 +120,28 @@ CASES = {
         ["bench", "quality", "--out", str(c["root"]), "--seed", "0", "-q"],
         (f"{c['root'] / 'world'} holds the world of seed 1, not --seed 0; use --seed 1, or another "
          "folder (--out DIR)")),
+    # files a flag gave that cannot be read: _read_text -> "prompts='FILE': cannot read file: ..."
+    # (and templates=, site_classes=): a user who gave several files learns which flag
+    "prompts-unreadable": lambda c: (
+        ["predict", str(c["image"]), "--prompts", str(c["tmp"] / "no-prompts.txt"),
+         *_without(c["common"], "--prompts"), "-q"],
+        f"--prompts {c['tmp'] / 'no-prompts.txt'}: cannot read file: No such file or directory"),
+    "templates-unreadable": lambda c: (
+        ["predict", str(c["image"]), *_without(c["common"], "--templates"),
+         "--templates", str(c["tmp"] / "no-templates.txt"), "-q"],
+        f"--templates {c['tmp'] / 'no-templates.txt'}: cannot read file: No such file or directory"),
+    "site-classes-unreadable": lambda c: (
+        ["predict", str(c["image"]), *c["common"], "--site-classes", str(c["tmp"] / "no-sites.csv"),
+         "-q"],
+        f"--site-classes {c['tmp'] / 'no-sites.csv'}: cannot read file: No such file or directory"),
+    # --classes is a list: as_prompt_set's "<prompts list>: N training class(es) match no name in
+    # the list" is told as the flag's
+    "classes-missing-a-seen-class": lambda c: (
+        ["predict", str(c["image"]), "--checkpoint", str(c["run"]),
+         "--classes", ",".join(c["world"].seen_classes[:-1]), *_without(c["common"], "--prompts"),
+         "-q"],
+        ("--classes: 1 training class(es) match no name in the list: "
+         f"{c['world'].seen_classes[-1].replace(' ', '_')!r}; add them")),
     # ... and in demo's
     "demo-seed": lambda c: (
         ["demo", "--out", str(c["root"]), "--seed", "0", "-q"],
@@ -364,3 +386,141 @@ def test_evaluate_takes_the_classes_inline(tmp_path, capsys):
         "class(es): 'owl'")
     assert main([*argv, "--classes", "fox,elk,owl"]) == 0
     assert "accuracy 50.00%" in capsys.readouterr().out
+
+
+def test_an_item_of_the_class_list_is_named_as_a_name_of_classes(ctx, capsys):
+    """text_checks names a class by its source and line: ``<prompts list>:2`` for a Python list,
+    which on the command line is the second name of --classes."""
+    long = "a striped circle " + "with many more words " * 4
+    argv = ["predict", str(ctx["image"]), "--classes", f"red circle,{long.strip()}",
+            *_without(ctx["common"], "--prompts"), "-q"]
+    line = _first_error_line(argv, capsys)
+    assert line.startswith("hybridcls predict: error: --classes name 2: class 'a striped circle ")
+    assert "<" not in line
+
+
+def test_recorded_templates_are_named_as_the_gates(ctx, capsys):
+    """Without --templates a run's gate gives its recorded templates; a problem with one names
+    gate.json and the template's place in its list, not ``<list>``."""
+    import json
+
+    run = ctx["tmp"] / "long-template-run"
+    shutil.copytree(ctx["run"], run)
+    gate = json.loads((run / "gate.json").read_text(encoding="utf-8"))
+    long = "a " + "very " * 20 + "long photo of the {}."  # past the tiny CLIP's context
+    gate["clip"]["templates"] = [gate["clip"]["templates"][0], long]
+    (run / "gate.json").write_text(json.dumps(gate), encoding="utf-8")
+    argv = ["predict", str(ctx["image"]), "--checkpoint", str(run),
+            *_without(ctx["common"], "--templates"), "-q"]
+    assert _first_error_line(argv, capsys).startswith(
+        "hybridcls predict: error: <templates recorded in gate.json>:2: template 'a very very ")
+
+
+def test_stacking_on_another_score_names_the_mode_and_how_to_calibrate_for_it():
+    """Gate.with_options: ``mode='stacking'`` on a gate calibrated on another score than
+    clip_margin names the parameter (library) and --mode with the calibrate command (CLI)."""
+    from hybridcls.cli import build_parser
+    from hybridcls.cli.common import flag_message
+    from hybridcls.errors import ParameterError
+    from hybridcls.gate import Gate, GateCalibration
+
+    cal = GateCalibration(score="msp", mode="hard", threshold=0.5, method="manual")
+    with pytest.raises(ParameterError) as err:
+        Gate.from_calibration(cal, n_seen=1).with_options(mode="stacking")
+    assert str(err.value) == (
+        "mode='stacking': stacking mode works on the 'clip_margin' score, and this gate was "
+        "calibrated on 'msp'; leave out mode='stacking' to use its 'hard' mode, or "
+        "calibrate(method='tpr', score='clip_margin') first")
+    args = build_parser().parse_args(["predict", "x.jpg", "--prompts", "p.txt"])
+    assert flag_message(str(err.value), args.parser_, args.commands_) == (
+        "--mode stacking: stacking mode works on the 'clip_margin' score, and this gate was "
+        "calibrated on 'msp'; leave out --mode stacking to use its 'hard' mode, or "
+        "`hybridcls calibrate RUN_DIR --prompts FILE --method tpr --score clip_margin` first")
+
+
+def test_a_saved_folders_fixed_settings_point_to_the_run_directory_in_both_worlds():
+    """from_pretrained refuses clip_model / prompts / templates before reading anything; its
+    load_run(run_dir=..., prompts=...) reads as predict's and explain's own flags."""
+    from hybridcls.cli import build_parser
+    from hybridcls.cli.common import flag_message
+    from hybridcls.errors import ParameterError
+    from hybridcls.hybrid import HybridClassifier
+
+    with pytest.raises(ParameterError) as err:
+        HybridClassifier.from_pretrained("saved", templates="t.txt")
+    assert str(err.value).endswith(
+        "; to change them, load the run directory it was saved from with "
+        "load_run(run_dir=RUN_DIR, prompts=FILE)")
+    for command in ("predict", "explain"):
+        args = build_parser().parse_args([command, "x.jpg", "--checkpoint", "saved"])
+        assert flag_message(str(err.value), args.parser_, args.commands_) == (
+            "--templates t.txt: a saved folder fixes its CLIP model, prompts and templates (its "
+            "class-text matrix is built from them); to change them, load the run directory it "
+            "was saved from with `--checkpoint RUN_DIR --prompts FILE`")
+
+
+def test_a_missing_gate_or_data_folder_is_said_before_any_model_loads(ctx, capsys, monkeypatch):
+    """predict / explain on a run without gate.json, calibrate with a --data that is not there:
+    the error comes from the folder's listing, with no checkpoint or CLIP loaded (which may mean
+    a download)."""
+    import hybridcls.hybrid
+    import hybridcls.zeroshot.tower
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the cheap check")
+
+    monkeypatch.setattr(hybridcls.hybrid, "load_checkpoint", loaded)
+    monkeypatch.setattr(hybridcls.zeroshot.tower, "load_clip", loaded)
+    bare = ctx["bare"]
+    for command in ("predict", "explain"):
+        argv = [command, str(ctx["image"]), *ctx["common"], "--checkpoint", str(bare), "-q"]
+        if command == "explain":
+            argv += ["-o", str(ctx["tmp"] / "never-explained")]
+        assert _error_line(argv, capsys) == (
+            f"hybridcls {command}: error: {bare}: the run has no gate.json; calibrate it first "
+            "with `hybridcls calibrate RUN_DIR --prompts FILE`")
+    nowhere = ctx["tmp"] / "no-data"
+    assert _error_line(["calibrate", str(ctx["run"]), *ctx["common"], "--data", str(nowhere), "-q"],
+                       capsys) == (
+        f"hybridcls calibrate: error: --data {nowhere}: training folder not found: {nowhere}")
+
+
+def test_a_broken_bench_world_is_named_by_its_folder_and_out(ctx, capsys):
+    """A world the benches reuse that lost a seen class's images: said before anything trains
+    or calibrates on it, by the folder and --out (not calibrate's data_dir=, which the bench's
+    user never gave)."""
+    out = ctx["tmp"] / "broken-bench"
+    shutil.copytree(ctx["world"].root, out / "world")
+    name = ctx["world"].seen_classes[0]
+    folder = out / "world" / "train" / name.replace(" ", "_")
+    shutil.rmtree(folder)
+    expected = (f"{out / 'world'} holds the world of seed 1, but the training images of {name!r} "
+                f"are missing ({folder}); delete {out / 'world'} to make it again, or use another "
+                "folder (--out DIR)")
+    for argv in (["bench", "quality", "--out", str(out), "--seed", "1", "-q"],
+                 ["demo", "--out", str(out), "--seed", "1", "-q"]):
+        assert _error_line(argv, capsys) == f"hybridcls {argv[0]}: error: {expected}"
+    assert not (out / "run").exists()  # nothing trained
+
+
+def test_the_support_warning_names_the_gates_calibrated_tpr_not_a_parameter(ctx, capsys):
+    """Gate.with_support keeps the threshold when the seen images are too few to set it at the
+    gate's TPR: it says "the calibrated TPR 0.8" (gate.json's tpr), not ``tpr=0.8``, which predict
+    has no flag for and the user never set there."""
+    import json
+
+    world = ctx["world"]
+    unseen = world.unseen_classes[0]
+    support = ctx["tmp"] / "support-tpr" / unseen.replace(" ", "_")
+    support.mkdir(parents=True)
+    for image_id, label in sorted(world.read_labels().items()):
+        if label == unseen:
+            shutil.copy(world.test_dir / image_id, support / image_id)
+    argv = ["predict", str(ctx["image"]), "--checkpoint", str(ctx["run"]), *ctx["common"], "-q",
+            "--support", str(support.parent), "-o", str(ctx["tmp"] / "support-tpr.csv")]
+    assert main(argv) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("hybridcls predict: warning: support images:")]
+    tpr = json.loads((ctx["run"] / "gate.json").read_text(encoding="utf-8"))["tpr"]
+    assert len(warning) == 1 and "tpr=" not in warning[0]
+    assert f"too few to set one at the calibrated TPR {tpr:g}, which needs at least " in warning[0]

@@ -365,8 +365,8 @@ def test_three_seen_classes_hide_one_and_keep_a_two_class_light_head() -> None:
     assert {r["mode"] for r in cal.candidates} == set(MODES)
     assert cal.knn_k == 3  # every class has 3 training images
     assert cal.adapted == [
-        "knn_k 10 -> 3: the smallest seen class ('cat') has 3 training images",
-        "rounds 5 -> 3: only 3 distinct sets of 1 hidden class among the 3 with held-out images",
+        "the knn score's k 10 -> 3: the smallest seen class ('cat') has 3 training images",
+        "rounds=5 -> 3: only 3 distinct sets of 1 hidden class among the 3 with held-out images",
     ]
     # 2 kept held-out images per problem: only the lowest TPR level
     assert {r["tpr"] for r in cal.candidates} == {0.8}

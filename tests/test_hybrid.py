@@ -11,7 +11,7 @@ from hybridcls.bench.quality import labelled_test_set, reference_rows
 from hybridcls.errors import CheckpointError, PromptFileError
 from hybridcls.gate.metrics import seen_unseen_accuracy
 from hybridcls.hybrid import HybridClassifier, align_classes
-from hybridcls.zeroshot.prompts import parse_prompts
+from hybridcls.zeroshot.prompts import as_prompt_set, parse_prompts
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,21 @@ def test_uncalibrated_run_is_refused(world_run, tmp_path):
         bare.predict([world.test_dir])
 
 
+def test_check_calibrated_reads_the_folder_only(tmp_path):
+    """A run without gate.json is refused from its listing (predict and explain say so before
+    loading a model); a folder that is no run is left to load_run, which names what it lacks."""
+    from hybridcls.hybrid import check_calibrated
+
+    check_calibrated(tmp_path)  # no config.json: not a run, load_run's to say
+    (tmp_path / "config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(CheckpointError) as err:
+        check_calibrated(tmp_path)
+    assert str(err.value) == (f"{tmp_path}: the run has no gate.json; calibrate it first with "
+                              "HybridClassifier.calibrate()")
+    (tmp_path / "gate.json").write_text("{}", encoding="utf-8")
+    check_calibrated(tmp_path)
+
+
 def test_class_alignment_and_its_errors():
     ps = parse_prompts("fox\ngrizzly bear\npolar bear\nmoose | elk\n", source="p.txt")
     assert align_classes(["polar_bear", "Grizzly+Bear"], ps).names == [
@@ -107,6 +122,11 @@ def test_class_alignment_and_its_errors():
         align_classes(["wolf", "fox"], ps)
     with pytest.raises(PromptFileError, match="training classes 'moose' and 'elk' both match"):
         align_classes(["moose", "elk"], ps)
+    # a list has names, not lines (nor a file to add synonyms to)
+    with pytest.raises(PromptFileError) as err:
+        align_classes(["wolf", "fox"], as_prompt_set(["fox", "moose"]))
+    assert str(err.value) == ("<prompts list>: 1 training class(es) match no name in the list: "
+                              "'wolf'; add them")
 
 
 def test_prompts_missing_a_checkpoint_class(world_run, tmp_path):

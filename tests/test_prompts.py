@@ -154,11 +154,11 @@ def test_match_on_two_lines_is_an_error_naming_both():
 
 def test_list_of_names_is_a_prompts_source():
     ps = as_prompt_set(["cat", "moose: a large deer | elk"])
-    assert ps.names == ["cat", "moose"] and ps[1].synonyms == ("elk",) and ps.source == "<list>"
+    assert ps.names == ["cat", "moose"] and ps[1].synonyms == ("elk",) and ps.source == "<prompts list>"
     assert as_prompt_set(ps) is ps
-    with pytest.raises(PromptFileError, match=r"<list>:2: duplicate class"):
+    with pytest.raises(PromptFileError, match=r"<prompts list>:2: duplicate class"):
         as_prompt_set(["Cat", "cat"])
-    with pytest.raises(PromptFileError, match=r"<list>:1: expected one class per item"):
+    with pytest.raises(PromptFileError, match=r"<prompts list>:1: expected one class per item"):
         as_prompt_set(["cat\ndog"])
 
 
@@ -210,6 +210,21 @@ def test_missing_file_is_an_error_naming_it(tmp_path):
     with pytest.raises(PromptFileError) as err:
         read_prompts(f)
     assert err.value.path == str(f) and "cannot read file" in str(err.value)
+
+
+def test_a_file_that_cannot_be_read_is_named_by_the_parameter_that_gave_it(tmp_path):
+    """as_prompt_set / as_template_set / read_site_classes(parameter=): ``name='FILE': ``, which
+    the command line shows as the flag (tests/test_cli_messages.py)."""
+    from hybridcls.sites import read_site_classes
+    from hybridcls.zeroshot.prompts import as_template_set
+
+    f = tmp_path / "nope.txt"
+    for read, parameter in ((as_prompt_set, "prompts"), (as_template_set, "templates"),
+                            (lambda p: read_site_classes(p, parameter="site_classes"), "site_classes")):
+        with pytest.raises(PromptFileError) as err:
+            read(str(f))
+        assert str(err.value) == f"{parameter}={str(f)!r}: cannot read file: No such file or directory"
+        assert (err.value.path, err.value.line, err.value.parameter) == (str(f), None, parameter)
 
 
 def test_directory_is_an_unreadable_file(tmp_path):
@@ -266,7 +281,7 @@ def test_no_templates_is_an_error(tmp_path):
 
 
 def test_template_list_errors_name_the_item():
-    with pytest.raises(PromptFileError, match=r"<list>:2: .*no '\{\}' placeholder"):
+    with pytest.raises(PromptFileError, match=r"<templates list>:2: .*no '\{\}' placeholder"):
         check_templates(["a {}.", "no placeholder"])
 
 

@@ -113,7 +113,7 @@ def test_leave_classes_out_then_transductive_on_every_small_size(tiny_run, n_cla
     # neighbour counts bounded by the smallest class's training images, recorded for prediction
     assert (g.knn_k, g.cascade_k) == (min(DEFAULT_KNN_K, n_train), min(CASCADE_KNN_K, n_train))
     assert g.cache_branch["k"] == min(DEFAULT_CACHE_K, n_classes * n_train)
-    assert f"knn_k {DEFAULT_KNN_K} -> {n_train}: the smallest seen class" in g.adapted[0]
+    assert f"the knn score's k {DEFAULT_KNN_K} -> {n_train}: the smallest seen class" in g.adapted[0]
     candidates = {r["score"] for r in g.candidates}
     if n_classes == 2:
         # a one-class light head: the CLIP-side scores only; 1 held-out seen image per problem,
@@ -202,10 +202,11 @@ def test_too_few_test_images_for_the_transductive_step_exit_1(tiny_run, files, c
 
 @pytest.mark.parametrize("case, n_classes, per_class, split, adapted", [
     # the 3-class run whose leave-classes-out light heads have 2 classes
-    ("three_classes", 3, 12, [], "rounds 5 -> 3: only 3 distinct sets of 1 hidden class"),
+    # the library's rounds=5 (tests/test_gate_calibration.py) in calibrate's flag
+    ("three_classes", 3, 12, [], "--rounds 5 -> 3: only 3 distinct sets of 1 hidden class"),
     # 4 classes x 4 images, a quarter held out: 3 training images per class
     ("few_images", 4, 4, ["--val-split", "0.25"],
-     "knn_k 10 -> 3: the smallest seen class ('blue_square') has 3 training images"),
+     "the knn score's k 10 -> 3: the smallest seen class ('blue_square') has 3 training images"),
 ])
 def test_the_reported_cases_calibrate_with_exit_0(files, capsys, case, n_classes, per_class,
                                                   split, adapted):

@@ -224,8 +224,9 @@ def test_threshold_is_set_again_only_from_enough_seen_images():
     # one seen support image and no held-out images: the calibrated threshold stays
     with pytest.warns(HybridclsWarning) as caught:
         gate = _tpr_gate().with_support(one, [1, 1, 2, 2, 0], class_names=["s", "u1", "u2"])
+    # the gate's calibrated level, in words that hold where no tpr parameter was given (predict)
     reason = ("1 seen image(s) (held-out and seen-class support images) are too few to set one at "
-              "tpr=0.95, which needs at least 100 seen images (5 above the threshold); more seen "
+              "the calibrated TPR 0.95, which needs at least 100 seen images (5 above the threshold); more seen "
               "images set it: held-out seen images (a hybrid reads them from its training "
               "folder's held-out split) or support images of seen classes")
     assert [str(w.message) for w in caught] == [
@@ -249,8 +250,8 @@ def test_threshold_is_set_again_only_from_enough_seen_images():
     # the same 100 seen images as support images, without held-out ones: set again, and said
     hundred = BranchOutputs.concat([support, _seen_outputs(100)])
     with pytest.warns(HybridclsWarning, match=r"^support images: the gate's threshold is set again "
-                      r"\(tpr=0\.\d+\) on the 100 seen-class support images alone, without "
-                      r"held-out seen images \(held_out=None\)$"):
+                      r"\(at TPR 0\.\d+\) on the 100 seen-class support images alone, without "
+                      r"held-out seen images$"):
         _tpr_gate().with_support(hundred, [1, 1, 2, 2, *[0] * 100], class_names=["s", "u1", "u2"])
 
 
@@ -262,7 +263,7 @@ def test_a_threshold_set_by_hand_is_kept_with_a_warning():
                             clip_logits=np.tile([[0.0, 1.0, 1.0]], (4, 1)), clip_embeddings=keys)
     # 100 held-out seen images would be enough to set it again: a hand-set one stays
     with pytest.warns(HybridclsWarning, match=r"keeps its threshold 0 \(score clip_margin\): it was "
-                      r"set by hand \(method='manual'\) and is not fitted again"):
+                      r"set by hand \(calibration method 'manual'\) and is not fitted again"):
         gate = _manual_gate().with_support(support, [1, 1, 2, 2], class_names=["s", "u1", "u2"],
                                            held_out=_seen_outputs(100), y_held_out=np.zeros(100))
     assert gate.calibration_.threshold == 0.0 and gate.calibration_.method == "manual"

@@ -178,7 +178,7 @@ def test_a_long_class_with_the_bundled_templates_is_told_both_remedies(tiny_tok)
     with pytest.raises(PromptFileError) as err:
         check_class_text(tiny_tok, as_prompt_set(["cat", LONG]), as_template_set(None), model="tiny")
     msg = str(err.value)
-    assert msg.startswith("<list>:2: class ")
+    assert msg.startswith("<prompts list>:2: class ")
     assert msg.endswith(
         "Shorten the class text, pass your own, shorter templates with templates=FILE (a "
         "templates file; in Python also a list of strings with {} for the class text), or pass "
@@ -296,7 +296,7 @@ def test_a_warm_cache_does_not_bypass_the_check(tiny_bundle, tmp_path):
             tiny_bundle, prompts, templates, cache_dir=tmp_path, truncate_prompts=True
         )
     assert len(list((tmp_path / "text").glob("*.safetensors"))) == 1
-    with pytest.raises(PromptFileError, match=r"<list>:2: class .* the limit is 16"):
+    with pytest.raises(PromptFileError, match=r"<prompts list>:2: class .* the limit is 16"):
         build_text_classifier(tiny_bundle, prompts, templates, cache_dir=tmp_path)
 
 
@@ -309,7 +309,7 @@ def test_near_identical_columns_warn_unless_the_model_is_random_init(
     cos = float(w[:, 0] @ w[:, 1])
     monkeypatch.setattr(text_checks, "NEAR_IDENTICAL_COSINE", cos - 1e-4)
     with pytest.warns(
-        ClassTextWarning, match=r"<list>:2: class 'red foxes' and class 'red fox' \(<list>:1\)"
+        ClassTextWarning, match=r"<prompts list>:2: class 'red foxes' and class 'red fox' \(<prompts list>:1\)"
     ):
         build_text_classifier(tiny_bundle, prompts, templates, use_cache=False)
     cfg = tmp_path / "hybridcls-test-random.json"

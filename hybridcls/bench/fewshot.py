@@ -36,10 +36,12 @@ from hybridcls.bench.quality import (
     world_run_test_features,
 )
 from hybridcls.cache import atomic_write_text
+from hybridcls.errors import DataTooSmallError
 from hybridcls.gate.metrics import seen_unseen_accuracy
 from hybridcls.support import support_samples
 
-__all__ = ["FewShotReport", "FewShotRow", "linear_probe", "run_fewshot"]
+__all__ = ["FewShotReport", "FewShotRow", "FewShotZooReport", "draw_support", "fewshot_zoo", "linear_probe",
+           "run_fewshot"]
 
 #: The draw of the retrain route's validation images (every class, 2 each): apart from the
 #: support draws.
@@ -245,3 +247,129 @@ def _training_folder(train_dir: Path, support: Path, dest: Path, world: Any, k: 
     for root in (train_dir, support):
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):
             (dest / sub.name).symlink_to(sub.resolve(), target_is_directory=True)
+
+
+@dataclass
+class FewShotZooReport:
+    """:func:`fewshot_zoo`'s figures: the hybrid + support rows of every world, and the summary.
+
+    Attributes:
+        worlds: ``{world name: [one row per k]}`` (``oracle_share`` averaged over the draws,
+            each draw's share on its own evaluation images).
+        summary: ``{k: {"median", "worst", "worst_world"}}`` of the share of the oracle's H.
+    """
+
+    worlds: dict[str, list[FewShotRow]]
+    summary: dict[int, dict[str, Any]]
+
+    def markdown(self) -> str:
+        ks = list(self.summary)
+        lines = ["| world | " + " | ".join(f"k = {k}: H / share of oracle" for k in ks) + " |",
+                 "|---|" + "---:|" * len(ks)]
+        for name, rows in self.worlds.items():
+            lines.append(f"| {name} | " + " | ".join(f"{100 * r.harmonic:.1f} / {100 * r.oracle_share:.1f}%"
+                                                     for r in rows) + " |")
+        lines.append("")
+        lines += [f"k = {k}: share of the oracle's H median {100 * s['median']:.1f}%, worst "
+                  f"{100 * s['worst']:.1f}% ({s['worst_world']})" for k, s in self.summary.items()]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"worlds": {n: [vars(r) for r in rows] for n, rows in self.worlds.items()},
+                "summary": {str(k): v for k, v in self.summary.items()}}
+
+
+def draw_support(y: np.ndarray, classes: Sequence[int], k: int, draw: int) -> np.ndarray:
+    """``[k * len(classes)]`` indices of ``y``: ``k`` images of each class, drawn without
+    replacement (seeded by ``draw``), class by class.
+
+    Raises:
+        DataTooSmallError: A class with ``k`` images or fewer (none would be left to evaluate on).
+    """
+    rng = np.random.default_rng(draw)
+    picked = []
+    for c in classes:
+        rows = np.flatnonzero(y == c)
+        if len(rows) <= k:
+            raise DataTooSmallError(f"class {c} has {len(rows)} test images: k={k} support images "
+                                    "of it would leave none to evaluate on; ask for fewer")
+        picked.append(rng.choice(rows, size=k, replace=False))
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def fewshot_zoo(out_dir: str | os.PathLike[str], n: int | str | None = None, *,
+                ks: Sequence[int] = (0, 1, 2, 5, 10), draws: int = 3,
+                cache_dir: str | os.PathLike[str] | None = None, workers: int = 0,
+                progress: bool = False) -> FewShotZooReport:
+    """The hybrid + support route on every world of the zoo, from the cached towers' outputs.
+
+    The zoo caches no image apart from the test set, so each draw takes its ``k`` support
+    images of every unseen class from the test set (:func:`draw_support`) and is scored on
+    the test images left (the oracle router on the same ones). The default gate is fitted
+    as ``calibrate`` fits it and the support joins it as ``add_support`` joins it
+    (:meth:`~hybridcls.gate.Gate.with_support`, with the held-out images). Writes
+    ``fewshot.md`` and ``fewshot.json`` into ``out_dir``.
+
+    Args:
+        out_dir: The zoo's folder (:func:`hybridcls.bench.zoo.run_zoo`).
+        n: Build (or reuse) the first ``n`` worlds, or ``"ci"``, first; ``None``: the worlds
+            already built there (:func:`hybridcls.bench.zoo.cached_worlds`).
+        ks: Support images per unseen class (0: the calibrated gate alone, on every test image).
+        draws: Draws per k (seeds 0, 1, ...).
+        cache_dir: As :func:`hybridcls.bench.zoo.build_world`'s, for worlds still to build.
+        workers: Decoding processes, likewise.
+        progress: Progress bars, likewise.
+
+    Raises:
+        DataTooSmallError: A k that leaves an unseen class no test image.
+    """
+    import statistics
+
+    from hybridcls.bench.zoo import build_world, cached_worlds, load_features, zoo_specs
+    from hybridcls.cache import atomic_write_json
+    from hybridcls.gate import Gate
+
+    out = Path(out_dir)
+    names = None
+    if n is not None:
+        specs = zoo_specs(n)
+        for spec in specs:
+            build_world(out / spec.name, spec, cache_dir=cache_dir, workers=workers, progress=progress)
+        names = [s.name for s in specs]
+    worlds: dict[str, list[FewShotRow]] = {}
+    for name in cached_worlds(out, names):
+        f = load_features(out / name)
+        S, y = f.n_seen, f.y_test
+        gate = f.fit(Gate())
+        rows = []
+        for k in sorted(set(ks)):
+            figures, shares, spent = [], [], 0.0
+            for draw in range(draws if k else 1):
+                support = draw_support(y, range(S, len(f.classes)), k, draw)
+                rest = np.setdiff1d(np.arange(len(y)), support)
+                used = gate
+                if k:
+                    t = time.perf_counter()
+                    used = gate.with_support(f.test.rows(support), y[support], class_names=f.classes,
+                                             held_out=f.val, y_held_out=f.y_val)
+                    spent += time.perf_counter() - t
+                test = f.test.rows(rest)
+                figures.append(_figures(y[rest], used.predict(test).pred, S))
+                oracle = next(r for r in reference_rows(test, y[rest], S, gate.seen_logits(test))
+                              if r.method == "oracle router").harmonic
+                shares.append(figures[-1][2] / oracle if oracle > 0 else 0.0)
+            row = _row("hybrid + support", k, figures, 1.0, spent / max(len(figures), 1),
+                       "support drawn from the test set, scored on the rest")
+            row.oracle_share = float(np.mean(shares))
+            rows.append(row)
+        worlds[name] = rows
+    summary = {}
+    for i, k in enumerate(sorted(set(ks))):
+        shares = {name: rows[i].oracle_share for name, rows in worlds.items()}
+        worst = min(shares, key=shares.__getitem__)
+        summary[k] = {"median": statistics.median(shares.values()), "worst": shares[worst],
+                      "worst_world": worst}
+    report = FewShotZooReport(worlds, summary)
+    atomic_write_json(out / "fewshot.json", report.as_dict())
+    atomic_write_text(out / "fewshot.md", report.markdown() + "\n")
+    return report

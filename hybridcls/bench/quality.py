@@ -11,6 +11,7 @@ is then a :meth:`~hybridcls.hybrid.HybridClassifier.predict_features` (or a
 
 from __future__ import annotations
 
+import csv
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from hybridcls.cache import atomic_write_json, atomic_write_text
 from hybridcls.data import expand_inputs
-from hybridcls.errors import CheckpointError, InputError
+from hybridcls.errors import CheckpointError, DatasetError, InputError
 from hybridcls.eval import join_labels
 from hybridcls.gate import GATE_FILENAME, SCORES, BranchOutputs, gate_detection
 from hybridcls.gate.metrics import ausuc, seen_unseen_accuracy
@@ -30,6 +31,7 @@ from hybridcls.zeroshot.prompts import normalize_label
 __all__ = [
     "QualityReport",
     "QualityRow",
+    "check_world",
     "default_world_backbone",
     "labelled_test_set",
     "load_or_make_world",
@@ -102,16 +104,56 @@ def reference_rows(feats: BranchOutputs, y: np.ndarray, n_seen: int,
 
 
 def load_or_make_world(root: Path, *, seed: int = 0) -> Any:
-    """The world in ``root`` when one with this seed is already there, else a new one."""
+    """The world in ``root`` when one with this seed is already there, else a new one.
+
+    Raises:
+        InputError: A world of another seed.
+        DatasetError: A world with files missing (:func:`check_world`).
+    """
     from hybridcls.synth import World, make_world
 
     if (root / "world.json").is_file():
         world = World.load(root)
-        if world.seed == seed:
-            return world
-        raise InputError(f"{root} holds the world of seed {world.seed}, not seed={seed}; use "
-                         f"seed={world.seed}, or another folder (out=DIR)")
+        if world.seed != seed:
+            raise InputError(f"{root} holds the world of seed {world.seed}, not seed={seed}; use "
+                             f"seed={world.seed}, or another folder (out=DIR)")
+        check_world(world)
+        return world
     return make_world(root, seed=seed)
+
+
+def check_world(world: Any) -> None:
+    """That a world the benches reuse is still whole, before anything trains on it or reads it.
+
+    Raises:
+        DatasetError: It lost files since :func:`~hybridcls.synth.make_world` wrote it (a
+            seen class's training images, the test labels or test images): named by its folder
+            and the bench's ``out``, since the bench made the folders, not the user.
+    """
+    damage = _world_damage(world)
+    if damage is not None:
+        raise DatasetError(f"{world.root} holds the world of seed {world.seed}, but {damage}; "
+                           f"delete {world.root} to make it again, or use another folder (out=DIR)")
+
+
+def _world_damage(world: Any) -> str | None:
+    """What a world has lost since it was written whole: a seen class's training images, the
+    test labels or test images; None when nothing is missing."""
+    from hybridcls.synth.render import Attributes
+
+    for name in world.seen_classes:
+        folder = world.train_dir / Attributes(*name.split(" ")).folder
+        if not folder.is_dir() or next(folder.iterdir(), None) is None:
+            return f"the training images of {name!r} are missing ({folder})"
+    try:
+        labels = world.read_labels()
+    except (OSError, KeyError, UnicodeDecodeError, csv.Error) as exc:
+        return f"its test labels cannot be read ({world.labels_csv}: {exc})"
+    missing = [image_id for image_id in labels if not (world.test_dir / image_id).is_file()]
+    if missing:
+        return (f"{len(missing)} of its {len(labels)} test images are missing "
+                f"({world.test_dir / missing[0]}{', ...' if len(missing) > 1 else ''})")
+    return None
 
 
 def default_world_backbone(cache_dir: Path | None = None) -> dict[str, Any]:

@@ -40,6 +40,7 @@ import numpy as np
 from hybridcls.bench.quality import (
     QualityRow,
     _figures,
+    check_world,
     default_world_backbone,
     reference_rows,
     train_once,
@@ -236,6 +237,7 @@ def build_world(out: str | Path, spec: WorldSpec, *, cache_dir: str | Path | Non
     t = time.perf_counter()
     if (out / "world" / "world.json").is_file():
         world = World.load(out / "world")
+        check_world(world)
     else:
         world = make_world(out / "world", seed=spec.seed, n_classes=spec.n_seen + spec.n_unseen,
                            n_unseen=spec.n_unseen, train_per_class=spec.train_per_class,

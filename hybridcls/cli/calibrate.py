@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import argparse
 
-from hybridcls.cli.common import add_clip_arguments, add_runtime_arguments, hybrid_from_args
+from hybridcls.cli.common import (
+    add_clip_arguments,
+    add_runtime_arguments,
+    flag_message,
+    hybrid_from_args,
+)
 from hybridcls.gate.cache_branch import CACHE_MODES
 from hybridcls.gate.config import FIT_METHODS
 from hybridcls.gate.scores import SCORES
@@ -53,6 +58,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from hybridcls.data.folders import check_folder
+
+    if args.data is not None:  # before the models load: the library names it as data_dir=
+        check_folder(args.data, parameter="data_dir")
     clf = hybrid_from_args(args, recalibrate=True, method=args.method, score=args.score, tpr=args.tpr,
                            rounds=args.rounds, seed=args.seed, cache_branch=args.cache_branch)
     clf.calibrate(args.data, test_inputs=args.transductive)
@@ -63,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if g.cascade_msp is not None:
         far = "" if g.cascade_distance is None else f" or backbone distance > {g.cascade_distance:.3f}"
         print(f"cascade (--cascade): CLIP runs where supervised MSP <= {g.cascade_msp:.3f}{far}")
-    for note in g.adapted:
-        print(f"adapted to the data's size: {note}")
+    for note in g.adapted:  # library sentences: a parameter they name reads as its flag
+        print(f"adapted to the data's size: {flag_message(note, args.parser_, args.commands_)}")
     if g.cache_branch is not None:
         c = g.cache_branch
         print(f"cache branch: {'on' if c['enabled'] else 'off'} (alpha {c['alpha']:.3g}, beta {c['beta']:g}; "

@@ -6,7 +6,8 @@ The runtime flags are declared from :class:`~hybridcls.runtime.RuntimeSettings`
 :func:`runtime_from_args`; the CLIP flags' defaults are the zero-shot
 branch's own. Library errors name Python parameters (``batch_size=0: ...``);
 :func:`flag_message` rewrites those names into this command's flags
-(``--batch-size 0: ...``) before the command line prints them.
+(``--batch-size 0: ...``) before the command line prints them (errors, warnings,
+and the library sentences a command prints, such as calibration's adapted settings).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hybridcls.zeroshot.defaults import (
     DEFAULT_CLIP_PRETRAINED,
     LOCAL_DIR_PREFIX,
 )
+from hybridcls.zeroshot.prompts import PROMPTS_LIST
 
 __all__ = [
     "UsageError",
@@ -310,8 +312,13 @@ def hybrid_from_args(args: argparse.Namespace, *, recalibrate: bool = False, **p
     Raises:
         ParameterError: ``--clip-model`` / ``--clip-pretrained`` naming another CLIP than the
             one the run's gate was calibrated with (not with ``recalibrate``).
+        CheckpointError: A run without a gate (not with ``recalibrate``), said before any
+            model loads.
     """
-    from hybridcls.hybrid import HybridClassifier
+    from hybridcls.hybrid import HybridClassifier, check_calibrated
+
+    if not recalibrate:
+        check_calibrated(args.checkpoint)
 
     # the flags as given: the classifier itself loads the CLIP its gate recorded when none is
     # chosen (clip_from_args's rule), and can then say that the recorded one is what fails
@@ -345,6 +352,7 @@ _DESTINATIONS = {
     "val_dir": "val",  # audit_dataset(); train's --val is val_dir already
     "test_dir": "test",  # audit_dataset()
     "data_dir": "data",  # calibrate(data_dir=); train's DATA_DIR is positional, not a flag
+    "run_dir": "checkpoint",  # load_run(run_dir=)
 }
 # A parameter stands on its own: "runs/seed=0" or "data-batch_size=3" is a path, not one.
 _PARAMETER = re.compile(r"(?<![/\\.\-=])\b([a-z][a-z0-9_]*)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;:)]+)")
@@ -358,6 +366,14 @@ _ARGUMENT = r"[a-z][a-z0-9_]*=(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,'\"
 # "data/train(old)"), its arguments literal: calibrate(), HybridClassifier.calibrate(data_dir='D').
 _CALL = re.compile(rf"(?:(?<=[\s`(])|^)(?:HybridClassifier\.)?(?P<name>{'|'.join(_COMMAND_CALLS)})"
                    rf"\((?P<args>(?:\s*{_ARGUMENT}\s*,?)*)\)")
+
+
+# A call that loads a run with other settings, which predict and explain do with their own flags:
+# load_run(run_dir=RUN_DIR, prompts=FILE) is ``--checkpoint RUN_DIR --prompts FILE``.
+_LOAD_CALL = re.compile(rf"(?:(?<=[\s`(])|^)(?:HybridClassifier\.)?load_run"
+                        rf"\((?P<args>(?:\s*{_ARGUMENT}\s*,?)*)\)")
+# Where the library names a class list given in Python (a prompts list, item N as the line).
+_PROMPTS_LIST = re.compile(re.escape(PROMPTS_LIST) + r"(?::(\d+))?")
 
 
 def _flags_of(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:
@@ -425,7 +441,11 @@ def flag_message(message: str, parser: argparse.ArgumentParser,
 
     Returns:
         The text a command-line user reads: ``batch_size=0: ...`` becomes
-        ``--batch-size 0: ...``, ``truncate_prompts=True`` becomes ``--truncate-prompts``.
+        ``--batch-size 0: ...``, ``truncate_prompts=True`` becomes ``--truncate-prompts``;
+        ``load_run(run_dir=RUN_DIR, prompts=FILE)`` becomes this command's
+        ```--checkpoint RUN_DIR --prompts FILE```, and a class list's place
+        (``<prompts list>:2``, :data:`~hybridcls.zeroshot.prompts.PROMPTS_LIST`) becomes
+        ``--classes name 2`` in a command that has ``--classes``.
 
     Example:
         >>> p = argparse.ArgumentParser()
@@ -456,4 +476,23 @@ def flag_message(message: str, parser: argparse.ArgumentParser,
 
     if commands:
         message = _CALL.sub(lambda m: _as_command(m, commands[m.group("name")]), message)
+    message = _LOAD_CALL.sub(lambda m: _as_flags(m, flags), message)
+    if "classes" in flags:  # the classes' list is --classes' (the only list the command line gives)
+        message = _PROMPTS_LIST.sub(
+            lambda m: flags["classes"][0] + (f" name {m.group(1)}" if m.group(1) else ""), message)
     return _PARAMETER.sub(rewrite, message)
+
+
+def _as_flags(m: re.Match[str], flags: Mapping[str, tuple[str, bool]]) -> str:
+    """A matched :data:`_LOAD_CALL` as the running command's flags that do the same: its
+    parameters as flags (``run_dir`` is ``--checkpoint``), each value quoted for a POSIX shell;
+    the call as it is when the command has no flag for one of them."""
+    given = [a.split("=", 1) for a in re.findall(_ARGUMENT, m.group("args"))]
+    words = []
+    for name, value in given:
+        flag, _ = flags.get(name, (None, False))
+        if flag is None:
+            return m.group(0)
+        literal = _literal(value)
+        words.append(f"{flag} {literal if literal.isupper() else shlex.quote(literal)}")
+    return "`" + " ".join(words) + "`"

@@ -208,7 +208,7 @@ def site_classes_from_args(args: argparse.Namespace, sources: Any = None, prompt
         allowed_columns(args.allowed_classes, prompts)
     if not args.site_classes:
         return None
-    sites = read_site_classes(args.site_classes).for_inputs(args.inputs)
+    sites = read_site_classes(args.site_classes, parameter="site_classes").for_inputs(args.inputs)
     sites.resolve(prompts)
     return sites if sources is None else sites.check_reach(sources)
 

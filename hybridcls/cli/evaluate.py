@@ -56,7 +56,7 @@ def evaluate_from_args(args: argparse.Namespace, seen: Sequence[str]) -> Evaluat
     from hybridcls.hierarchy import Hierarchy
     from hybridcls.zeroshot.prompts import read_prompts
 
-    prompts = read_prompts(args.prompts) if args.prompts else None
+    prompts = read_prompts(args.prompts, parameter="prompts") if args.prompts else None
     classes = prompts.names if prompts is not None else args.classes
     # a prompts file with ancestors scores roll-up answers at every rank
     hierarchy = Hierarchy.from_prompts(prompts) if prompts is not None and prompts.has_ancestors else None

@@ -42,6 +42,7 @@ from hybridcls.errors import (
 
 __all__ = [
     "ImageFolderIndex",
+    "check_folder",
     "class_size_error",
     "drop_unreadable",
     "find_unreadable",
@@ -106,6 +107,23 @@ def _folder_parameter(parameter: str | None, root: str | os.PathLike[str]) -> st
     return f"{parameter}={os.fspath(root)!r}: " if parameter else ""
 
 
+def check_folder(root: str | os.PathLike[str], *, role: str = "training folder",
+                 parameter: str | None = None) -> None:
+    """That ``root`` is a folder: :func:`scan_image_folder`'s first check, which reads nothing,
+    for a command to make before it loads any model.
+
+    Raises:
+        DatasetError: ``root`` is missing or not a folder (``parameter='root': `` first, as
+            :func:`scan_image_folder`'s errors).
+    """
+    root_str = os.fspath(root)
+    at = _folder_parameter(parameter, root_str)
+    if not os.path.exists(root_str):
+        raise DatasetError(at + f"{role} not found: {root_str}")
+    if not os.path.isdir(root_str):
+        raise DatasetError(at + f"not a folder: {root_str} (expected the {role})")
+
+
 def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training folder",
                       min_classes: int = 2, parameter: str | None = None) -> ImageFolderIndex:
     """List the classes (subfolders) and their image files under ``root``.
@@ -140,10 +158,7 @@ def scan_image_folder(root: str | os.PathLike[str], *, role: str = "training fol
     """
     root_str = os.fspath(root)
     at = _folder_parameter(parameter, root_str)  # in front of every error
-    if not os.path.exists(root_str):
-        raise DatasetError(at + f"{role} not found: {root_str}")
-    if not os.path.isdir(root_str):
-        raise DatasetError(at + f"not a folder: {root_str} (expected the {role})")
+    check_folder(root_str, role=role, parameter=parameter)
     try:
         listing = list(os.scandir(root_str))
         entries = sorted(e.name for e in listing if e.is_dir())

@@ -39,7 +39,7 @@ from sklearn.preprocessing import StandardScaler
 
 from hybridcls.errors import DataTooSmallError, InputError
 from hybridcls.gate.cascade import DEFAULT_MISS, cascade_seen_share, max_softmax
-from hybridcls.gate.config import MODES, GateCalibration
+from hybridcls.gate.config import MODES, STACKING_SCORE, GateCalibration
 from hybridcls.gate.fusion import hard_probs, route_mask, soft_probs, soft_weight, stacking_probs
 from hybridcls.gate.metrics import seen_unseen_accuracy
 from hybridcls.gate.scores import (
@@ -55,7 +55,9 @@ from hybridcls.gate.scores import (
 from hybridcls.index import EmbeddingIndex, class_bounded_k
 
 __all__ = [
+    "CASCADE_K_SETTING",
     "CLIP_TEMPERATURE_GRID",
+    "KNN_K_SETTING",
     "MIN_TAIL_IMAGES",
     "MIN_TRANSDUCTIVE_IMAGES",
     "SOFT_SCALE_GRID",
@@ -96,6 +98,11 @@ STANDINS = ("project", "plain")
 #: Test images the transductive threshold needs at least: a two-component mixture
 #: has 5 parameters, and fewer scores than this leave it nothing to separate.
 MIN_TRANSDUCTIVE_IMAGES = 4
+#: The neighbour counts in :attr:`GateCalibration.adapted`'s sentences (:func:`bounded_neighbour_k`),
+#: in the words of docs/gate.md's "Small data" table: no one sets ``knn_k`` or ``cascade_k``, in
+#: Python or on the command line, so their field names would read as parameters to change.
+KNN_K_SETTING = "the knn score's k"
+CASCADE_K_SETTING = "the cascade's k"
 
 
 def threshold_at_tpr(seen_scores: Any, tpr: float = 0.95) -> float:
@@ -447,7 +454,8 @@ def bounded_neighbour_k(
     that :attr:`GateCalibration.adapted` records when it changes ``k``.
 
     Args:
-        setting: The field it sets (``"knn_k"``, ``"cascade_k"``), for the sentence.
+        setting: What the count is, in the sentence: :data:`KNN_K_SETTING` or
+            :data:`CASCADE_K_SETTING`.
         k: The neighbour asked for.
         y_train: ``[Ntr]`` seen-class index of each training image.
         class_names: Seen class names by index, to name the smallest class.
@@ -456,8 +464,8 @@ def bounded_neighbour_k(
         ``(k to use, [the sentence])``, or ``(k, [])`` when nothing changed.
 
     Example:
-        >>> bounded_neighbour_k("knn_k", 10, [0, 0, 0, 1, 1, 1, 1], ["cat", "dog"])
-        (3, ["knn_k 10 -> 3: the smallest seen class ('cat') has 3 training images"])
+        >>> bounded_neighbour_k(KNN_K_SETTING, 10, [0, 0, 0, 1, 1, 1, 1], ["cat", "dog"])
+        (3, ["the knn score's k 10 -> 3: the smallest seen class ('cat') has 3 training images"])
     """
     used = class_bounded_k(k, y_train)
     if used == k:
@@ -657,7 +665,7 @@ def leave_classes_out(
     bad_modes = [m for m in modes if m not in MODES]
     if bad_modes:
         raise InputError(f"gate mode {bad_modes[0]!r}: choose from {', '.join(MODES)}")
-    knn_k, notes = bounded_neighbour_k("knn_k", knn_k, ytr, class_names)
+    knn_k, notes = bounded_neighbour_k(KNN_K_SETTING, knn_k, ytr, class_names)
     if "knn" in scores:
         adapted += notes
     # 1.0 is always among the temperatures: the combined score is built on it
@@ -680,7 +688,8 @@ def leave_classes_out(
     hidden_sets = _hidden_sets(rng, hideable, n_hide, rounds)
     if len(hidden_sets) < rounds:
         adapted.append(
-            f"rounds {rounds} -> {len(hidden_sets)}: only {len(hidden_sets)} distinct sets of "
+            # rounds= is the user's parameter (the command line's --rounds)
+            f"rounds={rounds} -> {len(hidden_sets)}: only {len(hidden_sets)} distinct sets of "
             f"{n_hide} hidden class{'es' if n_hide > 1 else ''} among the {hideable.size} with "
             "held-out images")
     n_kept_val = min(int(np.sum(~np.isin(yva, hidden))) for hidden in hidden_sets)
@@ -881,7 +890,7 @@ def _grid_search(
                 ]
             if "soft" in modes:
                 settings += [(key, "soft", tpr, None, k) for k in soft_scale_grid]
-            if "stacking" in modes and key[0] == "clip_margin":
+            if "stacking" in modes and key[0] == STACKING_SCORE:
                 # stacking thresholds the clip margin itself: its penalty is -threshold
                 settings.append((key, "stacking", tpr, None, None))
 

@@ -22,9 +22,11 @@ from hybridcls.errors import CheckpointError, InputError
 from hybridcls.gate.cascade import CASCADE_KNN_K
 from hybridcls.gate.scores import DEFAULT_KNN_K, SCORES, CombinedScore, compute_scores, needs_of
 
-__all__ = ["FIT_METHODS", "GATE_FILENAME", "METHODS", "MODES", "GateCalibration"]
+__all__ = ["FIT_METHODS", "GATE_FILENAME", "METHODS", "MODES", "STACKING_SCORE", "GateCalibration"]
 
 MODES = ("hard", "soft", "stacking")
+#: The one gate score ``stacking`` mode works on: it thresholds exactly this margin.
+STACKING_SCORE = "clip_margin"
 METHODS = ("tpr", "leave-classes-out", "transductive", "manual")
 #: The methods :meth:`hybridcls.gate.Gate.fit` calibrates with (``transductive`` refines either).
 FIT_METHODS = ("leave-classes-out", "tpr")
@@ -96,7 +98,7 @@ class GateCalibration:
             (:data:`hybridcls.gate.calibration.STANDINS`); ``None`` for other methods
             and for files written before it (which used ``"plain"``).
         adapted: What calibration changed because the data was small, one sentence
-            each (the setting, asked -> used, and why), e.g. ``"knn_k 10 -> 3: the
+            each (the setting, asked -> used, and why), e.g. ``"the knn score's k 10 -> 3: the
             smallest seen class ('cat') has 3 training images"``. The values used are
             in their own fields (``knn_k``, ``cascade_k``...), which prediction reads.
         support: Few-shot support images (:meth:`hybridcls.gate.Gate.with_support`): the
@@ -162,9 +164,9 @@ class GateCalibration:
             )
         if self.score == "combined" and self.combined is None:
             raise InputError("gate score 'combined' needs its fitted model (combined=...)")
-        if self.mode == "stacking" and self.score != "clip_margin":
+        if self.mode == "stacking" and self.score != STACKING_SCORE:
             # stacking thresholds exactly this score: seen wins iff max_seen - penalty >= max_unseen
-            raise InputError("stacking mode works on the 'clip_margin' score")
+            raise InputError(f"stacking mode works on the {STACKING_SCORE!r} score")
         if not 0.0 < self.tpr <= 1.0:
             raise InputError(f"tpr must be in (0, 1], got {self.tpr}")
         if self.temperature <= 0:

@@ -42,6 +42,8 @@ from hybridcls.errors import CheckpointError, HybridclsWarning, InputError, Para
 from hybridcls.gate.branches import BranchOutputs
 from hybridcls.gate.cache_branch import CACHE_MODES, CacheBranch, fit_cache_branch
 from hybridcls.gate.calibration import (
+    CASCADE_K_SETTING,
+    KNN_K_SETTING,
     MIN_TAIL_IMAGES,
     STANDINS,
     apply_transductive,
@@ -62,7 +64,7 @@ from hybridcls.gate.cascade import (
     max_softmax,
     threshold_from_seen_share,
 )
-from hybridcls.gate.config import FIT_METHODS, GATE_FILENAME, MODES, GateCalibration
+from hybridcls.gate.config import FIT_METHODS, GATE_FILENAME, MODES, STACKING_SCORE, GateCalibration
 from hybridcls.gate.fusion import FusionResult, fuse, fuse_zeroshot, route
 from hybridcls.gate.metrics import seen_unseen_accuracy
 from hybridcls.gate.restriction import check_allowed, forced_routing, mask_logits, restrict_outputs
@@ -216,6 +218,13 @@ class Gate:
                 if value is not None:
                     raise ParameterError(name, value, "a zero-shot-only classifier has no "
                                          "supervised branch to route to or mix with")
+        cal = self.calibration_
+        if mode == "stacking" and cal is not None and cal.score != STACKING_SCORE:
+            # GateCalibration refuses it too, in its own terms; this names the option that asked
+            raise ParameterError(
+                "mode", mode, f"stacking mode works on the {STACKING_SCORE!r} score, and this "
+                f"gate was calibrated on {cal.score!r}; leave out mode={mode!r} to use its "
+                f"{cal.mode!r} mode, or calibrate(method='tpr', score={STACKING_SCORE!r}) first")
         view = object.__new__(Gate)
         view.__dict__.update(self.__dict__)
         view._options = _Options(mode, unseen_only, unknown_threshold)
@@ -285,8 +294,9 @@ class Gate:
             branch = fit_cache_branch(val.sup_logits, y_va, val.clip_embeddings, knn,
                                       mode=self.cache_branch)
         # neighbour counts bounded by the smallest class (hybridcls.index.class_bounded_k)
-        knn_k, knn_note = bounded_neighbour_k("knn_k", DEFAULT_KNN_K, y_tr, class_names)
-        cascade_k, cascade_note = bounded_neighbour_k("cascade_k", CASCADE_KNN_K, y_tr, class_names)
+        knn_k, knn_note = bounded_neighbour_k(KNN_K_SETTING, DEFAULT_KNN_K, y_tr, class_names)
+        cascade_k, cascade_note = bounded_neighbour_k(CASCADE_K_SETTING, CASCADE_KNN_K, y_tr,
+                                                      class_names)
         if self.method == "leave-classes-out":
             cal = leave_classes_out(
                 sup_feat_train=train.sup_features, y_train=y_tr, sup_feat_val=val.sup_features,
@@ -515,9 +525,10 @@ class Gate:
         if unseen.any():
             record.update(h=best[0], h_tolerance=tolerance)
         if held_out is None:
-            warnings.warn(f"support images: the gate's threshold is set again (tpr={best[1]:g}) on "
-                          f"the {n_seen} seen-class support images alone, without held-out seen "
-                          "images (held_out=None)", HybridclsWarning, stacklevel=2)
+            # the calibrated TPR level, not a parameter: a command-line user set none here
+            warnings.warn(f"support images: the gate's threshold is set again (at TPR {best[1]:g}) "
+                          f"on the {n_seen} seen-class support images alone, without held-out seen "
+                          "images", HybridclsWarning, stacklevel=2)
         other.calibration_ = best[2].replace(support=record)
         return other
 
@@ -916,7 +927,7 @@ def _kept_threshold(cal: GateCalibration, n_seen: int) -> str | None:
     (the rule calibration's own TPR levels follow).
     """
     if cal.method == "manual":
-        return ("it was set by hand (method='manual') and is not fitted again, though the support "
+        return ("it was set by hand (calibration method 'manual') and is not fitted again, though the support "
                 "cache moves the zero-shot scores it is compared with; set it again by hand if "
                 "the routing shifts")
     if can_set_threshold(cal.tpr, n_seen):
@@ -924,7 +935,8 @@ def _kept_threshold(cal: GateCalibration, n_seen: int) -> str | None:
     need = (f"at least {math.ceil(MIN_TAIL_IMAGES / (1.0 - cal.tpr) - 1e-9)} seen images"
             if cal.tpr < 1.0 else "more than any number of seen images")
     return (f"{n_seen} seen image(s) (held-out and seen-class support images) are too few to set "
-            f"one at tpr={cal.tpr:g}, which needs {need} ({MIN_TAIL_IMAGES} above the threshold); "
+            f"one at the calibrated TPR {cal.tpr:g}, which needs {need} ({MIN_TAIL_IMAGES} above "
+            "the threshold); "
             "more seen images set it: held-out seen images (a hybrid reads them from its "
             "training folder's held-out split) or support images of seen classes")
 

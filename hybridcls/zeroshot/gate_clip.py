@@ -31,12 +31,15 @@ from typing import Any
 from hybridcls.errors import ParameterError
 from hybridcls.gate.config import GATE_FILENAME, GateCalibration
 from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, MODEL_PREFIXES
+from hybridcls.zeroshot.prompts import as_template_set
 
-__all__ = ["CLIP_PARAMETERS", "clip_mismatch", "clip_to_load", "describe_clip", "recorded_clip", "templates_mismatch",
-           "templates_to_load"]
+__all__ = ["CLIP_PARAMETERS", "RECORDED_TEMPLATES", "clip_mismatch", "clip_to_load", "describe_clip",
+           "recorded_clip", "templates_mismatch", "templates_to_load"]
 
 #: The parameters that choose the CLIP (errors naming them are about the CLIP loaded).
 CLIP_PARAMETERS = ("clip_model", "clip_pretrained")
+#: Where messages say the templates a gate recorded come from (their item number as the line).
+RECORDED_TEMPLATES = f"<templates recorded in {GATE_FILENAME}>"
 # How many hex digits of a fingerprint a message shows.
 _SHOWN = 12
 
@@ -141,17 +144,20 @@ def clip_mismatch(record: Mapping[str, Any] | None, loaded: Mapping[str, Any], *
 
 def templates_to_load(templates: Any, record: Mapping[str, Any] | None) -> Any:
     """The templates to build a run's class-text matrix with: ``templates`` when chosen, else the
-    ones its gate recorded, else None (the bundled default).
+    ones its gate recorded (a :class:`~hybridcls.zeroshot.prompts.TemplateSet` whose source,
+    :data:`RECORDED_TEMPLATES`, messages name where a file would be), else None (the bundled
+    default).
 
     Example:
-        >>> templates_to_load(None, {"model_id": "m", "templates": ["a {}."]})
-        ['a {}.']
+        >>> recorded = templates_to_load(None, {"model_id": "m", "templates": ["a {}."]})
+        >>> list(recorded), recorded.source
+        (['a {}.'], '<templates recorded in gate.json>')
         >>> templates_to_load("t.txt", {"model_id": "m", "templates": ["a {}."]})
         't.txt'
     """
     if templates is not None or record is None or record.get("templates") is None:
         return templates
-    return [str(x) for x in record["templates"]]
+    return as_template_set([str(x) for x in record["templates"]], source=RECORDED_TEMPLATES)
 
 
 def templates_mismatch(record: Mapping[str, Any] | None, loaded: Sequence[str], *, templates: Any,

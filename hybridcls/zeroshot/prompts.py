@@ -39,6 +39,8 @@ from hybridcls.errors import PromptFileError
 
 __all__ = [
     "DEFAULT_TEMPLATES_NAME",
+    "PROMPTS_LIST",
+    "TEMPLATES_LIST",
     "ClassPrompt",
     "PromptSet",
     "TemplateSet",
@@ -57,6 +59,10 @@ __all__ = [
 ]
 
 DEFAULT_TEMPLATES_NAME = "templates.txt"
+#: The source messages name, with the item number as the line, for prompts and templates given
+#: as a Python list (the command line's ``--classes`` is such a list: it names its flag instead).
+PROMPTS_LIST = "<prompts list>"
+TEMPLATES_LIST = "<templates list>"
 
 T = TypeVar("T")
 
@@ -107,7 +113,8 @@ class PromptSet:
 
     Attributes:
         classes: One :class:`ClassPrompt` per class, in source order.
-        source: The file the classes came from (``"<string>"``/``"<list>"`` otherwise);
+        source: The file the classes came from (``"<string>"`` or :data:`PROMPTS_LIST`
+            otherwise);
             used in error messages.
     """
 
@@ -244,10 +251,12 @@ def align_classes(seen: Sequence[str], prompts: PromptSet) -> PromptSet:
         order.append(i)
     if missing:
         shown = ", ".join(repr(m) for m in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        what = "name in the list" if prompts.source == PROMPTS_LIST else "line of the prompts file"
         raise PromptFileError(
             prompts.source, None,
-            f"{len(missing)} training class(es) match no line of the prompts file: {shown}; add "
-            "them (or a synonym after '|') to the prompts file",
+            f"{len(missing)} training class(es) match no {what}: {shown}; add them"
+            + ("" if prompts.source == PROMPTS_LIST else
+               " (or a synonym after '|') to the prompts file"),
         )
     rest = [i for i in range(len(prompts)) if i not in taken]
     return PromptSet(tuple(prompts[i] for i in order + rest), prompts.source)
@@ -289,13 +298,13 @@ class TemplateSet:
     Attributes:
         templates: ``str.format`` templates with one ``{}``, in source order.
         lines: 1-based line of each template in :attr:`source` (item number for a list).
-        source: The file the templates came from (``"<list>"`` for a Python list,
+        source: The file the templates came from (:data:`TEMPLATES_LIST` for a Python list,
             ``"<bundled templates.txt>"`` for the default); used in error messages.
     """
 
     templates: tuple[str, ...]
     lines: tuple[int, ...]
-    source: str = "<list>"
+    source: str = TEMPLATES_LIST
 
     def __len__(self) -> int:
         return len(self.templates)
@@ -476,12 +485,15 @@ def parse_prompts(text: str, source: str = "<string>") -> PromptSet:
     return _build_set(enumerate(text.splitlines(), start=1), source)
 
 
-def _read_text(path: str | os.PathLike[str]) -> str:
+def _read_text(path: str | os.PathLike[str], parameter: str | None = None) -> str:
+    """A UTF-8 text file's text; a file that cannot be read is named by the ``parameter`` that
+    gave it, when one did (:class:`~hybridcls.errors.PromptFileError`)."""
     p = Path(path)
     try:
         data = p.read_bytes()
     except OSError as exc:
-        raise PromptFileError(str(p), None, f"cannot read file: {exc.strerror or exc}") from exc
+        raise PromptFileError(str(p), None, f"cannot read file: {exc.strerror or exc}",
+                              parameter=parameter) from exc
     try:
         # utf-8-sig: files saved by Windows editors start with a BOM that is not part of line 1.
         return data.decode("utf-8-sig")
@@ -492,31 +504,34 @@ def _read_text(path: str | os.PathLike[str]) -> str:
         ) from exc
 
 
-def read_prompts(path: str | os.PathLike[str]) -> PromptSet:
+def read_prompts(path: str | os.PathLike[str], *, parameter: str | None = None) -> PromptSet:
     """Read and parse a prompts file (UTF-8).
+
+    ``parameter``: the one that gave the file (``"prompts"``), named when it cannot be read.
 
     Example:
         >>> read_prompts("prompts/animals.txt").names[:3]  # doctest: +SKIP
         ['antelope', 'grizzly bear', 'killer whale']
     """
-    return parse_prompts(_read_text(path), source=str(path))
+    return parse_prompts(_read_text(path, parameter), source=str(path))
 
 
 def as_prompt_set(prompts: PromptSet | str | os.PathLike[str] | Sequence[str]) -> PromptSet:
     """Accept any prompts source: a :class:`PromptSet`, a file path, or a list of lines.
 
     Items of a list are parsed like the lines of a file (so ``"moose | elk"``
-    works); errors name the item number as the line, with source ``<list>``.
+    works); errors name the item number as the line, with source :data:`PROMPTS_LIST`. A
+    file that cannot be read is named as the ``prompts`` parameter.
     """
     if isinstance(prompts, PromptSet):
         return prompts
     if isinstance(prompts, (str, os.PathLike)):
-        return read_prompts(prompts)
+        return read_prompts(prompts, parameter="prompts")
     items = list(prompts)
     for i, item in enumerate(items, start=1):
         if not isinstance(item, str) or "\n" in item:
-            raise PromptFileError("<list>", i, f"expected one class per item, got {item!r}")
-    return _build_set(enumerate(items, start=1), "<list>")
+            raise PromptFileError(PROMPTS_LIST, i, f"expected one class per item, got {item!r}")
+    return _build_set(enumerate(items, start=1), PROMPTS_LIST)
 
 
 def _template_problem(template: str) -> str | None:
@@ -574,17 +589,18 @@ def _check_template_list(templates: Sequence[str], source: str) -> TemplateSet:
     return _build_templates(enumerate(templates, start=1), source)
 
 
-def check_templates(templates: Sequence[str], source: str = "<list>") -> list[str]:
+def check_templates(templates: Sequence[str], source: str = TEMPLATES_LIST) -> list[str]:
     """Validate templates given as a Python list (same rules as a file; item number as line)."""
     return list(_check_template_list(templates, source))
 
 
-def _read_template_set(path: str | os.PathLike[str] | None) -> TemplateSet:
+def _read_template_set(path: str | os.PathLike[str] | None, parameter: str | None = None
+                       ) -> TemplateSet:
     if path is None:
         ref = resources.files("hybridcls.zeroshot").joinpath(DEFAULT_TEMPLATES_NAME)
         text, source = ref.read_text(encoding="utf-8"), f"<bundled {DEFAULT_TEMPLATES_NAME}>"
     else:
-        text, source = _read_text(path), str(path)
+        text, source = _read_text(path, parameter), str(path)
     return _build_templates(enumerate(text.splitlines(), start=1), source)
 
 
@@ -603,20 +619,22 @@ def read_templates(path: str | os.PathLike[str] | None = None) -> list[str]:
 
 def as_template_set(
     templates: TemplateSet | str | os.PathLike[str] | Sequence[str] | None = None,
+    *, source: str = TEMPLATES_LIST,
 ) -> TemplateSet:
     """Accept any templates source: a :class:`TemplateSet`, a file, a list, or None (the default).
 
     Keeps each template's line, so that messages about a template (one too
     long for the model, say) name ``FILE:LINE``; items of a list are numbered
-    from 1, with source ``<list>``.
+    from 1, with ``source`` (:data:`TEMPLATES_LIST`; the templates a gate recorded name
+    their file). A file that cannot be read is named as the ``templates`` parameter.
 
     Example:
         >>> ts = as_template_set(["a photo of a {}.", "itap of my {}."])
         >>> ts.source, ts.lines, len(as_template_set())
-        ('<list>', (1, 2), 80)
+        ('<templates list>', (1, 2), 80)
     """
     if isinstance(templates, TemplateSet):
         return templates
     if templates is None or isinstance(templates, (str, os.PathLike)):
-        return _read_template_set(templates)
-    return _check_template_list(list(templates), "<list>")
+        return _read_template_set(templates, "templates")
+    return _check_template_list(list(templates), source)
