@@ -305,3 +305,45 @@ def test_sites_on_the_zoo(zoo: dict, capsys: pytest.CaptureFixture[str]) -> None
     assert "--epochs: each world of --zoo sets its own" in capsys.readouterr().err
     assert main(["bench", "sites", "--cache-dir", str(cache), "--out", str(out)]) == 2
     assert "--cache-dir applies to --zoo only" in capsys.readouterr().err
+
+
+def test_fewshot_on_the_zoo(zoo: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench fewshot --zoo``: support images of the unseen classes drawn from each world's test
+    set, joined as ``add_support`` joins them, scored on the test images left."""
+    from hybridcls.bench.fewshot import draw_support, fewshot_zoo
+    from hybridcls.errors import DataTooSmallError
+
+    out, cache = zoo["out"], zoo["cache"]
+    report = fewshot_zoo(out, "ci", ks=(0, 1), draws=2, cache_dir=cache)
+    assert list(report.worlds) == NAMES
+    for name, (k0, k1) in report.worlds.items():
+        f = load_features(out / name)
+        gate = f.fit(Gate())
+        # k = 0 is the calibrated gate on every test image, one draw
+        pred = gate.predict(f.test).pred
+        assert (k0.k, k0.draws) == (0, 1)
+        assert k0.accuracy == pytest.approx(float(np.mean(pred == f.y_test)))
+        # k = 1: one image of each unseen class per draw, never scored
+        hs = []
+        for draw in range(2):
+            support = draw_support(f.y_test, range(f.n_seen, len(f.classes)), 1, draw)
+            assert sorted(f.y_test[support].tolist()) == list(range(f.n_seen, len(f.classes)))
+            rest = np.setdiff1d(np.arange(len(f.y_test)), support)
+            used = gate.with_support(f.test.rows(support), f.y_test[support], class_names=f.classes,
+                                     held_out=f.val, y_held_out=f.y_val)
+            hs.append(seen_unseen_accuracy(f.y_test[rest], used.predict(f.test.rows(rest)).pred, f.n_seen)[2])
+        assert (k1.k, k1.draws) == (1, 2) and k1.harmonic == pytest.approx(float(np.mean(hs)))
+    shares = [rows[1].oracle_share for rows in report.worlds.values()]
+    assert report.summary[1]["median"] == pytest.approx(statistics.median(shares))
+    # the test set holds 4 images of each class: 4 support images would leave none
+    with pytest.raises(DataTooSmallError, match=r"k=4 support images of it would leave none"):
+        fewshot_zoo(out, ks=(4,), draws=1)
+
+    assert main(["bench", "fewshot", "--zoo", "ci", "--k", "0,1", "--draws", "1", "--out", str(out),
+                 "--cache-dir", str(cache), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"| {name} |" in printed for name in NAMES) and "k = 1: share of the oracle's H median" in printed
+    assert main(["bench", "fewshot", "--zoo", "ci", "--retrain-k", "1", "--out", str(out)]) == 2
+    assert "--retrain-k: the retrain route is not measured with --zoo" in capsys.readouterr().err
+    assert main(["bench", "fewshot", "--zoo", "ci", "--model", "resnet18", "--out", str(out)]) == 2
+    assert "--model: each world of --zoo sets its own" in capsys.readouterr().err

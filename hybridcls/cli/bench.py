@@ -1,5 +1,5 @@
-"""``hybridcls bench quality`` (with ``--zoo``), ``fewshot``, ``rollup`` and ``sites`` (with ``--zoo``), ``speed`` and
-``memory``: benchmarks that print figures, offline."""
+"""``hybridcls bench quality``, ``fewshot``, ``rollup`` and ``sites`` (each also over the zoo of worlds:
+``--zoo``), ``speed`` and ``memory``: benchmarks that print figures, offline."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ _QUALITY_OUT = "hybridcls-bench-quality"
 _FEWSHOT_OUT = "hybridcls-bench-fewshot"
 _ZOO_OUT = "hybridcls-bench-zoo"
 _SITES_OUT = "hybridcls-bench-sites"
+_RETRAIN_K = "1,5"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,21 +50,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     fs = sub.add_parser("fewshot", help="k support images per unseen class (--support) against "
                                         "refitting the head on them (a linear probe) and against "
                                         "collecting them and retraining, on the synthetic world")
-    fs.add_argument("--out", default=_FEWSHOT_OUT, metavar="DIR",
-                    help="working folder (world, runs, support draws); fewshot.md and fewshot.json "
-                         "go here (default: %(default)s)")
+    fs.add_argument("--out", default=None, metavar="DIR",
+                    help="working folder (world, runs, support draws; with --zoo, the zoo's folder and "
+                         "worlds); fewshot.md and fewshot.json go here "
+                         f"(default: {_FEWSHOT_OUT}, or {_ZOO_OUT} with --zoo)")
+    fs.add_argument("--zoo", default=None, metavar="N",
+                    help="the hybrid + support route on the first N worlds of `bench quality --zoo` "
+                         "(1 to 8; 'ci' for two tiny ones), from their cached outputs: support "
+                         "images drawn from each world's test set, scored on the rest")
+    fs.add_argument("--cache-dir", default=None, metavar="DIR",
+                    help="with --zoo: as for `bench quality --zoo`")
     fs.add_argument("--k", default="0,1,2,5,10", metavar="K,K,...",
                     help="support images per unseen class (default: %(default)s)")
     fs.add_argument("--draws", type=int, default=3, help="draws per k (default: %(default)s)")
-    fs.add_argument("--retrain-k", default="1,5", metavar="K,K,...",
+    fs.add_argument("--retrain-k", default=None, metavar="K,K,...",
                     help="the k of the retrain route, each a training run ('' for none; "
-                         "default: %(default)s)")
-    fs.add_argument("--retrain-draws", type=int, default=1,
-                    help="draws per k of the retrain route (default: %(default)s)")
-    fs.add_argument("--seed", type=int, default=0, help="world seed (default: 0)")
-    fs.add_argument("--epochs", type=int, default=8, help="supervised training epochs (default: 8)")
+                         f"default: {_RETRAIN_K}; not with --zoo)")
+    fs.add_argument("--retrain-draws", type=int, default=None,
+                    help="draws per k of the retrain route (default: 1; not with --zoo)")
+    fs.add_argument("--seed", type=int, default=None, help="world seed (default: 0)")
+    fs.add_argument("--epochs", type=int, default=None, help="supervised training epochs (default: 8)")
     fs.add_argument("--model", default=None, help="as for `bench quality`")
-    fs.add_argument("--image-size", type=int, default=64, help="supervised input size (default: 64)")
+    fs.add_argument("--image-size", type=int, default=None, help="supervised input size (default: 64)")
     fs.add_argument("--workers", type=int, default=0, metavar="N")
     fs.add_argument("-q", "--quiet", action="store_true")
     fs.set_defaults(run=run_fewshot)
@@ -256,15 +264,37 @@ def _ks(text: str, flag: str) -> list[int]:
 def run_fewshot(args: argparse.Namespace) -> int:
     from hybridcls.bench.fewshot import run_fewshot as bench
 
-    retrain = _ks(args.retrain_k, "--retrain-k")
+    ks = _ks(args.k, "--k")
+    if args.zoo is not None:
+        from hybridcls.bench.fewshot import fewshot_zoo
+
+        retrain = [flag for flag, value in (("--retrain-k", args.retrain_k),
+                                            ("--retrain-draws", args.retrain_draws)) if value is not None]
+        if retrain:
+            raise UsageError(f"{', '.join(retrain)}: the retrain route is not measured with --zoo "
+                             "(its support images come from each world's test set; the route "
+                             "trains on rendered ones: leave out --zoo)")
+        n = _zoo_worlds(args, (("--seed", args.seed), ("--epochs", args.epochs), ("--model", args.model),
+                               ("--image-size", args.image_size)))
+        _check_numbers(args, draws=1)
+        out = Path(args.out or _ZOO_OUT)
+        zoo = fewshot_zoo(out, n, ks=ks, draws=args.draws, cache_dir=args.cache_dir,
+                          workers=args.workers, progress=not args.quiet)
+        print(zoo.markdown())
+        print(f"wrote {out / 'fewshot.md'} and fewshot.json")
+        return 0
+    if args.cache_dir is not None:
+        raise UsageError("--cache-dir applies to --zoo only (the single world caches in --out)")
+    retrain = _ks(_RETRAIN_K if args.retrain_k is None else args.retrain_k, "--retrain-k")
     if 0 in retrain:
         raise UsageError("--retrain-k 0: the retrain route needs at least one image per unseen class")
-    ks = _ks(args.k, "--k")
     _check_numbers(args, draws=1, retrain_draws=1, seed=0)
-    out = Path(args.out)
-    report = bench(out, seed=args.seed, epochs=args.epochs, ks=ks, draws=args.draws,
-                   retrain_ks=retrain, retrain_draws=args.retrain_draws, model=args.model,
-                   image_size=args.image_size, workers=args.workers, progress=not args.quiet)
+    out = Path(args.out or _FEWSHOT_OUT)
+    report = bench(out, seed=0 if args.seed is None else args.seed,
+                   epochs=8 if args.epochs is None else args.epochs, ks=ks, draws=args.draws,
+                   retrain_ks=retrain, retrain_draws=1 if args.retrain_draws is None else args.retrain_draws,
+                   model=args.model, image_size=64 if args.image_size is None else args.image_size,
+                   workers=args.workers, progress=not args.quiet)
     print(report.markdown())
     print("\ntimes (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
     print(f"wrote {out / 'fewshot.md'} and fewshot.json")
