@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any, Self
 
 from hybridcls.cache import json_text
-from hybridcls.errors import InputError
+from hybridcls.errors import InputError, ParameterError
 
 __all__ = [
     "BRANCH_COLUMNS",
@@ -42,6 +43,7 @@ __all__ = [
     "PredictionRow",
     "PredictionWriter",
     "batch_rows",
+    "check_topk",
     "check_unique_keys",
     "extra_columns",
     "infer_format",
@@ -443,6 +445,39 @@ def read_prediction_lines(path: str | os.PathLike) -> list[tuple[int, dict[str, 
     return records
 
 
+def check_topk(topk: Any, n_classes: int, classes: str = "the classifier ranks") -> int:
+    """``topk`` checked against the classes there are: 1 to ``n_classes`` pairs per row.
+
+    A larger ``topk`` would write columns no class can fill in every row. A row limited to
+    fewer classes (``allowed_classes``, ``site_classes``) still ranks every class: its allowed
+    ones first, then the others at probability 0.
+
+    Args:
+        topk: Top-k pairs per row.
+        n_classes: The classes a row ranks.
+        classes: Where they come from, for the message (``"that prompts.txt names"``).
+
+    Returns:
+        ``topk``.
+
+    Raises:
+        ParameterError: Not a whole number from 1 to ``n_classes``.
+
+    Example:
+        >>> check_topk(7, 6)
+        Traceback (most recent call last):
+        ...
+        hybridcls.errors.ParameterError: topk=7: more than the 6 classes the classifier ranks; give 1 to 6
+    """
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1:
+        raise ParameterError("topk", topk, f"give a whole number from 1 to {n_classes}, the "
+                             f"classes {classes}")
+    if topk > n_classes:
+        raise ParameterError("topk", topk, f"more than the {n_classes} classes {classes}; give 1 "
+                             f"to {n_classes}")
+    return topk
+
+
 def topk_pairs(probs: Any, names: Sequence[str], k: int) -> list[list[Any]]:
     """``[[class, probability], ...]``: the ``k`` most probable classes, as the rows write them.
 
@@ -490,7 +525,8 @@ def batch_rows(
             ``sup_probs``, ``clip_probs``.
         classes: Class names, in the columns' order (seen first).
         n_seen: Number of seen classes (0 for zero-shot only).
-        topk: Top-k pairs per row.
+        topk: Top-k pairs per row (:func:`check_topk`: at most ``len(classes)``; a branch's own
+            top-k lists at most the classes it knows: the supervised branch, the seen ones).
         branch_columns: Add :data:`BRANCH_COLUMNS` (a hybrid's rows).
         model_version: Write this short model id in every row's :data:`MODEL_VERSION_COLUMN`
             (error rows too: the model that could not read the image).
@@ -505,9 +541,13 @@ def batch_rows(
 
     Returns:
         The rows; an input not predicted is an error row with its reason.
+
+    Raises:
+        ParameterError: ``topk`` out of range (:func:`check_topk`).
     """
     import numpy as np
 
+    check_topk(topk, len(classes))
     pos = {idx: j for j, idx in enumerate(ok)}
     out = []
     rolled = None if rollup is None or result is None else rollup.apply(result.probs)

@@ -39,7 +39,7 @@ from hybridcls.errors import ImageDecodeError
 from hybridcls.explain.clip_maps import clip_similarity_map
 from hybridcls.explain.gradcam import gradcam_maps, require_grad_cam
 from hybridcls.explain.overlay import overlay, save_png, thumbnail
-from hybridcls.outputs import PredictionRow, topk_pairs
+from hybridcls.outputs import PredictionRow, check_topk, topk_pairs
 
 if TYPE_CHECKING:
     from hybridcls.hybrid import HybridClassifier
@@ -169,7 +169,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
         clf: A loaded, calibrated hybrid (``load_run`` or ``from_pretrained``).
         inputs: Files, folders, globs, list files or :class:`~hybridcls.data.Source` items.
         output: Folder for the PNGs (``images/``, ``neighbours/``); the page goes there too.
-        topk: Classes listed per branch.
+        topk: Classes listed per branch: 1 to ``len(clf.classes_)``.
         neighbours: Nearest training images per input (0: none).
         progress: Show a progress bar.
 
@@ -179,6 +179,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
     Raises:
         MissingExtraError: grad-cam (the ``[explain]`` extra) is not installed.
         CheckpointError: The run has no gate (not calibrated).
+        ParameterError: ``topk`` out of range.
 
     Example:
         >>> clf = HybridClassifier(prompts="prompts.txt").load_run("runs/seen40")  # doctest: +SKIP
@@ -186,6 +187,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
         >>> write_explain_page(res)  # doctest: +SKIP
     """
     require_grad_cam()
+    check_topk(topk, len(clf.classes_))
     out = Path(output)
     sources: list[Source] = as_sources(inputs)
     views = _Views(clf)
