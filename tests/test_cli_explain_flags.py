@@ -361,3 +361,19 @@ def test_a_saved_folder_without_ancestors_refuses_the_roll_up(tiny_hybrid, tmp_p
         "its CLIP model, prompts and templates (its class-text matrix is built from them); give the "
         "run directory it was saved from as --checkpoint, with --prompts, to change them")
     assert not (tmp_path / "out").exists()
+
+
+def test_more_neighbours_than_the_index_holds_are_refused(tiny_hybrid, tmp_path, capsys):
+    """``--neighbours`` beyond the run's embedding index would list fewer images than asked."""
+    from hybridcls.index import load_run_index
+
+    n = load_run_index(tiny_hybrid["run"]).ntotal
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = main(["explain", str(tiny_hybrid["world"].test_dir), *tiny_hybrid["common"], "--checkpoint",
+               str(tiny_hybrid["run"]), "--neighbours", str(n + 1), "-q", "-o", str(out)])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"hybridcls explain: error: --neighbours {n + 1}: more than the {n} training images the "
+        f"run's embedding index holds; give 0 to {n}")
+    assert not out.exists()

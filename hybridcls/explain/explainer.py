@@ -35,7 +35,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from hybridcls.data import Source, as_sources, load_image
-from hybridcls.errors import ImageDecodeError
+from hybridcls.errors import ImageDecodeError, ParameterError
 from hybridcls.explain.clip_maps import clip_similarity_map
 from hybridcls.explain.gradcam import gradcam_maps, require_grad_cam
 from hybridcls.explain.overlay import overlay, save_png, thumbnail
@@ -170,7 +170,8 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
         inputs: Files, folders, globs, list files or :class:`~hybridcls.data.Source` items.
         output: Folder for the PNGs (``images/``, ``neighbours/``); the page goes there too.
         topk: Classes listed per branch: 1 to ``len(clf.classes_)``.
-        neighbours: Nearest training images per input (0: none).
+        neighbours: Nearest training images per input (0: none), at most as many as the run's
+            embedding index holds.
         progress: Show a progress bar.
 
     Returns:
@@ -179,7 +180,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
     Raises:
         MissingExtraError: grad-cam (the ``[explain]`` extra) is not installed.
         CheckpointError: The run has no gate (not calibrated).
-        ParameterError: ``topk`` out of range.
+        ParameterError: ``topk`` out of range, or ``neighbours`` beyond the index.
 
     Example:
         >>> clf = HybridClassifier(prompts="prompts.txt").load_run("runs/seen40")  # doctest: +SKIP
@@ -203,6 +204,9 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
                 if gate is not None and gate.index_error_ is not None
                 else "no nearest training images: the run has no embedding index "
                      "(run `hybridcls calibrate` to build index/clip.*)")
+    elif neighbours > index.ntotal:
+        raise ParameterError("neighbours", neighbours, f"more than the {index.ntotal} training images "
+                             f"the run's embedding index holds; give 0 to {index.ntotal}")
     else:
         note = f"nearest training images: cosine similarity of CLIP embeddings, {index.ntotal} indexed"
     thumbs: dict[int, Neighbour] = {}
@@ -261,7 +265,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
         maps, cosine = maps.cpu().numpy(), cosine.cpu().numpy()
         if index is not None:  # one search for the batch
             nb_sims, nb_ids = index.search(batch.outputs.clip_embeddings[[j for _, _, j, _, _ in todo]],
-                                           min(neighbours, index.ntotal))
+                                           neighbours)
         for n, (ex, idx, j, s_crop, c_crop) in enumerate(todo):
             stem = f"{idx:05d}"  # the input's position: unique, and sorts in input order
             ex.clip_map = maps[n]
