@@ -35,6 +35,7 @@ from hybridcls.errors import InputError, ParameterError
 
 __all__ = [
     "BRANCH_COLUMNS",
+    "DEFAULT_TOPK",
     "FORMATS",
     "MODEL_VERSION_COLUMN",
     "ROLLUP_COLUMNS",
@@ -58,6 +59,9 @@ __all__ = [
 ]
 
 FORMATS = ("csv", "jsonl", "kaggle")
+
+#: Top-k pairs per row when none is asked for; every class when there are fewer (:func:`check_topk`).
+DEFAULT_TOPK = 5
 
 #: The columns a hybrid's rows add: the gate's score and weight, and each branch's own top-k.
 BRANCH_COLUMNS = ("gate_score", "gate_weight", "supervised_topk", "zeroshot_topk")
@@ -370,7 +374,7 @@ def open_writer(
     output: str | os.PathLike | None,
     fmt: str | None = None,
     *,
-    topk: int = 5,
+    topk: int = DEFAULT_TOPK,
     extra_columns: Sequence[str] = (),
     append: bool = False,
 ) -> PredictionWriter:
@@ -453,29 +457,33 @@ def check_topk(topk: Any, n_classes: int, classes: str = "the classifier ranks")
     ones first, then the others at probability 0.
 
     Args:
-        topk: Top-k pairs per row.
+        topk: Top-k pairs per row; None: :data:`DEFAULT_TOPK`, or ``n_classes`` when fewer.
         n_classes: The classes a row ranks.
         classes: Where they come from, for the message (``"that prompts.txt names"``).
 
     Returns:
-        ``topk``.
+        ``topk``, None resolved.
 
     Raises:
         ParameterError: Not a whole number from 1 to ``n_classes``.
 
     Example:
+        >>> check_topk(None, 3), check_topk(None, 40)
+        (3, 5)
         >>> check_topk(7, 6)
         Traceback (most recent call last):
         ...
         hybridcls.errors.ParameterError: topk=7: more than the 6 classes the classifier ranks; give 1 to 6
     """
+    if topk is None:
+        return min(DEFAULT_TOPK, n_classes)
     if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1:
         raise ParameterError("topk", topk, f"give a whole number from 1 to {n_classes}, the "
                              f"classes {classes}")
     if topk > n_classes:
         raise ParameterError("topk", topk, f"more than the {n_classes} classes {classes}; give 1 "
                              f"to {n_classes}")
-    return topk
+    return int(topk)
 
 
 def topk_pairs(probs: Any, names: Sequence[str], k: int) -> list[list[Any]]:
@@ -507,7 +515,7 @@ def batch_rows(
     classes: Sequence[str],
     *,
     n_seen: int,
-    topk: int,
+    topk: int | None,
     branch_columns: bool,
     model_version: str | None = None,
     all_scores: bool = False,
@@ -525,8 +533,9 @@ def batch_rows(
             ``sup_probs``, ``clip_probs``.
         classes: Class names, in the columns' order (seen first).
         n_seen: Number of seen classes (0 for zero-shot only).
-        topk: Top-k pairs per row (:func:`check_topk`: at most ``len(classes)``; a branch's own
-            top-k lists at most the classes it knows: the supervised branch, the seen ones).
+        topk: Top-k pairs per row (:func:`check_topk`: at most ``len(classes)``; None: the
+            default); a branch's own top-k lists at most the classes it knows (the supervised
+            branch: the seen ones).
         branch_columns: Add :data:`BRANCH_COLUMNS` (a hybrid's rows).
         model_version: Write this short model id in every row's :data:`MODEL_VERSION_COLUMN`
             (error rows too: the model that could not read the image).
@@ -547,7 +556,7 @@ def batch_rows(
     """
     import numpy as np
 
-    check_topk(topk, len(classes))
+    topk = check_topk(topk, len(classes))
     pos = {idx: j for j, idx in enumerate(ok)}
     out = []
     rolled = None if rollup is None or result is None else rollup.apply(result.probs)

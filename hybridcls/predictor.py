@@ -337,14 +337,15 @@ class Predictor:
             yield batch, None if outputs is None else gate.predict(
                 outputs, allowed=None if allowed is None else allowed[batch.ok])
 
-    def rows(self, inputs: Any, *, topk: int = 5, progress: bool | None = None,
+    def rows(self, inputs: Any, *, topk: int | None = None, progress: bool | None = None,
              model_version: bool = False, all_scores: bool = False
              ) -> Iterator[list[PredictionRow]]:
         """Output rows per batch (label, branch, top-k; a hybrid's gate columns), one per input.
 
         Args:
             inputs: What :func:`~hybridcls.data.as_sources` accepts.
-            topk: Top-k pairs per row: 1 to ``len(classes_)``.
+            topk: Top-k pairs per row: 1 to ``len(classes_)``; None:
+                :data:`~hybridcls.outputs.DEFAULT_TOPK`, or every class when there are fewer.
             progress: Show a progress bar (default: the ``progress`` parameter).
             model_version: Add the ``model_version`` column (:attr:`model_version_`) to every row.
             all_scores: Add every class's probability to every row
@@ -354,7 +355,7 @@ class Predictor:
             ParameterError: ``topk`` out of range (before any image is read).
         """
         sources = self._sources(inputs)
-        check_topk(topk, len(self.classes_))
+        topk = check_topk(topk, len(self.classes_))
         paths = [s.path for s in sources]
         version = self.model_version_ if model_version else None
         rollup = self.prediction_rollup()  # before the first batch: a threshold to calibrate runs once
@@ -363,7 +364,7 @@ class Predictor:
                                   all_scores=all_scores, rollup=rollup)
 
     def batch_rows(self, paths: Sequence[str], batch: EngineBatch, res: FusionResult | None, *,
-                   topk: int = 5, model_version: str | None = None,
+                   topk: int | None = None, model_version: str | None = None,
                    all_scores: bool = False, rollup: Rollup | None = None) -> list[PredictionRow]:
         """One engine batch and its fusion result as output rows, one per index, in order."""
         return batch_rows(paths, batch.indices, batch.ok, batch.errors, res, list(self.classes_),

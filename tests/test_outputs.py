@@ -203,6 +203,8 @@ def test_topk_is_refused_beyond_the_classes_and_a_short_class_list_ranks_the_oth
 
     (row,) = rows(4)
     assert row.topk == [("wolf", 0.75), ("owl", 0.25), ("fox", 0.0), ("elk", 0.0)]
+    # not given: the default (5), or every class when there are fewer
+    assert rows(None)[0].topk == row.topk
     for topk, reason in ((5, "more than the 4 classes the classifier ranks; give 1 to 4"),
                          (0, "give a whole number from 1 to 4, the classes the classifier ranks"),
                          (2.0, "give a whole number from 1 to 4")):

@@ -176,11 +176,12 @@ def check_decision_arguments(args: argparse.Namespace, prompts: Any = None) -> N
 
 
 def check_topk_argument(args: argparse.Namespace, prompts: Any = None) -> None:
-    """``--topk`` against the classes the prompts name, before any model loads: a larger one
-    would leave top-k columns that no class fills in any row.
+    """``--topk`` against the classes the prompts name, before any model loads (a larger one
+    would leave top-k columns that no class fills in any row), and set: not given, the
+    default, or every class when there are fewer.
 
     Args:
-        args: The parsed flags.
+        args: The parsed flags; ``args.topk`` is set to the number of columns.
         prompts: The classes (default: ``--prompts`` / ``--classes``).
 
     Raises:
@@ -191,7 +192,7 @@ def check_topk_argument(args: argparse.Namespace, prompts: Any = None) -> None:
 
     prompts = prompts if prompts is not None else prompts_from_args(args)
     named_by = "--classes" if isinstance(prompts, list) else prompts
-    check_topk(args.topk, len(as_prompt_set(prompts).names), f"that {named_by} names")
+    args.topk = check_topk(args.topk, len(as_prompt_set(prompts).names), f"that {named_by} names")
 
 
 def site_classes_from_args(args: argparse.Namespace, sources: Any = None, prompts: Any = None) -> Any:

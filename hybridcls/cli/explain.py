@@ -20,6 +20,7 @@ from hybridcls.cli.decision import (
     saved_folder_prompts,
     site_classes_from_args,
 )
+from hybridcls.outputs import DEFAULT_TOPK
 
 __all__ = ["add_parser", "run"]
 
@@ -41,9 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_clip_arguments(parser, prompts_required=False)
     # predict's decision flags, so that the page shows the decision predict makes with them
     add_decision_arguments(parser)
-    parser.add_argument("--topk", type=int, default=5, metavar="K",
-                        help="classes listed per branch, at most the number of classes "
-                             "(default: %(default)s)")
+    parser.add_argument("--topk", type=int, default=None, metavar="K",
+                        help=f"classes listed per branch, at most the number of classes (default: "
+                             f"{DEFAULT_TOPK}, or every class when there are fewer)")
     parser.add_argument("--neighbours", type=int, default=5, metavar="K",
                         help="nearest training images per input, 0 for none (default: %(default)s)")
     parser.add_argument("-o", "--output", default="explain", metavar="DIR",

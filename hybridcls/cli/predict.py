@@ -38,7 +38,14 @@ from hybridcls.cli.decision import (
 from hybridcls.data import expand_inputs
 from hybridcls.gate.config import GATE_FILENAME
 from hybridcls.gate.gate import INDEX_DIR
-from hybridcls.outputs import FORMATS, check_unique_keys, extra_columns, infer_format, open_writer
+from hybridcls.outputs import (
+    DEFAULT_TOPK,
+    FORMATS,
+    check_unique_keys,
+    extra_columns,
+    infer_format,
+    open_writer,
+)
 from hybridcls.sharding import ShardSpec, predict_to_output
 from hybridcls.torchrun import torchrun_world
 
@@ -63,10 +70,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          "from save_pretrained (its prompts.txt is the default --prompts); "
                          "without it, predictions are zero-shot only")
     out = parser.add_argument_group("output")
-    out.add_argument("--topk", type=int, default=5, metavar="K",
-                     help="top-k labels per row, at most the number of classes; a row limited to "
-                          "fewer classes lists the others after them, at probability 0 "
-                          "(default: %(default)s)")
+    out.add_argument("--topk", type=int, default=None, metavar="K",
+                     help=f"top-k labels per row, at most the number of classes (default: "
+                          f"{DEFAULT_TOPK}, or every class when there are fewer); a row limited "
+                          "to fewer classes lists the others after them, at probability 0")
     out.add_argument("--all-scores", action="store_true",
                      help="every class's probability per row (they sum to 1): one 'score:<class>' "
                           "column per class in CSV, a 'scores' object in JSON Lines; not with "

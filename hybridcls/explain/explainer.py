@@ -161,7 +161,7 @@ def _neighbours(index: Any, sims: np.ndarray, ids: np.ndarray, classes: np.ndarr
     return found
 
 
-def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike[str], *, topk: int = 5,
+def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike[str], *, topk: int | None = None,
                    neighbours: int = 5, progress: bool = False) -> ExplainResult:
     """Explain a calibrated :class:`~hybridcls.hybrid.HybridClassifier`'s predictions.
 
@@ -169,7 +169,8 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
         clf: A loaded, calibrated hybrid (``load_run`` or ``from_pretrained``).
         inputs: Files, folders, globs, list files or :class:`~hybridcls.data.Source` items.
         output: Folder for the PNGs (``images/``, ``neighbours/``); the page goes there too.
-        topk: Classes listed per branch: 1 to ``len(clf.classes_)``.
+        topk: Classes listed per branch: 1 to ``len(clf.classes_)``; None:
+            :data:`~hybridcls.outputs.DEFAULT_TOPK`, or every class when there are fewer.
         neighbours: Nearest training images per input (0: none), at most as many as the run's
             embedding index holds.
         progress: Show a progress bar.
@@ -188,7 +189,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
         >>> write_explain_page(res)  # doctest: +SKIP
     """
     require_grad_cam()
-    check_topk(topk, len(clf.classes_))
+    topk = check_topk(topk, len(clf.classes_))
     out = Path(output)
     sources: list[Source] = as_sources(inputs)
     views = _Views(clf)
