@@ -710,7 +710,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                 ``clip_pretrained`` for CLIP weights kept elsewhere on this machine...).
 
         Raises:
-            ParameterError: ``clip_model``, ``prompts`` or ``templates``, which the folder fixes.
+            ParameterError: ``clip_model``, ``prompts``, ``templates`` or
+                ``truncate_prompts=True``, which the folder fixes (its class-text matrix is
+                saved, the class texts cut or not when it was built).
             CheckpointError: Not such a folder, or one whose files disagree.
             WeightsUnavailableError: A repo that is not in the cache and cannot be downloaded
                 (offline), named with the cache it was looked for in.
@@ -719,6 +721,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             >>> clf = HybridClassifier.from_pretrained("my-org/awa2-hybrid", device="cuda")  # doctest: +SKIP
         """
         fixed = [name for name in ("clip_model", "prompts", "templates") if name in params]
+        fixed += ["truncate_prompts"] if params.get("truncate_prompts") else []
         if fixed:
             # load_run(...) reads, on predict's and explain's command line, as their flags
             raise ParameterError(fixed[0], params[fixed[0]], "a saved folder fixes its CLIP model, "

@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -30,10 +31,11 @@ from pathlib import Path
 from typing import IO, Any, Self
 
 from hybridcls.cache import json_text
-from hybridcls.errors import InputError
+from hybridcls.errors import InputError, ParameterError
 
 __all__ = [
     "BRANCH_COLUMNS",
+    "DEFAULT_TOPK",
     "FORMATS",
     "MODEL_VERSION_COLUMN",
     "ROLLUP_COLUMNS",
@@ -42,6 +44,7 @@ __all__ = [
     "PredictionRow",
     "PredictionWriter",
     "batch_rows",
+    "check_topk",
     "check_unique_keys",
     "extra_columns",
     "infer_format",
@@ -56,6 +59,9 @@ __all__ = [
 ]
 
 FORMATS = ("csv", "jsonl", "kaggle")
+
+#: Top-k pairs per row when none is asked for; every class when there are fewer (:func:`check_topk`).
+DEFAULT_TOPK = 5
 
 #: The columns a hybrid's rows add: the gate's score and weight, and each branch's own top-k.
 BRANCH_COLUMNS = ("gate_score", "gate_weight", "supervised_topk", "zeroshot_topk")
@@ -368,7 +374,7 @@ def open_writer(
     output: str | os.PathLike | None,
     fmt: str | None = None,
     *,
-    topk: int = 5,
+    topk: int = DEFAULT_TOPK,
     extra_columns: Sequence[str] = (),
     append: bool = False,
 ) -> PredictionWriter:
@@ -443,6 +449,43 @@ def read_prediction_lines(path: str | os.PathLike) -> list[tuple[int, dict[str, 
     return records
 
 
+def check_topk(topk: Any, n_classes: int, classes: str = "the classifier ranks") -> int:
+    """``topk`` checked against the classes there are: 1 to ``n_classes`` pairs per row.
+
+    A larger ``topk`` would write columns no class can fill in every row. A row limited to
+    fewer classes (``allowed_classes``, ``site_classes``) still ranks every class: its allowed
+    ones first, then the others at probability 0.
+
+    Args:
+        topk: Top-k pairs per row; None: :data:`DEFAULT_TOPK`, or ``n_classes`` when fewer.
+        n_classes: The classes a row ranks.
+        classes: Where they come from, for the message (``"that prompts.txt names"``).
+
+    Returns:
+        ``topk``, None resolved.
+
+    Raises:
+        ParameterError: Not a whole number from 1 to ``n_classes``.
+
+    Example:
+        >>> check_topk(None, 3), check_topk(None, 40)
+        (3, 5)
+        >>> check_topk(7, 6)
+        Traceback (most recent call last):
+        ...
+        hybridcls.errors.ParameterError: topk=7: more than the 6 classes the classifier ranks; give 1 to 6
+    """
+    if topk is None:
+        return min(DEFAULT_TOPK, n_classes)
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1:
+        raise ParameterError("topk", topk, f"give a whole number from 1 to {n_classes}, the "
+                             f"classes {classes}")
+    if topk > n_classes:
+        raise ParameterError("topk", topk, f"more than the {n_classes} classes {classes}; give 1 "
+                             f"to {n_classes}")
+    return int(topk)
+
+
 def topk_pairs(probs: Any, names: Sequence[str], k: int) -> list[list[Any]]:
     """``[[class, probability], ...]``: the ``k`` most probable classes, as the rows write them.
 
@@ -472,7 +515,7 @@ def batch_rows(
     classes: Sequence[str],
     *,
     n_seen: int,
-    topk: int,
+    topk: int | None,
     branch_columns: bool,
     model_version: str | None = None,
     all_scores: bool = False,
@@ -490,7 +533,9 @@ def batch_rows(
             ``sup_probs``, ``clip_probs``.
         classes: Class names, in the columns' order (seen first).
         n_seen: Number of seen classes (0 for zero-shot only).
-        topk: Top-k pairs per row.
+        topk: Top-k pairs per row (:func:`check_topk`: at most ``len(classes)``; None: the
+            default); a branch's own top-k lists at most the classes it knows (the supervised
+            branch: the seen ones).
         branch_columns: Add :data:`BRANCH_COLUMNS` (a hybrid's rows).
         model_version: Write this short model id in every row's :data:`MODEL_VERSION_COLUMN`
             (error rows too: the model that could not read the image).
@@ -505,9 +550,13 @@ def batch_rows(
 
     Returns:
         The rows; an input not predicted is an error row with its reason.
+
+    Raises:
+        ParameterError: ``topk`` out of range (:func:`check_topk`).
     """
     import numpy as np
 
+    topk = check_topk(topk, len(classes))
     pos = {idx: j for j, idx in enumerate(ok)}
     out = []
     rolled = None if rollup is None or result is None else rollup.apply(result.probs)

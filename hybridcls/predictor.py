@@ -27,7 +27,7 @@ from hybridcls.engine import ClipPolicy, EngineBatch, InferenceEngine
 from hybridcls.errors import HybridclsWarning, ImageDecodeError, InputError, ParameterError
 from hybridcls.gate import BranchOutputs, FusionResult, Gate
 from hybridcls.hierarchy import Hierarchy, Rollup, RollupCalibration, check_threshold
-from hybridcls.outputs import PredictionRow, batch_rows
+from hybridcls.outputs import PredictionRow, batch_rows, check_topk
 from hybridcls.provenance import model_version
 from hybridcls.runtime import RUNTIME_FIELDS
 from hybridcls.sites import SiteClasses, allowed_columns, allowed_masks, read_site_classes
@@ -307,7 +307,9 @@ class Predictor:
             progress: Show a progress bar (default: the ``progress`` parameter).
             clip: Which images the CLIP tower encodes: ``None`` = the gate's own policy
                 (lazy zero-shot, the cascade), ``"all"`` = every image, so that both
-                branches' outputs exist for every row.
+                branches' outputs exist for every row. It changes what is computed, not the
+                answers: the images the gate's own policy skips are decided as a run that
+                skipped them decides them (by the supervised branch), the outputs kept.
 
         Yields:
             One pair per batch; the result is ``None`` when no image of the batch decoded.
@@ -324,25 +326,37 @@ class Predictor:
         # the restricted gate routes them, so the CLIP tower runs on every image
         sources = [Source(s.path, error=empty[i]) if i in empty and s.ok else s
                    for i, s in enumerate(sources)]
-        policy = clip if clip is not None else self._clip_policy(gate) if allowed is None else "all"
+        own = self._clip_policy(gate) if allowed is None else "all"
+        policy = own if clip is None else clip
         for batch in self.engine_.iter_batches(sources, clip=policy, progress=progress):
-            yield batch, None if batch.outputs is None else gate.predict(
-                batch.outputs, allowed=None if allowed is None else allowed[batch.ok])
+            outputs = batch.outputs
+            if outputs is not None and callable(own) and policy is not own:
+                # CLIP ran where the gate's own policy (the cascade) skips it: those rows get
+                # the answer the policy gives them, so that asking for more outputs (explain's
+                # maps) never changes a prediction
+                outputs = outputs.without_clip(~np.asarray(own(outputs), dtype=bool))
+            yield batch, None if outputs is None else gate.predict(
+                outputs, allowed=None if allowed is None else allowed[batch.ok])
 
-    def rows(self, inputs: Any, *, topk: int = 5, progress: bool | None = None,
+    def rows(self, inputs: Any, *, topk: int | None = None, progress: bool | None = None,
              model_version: bool = False, all_scores: bool = False
              ) -> Iterator[list[PredictionRow]]:
         """Output rows per batch (label, branch, top-k; a hybrid's gate columns), one per input.
 
         Args:
             inputs: What :func:`~hybridcls.data.as_sources` accepts.
-            topk: Top-k pairs per row.
+            topk: Top-k pairs per row: 1 to ``len(classes_)``; None:
+                :data:`~hybridcls.outputs.DEFAULT_TOPK`, or every class when there are fewer.
             progress: Show a progress bar (default: the ``progress`` parameter).
             model_version: Add the ``model_version`` column (:attr:`model_version_`) to every row.
             all_scores: Add every class's probability to every row
                 (:data:`~hybridcls.outputs.SCORES_COLUMN`, in ``classes_`` order).
+
+        Raises:
+            ParameterError: ``topk`` out of range (before any image is read).
         """
         sources = self._sources(inputs)
+        topk = check_topk(topk, len(self.classes_))
         paths = [s.path for s in sources]
         version = self.model_version_ if model_version else None
         rollup = self.prediction_rollup()  # before the first batch: a threshold to calibrate runs once
@@ -351,7 +365,7 @@ class Predictor:
                                   all_scores=all_scores, rollup=rollup)
 
     def batch_rows(self, paths: Sequence[str], batch: EngineBatch, res: FusionResult | None, *,
-                   topk: int = 5, model_version: str | None = None,
+                   topk: int | None = None, model_version: str | None = None,
                    all_scores: bool = False, rollup: Rollup | None = None) -> list[PredictionRow]:
         """One engine batch and its fusion result as output rows, one per index, in order."""
         return batch_rows(paths, batch.indices, batch.ok, batch.errors, res, list(self.classes_),

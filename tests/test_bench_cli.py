@@ -48,3 +48,35 @@ def test_a_bad_numeric_flag_is_refused_before_any_work(bench, flags, expected, t
     assert main(["bench", bench, "--out", str(out), *flags]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"hybridcls bench: error: {expected}"
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    # --quick's sizes, where no flag sets them
+    (["--quick"], {"images": 16, "image_size": 64, "sizes": [(160, 120), (640, 480)]}),
+    # the flags given win over --quick's sizes, each one
+    (["--quick", "--images", "3", "--image-size", "32", "--sizes", "80x60"],
+     {"images": 3, "image_size": 32, "sizes": [(80, 60)]}),
+    (["--quick", "--image-size", "32"], {"images": 16, "image_size": 32, "sizes": [(160, 120), (640, 480)]}),
+    # neither: run_speed's own defaults (nothing passed)
+    ([], {}),
+])
+def test_bench_speed_quick_yields_to_the_flags_given(flags, expected, tmp_path, monkeypatch, capsys):
+    """``--quick`` used to replace --images and --image-size given with it, without a word."""
+    import hybridcls.bench.speed
+
+    seen = {}
+
+    class Report:
+        def __init__(self) -> None:
+            self.info: dict = {}
+
+        def markdown(self) -> str:
+            return ""
+
+    def fake(out_dir, **kwargs):
+        seen.update(kwargs)
+        return Report()
+
+    monkeypatch.setattr(hybridcls.bench.speed, "run_speed", fake)
+    assert main(["bench", "speed", "--out", str(tmp_path / "out"), *flags]) == 0
+    assert {name: seen[name] for name in ("images", "image_size", "sizes") if name in seen} == expected

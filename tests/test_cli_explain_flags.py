@@ -7,6 +7,7 @@ predict wrote; a bad value gets predict's message, word for word.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import hybridcls.explain
-from hybridcls.cli import main
+from hybridcls.cli import build_parser, main
 from hybridcls.outputs import read_predictions
 from hybridcls.synth.hierarchy import write_hierarchy_prompts
 
@@ -169,6 +170,127 @@ def test_a_saved_folder_takes_the_flags_too(tiny_hybrid, tmp_path, monkeypatch):
     assert result.gate["rollup"] == {"threshold": 0.9}
 
 
+def _cascading_run(tiny_hybrid: dict, tmp_path: Path) -> Path:
+    """A copy of the tiny run whose cascade skips CLIP on about half of the test images.
+
+    A one-epoch branch is unsure of everything, so its calibrated cascade sends every image to
+    CLIP; the copy's MSP threshold is the median of the test images' supervised MSP (the
+    softmax of the logits, as the cascade reads them), its distance threshold one that every
+    image meets.
+    """
+    import numpy as np
+
+    from hybridcls.gate.cascade import max_softmax
+    from hybridcls.hybrid import HybridClassifier
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+
+    world = tiny_hybrid["world"]
+    clf = HybridClassifier(clip_model=TINY_CLIP_MODEL_ID, templates=world.templates_file, device="cpu",
+                           workers=0, cache_dir=tiny_hybrid["root"] / "cache", progress=False
+                           ).load_run(tiny_hybrid["run"], world.prompts_file)
+    msp = max_softmax(clf.extract_features([world.test_dir], clip="none").sup_logits)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_hybrid["run"], run)
+    gate = json.loads((run / "gate.json").read_text(encoding="utf-8"))
+    gate.update(cascade_msp=float(np.median(msp)), cascade_distance=1e6)
+    (run / "gate.json").write_text(json.dumps(gate), encoding="utf-8")
+    return run
+
+
+def test_explain_takes_the_cascade_and_shows_predicts_answers(tiny_hybrid, tmp_path, monkeypatch,
+                                                               capsys):
+    """``--cascade`` changes the answers (the images it keeps are the supervised branch's alone):
+    explain's rows are predict's with it, CLIP still drawn for every image, and the rows it
+    kept from CLIP say that the zero-shot branch was not consulted."""
+    run = _cascading_run(tiny_hybrid, tmp_path)
+    common = _flags(tiny_hybrid, tmp_path)
+    n = len(list(tiny_hybrid["world"].test_dir.iterdir()))
+    answers = {}
+    for cascade in ([], ["--cascade"]):
+        pred = tmp_path / f"pred{len(cascade)}.jsonl"
+        capsys.readouterr()
+        assert main(["predict", str(tiny_hybrid["world"].test_dir), *common, "--checkpoint", str(run),
+                     "-q", "-o", str(pred), *cascade]) == 0
+        ran = int(capsys.readouterr().err.split("the CLIP image tower ran on ")[1].split()[0])
+        predicted = read_predictions(pred)
+        rc, (result,) = _explain(tiny_hybrid, common, cascade, tmp_path / f"ex{len(cascade)}",
+                                 monkeypatch, checkpoint=run)
+        assert rc == 0
+        _same_decisions(predicted, result)
+        skipped = [p["zeroshot_topk"] == [] for p in predicted]
+        assert [not ex.zeroshot_consulted for ex in result.explanations] == skipped
+        assert all(ex.clip_class and "clip" in ex.files for ex in result.explanations)
+        if cascade:
+            # the median threshold keeps some images from CLIP, not all
+            assert 0 < ran < n and sum(skipped) == n - ran
+            assert all(p["branch"] == "supervised" for p, s in zip(predicted, skipped) if s)
+        else:
+            assert ran == n and not any(skipped)
+        answers[bool(cascade)] = [(p["label"], p["branch"], p["score"]) for p in predicted]
+    assert answers[True] != answers[False]
+
+
+def test_the_decision_flags_have_one_definition():
+    """predict and explain take the same decision flags, with the same help and values."""
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+
+    def decision(command):
+        (group,) = [g for g in commands[command]._action_groups if g.title == "decision"]
+        return [(a.option_strings, a.help, a.choices, a.default) for a in group._group_actions]
+
+    flags = [strings[0] for strings, *_ in decision("predict")]
+    assert {"--mode", "--cascade", "--support", "--allowed-classes"} <= set(flags)
+    assert decision("explain") == decision("predict")
+
+
+def test_a_folder_saved_with_cut_class_texts_is_its_class_text_matrix(tiny_hybrid, tmp_path,
+                                                                      monkeypatch, capsys):
+    """A save_pretrained folder holds its class-text matrix (here with a class text cut to the
+    tiny CLIP's context when it was saved): predict and explain read it without
+    ``--truncate-prompts``, and refuse that flag, which could not act on it."""
+    from hybridcls.errors import ClassTextWarning, ParameterError
+    from hybridcls.hybrid import HybridClassifier
+    from hybridcls.synth import TINY_CLIP_MODEL_ID
+
+    world = tiny_hybrid["world"]
+    long = tmp_path / "long.txt"
+    long.write_text(world.prompts_file.read_text(encoding="utf-8").rstrip("\n")
+                    + "\nan extremely long class name that goes on and on well past twelve tokens\n",
+                    encoding="utf-8")
+    with pytest.warns(ClassTextWarning, match="are cut to the 12-token context"):
+        folder = HybridClassifier(
+            clip_model=TINY_CLIP_MODEL_ID, templates=world.templates_file, device="cpu", workers=0,
+            cache_dir=tiny_hybrid["root"] / "cache", truncate_prompts=True,
+        ).load_run(tiny_hybrid["run"], long).save_pretrained(tmp_path / "model")
+    runtime = ["--cache-dir", str(tiny_hybrid["root"] / "cache"), "--device", "cpu", "--workers", "0"]
+    images = str(world.test_dir)
+    # the run directory with the same prompts, cut at load: the same rows
+    assert main(["predict", images, *_flags(tiny_hybrid, tmp_path, long), "--checkpoint",
+                 str(tiny_hybrid["run"]), "--truncate-prompts", "-q", "-o", str(tmp_path / "run.jsonl")]) == 0
+    assert main(["predict", images, *runtime, "--checkpoint", str(folder), "-q",
+                 "-o", str(tmp_path / "saved.jsonl")]) == 0
+    saved = read_predictions(tmp_path / "saved.jsonl")
+    assert saved == read_predictions(tmp_path / "run.jsonl")
+    rc, (result,) = _explain(tiny_hybrid, runtime, [], tmp_path / "explain", monkeypatch,
+                             checkpoint=folder)
+    assert rc == 0
+    _same_decisions(saved, result)
+    for command in ("predict", "explain"):
+        capsys.readouterr()
+        out = tmp_path / f"refused-{command}"
+        assert main([command, images, *runtime, "--checkpoint", str(folder), "--truncate-prompts",
+                     "-q", "-o", str(out)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"hybridcls {command}: error: --truncate-prompts: the save_pretrained folder {folder} "
+            "holds its class-text matrix as it was saved (long class texts were cut then, or "
+            "refused); give the run directory it was saved from as --checkpoint, with --prompts, "
+            "to build the class texts again")
+        assert not out.exists()
+    with pytest.raises(ParameterError, match=r"^truncate_prompts=True: a saved folder fixes"):
+        HybridClassifier.from_pretrained(folder, truncate_prompts=True, device="cpu")
+
+
 # ---------------------------------------------------------------- bad values: predict's messages
 
 
@@ -183,12 +305,19 @@ def test_a_saved_folder_takes_the_flags_too(tiny_hybrid, tmp_path, monkeypatch):
      "--allowed-classes purple plain wolf: not a class of the prompts file"),
     (["--allowed-classes", "fox,,elk"], "argument --allowed-classes: name 2 of 3 in 'fox,,elk' is empty"),
     (["--site-classes", "{sites}"], "{sites}:2: class 'wolf' is not in the prompts file"),
+    (["--cascade", "--allowed-classes", "fox"],
+     "--cascade with --allowed-classes: the cascade decides from the confidence over every seen"),
+    (["--mode", "fuzzy"], "argument --mode: invalid choice: 'fuzzy'"),
+    # the tiny world's prompts file names 6 classes (conftest: n_classes=6)
+    (["--topk", "7"], "--topk 7: more than the 6 classes that {prompts} names; give 1 to 6"),
+    (["--topk", "0"], "--topk 0: give a whole number from 1 to 6, the classes that {prompts} names"),
 ])
 def test_a_bad_value_gets_predicts_message(tiny_hybrid, tmp_path, capsys, monkeypatch, extra, message):
     sites = tmp_path / "sites.csv"
     sites.write_text("prefix,classes\nx,wolf\n", encoding="utf-8")
-    extra = [e.format(sites=sites, tmp=tmp_path) for e in extra]
-    message = message.format(sites=sites, tmp=tmp_path)
+    names = {"sites": sites, "tmp": tmp_path, "prompts": tiny_hybrid["world"].prompts_file}
+    extra = [e.format(**names) for e in extra]
+    message = message.format(**names)
     common = _flags(tiny_hybrid, tmp_path)
     errors = {}
     for command in ("predict", "explain"):
@@ -232,3 +361,19 @@ def test_a_saved_folder_without_ancestors_refuses_the_roll_up(tiny_hybrid, tmp_p
         "its CLIP model, prompts and templates (its class-text matrix is built from them); give the "
         "run directory it was saved from as --checkpoint, with --prompts, to change them")
     assert not (tmp_path / "out").exists()
+
+
+def test_more_neighbours_than_the_index_holds_are_refused(tiny_hybrid, tmp_path, capsys):
+    """``--neighbours`` beyond the run's embedding index would list fewer images than asked."""
+    from hybridcls.index import load_run_index
+
+    n = load_run_index(tiny_hybrid["run"]).ntotal
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = main(["explain", str(tiny_hybrid["world"].test_dir), *tiny_hybrid["common"], "--checkpoint",
+               str(tiny_hybrid["run"]), "--neighbours", str(n + 1), "-q", "-o", str(out)])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"hybridcls explain: error: --neighbours {n + 1}: more than the {n} training images the "
+        f"run's embedding index holds; give 0 to {n}")
+    assert not out.exists()

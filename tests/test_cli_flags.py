@@ -458,3 +458,22 @@ def test_all_scores_and_model_version_together(setup, mode, tmp_path, capsys):
         assert record["counts"] == {
             "predicted": len(rows) - 1, "failed": 1, "resumed": 0,
             "unknown": sum(r["label"] == "unknown" for r in rows)}
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--score", "energy"], ("--score energy: only --method tpr reads it (leave-classes-out chooses "
+                            "the score itself); give --method tpr, or leave --score out")),
+    (["--tpr", "0.9"], ("--tpr 0.9: only --method tpr reads it (leave-classes-out chooses the "
+                       "threshold itself); give --method tpr, or leave --tpr out")),
+    (["--method", "tpr", "--rounds", "3"], ("--rounds 3: only --method leave-classes-out reads it "
+                                           "(--method tpr searches nothing); give --method "
+                                           "leave-classes-out, or leave --rounds out")),
+])
+def test_calibrate_refuses_a_flag_its_method_does_not_read(tiny_hybrid, extra, message, capsys):
+    """``calibrate --score`` / ``--tpr`` set ``--method tpr``'s gate and ``--rounds``
+    leave-classes-out's search; with the other method they would change nothing."""
+    gate = (tiny_hybrid["run"] / "gate.json").read_bytes()
+    capsys.readouterr()
+    assert main(["calibrate", str(tiny_hybrid["run"]), *tiny_hybrid["common"], "-q", *extra]) == 2
+    assert capsys.readouterr().err.strip() == f"hybridcls calibrate: error: {message}"
+    assert (tiny_hybrid["run"] / "gate.json").read_bytes() == gate

@@ -89,7 +89,7 @@ CASES = {
          "by predict_to_output (`hybridcls predict` with --output FILE) can be resumed or merged")),
     # calibration parameters: Gate.check_params -> "tpr=1.5: expected a rate in (0, 1]"
     "calibration-parameter": lambda c: (
-        ["calibrate", str(c["run"]), *c["common"], "--tpr", "1.5", "-q"],
+        ["calibrate", str(c["run"]), *c["common"], "--method", "tpr", "--tpr", "1.5", "-q"],
         "--tpr 1.5: expected a rate in (0, 1]"),
     # the gate: HybridClassifier -> "... calibrate it first with HybridClassifier.calibrate()",
     # a method that has a command: that command with what it cannot run without

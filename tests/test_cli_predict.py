@@ -131,6 +131,32 @@ def test_usage_errors_exit_2(tmp_path, prompts, tiny_clip, capsys):
                  "--clip-model", tiny_clip, "-q"]) == 2
 
 
+def test_topk_is_at_most_the_classes_the_prompts_name(tmp_path, prompts, tiny_clip, capsys):
+    """Three classes: the default top-k is all three (not five columns, two of them empty); a
+    larger --topk is refused, naming the prompts file or --classes and their count, before
+    anything is written."""
+    d = tmp_path / "ok"
+    d.mkdir()
+    make_plain(d, "PNG", "x.png")
+    common = ["--clip-model", tiny_clip, "--cache-dir", str(tmp_path / "cache"), "-q", "--workers", "0"]
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(d), "--prompts", str(prompts), *common, "-o", str(out)]) == 0
+    header = out.read_text(encoding="utf-8").split("\n", 1)[0].split(",")
+    assert header[6:] == ["top1", "top1_score", "top2", "top2_score", "top3", "top3_score"]
+    (row,) = read_predictions(out)
+    assert sorted(row[f"top{i}"] for i in (1, 2, 3)) == ["blue circle", "green cross", "red square"]
+    capsys.readouterr()
+    refused = tmp_path / "refused.csv"
+    for classes, named in ((["--prompts", str(prompts)], str(prompts)),
+                           (["--classes", "fox,elk"], "--classes")):
+        n = 3 if named != "--classes" else 2
+        assert main(["predict", str(d), *classes, *common, "--topk", str(n + 1), "-o", str(refused)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"hybridcls predict: error: --topk {n + 1}: more than the {n} classes that {named} names; "
+            f"give 1 to {n}")
+    assert not refused.exists()
+
+
 def test_directory_named_like_image_and_missing_file(tmp_path, prompts, tiny_clip):
     d = tmp_path / "mixed"
     d.mkdir()

@@ -185,6 +185,34 @@ def test_model_version_and_all_scores_in_one_file(tmp_path, fmt):
         assert (bad["model_version"], bad["scores"], bad["status"]) == ("0123456789ab", None, "error")
 
 
+def test_topk_is_refused_beyond_the_classes_and_a_short_class_list_ranks_the_others_at_zero():
+    """topk: 1 to the number of classes; a row limited to two of four classes (a site's list)
+    still fills four columns: its two classes first, then the others at probability 0, in
+    class order (the stable sort of equal probabilities)."""
+    from hybridcls.errors import ParameterError
+    from hybridcls.gate.fusion import FusionResult
+
+    classes = ["fox", "wolf", "elk", "owl"]
+    probs = np.array([[0.0, 0.75, 0.0, 0.25]])  # the gate's answer with 'wolf,owl' allowed
+    res = FusionResult(probs=probs, branch=np.array(["zeroshot"]), gate_weight=np.array([1.0]),
+                       gate_score=np.array([0.0]), sup_probs=None, clip_probs=probs)
+
+    def rows(topk):
+        return batch_rows(["a.png"], [0], [0], {}, res, classes, n_seen=0, topk=topk,
+                          branch_columns=False)
+
+    (row,) = rows(4)
+    assert row.topk == [("wolf", 0.75), ("owl", 0.25), ("fox", 0.0), ("elk", 0.0)]
+    # not given: the default (5), or every class when there are fewer
+    assert rows(None)[0].topk == row.topk
+    for topk, reason in ((5, "more than the 4 classes the classifier ranks; give 1 to 4"),
+                         (0, "give a whole number from 1 to 4, the classes the classifier ranks"),
+                         (2.0, "give a whole number from 1 to 4")):
+        with pytest.raises(ParameterError, match=f"^topk={topk!r}: {reason}") as err:
+            rows(topk)
+        assert err.value.parameter == "topk"
+
+
 def test_kaggle_refuses_two_files_of_one_name(tmp_path):
     paths = ["site1/IMG_0001.png", "site2/IMG_0001.png", "site2/IMG_0002.png"]
     with pytest.raises(InputError, match=r"image_id is the file name: 'IMG_0001.png' would stand for "

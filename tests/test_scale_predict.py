@@ -112,7 +112,8 @@ def test_resume_refuses_other_settings(setup, tmp_path, capsys):
     assert main(argv) == 0
     assert main([*argv, "--topk", "2", "--resume"]) == 2
     err = capsys.readouterr().err
-    assert f"--resume: cannot continue {out}: " in err and "topk 5 vs 2" in err
+    # without --topk, one pair per class of the 4-class prompts file (fewer than the default 5)
+    assert f"--resume: cannot continue {out}: " in err and "topk 4 vs 2" in err
     assert main(["predict", str(setup["images"]), *setup["common"], "--resume"]) == 2
     assert "--resume needs --output FILE" in capsys.readouterr().err
 

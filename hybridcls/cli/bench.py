@@ -82,8 +82,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     help="working folder; speed.json goes here (default: %(default)s)")
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: %(default)s")
     sp.add_argument("--batch-size", type=int, default=32, metavar="N", help="default: %(default)s")
-    sp.add_argument("--images", type=int, default=64, metavar="N", help="JPEG files to write and read, "
-                    "of each size (default: %(default)s)")
+    sp.add_argument("--images", type=int, default=None, metavar="N", help="JPEG files to write and read, "
+                    "of each size (default: 64; 16 with --quick)")
     sp.add_argument("--sizes", nargs="+", default=None, metavar="WxH",
                     help="JPEG sizes, the first for pipeline efficiency, the cascade and zero-shot "
                          "(default: 500x375 4000x3000)")
@@ -93,7 +93,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sp.add_argument("--models", nargs=2, default=None, metavar=("TIMM", "CLIP"),
                     help="supervised timm model and open_clip model (default: convnext_tiny ViT-B-32; "
                          "'tiny' = the synthetic world's CLIP)")
-    sp.add_argument("--image-size", type=int, default=224, help="supervised input size (default: %(default)s)")
+    sp.add_argument("--image-size", type=int, default=None,
+                    help="supervised input size (default: 224; 64 with --quick)")
     sp.add_argument("--workers", type=int, default=2, metavar="N", help="default: %(default)s")
     sp.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
     sp.add_argument("--compile", action="store_true", help="torch.compile both towers")
@@ -105,7 +106,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          "(default: %(default)s, after one warm-up run each)")
     sp.add_argument("--quick", action="store_true",
                     help="CI-sized: test_convnext + tiny CLIP, 16 images of 160x120 and 640x480, 64 px, "
-                         "4 templates")
+                         "4 templates (--models, --images, --sizes and --image-size, given, win)")
     sp.set_defaults(run=run_speed)
     si = sub.add_parser("sites", help="accuracy (S / U / H) with and without class lists per site, on "
                                       "the synthetic world split into sites (docs/sites.md; on the "
@@ -381,8 +382,9 @@ def run_speed(args: argparse.Namespace) -> int:
     quick = {"images": 16, "sizes": [(160, 120), (640, 480)], "image_size": 64,
              "templates": ["a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}."]
              } if args.quick else {}
-    options = {"images": args.images, "image_size": args.image_size, **quick,
-               **({"sizes": sizes} if sizes else {})}
+    # the flags given win over --quick's sizes; the others keep run_speed's defaults
+    given = {"images": args.images, "image_size": args.image_size, "sizes": sizes}
+    options = {**quick, **{name: value for name, value in given.items() if value is not None}}
     models = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
     report = bench(Path(args.out), device=args.device, batch_size=args.batch_size, models=models,
                    workers=args.workers, compile=args.compile, gpu_decode=args.gpu_decode,

@@ -9,13 +9,17 @@ the nearest-neighbour cache branch on the held-out images (``auto``: kept only
 when it raises their accuracy). Settings that depend on the data's size (neighbour
 counts, leave-classes-out's rounds and hidden classes) adapt to it, and each
 change is printed; data too small for the method exits with status 1.
+``--score`` and ``--tpr`` set ``--method tpr``'s gate and ``--rounds`` leave-classes-out's
+search: given with the other method, which would not read them, they are refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 
 from hybridcls.cli.common import (
+    UsageError,
     add_clip_arguments,
     add_runtime_arguments,
     flag_message,
@@ -23,9 +27,19 @@ from hybridcls.cli.common import (
 )
 from hybridcls.gate.cache_branch import CACHE_MODES
 from hybridcls.gate.config import FIT_METHODS
+from hybridcls.gate.gate import Gate
 from hybridcls.gate.scores import SCORES
 
 __all__ = ["add_parser", "run"]
+
+# The gate's own defaults (shown in the help; a flag not given is not passed, so they apply).
+_DEFAULTS = {name: p.default for name, p in inspect.signature(Gate).parameters.items()}
+# The flags one method reads, and why the other does not.
+_METHOD_ONLY = {
+    "score": ("tpr", "leave-classes-out chooses the score itself"),
+    "tpr": ("tpr", "leave-classes-out chooses the threshold itself"),
+    "rounds": ("leave-classes-out", "--method tpr searches nothing"),
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -37,14 +51,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("checkpoint", metavar="RUN_DIR", help="run directory from `hybridcls train`")
     parser.add_argument("--data", metavar="DIR",
                         help="the training folder (default: the one recorded in the run)")
-    parser.add_argument("--method", choices=FIT_METHODS, default="leave-classes-out",
+    parser.add_argument("--method", choices=FIT_METHODS, default=_DEFAULTS["method"],
                         help="leave-classes-out searches scores and modes (default); "
                              "tpr thresholds --score at --tpr")
-    parser.add_argument("--score", choices=sorted(SCORES), default="clip_margin",
-                        help="gate score for --method tpr (default: %(default)s)")
-    parser.add_argument("--tpr", type=float, default=0.95,
-                        help="share of held-out seen images kept in the supervised branch (--method tpr)")
-    parser.add_argument("--rounds", type=int, default=5, help="leave-classes-out repetitions")
+    parser.add_argument("--score", choices=sorted(SCORES), default=None,
+                        help=f"gate score for --method tpr (default: {_DEFAULTS['score']})")
+    parser.add_argument("--tpr", type=float, default=None,
+                        help="share of held-out seen images kept in the supervised branch "
+                             f"(--method tpr; default: {_DEFAULTS['tpr']})")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"leave-classes-out repetitions (default: {_DEFAULTS['rounds']})")
     parser.add_argument("--transductive", metavar="TEST_INPUT", nargs="+",
                         help="unlabelled test images: refit the threshold on their score distribution")
     parser.add_argument("--cache-branch", choices=CACHE_MODES, default="auto",
@@ -60,10 +76,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from hybridcls.data.folders import check_folder
 
+    given = {name: getattr(args, name) for name in _METHOD_ONLY if getattr(args, name) is not None}
+    for name, value in given.items():
+        method, why = _METHOD_ONLY[name]
+        if args.method != method:
+            raise UsageError(f"--{name} {value}: only --method {method} reads it ({why}); give "
+                             f"--method {method}, or leave --{name} out")
     if args.data is not None:  # before the models load: the library names it as data_dir=
         check_folder(args.data, parameter="data_dir")
-    clf = hybrid_from_args(args, recalibrate=True, method=args.method, score=args.score, tpr=args.tpr,
-                           rounds=args.rounds, seed=args.seed, cache_branch=args.cache_branch)
+    clf = hybrid_from_args(args, recalibrate=True, method=args.method, seed=args.seed,
+                           cache_branch=args.cache_branch, **given)
     clf.calibrate(args.data, test_inputs=args.transductive)
     args.run_record.describe(clf)  # the new gate, for --log
     g = clf.gate_.calibration_

@@ -2,12 +2,13 @@
 and the classifier they build, so that ``explain`` shows the decision ``predict`` makes.
 
 ``--unknown-threshold``, the roll-up (``--rollup-threshold`` / ``--rollup-precision``), the
-class lists (``--allowed-classes``, ``--site-classes``) and the few-shot ``--support`` images
-are declared once here (:func:`add_decision_arguments`), checked before any model loads
-(:func:`check_decision_arguments`, :func:`site_classes_from_args`) and handed to the
-classifier in one place (:func:`classifier_from_args`). ``--checkpoint`` (a run directory, a
-``save_pretrained`` folder or its Hub repo id, ``--revision``) is read once, before them
-(:func:`saved_folder_prompts`).
+class lists (``--allowed-classes``, ``--site-classes``), the few-shot ``--support`` images and
+the hybrid's ``--mode`` and ``--cascade`` are declared once here (:func:`add_decision_arguments`),
+checked before any model loads (:func:`check_decision_arguments`, :func:`check_topk_argument`,
+:func:`site_classes_from_args`) and handed to the classifier in one place
+(:func:`classifier_from_args`). ``--checkpoint`` (a run directory, a ``save_pretrained`` folder or
+its Hub repo id, ``--revision``) is read once, before them (:func:`saved_folder_prompts`); a saved
+folder loads with :func:`saved_folder_hybrid`.
 """
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ from hybridcls.cli.common import (
     UsageError,
     class_list,
     hybrid_from_args,
+    hybrid_parameters,
     prompts_from_args,
     zeroshot_from_args,
 )
+from hybridcls.gate.config import MODES
 
 __all__ = [
     "add_decision_arguments",
     "add_revision_argument",
     "check_decision_arguments",
+    "check_topk_argument",
     "classifier_from_args",
     "rollup_given",
+    "saved_folder_hybrid",
     "saved_folder_prompts",
     "site_classes_from_args",
 ]
@@ -53,7 +58,8 @@ def saved_folder_prompts(args: argparse.Namespace) -> str | None:
             ``--revision`` without a repo id; a run directory without ``--prompts`` /
             ``--classes``; a saved folder with ``--prompts``, ``--classes``, ``--clip-model`` or
             ``--templates``: the folder fixes them (its class-text matrix is built from them,
-            its gate's support images are labelled by its classes).
+            its gate's support images are labelled by its classes); with ``--truncate-prompts``:
+            the folder holds that matrix, built when it was saved.
     """
     from hybridcls.errors import CheckpointError, WeightsUnavailableError
     from hybridcls.hub import pretrained_folder
@@ -94,6 +100,11 @@ def saved_folder_prompts(args: argparse.Namespace) -> str | None:
                              "model, prompts and templates (its class-text matrix is built from "
                              "them); give the run directory it was saved from as --checkpoint, "
                              "with --prompts, to change them")
+    if args.truncate_prompts:
+        raise UsageError(f"--truncate-prompts: the save_pretrained folder {checkpoint} holds its "
+                         "class-text matrix as it was saved (long class texts were cut then, or "
+                         "refused); give the run directory it was saved from as --checkpoint, "
+                         "with --prompts, to build the class texts again")
     return str(Path(checkpoint) / PROMPTS_FILE)
 
 
@@ -105,8 +116,25 @@ def add_revision_argument(group: argparse._ActionsContainer) -> None:
                             "commit (default: main)")
 
 
+def saved_folder_hybrid(args: argparse.Namespace) -> Any:
+    """The hybrid a ``save_pretrained`` folder given as ``--checkpoint`` without ``--prompts``
+    loads, for :func:`classifier_from_args`' ``hybrid``: ``HybridClassifier.from_pretrained``
+    with the runtime and decision flags, so that the rows are made with the class-text matrix
+    the folder holds (``predict`` and ``explain`` alike). The CLIP flags given are passed on
+    (``--clip-pretrained``: the weights may be kept elsewhere here; their fingerprint is checked).
+    """
+    # the models (torch, timm, open_clip) are imported when the command runs
+    from hybridcls.hybrid import HybridClassifier
+
+    given = {name: getattr(args, name) for name in ("clip_model", "clip_pretrained", "templates")
+             if getattr(args, name) is not None}
+    return HybridClassifier.from_pretrained(args.checkpoint, **given, **hybrid_parameters(args))
+
+
 def add_decision_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """The "decision" group: ``--unknown-threshold``, the roll-up, the class lists, ``--support``.
+    """The "decision" group: ``--unknown-threshold``, the roll-up, the class lists, ``--support``,
+    and the hybrid's ``--mode`` and ``--cascade`` (refused without ``--checkpoint``:
+    :func:`check_decision_arguments`).
 
     Returns:
         The group, for a command's own decision flags.
@@ -136,6 +164,12 @@ def add_decision_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
                      help="a few labelled images per class (one subfolder per class of --prompts, "
                           "seen or unseen), joined to the zero-shot scores and the gate without "
                           "retraining (both modes; docs/gate.md, 'Few-shot support')")
+    dec.add_argument("--mode", choices=MODES, default=None,
+                     help="override the calibrated decision mode (needs --checkpoint)")
+    dec.add_argument("--cascade", action="store_true",
+                     help="run CLIP only where the supervised branch is not already sure "
+                          "(thresholds fitted by `hybridcls calibrate`; needs --checkpoint): the "
+                          "images it skips are answered by the supervised branch alone")
     return dec
 
 
@@ -148,16 +182,21 @@ def check_decision_arguments(args: argparse.Namespace, prompts: Any = None) -> N
     """What only the command line can get wrong in the decision flags, before any model loads.
 
     Args:
-        args: The parsed flags (:func:`add_decision_arguments`'s, ``--checkpoint``, and
-            ``--cascade`` where the command has it).
+        args: The parsed flags (:func:`add_decision_arguments`'s and ``--checkpoint``).
         prompts: The classes the checks read (default: ``--prompts`` / ``--classes``); None:
             the ancestors are checked where the classifier is built.
 
     Raises:
-        UsageError: A ``--support`` that is no folder; ``--rollup-precision`` without
-            ``--checkpoint`` or with ``--rollup-threshold``; a roll-up flag with a prompts
-            file that names no ancestors; ``--cascade`` with a class list.
+        UsageError: ``--mode`` or ``--cascade`` without ``--checkpoint``; a ``--support`` that
+            is no folder; ``--rollup-precision`` without ``--checkpoint`` or with
+            ``--rollup-threshold``; a roll-up flag with a prompts file that names no ancestors;
+            ``--cascade`` with a class list.
     """
+    if not args.checkpoint:
+        for flag, value in (("--mode", args.mode), ("--cascade", args.cascade)):
+            if value not in (None, False):
+                raise UsageError(f"{flag} needs --checkpoint: a zero-shot-only prediction has no "
+                                 "supervised branch to route to, mix with or decide with")
     if args.support and not Path(args.support).is_dir():
         what = "is a file, not a folder" if Path(args.support).exists() else "no such folder"
         raise UsageError(f"--support {args.support}: {what} (one subfolder of images per class)")
@@ -175,10 +214,30 @@ def check_decision_arguments(args: argparse.Namespace, prompts: Any = None) -> N
             flag = "--rollup-threshold" if args.rollup_threshold is not None else "--rollup-precision"
             raise UsageError(f"{flag} needs ancestors in the prompts file (a class line ending "
                              "'> PARENT > ...', docs/prompts.md): there is nothing to roll up to")
-    if getattr(args, "cascade", False) and (args.allowed_classes or args.site_classes):
+    if args.cascade and (args.allowed_classes or args.site_classes):
         raise UsageError(f"--cascade with --{'allowed' if args.allowed_classes else 'site'}-classes: "
                          "the cascade decides from the confidence over every seen class before "
                          "a class list could apply; use one of them")
+
+
+def check_topk_argument(args: argparse.Namespace, prompts: Any = None) -> None:
+    """``--topk`` against the classes the prompts name, before any model loads (a larger one
+    would leave top-k columns that no class fills in any row), and set: not given, the
+    default, or every class when there are fewer.
+
+    Args:
+        args: The parsed flags; ``args.topk`` is set to the number of columns.
+        prompts: The classes (default: ``--prompts`` / ``--classes``).
+
+    Raises:
+        ParameterError: ``topk`` out of range, naming the prompts (shown as ``--topk``).
+    """
+    from hybridcls.outputs import check_topk
+    from hybridcls.zeroshot.prompts import as_prompt_set
+
+    prompts = prompts if prompts is not None else prompts_from_args(args)
+    named_by = "--classes" if isinstance(prompts, list) else prompts
+    args.topk = check_topk(args.topk, len(as_prompt_set(prompts).names), f"that {named_by} names")
 
 
 def site_classes_from_args(args: argparse.Namespace, sources: Any = None, prompts: Any = None) -> Any:
@@ -223,8 +282,8 @@ def classifier_from_args(args: argparse.Namespace, site_classes: Any, *, hybrid:
         args: The parsed flags.
         site_classes: ``--site-classes`` as :func:`site_classes_from_args` read and checked it
             on every input (None: no site file).
-        hybrid: A hybrid already built from the other flags (``explain``'s ``save_pretrained``
-            folder); default: build it here.
+        hybrid: A hybrid already built from the other flags (a ``save_pretrained`` folder's,
+            :func:`saved_folder_hybrid`); default: build it here.
     """
     rollup = {"rollup_threshold": args.rollup_threshold, "rollup_precision": args.rollup_precision}
     if hybrid is not None:

@@ -29,22 +29,28 @@ from hybridcls.cli.decision import (
     add_decision_arguments,
     add_revision_argument,
     check_decision_arguments,
+    check_topk_argument,
     classifier_from_args,
     rollup_given,
+    saved_folder_hybrid,
     saved_folder_prompts,
     site_classes_from_args,
 )
 from hybridcls.data import expand_inputs
-from hybridcls.gate.config import GATE_FILENAME, MODES
+from hybridcls.gate.config import GATE_FILENAME
 from hybridcls.gate.gate import INDEX_DIR
-from hybridcls.outputs import FORMATS, check_unique_keys, extra_columns, infer_format, open_writer
+from hybridcls.outputs import (
+    DEFAULT_TOPK,
+    FORMATS,
+    check_unique_keys,
+    extra_columns,
+    infer_format,
+    open_writer,
+)
 from hybridcls.sharding import ShardSpec, predict_to_output
 from hybridcls.torchrun import torchrun_world
 
 __all__ = ["add_parser", "classifier_from_args", "prediction_settings", "run"]
-
-# Flags that need the supervised branch: refused without --checkpoint, with the reason.
-_HYBRID_ONLY = {"mode": "--mode", "cascade": "--cascade"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -66,13 +72,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          "carry their prompts: no --prompts); without it, predictions are "
                          "zero-shot only")
     add_revision_argument(hy)
-    hy.add_argument("--mode", choices=MODES, default=None,
-                    help="override the calibrated decision mode (needs --checkpoint)")
-    hy.add_argument("--cascade", action="store_true",
-                    help="run CLIP only where the supervised branch is not already sure "
-                         "(thresholds fitted by `hybridcls calibrate`; needs --checkpoint)")
     out = parser.add_argument_group("output")
-    out.add_argument("--topk", type=int, default=5, metavar="K", help="top-k labels per row (default: %(default)s)")
+    out.add_argument("--topk", type=int, default=None, metavar="K",
+                     help=f"top-k labels per row, at most the number of classes (default: "
+                          f"{DEFAULT_TOPK}, or every class when there are fewer); a row limited "
+                          "to fewer classes lists the others after them, at probability 0")
     out.add_argument("--all-scores", action="store_true",
                      help="every class's probability per row (they sum to 1): one 'score:<class>' "
                           "column per class in CSV, a 'scores' object in JSON Lines; not with "
@@ -98,17 +102,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _validate(args: argparse.Namespace) -> None:
     """What only the command line can get wrong; every other value is checked where it is used."""
-    if args.topk < 1:
-        raise UsageError(f"--topk must be at least 1, got {args.topk}")
-    args.prompts = saved_folder_prompts(args) or args.prompts
+    # a save_pretrained folder (a Hub repo's: fetched) carries its prompts, and its saved
+    # class-text matrix; None: a run directory, with --prompts / --classes
+    saved = saved_folder_prompts(args)
+    args.saved_folder = saved is not None
+    args.prompts = saved or args.prompts
     if isinstance(args.shard, str):
         args.shard = ShardSpec.parse(args.shard)
-    if not args.checkpoint:
-        for dest, flag in _HYBRID_ONLY.items():
-            if getattr(args, dest) not in (None, False):
-                raise UsageError(f"{flag} needs --checkpoint: a zero-shot-only prediction has no "
-                                 "supervised branch to route to, mix with or decide with")
     check_decision_arguments(args)
+    check_topk_argument(args)
     if args.all_scores and infer_format(args.output, args.format) == "kaggle":
         raise UsageError("--all-scores needs CSV or JSON Lines: a Kaggle submission (--format "
                          "kaggle) holds image_id and class only")
@@ -139,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
 
     def predict_rows(todo):
         # Loaded only when something is left to predict (a finished --resume loads nothing).
-        loaded.append(classifier_from_args(args, sites))
+        loaded.append(classifier_from_args(
+            args, sites, hybrid=saved_folder_hybrid(args) if args.saved_folder else None))
         if args.all_scores and list(loaded[0].classes_) != classes:  # pragma: no cover
             # the header was written from _class_names: a change of the class order must reach it
             raise RuntimeError(f"bug: the classifier's classes {list(loaded[0].classes_)} are not "

@@ -35,11 +35,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from hybridcls.data import Source, as_sources, load_image
-from hybridcls.errors import ImageDecodeError
+from hybridcls.errors import ImageDecodeError, ParameterError
 from hybridcls.explain.clip_maps import clip_similarity_map
 from hybridcls.explain.gradcam import gradcam_maps, require_grad_cam
 from hybridcls.explain.overlay import overlay, save_png, thumbnail
-from hybridcls.outputs import PredictionRow, topk_pairs
+from hybridcls.outputs import PredictionRow, check_topk, topk_pairs
 
 if TYPE_CHECKING:
     from hybridcls.hybrid import HybridClassifier
@@ -161,7 +161,7 @@ def _neighbours(index: Any, sims: np.ndarray, ids: np.ndarray, classes: np.ndarr
     return found
 
 
-def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike[str], *, topk: int = 5,
+def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike[str], *, topk: int | None = None,
                    neighbours: int = 5, progress: bool = False) -> ExplainResult:
     """Explain a calibrated :class:`~hybridcls.hybrid.HybridClassifier`'s predictions.
 
@@ -169,8 +169,10 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
         clf: A loaded, calibrated hybrid (``load_run`` or ``from_pretrained``).
         inputs: Files, folders, globs, list files or :class:`~hybridcls.data.Source` items.
         output: Folder for the PNGs (``images/``, ``neighbours/``); the page goes there too.
-        topk: Classes listed per branch.
-        neighbours: Nearest training images per input (0: none).
+        topk: Classes listed per branch: 1 to ``len(clf.classes_)``; None:
+            :data:`~hybridcls.outputs.DEFAULT_TOPK`, or every class when there are fewer.
+        neighbours: Nearest training images per input (0: none), at most as many as the run's
+            embedding index holds.
         progress: Show a progress bar.
 
     Returns:
@@ -179,6 +181,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
     Raises:
         MissingExtraError: grad-cam (the ``[explain]`` extra) is not installed.
         CheckpointError: The run has no gate (not calibrated).
+        ParameterError: ``topk`` out of range, or ``neighbours`` beyond the index.
 
     Example:
         >>> clf = HybridClassifier(prompts="prompts.txt").load_run("runs/seen40")  # doctest: +SKIP
@@ -186,6 +189,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
         >>> write_explain_page(res)  # doctest: +SKIP
     """
     require_grad_cam()
+    topk = check_topk(topk, len(clf.classes_))
     out = Path(output)
     sources: list[Source] = as_sources(inputs)
     views = _Views(clf)
@@ -201,6 +205,9 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
                 if gate is not None and gate.index_error_ is not None
                 else "no nearest training images: the run has no embedding index "
                      "(run `hybridcls calibrate` to build index/clip.*)")
+    elif neighbours > index.ntotal:
+        raise ParameterError("neighbours", neighbours, f"more than the {index.ntotal} training images "
+                             f"the run's embedding index holds; give 0 to {index.ntotal}")
     else:
         note = f"nearest training images: cosine similarity of CLIP embeddings, {index.ntotal} indexed"
     thumbs: dict[int, Neighbour] = {}
@@ -259,7 +266,7 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
         maps, cosine = maps.cpu().numpy(), cosine.cpu().numpy()
         if index is not None:  # one search for the batch
             nb_sims, nb_ids = index.search(batch.outputs.clip_embeddings[[j for _, _, j, _, _ in todo]],
-                                           min(neighbours, index.ntotal))
+                                           neighbours)
         for n, (ex, idx, j, s_crop, c_crop) in enumerate(todo):
             stem = f"{idx:05d}"  # the input's position: unique, and sorts in input order
             ex.clip_map = maps[n]
