@@ -305,7 +305,8 @@ def fewshot_zoo(out_dir: str | os.PathLike[str], n: int | str | None = None, *,
 
     The zoo caches no image apart from the test set, so each draw takes its ``k`` support
     images of every unseen class from the test set (:func:`draw_support`) and is scored on
-    the test images left (the oracle router on the same ones). The default gate is fitted
+    the test images left (the oracle router on the same ones, reading the plain supervised
+    logits as the zoo's table does). The default gate is fitted
     as ``calibrate`` fits it and the support joins it as ``add_support`` joins it
     (:meth:`~hybridcls.gate.Gate.with_support`, with the held-out images). Writes
     ``fewshot.md`` and ``fewshot.json`` into ``out_dir``.
@@ -355,7 +356,8 @@ def fewshot_zoo(out_dir: str | os.PathLike[str], n: int | str | None = None, *,
                     spent += time.perf_counter() - t
                 test = f.test.rows(rest)
                 figures.append(_figures(y[rest], used.predict(test).pred, S))
-                oracle = next(r for r in reference_rows(test, y[rest], S, gate.seen_logits(test))
+                # the zoo's oracle (plain supervised logits), so that k = 0 is the zoo table's share
+                oracle = next(r for r in reference_rows(test, y[rest], S)
                               if r.method == "oracle router").harmonic
                 shares.append(figures[-1][2] / oracle if oracle > 0 else 0.0)
             row = _row("hybrid + support", k, figures, 1.0, spent / max(len(figures), 1),
