@@ -365,11 +365,12 @@ def test_predict_refuses_then_truncates_on_request(tmp_path, tiny_bundle, capsys
 @pytest.mark.parametrize("command", ["predict", "calibrate", "explain"])
 def test_every_subcommand_that_builds_a_text_classifier_passes_the_opt_in(command, monkeypatch):
     from hybridcls.cli.common import hybrid_from_args
-    from hybridcls.cli.explain import _classifier
+    from hybridcls.cli.decision import classifier_from_args
     from hybridcls.hybrid import HybridClassifier
 
     monkeypatch.setattr(HybridClassifier, "load_run", lambda self, run_dir, prompts=None: self)
-    build = (lambda args: _classifier(args, None, None)) if command == "explain" else hybrid_from_args
+    # explain builds its hybrid as predict does, from the decision flags
+    build = (lambda args: classifier_from_args(args, None)) if command == "explain" else hybrid_from_args
     first = ["run"] if command == "calibrate" else ["x.png", "--checkpoint", "run"]
     for flag, value in (([], False), (["--truncate-prompts"], True)):
         args = build_parser().parse_args([command, *first, "--prompts", "p.txt", *flag])
