@@ -326,19 +326,13 @@ def fewshot_zoo(out_dir: str | os.PathLike[str], n: int | str | None = None, *,
     """
     import statistics
 
-    from hybridcls.bench.zoo import build_world, cached_worlds, load_features, zoo_specs
+    from hybridcls.bench.zoo import built_worlds, load_features
     from hybridcls.cache import atomic_write_json
     from hybridcls.gate import Gate
 
     out = Path(out_dir)
-    names = None
-    if n is not None:
-        specs = zoo_specs(n)
-        for spec in specs:
-            build_world(out / spec.name, spec, cache_dir=cache_dir, workers=workers, progress=progress)
-        names = [s.name for s in specs]
     worlds: dict[str, list[FewShotRow]] = {}
-    for name in cached_worlds(out, names):
+    for name in built_worlds(out, n, cache_dir=cache_dir, workers=workers, progress=progress):
         f = load_features(out / name)
         S, y = f.n_seen, f.y_test
         gate = f.fit(Gate())

@@ -300,19 +300,13 @@ def rollup_zoo(out_dir: str | Path, n: int | str | None = None, *,
         >>> report = rollup_zoo("hybridcls-bench-zoo", 8)  # doctest: +SKIP
         >>> report.summary["bound"]["median"]  # doctest: +SKIP
     """
-    from hybridcls.bench.zoo import build_world, cached_worlds, load_features, zoo_specs
+    from hybridcls.bench.zoo import built_worlds, load_features
     from hybridcls.gate import Gate
     from hybridcls.synth import World
 
     out = Path(out_dir)
-    names = None
-    if n is not None:
-        specs = zoo_specs(n)
-        for spec in specs:
-            build_world(out / spec.name, spec, cache_dir=cache_dir, workers=workers, progress=progress)
-        names = [s.name for s in specs]
     worlds: dict[str, RollupReport] = {}
-    for name in cached_worlds(out, names):
+    for name in built_worlds(out, n, cache_dir=cache_dir, workers=workers, progress=progress):
         t = time.perf_counter()
         f = load_features(out / name)
         hierarchy = world_hierarchy(World.load(out / name / "world"), f.class_names)

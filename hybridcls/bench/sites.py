@@ -185,17 +185,11 @@ def sites_zoo(out_dir: str | Path, n: int | str | None = None, *, n_sites: int =
         ParameterError: ``sites_per_class`` not in ``1..n_sites``.
         InputError: No world built there (and ``n`` not given).
     """
-    from hybridcls.bench.zoo import build_world, cached_worlds, load_features, zoo_specs
+    from hybridcls.bench.zoo import built_worlds, load_features
 
     out = Path(out_dir)
-    names = None
-    if n is not None:
-        specs = zoo_specs(n)
-        for spec in specs:
-            build_world(out / spec.name, spec, cache_dir=cache_dir, workers=workers, progress=progress)
-        names = [s.name for s in specs]
     reports: dict[str, SitesReport] = {}
-    for name in cached_worlds(out, names):
+    for name in built_worlds(out, n, cache_dir=cache_dir, workers=workers, progress=progress):
         f = load_features(out / name)
         seed = int(f.info.get("spec", {}).get("seed", 0))
         holds, site = make_sites(f.y_test, len(f.classes), n_sites=n_sites,

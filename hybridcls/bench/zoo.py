@@ -58,6 +58,7 @@ __all__ = [
     "WorldSpec",
     "ZooReport",
     "build_world",
+    "built_worlds",
     "cached_worlds",
     "evaluate_gate",
     "evaluate_zoo",
@@ -620,6 +621,25 @@ def cached_worlds(out_dir: str | Path, worlds: Sequence[str] | None = None) -> l
     if not worlds:
         raise InputError(f"{out}: no world with cached features; run run_zoo first")
     return list(worlds)
+
+
+def built_worlds(out_dir: str | Path, n: int | str | None = None, *,
+                 cache_dir: str | Path | None = None, workers: int = 0,
+                 progress: bool = False) -> list[str]:
+    """The worlds a bench over the zoo reads under ``out_dir``: the first ``n`` of :data:`ZOO`
+    (or ``"ci"``), built first when they are not there yet (:func:`build_world`, which reuses
+    what is); ``None``: those already built (:func:`cached_worlds`).
+
+    Raises:
+        InputError: ``n`` out of range, or (``None``) no world built there.
+    """
+    out = Path(out_dir)
+    if n is None:
+        return cached_worlds(out)
+    specs = zoo_specs(n)
+    for spec in specs:
+        build_world(out / spec.name, spec, cache_dir=cache_dir, workers=workers, progress=progress)
+    return cached_worlds(out, [s.name for s in specs])
 
 
 def evaluate_zoo(out_dir: str | Path, gate: GateLike | None = None, *,

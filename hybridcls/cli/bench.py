@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from hybridcls.cache import json_text
 from hybridcls.cli.common import UsageError, add_class_arguments, prompts_from_args
@@ -54,12 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     help="working folder (world, runs, support draws; with --zoo, the zoo's folder and "
                          "worlds); fewshot.md and fewshot.json go here "
                          f"(default: {_FEWSHOT_OUT}, or {_ZOO_OUT} with --zoo)")
-    fs.add_argument("--zoo", default=None, metavar="N",
-                    help="the hybrid + support route on the first N worlds of `bench quality --zoo` "
-                         "(1 to 8; 'ci' for two tiny ones), from their cached outputs: support "
-                         "images drawn from each world's test set, scored on the rest")
-    fs.add_argument("--cache-dir", default=None, metavar="DIR",
-                    help="with --zoo: as for `bench quality --zoo`")
+    _add_zoo_arguments(fs, "the hybrid + support route only; support images drawn from each world's "
+                           "test set, scored on the rest")
     fs.add_argument("--k", default="0,1,2,5,10", metavar="K,K,...",
                     help="support images per unseen class (default: %(default)s)")
     fs.add_argument("--draws", type=int, default=3, help="draws per k (default: %(default)s)")
@@ -115,11 +112,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     help="working folder (world, run, cache; an existing one is reused; with --zoo, "
                          "the zoo's folder and worlds); sites.md and sites.json go here "
                          f"(default: {_SITES_OUT}, or {_ZOO_OUT} with --zoo)")
-    si.add_argument("--zoo", default=None, metavar="N",
-                    help="on the first N worlds of `bench quality --zoo` (1 to 8; 'ci' for two tiny "
-                         "ones), from their cached outputs (worlds not built yet are built)")
-    si.add_argument("--cache-dir", default=None, metavar="DIR",
-                    help="with --zoo: as for `bench quality --zoo`")
+    _add_zoo_arguments(si)
     si.add_argument("--sites", type=int, default=5, metavar="N", help="number of sites (default: %(default)s)")
     si.add_argument("--sites-per-class", type=int, default=2, metavar="K",
                     help="at how many sites each class occurs (default: %(default)s)")
@@ -154,11 +147,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     help="working folder, shared with `bench quality` (its world and run are reused; "
                          "with --zoo, the zoo's folder and worlds); rollup.md and rollup.json go here "
                          f"(default: {_QUALITY_OUT}, or {_ZOO_OUT} with --zoo)")
-    ru.add_argument("--zoo", default=None, metavar="N",
-                    help="on the first N worlds of `bench quality --zoo` (1 to 8; 'ci' for two tiny "
-                         "ones), from their cached outputs (worlds not built yet are built)")
-    ru.add_argument("--cache-dir", default=None, metavar="DIR",
-                    help="with --zoo: as for `bench quality --zoo`")
+    _add_zoo_arguments(ru)
     ru.add_argument("--precisions", type=float, nargs="+", default=None, metavar="P",
                     help="target precisions on the held-out seen images (default: 0.9 0.95 0.98 0.99)")
     ru.add_argument("--seed", type=int, default=None, help="world seed (default: 0)")
@@ -168,6 +157,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     ru.add_argument("-q", "--quiet", action="store_true")
     ru.set_defaults(run=run_rollup)
     return parser
+
+
+def _add_zoo_arguments(parser: argparse.ArgumentParser, how: str = "") -> None:
+    """``--zoo`` and ``--cache-dir`` of a bench that also runs over the zoo's cached outputs."""
+    parser.add_argument("--zoo", default=None, metavar="N",
+                        help="on the first N worlds of `bench quality --zoo` (1 to 8; 'ci' for two "
+                             "tiny ones), from their cached outputs (worlds not built yet are built)"
+                             + (f": {how}" if how else ""))
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="with --zoo: as for `bench quality --zoo`")
 
 
 def _check_numbers(args: argparse.Namespace, *, model_input: bool = True, **least: int) -> None:
@@ -213,15 +212,8 @@ def run_rollup(args: argparse.Namespace) -> int:
     if args.zoo is not None:
         from hybridcls.bench.rollup import rollup_zoo
 
-        n = _zoo_worlds(args, (("--seed", args.seed), ("--epochs", args.epochs)))
-        out = Path(args.out or _ZOO_OUT)
-        zoo = rollup_zoo(out, n, precisions=precisions, cache_dir=args.cache_dir, workers=args.workers,
-                         progress=not args.quiet)
-        print(zoo.markdown())
-        print(f"wrote {out / 'rollup.md'} and rollup.json")
-        return 0
-    if args.cache_dir is not None:
-        raise UsageError("--cache-dir applies to --zoo only (the single world caches in --out)")
+        return _run_over_zoo(args, "rollup", rollup_zoo, precisions=precisions)
+    _refuse_cache_dir(args)
     out = Path(args.out or _QUALITY_OUT)
     report = bench(out, seed=0 if args.seed is None else args.seed,
                    epochs=8 if args.epochs is None else args.epochs, workers=args.workers,
@@ -238,8 +230,7 @@ def run_quality(args: argparse.Namespace) -> int:
     # each benchmark (torch, timm, open_clip) is imported when its command runs
     from hybridcls.bench.quality import run_quality as bench
 
-    if args.cache_dir is not None:
-        raise UsageError("--cache-dir applies to --zoo only (the single world caches in --out)")
+    _refuse_cache_dir(args)
     _check_numbers(args, seed=0)
     out = Path(args.out or _QUALITY_OUT)
     report = bench(out, seed=0 if args.seed is None else args.seed,
@@ -275,17 +266,9 @@ def run_fewshot(args: argparse.Namespace) -> int:
             raise UsageError(f"{', '.join(retrain)}: the retrain route is not measured with --zoo "
                              "(its support images come from each world's test set; the route "
                              "trains on rendered ones: leave out --zoo)")
-        n = _zoo_worlds(args, (("--seed", args.seed), ("--epochs", args.epochs), ("--model", args.model),
-                               ("--image-size", args.image_size)))
         _check_numbers(args, draws=1)
-        out = Path(args.out or _ZOO_OUT)
-        zoo = fewshot_zoo(out, n, ks=ks, draws=args.draws, cache_dir=args.cache_dir,
-                          workers=args.workers, progress=not args.quiet)
-        print(zoo.markdown())
-        print(f"wrote {out / 'fewshot.md'} and fewshot.json")
-        return 0
-    if args.cache_dir is not None:
-        raise UsageError("--cache-dir applies to --zoo only (the single world caches in --out)")
+        return _run_over_zoo(args, "fewshot", fewshot_zoo, ks=ks, draws=args.draws)
+    _refuse_cache_dir(args)
     retrain = _ks(_RETRAIN_K if args.retrain_k is None else args.retrain_k, "--retrain-k")
     if 0 in retrain:
         raise UsageError("--retrain-k 0: the retrain route needs at least one image per unseen class")
@@ -300,6 +283,25 @@ def run_fewshot(args: argparse.Namespace) -> int:
     print("\ntimes (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
     print(f"wrote {out / 'fewshot.md'} and fewshot.json")
     return 0
+
+
+def _run_over_zoo(args: argparse.Namespace, name: str, bench: Any, **options: Any) -> int:
+    """A bench's ``--zoo`` form: the worlds' flags refused (each world sets its own), ``bench(out,
+    n, **options)`` over the zoo's folder, its table printed and ``NAME.md`` / ``.json`` named."""
+    world_flags = [(flag, getattr(args, flag[2:].replace("-", "_"), None))
+                   for flag in ("--seed", "--epochs", "--model", "--image-size")]
+    n = _zoo_worlds(args, tuple(world_flags))
+    out = Path(args.out or _ZOO_OUT)
+    report = bench(out, n, cache_dir=args.cache_dir, workers=args.workers, progress=not args.quiet,
+                   **options)
+    print(report.markdown())
+    print(f"wrote {out / (name + '.md')} and {name}.json")
+    return 0
+
+
+def _refuse_cache_dir(args: argparse.Namespace) -> None:
+    if args.cache_dir is not None:
+        raise UsageError("--cache-dir applies to --zoo only (the single world caches in --out)")
 
 
 def _zoo_worlds(args: argparse.Namespace, world_flags: tuple[tuple[str, object], ...]) -> int | str:
@@ -350,15 +352,9 @@ def run_sites(args: argparse.Namespace) -> int:
     if args.zoo is not None:
         from hybridcls.bench.sites import sites_zoo
 
-        n = _zoo_worlds(args, (("--seed", args.seed), ("--epochs", args.epochs)))
-        out = Path(args.out or _ZOO_OUT)
-        zoo = sites_zoo(out, n, n_sites=args.sites, sites_per_class=args.sites_per_class,
-                        cache_dir=args.cache_dir, workers=args.workers, progress=not args.quiet)
-        print(zoo.markdown())
-        print(f"wrote {out / 'sites.md'} and sites.json")
-        return 0
-    if args.cache_dir is not None:
-        raise UsageError("--cache-dir applies to --zoo only (the single world caches in --out)")
+        return _run_over_zoo(args, "sites", sites_zoo, n_sites=args.sites,
+                             sites_per_class=args.sites_per_class)
+    _refuse_cache_dir(args)
     out = Path(args.out or _SITES_OUT)
     report = bench(out, seed=0 if args.seed is None else args.seed,
                    epochs=8 if args.epochs is None else args.epochs, n_sites=args.sites,
