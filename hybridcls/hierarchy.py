@@ -41,6 +41,7 @@ __all__ = [
     "RollupResult",
     "calibrate_threshold",
     "check_threshold",
+    "correct_at_rank",
     "rollup",
     "rollup_figures",
     "threshold_candidates",
@@ -196,14 +197,15 @@ class RollupResult:
         return self.rank > 0
 
 
-def rollup(probs: Any, hierarchy: Hierarchy, threshold: float) -> RollupResult:
+def rollup(probs: Any, hierarchy: Hierarchy, threshold: float | Any) -> RollupResult:
     """Answer each row with its best class, or with the deepest ancestor sure enough.
 
     Args:
         probs: ``[N, C]`` probabilities over :attr:`Hierarchy.classes` (each row sums to 1).
         hierarchy: The classes' tree.
         threshold: In (0, 1]: a row whose best class's probability is below it is rolled
-            up to the deepest ancestor whose summed probability reaches it (the module's rule).
+            up to the deepest ancestor whose summed probability reaches it (the module's rule);
+            or ``[N]`` such thresholds, one per row.
 
     Returns:
         One answer per row.
@@ -218,20 +220,27 @@ def rollup(probs: Any, hierarchy: Hierarchy, threshold: float) -> RollupResult:
         >>> r.answer.tolist(), r.rank.tolist(), r.leaf.tolist()
         (['canid', 'fox'], [1, 0], [0, 0])
     """
-    threshold = check_threshold(threshold)
     p = np.asarray(probs, np.float64)
     if p.ndim != 2 or p.shape[1] != len(hierarchy.classes):
         raise ParameterError("probs", f"shape {p.shape}",
                              f"expected [N, {len(hierarchy.classes)}]: one column per class")
     n = len(p)
+    if np.ndim(threshold) == 0:
+        threshold = check_threshold(threshold)
+    else:
+        threshold = np.asarray(threshold, np.float64)
+        if threshold.shape != (n,) or not np.all((threshold > 0) & (threshold <= 1)):
+            raise ParameterError("threshold", f"an array of shape {threshold.shape}",
+                                 f"expected one probability in (0, 1] per row ({n})")
     top = p.argmax(axis=1) if p.shape[1] else np.zeros(n, np.int64)
     rows = np.arange(n)
     member = hierarchy.membership
     mass = p @ member  # [N, A]: each ancestor's probability
-    reach = mass >= threshold - _SUM_TOLERANCE
+    t = np.broadcast_to(threshold, (n,))
+    reach = mass >= t[:, None] - _SUM_TOLERANCE
     # deepest first, then the larger mass: depth is an integer and mass at most 1
     key = np.where(reach, hierarchy.depth[None, :] + 0.5 * mass, -np.inf)
-    rolled = (p[rows, top] < threshold) & reach.any(axis=1)
+    rolled = (p[rows, top] < t) & reach.any(axis=1)
     node = np.where(rolled, key.argmax(axis=1) if member.shape[1] else -1, -1)
     leaf = top.copy()
     if rolled.any():
@@ -292,8 +301,10 @@ class RollupCalibration:
     n_images: int
 
 
-def _correct_at_rank(res: RollupResult, labels: np.ndarray, member: np.ndarray) -> np.ndarray:
-    """``[N]`` bool: the answer is the true class, or (rolled up) one of its ancestors."""
+def correct_at_rank(res: RollupResult, labels: Any, member: np.ndarray) -> np.ndarray:
+    """``[N]`` bool: the answer is the true class (``labels``, ``[N]`` class indices), or (rolled
+    up) one of its ancestors; ``member`` is :attr:`Hierarchy.membership`."""
+    labels = np.asarray(labels, np.int64)
     leaf_ok = res.leaf == labels
     node_ok = member[labels, np.maximum(res.node, 0)] > 0 if member.shape[1] else np.zeros(len(labels), bool)
     return np.where(res.node >= 0, node_ok, leaf_ok)
@@ -358,7 +369,7 @@ def calibrate_threshold(probs: Any, labels: Any, hierarchy: Hierarchy, precision
     best = (-1.0, 0.0)
     for t in threshold_candidates(p, hierarchy):
         res = rollup(p, hierarchy, float(t))
-        share = float(_correct_at_rank(res, y, member).mean())
+        share = float(correct_at_rank(res, y, member).mean())
         if share >= target:
             return RollupCalibration(float(t), share, float((res.rank == 0).mean()), target, len(p))
         best = max(best, (share, float(t)))
@@ -427,7 +438,7 @@ def rollup_figures(true_leaf: Any, leaf: Any, rank: Any, hierarchy: Hierarchy) -
     node = np.array([hierarchy.chains[c][r - 1] if c >= 0 and 0 < r <= len(hierarchy.chains[c]) else -1
                      for c, r in zip(leaf, rank)], np.int64)
     res = RollupResult(np.empty(len(y), object), rank, leaf, node, np.zeros(len(y)))
-    correct = answered & _correct_at_rank(res, y, hierarchy.membership)
+    correct = answered & correct_at_rank(res, y, hierarchy.membership)
     rolled = answered & (rank > 0)
     leaf_share = float((answered & (rank == 0)).mean()) if len(y) else float("nan")
     return RollupFigures(tuple(accuracy), len(y), int(rolled.sum()), int((rolled & correct).sum()),

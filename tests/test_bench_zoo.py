@@ -336,8 +336,13 @@ def test_fewshot_on_the_zoo(zoo: dict, capsys: pytest.CaptureFixture[str]) -> No
     shares = [rows[1].oracle_share for rows in report.worlds.values()]
     assert report.summary[1]["median"] == pytest.approx(statistics.median(shares))
     # the test set holds 4 images of each class: 4 support images would leave none
-    with pytest.raises(DataTooSmallError, match=r"k=4 support images of it would leave none"):
+    with pytest.raises(DataTooSmallError, match=r"class '.+' has 4 test images: k=4 support images of it "
+                                                r"would leave none"):
         fewshot_zoo(out, ks=(4,), draws=1)
+    # with the worlds named, before any is built (or reused)
+    with pytest.raises(DataTooSmallError, match=r"^k=4: the zoo's worlds hold 4 test images of a class, .* "
+                                                r"ask for at most 3$"):
+        fewshot_zoo(out, "ci", ks=(0, 4), cache_dir=cache)
 
     assert main(["bench", "fewshot", "--zoo", "ci", "--k", "0,1", "--draws", "1", "--out", str(out),
                  "--cache-dir", str(cache), "-q"]) == 0

@@ -377,3 +377,24 @@ def test_more_neighbours_than_the_index_holds_are_refused(tiny_hybrid, tmp_path,
         f"hybridcls explain: error: --neighbours {n + 1}: more than the {n} training images the "
         f"run's embedding index holds; give 0 to {n}")
     assert not out.exists()
+
+
+def test_the_default_neighbours_shrink_to_a_small_index(tiny_hybrid, tmp_path, monkeypatch):
+    """Only a number the user gives is refused beyond the index; the default (5) lists every
+    indexed image when the index holds fewer (here: a default made larger than the index)."""
+    from hybridcls.cli import build_parser
+    from hybridcls.cli.common import hybrid_from_args
+    from hybridcls.errors import ParameterError
+    from hybridcls.explain import explain_images, explainer
+    from hybridcls.index import load_run_index
+
+    n = load_run_index(tiny_hybrid["run"]).ntotal
+    monkeypatch.setattr(explainer, "DEFAULT_NEIGHBOURS", n + 3)
+    args = build_parser().parse_args(["explain", "x.png", *tiny_hybrid["common"], "--checkpoint",
+                                      str(tiny_hybrid["run"])])
+    clf = hybrid_from_args(args)
+    image = min(tiny_hybrid["world"].test_dir.rglob("*.png"))
+    result = explain_images(clf, [str(image)], tmp_path / "out")
+    assert [len(e.neighbours) for e in result.explanations] == [n]
+    with pytest.raises(ParameterError, match=rf"neighbours={n + 1}: more than the {n} training images"):
+        explain_images(clf, [str(image)], tmp_path / "out2", neighbours=n + 1)

@@ -84,3 +84,22 @@ def test_gate_json_records_its_number_of_seen_classes_and_load_checks_it(data: d
     with pytest.raises(ParameterError) as info:
         Gate.from_calibration(gate.calibration_, n_seen=2)
     assert str(info.value) == "n_seen=2: the calibration records 3 seen classes"
+
+
+def test_a_gate_json_written_before_n_seen_keeps_its_model_version(data: dict, tmp_path: Path) -> None:
+    """``model_version`` hashes the calibration's dict: one read from a file that does not record
+    ``n_seen`` must give back that file's dict, not one with ``"n_seen": null`` added."""
+    from hybridcls.cache import json_text
+
+    gate = Gate(method="tpr", score="energy", cache_branch="off")
+    gate.fit(data["train"], data["y_train"], data["val"], data["y_val"], class_names=data["names"])
+    gate.save(tmp_path)
+    path = tmp_path / "gate.json"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    del record["n_seen"]  # as written before gate.json recorded it
+    path.write_text(json.dumps(record), encoding="utf-8")
+    old = Gate.load(tmp_path, n_seen=data["S"])
+    # what Predictor.model_identity hashes for the gate
+    assert old.calibration_.n_seen is None
+    assert json.loads(json_text(old.calibration_.to_dict())) == record
+    assert gate.calibration_.to_dict()["n_seen"] == data["S"]

@@ -300,3 +300,39 @@ def test_bench_rollup_on_the_synthetic_world(world_run):
         assert at.figures.leaf_share >= 0.90
         assert at.figures.n_rolled_up_correct >= at.target * at.figures.n_rolled_up
     assert report.markdown().splitlines()[2].startswith("| off |  | ")
+
+
+def test_the_bench_bound_is_the_best_of_every_threshold():
+    """``bench rollup``'s bound (``best_test_threshold``) sums each row's changes instead of
+    trying thresholds; it must equal trying every distinct value (here more than the 2,000 that
+    ``threshold_candidates`` thins to), and its figures must be those of its threshold."""
+    from hybridcls.bench.rollup import best_test_threshold
+    from hybridcls.hierarchy import threshold_candidates
+
+    rng = np.random.default_rng(0)
+    h = Hierarchy.from_prompts(parse_prompts("\n".join(f"c{i} > p{i % 4} > r{i % 2}" for i in range(12))))
+    n = 300
+    logits = rng.normal(size=(n, 12)) * 2.0
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y = rng.integers(0, 12, n)
+    every = np.unique(np.concatenate([p.max(axis=1), (p @ h.membership).ravel(), [1.0]]))
+    assert len(every) > 2000 and len(threshold_candidates(p, h)) <= 2000
+
+    def figures(t):
+        r = rollup(p, h, float(t))
+        return rollup_figures(y, r.leaf, r.rank, h)
+
+    best = min((f.n_wrong, -f.leaf_share, float(t)) for t in every
+               if (f := figures(t)).leaf_share >= 0.9)
+    t = best_test_threshold(p, y, h, 0.9)
+    assert t == best[2]
+    assert (figures(t).n_wrong, figures(t).leaf_share) == (best[0], -best[1])
+
+
+def test_rollup_takes_a_threshold_per_row():
+    h = Hierarchy.from_prompts(parse_prompts("fox > canid\nwolf > canid\ncod"))
+    probs = [[0.5, 0.4, 0.1], [0.5, 0.4, 0.1]]
+    r = rollup(probs, h, np.array([0.8, 0.4]))
+    assert r.answer.tolist() == ["canid", "fox"] and r.rank.tolist() == [1, 0]
+    with pytest.raises(ParameterError, match=r"expected one probability in \(0, 1\] per row \(2\)"):
+        rollup(probs, h, np.array([0.8, 0.0]))

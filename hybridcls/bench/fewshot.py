@@ -279,9 +279,17 @@ class FewShotZooReport:
                 "summary": {str(k): v for k, v in self.summary.items()}}
 
 
-def draw_support(y: np.ndarray, classes: Sequence[int], k: int, draw: int) -> np.ndarray:
+def draw_support(y: np.ndarray, classes: Sequence[int], k: int, draw: int,
+                 names: Sequence[str] | None = None) -> np.ndarray:
     """``[k * len(classes)]`` indices of ``y``: ``k`` images of each class, drawn without
     replacement (seeded by ``draw``), class by class.
+
+    Args:
+        y: ``[N]`` class indices.
+        classes: The classes to draw from.
+        k: Images per class.
+        draw: The draw's seed.
+        names: Class names by index, for the message.
 
     Raises:
         DataTooSmallError: A class with ``k`` images or fewer (none would be left to evaluate on).
@@ -291,8 +299,9 @@ def draw_support(y: np.ndarray, classes: Sequence[int], k: int, draw: int) -> np
     for c in classes:
         rows = np.flatnonzero(y == c)
         if len(rows) <= k:
-            raise DataTooSmallError(f"class {c} has {len(rows)} test images: k={k} support images "
-                                    "of it would leave none to evaluate on; ask for fewer")
+            name = repr(names[c]) if names is not None else str(c)
+            raise DataTooSmallError(f"class {name} has {len(rows)} test images: k={k} support "
+                                    "images of it would leave none to evaluate on; ask for fewer")
         picked.append(rng.choice(rows, size=k, replace=False))
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
@@ -326,11 +335,17 @@ def fewshot_zoo(out_dir: str | os.PathLike[str], n: int | str | None = None, *,
     """
     import statistics
 
-    from hybridcls.bench.zoo import built_worlds, load_features
+    from hybridcls.bench.zoo import built_worlds, load_features, zoo_specs
     from hybridcls.cache import atomic_write_json
     from hybridcls.gate import Gate
 
     out = Path(out_dir)
+    if n is not None and ks:  # a k the worlds' test sets cannot spare, before any world is built
+        smallest = min(spec.test_per_class for spec in zoo_specs(n))
+        if max(ks) >= smallest:
+            raise DataTooSmallError(f"k={max(ks)}: the zoo's worlds hold {smallest} test images of "
+                                    "a class, and the support images are drawn from them; ask for "
+                                    f"at most {smallest - 1}")
     worlds: dict[str, list[FewShotRow]] = {}
     for name in built_worlds(out, n, cache_dir=cache_dir, workers=workers, progress=progress):
         f = load_features(out / name)
@@ -340,7 +355,7 @@ def fewshot_zoo(out_dir: str | os.PathLike[str], n: int | str | None = None, *,
         for k in sorted(set(ks)):
             figures, shares, spent = [], [], 0.0
             for draw in range(draws if k else 1):
-                support = draw_support(y, range(S, len(f.classes)), k, draw)
+                support = draw_support(y, range(S, len(f.classes)), k, draw, names=f.classes)
                 rest = np.setdiff1d(np.arange(len(y)), support)
                 used = gate
                 if k:

@@ -23,14 +23,14 @@ import numpy as np
 
 from hybridcls.bench.quality import labelled_test_set, prepare_world_run
 from hybridcls.cache import atomic_write_json, atomic_write_text
-from hybridcls.errors import ParameterError
+from hybridcls.errors import InputError, ParameterError
 from hybridcls.hierarchy import (
     Hierarchy,
     RollupFigures,
     calibrate_threshold,
+    correct_at_rank,
     rollup,
     rollup_figures,
-    threshold_candidates,
 )
 from hybridcls.synth import write_hierarchy_prompts
 from hybridcls.zeroshot.prompts import align_classes, read_prompts
@@ -151,10 +151,14 @@ def best_test_threshold(probs: Any, y: Any, hierarchy: Hierarchy,
                         min_leaf_share: float = MIN_LEAF_SHARE) -> float:
     """The threshold with the fewest wrong answers on labelled images among those that keep at
     least ``min_leaf_share`` of them answered with a class (on a tie, the one that keeps the
-    most class answers).
+    most class answers, then the smallest).
 
     Read off the test labels, so a bound for the bench (what any threshold can do with this
     tree and these probabilities), as the oracle router is for the gate; never a method.
+    Exact: a row's answer changes only where the threshold crosses one of its own values
+    (its best class's probability, an ancestor's mass), so each row is answered once at each
+    of them and the counts at every candidate are summed from those changes (no thinning,
+    unlike :func:`~hybridcls.hierarchy.threshold_candidates`).
 
     Example:
         >>> from hybridcls.zeroshot.prompts import parse_prompts
@@ -166,21 +170,43 @@ def best_test_threshold(probs: Any, y: Any, hierarchy: Hierarchy,
         >>> best_test_threshold(probs, y, h, 0.8)  # no roll-up keeps 4 of 4
         0.2
     """
+    p = np.asarray(probs, np.float64)
     y = np.asarray(y, np.int64)
-    kept = []  # (wrong, -leaf share, threshold): the smallest wins
-    for t in threshold_candidates(probs, hierarchy):
-        res = rollup(probs, hierarchy, float(t))
-        figures = rollup_figures(y, res.leaf, res.rank, hierarchy)
-        if figures.leaf_share >= min_leaf_share:
-            kept.append((figures.n_wrong, -figures.leaf_share, float(t)))
+    n = len(p)
+    # each row's own values, ascending: its answer is constant on (v[k-1], v[k]]
+    values = np.sort(np.column_stack([p.max(axis=1), p @ hierarchy.membership, np.ones(n)]), axis=1)
+    values = np.clip(values, np.finfo(np.float64).tiny, 1.0)  # a mass of 0 reads as the smallest threshold
+    rows = np.repeat(np.arange(n), values.shape[1])
+    res = rollup(p[rows], hierarchy, values.ravel())
+    wrong = (~correct_at_rank(res, y[rows], hierarchy.membership)).reshape(values.shape).astype(np.int64)
+    leaf = (res.rank == 0).reshape(values.shape).astype(np.int64)
+    # past v[k] a row goes from its answer at v[k] to its answer at v[k + 1]
+    events = values[:, :-1].ravel()
+    order = np.argsort(events, kind="stable")
+    steps = {name: np.concatenate([[0], np.cumsum(np.diff(a, axis=1).ravel()[order])])
+             for name, a in (("wrong", wrong), ("leaf", leaf))}
+    candidates = np.unique(values)
+    passed = np.searchsorted(events[order], candidates, side="left")  # events below each candidate
+    n_wrong = wrong[:, 0].sum() + steps["wrong"][passed]
+    n_leaf = leaf[:, 0].sum() + steps["leaf"][passed]
+    ok = n_leaf >= min_leaf_share * n - 1e-9
     # the smallest candidate rolls nothing up, so one is always kept
-    return min(kept)[2]
+    best = min(zip(n_wrong[ok], -n_leaf[ok], candidates[ok]))
+    return float(best[2])
 
 
 def world_hierarchy(world: Any, seen_folders: Any) -> Hierarchy:
     """The world's natural tree (:func:`hybridcls.synth.write_hierarchy_prompts`, written into
     the world's folder) over its classes in a classifier's order: ``seen_folders``, then the rest."""
     return Hierarchy.from_prompts(align_classes(seen_folders, read_prompts(write_hierarchy_prompts(world))))
+
+
+def _check_columns(hierarchy: Hierarchy, classes: Any, whose: str) -> None:
+    """The tree's classes must be the probabilities' columns, in their order, or every figure
+    would read the wrong columns."""
+    if list(hierarchy.classes) != [str(c) for c in classes]:
+        raise InputError(f"{whose} order the classes otherwise than the world's tree "
+                         f"({list(classes)[:3]}... against {list(hierarchy.classes)[:3]}...)")
 
 
 def rollup_report(world: Any, clf: Any, precisions: tuple[float, ...] = DEFAULT_PRECISIONS
@@ -195,7 +221,7 @@ def rollup_report(world: Any, clf: Any, precisions: tuple[float, ...] = DEFAULT_
     """
     seconds: dict[str, float] = {}
     hierarchy = world_hierarchy(world, clf.seen_folders_)
-    assert list(hierarchy.classes) == list(clf.classes_), "the tree's classes are the classifier's"
+    _check_columns(hierarchy, clf.classes_, "the classifier")
     t = time.perf_counter()
     sources, y = labelled_test_set(world, clf)
     probs = clf.predict_features(clf.extract_features(sources)).probs
@@ -310,6 +336,7 @@ def rollup_zoo(out_dir: str | Path, n: int | str | None = None, *,
         t = time.perf_counter()
         f = load_features(out / name)
         hierarchy = world_hierarchy(World.load(out / name / "world"), f.class_names)
+        _check_columns(hierarchy, f.classes, f"{out / name}: its cached outputs")
         gate = f.fit(Gate())
         rows, unreachable = rollup_rows(gate.predict(f.test).probs, f.y_test, gate.predict(f.val).probs,
                                         f.y_val, hierarchy, f.n_seen, precisions)

@@ -20,6 +20,7 @@ from hybridcls.cli.decision import (
     saved_folder_prompts,
     site_classes_from_args,
 )
+from hybridcls.explain.explainer import DEFAULT_NEIGHBOURS
 from hybridcls.outputs import DEFAULT_TOPK
 
 __all__ = ["add_parser", "run"]
@@ -47,8 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--topk", type=int, default=None, metavar="K",
                         help=f"classes listed per branch, at most the number of classes (default: "
                              f"{DEFAULT_TOPK}, or every class when there are fewer)")
-    parser.add_argument("--neighbours", type=int, default=5, metavar="K",
-                        help="nearest training images per input, 0 for none (default: %(default)s)")
+    parser.add_argument("--neighbours", type=int, default=None, metavar="K",
+                        help="nearest training images per input, 0 for none, at most as many as the "
+                             f"run's embedding index holds (default: {DEFAULT_NEIGHBOURS}, or every "
+                             "indexed image when there are fewer)")
     parser.add_argument("-o", "--output", default="explain", metavar="DIR",
                         help="folder to write (default: %(default)s)")
     add_runtime_arguments(parser)
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from hybridcls.data import expand_inputs
     from hybridcls.explain import explain_images, require_grad_cam, write_explain_page
 
-    if args.neighbours < 0:
+    if args.neighbours is not None and args.neighbours < 0:
         raise UsageError(f"--neighbours must be at least 0, got {args.neighbours}")
     # a save_pretrained folder (a Hub repo's: fetched) carries its prompts, and its saved
     # class-text matrix; None: a run directory, with --prompts / --classes

@@ -48,6 +48,8 @@ __all__ = ["ExplainResult", "Explanation", "Neighbour", "explain_images"]
 
 IMAGES_DIR = "images"
 NEIGHBOURS_DIR = "neighbours"
+#: Nearest training images per input when none is asked for (fewer when the index holds fewer).
+DEFAULT_NEIGHBOURS = 5
 
 
 @dataclass
@@ -162,7 +164,7 @@ def _neighbours(index: Any, sims: np.ndarray, ids: np.ndarray, classes: np.ndarr
 
 
 def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike[str], *, topk: int | None = None,
-                   neighbours: int = 5, progress: bool = False) -> ExplainResult:
+                   neighbours: int | None = None, progress: bool = False) -> ExplainResult:
     """Explain a calibrated :class:`~hybridcls.hybrid.HybridClassifier`'s predictions.
 
     Args:
@@ -172,7 +174,8 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
         topk: Classes listed per branch: 1 to ``len(clf.classes_)``; None:
             :data:`~hybridcls.outputs.DEFAULT_TOPK`, or every class when there are fewer.
         neighbours: Nearest training images per input (0: none), at most as many as the run's
-            embedding index holds.
+            embedding index holds; None: :data:`DEFAULT_NEIGHBOURS`, or every indexed image when
+            there are fewer.
         progress: Show a progress bar.
 
     Returns:
@@ -197,7 +200,12 @@ def explain_images(clf: HybridClassifier, inputs: Any, output: str | os.PathLike
     seen = classes[: clf.n_seen_]
     class_names = set(classes.tolist())
     gate = clf.gate_
+    asked = neighbours
+    if neighbours is None:  # the default shrinks to a small index; a number given does not
+        neighbours = DEFAULT_NEIGHBOURS
     index = gate.clip_index_ if neighbours > 0 and gate is not None else None
+    if asked is None and index is not None:
+        neighbours = min(neighbours, index.ntotal)
     if neighbours <= 0:
         note = "nearest training images not asked for (neighbours=0)"
     elif index is None:

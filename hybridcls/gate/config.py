@@ -263,8 +263,15 @@ class GateCalibration:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able fields, plus a format version."""
-        return {"format_version": _FORMAT_VERSION, **asdict(self)}
+        """Plain JSON-able fields, plus a format version.
+
+        ``n_seen`` is left out while unknown: a ``gate.json`` written before it was recorded
+        reads back to the dict it holds, so its ``model_version`` (a hash of it) is unchanged.
+        """
+        fields_ = asdict(self)
+        if fields_["n_seen"] is None:
+            del fields_["n_seen"]
+        return {"format_version": _FORMAT_VERSION, **fields_}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GateCalibration:

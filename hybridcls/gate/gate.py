@@ -883,7 +883,8 @@ class Gate:
             raise CheckpointError(f"{path}: calibrated for {cal.n_seen} seen classes, not the "
                                   f"{n_seen} of n_seen={n_seen}: it belongs to another run; delete "
                                   f"it and calibrate this run again")
-        # the calibration as the file holds it (an older one's model_version unchanged)
+        # the calibration as the file holds it (one without n_seen: its model_version unchanged,
+        # GateCalibration.to_dict)
         gate.calibration_, gate.n_seen_ = cal, cal.n_seen if n_seen is None else n_seen
         gate.method = cal.method if cal.method in FIT_METHODS else gate.method
         try:
