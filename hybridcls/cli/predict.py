@@ -192,8 +192,10 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
     merge even when each machine keeps the model under another path. Batch
     size, workers, device and compile are left out: they do not change a row
     (the manifest's ``record`` keeps them); precision does (the scores move).
+    ``--checkpoint`` is every file loading it reads (:data:`hybridcls.pretrained.RUN_FILES`,
+    or ``SAVED_FOLDER_FILES`` for a saved folder).
     """
-    # torch and timm come with the checkpoint module: imported when a command runs
+    # torch and timm come with the pretrained module: imported when a command runs
     from hybridcls.pretrained import RUN_FILES, SAVED_FOLDER_FILES
 
     settings: dict[str, Any] = {
