@@ -5,6 +5,7 @@
   with ``huggingface_hub.snapshot_download`` into the Hugging Face cache:
   nothing is downloaded when ``HF_HUB_OFFLINE`` is set or ``local_files_only``
   is asked for, and a repo that is not in the cache then is an error naming it;
+* :func:`hub_repo_id`: whether a name is a repo id at all, asked of no server;
 * :func:`upload_folder`: ``HfApi.create_repo`` + ``HfApi.upload_folder``;
 * :func:`model_card`: the folder's ``README.md``, the Hub's model card
   (``huggingface_hub.ModelCard`` with ``ModelCardData`` metadata): the classes,
@@ -28,7 +29,7 @@ from hybridcls.errors import CheckpointError, ParameterError, WeightsUnavailable
 from hybridcls.version import __version__
 from hybridcls.zeroshot.defaults import LOCAL_DIR_PREFIX
 
-__all__ = ["HUB_PREFIX", "model_card", "pretrained_folder", "upload_folder"]
+__all__ = ["HUB_PREFIX", "hub_repo_id", "model_card", "pretrained_folder", "upload_folder"]
 
 #: How open_clip spells a Hub model; accepted here too.
 HUB_PREFIX = "hf-hub:"
@@ -66,18 +67,12 @@ def pretrained_folder(name_or_path: str | os.PathLike[str], *, revision: str | N
     if path.exists():
         raise CheckpointError(f"{path}: a file, not the folder of a saved HybridClassifier")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     # loading holds the offline rules of the whole package (torch is loaded by now anyway)
     from hybridcls.zeroshot.loading import hub_offline, hub_offline_scope
 
-    repo_id = os.fspath(name_or_path).removeprefix(HUB_PREFIX)
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise CheckpointError(f"{name_or_path}: no such folder, and not a Hugging Face Hub repo id "
-                              "(ORG/NAME)") from None
+    repo_id = hub_repo_id(name_or_path)
     offline = hub_offline()
     where = f"cache {cache_dir}" if cache_dir is not None else "Hugging Face cache"
     try:
@@ -103,6 +98,24 @@ def pretrained_folder(name_or_path: str | os.PathLike[str], *, revision: str | N
             f"{repo_id}: no such local folder, and the Hub repo cannot be downloaded ({first})"
         ) from exc
     return Path(folder)
+
+
+def hub_repo_id(name: str | os.PathLike[str]) -> str:
+    """The Hub repo id ``name`` spells (``hf-hub:`` taken off), checked without the network.
+
+    Raises:
+        CheckpointError: Not a valid repo id (named as given).
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id = os.fspath(name).removeprefix(HUB_PREFIX)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise CheckpointError(f"{name}: no such folder, and not a Hugging Face Hub repo id "
+                              "(ORG/NAME)") from None
+    return repo_id
 
 
 def upload_folder(folder: str | os.PathLike[str], repo_id: str, *, private: bool | None = None,

@@ -38,6 +38,8 @@ from hybridcls.errors import (
     ParameterError,
 )
 from hybridcls.gate import GATE_FILENAME, INDEX_DIR, BranchOutputs, Gate
+from hybridcls.gate.config import GateCalibration
+from hybridcls.gate.gate import n_seen_mismatch
 from hybridcls.gate.support import SUPPORT_FILE
 from hybridcls.hierarchy import RollupCalibration, calibrate_threshold
 from hybridcls.hub import pretrained_folder, upload_folder
@@ -166,8 +168,10 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             :class:`~hybridcls.errors.ParameterError` naming ``clip_model`` or
             ``clip_pretrained`` and the CLIP the gate was calibrated with, or a
             :class:`~hybridcls.errors.CheckpointError` when the run's supervised weights are
-            not those it was calibrated on (resumed or trained again since). Raised by every
-            use of the gate until :meth:`calibrate`; None when the gate is the towers' own.
+            not those it was calibrated on (resumed or trained again since), or when its
+            ``gate.json`` records another number of seen classes (it belongs to another run;
+            ``gate_`` is then None). Raised by every use of the gate until :meth:`calibrate`;
+            None when the gate is the towers' own.
         support_samples_: The support images joined (``(path, class index)``), or empty.
         device_: The torch device used.
 
@@ -355,10 +359,19 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         self.engine_ = InferenceEngine(supervised=model, sup_view=timm_view(config["data_config"]),
                                        clip=tower, settings=settings)
         self.device_ = self.engine_.device
-        self.gate_ = Gate.load(run_dir, n_seen=self.n_seen_, clip_meta=self._index_meta("clip"),
-                               backbone_meta=lambda: self._index_meta("backbone"))
+        # a gate.json of another number of seen classes belongs to another run (or to this one
+        # before it was trained again on other classes): not loaded (its training folder and
+        # support images are not this run's), refused where a gate is used, replaced by calibrate()
+        gate_file = run_dir / GATE_FILE
+        other_run = n_seen_mismatch(
+            gate_file, GateCalibration.from_json(gate_file).n_seen if gate_file.is_file() else None,
+            self.n_seen_, of=f"{run_dir}",
+            advice="calibrate it again with HybridClassifier.calibrate(), which replaces it")
+        self.gate_ = None if other_run else Gate.load(
+            run_dir, n_seen=self.n_seen_, clip_meta=self._index_meta("clip"),
+            backbone_meta=lambda: self._index_meta("backbone"))
         self.data_dir_: str | None = None
-        self.gate_error_ = self._clip_check(run_dir) or self._weights_check(run_dir)
+        self.gate_error_ = other_run or self._clip_check(run_dir) or self._weights_check(run_dir)
         self.support_samples_: list[tuple[str, int]] = []
         if self.support is not None and self.gate_ is not None and self.gate_error_ is None:
             # support= is the support set: it replaces one a saved folder's gate holds
@@ -598,10 +611,10 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
 
     def _prediction_gate(self) -> Gate:
         check_is_fitted(self, "engine_")
+        if self.gate_error_ is not None:  # before gate_: one of another run is not loaded
+            raise self.gate_error_
         if self.gate_ is None:
             raise _uncalibrated(self.run_dir_)
-        if self.gate_error_ is not None:
-            raise self.gate_error_
         gate = self.gate_.with_options(mode=self.mode, unseen_only=self.unseen_only,
                                        unknown_threshold=self.unknown_threshold)
         gate.check_ready()
@@ -645,7 +658,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             repo_id: The Hub repo the folder is for (the card's example loads it).
         """
         check_is_fitted(self, "engine_")
-        if self.gate_ is not None and self.gate_error_ is not None:
+        if self.gate_error_ is not None:
             raise self.gate_error_
         bundle = self.tower_.bundle
         folder = write_saved_folder(

@@ -16,8 +16,14 @@ JSON and safetensors files), which needs no prompts file to load:
 ``hybrid.json``                 the CLIP model id, tag and fingerprint, the
                                 classes and how many are seen, the
                                 ``model_version`` and the hybridcls version
+``support.safetensors``         support images joined (:meth:`~hybridcls.HybridClassifier.add_support`),
+                                as their embeddings, when there are any
 ``README.md``                   the model card (:func:`hybridcls.hub.model_card`)
 ==============================  ==============================================
+
+:data:`SAVED_FOLDER_FILES` lists what loading the folder reads (all but the card), and
+:data:`RUN_FILES` what loading a run directory reads: what a resumed or merged
+prediction compares by content (``predict --resume``, ``hybridcls merge``).
 
 The same folder is a Hugging Face Hub repo: ``push_to_hub`` uploads it and
 ``from_pretrained`` takes its repo id (:mod:`hybridcls.hub`).
@@ -43,6 +49,7 @@ from hybridcls.cache import (
 )
 from hybridcls.errors import CheckpointError
 from hybridcls.gate import GATE_FILENAME, INDEX_DIR
+from hybridcls.gate.support import SUPPORT_FILE
 from hybridcls.hub import model_card
 from hybridcls.supervised.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from hybridcls.version import __version__
@@ -52,6 +59,8 @@ __all__ = [
     "CARD_FILE",
     "HYBRID_FILE",
     "PROMPTS_FILE",
+    "RUN_FILES",
+    "SAVED_FOLDER_FILES",
     "TEMPLATES_FILE",
     "TEXT_FILE",
     "read_saved_folder",
@@ -64,6 +73,13 @@ HYBRID_FILE = "hybrid.json"
 PROMPTS_FILE = "prompts.txt"
 TEMPLATES_FILE = "templates.txt"
 TEXT_FILE = "text_classifier.safetensors"
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, GATE_FILENAME, SUPPORT_FILE, INDEX_DIR)
+"""The files and folders of a calibrated run directory that loading it reads (``load_run``): the
+supervised checkpoint and the gate (support images' embeddings and embedding index beside it).
+A gate's support file or index may be absent."""
+SAVED_FOLDER_FILES = (*RUN_FILES, HYBRID_FILE, PROMPTS_FILE, TEMPLATES_FILE, TEXT_FILE)
+"""The files and folders of a saved folder that ``from_pretrained`` reads: the run's, and the
+zero-shot side (the stored class-text matrix replaces one built from the prompts and templates)."""
 _FORMAT = "hybridcls-hybrid"
 _FORMAT_VERSION = 1
 

@@ -524,3 +524,29 @@ def test_the_support_warning_names_the_gates_calibrated_tpr_not_a_parameter(ctx,
     tpr = json.loads((ctx["run"] / "gate.json").read_text(encoding="utf-8"))["tpr"]
     assert len(warning) == 1 and "tpr=" not in warning[0]
     assert f"too few to set one at the calibrated TPR {tpr:g}, which needs at least " in warning[0]
+
+
+def test_a_gate_of_another_number_of_seen_classes_is_refused_and_calibrate_replaces_it(ctx, capsys):
+    """A gate.json recorded for another number of seen classes (another run's, or this run's
+    before it was trained again on other classes) is refused where the gate is used, naming both
+    numbers; it does not stop `hybridcls calibrate`, which writes this run's."""
+    import json
+
+    run = ctx["tmp"] / "other-n-seen"
+    shutil.copytree(ctx["run"], run)
+    gate = json.loads((run / "gate.json").read_text(encoding="utf-8"))
+    n_seen = len(ctx["world"].seen_classes)  # the run's training folders
+    assert gate["n_seen"] == n_seen
+    (run / "gate.json").write_text(json.dumps({**gate, "n_seen": n_seen - 1}), encoding="utf-8")
+    out = ctx["tmp"] / "other-n-seen.csv"
+    assert _error_line(["predict", str(ctx["image"]), *ctx["common"], "--checkpoint", str(run),
+                        "-o", str(out), "-q"], capsys) == (
+        f"hybridcls predict: error: {run / 'gate.json'}: calibrated for {n_seen - 1} seen classes, "
+        f"not the {n_seen} of {run}: it belongs to another run; calibrate it again with "
+        "`hybridcls calibrate RUN_DIR --prompts FILE`, which replaces it")
+    assert not out.exists()
+    assert main(["calibrate", str(run), *ctx["common"], "-q"]) == 0
+    assert json.loads((run / "gate.json").read_text(encoding="utf-8"))["n_seen"] == n_seen
+    capsys.readouterr()
+    assert main(["predict", str(ctx["image"]), *ctx["common"], "--checkpoint", str(run),
+                 "-o", str(out), "-q"]) == 0

@@ -76,8 +76,8 @@ def test_gate_json_records_its_number_of_seen_classes_and_load_checks_it(data: d
     with pytest.raises(CheckpointError) as info:
         Gate.load(tmp_path, n_seen=4)
     assert str(info.value) == (f"{tmp_path / 'gate.json'}: calibrated for 3 seen classes, not the 4 "
-                               f"of n_seen=4: it belongs to another run; delete it and calibrate "
-                               f"this run again")
+                               f"of n_seen=4: it belongs to another run; calibrate this run "
+                               f"again, which replaces it")
     # a gate set by hand records the number it is given, and refuses another than its own
     manual = Gate.from_calibration(gate.calibration_.replace(n_seen=None), n_seen=3)
     assert manual.calibration_.n_seen == 3

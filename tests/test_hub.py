@@ -345,3 +345,113 @@ def test_timm_reads_the_config_and_loads_the_backbone(clf, saved):
     x = torch.randn(2, *config["data_config"]["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(backbone.eval()(x), clf.supervised_.backbone(x))
+
+
+def test_resume_and_merge_compare_the_files_a_saved_folder_loads(saved, tiny_hybrid, tmp_path, capsys):
+    """``--checkpoint FOLDER`` predicts with the folder's templates and class-text matrix, which
+    no flag names: the manifest compares every file loading the folder reads, so that two folders
+    saved from one run with other templates neither resume nor merge into each other's rows."""
+    from safetensors.numpy import load_file as load_numpy
+    from safetensors.numpy import save_file as save_numpy
+
+    from hybridcls.cli import build_parser, main
+    from hybridcls.cli.predict import _validate, prediction_settings
+
+    other = tmp_path / "other-templates"
+    shutil.copytree(saved, other)
+    with open(other / "templates.txt", "a", encoding="utf-8") as f:
+        f.write("a blurry photo of a {}.\n")
+    # stands for the matrix those templates build: any other values
+    text = load_numpy(str(other / "text_classifier.safetensors"))["text_features"]
+    save_numpy({"text_features": -text}, str(other / "text_classifier.safetensors"))
+    same = tmp_path / "same"  # a copy elsewhere: the same files, the same settings
+    shutil.copytree(saved, same)
+
+    common = _runtime_flags(tiny_hybrid)
+    images = [str(p) for p in _images(tiny_hybrid)]
+
+    def settings(folder: Path) -> dict:
+        args = build_parser().parse_args(["predict", *images, "--checkpoint", str(folder), *common,
+                                          "-o", str(tmp_path / "x.csv")])
+        _validate(args)
+        return prediction_settings(args)
+
+    # every file of the folder but the model card, each by its content
+    assert set(settings(saved)["checkpoint"]) == {p.name for p in saved.iterdir()} - {"README.md"}
+    assert settings(same) == settings(saved)
+    first, second = settings(saved)["checkpoint"], settings(other)["checkpoint"]
+    assert [name for name in first if first[name] != second[name]] == [
+        "templates.txt", "text_classifier.safetensors"]
+
+    out = tmp_path / "pred.csv"
+    argv = ["predict", *images, *common, "-q", "-o", str(out)]
+    assert main([*argv, "--checkpoint", str(saved)]) == 0
+    assert main([*argv, "--checkpoint", str(same), "--resume"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--checkpoint", str(other), "--resume"]) == 2
+    assert _error(capsys) == (
+        f"hybridcls predict: error: --resume: cannot continue {out}: it was written with other "
+        "settings or inputs (checkpoint: 2 changed (templates.txt, text_classifier.safetensors)); "
+        "run without --resume to start it again, or choose another --output FILE")
+    # parts of an array job, one predicted with another class-text matrix (the templates the gate
+    # records unchanged, so that it predicts): not merged
+    matrix = tmp_path / "other-matrix"
+    shutil.copytree(saved, matrix)
+    shutil.copy(other / "text_classifier.safetensors", matrix / "text_classifier.safetensors")
+    parts = [tmp_path / "part0.csv", tmp_path / "part1.csv"]
+    for i, folder in enumerate((saved, matrix)):
+        assert main(["predict", *images, *common, "-q", "--checkpoint", str(folder),
+                     "--shard", f"{i}/2", "-o", str(parts[i])]) == 0
+    capsys.readouterr()
+    assert main(["merge", *map(str, parts), "-o", str(tmp_path / "merged.csv")]) == 2
+    assert "checkpoint: 1 changed (text_classifier.safetensors)" in _error(capsys)
+    assert not (tmp_path / "merged.csv").exists()
+
+
+def test_a_repo_id_is_refused_what_a_saved_folder_fixes_before_any_download(saved, hub_cache, tiny_hybrid,
+                                                                            tmp_path, monkeypatch,
+                                                                            capsys):
+    """A repo id can only be a saved folder: ``--prompts``, ``--classes``, ``--clip-model``,
+    ``--templates`` and ``--truncate-prompts`` are refused before the repo is fetched, named as
+    the user gave it (not its snapshot in the cache), with advice for someone who has the repo."""
+    import hybridcls.hub
+    from hybridcls.cli import main
+
+    _place(saved, hub_cache, "org/tiny-hybrid")  # a fetch would find it
+
+    def fetched(*args, **kwargs):
+        raise AssertionError("the repo was fetched before the flags were checked")
+
+    monkeypatch.setattr(hybridcls.hub, "pretrained_folder", fetched)
+    world = tiny_hybrid["world"]
+    images = [str(p) for p in _images(tiny_hybrid)]
+    flags = _runtime_flags(tiny_hybrid)
+    given = [("--prompts", str(world.prompts_file)), ("--classes", "fox,elk"),
+             ("--clip-model", TINY_CLIP_MODEL_ID), ("--templates", str(world.templates_file))]
+    for command in ("predict", "explain"):
+        for flag, value in given:
+            assert main([command, *images, "--checkpoint", "org/tiny-hybrid", flag, value, *flags,
+                         "-q", "-o", str(tmp_path / command)]) == 2
+            assert _error(capsys) == (
+                f"hybridcls {command}: error: {flag} {value}: --checkpoint org/tiny-hybrid (no "
+                "folder here: a Hugging Face Hub repo, which can only be a save_pretrained folder) "
+                "fixes its CLIP model, prompts and templates (its class-text matrix is built from "
+                f"them); use the repo as it is, without {flag}, or, to change them, give the run "
+                "directory it was saved from as --checkpoint, with --prompts, if you have it (the "
+                "repo holds none)")
+        assert main([command, *images, "--checkpoint", "hf-hub:org/tiny-hybrid", "--truncate-prompts",
+                     *flags, "-q", "-o", str(tmp_path / command)]) == 2
+        assert _error(capsys) == (
+            f"hybridcls {command}: error: --truncate-prompts: --checkpoint hf-hub:org/tiny-hybrid (no "
+            "folder here: a Hugging Face Hub repo, which can only be a save_pretrained folder) holds "
+            "its class-text matrix as it was saved (long class texts were cut then, or refused); use "
+            "the repo as it is, without --truncate-prompts, or, to build the class texts again, give "
+            "the run directory it was saved from as --checkpoint, with --prompts, if you have it "
+            "(the repo holds none)")
+        assert not (tmp_path / command).exists()
+    # a name that is no repo id is no repo's: said as before, whatever the flags
+    nowhere = tmp_path / "nowhere"
+    assert main(["predict", *images, "--checkpoint", str(nowhere), "--prompts",
+                 str(world.prompts_file), *flags, "-q"]) == 2
+    assert _error(capsys) == (f"hybridcls predict: error: --checkpoint {nowhere}: no such folder, and "
+                              "not a Hugging Face Hub repo id (ORG/NAME)")

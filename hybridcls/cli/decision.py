@@ -14,6 +14,7 @@ folder loads with :func:`saved_folder_hybrid`.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,12 @@ def saved_folder_prompts(args: argparse.Namespace) -> str | None:
             ``--classes``; a saved folder with ``--prompts``, ``--classes``, ``--clip-model`` or
             ``--templates``: the folder fixes them (its class-text matrix is built from them,
             its gate's support images are labelled by its classes); with ``--truncate-prompts``:
-            the folder holds that matrix, built when it was saved.
+            the folder holds that matrix, built when it was saved. A repo id, which can only
+            be a saved folder, is refused those flags before anything is fetched, by the name
+            given.
     """
     from hybridcls.errors import CheckpointError, WeightsUnavailableError
-    from hybridcls.hub import pretrained_folder
+    from hybridcls.hub import hub_repo_id, pretrained_folder
     from hybridcls.pretrained import HYBRID_FILE, PROMPTS_FILE
 
     checkpoint, revision = args.checkpoint, getattr(args, "revision", None)
@@ -79,6 +82,14 @@ def saved_folder_prompts(args: argparse.Namespace) -> str | None:
             raise UsageError(f"--checkpoint {checkpoint}: a file, not a folder (a run directory, "
                              "or a folder from save_pretrained)")
         try:
+            hub_repo_id(checkpoint)
+            # a repo id can only be a saved folder: what it fixes is refused before any download
+            _refuse_what_a_saved_folder_fixes(
+                args, f"--checkpoint {checkpoint} (no folder here: a Hugging Face Hub repo, which "
+                      "can only be a save_pretrained folder)",
+                lambda flag, purpose: (f"use the repo as it is, without {flag}, or, {purpose}, give "
+                                       "the run directory it was saved from as --checkpoint, with "
+                                       "--prompts, if you have it (the repo holds none)"))
             folder = pretrained_folder(checkpoint, revision=revision, cache_dir=args.cache_dir)
         except (CheckpointError, WeightsUnavailableError) as exc:
             # its messages start with the name given
@@ -86,26 +97,45 @@ def saved_folder_prompts(args: argparse.Namespace) -> str | None:
         if not (folder / HYBRID_FILE).is_file():
             raise UsageError(f"--checkpoint {checkpoint}: the Hub repo holds no {HYBRID_FILE}: "
                              "not a folder from save_pretrained")
-        args.checkpoint = checkpoint = str(folder)
+        args.checkpoint = str(folder)
+        return str(folder / PROMPTS_FILE)
     if not (Path(checkpoint) / HYBRID_FILE).is_file():
         if not prompts_from_args(args):
             raise UsageError(f"--prompts or --classes is needed: {checkpoint} is a run directory, "
                              "not a save_pretrained folder (which carries its prompts)")
         return None
+    _refuse_what_a_saved_folder_fixes(
+        args, f"the save_pretrained folder {checkpoint}",
+        lambda flag, purpose: f"give the run directory it was saved from as --checkpoint, with "
+                              f"--prompts, {purpose}")
+    return str(Path(checkpoint) / PROMPTS_FILE)
+
+
+def _refuse_what_a_saved_folder_fixes(args: argparse.Namespace, folder: str,
+                                      advice: Callable[[str, str], str]) -> None:
+    """Refuse ``--prompts``, ``--classes``, ``--clip-model``, ``--templates`` and
+    ``--truncate-prompts`` with a saved folder (:func:`saved_folder_prompts`).
+
+    Args:
+        args: The parsed flags.
+        folder: The folder as the message names it.
+        advice: ``(flag, purpose)`` -> what the user can do instead, ``purpose`` being
+            "to change them" or "to build the class texts again".
+
+    Raises:
+        UsageError: One of those flags given, with the reason and ``advice``.
+    """
     classes = getattr(args, "classes", None)
     for flag, value in (("--prompts", args.prompts), ("--classes", classes and ",".join(classes)),
                         ("--clip-model", args.clip_model), ("--templates", args.templates)):
         if value is not None:
-            raise UsageError(f"{flag} {value}: the save_pretrained folder {checkpoint} fixes its CLIP "
-                             "model, prompts and templates (its class-text matrix is built from "
-                             "them); give the run directory it was saved from as --checkpoint, "
-                             "with --prompts, to change them")
+            raise UsageError(f"{flag} {value}: {folder} fixes its CLIP model, prompts and "
+                             "templates (its class-text matrix is built from them); "
+                             + advice(flag, "to change them"))
     if args.truncate_prompts:
-        raise UsageError(f"--truncate-prompts: the save_pretrained folder {checkpoint} holds its "
-                         "class-text matrix as it was saved (long class texts were cut then, or "
-                         "refused); give the run directory it was saved from as --checkpoint, "
-                         "with --prompts, to build the class texts again")
-    return str(Path(checkpoint) / PROMPTS_FILE)
+        raise UsageError(f"--truncate-prompts: {folder} holds its class-text matrix as it was "
+                         "saved (long class texts were cut then, or refused); "
+                         + advice("--truncate-prompts", "to build the class texts again"))
 
 
 def add_revision_argument(group: argparse._ActionsContainer) -> None:

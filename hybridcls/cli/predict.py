@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hybridcls.cache import file_fingerprint
 from hybridcls.cli.common import (
     UsageError,
     add_clip_arguments,
@@ -37,8 +36,6 @@ from hybridcls.cli.decision import (
     site_classes_from_args,
 )
 from hybridcls.data import expand_inputs
-from hybridcls.gate.config import GATE_FILENAME
-from hybridcls.gate.gate import INDEX_DIR
 from hybridcls.outputs import (
     DEFAULT_TOPK,
     FORMATS,
@@ -195,9 +192,11 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
     merge even when each machine keeps the model under another path. Batch
     size, workers, device and compile are left out: they do not change a row
     (the manifest's ``record`` keeps them); precision does (the scores move).
+    ``--checkpoint`` is every file loading it reads (:data:`hybridcls.pretrained.RUN_FILES`,
+    or ``SAVED_FOLDER_FILES`` for a saved folder).
     """
-    # torch and timm come with the checkpoint module: imported when a command runs
-    from hybridcls.supervised.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+    # torch and timm come with the pretrained module: imported when a command runs
+    from hybridcls.pretrained import RUN_FILES, SAVED_FOLDER_FILES
 
     settings: dict[str, Any] = {
         **clip_settings(args),
@@ -216,15 +215,14 @@ def prediction_settings(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": None,
     }
     if args.checkpoint:
-        run_dir = Path(args.checkpoint)
-        # The files load_run reads: weights and config, gate, embedding index (when present).
+        folder = Path(args.checkpoint)
+        # The files loading it reads (those present): a saved folder's class-text matrix and
+        # templates too, which no flag names (it refuses --templates)
+        names = SAVED_FOLDER_FILES if args.saved_folder else RUN_FILES
         settings["checkpoint"] = {
-            name: file_fingerprint(run_dir / name, cache_dir=args.cache_dir)
-            for name in (CONFIG_FILE, WEIGHTS_FILE, GATE_FILENAME)
-            if (run_dir / name).is_file()
+            name: path_fingerprint(str(folder / name), args.cache_dir)
+            for name in names if (folder / name).exists()
         }
-        if (run_dir / INDEX_DIR).is_dir():
-            settings["checkpoint"][INDEX_DIR] = path_fingerprint(run_dir / INDEX_DIR, args.cache_dir)
         settings.update(mode=args.mode, cascade=args.cascade)
     return settings
 

@@ -72,10 +72,30 @@ from hybridcls.gate.scores import DEFAULT_KNN_K, INDEX_OF, SCORES, softmax_rows
 from hybridcls.gate.support import SUPPORT_FILE, SupportAdapter, fit_support_adapter, unit_rows
 from hybridcls.index import RUN_INDEX_DIR, EmbeddingIndex, load_run_index
 
-__all__ = ["INDEX_DIR", "ClipPolicy", "Gate"]
+__all__ = ["INDEX_DIR", "ClipPolicy", "Gate", "n_seen_mismatch"]
 
 #: The folder of a gate's embedding indexes (``clip.*``, ``backbone.*``), beside ``gate.json``.
 INDEX_DIR = RUN_INDEX_DIR
+
+
+def n_seen_mismatch(path: Path, recorded: int | None, n_seen: int | None, *, of: str,
+                    advice: str) -> CheckpointError | None:
+    """Why a ``gate.json`` calibrated for ``recorded`` seen classes cannot serve a run of
+    ``n_seen``: it belongs to another run (its thresholds, index and columns are another
+    class list's). None when it can, or when either number is unknown (a file written
+    before ``gate.json`` recorded it).
+
+    Args:
+        path: The ``gate.json``, as the message names it.
+        recorded: The number of seen classes it records.
+        n_seen: The run's.
+        of: Where ``n_seen`` comes from, as the message names it (a parameter, a run).
+        advice: What to do, at the end of the message.
+    """
+    if recorded is None or n_seen is None or recorded == n_seen:
+        return None
+    return CheckpointError(f"{path}: calibrated for {recorded} seen classes, not the {n_seen} of "
+                           f"{of}: it belongs to another run; {advice}")
 
 #: Which images the CLIP tower must encode, given the supervised outputs of a batch:
 #: ``"all"``, ``"none"``, or a function of the batch's :class:`BranchOutputs` (supervised
@@ -879,10 +899,10 @@ class Gate:
         if n_seen is None and cal.n_seen is None:
             raise ParameterError("n_seen", None, f"{path} does not record its number of seen "
                                                  f"classes (written before it did); pass the run's")
-        if n_seen is not None and cal.n_seen is not None and cal.n_seen != n_seen:
-            raise CheckpointError(f"{path}: calibrated for {cal.n_seen} seen classes, not the "
-                                  f"{n_seen} of n_seen={n_seen}: it belongs to another run; delete "
-                                  f"it and calibrate this run again")
+        mismatch = n_seen_mismatch(path, cal.n_seen, n_seen, of=f"n_seen={n_seen}",
+                                   advice="calibrate this run again, which replaces it")
+        if mismatch is not None:
+            raise mismatch
         # the calibration as the file holds it (one without n_seen: its model_version unchanged,
         # GateCalibration.to_dict)
         gate.calibration_, gate.n_seen_ = cal, cal.n_seen if n_seen is None else n_seen
