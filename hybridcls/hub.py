@@ -90,8 +90,10 @@ def pretrained_folder(name_or_path: str | os.PathLike[str], *, revision: str | N
         raise WeightsUnavailableError(
             f"{repo_id}: no such local folder, and the Hub repo is not in the {where}"
             f"{f' at revision {revision}' if revision else ''} while {why}; "
-            "run once with network access to cache it, or pass the folder of a saved "
-            "HybridClassifier") from exc
+            + ("unset HF_HUB_OFFLINE and run once with network access to cache it"
+               if offline else "run once with network access to cache it")
+            + ", or pass the folder of a saved HybridClassifier (check its spelling if it "
+            "is one)") from exc
     except Exception as exc:  # huggingface_hub's HTTP and repository errors: say which repo
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WeightsUnavailableError(

@@ -174,8 +174,8 @@ def test_predict_and_explain_take_a_hub_repo_id(saved, hub_cache, tiny_hybrid, t
         assert _error(capsys) == (
             f"hybridcls {command}: error: --checkpoint org/absent: no such local folder, and the Hub "
             "repo is not in the Hugging Face cache while downloads are off (HF_HUB_OFFLINE is set); "
-            "run once with network access to cache it, or pass the folder of a saved "
-            "HybridClassifier")
+            "unset HF_HUB_OFFLINE and run once with network access to cache it, or pass the folder "
+            "of a saved HybridClassifier (check its spelling if it is one)")
         assert not (tmp_path / f"absent-{command}").exists()
     assert predict("org/tiny-hybrid", "v2.csv", "--revision", "v2") == 2
     assert _error(capsys).startswith("hybridcls predict: error: --checkpoint org/tiny-hybrid: no such "
