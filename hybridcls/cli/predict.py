@@ -28,6 +28,7 @@ from hybridcls.cli.common import (
 from hybridcls.cli.decision import (
     add_decision_arguments,
     add_revision_argument,
+    add_topk_argument,
     check_decision_arguments,
     check_topk_argument,
     classifier_from_args,
@@ -40,7 +41,6 @@ from hybridcls.data import expand_inputs
 from hybridcls.gate.config import GATE_FILENAME
 from hybridcls.gate.gate import INDEX_DIR
 from hybridcls.outputs import (
-    DEFAULT_TOPK,
     FORMATS,
     check_unique_keys,
     extra_columns,
@@ -73,10 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          "zero-shot only")
     add_revision_argument(hy)
     out = parser.add_argument_group("output")
-    out.add_argument("--topk", type=int, default=None, metavar="K",
-                     help=f"top-k labels per row, at most the number of classes (default: "
-                          f"{DEFAULT_TOPK}, or every class when there are fewer); a row limited "
-                          "to fewer classes lists the others after them, at probability 0")
+    add_topk_argument(out, "top-k labels per row")
     out.add_argument("--all-scores", action="store_true",
                      help="every class's probability per row (they sum to 1): one 'score:<class>' "
                           "column per class in CSV, a 'scores' object in JSON Lines; not with "
