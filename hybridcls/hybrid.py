@@ -293,7 +293,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             raise InputError("no prompts: pass prompts=FILE naming every class, seen and unseen")
         settings = RuntimeSettings.of(self)
         device = resolve_device(settings.device)
-        model, config = load_checkpoint(run_dir, device)
+        model, config = load_checkpoint(run_dir, device, parameter="run_dir")
         stopped, diverged = unfinished_training(run_dir), diverged_training(run_dir)
         if diverged is not None:
             warnings.warn(f"{run_dir}: its training diverged in {diverged.describe()}, so its "

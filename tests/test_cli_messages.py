@@ -97,6 +97,18 @@ CASES = {
         ["predict", str(c["image"]), *c["common"], "--checkpoint", str(c["bare"]), "-q"],
         (f"{c['bare']}: the run has no gate.json; calibrate it first with "
          "`hybridcls calibrate RUN_DIR --prompts FILE`")),
+    # run directories: read_checkpoint_config -> "run_dir='DIR': no config.json; ..." (load_run's
+    # run_dir is --checkpoint), embedding_engine's checkpoint=, calibrate's positional RUN_DIR
+    "checkpoint-not-a-run": lambda c: (
+        ["predict", str(c["image"]), *c["common"], "--checkpoint", str(c["tmp"]), "-q"],
+        f"--checkpoint {c['tmp']}: no config.json; not a hybridcls training run"),
+    "embed-checkpoint-missing": lambda c: (
+        ["embed", str(c["image"]), "-o", str(c["tmp"] / "e.npz"), "--checkpoint", str(c["tmp"] / "no-run"),
+         "--clip-model", TINY_CLIP_MODEL_ID, "-q"],
+        f"--checkpoint {c['tmp'] / 'no-run'}: run directory not found"),
+    "calibrate-run-missing": lambda c: (
+        ["calibrate", str(c["tmp"] / "no-run"), *c["common"], "-q"],
+        f"{c['tmp'] / 'no-run'}: run directory not found"),
     # CLIP loading: _resolve_local_dir -> "clip_model='local-dir:DIR': folder DIR not found"
     "clip-model": lambda c: (
         ["predict", str(c["image"]), *c["common"], "--clip-model", f"local-dir:{c['tmp'] / 'nope'}"],
@@ -386,6 +398,27 @@ def test_evaluate_takes_the_classes_inline(tmp_path, capsys):
         "class(es): 'owl'")
     assert main([*argv, "--classes", "fox,elk,owl"]) == 0
     assert "accuracy 50.00%" in capsys.readouterr().out
+
+
+def test_a_labels_file_that_cannot_be_read_is_named_by_labels(tmp_path, capsys):
+    """eval.labels: ``labels='x.csv': cannot read labels file (...)``, on the command line
+    ``--labels x.csv: ...`` (evaluate reads it after the predictions, report before)."""
+    from hybridcls.errors import ParameterError
+    from hybridcls.eval import read_labels
+
+    pred = tmp_path / "pred.csv"
+    pred.write_text("path,label,score,branch,status,error\na.png,fox,0.9,zeroshot,ok,\n", encoding="utf-8")
+    seen = tmp_path / "seen.txt"
+    seen.write_text("fox\n", encoding="utf-8")
+    missing = tmp_path / "no-labels.csv"
+    with pytest.raises(ParameterError, match=r"^labels='.*no-labels\.csv': cannot read labels file \("):
+        read_labels(missing)
+    assert _error_line(["evaluate", str(pred), "--labels", str(tmp_path), "--seen-classes", str(seen)],
+                       capsys) == (
+        f"hybridcls evaluate: error: --labels {tmp_path}: cannot read labels file (Is a directory)")
+    assert _error_line(["report", str(pred), "--labels", str(missing), "-o", str(tmp_path / "r")],
+                       capsys) == (f"hybridcls report: error: --labels {missing}: cannot read labels "
+                                   "file (No such file or directory)")
 
 
 def test_an_item_of_the_class_list_is_named_as_a_name_of_classes(ctx, capsys):

@@ -180,7 +180,7 @@ def _class_names(args: argparse.Namespace) -> list[str]:
 
     prompts = as_prompt_set(prompts_from_args(args))
     if args.checkpoint:
-        seen = [str(c) for c in read_checkpoint_config(args.checkpoint)["classes"]]
+        seen = [str(c) for c in read_checkpoint_config(args.checkpoint, parameter="checkpoint")["classes"]]
         prompts = align_classes(seen, prompts)
     return prompts.names
 
