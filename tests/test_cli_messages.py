@@ -518,6 +518,40 @@ def test_a_missing_gate_or_data_folder_is_said_before_any_model_loads(ctx, capsy
         f"hybridcls calibrate: error: --data {nowhere}: training folder not found: {nowhere}")
 
 
+def test_a_recorded_training_folder_that_moved_is_said_before_any_model_loads(ctx, capsys, monkeypatch):
+    """calibrate without --data, predict and explain with --rollup-precision read the held-out
+    images from the folder the run records (gate.json's, then config.json's): neither here is said
+    from the run's JSON files, with no checkpoint or CLIP loaded."""
+    import json
+
+    import hybridcls.hybrid
+    import hybridcls.zeroshot.tower
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the cheap check")
+
+    moved = ctx["tmp"] / "moved-run"
+    shutil.copytree(ctx["run"], moved)
+    gone = {name: str(ctx["tmp"] / f"gone-{name}") for name in ("gate", "run")}
+    for name, key in (("gate.json", "gate"), ("config.json", "run")):
+        record = json.loads((moved / name).read_text(encoding="utf-8"))
+        record["data_dir"] = gone[key]
+        (moved / name).write_text(json.dumps(record), encoding="utf-8")
+    monkeypatch.setattr(hybridcls.hybrid, "load_checkpoint", loaded)
+    monkeypatch.setattr(hybridcls.zeroshot.tower, "load_clip", loaded)
+    said = (f"{moved}: its training folder is not here (looked for {gone['gate']} and {gone['run']}); "
+            "give the folder where it is now with `hybridcls calibrate RUN_DIR --prompts FILE --data "
+            "DIR`, which records it for later loads")
+    assert _error_line(["calibrate", str(moved), *ctx["common"], "-q"], capsys) == (
+        f"hybridcls calibrate: error: {said}")
+    for command in ("predict", "explain"):
+        argv = [command, str(ctx["image"]), *ctx["common"], "--checkpoint", str(moved),
+                "--rollup-precision", "0.9", "-q"]
+        if command == "explain":
+            argv += ["-o", str(ctx["tmp"] / "never-explained")]
+        assert _error_line(argv, capsys) == f"hybridcls {command}: error: {said}"
+
+
 def test_a_broken_bench_world_is_named_by_its_folder_and_out(ctx, capsys):
     """A world the benches reuse that lost a seen class's images: said before anything trains
     or calibrates on it, by the folder and --out (not calibrate's data_dir=, which the bench's

@@ -204,6 +204,10 @@ def check_decision_arguments(args: argparse.Namespace, prompts: Any = None) -> N
     if args.rollup_precision is not None and not args.checkpoint:
         raise UsageError("--rollup-precision needs --checkpoint: the threshold is chosen on the run's "
                          "held-out seen images; without one, set --rollup-threshold T")
+    if args.rollup_precision is not None:  # those images' folder, before any model loads
+        from hybridcls.hybrid import check_training_folder
+
+        check_training_folder(args.checkpoint)
     if args.rollup_threshold is not None and args.rollup_precision is not None:
         raise UsageError("--rollup-threshold and --rollup-precision: give one (the precision "
                          "chooses the threshold)")
