@@ -74,6 +74,16 @@ CASES = {
         ["train", str(c["world"].train_dir), "-o", str(c["tmp"] / "r3"), "--model", "test_convnext",
          "--pretrained", "in99k", "--image-size", "32", "--workers", "0", "-q"],
         "--pretrained in99k: timm has no tag 'in99k' for 'test_convnext'; known tags: r160_in1k"),
+    # local weights: TrainConfig.check_files -> "weights='FILE': no such file (...)", before the
+    # training images are checked
+    "weights-missing": lambda c: (
+        ["train", str(c["world"].train_dir), "-o", str(c["tmp"] / "r5"), "--weights",
+         str(c["tmp"] / "no.safetensors"), "-q"],
+        f"--weights {c['tmp'] / 'no.safetensors'}: no such file (.safetensors, or a .pth state dict)"),
+    "weights-folder": lambda c: (
+        ["train", str(c["world"].train_dir), "-o", str(c["tmp"] / "r5"), "--weights", str(c["tmp"]),
+         "--folds", "2", "-q"],
+        f"--weights {c['tmp']}: a folder, not a weights file (.safetensors, or a .pth state dict)"),
     # distributed training: launch -> "nproc=0: must be >= 1"
     "nproc": lambda c: (
         ["train", str(c["world"].train_dir), "-o", str(c["tmp"] / "r4"), "--nproc", "0"],
