@@ -178,7 +178,8 @@ class AuditReport:
         mislabels: Likely mislabelled images, most confident first.
         class_counts: One row per class.
         imbalance_ratio: Readable images of the largest class over the smallest.
-        settings: The thresholds and model used (written to ``index.html``).
+        settings: The thresholds, neighbour count and model used, and ``adapted``: what
+            the data changed in them, one sentence each (written to ``index.html``).
         output_dir: Where :meth:`save` last wrote, if it did.
     """
 
