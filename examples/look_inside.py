@@ -28,7 +28,7 @@ from hybridcls.eval.html import write_report
 from hybridcls.eval.report import evaluate_predictions
 from hybridcls.explain import explain_images, write_explain_page
 from hybridcls.hybrid import HybridClassifier
-from hybridcls.outputs import open_writer
+from hybridcls.outputs import check_topk, open_writer
 from hybridcls.synth import TINY_CLIP_MODEL_ID, World, make_world
 
 
@@ -55,8 +55,9 @@ def main() -> None:
     # 1. predictions of the whole test set, then the report page
     sources = expand_inputs([world.test_dir])
     pred = args.out / "predictions.jsonl"
-    with open_writer(pred, None, topk=5, extra_columns=clf.EXTRA_COLUMNS) as writer:
-        for rows in clf.rows(sources):
+    topk = check_topk(None, len(clf.classes_))  # the rows' default: 5, or every class when fewer
+    with open_writer(pred, None, topk=topk, extra_columns=clf.EXTRA_COLUMNS) as writer:
+        for rows in clf.rows(sources, topk=topk):
             writer.write_many(rows)
     ev = evaluate_predictions(pred, world.labels_csv, world.seen_classes)
     print(ev.summary())

@@ -160,7 +160,7 @@ def embedding_engine(clip_model: str, clip_pretrained: str | None,
     device = resolve_device(settings.device)
     model = config = None
     if checkpoint is not None:
-        model, config = load_checkpoint(checkpoint, device)
+        model, config = load_checkpoint(checkpoint, device, parameter="checkpoint")
     tower = ClipTower.image_only(clip_model, clip_pretrained, device=device,
                                  cache_dir=settings.cache_dir)
     return InferenceEngine(supervised=model, sup_view=None if config is None else
@@ -183,7 +183,7 @@ def embedding_models(engine: InferenceEngine, checkpoint: str | os.PathLike[str]
     from hybridcls.supervised.checkpoint import checkpoint_identity, read_checkpoint_config
 
     supervised = None if checkpoint is None else checkpoint_identity(
-        checkpoint, read_checkpoint_config(checkpoint))
+        checkpoint, read_checkpoint_config(checkpoint, parameter="checkpoint"))
     return {"supervised": supervised, "clip": engine.clip.bundle.identity()}
 
 

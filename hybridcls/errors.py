@@ -15,11 +15,12 @@ classes the model can hardly tell apart), :class:`ResourceUseWarning`
 written), :class:`SiteFileWarning` (a site file row that reaches none of the
 inputs) and :class:`MissingDataWarning` (a fit that runs without data the run
 records, which is not here). :func:`name_some` lists a few of many items in a
-message, the rest counted.
+message, the rest counted; :func:`named_path` names a file or folder as the parameter that gave it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "SiteFileWarning",
     "WeightsUnavailableError",
     "name_some",
+    "named_path",
 ]
 
 
@@ -94,8 +96,8 @@ class PromptFileError(HybridclsError, ValueError):
         self.line = line
         self.reason = reason
         self.parameter = parameter
-        where = (f"{parameter}={self.path!r}" if parameter is not None
-                 else f"{self.path}:{line}" if line is not None else self.path)
+        where = (named_path(self.path, parameter) if parameter is not None or line is None
+                 else f"{self.path}:{line}")
         super().__init__(f"{where}: {reason}")
 
 
@@ -174,3 +176,15 @@ def name_some(items: Sequence[object], limit: int = 5) -> str:
     """
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(map(str, items[:limit])) + more
+
+
+def named_path(path: str | os.PathLike[str], parameter: str | None = None) -> str:
+    """A file or folder as an error starts with it: ``parameter='path'`` when a parameter gave it
+    (as :class:`ParameterError` writes it, so that the command line shows its flag:
+    :func:`hybridcls.cli.common.flag_message`), else the path.
+
+    Example:
+        >>> named_path("runs/seen40", "run_dir"), named_path("runs/seen40")
+        ("run_dir='runs/seen40'", 'runs/seen40')
+    """
+    return f"{parameter}={os.fspath(path)!r}" if parameter else os.fspath(path)

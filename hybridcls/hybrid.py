@@ -27,12 +27,15 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
+from hybridcls.cache import read_json
 from hybridcls.data import Source, as_sources
+from hybridcls.data.folders import check_folder
 from hybridcls.device import resolve_device
 from hybridcls.engine import ClipPolicy, InferenceEngine, timm_view
 from hybridcls.errors import (
     CheckpointError,
     DatasetError,
+    HybridclsError,
     HybridclsWarning,
     InputError,
     ParameterError,
@@ -46,7 +49,13 @@ from hybridcls.hub import pretrained_folder, upload_folder
 from hybridcls.index import index_meta, run_index_meta
 from hybridcls.outputs import BRANCH_COLUMNS
 from hybridcls.predictor import Predictor, describe_failures
-from hybridcls.pretrained import PROMPTS_FILE, TEMPLATES_FILE, read_saved_folder, write_saved_folder
+from hybridcls.pretrained import (
+    HYBRID_FILE,
+    PROMPTS_FILE,
+    TEMPLATES_FILE,
+    read_saved_folder,
+    write_saved_folder,
+)
 from hybridcls.runtime import RuntimeSettings
 from hybridcls.supervised import load_checkpoint
 from hybridcls.supervised.checkpoint import CONFIG_FILE, checkpoint_identity
@@ -67,7 +76,7 @@ from hybridcls.zeroshot.gate_clip import (
 from hybridcls.zeroshot.prompts import align_classes, as_prompt_set
 from hybridcls.zeroshot.tower import ClipTower
 
-__all__ = ["GATE_FILE", "INDEX_DIR", "HybridClassifier", "check_calibrated"]
+__all__ = ["GATE_FILE", "INDEX_DIR", "HybridClassifier", "check_calibrated", "check_training_folder"]
 
 #: The gate's file in a run directory.
 GATE_FILE = GATE_FILENAME
@@ -92,6 +101,50 @@ def check_calibrated(run_dir: str | os.PathLike[str]) -> None:
     run_dir = Path(run_dir)
     if (run_dir / CONFIG_FILE).is_file() and not (run_dir / GATE_FILE).is_file():
         raise _uncalibrated(run_dir)
+
+
+def _recorded_folders(calibrated: str | None, trained: str | None) -> list[str]:
+    """The training folders a run records, in the order held-out images are looked for in: the
+    one an earlier ``calibrate`` recorded in ``gate.json`` (the run's had moved), then the run's
+    own (``config.json``)."""
+    return [os.fspath(f) for f in dict.fromkeys([calibrated, trained]) if f]
+
+
+def _no_training_folder(run_dir: str | os.PathLike[str], recorded: Sequence[str]) -> HybridclsError:
+    """The error of a run whose recorded training folders are all missing (or none recorded)."""
+    if not recorded:
+        return CheckpointError(f"{run_dir}: the run does not record its training folder; "
+                               "give it with calibrate(data_dir=DIR)")
+    return DatasetError(f"{run_dir}: its training folder is not here (looked for "
+                        f"{' and '.join(recorded)}); give the folder where it is now with "
+                        "calibrate(data_dir=DIR), which records it for later loads")
+
+
+def check_training_folder(run_dir: str | os.PathLike[str],
+                          data_dir: str | os.PathLike[str] | None = None) -> None:
+    """That the training folder a run's held-out seen images are read from is here, before any
+    model loads: ``data_dir`` when given, else a folder the run records (as
+    :meth:`HybridClassifier.calibrate` and ``rollup_precision`` look for it). Reads the run's
+    JSON files only; a folder that is no training run (a ``save_pretrained`` folder, or none at
+    all) is left to the load, which names what it lacks.
+
+    Raises:
+        DatasetError: ``data_dir`` (named as ``data_dir=``) or every recorded folder is not here.
+        CheckpointError: No ``data_dir`` and no folder recorded.
+    """
+    if data_dir is not None:
+        check_folder(data_dir, parameter="data_dir")
+        return
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file() or (run_dir / HYBRID_FILE).is_file():
+        return
+    config = read_json(run_dir / CONFIG_FILE)
+    gate = read_json(run_dir / GATE_FILE) if (run_dir / GATE_FILE).is_file() else {}
+    if not isinstance(config, dict) or not isinstance(gate, dict):
+        return  # not a run this reads: load_run names the file
+    recorded = _recorded_folders(gate.get("data_dir"), config.get("data_dir"))
+    if not any(Path(f).is_dir() for f in recorded):
+        raise _no_training_folder(run_dir, recorded)
 
 
 class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
@@ -297,7 +350,7 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
             raise InputError("no prompts: pass prompts=FILE naming every class, seen and unseen")
         settings = RuntimeSettings.of(self)
         device = resolve_device(settings.device)
-        model, config = load_checkpoint(run_dir, device)
+        model, config = load_checkpoint(run_dir, device, parameter="run_dir")
         stopped, diverged = unfinished_training(run_dir), diverged_training(run_dir)
         if diverged is not None:
             warnings.warn(f"{run_dir}: its training diverged in {diverged.describe()}, so its "
@@ -556,21 +609,14 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         """The training folders recorded, in the order they are read: the one an earlier
         ``calibrate`` recorded in ``gate.json``, then the run's own."""
         cal = None if self.gate_ is None else self.gate_.calibration_
-        return [os.fspath(f) for f in dict.fromkeys([None if cal is None else cal.data_dir,
-                                                     self.checkpoint_config_.get("data_dir")]) if f]
+        return _recorded_folders(None if cal is None else cal.data_dir, self.checkpoint_config_.get("data_dir"))
 
     def _training_data(self, data_dir: str | os.PathLike[str] | None) -> Any:
         settings = RuntimeSettings.of(self)
         given = data_dir or self.data_dir_  # named as data_dir= in errors; the run's record is not
         data_dir = self._training_folder(data_dir)
-        if data_dir is None:
-            raise CheckpointError(f"{self.run_dir_}: the run does not record its training folder; "
-                                  "give it with calibrate(data_dir=DIR)")
-        if not given and not Path(data_dir).is_dir():
-            raise DatasetError(f"{self.run_dir_}: its training folder is not here (looked for "
-                               f"{' and '.join(self._recorded_training_folders())}); give "
-                               "the folder where it is now with calibrate(data_dir=DIR), which "
-                               "records it for later loads")
+        if data_dir is None or (not given and not Path(data_dir).is_dir()):
+            raise _no_training_folder(self.run_dir_, self._recorded_training_folders())
         config = TrainConfig.from_dict(self.checkpoint_config_.get("train", {})).replace(
             workers=settings.workers, progress=settings.progress)
         split = self.checkpoint_config_.get("split") or {}

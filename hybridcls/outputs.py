@@ -374,11 +374,16 @@ def open_writer(
     output: str | os.PathLike | None,
     fmt: str | None = None,
     *,
-    topk: int = DEFAULT_TOPK,
+    topk: int,
     extra_columns: Sequence[str] = (),
     append: bool = False,
 ) -> PredictionWriter:
     """Open a writer on a file path, or on standard output for ``None`` / ``"-"``.
+
+    ``topk`` is the rows' own (no default: a writer does not know the classes, and one that
+    guessed would leave empty columns where the rows rank fewer): pass the number given to
+    ``rows`` / ``batch_rows``, or :func:`check_topk` of None and the classifier's class count
+    for their default.
 
     ``append=True`` continues an existing file of the same format and columns
     (no second header); :mod:`hybridcls.sharding` checks that it is one.

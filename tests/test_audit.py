@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from imagefactory import noise_jpeg_bytes
 
 from hybridcls.audit import PIXEL_THRESHOLD, audit_dataset, plant_problems
 from hybridcls.audit.find import (
@@ -24,7 +25,7 @@ from hybridcls.audit.pixels import crop_signatures, pixel_similarity, thumbnail_
 from hybridcls.audit.plant import PERTURBATIONS, perturb
 from hybridcls.cli import main
 from hybridcls.data import load_image
-from hybridcls.errors import DatasetError
+from hybridcls.errors import DatasetError, ParameterError
 from hybridcls.synth import TINY_CLIP_MODEL_ID, make_world
 
 # The tiny CLIP puts different images of one class up to 0.99 apart (docs/audit.md), so the
@@ -238,3 +239,45 @@ def test_thumbnail_of_a_thin_strip_is_box_reduced_first() -> None:
     for strip in (noise(3, 40_000), noise(40_000, 3)):
         direct = np.asarray(strip.resize((64, 64), Image.Resampling.BOX)).astype(int)
         assert np.abs(thumbnail_of_image(strip).astype(int) - direct).max() <= 3  # of 255
+
+
+def _noise_folder(data: Path, per_class: int) -> Path:
+    """``data/a/`` and ``data/b/`` with ``per_class`` distinct noise JPEGs each."""
+
+    for c, cls in enumerate("ab"):
+        (data / cls).mkdir(parents=True)
+        for i in range(per_class):
+            (data / cls / f"{i}.jpg").write_bytes(noise_jpeg_bytes(seed=10 * c + i))
+    return data
+
+
+def test_neighbours_beyond_data_dir_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from hybridcls.audit import dataset
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the CLIP model loaded")
+
+    monkeypatch.setattr(dataset, "clip_image_encoder", no_model)
+    data = tmp_path / "data"
+    for cls in "ab":  # files are not decoded before the check: empty ones count
+        (data / cls).mkdir(parents=True)
+        for i in range(2):
+            (data / cls / f"{i}.png").write_bytes(b"")
+    assert main(["audit", str(data), "--neighbours", "4", "--clip-model", TINY_CLIP_MODEL_ID, "-q"]) == 2
+    # 4 images: each has 3 others
+    assert "--neighbours 4: more than the 3 other images DATA_DIR holds; give 1 to 3" in capsys.readouterr().err
+    with pytest.raises(ParameterError, match=r"^neighbours=0: expected at least 1; give 1 to 3$"):
+        audit_dataset(data, neighbours=0, save=False, **TINY)
+
+
+def test_neighbours_recorded_as_used(tmp_path):
+    data = _noise_folder(tmp_path / "data", 3)
+    # the default (10) on 6 images: every other image, 5
+    report = audit_dataset(data, save=False, **TINY)
+    assert (report.settings["neighbours"], report.settings["adapted"]) == (5, [])
+    # asked for 6 of 7 files, one of which does not decode: 5 others are readable
+    (data / "b" / "bad.jpg").write_bytes(b"not an image")
+    report = audit_dataset(data, neighbours=6, save=False, **TINY)
+    assert report.settings["neighbours"] == 5
+    assert report.settings["adapted"] == ["neighbours=6 -> 5: DATA_DIR has 6 readable images"]
+    assert "adapted to the data: neighbours=6 -> 5: DATA_DIR has 6 readable images" in report.summary()

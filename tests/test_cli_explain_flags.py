@@ -244,6 +244,24 @@ def test_the_decision_flags_have_one_definition():
     assert decision("explain") == decision("predict")
 
 
+def test_topk_has_one_definition():
+    """--topk: one rule in predict and explain (range, default, what a class list does);
+    only what K counts is the command's own."""
+    from hybridcls.outputs import DEFAULT_TOPK
+
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+    (predict,) = [a for a in commands["predict"]._actions if "--topk" in a.option_strings]
+    (explain,) = [a for a in commands["explain"]._actions if "--topk" in a.option_strings]
+    assert predict.help.startswith("top-k labels per row, ")
+    assert explain.help.startswith("classes listed per branch, ")
+    rule = f"at most the number of classes (default: {DEFAULT_TOPK}, or every class when there are fewer)"
+    assert predict.help.split(", ", 1)[1] == explain.help.split(", ", 1)[1]
+    assert rule in predict.help
+    assert (predict.type, predict.default, predict.metavar) == (explain.type, explain.default, explain.metavar) \
+        == (int, None, "K")
+
+
 def test_a_folder_saved_with_cut_class_texts_is_its_class_text_matrix(tiny_hybrid, tmp_path,
                                                                       monkeypatch, capsys):
     """A save_pretrained folder holds its class-text matrix (here with a class text cut to the

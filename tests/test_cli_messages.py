@@ -74,6 +74,16 @@ CASES = {
         ["train", str(c["world"].train_dir), "-o", str(c["tmp"] / "r3"), "--model", "test_convnext",
          "--pretrained", "in99k", "--image-size", "32", "--workers", "0", "-q"],
         "--pretrained in99k: timm has no tag 'in99k' for 'test_convnext'; known tags: r160_in1k"),
+    # local weights: TrainConfig.check_files -> "weights='FILE': no such file (...)", before the
+    # training images are checked
+    "weights-missing": lambda c: (
+        ["train", str(c["world"].train_dir), "-o", str(c["tmp"] / "r5"), "--weights",
+         str(c["tmp"] / "no.safetensors"), "-q"],
+        f"--weights {c['tmp'] / 'no.safetensors'}: no such file (.safetensors, or a .pth state dict)"),
+    "weights-folder": lambda c: (
+        ["train", str(c["world"].train_dir), "-o", str(c["tmp"] / "r5"), "--weights", str(c["tmp"]),
+         "--folds", "2", "-q"],
+        f"--weights {c['tmp']}: a folder, not a weights file (.safetensors, or a .pth state dict)"),
     # distributed training: launch -> "nproc=0: must be >= 1"
     "nproc": lambda c: (
         ["train", str(c["world"].train_dir), "-o", str(c["tmp"] / "r4"), "--nproc", "0"],
@@ -97,6 +107,18 @@ CASES = {
         ["predict", str(c["image"]), *c["common"], "--checkpoint", str(c["bare"]), "-q"],
         (f"{c['bare']}: the run has no gate.json; calibrate it first with "
          "`hybridcls calibrate RUN_DIR --prompts FILE`")),
+    # run directories: read_checkpoint_config -> "run_dir='DIR': no config.json; ..." (load_run's
+    # run_dir is --checkpoint), embedding_engine's checkpoint=, calibrate's positional RUN_DIR
+    "checkpoint-not-a-run": lambda c: (
+        ["predict", str(c["image"]), *c["common"], "--checkpoint", str(c["tmp"]), "-q"],
+        f"--checkpoint {c['tmp']}: no config.json; not a hybridcls training run"),
+    "embed-checkpoint-missing": lambda c: (
+        ["embed", str(c["image"]), "-o", str(c["tmp"] / "e.npz"), "--checkpoint", str(c["tmp"] / "no-run"),
+         "--clip-model", TINY_CLIP_MODEL_ID, "-q"],
+        f"--checkpoint {c['tmp'] / 'no-run'}: run directory not found"),
+    "calibrate-run-missing": lambda c: (
+        ["calibrate", str(c["tmp"] / "no-run"), *c["common"], "-q"],
+        f"{c['tmp'] / 'no-run'}: run directory not found"),
     # CLIP loading: _resolve_local_dir -> "clip_model='local-dir:DIR': folder DIR not found"
     "clip-model": lambda c: (
         ["predict", str(c["image"]), *c["common"], "--clip-model", f"local-dir:{c['tmp'] / 'nope'}"],
@@ -388,6 +410,27 @@ def test_evaluate_takes_the_classes_inline(tmp_path, capsys):
     assert "accuracy 50.00%" in capsys.readouterr().out
 
 
+def test_a_labels_file_that_cannot_be_read_is_named_by_labels(tmp_path, capsys):
+    """eval.labels: ``labels='x.csv': cannot read labels file (...)``, on the command line
+    ``--labels x.csv: ...`` (evaluate reads it after the predictions, report before)."""
+    from hybridcls.errors import ParameterError
+    from hybridcls.eval import read_labels
+
+    pred = tmp_path / "pred.csv"
+    pred.write_text("path,label,score,branch,status,error\na.png,fox,0.9,zeroshot,ok,\n", encoding="utf-8")
+    seen = tmp_path / "seen.txt"
+    seen.write_text("fox\n", encoding="utf-8")
+    missing = tmp_path / "no-labels.csv"
+    with pytest.raises(ParameterError, match=r"^labels='.*no-labels\.csv': cannot read labels file \("):
+        read_labels(missing)
+    assert _error_line(["evaluate", str(pred), "--labels", str(tmp_path), "--seen-classes", str(seen)],
+                       capsys) == (
+        f"hybridcls evaluate: error: --labels {tmp_path}: cannot read labels file (Is a directory)")
+    assert _error_line(["report", str(pred), "--labels", str(missing), "-o", str(tmp_path / "r")],
+                       capsys) == (f"hybridcls report: error: --labels {missing}: cannot read labels "
+                                   "file (No such file or directory)")
+
+
 def test_an_item_of_the_class_list_is_named_as_a_name_of_classes(ctx, capsys):
     """text_checks names a class by its source and line: ``<prompts list>:2`` for a Python list,
     which on the command line is the second name of --classes."""
@@ -483,6 +526,40 @@ def test_a_missing_gate_or_data_folder_is_said_before_any_model_loads(ctx, capsy
     assert _error_line(["calibrate", str(ctx["run"]), *ctx["common"], "--data", str(nowhere), "-q"],
                        capsys) == (
         f"hybridcls calibrate: error: --data {nowhere}: training folder not found: {nowhere}")
+
+
+def test_a_recorded_training_folder_that_moved_is_said_before_any_model_loads(ctx, capsys, monkeypatch):
+    """calibrate without --data, predict and explain with --rollup-precision read the held-out
+    images from the folder the run records (gate.json's, then config.json's): neither here is said
+    from the run's JSON files, with no checkpoint or CLIP loaded."""
+    import json
+
+    import hybridcls.hybrid
+    import hybridcls.zeroshot.tower
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the cheap check")
+
+    moved = ctx["tmp"] / "moved-run"
+    shutil.copytree(ctx["run"], moved)
+    gone = {name: str(ctx["tmp"] / f"gone-{name}") for name in ("gate", "run")}
+    for name, key in (("gate.json", "gate"), ("config.json", "run")):
+        record = json.loads((moved / name).read_text(encoding="utf-8"))
+        record["data_dir"] = gone[key]
+        (moved / name).write_text(json.dumps(record), encoding="utf-8")
+    monkeypatch.setattr(hybridcls.hybrid, "load_checkpoint", loaded)
+    monkeypatch.setattr(hybridcls.zeroshot.tower, "load_clip", loaded)
+    said = (f"{moved}: its training folder is not here (looked for {gone['gate']} and {gone['run']}); "
+            "give the folder where it is now with `hybridcls calibrate RUN_DIR --prompts FILE --data "
+            "DIR`, which records it for later loads")
+    assert _error_line(["calibrate", str(moved), *ctx["common"], "-q"], capsys) == (
+        f"hybridcls calibrate: error: {said}")
+    for command in ("predict", "explain"):
+        argv = [command, str(ctx["image"]), *ctx["common"], "--checkpoint", str(moved),
+                "--rollup-precision", "0.9", "-q"]
+        if command == "explain":
+            argv += ["-o", str(ctx["tmp"] / "never-explained")]
+        assert _error_line(argv, capsys) == f"hybridcls {command}: error: {said}"
 
 
 def test_a_broken_bench_world_is_named_by_its_folder_and_out(ctx, capsys):

@@ -213,6 +213,24 @@ def test_topk_is_refused_beyond_the_classes_and_a_short_class_list_ranks_the_oth
         assert err.value.parameter == "topk"
 
 
+def test_a_writer_takes_the_rows_topk_and_has_no_default_of_its_own(tmp_path):
+    """open_writer cannot guess the rows' topk (5, or every class when fewer): it has no default,
+    and given check_topk's default for 3 classes, its header has the 3 pairs each row fills."""
+    import inspect
+
+    from hybridcls.outputs import check_topk, open_writer
+
+    assert inspect.signature(open_writer).parameters["topk"].default is inspect.Parameter.empty
+    topk = check_topk(None, 3)
+    with open_writer(tmp_path / "p.csv", topk=topk) as writer:
+        writer.write(PredictionRow("a.png", label="fox", score=0.7, branch="zeroshot",
+                                   topk=[("fox", 0.7), ("elk", 0.2), ("owl", 0.1)]))
+    header, row = (tmp_path / "p.csv").read_text(encoding="utf-8").splitlines()
+    assert [c for c in header.split(",") if c.startswith("top")] == [
+        "top1", "top1_score", "top2", "top2_score", "top3", "top3_score"]
+    assert row.endswith(",fox,0.700000,elk,0.200000,owl,0.100000")
+
+
 def test_kaggle_refuses_two_files_of_one_name(tmp_path):
     paths = ["site1/IMG_0001.png", "site2/IMG_0001.png", "site2/IMG_0002.png"]
     with pytest.raises(InputError, match=r"image_id is the file name: 'IMG_0001.png' would stand for "

@@ -558,10 +558,13 @@ def test_cli_trains_resumes_and_reports_errors(tiny_world, tmp_path, capsys):
 
 
 def test_folds_report_mean_and_spread(tiny_world, tmp_path, capsys):
-    out = tmp_path / "cv"
+    out, log = tmp_path / "cv", tmp_path / "log.json"
     assert (
-        _cli(tiny_world.train_dir, "--output", out, "--folds", 2, "--epochs", 1, *FAST_FLAGS) == 0
+        _cli(tiny_world.train_dir, "--output", out, "--folds", 2, "--epochs", 1, *FAST_FLAGS,
+             "--log", log) == 0
     )
+    # --log counts as a run's: 2 folds of one epoch each, none resumed
+    assert json.loads(log.read_text(encoding="utf-8"))["counts"] == {"folds": 2, "epochs": 2, "resumed": 0}
     summary = json.loads((out / FOLDS_FILE).read_text())
     accuracies = [f["val_accuracy"] for f in summary["folds"]]
     assert summary["k"] == 2 and len(accuracies) == 2

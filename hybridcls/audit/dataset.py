@@ -40,7 +40,7 @@ from hybridcls.audit.find import (
 from hybridcls.audit.pixels import crop_signatures, pixel_similarity, search_signatures
 from hybridcls.cache import atomic_write_text
 from hybridcls.data import Source, expand_inputs, scan_image_folder
-from hybridcls.errors import DatasetError, InputError
+from hybridcls.errors import DatasetError, InputError, ParameterError
 from hybridcls.zeroshot.loading import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 
 __all__ = [
@@ -178,7 +178,8 @@ class AuditReport:
         mislabels: Likely mislabelled images, most confident first.
         class_counts: One row per class.
         imbalance_ratio: Readable images of the largest class over the smallest.
-        settings: The thresholds and model used (written to ``index.html``).
+        settings: The thresholds, neighbour count and model used, and ``adapted``: what
+            the data changed in them, one sentence each (written to ``index.html``).
         output_dir: Where :meth:`save` last wrote, if it did.
     """
 
@@ -224,6 +225,7 @@ class AuditReport:
             + (f", {len(self.small_classes)} below {self.settings.get('min_class_images')} images"
                if self.small_classes else ""),
             f"unreadable files: {len(self.unreadable)}",
+            *(f"adapted to the data: {note}" for note in self.settings.get("adapted", [])),
         ]
         if self.output_dir is not None:
             lines.append(f"report: {self.output_dir / 'index.html'}")
@@ -337,7 +339,7 @@ def audit_dataset(
     workers: int = 0,
     pixel_threshold: float | None = PIXEL_THRESHOLD,
     clip_threshold: float | None = CLIP_THRESHOLD,
-    neighbours: int = NEIGHBOURS,
+    neighbours: int | None = None,
     mislabel_agreement: float = MISLABEL_AGREEMENT,
     min_class_images: int = MIN_CLASS_IMAGES,
     save: bool = True,
@@ -359,7 +361,11 @@ def audit_dataset(
         workers: Decoding processes.
         pixel_threshold: Pixel similarity from which two images are copies (None: off).
         clip_threshold: CLIP cosine from which two images are copies (None: off).
-        neighbours: Nearest neighbours that vote on labels and are checked for copies.
+        neighbours: Nearest neighbours that vote on labels and are checked for copies:
+            1 to the number of other images DATA_DIR holds. None: :data:`NEIGHBOURS`, or
+            every other readable image when there are fewer. When files that do not decode
+            leave fewer others than asked, every other readable image is used, and
+            ``settings["adapted"]`` says so; ``settings["neighbours"]`` is the count used.
         mislabel_agreement: Share of neighbours that must agree on another label.
         min_class_images: Classes with fewer readable images are flagged.
         save: Write the outputs (False: only return the report).
@@ -371,6 +377,7 @@ def audit_dataset(
     Raises:
         DatasetError: DATA_DIR (or a val/test folder) is missing, empty or not an ImageFolder.
         InputError: A threshold out of range.
+        ParameterError: ``neighbours`` below 1 or more than the other images DATA_DIR holds.
         WeightsUnavailableError: The CLIP weights cannot be had offline.
 
     Example:
@@ -385,9 +392,10 @@ def audit_dataset(
         if value is not None:
             _check(name, value, -1.0, 1.0)
     _check("mislabel_agreement", mislabel_agreement, 0.0, 1.0)
-    if neighbours < 1:
-        raise InputError(f"neighbours must be at least 1, got {neighbours}")
     index = scan_image_folder(data_dir)
+    # before any model loads: a count DATA_DIR cannot give is refused, as explain's is
+    if neighbours is not None:
+        _check_neighbours(neighbours, len(index.samples) - 1)
     images = [AuditImage("data", p, index.classes[y]) for p, y in index.samples]
     images += _split_images("val", val_dir, "val_dir")
     images += _split_images("test", test_dir, "test_dir")
@@ -414,6 +422,7 @@ def audit_dataset(
     rows = {s: np.flatnonzero(split == s) for s in SPLITS}
     d = rows["data"]
     labels = np.array([index.classes.index(images[i].label) for i in ok[d]], dtype=np.int64)
+    neighbours, adapted = _neighbours_used(neighbours, len(d) - 1)
     kw = {"k": neighbours, "clip_threshold": clip_threshold, "pixel_threshold": pixel_threshold}
 
     report = AuditReport(data_dir=os.fspath(data_dir), images=images, classes=list(index.classes))
@@ -453,11 +462,38 @@ def audit_dataset(
         "clip_fingerprint": encoder.bundle.fingerprint,
         "pixel_threshold": pixel_threshold, "clip_threshold": clip_threshold,
         "neighbours": neighbours, "mislabel_agreement": mislabel_agreement,
-        "min_class_images": min_class_images,
+        "min_class_images": min_class_images, "adapted": adapted,
     }
     if save:
         report.save(output_dir if output_dir is not None else default_output_dir(data_dir))
     return report
+
+
+def _check_neighbours(neighbours: int, others: int) -> None:
+    if not 1 <= neighbours <= others:
+        raise ParameterError("neighbours", neighbours, (
+            f"more than the {others} other images DATA_DIR holds" if neighbours > others
+            else "expected at least 1") + f"; give 1 to {others}")
+
+
+def _neighbours_used(asked: int | None, others: int) -> tuple[int, list[str]]:
+    """The neighbour count an audit uses, and the note when unreadable files changed it.
+
+    Args:
+        asked: ``audit_dataset``'s ``neighbours`` (None: the default), already checked
+            against DATA_DIR's files.
+        others: Readable DATA_DIR images besides each one.
+
+    Returns:
+        ``(neighbours, adapted)``: the count, and a sentence when ``asked`` was more than
+        the readable images allow (the default adapts without one, as ``topk``'s does).
+    """
+    others = max(others, 0)
+    if asked is None:
+        return min(NEIGHBOURS, others), []
+    if asked <= others:
+        return asked, []
+    return others, [f"neighbours={asked} -> {others}: DATA_DIR has {others + 1} readable images"]
 
 
 def _strength(m: Match) -> tuple[float, float]:

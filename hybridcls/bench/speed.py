@@ -58,7 +58,7 @@ from hybridcls.engine import InferenceEngine
 from hybridcls.gate import Gate, GateCalibration, max_softmax
 from hybridcls.hybrid import HybridClassifier
 from hybridcls.index import EmbeddingIndex
-from hybridcls.outputs import open_writer
+from hybridcls.outputs import check_topk, open_writer
 from hybridcls.runtime import RuntimeSettings
 from hybridcls.zeroshot import ZeroShotClassifier
 from hybridcls.zeroshot.defaults import MODEL_PREFIXES
@@ -425,8 +425,9 @@ def run_speed(out_dir: str | Path, *, device: str = "cpu", batch_size: int = 32,
         def run() -> None:
             hybrid.set_params(cascade=cascade)
             before = hybrid.engine_.clip_images_encoded
-            with open_writer(out / name, "csv", topk=5, extra_columns=hybrid.EXTRA_COLUMNS) as writer:
-                for r in hybrid.rows(srcs):
+            topk = check_topk(None, len(hybrid.classes_))  # the rows' default, in the header too
+            with open_writer(out / name, "csv", topk=topk, extra_columns=hybrid.EXTRA_COLUMNS) as writer:
+                for r in hybrid.rows(srcs, topk=topk):
                     writer.write_many(r)
             clip_share[name] = (hybrid.engine_.clip_images_encoded - before) / len(srcs)
         return run

@@ -22,6 +22,7 @@ from hybridcls.cli.common import (
     add_clip_model_arguments,
     add_runtime_arguments,
     clip_from_args,
+    flag_message,
     runtime_from_args,
 )
 from hybridcls.provenance import tower_identity
@@ -49,9 +50,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--clip-threshold", type=float, default=CLIP_THRESHOLD, metavar="C",
                    help="CLIP cosine from which two images are copies even when their pixels differ; "
                         "above 1 turns this test off (default: %(default)s)")
-    g.add_argument("--neighbours", type=int, default=NEIGHBOURS, metavar="K",
-                   help="nearest neighbours that vote on labels and are checked for copies "
-                        "(default: %(default)s)")
+    g.add_argument("--neighbours", type=int, default=None, metavar="K",
+                   help=f"nearest neighbours that vote on labels and are checked for copies, at most "
+                        f"the other images in DATA_DIR (default: {NEIGHBOURS}, or all of them when "
+                        f"there are fewer)")
     g.add_argument("--mislabel-agreement", type=float, default=MISLABEL_AGREEMENT, metavar="A",
                    help="share of neighbours that must agree on another label (default: %(default)s)")
     g.add_argument("--min-class-images", type=int, default=MIN_CLASS_IMAGES, metavar="N",
@@ -63,8 +65,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     runtime = runtime_from_args(args)
-    if args.neighbours < 1:
-        raise UsageError(f"--neighbours must be at least 1, got {args.neighbours}")
     for flag, value in (("--pixel-threshold", args.pixel_threshold),
                         ("--clip-threshold", args.clip_threshold)):
         if value < -1:
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         neighbours=args.neighbours, mislabel_agreement=args.mislabel_agreement,
         min_class_images=args.min_class_images, progress=runtime.progress,
     )
-    print(report.summary())
+    print(flag_message(report.summary(), args.parser_))  # a parameter it names reads as its flag
     s = report.settings
     args.run_record.models = {"clip": tower_identity(s["clip_model"], s["clip_fingerprint"],
                                                      pretrained=s["clip_pretrained"])}

@@ -74,7 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridcls.data.folders import check_folder
+    from hybridcls.hybrid import check_training_folder
 
     given = {name: getattr(args, name) for name in _METHOD_ONLY if getattr(args, name) is not None}
     for name, value in given.items():
@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
         if args.method != method:
             raise UsageError(f"--{name} {value}: only --method {method} reads it ({why}); give "
                              f"--method {method}, or leave --{name} out")
-    if args.data is not None:  # before the models load: the library names it as data_dir=
-        check_folder(args.data, parameter="data_dir")
+    # before the models load: --data (named as data_dir= by the library), or the folder the run records
+    check_training_folder(args.checkpoint, args.data)
     clf = hybrid_from_args(args, recalibrate=True, method=args.method, seed=args.seed,
                            cache_branch=args.cache_branch, **given)
     clf.calibrate(args.data, test_inputs=args.transductive)

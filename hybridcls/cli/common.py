@@ -389,6 +389,14 @@ def _flags_of(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:
     return flags
 
 
+def _positionals_of(parser: argparse.ArgumentParser) -> set[str]:
+    """The parameters a positional argument of ``parser`` gives (``run_dir`` for calibrate's
+    RUN_DIR, whose destination is ``checkpoint``), none of them a flag."""
+    dests = {a.dest for a in parser._actions
+             if not a.option_strings and not isinstance(a, argparse._SubParsersAction)}
+    return dests | {parameter for parameter, dest in _DESTINATIONS.items() if dest in dests}
+
+
 def _literal(value: str) -> str:
     """A value's text: a repr's string, escapes undone (``'C:\\\\data'`` -> ``C:\\data``), or the
     bare word as it is."""
@@ -441,7 +449,8 @@ def flag_message(message: str, parser: argparse.ArgumentParser,
 
     Returns:
         The text a command-line user reads: ``batch_size=0: ...`` becomes
-        ``--batch-size 0: ...``, ``truncate_prompts=True`` becomes ``--truncate-prompts``;
+        ``--batch-size 0: ...``, ``truncate_prompts=True`` becomes ``--truncate-prompts``,
+        a positional argument's ``data_dir='data/train'`` its value ``data/train``;
         ``load_run(run_dir=RUN_DIR, prompts=FILE)`` becomes this command's
         ```--checkpoint RUN_DIR --prompts FILE```, and a class list's place
         (``<prompts list>:2``, :data:`~hybridcls.zeroshot.prompts.PROMPTS_LIST`) becomes
@@ -457,14 +466,19 @@ def flag_message(message: str, parser: argparse.ArgumentParser,
         'or pass --truncate-prompts to accept the cut'
         >>> flag_message("runs/batch_size=3: run directory not found", p)  # a path stays
         'runs/batch_size=3: run directory not found'
+        >>> _ = p.add_argument("data_dir")
+        >>> flag_message("data_dir='data/train': folder not found", p)  # a positional: its value
+        'data/train: folder not found'
     """
     flags = _flags_of(parser)
+    positionals = _positionals_of(parser)
     names = set(flags) | {name for name, _ in _SWITCHES}
 
     def rewrite(m: re.Match[str]) -> str:
         name, value = m.group(1), m.group(2)
         if name not in names:
-            return m.group(0)
+            # a positional argument is its value: calibrate's RUN_DIR is the folder itself
+            return _literal(value) if name in positionals else m.group(0)
         if (name, value) in _SWITCHES:
             return _SWITCHES[(name, value)]
         flag, is_switch = flags.get(name, (None, False))

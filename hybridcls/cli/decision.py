@@ -31,6 +31,7 @@ from hybridcls.gate.config import MODES
 __all__ = [
     "add_decision_arguments",
     "add_revision_argument",
+    "add_topk_argument",
     "check_decision_arguments",
     "check_topk_argument",
     "classifier_from_args",
@@ -233,6 +234,10 @@ def check_decision_arguments(args: argparse.Namespace, prompts: Any = None) -> N
     if args.rollup_precision is not None and not args.checkpoint:
         raise UsageError("--rollup-precision needs --checkpoint: the threshold is chosen on the run's "
                          "held-out seen images; without one, set --rollup-threshold T")
+    if args.rollup_precision is not None:  # those images' folder, before any model loads
+        from hybridcls.hybrid import check_training_folder
+
+        check_training_folder(args.checkpoint)
     if args.rollup_threshold is not None and args.rollup_precision is not None:
         raise UsageError("--rollup-threshold and --rollup-precision: give one (the precision "
                          "chooses the threshold)")
@@ -248,6 +253,21 @@ def check_decision_arguments(args: argparse.Namespace, prompts: Any = None) -> N
         raise UsageError(f"--cascade with --{'allowed' if args.allowed_classes else 'site'}-classes: "
                          "the cascade decides from the confidence over every seen class before "
                          "a class list could apply; use one of them")
+
+
+def add_topk_argument(group: argparse._ActionsContainer, listed: str) -> None:
+    """``--topk``, checked by :func:`check_topk_argument`.
+
+    Args:
+        group: Where the flag goes.
+        listed: What K counts in this command (``"top-k labels per row"``).
+    """
+    from hybridcls.outputs import DEFAULT_TOPK
+
+    group.add_argument("--topk", type=int, default=None, metavar="K",
+                       help=f"{listed}, at most the number of classes (default: {DEFAULT_TOPK}, or "
+                            "every class when there are fewer); an answer limited to fewer classes "
+                            "lists the others after them, at probability 0")
 
 
 def check_topk_argument(args: argparse.Namespace, prompts: Any = None) -> None:

@@ -13,6 +13,7 @@ from hybridcls.cli.common import (
 from hybridcls.cli.decision import (
     add_decision_arguments,
     add_revision_argument,
+    add_topk_argument,
     check_decision_arguments,
     check_topk_argument,
     classifier_from_args,
@@ -21,7 +22,6 @@ from hybridcls.cli.decision import (
     site_classes_from_args,
 )
 from hybridcls.explain.explainer import DEFAULT_NEIGHBOURS
-from hybridcls.outputs import DEFAULT_TOPK
 
 __all__ = ["add_parser", "run"]
 
@@ -45,9 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_clip_arguments(parser, prompts_required=False)
     # predict's decision flags, so that the page shows the decision predict makes with them
     add_decision_arguments(parser)
-    parser.add_argument("--topk", type=int, default=None, metavar="K",
-                        help=f"classes listed per branch, at most the number of classes (default: "
-                             f"{DEFAULT_TOPK}, or every class when there are fewer)")
+    add_topk_argument(parser, "classes listed per branch")
     parser.add_argument("--neighbours", type=int, default=None, metavar="K",
                         help="nearest training images per input, 0 for none, at most as many as the "
                              f"run's embedding index holds (default: {DEFAULT_NEIGHBOURS}, or every "

@@ -27,6 +27,7 @@ from hybridcls.cli.common import (
 from hybridcls.cli.decision import (
     add_decision_arguments,
     add_revision_argument,
+    add_topk_argument,
     check_decision_arguments,
     check_topk_argument,
     classifier_from_args,
@@ -37,7 +38,6 @@ from hybridcls.cli.decision import (
 )
 from hybridcls.data import expand_inputs
 from hybridcls.outputs import (
-    DEFAULT_TOPK,
     FORMATS,
     check_unique_keys,
     extra_columns,
@@ -70,10 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          "zero-shot only")
     add_revision_argument(hy)
     out = parser.add_argument_group("output")
-    out.add_argument("--topk", type=int, default=None, metavar="K",
-                     help=f"top-k labels per row, at most the number of classes (default: "
-                          f"{DEFAULT_TOPK}, or every class when there are fewer); a row limited "
-                          "to fewer classes lists the others after them, at probability 0")
+    add_topk_argument(out, "top-k labels per row")
     out.add_argument("--all-scores", action="store_true",
                      help="every class's probability per row (they sum to 1): one 'score:<class>' "
                           "column per class in CSV, a 'scores' object in JSON Lines; not with "
@@ -180,7 +177,7 @@ def _class_names(args: argparse.Namespace) -> list[str]:
 
     prompts = as_prompt_set(prompts_from_args(args))
     if args.checkpoint:
-        seen = [str(c) for c in read_checkpoint_config(args.checkpoint)["classes"]]
+        seen = [str(c) for c in read_checkpoint_config(args.checkpoint, parameter="checkpoint")["classes"]]
         prompts = align_classes(seen, prompts)
     return prompts.names
 

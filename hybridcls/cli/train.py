@@ -222,6 +222,9 @@ def run(args: argparse.Namespace) -> int:
             ),
             **overrides,
         )
+        # for --log, as a run's: the folds' epochs (summed), none resumed (folds do not resume)
+        args.run_record.finish(folds=len(folds.folds), epochs=sum(r.epochs_run for r in folds.folds),
+                               resumed=0)
         if _is_main_process():
             print(folds.summary())
         return 0

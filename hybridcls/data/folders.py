@@ -38,6 +38,7 @@ from hybridcls.errors import (
     HybridclsWarning,
     ImageDecodeError,
     name_some,
+    named_path,
 )
 
 __all__ = [
@@ -104,7 +105,7 @@ def _folder_parameter(parameter: str | None, root: str | os.PathLike[str]) -> st
         >>> _folder_parameter(None, "data/train")
         ''
     """
-    return f"{parameter}={os.fspath(root)!r}: " if parameter else ""
+    return named_path(root, parameter) + ": " if parameter else ""
 
 
 def check_folder(root: str | os.PathLike[str], *, role: str = "training folder",

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
-from hybridcls.errors import InputError
+from hybridcls.errors import InputError, ParameterError
 
 __all__ = ["LabelJoin", "join_labels", "read_labels"]
 
@@ -57,8 +57,8 @@ class _Entry:
         return PurePath(self.image_id).parts
 
 
-def _read_entries(path: str | os.PathLike[str]) -> list[_Entry]:
-    path = Path(path)
+def _read_entries(labels: str | os.PathLike[str]) -> list[_Entry]:
+    path = Path(labels)
     try:
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
@@ -85,7 +85,9 @@ def _read_entries(path: str | os.PathLike[str]) -> list[_Entry]:
                 first_line[image_id] = line_no
                 entries.append(_Entry(image_id, label, line_no))
     except OSError as exc:
-        raise InputError(f"{path}: cannot read labels file ({exc.strerror or exc})") from exc
+        # named as the parameter that gave it (the command line: --labels)
+        raise ParameterError("labels", os.fspath(labels),
+                             f"cannot read labels file ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: labels file is not UTF-8 text") from exc
     return entries
@@ -104,7 +106,7 @@ def _normalise_id(raw_id: str, labels_file: Path) -> str:
     return image_id
 
 
-def read_labels(path: str | os.PathLike[str]) -> dict[str, str]:
+def read_labels(labels: str | os.PathLike[str]) -> dict[str, str]:
     """Map each image id, as the labels file writes it, to its true class.
 
     Accepts a header with one of ``image_id/path/file/filename/image`` and one
@@ -114,7 +116,12 @@ def read_labels(path: str | os.PathLike[str]) -> dict[str, str]:
     ``b/x.png`` beside the labels file's folder, as an absolute path);
     :func:`join_labels` matches them to predicted paths.
 
+    Args:
+        labels: The labels CSV.
+
     Raises:
+        ParameterError: A file that cannot be read (``labels='x.csv': cannot read labels
+            file (...)``).
         InputError: No such columns, an empty id or label, or one id listed
             twice (names the file and both lines).
 
@@ -122,7 +129,7 @@ def read_labels(path: str | os.PathLike[str]) -> dict[str, str]:
         >>> read_labels("labels.csv")  # doctest: +SKIP
         {'site1/IMG_0001.png': 'red circle', 'site2/IMG_0001.png': 'blue square'}
     """
-    return {e.image_id: e.label for e in _read_entries(path)}
+    return {e.image_id: e.label for e in _read_entries(labels)}
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from hybridcls.cache import atomic_write_bytes, atomic_write_json, file_fingerprint, read_json
 from hybridcls.data import bound_aspect
-from hybridcls.errors import CheckpointError
+from hybridcls.errors import CheckpointError, named_path
 from hybridcls.provenance import tower_identity
 from hybridcls.supervised.model import SupervisedModel
 from hybridcls.supervised.weights import read_state_dict
@@ -216,8 +216,13 @@ def read_verified_safetensors(
     return dict(tensors), dict(metadata)
 
 
-def read_checkpoint_config(run_dir: str | Path) -> dict[str, Any]:
+def read_checkpoint_config(run_dir: str | Path, *, parameter: str | None = None) -> dict[str, Any]:
     """Read and check a run directory's ``config.json``.
+
+    Args:
+        run_dir: The run directory.
+        parameter: The parameter that gave ``run_dir`` (``"run_dir"``): a folder that is
+            missing or no run is named as ``parameter='run_dir'`` (the command line: its flag).
 
     Raises:
         CheckpointError: the folder or file is missing, not JSON, not a
@@ -226,9 +231,10 @@ def read_checkpoint_config(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
     if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: run directory not found")
+        raise CheckpointError(f"{named_path(run_dir, parameter)}: run directory not found")
     if not path.is_file():
-        raise CheckpointError(f"{run_dir}: no {CONFIG_FILE}; not a hybridcls training run")
+        raise CheckpointError(f"{named_path(run_dir, parameter)}: no {CONFIG_FILE}; "
+                              "not a hybridcls training run")
     config = read_json(path)
     if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a hybridcls supervised checkpoint")
@@ -285,13 +291,15 @@ def model_from_config(config: Mapping[str, Any]) -> SupervisedModel:
 
 
 def load_checkpoint(
-    run_dir: str | Path, device: str | torch.device = "cpu"
+    run_dir: str | Path, device: str | torch.device = "cpu", *, parameter: str | None = None
 ) -> tuple[SupervisedModel, dict[str, Any]]:
     """Load a trained supervised model from its run directory.
 
     Args:
         run_dir: A folder with ``config.json`` and ``model.safetensors``.
         device: Where to put the model.
+        parameter: The parameter that gave ``run_dir``, for errors
+            (:func:`read_checkpoint_config`).
 
     Returns:
         ``(model, config)``: the model in eval mode, and the parsed
@@ -308,7 +316,7 @@ def load_checkpoint(
         >>> config["classes"][model(transform(img)[None]).argmax()]  # doctest: +SKIP
         'zebra'
     """
-    config = read_checkpoint_config(run_dir)
+    config = read_checkpoint_config(run_dir, parameter=parameter)
     path = Path(run_dir) / WEIGHTS_FILE
     expected = config.get(WEIGHTS_HASH_KEY)
     if expected is None:  # a checkpoint from before hashes were recorded

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from hybridcls.errors import InputError
+from hybridcls.errors import InputError, ParameterError
 from hybridcls.runtime import RuntimeSettings
 from hybridcls.supervised import HEAD_TYPES
 
@@ -251,6 +251,19 @@ class TrainConfig:
             f"patience={self.patience}: must be >= 1, or None (never stop early)",
         )
         need(self.workers >= 0, f"workers={self.workers}: must be >= 0")
+
+    def check_files(self) -> None:
+        """That the files a new run reads before it trains are here (``weights``), so that a
+        missing one is said before every training image is checked. A resumed run is not
+        checked: it loads its own weights.
+
+        Raises:
+            ParameterError: ``weights`` is not a file (named as ``weights='path'``).
+        """
+        if self.weights is not None and not os.path.isfile(self.weights):
+            raise ParameterError("weights", self.weights, (
+                "a folder, not a weights file" if os.path.isdir(self.weights) else "no such file")
+                + " (.safetensors, or a .pth state dict)")
 
     def replace(self, **overrides: Any) -> TrainConfig:
         """A copy with some options changed (and checked).

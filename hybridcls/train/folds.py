@@ -131,6 +131,7 @@ def train_folds(
         '5 folds: val acc 91.2% +/- 1.3% (mean +/- std); runs in runs/cv'
     """
     config = (config or TrainConfig()).replace(**overrides)
+    config.check_files()
     if config.val_dir is not None:
         raise InputError(
             f"val_dir={config.val_dir!r} does not apply to folds: each fold validates on its "

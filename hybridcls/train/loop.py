@@ -736,6 +736,7 @@ def train(
         if output is None:
             raise InputError("output=None: a run directory is required (or resume=RUN_DIR)")
         config = (config or TrainConfig()).replace(**overrides)
+        config.check_files()
         run_dir = Path(output)
         if holds_training_run(run_dir):
             raise InputError(
