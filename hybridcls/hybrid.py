@@ -355,8 +355,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         if diverged is not None:
             warnings.warn(f"{run_dir}: its training diverged in {diverged.describe()}, so its "
                           f"weights are those of epoch {diverged.best_epoch}, the best before it; "
-                          "resuming it would diverge again: train a new run with "
-                          f"{diverged.remedy()}", HybridclsWarning, stacklevel=3)
+                          "resuming it would diverge again: train a new run with a lower lr "
+                          f"or gradient clipping, such as {diverged.new_run()}", HybridclsWarning,
+                          stacklevel=3)
         elif stopped is not None:
             warnings.warn(f"{run_dir}: its training was interrupted after {stopped}, so its weights "
                           "are those of its best epoch so far; finish it with "

@@ -265,6 +265,10 @@ def test_rollup_on_the_zoo(zoo: dict, capsys: pytest.CaptureFixture[str]) -> Non
                  "--precisions", "0.9", "-q"]) == 0
     printed = capsys.readouterr().out
     assert all(f"| {name} |" in printed for name in NAMES) and "bound: cut median" in printed
+    assert printed.rstrip().endswith(f"wrote {out / 'rollup.md'} and {out / 'rollup.json'}")
+    # a target no threshold reaches on a world is said as such in the summary, not only as a 0 cut
+    off = sum(1 for r in report.worlds.values() if "0.9" in r.info["unreachable"])
+    assert (f"unreachable, so roll-up off, on {off} of 2" in printed) == (off > 0)
     assert main(["bench", "rollup", "--zoo", "ci", "--seed", "1", "--out", str(out)]) == 2
     assert "--seed: each world of --zoo sets its own" in capsys.readouterr().err
     assert main(["bench", "rollup", "--cache-dir", str(cache), "--out", str(out)]) == 2
@@ -350,5 +354,9 @@ def test_fewshot_on_the_zoo(zoo: dict, capsys: pytest.CaptureFixture[str]) -> No
     assert all(f"| {name} |" in printed for name in NAMES) and "k = 1: share of the oracle's H median" in printed
     assert main(["bench", "fewshot", "--zoo", "ci", "--retrain-k", "1", "--out", str(out)]) == 2
     assert "--retrain-k: the retrain route is not measured with --zoo" in capsys.readouterr().err
+    # '' is "no retrain route", which --zoo is: accepted
+    assert main(["bench", "fewshot", "--zoo", "ci", "--k", "0", "--draws", "1", "--retrain-k", "",
+                 "--out", str(out), "--cache-dir", str(cache), "-q"]) == 0
+    capsys.readouterr()
     assert main(["bench", "fewshot", "--zoo", "ci", "--model", "resnet18", "--out", str(out)]) == 2
     assert "--model: each world of --zoo sets its own" in capsys.readouterr().err

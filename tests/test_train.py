@@ -832,13 +832,29 @@ def test_a_diverged_run_is_recorded_said_on_load_and_refused_by_resume_and_the_b
         f"so it is not resumed. {run} keeps epoch 1 and its checkpoint, the best before it "
         f"diverged: start a new run in another folder (--output RUN_DIR) with a lower lr (this run: "
         f"--lr 0.001) or with --clip-grad 1.0\n")
+    # training into its folder again: not "continue it with --resume", which is refused
+    assert main(["train", str(tiny_world.train_dir), "--output", str(run), "-q"]) == 2
+    assert capsys.readouterr().err == (
+        f"hybridcls train: error: --output {run} already holds a training run; its training "
+        f"diverged in epoch 2 ({reason}) (resumed, it would diverge again): choose another folder, "
+        f"or delete it, and start again with a lower lr (this run: --lr 0.001) or with --clip-grad "
+        f"1.0\n")
+    # outside train, the new run is said as the command that trains it
+    main(["calibrate", str(run), "--prompts", str(tiny_world.prompts_file), "--templates",
+          str(tiny_world.templates_file), "--clip-model", TINY_CLIP_MODEL_ID, "--cache-dir",
+          str(tmp_path / "cache"), "-q"])
+    assert ("train a new run with a lower lr or gradient clipping, such as `hybridcls train DATA_DIR "
+            "--output NEW_DIR --lr 0.0001` or `hybridcls train DATA_DIR --output NEW_DIR --clip-grad "
+            "1`" in capsys.readouterr().err)
 
     with pytest.raises(CheckpointError) as info:
         train_once(tiny_world.train_dir, run, **options)
     assert str(info.value) == (
         f"{run}: its training diverged in epoch 2 ({reason}); a bench neither reports nor resumes "
-        f"such a run (resumed, it would diverge again): delete the folder and train it again with a "
-        f"lower lr (this run: lr=0.001) or with clip_grad=1.0")
+        f"such a run (resumed, it would diverge again): train a new run with a lower lr or gradient "
+        f"clipping, such as train(data_dir=DATA_DIR, output=NEW_DIR, lr=0.0001) or "
+        f"train(data_dir=DATA_DIR, output=NEW_DIR, clip_grad=1), or delete the folder and let the "
+        f"bench train it again")
 
     clf = HybridClassifier(clip_model=TINY_CLIP_MODEL_ID, clip_pretrained=None, device="cpu",
                            templates=tiny_world.templates_file, cache_dir=tmp_path / "cache",
@@ -848,7 +864,9 @@ def test_a_diverged_run_is_recorded_said_on_load_and_refused_by_resume_and_the_b
     said = [str(w.message) for w in caught if str(w.message).startswith(f"{run}: its training")]
     assert said == [(f"{run}: its training diverged in epoch 2 ({reason}), so its weights are "
                      f"those of epoch 1, the best before it; resuming it would diverge again: train "
-                     f"a new run with a lower lr (this run: lr=0.001) or with clip_grad=1.0")]
+                     f"a new run with a lower lr or gradient clipping, such as train(data_dir=DATA_DIR, "
+                     f"output=NEW_DIR, lr=0.0001) or train(data_dir=DATA_DIR, output=NEW_DIR, "
+                     f"clip_grad=1)")]
 
 
 def test_a_divergence_of_the_validation_loss_alone_names_no_update_and_a_clipped_run_a_lower_clip(

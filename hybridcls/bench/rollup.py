@@ -280,9 +280,12 @@ class RollupZooReport:
             lines.append(f"| {name} | {100 * report.rows[0].wrong:.1f}% | " + " | ".join(cells) + " |")
         lines.append("")
         for column, s in self.summary.items():
+            off = sum(_column_row(r, column) is None for r in self.worlds.values())
             lines.append(f"{column}: cut median {100 * s['median']:.0f}%, worst {100 * s['worst']:.0f}% "
-                         f"({s['worst_world']}); {s['met']} of {len(self.worlds)} worlds cut at least "
-                         f"half with at least {100 * MIN_LEAF_SHARE:.0f}% answered with a class")
+                         f"({s['worst_world']}"
+                         + (f"; unreachable, so roll-up off, on {off} of {len(self.worlds)}" if off else "")
+                         + f"); {s['met']} of {len(self.worlds)} worlds cut at least half with at least "
+                         f"{100 * MIN_LEAF_SHARE:.0f}% answered with a class")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:

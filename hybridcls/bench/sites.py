@@ -78,7 +78,8 @@ def _row(method: str, y: np.ndarray, pred: np.ndarray, n_seen: int, lists: str) 
     return QualityRow(method, s, u, h, float(np.mean(pred == y)), note=lists)
 
 
-def sites_rows(clf: Any, feats: BranchOutputs, y: np.ndarray, allowed: np.ndarray) -> list[QualityRow]:
+def sites_rows(clf: Any, feats: BranchOutputs, y: np.ndarray, allowed: np.ndarray,
+               oracle_seen_logits: np.ndarray | None = None) -> list[QualityRow]:
     """The hybrid, the zero-shot branch and the oracle router, without and with ``allowed``.
 
     Args:
@@ -87,11 +88,14 @@ def sites_rows(clf: Any, feats: BranchOutputs, y: np.ndarray, allowed: np.ndarra
         feats: Its tower outputs on the test images (both towers on every image).
         y: ``[N]`` true class indices in ``clf.classes_`` order.
         allowed: ``[N, C]`` each image's site list.
+        oracle_seen_logits: ``[N, S]`` the seen-class logits the oracle router reads (default:
+            those the gate reads, ``clf.seen_logits(feats)``; the zoo's: the plain supervised
+            logits, so that its oracle is the zoo table's).
     """
     S = clf.n_seen_
     zero_shot = Gate.zero_shot()
     clip_only = BranchOutputs(clip_logits=feats.clip_logits)
-    seen = clf.seen_logits(feats)
+    seen = clf.seen_logits(feats) if oracle_seen_logits is None else np.asarray(oracle_seen_logits)
     # the classifier's own entry point on outputs (its prediction options), else the gate's
     predict = clf.predict if isinstance(clf, Gate) else clf.predict_features
     rows = []
@@ -168,7 +172,8 @@ def sites_zoo(out_dir: str | Path, n: int | str | None = None, *, n_sites: int =
               workers: int = 0, progress: bool = False) -> SitesZooReport:
     """The comparison on every world of the zoo (:mod:`hybridcls.bench.zoo`), from the cached
     towers' outputs: the default gate fitted as ``calibrate`` fits it, the test images spread
-    over sites by :func:`make_sites` (seeded by the world's seed). Writes ``sites.md`` and
+    over sites by :func:`make_sites` (seeded by the world's seed); the oracle router reads the
+    plain supervised logits, as the zoo table's does. Writes ``sites.md`` and
     ``sites.json`` into ``out_dir``.
 
     Args:
@@ -194,7 +199,7 @@ def sites_zoo(out_dir: str | Path, n: int | str | None = None, *, n_sites: int =
         seed = int(f.info.get("spec", {}).get("seed", 0))
         holds, site = make_sites(f.y_test, len(f.classes), n_sites=n_sites,
                                  sites_per_class=sites_per_class, seed=seed)
-        rows = sites_rows(f.fit(Gate()), f.test, f.y_test, holds[site])
+        rows = sites_rows(f.fit(Gate()), f.test, f.y_test, holds[site], oracle_seen_logits=f.test.sup_logits)
         reports[name] = SitesReport(rows, {}, {"world_seed": seed, "n_test": len(f.y_test),
                                                "n_sites": n_sites, "sites_per_class": sites_per_class,
                                                "classes_per_site": holds.sum(axis=1).tolist()})

@@ -260,7 +260,8 @@ def run_fewshot(args: argparse.Namespace) -> int:
     if args.zoo is not None:
         from hybridcls.bench.fewshot import fewshot_zoo
 
-        retrain = [flag for flag, value in (("--retrain-k", args.retrain_k),
+        # '' is "no retrain route", which --zoo is
+        retrain = [flag for flag, value in (("--retrain-k", args.retrain_k or None),
                                             ("--retrain-draws", args.retrain_draws)) if value is not None]
         if retrain:
             raise UsageError(f"{', '.join(retrain)}: the retrain route is not measured with --zoo "
@@ -295,7 +296,7 @@ def _run_over_zoo(args: argparse.Namespace, name: str, bench: Any, **options: An
     report = bench(out, n, cache_dir=args.cache_dir, workers=args.workers, progress=not args.quiet,
                    **options)
     print(report.markdown())
-    print(f"wrote {out / (name + '.md')} and {name}.json")
+    print(f"wrote {out / (name + '.md')} and {out / (name + '.json')}")
     return 0
 
 

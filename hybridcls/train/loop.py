@@ -73,6 +73,7 @@ from hybridcls.train.metrics import per_class_from_counts, plot_curves, write_me
 from hybridcls.train.state import (
     Divergence,
     TrainState,
+    diverged_training,
     flatten_optimizer_state,
     holds_training_run,
     load_train_state,
@@ -739,9 +740,13 @@ def train(
         config.check_files()
         run_dir = Path(output)
         if holds_training_run(run_dir):
+            diverged = diverged_training(run_dir)
             raise InputError(
-                f"output={str(run_dir)!r} already holds a training run; continue it with "
-                f"resume={str(run_dir)!r}, or choose another folder"
+                f"output={str(run_dir)!r} already holds a training run; "
+                + (f"its training diverged in {diverged.describe()} (resumed, it would diverge "
+                   f"again): choose another folder, or delete it, and start again with "
+                   f"{diverged.remedy()}" if diverged is not None else
+                   f"continue it with resume={str(run_dir)!r}, or choose another folder")
             )
     # Under torchrun the process group lives for this run only (see train.distributed);
     # it is joined first so that the ranks share out the image check.

@@ -159,6 +159,14 @@ class Divergence:
                 else f"a lower clip_grad (this run: clip_grad={self.clip_grad})")
         return f"a lower lr (this run: lr={self.lr}) or {clip}"
 
+    def new_run(self) -> str:
+        """:meth:`remedy` as ``train(...)`` calls, for a message outside ``train`` (whose command
+        line shows each as the ``hybridcls train`` command): a tenth of this run's ``lr``, or
+        gradient clipping (a tenth of this run's, when it clipped)."""
+        clip = 1.0 if self.clip_grad is None else self.clip_grad / 10
+        return (f"train(data_dir=DATA_DIR, output=NEW_DIR, lr={self.lr / 10:g}) or "
+                f"train(data_dir=DATA_DIR, output=NEW_DIR, clip_grad={clip:g})")
+
 
 def flatten_optimizer_state(
     state_dict: dict[str, Any],
