@@ -151,14 +151,14 @@ def saved_folder_hybrid(args: argparse.Namespace) -> Any:
     """The hybrid a ``save_pretrained`` folder given as ``--checkpoint`` without ``--prompts``
     loads, for :func:`classifier_from_args`' ``hybrid``: ``HybridClassifier.from_pretrained``
     with the runtime and decision flags, so that the rows are made with the class-text matrix
-    the folder holds (``predict`` and ``explain`` alike). The CLIP flags given are passed on
-    (``--clip-pretrained``: the weights may be kept elsewhere here; their fingerprint is checked).
+    the folder holds (``predict`` and ``explain`` alike). Of the CLIP flags only
+    ``--clip-pretrained`` can reach it (the weights may be kept elsewhere here; their fingerprint
+    is checked): :func:`saved_folder_prompts` refused the others.
     """
     # the models (torch, timm, open_clip) are imported when the command runs
     from hybridcls.hybrid import HybridClassifier
 
-    given = {name: getattr(args, name) for name in ("clip_model", "clip_pretrained", "templates")
-             if getattr(args, name) is not None}
+    given = {} if args.clip_pretrained is None else {"clip_pretrained": args.clip_pretrained}
     return HybridClassifier.from_pretrained(args.checkpoint, **given, **hybrid_parameters(args))
 
 
