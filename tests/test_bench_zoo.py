@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hybridcls.bench.quality import best_routing_threshold
 from hybridcls.bench.zoo import (
     CI_ZOO,
+    FITTED_ON_TEST,
     ZOO,
     WorldFeatures,
     build_world,
@@ -360,3 +362,56 @@ def test_fewshot_on_the_zoo(zoo: dict, capsys: pytest.CaptureFixture[str]) -> No
     capsys.readouterr()
     assert main(["bench", "fewshot", "--zoo", "ci", "--model", "resnet18", "--out", str(out)]) == 2
     assert "--model: each world of --zoo sets its own" in capsys.readouterr().err
+
+
+def _routing_h(scores: np.ndarray, t: float, y: np.ndarray, sup: np.ndarray, zs: np.ndarray,
+               n_seen: int) -> float:
+    """H of hard routing at threshold t, as the gate routes (score > t: zero-shot; NaN stays)."""
+    h = seen_unseen_accuracy(y, np.where(scores > t, zs, sup), n_seen)[2]
+    return 0.0 if np.isnan(h) else h
+
+
+def test_best_routing_threshold_is_the_brute_force_best() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, S = int(rng.integers(1, 40)), int(rng.integers(1, 5))
+        C = S + int(rng.integers(1, 4))
+        y, sup, zs = rng.integers(0, C, n), rng.integers(0, S, n), rng.integers(S, C, n)
+        scores = rng.integers(0, 6, n).astype(float)  # ties
+        scores[rng.random(n) < 0.1] = np.nan
+        scores[rng.random(n) < 0.1] = -np.inf
+        t, h = best_routing_threshold(scores, y, sup, zs, S)
+        candidates = [-np.inf, *sorted(set(scores[~np.isnan(scores)].tolist()))]
+        hs = [_routing_h(scores, c, y, sup, zs, S) for c in candidates]
+        assert h == pytest.approx(max(hs), abs=1e-12)
+        assert t == candidates[hs.index(max(hs))]  # the smallest threshold reaching it
+    with pytest.raises(InputError, match="expected four"):
+        best_routing_threshold([0.1, 0.2], [0], [0], [1], 1)
+
+
+def test_threshold_bounds_read_the_test_labels(zoo: dict) -> None:
+    report = zoo["report"]
+    for w in report.worlds:
+        f = load_features(zoo["out"] / w.name)
+        gate = f.fit(Gate())
+        S, y = f.n_seen, f.y_test
+        oracle = w.row("oracle router").harmonic
+        assert {"gate", FITTED_ON_TEST, *gate.calibration_.base_scores} == set(w.threshold_bounds)
+        # the bound is the best threshold: at least what the calibrated one does routed hard
+        hard = gate.with_options(mode="hard", unseen_only=True)
+        res = hard.predict(f.test)
+        assert w.gate_bound >= seen_unseen_accuracy(y, res.pred, S)[2] / oracle - 1e-12
+        sup = res.sup_probs.argmax(axis=1)
+        zs = S + f.test.clip_logits[:, S:].argmax(axis=1)
+        t, h = best_routing_threshold(res.gate_score, y, sup, zs, S)
+        assert w.gate_bound == pytest.approx(h / oracle)
+        assert w.gate_bound == pytest.approx(_routing_h(res.gate_score, t, y, sup, zs, S) / oracle)
+        names = [k for k in w.threshold_bounds if k not in ("gate", FITTED_ON_TEST)]
+        assert w.score_bound == max(w.threshold_bounds[k] for k in names)
+    for key in ("gate_bound", "score_bound", "fitted_bound"):
+        values = [getattr(w, key) for w in report.worlds]
+        assert report.summary[key]["median"] == pytest.approx(statistics.median(values))
+        assert report.summary[key]["worst"] == min(values)
+    md = report.markdown()
+    assert "Bound (hard routing at the best threshold on the test labels" in md
+    assert f"the gate score median {100 * report.summary['gate_bound']['median']:.1f}" in md

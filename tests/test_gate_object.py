@@ -103,3 +103,21 @@ def test_a_gate_json_written_before_n_seen_keeps_its_model_version(data: dict, t
     assert old.calibration_.n_seen is None
     assert json.loads(json_text(old.calibration_.to_dict())) == record
     assert gate.calibration_.to_dict()["n_seen"] == data["S"]
+
+
+@pytest.mark.parametrize("gate", [Gate(rounds=3), Gate(method="tpr", score="knn", tpr=0.9)],
+                         ids=["combined", "single"])
+def test_base_scores_are_what_the_gate_score_is_made_of(data: dict, gate: Gate) -> None:
+    gate.fit(data["train"], data["y_train"], data["val"], data["y_val"], class_names=data["names"])
+    cal = gate.calibration_
+    base = gate.base_scores(data["test"])
+    assert sorted(base) == sorted(cal.base_scores)
+    assert all(v.shape == (len(data["test"]),) for v in base.values())
+    np.testing.assert_array_equal(cal.score_from(base), gate.decision_function(data["test"]))
+
+
+def test_base_scores_refused_without_a_gate_score(data: dict) -> None:
+    with pytest.raises(InputError, match="the gate is not fitted"):
+        Gate().base_scores(data["test"])
+    with pytest.raises(InputError, match="a zero-shot gate has no gate score"):
+        Gate.zero_shot().base_scores(data["test"])

@@ -31,6 +31,7 @@ from hybridcls.zeroshot.prompts import normalize_label
 __all__ = [
     "QualityReport",
     "QualityRow",
+    "best_routing_threshold",
     "check_world",
     "default_world_backbone",
     "labelled_test_set",
@@ -101,6 +102,66 @@ def reference_rows(feats: BranchOutputs, y: np.ndarray, n_seen: int,
         _figures("zero-shot only", y, zs, n_seen, "CLIP over all classes"),
         _figures("oracle router", y, oracle, n_seen, "knows which images are unseen"),
     ]
+
+
+def best_routing_threshold(scores: Any, y: Any, sup_pred: Any, zs_pred: Any,
+                           n_seen: int) -> tuple[float, float]:
+    """The hard-routing threshold with the highest H on labelled images, and that H.
+
+    An image goes to the zero-shot branch (answer ``zs_pred``) when its score is above the
+    threshold and stays with the supervised one (``sup_pred``) otherwise, as
+    :func:`hybridcls.gate.fusion.route_mask` routes it (a NaN score stays). Read off the test
+    labels, so a bound for the bench (what any threshold on this score can do with these two
+    answers), as the oracle router is for the gate; never a method. Exact: every distinct
+    score is a candidate, and each image's answer changes once, where the threshold crosses
+    its own score, so the per-class hits at every candidate are a cumulative sum.
+
+    Args:
+        scores: ``[N]`` gate scores (higher = less like the seen classes).
+        y: ``[N]`` true class indices (``>= n_seen``: unseen).
+        sup_pred: ``[N]`` the supervised branch's answers (seen class indices).
+        zs_pred: ``[N]`` the zero-shot branch's answers (e.g. CLIP over the unseen classes).
+        n_seen: Number of seen classes.
+
+    Returns:
+        ``(threshold, H)``: the smallest threshold reaching the best H (``-inf``: route every
+        image with a finite score), and that H in [0, 1] (GZSL H of per-class accuracies,
+        :func:`hybridcls.gate.metrics.seen_unseen_accuracy`).
+
+    Raises:
+        InputError: Arrays of different lengths.
+
+    Example:
+        >>> best_routing_threshold([0.1, 0.9, 0.5], [0, 2, 1], [0, 0, 1], [2, 2, 2], n_seen=2)
+        (0.5, 1.0)
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y, sp, zp = (np.asarray(a, dtype=np.int64) for a in (y, sup_pred, zs_pred))
+    if not s.ndim == 1 or not s.shape == y.shape == sp.shape == zp.shape:
+        raise InputError(f"scores {s.shape}, y {y.shape}, sup_pred {sp.shape} and zs_pred "
+                         f"{zp.shape}: expected four [N] arrays")
+    key = np.where(np.isnan(s), -np.inf, s)  # NaN: never routed, like a score at -inf
+    order = np.argsort(key, kind="stable")
+    n_classes = int(max(y.max(initial=-1), n_seen)) + 1
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    # all routed (the threshold below every score), then each image kept in turn, by score
+    hits0 = np.bincount(y, weights=(zp == y).astype(np.float64), minlength=n_classes)
+    delta = np.zeros((len(s), n_classes))
+    delta[np.arange(len(s)), y[order]] = (sp == y)[order].astype(np.float64) - (zp == y)[order]
+    hits = np.vstack([hits0, hits0 + np.cumsum(delta, axis=0)])
+    ends = np.flatnonzero(np.r_[key[order][1:] != key[order][:-1], True]) + 1  # last of each tie
+    states = np.r_[0, ends] if not len(s) or key[order][0] > -np.inf else ends
+    thresholds = np.r_[-np.inf, key[order]][states]
+    present = counts > 0
+    acc = np.divide(hits[states], counts, out=np.zeros((len(states), n_classes)), where=present)
+    seen = present & (np.arange(n_classes) < n_seen)
+    unseen = present & ~(np.arange(n_classes) < n_seen)
+    S = acc[:, seen].mean(axis=1) if seen.any() else np.zeros(len(states))
+    U = acc[:, unseen].mean(axis=1) if unseen.any() else np.zeros(len(states))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        H = np.where(S + U > 0, 2 * S * U / (S + U), 0.0)
+    best = int(np.argmax(H))
+    return float(thresholds[best]), float(H[best])
 
 
 def load_or_make_world(root: Path, *, seed: int = 0) -> Any:

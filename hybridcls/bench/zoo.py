@@ -40,6 +40,7 @@ import numpy as np
 from hybridcls.bench.quality import (
     QualityRow,
     _figures,
+    best_routing_threshold,
     check_world,
     default_world_backbone,
     reference_rows,
@@ -51,6 +52,7 @@ from hybridcls.gate import BranchOutputs, Gate, gate_detection, routing_matrix
 
 __all__ = [
     "CI_ZOO",
+    "FITTED_ON_TEST",
     "SCRATCH_RECIPE",
     "ZOO",
     "WorldFeatures",
@@ -432,6 +434,13 @@ class WorldResult:
             unseen class predicted.
         chosen: What calibration chose (``score``, ``mode``, ``tpr``, ``cache_branch``...).
         info: The CLIP's zero-shot top-1 (``zero_shot_accuracy``), model, counts.
+        threshold_bounds: The share of the oracle router's H that hard routing reaches at
+            the best threshold on the test labels (:func:`best_routing_threshold`; answers: the
+            gate's seen-class logits, CLIP over the unseen classes), on the gate score
+            (``"gate"``), on each base score it reads (by name, when the gate is a
+            :class:`Gate`) and on a logistic combination of those fitted on the test labels
+            (:data:`FITTED_ON_TEST`, out of fold). A bound that reads the test labels, never a method: how much of
+            the loss is the threshold's and how much the score's.
     """
 
     name: str
@@ -443,9 +452,26 @@ class WorldResult:
     routing: dict[str, int]
     chosen: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
+    threshold_bounds: dict[str, float] = field(default_factory=dict)
 
     def row(self, method: str) -> QualityRow:
         return next(r for r in self.rows if r.method == method)
+
+    @property
+    def gate_bound(self) -> float | None:
+        """The gate score's share of the oracle at its best test threshold."""
+        return self.threshold_bounds.get("gate")
+
+    @property
+    def score_bound(self) -> float | None:
+        """The best base score's share of the oracle at its best test threshold."""
+        values = [v for k, v in self.threshold_bounds.items() if k not in ("gate", FITTED_ON_TEST)]
+        return max(values) if values else None
+
+    @property
+    def fitted_bound(self) -> float | None:
+        """The same for a combination of the base scores fitted on the test labels themselves."""
+        return self.threshold_bounds.get(FITTED_ON_TEST)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -492,6 +518,7 @@ def evaluate_gate(features: WorldFeatures, gate: GateLike | None = None) -> Worl
         to_zeroshot = res.gate_weight > 0.5
     oracle, gated = rows[2].harmonic, rows[3].harmonic
     single = max(rows[0].harmonic, rows[1].harmonic)
+    bounds = _threshold_bounds(fitted, f, res, oracle)
     zero_shot = f.info.get("clip_zero_shot", {})
     return WorldResult(
         name=f.name, knobs=_knobs(f.info.get("spec")), rows=rows,
@@ -501,7 +528,49 @@ def evaluate_gate(features: WorldFeatures, gate: GateLike | None = None) -> Worl
         info={"clip_top1": zero_shot.get("overall"), "clip_top1_unseen": zero_shot.get("unseen"),
               "model": f.info.get("model"), "n_test": len(y), "n_unseen_test": int(is_unseen.sum()),
               "n_train": len(f.y_train), "n_val": len(f.y_val), "n_seen": S,
-              "n_classes": len(f.classes)})
+              "n_classes": len(f.classes)},
+        threshold_bounds=bounds)
+
+
+def _threshold_bounds(fitted: Any, f: WorldFeatures, res: Any, oracle: float) -> dict[str, float]:
+    """:attr:`WorldResult.threshold_bounds`: empty when the oracle's H is 0."""
+    if oracle <= 0:
+        return {}
+    S, y = f.n_seen, f.y_test
+    seen = res.sup_probs if res.sup_probs is not None else f.test.sup_logits
+    sup_pred = np.nan_to_num(np.asarray(seen, np.float64), nan=-np.inf).argmax(axis=1)
+    zs_pred = S + np.asarray(f.test.clip_logits)[:, S:].argmax(axis=1)
+    scores = {"gate": res.gate_score}
+    if isinstance(fitted, Gate) and fitted.calibration_ is not None:
+        base = fitted.base_scores(f.test)
+        scores.update(base)
+        fitted_on_test = _fitted_on_test(base, y >= S)
+        if fitted_on_test is not None:
+            scores[FITTED_ON_TEST] = fitted_on_test
+    return {name: best_routing_threshold(v, y, sup_pred, zs_pred, S)[1] / oracle
+            for name, v in scores.items()}
+
+
+FITTED_ON_TEST = "combination fitted on the test labels"
+
+
+def _fitted_on_test(base: Mapping[str, np.ndarray], is_unseen: np.ndarray) -> np.ndarray | None:
+    """Out-of-fold scores of a logistic regression over the standardised base scores, fitted on
+    the test set's own seen / unseen labels (5-fold, stratified): the best the combined score's
+    form could weigh them. ``None`` when a fold could not hold both groups."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = min(5, int(is_unseen.sum()), int((~is_unseen).sum()))
+    if folds < 2:
+        return None
+    X = np.column_stack([np.nan_to_num(np.asarray(base[k], np.float64), nan=0.0, posinf=1e6,
+                                       neginf=-1e6) for k in sorted(base)])
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    return cross_val_predict(model, X, is_unseen.astype(int), method="decision_function",
+                             cv=StratifiedKFold(folds, shuffle=True, random_state=0))
 
 
 def _knobs(spec: Mapping[str, Any] | None) -> str:
@@ -530,9 +599,11 @@ def _chosen_line(cal: Any) -> str:
 
 
 def _summary(results: Sequence[WorldResult]) -> dict[str, dict[str, float | None]]:
-    """Median and worst over the worlds of the share of the oracle, the margin and the AUROC."""
+    """Median and worst over the worlds of the share of the oracle, the margin, the AUROC and
+    the threshold bounds."""
     summary: dict[str, dict[str, float | None]] = {}
-    for key in ("share_of_oracle", "margin", "gate_auroc"):
+    for key in ("share_of_oracle", "margin", "gate_auroc", "gate_bound", "score_bound",
+                "fitted_bound"):
         values = [getattr(r, key) for r in results if getattr(r, key) is not None]
         worst = min(values) if values else None
         summary[key] = {"median": statistics.median(values) if values else None, "worst": worst,
@@ -558,8 +629,9 @@ class ZooReport:
         pct = _pct
         lines = [
             ("| world | knobs | CLIP top-1 | sup. S | zero-shot H | oracle H | hybrid H | share of oracle "
-            "| margin | gate AUROC | routing s->sup / s->zs / u->sup / u->zs | chosen |"),
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+            "| margin | gate AUROC | routing s->sup / s->zs / u->sup / u->zs | chosen "
+            "| bound: gate score / best base score / fitted on test |"),
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
         ]
         for w in self.worlds:
             r = w.routing
@@ -568,7 +640,7 @@ class ZooReport:
                 f"{pct(w.rows[1].harmonic)} | {pct(w.rows[2].harmonic)} | {pct(w.rows[3].harmonic)} | "
                 f"{pct(w.share_of_oracle)} | {_signed(w.margin)} | {_num(w.gate_auroc)} | "
                 f"{r['seen_to_supervised']} / {r['seen_to_zeroshot']} / {r['unseen_to_supervised']} / "
-                f"{r['unseen_to_zeroshot']} | {w.rows[3].note} |")
+                f"{r['unseen_to_zeroshot']} | {w.rows[3].note} | {_bound_cell(w)} |")
         s = self.summary
         lines += [
             "",
@@ -579,6 +651,18 @@ class ZooReport:
             f"({s['margin']['worst_world']}); gate AUROC median {_num(s['gate_auroc']['median'])}, "
             f"worst {_num(s['gate_auroc']['worst'])} ({s['gate_auroc']['worst_world']})."),
         ]
+        if s["gate_bound"]["worlds"]:
+            lines += [
+                "",
+                ("Bound (hard routing at the best threshold on the test labels, as a share of the "
+                 f"oracle's H): the gate score median {pct(s['gate_bound']['median'])}, worst "
+                 f"{pct(s['gate_bound']['worst'])} ({s['gate_bound']['worst_world']}); the best "
+                 f"base score median {pct(s['score_bound']['median'])}, worst "
+                 f"{pct(s['score_bound']['worst'])} ({s['score_bound']['worst_world']}); a "
+                 "combination of the base scores fitted on the test labels median "
+                 f"{pct(s['fitted_bound']['median'])}, worst {pct(s['fitted_bound']['worst'])} "
+                 f"({s['fitted_bound']['worst_world']})."),
+            ]
         for w in self.worlds:
             lines += ["", f"### {w.name}", "", w.knobs, "",
                       "| method | S | U | H | accuracy | gate AUROC |", "|---|---:|---:|---:|---:|---:|"]
@@ -590,6 +674,14 @@ class ZooReport:
     def to_json(self, path: str | Path) -> None:
         atomic_write_json(path, {"worlds": [w.as_dict() for w in self.worlds],
                                  "summary": self.summary, "seconds": self.seconds, "info": self.info})
+
+
+def _bound_cell(w: WorldResult) -> str:
+    best = w.score_bound
+    name = next((k for k, v in w.threshold_bounds.items()
+                 if k not in ("gate", FITTED_ON_TEST) and v == best), "")
+    return (f"{_pct(w.gate_bound)} / {_pct(best)}" + (f" ({name})" if name else "")
+            + f" / {_pct(w.fitted_bound)}")
 
 
 def _pct(value: float | None) -> str:

@@ -675,6 +675,22 @@ class Gate:
             return np.full(len(outputs), np.nan)
         return self._gate_score(self._supported(outputs), cal)
 
+    def base_scores(self, outputs: BranchOutputs) -> dict[str, np.ndarray]:
+        """``{name: [N]}`` the registered scores the gate score is made of, as it reads them.
+
+        One score for a single-score gate; each of the combined score's inputs otherwise, at
+        the gate's temperatures and ``knn_k``, before standardisation (docs/gate.md, "Scores").
+
+        Raises:
+            InputError: The gate is not fitted, or a zero-shot gate (it has no score).
+        """
+        BranchOutputs.check(outputs, "outputs")
+        if self._zero_shot:
+            raise InputError("a zero-shot gate has no gate score: it has no seen classes to route")
+        cal = self._fitted()
+        outputs = self._supported(outputs)
+        return cal.compute_base_scores(**self._score_inputs(outputs, self.seen_logits(outputs), cal))
+
     def predict(self, outputs: BranchOutputs, *, allowed: Any = None) -> FusionResult:
         """Route or mix the two branches for each image.
 
