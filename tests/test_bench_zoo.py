@@ -387,6 +387,10 @@ def test_best_routing_threshold_is_the_brute_force_best() -> None:
         assert t == candidates[hs.index(max(hs))]  # the smallest threshold reaching it
     with pytest.raises(InputError, match="expected four"):
         best_routing_threshold([0.1, 0.2], [0], [0], [1], 1)
+    with pytest.raises(InputError, match="y contains 1 negative class indices"):
+        best_routing_threshold([0.1], [-1], [0], [1], 1)
+    with pytest.raises(InputError, match="sup_pred contains 1 NaN"):
+        best_routing_threshold([0.1], [0], [np.nan], [1], 1)
 
 
 def test_threshold_bounds_read_the_test_labels(zoo: dict) -> None:

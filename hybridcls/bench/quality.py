@@ -24,7 +24,7 @@ from hybridcls.data import expand_inputs
 from hybridcls.errors import CheckpointError, DatasetError, InputError
 from hybridcls.eval import join_labels
 from hybridcls.gate import GATE_FILENAME, SCORES, BranchOutputs, gate_detection
-from hybridcls.gate.metrics import ausuc, seen_unseen_accuracy
+from hybridcls.gate.metrics import as_class_indices, ausuc, seen_unseen_accuracy
 from hybridcls.hybrid import HybridClassifier
 from hybridcls.zeroshot.prompts import normalize_label
 
@@ -129,17 +129,21 @@ def best_routing_threshold(scores: Any, y: Any, sup_pred: Any, zs_pred: Any,
         :func:`hybridcls.gate.metrics.seen_unseen_accuracy`).
 
     Raises:
-        InputError: Arrays of different lengths.
+        InputError: Arrays of different lengths, class indices that are not whole numbers, or
+            a negative true class.
 
     Example:
         >>> best_routing_threshold([0.1, 0.9, 0.5], [0, 2, 1], [0, 0, 1], [2, 2, 2], n_seen=2)
         (0.5, 1.0)
     """
     s = np.asarray(scores, dtype=np.float64)
-    y, sp, zp = (np.asarray(a, dtype=np.int64) for a in (y, sup_pred, zs_pred))
+    y, sp, zp = (as_class_indices(a, name) for a, name in
+                 ((y, "y"), (sup_pred, "sup_pred"), (zs_pred, "zs_pred")))
     if not s.ndim == 1 or not s.shape == y.shape == sp.shape == zp.shape:
         raise InputError(f"scores {s.shape}, y {y.shape}, sup_pred {sp.shape} and zs_pred "
                          f"{zp.shape}: expected four [N] arrays")
+    if y.size and y.min() < 0:
+        raise InputError(f"y contains {int((y < 0).sum())} negative class indices")
     key = np.where(np.isnan(s), -np.inf, s)  # NaN: never routed, like a score at -inf
     order = np.argsort(key, kind="stable")
     n_classes = int(max(y.max(initial=-1), n_seen)) + 1

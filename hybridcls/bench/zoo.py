@@ -70,6 +70,8 @@ __all__ = [
 ]
 
 LITE0 = "lite0"
+#: :attr:`WorldResult.threshold_bounds`' key for the base scores' combination fitted on the test labels
+FITTED_ON_TEST = "combination fitted on the test labels"
 FEATURES_DIR = "features"
 SPLITS = ("train", "val", "test")
 _LABELS_FILE = "labels.json"
@@ -439,8 +441,8 @@ class WorldResult:
             gate's seen-class logits, CLIP over the unseen classes), on the gate score
             (``"gate"``), on each base score it reads (by name, when the gate is a
             :class:`Gate`) and on a logistic combination of those fitted on the test labels
-            (:data:`FITTED_ON_TEST`, out of fold). A bound that reads the test labels, never a method: how much of
-            the loss is the threshold's and how much the score's.
+            (:data:`FITTED_ON_TEST`, out of fold). A bound that reads the test labels, never a
+            method: how much of the loss is the threshold's and how much the score's.
     """
 
     name: str
@@ -549,9 +551,6 @@ def _threshold_bounds(fitted: Any, f: WorldFeatures, res: Any, oracle: float) ->
             scores[FITTED_ON_TEST] = fitted_on_test
     return {name: best_routing_threshold(v, y, sup_pred, zs_pred, S)[1] / oracle
             for name, v in scores.items()}
-
-
-FITTED_ON_TEST = "combination fitted on the test labels"
 
 
 def _fitted_on_test(base: Mapping[str, np.ndarray], is_unseen: np.ndarray) -> np.ndarray | None:
