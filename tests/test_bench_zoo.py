@@ -14,6 +14,7 @@ from hybridcls.bench.quality import best_routing_threshold
 from hybridcls.bench.zoo import (
     CI_ZOO,
     FITTED_ON_TEST,
+    GATE_BOUND,
     ZOO,
     WorldFeatures,
     build_world,
@@ -24,7 +25,7 @@ from hybridcls.bench.zoo import (
 )
 from hybridcls.cli import main
 from hybridcls.errors import InputError
-from hybridcls.gate import Gate
+from hybridcls.gate import BranchOutputs, FusionResult, Gate
 from hybridcls.gate.metrics import seen_unseen_accuracy
 from hybridcls.synth import World
 from hybridcls.synth.world import attribute_distance
@@ -374,9 +375,10 @@ def _routing_h(scores: np.ndarray, t: float, y: np.ndarray, sup: np.ndarray, zs:
 def test_best_routing_threshold_is_the_brute_force_best() -> None:
     rng = np.random.default_rng(0)
     for _ in range(300):
-        n, S = int(rng.integers(1, 40)), int(rng.integers(1, 5))
+        n, S = int(rng.integers(2, 40)), int(rng.integers(1, 5))
         C = S + int(rng.integers(1, 4))
         y, sup, zs = rng.integers(0, C, n), rng.integers(0, S, n), rng.integers(S, C, n)
+        y[0], y[-1] = 0, S  # H needs a seen and an unseen image
         scores = rng.integers(0, 6, n).astype(float)  # ties
         scores[rng.random(n) < 0.1] = np.nan
         scores[rng.random(n) < 0.1] = -np.inf
@@ -391,6 +393,12 @@ def test_best_routing_threshold_is_the_brute_force_best() -> None:
         best_routing_threshold([0.1], [-1], [0], [1], 1)
     with pytest.raises(InputError, match="sup_pred contains 1 NaN"):
         best_routing_threshold([0.1], [0], [np.nan], [1], 1)
+    with pytest.raises(InputError, match="y has 2 seen and 0 unseen images: H needs both"):
+        best_routing_threshold([0.1, 0.2], [0, 0], [0, 0], [1, 1], 1)
+    with pytest.raises(InputError, match="y has 0 seen and 0 unseen"):
+        best_routing_threshold([], [], [], [], 1)
+    with pytest.raises(InputError, match="n_seen=0: expected a whole number, 1 or more"):
+        best_routing_threshold([0.1], [0], [0], [1], 0)
 
 
 def test_threshold_bounds_read_the_test_labels(zoo: dict) -> None:
@@ -400,22 +408,46 @@ def test_threshold_bounds_read_the_test_labels(zoo: dict) -> None:
         gate = f.fit(Gate())
         S, y = f.n_seen, f.y_test
         oracle = w.row("oracle router").harmonic
-        assert {"gate", FITTED_ON_TEST, *gate.calibration_.base_scores} == set(w.threshold_bounds)
-        # the bound is the best threshold: at least what the calibrated one does routed hard
-        hard = gate.with_options(mode="hard", unseen_only=True)
-        res = hard.predict(f.test)
-        assert w.gate_bound >= seen_unseen_accuracy(y, res.pred, S)[2] / oracle - 1e-12
+        assert {GATE_BOUND, FITTED_ON_TEST, *gate.calibration_.base_scores} == set(w.threshold_bounds)
+        # the gate's own decision at its calibrated threshold is one of the thresholds tried
+        assert w.gate_bound >= w.share_of_oracle - 1e-12
+        # and no threshold beats perfect routing with the same answers
+        res = gate.predict(f.test)
         sup = res.sup_probs.argmax(axis=1)
-        zs = S + f.test.clip_logits[:, S:].argmax(axis=1)
-        t, h = best_routing_threshold(res.gate_score, y, sup, zs, S)
-        assert w.gate_bound == pytest.approx(h / oracle)
-        assert w.gate_bound == pytest.approx(_routing_h(res.gate_score, t, y, sup, zs, S) / oracle)
-        names = [k for k in w.threshold_bounds if k not in ("gate", FITTED_ON_TEST)]
-        assert w.score_bound == max(w.threshold_bounds[k] for k in names)
+        unseen = S + f.test.clip_logits[:, S:].argmax(axis=1)
+        perfect = seen_unseen_accuracy(y, np.where(y >= S, unseen, sup), S)[2] / oracle
+        assert max(w.threshold_bounds.values()) <= perfect + 1e-12
+        # a base score's bound is hard routing at its best test threshold
+        name = max(w.base_score_bounds, key=w.base_score_bounds.get)
+        t, h = best_routing_threshold(gate.base_scores(f.test)[name], y, sup, unseen, S)
+        assert w.score_bound == pytest.approx(h / oracle)
+        assert h == pytest.approx(_routing_h(gate.base_scores(f.test)[name], t, y, sup, unseen, S))
     for key in ("gate_bound", "score_bound", "fitted_bound"):
         values = [getattr(w, key) for w in report.worlds]
         assert report.summary[key]["median"] == pytest.approx(statistics.median(values))
         assert report.summary[key]["worst"] == min(values)
     md = report.markdown()
-    assert "Bound (hard routing at the best threshold on the test labels" in md
-    assert f"the gate score median {100 * report.summary['gate_bound']['median']:.1f}" in md
+    assert "Bounds (the best threshold on the test labels, as a share of the oracle's H)" in md
+    assert f"the gate's decision: median {100 * report.summary['gate_bound']['median']:.1f}" in md
+
+
+def test_threshold_bounds_of_gates_that_are_not_a_fitted_gate(zoo: dict) -> None:
+    class Wrapped:  # anything with predict(): no base scores to bound
+        def __init__(self, gate: Gate) -> None:
+            self.gate = gate
+
+        def predict(self, outputs: BranchOutputs) -> FusionResult:
+            return self.gate.predict(outputs)
+
+    wrapped = evaluate_zoo(zoo["out"], lambda f: Wrapped(f.fit(Gate())))
+    for w in wrapped.worlds:
+        assert set(w.threshold_bounds) == {GATE_BOUND} and w.score_bound is None
+    assert wrapped.summary["score_bound"] == {"median": None, "worst": None, "worst_world": None,
+                                              "worlds": 0}
+    md = wrapped.markdown()
+    assert "the best base score" not in md and "the gate's decision: median" in md
+    assert " /  / " not in md
+    # a zero-shot gate fitted as any other keeps its bounds
+    zero_shot = evaluate_zoo(zoo["out"], Gate.zero_shot())
+    for w in zero_shot.worlds:
+        assert w.gate_bound >= w.share_of_oracle - 1e-12 and w.score_bound is not None

@@ -18,7 +18,7 @@ from hybridcls.gate import (
     topk,
 )
 from hybridcls.gate.config import MODES
-from hybridcls.gate.fusion import stacking_probs
+from hybridcls.gate.fusion import soft_decision_score, stacking_probs
 from hybridcls.gate.scores import clip_margin_score
 
 # 2 seen classes (columns 0, 1), 2 unseen (columns 2, 3)
@@ -286,3 +286,19 @@ def test_stacking_on_infinite_logits() -> None:
                                          [*softmax([-3.0, 3.0])[:1], 0, softmax([-3.0, 3.0])[1], 0],
                                          [0.5, 0, 0.5, 0]], rtol=1e-12)
     assert r.gate_score.tolist() == [-INF, 0.0, 3.0, 0.0]
+
+
+def test_soft_answers_are_hard_routing_on_the_soft_decision_score() -> None:
+    rng = np.random.default_rng(3)
+    S, C, n = 4, 7, 400
+    sup, clip = 3 * rng.standard_normal((n, S)), 3 * rng.standard_normal((n, C))
+    score = rng.standard_normal(n)
+    score[:5] = np.nan
+    for threshold, scale, temperature in [(0.0, 1.0, 1.0), (0.4, 0.25, 2.0), (-1.0, 3.0, 0.5)]:
+        cal = GateCalibration(score="energy", mode="soft", threshold=threshold, soft_scale=scale,
+                              sup_temperature=temperature)
+        res = fuse("soft", sup_logits=sup, clip_logits=clip, gate_score=score, calibration=cal)
+        decision = soft_decision_score(score, res.sup_probs, softmax(clip[:, S:], axis=1), scale)
+        hard = np.where(decision > threshold, S + clip[:, S:].argmax(axis=1), sup.argmax(axis=1))
+        np.testing.assert_array_equal(res.pred, hard)
+        assert (res.pred >= S).sum() not in (0, n)  # both branches answer somewhere

@@ -49,10 +49,13 @@ from hybridcls.bench.quality import (
 from hybridcls.cache import atomic_write_json, atomic_write_text, json_text
 from hybridcls.errors import InputError
 from hybridcls.gate import BranchOutputs, Gate, gate_detection, routing_matrix
+from hybridcls.gate.fusion import soft_decision_score
+from hybridcls.gate.scores import softmax_rows
 
 __all__ = [
     "CI_ZOO",
     "FITTED_ON_TEST",
+    "GATE_BOUND",
     "SCRATCH_RECIPE",
     "ZOO",
     "WorldFeatures",
@@ -70,8 +73,13 @@ __all__ = [
 ]
 
 LITE0 = "lite0"
-#: :attr:`WorldResult.threshold_bounds`' key for the base scores' combination fitted on the test labels
-FITTED_ON_TEST = "combination fitted on the test labels"
+#: :attr:`WorldResult.threshold_bounds`' keys besides the base scores' names: the gate's own
+#: decision, and a combination of the base scores fitted on the test labels
+GATE_BOUND, FITTED_ON_TEST = "gate", "fitted_on_test"
+# the WorldResult properties the summary gives median and worst of, and their words
+_BOUND_LABELS = (("gate_bound", "the gate's decision"),
+                 ("score_bound", "the best base score (hard routing)"),
+                 ("fitted_bound", "a combination of the base scores fitted on the test labels (hard)"))
 FEATURES_DIR = "features"
 SPLITS = ("train", "val", "test")
 _LABELS_FILE = "labels.json"
@@ -436,13 +444,17 @@ class WorldResult:
             unseen class predicted.
         chosen: What calibration chose (``score``, ``mode``, ``tpr``, ``cache_branch``...).
         info: The CLIP's zero-shot top-1 (``zero_shot_accuracy``), model, counts.
-        threshold_bounds: The share of the oracle router's H that hard routing reaches at
-            the best threshold on the test labels (:func:`best_routing_threshold`; answers: the
-            gate's seen-class logits, CLIP over the unseen classes), on the gate score
-            (``"gate"``), on each base score it reads (by name, when the gate is a
-            :class:`Gate`) and on a logistic combination of those fitted on the test labels
-            (:data:`FITTED_ON_TEST`, out of fold). A bound that reads the test labels, never a
-            method: how much of the loss is the threshold's and how much the score's.
+        threshold_bounds: Bounds read off the test labels, as the oracle router is (never a
+            method): the share of the oracle router's H that the best threshold on the test
+            labels reaches (:func:`best_routing_threshold`), with the gate's own answers. Under
+            :data:`GATE_BOUND`, the gate's decision with its threshold moved (soft mode through
+            :func:`~hybridcls.gate.fusion.soft_decision_score`, stacking on its margin), so
+            never below :attr:`share_of_oracle`; under each base score's name (when the gate
+            is a :class:`Gate`) and :data:`FITTED_ON_TEST` (a logistic combination of those
+            scores fitted on the test labels, out of fold), hard routing to CLIP over the
+            unseen classes. The oracle reads the plain supervised logits and the gate its
+            seen-class logits with the cache branch, so a share can pass 100%, as the hybrid's
+            can.
     """
 
     name: str
@@ -461,14 +473,18 @@ class WorldResult:
 
     @property
     def gate_bound(self) -> float | None:
-        """The gate score's share of the oracle at its best test threshold."""
-        return self.threshold_bounds.get("gate")
+        """The gate's decision's share of the oracle at its best test threshold."""
+        return self.threshold_bounds.get(GATE_BOUND)
+
+    @property
+    def base_score_bounds(self) -> dict[str, float]:
+        """Each base score's share of the oracle at its best test threshold, by name."""
+        return {k: v for k, v in self.threshold_bounds.items() if k not in (GATE_BOUND, FITTED_ON_TEST)}
 
     @property
     def score_bound(self) -> float | None:
         """The best base score's share of the oracle at its best test threshold."""
-        values = [v for k, v in self.threshold_bounds.items() if k not in ("gate", FITTED_ON_TEST)]
-        return max(values) if values else None
+        return max(self.base_score_bounds.values(), default=None)
 
     @property
     def fitted_bound(self) -> float | None:
@@ -539,24 +555,38 @@ def _threshold_bounds(fitted: Any, f: WorldFeatures, res: Any, oracle: float) ->
     if oracle <= 0:
         return {}
     S, y = f.n_seen, f.y_test
+    clip = np.asarray(f.test.clip_logits, np.float64)
     seen = res.sup_probs if res.sup_probs is not None else f.test.sup_logits
     sup_pred = np.nan_to_num(np.asarray(seen, np.float64), nan=-np.inf).argmax(axis=1)
-    zs_pred = S + np.asarray(f.test.clip_logits)[:, S:].argmax(axis=1)
-    scores = {"gate": res.gate_score}
+    unseen_pred = S + clip[:, S:].argmax(axis=1)
+    cal = getattr(fitted, "calibration", None)
+    mode = getattr(cal, "mode", "hard")
+    # the gate's own decision, as a threshold on one score with its own two answers
+    decision, gate_seen, gate_unseen = res.gate_score, sup_pred, unseen_pred
+    if mode == "soft":
+        decision = soft_decision_score(res.gate_score, res.sup_probs, softmax_rows(clip[:, S:]),
+                                       cal.soft_scale)
+    elif mode == "stacking":
+        gate_seen = clip[:, :S].argmax(axis=1)
+    elif cal is not None and not cal.unseen_only:
+        gate_unseen = clip.argmax(axis=1)
+    bounds = {GATE_BOUND: best_routing_threshold(decision, y, gate_seen, gate_unseen, S)[1]}
     if isinstance(fitted, Gate) and fitted.calibration_ is not None:
         base = fitted.base_scores(f.test)
-        scores.update(base)
+        scores = dict(base)
         fitted_on_test = _fitted_on_test(base, y >= S)
         if fitted_on_test is not None:
             scores[FITTED_ON_TEST] = fitted_on_test
-    return {name: best_routing_threshold(v, y, sup_pred, zs_pred, S)[1] / oracle
-            for name, v in scores.items()}
+        bounds.update({name: best_routing_threshold(v, y, sup_pred, unseen_pred, S)[1]
+                       for name, v in scores.items()})
+    return {name: h / oracle for name, h in bounds.items()}
 
 
 def _fitted_on_test(base: Mapping[str, np.ndarray], is_unseen: np.ndarray) -> np.ndarray | None:
     """Out-of-fold scores of a logistic regression over the standardised base scores, fitted on
-    the test set's own seen / unseen labels (5-fold, stratified): the best the combined score's
-    form could weigh them. ``None`` when a fold could not hold both groups."""
+    the test set's own seen / unseen labels (5-fold, stratified): the combined score's form
+    with weights the stand-ins cannot give (fitted for detection, not for H, so not the best
+    weighting). ``None`` when a fold could not hold both groups."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
@@ -601,12 +631,12 @@ def _summary(results: Sequence[WorldResult]) -> dict[str, dict[str, float | None
     """Median and worst over the worlds of the share of the oracle, the margin, the AUROC and
     the threshold bounds."""
     summary: dict[str, dict[str, float | None]] = {}
-    for key in ("share_of_oracle", "margin", "gate_auroc", "gate_bound", "score_bound",
-                "fitted_bound"):
+    for key in ("share_of_oracle", "margin", "gate_auroc", *(k for k, _ in _BOUND_LABELS)):
         values = [getattr(r, key) for r in results if getattr(r, key) is not None]
         worst = min(values) if values else None
         summary[key] = {"median": statistics.median(values) if values else None, "worst": worst,
-                        "worst_world": next((r.name for r in results if getattr(r, key) == worst), None),
+                        "worst_world": next((r.name for r in results if values
+                                             and getattr(r, key) == worst), None),
                         "worlds": len(values)}
     return summary
 
@@ -629,7 +659,7 @@ class ZooReport:
         lines = [
             ("| world | knobs | CLIP top-1 | sup. S | zero-shot H | oracle H | hybrid H | share of oracle "
             "| margin | gate AUROC | routing s->sup / s->zs / u->sup / u->zs | chosen "
-            "| bound: gate score / best base score / fitted on test |"),
+            "| bound: gate / best base score / fitted on test |"),
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
         ]
         for w in self.worlds:
@@ -650,18 +680,11 @@ class ZooReport:
             f"({s['margin']['worst_world']}); gate AUROC median {_num(s['gate_auroc']['median'])}, "
             f"worst {_num(s['gate_auroc']['worst'])} ({s['gate_auroc']['worst_world']})."),
         ]
-        if s["gate_bound"]["worlds"]:
-            lines += [
-                "",
-                ("Bound (hard routing at the best threshold on the test labels, as a share of the "
-                 f"oracle's H): the gate score median {pct(s['gate_bound']['median'])}, worst "
-                 f"{pct(s['gate_bound']['worst'])} ({s['gate_bound']['worst_world']}); the best "
-                 f"base score median {pct(s['score_bound']['median'])}, worst "
-                 f"{pct(s['score_bound']['worst'])} ({s['score_bound']['worst_world']}); a "
-                 "combination of the base scores fitted on the test labels median "
-                 f"{pct(s['fitted_bound']['median'])}, worst {pct(s['fitted_bound']['worst'])} "
-                 f"({s['fitted_bound']['worst_world']})."),
-            ]
+        parts = [f"{label}: median {pct(s[key]['median'])}, worst {pct(s[key]['worst'])} "
+                 f"({s[key]['worst_world']})" for key, label in _BOUND_LABELS if s[key]["worlds"]]
+        if parts:
+            lines += ["", ("Bounds (the best threshold on the test labels, as a share of the "
+                           f"oracle's H): {'; '.join(parts)}.")]
         for w in self.worlds:
             lines += ["", f"### {w.name}", "", w.knobs, "",
                       "| method | S | U | H | accuracy | gate AUROC |", "|---|---:|---:|---:|---:|---:|"]
@@ -676,11 +699,11 @@ class ZooReport:
 
 
 def _bound_cell(w: WorldResult) -> str:
+    """The gate / the best base score (its name) / fitted on test; parts without a value left out."""
     best = w.score_bound
-    name = next((k for k, v in w.threshold_bounds.items()
-                 if k not in ("gate", FITTED_ON_TEST) and v == best), "")
-    return (f"{_pct(w.gate_bound)} / {_pct(best)}" + (f" ({name})" if name else "")
-            + f" / {_pct(w.fitted_bound)}")
+    name = next((k for k, v in w.base_score_bounds.items() if v == best), None)
+    parts = [_pct(w.gate_bound), f"{_pct(best)} ({name})" if name else "", _pct(w.fitted_bound)]
+    return " / ".join(p for p in parts if p)
 
 
 def _pct(value: float | None) -> str:

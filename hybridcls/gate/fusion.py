@@ -45,6 +45,7 @@ __all__ = [
     "hard_probs",
     "route",
     "route_mask",
+    "soft_decision_score",
     "soft_probs",
     "soft_weight",
     "stacking_probs",
@@ -134,6 +135,37 @@ def soft_weight(gate_score: np.ndarray, threshold: float, scale: float) -> np.nd
     """
     s = np.asarray(gate_score, dtype=np.float64)
     return np.where(np.isnan(s), 0.0, expit((s - threshold) / scale))
+
+
+def soft_decision_score(gate_score: Any, sup_probs: Any, unseen_probs: Any,
+                        scale: float) -> np.ndarray:
+    """``[N]`` the score whose hard routing at the soft gate's threshold gives soft mode's answers.
+
+    Soft mode answers an unseen class exactly when ``g max(p_unseen) > (1 - g) max(p_sup)``
+    (on a tie the seen column comes first), with ``g = sigmoid((s - threshold) / scale)``:
+    that is, when ``s - scale * log(max p_sup / max p_unseen) > threshold``. So soft mode's
+    answers are hard routing on this score, at the same threshold, with the same two
+    answers; what the bench's threshold bounds read (``hybridcls.bench.zoo``).
+
+    Args:
+        gate_score: ``[N]`` gate scores (NaN: kept in the supervised branch, as there).
+        sup_probs: ``[N, S]`` the supervised softmax soft mode mixes (at the fusion temperature).
+        unseen_probs: ``[N, U]`` the zero-shot softmax over the unseen classes.
+        scale: The soft gate's scale (``soft_scale``), in score units.
+
+    Returns:
+        ``[N]`` scores, in the gate score's units.
+
+    Example:
+        >>> soft_decision_score(np.array([0.0, 0.0]), np.array([[0.9, 0.1], [0.5, 0.5]]),
+        ...                     np.array([[0.9, 0.1], [1.0, 0.0]]), 1.0).round(3).tolist()
+        [0.0, 0.693]
+    """
+    s = as_array(gate_score, "gate_score", ndim=1)
+    sup = as_array(sup_probs, "sup_probs").max(axis=1)
+    unseen = as_array(unseen_probs, "unseen_probs").max(axis=1)
+    with np.errstate(divide="ignore"):
+        return s - scale * (np.log(sup) - np.log(unseen))
 
 
 def route(gate_score: Any, calibration: GateCalibration) -> np.ndarray:

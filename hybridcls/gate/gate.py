@@ -676,16 +676,29 @@ class Gate:
         return self._gate_score(self._supported(outputs), cal)
 
     def base_scores(self, outputs: BranchOutputs) -> dict[str, np.ndarray]:
-        """``{name: [N]}`` the registered scores the gate score is made of, as it reads them.
+        """The registered scores the gate score is made of, as it reads them.
 
         One score for a single-score gate; each of the combined score's inputs otherwise, at
-        the gate's temperatures and ``knn_k``, before standardisation (docs/gate.md, "Scores").
+        the gate's temperatures and ``knn_k``, on the seen-class logits with the cache branch
+        and the zero-shot logits with the support cache, before standardisation (docs/gate.md,
+        "Scores"). ``calibration_.score_from`` of them is :meth:`decision_function`.
+
+        Args:
+            outputs: Both towers' outputs for N images.
+
+        Returns:
+            ``{name: [N] float64}``, one entry per base score.
 
         Raises:
-            InputError: The gate is not fitted, or a zero-shot gate (it has no score).
+            InputError: An unfitted gate, or a zero-shot gate (no gate score: nothing to route).
+            ParameterError: ``outputs`` that are no :class:`BranchOutputs`.
+
+        Example:
+            >>> scores = gate.base_scores(test_outputs)  # doctest: +SKIP
+            >>> gate.calibration_.score_from(scores)  # == gate.decision_function(test_outputs)  # doctest: +SKIP
         """
         BranchOutputs.check(outputs, "outputs")
-        if self._zero_shot:
+        if self.calibration_ is None and self._zero_shot:
             raise InputError("a zero-shot gate has no gate score: it has no seen classes to route")
         cal = self._fitted()
         outputs = self._supported(outputs)
