@@ -52,6 +52,7 @@ from hybridcls.predictor import Predictor, describe_failures
 from hybridcls.pretrained import (
     HYBRID_FILE,
     PROMPTS_FILE,
+    RESAVE,
     TEMPLATES_FILE,
     read_saved_folder,
     write_saved_folder,
@@ -827,17 +828,23 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                                  "load_run(run_dir=RUN_DIR, prompts=FILE)")
         directory = pretrained_folder(name_or_path, revision=revision, cache_dir=params.get("cache_dir"),
                                       local_files_only=local_files_only, token=token)
-        meta, stored = read_saved_folder(directory)
+        meta, stored = read_saved_folder(directory)  # its files checked against each other
+        chosen = "clip_pretrained" in params
         params = {"clip_pretrained": meta["clip_pretrained"], **params}  # weights may be elsewhere here
+        # the folder's own files, which no message may call the user's templates= or prompts=
         clf = cls(clip_model=meta["clip_model"], prompts=str(directory / PROMPTS_FILE),
                   templates=str(directory / TEMPLATES_FILE), **params)
         clf._load(directory, None, text_features=torch.from_numpy(stored))
         if list(clf.classes_) != meta["classes"]:
-            raise CheckpointError(f"{directory}: the classes it records differ from its prompts")
+            raise CheckpointError(f"{directory}: the classes it records differ from its prompts; "
+                                  f"{RESAVE}")
         saved_fp, loaded_fp = meta.get("clip_fingerprint"), clf.tower_.bundle.fingerprint
         if saved_fp and loaded_fp and saved_fp != loaded_fp:
-            # its class-text matrix, support cache and threshold belong to the saved weights
+            # its class-text matrix, support cache and threshold belong to the saved weights;
+            # the parameter is named only when the user gave it
+            loads = (f"clip_pretrained={params['clip_pretrained']!r} loads" if chosen
+                     else f"the CLIP its {HYBRID_FILE} names loads")
             raise CheckpointError(f"{directory}: saved with CLIP weights {saved_fp[:12]}..., "
-                                  f"clip_pretrained={params['clip_pretrained']!r} loads "
-                                  f"{loaded_fp[:12]}...: give the weights it was saved with")
+                                  f"{loads} {loaded_fp[:12]}... here: give the weights it was "
+                                  "saved with" + ("" if chosen else ", as clip_pretrained=FILE"))
         return clf
