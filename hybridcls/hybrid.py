@@ -96,8 +96,8 @@ def _diverged_error(run_dir: str | os.PathLike[str]) -> CheckpointError | None:
     """Why no gate is calibrated on ``run_dir``: its training diverged (None: it did not).
 
     Its weights are those of the epoch before the loss broke, and no resume can finish the run
-    (it would diverge again): a gate set on them would belong to a run that is to be replaced,
-    as ``train(resume=)`` and the benches, which refuse such a run, say.
+    (it would diverge again): a gate set on them would belong to a run that is to be replaced.
+    ``train(resume=)`` and the benches refuse such a run for the same reason.
     """
     diverged = diverged_training(run_dir)
     if diverged is None:

@@ -224,7 +224,8 @@ def read_saved_folder(directory: str | os.PathLike[str]) -> tuple[dict[str, Any]
             f"{HYBRID_FILE} records (the class-text matrix's columns, in order): class {i + 1} is "
             f"{here} in it, {there} in {HYBRID_FILE}; {RESAVE}")
     record = recorded_clip(folder)
-    recorded = None if record is None or record.get("templates") is None else record["templates"]
+    recorded = (None if record is None or record.get("templates") is None
+                else [str(x) for x in record["templates"]])
     templates = list(as_template_set(folder / TEMPLATES_FILE))
     differs = None if recorded is None else templates_difference(recorded, templates)
     if differs is not None:

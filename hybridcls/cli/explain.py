@@ -1,4 +1,5 @@
-"""``hybridcls explain INPUTS --checkpoint RUN_DIR|SAVED_DIR|ORG/NAME``: maps, decision and nearest training images, as HTML."""
+"""``hybridcls explain INPUTS --checkpoint RUN_DIR|SAVED_DIR|ORG/NAME``: maps, decision and
+nearest training images, as HTML."""
 
 from __future__ import annotations
 
