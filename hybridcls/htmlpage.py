@@ -18,7 +18,8 @@ from urllib.parse import quote
 
 from hybridcls.cache import atomic_write_text
 
-__all__ = ["bar", "esc", "figure", "img", "page", "rel_link", "table", "thumb_figure", "write_page"]
+__all__ = ["bar", "esc", "figure", "img", "page", "rel_link", "shown", "table", "thumb_figure",
+           "write_page"]
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -43,6 +44,21 @@ figure.thumb img { max-width: 96px; max-height: 96px; display: block; }
 def esc(value: Any) -> str:
     """``value`` as HTML text, quotes included (safe inside attributes too)."""
     return html.escape(str(value), quote=True)
+
+
+def shown(value: Any, *, empty: str = "") -> str:
+    """A value as a page says it: None and an empty list or tuple as ``empty`` (never Python's
+    ``None`` or ``[]``), a list's or tuple's items joined by ``"; "``, anything else as ``str``.
+
+    Example:
+        >>> shown(None), shown([], empty="none"), shown(["k 10 -> 9", "rounds 5 -> 4"]), shown(0.5)
+        ('', 'none', 'k 10 -> 9; rounds 5 -> 4', '0.5')
+    """
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return empty
+    if isinstance(value, (list, tuple)):
+        return "; ".join(map(str, value))
+    return str(value)
 
 
 def rel_link(target: str | os.PathLike[str], base: str | os.PathLike[str]) -> str:
@@ -105,9 +121,14 @@ def bar(fraction: float, *, width: int = 200) -> str:
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, numeric: Sequence[int] = ()
           ) -> str:
-    """A table of escaped cells; columns listed in ``numeric`` are right-aligned.
+    """A table of escaped cells (as :func:`shown` says them: an empty one is blank); columns
+    listed in ``numeric`` are right-aligned.
 
     A cell given as ``("raw", html)`` is inserted unescaped (for nested tags we built).
+
+    Example:
+        >>> table(["item", "value"], [("finished", None)])  # doctest: +ELLIPSIS
+        '...<tbody><tr><td>finished</td><td></td></tr></tbody></table>'
     """
     num = set(numeric)
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
@@ -116,7 +137,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, numeric: Seq
         cells = []
         for j, cell in enumerate(row):
             cls = ' class="num"' if j in num else ""
-            text = cell[1] if isinstance(cell, tuple) and cell[:1] == ("raw",) else esc(cell)
+            text = cell[1] if isinstance(cell, tuple) and cell[:1] == ("raw",) else esc(shown(cell))
             cells.append(f"<td{cls}>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"

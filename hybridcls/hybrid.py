@@ -52,6 +52,7 @@ from hybridcls.predictor import Predictor, describe_failures
 from hybridcls.pretrained import (
     HYBRID_FILE,
     PROMPTS_FILE,
+    RESAVE,
     TEMPLATES_FILE,
     read_saved_folder,
     write_saved_folder,
@@ -62,7 +63,7 @@ from hybridcls.supervised.checkpoint import CONFIG_FILE, checkpoint_identity
 from hybridcls.support import refit_support, support_parameter
 from hybridcls.train import TrainConfig, train
 from hybridcls.train.data import recorded_image_check, resolve_training_data
-from hybridcls.train.state import diverged_training, unfinished_training
+from hybridcls.train.state import Divergence, diverged_training, unfinished_training
 from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from hybridcls.zeroshot.gate_clip import (
     CLIP_PARAMETERS,
@@ -76,7 +77,8 @@ from hybridcls.zeroshot.gate_clip import (
 from hybridcls.zeroshot.prompts import align_classes, as_prompt_set
 from hybridcls.zeroshot.tower import ClipTower
 
-__all__ = ["GATE_FILE", "INDEX_DIR", "HybridClassifier", "check_calibrated", "check_training_folder"]
+__all__ = ["GATE_FILE", "INDEX_DIR", "HybridClassifier", "check_calibrated", "check_not_diverged",
+           "check_training_folder"]
 
 #: The gate's file in a run directory.
 GATE_FILE = GATE_FILENAME
@@ -84,9 +86,45 @@ GATE_FILE = GATE_FILENAME
 _R = RuntimeSettings  # the runtime parameters' defaults live there, once
 
 
+def _diverged_weights(run_dir: str | os.PathLike[str], diverged: Divergence) -> str:
+    """How every message about a run whose training diverged starts: where, and what it kept."""
+    return (f"{run_dir}: its training diverged in {diverged.describe()}, so its weights are those "
+            f"of epoch {diverged.best_epoch}, the best before it")
+
+
+def _diverged_error(run_dir: str | os.PathLike[str]) -> CheckpointError | None:
+    """Why no gate is calibrated on ``run_dir``: its training diverged (None: it did not).
+
+    Its weights are those of the epoch before the loss broke, and no resume can finish the run
+    (it would diverge again): a gate set on them would belong to a run that is to be replaced.
+    ``train(resume=)`` and the benches refuse such a run for the same reason.
+    """
+    diverged = diverged_training(run_dir)
+    if diverged is None:
+        return None
+    return CheckpointError(f"{_diverged_weights(run_dir, diverged)}, and no resume can finish it "
+                           "(it would diverge again): a gate is not calibrated on such a run. "
+                           f"Instead, {diverged.new_run()}, then calibrate that one")
+
+
 def _uncalibrated(run_dir: str | os.PathLike[str]) -> CheckpointError:
-    return CheckpointError(f"{run_dir}: the run has no {GATE_FILE}; calibrate it first with "
-                           "HybridClassifier.calibrate()")
+    """A run without a gate: calibrate it, or (diverged) train a new one (:func:`_diverged_error`)."""
+    return _diverged_error(run_dir) or CheckpointError(
+        f"{run_dir}: the run has no {GATE_FILE}; calibrate it first with HybridClassifier.calibrate()")
+
+
+def check_not_diverged(run_dir: str | os.PathLike[str]) -> None:
+    """That a gate may be calibrated on a run: its training did not diverge. Reads the run's
+    ``train_state.json`` only, so that ``calibrate`` can say so before any model loads; a folder
+    without one (a ``save_pretrained`` folder, a checkpoint written by hand) passes.
+
+    Raises:
+        CheckpointError: The run's training diverged (:func:`hybridcls.train.state.diverged_training`):
+            names the epoch and the command that trains a new run.
+    """
+    error = _diverged_error(run_dir)
+    if error is not None:
+        raise error
 
 
 def check_calibrated(run_dir: str | os.PathLike[str]) -> None:
@@ -96,7 +134,8 @@ def check_calibrated(run_dir: str | os.PathLike[str]) -> None:
     which names what it lacks.
 
     Raises:
-        CheckpointError: A training run without a gate (calibrate it first).
+        CheckpointError: A training run without a gate (calibrate it first; one whose training
+            diverged: train a new run, :func:`check_not_diverged`).
     """
     run_dir = Path(run_dir)
     if (run_dir / CONFIG_FILE).is_file() and not (run_dir / GATE_FILE).is_file():
@@ -352,12 +391,9 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         device = resolve_device(settings.device)
         model, config = load_checkpoint(run_dir, device, parameter="run_dir")
         stopped, diverged = unfinished_training(run_dir), diverged_training(run_dir)
-        if diverged is not None:
-            warnings.warn(f"{run_dir}: its training diverged in {diverged.describe()}, so its "
-                          f"weights are those of epoch {diverged.best_epoch}, the best before it; "
-                          "resuming it would diverge again: train a new run with a lower lr "
-                          f"or gradient clipping, such as {diverged.new_run()}", HybridclsWarning,
-                          stacklevel=3)
+        if diverged is not None:  # predicting is the user's choice; calibrate() refuses
+            warnings.warn(f"{_diverged_weights(run_dir, diverged)}; resuming it would diverge "
+                          f"again: {diverged.new_run()}", HybridclsWarning, stacklevel=3)
         elif stopped is not None:
             warnings.warn(f"{run_dir}: its training was interrupted after {stopped}, so its weights "
                           "are those of its best epoch so far; finish it with "
@@ -509,8 +545,10 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
         Raises:
             ParameterError: A calibration parameter out of its range (names it).
             DataTooSmallError: The data cannot support the method; the message says what to do.
+            CheckpointError: The run's training diverged (:func:`check_not_diverged`).
         """
         check_is_fitted(self, "engine_")
+        check_not_diverged(self.run_dir_)
         gate = Gate(method=self.method, score=self.score, tpr=self.tpr, rounds=self.rounds,
                     seed=self.seed, cache_branch=self.cache_branch)
         gate.check_params()  # before the towers' long passes
@@ -790,17 +828,23 @@ class HybridClassifier(Predictor, ClassifierMixin, BaseEstimator):
                                  "load_run(run_dir=RUN_DIR, prompts=FILE)")
         directory = pretrained_folder(name_or_path, revision=revision, cache_dir=params.get("cache_dir"),
                                       local_files_only=local_files_only, token=token)
-        meta, stored = read_saved_folder(directory)
+        meta, stored = read_saved_folder(directory)  # its files checked against each other
+        chosen = "clip_pretrained" in params
         params = {"clip_pretrained": meta["clip_pretrained"], **params}  # weights may be elsewhere here
+        # the folder's own files, which no message may call the user's templates= or prompts=
         clf = cls(clip_model=meta["clip_model"], prompts=str(directory / PROMPTS_FILE),
                   templates=str(directory / TEMPLATES_FILE), **params)
         clf._load(directory, None, text_features=torch.from_numpy(stored))
         if list(clf.classes_) != meta["classes"]:
-            raise CheckpointError(f"{directory}: the classes it records differ from its prompts")
+            raise CheckpointError(f"{directory}: the classes it records differ from its prompts; "
+                                  f"{RESAVE}")
         saved_fp, loaded_fp = meta.get("clip_fingerprint"), clf.tower_.bundle.fingerprint
         if saved_fp and loaded_fp and saved_fp != loaded_fp:
-            # its class-text matrix, support cache and threshold belong to the saved weights
+            # its class-text matrix, support cache and threshold belong to the saved weights;
+            # the parameter is named only when the user gave it
+            loads = (f"clip_pretrained={params['clip_pretrained']!r} loads" if chosen
+                     else f"the CLIP its {HYBRID_FILE} names loads")
             raise CheckpointError(f"{directory}: saved with CLIP weights {saved_fp[:12]}..., "
-                                  f"clip_pretrained={params['clip_pretrained']!r} loads "
-                                  f"{loaded_fp[:12]}...: give the weights it was saved with")
+                                  f"{loads} {loaded_fp[:12]}... here: give the weights it was "
+                                  "saved with" + ("" if chosen else ", as clip_pretrained=FILE"))
         return clf

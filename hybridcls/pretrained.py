@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,14 @@ from hybridcls.gate.support import SUPPORT_FILE
 from hybridcls.hub import model_card
 from hybridcls.supervised.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from hybridcls.version import __version__
-from hybridcls.zeroshot.prompts import PromptSet
+from hybridcls.zeroshot.gate_clip import recorded_clip, templates_difference
+from hybridcls.zeroshot.prompts import PromptSet, as_prompt_set, as_template_set
 
 __all__ = [
     "CARD_FILE",
     "HYBRID_FILE",
     "PROMPTS_FILE",
+    "RESAVE",
     "RUN_FILES",
     "SAVED_FOLDER_FILES",
     "TEMPLATES_FILE",
@@ -80,6 +83,10 @@ A gate's support file or index may be absent."""
 SAVED_FOLDER_FILES = (*RUN_FILES, HYBRID_FILE, PROMPTS_FILE, TEMPLATES_FILE, TEXT_FILE)
 """The files and folders of a saved folder that ``from_pretrained`` reads: the run's, and the
 zero-shot side (the stored class-text matrix replaces one built from the prompts and templates)."""
+#: What to do about a saved folder whose files are missing or disagree (its messages end with it).
+RESAVE = ("the folder was changed after save_pretrained() wrote it: put its files back as they were "
+          "saved (or fetch the Hub repo again), or save it again from the run directory it was "
+          "saved from")
 _FORMAT = "hybridcls-hybrid"
 _FORMAT_VERSION = 1
 
@@ -177,10 +184,18 @@ def write_saved_folder(
 
 
 def read_saved_folder(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], np.ndarray]:
-    """``(hybrid.json's content, the stored class-text matrix)`` of a saved folder.
+    """``(hybrid.json's content, the stored class-text matrix)`` of a saved folder, whose files
+    are checked to agree with each other.
+
+    Loading the folder passes its ``prompts.txt`` and ``templates.txt`` as ``prompts`` and
+    ``templates``, which the user did not give: a disagreement is the folder's own, said here
+    as its file's, never as a parameter's.
 
     Raises:
-        CheckpointError: Not a saved classifier's folder (names what is missing).
+        CheckpointError: Not a saved classifier's folder (names what is missing), or one whose
+            files disagree: ``prompts.txt`` and the class-text matrix with ``hybrid.json``'s
+            classes, ``templates.txt`` with the templates ``gate.json`` was calibrated with
+            (:data:`RESAVE` says what to do).
     """
     folder = Path(directory)
     meta_path = folder / HYBRID_FILE
@@ -189,8 +204,33 @@ def read_saved_folder(directory: str | os.PathLike[str]) -> tuple[dict[str, Any]
     meta = read_json(meta_path)
     if not isinstance(meta, dict) or meta.get("format_version", _FORMAT_VERSION) != _FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: not a format this version reads")
+    for name in (PROMPTS_FILE, TEMPLATES_FILE):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: its {name} is missing; {RESAVE}")
     try:
         text = load_numpy(os.fspath(folder / TEXT_FILE))["text_features"]
     except Exception as exc:  # safetensors raises several types for a missing or bad file
         raise CheckpointError(f"{folder / TEXT_FILE}: cannot read the class-text matrix ({exc})") from exc
+    classes = [str(c) for c in meta.get("classes") or []]
+    if text.ndim != 2 or text.shape[1] != len(classes):
+        raise CheckpointError(f"{folder / TEXT_FILE}: a class-text matrix of shape {text.shape}, "
+                              f"but {HYBRID_FILE} records {len(classes)} classes; {RESAVE}")
+    names = as_prompt_set(folder / PROMPTS_FILE).names
+    if names != classes:
+        i = next(i for i, (a, b) in enumerate(zip_longest(names, classes)) if a != b)
+        here, there = (repr(seq[i]) if i < len(seq) else "none" for seq in (names, classes))
+        raise CheckpointError(
+            f"{folder / PROMPTS_FILE}: its {len(names)} classes are not the {len(classes)} that "
+            f"{HYBRID_FILE} records (the class-text matrix's columns, in order): class {i + 1} is "
+            f"{here} in it, {there} in {HYBRID_FILE}; {RESAVE}")
+    record = recorded_clip(folder)
+    recorded = (None if record is None or record.get("templates") is None
+                else [str(x) for x in record["templates"]])
+    templates = list(as_template_set(folder / TEMPLATES_FILE))
+    differs = None if recorded is None else templates_difference(recorded, templates)
+    if differs is not None:
+        raise CheckpointError(
+            f"{folder / TEMPLATES_FILE}: holds {len(templates)} templates, but {folder / GATE_FILENAME} "
+            f"was calibrated with {len(recorded)} others ({differs}), and the folder's class-text "
+            f"matrix was built from those; {RESAVE}")
     return meta, text

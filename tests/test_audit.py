@@ -281,3 +281,28 @@ def test_neighbours_recorded_as_used(tmp_path):
     assert report.settings["neighbours"] == 5
     assert report.settings["adapted"] == ["neighbours=6 -> 5: DATA_DIR has 6 readable images"]
     assert "adapted to the data: neighbours=6 -> 5: DATA_DIR has 6 readable images" in report.summary()
+
+
+def _page_settings(report, out: Path) -> dict[str, str]:
+    """The settings the audit page shows, ``{name: value}`` as a reader reads them."""
+    import html
+
+    from hybridcls.audit.html import write_page
+
+    line = re.search(r"<p>Settings: (.*?)</p>", write_page(report, out).read_text(encoding="utf-8"))
+    return dict(item.split(" = ", 1) for item in html.unescape(line.group(1)).split(", "))
+
+
+def test_the_page_shows_every_setting_an_empty_one_as_none(tmp_path):
+    """Not Python's ``[]`` / ``None``: no note adapted, no pretrained tag (random weights) and no
+    CLIP threshold (TINY turns that test off) read "none"; notes read as the summary says them."""
+    data = _noise_folder(tmp_path / "data", 3)
+    report = audit_dataset(data, save=False, **TINY)
+    shown = _page_settings(report, tmp_path / "page")
+    assert list(shown) == list(report.settings)  # each once, in order
+    assert {k: shown[k] for k in ("adapted", "clip_pretrained", "clip_threshold", "neighbours")} == {
+        "adapted": "none", "clip_pretrained": "none", "clip_threshold": "none", "neighbours": "5"}
+    (data / "b" / "bad.jpg").write_bytes(b"not an image")
+    report = audit_dataset(data, neighbours=6, save=False, **TINY)
+    assert _page_settings(report, tmp_path / "page2")["adapted"] == (
+        "neighbours=6 -> 5: DATA_DIR has 6 readable images")

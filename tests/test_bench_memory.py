@@ -30,3 +30,14 @@ def test_bench_memory_usage_errors(tmp_path, capsys):
     assert "--sizes needs two or more" in capsys.readouterr().err
     assert main(["bench", "memory", "--out", str(tmp_path), "--checkpoint", "run"]) == 2
     assert "--checkpoint needs --prompts" in capsys.readouterr().err
+    # the runs are predict --checkpoint RUN_DIR --prompts FILE: what else it is, said before any run
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "hybrid.json").write_text("{}", encoding="utf-8")
+    for folder, what in ((tmp_path / "nowhere", "no such folder"), (saved, "a save_pretrained folder")):
+        assert main(["bench", "memory", "--out", str(tmp_path / "out"), "--checkpoint", str(folder),
+                     "--classes", "fox,elk"]) == 2
+        assert capsys.readouterr().err == (
+            f"hybridcls bench: error: --checkpoint {folder}: {what}; bench memory measures a "
+            "calibrated run directory, with --prompts\n")
+    assert not (tmp_path / "out").exists()

@@ -627,3 +627,31 @@ def test_a_gate_of_another_number_of_seen_classes_is_refused_and_calibrate_repla
     capsys.readouterr()
     assert main(["predict", str(ctx["image"]), *ctx["common"], "--checkpoint", str(run),
                  "-o", str(out), "-q"]) == 0
+
+
+def test_every_checkpoint_flag_names_what_it_takes_in_the_usage_line():
+    """Each command's usage line names every form its --checkpoint takes: predict and explain a
+    run directory, a save_pretrained folder or a Hub repo id (tests/test_hub.py runs each), embed
+    the first two (it loads the backbone only), bench memory a run directory (its runs pass
+    --prompts, which a saved folder refuses); evaluate's --seen-classes a folder of either kind.
+    A command given --checkpoint later fails here until it says what it takes."""
+    import argparse
+
+    from hybridcls.cli import build_parser
+
+    def parsers(parser, name=""):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, child in action.choices.items():
+                    yield from parsers(child, f"{name} {sub}".strip())
+
+    found = {name: (action.metavar, parser.format_usage()) for name, parser in parsers(build_parser())
+             for action in parser._actions if "--checkpoint" in action.option_strings}
+    assert {name: metavar for name, (metavar, _) in found.items()} == {
+        "predict": "RUN_DIR|SAVED_DIR|ORG/NAME", "explain": "RUN_DIR|SAVED_DIR|ORG/NAME",
+        "embed": "RUN_DIR|SAVED_DIR", "bench memory": "RUN_DIR"}
+    for name, (metavar, usage) in found.items():
+        assert f"--checkpoint {metavar}" in " ".join(usage.split()), name
+    evaluate = dict(parsers(build_parser()))["evaluate"].format_usage()
+    assert "--seen-classes FILE|RUN_DIR|SAVED_DIR" in " ".join(evaluate.split())

@@ -217,6 +217,80 @@ def test_a_saved_folder_refuses_prompts(saved, tiny_hybrid, tmp_path, capsys):
             assert not (tmp_path / command).exists()
 
 
+# What every message about a saved folder whose files disagree ends with: what to do.
+_CHANGED = ("the folder was changed after save_pretrained() wrote it: put its files back as they "
+            "were saved (or fetch the Hub repo again), or save it again from the run directory it "
+            "was saved from")
+
+
+def test_a_saved_folder_whose_files_disagree_names_its_own_file(saved, tiny_hybrid, tmp_path, capsys):
+    """The folder's prompts.txt and templates.txt are passed as prompts= and templates=, which
+    the user never gave: a file edited or lost since it was saved is named as the folder's own,
+    with what to do, never as --templates / --prompts; predict says so before any model loads."""
+    from hybridcls.cli import main
+
+    templates = (saved / "templates.txt").read_text(encoding="utf-8").splitlines()
+    classes = json.loads((saved / "hybrid.json").read_text(encoding="utf-8"))["classes"]
+
+    def add_template(folder):
+        with open(folder / "templates.txt", "a", encoding="utf-8") as f:
+            f.write("a blurry photo of a {}.\n")
+
+    def swap_classes(folder):
+        lines = (folder / "prompts.txt").read_text(encoding="utf-8").splitlines()
+        (folder / "prompts.txt").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n",
+                                            encoding="utf-8")
+
+    def other_weights(folder):
+        meta = json.loads((folder / "hybrid.json").read_text(encoding="utf-8"))
+        (folder / "hybrid.json").write_text(json.dumps({**meta, "clip_fingerprint": "0" * 64}),
+                                            encoding="utf-8")
+
+    cases = {
+        "templates": (add_template, lambda f: (
+            f"{f / 'templates.txt'}: holds {len(templates) + 1} templates, but {f / 'gate.json'} was "
+            f"calibrated with {len(templates)} others ('a blurry photo of a {{}}.' is new), and the "
+            f"folder's class-text matrix was built from those; {_CHANGED}")),
+        "order": (swap_classes, lambda f: (
+            f"{f / 'prompts.txt'}: its {len(classes)} classes are not the {len(classes)} that "
+            f"hybrid.json records (the class-text matrix's columns, in order): class 1 is "
+            f"{classes[1]!r} in it, {classes[0]!r} in hybrid.json; {_CHANGED}")),
+        "no-prompts": (lambda f: (f / "prompts.txt").unlink(),
+                       lambda f: f"{f}: its prompts.txt is missing; {_CHANGED}"),
+        "no-templates": (lambda f: (f / "templates.txt").unlink(),
+                         lambda f: f"{f}: its templates.txt is missing; {_CHANGED}"),
+    }
+    images = [str(p) for p in _images(tiny_hybrid)]
+    common = _runtime_flags(tiny_hybrid)
+    for name, (edit, message) in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(saved, folder)
+        edit(folder)
+        with pytest.raises(CheckpointError) as info:
+            HybridClassifier.from_pretrained(folder, device="cpu", cache_dir=str(tmp_path / "cache"))
+        assert str(info.value) == message(folder), name
+        for command in ("predict", "explain"):
+            assert main([command, *images, "--checkpoint", str(folder), *common, "-q",
+                         "-o", str(tmp_path / f"{name}-{command}")]) == 2
+            assert _error(capsys) == f"hybridcls {command}: error: {message(folder)}", name
+            assert not (tmp_path / f"{name}-{command}").exists()
+
+    # other CLIP weights under the name hybrid.json records: the parameter that gives the right
+    # ones is named as what to give, not as a value given (the user gave none)
+    folder = tmp_path / "weights"
+    shutil.copytree(saved, folder)
+    other_weights(folder)
+    loaded = json.loads((saved / "hybrid.json").read_text(encoding="utf-8"))["clip_fingerprint"][:12]
+    said = (f"{folder}: saved with CLIP weights 000000000000..., the CLIP its hybrid.json names "
+            f"loads {loaded}... here: give the weights it was saved with, as ")
+    with pytest.raises(CheckpointError) as info:
+        HybridClassifier.from_pretrained(folder, device="cpu", cache_dir=str(tmp_path / "cache"))
+    assert str(info.value) == said + "clip_pretrained=FILE"
+    assert main(["predict", *images, "--checkpoint", str(folder), *common, "-q",
+                 "-o", str(tmp_path / "weights.csv")]) == 2
+    assert _error(capsys) == f"hybridcls predict: error: {said}--clip-pretrained FILE"
+
+
 def test_cache_dir_is_the_hub_cache_too(saved, tmp_path):
     cache = tmp_path / "elsewhere"
     snapshot = _place(saved, cache, "org/tiny-hybrid")
@@ -361,6 +435,11 @@ def test_resume_and_merge_compare_the_files_a_saved_folder_loads(saved, tiny_hyb
     shutil.copytree(saved, other)
     with open(other / "templates.txt", "a", encoding="utf-8") as f:
         f.write("a blurry photo of a {}.\n")
+    # saved with those templates, its gate records them too (a folder whose files disagree is
+    # refused before anything is compared)
+    gate = json.loads((other / "gate.json").read_text(encoding="utf-8"))
+    gate["clip"]["templates"] = (other / "templates.txt").read_text(encoding="utf-8").splitlines()
+    (other / "gate.json").write_text(json.dumps(gate), encoding="utf-8")
     # stands for the matrix those templates build: any other values
     text = load_numpy(str(other / "text_classifier.safetensors"))["text_features"]
     save_numpy({"text_features": -text}, str(other / "text_classifier.safetensors"))
@@ -381,7 +460,7 @@ def test_resume_and_merge_compare_the_files_a_saved_folder_loads(saved, tiny_hyb
     assert settings(same) == settings(saved)
     first, second = settings(saved)["checkpoint"], settings(other)["checkpoint"]
     assert [name for name in first if first[name] != second[name]] == [
-        "templates.txt", "text_classifier.safetensors"]
+        "gate.json", "templates.txt", "text_classifier.safetensors"]
 
     out = tmp_path / "pred.csv"
     argv = ["predict", *images, *common, "-q", "-o", str(out)]
@@ -391,7 +470,8 @@ def test_resume_and_merge_compare_the_files_a_saved_folder_loads(saved, tiny_hyb
     assert main([*argv, "--checkpoint", str(other), "--resume"]) == 2
     assert _error(capsys) == (
         f"hybridcls predict: error: --resume: cannot continue {out}: it was written with other "
-        "settings or inputs (checkpoint: 2 changed (templates.txt, text_classifier.safetensors)); "
+        "settings or inputs (checkpoint: 3 changed (gate.json, templates.txt, "
+        "text_classifier.safetensors)); "
         "run without --resume to start it again, or choose another --output FILE")
     # parts of an array job, one predicted with another class-text matrix (the templates the gate
     # records unchanged, so that it predicts): not merged

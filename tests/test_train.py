@@ -786,10 +786,11 @@ def _nan_loss_from_step_3_of_epoch_2(monkeypatch):
     monkeypatch.setattr(Trainer, "_train_epoch", diverging)
 
 
-def test_a_diverged_run_is_recorded_said_on_load_and_refused_by_resume_and_the_benches(
+def test_a_diverged_run_is_recorded_said_on_load_and_refused_by_resume_calibrate_and_the_benches(
         tiny_world, tmp_path, monkeypatch, capsys):
     """Not an interrupted run: train_state.json records where it diverged; loading says so;
-    train --resume and the benches refuse to replay the same epoch into the same divergence."""
+    train --resume and the benches refuse to replay the same epoch into the same divergence, and
+    calibrate refuses to set a gate on it (the run is to be replaced: a new one trains)."""
     from hybridcls.bench.quality import train_once
     from hybridcls.errors import HybridclsWarning
     from hybridcls.hybrid import HybridClassifier
@@ -839,13 +840,25 @@ def test_a_diverged_run_is_recorded_said_on_load_and_refused_by_resume_and_the_b
         f"diverged in epoch 2 ({reason}) (resumed, it would diverge again): choose another folder, "
         f"or delete it, and start again with a lower lr (this run: --lr 0.001) or with --clip-grad "
         f"1.0\n")
-    # outside train, the new run is said as the command that trains it
-    main(["calibrate", str(run), "--prompts", str(tiny_world.prompts_file), "--templates",
-          str(tiny_world.templates_file), "--clip-model", TINY_CLIP_MODEL_ID, "--cache-dir",
-          str(tmp_path / "cache"), "-q"])
-    assert ("train a new run with a lower lr or gradient clipping, such as `hybridcls train DATA_DIR "
-            "--output NEW_DIR --lr 0.0001` or `hybridcls train DATA_DIR --output NEW_DIR --clip-grad "
-            "1`" in capsys.readouterr().err)
+    # calibrate refuses it, before any model loads, as predict does for want of a gate; outside
+    # train, the new run is said as the command that trains it (a tenth of the lr, clipping at 1)
+    def clip_flags(*extra):
+        return ["--prompts", str(tiny_world.prompts_file), "--templates", str(tiny_world.templates_file),
+                "--clip-model", TINY_CLIP_MODEL_ID, "--cache-dir", str(tmp_path / "cache"), *extra, "-q"]
+
+    not_calibrated = (
+        f"{run}: its training diverged in epoch 2 ({reason}), so its weights are those of epoch 1, "
+        f"the best before it, and no resume can finish it (it would diverge again): a gate is not "
+        f"calibrated on such a run. Instead, train a new run with a lower lr or gradient clipping, "
+        f"such as `hybridcls train DATA_DIR --output NEW_DIR --lr 0.0001` or `hybridcls train "
+        f"DATA_DIR --output NEW_DIR --clip-grad 1`, then calibrate that one\n")
+    capsys.readouterr()
+    assert main(["calibrate", str(run), *clip_flags()]) == 2
+    assert capsys.readouterr().err == f"hybridcls calibrate: error: {not_calibrated}"
+    assert main(["predict", str(tiny_world.train_dir), "--checkpoint", str(run),
+                 *clip_flags("-o", str(tmp_path / "p.csv"))]) == 2
+    assert capsys.readouterr().err == f"hybridcls predict: error: {not_calibrated}"
+    assert not (run / "gate.json").exists() and not (tmp_path / "p.csv").exists()
 
     with pytest.raises(CheckpointError) as info:
         train_once(tiny_world.train_dir, run, **options)
@@ -867,6 +880,16 @@ def test_a_diverged_run_is_recorded_said_on_load_and_refused_by_resume_and_the_b
                      f"a new run with a lower lr or gradient clipping, such as train(data_dir=DATA_DIR, "
                      f"output=NEW_DIR, lr=0.0001) or train(data_dir=DATA_DIR, output=NEW_DIR, "
                      f"clip_grad=1)")]
+    # in Python, loading it for predictions warns; calibrating it is refused, the new run as a call
+    with pytest.raises(CheckpointError) as info:
+        clf.calibrate(tiny_world.train_dir)
+    assert str(info.value) == (
+        f"{run}: its training diverged in epoch 2 ({reason}), so its weights are those of epoch 1, "
+        f"the best before it, and no resume can finish it (it would diverge again): a gate is not "
+        f"calibrated on such a run. Instead, train a new run with a lower lr or gradient clipping, "
+        f"such as train(data_dir=DATA_DIR, output=NEW_DIR, lr=0.0001) or train(data_dir=DATA_DIR, "
+        f"output=NEW_DIR, clip_grad=1), then calibrate that one")
+    assert clf.gate_ is None and not (run / "gate.json").exists()
 
 
 def test_a_divergence_of_the_validation_loss_alone_names_no_update_and_a_clipped_run_a_lower_clip(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from hybridcls.cache import atomic_path
 from hybridcls.data import load_image
 from hybridcls.errors import ImageDecodeError
-from hybridcls.htmlpage import bar, esc, rel_link, table, thumb_figure
+from hybridcls.htmlpage import bar, esc, rel_link, shown, table, thumb_figure
 from hybridcls.htmlpage import write_page as write_html
 
 if TYPE_CHECKING:
@@ -72,7 +72,9 @@ def write_page(report: AuditReport, out: Path) -> Path:
     label_of = {im.path: im.label for im in report.images if im.split == "data"}
     parts = [
         f"<pre>{esc(report.summary())}</pre>",
-        "<p>Settings: " + esc(", ".join(f"{k} = {v}" for k, v in report.settings.items())) + "</p>",
+        # every setting, an empty one (no note adapted, no CLIP threshold) as "none"
+        "<p>Settings: " + esc(", ".join(f"{k} = {shown(v, empty='none')}"
+                                        for k, v in report.settings.items())) + "</p>",
         "<p>CSV files: " + " ".join(f'<a href="{esc(n)}">{esc(n)}</a>' for n in _CSV_FILES) + "</p>",
     ]
 

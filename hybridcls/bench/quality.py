@@ -276,9 +276,8 @@ def train_once(data_dir: Path, run_dir: Path, **options: Any) -> bool:
     elif (diverged := diverged_training(run_dir)) is not None:
         raise CheckpointError(
             f"{run_dir}: its training diverged in {diverged.describe()}; a bench neither reports "
-            f"nor resumes such a run (resumed, it would diverge again): train a new run with a "
-            f"lower lr or gradient clipping, such as {diverged.new_run()}, or delete the folder "
-            f"and let the bench train it again"
+            f"nor resumes such a run (resumed, it would diverge again): {diverged.new_run()}, or "
+            f"delete the folder and let the bench train it again"
         )
     elif unfinished_training(run_dir) is not None:
         train(data_dir, resume=run_dir, **{k: options[k] for k in ("device", "workers", "progress")

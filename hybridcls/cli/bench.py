@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from hybridcls.cache import json_text
-from hybridcls.cli.common import UsageError, add_class_arguments, prompts_from_args
+from hybridcls.cli.common import (
+    UsageError,
+    add_checkpoint_argument,
+    add_class_arguments,
+    prompts_from_args,
+)
 from hybridcls.runtime import PRECISIONS
 
 __all__ = ["add_parser", "run", "run_fewshot", "run_memory", "run_quality", "run_rollup", "run_sites",
@@ -134,8 +139,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     me.add_argument("--workers", type=int, default=0, metavar="N",
                     help="decoding workers (default: %(default)s, so the measured process decodes)")
     me.add_argument("--clip-model", default=None, metavar="ID", help="default: the shipped tiny CLIP")
-    me.add_argument("--checkpoint", default=None, metavar="RUN_DIR",
-                    help="a calibrated run: measure the full hybrid (needs --prompts)")
+    add_checkpoint_argument(me, "run", help="RUN_DIR: a calibrated run directory: measure the "
+                                            "full hybrid (needs --prompts)")
     add_class_arguments(me, required=False, prompts_help="prompts file (default: 10 names)")
     me.add_argument("--no-warmup", action="store_true",
                     help="skip the one-image run that fills the text cache (the first run then builds it)")
@@ -406,12 +411,21 @@ def _size(text: str) -> tuple[int, int]:
 
 def run_memory(args: argparse.Namespace) -> int:
     from hybridcls.bench.memory import run_memory as bench
+    from hybridcls.pretrained import HYBRID_FILE
 
     if len(args.sizes) < 2 or min(args.sizes) < 1:
         raise UsageError(f"--sizes needs two or more positive numbers, got {args.sizes}")
     _check_numbers(args, model_input=False, image_size=1, batch_size=1)
     if args.checkpoint and not prompts_from_args(args):
         raise UsageError("--checkpoint needs --prompts or --classes naming the run's classes")
+    if args.checkpoint:
+        # the runs are `predict --checkpoint RUN_DIR --prompts FILE`: a saved folder refuses --prompts
+        folder = Path(args.checkpoint)
+        what = ("no such folder" if not folder.is_dir() else
+                "a save_pretrained folder" if (folder / HYBRID_FILE).is_file() else None)
+        if what is not None:
+            raise UsageError(f"--checkpoint {folder}: {what}; bench memory measures a calibrated "
+                             "run directory, with --prompts")
     report = bench(Path(args.out), args.sizes, image_size=args.image_size, batch_size=args.batch_size,
                    workers=args.workers, clip_model=args.clip_model, checkpoint=args.checkpoint,
                    prompts=prompts_from_args(args), warmup=not args.no_warmup)

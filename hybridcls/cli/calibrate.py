@@ -8,7 +8,8 @@ embeddings, labels and paths) in the run directory. ``--cache-branch`` fits
 the nearest-neighbour cache branch on the held-out images (``auto``: kept only
 when it raises their accuracy). Settings that depend on the data's size (neighbour
 counts, leave-classes-out's rounds and hidden classes) adapt to it, and each
-change is printed; data too small for the method exits with status 1.
+change is printed; data too small for the method exits with status 1. A run whose
+training diverged is refused (status 2), naming the command that trains a new run.
 ``--score`` and ``--tpr`` set ``--method tpr``'s gate and ``--rounds`` leave-classes-out's
 search: given with the other method, which would not read them, they are refused.
 """
@@ -74,7 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridcls.hybrid import check_training_folder
+    from hybridcls.hybrid import check_not_diverged, check_training_folder
 
     given = {name: getattr(args, name) for name in _METHOD_ONLY if getattr(args, name) is not None}
     for name, value in given.items():
@@ -82,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
         if args.method != method:
             raise UsageError(f"--{name} {value}: only --method {method} reads it ({why}); give "
                              f"--method {method}, or leave --{name} out")
-    # before the models load: --data (named as data_dir= by the library), or the folder the run records
+    # before the models load: a run that diverged (no gate is set on it), --data (named as
+    # data_dir= by the library), or the folder the run records
+    check_not_diverged(args.checkpoint)
     check_training_folder(args.checkpoint, args.data)
     clf = hybrid_from_args(args, recalibrate=True, method=args.method, seed=args.seed,
                            cache_branch=args.cache_branch, **given)

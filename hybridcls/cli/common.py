@@ -31,7 +31,9 @@ from hybridcls.zeroshot.defaults import (
 from hybridcls.zeroshot.prompts import PROMPTS_LIST
 
 __all__ = [
+    "CHECKPOINT_FORMS",
     "UsageError",
+    "add_checkpoint_argument",
     "add_class_arguments",
     "add_clip_arguments",
     "add_clip_model_arguments",
@@ -54,6 +56,31 @@ _R = RuntimeSettings
 
 class UsageError(HybridclsError):
     """A problem with the command line or its input files; exit status 2."""
+
+
+#: What ``--checkpoint`` can take, as every command's usage line names it: a run directory, a
+#: ``save_pretrained`` folder, a Hugging Face Hub repo id (each command says which it takes).
+CHECKPOINT_FORMS = {"run": "RUN_DIR", "saved": "SAVED_DIR", "hub": "ORG/NAME"}
+
+
+def add_checkpoint_argument(g: argparse._ActionsContainer, *takes: str, help: str,
+                            required: bool = False) -> None:
+    """``--checkpoint``, its metavar naming every form it takes (:data:`CHECKPOINT_FORMS`).
+
+    Args:
+        g: The parser or argument group.
+        *takes: The forms, in order: ``"run"``, ``"saved"``, ``"hub"``.
+        help: The flag's help, which says what each form is.
+        required: Whether the command needs it.
+
+    Example:
+        >>> p = argparse.ArgumentParser(prog="x")
+        >>> add_checkpoint_argument(p, "run", "saved", help="h")
+        >>> p.format_usage()
+        'usage: x [-h] [--checkpoint RUN_DIR|SAVED_DIR]\\n'
+    """
+    g.add_argument("--checkpoint", required=required, default=None, help=help,
+                   metavar="|".join(CHECKPOINT_FORMS[form] for form in takes))
 
 
 def add_clip_model_arguments(g: argparse._ActionsContainer) -> None:

@@ -64,10 +64,13 @@ def saved_folder_prompts(args: argparse.Namespace) -> str | None:
             the folder holds that matrix, built when it was saved. A repo id, which can only
             be a saved folder, is refused those flags before anything is fetched, by the name
             given.
+        CheckpointError: A saved folder whose files are missing or disagree
+            (:func:`hybridcls.pretrained.read_saved_folder`), named as its own, before any
+            model loads.
     """
     from hybridcls.errors import CheckpointError, WeightsUnavailableError
     from hybridcls.hub import hub_repo_id, pretrained_folder
-    from hybridcls.pretrained import HYBRID_FILE, PROMPTS_FILE
+    from hybridcls.pretrained import HYBRID_FILE, PROMPTS_FILE, read_saved_folder
 
     checkpoint, revision = args.checkpoint, getattr(args, "revision", None)
     if revision is not None and (not checkpoint or Path(checkpoint).is_dir()):
@@ -99,6 +102,7 @@ def saved_folder_prompts(args: argparse.Namespace) -> str | None:
             raise UsageError(f"--checkpoint {checkpoint}: the Hub repo holds no {HYBRID_FILE}: "
                              "not a folder from save_pretrained")
         args.checkpoint = str(folder)
+        read_saved_folder(folder)  # its files agree, before the prompts file is read as ours
         return str(folder / PROMPTS_FILE)
     if not (Path(checkpoint) / HYBRID_FILE).is_file():
         if not prompts_from_args(args):
@@ -109,6 +113,7 @@ def saved_folder_prompts(args: argparse.Namespace) -> str | None:
         args, f"the save_pretrained folder {checkpoint}",
         lambda flag, purpose: f"give the run directory it was saved from as --checkpoint, with "
                               f"--prompts, {purpose}")
+    read_saved_folder(checkpoint)  # its files agree, before the prompts file is read as ours
     return str(Path(checkpoint) / PROMPTS_FILE)
 
 

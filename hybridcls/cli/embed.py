@@ -1,8 +1,9 @@
 """``hybridcls embed INPUTS -o FILE.npz|FILE.parquet``: CLIP (and backbone) embeddings with their paths.
 
 The engine ``predict`` runs, with the CLIP tower on every image; with
-``--checkpoint RUN_DIR`` the run's backbone features too. Every input has one
-row, in input order (an unreadable one with its reason and NaN embeddings);
+``--checkpoint RUN_DIR|SAVED_DIR`` (a run directory, or a ``save_pretrained`` folder) its
+backbone features too. Every input has one row, in input order (an unreadable one with its
+reason and NaN embeddings);
 exit status 0 when all were embedded, 1 when some failed, 2 on usage errors.
 The rows stream to ``FILE.partial.jsonl`` (flushed per batch) and ``--resume``
 continues it after a crash; the finished file replaces it, and its manifest
@@ -19,6 +20,7 @@ from typing import Any
 from hybridcls.cache import file_fingerprint
 from hybridcls.cli.common import (
     UsageError,
+    add_checkpoint_argument,
     add_clip_model_arguments,
     add_runtime_arguments,
     clip_from_args,
@@ -48,8 +50,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="FILE.npz or FILE.parquet; the rows stream to FILE.partial.jsonl "
                              "until every input has one")
     g = parser.add_argument_group("models")
-    g.add_argument("--checkpoint", metavar="RUN_DIR",
-                   help="a run directory from `hybridcls train`: its backbone's features as well")
+    add_checkpoint_argument(
+        g, "run", "saved",
+        help="RUN_DIR: a run directory from `hybridcls train`, or SAVED_DIR: a folder from "
+             "save_pretrained: its backbone's features as well")
     add_clip_model_arguments(g)
     add_runtime_arguments(parser)
     parser.add_argument("--resume", action="store_true",

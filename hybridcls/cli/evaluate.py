@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from hybridcls.cli.common import add_class_arguments
+from hybridcls.cli.common import CHECKPOINT_FORMS, add_class_arguments
 
 if TYPE_CHECKING:  # typing only: the CLI imports the evaluation when a command runs
     from hybridcls.eval.report import Evaluation
@@ -40,8 +40,10 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser, *, seen_required: 
     parser.add_argument("predictions", metavar="PREDICTIONS",
                         help="CSV, JSONL or Kaggle CSV from hybridcls predict")
     parser.add_argument("--labels", required=True, metavar="LABELS.csv", help=_JOIN_HELP)
-    parser.add_argument("--seen-classes", required=seen_required, metavar="FILE|RUN_DIR",
-                        help="classes with training images: a text file (one per line) or a run directory"
+    parser.add_argument("--seen-classes", required=seen_required,
+                        metavar="|".join(["FILE", CHECKPOINT_FORMS["run"], CHECKPOINT_FORMS["saved"]]),
+                        help="classes with training images: a text file (one per line), a run "
+                             "directory or a folder from save_pretrained"
                              + ("" if seen_required else "; without it every class counts as seen (no U, H)"))
     add_class_arguments(parser, required=False,
                         prompts_help="all classes; labels outside it are an error")

@@ -1,4 +1,5 @@
-"""``hybridcls explain INPUTS --checkpoint RUN_DIR``: maps, decision and nearest training images, as HTML."""
+"""``hybridcls explain INPUTS --checkpoint RUN_DIR|SAVED_DIR|ORG/NAME``: maps, decision and
+nearest training images, as HTML."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 
 from hybridcls.cli.common import (
     UsageError,
+    add_checkpoint_argument,
     add_clip_arguments,
     add_runtime_arguments,
 )
@@ -37,9 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "'hybridcls[explain]'). A file that cannot be decoded gets its error on the page.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder, glob or list file")
-    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                        help="calibrated run directory, or a folder from save_pretrained or its "
-                             "Hugging Face Hub repo id, ORG/NAME")
+    add_checkpoint_argument(
+        parser, "run", "saved", "hub", required=True,
+        help="RUN_DIR: a calibrated run directory; SAVED_DIR: a folder from save_pretrained, or "
+             "ORG/NAME: its Hugging Face Hub repo id (both carry their prompts: no --prompts)")
     add_revision_argument(parser)
     # A save_pretrained folder carries its prompts; a bare run directory needs them.
     add_clip_arguments(parser, prompts_required=False)

@@ -18,6 +18,7 @@ from typing import Any
 
 from hybridcls.cli.common import (
     UsageError,
+    add_checkpoint_argument,
     add_clip_arguments,
     add_runtime_arguments,
     clip_settings,
@@ -63,11 +64,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_runtime_arguments(parser)
     add_decision_arguments(parser)
     hy = parser.add_argument_group("hybrid (with a trained and calibrated supervised branch)")
-    hy.add_argument("--checkpoint", metavar="RUN_DIR",
-                    help="run directory from `hybridcls train` + `hybridcls calibrate`, or a folder "
-                         "from save_pretrained or its Hugging Face Hub repo id, ORG/NAME (which "
-                         "carry their prompts: no --prompts); without it, predictions are "
-                         "zero-shot only")
+    add_checkpoint_argument(
+        hy, "run", "saved", "hub",
+        help="RUN_DIR: a run directory from `hybridcls train` + `hybridcls calibrate`; SAVED_DIR: "
+             "a folder from save_pretrained, or ORG/NAME: its Hugging Face Hub repo id (both "
+             "carry their prompts: no --prompts); without it, predictions are zero-shot only")
     add_revision_argument(hy)
     out = parser.add_argument_group("output")
     add_topk_argument(out, "top-k labels per row")

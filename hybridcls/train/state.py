@@ -160,11 +160,25 @@ class Divergence:
         return f"a lower lr (this run: lr={self.lr}) or {clip}"
 
     def new_run(self) -> str:
-        """:meth:`remedy` as ``train(...)`` calls, for a message outside ``train`` (whose command
-        line shows each as the ``hybridcls train`` command): a tenth of this run's ``lr``, or
-        gradient clipping (a tenth of this run's, when it clipped)."""
+        """What to do instead, for a message outside ``train``: train a new run with
+        :meth:`remedy`'s options, as ``train(...)`` calls (the command line shows each as the
+        ``hybridcls train`` command): a tenth of this run's ``lr``, or gradient clipping (a
+        tenth of this run's, when it clipped).
+
+        Example:
+            >>> d = Divergence(epoch=2, update=None, train_loss=1.0, val_loss=None,
+            ...                reason="train loss 1.0; val loss nan", best_epoch=1, lr=0.01,
+            ...                clip_grad=None)
+            >>> head, calls = d.new_run().split(", such as ")
+            >>> head
+            'train a new run with a lower lr or gradient clipping'
+            >>> print(*calls.split(" or "), sep="\\n")
+            train(data_dir=DATA_DIR, output=NEW_DIR, lr=0.001)
+            train(data_dir=DATA_DIR, output=NEW_DIR, clip_grad=1)
+        """
         clip = 1.0 if self.clip_grad is None else self.clip_grad / 10
-        return (f"train(data_dir=DATA_DIR, output=NEW_DIR, lr={self.lr / 10:g}) or "
+        return ("train a new run with a lower lr or gradient clipping, such as "
+                f"train(data_dir=DATA_DIR, output=NEW_DIR, lr={self.lr / 10:g}) or "
                 f"train(data_dir=DATA_DIR, output=NEW_DIR, clip_grad={clip:g})")
 
 

@@ -34,7 +34,7 @@ from hybridcls.zeroshot.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAI
 from hybridcls.zeroshot.prompts import as_template_set
 
 __all__ = ["CLIP_PARAMETERS", "RECORDED_TEMPLATES", "clip_mismatch", "clip_to_load", "describe_clip",
-           "recorded_clip", "templates_mismatch", "templates_to_load"]
+           "recorded_clip", "templates_difference", "templates_mismatch", "templates_to_load"]
 
 #: The parameters that choose the CLIP (errors naming them are about the CLIP loaded).
 CLIP_PARAMETERS = ("clip_model", "clip_pretrained")
@@ -160,6 +160,24 @@ def templates_to_load(templates: Any, record: Mapping[str, Any] | None) -> Any:
     return as_template_set([str(x) for x in record["templates"]], source=RECORDED_TEMPLATES)
 
 
+def templates_difference(recorded: Sequence[str], loaded: Sequence[str]) -> str | None:
+    """How ``loaded`` templates differ from ``recorded`` ones, for a message; None when they are
+    the same templates in any order (the class-text matrix is their mean).
+
+    Example:
+        >>> templates_difference(["a {}.", "the {}."], ["the {}.", "a {}."]) is None
+        True
+        >>> templates_difference(["a {}."], ["a {}.", "my {}."])
+        "'my {}.' is new"
+    """
+    if sorted(recorded) == sorted(loaded):
+        return None
+    new = [x for x in loaded if x not in recorded]
+    gone = [x for x in recorded if x not in loaded]
+    return (f"{new[0]!r} is new" if new else f"{gone[0]!r} is missing" if gone
+            else "the same templates, some given more often")
+
+
 def templates_mismatch(record: Mapping[str, Any] | None, loaded: Sequence[str], *, templates: Any,
                        gate_file: str | os.PathLike[str]) -> ParameterError | None:
     """Why a gate calibrated with ``record``'s templates cannot be used with ``loaded``, or None.
@@ -178,12 +196,9 @@ def templates_mismatch(record: Mapping[str, Any] | None, loaded: Sequence[str], 
     if record is None or record.get("templates") is None:
         return None
     recorded = [str(x) for x in record["templates"]]
-    if sorted(recorded) == sorted(loaded):
+    differs = templates_difference(recorded, loaded)
+    if differs is None:
         return None
-    new = [x for x in loaded if x not in recorded]
-    gone = [x for x in recorded if x not in loaded]
-    differs = (f"{new[0]!r} is new" if new else f"{gone[0]!r} is missing" if gone
-               else "the same templates, some given more often")
     shown = templates if isinstance(templates, (str, os.PathLike)) else f"<{len(loaded)} templates>"
     return ParameterError(
         "templates", str(shown),
