@@ -54,6 +54,7 @@ from hybridcls.pretrained import (
     PROMPTS_FILE,
     RESAVE,
     TEMPLATES_FILE,
+    is_saved_folder,
     read_saved_folder,
     write_saved_folder,
 )
@@ -175,7 +176,7 @@ def check_training_folder(run_dir: str | os.PathLike[str],
         check_folder(data_dir, parameter="data_dir")
         return
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file() or (run_dir / HYBRID_FILE).is_file():
+    if not (run_dir / CONFIG_FILE).is_file() or is_saved_folder(run_dir):
         return
     config = read_json(run_dir / CONFIG_FILE)
     gate = read_json(run_dir / GATE_FILE) if (run_dir / GATE_FILE).is_file() else {}

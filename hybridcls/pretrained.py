@@ -66,6 +66,7 @@ __all__ = [
     "SAVED_FOLDER_FILES",
     "TEMPLATES_FILE",
     "TEXT_FILE",
+    "is_saved_folder",
     "read_saved_folder",
     "timm_config",
     "write_saved_folder",
@@ -89,6 +90,12 @@ RESAVE = ("the folder was changed after save_pretrained() wrote it: put its file
           "saved from")
 _FORMAT = "hybridcls-hybrid"
 _FORMAT_VERSION = 1
+
+
+def is_saved_folder(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` is a :func:`write_saved_folder` folder (it holds ``hybrid.json``),
+    not a training run directory."""
+    return (Path(directory) / HYBRID_FILE).is_file()
 
 
 def timm_config(config: dict[str, Any], label_names: Sequence[str]) -> dict[str, Any]:

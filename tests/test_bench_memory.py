@@ -34,10 +34,21 @@ def test_bench_memory_usage_errors(tmp_path, capsys):
     saved = tmp_path / "saved"
     saved.mkdir()
     (saved / "hybrid.json").write_text("{}", encoding="utf-8")
-    for folder, what in ((tmp_path / "nowhere", "no such folder"), (saved, "a save_pretrained folder")):
+    a_file = tmp_path / "prompts.txt"
+    a_file.write_text("fox\nelk\n", encoding="utf-8")
+    for folder, what in ((tmp_path / "nowhere", "no such folder"), (a_file, "not a folder"),
+                         (saved, "a save_pretrained folder")):
         assert main(["bench", "memory", "--out", str(tmp_path / "out"), "--checkpoint", str(folder),
                      "--classes", "fox,elk"]) == 2
         assert capsys.readouterr().err == (
             f"hybridcls bench: error: --checkpoint {folder}: {what}; bench memory measures a "
             "calibrated run directory, with --prompts\n")
+    # a run without a gate: said here, not by a child predict's traceback
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}", encoding="utf-8")
+    assert main(["bench", "memory", "--out", str(tmp_path / "out"), "--checkpoint", str(run),
+                 "--classes", "fox,elk"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hybridcls bench: error: {run}: the run has no gate.json; calibrate it first")
     assert not (tmp_path / "out").exists()

@@ -17,6 +17,7 @@ from hybridcls.bench.zoo import (
     GATE_BOUND,
     ZOO,
     WorldFeatures,
+    _gate_decision,  # the bound's wiring, pinned below
     build_world,
     evaluate_zoo,
     load_features,
@@ -431,8 +432,29 @@ def test_threshold_bounds_read_the_test_labels(zoo: dict) -> None:
     assert f"the gate's decision: median {100 * report.summary['gate_bound']['median']:.1f}" in md
 
 
+def test_the_gate_decision_is_hard_routing_on_one_score(zoo: dict) -> None:
+    """What the gate's bound moves the threshold of: at the calibrated threshold it gives the
+    gate's own answers, in every mode."""
+    for name in NAMES:
+        f = load_features(zoo["out"] / name)
+        gate = f.fit(Gate())
+        variants = [gate, gate.with_options(mode="hard"), gate.with_options(mode="soft"),
+                    gate.with_options(mode="hard", unseen_only=False)]
+        for g in variants:
+            res = g.predict(f.test)
+            score, _, seen, unseen = _gate_decision(g, f, res)
+            routed = np.where(score > g.calibration.threshold, unseen, seen)
+            np.testing.assert_array_equal(routed, res.pred, err_msg=f"{name} {g.calibration.mode}")
+        # stacking is a threshold on clip_margin, with CLIP's answers on both sides
+        stacking = f.fit(Gate(method="tpr", score="clip_margin", tpr=0.9)).with_options(mode="stacking")
+        res = stacking.predict(f.test)
+        score, _, seen, unseen = _gate_decision(stacking, f, res)
+        np.testing.assert_array_equal(
+            np.where(score > stacking.calibration.threshold, unseen, seen), res.pred)
+
+
 def test_threshold_bounds_of_gates_that_are_not_a_fitted_gate(zoo: dict) -> None:
-    class Wrapped:  # anything with predict(): no base scores to bound
+    class Wrapped:  # anything with predict(): no calibration, so no decision to bound
         def __init__(self, gate: Gate) -> None:
             self.gate = gate
 
@@ -440,14 +462,10 @@ def test_threshold_bounds_of_gates_that_are_not_a_fitted_gate(zoo: dict) -> None
             return self.gate.predict(outputs)
 
     wrapped = evaluate_zoo(zoo["out"], lambda f: Wrapped(f.fit(Gate())))
-    for w in wrapped.worlds:
-        assert set(w.threshold_bounds) == {GATE_BOUND} and w.score_bound is None
-    assert wrapped.summary["score_bound"] == {"median": None, "worst": None, "worst_world": None,
-                                              "worlds": 0}
-    md = wrapped.markdown()
-    assert "the best base score" not in md and "the gate's decision: median" in md
-    assert " /  / " not in md
-    # a zero-shot gate fitted as any other keeps its bounds
-    zero_shot = evaluate_zoo(zoo["out"], Gate.zero_shot())
-    for w in zero_shot.worlds:
-        assert w.gate_bound >= w.share_of_oracle - 1e-12 and w.score_bound is not None
+    plain = zoo["report"]
+    for w, p in zip(wrapped.worlds, plain.worlds):
+        assert w.threshold_bounds == {} and w.share_of_oracle == p.share_of_oracle
+    for key in ("gate_bound", "score_bound", "fitted_bound"):
+        assert wrapped.summary[key] == {"median": None, "worst": None, "worst_world": None,
+                                        "worlds": 0}
+    assert "Bounds (" not in wrapped.markdown()

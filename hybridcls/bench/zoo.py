@@ -452,7 +452,9 @@ class WorldResult:
             never below :attr:`share_of_oracle`; under each base score's name (when the gate
             is a :class:`Gate`) and :data:`FITTED_ON_TEST` (a logistic combination of those
             scores fitted on the test labels, out of fold), hard routing to CLIP over the
-            unseen classes. The oracle reads the plain supervised logits and the gate its
+            unseen classes. Empty for a gate without a ``calibration`` (a wrapper): its
+            decision is not known as a threshold on one score. The oracle reads the plain
+            supervised logits and the gate its
             seen-class logits with the cache branch, so a share can pass 100%, as the hybrid's
             can.
     """
@@ -551,35 +553,54 @@ def evaluate_gate(features: WorldFeatures, gate: GateLike | None = None) -> Worl
 
 
 def _threshold_bounds(fitted: Any, f: WorldFeatures, res: Any, oracle: float) -> dict[str, float]:
-    """:attr:`WorldResult.threshold_bounds`: empty when the oracle's H is 0."""
-    if oracle <= 0:
+    """:attr:`WorldResult.threshold_bounds`: empty when the oracle's H is 0 or the gate has no
+    calibration (its decision is not known as a threshold on one score)."""
+    decision = _gate_decision(fitted, f, res)
+    if oracle <= 0 or decision is None:
         return {}
     S, y = f.n_seen, f.y_test
-    clip = np.asarray(f.test.clip_logits, np.float64)
-    seen = res.sup_probs if res.sup_probs is not None else f.test.sup_logits
-    sup_pred = np.nan_to_num(np.asarray(seen, np.float64), nan=-np.inf).argmax(axis=1)
-    unseen_pred = S + clip[:, S:].argmax(axis=1)
-    cal = getattr(fitted, "calibration", None)
-    mode = getattr(cal, "mode", "hard")
-    # the gate's own decision, as a threshold on one score with its own two answers
-    decision, gate_seen, gate_unseen = res.gate_score, sup_pred, unseen_pred
-    if mode == "soft":
-        decision = soft_decision_score(res.gate_score, res.sup_probs, softmax_rows(clip[:, S:]),
-                                       cal.soft_scale)
-    elif mode == "stacking":
-        gate_seen = clip[:, :S].argmax(axis=1)
-    elif cal is not None and not cal.unseen_only:
-        gate_unseen = clip.argmax(axis=1)
-    bounds = {GATE_BOUND: best_routing_threshold(decision, y, gate_seen, gate_unseen, S)[1]}
+    bounds = {GATE_BOUND: best_routing_threshold(*decision, S)[1]}
     if isinstance(fitted, Gate) and fitted.calibration_ is not None:
         base = fitted.base_scores(f.test)
         scores = dict(base)
         fitted_on_test = _fitted_on_test(base, y >= S)
         if fitted_on_test is not None:
             scores[FITTED_ON_TEST] = fitted_on_test
-        bounds.update({name: best_routing_threshold(v, y, sup_pred, unseen_pred, S)[1]
+        seen, unseen = _answers(f, res)
+        bounds.update({name: best_routing_threshold(v, y, seen, unseen, S)[1]
                        for name, v in scores.items()})
     return {name: h / oracle for name, h in bounds.items()}
+
+
+def _answers(f: WorldFeatures, res: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``[N]`` the supervised branch's answers (the gate's seen-class logits) and CLIP's over the
+    unseen classes."""
+    S = f.n_seen
+    seen = res.sup_probs if res.sup_probs is not None else f.test.sup_logits
+    sup_pred = np.nan_to_num(np.asarray(seen, np.float64), nan=-np.inf).argmax(axis=1)
+    return sup_pred, S + np.asarray(f.test.clip_logits, np.float64)[:, S:].argmax(axis=1)
+
+
+def _gate_decision(fitted: Any, f: WorldFeatures, res: Any
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The gate's answers as hard routing on one score: ``(score, y, seen answers, unseen
+    answers)``, so that ``where(score > calibration.threshold, unseen, seen)`` is
+    ``res.pred``; ``None`` for a gate without a calibration."""
+    cal = getattr(fitted, "calibration", None)
+    if cal is None:
+        return None
+    S = f.n_seen
+    clip = np.asarray(f.test.clip_logits, np.float64)
+    seen, unseen = _answers(f, res)
+    score = res.gate_score
+    if cal.mode == "soft":
+        score = soft_decision_score(res.gate_score, res.sup_probs, softmax_rows(clip[:, S:]),
+                                    cal.soft_scale)
+    elif cal.mode == "stacking":
+        seen = clip[:, :S].argmax(axis=1)
+    elif not cal.unseen_only:
+        unseen = clip.argmax(axis=1)
+    return score, f.y_test, seen, unseen
 
 
 def _fitted_on_test(base: Mapping[str, np.ndarray], is_unseen: np.ndarray) -> np.ndarray | None:

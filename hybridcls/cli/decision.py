@@ -70,7 +70,7 @@ def saved_folder_prompts(args: argparse.Namespace) -> str | None:
     """
     from hybridcls.errors import CheckpointError, WeightsUnavailableError
     from hybridcls.hub import hub_repo_id, pretrained_folder
-    from hybridcls.pretrained import HYBRID_FILE, PROMPTS_FILE, read_saved_folder
+    from hybridcls.pretrained import HYBRID_FILE, PROMPTS_FILE, is_saved_folder, read_saved_folder
 
     checkpoint, revision = args.checkpoint, getattr(args, "revision", None)
     if revision is not None and (not checkpoint or Path(checkpoint).is_dir()):
@@ -98,13 +98,13 @@ def saved_folder_prompts(args: argparse.Namespace) -> str | None:
         except (CheckpointError, WeightsUnavailableError) as exc:
             # its messages start with the name given
             raise UsageError(f"--checkpoint {exc}") from None
-        if not (folder / HYBRID_FILE).is_file():
+        if not is_saved_folder(folder):
             raise UsageError(f"--checkpoint {checkpoint}: the Hub repo holds no {HYBRID_FILE}: "
                              "not a folder from save_pretrained")
         args.checkpoint = str(folder)
         read_saved_folder(folder)  # its files agree, before the prompts file is read as ours
         return str(folder / PROMPTS_FILE)
-    if not (Path(checkpoint) / HYBRID_FILE).is_file():
+    if not is_saved_folder(checkpoint):
         if not prompts_from_args(args):
             raise UsageError(f"--prompts or --classes is needed: {checkpoint} is a run directory, "
                              "not a save_pretrained folder (which carries its prompts)")
