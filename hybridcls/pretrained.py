@@ -48,7 +48,7 @@ from hybridcls.cache import (
     atomic_write_text,
     read_json,
 )
-from hybridcls.errors import CheckpointError
+from hybridcls.errors import CheckpointError, HybridclsError
 from hybridcls.gate import GATE_FILENAME, INDEX_DIR
 from hybridcls.gate.support import SUPPORT_FILE
 from hybridcls.hub import model_card
@@ -88,6 +88,8 @@ zero-shot side (the stored class-text matrix replaces one built from the prompts
 RESAVE = ("the folder was changed after save_pretrained() wrote it: put its files back as they were "
           "saved (or fetch the Hub repo again), or save it again from the run directory it was "
           "saved from")
+# what every saved folder holds (a gate's support file and index may be absent, as in a run)
+_REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, GATE_FILENAME, PROMPTS_FILE, TEMPLATES_FILE, TEXT_FILE)
 _FORMAT = "hybridcls-hybrid"
 _FORMAT_VERSION = 1
 
@@ -211,18 +213,25 @@ def read_saved_folder(directory: str | os.PathLike[str]) -> tuple[dict[str, Any]
     meta = read_json(meta_path)
     if not isinstance(meta, dict) or meta.get("format_version", _FORMAT_VERSION) != _FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: not a format this version reads")
-    for name in (PROMPTS_FILE, TEMPLATES_FILE):
+    for name in _REQUIRED_FILES:
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder}: its {name} is missing; {RESAVE}")
     try:
         text = load_numpy(os.fspath(folder / TEXT_FILE))["text_features"]
-    except Exception as exc:  # safetensors raises several types for a missing or bad file
-        raise CheckpointError(f"{folder / TEXT_FILE}: cannot read the class-text matrix ({exc})") from exc
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"{folder / TEXT_FILE}: not a readable class-text matrix ({type(exc).__name__}); "
+                              f"{RESAVE}") from exc
     classes = [str(c) for c in meta.get("classes") or []]
     if text.ndim != 2 or text.shape[1] != len(classes):
-        raise CheckpointError(f"{folder / TEXT_FILE}: a class-text matrix of shape {text.shape}, "
-                              f"but {HYBRID_FILE} records {len(classes)} classes; {RESAVE}")
-    names = as_prompt_set(folder / PROMPTS_FILE).names
+        columns = text.shape[1] if text.ndim == 2 else "no"
+        raise CheckpointError(f"{folder / TEXT_FILE}: a class-text matrix with {columns} class "
+                              f"columns (shape {text.shape}, embedding dimension by class), but "
+                              f"{HYBRID_FILE} records {len(classes)} classes; {RESAVE}")
+    try:
+        names = as_prompt_set(folder / PROMPTS_FILE).names
+        templates = list(as_template_set(folder / TEMPLATES_FILE))
+    except HybridclsError as exc:  # names the file and line: the folder's own, not a parameter's
+        raise CheckpointError(f"{exc}; {RESAVE}") from exc
     if names != classes:
         i = next(i for i, (a, b) in enumerate(zip_longest(names, classes)) if a != b)
         here, there = (repr(seq[i]) if i < len(seq) else "none" for seq in (names, classes))
@@ -233,11 +242,10 @@ def read_saved_folder(directory: str | os.PathLike[str]) -> tuple[dict[str, Any]
     record = recorded_clip(folder)
     recorded = (None if record is None or record.get("templates") is None
                 else [str(x) for x in record["templates"]])
-    templates = list(as_template_set(folder / TEMPLATES_FILE))
     differs = None if recorded is None else templates_difference(recorded, templates)
     if differs is not None:
         raise CheckpointError(
             f"{folder / TEMPLATES_FILE}: holds {len(templates)} templates, but {folder / GATE_FILENAME} "
-            f"was calibrated with {len(recorded)} others ({differs}), and the folder's class-text "
+            f"was calibrated with {len(recorded)} that differ ({differs}), and the folder's class-text "
             f"matrix was built from those; {RESAVE}")
     return meta, text

@@ -223,6 +223,11 @@ _CHANGED = ("the folder was changed after save_pretrained() wrote it: put its fi
             "was saved from")
 
 
+def _lost(name):
+    """A saved folder's file deleted, and what loading it says."""
+    return (lambda f: (f / name).unlink(), lambda f: f"{f}: its {name} is missing; {_CHANGED}")
+
+
 def test_a_saved_folder_whose_files_disagree_names_its_own_file(saved, tiny_hybrid, tmp_path, capsys):
     """The folder's prompts.txt and templates.txt are passed as prompts= and templates=, which
     the user never gave: a file edited or lost since it was saved is named as the folder's own,
@@ -249,7 +254,7 @@ def test_a_saved_folder_whose_files_disagree_names_its_own_file(saved, tiny_hybr
     cases = {
         "templates": (add_template, lambda f: (
             f"{f / 'templates.txt'}: holds {len(templates) + 1} templates, but {f / 'gate.json'} was "
-            f"calibrated with {len(templates)} others ('a blurry photo of a {{}}.' is new), and the "
+            f"calibrated with {len(templates)} that differ ('a blurry photo of a {{}}.' is new), and the "
             f"folder's class-text matrix was built from those; {_CHANGED}")),
         "order": (swap_classes, lambda f: (
             f"{f / 'prompts.txt'}: its {len(classes)} classes are not the {len(classes)} that "
@@ -259,6 +264,14 @@ def test_a_saved_folder_whose_files_disagree_names_its_own_file(saved, tiny_hybr
                        lambda f: f"{f}: its prompts.txt is missing; {_CHANGED}"),
         "no-templates": (lambda f: (f / "templates.txt").unlink(),
                          lambda f: f"{f}: its templates.txt is missing; {_CHANGED}"),
+        # every file a saved folder holds, named as lost, with the same remedy
+        **{f"no-{name}": _lost(name)
+           for name in ("config.json", "model.safetensors", "gate.json", "text_classifier.safetensors")},
+        "junk-text": (lambda f: (f / "text_classifier.safetensors").write_bytes(b"junk"),
+                      lambda f: (f"{f / 'text_classifier.safetensors'}: not a readable class-text "
+                                 f"matrix (SafetensorError); {_CHANGED}")),
+        "bad-template": (lambda f: (f / "templates.txt").write_text("no placeholder\n", encoding="utf-8"),
+                         None),
     }
     images = [str(p) for p in _images(tiny_hybrid)]
     common = _runtime_flags(tiny_hybrid)
@@ -268,11 +281,15 @@ def test_a_saved_folder_whose_files_disagree_names_its_own_file(saved, tiny_hybr
         edit(folder)
         with pytest.raises(CheckpointError) as info:
             HybridClassifier.from_pretrained(folder, device="cpu", cache_dir=str(tmp_path / "cache"))
-        assert str(info.value) == message(folder), name
+        said = str(info.value)
+        if message is None:  # the prompt parser's own words: the file and line, then the remedy
+            assert said.startswith(f"{folder / 'templates.txt'}:1: ") and said.endswith(f"; {_CHANGED}")
+        else:
+            assert said == message(folder), name
         for command in ("predict", "explain"):
             assert main([command, *images, "--checkpoint", str(folder), *common, "-q",
                          "-o", str(tmp_path / f"{name}-{command}")]) == 2
-            assert _error(capsys) == f"hybridcls {command}: error: {message(folder)}", name
+            assert _error(capsys) == f"hybridcls {command}: error: {said}", name
             assert not (tmp_path / f"{name}-{command}").exists()
 
     # other CLIP weights under the name hybrid.json records: the parameter that gives the right
