@@ -88,8 +88,9 @@ zero-shot side (the stored class-text matrix replaces one built from the prompts
 RESAVE = ("the folder was changed after save_pretrained() wrote it: put its files back as they were "
           "saved (or fetch the Hub repo again), or save it again from the run directory it was "
           "saved from")
-# what every saved folder holds (a gate's support file and index may be absent, as in a run)
-_REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, GATE_FILENAME, PROMPTS_FILE, TEMPLATES_FILE, TEXT_FILE)
+# what every saved folder holds (its gate.json is absent when it was saved uncalibrated, and a
+# gate's support file and index may be absent, as in a run)
+_REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, PROMPTS_FILE, TEMPLATES_FILE, TEXT_FILE)
 _FORMAT = "hybridcls-hybrid"
 _FORMAT_VERSION = 1
 

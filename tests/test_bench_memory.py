@@ -36,8 +36,11 @@ def test_bench_memory_usage_errors(tmp_path, capsys):
     (saved / "hybrid.json").write_text("{}", encoding="utf-8")
     a_file = tmp_path / "prompts.txt"
     a_file.write_text("fox\nelk\n", encoding="utf-8")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     for folder, what in ((tmp_path / "nowhere", "no such folder"), (a_file, "not a folder"),
-                         (saved, "a save_pretrained folder")):
+                         (saved, "a save_pretrained folder"),
+                         (empty, "no config.json: not a training run")):
         assert main(["bench", "memory", "--out", str(tmp_path / "out"), "--checkpoint", str(folder),
                      "--classes", "fox,elk"]) == 2
         assert capsys.readouterr().err == (
@@ -51,4 +54,17 @@ def test_bench_memory_usage_errors(tmp_path, capsys):
                  "--classes", "fox,elk"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"hybridcls bench: error: {run}: the run has no gate.json; calibrate it first")
+    # one calibrated before its divergence was recorded: refused as calibrate refuses it
+    from hybridcls.train.state import STATE_JSON_FILE, Divergence
+
+    (run / "gate.json").write_text("{}", encoding="utf-8")
+    diverged = Divergence(epoch=2, update=6, train_loss=None, val_loss=None, reason="train loss nan",
+                          best_epoch=1, lr=3000.0, clip_grad=None)
+    (run / STATE_JSON_FILE).write_text(json.dumps({"diverged": diverged.to_dict()}), encoding="utf-8")
+    assert main(["bench", "memory", "--out", str(tmp_path / "out"), "--checkpoint", str(run),
+                 "--classes", "fox,elk"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hybridcls bench: error: {run}: its training diverged in epoch 2 "
+                          "(train loss nan), so its weights are those of epoch 1")
+    assert "`hybridcls train DATA_DIR --output NEW_DIR --lr 300`" in err
     assert not (tmp_path / "out").exists()

@@ -266,7 +266,7 @@ def test_a_saved_folder_whose_files_disagree_names_its_own_file(saved, tiny_hybr
                          lambda f: f"{f}: its templates.txt is missing; {_CHANGED}"),
         # every file a saved folder holds, named as lost, with the same remedy
         **{f"no-{name}": _lost(name)
-           for name in ("config.json", "model.safetensors", "gate.json", "text_classifier.safetensors")},
+           for name in ("config.json", "model.safetensors", "text_classifier.safetensors")},
         "junk-text": (lambda f: (f / "text_classifier.safetensors").write_bytes(b"junk"),
                       lambda f: (f"{f / 'text_classifier.safetensors'}: not a readable class-text "
                                  f"matrix (SafetensorError); {_CHANGED}")),

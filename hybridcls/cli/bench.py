@@ -411,8 +411,9 @@ def _size(text: str) -> tuple[int, int]:
 
 def run_memory(args: argparse.Namespace) -> int:
     from hybridcls.bench.memory import run_memory as bench
-    from hybridcls.hybrid import check_calibrated
+    from hybridcls.hybrid import check_calibrated, check_not_diverged
     from hybridcls.pretrained import is_saved_folder
+    from hybridcls.supervised.checkpoint import CONFIG_FILE
 
     if len(args.sizes) < 2 or min(args.sizes) < 1:
         raise UsageError(f"--sizes needs two or more positive numbers, got {args.sizes}")
@@ -423,11 +424,16 @@ def run_memory(args: argparse.Namespace) -> int:
         # the runs are `predict --checkpoint RUN_DIR --prompts FILE`: a saved folder refuses --prompts
         folder = Path(args.checkpoint)
         what = ("no such folder" if not folder.exists() else "not a folder" if not folder.is_dir()
-                else "a save_pretrained folder" if is_saved_folder(folder) else None)
+                else "a save_pretrained folder" if is_saved_folder(folder)
+                else f"no {CONFIG_FILE}: not a training run" if not (folder / CONFIG_FILE).is_file()
+                else None)
         if what is not None:
             raise UsageError(f"--checkpoint {folder}: {what}; bench memory measures a calibrated "
                              "run directory, with --prompts")
-        check_calibrated(folder)  # uncalibrated or diverged: said here, not by a child run
+        # uncalibrated or diverged (calibrated before calibrate refused it): said here, not by a
+        # child run
+        check_calibrated(folder)
+        check_not_diverged(folder)
     report = bench(Path(args.out), args.sizes, image_size=args.image_size, batch_size=args.batch_size,
                    workers=args.workers, clip_model=args.clip_model, checkpoint=args.checkpoint,
                    prompts=prompts_from_args(args), warmup=not args.no_warmup)
