@@ -17,7 +17,8 @@ from hybridcls.bench.zoo import (
     GATE_BOUND,
     ZOO,
     WorldFeatures,
-    _gate_decision,  # the bound's wiring, pinned below
+    _answers,  # the bound's wiring, pinned below
+    _gate_decision,
     build_world,
     evaluate_zoo,
     load_features,
@@ -442,13 +443,13 @@ def test_the_gate_decision_is_hard_routing_on_one_score(zoo: dict) -> None:
                     gate.with_options(mode="hard", unseen_only=False)]
         for g in variants:
             res = g.predict(f.test)
-            score, _, seen, unseen = _gate_decision(g, f, res)
+            score, seen, unseen = _gate_decision(g, f, res, *_answers(f, res))
             routed = np.where(score > g.calibration.threshold, unseen, seen)
             np.testing.assert_array_equal(routed, res.pred, err_msg=f"{name} {g.calibration.mode}")
         # stacking is a threshold on clip_margin, with CLIP's answers on both sides
         stacking = f.fit(Gate(method="tpr", score="clip_margin", tpr=0.9)).with_options(mode="stacking")
         res = stacking.predict(f.test)
-        score, _, seen, unseen = _gate_decision(stacking, f, res)
+        score, seen, unseen = _gate_decision(stacking, f, res, *_answers(f, res))
         np.testing.assert_array_equal(
             np.where(score > stacking.calibration.threshold, unseen, seen), res.pred)
 

@@ -454,9 +454,8 @@ class WorldResult:
             scores fitted on the test labels, out of fold), hard routing to CLIP over the
             unseen classes. Empty for a gate without a ``calibration`` (a wrapper): its
             decision is not known as a threshold on one score. The oracle reads the plain
-            supervised logits and the gate its
-            seen-class logits with the cache branch, so a share can pass 100%, as the hybrid's
-            can.
+            supervised logits and the gate its seen-class logits with the cache branch, so a
+            share can pass 100%, as the hybrid's can.
     """
 
     name: str
@@ -555,18 +554,18 @@ def evaluate_gate(features: WorldFeatures, gate: GateLike | None = None) -> Worl
 def _threshold_bounds(fitted: Any, f: WorldFeatures, res: Any, oracle: float) -> dict[str, float]:
     """:attr:`WorldResult.threshold_bounds`: empty when the oracle's H is 0 or the gate has no
     calibration (its decision is not known as a threshold on one score)."""
-    decision = _gate_decision(fitted, f, res)
+    S, y = f.n_seen, f.y_test
+    seen, unseen = _answers(f, res)
+    decision = _gate_decision(fitted, f, res, seen, unseen)
     if oracle <= 0 or decision is None:
         return {}
-    S, y = f.n_seen, f.y_test
-    bounds = {GATE_BOUND: best_routing_threshold(*decision, S)[1]}
+    bounds = {GATE_BOUND: best_routing_threshold(decision[0], y, *decision[1:], S)[1]}
     if isinstance(fitted, Gate) and fitted.calibration_ is not None:
         base = fitted.base_scores(f.test)
         scores = dict(base)
         fitted_on_test = _fitted_on_test(base, y >= S)
         if fitted_on_test is not None:
             scores[FITTED_ON_TEST] = fitted_on_test
-        seen, unseen = _answers(f, res)
         bounds.update({name: best_routing_threshold(v, y, seen, unseen, S)[1]
                        for name, v in scores.items()})
     return {name: h / oracle for name, h in bounds.items()}
@@ -581,17 +580,17 @@ def _answers(f: WorldFeatures, res: Any) -> tuple[np.ndarray, np.ndarray]:
     return sup_pred, S + np.asarray(f.test.clip_logits, np.float64)[:, S:].argmax(axis=1)
 
 
-def _gate_decision(fitted: Any, f: WorldFeatures, res: Any
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """The gate's answers as hard routing on one score: ``(score, y, seen answers, unseen
+def _gate_decision(fitted: Any, f: WorldFeatures, res: Any, seen: np.ndarray, unseen: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The gate's answers as hard routing on one score: ``(score, seen answers, unseen
     answers)``, so that ``where(score > calibration.threshold, unseen, seen)`` is
-    ``res.pred``; ``None`` for a gate without a calibration."""
+    ``res.pred``; ``None`` for a gate without a calibration. ``seen`` and ``unseen`` are
+    :func:`_answers`' (hard routing's), replaced where the gate's mode answers otherwise."""
     cal = getattr(fitted, "calibration", None)
     if cal is None:
         return None
     S = f.n_seen
     clip = np.asarray(f.test.clip_logits, np.float64)
-    seen, unseen = _answers(f, res)
     score = res.gate_score
     if cal.mode == "soft":
         score = soft_decision_score(res.gate_score, res.sup_probs, softmax_rows(clip[:, S:]),
@@ -600,7 +599,7 @@ def _gate_decision(fitted: Any, f: WorldFeatures, res: Any
         seen = clip[:, :S].argmax(axis=1)
     elif not cal.unseen_only:
         unseen = clip.argmax(axis=1)
-    return score, f.y_test, seen, unseen
+    return score, seen, unseen
 
 
 def _fitted_on_test(base: Mapping[str, np.ndarray], is_unseen: np.ndarray) -> np.ndarray | None:
